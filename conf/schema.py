@@ -1,0 +1,134 @@
+"""Typed configuration: the schema Hydra checks every composed config against.
+
+Hydra stays at the edge: ``train.py`` turns the composed ``DictConfig`` into the
+dataclasses below (``to_run_config``) and validates them (``conf.validate``);
+``moe/``, ``parallel/``, ``kernels/`` and ``trainer/`` only ever see these
+dataclasses. Because the schema backs every group, a misspelled key in a YAML
+file or on the command line is an error, not a silently ignored setting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line naming keys, values and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = 256
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    ffn_hidden_size: int = 512  # dense (non-MoE) SwiGLU FFN
+    moe_ffn_hidden_size: int = 256  # one routed expert's SwiGLU FFN
+    num_experts: int = 8
+    top_k: int = 2
+    moe_every_k_layers: int = 1  # layer l (0-based) is MoE iff (l + 1) % k == 0
+    shared_expert_ffn_size: int = 0  # 0: no shared expert
+    renormalize: bool = True  # renormalise the top-k probabilities to sum to 1
+    aux_loss_factor: float = 0.01  # Switch/GShard load-balance loss E * sum_i f_i P_i
+    z_loss_factor: float = 0.001  # router z-loss mean(logsumexp(logits)^2)
+    load_balance_scope: str = "global"  # global: f, P over the data group; local: per rank
+    capacity_factor: Optional[float] = None  # None: dropless
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class ParallelConfig:
+    name: str = MISSING
+    data_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    # local: spawn the ranks here unless a launcher (torchrun, srun) already started them;
+    # torchrun: require torchrun's environment; slurm: require srun's environment.
+    launcher: str = "local"
+    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    gpus_per_node: int = 8
+    collective_timeout_s: int = 300
+    peak_flops: Optional[float] = None  # per device, for MFU; unknown on CPU
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # stdlib: bytes of the running Python's standard library .py files (no download);
+    # memmap: a user's uint16 token file (nanoGPT .bin); synthetic: random tokens.
+    kind: str = "stdlib"
+    path: Optional[str] = None  # memmap: the train .bin file
+    val_path: Optional[str] = None  # memmap: optional separate validation .bin
+    cache_dir: Optional[str] = None  # stdlib: where the built corpus is cached
+    val_fraction: float = 0.01
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    console: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data ranks
+    micro_batch_size: Optional[int] = None  # per data rank per forward; None: no accumulation
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 4
+    log_every: int = 1
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    threads_per_rank: Optional[int] = None  # CPU: None splits the cores over local ranks
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_schema() -> None:
+    """Register the schema; config.yaml lists ``moemesh_schema`` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="moemesh_schema", node=RunConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """The composed Hydra config as typed dataclasses (interpolations resolved)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    cfg.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,122 @@
+"""Checks that need more than one key: run before any process starts.
+
+Every failure is a ``ConfigError`` whose one-line message names the keys, their
+values and what would be valid; ``train.py`` prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+from conf.schema import ConfigError, RunConfig
+from parallel.dims import ParallelDims
+
+_CHOICES = {
+    "model.load_balance_scope": ("global", "local"),
+    "cluster.launcher": ("local", "torchrun", "slurm"),
+    "cluster.backend": ("auto", "gloo", "nccl"),
+    "data.kind": ("stdlib", "memmap", "synthetic"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.dtype": ("auto", "fp32", "bf16"),
+}
+
+
+def _get(run: RunConfig, dotted: str):
+    obj = run
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def micro_batch_size(run: RunConfig) -> int:
+    """Sequences per forward on one data rank (no accumulation when unset)."""
+    t = run.trainer
+    if t.micro_batch_size is not None:
+        return t.micro_batch_size
+    return t.global_batch_size // ParallelDims.from_config(run.parallel).data_size
+
+
+def grad_accum_steps(run: RunConfig) -> int:
+    dims = ParallelDims.from_config(run.parallel)
+    return run.trainer.global_batch_size // (micro_batch_size(run) * dims.data_size)
+
+
+def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> ParallelDims:
+    """Validate the whole run; return its parallel dims."""
+    m, t = run.model, run.trainer
+    for key, valid in _CHOICES.items():
+        value = _get(run, key)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
+
+    positive = [
+        "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+        "model.num_kv_heads", "model.ffn_hidden_size", "model.moe_ffn_hidden_size",
+        "model.num_experts", "model.moe_every_k_layers", "model.max_seq_len",
+        "trainer.steps", "trainer.global_batch_size", "trainer.seq_len", "trainer.eval_batches",
+        "trainer.log_every", "cluster.gpus_per_node", "cluster.collective_timeout_s",
+    ]
+    for key in positive:
+        value = _get(run, key)
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    non_negative = ["model.shared_expert_ffn_size", "model.aux_loss_factor", "model.z_loss_factor",
+                    "trainer.warmup_steps", "trainer.weight_decay", "trainer.grad_clip",
+                    "trainer.eval_every", "trainer.min_lr"]
+    for key in non_negative:
+        value = _get(run, key)
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not t.lr > 0:
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"trainer.min_lr={t.min_lr} must be <= trainer.lr={t.lr}")
+    if not 0 < run.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={run.data.val_fraction} must be in (0, 1)")
+    if m.capacity_factor is not None and not m.capacity_factor > 0:
+        raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be > 0 or null (dropless)")
+
+    dims = ParallelDims.from_config(run.parallel)
+    dims.validate(launcher_world_size)
+
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}"
+        )
+    if (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError(
+            f"model.hidden_size/model.num_heads = {m.hidden_size}/{m.num_heads} = "
+            f"{m.hidden_size // m.num_heads} must be even (rotary embedding)"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}"
+        )
+    if not 1 <= m.top_k <= m.num_experts:
+        raise ConfigError(
+            f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}"
+        )
+    if m.num_experts % dims.ep:
+        raise ConfigError(
+            f"model.num_experts={m.num_experts} must be divisible by "
+            f"parallel.expert_parallel_size={dims.ep}"
+        )
+    if m.num_layers % m.moe_every_k_layers:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} must be divisible by "
+            f"model.moe_every_k_layers={m.moe_every_k_layers} (an MoE layer every k layers)"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    if run.data.kind == "stdlib" and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for byte-level data.kind=stdlib")
+    if run.data.kind == "memmap" and not run.data.path:
+        raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
+
+    mb = t.micro_batch_size
+    if mb is not None and mb < 1:
+        raise ConfigError(f"trainer.micro_batch_size={mb} must be a positive integer or null")
+    unit = (mb or 1) * dims.data_size
+    if t.global_batch_size % unit:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+            f"micro_batch_size*dp*ep = {mb or 1}*{dims.dp}*{dims.ep} = {unit}"
+        )
+    return dims

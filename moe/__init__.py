@@ -1,0 +1,1 @@
+"""MoE transformer: router, dispatcher, experts, MoE layer, model."""

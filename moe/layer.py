@@ -1,0 +1,104 @@
+"""The MoE layer: router -> dispatcher -> experts -> dispatcher^-1 (+ shared expert).
+
+Shape letters: B batch, S sequence, T = B*S tokens, D model dim, E experts,
+K top-k, e local experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from conf.schema import ModelConfig
+from moe.dispatcher import AllToAllDispatcher
+from moe.experts import GroupedExperts
+from moe.router import Router, RouterLosses, router_losses
+from parallel.comm import group_size
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What one MoE layer reports for one forward (all detached but the losses)."""
+
+    losses: RouterLosses
+    dropped: torch.Tensor  # (token, k) pairs dropped by capacity on this rank
+    routed: int  # (token, k) pairs routed on this rank (T*K)
+    counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
+    prob_sum_E: torch.Tensor  # sum of router probabilities per expert on this rank
+
+
+def capacity_drop(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int, capacity: int):
+    """Mark as dropped (-1) each expert's lowest-weight pairs beyond ``capacity``.
+
+    Ties keep the earlier (token, k) pair. Returns the new ids and the drop count.
+    """
+    flat_ids = topk_ids_TK.reshape(-1)
+    flat_w = topk_weights_TK.detach().reshape(-1)
+    by_weight = torch.sort(flat_w, descending=True, stable=True).indices
+    order = by_weight[torch.sort(flat_ids[by_weight], stable=True).indices]  # by expert, then weight
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_in_expert = torch.empty_like(flat_ids)
+    rank_in_expert[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts_E[flat_ids[order]]
+    keep = rank_in_expert < capacity
+    ids = torch.where(keep, flat_ids, torch.full_like(flat_ids, -1)).view_as(topk_ids_TK)
+    return ids, (~keep).sum()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, ffn_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.w2 = nn.Linear(ffn_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class MoELayer(nn.Module):
+    def __init__(self, *, cfg: ModelConfig, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool = True):
+        super().__init__()
+        ep_size = group_size(ep_group)
+        e = cfg.num_experts // ep_size
+        self.cfg = cfg
+        self.stats_group = stats_group
+        self.router = Router(
+            hidden_size=cfg.hidden_size, num_experts=cfg.num_experts, top_k=cfg.top_k, renormalize=cfg.renormalize
+        )
+        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group)
+        self.experts = GroupedExperts(
+            num_local_experts=e,
+            first_expert_id=ep_rank * e,
+            hidden_size=cfg.hidden_size,
+            ffn_size=cfg.moe_ffn_hidden_size,
+            use_grouped_mm=use_grouped_mm,
+        )
+        self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size) if cfg.shared_expert_ffn_size else None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        gate = self.router(x_TD)
+        losses = router_losses(gate, stats_group=self.stats_group)
+        topk_ids_TK = gate.topk_ids_TK
+        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        if self.cfg.capacity_factor is not None:
+            T, K, E = topk_ids_TK.shape[0], topk_ids_TK.shape[1], self.cfg.num_experts
+            capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
+            topk_ids_TK, dropped = capacity_drop(topk_ids_TK, gate.topk_weights_TK, E, capacity)
+        rows_MD, meta = self.dispatcher.dispatch(x_TD, topk_ids_TK)
+        y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
+        out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        stats = MoEStats(
+            losses=losses,
+            dropped=dropped,
+            routed=topk_ids_TK.numel(),
+            counts_E=gate.counts_E.detach(),
+            prob_sum_E=gate.prob_sum_E.detach()
+        )
+        return out_TD.view(B, S, D), stats

@@ -1,0 +1,157 @@
+"""A decoder-only transformer with an MoE FFN every k layers.
+
+Shape letters: B batch, S sequence, D model dim, H heads, G kv heads, Dh head
+dim, V vocab. Layer l (0-based) has an MoE FFN iff (l + 1) % moe_every_k_layers == 0,
+a dense SwiGLU otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conf.schema import ModelConfig
+from moe.experts import GroupedExperts
+from moe.init import normal_
+from moe.layer import MoELayer, MoEStats, SwiGLU
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    return (layer + 1) % cfg.moe_every_k_layers == 0
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles_SDh2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles_SDh2.cos(), angles_SDh2.sin()
+
+
+def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
+    x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+    S = x_BHSDh.shape[-2]
+    cos, sin = cos_SDh2[:S], sin_SDh2[:S]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHSDh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.G = cfg.num_heads, cfg.num_kv_heads
+        self.Dh = cfg.hidden_size // cfg.num_heads
+        self.wq = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.G * self.Dh, bias=False)
+        self.wv = nn.Linear(cfg.hidden_size, self.G * self.Dh, bias=False)
+        self.wo = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSD, cos, sin):
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.H, self.Dh).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.G != self.H)
+        return self.wo(o.transpose(1, 2).reshape(B, S, self.H * self.Dh))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        if is_moe_layer(cfg, layer):
+            self.moe = MoELayer(
+                cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm
+            )
+            self.ffn = None
+        else:
+            self.moe = None
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+
+    def forward(self, x_BSD, cos, sin):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.ffn_norm(x_BSD)
+        if self.moe is None:
+            return x_BSD + self.ffn(h), None
+        out, stats = self.moe(h)
+        return x_BSD + out, stats
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # mean cross-entropy over this rank's tokens
+    aux_loss: torch.Tensor  # sum over MoE layers (this rank's surrogate, see moe.router)
+    z_loss: torch.Tensor  # sum over MoE layers
+    moe_stats: list[MoEStats]  # one per MoE layer, in layer order
+    logits: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        ep_rank: int = 0,
+        ep_group=None,
+        stats_group=None,
+        use_grouped_mm: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm)
+            for l in range(cfg.num_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
+
+    def non_expert_parameters(self) -> list[nn.Parameter]:
+        expert = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in expert]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Values depend on (seed, global parameter name) only: identical on every layout."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)  # residual projections (GPT-2)
+        for name, module in self.named_modules():
+            if isinstance(module, GroupedExperts):
+                module.init_weights(seed=seed, prefix=name.removesuffix(".experts"), std=std, out_std=out_std)
+            elif isinstance(module, nn.RMSNorm):
+                module.weight.fill_(1.0)
+        for name, p in self.named_parameters():
+            if ".experts." in f".{name}" or name.endswith("norm.weight"):
+                continue
+            is_out = name.endswith("wo.weight") or name.endswith("w2.weight")
+            normal_(p, out_std if is_out else std, seed=seed, key=name)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.embed.weight.device
+        )
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False):
+        x = self.embed(tokens_BS)
+        stats: list[MoEStats] = []
+        for block in self.layers:
+            x, s = block(x, self.rope_cos, self.rope_sin)
+            if s is not None:
+                stats.append(s)
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = sum((s.losses.aux_loss for s in stats), zero)
+        z = sum((s.losses.z_loss for s in stats), zero)
+        return ModelOutput(loss=loss, aux_loss=aux, z_loss=z, moe_stats=stats, logits=logits if return_logits else None)

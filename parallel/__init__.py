@@ -1,0 +1,1 @@
+"""Parallel layout: degrees, mesh, launch, gradient reduction."""

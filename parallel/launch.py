@@ -1,0 +1,200 @@
+"""Where ranks come from, and the start/stop of one rank's process group.
+
+Three ways in, decided once per process:
+  * torchrun (or any env:// launcher): RANK, WORLD_SIZE, MASTER_ADDR are set; join.
+  * srun: SLURM_PROCID, SLURM_NTASKS (and a step id) are set; map them to the
+    env:// variables and join.
+  * bare `python train.py`: spawn world_size local ranks. They rendezvous through
+    a file store (nothing listens on the network) and gloo talks over loopback.
+If any spawned rank fails, the others are terminated and the parent exits non-zero.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from conf.schema import ConfigError, RunConfig
+from parallel.dims import ParallelDims
+from parallel.mesh import build_mesh
+
+
+@dataclass(frozen=True)
+class LauncherEnv:
+    kind: str  # "torchrun" | "srun"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def detect_launcher_env(environ: Mapping[str, str] = os.environ) -> LauncherEnv | None:
+    if "RANK" in environ and "WORLD_SIZE" in environ and "MASTER_ADDR" in environ:
+        return LauncherEnv(
+            kind="torchrun",
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+        )
+    # An srun task has a step id; the batch script itself (also SLURM_PROCID=0) does not.
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and "SLURM_NTASKS" in environ:
+        ntasks = int(environ["SLURM_NTASKS"])
+        return LauncherEnv(
+            kind="srun",
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=ntasks,
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", ntasks).split("(")[0].split(",")[0]),
+        )
+    return None
+
+
+def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
+    env = detect_launcher_env(environ)
+    return env.rank if env else 0
+
+
+def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) -> None:
+    """The cluster config and the environment must agree; raises ConfigError."""
+    launcher = run.cluster.launcher
+    if launcher == "torchrun" and (env is None or env.kind != "torchrun"):
+        raise ConfigError(
+            f"cluster.launcher=torchrun but this process has no torchrun environment (RANK, WORLD_SIZE, "
+            f"MASTER_ADDR); run: torchrun --nproc_per_node={dims.world_size} train.py parallel={run.parallel.name}"
+        )
+    if launcher == "slurm" and (env is None or env.kind != "srun"):
+        raise ConfigError(
+            "cluster.launcher=slurm but this process is not an srun task; submission through the "
+            f"submitit launcher is not built yet: inside an allocation run srun -n {dims.world_size} "
+            f"python train.py parallel={run.parallel.name}"
+        )
+    if _use_cuda(run) and env is None and dims.world_size > torch.cuda.device_count():
+        raise ConfigError(
+            f"parallel={run.parallel.name} needs {dims.world_size} ranks, one GPU each, but this machine has "
+            f"{torch.cuda.device_count()} GPUs; launch across nodes (srun/torchrun) or set trainer.device=cpu"
+        )
+
+
+def _use_cuda(run: RunConfig) -> bool:
+    return run.trainer.device == "cuda" or (run.trainer.device == "auto" and torch.cuda.is_available())
+
+
+def _first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _export_srun_env(environ=os.environ) -> None:
+    """Map srun's variables to the env:// ones torch.distributed reads."""
+    env = detect_launcher_env(environ)
+    environ["RANK"], environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
+    environ["LOCAL_RANK"] = str(env.local_rank)
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = _first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+Worker = Callable[..., dict]
+
+
+def run_ranks(run: RunConfig, dims: ParallelDims, env: LauncherEnv | None, output_dir: str, data_paths, worker: Worker):
+    """Run ``worker(run, ctx)`` on every rank of this job; return rank 0's result where it is here."""
+    if env is not None:
+        if env.kind == "srun":
+            _export_srun_env()
+        return _run_rank(run, dims, env.rank, env.local_rank, env.local_world_size, "env://", output_dir,
+                         data_paths, worker)
+    if dims.world_size == 1:
+        return _run_rank(run, dims, 0, 0, 1, None, output_dir, data_paths, worker)
+    return _spawn(run, dims, output_dir, data_paths, worker)
+
+
+def _spawn(run, dims, output_dir, data_paths, worker):
+    import torch.multiprocessing as mp
+
+    rendezvous = tempfile.mkdtemp(prefix="moemesh-rdzv-")
+    try:
+        ctx = mp.start_processes(
+            _spawned_rank,
+            args=(run, dims, f"file://{rendezvous}/store", output_dir, data_paths, worker),
+            nprocs=dims.world_size,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessRaisedException as e:
+            # ProcessContext.join has already terminated the other ranks.
+            first_line = str(e).strip().splitlines()[-1]
+            print(f"moemesh: rank {e.error_index} failed: {first_line}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except mp.ProcessExitedException as e:
+            print(f"moemesh: rank {e.error_index} exited with code {e.exit_code} "
+                  f"(signal {e.signal_name})" if e.signal_name else
+                  f"moemesh: rank {e.error_index} exited with code {e.exit_code}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(timeout=10)
+            raise
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+    return None
+
+
+def _spawned_rank(local_rank, run, dims, init_method, output_dir, data_paths, worker):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # spawned ranks talk over loopback only
+    _run_rank(run, dims, local_rank, local_rank, dims.world_size, init_method, output_dir, data_paths, worker)
+
+
+def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_dir, data_paths, worker):
+    from trainer.loop import RankContext
+
+    if _use_cuda(run):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        threads = run.trainer.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world_size)
+        torch.set_num_threads(threads)
+    backend = run.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+
+    if init_method is not None:
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=dims.world_size,
+            timeout=datetime.timedelta(seconds=run.cluster.collective_timeout_s),
+        )
+    try:
+        mesh = build_mesh(dims, device.type)
+        if init_method is not None:
+            # Under torchrun/srun every rank ran Hydra; rank 0's directory is the run's.
+            box = [output_dir]
+            dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+            output_dir = box[0]
+        ctx = RankContext(rank=rank, local_rank=local_rank, device=device, mesh=mesh, output_dir=output_dir,
+                          data_paths=data_paths)
+        return worker(run, ctx)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

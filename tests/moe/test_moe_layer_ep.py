@@ -1,0 +1,107 @@
+"""The MoE layer and dispatcher at EP=2 and EP=4 against EP=1: outputs and all gradients."""
+import torch
+import torch.distributed as dist
+
+from conf.schema import ModelConfig
+from moe.dispatcher import AllToAllDispatcher
+from moe.layer import MoELayer
+from parallel.dims import ParallelDims
+from parallel.mesh import build_mesh
+from tests.dist_utils import run_on_ranks
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by O(0.1)
+
+
+def _layer(cfg, ep_rank, ep_group, stats_group):
+    torch.manual_seed(0)
+    layer = MoELayer(cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "experts" not in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+        layer.experts.init_weights(seed=3, prefix="moe", std=0.3, out_std=0.3)
+    return layer
+
+
+def _check_layer(rank, world, ep, shared):
+    dims = ParallelDims(dp=world // ep, ep=ep)
+    pm = build_mesh(dims, "cpu")
+    ep_ranks = dist.get_process_group_ranks(pm.ep_group)
+    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20,
+                      shared_expert_ffn_size=12 if shared else 0)
+    B, S, D = 2, 5, cfg.hidden_size  # 10 tokens per rank: an odd split over 8 experts
+    gen = torch.Generator().manual_seed(7)
+    x_all = torch.randn(ep * B, S, D, generator=gen)
+    g_all = torch.randn(ep * B, S, D, generator=gen)
+    me = ep_ranks.index(rank)
+    # Reference: one EP=1 layer on the whole EP group's batch.
+    ref = _layer(cfg, 0, None, None)
+    x_ref = x_all.clone().requires_grad_()
+    out_ref, st_ref = ref(x_ref)
+    ((out_ref * g_all).sum() + 0.5 * st_ref.losses.aux_loss + 0.1 * st_ref.losses.z_loss).backward()
+    # EP layer on this rank's slice; statistics over the EP group.
+    lay = _layer(cfg, pm.ep_rank, pm.ep_group, pm.ep_group)
+    sl = slice(me * B, (me + 1) * B)
+    x = x_all[sl].clone().requires_grad_()
+    out, st = lay(x)
+    # Mean of the per-rank surrogates is the global aux loss; z is a per-rank mean.
+    ((out * g_all[sl]).sum() + (0.5 * st.losses.aux_loss + 0.1 * st.losses.z_loss) / ep).backward()
+
+    torch.testing.assert_close(out, out_ref[sl], **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad[sl], **TOL)
+    aux = st.losses.aux_loss.detach().clone()
+    dist.all_reduce(aux, group=pm.ep_group)
+    torch.testing.assert_close(aux / ep, st_ref.losses.aux_loss.detach(), **TOL)
+    e = cfg.num_experts // ep
+    own = slice(pm.ep_rank * e, (pm.ep_rank + 1) * e)
+    for name in ("w1_eDF", "w3_eDF", "w2_eFD"):
+        torch.testing.assert_close(getattr(lay.experts, name).grad, getattr(ref.experts, name).grad[own], **TOL)
+    for (name, p), (_, p_ref) in zip(lay.named_parameters(), ref.named_parameters()):
+        if "experts" in name:
+            continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=pm.ep_group)  # what the data-group reduction does
+        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _check_dispatcher(rank, world, ep, K, route):
+    dims = ParallelDims(dp=world // ep, ep=ep)
+    pm = build_mesh(dims, "cpu")
+    E, T, D = 8, 9, 4
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    if route == "all_to_expert_0":
+        ids = torch.zeros(T, K, dtype=torch.long) + torch.arange(K)  # experts 0..K-1 only
+    else:  # uneven, rank-dependent
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        ids[: rank + 1] = torch.arange(K)  # pile extra load on the first experts
+    w = torch.rand(T, K, generator=gen, requires_grad=True)
+    disp = AllToAllDispatcher(num_experts=E, ep_group=pm.ep_group)
+    rows, meta = disp.dispatch(x, ids)
+    e = E // ep
+    local_ids = torch.repeat_interleave(torch.arange(e), meta.tokens_per_expert_e)
+    scale = (pm.ep_rank * e + local_ids + 1).float().unsqueeze(1)  # expert j multiplies by j+1
+    out = disp.combine(rows * scale, w, meta)
+    expected = (w.unsqueeze(-1) * (ids + 1).float().unsqueeze(-1) * x.unsqueeze(1)).sum(1)
+    torch.testing.assert_close(out, expected, **TOL)
+    g = torch.randn(T, D, generator=gen)
+    (out * g).sum().backward()
+    x_r, w_r = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ((w_r.unsqueeze(-1) * (ids + 1).float().unsqueeze(-1) * x_r.unsqueeze(1)).sum(1) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_r.grad, **TOL)
+    torch.testing.assert_close(w.grad, w_r.grad, **TOL)
+    if route == "all_to_expert_0" and pm.ep_rank > 0 and K <= e:
+        assert int(meta.tokens_per_expert_e.sum()) == 0  # experts with zero tokens
+
+
+def _all_checks(rank, world):
+    for ep in (2, 4):
+        for shared in (False, True):
+            _check_layer(rank, world, ep, shared)
+        for K in (1, 4):
+            for route in ("uneven", "all_to_expert_0"):
+                _check_dispatcher(rank, world, ep, K, route)
+
+
+def test_moe_layer_and_dispatcher_ep2_ep4_equal_ep1():
+    run_on_ranks(_all_checks, 4)

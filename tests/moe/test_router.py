@@ -1,0 +1,41 @@
+import torch
+
+from kernels import fused_gating
+from moe.layer import capacity_drop
+from moe.router import router_losses
+
+
+def test_aux_loss_is_one_for_perfect_balance_and_E_for_collapse():
+    E, T = 4, 8
+    # Uniform probabilities, round-robin top-1 assignment: f_i = P_i = 1/E -> aux = 1.
+    logits = torch.zeros(T, E)
+    g = fused_gating(logits, top_k=1, renormalize=False)
+    ids = torch.arange(T).remainder(E).view(T, 1)
+    g = type(g)(ids, g.topk_weights_TK, g.probs_TE, torch.bincount(ids.flatten(), minlength=E), g.prob_sum_E, g.lse_T)
+    assert abs(float(router_losses(g, stats_group=None).aux_loss) - 1.0) < 1e-6
+    # Everything on expert 0 with probability ~1: aux -> E.
+    logits = torch.full((T, E), -30.0)
+    logits[:, 0] = 30.0
+    g = fused_gating(logits, top_k=1, renormalize=False)
+    assert abs(float(router_losses(g, stats_group=None).aux_loss) - E) < 1e-4
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    g = fused_gating(logits, top_k=1, renormalize=False)
+    expected = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(router_losses(g, stats_group=None).z_loss, expected)
+
+
+def test_aux_loss_gradient_reaches_router_probabilities():
+    logits = torch.randn(6, 4, requires_grad=True)
+    g = fused_gating(logits, top_k=2, renormalize=True)
+    router_losses(g, stats_group=None).aux_loss.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_capacity_drops_lowest_weight_overflow():
+    ids = torch.tensor([[0], [0], [0], [1]])
+    w = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
+    kept, dropped = capacity_drop(ids, w, num_experts=2, capacity=2)
+    assert kept.flatten().tolist() == [-1, 0, 0, 1] and int(dropped) == 1

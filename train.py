@@ -1,0 +1,52 @@
+"""moemesh entry point: compose the config, validate it, start the ranks, train.
+
+    python train.py                               # tiny MoE, one process, CPU
+    python train.py parallel=ep2_dp2              # spawns 4 local ranks
+    torchrun --nproc_per_node=4 train.py parallel=ep2_dp2
+    python train.py -m parallel=ep4,ep2_dp2,dp4   # a local sweep
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import ConfigError, register_schema, to_run_config
+from conf.validate import validate_run
+from parallel.launch import check_launcher, detect_launcher_env, launcher_rank, run_ranks
+from trainer.data import prepare_data
+from trainer.loop import train
+
+register_schema()
+# Under torchrun/srun every rank runs Hydra: only rank 0 gets the dated run directory,
+# .hydra/ and the log file; the others resolve to harmless values (see conf/config.yaml).
+OmegaConf.register_new_resolver(
+    "moemesh_rank0", lambda if_rank0, otherwise=None: if_rank0 if launcher_rank() == 0 else otherwise, replace=True
+)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        run = to_run_config(cfg)
+        env = detect_launcher_env()
+        dims = validate_run(run, env.world_size if env else None)
+        check_launcher(run, env, dims)
+        data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    except ConfigError as err:
+        print(f"moemesh: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    output_dir = HydraConfig.get().runtime.output_dir
+    summary = run_ranks(run, dims, env, output_dir, data_paths, train)
+    if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
+        import json
+        from pathlib import Path
+
+        summary = json.loads((Path(output_dir) / "summary.json").read_text())
+    return None if summary is None else summary.get("final_loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training loop, data, optimizer and schedule, metrics and loggers."""

@@ -1,0 +1,208 @@
+"""The training loop, top to bottom in the order things happen each step:
+LR -> micro-steps (forward, backward) -> gradient reduction -> clip -> optimizer
+step -> metrics (one small all-reduce) -> eval -> log.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from conf.schema import RunConfig
+from conf.validate import grad_accum_steps, micro_batch_size
+from moe.model import Transformer, is_moe_layer
+from parallel.comm import all_reduce_
+from parallel.grads import GradReducer, clip_grads_, global_grad_norm
+from parallel.mesh import ParallelMesh
+from trainer.data import DataPaths, TokenData
+from trainer.metrics import MetricsLogger
+from trainer.optim import build_optimizer, lr_at
+
+
+@dataclass
+class RankContext:
+    """Where this rank runs: handed to ``train`` by parallel.launch."""
+
+    rank: int
+    local_rank: int
+    device: torch.device
+    mesh: ParallelMesh
+    output_dir: str
+    data_paths: DataPaths
+
+
+def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Transformer:
+    stats_group = mesh.data_group if run.model.load_balance_scope == "global" else None
+    model = Transformer(run.model, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, stats_group=stats_group)
+    model.init_weights(run.trainer.seed)
+    return model.to(device)
+
+
+def _autocast(run: RunConfig, device: torch.device):
+    dtype = run.trainer.dtype
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def load_stats(counts_E: torch.Tensor) -> dict:
+    """Balance of one layer's routed (token, k) pairs over experts."""
+    c = counts_E.double()
+    mean = c.mean()
+    return {
+        "tokens_per_expert": [int(v) for v in counts_E.tolist()],
+        "cv": float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
+        "max_over_mean": float(c.max() / mean) if mean > 0 else 0.0,
+        "min": int(counts_E.min()),
+    }
+
+
+def train(run: RunConfig, ctx: RankContext) -> dict:
+    t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
+    dims = mesh.dims
+    torch.manual_seed(t.seed)
+    model = build_model(run, mesh, device)
+    expert_params, non_expert_params = model.expert_parameters(), model.non_expert_parameters()
+    reducer = GradReducer(
+        expert_params=expert_params,
+        non_expert_params=non_expert_params,
+        dp_group=mesh.dp_group,
+        data_group=mesh.data_group,
+    )
+    optimizer = build_optimizer(model, t)
+    data = TokenData(ctx.data_paths, seed=t.seed)
+    log = MetricsLogger(
+        ctx.output_dir, enabled=ctx.rank == 0, console=run.logger.console, jsonl=run.logger.jsonl, total_steps=t.steps
+    )
+    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    per_rank = t.global_batch_size // dims.data_size
+    first = mesh.data_rank * per_rank
+    moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
+    tokens_per_step = t.global_batch_size * t.seq_len
+    log.message(
+        f"moemesh: {run.parallel.name} ({dims.describe()}), model={m.name}, "
+        f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
+        f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation"
+    )
+
+    step_times, record, final_val = [], {}, None
+    for step in range(t.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Micro-steps: this data rank's slice of the global batch, in order. Metrics stay
+        # on the device until the one all-reduce below (no per-micro-step host sync).
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, z, dropped
+        counts_LE = torch.zeros(len(moe_layers), m.num_experts, dtype=torch.float64, device=device)
+        for i in range(accum):
+            x, y = data.batch("train", step, global_batch=t.global_batch_size, seq_len=t.seq_len,
+                              start=first + i * micro, count=micro)
+            with _autocast(run, device):
+                out = model(x.to(device), y.to(device))
+            total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
+            (total / accum).backward()
+            dropped = sum((s.dropped for s in out.moe_stats), torch.zeros((), device=device))
+            sums += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), dropped]).double()
+            for j, s in enumerate(out.moe_stats):
+                counts_LE[j] += s.counts_E.double()
+
+        reducer.reduce()
+        grad_norm = global_grad_norm(
+            expert_params=expert_params, non_expert_params=non_expert_params, ep_group=mesh.ep_group
+        )
+        clip_grads_(model.parameters(), grad_norm, t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # One all-reduce for every logged number: loss terms and per-expert counts.
+        flat = torch.cat([sums, counts_LE.flatten()])
+        all_reduce_(flat, mesh.data_group)
+        flat = flat.cpu()  # the step's one host sync
+        loss, aux, z = (flat[:3] / (dims.data_size * accum)).tolist()
+        counts_LE = flat[4:].view(len(moe_layers), m.num_experts)
+        if not torch.isfinite(flat[0]):
+            raise FloatingPointError(f"non-finite training loss {loss} at step {step}")
+        step_s = time.perf_counter() - t0
+        step_times.append(step_s)
+
+        last = step == t.steps - 1
+        val = None
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            val = final_val = evaluate(model, data, run, mesh, device, first, per_rank)
+        if step % t.log_every == 0 or last or val is not None:
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "aux_loss": aux,
+                "z_loss": z,
+                "tokens_per_s": tokens_per_step / step_s,
+                "step_s": step_s,
+                "dropped_fraction": float(flat[3]) / max(float(counts_LE.sum()), 1.0),
+                "load": {f"layer{l}": load_stats(counts_LE[j].round().long()) for j, l in enumerate(moe_layers)},
+            }
+            if val is not None:
+                record["val_loss"] = val
+            log.log(record)
+
+    summary = _summary(run, model, mesh, device, record, step_times, final_val)
+    log.write_summary(summary)
+    log.close()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, first: int, per_rank: int) -> float:
+    t = run.trainer
+    model.eval()
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for b in range(t.eval_batches):
+        x, y = data.batch("val", b, global_batch=t.global_batch_size, seq_len=t.seq_len, start=first, count=per_rank)
+        with _autocast(run, device):
+            total += model(x.to(device), y.to(device)).loss.double()
+    model.train()
+    all_reduce_(total, mesh.data_group)
+    return float(total) / (t.eval_batches * mesh.dims.data_size)
+
+
+def _summary(run, model, mesh, device, last_record, step_times, val_loss) -> dict:
+    dims = mesh.dims
+    expert_bytes = sum(p.numel() * p.element_size() for p in model.expert_parameters())
+    non_expert_bytes = sum(p.numel() * p.element_size() for p in model.non_expert_parameters())
+    local = torch.tensor([_peak_memory_bytes(device), expert_bytes, non_expert_bytes], dtype=torch.float64,
+                         device=device)
+    both = torch.cat([local, -local])  # max of v and of -v: max and min in one collective
+    all_reduce_(both, mesh.world_group, op=torch.distributed.ReduceOp.MAX)
+    hi, lo = both[:3].tolist(), (-both[3:]).tolist()  # .tolist() syncs
+    steady = step_times[1:] or step_times  # the first step pays for warm-up
+    tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
+    return {
+        "parallel": run.parallel.name,
+        "dp": dims.dp, "ep": dims.ep, "tp": dims.tp, "pp": dims.pp,
+        "world_size": dims.world_size,
+        "model": run.model.name,
+        "steps": len(step_times),
+        "final_loss": last_record.get("loss"),
+        "final_val_loss": val_loss,
+        "median_tokens_per_s": tokens_per_step / statistics.median(steady),
+        "median_step_s": statistics.median(steady),
+        "peak_memory_bytes": {"min": int(lo[0]), "max": int(hi[0]),
+                              "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"},
+        "param_bytes_per_rank": {
+            "expert": {"min": int(lo[1]), "max": int(hi[1])},
+            "non_expert": {"min": int(lo[2]), "max": int(hi[2])},
+        },
+    }
