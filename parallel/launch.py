@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -136,15 +138,11 @@ def _spawn(run, dims, output_dir, data_paths, worker):
         try:
             while not ctx.join():
                 pass
-        except mp.ProcessRaisedException as e:
-            # ProcessContext.join has already terminated the other ranks.
-            first_line = str(e).strip().splitlines()[-1]
-            print(f"moemesh: rank {e.error_index} failed: {first_line}", file=sys.stderr)
-            raise SystemExit(1) from None
-        except mp.ProcessExitedException as e:
-            print(f"moemesh: rank {e.error_index} exited with code {e.exit_code} "
-                  f"(signal {e.signal_name})" if e.signal_name else
-                  f"moemesh: rank {e.error_index} exited with code {e.exit_code}", file=sys.stderr)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            # ProcessContext.join has already terminated the other ranks. The rank it names
+            # is the first it noticed, often a peer whose collective broke: report the root
+            # cause, the rank that failed earliest (or was killed).
+            print(f"moemesh: {_root_cause(rendezvous, e)}", file=sys.stderr)
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             for p in ctx.processes:
@@ -158,9 +156,30 @@ def _spawn(run, dims, output_dir, data_paths, worker):
     return None
 
 
+def _root_cause(rendezvous: str, err) -> str:
+    failures = []
+    for f in Path(rendezvous).glob("rank*.err"):
+        stamp, rank, message = f.read_text().split("\t", 2)
+        failures.append((float(stamp), int(rank), message))
+    if isinstance(err, torch.multiprocessing.ProcessExitedException) and err.signal_name:
+        return f"rank {err.error_index} was killed by {err.signal_name}; the other ranks were stopped"
+    if not failures:
+        return f"rank {err.error_index} exited with code {getattr(err, 'exit_code', 1)}"
+    _, rank, message = min(failures)
+    return f"rank {rank} failed: {message} (the other ranks were stopped)"
+
+
 def _spawned_rank(local_rank, run, dims, init_method, output_dir, data_paths, worker):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # spawned ranks talk over loopback only
-    _run_rank(run, dims, local_rank, local_rank, dims.world_size, init_method, output_dir, data_paths, worker)
+    try:
+        _run_rank(run, dims, local_rank, local_rank, dims.world_size, init_method, output_dir, data_paths, worker)
+    except BaseException as e:
+        rendezvous = init_method.removeprefix("file://").rsplit("/", 1)[0]
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        Path(rendezvous, f"rank{local_rank}.err").write_text(
+            f"{time.time()}\t{local_rank}\t{type(e).__name__}: {first_line}"
+        )
+        raise
 
 
 def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_dir, data_paths, worker):

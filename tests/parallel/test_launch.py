@@ -1,0 +1,56 @@
+"""Launch: environment detection, and a failing rank never leaves the others hanging."""
+import os
+import time
+
+import pytest
+import torch.distributed as dist
+
+from parallel.dims import ParallelDims
+from parallel.launch import detect_launcher_env, run_ranks
+from tests.conftest import tiny_run
+
+
+def test_detects_torchrun_srun_and_bare():
+    assert detect_launcher_env({}) is None
+    tr = detect_launcher_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "LOCAL_RANK": "1"})
+    assert (tr.kind, tr.rank, tr.world_size, tr.local_rank) == ("torchrun", 3, 4, 1)
+    srun = detect_launcher_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "4(x2)"})
+    assert (srun.kind, srun.rank, srun.world_size, srun.local_rank, srun.local_world_size) == ("srun", 5, 8, 1, 4)
+    # The batch script of an sbatch job is not a rank.
+    assert detect_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) is None
+
+
+def _children():
+    me = str(os.getpid())
+    kids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    is_child = f.read().rsplit(")", 1)[1].split()[1] == me
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    helper = b"resource_tracker" in f.read()  # multiprocessing's own, not a rank
+                if is_child and not helper:
+                    kids.append(int(pid))
+            except OSError:
+                pass
+    return kids
+
+
+def _fail_on_rank_1(run, ctx):
+    if ctx.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    dist.barrier()  # the other ranks wait here for a peer that will never come
+    return {}
+
+
+def test_failing_rank_stops_every_rank(tmp_path, capsys):
+    run = tiny_run(**{"parallel.data_parallel_size": 4, "cluster.collective_timeout_s": 600})
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        run_ranks(run, ParallelDims(dp=4), None, str(tmp_path), None, _fail_on_rank_1)
+    assert exc.value.code == 1
+    assert time.monotonic() - start < 60  # far below the collective timeout: no hang
+    assert "rank 1 failed: RuntimeError: boom on rank 1" in capsys.readouterr().err
+    assert _children() == []

@@ -1,0 +1,90 @@
+"""End to end through the real entry point: python train.py, spawn, torchrun, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
+         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+
+
+def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, timeout=240):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [*launcher, str(ROOT / "train.py"), f"hydra.run.dir={out}", *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    return proc, out
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_model_learns_and_writes_outputs(tmp_path):
+    proc, out = _train(tmp_path, "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "step    60/60" in proc.stdout and "tok/s" in proc.stdout and "ETA" in proc.stdout
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("step", "loss", "lr", "grad_norm", "aux_loss", "z_loss", "tokens_per_s", "step_s", "load"):
+        assert key in records[0]
+    assert records[0]["loss"] == pytest.approx(5.55, abs=0.1)  # ~ln 256 on byte data
+    assert records[-1]["loss"] < 3.0 and records[-1]["val_loss"] < 3.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 60
+    assert summary["final_loss"] == records[-1]["loss"]
+    assert (out / ".hydra" / "config.yaml").is_file()
+
+
+def test_spawned_and_torchrun_ranks_match_single(tmp_path):
+    steps = ["trainer.steps=3"]
+    single, out1 = _train(tmp_path / "a", *SMALL, *steps)
+    assert single.returncode == 0, single.stderr
+    spawned, out4 = _train(tmp_path / "b", *SMALL, *steps, "parallel=ep2_dp2")
+    assert spawned.returncode == 0, spawned.stderr
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    tr, out_tr = _train(tmp_path / "c", *SMALL, *steps, "parallel=ep2_dp2", "cluster=torchrun",
+                        launcher=(torchrun, "--nproc_per_node=4"))
+    assert tr.returncode == 0, tr.stderr
+    for out in (out4, out_tr):
+        assert _losses(out) == pytest.approx(_losses(out1), rel=1e-5)
+        assert json.loads((out / "summary.json").read_text())["world_size"] == 4
+        # One run directory; only rank 0 wrote Hydra's files and the log.
+        assert sorted(p.name for p in out.iterdir()) == [".hydra", "metrics.jsonl", "summary.json", "train.log"]
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # Non-zero torchrun ranks left nothing in their working directory.
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel=ep4", "model.num_experts=6"], "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4"),
+        (["parallel=dp4", "trainer.global_batch_size=6"], "trainer.global_batch_size=6 must be divisible"),
+        (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
+        (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, overrides, needle):
+    proc, out = _train(tmp_path, *overrides)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_launcher_world_size_mismatch_exits_2(tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "parallel=ep2_dp2", f"hydra.run.dir={tmp_path}"],
+                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "WORLD_SIZE=2 from the launcher != dp*ep*tp*pp = 2*2*1*1 = 4" in proc.stderr
