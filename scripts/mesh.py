@@ -1,0 +1,88 @@
+"""Print every rank's mesh coordinates and each group's members for a layout.
+
+    python scripts/mesh.py parallel=ep2_dp4
+    python scripts/mesh.py parallel=ep2_dp4 --dot mesh.dot   # Graphviz: dot -Tpng mesh.dot -o mesh.png
+
+Pure arithmetic (parallel.dims): no process is started. The groups printed are
+the ones parallel.mesh builds with init_device_mesh (a test checks they agree).
+"""
+from __future__ import annotations
+
+import argparse
+
+from _config import compose_run, fail
+
+from conf.schema import ConfigError
+from parallel.dims import MESH_AXES, MeshAxis, ParallelDims
+
+GROUPS = {
+    "ep": ((MeshAxis.EP,), "All-to-All of routed tokens"),
+    "dp": ((MeshAxis.DP,), "all-reduce of expert gradients"),
+    "data": ((MeshAxis.DP, MeshAxis.EP), "all-reduce of non-expert gradients; distinct data per rank"),
+    "tp": ((MeshAxis.TP,), "activations inside attention / dense MLP"),
+    "pp": ((MeshAxis.PP,), "activations between pipeline stages"),
+}
+
+
+def describe(dims: ParallelDims, num_experts: int) -> str:
+    lines = [f"mesh {dims.describe()}  (axes outermost first: pp, dp, ep, tp)", ""]
+    e = num_experts // dims.ep
+    lines.append(f"{'rank':>4}  {'pp':>2} {'dp':>2} {'ep':>2} {'tp':>2}  data_rank  experts")
+    for r in range(dims.world_size):
+        c = dims.coords(r)
+        first = c[MeshAxis.EP] * e
+        lines.append(
+            f"{r:>4}  {c[MeshAxis.PP]:>2} {c[MeshAxis.DP]:>2} {c[MeshAxis.EP]:>2} {c[MeshAxis.TP]:>2}  "
+            f"{dims.data_rank(r):>9}  {first}..{first + e - 1}"
+        )
+    lines.append("")
+    for name, (axes, what) in GROUPS.items():
+        groups = dims.groups(axes)
+        lines.append(f"{name} groups ({len(groups)} x {len(groups[0])} ranks) — {what}:")
+        lines.append("  " + " ".join("{" + ",".join(map(str, g)) + "}" for g in groups))
+    return "\n".join(lines)
+
+
+def to_dot(dims: ParallelDims, num_experts: int) -> str:
+    """Ranks as nodes, one cluster per EP group, dashed edges between DP peers."""
+    e = num_experts // dims.ep
+    out = ["graph mesh {", '  rankdir=LR; node [shape=box, fontname="Helvetica"];',
+           f'  label="{dims.describe()}: boxes = EP groups (All-to-All), dashed = DP peers (expert all-reduce)";']
+    for i, group in enumerate(dims.groups(MeshAxis.EP)):
+        c0 = dims.coords(group[0])
+        out.append(f"  subgraph cluster_ep{i} {{")
+        out.append(f'    label="EP group {i} (pp{c0[MeshAxis.PP]} dp{c0[MeshAxis.DP]} tp{c0[MeshAxis.TP]})"; style=rounded;')
+        for r in group:
+            first = dims.coords(r)[MeshAxis.EP] * e
+            out.append(f'    r{r} [label="rank {r}\\nexperts {first}-{first + e - 1}"];')
+        out.append("  }")
+    for group in dims.groups(MeshAxis.DP):
+        for a, b in zip(group, group[1:]):
+            out.append(f"  r{a} -- r{b} [style=dashed];")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dot", metavar="FILE", help="also write a Graphviz drawing of the mesh")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel=ep2_dp4")
+    args = parser.parse_args(argv)
+    run = compose_run(args.overrides)
+    dims = ParallelDims.from_config(run.parallel)
+    try:
+        dims.validate()
+        if run.model.num_experts % dims.ep:
+            raise ConfigError(f"model.num_experts={run.model.num_experts} must be divisible by "
+                              f"parallel.expert_parallel_size={dims.ep}")
+    except ConfigError as err:
+        fail(err)
+    print(describe(dims, run.model.num_experts))
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write(to_dot(dims, run.model.num_experts))
+        print(f"\nwrote {args.dot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mesh(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "mesh.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_mesh_prints_coordinates_and_groups(tmp_path):
+    dot = tmp_path / "m.dot"
+    p = _mesh("parallel=ep2_dp4", "--dot", str(dot))
+    assert p.returncode == 0, p.stderr
+    assert "   5   0  2  1  0          5  4..7" in p.stdout  # rank 5: dp 2, ep 1, experts 4..7
+    assert "{0,1} {2,3} {4,5} {6,7}" in p.stdout  # EP groups
+    assert "{0,2,4,6} {1,3,5,7}" in p.stdout  # DP groups
+    text = dot.read_text()
+    assert text.startswith("graph mesh {") and text.count("subgraph cluster_ep") == 4
+    assert "r1 -- r3 [style=dashed];" in text
+
+
+def test_mesh_rejects_bad_layout():
+    p = _mesh("parallel=ep4", "model.num_experts=6")
+    assert p.returncode == 2
+    assert "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4" in p.stderr
