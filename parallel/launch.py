@@ -55,9 +55,18 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ) -> LauncherEnv 
             rank=int(environ["SLURM_PROCID"]),
             world_size=ntasks,
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", ntasks).split("(")[0].split(",")[0]),
+            local_world_size=_slurm_tasks_on_this_node(environ, ntasks),
         )
     return None
+
+
+def _slurm_tasks_on_this_node(environ, ntasks: int) -> int:
+    # e.g. "4(x2)" or "4,2": the first entry is enough to share this node's cores fairly.
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(key, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return ntasks
 
 
 def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
