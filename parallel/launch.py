@@ -88,6 +88,8 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
             f"submitit launcher is not built yet: inside an allocation run srun -n {dims.world_size} "
             f"python train.py parallel={run.parallel.name}"
         )
+    if run.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; valid here: auto, cpu")
     if _use_cuda(run) and env is None and dims.world_size > torch.cuda.device_count():
         raise ConfigError(
             f"parallel={run.parallel.name} needs {dims.world_size} ranks, one GPU each, but this machine has "

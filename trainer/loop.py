@@ -140,7 +140,7 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         last = step == t.steps - 1
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val = final_val = evaluate(model, data, run, mesh, device, first, per_rank)
+            val = final_val = evaluate(model, data, run, mesh, device, first)
         if step % t.log_every == 0 or last or val is not None:
             record = {
                 "step": step,
@@ -165,17 +165,20 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, first: int, per_rank: int) -> float:
+def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, first: int) -> float:
     t = run.trainer
     model.eval()
+    micro, accum = micro_batch_size(run), grad_accum_steps(run)
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
-        x, y = data.batch("val", b, global_batch=t.global_batch_size, seq_len=t.seq_len, start=first, count=per_rank)
-        with _autocast(run, device):
-            total += model(x.to(device), y.to(device)).loss.double()
+        for i in range(accum):  # the training micro-batch size bounds eval memory too
+            x, y = data.batch("val", b, global_batch=t.global_batch_size, seq_len=t.seq_len,
+                              start=first + i * micro, count=micro)
+            with _autocast(run, device):
+                total += model(x.to(device), y.to(device)).loss.double()
     model.train()
     all_reduce_(total, mesh.data_group)
-    return float(total) / (t.eval_batches * mesh.dims.data_size)
+    return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
 
 
 def _summary(run, model, mesh, device, last_record, step_times, val_loss) -> dict:

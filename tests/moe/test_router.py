@@ -39,3 +39,27 @@ def test_capacity_drops_lowest_weight_overflow():
     w = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
     kept, dropped = capacity_drop(ids, w, num_experts=2, capacity=2)
     assert kept.flatten().tolist() == [-1, 0, 0, 1] and int(dropped) == 1
+
+
+def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
+    from conf.schema import ModelConfig
+    from moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", hidden_size=16, num_experts=4, top_k=2, moe_ffn_hidden_size=8)
+    dropless = MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None)
+    for p in dropless.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    capped = MoELayer(cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.5}), ep_rank=0, ep_group=None,
+                      stats_group=None)
+    capped.load_state_dict(dropless.state_dict())
+    x = torch.randn(1, 12, 16)
+    out, stats = capped(x)
+    capacity = 3  # ceil(0.5 * 12 tokens * 2 / 4 experts)
+    gate = dropless.router(x[0])
+    ids, dropped = capacity_drop(gate.topk_ids_TK, gate.topk_weights_TK, 4, capacity)
+    assert int(stats.dropped) == int(dropped) > 0
+    assert (torch.bincount(ids[ids >= 0], minlength=4) <= capacity).all()
+    rows, meta = dropless.dispatcher.dispatch(x[0], ids)
+    expected = dropless.dispatcher.combine(dropless.experts(rows, meta.tokens_per_expert_e), gate.topk_weights_TK, meta)
+    torch.testing.assert_close(out[0], expected)
