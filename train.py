@@ -11,6 +11,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import ConfigError, register_schema, to_run_config
@@ -34,6 +35,11 @@ def main(cfg: DictConfig) -> float | None:
         env = detect_launcher_env()
         dims = validate_run(run, env.world_size if env else None)
         check_launcher(run, env, dims)
+        if env is not None and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ConfigError(
+                f"-m (multirun) under {env.kind}: every rank would run the sweep on its own; "
+                "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks"
+            )
         data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     except ConfigError as err:
         print(f"moemesh: config error: {err}", file=sys.stderr)

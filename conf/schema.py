@@ -33,7 +33,8 @@ class ModelConfig:
     top_k: int = 2
     moe_every_k_layers: int = 1  # layer l (0-based) is MoE iff (l + 1) % k == 0
     shared_expert_ffn_size: int = 0  # 0: no shared expert
-    renormalize: bool = True  # renormalise the top-k probabilities to sum to 1
+    score_func: str = "softmax"  # router scores: softmax | sigmoid
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1
     aux_loss_factor: float = 0.01  # Switch/GShard load-balance loss E * sum_i f_i P_i
     z_loss_factor: float = 0.001  # router z-loss mean(logsumexp(logits)^2)
     load_balance_scope: str = "global"  # global: f, P over the data group; local: per rank
@@ -107,6 +108,12 @@ class TrainerConfig:
 
 
 @dataclass
+class KernelsConfig:
+    # auto: Triton on CUDA, the torch reference elsewhere; triton on CPU needs TRITON_INTERPRET=1.
+    backend: str = "auto"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -114,6 +121,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 def register_schema() -> None:

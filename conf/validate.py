@@ -10,6 +10,8 @@ from parallel.dims import ParallelDims
 
 _CHOICES = {
     "model.load_balance_scope": ("global", "local"),
+    "model.score_func": ("softmax", "sigmoid"),
+    "kernels.backend": ("auto", "triton", "torch"),
     "cluster.launcher": ("local", "torchrun", "slurm"),
     "cluster.backend": ("auto", "gloo", "nccl"),
     "data.kind": ("stdlib", "memmap", "synthetic"),
@@ -59,11 +61,16 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
             raise ConfigError(f"{key}={value} must be a positive integer")
     non_negative = ["model.shared_expert_ffn_size", "model.aux_loss_factor", "model.z_loss_factor",
                     "trainer.warmup_steps", "trainer.weight_decay", "trainer.grad_clip",
-                    "trainer.eval_every", "trainer.min_lr"]
+                    "trainer.eval_every", "trainer.min_lr", "model.init_std"]
     for key in non_negative:
         value = _get(run, key)
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    for key in ("trainer.beta1", "trainer.beta2"):
+        if not 0 <= _get(run, key) < 1:
+            raise ConfigError(f"{key}={_get(run, key)} must be in [0, 1)")
+    if t.threads_per_rank is not None and t.threads_per_rank < 1:
+        raise ConfigError(f"trainer.threads_per_rank={t.threads_per_rank} must be a positive integer or null")
     if not t.lr > 0:
         raise ConfigError(f"trainer.lr={t.lr} must be > 0")
     if t.min_lr > t.lr:

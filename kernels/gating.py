@@ -1,10 +1,25 @@
-"""Gating: router logits -> top-k experts and weights, plus load-balance statistics.
+"""Fused gating: router logits -> scores -> top-k ids and weights, plus the
+statistics of the load-balance losses, in one pass over the logits.
 
-Shapes: logits_TE [T, E] -> topk_ids_TK, topk_weights_TK [T, K]; counts_E and
-prob_sum_E [E]; lse_T [T].
+Shapes: logits_TE [T, E] -> topk_ids_TK (int64), topk_weights_TK (fp32) [T, K];
+counts_E (int64) and score_sum_E (fp32) [E]; lse_T (fp32) [T].
 
-Tie-breaking: among equal selection scores the lower expert id wins. The
-reference gets this from a stable descending sort; any other backend must match.
+Scores are softmax (default) or sigmoid of the logits. Selection:
+  * without an expert bias, on the logits themselves (both score functions are
+    monotonic, so this is the top-k of the scores, decided on exact inputs rather
+    than on rounded exponentials that may differ between backends);
+  * with a bias (aux-loss-free balancing), on score + bias; the bias never
+    enters the weights.
+Tie-breaking: among equal selection keys the lower expert id wins, in every
+backend (the reference gets it from a stable descending sort; the kernel takes
+the minimum index among the row's maxima).
+
+Layers: ``_gating_fwd_kernel`` / ``_gating_bwd_kernel`` (Triton), ``_launch_*``
+(checks and allocation), ``_FusedGatingTriton`` (autograd), ``gating_reference``
+(plain torch; the CPU production path).
+
+Bytes moved by the Triton path: forward reads T*E logits once and writes T*K ids
+and weights plus T lse; backward reads the logits again and writes T*E grads.
 """
 from __future__ import annotations
 
@@ -12,46 +27,240 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels._triton import check, next_pow2, tl, triton
+
 
 @dataclass(frozen=True)
 class GatingOutput:
     topk_ids_TK: torch.Tensor  # int64, expert ids in selection order
-    topk_weights_TK: torch.Tensor  # float32, gate weights (renormalised if asked)
-    probs_TE: torch.Tensor  # float32 softmax over experts
-    counts_E: torch.Tensor  # int64, (token, k) pairs routed to each expert
-    prob_sum_E: torch.Tensor  # float32, sum over tokens of probs_TE (for the aux loss)
-    lse_T: torch.Tensor  # float32 logsumexp of the logits (for the z-loss)
+    topk_weights_TK: torch.Tensor  # fp32 gate weights (renormalised if asked)
+    counts_E: torch.Tensor  # int64 (token, k) pairs routed to each expert
+    score_sum_E: torch.Tensor  # fp32 sum over tokens of the scores (for the aux loss)
+    lse_T: torch.Tensor  # fp32 logsumexp of the logits (for the z-loss)
 
 
-def fused_gating(
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def gating_reference(
     logits_TE: torch.Tensor,
     *,
     top_k: int,
     renormalize: bool,
+    score_func: str = "softmax",
     expert_bias_E: torch.Tensor | None = None,
 ) -> GatingOutput:
-    """Softmax top-k gating (torch reference).
-
-    ``expert_bias_E`` shifts the selection scores only; weights come from the
-    unbiased probabilities (aux-loss-free balancing).
-    """
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     lse_T = torch.logsumexp(logits_TE, dim=-1)
-    probs_TE = torch.exp(logits_TE - lse_T.unsqueeze(-1))
-    select_TE = probs_TE if expert_bias_E is None else probs_TE + expert_bias_E.float()
+    if score_func == "softmax":
+        scores_TE = torch.exp(logits_TE - lse_T.unsqueeze(-1))
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+    key_TE = logits_TE if expert_bias_E is None else scores_TE + expert_bias_E.float()
     # Stable descending sort: ties keep ascending expert id, so the lower id wins.
-    order_TE = torch.sort(select_TE.detach(), dim=-1, descending=True, stable=True).indices
-    topk_ids_TK = order_TE[:, :top_k]
-    topk_weights_TK = probs_TE.gather(1, topk_ids_TK)
+    topk_ids_TK = torch.sort(key_TE.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
     if renormalize:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
-    counts_E = torch.bincount(topk_ids_TK.flatten(), minlength=E)
     return GatingOutput(
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK,
-        probs_TE=probs_TE,
-        counts_E=counts_E,
-        prob_sum_E=probs_TE.sum(dim=0),
+        counts_E=torch.bincount(topk_ids_TK.flatten(), minlength=E),
+        score_sum_E=scores_TE.sum(dim=0),
         lse_T=lse_T,
     )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gating_fwd_kernel(
+        logits_ptr, bias_ptr, ids_ptr, weights_ptr, lse_ptr, counts_part_ptr, ssum_part_ptr,
+        T, E, stride_lt,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        ks = tl.arange(0, BLOCK_K)
+        rmask = rows < T
+        cmask = cols < E
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :], mask=mask, other=-float("inf"))
+        x = x.to(tl.float32)
+        m = tl.max(x, axis=1)
+        m = tl.where(rmask, m, 0.0)
+        ex = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+        s = tl.sum(ex, axis=1)
+        s = tl.where(rmask, s, 1.0)
+        lse = m + tl.log(s)
+        if SIGMOID:
+            p = tl.where(mask, tl.sigmoid(x), 0.0)
+        else:
+            p = ex / s[:, None]
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            key = tl.where(mask, p + b[None, :], -float("inf"))
+        else:
+            key = x
+        ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+        w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+        for k in tl.static_range(K):
+            best = tl.max(key, axis=1)
+            idx = tl.min(tl.where(key == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            hit = cols[None, :] == idx[:, None]
+            wk = tl.sum(tl.where(hit, p, 0.0), axis=1)
+            ids = tl.where(ks[None, :] == k, idx[:, None], ids)
+            w = tl.where(ks[None, :] == k, wk[:, None], w)
+            chosen += hit.to(tl.int32)
+            key = tl.where(hit, -float("inf"), key)
+        if RENORM:
+            w = w / tl.where(rmask, tl.sum(w, axis=1), 1.0)[:, None]
+        kmask = rmask[:, None] & (ks[None, :] < K)
+        tl.store(ids_ptr + rows[:, None] * K + ks[None, :], ids.to(tl.int64), mask=kmask)
+        tl.store(weights_ptr + rows[:, None] * K + ks[None, :], w, mask=kmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        # Per-block partial sums, reduced afterwards: deterministic, no float atomics.
+        chosen = tl.where(rmask[:, None], chosen, 0)
+        tl.store(counts_part_ptr + pid * E + cols, tl.sum(chosen, axis=0), mask=cmask)
+        tl.store(ssum_part_ptr + pid * E + cols, tl.sum(p, axis=0), mask=cmask)
+
+    @triton.jit
+    def _gating_bwd_kernel(
+        logits_ptr, ids_ptr, gw_ptr, gssum_ptr, glse_ptr, dx_ptr,
+        T, E, stride_lt,
+        K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < T
+        cmask = cols < E
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :], mask=mask, other=-float("inf"))
+        x = x.to(tl.float32)
+        m = tl.where(rmask, tl.max(x, axis=1), 0.0)
+        ex = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+        s = tl.where(rmask, tl.sum(ex, axis=1), 1.0)
+        q = ex / s[:, None]  # softmax: the lse's gradient direction
+        if SIGMOID:
+            p = tl.where(mask, tl.sigmoid(x), 0.0)
+        else:
+            p = q
+        # Gradient with respect to the scores p: the score sums, then the top-k weights.
+        gp = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        gp += tl.load(gssum_ptr + cols, mask=cmask, other=0.0)[None, :]
+        wsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+        gdotw = tl.zeros([BLOCK_T], dtype=tl.float32)
+        if RENORM:
+            for k in tl.static_range(K):
+                idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
+                g = tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0)
+                wk = tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), axis=1)
+                wsum += wk
+                gdotw += g * wk
+            wsum = tl.where(rmask, wsum, 1.0)
+        for k in tl.static_range(K):
+            idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
+            g = tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0)
+            if RENORM:
+                g = (g - gdotw / wsum) / wsum  # d(w_k / sum_j w_j)
+            gp += tl.where(cols[None, :] == idx[:, None], g[:, None], 0.0)
+        gp = tl.where(mask, gp, 0.0)
+        if SIGMOID:
+            dx = gp * p * (1.0 - p)
+        else:
+            dx = p * (gp - tl.sum(gp * p, axis=1)[:, None])
+        glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
+        dx += glse[:, None] * q
+        tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx, mask=mask)
+
+
+def _blocks(E: int) -> tuple[int, int]:
+    BLOCK_E = next_pow2(E)
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))  # keep a [BLOCK_T, BLOCK_E] tile near 4K elements
+    return BLOCK_T, BLOCK_E
+
+
+def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
+    check(logits_TE.dim() == 2, f"fused_gating: logits must be [T, E], got {tuple(logits_TE.shape)}")
+    check(logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16),
+          f"fused_gating: logits dtype {logits_TE.dtype} is not fp32/fp16/bf16")
+    T, E = logits_TE.shape
+    check(1 <= top_k <= E, f"fused_gating: top_k={top_k} must be in 1..E={E}")
+    check(E <= 1024, f"fused_gating: E={E} > 1024 does not fit one tile")
+    if bias_E is not None:
+        check(bias_E.shape == (E,), f"fused_gating: expert bias must be [E={E}], got {tuple(bias_E.shape)}")
+        bias_E = bias_E.contiguous()
+    logits_TE = logits_TE.contiguous()
+    dev = logits_TE.device
+    BLOCK_T, BLOCK_E = _blocks(E)
+    grid = triton.cdiv(T, BLOCK_T)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    counts_part = torch.zeros(max(grid, 1), E, dtype=torch.int32, device=dev)
+    ssum_part = torch.zeros(max(grid, 1), E, dtype=torch.float32, device=dev)
+    if T > 0:
+        _gating_fwd_kernel[(grid,)](
+            logits_TE, bias_E if bias_E is not None else logits_TE, ids, weights, lse, counts_part, ssum_part,
+            T, E, logits_TE.stride(0),
+            K=top_k, HAS_BIAS=bias_E is not None, SIGMOID=sigmoid, RENORM=renormalize,
+            BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k),
+        )
+    return ids, weights, counts_part.sum(0).to(torch.int64), ssum_part.sum(0), lse
+
+
+def _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
+    T, E = logits_TE.shape
+    K = ids.shape[1]
+    dx = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
+    if T > 0:
+        BLOCK_T, BLOCK_E = _blocks(E)
+        _gating_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+            logits_TE, ids, g_weights.contiguous(), g_ssum.contiguous(), g_lse.contiguous(), dx,
+            T, E, logits_TE.stride(0),
+            K=K, SIGMOID=sigmoid, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+        )
+    return dx.to(logits_TE.dtype)
+
+
+class _FusedGatingTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, top_k, renormalize, sigmoid):
+        ids, weights, counts, ssum, lse = _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
+        ctx.save_for_backward(logits_TE.contiguous(), ids)
+        ctx.renormalize, ctx.sigmoid = renormalize, sigmoid
+        ctx.mark_non_differentiable(ids, counts)
+        return ids, weights, counts, ssum, lse
+
+    @staticmethod
+    def backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
+        logits_TE, ids = ctx.saved_tensors
+        T, E = logits_TE.shape
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=logits_TE.device)  # noqa: E731
+        g_weights = zeros(T, ids.shape[1]) if g_weights is None else g_weights.float()
+        g_ssum = zeros(E) if g_ssum is None else g_ssum.float()
+        g_lse = zeros(T) if g_lse is None else g_lse.float()
+        dx = _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
+        return dx, None, None, None, None
+
+
+def gating_triton(
+    logits_TE: torch.Tensor,
+    *,
+    top_k: int,
+    renormalize: bool,
+    score_func: str = "softmax",
+    expert_bias_E: torch.Tensor | None = None,
+) -> GatingOutput:
+    check(score_func in SCORE_FUNCS, f"fused_gating: score_func={score_func!r} is not one of {SCORE_FUNCS}")
+    bias = None if expert_bias_E is None else expert_bias_E.detach().float()
+    ids, weights, counts, ssum, lse = _FusedGatingTriton.apply(
+        logits_TE, bias, top_k, renormalize, score_func == "sigmoid"
+    )
+    return GatingOutput(topk_ids_TK=ids, topk_weights_TK=weights, counts_E=counts, score_sum_E=ssum, lse_T=lse)

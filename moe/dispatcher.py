@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import permute, sort_chunks, unpermute
+from kernels import TORCH_OPS, KernelOps
 from parallel.comm import all_to_all_counts, all_to_all_rows, group_size
 
 
@@ -29,21 +29,22 @@ class DispatchMeta:
 
 
 class AllToAllDispatcher:
-    def __init__(self, *, num_experts: int, ep_group):
+    def __init__(self, *, num_experts: int, ep_group, ops: KernelOps = TORCH_OPS):
         self.num_experts = num_experts
+        self.ops = ops
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.num_local_experts = num_experts // self.ep_size
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
         R, e = self.ep_size, self.num_local_experts
-        rows_ND, row_map_N, counts_E = permute(x_TD, topk_ids_TK, self.num_experts)
+        rows_ND, row_map_N, counts_E = self.ops.permute(x_TD, topk_ids_TK, self.num_experts)
         counts_Re = counts_E.view(R, e)
         recv_counts_Re = all_to_all_counts(counts_Re, self.ep_group)
         send_splits = counts_Re.sum(1).tolist()
         recv_splits = recv_counts_Re.sum(1).tolist()
         recv_MD = all_to_all_rows(rows_ND, send_splits, recv_splits, self.ep_group)
-        expert_major_MD = sort_chunks(recv_MD, recv_counts_Re)
+        expert_major_MD = self.ops.sort_chunks(recv_MD, recv_counts_Re)
         meta = DispatchMeta(
             row_map_N=row_map_N,
             send_splits=send_splits,
@@ -54,6 +55,6 @@ class AllToAllDispatcher:
         return expert_major_MD, meta
 
     def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        rank_major_MD = sort_chunks(y_MD, meta.recv_counts_Re.t())
+        rank_major_MD = self.ops.sort_chunks(y_MD, meta.recv_counts_Re.t())
         back_ND = all_to_all_rows(rank_major_MD, meta.recv_splits, meta.send_splits, self.ep_group)
-        return unpermute(back_ND, meta.row_map_N, topk_weights_TK)
+        return self.ops.unpermute(back_ND, meta.row_map_N, topk_weights_TK)

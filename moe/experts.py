@@ -26,6 +26,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if g.numel() == 0:  # .contiguous() may keep an empty tensor's stride-0 layout
+            return torch.zeros(g.shape, dtype=g.dtype, device=g.device)
         return g.contiguous()
 
 
@@ -70,7 +72,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (w.to(x_MD.dtype) for w in (self.w1_eDF, self.w3_eDF, self.w2_eFD))
-        if self.use_grouped_mm:
+        # _grouped_mm needs 16-byte aligned strides: D and F a multiple of 4 (fp32) or 8 (bf16).
+        aligned = all(n * x_MD.element_size() % 16 == 0 for n in w1.shape[1:])
+        if self.use_grouped_mm and aligned:
             offs_e = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)
             h_MF = F.silu(_grouped_mm(x_MD, w1, offs_e)) * _grouped_mm(x_MD, w3, offs_e)
             return _grouped_mm(h_MF, w2, offs_e)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from conf.schema import ModelConfig
+from kernels import TORCH_OPS, KernelOps
 from moe.dispatcher import AllToAllDispatcher
 from moe.experts import GroupedExperts
 from moe.router import Router, RouterLosses, router_losses
@@ -26,7 +27,7 @@ class MoEStats:
     dropped: torch.Tensor  # (token, k) pairs dropped by capacity on this rank
     routed: int  # (token, k) pairs routed on this rank (T*K)
     counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
-    prob_sum_E: torch.Tensor  # sum of router probabilities per expert on this rank
+    score_sum_E: torch.Tensor  # sum of router scores per expert on this rank
 
 
 def capacity_drop(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int, capacity: int):
@@ -59,16 +60,30 @@ class SwiGLU(nn.Module):
 
 
 class MoELayer(nn.Module):
-    def __init__(self, *, cfg: ModelConfig, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool = True):
+    def __init__(
+        self,
+        *,
+        cfg: ModelConfig,
+        ep_rank: int,
+        ep_group,
+        stats_group,
+        use_grouped_mm: bool = True,
+        ops: KernelOps = TORCH_OPS,
+    ):
         super().__init__()
         ep_size = group_size(ep_group)
         e = cfg.num_experts // ep_size
         self.cfg = cfg
         self.stats_group = stats_group
         self.router = Router(
-            hidden_size=cfg.hidden_size, num_experts=cfg.num_experts, top_k=cfg.top_k, renormalize=cfg.renormalize
+            hidden_size=cfg.hidden_size,
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            renormalize=cfg.renormalize,
+            score_func=cfg.score_func,
+            ops=ops,
         )
-        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group)
+        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group, ops=ops)
         self.experts = GroupedExperts(
             num_local_experts=e,
             first_expert_id=ep_rank * e,
@@ -89,7 +104,11 @@ class MoELayer(nn.Module):
             T, K, E = topk_ids_TK.shape[0], topk_ids_TK.shape[1], self.cfg.num_experts
             capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
             topk_ids_TK, dropped = capacity_drop(topk_ids_TK, gate.topk_weights_TK, E, capacity)
-        rows_MD, meta = self.dispatcher.dispatch(x_TD, topk_ids_TK)
+        # Autocast does not cover the dispatcher or _grouped_mm: move the routed rows in
+        # the autocast dtype ourselves (half the All-to-All bytes, bf16 expert GEMMs).
+        dev = x_TD.device.type
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
+        rows_MD, meta = self.dispatcher.dispatch(x_TD.to(compute_dtype), topk_ids_TK)
         y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
         out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
         if self.shared is not None:
@@ -99,6 +118,6 @@ class MoELayer(nn.Module):
             dropped=dropped,
             routed=topk_ids_TK.numel(),
             counts_E=gate.counts_E.detach(),
-            prob_sum_E=gate.prob_sum_E.detach()
+            score_sum_E=gate.score_sum_E.detach()
         )
         return out_TD.view(B, S, D), stats

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conf.schema import ModelConfig
+from kernels import TORCH_OPS, KernelOps
 from moe.experts import GroupedExperts
 from moe.init import normal_
 from moe.layer import MoELayer, MoEStats, SwiGLU
@@ -58,7 +59,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool):
+    def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool,
+                 ops: KernelOps):
         super().__init__()
         self.layer = layer
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -66,7 +68,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if is_moe_layer(cfg, layer):
             self.moe = MoELayer(
-                cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm
+                cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
+                ops=ops,
             )
             self.ffn = None
         else:
@@ -100,12 +103,14 @@ class Transformer(nn.Module):
         ep_group=None,
         stats_group=None,
         use_grouped_mm: bool = True,
+        ops: KernelOps = TORCH_OPS,
     ):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm)
+            Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
+                  ops=ops)
             for l in range(cfg.num_layers)
         )
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from conf.schema import ConfigError, RunConfig
+from kernels import backend_problem
 from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
 
@@ -48,7 +50,8 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ) -> LauncherEnv 
             local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
         )
     # An srun task has a step id; the batch script itself (also SLURM_PROCID=0) does not.
-    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and "SLURM_NTASKS" in environ:
+    # A one-task step (an interactive `srun --pty bash`) is a shell, not a launcher: spawn there.
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
         ntasks = int(environ["SLURM_NTASKS"])
         return LauncherEnv(
             kind="srun",
@@ -90,6 +93,11 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
         )
     if run.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is available; valid here: auto, cpu")
+    problem = backend_problem(run.kernels.backend, "cuda" if _use_cuda(run) else "cpu")
+    if problem:
+        raise ConfigError(f"kernels.backend={run.kernels.backend} {problem}")
+    if run.cluster.backend == "nccl" and not _use_cuda(run):
+        raise ConfigError("cluster.backend=nccl needs CUDA devices; valid here: auto, gloo")
     if _use_cuda(run) and env is None and dims.world_size > torch.cuda.device_count():
         raise ConfigError(
             f"parallel={run.parallel.name} needs {dims.world_size} ranks, one GPU each, but this machine has "
@@ -106,7 +114,12 @@ def _first_host(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        # Without scontrol: "node[01-04,07],gpu5" -> "node01".
+        head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0]
+        if "[" not in head:
+            return head
+        prefix, ranges = head.split("[", 1)
+        return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def _export_srun_env(environ=os.environ) -> None:
@@ -116,7 +129,8 @@ def _export_srun_env(environ=os.environ) -> None:
     environ["LOCAL_RANK"] = str(env.local_rank)
     if "MASTER_ADDR" not in environ:
         environ["MASTER_ADDR"] = _first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
-    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    job, step = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_STEP_ID", "0") or 0)
+    environ.setdefault("MASTER_PORT", str(20000 + (job * 16 + step) % 20000))
 
 
 Worker = Callable[..., dict]
@@ -134,10 +148,19 @@ def run_ranks(run: RunConfig, dims: ParallelDims, env: LauncherEnv | None, outpu
     return _spawn(run, dims, output_dir, data_paths, worker)
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def _spawn(run, dims, output_dir, data_paths, worker):
     import torch.multiprocessing as mp
 
     rendezvous = tempfile.mkdtemp(prefix="moemesh-rdzv-")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # stop the ranks, clean up, exit 143
     try:
         ctx = mp.start_processes(
             _spawned_rank,
@@ -155,14 +178,17 @@ def _spawn(run, dims, output_dir, data_paths, worker):
             # cause, the rank that failed earliest (or was killed).
             print(f"moemesh: {_root_cause(rendezvous, e)}", file=sys.stderr)
             raise SystemExit(1) from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Terminated) as e:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
             for p in ctx.processes:
                 p.join(timeout=10)
-            raise
+                if p.is_alive():
+                    p.kill()
+            raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 143) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(rendezvous, ignore_errors=True)
     return None
 
@@ -170,8 +196,11 @@ def _spawn(run, dims, output_dir, data_paths, worker):
 def _root_cause(rendezvous: str, err) -> str:
     failures = []
     for f in Path(rendezvous).glob("rank*.err"):
-        stamp, rank, message = f.read_text().split("\t", 2)
-        failures.append((float(stamp), int(rank), message))
+        try:
+            stamp, rank, message = f.read_text().split("\t", 2)
+            failures.append((float(stamp), int(rank), message))
+        except (OSError, ValueError):  # a rank stopped while writing it
+            continue
     if isinstance(err, torch.multiprocessing.ProcessExitedException) and err.signal_name:
         return f"rank {err.error_index} was killed by {err.signal_name}; the other ranks were stopped"
     if not failures:
@@ -197,7 +226,8 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
     from trainer.loop import RankContext
 
     if _use_cuda(run):
-        device = torch.device("cuda", local_rank)
+        # srun --gpus-per-task (or a bound CUDA_VISIBLE_DEVICES) may show each task one GPU.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -1,5 +1,9 @@
 import os
 
+# Triton kernels run on this CPU only through the interpreter, which must be chosen
+# before triton is imported. A GPU run sets TRITON_INTERPRET=0 to compile them instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from conf.schema import ModelConfig, RunConfig, to_run_config

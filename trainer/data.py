@@ -73,23 +73,53 @@ def _check_token_file(key: str, path: str, min_tokens: int) -> None:
         raise ConfigError(f"{key}={path}: no such file (expected a uint16 token .bin file)")
     n = p.stat().st_size // 2
     if n < min_tokens:
-        raise ConfigError(f"{key}={path} holds {n} tokens; need at least {min_tokens} (seq_len + 1 for train and val)")
+        raise ConfigError(f"{key}={path} holds {n} tokens; need at least seq_len+1 = {min_tokens}")
+
+
+def _split(n: int, val_fraction: float) -> tuple[int, int]:
+    n_val = int(n * val_fraction)
+    return n - n_val, n_val
+
+
+def _check_split(key: str, n: int, val_fraction: float, need: int) -> None:
+    n_train, n_val = _split(n, val_fraction)
+    if min(n_train, n_val) < need:
+        raise ConfigError(
+            f"{key} holds {n} tokens: with data.val_fraction={val_fraction} the train/validation splits have "
+            f"{n_train}/{n_val} tokens; each needs at least seq_len+1 = {need}"
+        )
+
+
+def _check_token_values(key: str, path: str, vocab_size: int) -> None:
+    """Token ids must index the embedding; a sample of the file is checked here, every batch later."""
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    sample = np.concatenate([tokens[: 1 << 20], tokens[-(1 << 20):]])
+    if sample.size and int(sample.max()) >= vocab_size:
+        raise ConfigError(f"{key}={path} holds token id {int(sample.max())} >= model.vocab_size={vocab_size}")
 
 
 def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataPaths:
     """Build or check the data before any rank starts; raise ConfigError on bad input."""
+    need = seq_len + 1
     if cfg.kind == "synthetic":
+        if vocab_size > 65536:
+            raise ConfigError(f"model.vocab_size={vocab_size} > 65536 does not fit uint16 tokens (data.kind=synthetic)")
+        _check_split("data.kind=synthetic", _SYNTHETIC_TOKENS, cfg.val_fraction, need)
         return DataPaths("synthetic", None, None, cfg.val_fraction, vocab_size)
     if cfg.kind == "stdlib":
-        path = str(build_stdlib_corpus(cfg.cache_dir))
-        return DataPaths("stdlib", path, None, cfg.val_fraction, vocab_size)
-    need = seq_len + 1
+        path = build_stdlib_corpus(cfg.cache_dir)
+        _check_split(f"the stdlib corpus {path}", path.stat().st_size // 2, cfg.val_fraction, need)
+        return DataPaths("stdlib", str(path), None, cfg.val_fraction, vocab_size)
+    train = str(Path(cfg.path).expanduser())
+    _check_token_file("data.path", cfg.path, need)
     if cfg.val_path:
-        _check_token_file("data.path", cfg.path, need)
         _check_token_file("data.val_path", cfg.val_path, need)
+        _check_token_values("data.val_path", str(Path(cfg.val_path).expanduser()), vocab_size)
     else:
-        _check_token_file("data.path", cfg.path, int(np.ceil(need / min(cfg.val_fraction, 1 - cfg.val_fraction))))
-    return DataPaths("memmap", str(Path(cfg.path).expanduser()), cfg.val_path, cfg.val_fraction, vocab_size)
+        _check_split(f"data.path={cfg.path}", Path(train).stat().st_size // 2, cfg.val_fraction, need)
+    _check_token_values("data.path", train, vocab_size)
+    val = str(Path(cfg.val_path).expanduser()) if cfg.val_path else None
+    return DataPaths("memmap", train, val, cfg.val_fraction, vocab_size)
 
 
 class TokenData:
@@ -102,17 +132,21 @@ class TokenData:
             tokens = rng.integers(0, paths.vocab_size, _SYNTHETIC_TOKENS, dtype=np.uint16)
         else:
             tokens = np.memmap(paths.train, dtype=np.uint16, mode="r")
+        self.vocab_size = paths.vocab_size
         if paths.val:
             self.train, self.val = tokens, np.memmap(paths.val, dtype=np.uint16, mode="r")
         else:
-            n_val = int(len(tokens) * paths.val_fraction)
-            self.train, self.val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+            n_train, _ = _split(len(tokens), paths.val_fraction)
+            self.train, self.val = tokens[:n_train], tokens[n_train:]
 
     def batch(self, split: str, step: int, *, global_batch: int, seq_len: int, start: int, count: int):
         """Samples [start, start+count) of global batch ``step``: inputs and targets [count, seq_len]."""
         tokens = self.train if split == "train" else self.val
         g = torch.Generator().manual_seed(self.seed * 7919 + (0 if split == "train" else 1) * 104729 + step)
-        offsets = torch.randint(0, len(tokens) - seq_len - 1, (global_batch,), generator=g)[start : start + count]
+        # A window of seq_len+1 tokens starts anywhere in [0, len - seq_len - 1].
+        offsets = torch.randint(0, len(tokens) - seq_len, (global_batch,), generator=g)[start : start + count]
         window = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])
+        if window.size and int(window.max()) >= self.vocab_size:
+            raise ValueError(f"token id {int(window.max())} in the {split} data >= model.vocab_size={self.vocab_size}")
         window = torch.from_numpy(window)
         return window[:, :-1], window[:, 1:]

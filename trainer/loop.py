@@ -14,6 +14,7 @@ import torch
 
 from conf.schema import RunConfig
 from conf.validate import grad_accum_steps, micro_batch_size
+from kernels import get_ops
 from moe.model import Transformer, is_moe_layer
 from parallel.comm import all_reduce_
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
@@ -37,7 +38,8 @@ class RankContext:
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Transformer:
     stats_group = mesh.data_group if run.model.load_balance_scope == "global" else None
-    model = Transformer(run.model, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, stats_group=stats_group)
+    ops = get_ops(run.kernels.backend, device.type)
+    model = Transformer(run.model, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, stats_group=stats_group, ops=ops)
     model.init_weights(run.trainer.seed)
     return model.to(device)
 
@@ -55,15 +57,17 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def load_stats(counts_E: torch.Tensor) -> dict:
-    """Balance of one layer's routed (token, k) pairs over experts."""
-    c = counts_E.double()
+def load_stats(counts_E: torch.Tensor, score_sum_E: torch.Tensor, dropped: torch.Tensor, tokens: int) -> dict:
+    """Balance of one layer's routed (token, k) pairs over experts, over the global batch."""
+    c = counts_E.double().round()
     mean = c.mean()
     return {
-        "tokens_per_expert": [int(v) for v in counts_E.tolist()],
+        "tokens_per_expert": [int(v) for v in c.tolist()],
         "cv": float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
         "max_over_mean": float(c.max() / mean) if mean > 0 else 0.0,
-        "min": int(counts_E.min()),
+        "min": int(c.min()),
+        "mean_score": [round(float(v) / tokens, 6) for v in score_sum_E.tolist()],
+        "dropped_fraction": float(dropped) / max(float(c.sum()), 1.0),
     }
 
 
@@ -92,7 +96,8 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
     log.message(
         f"moemesh: {run.parallel.name} ({dims.describe()}), model={m.name}, "
         f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
-        f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation"
+        f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
+        f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
 
     step_times, record, final_val = [], {}, None
@@ -104,8 +109,10 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
 
         # Micro-steps: this data rank's slice of the global batch, in order. Metrics stay
         # on the device until the one all-reduce below (no per-micro-step host sync).
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, z, dropped
-        counts_LE = torch.zeros(len(moe_layers), m.num_experts, dtype=torch.float64, device=device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, z
+        L, E = len(moe_layers), m.num_experts
+        # Per MoE layer: routed pairs per expert, score sums per expert, dropped pairs.
+        stats_L = torch.zeros(L, 2 * E + 1, dtype=torch.float64, device=device)
         for i in range(accum):
             x, y = data.batch("train", step, global_batch=t.global_batch_size, seq_len=t.seq_len,
                               start=first + i * micro, count=micro)
@@ -113,25 +120,29 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
                 out = model(x.to(device), y.to(device))
             total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
             (total / accum).backward()
-            dropped = sum((s.dropped for s in out.moe_stats), torch.zeros((), device=device))
-            sums += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), dropped]).double()
+            sums += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
             for j, s in enumerate(out.moe_stats):
-                counts_LE[j] += s.counts_E.double()
+                stats_L[j] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), s.dropped.double().view(1)])
 
         reducer.reduce()
         grad_norm = global_grad_norm(
             expert_params=expert_params, non_expert_params=non_expert_params, ep_group=mesh.ep_group
         )
+        # The norm is the same number on every rank (reduced gradients), so every rank
+        # takes this exit together: no rank is left waiting in a collective.
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step}; "
+                                     "the update was not applied")
         clip_grads_(model.parameters(), grad_norm, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # One all-reduce for every logged number: loss terms and per-expert counts.
-        flat = torch.cat([sums, counts_LE.flatten()])
+        flat = torch.cat([sums, stats_L.flatten()])
         all_reduce_(flat, mesh.data_group)
         flat = flat.cpu()  # the step's one host sync
         loss, aux, z = (flat[:3] / (dims.data_size * accum)).tolist()
-        counts_LE = flat[4:].view(len(moe_layers), m.num_experts)
+        stats_L = flat[3:].view(L, 2 * E + 1)
         if not torch.isfinite(flat[0]):
             raise FloatingPointError(f"non-finite training loss {loss} at step {step}")
         step_s = time.perf_counter() - t0
@@ -151,8 +162,11 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
                 "z_loss": z,
                 "tokens_per_s": tokens_per_step / step_s,
                 "step_s": step_s,
-                "dropped_fraction": float(flat[3]) / max(float(counts_LE.sum()), 1.0),
-                "load": {f"layer{l}": load_stats(counts_LE[j].round().long()) for j, l in enumerate(moe_layers)},
+                "dropped_fraction": float(stats_L[:, -1].sum()) / max(float(stats_L[:, :E].sum()), 1.0),
+                "load": {
+                    f"layer{l}": load_stats(stats_L[j, :E], stats_L[j, E:2 * E], stats_L[j, -1], tokens_per_step)
+                    for j, l in enumerate(moe_layers)
+                },
             }
             if val is not None:
                 record["val_loss"] = val

@@ -21,7 +21,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str, *, enabled: bool, console: bool, jsonl: bool, total_steps: int):
         self.enabled, self.console, self.total_steps = enabled, console and enabled, total_steps
         self.dir = Path(output_dir)
-        self._file = open(self.dir / "metrics.jsonl", "a") if enabled and jsonl else None
+        self._file = open(self.dir / "metrics.jsonl", "w") if enabled and jsonl else None
         self._tty = sys.stdout.isatty()
         self._last_print = 0.0
         self._start = time.perf_counter()

