@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's one prepared GPU check (kernels issue): on a CUDA machine, run the
+# Triton kernel tests compiled (not interpreted) and the kernel and MoE-layer
+# benchmarks. Installs nothing beyond the requirements; ends within 5 minutes.
+#
+#   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
+#
+# Where the GPU machine has no package index, put wheels of the requirements in
+# .gpu-wheels/ first (pip download -d .gpu-wheels hydra-core==1.3.8 omegaconf==2.3.1
+# antlr4-python3-runtime==4.9.3 PyYAML hypothesis==6.155.2 sortedcontainers attrs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0
+PY=${PYTHON:-python3}
+status=0
+section() { printf '\n== %s ==\n' "$1"; }
+
+section "device"
+date -u +%Y-%m-%dT%H:%MZ
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); assert torch.cuda.is_available()" || exit 1
+if [ -d .gpu-wheels ]; then
+  $PY -m pip install --quiet --no-index --find-links .gpu-wheels hydra-core omegaconf hypothesis || status=1
+fi
+
+section "kernel tests, compiled on CUDA"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py || status=1
+
+section "bench_kernels"
+timeout 90 $PY scripts/bench_kernels.py || status=1
+
+section "bench_moe"
+timeout 30 $PY scripts/bench_moe.py || status=1
+exit $status
