@@ -52,6 +52,9 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # TP only: shard the residual stream (norms, dropout-free adds) over the sequence,
+    # with reduce-scatter / all-gather in place of the all-reduces around attention and MLP.
+    sequence_parallel: bool = False
 
 
 @dataclass

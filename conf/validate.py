@@ -117,6 +117,18 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
     if run.data.kind == "memmap" and not run.data.path:
         raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
 
+    if dims.tp > 1:
+        for key in ("model.num_heads", "model.num_kv_heads", "model.ffn_hidden_size", "model.shared_expert_ffn_size"):
+            if _get(run, key) % dims.tp:
+                raise ConfigError(
+                    f"{key}={_get(run, key)} must be divisible by parallel.tensor_parallel_size={dims.tp}"
+                )
+        if run.parallel.sequence_parallel and t.seq_len % dims.tp:
+            raise ConfigError(
+                f"trainer.seq_len={t.seq_len} must be divisible by parallel.tensor_parallel_size={dims.tp} "
+                "with parallel.sequence_parallel=true"
+            )
+
     mb = t.micro_batch_size
     if mb is not None and mb < 1:
         raise ConfigError(f"trainer.micro_batch_size={mb} must be a positive integer or null")
@@ -125,5 +137,10 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         raise ConfigError(
             f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
             f"micro_batch_size*dp*ep = {mb or 1}*{dims.dp}*{dims.ep} = {unit}"
+        )
+    if dims.tp > 1 and not run.parallel.sequence_parallel and (micro_batch_size(run) * t.seq_len) % dims.tp:
+        raise ConfigError(
+            f"micro_batch_size*trainer.seq_len = {micro_batch_size(run)}*{t.seq_len} tokens must be divisible by "
+            f"parallel.tensor_parallel_size={dims.tp} (TP peers route disjoint token slices)"
         )
     return dims

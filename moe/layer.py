@@ -12,11 +12,21 @@ import torch
 import torch.nn as nn
 
 from conf.schema import ModelConfig
+import torch.nn.functional as F
+
 from kernels import TORCH_OPS, KernelOps
 from moe.dispatcher import AllToAllDispatcher
 from moe.experts import GroupedExperts
 from moe.router import Router, RouterLosses, router_losses
 from parallel.comm import group_size
+from parallel.tp import (
+    GRAD_GROUP,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tp,
+    gather_from_tp,
+    split_to_tp,
+)
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,23 @@ def capacity_drop(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, ffn_size: int):
+    """Dense SwiGLU; with TP, w1/w3 are column-parallel and w2 row-parallel."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, ffn_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, ffn_size, bias=False)
-        self.w2 = nn.Linear(ffn_size, hidden_size, bias=False)
+        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.w1 = ColumnParallelLinear(hidden_size, ffn_size, **tp)
+        self.w3 = ColumnParallelLinear(hidden_size, ffn_size, **tp)
+        self.w2 = RowParallelLinear(ffn_size, hidden_size, **tp)
+        self.tp_group, self.sp = tp_group, sequence_parallel
 
     def forward(self, x):
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        if self.sp or group_size(self.tp_group) == 1:
+            h1, h3 = self.w1(x), self.w3(x)
+        else:  # one all-reduce in backward for both projections of the replicated input
+            x = copy_to_tp(x, self.tp_group)
+            h1, h3 = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
+        return self.w2(F.silu(h1) * h3)
 
 
 class MoELayer(nn.Module):
@@ -69,12 +88,16 @@ class MoELayer(nn.Module):
         stats_group,
         use_grouped_mm: bool = True,
         ops: KernelOps = TORCH_OPS,
+        tp_group=None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         ep_size = group_size(ep_group)
         e = cfg.num_experts // ep_size
         self.cfg = cfg
         self.stats_group = stats_group
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.tp = group_size(tp_group)
         self.router = Router(
             hidden_size=cfg.hidden_size,
             num_experts=cfg.num_experts,
@@ -91,13 +114,25 @@ class MoELayer(nn.Module):
             ffn_size=cfg.moe_ffn_hidden_size,
             use_grouped_mm=use_grouped_mm,
         )
-        self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size) if cfg.shared_expert_ffn_size else None
+        self.shared = (
+            SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size, tp_group=tp_group, sequence_parallel=sequence_parallel)
+            if cfg.shared_expert_ffn_size
+            else None
+        )
+        # TP peers route different token slices, so these gradients are partial over tp.
+        setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
+        x_all_TD = x_BSD.reshape(B * S, D)
+        # With TP (no SP) the input is replicated over tp: each TP rank routes its own
+        # 1/tp of the tokens, so no token crosses the All-to-All twice. With SP the
+        # input is already this rank's sequence shard.
+        tp_split = self.tp > 1 and not self.sp
+        x_TD = split_to_tp(x_all_TD, self.tp_group, 0) if tp_split else x_all_TD
         gate = self.router(x_TD)
-        losses = router_losses(gate, stats_group=self.stats_group)
+        # Each TP rank's losses cover 1/tp of the tokens: scale so their sum over tp is the mean.
+        losses = router_losses(gate, stats_group=self.stats_group, scale=1.0 / self.tp)
         topk_ids_TK = gate.topk_ids_TK
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         if self.cfg.capacity_factor is not None:
@@ -111,8 +146,10 @@ class MoELayer(nn.Module):
         rows_MD, meta = self.dispatcher.dispatch(x_TD.to(compute_dtype), topk_ids_TK)
         y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
         out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
+        if tp_split:
+            out_TD = gather_from_tp(out_TD, self.tp_group, 0)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            out_TD = out_TD + self.shared(x_BSD).reshape(-1, D)
         stats = MoEStats(
             losses=losses,
             dropped=dropped,

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -18,6 +19,23 @@ from kernels import TORCH_OPS, KernelOps
 from moe.experts import GroupedExperts
 from moe.init import normal_
 from moe.layer import MoELayer, MoEStats, SwiGLU
+from parallel.comm import group_size
+from parallel.tp import (
+    GRAD_GROUP,
+    TP_SHARD,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    padded_vocab,
+    vocab_parallel_cross_entropy,
+)
+
+
+def _norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.RMSNorm:
+    norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    if sequence_parallel:  # each TP rank normalises its own sequence shard: partial gradients
+        setattr(norm.weight, GRAD_GROUP, "data_tp")
+    return norm
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
@@ -39,18 +57,23 @@ def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Causal attention; with TP each rank holds H/t query heads and G/t kv heads."""
+
+    def __init__(self, cfg: ModelConfig, *, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
-        self.H, self.G = cfg.num_heads, cfg.num_kv_heads
+        t = group_size(tp_group)
+        self.H, self.G = cfg.num_heads // t, cfg.num_kv_heads // t  # local heads
         self.Dh = cfg.hidden_size // cfg.num_heads
-        self.wq = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, self.G * self.Dh, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, self.G * self.Dh, bias=False)
-        self.wo = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
+        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.Dh, **tp)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
+        self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size, **tp)
 
     def forward(self, x_BSD, cos, sin):
-        B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.H, self.Dh).transpose(1, 2)
+        q = self.wq(x_BSD)  # with SP, the column-parallel projection gathers the sequence
+        B, S = q.shape[:2]
+        q = q.view(B, S, self.H, self.Dh).transpose(1, 2)
         k = self.wk(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -60,21 +83,22 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool,
-                 ops: KernelOps):
+                 ops: KernelOps, tp_group, sequence_parallel: bool):
         super().__init__()
         self.layer = layer
-        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.attn_norm = _norm(cfg, sequence_parallel)
+        self.attn = Attention(cfg, **tp)
+        self.ffn_norm = _norm(cfg, sequence_parallel)
         if is_moe_layer(cfg, layer):
             self.moe = MoELayer(
                 cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
-                ops=ops,
+                ops=ops, **tp,
             )
             self.ffn = None
         else:
             self.moe = None
-            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, **tp)
 
     def forward(self, x_BSD, cos, sin):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
@@ -104,17 +128,24 @@ class Transformer(nn.Module):
         stats_group=None,
         use_grouped_mm: bool = True,
         ops: KernelOps = TORCH_OPS,
+        tp_group=None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tp_group = tp_group
+        self.sp = sequence_parallel and group_size(tp_group) > 1
+        tp = dict(tp_group=tp_group, sequence_parallel=self.sp)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp)
         self.layers = nn.ModuleList(
             Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
-                  ops=ops)
+                  ops=ops, **tp)
             for l in range(cfg.num_layers)
         )
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = _norm(cfg, self.sp)
+        # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
+        self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, group_size(tp_group)), **tp)
+        setattr(self.head.weight, TP_SHARD, (0, cfg.vocab_size))  # padding rows start at zero
         cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -136,11 +167,28 @@ class Transformer(nn.Module):
                 module.init_weights(seed=seed, prefix=name.removesuffix(".experts"), std=std, out_std=out_std)
             elif isinstance(module, nn.RMSNorm):
                 module.weight.fill_(1.0)
+        t, rank = group_size(self.tp_group), (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
         for name, p in self.named_parameters():
             if ".experts." in f".{name}" or name.endswith("norm.weight"):
                 continue
             is_out = name.endswith("wo.weight") or name.endswith("w2.weight")
-            normal_(p, out_std if is_out else std, seed=seed, key=name)
+            std_p = out_std if is_out else std
+            shard = getattr(p, TP_SHARD, None)
+            if shard is None or t == 1:
+                normal_(p, std_p, seed=seed, key=name)
+                continue
+            # A TP shard: draw the logical (global) tensor by name, pad it, keep this rank's chunk.
+            dim, logical = shard
+            shape = list(p.shape)
+            shape[dim] = logical
+            full = normal_(torch.empty(shape), std_p, seed=seed, key=name)
+            pad = p.shape[dim] * t - logical
+            if pad:
+                pad_shape = list(shape)
+                pad_shape[dim] = pad
+                full = torch.cat([full, torch.zeros(pad_shape)], dim=dim)
+            with torch.no_grad():
+                p.copy_(full.chunk(t, dim=dim)[rank])
         self.rope_cos, self.rope_sin = rope_tables(
             self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.embed.weight.device
         )
@@ -152,10 +200,12 @@ class Transformer(nn.Module):
             x, s = block(x, self.rope_cos, self.rope_sin)
             if s is not None:
                 stats.append(s)
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x))  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+            loss = vocab_parallel_cross_entropy(
+                logits.flatten(0, 1), targets_BS.flatten(), group=self.tp_group, vocab_size=self.cfg.vocab_size
+            )
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = sum((s.losses.aux_loss for s in stats), zero)
         z = sum((s.losses.z_loss for s in stats), zero)

@@ -43,8 +43,11 @@ class Router(nn.Module):
         return self.ops.gating(logits_TE, top_k=self.top_k, renormalize=self.renormalize, score_func=self.score_func)
 
 
-def router_losses(gate: GatingOutput, *, stats_group) -> RouterLosses:
-    """Aux and z losses; ``stats_group`` is the data group (global scope) or None (local)."""
+def router_losses(gate: GatingOutput, *, stats_group, scale: float = 1.0) -> RouterLosses:
+    """Aux and z losses; ``stats_group`` is the data group (global scope) or None (local).
+
+    ``scale`` multiplies both losses: 1/tp when TP peers route disjoint token slices.
+    """
     T, K = gate.topk_ids_TK.shape
     E = gate.counts_E.shape[0]
     counts_E = gate.counts_E.detach().clone()
@@ -56,4 +59,4 @@ def router_losses(gate: GatingOutput, *, stats_group) -> RouterLosses:
     p_E = gate.score_sum_E / max(T, 1)
     aux = E * torch.sum(f_E * p_E)
     z = torch.mean(gate.lse_T**2) if T else gate.lse_T.sum()
-    return RouterLosses(aux_loss=aux, z_loss=z, global_counts_E=counts_E)
+    return RouterLosses(aux_loss=aux * scale, z_loss=z * scale, global_counts_E=counts_E)

@@ -49,11 +49,6 @@ class ParallelDims:
         ):
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")
-        if self.tp != 1:
-            raise ConfigError(
-                f"parallel.tensor_parallel_size={self.tp}: tensor parallelism is not built yet; "
-                "valid value: 1"
-            )
         if self.pp != 1:
             raise ConfigError(
                 f"parallel.pipeline_parallel_size={self.pp}: pipeline parallelism is not built yet; "

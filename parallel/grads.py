@@ -34,18 +34,24 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Para
 
 
 class GradReducer:
-    def __init__(self, *, expert_params, non_expert_params, dp_group, data_group, bucket_bytes: int = 25 * 2**20):
-        self.data_size = group_size(data_group)
+    """Sum each parameter's gradient over its group, divide by the number of data ranks.
+
+    ``plan`` lists (parameters, group) pairs: non-expert parameters over the data
+    group (dp x ep), parameters that see only a TP rank's token slice (router,
+    sequence-parallel norms) over dp x ep x tp, expert parameters over dp (x tp).
+    """
+
+    def __init__(self, plan, *, data_size: int, bucket_bytes: int = 25 * 2**20):
+        self.data_size = data_size
         self.plan = [
             (bucket, group)
-            for params, group in ((list(non_expert_params), data_group), (list(expert_params), dp_group))
-            for bucket in _buckets(params, bucket_bytes)
+            for params, group in plan
+            for bucket in _buckets(list(params), bucket_bytes)
+            if group_size(group) > 1
         ]
 
     @torch.no_grad()
     def reduce(self) -> None:
-        if self.data_size == 1:
-            return
         for bucket, group in self.plan:
             for p in bucket:
                 if p.grad is None:
@@ -58,24 +64,27 @@ class GradReducer:
                 n = p.numel()
                 p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
+        if not self.plan and self.data_size != 1:
+            raise AssertionError("data ranks > 1 but nothing to reduce")
 
 
 @torch.no_grad()
-def global_grad_norm(*, expert_params, non_expert_params, ep_group) -> torch.Tensor:
+def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group) -> torch.Tensor:
     """L2 norm of the whole model's gradient, after reduction.
 
-    Non-expert gradients are replicated on every rank: count them once. Expert
-    gradients are sharded over EP: sum their squares over the EP group.
+    Replicated gradients are counted once; TP-sharded ones are summed over tp;
+    expert gradients (sharded over ep, replicated over dp and tp) over ep.
     """
-    device = next(iter(list(non_expert_params) + list(expert_params))).device
+    params = list(replicated) + list(tp_sharded) + list(expert)
+    device = params[0].device
 
-    def sq(params):
-        grads = [p.grad.float().pow(2).sum() for p in params if p.grad is not None]
-        return torch.stack(grads).sum() if grads else torch.zeros((), device=device)
+    def sq(ps):
+        grads = [p.grad.float().pow(2).sum() for p in ps if p.grad is not None]
+        return (torch.stack(grads).sum() if grads else torch.zeros((), device=device)).to(torch.float64)
 
-    expert_sq = sq(expert_params).reshape(1).to(torch.float64)
-    all_reduce_(expert_sq, ep_group)
-    return torch.sqrt(sq(non_expert_params).to(torch.float64) + expert_sq[0]).float()
+    tp_sq = all_reduce_(sq(tp_sharded).reshape(1), tp_group)
+    expert_sq = all_reduce_(sq(expert).reshape(1), ep_group)
+    return torch.sqrt(sq(replicated) + tp_sq[0] + expert_sq[0]).float()
 
 
 @torch.no_grad()

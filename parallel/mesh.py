@@ -24,6 +24,16 @@ class ParallelMesh:
     tp_group: Any
     pp_group: Any
     world_group: Any
+    # With TP, TP peers route different token slices: statistics and the gradients of
+    # parameters that see only a slice (router, experts) are also summed over tp.
+    data_tp_group: Any = None  # dp x ep x tp
+    expert_grad_group: Any = None  # dp x tp: expert gradients
+
+    def __post_init__(self):
+        if self.expert_grad_group is None:
+            self.expert_grad_group = self.dp_group
+        if self.data_tp_group is None:
+            self.data_tp_group = self.data_group
 
     @property
     def coords(self) -> dict[MeshAxis, int]:
@@ -40,6 +50,16 @@ class ParallelMesh:
 
 def single_rank_mesh() -> ParallelMesh:
     return ParallelMesh(ParallelDims(), 0, None, None, None, None, None, None, None)
+
+
+def _my_group(dims: ParallelDims, rank: int, axes):
+    """Every rank creates every group along ``axes`` (same order everywhere); keep this rank's."""
+    mine = None
+    for ranks in dims.groups(axes):
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
@@ -62,6 +82,9 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
         pp_group=mesh[MeshAxis.PP.value].get_group(),
         world_group=dist.group.WORLD,
     )
+    if dims.tp > 1:
+        pm.data_tp_group = _my_group(dims, rank, (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP))
+        pm.expert_grad_group = _my_group(dims, rank, (MeshAxis.DP, MeshAxis.TP))
     # The mesh's groups must be the ones the rank arithmetic (and the docs) describe.
     for axis, group in ((MeshAxis.EP, pm.ep_group), (MeshAxis.DP, pm.dp_group)):
         assert dist.get_process_group_ranks(group) == dims.group_of(rank, axis), axis

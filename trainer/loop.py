@@ -18,6 +18,7 @@ from kernels import get_ops
 from moe.model import Transformer, is_moe_layer
 from parallel.comm import all_reduce_
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
+from parallel.tp import GRAD_GROUP, TP_SHARD
 from parallel.mesh import ParallelMesh
 from trainer.data import DataPaths, TokenData
 from trainer.metrics import MetricsLogger
@@ -37,11 +38,42 @@ class RankContext:
 
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Transformer:
-    stats_group = mesh.data_group if run.model.load_balance_scope == "global" else None
+    stats_group = mesh.data_tp_group if run.model.load_balance_scope == "global" else None
     ops = get_ops(run.kernels.backend, device.type)
-    model = Transformer(run.model, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, stats_group=stats_group, ops=ops)
+    model = Transformer(
+        run.model,
+        ep_rank=mesh.ep_rank,
+        ep_group=mesh.ep_group,
+        stats_group=stats_group,
+        ops=ops,
+        tp_group=mesh.tp_group,
+        sequence_parallel=run.parallel.sequence_parallel,
+    )
     model.init_weights(run.trainer.seed)
     return model.to(device)
+
+
+@dataclass
+class ParamGroups:
+    """The model's parameters by how their gradients are reduced and counted."""
+
+    data: list  # summed over dp x ep
+    data_tp: list  # summed over dp x ep x tp (router; sequence-parallel norms)
+    expert: list  # summed over dp x tp
+    tp_sharded: list  # for the grad norm: sharded over tp
+    replicated: list  # for the grad norm: whole on every rank, not experts
+
+
+def param_groups(model: Transformer) -> ParamGroups:
+    expert = model.expert_parameters()
+    ids = {id(p) for p in expert}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    data_tp = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data_tp"]
+    data = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data"]
+    tp_sharded = [p for p in rest if getattr(p, TP_SHARD, None) is not None and model.tp_group is not None]
+    sharded_ids = {id(p) for p in tp_sharded}
+    replicated = [p for p in rest if id(p) not in sharded_ids]
+    return ParamGroups(data, data_tp, expert, tp_sharded, replicated)
 
 
 def _autocast(run: RunConfig, device: torch.device):
@@ -76,12 +108,10 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
     dims = mesh.dims
     torch.manual_seed(t.seed)
     model = build_model(run, mesh, device)
-    expert_params, non_expert_params = model.expert_parameters(), model.non_expert_parameters()
+    groups = param_groups(model)
     reducer = GradReducer(
-        expert_params=expert_params,
-        non_expert_params=non_expert_params,
-        dp_group=mesh.dp_group,
-        data_group=mesh.data_group,
+        [(groups.data, mesh.data_group), (groups.data_tp, mesh.data_tp_group), (groups.expert, mesh.expert_grad_group)],
+        data_size=dims.data_size,
     )
     optimizer = build_optimizer(model, t)
     data = TokenData(ctx.data_paths, seed=t.seed)
@@ -120,13 +150,16 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
                 out = model(x.to(device), y.to(device))
             total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
             (total / accum).backward()
-            sums += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
+            # TP peers hold the same cross-entropy but disjoint routing slices: the reduction
+            # below runs over dp x ep x tp, so the cross-entropy enters as 1/tp per peer.
+            sums += torch.stack([out.loss.detach() / dims.tp, out.aux_loss.detach(), out.z_loss.detach()]).double()
             for j, s in enumerate(out.moe_stats):
                 stats_L[j] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), s.dropped.double().view(1)])
 
         reducer.reduce()
         grad_norm = global_grad_norm(
-            expert_params=expert_params, non_expert_params=non_expert_params, ep_group=mesh.ep_group
+            replicated=groups.replicated, tp_sharded=groups.tp_sharded, expert=groups.expert,
+            tp_group=mesh.tp_group, ep_group=mesh.ep_group,
         )
         # The norm is the same number on every rank (reduced gradients), so every rank
         # takes this exit together: no rank is left waiting in a collective.
@@ -139,7 +172,7 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
 
         # One all-reduce for every logged number: loss terms and per-expert counts.
         flat = torch.cat([sums, stats_L.flatten()])
-        all_reduce_(flat, mesh.data_group)
+        all_reduce_(flat, mesh.data_tp_group)
         flat = flat.cpu()  # the step's one host sync
         loss, aux, z = (flat[:3] / (dims.data_size * accum)).tolist()
         stats_L = flat[3:].view(L, 2 * E + 1)
