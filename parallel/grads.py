@@ -43,15 +43,14 @@ class GradReducer:
 
     def __init__(self, plan, *, data_size: int, bucket_bytes: int = 25 * 2**20):
         self.data_size = data_size
-        self.plan = [
-            (bucket, group)
-            for params, group in plan
-            for bucket in _buckets(list(params), bucket_bytes)
-            if group_size(group) > 1
-        ]
+        # Even where a group has one rank (experts under pure EP: their All-to-All backward
+        # already summed the EP peers), the gradient is still divided by the data ranks.
+        self.plan = [(bucket, group) for params, group in plan for bucket in _buckets(list(params), bucket_bytes)]
 
     @torch.no_grad()
     def reduce(self) -> None:
+        if self.data_size == 1:
+            return
         for bucket, group in self.plan:
             for p in bucket:
                 if p.grad is None:
@@ -64,8 +63,6 @@ class GradReducer:
                 n = p.numel()
                 p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
-        if not self.plan and self.data_size != 1:
-            raise AssertionError("data ranks > 1 but nothing to reduce")
 
 
 @torch.no_grad()

@@ -1,0 +1,45 @@
+"""Parameters per rank from the config alone, without building the model.
+
+The planner uses these counts; a test builds the real model on the meta device
+for several layouts and checks every count is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conf.schema import ModelConfig
+from parallel.dims import ParallelDims
+from parallel.tp import padded_vocab
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    expert: int  # routed experts held by this rank (E/ep of them)
+    tp_sharded: int  # attention, dense FFN, shared expert, embedding, head: 1/tp each
+    replicated: int  # norms and routers: whole on every rank
+
+    @property
+    def non_expert(self) -> int:
+        return self.tp_sharded + self.replicated
+
+    @property
+    def total(self) -> int:
+        return self.expert + self.non_expert
+
+
+def count_params(cfg: ModelConfig, dims: ParallelDims = ParallelDims()) -> ParamCount:
+    D, t = cfg.hidden_size, dims.tp
+    Dh = D // cfg.num_heads
+    moe_layers = sum(1 for l in range(cfg.num_layers) if (l + 1) % cfg.moe_every_k_layers == 0)
+    dense_layers = cfg.num_layers - moe_layers
+    attention = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D // t
+    vocab = padded_vocab(cfg.vocab_size, t) // t * D  # embedding rows or head rows per rank
+    tp_sharded = (
+        cfg.num_layers * attention
+        + dense_layers * 3 * D * cfg.ffn_hidden_size // t
+        + moe_layers * 3 * D * cfg.shared_expert_ffn_size // t
+        + 2 * vocab
+    )
+    replicated = (2 * cfg.num_layers + 1) * D + moe_layers * cfg.num_experts * D
+    expert = moe_layers * (cfg.num_experts // dims.ep) * 3 * D * cfg.moe_ffn_hidden_size
+    return ParamCount(expert=expert, tp_sharded=tp_sharded, replicated=replicated)
