@@ -9,7 +9,7 @@ file or on the command line is an error, not a silently ignored setting.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -55,6 +55,9 @@ class ParallelConfig:
     # TP only: shard the residual stream (norms, dropout-free adds) over the sequence,
     # with reduce-scatter / all-gather in place of the all-reduces around attention and MLP.
     sequence_parallel: bool = False
+    # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
+    pipeline_schedule: str = "1f1b"
+    pipeline_split: Optional[List[int]] = None
 
 
 @dataclass

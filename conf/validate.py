@@ -12,6 +12,7 @@ _CHOICES = {
     "model.load_balance_scope": ("global", "local"),
     "model.score_func": ("softmax", "sigmoid"),
     "kernels.backend": ("auto", "triton", "torch"),
+    "parallel.pipeline_schedule": ("1f1b", "gpipe"),
     "cluster.launcher": ("local", "torchrun", "slurm"),
     "cluster.backend": ("auto", "gloo", "nccl"),
     "data.kind": ("stdlib", "memmap", "synthetic"),
@@ -28,11 +29,16 @@ def _get(run: RunConfig, dotted: str):
 
 
 def micro_batch_size(run: RunConfig) -> int:
-    """Sequences per forward on one data rank (no accumulation when unset)."""
+    """Sequences per forward on one data rank.
+
+    Unset: no accumulation, or with pipeline parallelism pp micro-batches (the fewest
+    that keep every stage of a 1F1B schedule busy).
+    """
     t = run.trainer
     if t.micro_batch_size is not None:
         return t.micro_batch_size
-    return t.global_batch_size // ParallelDims.from_config(run.parallel).data_size
+    dims = ParallelDims.from_config(run.parallel)
+    return t.global_batch_size // (dims.data_size * dims.pp)
 
 
 def grad_accum_steps(run: RunConfig) -> int:
@@ -138,6 +144,30 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
             f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
             f"micro_batch_size*dp*ep = {mb or 1}*{dims.dp}*{dims.ep} = {unit}"
         )
+    if mb is None and dims.pp > 1 and t.global_batch_size % (dims.data_size * dims.pp):
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be divisible by dp*ep*pp = "
+            f"{dims.dp}*{dims.ep}*{dims.pp} = {dims.data_size * dims.pp} (pp micro-batches per data rank; "
+            "or set trainer.micro_batch_size)"
+        )
+    if dims.pp > 1:
+        from parallel.pipeline import stage_layers
+
+        if m.num_layers < dims.pp:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} must be >= parallel.pipeline_parallel_size={dims.pp} "
+                "(every stage needs a layer)"
+            )
+        stage_layers(m.num_layers, dims.pp, run.parallel.pipeline_split)
+        if run.parallel.pipeline_schedule == "1f1b" and grad_accum_steps(run) < dims.pp:
+            raise ConfigError(
+                f"1F1B needs micro-batches >= parallel.pipeline_parallel_size={dims.pp}, got "
+                f"{grad_accum_steps(run)} (trainer.global_batch_size / (trainer.micro_batch_size*dp*ep)); "
+                "set trainer.micro_batch_size smaller or parallel.pipeline_schedule=gpipe"
+            )
+    elif run.parallel.pipeline_split is not None:
+        raise ConfigError(f"parallel.pipeline_split={list(run.parallel.pipeline_split)} needs "
+                          "parallel.pipeline_parallel_size > 1")
     if dims.tp > 1 and not run.parallel.sequence_parallel and (micro_batch_size(run) * t.seq_len) % dims.tp:
         raise ConfigError(
             f"micro_batch_size*trainer.seq_len = {micro_batch_size(run)}*{t.seq_len} tokens must be divisible by "

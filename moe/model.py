@@ -109,6 +109,24 @@ class Block(nn.Module):
         return x_BSD + out, stats
 
 
+class _AttachLoss(torch.autograd.Function):
+    """Forward: x unchanged. Backward: also send gradient 1 into ``loss``, as if it were
+    added to the final loss (the pipeline's gradient scaling applies to it as well)."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=g.device)
+
+
+def attach_loss(x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    return _AttachLoss.apply(x, loss) if loss.requires_grad else x
+
+
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None  # mean cross-entropy over this rank's tokens
@@ -130,22 +148,31 @@ class Transformer(nn.Module):
         ops: KernelOps = TORCH_OPS,
         tp_group=None,
         sequence_parallel: bool = False,
+        layers: range | None = None,
     ):
+        """``layers``: the global layer ids this pipeline stage holds (all by default). The
+        first stage also holds the embedding, the last the final norm and the head;
+        parameter names use global layer ids, so every stage initialises like ``single``."""
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
         self.sp = sequence_parallel and group_size(tp_group) > 1
         tp = dict(tp_group=tp_group, sequence_parallel=self.sp)
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp)
-        self.layers = nn.ModuleList(
-            Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
-                  ops=ops, **tp)
-            for l in range(cfg.num_layers)
-        )
-        self.norm = _norm(cfg, self.sp)
-        # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
-        self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, group_size(tp_group)), **tp)
-        setattr(self.head.weight, TP_SHARD, (0, cfg.vocab_size))  # padding rows start at zero
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.first, self.last = layers.start == 0, layers.stop == cfg.num_layers
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp) if self.first else None
+        self.layers = nn.ModuleDict({
+            str(l): Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group,
+                          use_grouped_mm=use_grouped_mm, ops=ops, **tp)
+            for l in layers
+        })
+        self.norm = self.head = None
+        if self.last:
+            self.norm = _norm(cfg, self.sp)
+            # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
+            self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, group_size(tp_group)), **tp)
+            setattr(self.head.weight, TP_SHARD, (0, cfg.vocab_size))  # padding rows start at zero
+        self.stage_records: list[list[MoEStats]] = []  # pipeline stages: MoE stats per microbatch
         cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -190,16 +217,37 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 p.copy_(full.chunk(t, dim=dim)[rank])
         self.rope_cos, self.rope_sin = rope_tables(
-            self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.embed.weight.device
+            self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.rope_cos.device
         )
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False):
-        x = self.embed(tokens_BS)
-        stats: list[MoEStats] = []
-        for block in self.layers:
+    def _blocks(self, x, stats: list[MoEStats]):
+        for block in self.layers.values():
             x, s = block(x, self.rope_cos, self.rope_sin)
             if s is not None:
                 stats.append(s)
+        return x
+
+    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline stage: tokens or hidden states in, hidden states or logits out.
+
+        The pipeline schedule only backpropagates the last stage's loss, so each MoE
+        layer's weighted aux and z losses ride on the activations (``attach_loss``);
+        their values are kept in ``stage_records`` for the metrics.
+        """
+        x = self.embed(x) if self.first else x
+        stats: list[MoEStats] = []
+        for block in self.layers.values():
+            x, s = block(x, self.rope_cos, self.rope_sin)
+            if s is not None:
+                stats.append(s)
+                aux = self.cfg.aux_loss_factor * s.losses.aux_loss + self.cfg.z_loss_factor * s.losses.z_loss
+                x = attach_loss(x, aux)
+        self.stage_records.append(stats)
+        return self.head(self.norm(x)) if self.last else x
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False):
+        stats: list[MoEStats] = []
+        x = self._blocks(self.embed(tokens_BS), stats)
         logits = self.head(self.norm(x))  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:

@@ -27,19 +27,26 @@ class ParamCount:
         return self.expert + self.non_expert
 
 
-def count_params(cfg: ModelConfig, dims: ParallelDims = ParallelDims()) -> ParamCount:
+def count_params(
+    cfg: ModelConfig, dims: ParallelDims = ParallelDims(), *, stage: int = 0, split: list[int] | None = None
+) -> ParamCount:
+    """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts)."""
+    from parallel.pipeline import stage_layers
+
     D, t = cfg.hidden_size, dims.tp
     Dh = D // cfg.num_heads
-    moe_layers = sum(1 for l in range(cfg.num_layers) if (l + 1) % cfg.moe_every_k_layers == 0)
-    dense_layers = cfg.num_layers - moe_layers
+    layers = stage_layers(cfg.num_layers, dims.pp, split)[stage]
+    first, last = layers.start == 0, layers.stop == cfg.num_layers
+    moe_layers = sum(1 for l in layers if (l + 1) % cfg.moe_every_k_layers == 0)
+    dense_layers = len(layers) - moe_layers
     attention = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D // t
     vocab = padded_vocab(cfg.vocab_size, t) // t * D  # embedding rows or head rows per rank
     tp_sharded = (
-        cfg.num_layers * attention
+        len(layers) * attention
         + dense_layers * 3 * D * cfg.ffn_hidden_size // t
         + moe_layers * 3 * D * cfg.shared_expert_ffn_size // t
-        + 2 * vocab
+        + vocab * (int(first) + int(last))
     )
-    replicated = (2 * cfg.num_layers + 1) * D + moe_layers * cfg.num_experts * D
+    replicated = (2 * len(layers) + int(last)) * D + moe_layers * cfg.num_experts * D
     expert = moe_layers * (cfg.num_experts // dims.ep) * 3 * D * cfg.moe_ffn_hidden_size
     return ParamCount(expert=expert, tp_sharded=tp_sharded, replicated=replicated)

@@ -49,11 +49,6 @@ class ParallelDims:
         ):
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")
-        if self.pp != 1:
-            raise ConfigError(
-                f"parallel.pipeline_parallel_size={self.pp}: pipeline parallelism is not built yet; "
-                "valid value: 1"
-            )
         if launcher_world_size is not None and launcher_world_size != self.world_size:
             raise ConfigError(
                 f"WORLD_SIZE={launcher_world_size} from the launcher != dp*ep*tp*pp = "

@@ -66,14 +66,15 @@ class GradReducer:
 
 
 @torch.no_grad()
-def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group) -> torch.Tensor:
+def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group, pp_group=None) -> torch.Tensor:
     """L2 norm of the whole model's gradient, after reduction.
 
     Replicated gradients are counted once; TP-sharded ones are summed over tp;
-    expert gradients (sharded over ep, replicated over dp and tp) over ep.
+    expert gradients (sharded over ep, replicated over dp and tp) over ep; and
+    every pipeline stage holds different parameters: the total is summed over pp.
     """
     params = list(replicated) + list(tp_sharded) + list(expert)
-    device = params[0].device
+    device = params[0].device if params else torch.device("cpu")
 
     def sq(ps):
         grads = [p.grad.float().pow(2).sum() for p in ps if p.grad is not None]
@@ -81,7 +82,8 @@ def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group) -> t
 
     tp_sq = all_reduce_(sq(tp_sharded).reshape(1), tp_group)
     expert_sq = all_reduce_(sq(expert).reshape(1), ep_group)
-    return torch.sqrt(sq(replicated) + tp_sq[0] + expert_sq[0]).float()
+    total = all_reduce_((sq(replicated) + tp_sq[0] + expert_sq[0]).reshape(1), pp_group)
+    return torch.sqrt(total[0]).float()
 
 
 @torch.no_grad()

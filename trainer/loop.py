@@ -5,6 +5,7 @@ step -> metrics (one small all-reduce) -> eval -> log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import statistics
 import time
@@ -17,8 +18,10 @@ from conf.validate import grad_accum_steps, micro_batch_size
 from kernels import get_ops
 from moe.model import Transformer, is_moe_layer
 from parallel.comm import all_reduce_
+from parallel.dims import MeshAxis
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
-from parallel.tp import GRAD_GROUP, TP_SHARD
+from parallel.pipeline import build_schedule, stage_layers
+from parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
 from parallel.mesh import ParallelMesh
 from trainer.data import DataPaths, TokenData
 from trainer.metrics import MetricsLogger
@@ -39,6 +42,11 @@ class RankContext:
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Transformer:
     stats_group = mesh.data_tp_group if run.model.load_balance_scope == "global" else None
+    layers = None
+    if mesh.dims.pp > 1:
+        layers = stage_layers(run.model.num_layers, mesh.dims.pp, run.parallel.pipeline_split)[
+            mesh.coords[MeshAxis.PP]
+        ]
     ops = get_ops(run.kernels.backend, device.type)
     model = Transformer(
         run.model,
@@ -48,6 +56,7 @@ def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Tra
         ops=ops,
         tp_group=mesh.tp_group,
         sequence_parallel=run.parallel.sequence_parallel,
+        layers=layers,
     )
     model.init_weights(run.trainer.seed)
     return model.to(device)
@@ -103,6 +112,42 @@ def load_stats(counts_E: torch.Tensor, score_sum_E: torch.Tensor, dropped: torch
     }
 
 
+def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
+    """First global sample of micro-step i on this data rank.
+
+    The global batch is cut into micro-steps first, then each micro-step over the data
+    ranks: micro-step i is the same set of samples on every layout with the same number
+    of micro-steps, so the load-balance statistics (reduced per micro-step) agree too.
+    """
+    return i * micro * data_size + data_rank * micro
+
+
+def _rank_batch(batch, micro_start, micro: int, accum: int):
+    """This data rank's micro-batches, concatenated in micro-step order (for the pipeline)."""
+    parts = [batch(start=micro_start(i), count=micro) for i in range(accum)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _add_moe_stats(sums, stats_L, stats, slots) -> None:
+    for slot, s in zip(slots, stats):
+        sums[1] += s.losses.aux_loss.detach().double()
+        sums[2] += s.losses.z_loss.detach().double()
+        stats_L[slot] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), s.dropped.double().view(1)])
+
+
+def _pipeline_loss(logits, target, *, model: Transformer):
+    return vocab_parallel_cross_entropy(
+        logits.flatten(0, 1), target.flatten(), group=model.tp_group, vocab_size=model.cfg.vocab_size
+    )
+
+
+def _pipeline_step(pipe, model: Transformer, x, y, losses, *, train: bool = True) -> None:
+    """One schedule pass: the first stage feeds tokens, the last gets targets and losses."""
+    args = (x,) if model.first else ()
+    kwargs = {"target": y, "losses": losses} if model.last else {}
+    (pipe.step if train else pipe.eval)(*args, **kwargs)
+
+
 def train(run: RunConfig, ctx: RankContext) -> dict:
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
@@ -119,10 +164,19 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         ctx.output_dir, enabled=ctx.rank == 0, console=run.logger.console, jsonl=run.logger.jsonl, total_steps=t.steps
     )
     micro, accum = micro_batch_size(run), grad_accum_steps(run)
-    per_rank = t.global_batch_size // dims.data_size
-    first = mesh.data_rank * per_rank
+    micro_start = functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank)
     moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
+    # Where each of this stage's MoE layers goes in the global per-layer statistics.
+    slots = [moe_layers.index(int(l)) for l, b in model.layers.items() if b.moe is not None]
     tokens_per_step = t.global_batch_size * t.seq_len
+    pipe = None
+    if dims.pp > 1:
+        hidden_seq = t.seq_len // dims.tp if model.sp else t.seq_len
+        pipe = build_schedule(
+            model, schedule=run.parallel.pipeline_schedule, pp_rank=mesh.coords[MeshAxis.PP], pp_size=dims.pp,
+            pp_group=mesh.pp_group, device=device, n_microbatches=accum, micro_batch=micro, seq_len=t.seq_len,
+            hidden_seq=hidden_seq, loss_fn=functools.partial(_pipeline_loss, model=model),
+        )
     log.message(
         f"moemesh: {run.parallel.name} ({dims.describe()}), model={m.name}, "
         f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
@@ -137,29 +191,40 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # Micro-steps: this data rank's slice of the global batch, in order. Metrics stay
-        # on the device until the one all-reduce below (no per-micro-step host sync).
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, z
+        # Forward and backward over this data rank's slice of the global batch. Metrics
+        # stay on the device until the all-reduce below (no per-micro-step host sync):
+        # sums = (cross-entropy / tp, aux, z), and per MoE layer (global order) the routed
+        # pairs per expert, score sums per expert and dropped pairs.
         L, E = len(moe_layers), m.num_experts
-        # Per MoE layer: routed pairs per expert, score sums per expert, dropped pairs.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
         stats_L = torch.zeros(L, 2 * E + 1, dtype=torch.float64, device=device)
-        for i in range(accum):
-            x, y = data.batch("train", step, global_batch=t.global_batch_size, seq_len=t.seq_len,
-                              start=first + i * micro, count=micro)
+        batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        if pipe is None:
+            for i in range(accum):
+                x, y = batch(start=micro_start(i), count=micro)
+                with _autocast(run, device):
+                    out = model(x.to(device), y.to(device))
+                total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
+                (total / accum).backward()
+                # TP peers hold the same cross-entropy but disjoint routing slices: the
+                # reduction runs over dp x ep x tp, so the cross-entropy enters as 1/tp.
+                sums[0] += out.loss.detach().double() / dims.tp
+                _add_moe_stats(sums, stats_L, out.moe_stats, slots)
+        else:
+            x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
+            losses = []
             with _autocast(run, device):
-                out = model(x.to(device), y.to(device))
-            total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
-            (total / accum).backward()
-            # TP peers hold the same cross-entropy but disjoint routing slices: the reduction
-            # below runs over dp x ep x tp, so the cross-entropy enters as 1/tp per peer.
-            sums += torch.stack([out.loss.detach() / dims.tp, out.aux_loss.detach(), out.z_loss.detach()]).double()
-            for j, s in enumerate(out.moe_stats):
-                stats_L[j] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), s.dropped.double().view(1)])
+                _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
+            if model.last:
+                sums[0] += torch.stack(losses).sum().double() / dims.tp
+            for stats in model.stage_records:
+                _add_moe_stats(sums, stats_L, stats, slots)
+            model.stage_records.clear()
 
         reducer.reduce()
         grad_norm = global_grad_norm(
             replicated=groups.replicated, tp_sharded=groups.tp_sharded, expert=groups.expert,
-            tp_group=mesh.tp_group, ep_group=mesh.ep_group,
+            tp_group=mesh.tp_group, ep_group=mesh.ep_group, pp_group=mesh.pp_group,
         )
         # The norm is the same number on every rank (reduced gradients), so every rank
         # takes this exit together: no rank is left waiting in a collective.
@@ -173,6 +238,7 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         # One all-reduce for every logged number: loss terms and per-expert counts.
         flat = torch.cat([sums, stats_L.flatten()])
         all_reduce_(flat, mesh.data_tp_group)
+        all_reduce_(flat, mesh.pp_group)  # each stage holds its own layers; the last one the loss
         flat = flat.cpu()  # the step's one host sync
         loss, aux, z = (flat[:3] / (dims.data_size * accum)).tolist()
         stats_L = flat[3:].view(L, 2 * E + 1)
@@ -184,7 +250,7 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         last = step == t.steps - 1
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val = final_val = evaluate(model, data, run, mesh, device, first)
+            val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
         if step % t.log_every == 0 or last or val is not None:
             record = {
                 "step": step,
@@ -212,19 +278,29 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, first: int) -> float:
+def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_start, pipe=None) -> float:
     t = run.trainer
     model.eval()
     micro, accum = micro_batch_size(run), grad_accum_steps(run)
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
+        batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        if pipe is not None:
+            x, y = _rank_batch(batch, micro_start, micro, accum)
+            losses = []
+            with _autocast(run, device):
+                _pipeline_step(pipe, model, x.to(device), y.to(device), losses, train=False)
+            model.stage_records.clear()
+            if model.last:
+                total += torch.stack(losses).sum().double()
+            continue
         for i in range(accum):  # the training micro-batch size bounds eval memory too
-            x, y = data.batch("val", b, global_batch=t.global_batch_size, seq_len=t.seq_len,
-                              start=first + i * micro, count=micro)
+            x, y = batch(start=micro_start(i), count=micro)
             with _autocast(run, device):
                 total += model(x.to(device), y.to(device)).loss.double()
     model.train()
     all_reduce_(total, mesh.data_group)
+    all_reduce_(total, mesh.pp_group)  # only the last stage holds losses
     return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
 
 

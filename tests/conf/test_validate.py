@@ -19,7 +19,11 @@ from tests.conftest import tiny_run
         ({"model.num_layers": 3, "model.moe_every_k_layers": 2}, "model.num_layers=3 must be divisible by model.moe_every_k_layers=2"),
         ({"parallel.tensor_parallel_size": 2, "model.num_heads": 3, "model.num_kv_heads": 3, "model.hidden_size": 48}, "model.num_heads=3 must be divisible by parallel.tensor_parallel_size=2"),
         ({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True, "trainer.seq_len": 31}, "trainer.seq_len=31 must be divisible by parallel.tensor_parallel_size=2"),
-        ({"parallel.pipeline_parallel_size": 2}, "parallel.pipeline_parallel_size=2: pipeline parallelism is not built yet"),
+        ({"parallel.pipeline_parallel_size": 4}, "model.num_layers=2 must be >= parallel.pipeline_parallel_size=4"),
+        ({"parallel.pipeline_parallel_size": 2, "parallel.pipeline_split": [2, 1]}, "parallel.pipeline_split=[2, 1] must list 2 positive layer counts"),
+        ({"parallel.pipeline_parallel_size": 2, "trainer.micro_batch_size": 8}, "1F1B needs micro-batches >= parallel.pipeline_parallel_size=2, got 1"),
+        ({"parallel.pipeline_split": [1, 1]}, "parallel.pipeline_split=[1, 1] needs parallel.pipeline_parallel_size > 1"),
+        ({"parallel.pipeline_schedule": "zb"}, "parallel.pipeline_schedule='zb' is not one of 1f1b, gpipe"),
         ({"cluster.backend": "mpi"}, "cluster.backend='mpi' is not one of auto, gloo, nccl"),
         ({"trainer.seq_len": 64}, "trainer.seq_len=64 must be <= model.max_seq_len=32"),
         ({"data.kind": "memmap"}, "data.path is required"),
@@ -56,12 +60,25 @@ def _compose(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
-@pytest.mark.parametrize("preset", ["single", "dp2", "dp4", "ep2", "ep4", "ep2_dp2", "ep2_dp4", "ep4_dp2", "ep2_dp8", "ep8_dp2"])
+PRESETS = ["single", "dp2", "dp4", "dp8", "ep2", "ep4", "ep8", "ep2_dp2", "ep2_dp4", "ep4_dp2", "ep2_dp8", "ep8_dp2",
+           "tp2", "tp4", "tp2_ep2", "tp2_ep2_dp2", "pp2", "pp4", "pp2_ep2_dp2", "pp2_tp2_ep2", "pp2_tp2_ep2_dp2"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_parallel_preset_validates_with_its_name(preset):
-    run = to_run_config(_compose([f"parallel={preset}", "trainer.global_batch_size=16"]))
+    run = to_run_config(_compose([f"parallel={preset}", "trainer.global_batch_size=32"]))
     dims = validate_run(run)
-    assert run.parallel.name == preset
-    assert dims.world_size == run.parallel.data_parallel_size * run.parallel.expert_parallel_size
+    p = run.parallel
+    assert p.name == preset
+    assert dims.world_size == (p.data_parallel_size * p.expert_parallel_size * p.tensor_parallel_size
+                               * p.pipeline_parallel_size)
+
+
+def test_every_preset_file_is_tested():
+    import os
+
+    conf_dir = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "parallel")
+    assert sorted(f[:-5] for f in os.listdir(conf_dir)) == sorted(PRESETS)
 
 
 def test_seed_model_matches_the_seed():
