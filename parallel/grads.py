@@ -45,12 +45,17 @@ class GradReducer:
         self.data_size = data_size
         # Even where a group has one rank (experts under pure EP: their All-to-All backward
         # already summed the EP peers), the gradient is still divided by the data ranks.
-        self.plan = [(bucket, group) for params, group in plan for bucket in _buckets(list(params), bucket_bytes)]
+        # A bucket is skipped only if there is nothing to do: a one-rank group and one data
+        # rank (tp2 alone still sums router and expert gradients over its TP peers).
+        self.plan = [
+            (bucket, group)
+            for params, group in plan
+            if group_size(group) > 1 or data_size > 1
+            for bucket in _buckets(list(params), bucket_bytes)
+        ]
 
     @torch.no_grad()
     def reduce(self) -> None:
-        if self.data_size == 1:
-            return
         for bucket, group in self.plan:
             for p in bucket:
                 if p.grad is None:

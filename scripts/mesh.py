@@ -24,16 +24,18 @@ GROUPS = {
 }
 
 
-def describe(dims: ParallelDims, num_experts: int) -> str:
+def describe(dims: ParallelDims, num_experts: int, stages: list[range] | None = None) -> str:
     lines = [f"mesh {dims.describe()}  (axes outermost first: pp, dp, ep, tp)", ""]
     e = num_experts // dims.ep
-    lines.append(f"{'rank':>4}  {'pp':>2} {'dp':>2} {'ep':>2} {'tp':>2}  data_rank  experts")
+    lines.append(f"{'rank':>4}  {'pp':>2} {'dp':>2} {'ep':>2} {'tp':>2}  data_rank  experts  layers")
     for r in range(dims.world_size):
         c = dims.coords(r)
         first = c[MeshAxis.EP] * e
+        layers = stages[c[MeshAxis.PP]] if stages else None
+        span = f"{layers.start}..{layers.stop - 1}" if layers else "all"
         lines.append(
             f"{r:>4}  {c[MeshAxis.PP]:>2} {c[MeshAxis.DP]:>2} {c[MeshAxis.EP]:>2} {c[MeshAxis.TP]:>2}  "
-            f"{dims.data_rank(r):>9}  {first}..{first + e - 1}"
+            f"{dims.data_rank(r):>9}  {first}..{first + e - 1}  {span}"
         )
     lines.append("")
     for name, (axes, what) in GROUPS.items():
@@ -71,13 +73,16 @@ def main(argv=None) -> None:
     run = compose_run(args.overrides)
     dims = ParallelDims.from_config(run.parallel)
     try:
+        from parallel.pipeline import stage_layers
+
         dims.validate()
         if run.model.num_experts % dims.ep:
             raise ConfigError(f"model.num_experts={run.model.num_experts} must be divisible by "
                               f"parallel.expert_parallel_size={dims.ep}")
     except ConfigError as err:
         fail(err)
-    print(describe(dims, run.model.num_experts))
+    stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
+    print(describe(dims, run.model.num_experts, stages))
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(to_dot(dims, run.model.num_experts))

@@ -14,7 +14,7 @@ def test_mesh_prints_coordinates_and_groups(tmp_path):
     dot = tmp_path / "m.dot"
     p = _mesh("parallel=ep2_dp4", "--dot", str(dot))
     assert p.returncode == 0, p.stderr
-    assert "   5   0  2  1  0          5  4..7" in p.stdout  # rank 5: dp 2, ep 1, experts 4..7
+    assert "   5   0  2  1  0          5  4..7  0..3" in p.stdout  # rank 5: dp 2, ep 1, experts 4..7
     assert "{0,1} {2,3} {4,5} {6,7}" in p.stdout  # EP groups
     assert "{0,2,4,6} {1,3,5,7}" in p.stdout  # DP groups
     text = dot.read_text()
@@ -26,3 +26,11 @@ def test_mesh_rejects_bad_layout():
     p = _mesh("parallel=ep4", "model.num_experts=6")
     assert p.returncode == 2
     assert "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4" in p.stderr
+
+
+def test_mesh_shows_all_four_axes():
+    p = _mesh("parallel=pp2_tp2_ep2_dp2")
+    assert p.returncode == 0, p.stderr
+    assert "  13   1  1  0  1          2  0..3  2..3" in p.stdout  # pp 1 holds layers 2..3
+    assert "tp groups (8 x 2 ranks)" in p.stdout and "{0,1} {2,3}" in p.stdout
+    assert "pp groups (8 x 2 ranks)" in p.stdout and "{0,8} {1,9}" in p.stdout
