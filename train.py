@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -45,10 +47,14 @@ def main(cfg: DictConfig) -> float | None:
         print(f"moemesh: config error: {err}", file=sys.stderr)
         sys.exit(2)
     output_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    if run.logger.group is None and hc.mode == RunMode.MULTIRUN:
+        # A sweep's runs share a wandb group: the sweep directory, e.g. "2026-11-29/06-11-17".
+        group = "/".join(Path(hc.sweep.dir).parts[-2:])
+        run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, group=group))
     summary = run_ranks(run, dims, env, output_dir, data_paths, train)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
         import json
-        from pathlib import Path
 
         summary = json.loads((Path(output_dir) / "summary.json").read_text())
     return None if summary is None else summary.get("final_loss")

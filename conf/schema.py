@@ -39,6 +39,8 @@ class ModelConfig:
     z_loss_factor: float = 0.001  # router z-loss mean(logsumexp(logits)^2)
     load_balance_scope: str = "global"  # global: f, P over the data group; local: per rank
     capacity_factor: Optional[float] = None  # None: dropless
+    seq_aux_loss_factor: float = 0.0  # DeepSeek-V3 sequence-wise balance loss; 0: off
+    expert_bias_update_rate: float = 0.0  # aux-loss-free balancing (selection bias); 0: off
     max_seq_len: int = 128
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -89,6 +91,11 @@ class LoggerConfig:
     name: str = MISSING
     console: bool = True
     jsonl: bool = True
+    wandb: bool = False  # a wandb run from rank 0 (offline unless credentials are present)
+    project: str = "moemesh"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # null: the sweep directory's name under -m, else none
+    job_type: str = "train"
 
 
 @dataclass

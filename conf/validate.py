@@ -67,7 +67,8 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
             raise ConfigError(f"{key}={value} must be a positive integer")
     non_negative = ["model.shared_expert_ffn_size", "model.aux_loss_factor", "model.z_loss_factor",
                     "trainer.warmup_steps", "trainer.weight_decay", "trainer.grad_clip",
-                    "trainer.eval_every", "trainer.min_lr", "model.init_std"]
+                    "trainer.eval_every", "trainer.min_lr", "model.init_std",
+                    "model.seq_aux_loss_factor", "model.expert_bias_update_rate"]
     for key in non_negative:
         value = _get(run, key)
         if value < 0:

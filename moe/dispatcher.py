@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from kernels import TORCH_OPS, KernelOps
-from parallel.comm import all_to_all_counts, all_to_all_rows, group_size
+from parallel.comm import CommMeter, all_to_all_counts, all_to_all_rows, group_size
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,10 @@ class DispatchMeta:
 
 
 class AllToAllDispatcher:
-    def __init__(self, *, num_experts: int, ep_group, ops: KernelOps = TORCH_OPS):
+    def __init__(self, *, num_experts: int, ep_group, ops: KernelOps = TORCH_OPS, meter: CommMeter | None = None):
         self.num_experts = num_experts
         self.ops = ops
+        self.meter = meter
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.num_local_experts = num_experts // self.ep_size
@@ -43,7 +45,15 @@ class AllToAllDispatcher:
         recv_counts_Re = all_to_all_counts(counts_Re, self.ep_group)
         send_splits = counts_Re.sum(1).tolist()
         recv_splits = recv_counts_Re.sum(1).tolist()
-        recv_MD = all_to_all_rows(rows_ND, send_splits, recv_splits, self.ep_group)
+        if self.meter is not None and R > 1:
+            # The dropless minimum this rank must send, from the routing itself: its routed
+            # rows whose expert lives elsewhere (dispatch forward, combine backward) and the
+            # rows other ranks routed to its experts (combine forward, dispatch backward).
+            me = dist.get_rank(self.ep_group)
+            leaving = int(topk_ids_TK.ge(0).sum()) - int((topk_ids_TK // e).eq(me).sum())
+            arriving = int(recv_counts_Re.sum()) - int(recv_counts_Re[me].sum())
+            self.meter.min_bytes += 2 * (leaving + arriving) * x_TD.shape[1] * x_TD.element_size()
+        recv_MD = all_to_all_rows(rows_ND, send_splits, recv_splits, self.ep_group, self.meter, "dispatch")
         expert_major_MD = self.ops.sort_chunks(recv_MD, recv_counts_Re)
         meta = DispatchMeta(
             row_map_N=row_map_N,
@@ -56,5 +66,5 @@ class AllToAllDispatcher:
 
     def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         rank_major_MD = self.ops.sort_chunks(y_MD, meta.recv_counts_Re.t())
-        back_ND = all_to_all_rows(rank_major_MD, meta.recv_splits, meta.send_splits, self.ep_group)
+        back_ND = all_to_all_rows(rank_major_MD, meta.recv_splits, meta.send_splits, self.ep_group, self.meter, "combine")
         return self.ops.unpermute(back_ND, meta.row_map_N, topk_weights_TK)

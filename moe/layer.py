@@ -5,10 +5,12 @@ K top-k, e local experts.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from conf.schema import ModelConfig
@@ -17,8 +19,8 @@ import torch.nn.functional as F
 from kernels import TORCH_OPS, KernelOps
 from moe.dispatcher import AllToAllDispatcher
 from moe.experts import GroupedExperts
-from moe.router import Router, RouterLosses, router_losses
-from parallel.comm import group_size
+from moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
+from parallel.comm import CommMeter, group_size
 from parallel.tp import (
     GRAD_GROUP,
     ColumnParallelLinear,
@@ -37,6 +39,7 @@ class MoEStats:
     dropped: torch.Tensor  # (token, k) pairs dropped by capacity on this rank
     routed: int  # (token, k) pairs routed on this rank (T*K)
     counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
+    entropy_sum: torch.Tensor  # sum over this rank's tokens of the router entropy (nats)
     score_sum_E: torch.Tensor  # sum of router scores per expert on this rank
 
 
@@ -90,6 +93,7 @@ class MoELayer(nn.Module):
         ops: KernelOps = TORCH_OPS,
         tp_group=None,
         sequence_parallel: bool = False,
+        meter: CommMeter | None = None,
     ):
         super().__init__()
         ep_size = group_size(ep_group)
@@ -105,8 +109,9 @@ class MoELayer(nn.Module):
             renormalize=cfg.renormalize,
             score_func=cfg.score_func,
             ops=ops,
+            bias_update_rate=cfg.expert_bias_update_rate,
         )
-        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group, ops=ops)
+        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group, ops=ops, meter=meter)
         self.experts = GroupedExperts(
             num_local_experts=e,
             first_expert_id=ep_rank * e,
@@ -130,9 +135,19 @@ class MoELayer(nn.Module):
         # input is already this rank's sequence shard.
         tp_split = self.tp > 1 and not self.sp
         x_TD = split_to_tp(x_all_TD, self.tp_group, 0) if tp_split else x_all_TD
-        gate = self.router(x_TD)
+        gate, logits_TE = self.router(x_TD)
         # Each TP rank's losses cover 1/tp of the tokens: scale so their sum over tp is the mean.
         losses = router_losses(gate, stats_group=self.stats_group, scale=1.0 / self.tp)
+        if self.cfg.seq_aux_loss_factor > 0:
+            T = x_TD.shape[0]
+            first = dist.get_rank(self.tp_group) * T if tp_split else 0
+            full_len = S * self.tp if self.sp else S  # with SP each rank holds S/tp of every sequence
+            seq_T = torch.div(torch.arange(first, first + T, device=x_TD.device), S, rounding_mode="floor")
+            seq_aux = sequence_aux_loss(
+                logits_TE, gate.topk_ids_TK, seq_T, num_seqs=B, seq_len=full_len, score_func=self.cfg.score_func,
+                tp_group=self.tp_group if self.tp > 1 else None,
+            )
+            losses = dataclasses.replace(losses, seq_aux_loss=seq_aux)
         topk_ids_TK = gate.topk_ids_TK
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         if self.cfg.capacity_factor is not None:
@@ -155,6 +170,7 @@ class MoELayer(nn.Module):
             dropped=dropped,
             routed=topk_ids_TK.numel(),
             counts_E=gate.counts_E.detach(),
-            score_sum_E=gate.score_sum_E.detach()
+            score_sum_E=gate.score_sum_E.detach(),
+            entropy_sum=entropy_sum(logits_TE),
         )
         return out_TD.view(B, S, D), stats

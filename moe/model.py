@@ -19,7 +19,7 @@ from kernels import TORCH_OPS, KernelOps
 from moe.experts import GroupedExperts
 from moe.init import normal_
 from moe.layer import MoELayer, MoEStats, SwiGLU
-from parallel.comm import group_size
+from parallel.comm import CommMeter, group_size
 from parallel.tp import (
     GRAD_GROUP,
     TP_SHARD,
@@ -83,7 +83,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool,
-                 ops: KernelOps, tp_group, sequence_parallel: bool):
+                 ops: KernelOps, tp_group, sequence_parallel: bool, meter=None):
         super().__init__()
         self.layer = layer
         tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
@@ -93,7 +93,7 @@ class Block(nn.Module):
         if is_moe_layer(cfg, layer):
             self.moe = MoELayer(
                 cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
-                ops=ops, **tp,
+                ops=ops, meter=meter, **tp,
             )
             self.ffn = None
         else:
@@ -123,6 +123,17 @@ class _AttachLoss(torch.autograd.Function):
         return g, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=g.device)
 
 
+def weighted_balance_loss(cfg: ModelConfig, stats: list[MoEStats]) -> torch.Tensor:
+    """What the MoE layers add to the loss: the weighted aux, z and sequence-level losses."""
+    total = torch.zeros(())
+    for s in stats:
+        total = total.to(s.losses.aux_loss.device) + cfg.aux_loss_factor * s.losses.aux_loss
+        total = total + cfg.z_loss_factor * s.losses.z_loss
+        if s.losses.seq_aux_loss is not None:
+            total = total + cfg.seq_aux_loss_factor * s.losses.seq_aux_loss
+    return total
+
+
 def attach_loss(x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return _AttachLoss.apply(x, loss) if loss.requires_grad else x
 
@@ -132,6 +143,7 @@ class ModelOutput:
     loss: torch.Tensor | None  # mean cross-entropy over this rank's tokens
     aux_loss: torch.Tensor  # sum over MoE layers (this rank's surrogate, see moe.router)
     z_loss: torch.Tensor  # sum over MoE layers
+    seq_aux_loss: torch.Tensor  # sum over MoE layers (0 when off)
     moe_stats: list[MoEStats]  # one per MoE layer, in layer order
     logits: torch.Tensor | None = None
 
@@ -149,6 +161,7 @@ class Transformer(nn.Module):
         tp_group=None,
         sequence_parallel: bool = False,
         layers: range | None = None,
+        meter: CommMeter | None = None,
     ):
         """``layers``: the global layer ids this pipeline stage holds (all by default). The
         first stage also holds the embedding, the last the final norm and the head;
@@ -163,7 +176,7 @@ class Transformer(nn.Module):
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp) if self.first else None
         self.layers = nn.ModuleDict({
             str(l): Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group,
-                          use_grouped_mm=use_grouped_mm, ops=ops, **tp)
+                          use_grouped_mm=use_grouped_mm, ops=ops, meter=meter, **tp)
             for l in layers
         })
         self.norm = self.head = None
@@ -240,8 +253,7 @@ class Transformer(nn.Module):
             x, s = block(x, self.rope_cos, self.rope_sin)
             if s is not None:
                 stats.append(s)
-                aux = self.cfg.aux_loss_factor * s.losses.aux_loss + self.cfg.z_loss_factor * s.losses.z_loss
-                x = attach_loss(x, aux)
+                x = attach_loss(x, weighted_balance_loss(self.cfg, [s]))
         self.stage_records.append(stats)
         return self.head(self.norm(x)) if self.last else x
 
@@ -257,4 +269,6 @@ class Transformer(nn.Module):
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = sum((s.losses.aux_loss for s in stats), zero)
         z = sum((s.losses.z_loss for s in stats), zero)
-        return ModelOutput(loss=loss, aux_loss=aux, z_loss=z, moe_stats=stats, logits=logits if return_logits else None)
+        seq = sum((s.losses.seq_aux_loss for s in stats if s.losses.seq_aux_loss is not None), zero)
+        return ModelOutput(loss=loss, aux_loss=aux, z_loss=z, seq_aux_loss=seq, moe_stats=stats,
+                           logits=logits if return_logits else None)

@@ -16,15 +16,27 @@ import torch
 from conf.schema import RunConfig
 from conf.validate import grad_accum_steps, micro_batch_size
 from kernels import get_ops
-from moe.model import Transformer, is_moe_layer
-from parallel.comm import all_reduce_
+from moe.model import Transformer, is_moe_layer, weighted_balance_loss
+from parallel.comm import CommMeter, all_reduce_
 from parallel.dims import MeshAxis
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from parallel.pipeline import build_schedule, stage_layers
 from parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
 from parallel.mesh import ParallelMesh
 from trainer.data import DataPaths, TokenData
-from trainer.metrics import MetricsLogger
+from trainer.metrics import (
+    MetricsLogger,
+    StepShape,
+    add_moe_stats,
+    bias_ranges,
+    max_over_world,
+    memory_report,
+    model_flops_per_token,
+    rank_step_numbers,
+    stat_width,
+    step_record,
+    summarize_records,
+)
 from trainer.optim import build_optimizer, lr_at
 
 
@@ -40,7 +52,7 @@ class RankContext:
     data_paths: DataPaths
 
 
-def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Transformer:
+def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None) -> Transformer:
     stats_group = mesh.data_tp_group if run.model.load_balance_scope == "global" else None
     layers = None
     if mesh.dims.pp > 1:
@@ -57,6 +69,7 @@ def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device) -> Tra
         tp_group=mesh.tp_group,
         sequence_parallel=run.parallel.sequence_parallel,
         layers=layers,
+        meter=meter,
     )
     model.init_weights(run.trainer.seed)
     return model.to(device)
@@ -98,20 +111,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def load_stats(counts_E: torch.Tensor, score_sum_E: torch.Tensor, dropped: torch.Tensor, tokens: int) -> dict:
-    """Balance of one layer's routed (token, k) pairs over experts, over the global batch."""
-    c = counts_E.double().round()
-    mean = c.mean()
-    return {
-        "tokens_per_expert": [int(v) for v in c.tolist()],
-        "cv": float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
-        "max_over_mean": float(c.max() / mean) if mean > 0 else 0.0,
-        "min": int(c.min()),
-        "mean_score": [round(float(v) / tokens, 6) for v in score_sum_E.tolist()],
-        "dropped_fraction": float(dropped) / max(float(c.sum()), 1.0),
-    }
-
-
 def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
     """First global sample of micro-step i on this data rank.
 
@@ -128,13 +127,6 @@ def _rank_batch(batch, micro_start, micro: int, accum: int):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _add_moe_stats(sums, stats_L, stats, slots) -> None:
-    for slot, s in zip(slots, stats):
-        sums[1] += s.losses.aux_loss.detach().double()
-        sums[2] += s.losses.z_loss.detach().double()
-        stats_L[slot] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), s.dropped.double().view(1)])
-
-
 def _pipeline_loss(logits, target, *, model: Transformer):
     return vocab_parallel_cross_entropy(
         logits.flatten(0, 1), target.flatten(), group=model.tp_group, vocab_size=model.cfg.vocab_size
@@ -148,11 +140,49 @@ def _pipeline_step(pipe, model: Transformer, x, y, losses, *, train: bool = True
     (pipe.step if train else pipe.eval)(*args, **kwargs)
 
 
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step; on CUDA it synchronises at phase edges
+    (observability costs a little speed there; the step's numbers need it)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 def train(run: RunConfig, ctx: RankContext) -> dict:
+    """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit."""
+    tracker = None
+    if ctx.rank == 0 and run.logger.wandb:
+        from trainer.wandb_tracker import WandbTracker
+
+        tracker = WandbTracker(run, ctx.mesh.dims, ctx.output_dir)
+    try:
+        summary = _train(run, ctx, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    if tracker is not None:
+        tracker.finish(exit_code=0)
+    return summary
+
+
+def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
     torch.manual_seed(t.seed)
-    model = build_model(run, mesh, device)
+    meter = CommMeter(device)
+    model = build_model(run, mesh, device, meter=meter)
     groups = param_groups(model)
     reducer = GradReducer(
         [(groups.data, mesh.data_group), (groups.data_tp, mesh.data_tp_group), (groups.expert, mesh.expert_grad_group)],
@@ -160,15 +190,14 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
     )
     optimizer = build_optimizer(model, t)
     data = TokenData(ctx.data_paths, seed=t.seed)
-    log = MetricsLogger(
-        ctx.output_dir, enabled=ctx.rank == 0, console=run.logger.console, jsonl=run.logger.jsonl, total_steps=t.steps
-    )
+    log = MetricsLogger(ctx.output_dir, enabled=ctx.rank == 0, console=run.logger.console, jsonl=run.logger.jsonl,
+                        total_steps=t.steps, tracker=tracker)
     micro, accum = micro_batch_size(run), grad_accum_steps(run)
     micro_start = functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank)
     moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
     # Where each of this stage's MoE layers goes in the global per-layer statistics.
-    slots = [moe_layers.index(int(l)) for l, b in model.layers.items() if b.moe is not None]
-    tokens_per_step = t.global_batch_size * t.seq_len
+    local_moe = {moe_layers.index(int(l)): b.moe for l, b in model.layers.items() if b.moe is not None}
+    slots = list(local_moe)
     pipe = None
     if dims.pp > 1:
         hidden_seq = t.seq_len // dims.tp if model.sp else t.seq_len
@@ -177,6 +206,10 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
             pp_group=mesh.pp_group, device=device, n_microbatches=accum, micro_batch=micro, seq_len=t.seq_len,
             hidden_seq=hidden_seq, loss_fn=functools.partial(_pipeline_loss, model=model),
         )
+    shape = StepShape(tokens=t.global_batch_size * t.seq_len, samples=t.global_batch_size, num_experts=m.num_experts,
+                      moe_layers=moe_layers, flops_per_token=model_flops_per_token(m, t.seq_len),
+                      peak_flops=run.cluster.peak_flops, world_size=dims.world_size,
+                      loss_norm=dims.data_size * accum)
     log.message(
         f"moemesh: {run.parallel.name} ({dims.describe()}), model={m.name}, "
         f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
@@ -184,94 +217,93 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
 
-    step_times, record, final_val = [], {}, None
+    history, record, final_val = [], {}, None
     for step in range(t.steps):
         t0 = time.perf_counter()
+        timer = PhaseTimer(device)
+        meter.reset()
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # Forward and backward over this data rank's slice of the global batch. Metrics
         # stay on the device until the all-reduce below (no per-micro-step host sync):
-        # sums = (cross-entropy / tp, aux, z), and per MoE layer (global order) the routed
-        # pairs per expert, score sums per expert and dropped pairs.
-        L, E = len(moe_layers), m.num_experts
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        stats_L = torch.zeros(L, 2 * E + 1, dtype=torch.float64, device=device)
+        # sums = (cross-entropy / tp, aux, z, seq aux), and per MoE layer (global order)
+        # the columns of trainer.metrics.STAT_COLUMNS.
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        stats_L = torch.zeros(len(moe_layers), stat_width(m.num_experts), dtype=torch.float64, device=device)
         batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is None:
             for i in range(accum):
                 x, y = batch(start=micro_start(i), count=micro)
-                with _autocast(run, device):
+                with timer.phase("forward"), _autocast(run, device):
                     out = model(x.to(device), y.to(device))
-                total = out.loss + m.aux_loss_factor * out.aux_loss + m.z_loss_factor * out.z_loss
-                (total / accum).backward()
+                    total = out.loss + weighted_balance_loss(m, out.moe_stats)
+                with timer.phase("backward"):
+                    (total / accum).backward()
                 # TP peers hold the same cross-entropy but disjoint routing slices: the
                 # reduction runs over dp x ep x tp, so the cross-entropy enters as 1/tp.
                 sums[0] += out.loss.detach().double() / dims.tp
-                _add_moe_stats(sums, stats_L, out.moe_stats, slots)
+                add_moe_stats(sums, stats_L, out.moe_stats, slots)
         else:
             x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
             losses = []
-            with _autocast(run, device):
+            with timer.phase("pipeline"), _autocast(run, device):
                 _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
             if model.last:
                 sums[0] += torch.stack(losses).sum().double() / dims.tp
             for stats in model.stage_records:
-                _add_moe_stats(sums, stats_L, stats, slots)
+                add_moe_stats(sums, stats_L, stats, slots)
             model.stage_records.clear()
 
-        reducer.reduce()
-        grad_norm = global_grad_norm(
-            replicated=groups.replicated, tp_sharded=groups.tp_sharded, expert=groups.expert,
-            tp_group=mesh.tp_group, ep_group=mesh.ep_group, pp_group=mesh.pp_group,
-        )
-        # The norm is the same number on every rank (reduced gradients), so every rank
-        # takes this exit together: no rank is left waiting in a collective.
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step}; "
-                                     "the update was not applied")
-        clip_grads_(model.parameters(), grad_norm, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with timer.phase("grad_reduce"):
+            reducer.reduce()
+        with timer.phase("optimizer"):
+            grad_norm = global_grad_norm(
+                replicated=groups.replicated, tp_sharded=groups.tp_sharded, expert=groups.expert,
+                tp_group=mesh.tp_group, ep_group=mesh.ep_group, pp_group=mesh.pp_group,
+            )
+            # The norm is the same number on every rank (reduced gradients), so every rank
+            # takes this exit together: no rank is left waiting in a collective.
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step}; "
+                                         "the update was not applied")
+            clip_grads_(model.parameters(), grad_norm, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # One all-reduce for every logged number: loss terms and per-expert counts.
+        # One all-reduce for the loss terms and the per-layer statistics.
         flat = torch.cat([sums, stats_L.flatten()])
         all_reduce_(flat, mesh.data_tp_group)
         all_reduce_(flat, mesh.pp_group)  # each stage holds its own layers; the last one the loss
         flat = flat.cpu()  # the step's one host sync
-        loss, aux, z = (flat[:3] / (dims.data_size * accum)).tolist()
-        stats_L = flat[3:].view(L, 2 * E + 1)
+        losses4 = (flat[:4] / (dims.data_size * accum)).tolist()
+        stats_L = flat[4:].view(len(moe_layers), -1)
         if not torch.isfinite(flat[0]):
-            raise FloatingPointError(f"non-finite training loss {loss} at step {step}")
+            raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step} (after the update)")
+        # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts.
+        for slot, moe in local_moe.items():
+            moe.router.update_bias(stats_L[slot, : m.num_experts])
         step_s = time.perf_counter() - t0
-        step_times.append(step_s)
+        history.append(step_s)
+        numbers = rank_step_numbers(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
 
         last = step == t.steps - 1
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
             val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
         if step % t.log_every == 0 or last or val is not None:
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "aux_loss": aux,
-                "z_loss": z,
-                "tokens_per_s": tokens_per_step / step_s,
-                "step_s": step_s,
-                "dropped_fraction": float(stats_L[:, -1].sum()) / max(float(stats_L[:, :E].sum()), 1.0),
-                "load": {
-                    f"layer{l}": load_stats(stats_L[j, :E], stats_L[j, E:2 * E], stats_L[j, -1], tokens_per_step)
-                    for j, l in enumerate(moe_layers)
-                },
-            }
+            # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
+            per_rank = max_over_world(numbers, mesh.world_group, device)
+            biases = {slot: moe.router.expert_bias_E for slot, moe in local_moe.items()}
+            record = step_record(step=step, lr=lr, grad_norm=float(grad_norm), losses=losses4, stats_L=stats_L,
+                                 shape=shape, timing=per_rank, biases=bias_ranges(biases, len(moe_layers), mesh,
+                                                                                  device))
             if val is not None:
                 record["val_loss"] = val
             log.log(record)
 
-    summary = _summary(run, model, mesh, device, record, step_times, final_val)
+    summary = _summary(run, model, optimizer, mesh, device, record, history, final_val, log.records)
     log.write_summary(summary)
     log.close()
     return summary
@@ -304,16 +336,13 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
 
 
-def _summary(run, model, mesh, device, last_record, step_times, val_loss) -> dict:
+def _summary(run, model, optimizer, mesh, device, last_record, step_times, val_loss, records) -> dict:
     dims = mesh.dims
-    expert_bytes = sum(p.numel() * p.element_size() for p in model.expert_parameters())
-    non_expert_bytes = sum(p.numel() * p.element_size() for p in model.non_expert_parameters())
-    local = torch.tensor([_peak_memory_bytes(device), expert_bytes, non_expert_bytes], dtype=torch.float64,
-                         device=device)
-    both = torch.cat([local, -local])  # max of v and of -v: max and min in one collective
-    all_reduce_(both, mesh.world_group, op=torch.distributed.ReduceOp.MAX)
-    hi, lo = both[:3].tolist(), (-both[3:]).tolist()  # .tolist() syncs
-    steady = step_times[1:] or step_times  # the first step pays for warm-up
+    memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
+    # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
+    # step pays for warm-up.
+    logged = [r["step_s"] for r in records] or step_times
+    steady = logged[1:] or logged
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
         "parallel": run.parallel.name,
@@ -325,10 +354,9 @@ def _summary(run, model, mesh, device, last_record, step_times, val_loss) -> dic
         "final_val_loss": val_loss,
         "median_tokens_per_s": tokens_per_step / statistics.median(steady),
         "median_step_s": statistics.median(steady),
-        "peak_memory_bytes": {"min": int(lo[0]), "max": int(hi[0]),
+        "peak_memory_bytes": {**memory["peak_bytes"],
                               "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"},
-        "param_bytes_per_rank": {
-            "expert": {"min": int(lo[1]), "max": int(hi[1])},
-            "non_expert": {"min": int(lo[2]), "max": int(hi[2])},
-        },
+        "param_bytes_per_rank": memory["param_bytes"],
+        "memory_per_rank": memory,
+        **summarize_records(records),
     }

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from kernels.gating import gating_reference as fused_gating
@@ -56,10 +59,45 @@ def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
     x = torch.randn(1, 12, 16)
     out, stats = capped(x)
     capacity = 3  # ceil(0.5 * 12 tokens * 2 / 4 experts)
-    gate = dropless.router(x[0])
+    gate, _ = dropless.router(x[0])
     ids, dropped = capacity_drop(gate.topk_ids_TK, gate.topk_weights_TK, 4, capacity)
     assert int(stats.dropped) == int(dropped) > 0
     assert (torch.bincount(ids[ids >= 0], minlength=4) <= capacity).all()
     rows, meta = dropless.dispatcher.dispatch(x[0], ids)
     expected = dropless.dispatcher.combine(dropless.experts(rows, meta.tokens_per_expert_e), gate.topk_weights_TK, meta)
     torch.testing.assert_close(out[0], expected)
+
+
+def test_expert_bias_moves_toward_the_mean_load_and_changes_selection_only():
+    from moe.router import Router
+
+    r = Router(hidden_size=4, num_experts=4, top_k=1, renormalize=False, bias_update_rate=0.1)
+    r.update_bias(torch.tensor([10.0, 2.0, 4.0, 4.0]))  # mean 5: expert 0 over, 1-3 under
+    assert r.expert_bias_E.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    torch.nn.init.zeros_(r.weight_ED)
+    r.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    gate, _ = r(torch.randn(5, 4))
+    assert (gate.topk_ids_TK == 2).all()  # the bias decided the selection
+    torch.testing.assert_close(gate.topk_weights_TK, torch.full((5, 1), 0.25))  # weights: unbiased scores
+
+
+def test_sequence_aux_loss_known_answer():
+    from moe.router import sequence_aux_loss
+
+    # 2 sequences of 2 tokens, E=2, K=1; uniform scores (P=1/2 each). Sequence 0 sends both
+    # tokens to expert 0: f = (2*E/(K*S), 0) = (2, 0) -> sum f P = 1. Sequence 1 splits: f = (1, 1)
+    # -> sum f P = 1. Mean over sequences: 1 (the balanced value is also 1 with uniform P).
+    logits = torch.zeros(4, 2, requires_grad=True)
+    ids = torch.tensor([[0], [0], [0], [1]])
+    seq = torch.tensor([0, 0, 1, 1])
+    loss = sequence_aux_loss(logits, ids, seq, num_seqs=2, seq_len=2, score_func="softmax", tp_group=None)
+    assert float(loss) == pytest.approx(1.0)
+    loss.backward()  # overloaded expert 0 in sequence 0: its score gets pushed down
+    assert logits.grad[0, 0] > 0 and logits.grad[0, 1] < 0
+
+
+def test_router_entropy():
+    from moe.router import entropy_sum
+
+    assert float(entropy_sum(torch.zeros(3, 4))) == pytest.approx(3 * math.log(4), rel=1e-6)
+    assert float(entropy_sum(torch.tensor([[100.0, 0.0]]))) == pytest.approx(0.0, abs=1e-6)

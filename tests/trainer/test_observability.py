@@ -1,0 +1,176 @@
+"""The numbers a run reports, on cases with known answers, and the same on every rank."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe.dispatcher import AllToAllDispatcher
+from parallel.comm import CommMeter
+from parallel.dims import ParallelDims
+from parallel.mesh import build_mesh
+from tests.conftest import tiny_run
+from tests.dist_utils import run_on_ranks
+from trainer.data import prepare_data
+from trainer.loop import RankContext, train
+from trainer.metrics import load_stats, stat_width
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_load_statistics_of_a_known_assignment():
+    E = 4
+    row = torch.zeros(stat_width(E), dtype=torch.float64)
+    row[:E] = torch.tensor([4.0, 0.0, 0.0, 0.0])  # everything on expert 0
+    row[E:2 * E] = torch.tensor([2.0, 1.0, 0.5, 0.5])  # score sums over 4 tokens
+    row[2 * E] = 1.0  # one dropped pair
+    row[2 * E + 4] = 4 * math.log(4)  # entropy sum: uniform routers
+    st = load_stats(row, E, tokens=4, norm=1)
+    assert st["tokens_per_expert"] == [4, 0, 0, 0]
+    assert st["cv"] == pytest.approx(math.sqrt(3))  # std([4,0,0,0]) = sqrt(3), mean 1
+    assert st["max_over_mean"] == 4.0 and st["min"] == 0
+    assert st["mean_score"] == [0.5, 0.25, 0.125, 0.125]
+    assert st["entropy"] == pytest.approx(math.log(4))
+    assert st["dropped_fraction"] == pytest.approx(0.25)
+    balanced = row.clone()
+    balanced[:E] = 1.0
+    assert load_stats(balanced, E, tokens=4, norm=1)["cv"] == 0.0
+
+
+def _a2a_bytes(rank, world):
+    """EP=2, T=6 tokens, K=2, D=5 fp32: rank 0 routes every pair to rank 1's experts, rank 1 keeps
+    its own. Rank 0 sends 12 rows forward and gets them back in the combine."""
+    pm = build_mesh(ParallelDims(ep=2), "cpu")
+    meter = CommMeter()
+    disp = AllToAllDispatcher(num_experts=4, ep_group=pm.ep_group, meter=meter)
+    T, K, D = 6, 2, 5
+    x = torch.randn(T, D, requires_grad=True)
+    ids = torch.tensor([[2, 3]] * T) if rank == 0 else torch.tensor([[2, 3]] * T)
+    rows, meta = disp.dispatch(x, ids)
+    out = disp.combine(rows * 2.0, torch.ones(T, K), meta)
+    out.sum().backward()
+    got = meter.collect()
+    row = D * 4
+    # Rank 0: 12 rows leave (dispatch fwd, combine bwd) and 12 come back (combine fwd is rank 1's
+    # job; rank 0 sends nothing then), so it sends 12 rows twice. Rank 1 receives 12 rows and
+    # sends them back in the combine, and the dispatch's backward.
+    assert got["bytes_sent"] == 2 * 12 * row, (rank, got)
+    assert got["bytes_recv"] == 2 * 12 * row, (rank, got)
+    assert got["min_bytes"] == got["bytes_sent"]  # dropless: exactly the minimum
+    assert got["dispatch_s"] > 0 and got["combine_s"] > 0
+
+
+def test_all_to_all_bytes_of_a_known_routing():
+    run_on_ranks(_a2a_bytes, 2)
+
+
+def _every_rank_agrees(rank, world, root, paths):
+    run = tiny_run(**{"parallel.name": "tp2_ep2", "parallel.expert_parallel_size": 2,
+                      "parallel.tensor_parallel_size": 2, "trainer.steps": 3, "data.name": "stdlib",
+                      "data.kind": "stdlib", "model.expert_bias_update_rate": 0.01})
+    dims = ParallelDims(ep=2, tp=2)
+    ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=build_mesh(dims, "cpu"),
+                      output_dir=root, data_paths=paths)
+    summary = train(run, ctx)
+    views = [None] * world
+    dist.all_gather_object(views, summary)
+    assert all(v == views[0] for v in views), "ranks disagree on the reduced metrics"
+
+
+def test_metrics_are_identical_on_every_rank(tmp_path):
+    run = tiny_run(**{"data.name": "stdlib", "data.kind": "stdlib"})
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    run_on_ranks(_every_rank_agrees, 4, str(tmp_path), paths)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    for key in ("time", "a2a", "samples_per_s", "flops_per_s", "mfu", "seq_aux_loss"):
+        assert key in last
+    assert set(last["time"]) >= {"forward", "backward", "a2a", "a2a_dispatch", "a2a_combine", "grad_reduce",
+                                 "optimizer", "step"}
+    assert last["a2a"]["ratio"] == 1.0 and last["a2a"]["bytes_sent"] > 0
+    assert 0 < last["time"]["a2a"] < last["time"]["step"]
+    layer = last["load"]["layer0"]
+    assert sum(layer["tokens_per_expert"]) == 8 * 32 * 2  # every (token, k) pair of the global batch
+    # The logged bias range is what replaying the sign updates on the logged global counts gives.
+    for name in last["load"]:
+        bias = torch.zeros(8)
+        for r in records:
+            counts = torch.tensor(r["load"][name]["tokens_per_expert"], dtype=torch.float64)
+            bias += 0.01 * torch.sign(counts.mean() - counts).float()
+        assert last["load"][name]["expert_bias_range"] == pytest.approx([float(bias.min()), float(bias.max())])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    mem = summary["memory_per_rank"]
+    from moe.param_count import count_params
+
+    cfg = tiny_run().model
+    assert mem["param_bytes"]["expert"] == {"min": count_params(cfg).expert * 4 // 2,
+                                            "max": count_params(cfg).expert * 4 // 2}  # fp32, EP=2
+    # Adam: m and v, plus a 4-byte step counter per tensor (2 MoE layers x 3 expert tensors)
+    assert mem["optimizer_bytes"]["expert"]["max"] == 2 * mem["param_bytes"]["expert"]["max"] + 6 * 4
+    assert mem["grad_bytes"]["non_expert"]["max"] == mem["param_bytes"]["non_expert"]["max"]
+    assert 0 < summary["a2a_share"] < 1
+
+
+def _wandb_records(run_dir: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks, buf = 7, 32768, [], b""
+    while pos + 7 <= len(data):  # LevelDB log framing: checksum(4) length(2) type(1) data
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            chunks.append(buf + chunk)
+    records = []
+    for raw in chunks:
+        r = pb.Record()
+        r.ParseFromString(raw)
+        records.append(r)
+    return records, data
+
+
+def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
+    pytest.importorskip("wandb")
+    from tests.test_train_cli import SMALL
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": "sk-do-not-log-0123456789abcdef"}
+    env.pop("RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "parallel=ep2", "logger=wandb", "trainer.steps=3",
+         f"hydra.sweep.dir={tmp_path}/sweep", *SMALL],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = (tmp_path / "sweep").glob("0_ep2")
+    records, raw = _wandb_records(run_dir)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert (config["dp"], config["ep"], config["tp"], config["pp"], config["world_size"]) == (1, 2, 1, 1, 2)
+    assert config["layout"] == "ep2" and config["model.num_experts"] == 8 and config["parallel.name"] == "ep2"
+    assert run.display_name == "ep2" and run.job_type == "train"
+    assert run.run_group == f"{tmp_path.name}/sweep"  # the sweep directory groups its runs
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert len(history) == 3
+    keys = {i.key or "/".join(i.nested_key) for i in history[0].item}
+    assert {"loss", "aux_loss", "tokens_per_s", "time/a2a", "a2a/bytes_sent", "load/layer0/cv"} <= keys
+    assert any(k.startswith("load/layer0/tokens_per_expert") for k in keys)  # the histogram
+    assert "exit" in kinds  # finish() ran
+    assert b"sk-do-not-log" not in raw  # no credential in the run file, nor anywhere wandb wrote
+    assert not [f for f in run_dir.rglob("*") if f.is_file() and b"sk-do-not-log" in f.read_bytes()]
