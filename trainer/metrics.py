@@ -208,9 +208,10 @@ def format_summary(s: dict) -> str:
     tb = s.get("time_breakdown")
     if tb:
         parts = ", ".join(f"{k} {100 * v / tb['step']:.0f}%" for k, v in tb.items()
-                          if k not in ("step", "a2a_dispatch", "a2a_combine") and v)
+                          if k not in ("step", "a2a", "a2a_dispatch", "a2a_combine") and v)
+        parts += " (slowest rank per phase)"
         lines.append(f"step time   {parts}")
-        lines.append(f"All-to-All  {100 * (s.get('a2a_share') or 0):.1f}% of the step, "
+        lines.append(f"All-to-All  {100 * (s.get('a2a_share') or 0):.1f}% of the step (inside forward/backward), "
                      f"{_mib(s.get('a2a_bytes_sent_per_step') or 0)} sent per rank per step")
     if m:
         lines.append(f"memory/rank params expert {_mib(m['param_bytes']['expert']['max'])}, non-expert "
