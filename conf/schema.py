@@ -71,6 +71,7 @@ class ClusterConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     gpus_per_node: int = 8
     collective_timeout_s: int = 300
+    preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
     peak_flops: Optional[float] = None  # per device, for MFU; unknown on CPU
 
 
@@ -118,6 +119,15 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     threads_per_rank: Optional[int] = None  # CPU: None splits the cores over local ranks
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end)
+    keep: int = 3  # complete checkpoints kept (older ones are deleted)
+    save_final: bool = True
+    dir: Optional[str] = None  # null: <run dir>/checkpoints
 
 
 @dataclass
@@ -135,6 +145,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # null: start fresh; auto: the latest complete checkpoint in checkpoint.dir (fresh if
+    # none); or a path to one checkpoint or to a directory of them (any layout).
+    resume: Optional[str] = None
 
 
 def register_schema() -> None:

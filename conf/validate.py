@@ -5,6 +5,8 @@ values and what would be valid; ``train.py`` prints it and exits with code 2.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from conf.schema import ConfigError, RunConfig
 from parallel.dims import ParallelDims
 
@@ -13,6 +15,7 @@ _CHOICES = {
     "model.score_func": ("softmax", "sigmoid"),
     "kernels.backend": ("auto", "triton", "torch"),
     "parallel.pipeline_schedule": ("1f1b", "gpipe"),
+    "trainer.on_nonfinite": ("stop", "skip"),
     "cluster.launcher": ("local", "torchrun", "slurm"),
     "cluster.backend": ("auto", "gloo", "nccl"),
     "data.kind": ("stdlib", "memmap", "synthetic"),
@@ -65,6 +68,15 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         value = _get(run, key)
         if value < 1:
             raise ConfigError(f"{key}={value} must be a positive integer")
+    if run.resume not in (None, "auto"):
+        from parallel.checkpoint import resolve
+
+        if not resolve(run.resume, Path(run.resume)):
+            raise ConfigError(f"resume={run.resume}: no complete checkpoint there (a step_NNNNNN directory with "
+                              "meta.json, or a directory of them); valid: null, auto, such a path")
+    for key in ("checkpoint.every", "checkpoint.keep"):
+        if _get(run, key) < 0:
+            raise ConfigError(f"{key}={_get(run, key)} must be >= 0")
     non_negative = ["model.shared_expert_ffn_size", "model.aux_loss_factor", "model.z_loss_factor",
                     "trainer.warmup_steps", "trainer.weight_decay", "trainer.grad_clip",
                     "trainer.eval_every", "trainer.min_lr", "model.init_std",

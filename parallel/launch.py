@@ -152,6 +152,19 @@ class _Terminated(Exception):
     pass
 
 
+class _StopFlag:
+    """Set by a signal; the training loop polls it once per step (and tells the other ranks)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def set(self, signum, frame):
+        self.requested = True
+
+    def get(self) -> bool:
+        return self.requested
+
+
 def _raise_terminated(signum, frame):
     raise _Terminated()
 
@@ -178,18 +191,46 @@ def _spawn(run, dims, output_dir, data_paths, worker):
             # cause, the rank that failed earliest (or was killed).
             print(f"moemesh: {_root_cause(rendezvous, e)}", file=sys.stderr)
             raise SystemExit(1) from None
-        except (KeyboardInterrupt, _Terminated) as e:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-            raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 143) from None
+        except _Terminated:
+            # Preemption: pass SIGTERM on; the ranks save a checkpoint after their current
+            # step and exit. Whoever is still running after the grace period is killed.
+            return _graceful_stop(ctx, run.cluster.preempt_grace_s, rendezvous)
+        except KeyboardInterrupt:
+            _stop_all(ctx.processes, timeout=10)
+            raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(rendezvous, ignore_errors=True)
+    return None
+
+
+def _stop_all(processes, timeout: float) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _graceful_stop(ctx, grace_s: float, rendezvous: str):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save short
+    for p in ctx.processes:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in ctx.processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    late = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+    _stop_all(ctx.processes, timeout=5)
+    codes = [p.exitcode for p in ctx.processes]
+    if late or any(codes):
+        print(f"moemesh: SIGTERM: ranks {late} did not stop within cluster.preempt_grace_s={grace_s}s"
+              if late else f"moemesh: SIGTERM: ranks exited with codes {codes}", file=sys.stderr)
+        raise SystemExit(1)
+    print("moemesh: SIGTERM: every rank saved and stopped cleanly", file=sys.stderr)
     return None
 
 
@@ -252,8 +293,11 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
             box = [output_dir]
             dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
             output_dir = box[0]
+        stop = _StopFlag()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption, SLURM's warning signal
+            signal.signal(sig, stop.set)
         ctx = RankContext(rank=rank, local_rank=local_rank, device=device, mesh=mesh, output_dir=output_dir,
-                          data_paths=data_paths)
+                          data_paths=data_paths, stop_requested=stop.get)
         return worker(run, ctx)
     finally:
         if dist.is_initialized():

@@ -5,7 +5,11 @@ step -> metrics (one small all-reduce) -> eval -> log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
+from pathlib import Path
+from typing import Callable
 import resource
 import statistics
 import time
@@ -17,6 +21,8 @@ from conf.schema import RunConfig
 from conf.validate import grad_accum_steps, micro_batch_size
 from kernels import get_ops
 from moe.model import Transformer, is_moe_layer, weighted_balance_loss
+from parallel import checkpoint
+from torch.distributed.checkpoint.api import CheckpointException
 from parallel.comm import CommMeter, all_reduce_
 from parallel.dims import MeshAxis
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
@@ -50,6 +56,7 @@ class RankContext:
     mesh: ParallelMesh
     output_dir: str
     data_paths: DataPaths
+    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1 (parallel.launch)
 
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None) -> Transformer:
@@ -159,6 +166,70 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+def _any_rank(flag: bool, group, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Checkpointer:
+    """Saving and resuming this run's training state (see parallel.checkpoint)."""
+
+    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
+        self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
+        self.step_t = torch.zeros((), dtype=torch.int64)
+        d = mesh.dims
+        self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
+        self.meta = {"model": dataclasses.asdict(run.model), "layout": run.parallel.name,
+                     "dp": d.dp, "ep": d.ep, "tp": d.tp, "pp": d.pp}
+
+    def _state(self):
+        return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh)
+
+    def save(self, step: int) -> Path:
+        self.step_t.fill_(step)
+        return checkpoint.save(self.root, step, self._state(), self.meta, rank=self.mesh.rank,
+                               keep=self.run.checkpoint.keep)
+
+    def resume(self, log) -> int:
+        """Load the newest loadable checkpoint; fall back to older ones with a warning."""
+        candidates = checkpoint.resolve(self.run.resume, self.root)
+        if not candidates:
+            if self.run.resume != "auto":
+                raise checkpoint.CheckpointError(f"resume={self.run.resume}: no complete checkpoint")
+            log.message(f"moemesh: resume=auto: no checkpoint in {self.root}, starting fresh")
+            return 0
+        checkpoint.init_optimizer_state(self.optimizer)
+        reasons = []
+        for path in candidates:
+            try:
+                self._check_meta(path)
+                state = self._state()
+                checkpoint.load(path, state)
+            except (Exception, CheckpointException) as err:  # truncated or mismatched: try the previous one
+                reason = f"{path.name}: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                reasons.append(reason)
+                log.message(f"moemesh: warning: cannot resume from {reason}")
+                continue
+            step = int(self.step_t)
+            checkpoint.set_optimizer_step(self.optimizer, step)
+            torch.set_rng_state(state["rng.cpu"])
+            log.message(f"moemesh: resumed from {path} (saved under {json.loads((path / 'meta.json').read_text())['layout']}) "
+                        f"at step {step}")
+            return step
+        raise checkpoint.CheckpointError(
+            f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: "
+            + "; ".join(reasons))
+
+    def _check_meta(self, path: Path) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        saved, mine = meta["model"], self.meta["model"]
+        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items()
+                if k != "name" and saved.get(k) != v]
+        if diff:
+            raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
+
+
 def train(run: RunConfig, ctx: RankContext) -> dict:
     """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit."""
     tracker = None
@@ -217,8 +288,10 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
 
+    ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    start = ckpt.resume(log) if run.resume else 0
     history, record, final_val = [], {}, None
-    for step in range(t.steps):
+    for step in range(start, t.steps):
         t0 = time.perf_counter()
         timer = PhaseTimer(device)
         meter.reset()
@@ -264,12 +337,17 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                 tp_group=mesh.tp_group, ep_group=mesh.ep_group, pp_group=mesh.pp_group,
             )
             # The norm is the same number on every rank (reduced gradients), so every rank
-            # takes this exit together: no rank is left waiting in a collective.
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step}; "
-                                         "the update was not applied")
-            clip_grads_(model.parameters(), grad_norm, t.grad_clip)
-            optimizer.step()
+            # takes this branch together: no rank is left waiting in a collective.
+            finite = bool(torch.isfinite(grad_norm))
+            if not finite and t.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
+                    f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)")
+            if finite:
+                clip_grads_(model.parameters(), grad_norm, t.grad_clip)
+                optimizer.step()
+            else:
+                log.message(f"moemesh: step {step}: non-finite gradient norm, update skipped")
             optimizer.zero_grad(set_to_none=True)
 
         # One all-reduce for the loss terms and the per-layer statistics.
@@ -279,8 +357,8 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
         flat = flat.cpu()  # the step's one host sync
         losses4 = (flat[:4] / (dims.data_size * accum)).tolist()
         stats_L = flat[4:].view(len(moe_layers), -1)
-        if not torch.isfinite(flat[0]):
-            raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step} (after the update)")
+        if not torch.isfinite(flat[0]) and t.on_nonfinite == "stop":
+            raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step}")
         # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts.
         for slot, moe in local_moe.items():
             moe.router.update_bias(stats_L[slot, : m.num_experts])
@@ -301,7 +379,20 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                                                                                   device))
             if val is not None:
                 record["val_loss"] = val
+            if not finite:
+                record["skipped"] = True
             log.log(record)
+
+        # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.
+        stop = _any_rank(ctx.stop_requested(), mesh.world_group, device)
+        every = run.checkpoint.every
+        if (every and (step + 1) % every == 0) or (last and run.checkpoint.save_final) or stop:
+            path = ckpt.save(step + 1)
+            log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
+        if stop:
+            log.message(f"moemesh: stop requested (signal); stopped after step {step + 1}; "
+                        "resume with resume=auto (same run dir) or resume=<checkpoint dir>")
+            break
 
     summary = _summary(run, model, optimizer, mesh, device, record, history, final_val, log.records)
     log.write_summary(summary)
@@ -352,8 +443,8 @@ def _summary(run, model, optimizer, mesh, device, last_record, step_times, val_l
         "steps": len(step_times),
         "final_loss": last_record.get("loss"),
         "final_val_loss": val_loss,
-        "median_tokens_per_s": tokens_per_step / statistics.median(steady),
-        "median_step_s": statistics.median(steady),
+        "median_tokens_per_s": tokens_per_step / statistics.median(steady) if steady else None,
+        "median_step_s": statistics.median(steady) if steady else None,  # None: resumed at the end
         "peak_memory_bytes": {**memory["peak_bytes"],
                               "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"},
         "param_bytes_per_rank": memory["param_bytes"],

@@ -291,7 +291,8 @@ class MetricsLogger:
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.tracker is not None:
                 self.tracker.summary(summary)
-            self.message(format_summary(summary))
+            if summary.get("steps"):
+                self.message(format_summary(summary))
 
     def close(self) -> None:
         if self._file is not None:
