@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import ConfigError, register_schema, to_run_config
 from conf.validate import validate_run
+from parallel.checkpoint import CheckpointError
 from parallel.launch import check_launcher, detect_launcher_env, launcher_rank, run_ranks
 from trainer.data import prepare_data
 from trainer.loop import train
@@ -52,7 +53,11 @@ def main(cfg: DictConfig) -> float | None:
         # A sweep's runs share a wandb group: the sweep directory, e.g. "2026-11-29/06-11-17".
         group = "/".join(Path(hc.sweep.dir).parts[-2:])
         run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, group=group))
-    summary = run_ranks(run, dims, env, output_dir, data_paths, train)
+    try:
+        summary = run_ranks(run, dims, env, output_dir, data_paths, train)
+    except (FloatingPointError, CheckpointError) as err:  # training stopped for a reason it can name
+        print(f"moemesh: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
         import json
 

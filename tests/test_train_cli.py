@@ -72,6 +72,7 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
         (["parallel=dp4", "trainer.global_batch_size=6"], "trainer.global_batch_size=6 must be divisible"),
         (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
         (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
+        (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no complete checkpoint there"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, overrides, needle):

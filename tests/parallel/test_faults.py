@@ -1,0 +1,111 @@
+"""Faults, for real: a killed rank, preemption signals, a non-finite loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from parallel import checkpoint
+from tests.test_train_cli import SMALL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(tmp_path, *overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *overrides],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_steps(tmp_path, n, proc, timeout=120):
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+def _ranks_of(pid):
+    kids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == str(pid) and b"resource_tracker" not in cmd:
+                kids.append(int(p))
+    return sorted(kids)
+
+
+def test_a_killed_rank_stops_the_others_quickly(tmp_path):
+    proc = _start(tmp_path, "parallel=dp4", "trainer.steps=100000", "cluster.collective_timeout_s=600")
+    _wait_for_steps(tmp_path, 2, proc)
+    ranks = _ranks_of(proc.pid)
+    assert len(ranks) == 4
+    os.kill(ranks[2], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert time.monotonic() - t0 < 30  # bounded, far below the 600 s collective timeout
+    assert "was killed by SIGKILL" in err
+    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
+                   for r in ranks)  # no rank left running
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", "cluster.preempt_grace_s=60")
+    _wait_for_steps(tmp_path, 2, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 60
+    assert "every rank saved and stopped cleanly" in err
+    (ckpt,) = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    assert step >= 2
+    # A requeued job with the same run directory picks it up.
+    resumed = _start(tmp_path, "parallel=dp2", f"trainer.steps={step + 2}", "resume=auto")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {ckpt}" in out and f"at step {step}" in out
+
+
+def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
+    proc = _start(tmp_path, "trainer.steps=100000")
+    _wait_for_steps(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stop requested (signal)" in out
+    assert checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    proc = _start(tmp_path, "trainer.steps=20", "trainer.lr=1e30", "trainer.warmup_steps=0",
+                  "checkpoint.every=1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    lines = [l for l in err.splitlines() if l.startswith("moemesh:")]
+    assert len(lines) == 1 and "non-finite gradient norm" in lines[0] and "stopped before the update" in lines[0]
+    assert "Traceback" not in err
+    kept = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert kept and json.loads((kept[-1] / "meta.json").read_text())["step"] >= 1
+
+
+def test_skip_mode_skips_non_finite_steps(tmp_path):
+    proc = _start(tmp_path, "trainer.steps=4", "trainer.lr=1e30", "trainer.warmup_steps=0",
+                  "trainer.on_nonfinite=skip")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped") for r in records) and "update skipped" in out
