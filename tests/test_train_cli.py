@@ -59,7 +59,8 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
         assert _losses(out) == pytest.approx(_losses(out1), rel=1e-5)
         assert json.loads((out / "summary.json").read_text())["world_size"] == 4
         # One run directory; only rank 0 wrote Hydra's files and the log.
-        assert sorted(p.name for p in out.iterdir()) == [".hydra", "metrics.jsonl", "summary.json", "train.log"]
+        assert sorted(p.name for p in out.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
+                                                         "train.log"]
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     # Non-zero torchrun ranks left nothing in their working directory.
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run"]
