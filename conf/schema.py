@@ -73,6 +73,12 @@ class ClusterConfig:
     collective_timeout_s: int = 300
     preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
     peak_flops: Optional[float] = None  # per device, for MFU; unknown on CPU
+    # For scripts/plan.py (planning only; training reads the real machine):
+    gpus: Optional[int] = None  # GPUs to plan for
+    gpu_memory_gb: float = 80.0
+    intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand)
+    latency_us: float = 10.0  # alpha: per message step
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from conf.schema import ModelConfig
 from parallel.dims import ParallelDims
-from parallel.tp import padded_vocab
+from parallel.dims import padded_vocab
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class ParamCount:
     @property
     def total(self) -> int:
         return self.expert + self.non_expert
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters (without the input embedding, with
+    top-k of E experts) + 12 x layers x hidden x sequence for attention (PaLM's count)."""
+    full = count_params(cfg)
+    active = full.non_expert - cfg.vocab_size * cfg.hidden_size + full.expert * cfg.top_k / cfg.num_experts
+    return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
 def count_params(

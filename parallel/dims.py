@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from conf.schema import ConfigError
 
 
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary padded to a multiple of the TP degree (each rank holds vocab/tp rows)."""
+    return -(-vocab_size // tp) * tp
+
+
 class MeshAxis(str, enum.Enum):
     PP = "pp"
     DP = "dp"

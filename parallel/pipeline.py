@@ -10,9 +10,6 @@ rank of a stage runs the same schedule in the same order.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-
 from conf.schema import ConfigError
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -32,20 +29,19 @@ def stage_layers(num_layers: int, pp: int, split: list[int] | None = None) -> li
     return [range(a, a + n) for a, n in zip(starts, split)]
 
 
-class _Stage(nn.Module):
-    """What PipelineStage calls: the stage's part of the transformer."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.stage_forward(x)
-
-
 def build_schedule(model, *, schedule: str, pp_rank: int, pp_size: int, pp_group, device, n_microbatches: int,
                    micro_batch: int, seq_len: int, hidden_seq: int, loss_fn):
+    import torch
+    import torch.nn as nn
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    class _Stage(nn.Module):  # what PipelineStage calls: this stage's part of the transformer
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.stage_forward(x)
 
     cfg = model.cfg
     hidden = torch.empty(micro_batch, hidden_seq, cfg.hidden_size, device=device)

@@ -19,7 +19,6 @@ With ``group=None`` (t = 1) every operator is the identity.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.comm import group_size
+from parallel.dims import padded_vocab  # noqa: F401  (re-exported for the model)
 
 # Attributes that tell the gradient reducer and the grad norm how a parameter is laid out.
 TP_SHARD = "_moemesh_tp_shard"  # (dim, logical size along dim): sharded over tp
@@ -195,10 +195,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         y = F.linear(x, self.weight)
         return sp_reduce_scatter(y, self.tp_group, 1) if self.sp else reduce_from_tp(y, self.tp_group)
-
-
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    return math.ceil(vocab_size / tp) * tp
 
 
 class VocabParallelEmbedding(nn.Module):

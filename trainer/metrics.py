@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from conf.schema import ModelConfig
+from moe.param_count import model_flops_per_token  # noqa: F401  (re-exported)
 from parallel.comm import all_reduce_
 
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
@@ -74,16 +74,6 @@ class StepShape:
     peak_flops: float | None  # per device
     world_size: int
     loss_norm: int  # data ranks x micro-steps: turns summed per-rank losses into global means
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (without the input embedding, with
-    top-k of E experts) + 12 x layers x hidden x sequence for attention (PaLM's count)."""
-    from moe.param_count import count_params
-
-    full = count_params(cfg)
-    active = full.non_expert - cfg.vocab_size * cfg.hidden_size + full.expert * cfg.top_k / cfg.num_experts
-    return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
 _RANK_KEYS = (*PHASES, "a2a_dispatch", "a2a_combine", "step", "bytes_sent", "bytes_recv", "min_bytes", "ratio")
