@@ -18,6 +18,8 @@ model, stated here so it can be argued with:
   bandwidth = cluster.intra_node_gbps if the group's ranks share a node under the mesh's
             rank order (tp innermost, then ep, dp, pp), else cluster.inter_node_gbps;
   TP: 4 all-reduces of the activations per layer (2 forward, 2 backward);
+  PP: each micro-batch sends its activations forward and their gradients back,
+            T x D per stage boundary each way (point to point, over the pp axis's link);
   step      = compute + All-to-All + TP + gradient all-reduce  (no overlap assumed).
 
 Activations per GPU, per micro-batch in flight, in elements of the activation dtype
@@ -179,6 +181,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
     if dims.tp > 1:
         tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * act_b
         comm += tp_bytes / bw((MeshAxis.TP,)) + alpha * 4 * len(layers) * accum * 2 * (dims.tp - 1)
+    if dims.pp > 1:
+        p2p_bytes = 2 * accum * T * D * act_b // (dims.tp if run.parallel.sequence_parallel else 1)
+        comm += p2p_bytes / bw((MeshAxis.PP,)) + alpha * 2 * accum
     comm += p.ar_data_bytes / bw((MeshAxis.DP, MeshAxis.EP)) + (alpha * 2 * (n_data - 1) if n_data > 1 else 0)
     comm += p.ar_expert_bytes / bw((MeshAxis.DP, MeshAxis.TP)) + (alpha * 2 * (n_exp - 1) if n_exp > 1 else 0)
     p.comm_s = comm
@@ -250,7 +255,7 @@ def main(argv=None) -> None:
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU, when cluster.peak_flops is unset")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--png", metavar="FILE")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     run = compose_run(args.overrides)
     gpus = run.cluster.gpus
     if not gpus or gpus < 1:
