@@ -48,6 +48,13 @@ class ModelConfig:
 
 
 @dataclass
+class CommOptimizationConfig:
+    # The seed's flag: pipeline each MoE layer's All-to-All with the expert compute.
+    all_to_all_overlap: bool = False
+    overlap_chunks: int = 2  # token chunks per MoE layer when overlapping
+
+
+@dataclass
 class ParallelConfig:
     name: str = MISSING
     data_parallel_size: int = 1
@@ -60,6 +67,7 @@ class ParallelConfig:
     # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
     pipeline_schedule: str = "1f1b"
     pipeline_split: Optional[List[int]] = None
+    comm_optimization: CommOptimizationConfig = field(default_factory=CommOptimizationConfig)
 
 
 @dataclass

@@ -163,6 +163,9 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
             f"{dims.dp}*{dims.ep}*{dims.pp} = {dims.data_size * dims.pp} (pp micro-batches per data rank; "
             "or set trainer.micro_batch_size)"
         )
+    co = run.parallel.comm_optimization
+    if co.overlap_chunks < 1:
+        raise ConfigError(f"parallel.comm_optimization.overlap_chunks={co.overlap_chunks} must be >= 1")
     if dims.pp > 1:
         from parallel.pipeline import stage_layers
 

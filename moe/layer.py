@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kernels import TORCH_OPS, KernelOps
 from moe.dispatcher import AllToAllDispatcher
 from moe.experts import GroupedExperts
+from moe.overlap import overlapped_moe
 from moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
 from parallel.comm import CommMeter, group_size
 from parallel.tp import (
@@ -94,6 +95,7 @@ class MoELayer(nn.Module):
         tp_group=None,
         sequence_parallel: bool = False,
         meter: CommMeter | None = None,
+        overlap_chunks: int = 0,
     ):
         super().__init__()
         ep_size = group_size(ep_group)
@@ -102,6 +104,7 @@ class MoELayer(nn.Module):
         self.stats_group = stats_group
         self.tp_group, self.sp = tp_group, sequence_parallel
         self.tp = group_size(tp_group)
+        self.overlap_chunks = overlap_chunks if ep_size > 1 else 0  # 0: no overlap
         self.router = Router(
             hidden_size=cfg.hidden_size,
             num_experts=cfg.num_experts,
@@ -158,13 +161,21 @@ class MoELayer(nn.Module):
         # the autocast dtype ourselves (half the All-to-All bytes, bf16 expert GEMMs).
         dev = x_TD.device.type
         compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
-        rows_MD, meta = self.dispatcher.dispatch(x_TD.to(compute_dtype), topk_ids_TK)
-        y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
-        out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
+        shared_out = None
+        if self.overlap_chunks:
+            shared_fn = (lambda: self.shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
+            out_TD, shared_out = overlapped_moe(self.dispatcher, x_TD.to(compute_dtype), topk_ids_TK,
+                                                gate.topk_weights_TK, self.experts, chunks=self.overlap_chunks,
+                                                shared=shared_fn)
+            out_TD = out_TD.to(x_TD.dtype)
+        else:
+            rows_MD, meta = self.dispatcher.dispatch(x_TD.to(compute_dtype), topk_ids_TK)
+            y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
+            out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
         if tp_split:
             out_TD = gather_from_tp(out_TD, self.tp_group, 0)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_BSD).reshape(-1, D)
+            out_TD = out_TD + (shared_out if shared_out is not None else self.shared(x_BSD).reshape(-1, D))
         stats = MoEStats(
             losses=losses,
             dropped=dropped,

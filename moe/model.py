@@ -83,7 +83,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, ep_rank: int, ep_group, stats_group, use_grouped_mm: bool,
-                 ops: KernelOps, tp_group, sequence_parallel: bool, meter=None):
+                 ops: KernelOps, tp_group, sequence_parallel: bool, meter=None, overlap_chunks: int = 0):
         super().__init__()
         self.layer = layer
         tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
@@ -93,7 +93,7 @@ class Block(nn.Module):
         if is_moe_layer(cfg, layer):
             self.moe = MoELayer(
                 cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, use_grouped_mm=use_grouped_mm,
-                ops=ops, meter=meter, **tp,
+                ops=ops, meter=meter, overlap_chunks=overlap_chunks, **tp,
             )
             self.ffn = None
         else:
@@ -162,6 +162,7 @@ class Transformer(nn.Module):
         sequence_parallel: bool = False,
         layers: range | None = None,
         meter: CommMeter | None = None,
+        overlap_chunks: int = 0,
     ):
         """``layers``: the global layer ids this pipeline stage holds (all by default). The
         first stage also holds the embedding, the last the final norm and the head;
@@ -176,7 +177,7 @@ class Transformer(nn.Module):
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp) if self.first else None
         self.layers = nn.ModuleDict({
             str(l): Block(cfg, l, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group,
-                          use_grouped_mm=use_grouped_mm, ops=ops, meter=meter, **tp)
+                          use_grouped_mm=use_grouped_mm, ops=ops, meter=meter, overlap_chunks=overlap_chunks, **tp)
             for l in layers
         })
         self.norm = self.head = None

@@ -77,6 +77,8 @@ def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device, meter:
         sequence_parallel=run.parallel.sequence_parallel,
         layers=layers,
         meter=meter,
+        overlap_chunks=(run.parallel.comm_optimization.overlap_chunks
+                        if run.parallel.comm_optimization.all_to_all_overlap else 0),
     )
     model.init_weights(run.trainer.seed)
     return model.to(device)
