@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     cases = _cases(T, E, K, D, dtype, device)
     if not (cuda and can_run_triton("cuda")):
         print("(CPU: the torch reference, which is the production path here)")
-        print(f"| op | ms | GB/s |\n|---|---|---|")
+        print("| op | ms | GB/s |\n|---|---|---|")
         for op, (fn, nbytes) in cases.items():
             t = _time_cpu(lambda: fn(TORCH_OPS))
             print(f"| {op} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")

@@ -13,7 +13,7 @@ import argparse
 from _config import compose_run, fail
 
 from conf.schema import ConfigError
-from parallel.dims import MESH_AXES, MeshAxis, ParallelDims
+from parallel.dims import MeshAxis, ParallelDims
 
 GROUPS = {
     "ep": ((MeshAxis.EP,), "All-to-All of routed tokens"),

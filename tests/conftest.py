@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-from conf.schema import ModelConfig, RunConfig, to_run_config
+from conf.schema import RunConfig, to_run_config
 
 # Tests build configs directly, without Hydra's command line.
 

@@ -5,9 +5,7 @@ step -> metrics (one small all-reduce) -> eval -> log.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Callable
 import resource
@@ -20,15 +18,15 @@ import torch
 from conf.schema import RunConfig
 from conf.validate import grad_accum_steps, micro_batch_size
 from kernels import get_ops
+from moe.param_count import model_flops_per_token
 from moe.model import Transformer, is_moe_layer, weighted_balance_loss
-from parallel import checkpoint
-from torch.distributed.checkpoint.api import CheckpointException
 from parallel.comm import CommMeter, all_reduce_
 from parallel.dims import MeshAxis
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from parallel.pipeline import build_schedule, stage_layers
 from parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
 from parallel.mesh import ParallelMesh
+from trainer.checkpointing import Checkpointer
 from trainer.data import DataPaths, TokenData
 from trainer.metrics import (
     MetricsLogger,
@@ -37,7 +35,6 @@ from trainer.metrics import (
     bias_ranges,
     max_over_world,
     memory_report,
-    model_flops_per_token,
     rank_step_numbers,
     stat_width,
     step_record,
@@ -172,64 +169,6 @@ def _any_rank(flag: bool, group, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-class Checkpointer:
-    """Saving and resuming this run's training state (see parallel.checkpoint)."""
-
-    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
-        self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
-        self.step_t = torch.zeros((), dtype=torch.int64)
-        d = mesh.dims
-        self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
-        self.meta = {"model": dataclasses.asdict(run.model), "layout": run.parallel.name,
-                     "dp": d.dp, "ep": d.ep, "tp": d.tp, "pp": d.pp}
-
-    def _state(self):
-        return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh)
-
-    def save(self, step: int) -> Path:
-        self.step_t.fill_(step)
-        return checkpoint.save(self.root, step, self._state(), self.meta, rank=self.mesh.rank,
-                               keep=self.run.checkpoint.keep)
-
-    def resume(self, log) -> int:
-        """Load the newest loadable checkpoint; fall back to older ones with a warning."""
-        candidates = checkpoint.resolve(self.run.resume, self.root)
-        if not candidates:
-            if self.run.resume != "auto":
-                raise checkpoint.CheckpointError(f"resume={self.run.resume}: no complete checkpoint")
-            log.message(f"moemesh: resume=auto: no checkpoint in {self.root}, starting fresh")
-            return 0
-        checkpoint.init_optimizer_state(self.optimizer)
-        reasons = []
-        for path in candidates:
-            try:
-                self._check_meta(path)
-                state = self._state()
-                checkpoint.load(path, state)
-            except (Exception, CheckpointException) as err:  # truncated or mismatched: try the previous one
-                reason = f"{path.name}: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                reasons.append(reason)
-                log.message(f"moemesh: warning: cannot resume from {reason}")
-                continue
-            step = int(self.step_t)
-            checkpoint.set_optimizer_step(self.optimizer, step)
-            torch.set_rng_state(state["rng.cpu"])
-            log.message(f"moemesh: resumed from {path} (saved under {json.loads((path / 'meta.json').read_text())['layout']}) "
-                        f"at step {step}")
-            return step
-        raise checkpoint.CheckpointError(
-            f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: "
-            + "; ".join(reasons))
-
-    def _check_meta(self, path: Path) -> None:
-        meta = json.loads((path / "meta.json").read_text())
-        saved, mine = meta["model"], self.meta["model"]
-        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items()
-                if k != "name" and saved.get(k) != v]
-        if diff:
-            raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
 
 
 def train(run: RunConfig, ctx: RankContext) -> dict:

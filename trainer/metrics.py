@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from moe.param_count import model_flops_per_token  # noqa: F401  (re-exported)
 from parallel.comm import all_reduce_
 
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per

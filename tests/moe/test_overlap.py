@@ -1,6 +1,5 @@
 """All-to-All overlap computes what the plain path computes: outputs and every gradient."""
 import torch
-import torch.distributed as dist
 
 from conf.schema import ModelConfig
 from moe.layer import MoELayer
