@@ -49,9 +49,10 @@ class AllToAllDispatcher:
             # The dropless minimum this rank must send, from the routing itself: its routed
             # rows whose expert lives elsewhere (dispatch forward, combine backward) and the
             # rows other ranks routed to its experts (combine forward, dispatch backward).
+            # From the split sizes already on the host: no extra device sync on the hot path.
             me = dist.get_rank(self.ep_group)
-            leaving = int(topk_ids_TK.ge(0).sum()) - int((topk_ids_TK // e).eq(me).sum())
-            arriving = int(recv_counts_Re.sum()) - int(recv_counts_Re[me].sum())
+            leaving = sum(send_splits) - send_splits[me]
+            arriving = sum(recv_splits) - recv_splits[me]
             self.meter.min_bytes += 2 * (leaving + arriving) * x_TD.shape[1] * x_TD.element_size()
         recv_MD = all_to_all_rows(rows_ND, send_splits, recv_splits, self.ep_group, self.meter, "dispatch")
         expert_major_MD = self.ops.sort_chunks(recv_MD, recv_counts_Re)

@@ -117,8 +117,9 @@ def overlapped_moe(dispatcher, x_TD, topk_ids_TK, topk_weights_TK, experts, *, c
     recv_counts = all_to_all_counts(send_counts.reshape(R, -1), d.ep_group).view(R, chunks, e)
     if d.meter is not None and R > 1:  # the dropless minimum, as in AllToAllDispatcher.dispatch
         me = dist.get_rank(d.ep_group)
-        leaving = int(send_counts.sum()) - int(send_counts[me].sum())
-        arriving = int(recv_counts.sum()) - int(recv_counts[me].sum())
+        totals = torch.stack([send_counts.sum((1, 2)), recv_counts.sum((1, 2))]).tolist()  # one host sync
+        leaving = sum(totals[0]) - totals[0][me]
+        arriving = sum(totals[1]) - totals[1][me]
         d.meter.min_bytes += 2 * (leaving + arriving) * x_TD.shape[1] * x_TD.element_size()
     launched = []
     for i, (lo, hi, rows, row_map, counts_Re) in enumerate(parts):
