@@ -4,10 +4,12 @@
     python train.py parallel=ep2_dp2              # spawns 4 local ranks
     torchrun --nproc_per_node=4 train.py parallel=ep2_dp2
     python train.py -m parallel=ep4,ep2_dp2,dp4   # a local sweep
+    python train.py -m cluster=slurm parallel=ep8_dp2,ep2_dp8   # one SLURM job each
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import ConfigError, register_schema, to_run_config
 from conf.validate import validate_run
+from hydra_plugins.moemesh_launcher.launcher import TASK_MARKER
 from parallel.checkpoint import CheckpointError
 from parallel.launch import check_launcher, detect_launcher_env, launcher_rank, run_ranks
 from trainer.data import prepare_data
@@ -38,10 +41,13 @@ def main(cfg: DictConfig) -> float | None:
         env = detect_launcher_env()
         dims = validate_run(run, env.world_size if env else None)
         check_launcher(run, env, dims)
-        if env is not None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A sweep started under torchrun/srun would run once per rank. The SLURM launcher's
+        # own tasks are the exception: there each task is one rank of one sweep job.
+        if env is not None and HydraConfig.get().mode == RunMode.MULTIRUN and not os.environ.get(TASK_MARKER):
             raise ConfigError(
                 f"-m (multirun) under {env.kind}: every rank would run the sweep on its own; "
-                "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks"
+                "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks, "
+                "or submit them with python train.py -m cluster=slurm ..."
             )
         data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     except ConfigError as err:

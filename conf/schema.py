@@ -9,7 +9,7 @@ file or on the command line is an error, not a silently ignored setting.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -71,10 +71,39 @@ class ParallelConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Submission with ``python train.py -m cluster=slurm ...`` (hydra_plugins/moemesh_launcher).
+
+    Nodes and tasks are not set here: each job gets ``nodes x tasks_per_node`` = its
+    layout's world size, ``tasks_per_node = min(world size, cluster.gpus_per_node)``.
+    """
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 60  # --time of one attempt (a requeued attempt gets it again)
+    request_gpus: bool = True  # --gpus-per-node = tasks per node (false: CPU-only nodes)
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None  # per node
+    # SIGUSR2 this long before the time limit: every rank finishes its step, saves, and the
+    # job requeues itself and resumes (at most max_timeouts times; preemptions do not count).
+    signal_delay_s: int = 120
+    max_timeouts: int = 3
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra --key=value for sbatch
+    setup: List[str] = field(default_factory=list)  # shell lines run in the batch script before srun
+    # A sweep whose jobs need different allocations: split (one job array per allocation)
+    # or reject (before anything is submitted).
+    mixed_allocations: str = "split"
+    wait: bool = True  # false: print the job ids and return once submitted
+
+
+@dataclass
 class ClusterConfig:
     name: str = MISSING
     # local: spawn the ranks here unless a launcher (torchrun, srun) already started them;
-    # torchrun: require torchrun's environment; slurm: require srun's environment.
+    # torchrun: require torchrun's environment; slurm: submit with -m (one SLURM task per
+    # rank), or, inside an allocation, be one of those srun tasks.
     launcher: str = "local"
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     gpus_per_node: int = 8
@@ -87,6 +116,7 @@ class ClusterConfig:
     intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand)
     latency_us: float = 10.0  # alpha: per message step
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # cluster=slurm submission
 
 
 @dataclass

@@ -85,11 +85,12 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
             f"cluster.launcher=torchrun but this process has no torchrun environment (RANK, WORLD_SIZE, "
             f"MASTER_ADDR); run: torchrun --nproc_per_node={dims.world_size} train.py parallel={run.parallel.name}"
         )
-    if launcher == "slurm" and (env is None or env.kind != "srun"):
+    in_slurm_job = "SLURM_JOB_ID" in os.environ
+    if launcher == "slurm" and not ((env is not None and env.kind == "srun") or (in_slurm_job and dims.world_size == 1)):
         raise ConfigError(
-            "cluster.launcher=slurm but this process is not an srun task; submission through the "
-            f"submitit launcher is not built yet: inside an allocation run srun -n {dims.world_size} "
-            f"python train.py parallel={run.parallel.name}"
+            "cluster=slurm but this process is not an srun task of a SLURM job: submit with -m, "
+            f"python train.py -m cluster=slurm parallel={run.parallel.name} (one task per rank), or inside "
+            f"an allocation run srun -n {dims.world_size} python train.py cluster=slurm parallel={run.parallel.name}"
         )
     if run.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is available; valid here: auto, cpu")
@@ -156,13 +157,34 @@ class _StopFlag:
     """Set by a signal; the training loop polls it once per step (and tells the other ranks)."""
 
     def __init__(self):
-        self.requested = False
+        self.received: list[int] = []  # in arrival order
 
     def set(self, signum, frame):
-        self.requested = True
+        if signum not in self.received:
+            self.received.append(signum)
 
     def get(self) -> bool:
-        return self.requested
+        return bool(self.received)
+
+    def names(self) -> list[str]:
+        return [signal.Signals(s).name for s in self.received]
+
+
+# SIGTERM: preemption or scancel; SIGUSR1/SIGUSR2: SLURM's warning before the time limit
+# (--signal; submitit asks for SIGUSR2). Each means: finish this step, save, stop.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_STOP = _StopFlag()
+
+
+def install_stop_handlers() -> _StopFlag:
+    """Turn the stop signals into a request the training loop acts on at a step boundary.
+
+    One flag per process, so a signal that arrives while the process is still starting
+    (before the loop) is not lost.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _STOP.set)
+    return _STOP
 
 
 def _raise_terminated(signum, frame):
@@ -293,11 +315,9 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
             box = [output_dir]
             dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
             output_dir = box[0]
-        stop = _StopFlag()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption, SLURM's warning signal
-            signal.signal(sig, stop.set)
+        stop = install_stop_handlers()
         ctx = RankContext(rank=rank, local_rank=local_rank, device=device, mesh=mesh, output_dir=output_dir,
-                          data_paths=data_paths, stop_requested=stop.get)
+                          data_paths=data_paths, stop_requested=stop.get, stop_signals=stop.names)
         return worker(run, ctx)
     finally:
         if dist.is_initialized():

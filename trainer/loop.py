@@ -53,7 +53,8 @@ class RankContext:
     mesh: ParallelMesh
     output_dir: str
     data_paths: DataPaths
-    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1 (parallel.launch)
+    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1/SIGUSR2 (parallel.launch)
+    stop_signals: Callable[[], list] = lambda: []  # the names of the signals this rank received
 
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None) -> Transformer:
@@ -231,7 +232,8 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
 
     ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
     start = ckpt.resume(log) if run.resume else 0
-    history, record, final_val = [], {}, None
+    log.begin(start)
+    history, record, final_val, stopped_by = [], {}, None, None
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         timer = PhaseTimer(device)
@@ -331,11 +333,14 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             path = ckpt.save(step + 1)
             log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
         if stop:
-            log.message(f"moemesh: stop requested (signal); stopped after step {step + 1}; "
+            stopped_by = ctx.stop_signals() or ["a signal on another rank"]
+            log.message(f"moemesh: stop requested ({', '.join(stopped_by)}); stopped after step {step + 1}; "
                         "resume with resume=auto (same run dir) or resume=<checkpoint dir>")
             break
 
     summary = _summary(run, model, optimizer, mesh, device, record, history, final_val, log.records)
+    # Where this attempt began and whether a signal cut it short (a requeued job resumes from here).
+    summary.update(start_step=start, stopped_by_signal=stopped_by)
     log.write_summary(summary)
     log.close()
     return summary

@@ -230,10 +230,28 @@ class MetricsLogger:
         self.tracker = tracker if enabled else None
         self.records: list[dict] = []
         self.dir = Path(output_dir)
-        self._file = open(self.dir / "metrics.jsonl", "w") if enabled and jsonl else None
+        self._jsonl = enabled and jsonl
+        self._file = None  # opened by begin(), once the first step is known
         self._tty = sys.stdout.isatty()
         self._last_print = 0.0
         self._start = time.perf_counter()
+
+    def begin(self, start_step: int) -> None:
+        """Open metrics.jsonl. A run resumed in its own directory (a requeued SLURM job)
+        keeps the records of the steps before ``start_step`` and appends after them."""
+        if not self._jsonl or self._file is not None:
+            return
+        path = self.dir / "metrics.jsonl"
+        kept = []
+        if start_step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", start_step) < start_step:
+                        kept.append(line + "\n")
+                except json.JSONDecodeError:  # a line cut short when the last attempt was killed
+                    continue
+        self._file = open(path, "w")
+        self._file.writelines(kept)
 
     def log(self, record: dict) -> None:
         self.records.append(record)  # every rank keeps them: the summary is the same everywhere

@@ -1,0 +1,1 @@
+"""moemesh's Hydra launcher plugin (SLURM through submitit); see launcher.py."""

@@ -1,0 +1,236 @@
+"""``hydra/launcher=moemesh_slurm``: SLURM submission for moemesh sweeps (``cluster=slurm`` selects it).
+
+A subclass of hydra-submitit-launcher's SLURM launcher that differs where a
+distributed-training sweep needs it to:
+
+* **Allocation per job.** Before anything is submitted, every job of the sweep is
+  composed and validated (the same checks as a local run), and its allocation is
+  derived from its layout: ``nodes x tasks_per_node`` = world size, one task per rank.
+  Jobs that need the same allocation share one job array; a sweep that needs several is
+  split into one array per allocation, or rejected (``cluster.slurm.mixed_allocations``).
+  Any invalid job stops the whole sweep with one line and exit code 2.
+* **Settings from the cluster config.** Partition, account, time limit, constraint,
+  extra sbatch parameters and setup lines come from ``cluster.slurm`` of each job, not
+  from ``hydra.launcher`` (which Hydra fixes for the whole sweep).
+* **Requeue that resumes.** Each task runs with ``resume=auto`` on its own run directory
+  (a fresh job finds nothing and starts fresh); SIGUSR2 before the time limit becomes a
+  save at the next step boundary on every rank, after which task 0 hands over to
+  submitit, which requeues the job (at most ``cluster.slurm.max_timeouts`` times).
+
+The decisions live in ``parallel/slurm.py``; this module is the Hydra/submitit glue.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
+from hydra.errors import HydraException
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TASK_MARKER = "MOEMESH_SUBMITIT_TASK"  # set in the tasks: train.py accepts -m there
+
+
+@dataclass
+class MoemeshSlurmConf:
+    _target_: str = "hydra_plugins.moemesh_launcher.launcher.MoemeshSlurmLauncher"
+    # submitit's pickles and every task's stdout/stderr (%j: the SLURM job id)
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="moemesh_slurm", node=MoemeshSlurmConf,
+                             provider="moemesh")
+
+
+class _Rejected(Exception):
+    """The sweep cannot be submitted; the message is one line."""
+
+
+class MoemeshSlurmLauncher(BaseSubmititLauncher):
+    _EXECUTOR = "slurm"
+
+    # ---- on the login node -------------------------------------------------------------
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            jobs, mixed_policy, wait = self._plan(job_overrides, initial_job_idx)
+        except _Rejected as err:
+            print(f"moemesh: config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        from parallel.slurm import group_jobs, mixed_allocation_error
+
+        groups = group_jobs([j for j, _ in jobs])
+        if len(groups) > 1 and mixed_policy == "reject":
+            print(f"moemesh: config error: {mixed_allocation_error(groups)}", file=sys.stderr)
+            sys.exit(2)
+        return self._submit(groups, dict((j.index, full) for j, full in jobs), wait)
+
+    def _plan(self, job_overrides, initial_job_idx):
+        """Compose and validate every job; raise _Rejected (one line) before any submission."""
+        from conf.schema import ConfigError, to_run_config
+        from conf.validate import validate_run
+        from parallel.slurm import SweepJob, allocation_for, validate_slurm
+
+        if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "RANK" in os.environ:
+            raise _Rejected("-m cluster=slurm inside srun/torchrun tasks would submit the sweep once per task; "
+                            "submit from a shell on the login node")
+        if shutil.which("sbatch") is None:
+            raise _Rejected("cluster=slurm: sbatch is not on PATH; submit from a SLURM login node "
+                            "(or run here with cluster=local)")
+        jobs, problems = [], []
+        for i, overrides in enumerate(job_overrides):
+            index, shown = initial_job_idx + i, _varying(job_overrides, overrides)
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                run = to_run_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+                if run.cluster.launcher != "slurm":
+                    raise ConfigError(f"cluster.launcher={run.cluster.launcher}: this sweep is submitted to SLURM; "
+                                      "every job needs cluster=slurm")
+                validate_slurm(run)
+                dims = validate_run(run)
+                jobs.append((SweepJob(index, shown, allocation_for(run, dims.world_size)), list(overrides)))
+            except ConfigError as err:
+                problems.append(f"job #{index} ({' '.join(shown)}): {err}")
+            except HydraException as err:  # an unknown preset or key: Hydra's first line, and the choices
+                options = getattr(err, "options", None)
+                problems.append(f"job #{index} ({' '.join(shown)}): {str(err).strip().splitlines()[0]}"
+                                + (f"; valid: {', '.join(options)}" if options else ""))
+        if problems:
+            raise _Rejected(f"nothing was submitted; {len(problems)} of {len(job_overrides)} job(s) invalid: "
+                            + " | ".join(problems))
+        slurm_cfg = self.config.cluster.slurm
+        return jobs, slurm_cfg.mixed_allocations, bool(slurm_cfg.wait)
+
+    def _submit(self, groups, full_overrides: Dict[int, List[str]], wait: bool) -> List[JobReturn]:
+        import submitit
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        handles = {}
+        for alloc, jobs in groups.items():
+            executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster="slurm",
+                                             slurm_max_num_timeout=alloc.max_timeouts)
+            executor.update_parameters(**alloc.executor_parameters(name=str(self.config.hydra.job.name),
+                                                                   python_path=str(REPO_ROOT)))
+            args = [(full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}",
+                     Singleton.get_state()) for j in jobs]
+            for job, handle in zip(jobs, executor.map_array(self, *zip(*args))):
+                handles[job.index] = (job, handle)
+                print(f"moemesh: job #{job.index} ({' '.join(job.overrides)}): SLURM job {handle.job_id}, "
+                      f"{alloc.describe()}", flush=True)
+        print(f"moemesh: sweep directory {sweep_dir} (one subdirectory per job; logs in {sweep_dir}/.submitit)",
+              flush=True)
+        if not wait:
+            print("moemesh: cluster.slurm.wait=false: not waiting; follow with squeue, then compare with "
+                  f"python scripts/compare.py {sweep_dir}", flush=True)
+            return [JobReturn(overrides=full_overrides[i], status=JobStatus.COMPLETED, _return_value=h.job_id)
+                    for i, (_, h) in sorted(handles.items())]
+        returns, failures = [], []
+        for index, (job, handle) in sorted(handles.items()):
+            try:
+                ret = handle.results()[0]
+            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as err:
+                failures.append(f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                                f"{_first_moemesh_line(handle, err)}")
+                continue
+            returns.append(ret)
+            print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {_outcome(ret)}", flush=True)
+        for line in failures:
+            print(f"moemesh: failed: {line}", file=sys.stderr)
+        if failures:
+            sys.exit(1)
+        return returns
+
+    # ---- in each SLURM task (one per rank) ----------------------------------------------
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+        import submitit
+
+        from parallel.launch import install_stop_handlers
+        from parallel.slurm import requeue_signal
+
+        os.environ[TASK_MARKER] = "1"
+        requeue_sig = requeue_signal()
+        submitit_handler = signal.getsignal(requeue_sig)  # checkpoint() + scontrol requeue + exit
+        stop = install_stop_handlers()  # from now on the signal means: save at the next step, then requeue
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(sweep_overrides))
+        with open_dict(config.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            job.num = job_num
+        run_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        _resume_from_own_checkpoints(config, run_dir)
+        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                      job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+        summary = run_dir / "summary.json"
+        stopped = summary.exists() and json.loads(summary.read_text()).get("stopped_by_signal")
+        if (int(os.environ.get("SLURM_PROCID", "0")) == 0 and requeue_sig in stop.received and stopped
+                and callable(submitit_handler)):
+            # Every rank has saved; let submitit requeue this job (it exits this process).
+            log.info("moemesh: stopped by %s before the time limit: requeueing", requeue_sig.name)
+            submitit_handler(requeue_sig, None)
+        return ret
+
+
+def _outcome(ret: JobReturn) -> str:
+    """One line from the job's summary.json: loss, steps, how it ended, where it wrote."""
+    try:
+        run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except Exception:  # noqa: BLE001 - a job without a summary still has a status
+        return f"status {ret.status.name}"
+    steps = summary.get("start_step", 0) + summary.get("steps", 0)
+    loss = summary.get("final_loss")
+    line = f"{steps} steps, final loss " + (f"{loss:.4f}" if isinstance(loss, float) else str(loss))
+    if summary.get("stopped_by_signal"):
+        line += f", stopped early by {'/'.join(summary['stopped_by_signal'])} (checkpoint saved; resume=auto)"
+    return f"{line} -> {run_dir}"
+
+
+def _varying(all_overrides: Sequence[Sequence[str]], overrides: Sequence[str]) -> List[str]:
+    """The overrides that tell this job apart from the sweep's others (all of them for one job)."""
+    shown = filter_overrides(list(overrides))
+    if len(all_overrides) < 2:
+        return shown
+    common = set.intersection(*(set(o) for o in all_overrides))
+    return [o for o in shown if o not in common] or shown
+
+
+def _resume_from_own_checkpoints(config, run_dir: Path) -> None:
+    """resume=auto unless the user named a checkpoint and this job has none of its own yet.
+
+    A fresh job's directory is empty, so it starts fresh (or from the user's path); a
+    requeued attempt finds the previous attempt's checkpoint in the same directory.
+    """
+    from parallel.checkpoint import resolve
+
+    resume = config.get("resume")
+    ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    if resume in (None, "auto") or (ckpt_dir.is_dir() and resolve("auto", ckpt_dir)):
+        with open_dict(config):
+            config.resume = "auto"
+
+
+def _first_moemesh_line(handle: Any, err: Exception) -> str:
+    """The job's own one-line reason (a 'moemesh:' line in a task's stderr), else submitit's."""
+    try:
+        lines = (handle.stderr() or "").splitlines()  # every task's stderr
+    except Exception:  # noqa: BLE001 - logs may be gone; fall back to submitit's message
+        lines = []
+    ours = [l for l in lines if l.startswith("moemesh:") and "error" in l.lower()]
+    reason = ours[0] if ours else (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{reason} (logs: {handle.paths.stderr.parent})"

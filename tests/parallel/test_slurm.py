@@ -1,0 +1,169 @@
+"""SLURM submission decided before submitting: allocations, groups, sbatch lines, refusals.
+
+No cluster needed here; tests/test_slurm_cluster.py runs the same paths against a real SLURM.
+"""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conf.schema import ConfigError
+from parallel.slurm import (Allocation, SweepJob, allocation_for, group_jobs, mixed_allocation_error,
+                            requeue_signal, validate_slurm)
+from tests.conftest import tiny_run
+from trainer.metrics import MetricsLogger
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _slurm_run(**overrides):
+    return tiny_run(**{"cluster.name": "slurm", "cluster.launcher": "slurm", **overrides})
+
+
+@pytest.mark.parametrize("world, per_node, expected", [
+    (16, 8, (2, 8)), (8, 8, (1, 8)), (4, 8, (1, 4)), (1, 8, (1, 1)), (32, 4, (8, 4)),
+])
+def test_allocation_is_the_world_size_in_whole_nodes(world, per_node, expected):
+    alloc = allocation_for(_slurm_run(**{"cluster.gpus_per_node": per_node}), world)
+    assert (alloc.nodes, alloc.tasks_per_node) == expected
+    assert alloc.world_size == world and alloc.gpus_per_node == expected[1]
+
+
+def test_allocation_refuses_uneven_nodes_and_can_skip_gpus():
+    with pytest.raises(ConfigError, match=r"needs 12 ranks, not a multiple of cluster.gpus_per_node=8"):
+        allocation_for(_slurm_run(), 12)
+    assert allocation_for(_slurm_run(**{"cluster.slurm.request_gpus": False}), 4).gpus_per_node == 0
+
+
+def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path):
+    submitit = pytest.importorskip("submitit")
+    run = _slurm_run(**{"cluster.slurm.partition": "gpu", "cluster.slurm.account": "proj",
+                        "cluster.slurm.constraint": "h100", "cluster.slurm.time_min": 90,
+                        "cluster.slurm.additional_parameters": {"exclusive": True, "mail-type": "END"},
+                        "cluster.slurm.setup": ["module load cuda"]})
+    alloc = allocation_for(run, 16)
+    params = alloc.executor_parameters(name="train", python_path="/repo")
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(**params)
+    text = executor._executor._make_submission_file_text("python -m job", "uid")  # what sbatch would read
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --constraint=h100",
+                 "#SBATCH --time=90", "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --exclusive",
+                 "#SBATCH --mail-type=END"):
+        assert line in text.splitlines(), line
+    setup = text.index("export PYTHONPATH=/repo")
+    assert setup < text.index("module load cuda") < text.index("srun ")
+    assert "--kill-on-bad-exit=1" in text
+
+
+def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
+    a4, a16 = allocation_for(_slurm_run(), 4), allocation_for(_slurm_run(), 16)
+    jobs = [SweepJob(0, ["cluster=slurm", "parallel=ep8_dp2"], a16), SweepJob(1, ["cluster=slurm", "parallel=ep4"], a4),
+            SweepJob(2, ["cluster=slurm", "parallel=ep2_dp8"], a16)]
+    groups = group_jobs(jobs)
+    assert list(groups) == [a16, a4] and [j.index for j in groups[a16]] == [0, 2]
+    message = mixed_allocation_error(groups)
+    assert "16 ranks = 2 nodes x 8 tasks" in message and "4 ranks = 1 node x 4 tasks" in message
+    assert "python train.py -m cluster=slurm parallel=ep8_dp2,ep2_dp8" in message
+    assert "python train.py -m cluster=slurm parallel=ep4" in message and "\n" not in message
+    # Any sbatch setting splits too, e.g. two time limits.
+    longer = allocation_for(_slurm_run(**{"cluster.slurm.time_min": 120}), 16)
+    assert len(group_jobs([SweepJob(0, [], a16), SweepJob(1, [], longer)])) == 2
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("cluster.slurm.mixed_allocations", "merge", "is not one of split, reject"),
+    ("cluster.slurm.time_min", 0, "must be a positive number of minutes"),
+    ("cluster.slurm.signal_delay_s", 3600, "must be in [0, time_min*60=3600)"),
+    ("cluster.slurm.max_timeouts", -1, "must be >= 0"),
+    ("cluster.slurm.cpus_per_task", 0, "positive integer or null"),
+])
+def test_slurm_settings_are_validated(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_slurm(_slurm_run(**{key: value}))
+    assert needle in str(err.value) and key in str(err.value)
+
+
+def test_requeue_signal_follows_submitit(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    assert requeue_signal() == signal.SIGUSR2
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    assert requeue_signal() == signal.SIGUSR1
+
+
+def test_resumed_metrics_keep_earlier_steps_and_drop_the_rest(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(8)] + ['{"step": 8, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    log = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=10)
+    log.begin(5)  # checkpoint after step 5: steps 0-4 were done, 5+ are redone
+    for s in range(5, 10):
+        log.log({"step": s, "loss": 0.0})
+    log.close()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(10))
+    fresh = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=10)
+    fresh.begin(0)
+    fresh.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def _cli(tmp_path, *args, path=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _fake_sbatch(tmp_path) -> Path:
+    """A PATH entry whose sbatch only records that it was called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\necho called >> {tmp_path}/sbatch-calls\nexit 1\n")
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
+    bin_dir = _fake_sbatch(tmp_path)
+    proc = _cli(tmp_path, "-m", "cluster=slurm", "parallel=ep2_dp2,ep4", "model.num_experts=6",
+                f"hydra.sweep.dir={tmp_path}/sweep", path=f"{bin_dir}:{os.environ['PATH']}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: nothing was submitted; 1 of 2 job(s)")
+    assert "job #1 (parallel=ep4): model.num_experts=6 must be divisible by parallel.expert_parallel_size=4" in lines[0]
+    assert not (tmp_path / "sbatch-calls").exists() and not (tmp_path / "sweep" / ".submitit").exists()
+
+
+def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
+    bin_dir = _fake_sbatch(tmp_path)
+    proc = _cli(tmp_path, "-m", "cluster=slurm", "cluster.slurm.mixed_allocations=reject", "parallel=ep2,ep2_dp2",
+                f"hydra.sweep.dir={tmp_path}/sweep", path=f"{bin_dir}:{os.environ['PATH']}")
+    assert proc.returncode == 2 and "needs 2 different allocations" in proc.stderr, proc.stderr
+    assert not (tmp_path / "sbatch-calls").exists()
+
+
+def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
+    no_slurm_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                    if not (Path(p) / "sbatch").exists())
+    proc = _cli(tmp_path, "-m", "cluster=slurm", "parallel=ep2", path=no_slurm_path)
+    assert proc.returncode == 2 and "sbatch is not on PATH" in proc.stderr, proc.stderr
+    # Without -m, cluster=slurm outside an allocation names both ways in.
+    proc = _cli(tmp_path, "cluster=slurm", "parallel=ep2", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2
+    assert "python train.py -m cluster=slurm parallel=ep2" in proc.stderr and "srun -n 2" in proc.stderr
+
+
+def test_sweep_started_inside_srun_tasks_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_LOCALID="0")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "parallel=ep2",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "every rank would run the sweep on its own" in proc.stderr, proc.stderr

@@ -1,0 +1,226 @@
+"""cluster=slurm against a real SLURM: submission, sweeps, refusal, time limit -> requeue -> resume.
+
+Needs a running SLURM whose config is in SLURM_CONF. `.ci/run` starts a single-node one
+on this machine (`.ci/slurm/up.sh`, 8 advertised CPUs on 2 cores) and stops it
+afterwards; without one these tests skip and say why (`MOEMESH_REQUIRE_SLURM=1` turns
+the skip into a failure).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
+         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1",
+         "logger.console=false"]
+# This cluster's node has CPUs, not GPUs; each attempt may run 10 minutes.
+SLURM = ["cluster=slurm", "cluster.slurm.request_gpus=false", "cluster.slurm.time_min=10"]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("MOEMESH_REQUIRE_SLURM") == "1":
+        pytest.fail(f"MOEMESH_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    conf = os.environ.get("SLURM_CONF")
+    if not conf:
+        _unavailable("no SLURM here: SLURM_CONF is unset (bash .ci/slurm/up.sh starts a local one; .ci/run does)")
+    try:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _unavailable(f"SLURM_CONF={conf} but sinfo failed: {err}")
+    if state.returncode != 0 or not {"idle", "mix", "alloc"} & set(state.stdout.split()):
+        _unavailable(f"SLURM_CONF={conf} but no usable node: {state.stdout.strip() or state.stderr.strip()}")
+
+
+def _env():
+    drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+    return {k: v for k, v in os.environ.items()
+            if k not in drop and not (k.startswith("SLURM_") and k != "SLURM_CONF")}
+
+
+def _cmd(sweep: Path, *overrides):
+    return [sys.executable, str(ROOT / "train.py"), "-m", *SLURM, f"hydra.sweep.dir={sweep}", *SMALL, *overrides]
+
+
+def _submit(tmp_path, *overrides, timeout=300):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(_cmd(sweep, *overrides), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, sweep
+
+
+def _job_ids(stdout: str) -> dict[int, str]:
+    return {int(n): j for n, j in re.findall(r"moemesh: job #(\d+) .*?: SLURM job (\S+),", stdout)}
+
+
+def _sacct(job_id: str) -> dict:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format=JobID,State,NNodes,NTasks"],
+                         capture_output=True, text=True, timeout=30).stdout
+    rows = [l.split("|") for l in out.splitlines() if l.split("|")[0] == job_id]
+    return dict(zip(("id", "state", "nodes", "ntasks"), rows[-1])) if rows else {}
+
+
+def _losses(run_dir: Path):
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_four_rank_job_trains_with_one_task_per_rank(tmp_path):
+    proc, sweep = _submit(tmp_path, "parallel=ep2_dp2", "trainer.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = _job_ids(proc.stdout)[0]
+    assert "4 ranks = 1 node x 4 tasks" in proc.stdout
+    run_dir = sweep / "0_ep2_dp2"
+    assert len(_losses(run_dir)) == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["ep"] == 2 and summary["dp"] == 2
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "checkpoints" / "step_000003").is_dir()
+    # Four SLURM tasks ran (submitit keeps one log per task), and only rank 0 wrote the run's files.
+    assert sorted(p.name for p in (sweep / ".submitit" / job).glob("*_log.out")) == [
+        f"{job}_{t}_log.out" for t in range(4)]
+    assert "3 steps, final loss" in proc.stdout
+    acct = _sacct(job)
+    assert acct.get("state") in ("COMPLETED", "RUNNING", "COMPLETING") and acct.get("nodes") == "1", acct
+
+
+def test_sweep_runs_every_job_grouped_by_allocation_and_layouts_agree(tmp_path):
+    # ep2 and dp2 need 2 ranks (one job array), ep2_dp2 needs 4 (a second submission).
+    proc, sweep = _submit(tmp_path, "parallel=ep2,dp2,ep2_dp2", "trainer.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = _job_ids(proc.stdout)
+    assert len(ids) == 3
+    assert ids[0].split("_")[0] == ids[1].split("_")[0] and "_" in ids[0]  # one array for the 2-rank jobs
+    assert ids[2].split("_")[0] != ids[0].split("_")[0]
+    reference = _losses(sweep / "0_ep2")
+    assert len(reference) == 3
+    for sub, world in (("1_dp2", 2), ("2_ep2_dp2", 4)):
+        assert _losses(sweep / sub) == pytest.approx(reference, rel=1e-5)  # same math in every layout
+        assert json.loads((sweep / sub / "summary.json").read_text())["world_size"] == world
+
+
+def test_sweep_that_mixes_allocations_is_rejected_before_submission(tmp_path):
+    def known_jobs():
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-S", "2000-01-01", "--format=JobIDRaw"],
+                             capture_output=True, text=True, timeout=30).stdout
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
+        return set(out.split()) | set(queued.split())
+
+    before = known_jobs()
+    proc, sweep = _submit(tmp_path, "cluster.slurm.mixed_allocations=reject", "parallel=ep2,ep2_dp2",
+                          "trainer.steps=3")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("moemesh: config error: cluster.slurm.mixed_allocations=reject and this sweep needs 2")
+    assert "parallel=ep2 " in line and "parallel=ep2_dp2 " in line  # the two sweeps to run instead
+    assert known_jobs() == before and not (sweep / ".submitit").exists()
+
+
+def _scontrol_job(job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+
+
+def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
+    """SLURM's own limit machinery: warning signal, our save, submitit's requeue, resume=auto.
+
+    Two shortcuts keep this under two minutes, both on SLURM's side: slurmctld checks
+    limits only every 30 s, so instead of submitting with a one-minute limit (which would
+    fire at a random moment, maybe before training starts) the test lowers the running
+    job's limit once training is under way, so the warning comes at the next check; and
+    SLURM holds a requeued job for 121 s, so the test releases it (StartTime=now) and
+    restores the original limit for the second attempt.
+    """
+    sweep = tmp_path / "sweep"
+    steps = 2000
+    proc = subprocess.Popen(_cmd(sweep, "parallel=dp2", f"trainer.steps={steps}", "cluster.slurm.signal_delay_s=90",
+                                 "cluster.slurm.max_timeouts=2", "checkpoint.every=0", "logger.console=true"),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = None
+    try:
+        metrics = sweep / "0_dp2" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        job = next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+        elapsed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%M"], capture_output=True, text=True).stdout
+        ran_s = sum(int(x) * 60 ** i for i, x in enumerate(reversed(elapsed.strip().split(":"))))
+        limit = math.ceil((ran_s + 60) / 60)  # minutes: the limit now ends 60-120 s from now
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], check=True, timeout=30)
+
+        deadline = time.time() + 120  # the next limit check (<= 30 s), a save, the requeue
+        while not ("Restarts=1" in (info := _scontrol_job(job)) and "JobState=PENDING" in info):
+            assert proc.poll() is None and time.time() < deadline, f"job was not requeued:\n{info}"
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"], check=True,
+                       timeout=30)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if job is not None and proc.returncode != 0:
+            subprocess.run(["scancel", job], timeout=30)
+    assert proc.returncode == 0, err[-3000:]
+
+    log = (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
+    stopped = re.search(r"stop requested \(SIGUSR2\); stopped after step (\d+)", log)
+    resumed = re.search(r"resumed from \S+step_(\d+) .* at step (\d+)", log)
+    assert stopped and resumed, log[-3000:]
+    assert "Requeued job" in log and 0 < int(stopped.group(1)) == int(resumed.group(2)) < steps
+    summary = json.loads((sweep / "0_dp2" / "summary.json").read_text())
+    assert summary["start_step"] == int(stopped.group(1)) and summary["stopped_by_signal"] is None
+    # One continuous record over both attempts.
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(steps))
+    assert _sacct(job).get("state") in ("COMPLETED", "COMPLETING", "RUNNING")
+
+
+def test_plain_sbatch_template_trains_and_requeues_itself(tmp_path):
+    """scripts/slurm/train.sbatch: srun rank wiring, then save + requeue + resume on SIGUSR2.
+
+    The signal is sent by hand (scancel --signal, which like sbatch --signal reaches the
+    job's tasks, not its batch shell); the time-limit path itself is tested above.
+    """
+    script = tmp_path / "train.sbatch"
+    script.write_text((ROOT / "scripts/slurm/train.sbatch").read_text().replace("#SBATCH --gpus-per-node=8\n", ""))
+    run_dir, steps = tmp_path / "run", 300
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--time=10", f"--chdir={ROOT}",
+         f"--output={tmp_path}/slurm-%j.out", f"--export=ALL,MOEMESH_RUN_DIR={run_dir}", str(script),
+         "parallel=dp2", *SMALL, f"trainer.steps={steps}", "logger.console=true"],
+        env=_env(), capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < deadline, _scontrol_job(job)
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        deadline = time.time() + 120
+        while not ("Restarts=1" in (info := _scontrol_job(job)) and "JobState=PENDING" in info):
+            assert time.time() < deadline, f"job was not requeued:\n{info}"
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+        deadline = time.time() + 240
+        while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+            assert time.time() < deadline, _scontrol_job(job)
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "attempt 1: 1 node(s) x 2 tasks" in out and "attempt 2:" in out, out[-3000:]
+    assert "requeueing job" in out and re.search(r"resumed from \S+ \(saved under dp2\) at step \d+", out), out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and 0 < summary["start_step"] < steps and summary["stopped_by_signal"] is None
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(steps))
