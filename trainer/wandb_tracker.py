@@ -11,7 +11,9 @@ from __future__ import annotations
 import netrc
 import os
 import re
+import secrets
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -65,7 +67,14 @@ class WandbTracker:
         self.wandb = wandb
         lg = run.logger
         mode = os.environ.get("WANDB_MODE") or ("online" if has_credentials() else "offline")
+        # One wandb run per run directory: an attempt that resumes there (a requeued SLURM
+        # job) continues the same wandb run instead of starting a second one.
+        id_file = Path(output_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=lg.project,
             entity=lg.entity,
             group=lg.group,

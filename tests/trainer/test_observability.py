@@ -174,3 +174,24 @@ def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
     assert "exit" in kinds  # finish() ran
     assert b"sk-do-not-log" not in raw  # no credential in the run file, nor anywhere wandb wrote
     assert not [f for f in run_dir.rglob("*") if f.is_file() and b"sk-do-not-log" in f.read_bytes()]
+
+
+def test_wandb_run_continues_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from parallel.dims import ParallelDims
+    from tests.conftest import tiny_run
+    from trainer.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tiny_run(**{"logger.wandb": True})
+    dims = ParallelDims.from_config(run.parallel)
+    ids = []
+    for attempt in range(2):  # e.g. a SLURM job, requeued: same run directory, same wandb run
+        tracker = WandbTracker(run, dims, str(tmp_path))
+        ids.append(tracker.run.id)
+        tracker.finish()
+    elsewhere = tmp_path / "other_run"
+    elsewhere.mkdir()
+    tracker = WandbTracker(run, dims, str(elsewhere))
+    tracker.finish()
+    assert ids[0] == ids[1] and tracker.run.id != ids[0]
