@@ -19,7 +19,6 @@ distributed-training sweep needs it to:
 
 The decisions live in ``parallel/slurm.py``; this module is the Hydra/submitit glue.
 """
-from __future__ import annotations
 
 import json
 import logging
