@@ -86,8 +86,9 @@ def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "stop requested (signal)" in out
+    assert "stop requested (SIGUSR1)" in out
     assert checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGUSR1"]
 
 
 def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
