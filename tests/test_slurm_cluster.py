@@ -126,6 +126,23 @@ def test_sweep_that_mixes_allocations_is_rejected_before_submission(tmp_path):
     assert known_jobs() == before and not (sweep / ".submitit").exists()
 
 
+def test_job_slurm_refuses_or_can_never_start_fails_in_one_line(tmp_path):
+    # This cluster has one node and no GPUs: 16 ranks need 2 nodes (queued, never startable:
+    # the launcher cancels it), and asking for GPUs makes sbatch refuse outright.
+    proc, _ = _submit(tmp_path / "a", "parallel=ep8_dp2", "trainer.steps=3", timeout=120)
+    assert proc.returncode == 1
+    assert "16 ranks = 2 nodes x 8 tasks" in proc.stdout
+    assert "can never start (PartitionConfig" in proc.stderr and "cancelled it" in proc.stderr, proc.stderr
+    job = _job_ids(proc.stdout)[0]
+    assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    proc, sweep = _submit(tmp_path / "b", "parallel=ep2", "trainer.steps=3", "cluster.slurm.request_gpus=true",
+                          timeout=120)
+    assert proc.returncode == 1
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh:")]
+    assert line.startswith("moemesh: sbatch refused job #0 (2 ranks = 1 node x 2 tasks")
+    assert "cluster.slurm.request_gpus=false" in line
+
+
 def _scontrol_job(job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
 

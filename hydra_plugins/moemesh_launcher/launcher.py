@@ -53,6 +53,17 @@ ConfigStore.instance().store(group="hydra/launcher", name="moemesh_slurm", node=
                              provider="moemesh")
 
 
+# squeue's pending reasons that no amount of waiting fixes.
+NEVER_STARTS = {
+    "PartitionConfig": "the request exceeds what its partition allows, e.g. more nodes than it has",
+    "PartitionNodeLimit": "more nodes than the partition allows per job",
+    "PartitionTimeLimit": "cluster.slurm.time_min exceeds the partition's time limit",
+    "BadConstraints": "no node satisfies the constraints (cluster.slurm.constraint, GPUs, memory)",
+    "InvalidAccount": "cluster.slurm.account is not valid here",
+    "InvalidQOS": "cluster.slurm.qos is not valid here",
+}
+
+
 class _Rejected(Exception):
     """The sweep cannot be submitted; the message is one line."""
 
@@ -124,7 +135,11 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                                                                    python_path=str(REPO_ROOT)))
             args = [(full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}",
                      Singleton.get_state()) for j in jobs]
-            for job, handle in zip(jobs, executor.map_array(self, *zip(*args))):
+            try:
+                submitted = executor.map_array(self, *zip(*args))
+            except submitit.core.utils.UncompletedJobError as err:  # sbatch refused (FailedJobError)
+                self._refused(alloc, jobs, err, [h for _, h in handles.values()])
+            for job, handle in zip(jobs, submitted):
                 handles[job.index] = (job, handle)
                 print(f"moemesh: job #{job.index} ({' '.join(job.overrides)}): SLURM job {handle.job_id}, "
                       f"{alloc.describe()}", flush=True)
@@ -135,21 +150,81 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                   f"python scripts/compare.py {sweep_dir}", flush=True)
             return [JobReturn(overrides=full_overrides[i], status=JobStatus.COMPLETED, _return_value=h.job_id)
                     for i, (_, h) in sorted(handles.items())]
-        returns, failures = [], []
+        failures = self._watch(handles)
+        returns = []
         for index, (job, handle) in sorted(handles.items()):
+            if index in failures:
+                continue
             try:
                 ret = handle.results()[0]
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as err:
-                failures.append(f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
-                                f"{_first_moemesh_line(handle, err)}")
+                failures[index] = (f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                                   f"{_first_moemesh_line(handle, err)}")
                 continue
             returns.append(ret)
             print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {_outcome(ret)}", flush=True)
-        for line in failures:
+        for _, line in sorted(failures.items()):
             print(f"moemesh: failed: {line}", file=sys.stderr)
         if failures:
             sys.exit(1)
         return returns
+
+    @staticmethod
+    def _watch(handles: dict, poll_s: float = 5.0) -> Dict[int, str]:
+        """Until every job has left the queue: print each job's state when it changes, and
+        cancel a job SLURM will never start (it asks for more than its partition allows).
+        Returns {job index: failure line} for the cancelled ones."""
+        import subprocess
+        import time
+
+        shown, failures = {}, {}
+        waiting = dict(handles)
+        while waiting:
+            ids = ",".join(h.job_id for _, h in waiting.values())
+            out = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"], capture_output=True,
+                                 text=True, timeout=60)
+            if out.returncode != 0 and "Invalid job id" not in out.stderr:
+                time.sleep(poll_s)  # the controller is busy or restarting: ask again
+                continue
+            queue = {parts[0]: parts[1:] for parts in (l.split("|") for l in out.stdout.splitlines()) if len(parts) == 3}
+            for index, (job, handle) in list(waiting.items()):
+                state, reason = queue.get(handle.job_id, ("", ""))
+                if not state:  # left the queue: finished, failed or cancelled; results() says which
+                    del waiting[index]
+                    continue
+                if state == "PENDING" and reason in NEVER_STARTS:
+                    subprocess.run(["scancel", handle.job_id], capture_output=True, timeout=60)
+                    failures[index] = (f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                                       f"can never start ({reason}: {NEVER_STARTS[reason]}); cancelled it")
+                    del waiting[index]
+                    continue
+                label = state if state != "PENDING" or reason in ("", "None") else f"{state} ({reason})"
+                if shown.get(index) != label:
+                    shown[index] = label
+                    print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {label}", flush=True)
+            if waiting:
+                time.sleep(poll_s)
+        return failures
+
+    @staticmethod
+    def _refused(alloc, jobs, err: Exception, earlier: list) -> None:
+        """sbatch refused a submission: cancel what this sweep already submitted, one line, exit 1."""
+        reason = " ".join(str(err).split()) or type(err).__name__
+        hint = ""
+        if "gres" in reason.lower() or "gpu" in reason.lower():
+            hint = "; on nodes without GPUs set cluster.slurm.request_gpus=false"
+        elif "node configuration is not available" in reason.lower():
+            hint = f"; check that the partition has {alloc.nodes} node(s) with {alloc.tasks_per_node} task slots each"
+        cancelled = ""
+        if earlier:
+            import subprocess
+
+            ids = [h.job_id for h in earlier]
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+            cancelled = f"; cancelled this sweep's jobs already submitted ({', '.join(ids)})"
+        print(f"moemesh: sbatch refused job{'s' if len(jobs) > 1 else ''} {', '.join('#' + str(j.index) for j in jobs)} "
+              f"({alloc.describe()}): {reason}{hint}{cancelled}", file=sys.stderr)
+        sys.exit(1)
 
     # ---- in each SLURM task (one per rank) ----------------------------------------------
     def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
