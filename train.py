@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import ConfigError, register_schema, to_run_config
 from conf.validate import validate_run
-from hydra_plugins.moemesh_launcher.launcher import TASK_MARKER
 from parallel.checkpoint import CheckpointError
-from parallel.launch import check_launcher, detect_launcher_env, launcher_rank, run_ranks
+from parallel.launch import check_launcher, detect_launcher_env, install_stop_handlers, launcher_rank, run_ranks
+from parallel.slurm import TASK_MARKER
 from trainer.data import prepare_data
 from trainer.loop import train
 
@@ -36,9 +36,13 @@ OmegaConf.register_new_resolver(
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    env = detect_launcher_env()
+    if env is not None:
+        # This process is one rank: a preemption or time-limit signal during start-up must
+        # become a stop request too, not kill it (spawned ranks install theirs when they start).
+        install_stop_handlers()
     try:
         run = to_run_config(cfg)
-        env = detect_launcher_env()
         dims = validate_run(run, env.world_size if env else None)
         check_launcher(run, env, dims)
         # A sweep started under torchrun/srun would run once per rank. The SLURM launcher's

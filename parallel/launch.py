@@ -110,6 +110,16 @@ def _use_cuda(run: RunConfig) -> bool:
     return run.trainer.device == "cuda" or (run.trainer.device == "auto" and torch.cuda.is_available())
 
 
+def _cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Threads per CPU rank: SLURM's --cpus-per-task for an srun task, else the CPUs this
+    process may run on (affinity/cgroup aware, unlike os.cpu_count()) over the local ranks."""
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and "SLURM_STEP_ID" in environ:
+        return max(1, int(per_task))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // local_world_size)
+
+
 def _first_host(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
@@ -131,7 +141,8 @@ def _export_srun_env(environ=os.environ) -> None:
     if "MASTER_ADDR" not in environ:
         environ["MASTER_ADDR"] = _first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
     job, step = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_STEP_ID", "0") or 0)
-    environ.setdefault("MASTER_PORT", str(20000 + (job * 16 + step) % 20000))
+    # Below the ephemeral port range (32768+) that outgoing connections draw from.
+    environ.setdefault("MASTER_PORT", str(10000 + (job * 16 + step) % 22000))
 
 
 Worker = Callable[..., dict]
@@ -158,6 +169,7 @@ class _StopFlag:
 
     def __init__(self):
         self.received: list[int] = []  # in arrival order
+        self.stopped_early = False  # the training loop stopped before its last step because of it
 
     def set(self, signum, frame):
         if signum not in self.received:
@@ -168,6 +180,9 @@ class _StopFlag:
 
     def names(self) -> list[str]:
         return [signal.Signals(s).name for s in self.received]
+
+    def mark_stopped(self) -> None:
+        self.stopped_early = True
 
 
 # SIGTERM: preemption or scancel; SIGUSR1/SIGUSR2: SLURM's warning before the time limit
@@ -294,7 +309,7 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        threads = run.trainer.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world_size)
+        threads = run.trainer.threads_per_rank or _cpu_threads(local_world_size)
         torch.set_num_threads(threads)
     backend = run.cluster.backend
     if backend == "auto":
@@ -317,7 +332,8 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
             output_dir = box[0]
         stop = install_stop_handlers()
         ctx = RankContext(rank=rank, local_rank=local_rank, device=device, mesh=mesh, output_dir=output_dir,
-                          data_paths=data_paths, stop_requested=stop.get, stop_signals=stop.names)
+                          data_paths=data_paths, stop_requested=stop.get, stop_signals=stop.names,
+                          on_stop=stop.mark_stopped)
         return worker(run, ctx)
     finally:
         if dist.is_initialized():

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from conf.schema import ConfigError, RunConfig
 
 MIXED_ALLOCATIONS = ("split", "reject")
+TASK_MARKER = "MOEMESH_SUBMITIT_TASK"  # set in the launcher's tasks: train.py accepts -m there
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,27 @@ class Allocation:
             "timeout_min": self.time_min,
             "slurm_signal_delay_s": self.signal_delay_s,
             # A rank that dies takes the step down with it: no rank waits out the collective timeout.
-            "slurm_srun_args": ["--kill-on-bad-exit=1"],
+            # Block distribution: ranks fill a node before the next, as the mesh assumes.
+            "slurm_srun_args": ["--kill-on-bad-exit=1", "--distribution=block"],
         }
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
         if self.cpus_per_task:
             params["cpus_per_task"] = self.cpus_per_task
+            # Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task.
+            params["slurm_srun_args"].append(f"--cpus-per-task={self.cpus_per_task}")
         if self.mem_gb:
             params["mem_gb"] = self.mem_gb
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(self, key):
                 params[f"slurm_{key}"] = getattr(self, key)
         # --requeue: a node failure or preemption puts the job back in the queue, and it resumes.
-        params["slurm_additional_parameters"] = {"requeue": True, **dict(self.additional)}
-        setup = list(self.setup)
+        # A flag set to false is left out (requeue=false turns requeueing off).
+        extra = {"requeue": True, **dict(self.additional)}
+        params["slurm_additional_parameters"] = {k: v for k, v in extra.items() if v is not False}
+        # The submitting shell's environment reaches the job (sbatch --export=ALL): rank
+        # variables left in it must not override the ones each task derives.
+        setup = ["unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT", *self.setup]
         if python_path:  # the tasks import this repository's packages wherever sbatch starts them
             setup.insert(0, f"export PYTHONPATH={python_path}${{PYTHONPATH:+:$PYTHONPATH}}")
         if setup:
@@ -110,9 +118,20 @@ def allocation_for(run: RunConfig, world_size: int) -> Allocation:
         nodes=nodes, tasks_per_node=tasks, gpus_per_node=tasks if s.request_gpus else 0, time_min=s.time_min,
         partition=s.partition, account=s.account, qos=s.qos, constraint=s.constraint,
         cpus_per_task=s.cpus_per_task, mem_gb=s.mem_gb, signal_delay_s=s.signal_delay_s,
-        max_timeouts=s.max_timeouts, additional=tuple(sorted((str(k), v) for k, v in s.additional_parameters.items())),
+        max_timeouts=s.max_timeouts, additional=tuple(sorted((str(k), _sbatch_value(v))
+                                                             for k, v in s.additional_parameters.items())),
         setup=tuple(s.setup),
     )
+
+
+def _sbatch_value(value):
+    """A value sbatch can take and the allocation can be compared by: lists become a,b,c."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        raise ConfigError(f"cluster.slurm.additional_parameters: {value} is a mapping; sbatch options take a "
+                          "value, a list (joined with commas) or true/false")
+    return value
 
 
 def validate_slurm(run: RunConfig) -> None:
@@ -170,6 +189,37 @@ def _swept_command(jobs: Sequence[SweepJob]) -> str:
             if value not in values:
                 values.append(value)
     return " ".join(f"{k}={','.join(v)}" for k, v in keys.items())
+
+
+def after_task(*, completed: bool, rank: int, received: Sequence[int], stopped_early: bool,
+               requeue_sig: int) -> str:
+    """What a SLURM task does once its rank's training returned.
+
+    fail: the rank raised; exit non-zero so srun (--kill-on-bad-exit) stops the other
+      ranks now instead of after the collective timeout, and the job is marked FAILED.
+    requeue: task 0 after a stop for the time-limit signal (every rank has saved):
+      hand over to submitit, which requeues the job.
+    interrupted: stopped and saved for another signal (SIGTERM: preemption or scancel):
+      exit non-zero, so the submitter does not mistake the saved run for a finished one;
+      a preempted job is requeued by SLURM and resumes.
+    done: finished (or a rank > 0 after the time-limit stop: task 0 requeues).
+    """
+    if not completed:
+        return "fail"
+    if not stopped_early:
+        return "done"
+    if requeue_sig in received:
+        return "requeue" if rank == 0 else "done"
+    return "interrupted"
+
+
+def resume_setting(resume: str | None, restart_count: int, own_checkpoints: bool) -> str | None:
+    """``resume`` for one attempt of a SLURM job: a requeued attempt (restart count > 0)
+    resumes from its own directory's checkpoint when there is one; a first attempt keeps
+    the user's setting, so a reused sweep directory is never resumed by surprise."""
+    if restart_count > 0 and own_checkpoints:
+        return "auto"
+    return resume
 
 
 def requeue_signal() -> signal.Signals:

@@ -55,6 +55,7 @@ class RankContext:
     data_paths: DataPaths
     stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1/SIGUSR2 (parallel.launch)
     stop_signals: Callable[[], list] = lambda: []  # the names of the signals this rank received
+    on_stop: Callable[[], None] = lambda: None  # called when the loop stops early for a signal
 
 
 def build_model(run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None) -> Transformer:
@@ -327,13 +328,14 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             log.log(record)
 
         # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.
-        stop = _any_rank(ctx.stop_requested(), mesh.world_group, device)
+        stop = _any_rank(ctx.stop_requested(), mesh.world_group, device) and not last
         every = run.checkpoint.every
         if (every and (step + 1) % every == 0) or (last and run.checkpoint.save_final) or stop:
             path = ckpt.save(step + 1)
             log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
         if stop:
             stopped_by = ctx.stop_signals() or ["a signal on another rank"]
+            ctx.on_stop()
             log.message(f"moemesh: stop requested ({', '.join(stopped_by)}); stopped after step {step + 1}; "
                         "resume with resume=auto (same run dir) or resume=<checkpoint dir>")
             break

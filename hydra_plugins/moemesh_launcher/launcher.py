@@ -39,7 +39,6 @@ from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TASK_MARKER = "MOEMESH_SUBMITIT_TASK"  # set in the tasks: train.py accepts -m there
 
 
 @dataclass
@@ -51,17 +50,6 @@ class MoemeshSlurmConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="moemesh_slurm", node=MoemeshSlurmConf,
                              provider="moemesh")
-
-
-# squeue's pending reasons that no amount of waiting fixes.
-NEVER_STARTS = {
-    "PartitionConfig": "the request exceeds what its partition allows, e.g. more nodes than it has",
-    "PartitionNodeLimit": "more nodes than the partition allows per job",
-    "PartitionTimeLimit": "cluster.slurm.time_min exceeds the partition's time limit",
-    "BadConstraints": "no node satisfies the constraints (cluster.slurm.constraint, GPUs, memory)",
-    "InvalidAccount": "cluster.slurm.account is not valid here",
-    "InvalidQOS": "cluster.slurm.qos is not valid here",
-}
 
 
 class _Rejected(Exception):
@@ -98,7 +86,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         if shutil.which("sbatch") is None:
             raise _Rejected("cluster=slurm: sbatch is not on PATH; submit from a SLURM login node "
                             "(or run here with cluster=local)")
-        jobs, problems = [], []
+        jobs, problems, runs = [], [], []
         for i, overrides in enumerate(job_overrides):
             index, shown = initial_job_idx + i, _varying(job_overrides, overrides)
             try:
@@ -110,14 +98,24 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                 validate_slurm(run)
                 dims = validate_run(run)
                 jobs.append((SweepJob(index, shown, allocation_for(run, dims.world_size)), list(overrides)))
+                runs.append((index, run))
             except ConfigError as err:
                 problems.append(f"job #{index} ({' '.join(shown)}): {err}")
             except HydraException as err:  # an unknown preset or key: Hydra's first line, and the choices
                 options = getattr(err, "options", None)
                 problems.append(f"job #{index} ({' '.join(shown)}): {str(err).strip().splitlines()[0]}"
                                 + (f"; valid: {', '.join(options)}" if options else ""))
+        shared: Dict[str, List[int]] = {}
+        for job, run in runs:
+            if run.checkpoint.dir:
+                shared.setdefault(str(Path(run.checkpoint.dir).resolve()), []).append(job)
+        for path, indices in shared.items():
+            if len(indices) > 1:
+                problems.append(f"jobs {', '.join('#' + str(i) for i in indices)} share checkpoint.dir={path}: they would "
+                                "overwrite and resume each other's checkpoints; leave it null (each job's run directory)")
         if problems:
-            raise _Rejected(f"nothing was submitted; {len(problems)} of {len(job_overrides)} job(s) invalid: "
+            raise _Rejected(f"nothing was submitted; {len(problems)} problem(s) in this sweep of "
+                            f"{len(job_overrides)} job(s): "
                             + " | ".join(problems))
         slurm_cfg = self.config.cluster.slurm
         return jobs, slurm_cfg.mixed_allocations, bool(slurm_cfg.wait)
@@ -170,32 +168,42 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         return returns
 
     @staticmethod
-    def _watch(handles: dict, poll_s: float = 5.0) -> Dict[int, str]:
+    def _watch(handles: dict) -> Dict[int, str]:
         """Until every job has left the queue: print each job's state when it changes, and
-        cancel a job SLURM will never start (it asks for more than its partition allows).
-        Returns {job index: failure line} for the cancelled ones."""
+        cancel a job SLURM can never start (more nodes than its partition has, an invalid
+        account or QOS). Returns {job index: failure line} for those. Polls squeue every
+        2 s at first, slowing to once a minute after 20 minutes."""
         import subprocess
         import time
 
-        shown, failures = {}, {}
-        waiting = dict(handles)
+        shown, failures, partition_nodes = {}, {}, {}
+        waiting, started = dict(handles), time.monotonic()
         while waiting:
             ids = ",".join(h.job_id for _, h in waiting.values())
-            out = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"], capture_output=True,
+            out = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r|%P|%D"], capture_output=True,
                                  text=True, timeout=60)
             if out.returncode != 0 and "Invalid job id" not in out.stderr:
-                time.sleep(poll_s)  # the controller is busy or restarting: ask again
+                time.sleep(10)  # the controller is busy or restarting: ask again
                 continue
-            queue = {parts[0]: parts[1:] for parts in (l.split("|") for l in out.stdout.splitlines()) if len(parts) == 3}
+            queue = {f[0]: f[1:] for f in (l.split("|") for l in out.stdout.splitlines()) if len(f) == 5}
             for index, (job, handle) in list(waiting.items()):
-                state, reason = queue.get(handle.job_id, ("", ""))
+                state, reason, partition, nodes = queue.get(handle.job_id, ("", "", "", ""))
                 if not state:  # left the queue: finished, failed or cancelled; results() says which
                     del waiting[index]
                     continue
-                if state == "PENDING" and reason in NEVER_STARTS:
+                never = None
+                if state == "PENDING" and reason in ("InvalidAccount", "InvalidQOS"):
+                    never = f"{reason}: check cluster.slurm.account / cluster.slurm.qos"
+                elif state == "PENDING" and reason in ("PartitionConfig", "PartitionNodeLimit") and nodes.isdigit():
+                    if partition not in partition_nodes:
+                        partition_nodes[partition] = _partition_nodes(partition)
+                    have = partition_nodes[partition]
+                    if have is not None and int(nodes) > have:
+                        never = f"{reason}: it needs {nodes} nodes and partition {partition} has {have}"
+                if never:
                     subprocess.run(["scancel", handle.job_id], capture_output=True, timeout=60)
                     failures[index] = (f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
-                                       f"can never start ({reason}: {NEVER_STARTS[reason]}); cancelled it")
+                                       f"can never start ({never}); cancelled it")
                     del waiting[index]
                     continue
                 label = state if state != "PENDING" or reason in ("", "None") else f"{state} ({reason})"
@@ -203,7 +211,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                     shown[index] = label
                     print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {label}", flush=True)
             if waiting:
-                time.sleep(poll_s)
+                time.sleep(min(60.0, 2.0 + (time.monotonic() - started) / 20))
         return failures
 
     @staticmethod
@@ -232,7 +240,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         import submitit
 
         from parallel.launch import install_stop_handlers
-        from parallel.slurm import requeue_signal
+        from parallel.slurm import TASK_MARKER, after_task, requeue_signal
 
         os.environ[TASK_MARKER] = "1"
         requeue_sig = requeue_signal()
@@ -246,18 +254,50 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             job.id = submitit.JobEnvironment().job_id
             job.num = job_num
         run_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        _resume_from_own_checkpoints(config, run_dir)
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        _resume_requeued_attempt(config, run_dir)
+        if rank == 0:  # summary.json must describe this attempt
+            (run_dir / "summary.json").unlink(missing_ok=True)
         ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
-        summary = run_dir / "summary.json"
-        stopped = summary.exists() and json.loads(summary.read_text()).get("stopped_by_signal")
-        if (int(os.environ.get("SLURM_PROCID", "0")) == 0 and requeue_sig in stop.received and stopped
-                and callable(submitit_handler)):
-            # Every rank has saved; let submitit requeue this job (it exits this process).
+        action = after_task(completed=ret.status == JobStatus.COMPLETED, rank=rank, received=stop.received,
+                            stopped_early=stop.stopped_early, requeue_sig=requeue_sig)
+        if action == "fail":
+            err = ret._return_value
+            first = (str(err).strip().splitlines() or [""])[0]
+            print(f"moemesh: error: rank {rank} failed: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        if action == "interrupted":
+            print(f"moemesh: rank {rank} saved and stopped for {'/'.join(stop.names())}: not finished "
+                  "(a preempted job is requeued by SLURM and resumes)", file=sys.stderr, flush=True)
+            sys.exit(128 + stop.received[0])
+        if action == "requeue" and callable(submitit_handler):
+            # Every rank has saved; submitit pickles checkpoint(), requeues the job and exits.
             log.info("moemesh: stopped by %s before the time limit: requeueing", requeue_sig.name)
             submitit_handler(requeue_sig, None)
         return ret
+
+
+def _resume_requeued_attempt(config, run_dir: Path) -> None:
+    from parallel.checkpoint import resolve
+    from parallel.slurm import resume_setting
+
+    ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    own = ckpt_dir.is_dir() and bool(resolve("auto", ckpt_dir))
+    resume = resume_setting(config.get("resume"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), own)
+    if resume != config.get("resume"):
+        with open_dict(config):
+            config.resume = resume
+
+
+def _partition_nodes(partition: str):
+    """How many nodes a partition has in all (any state), or None if sinfo cannot say."""
+    import subprocess
+
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D"], capture_output=True, text=True, timeout=60)
+    counts = [int(x) for x in out.stdout.split() if x.isdigit()]
+    return sum(counts) if out.returncode == 0 and counts else None
 
 
 def _outcome(ret: JobReturn) -> str:
@@ -284,27 +324,21 @@ def _varying(all_overrides: Sequence[Sequence[str]], overrides: Sequence[str]) -
     return [o for o in shown if o not in common] or shown
 
 
-def _resume_from_own_checkpoints(config, run_dir: Path) -> None:
-    """resume=auto unless the user named a checkpoint and this job has none of its own yet.
-
-    A fresh job's directory is empty, so it starts fresh (or from the user's path); a
-    requeued attempt finds the previous attempt's checkpoint in the same directory.
-    """
-    from parallel.checkpoint import resolve
-
-    resume = config.get("resume")
-    ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
-    if resume in (None, "auto") or (ckpt_dir.is_dir() and resolve("auto", ckpt_dir)):
-        with open_dict(config):
-            config.resume = "auto"
-
-
 def _first_moemesh_line(handle: Any, err: Exception) -> str:
-    """The job's own one-line reason (a 'moemesh:' line in a task's stderr), else submitit's."""
+    """The job's own one-line reason (the first 'moemesh:' line in its tasks' stderr, where
+    moemesh writes only errors and stops), else what submitit says, on one line."""
     try:
         lines = (handle.stderr() or "").splitlines()  # every task's stderr
     except Exception:  # noqa: BLE001 - logs may be gone; fall back to submitit's message
         lines = []
-    ours = [l for l in lines if l.startswith("moemesh:") and "error" in l.lower()]
-    reason = ours[0] if ours else (str(err).strip().splitlines() or [type(err).__name__])[0]
+    ours = [l for l in lines if l.startswith("moemesh:")]
+    text = str(err)
+    if ours:
+        reason = ours[0]
+    elif "not requeued because" in text:  # submitit's own limit: cluster.slurm.max_timeouts
+        why = text.split("not requeued because", 1)[1].strip().splitlines()[0].strip(" :.")
+        reason = (f"not requeued again: {why} (cluster.slurm.max_timeouts); the last checkpoint is in the job's "
+                  "run directory: resubmit with resume=<run dir>/checkpoints")
+    else:
+        reason = " ".join(text.split())[:300] or type(err).__name__
     return f"{reason} (logs: {handle.paths.stderr.parent})"

@@ -57,8 +57,48 @@ def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path):
                  "#SBATCH --mail-type=END"):
         assert line in text.splitlines(), line
     setup = text.index("export PYTHONPATH=/repo")
-    assert setup < text.index("module load cuda") < text.index("srun ")
-    assert "--kill-on-bad-exit=1" in text
+    assert setup < text.index("unset RANK WORLD_SIZE") < text.index("module load cuda") < text.index("srun ")
+    assert "--kill-on-bad-exit=1 --distribution=block" in text
+
+
+def test_sbatch_flags_cpus_lists_and_switching_requeue_off(tmp_path):
+    run = _slurm_run(**{"cluster.slurm.cpus_per_task": 6,
+                        "cluster.slurm.additional_parameters": {"requeue": False, "exclusive": False,
+                                                                "nodelist": ["n1", "n2"]}})
+    params = allocation_for(run, 8).executor_parameters(name="train")
+    assert "--cpus-per-task=6" in params["slurm_srun_args"]  # srun (22.05+) does not inherit it
+    assert params["cpus_per_task"] == 6
+    assert params["slurm_additional_parameters"] == {"nodelist": "n1,n2"}  # false flags are left out
+    with pytest.raises(ConfigError, match="additional_parameters"):
+        allocation_for(_slurm_run(**{"cluster.slurm.additional_parameters": {"x": {"y": 1}}}), 8)
+
+
+@pytest.mark.parametrize("completed, rank, received, stopped, expected", [
+    (False, 0, [], False, "fail"),  # a rank raised: exit non-zero so srun stops the others
+    (False, 3, [signal.SIGUSR2], True, "fail"),
+    (True, 0, [], False, "done"),
+    (True, 0, [signal.SIGUSR2], False, "done"),  # the signal came after the last step
+    (True, 0, [signal.SIGUSR2], True, "requeue"),
+    (True, 2, [signal.SIGUSR2], True, "done"),  # task 0 requeues for everyone
+    (True, 0, [signal.SIGTERM, signal.SIGUSR2], True, "requeue"),  # submitit's preemption: TERM then USR2
+    (True, 0, [signal.SIGTERM], True, "interrupted"),  # scancel or SLURM preemption
+    (True, 1, [signal.SIGUSR1], True, "interrupted"),
+])
+def test_what_a_task_does_after_training(completed, rank, received, stopped, expected):
+    from parallel.slurm import after_task
+
+    assert after_task(completed=completed, rank=rank, received=received, stopped_early=stopped,
+                      requeue_sig=signal.SIGUSR2) == expected
+
+
+def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
+    from parallel.slurm import resume_setting
+
+    assert resume_setting(None, 0, True) is None  # first attempt in a reused directory: as the user said
+    assert resume_setting("/ckpt/a", 0, False) == "/ckpt/a"
+    assert resume_setting(None, 1, False) is None  # requeued before any save: fresh again
+    assert resume_setting("/ckpt/a", 2, False) == "/ckpt/a"
+    assert resume_setting(None, 1, True) == "auto" and resume_setting("/ckpt/a", 1, True) == "auto"
 
 
 def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
@@ -136,7 +176,7 @@ def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
                 f"hydra.sweep.dir={tmp_path}/sweep", path=f"{bin_dir}:{os.environ['PATH']}")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: nothing was submitted; 1 of 2 job(s)")
+    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: nothing was submitted; 1 problem(s) in this sweep of 2 job(s)")
     assert "job #1 (parallel=ep4): model.num_experts=6 must be divisible by parallel.expert_parallel_size=4" in lines[0]
     assert not (tmp_path / "sbatch-calls").exists() and not (tmp_path / "sweep" / ".submitit").exists()
 
@@ -167,3 +207,27 @@ def test_sweep_started_inside_srun_tasks_is_refused(tmp_path):
                            f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "every rank would run the sweep on its own" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("steps, stops_early", [(3, True), (1, False)])
+def test_a_stop_request_saves_and_stops_unless_the_run_is_already_done(tmp_path, steps, stops_early):
+    """A signal that lands during the last step must not make a finished run look cut short
+    (a requeued attempt would resume with nothing left to do)."""
+    import torch
+
+    from parallel import checkpoint
+    from parallel.launch import _StopFlag
+    from parallel.mesh import single_rank_mesh
+    from trainer.data import prepare_data
+    from trainer.loop import RankContext, train
+
+    run = tiny_run(**{"trainer.steps": steps})
+    flag = _StopFlag()
+    flag.set(signal.SIGUSR2, None)  # already requested before the first step ends
+    ctx = RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
+                      output_dir=str(tmp_path), data_paths=prepare_data(run.data, seq_len=32, vocab_size=256),
+                      stop_requested=flag.get, stop_signals=flag.names, on_stop=flag.mark_stopped)
+    summary = train(run, ctx)
+    assert flag.stopped_early is stops_early and summary["steps"] == 1
+    assert summary["stopped_by_signal"] == (["SIGUSR2"] if stops_early else None)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == ["step_000001"]
