@@ -149,6 +149,18 @@ def _scontrol_job(job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
 
 
+def test_a_rank_that_raises_fails_the_job_with_its_reason(tmp_path):
+    # Saving into /proc fails on every rank (FileNotFoundError, even as root). The task must
+    # exit non-zero (srun then stops any rank still waiting in a collective) and SLURM must
+    # record the job as FAILED, not COMPLETED.
+    proc, _ = _submit(tmp_path, "parallel=dp2", "trainer.steps=3", "checkpoint.every=1",
+                      "checkpoint.dir=/proc/moemesh-no-such-dir", timeout=180)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: failed:")]
+    assert re.search(r"moemesh: error: rank \d failed: FileNotFoundError: .*moemesh-no-such-dir", line), line
+    assert _sacct(_job_ids(proc.stdout)[0]).get("state") == "FAILED"
+
+
 def _release_requeued(job: str, *more: str) -> None:
     """Start a requeued job now instead of after SLURM's 121 s hold. Not within the second of
     the requeue: slurmd refuses a launch credential issued in the same second as the
