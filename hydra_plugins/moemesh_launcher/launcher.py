@@ -20,6 +20,8 @@ distributed-training sweep needs it to:
 The decisions live in ``parallel/slurm.py``; this module is the Hydra/submitit glue.
 """
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -134,7 +136,8 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             args = [(full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}",
                      Singleton.get_state()) for j in jobs]
             try:
-                submitted = executor.map_array(self, *zip(*args))
+                with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's error; ours says it
+                    submitted = executor.map_array(self, *zip(*args))
             except submitit.core.utils.UncompletedJobError as err:  # sbatch refused (FailedJobError)
                 self._refused(alloc, jobs, err, [h for _, h in handles.values()])
             for job, handle in zip(jobs, submitted):
