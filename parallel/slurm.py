@@ -157,6 +157,13 @@ class SweepJob:
     index: int  # Hydra's job number
     overrides: Sequence[str]  # the job's overrides, as the user would type them
     allocation: Allocation
+    layout: str = ""  # parallel.name, for the SLURM job name
+
+
+def job_name(jobs: Sequence[SweepJob]) -> str:
+    """What squeue shows: moemesh-<layout> for one job or one layout, moemesh-sweep otherwise."""
+    layouts = {j.layout for j in jobs}
+    return f"moemesh-{layouts.pop()}" if len(layouts) == 1 and "" not in layouts else "moemesh-sweep"
 
 
 def group_jobs(jobs: Sequence[SweepJob]) -> dict[Allocation, list[SweepJob]]:

@@ -99,7 +99,8 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                                       "every job needs cluster=slurm")
                 validate_slurm(run)
                 dims = validate_run(run)
-                jobs.append((SweepJob(index, shown, allocation_for(run, dims.world_size)), list(overrides)))
+                jobs.append((SweepJob(index, shown, allocation_for(run, dims.world_size), run.parallel.name),
+                             list(overrides)))
                 runs.append((index, run))
             except ConfigError as err:
                 problems.append(f"job #{index} ({' '.join(shown)}): {err}")
@@ -125,14 +126,15 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
     def _submit(self, groups, full_overrides: Dict[int, List[str]], wait: bool) -> List[JobReturn]:
         import submitit
 
+        from parallel.slurm import job_name
+
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         handles = {}
         for alloc, jobs in groups.items():
             executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster="slurm",
                                              slurm_max_num_timeout=alloc.max_timeouts)
-            executor.update_parameters(**alloc.executor_parameters(name=str(self.config.hydra.job.name),
-                                                                   python_path=str(REPO_ROOT)))
+            executor.update_parameters(**alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT)))
             args = [(full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}",
                      Singleton.get_state()) for j in jobs]
             try:

@@ -107,6 +107,10 @@ def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
             SweepJob(2, ["cluster=slurm", "parallel=ep2_dp8"], a16)]
     groups = group_jobs(jobs)
     assert list(groups) == [a16, a4] and [j.index for j in groups[a16]] == [0, 2]
+    from parallel.slurm import job_name
+
+    assert job_name([SweepJob(0, [], a16, "ep8_dp2")]) == "moemesh-ep8_dp2"
+    assert job_name([SweepJob(0, [], a16, "ep8_dp2"), SweepJob(1, [], a16, "ep2_dp8")]) == "moemesh-sweep"
     message = mixed_allocation_error(groups)
     assert "16 ranks = 2 nodes x 8 tasks" in message and "4 ranks = 1 node x 4 tasks" in message
     assert "python train.py -m cluster=slurm parallel=ep8_dp2,ep2_dp8" in message
