@@ -15,7 +15,8 @@ launcher in ``hydra_plugins/moemesh_launcher``; this module holds what it decide
     submitted (``reject``).
   * the **requeue signal**: submitit asks SLURM for SIGUSR2 ``signal_delay_s`` before the
     time limit; the ranks turn it into a stop request, save at the next step boundary, and
-    the launcher's task then lets submitit requeue the job, which resumes (``resume=auto``).
+    the launcher's task then lets submitit requeue the job, and the requeued attempt resumes
+    from its own run directory (``resume_setting``; what each task does: ``after_task``).
 
 Nothing here imports torch: the launcher runs on login nodes.
 """

@@ -12,10 +12,13 @@ distributed-training sweep needs it to:
 * **Settings from the cluster config.** Partition, account, time limit, constraint,
   extra sbatch parameters and setup lines come from ``cluster.slurm`` of each job, not
   from ``hydra.launcher`` (which Hydra fixes for the whole sweep).
-* **Requeue that resumes.** Each task runs with ``resume=auto`` on its own run directory
-  (a fresh job finds nothing and starts fresh); SIGUSR2 before the time limit becomes a
-  save at the next step boundary on every rank, after which task 0 hands over to
-  submitit, which requeues the job (at most ``cluster.slurm.max_timeouts`` times).
+* **Requeue that resumes.** SIGUSR2 before the time limit becomes a save at the next
+  step boundary on every rank, after which task 0 hands over to submitit, which requeues
+  the job (at most ``cluster.slurm.max_timeouts`` times); a requeued attempt resumes from
+  the newest checkpoint in its own run directory (``parallel.slurm.resume_setting``).
+* **Honest endings.** A rank that raises fails its task (srun then stops the others); a
+  SIGTERM stop (preemption, scancel) exits non-zero after saving, so the submitter never
+  mistakes it for a finished run (``parallel.slurm.after_task``).
 
 The decisions live in ``parallel/slurm.py``; this module is the Hydra/submitit glue.
 """
