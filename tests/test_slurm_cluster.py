@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_train_cli import SMALL as TRAIN_CLI_SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1",
-         "logger.console=false"]
+SMALL = [*TRAIN_CLI_SMALL, "logger.console=false"]
 # This cluster's node has CPUs, not GPUs; each attempt may run 10 minutes.
 SLURM = ["cluster=slurm", "cluster.slurm.request_gpus=false", "cluster.slurm.time_min=10"]
 
