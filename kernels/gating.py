@@ -15,8 +15,10 @@ backend (the reference gets it from a stable descending sort; the kernel takes
 the minimum index among the row's maxima).
 
 Layers: ``_gating_fwd_kernel`` / ``_gating_bwd_kernel`` (Triton), ``_launch_*``
-(checks and allocation), ``_FusedGatingTriton`` (autograd), ``gating_reference``
-(plain torch; the CPU production path).
+(allocation), ``moemesh::fused_gating`` and ``moemesh::fused_gating_backward``
+(torch.library custom ops with fake implementations, autograd registered on the
+forward: torch.compile keeps each as one node), ``gating_triton`` (checks, then
+the op), ``gating_reference`` (plain torch; the CPU production path).
 
 Bytes moved by the Triton path: forward reads T*E logits once and writes T*K ids
 and weights plus T lse; backward reads the logits again and writes T*E grads.
@@ -186,7 +188,7 @@ def _blocks(E: int) -> tuple[int, int]:
     return BLOCK_T, BLOCK_E
 
 
-def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
+def _check_fwd(logits_TE, bias_E, top_k):
     check(logits_TE.dim() == 2, f"fused_gating: logits must be [T, E], got {tuple(logits_TE.shape)}")
     check(logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16),
           f"fused_gating: logits dtype {logits_TE.dtype} is not fp32/fp16/bf16")
@@ -195,7 +197,11 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
     check(E <= 1024, f"fused_gating: E={E} > 1024 does not fit one tile")
     if bias_E is not None:
         check(bias_E.shape == (E,), f"fused_gating: expert bias must be [E={E}], got {tuple(bias_E.shape)}")
-        bias_E = bias_E.contiguous()
+
+
+def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
+    T, E = logits_TE.shape
+    bias_E = bias_E.contiguous() if bias_E is not None else None
     logits_TE = logits_TE.contiguous()
     dev = logits_TE.device
     BLOCK_T, BLOCK_E = _blocks(E)
@@ -229,25 +235,52 @@ def _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
     return dx.to(logits_TE.dtype)
 
 
-class _FusedGatingTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TE, bias_E, top_k, renormalize, sigmoid):
-        ids, weights, counts, ssum, lse = _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
-        ctx.save_for_backward(logits_TE.contiguous(), ids)
-        ctx.renormalize, ctx.sigmoid = renormalize, sigmoid
-        ctx.mark_non_differentiable(ids, counts)
-        return ids, weights, counts, ssum, lse
+if triton is not None:
+    # torch.library custom ops with fake implementations: torch.compile sees each op
+    # as one opaque node with known output shapes and never traces into the launcher.
 
-    @staticmethod
-    def backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
+    @torch.library.custom_op(
+        "moemesh::fused_gating", mutates_args=(),
+        schema="(Tensor logits, Tensor? bias, int top_k, bool renormalize, bool sigmoid)"
+               " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )
+    def _gating_op(logits_TE, bias_E, top_k, renormalize, sigmoid):
+        return _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
+
+    @_gating_op.register_fake
+    def _gating_fake(logits_TE, bias_E, top_k, renormalize, sigmoid):
+        T, E = logits_TE.shape
+        new = logits_TE.new_empty
+        return (new(T, top_k, dtype=torch.int64), new(T, top_k, dtype=torch.float32), new(E, dtype=torch.int64),
+                new(E, dtype=torch.float32), new(T, dtype=torch.float32))
+
+    @torch.library.custom_op(
+        "moemesh::fused_gating_backward", mutates_args=(),
+        schema="(Tensor logits, Tensor ids, Tensor g_weights, Tensor g_score_sum, Tensor g_lse, bool renormalize,"
+               " bool sigmoid) -> Tensor",
+    )
+    def _gating_bwd_op(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
+        return _launch_bwd(logits_TE.contiguous(), ids, g_weights, g_ssum, g_lse, renormalize, sigmoid)
+
+    @_gating_bwd_op.register_fake
+    def _gating_bwd_fake(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
+        return torch.empty_like(logits_TE, memory_format=torch.contiguous_format)
+
+    def _gating_setup(ctx, inputs, output):
+        logits_TE, _bias, _k, ctx.renormalize, ctx.sigmoid = inputs
+        ctx.save_for_backward(logits_TE, output[0])
+
+    def _gating_backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
         logits_TE, ids = ctx.saved_tensors
         T, E = logits_TE.shape
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=logits_TE.device)  # noqa: E731
+        zeros = lambda *shape: logits_TE.new_zeros(shape, dtype=torch.float32)  # noqa: E731
         g_weights = zeros(T, ids.shape[1]) if g_weights is None else g_weights.float()
         g_ssum = zeros(E) if g_ssum is None else g_ssum.float()
         g_lse = zeros(T) if g_lse is None else g_lse.float()
-        dx = _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
+        dx = _gating_bwd_op(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
         return dx, None, None, None, None
+
+    _gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
 
 
 def gating_triton(
@@ -260,7 +293,6 @@ def gating_triton(
 ) -> GatingOutput:
     check(score_func in SCORE_FUNCS, f"fused_gating: score_func={score_func!r} is not one of {SCORE_FUNCS}")
     bias = None if expert_bias_E is None else expert_bias_E.detach().float()
-    ids, weights, counts, ssum, lse = _FusedGatingTriton.apply(
-        logits_TE, bias, top_k, renormalize, score_func == "sigmoid"
-    )
+    _check_fwd(logits_TE, bias, top_k)
+    ids, weights, counts, ssum, lse = _gating_op(logits_TE, bias, top_k, renormalize, score_func == "sigmoid")
     return GatingOutput(topk_ids_TK=ids, topk_weights_TK=weights, counts_E=counts, score_sum_E=ssum, lse_T=lse)

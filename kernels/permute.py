@@ -13,6 +13,8 @@ block (pairwise compare: stable), writes row_map and copies the row. Bytes:
 reads T*K ids twice and T*K*D input rows once, writes N*D rows.
 Backward: grad_x[t] = sum_k grad_rows[pos(t, k)], a token-centric gather-sum
 (the unpermute kernel with unit weights): deterministic, no atomics.
+``moemesh::permute`` wraps the launcher as a torch.library custom op (fake
+implementation, autograd) so that it works under torch.compile.
 """
 from __future__ import annotations
 
@@ -75,11 +77,14 @@ if triton is not None:
 _BLOCK_N = 64
 
 
-def _launch(x_TD, topk_ids_TK, num_experts):
+def _check(x_TD, topk_ids_TK):
     check(x_TD.dim() == 2, f"permute: x must be [T, D], got {tuple(x_TD.shape)}")
     check(topk_ids_TK.dim() == 2 and topk_ids_TK.shape[0] == x_TD.shape[0],
           f"permute: ids must be [T={x_TD.shape[0]}, K], got {tuple(topk_ids_TK.shape)}")
     check(topk_ids_TK.dtype in (torch.int64, torch.int32), f"permute: ids dtype {topk_ids_TK.dtype} is not int")
+
+
+def _launch(x_TD, topk_ids_TK, num_experts):
     x_TD, ids = x_TD.contiguous(), topk_ids_TK.contiguous().view(-1)
     T, D = x_TD.shape
     K, E, NP = topk_ids_TK.shape[1], num_experts, ids.numel()
@@ -104,22 +109,34 @@ def _launch(x_TD, topk_ids_TK, num_experts):
     return rows, row_map, counts_E
 
 
-class _PermuteTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, topk_ids_TK, num_experts):
-        rows, row_map, counts = _launch(x_TD, topk_ids_TK, num_experts)
-        ctx.save_for_backward(row_map)
-        ctx.T, ctx.K = topk_ids_TK.shape
-        ctx.mark_non_differentiable(row_map, counts)
-        return rows, row_map, counts
+if triton is not None:
+    # A torch.library custom op: under torch.compile one node whose row count is a
+    # data-dependent (unbacked) size, so nothing traces into the launcher's host sync.
 
-    @staticmethod
-    def backward(ctx, g_rows, _g_map, _g_counts):
-        from kernels.unpermute import gather_sum
+    @torch.library.custom_op("moemesh::permute", mutates_args=(),
+                             schema="(Tensor x, Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)")
+    def _permute_op(x_TD, topk_ids_TK, num_experts):
+        return _launch(x_TD, topk_ids_TK, num_experts)
+
+    @_permute_op.register_fake
+    def _permute_fake(x_TD, topk_ids_TK, num_experts):
+        n = torch.library.get_ctx().new_dynamic_size()  # kept pairs: known only after routing
+        return (x_TD.new_empty(n, x_TD.shape[1]), topk_ids_TK.new_empty(n, dtype=torch.int64),
+                topk_ids_TK.new_empty(num_experts, dtype=torch.int64))
+
+    def _permute_setup(ctx, inputs, output):
+        ctx.T, ctx.K = inputs[1].shape
+        ctx.save_for_backward(output[1])
+
+    def _permute_backward(ctx, g_rows, _g_map, _g_counts):
+        from kernels.unpermute import gather_sum_op
 
         (row_map,) = ctx.saved_tensors
-        return gather_sum(g_rows, row_map, None, ctx.T, ctx.K), None, None
+        return gather_sum_op(g_rows, row_map, None, ctx.T, ctx.K), None, None
+
+    _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
 def permute_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
-    return _PermuteTriton.apply(x_TD, topk_ids_TK, num_experts)
+    _check(x_TD, topk_ids_TK)
+    return _permute_op(x_TD, topk_ids_TK, num_experts)

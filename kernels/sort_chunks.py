@@ -8,6 +8,8 @@ Triton path: ``_sort_chunks_kernel`` finds each output row's chunk by comparing
 its index with the R*e output chunk starts (no host sync, no per-chunk launch)
 and copies the row. Bytes: reads and writes M*D once. The backward of a
 permutation is the inverse permutation: the same kernel with counts transposed.
+``moemesh::sort_chunks`` is a torch.library custom op with a fake
+implementation, so it works under torch.compile.
 """
 from __future__ import annotations
 
@@ -66,8 +68,6 @@ if triton is not None:
 
 
 def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
-    check(rows_MD.dim() == 2, f"sort_chunks: rows must be [M, D], got {tuple(rows_MD.shape)}")
-    check(counts_Re.dim() == 2, f"sort_chunks: counts must be [R, e], got {tuple(counts_Re.shape)}")
     rows_MD = rows_MD.contiguous()
     M, D = rows_MD.shape
     out = torch.empty_like(rows_MD)
@@ -83,19 +83,31 @@ def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _SortChunksTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows_MD, counts_Re):
-        ctx.save_for_backward(counts_Re)
+if triton is not None:
+    # A torch.library custom op (fake implementation, autograd): one node under
+    # torch.compile. Its backward is itself with the counts transposed.
+
+    @torch.library.custom_op("moemesh::sort_chunks", mutates_args=(), schema="(Tensor rows, Tensor counts) -> Tensor")
+    def _sort_chunks_op(rows_MD, counts_Re):
         return _launch(rows_MD, counts_Re)
 
-    @staticmethod
-    def backward(ctx, g_out):
+    @_sort_chunks_op.register_fake
+    def _sort_chunks_fake(rows_MD, counts_Re):
+        return torch.empty_like(rows_MD, memory_format=torch.contiguous_format)
+
+    def _sort_chunks_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _sort_chunks_backward(ctx, g_out):
         (counts_Re,) = ctx.saved_tensors
-        return _launch(g_out, counts_Re.t()), None
+        return _sort_chunks_op(g_out, counts_Re.t()), None
+
+    _sort_chunks_op.register_autograd(_sort_chunks_backward, setup_context=_sort_chunks_setup)
 
 
 def sort_chunks_triton(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
+    check(rows_MD.dim() == 2, f"sort_chunks: rows must be [M, D], got {tuple(rows_MD.shape)}")
+    check(counts_Re.dim() == 2, f"sort_chunks: counts must be [R, e], got {tuple(counts_Re.shape)}")
     if counts_Re.shape[0] == 1 or counts_Re.shape[1] == 1:
         return rows_MD
-    return _SortChunksTriton.apply(rows_MD, counts_Re)
+    return _sort_chunks_op(rows_MD, counts_Re)

@@ -10,7 +10,9 @@ rows[pos[t,k]]): each output row is written once, in k order: deterministic, no
 atomics. Its backward, ``_unpermute_bwd_kernel``, is row-centric: grad_rows[n] =
 w * grad_out[t] and grad_w[t, k] = <grad_out[t], rows[n]>, each pair owning its
 own slot. Bytes: forward reads N*D rows and writes T*D; backward reads T*D grads
-(per row that uses them) and N*D rows, writes N*D.
+(per row that uses them) and N*D rows, writes N*D. Both are torch.library custom
+ops (``moemesh::unpermute``, ``moemesh::unpermute_backward``) with fake
+implementations, so they work under torch.compile.
 """
 from __future__ import annotations
 
@@ -97,33 +99,67 @@ def gather_sum(rows_ND, row_map_N, weights_TK, T: int, K: int) -> torch.Tensor:
     return out
 
 
-class _UnpermuteTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows_ND, row_map_N, weights_TK):
-        check(rows_ND.dim() == 2, f"unpermute: rows must be [N, D], got {tuple(rows_ND.shape)}")
-        check(row_map_N.shape == (rows_ND.shape[0],),
-              f"unpermute: row_map must be [N={rows_ND.shape[0]}], got {tuple(row_map_N.shape)}")
-        check(weights_TK.dim() == 2, f"unpermute: weights must be [T, K], got {tuple(weights_TK.shape)}")
-        T, K = weights_TK.shape
-        ctx.save_for_backward(rows_ND, row_map_N, weights_TK)
+def _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK):
+    T, K = weights_TK.shape
+    N, D = rows_ND.shape
+    rows_ND, g_out = rows_ND.contiguous(), g_out.contiguous()
+    g_rows = torch.empty_like(rows_ND)
+    g_w = torch.zeros(T * K, dtype=torch.float32, device=rows_ND.device)
+    if N > 0 and D > 0:
+        BLOCK_N = 16
+        _unpermute_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+            g_out, rows_ND, row_map_N, weights_TK.contiguous(), g_rows, g_w, N, D, g_out.stride(0),
+            rows_ND.stride(0), K=K, BLOCK_N=BLOCK_N, BLOCK_D=min(128, next_pow2(D)),
+        )
+    return g_rows, g_w.view(T, K).to(weights_TK.dtype)
+
+
+if triton is not None:
+    # torch.library custom ops with fake implementations: torch.compile keeps each
+    # as one node. gather_sum also serves as permute's backward (no weights).
+
+    @torch.library.custom_op("moemesh::gather_sum", mutates_args=(),
+                             schema="(Tensor rows, Tensor row_map, Tensor? weights, SymInt T, SymInt K) -> Tensor")
+    def gather_sum_op(rows_ND, row_map_N, weights_TK, T, K):
         return gather_sum(rows_ND, row_map_N, weights_TK, T, K)
 
-    @staticmethod
-    def backward(ctx, g_out):
+    @gather_sum_op.register_fake
+    def _gather_sum_fake(rows_ND, row_map_N, weights_TK, T, K):
+        return rows_ND.new_empty(T, rows_ND.shape[1])
+
+    @torch.library.custom_op("moemesh::unpermute", mutates_args=(),
+                             schema="(Tensor rows, Tensor row_map, Tensor weights) -> Tensor")
+    def _unpermute_op(rows_ND, row_map_N, weights_TK):
+        return gather_sum(rows_ND, row_map_N, weights_TK, *weights_TK.shape)
+
+    @_unpermute_op.register_fake
+    def _unpermute_fake(rows_ND, row_map_N, weights_TK):
+        return rows_ND.new_empty(weights_TK.shape[0], rows_ND.shape[1])
+
+    @torch.library.custom_op("moemesh::unpermute_backward", mutates_args=(),
+                             schema="(Tensor g_out, Tensor rows, Tensor row_map, Tensor weights) -> (Tensor, Tensor)")
+    def _unpermute_bwd_op(g_out, rows_ND, row_map_N, weights_TK):
+        return _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK)
+
+    @_unpermute_bwd_op.register_fake
+    def _unpermute_bwd_fake(g_out, rows_ND, row_map_N, weights_TK):
+        return (torch.empty_like(rows_ND, memory_format=torch.contiguous_format),
+                torch.empty_like(weights_TK, memory_format=torch.contiguous_format))
+
+    def _unpermute_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _unpermute_backward(ctx, g_out):
         rows_ND, row_map_N, weights_TK = ctx.saved_tensors
-        T, K = weights_TK.shape
-        N, D = rows_ND.shape
-        rows_ND, g_out = rows_ND.contiguous(), g_out.contiguous()
-        g_rows = torch.empty_like(rows_ND)
-        g_w = torch.zeros(T * K, dtype=torch.float32, device=rows_ND.device)
-        if N > 0 and D > 0:
-            BLOCK_N = 16
-            _unpermute_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-                g_out, rows_ND, row_map_N, weights_TK.contiguous(), g_rows, g_w, N, D, g_out.stride(0),
-                rows_ND.stride(0), K=K, BLOCK_N=BLOCK_N, BLOCK_D=min(128, next_pow2(D)),
-            )
-        return g_rows, None, g_w.view(T, K).to(weights_TK.dtype)
+        g_rows, g_w = _unpermute_bwd_op(g_out, rows_ND, row_map_N, weights_TK)
+        return g_rows, None, g_w
+
+    _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
 def unpermute_triton(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-    return _UnpermuteTriton.apply(rows_ND, row_map_N, topk_weights_TK)
+    check(rows_ND.dim() == 2, f"unpermute: rows must be [N, D], got {tuple(rows_ND.shape)}")
+    check(row_map_N.shape == (rows_ND.shape[0],),
+          f"unpermute: row_map must be [N={rows_ND.shape[0]}], got {tuple(row_map_N.shape)}")
+    check(topk_weights_TK.dim() == 2, f"unpermute: weights must be [T, K], got {tuple(topk_weights_TK.shape)}")
+    return _unpermute_op(rows_ND, row_map_N, topk_weights_TK)

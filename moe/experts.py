@@ -74,7 +74,10 @@ class GroupedExperts(nn.Module):
         w1, w3, w2 = (w.to(x_MD.dtype) for w in (self.w1_eDF, self.w3_eDF, self.w2_eFD))
         # _grouped_mm needs 16-byte aligned strides: D and F a multiple of 4 (fp32) or 8 (bf16).
         aligned = all(n * x_MD.element_size() % 16 == 0 for n in w1.shape[1:])
-        if self.use_grouped_mm and aligned:
+        # torch.compile traces _grouped_mm through its meta function, which accepts only
+        # bf16 (eager CPU also takes fp32): compiled fp32 takes the loop.
+        traceable = x_MD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        if self.use_grouped_mm and aligned and traceable:
             offs_e = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)
             h_MF = F.silu(_grouped_mm(x_MD, w1, offs_e)) * _grouped_mm(x_MD, w3, offs_e)
             return _grouped_mm(h_MF, w2, offs_e)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check (kernels issue): on a CUDA machine, run the
-# Triton kernel tests compiled (not interpreted) and the kernel and MoE-layer
-# benchmarks. Installs nothing beyond the requirements; ends within 5 minutes.
+# Triton kernel tests compiled (not interpreted), the ops under torch.compile, and
+# the kernel and MoE-layer benchmarks. Installs nothing beyond the requirements; ends within 5 minutes.
 #
 #   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
 #
@@ -23,11 +23,12 @@ if [ -d .gpu-wheels ]; then
   $PY -m pip install --quiet --no-index --find-links .gpu-wheels hydra-core omegaconf hypothesis || status=1
 fi
 
-section "kernel tests, compiled on CUDA"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py || status=1
+section "kernel tests, compiled on CUDA (and the ops under torch.compile)"
+timeout 170 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py \
+  || status=1
 
 section "bench_kernels"
-timeout 90 $PY scripts/bench_kernels.py || status=1
+timeout 85 $PY scripts/bench_kernels.py || status=1
 
 section "bench_moe"
 timeout 30 $PY scripts/bench_moe.py || status=1

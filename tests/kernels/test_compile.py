@@ -1,0 +1,112 @@
+"""The Triton ops under torch.compile.
+
+Each op is a torch.library custom op with a fake implementation, so dynamo and
+AOTAutograd keep it as one opaque node (permute's row count becomes an unbacked
+size) and never trace into the launcher. Here: the whole token path compiles as
+one graph (fullgraph=True) forward and backward, the graphs hold the ops as
+nodes, the compiled values equal eager ones, and the MoE layer compiles.
+
+On this CPU the kernels inside the nodes run under TRITON_INTERPRET=1; the
+inductor test needs a C++ compiler for the code around them.
+"""
+import shutil
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+from kernels import TORCH_OPS, TRITON_OPS
+from kernels._triton import can_run_triton, interpreting
+
+DEVICE = "cpu" if interpreting() else "cuda"
+pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
+GRAD = dict(rtol=1e-4, atol=1e-5)  # as in test_triton_kernels: kernels sum in another order
+T, E, K, D = 13, 8, 2, 37
+
+
+def token_path(ops, logits_TE, x_TD):
+    """gating -> permute -> rank-major to expert-major and back (R=2, e=4) -> unpermute."""
+    g = ops.gating(logits_TE, top_k=K, renormalize=True)
+    rows, row_map, counts = ops.permute(x_TD, g.topk_ids_TK, E)
+    y = ops.sort_chunks(rows * 2.0, counts.view(2, 4))
+    y = ops.sort_chunks(y, counts.view(2, 4).t())
+    out = ops.unpermute(y, row_map, g.topk_weights_TK)
+    return (out ** 2).sum() + g.lse_T.sum() + (g.score_sum_E ** 2).sum()
+
+
+def _run(fn):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, E, generator=gen).to(DEVICE).requires_grad_()
+    x = torch.randn(T, D, generator=gen).to(DEVICE).requires_grad_()
+    loss = fn(logits, x)
+    loss.backward()
+    return loss.detach(), logits.grad, x.grad
+
+
+def _targets(graphs):
+    return {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_token_path_compiles_as_one_graph_with_the_ops_as_nodes():
+    fw, bw = [], []
+
+    def keep(store):
+        def compiler(gm, _inputs):
+            store.append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep(fw), bw_compiler=keep(bw))
+    compiled = _run(torch.compile(lambda lg, x: token_path(TRITON_OPS, lg, x), backend=backend, fullgraph=True))
+    eager = _run(lambda lg, x: token_path(TRITON_OPS, lg, x))
+    reference = _run(lambda lg, x: token_path(TORCH_OPS, lg, x))
+    assert len(fw) == 1 and len(bw) == 1  # one graph each way: no graph break
+    assert {"moemesh.fused_gating.default", "moemesh.permute.default", "moemesh.sort_chunks.default",
+            "moemesh.unpermute.default"} <= _targets(fw)
+    assert {"moemesh.fused_gating_backward.default", "moemesh.gather_sum.default", "moemesh.sort_chunks.default",
+            "moemesh.unpermute_backward.default"} <= _targets(bw)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernels: bit-identical
+    for got, want in zip(compiled, reference):
+        torch.testing.assert_close(got, want, **GRAD)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor on CPU needs a C++ compiler (g++/c++), none on PATH")
+def test_token_path_under_inductor_equals_the_reference():
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(lambda lg, x: token_path(TRITON_OPS, lg, x), fullgraph=True))
+    reference = _run(lambda lg, x: token_path(TORCH_OPS, lg, x))
+    for got, want in zip(compiled, reference):
+        torch.testing.assert_close(got, want, **GRAD)
+
+
+def test_moe_layer_compiles_with_triton_ops():
+    from conf.schema import ModelConfig
+    from moe.layer import MoELayer
+
+    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20)
+    layers = [MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, ops=ops) for ops in (TORCH_OPS,
+                                                                                                 TRITON_OPS)]
+    torch.manual_seed(0)
+    for p in layers[0].parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layers[1].load_state_dict(layers[0].state_dict())
+    torch._dynamo.reset()
+    forwards = [layers[0], torch.compile(layers[1], backend="aot_eager")]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 24, generator=gen).to(DEVICE)
+    res = []
+    for layer, fwd in zip(layers, forwards):
+        layer.to(DEVICE)
+        xi = x.clone().requires_grad_()
+        out, st = fwd(xi)
+        ((out ** 2).sum() + st.losses.aux_loss + st.losses.z_loss).backward()
+        res.append((out, st.counts_E, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    torch.testing.assert_close(res[1][0], res[0][0], **GRAD)
+    assert torch.equal(res[1][1], res[0][1])
+    torch.testing.assert_close(res[1][2], res[0][2], **GRAD)
+    for name, grad in res[0][3].items():
+        torch.testing.assert_close(res[1][3][name], grad, **GRAD, msg=lambda m, n=name: f"{n}: {m}")
