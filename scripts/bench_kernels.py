@@ -3,7 +3,7 @@
     python scripts/bench_kernels.py [--tokens 16384 --experts 64 --top-k 8 --hidden 4096]
 
 On CUDA: each op (gating, permute, sort_chunks, unpermute) and the chain gating +
-permute + unpermute, forward and forward+backward, timed with
+permute + unpermute forward, and the chain forward+backward, timed with
 triton.testing.do_bench for the Triton kernels, the eager torch reference and
 torch.compile of the reference. GB/s counts the bytes each op must move at least
 (listed per op below); the peak is --peak-gbps or, for known devices, the datasheet
@@ -84,6 +84,53 @@ def _chain(ops, logits, x, K, E):
     return ops.unpermute(rows, row_map, gate.topk_weights_TK)
 
 
+def _chain_fwd_bwd(forward, T, E, D, dtype, device):
+    """forward(logits, x) then the gradients of logits and x, as a training step runs it."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    logits = torch.randn(T, E, generator=g).to(device).requires_grad_()
+    x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    grad_out = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
+
+    def step():
+        return torch.autograd.grad(forward(logits, x), (logits, x), grad_out)
+
+    return step
+
+
+def _triton_table(cases, timer, peak, fwd_bwd, compile_backend) -> None:
+    """Triton against the eager and the compiled reference, one row per op."""
+    compiled = {}
+
+    def compiled_ref(op, fn):
+        if op not in compiled:
+            compiled[op] = torch.compile(lambda: fn(TORCH_OPS), backend=compile_backend)
+        return compiled[op]
+
+    def timed(fn, what):
+        try:
+            return timer(fn)
+        except Exception as err:  # e.g. a reference torch.compile cannot trace
+            print(f"  ({what}: {type(err).__name__}: {str(err).splitlines()[0][:160]})", flush=True)
+            return float("nan")
+
+    print(f"peak HBM {peak or '?'} GB/s", flush=True)
+    print("| op (forward) | triton ms | GB/s | % of peak | eager ms | compiled ms | vs eager | vs compiled |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for op, (fn, nbytes) in cases.items():
+        t_tri = timer(lambda: fn(TRITON_OPS))
+        t_eager = timer(lambda: fn(TORCH_OPS))
+        t_comp = timed(compiled_ref(op, fn), f"torch.compile of the {op} reference")
+        gbps = nbytes / t_tri / 1e9
+        pct = f"{100 * gbps / peak:.0f}%" if peak else "?"
+        print(f"| {op} | {t_tri * 1e3:.3f} | {gbps:.0f} | {pct} | {t_eager * 1e3:.3f} | {t_comp * 1e3:.3f} | "
+              f"{t_eager / t_tri:.2f}x | {t_comp / t_tri:.2f}x |", flush=True)
+    # Forward + backward of the chain: time and speedups only (the backward's bytes
+    # depend on which inputs need gradients).
+    tri, eager, comp = (timed(step, f"fwd+bwd {name}") for name, step in fwd_bwd.items())
+    print(f"| gating+permute+unpermute fwd+bwd | {tri * 1e3:.3f} | | | {eager * 1e3:.3f} | {comp * 1e3:.3f} | "
+          f"{eager / tri:.2f}x | {comp / tri:.2f}x |", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=None)
@@ -91,46 +138,39 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--peak-gbps", type=float, default=None)
+    p.add_argument("--interpret-smoke", action="store_true",
+                   help="run the CUDA table's code on this CPU with TRITON_INTERPRET=1 kernels and one timing "
+                        "each: a test of the script, not a measurement")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
+    smoke = a.interpret_smoke and not cuda
+    if smoke and not can_run_triton("cpu"):
+        sys.exit("--interpret-smoke: set TRITON_INTERPRET=1 before starting (and pip install triton)")
     device = "cuda" if cuda else "cpu"
     T = a.tokens or (16384 if cuda else 2048)
     D = a.hidden or (4096 if cuda else 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     E, K = a.experts, a.top_k
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    peak = _peak(name, a.peak_gbps) if cuda else None
-    print(f"moemesh bench_kernels — {name}, torch {torch.__version__}, T={T} E={E} K={K} D={D} {dtype}")
+    peak = _peak(name, a.peak_gbps) if cuda else a.peak_gbps
+    print(f"moemesh bench_kernels — {name}, torch {torch.__version__}, T={T} E={E} K={K} D={D} {dtype}", flush=True)
     cases = _cases(T, E, K, D, dtype, device)
-    if not (cuda and can_run_triton("cuda")):
+    if not ((cuda and can_run_triton("cuda")) or smoke):
         print("(CPU: the torch reference, which is the production path here)")
         print("| op | ms | GB/s |\n|---|---|---|")
         for op, (fn, nbytes) in cases.items():
             t = _time_cpu(lambda: fn(TORCH_OPS))
             print(f"| {op} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")
         return
-    compiled = {}
-
-    def compiled_ref(op, fn):
-        if op not in compiled:
-            compiled[op] = torch.compile(lambda: fn(TORCH_OPS))
-        return compiled[op]
-
-    print(f"peak HBM {peak or '?'} GB/s")
-    print("| op (forward) | triton ms | GB/s | % of peak | eager ms | compiled ms | vs eager | vs compiled |")
-    print("|---|---|---|---|---|---|---|---|")
-    for op, (fn, nbytes) in cases.items():
-        t_tri = _time_cuda(lambda: fn(TRITON_OPS))
-        t_eager = _time_cuda(lambda: fn(TORCH_OPS))
-        try:
-            t_comp = _time_cuda(compiled_ref(op, fn))
-        except Exception as err:  # a reference torch.compile cannot trace (host syncs)
-            print(f"  (torch.compile of {op}: {type(err).__name__})")
-            t_comp = float("nan")
-        gbps = nbytes / t_tri / 1e9
-        pct = f"{100 * gbps / peak:.0f}%" if peak else "?"
-        print(f"| {op} | {t_tri * 1e3:.3f} | {gbps:.0f} | {pct} | {t_eager * 1e3:.3f} | {t_comp * 1e3:.3f} | "
-              f"{t_eager / t_tri:.2f}x | {t_comp / t_tri:.2f}x |")
+    if smoke:
+        print("(--interpret-smoke: interpreted kernels, one run each; the numbers mean nothing)")
+    chain = {name: (lambda ops: lambda lg, x: _chain(ops, lg, x, K, E))(ops)
+             for name, ops in (("triton", TRITON_OPS), ("eager", TORCH_OPS))}
+    compile_backend = "aot_eager" if smoke else "inductor"  # the smoke test checks plumbing, not inductor
+    chain["compiled"] = torch.compile(chain["eager"], backend=compile_backend)
+    fwd_bwd = {name: _chain_fwd_bwd(fwd, T, E, D, dtype, device) for name, fwd in chain.items()}
+    timer = (lambda fn: _time_cpu(fn, repeats=1)) if smoke else _time_cuda
+    _triton_table(cases, timer, peak, fwd_bwd, compile_backend)
 
 
 if __name__ == "__main__":

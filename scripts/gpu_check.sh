@@ -3,7 +3,7 @@
 # Triton kernel tests compiled (not interpreted), the ops under torch.compile, and
 # the kernel and MoE-layer benchmarks. Installs nothing beyond the requirements; ends within 5 minutes.
 #
-#   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
+#   bash scripts/gpu_check.sh 2>&1 | tee "${OUT:-.}/gpu_check.log"
 #
 # Where the GPU machine has no package index, put wheels of the requirements in
 # .gpu-wheels/ first (pip download -d .gpu-wheels hydra-core==1.3.8 omegaconf==2.3.1
@@ -11,6 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1  # a section cut by its timeout still shows what it printed
 PY=${PYTHON:-python3}
 status=0
 section() { printf '\n== %s ==\n' "$1"; }
@@ -24,11 +25,11 @@ if [ -d .gpu-wheels ]; then
 fi
 
 section "kernel tests, compiled on CUDA (and the ops under torch.compile)"
-timeout 170 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py \
+timeout 160 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py \
   || status=1
 
 section "bench_kernels"
-timeout 85 $PY scripts/bench_kernels.py || status=1
+timeout 100 $PY scripts/bench_kernels.py || status=1
 
 section "bench_moe"
 timeout 30 $PY scripts/bench_moe.py || status=1

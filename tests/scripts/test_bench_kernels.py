@@ -1,0 +1,34 @@
+"""scripts/bench_kernels.py's CUDA table, run on this CPU with interpreted kernels.
+
+The table's code (Triton vs eager vs torch.compile of the reference, the chain's
+forward+backward) otherwise runs only on a GPU; this keeps the first GPU session
+from spending its device time on a broken script. The timings are not checked.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels._triton import triton_available
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton==3.9.0)")
+def test_cuda_table_code_runs_under_the_interpreter(repo_root):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_kernels.py", "--interpret-smoke", "--tokens", "33", "--experts", "16",
+         "--top-k", "2", "--hidden", "24", "--peak-gbps", "100"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
+    for op in ("gating", "permute", "sort_chunks", "unpermute", "gating+permute+unpermute",
+               "gating+permute+unpermute fwd+bwd"):
+        assert op in rows, out.stdout
+        cells = rows[op]
+        # triton, eager and compiled times were all measured (no nan from a failed path)
+        assert all(c.strip() and c.strip() != "nan" for c in (cells[0], cells[3], cells[4])), (op, cells)
+    assert "%" in rows["gating"][2]  # % of the given peak
+    assert not [line for line in lines if line.startswith("  (")], out.stdout  # no note of a failed path
