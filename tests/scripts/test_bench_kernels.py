@@ -32,3 +32,20 @@ def test_cuda_table_code_runs_under_the_interpreter(repo_root):
         assert all(c.strip() and c.strip() != "nan" for c in (cells[0], cells[3], cells[4])), (op, cells)
     assert "%" in rows["gating"][2]  # % of the given peak
     assert not [line for line in lines if line.startswith("  (")], out.stdout  # no note of a failed path
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton==3.9.0)")
+def test_bench_moe_times_each_kernel_backend(repo_root):
+    """bench_moe's --kernels rows (on CUDA: triton and torch side by side), here interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_moe.py", "--tokens", "24", "--hidden", "16", "--ffn", "16", "--repeats", "1",
+         "--kernels", "triton,torch"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for label in ("grouped_mm, triton", "grouped_mm, torch", "per-expert loop, torch"):
+        assert f"{label}):" in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "scripts/bench_moe.py", "--kernels", "cuda"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "kernels.backend='cuda' is not one of auto, triton, torch" in bad.stderr
