@@ -66,7 +66,7 @@ if triton is not None:
         pos = tl.load(base_ptr + pid * (E + 1) + key, mask=valid, other=0) + rank
         keep = valid & (ids >= 0)
         tl.store(row_map_ptr + pos, offs.to(tl.int64), mask=keep)
-        token = offs // K
+        token = (offs // K).to(tl.int64)  # int64 offsets: T*D may pass 2**31
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             m = keep[:, None] & (cols < D)[None, :]

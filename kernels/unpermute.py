@@ -49,7 +49,7 @@ if triton is not None:
             if HAS_W:
                 v = v * tl.load(w_ptr + toks * K + k, mask=has, other=0.0).to(tl.float32)[:, None]
             acc += v
-        tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + toks[:, None].to(tl.int64) * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None] & dmask[None, :])
 
     @triton.jit
@@ -61,6 +61,7 @@ if triton is not None:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         pair = tl.load(row_map_ptr + n, mask=nmask, other=0)
+        n = n.to(tl.int64)  # int64 offsets: N*D may pass 2**31
         tok = pair // K
         w = tl.load(w_ptr + pair, mask=nmask, other=0.0).to(tl.float32)
         dot = tl.zeros([BLOCK_N], dtype=tl.float32)
