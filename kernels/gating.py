@@ -17,8 +17,9 @@ the minimum index among the row's maxima).
 Layers: ``_gating_fwd_kernel`` / ``_gating_bwd_kernel`` (Triton), ``_launch_*``
 (allocation), ``moemesh::fused_gating`` and ``moemesh::fused_gating_backward``
 (torch.library custom ops with fake implementations, autograd registered on the
-forward: torch.compile keeps each as one node), ``gating_triton`` (checks, then
-the op), ``gating_reference`` (plain torch; the CPU production path).
+forward: torch.compile keeps each as one node), ``_FusedGating`` (the same as an
+autograd.Function, for eager calls), ``gating_triton`` (checks, then one of the
+two), ``gating_reference`` (plain torch; the CPU production path).
 
 Bytes moved by the Triton path: forward reads T*E logits once and writes T*K ids
 and weights plus T lse; backward reads the logits again and writes T*E grads.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import check, next_pow2, tl, triton
+from kernels._triton import check, next_pow2, pick, tl, triton
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
 
 
 def _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
+    logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape
     K = ids.shape[1]
     dx = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
@@ -260,7 +262,7 @@ if triton is not None:
                " bool sigmoid) -> Tensor",
     )
     def _gating_bwd_op(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
-        return _launch_bwd(logits_TE.contiguous(), ids, g_weights, g_ssum, g_lse, renormalize, sigmoid)
+        return _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid)
 
     @_gating_bwd_op.register_fake
     def _gating_bwd_fake(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
@@ -270,17 +272,33 @@ if triton is not None:
         logits_TE, _bias, _k, ctx.renormalize, ctx.sigmoid = inputs
         ctx.save_for_backward(logits_TE, output[0])
 
-    def _gating_backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
+    def _gating_grad(ctx, g_weights, g_ssum, g_lse, backward_fn):
         logits_TE, ids = ctx.saved_tensors
         T, E = logits_TE.shape
         zeros = lambda *shape: logits_TE.new_zeros(shape, dtype=torch.float32)  # noqa: E731
         g_weights = zeros(T, ids.shape[1]) if g_weights is None else g_weights.float()
         g_ssum = zeros(E) if g_ssum is None else g_ssum.float()
         g_lse = zeros(T) if g_lse is None else g_lse.float()
-        dx = _gating_bwd_op(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
-        return dx, None, None, None, None
+        return backward_fn(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
+
+    def _gating_backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
+        return _gating_grad(ctx, g_weights, g_ssum, g_lse, _gating_bwd_op), None, None, None, None
 
     _gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
+
+    class _FusedGating(torch.autograd.Function):
+        """The eager path: the same launchers without the custom op's dispatch (see _triton.pick)."""
+
+        @staticmethod
+        def forward(ctx, logits_TE, bias_E, top_k, renormalize, sigmoid):
+            out = _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
+            _gating_setup(ctx, (logits_TE, bias_E, top_k, renormalize, sigmoid), out)
+            ctx.mark_non_differentiable(out[0], out[2])
+            return out
+
+        @staticmethod
+        def backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
+            return _gating_grad(ctx, g_weights, g_ssum, g_lse, _launch_bwd), None, None, None, None
 
 
 def gating_triton(
@@ -294,5 +312,6 @@ def gating_triton(
     check(score_func in SCORE_FUNCS, f"fused_gating: score_func={score_func!r} is not one of {SCORE_FUNCS}")
     bias = None if expert_bias_E is None else expert_bias_E.detach().float()
     _check_fwd(logits_TE, bias, top_k)
-    ids, weights, counts, ssum, lse = _gating_op(logits_TE, bias, top_k, renormalize, score_func == "sigmoid")
+    op = pick(_gating_op, _FusedGating.apply)
+    ids, weights, counts, ssum, lse = op(logits_TE, bias, top_k, renormalize, score_func == "sigmoid")
     return GatingOutput(topk_ids_TK=ids, topk_weights_TK=weights, counts_E=counts, score_sum_E=ssum, lse_T=lse)

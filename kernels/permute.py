@@ -14,13 +14,14 @@ reads T*K ids twice and T*K*D input rows once, writes N*D rows.
 Backward: grad_x[t] = sum_k grad_rows[pos(t, k)], a token-centric gather-sum
 (the unpermute kernel with unit weights): deterministic, no atomics.
 ``moemesh::permute`` wraps the launcher as a torch.library custom op (fake
-implementation, autograd) so that it works under torch.compile.
+implementation, autograd) so that it works under torch.compile; eager calls take
+``_Permute``, an autograd.Function over the same launchers.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import check, next_pow2, tl, triton
+from kernels._triton import check, next_pow2, pick, tl, triton
 
 
 def permute_reference(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
@@ -136,7 +137,24 @@ if triton is not None:
 
     _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
+    class _Permute(torch.autograd.Function):
+        """The eager path: the same launchers without the custom op's dispatch (see _triton.pick)."""
+
+        @staticmethod
+        def forward(ctx, x_TD, topk_ids_TK, num_experts):
+            out = _launch(x_TD, topk_ids_TK, num_experts)
+            _permute_setup(ctx, (x_TD, topk_ids_TK, num_experts), out)
+            ctx.mark_non_differentiable(out[1], out[2])
+            return out
+
+        @staticmethod
+        def backward(ctx, g_rows, _g_map, _g_counts):
+            from kernels.unpermute import gather_sum
+
+            (row_map,) = ctx.saved_tensors
+            return gather_sum(g_rows, row_map, None, ctx.T, ctx.K), None, None
+
 
 def permute_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
     _check(x_TD, topk_ids_TK)
-    return _permute_op(x_TD, topk_ids_TK, num_experts)
+    return pick(_permute_op, _Permute.apply)(x_TD, topk_ids_TK, num_experts)

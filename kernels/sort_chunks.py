@@ -9,13 +9,14 @@ its index with the R*e output chunk starts (no host sync, no per-chunk launch)
 and copies the row. Bytes: reads and writes M*D once. The backward of a
 permutation is the inverse permutation: the same kernel with counts transposed.
 ``moemesh::sort_chunks`` is a torch.library custom op with a fake
-implementation, so it works under torch.compile.
+implementation, so it works under torch.compile; eager calls take ``_SortChunks``,
+an autograd.Function over the same launcher.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import check, next_pow2, tl, triton
+from kernels._triton import check, next_pow2, pick, tl, triton
 
 
 def _chunk_tables(counts_Re: torch.Tensor):
@@ -104,10 +105,23 @@ if triton is not None:
 
     _sort_chunks_op.register_autograd(_sort_chunks_backward, setup_context=_sort_chunks_setup)
 
+    class _SortChunks(torch.autograd.Function):
+        """The eager path: the same launcher without the custom op's dispatch (see _triton.pick)."""
+
+        @staticmethod
+        def forward(ctx, rows_MD, counts_Re):
+            ctx.save_for_backward(counts_Re)
+            return _launch(rows_MD, counts_Re)
+
+        @staticmethod
+        def backward(ctx, g_out):
+            (counts_Re,) = ctx.saved_tensors
+            return _launch(g_out, counts_Re.t()), None
+
 
 def sort_chunks_triton(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
     check(rows_MD.dim() == 2, f"sort_chunks: rows must be [M, D], got {tuple(rows_MD.shape)}")
     check(counts_Re.dim() == 2, f"sort_chunks: counts must be [R, e], got {tuple(counts_Re.shape)}")
     if counts_Re.shape[0] == 1 or counts_Re.shape[1] == 1:
         return rows_MD
-    return _sort_chunks_op(rows_MD, counts_Re)
+    return pick(_sort_chunks_op, _SortChunks.apply)(rows_MD, counts_Re)

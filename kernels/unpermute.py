@@ -12,13 +12,14 @@ w * grad_out[t] and grad_w[t, k] = <grad_out[t], rows[n]>, each pair owning its
 own slot. Bytes: forward reads N*D rows and writes T*D; backward reads T*D grads
 (per row that uses them) and N*D rows, writes N*D. Both are torch.library custom
 ops (``moemesh::unpermute``, ``moemesh::unpermute_backward``) with fake
-implementations, so they work under torch.compile.
+implementations, so they work under torch.compile; eager calls take
+``_Unpermute``, an autograd.Function over the same launchers.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import check, next_pow2, tl, triton
+from kernels._triton import check, next_pow2, pick, tl, triton
 
 
 def unpermute_reference(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -157,10 +158,24 @@ if triton is not None:
 
     _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
+    class _Unpermute(torch.autograd.Function):
+        """The eager path: the same launchers without the custom op's dispatch (see _triton.pick)."""
+
+        @staticmethod
+        def forward(ctx, rows_ND, row_map_N, weights_TK):
+            ctx.save_for_backward(rows_ND, row_map_N, weights_TK)
+            return gather_sum(rows_ND, row_map_N, weights_TK, *weights_TK.shape)
+
+        @staticmethod
+        def backward(ctx, g_out):
+            rows_ND, row_map_N, weights_TK = ctx.saved_tensors
+            g_rows, g_w = _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK)
+            return g_rows, None, g_w
+
 
 def unpermute_triton(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     check(rows_ND.dim() == 2, f"unpermute: rows must be [N, D], got {tuple(rows_ND.shape)}")
     check(row_map_N.shape == (rows_ND.shape[0],),
           f"unpermute: row_map must be [N={rows_ND.shape[0]}], got {tuple(row_map_N.shape)}")
     check(topk_weights_TK.dim() == 2, f"unpermute: weights must be [T, K], got {tuple(topk_weights_TK.shape)}")
-    return _unpermute_op(rows_ND, row_map_N, topk_weights_TK)
+    return pick(_unpermute_op, _Unpermute.apply)(rows_ND, row_map_N, topk_weights_TK)
