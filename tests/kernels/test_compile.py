@@ -18,6 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from kernels import TORCH_OPS, TRITON_OPS
 from kernels._triton import can_run_triton, interpreting
+from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
 pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
@@ -136,23 +137,13 @@ def test_token_path_under_inductor_equals_the_reference():
 
 
 def test_moe_layer_compiles_with_triton_ops():
-    from conf.schema import ModelConfig
-    from moe.layer import MoELayer
-
-    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20)
-    layers = [MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, ops=ops) for ops in (TORCH_OPS,
-                                                                                                 TRITON_OPS)]
-    torch.manual_seed(0)
-    for p in layers[0].parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    layers[1].load_state_dict(layers[0].state_dict())
+    layers = moe_layer_pair(DEVICE)
     torch._dynamo.reset()
     forwards = [layers[0], torch.compile(layers[1], backend="aot_eager")]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 9, 24, generator=gen).to(DEVICE)
     res = []
     for layer, fwd in zip(layers, forwards):
-        layer.to(DEVICE)
         xi = x.clone().requires_grad_()
         out, st = fwd(xi)
         ((out ** 2).sum() + st.losses.aux_loss + st.losses.z_loss).backward()

@@ -15,6 +15,7 @@ from kernels.gating import gating_reference, gating_triton
 from kernels.permute import permute_reference, permute_triton
 from kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
 from kernels.unpermute import unpermute_reference, unpermute_triton
+from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
 pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
@@ -143,22 +144,11 @@ def test_unpermute_matches_reference(T, K, E, D, drop):
 
 
 def test_moe_layer_triton_equals_torch():
-    from conf.schema import ModelConfig
-    from moe.layer import MoELayer
-
-    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20,
-                      shared_expert_ffn_size=12)
-    layers = [MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, ops=ops) for ops in (TORCH_OPS,
-                                                                                                 TRITON_OPS)]
-    torch.manual_seed(0)
-    for p in layers[0].parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    layers[1].load_state_dict(layers[0].state_dict())
+    layers = moe_layer_pair(DEVICE, shared_expert_ffn_size=12)
     x = _randn(2, 9, 24, seed=12).cpu()
     g = _randn(2, 9, 24, seed=13).cpu()
     res = []
     for layer in layers:
-        layer.to(DEVICE)
         xi = x.to(DEVICE).clone().requires_grad_()
         out, st = layer(xi)
         ((out * g.to(DEVICE)).sum() + st.losses.aux_loss + st.losses.z_loss).backward()
