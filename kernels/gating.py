@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels._triton import check, next_pow2, pick, tl, triton
+from kernels._tuning import TUNING
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,11 @@ if triton is not None:
         tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx, mask=mask)
 
 
-def _blocks(E: int) -> tuple[int, int]:
+def _blocks(kernel: str, E: int) -> tuple[int, int, int]:
+    """BLOCK_T, BLOCK_E and num_warps: a [BLOCK_T, BLOCK_E] tile of about ``tile`` elements."""
+    t = TUNING[kernel]
     BLOCK_E = next_pow2(E)
-    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))  # keep a [BLOCK_T, BLOCK_E] tile near 4K elements
-    return BLOCK_T, BLOCK_E
+    return max(1, min(t["max_block_t"], t["tile"] // BLOCK_E)), BLOCK_E, t["num_warps"]
 
 
 def _check_fwd(logits_TE, bias_E, top_k):
@@ -205,7 +207,7 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
     bias_E = bias_E.contiguous() if bias_E is not None else None
     logits_TE = logits_TE.contiguous()
     dev = logits_TE.device
-    BLOCK_T, BLOCK_E = _blocks(E)
+    BLOCK_T, BLOCK_E, warps = _blocks("gating_fwd", E)
     grid = triton.cdiv(T, BLOCK_T)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
@@ -217,7 +219,7 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
             logits_TE, bias_E if bias_E is not None else logits_TE, ids, weights, lse, counts_part, ssum_part,
             T, E, logits_TE.stride(0),
             K=top_k, HAS_BIAS=bias_E is not None, SIGMOID=sigmoid, RENORM=renormalize,
-            BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k),
+            BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k), num_warps=warps,
         )
     return ids, weights, counts_part.sum(0).to(torch.int64), ssum_part.sum(0), lse
 
@@ -228,11 +230,11 @@ def _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
     K = ids.shape[1]
     dx = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
     if T > 0:
-        BLOCK_T, BLOCK_E = _blocks(E)
+        BLOCK_T, BLOCK_E, warps = _blocks("gating_bwd", E)
         _gating_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
             logits_TE, ids, g_weights.contiguous(), g_ssum.contiguous(), g_lse.contiguous(), dx,
             T, E, logits_TE.stride(0),
-            K=K, SIGMOID=sigmoid, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+            K=K, SIGMOID=sigmoid, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=warps,
         )
     return dx.to(logits_TE.dtype)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import check, next_pow2, pick, tl, triton
+from kernels._tuning import TUNING
 
 
 def permute_reference(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
@@ -75,9 +76,6 @@ if triton is not None:
             tl.store(rows_ptr + pos[:, None].to(tl.int64) * stride_r + cols[None, :], v, mask=m)
 
 
-_BLOCK_N = 64
-
-
 def _check(x_TD, topk_ids_TK):
     check(x_TD.dim() == 2, f"permute: x must be [T, D], got {tuple(x_TD.shape)}")
     check(topk_ids_TK.dim() == 2 and topk_ids_TK.shape[0] == x_TD.shape[0],
@@ -90,10 +88,13 @@ def _launch(x_TD, topk_ids_TK, num_experts):
     T, D = x_TD.shape
     K, E, NP = topk_ids_TK.shape[1], num_experts, ids.numel()
     dev = x_TD.device
-    blocks = triton.cdiv(NP, _BLOCK_N)
+    cfg = TUNING["permute"]
+    BLOCK_N, warps = cfg["block_n"], cfg["num_warps"]
+    blocks = triton.cdiv(NP, BLOCK_N)
     hist = torch.zeros(max(blocks, 1), E + 1, dtype=torch.int32, device=dev)
     if NP > 0:
-        _permute_hist_kernel[(blocks,)](ids, hist, NP, E, BLOCK_N=_BLOCK_N, BLOCK_B=next_pow2(E + 1))
+        _permute_hist_kernel[(blocks,)](ids, hist, NP, E, BLOCK_N=BLOCK_N, BLOCK_B=next_pow2(E + 1),
+                                        num_warps=warps)
     hist = hist.to(torch.int64)
     totals = hist.sum(0)
     expert_start = torch.cumsum(totals, 0) - totals
@@ -105,7 +106,7 @@ def _launch(x_TD, topk_ids_TK, num_experts):
     if NP > 0:
         _permute_scatter_kernel[(blocks,)](
             x_TD, ids, base.contiguous(), rows, row_map, NP, E, K, D, x_TD.stride(0), D,
-            BLOCK_N=_BLOCK_N, BLOCK_D=min(128, next_pow2(D)),
+            BLOCK_N=BLOCK_N, BLOCK_D=min(cfg["block_d"], next_pow2(D)), num_warps=warps,
         )
     return rows, row_map, counts_E
 

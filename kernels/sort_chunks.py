@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import check, next_pow2, pick, tl, triton
+from kernels._tuning import TUNING
 
 
 def _chunk_tables(counts_Re: torch.Tensor):
@@ -76,10 +77,12 @@ def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
         return out
     _, out_start, src_start = _chunk_tables(counts_Re.to(rows_MD.device))
     C = out_start.numel()
-    BLOCK_M = 16
+    cfg = TUNING["sort_chunks"]
+    BLOCK_M = cfg["block_m"]
     _sort_chunks_kernel[(triton.cdiv(M, BLOCK_M),)](
         rows_MD, out, out_start.contiguous(), src_start.contiguous(), M, D, C, rows_MD.stride(0), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_C=next_pow2(C), BLOCK_D=min(128, next_pow2(D)),
+        BLOCK_M=BLOCK_M, BLOCK_C=next_pow2(C), BLOCK_D=min(cfg["block_d"], next_pow2(D)),
+        num_warps=cfg["num_warps"],
     )
     return out
 

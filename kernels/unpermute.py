@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import check, next_pow2, pick, tl, triton
+from kernels._tuning import TUNING
 
 
 def unpermute_reference(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -92,11 +93,12 @@ def gather_sum(rows_ND, row_map_N, weights_TK, T: int, K: int) -> torch.Tensor:
     if T == 0 or D == 0:
         return out.zero_()
     pos = _positions(row_map_N, T, K)
-    BLOCK_T, BLOCK_D = 16, min(128, next_pow2(D))
+    cfg = TUNING["gather_sum"]
+    BLOCK_T, BLOCK_D = cfg["block_t"], min(cfg["block_d"], next_pow2(D))
     w = weights_TK.contiguous() if weights_TK is not None else rows_ND
     _gather_sum_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))](
         rows_ND, pos, w, out, T, D, rows_ND.stride(0), out.stride(0),
-        K=K, HAS_W=weights_TK is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        K=K, HAS_W=weights_TK is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"],
     )
     return out
 
@@ -108,10 +110,12 @@ def _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK):
     g_rows = torch.empty_like(rows_ND)
     g_w = torch.zeros(T * K, dtype=torch.float32, device=rows_ND.device)
     if N > 0 and D > 0:
-        BLOCK_N = 16
+        cfg = TUNING["unpermute_bwd"]
+        BLOCK_N = cfg["block_n"]
         _unpermute_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
             g_out, rows_ND, row_map_N, weights_TK.contiguous(), g_rows, g_w, N, D, g_out.stride(0),
-            rows_ND.stride(0), K=K, BLOCK_N=BLOCK_N, BLOCK_D=min(128, next_pow2(D)),
+            rows_ND.stride(0), K=K, BLOCK_N=BLOCK_N, BLOCK_D=min(cfg["block_d"], next_pow2(D)),
+            num_warps=cfg["num_warps"],
         )
     return g_rows, g_w.view(T, K).to(weights_TK.dtype)
 

@@ -185,3 +185,31 @@ def test_permute_unpermute_round_trip(T, K, E, D, drop, seed):
         rows, row_map, counts = ops.permute(x, ids, E)
         assert int(counts.sum()) == int((ids >= 0).sum()) == rows.shape[0]
         torch.testing.assert_close(ops.unpermute(rows, row_map, w), expected, **VAL)
+
+
+# Other launch parameters (kernels/_tuning.py), as `bench_kernels.py --tune` tries them:
+# blocks smaller than D (the loops over D run several times), than T and than N.
+SMALL_BLOCKS = {
+    "gating_fwd": dict(tile=64, max_block_t=4), "gating_bwd": dict(tile=32, max_block_t=2),
+    "permute": dict(block_n=8, block_d=16), "sort_chunks": dict(block_m=4, block_d=16),
+    "gather_sum": dict(block_t=2, block_d=16), "unpermute_bwd": dict(block_n=4, block_d=8),
+}
+
+
+def test_kernels_match_reference_with_small_blocks():
+    from contextlib import ExitStack
+
+    from kernels._tuning import TUNING, override
+
+    before = {k: dict(v) for k, v in TUNING.items()}
+    with ExitStack() as stack:
+        for kernel, values in SMALL_BLOCKS.items():
+            stack.enter_context(override(kernel, **values))
+        test_gating_matches_reference(*GATING_CASES[5])  # T=33, E=64: several row blocks
+        test_permute_matches_reference(*PERMUTE_CASES[4])  # T=17, K=8, D=37, drops
+        test_sort_chunks_matches_reference(4, 2, 37)
+        test_unpermute_matches_reference(*PERMUTE_CASES[4])
+    assert TUNING == before
+    with pytest.raises(KeyError, match="unknown launch parameters"):
+        with override("permute", block_m=8):
+            pass
