@@ -5,6 +5,11 @@
 #
 #   bash scripts/gpu_check.sh 2>&1 | tee "${OUT:-.}/gpu_check.log"
 #
+# If device time remains afterwards, tune the launch parameters (about 2-3 minutes) and
+# paste the printed table into kernels/_tuning.py, then rerun bench_kernels:
+#
+#   timeout 240 python3 scripts/tune_kernels.py 2>&1 | tee "${OUT:-.}/tune.log"
+#
 # Where the GPU machine has no package index, put wheels of the requirements in
 # .gpu-wheels/ first (pip download -d .gpu-wheels hydra-core==1.3.8 omegaconf==2.3.1
 # antlr4-python3-runtime==4.9.3 PyYAML hypothesis==6.155.2 sortedcontainers attrs).
