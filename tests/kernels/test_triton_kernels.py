@@ -4,7 +4,8 @@ On this CPU the kernels run under TRITON_INTERPRET=1 (set in tests/conftest.py);
 with TRITON_INTERPRET=0 on a CUDA machine they run compiled on the GPU.
 Tolerances: ids, counts, row maps and copied rows must be exactly equal; fp32
 values to rtol 1e-5 / atol 1e-6 (gradients 1e-4 / 1e-5: the kernel sums in
-another order). A wrong index or a lost row is off by O(1), far outside them.
+another order); bf16 values 2e-2. A wrong index or a lost row is off by O(1), far
+outside them.
 """
 import pytest
 import torch
@@ -141,6 +142,47 @@ def test_unpermute_matches_reference(T, K, E, D, drop):
     torch.testing.assert_close(o1, o0, **VAL)
     torch.testing.assert_close(r1, r0, **GRAD)
     torch.testing.assert_close(w1, w0, **GRAD)
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_every_top_k_from_1_to_8(K):
+    """Gating then the permute/unpermute round trip at each K (E=8, so K=8 routes to all)."""
+    logits, x = _randn(6, 8, seed=20 + K), _randn(6, 37, seed=30 + K)
+    res = []
+    for ops in (TORCH_OPS, TRITON_OPS):
+        g = ops.gating(logits, top_k=K, renormalize=K % 2 == 0)
+        rows, row_map, counts = ops.permute(x, g.topk_ids_TK, 8)
+        res.append((g, rows, row_map, counts, ops.unpermute(rows, row_map, g.topk_weights_TK)))
+    (g0, r0, m0, c0, o0), (g1, r1, m1, c1, o1) = res
+    assert torch.equal(g1.topk_ids_TK, g0.topk_ids_TK) and torch.equal(m1, m0) and torch.equal(c1, c0)
+    assert torch.equal(r1, r0)
+    torch.testing.assert_close(g1.topk_weights_TK, g0.topk_weights_TK, **VAL)
+    torch.testing.assert_close(o1, o0, **VAL)
+
+
+BF16 = dict(rtol=2e-2, atol=2e-2)  # the kernels sum in fp32 and round once; the reference rounds per op
+
+
+def test_bf16_token_path_forward_and_backward():
+    """bf16 as training on a GPU runs it (autocast): routing and copies exact, sums to bf16 precision."""
+    logits = _randn(19, 16, seed=40).bfloat16()
+    x = _randn(19, 37, seed=41).bfloat16()
+    g_out = _randn(19, 37, seed=42).bfloat16()
+    res = []
+    for ops in (TORCH_OPS, TRITON_OPS):
+        li, xi = logits.clone().requires_grad_(), x.clone().requires_grad_()
+        g = ops.gating(li, top_k=3, renormalize=True)
+        rows, row_map, counts = ops.permute(xi, g.topk_ids_TK, 16)
+        y = ops.sort_chunks(rows, counts.view(4, 4))
+        out = ops.unpermute(ops.sort_chunks(y, counts.view(4, 4).t()), row_map, g.topk_weights_TK)
+        ((out.float() * g_out.float()).sum() + g.lse_T.sum()).backward()
+        res.append((g.topk_ids_TK, rows, y, out, li.grad, xi.grad))
+    (i0, r0, y0, o0, dl0, dx0), (i1, r1, y1, o1, dl1, dx1) = res
+    assert torch.equal(i1, i0) and torch.equal(r1, r0) and torch.equal(y1, y0)
+    assert o1.dtype == dx1.dtype == torch.bfloat16
+    torch.testing.assert_close(o1, o0, **BF16)
+    torch.testing.assert_close(dx1, dx0, **BF16)
+    torch.testing.assert_close(dl1, dl0, **BF16)
 
 
 def test_moe_layer_triton_equals_torch():
