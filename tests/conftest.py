@@ -6,14 +6,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-from conf.schema import RunConfig, to_run_config
+# Tests build configs directly, without Hydra's command line. conf.schema (hydra,
+# omegaconf) is imported where used, so that tests without configs (the kernel tests)
+# also collect where those are not installed.
 
-# Tests build configs directly, without Hydra's command line.
 
-
-def tiny_run(**overrides) -> RunConfig:
-    """A very small, fast run config; ``overrides`` are dotted keys, e.g. {"parallel.name": "ep2"}."""
+def tiny_run(**overrides):
+    """A very small, fast RunConfig; ``overrides`` are dotted keys, e.g. {"parallel.name": "ep2"}."""
     from omegaconf import OmegaConf
+
+    from conf.schema import to_run_config
 
     base = {
         "model": dict(name="test", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
