@@ -1,13 +1,13 @@
 """Launch parameters of the Triton kernels, in one table.
 
-The launchers read it on every call, so ``scripts/bench_kernels.py --tune`` can
-sweep the values on a GPU (checking each candidate against the torch reference)
+The launchers read it on every call, so ``scripts/tune_kernels.py`` can sweep the
+values on a GPU (refusing any candidate whose output differs from this table's)
 and print a table to paste here. The values below are first guesses, not yet
 measured on a GPU: see benchmarks/RESULTS.md.
 
 Keys per kernel: block sizes (each a power of two; a block over D is capped at
-next_pow2(D)) and ``num_warps``. ``gating.tile`` is the element budget of one
-[BLOCK_T, BLOCK_E] tile: BLOCK_T = min(max_block_t, tile // next_pow2(E)).
+next_pow2(D)) and ``num_warps``. The gating kernels' ``tile`` is the element
+budget of one [BLOCK_T, BLOCK_E] tile: BLOCK_T = min(max_block_t, tile // next_pow2(E)).
 """
 from __future__ import annotations
 

@@ -4,24 +4,16 @@ The table's code (Triton vs eager vs torch.compile of the reference, the chain's
 forward+backward) otherwise runs only on a GPU; this keeps the first GPU session
 from spending its device time on a broken script. The timings are not checked.
 """
-import os
 import subprocess
 import sys
 
-import pytest
-
-from kernels._triton import triton_available
+from tests.scripts._interpreted import needs_triton, run_interpreted
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton==3.9.0)")
+@needs_triton
 def test_cuda_table_code_runs_under_the_interpreter(repo_root):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "scripts/bench_kernels.py", "--interpret-smoke", "--tokens", "33", "--experts", "16",
-         "--top-k", "2", "--hidden", "24", "--peak-gbps", "100"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_interpreted(repo_root, "bench_kernels.py", "--interpret-smoke", "--tokens", 33, "--experts", 16,
+                          "--top-k", 2, "--hidden", 24, "--peak-gbps", 100)
     first, compiled = out.stdout.split("| op | torch.compile")
 
     def rows(text):
@@ -40,16 +32,11 @@ def test_cuda_table_code_runs_under_the_interpreter(repo_root):
     assert "  (" not in out.stdout, out.stdout  # no note of a failed path
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton==3.9.0)")
+@needs_triton
 def test_bench_moe_times_each_kernel_backend(repo_root):
     """bench_moe's --kernels rows (on CUDA: triton and torch side by side), here interpreted."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "scripts/bench_moe.py", "--tokens", "24", "--hidden", "16", "--ffn", "16", "--repeats", "1",
-         "--kernels", "triton,torch"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_interpreted(repo_root, "bench_moe.py", "--tokens", 24, "--hidden", 16, "--ffn", 16, "--repeats", 1,
+                          "--kernels", "triton,torch")
     for label in ("grouped_mm, triton", "grouped_mm, torch", "per-expert loop, torch"):
         assert f"{label}):" in out.stdout, out.stdout
     bad = subprocess.run([sys.executable, "scripts/bench_moe.py", "--kernels", "cuda"], cwd=repo_root,

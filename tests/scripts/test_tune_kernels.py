@@ -1,14 +1,9 @@
 """scripts/tune_kernels.py: the coordinate descent, and the script end to end on interpreted kernels."""
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 
-from kernels._triton import triton_available
 from kernels._tuning import TUNING
 from scripts.tune_kernels import tune
+from tests.scripts._interpreted import needs_triton, run_interpreted
 
 
 def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
@@ -26,15 +21,10 @@ def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
     assert TUNING == before  # the table itself is left alone
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton==3.9.0)")
+@needs_triton
 def test_tune_script_runs_under_the_interpreter(repo_root):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "scripts/tune_kernels.py", "--interpret-smoke", "--tokens", "17", "--experts", "16",
-         "--top-k", "2", "--hidden", "24", "--passes", "1"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_interpreted(repo_root, "tune_kernels.py", "--interpret-smoke", "--tokens", 17, "--experts", 16,
+                          "--top-k", 2, "--hidden", 24, "--passes", 1)
     for kernel in TUNING:
         assert any(line.startswith(kernel) and "ms ->" in line for line in out.stdout.splitlines()), out.stdout
     assert "refused" not in out.stdout, out.stdout  # every candidate gives the same output here
