@@ -229,7 +229,7 @@ def test_permute_unpermute_round_trip(T, K, E, D, drop, seed):
         torch.testing.assert_close(ops.unpermute(rows, row_map, w), expected, **VAL)
 
 
-# Other launch parameters (kernels/_tuning.py), as `bench_kernels.py --tune` tries them:
+# Other launch parameters (kernels/_tuning.py), as `scripts/tune_kernels.py` tries them:
 # blocks smaller than D (the loops over D run several times), than T and than N.
 SMALL_BLOCKS = {
     "gating_fwd": dict(tile=64, max_block_t=4), "gating_bwd": dict(tile=32, max_block_t=2),
