@@ -1,5 +1,8 @@
-"""scripts/compare.py on two real (tiny) train.py runs: table, charts, sweeps, errors."""
+"""scripts/compare.py: on two real (tiny) train.py runs (table, charts, sweeps, errors), and on
+fabricated run directories (fast, one process): step breakdowns that add up to the step,
+percentages that add up to 100, a subtitle on every chart, coinciding loss curves named."""
 import json
+from decimal import Decimal
 import shutil
 import subprocess
 import sys
@@ -15,7 +18,8 @@ SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mod
          "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
 CHARTS = ("throughput.png", "step_breakdown.png", "memory.png", "a2a_share.png", "load_cv.png", "loss.png")
 EXPERT = "expert param MiB/rank"
-PHASES = ["step ms", "fwd %", "bwd %", "pipeline %", "grad reduce %", "optim %", "a2a %"]
+PHASES = ["step ms", "fwd %", "bwd %", "pipeline %", "grad reduce %", "optim %", "other %", "a2a %"]
+PERCENT = ["fwd %", "bwd %", "pipeline %", "grad reduce %", "optim %", "other %"]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +101,9 @@ def test_sweep_dir_is_expanded_and_phase_times_are_used(runs, tmp_path):
     out = sweep / "compare"  # default --out for a sweep
     rows = _rows((out / "compare.md").read_text())
     assert list(rows) == ["single", "ep2"]
-    assert [rows["single"][k] for k in PHASES] == ["200.0", "25.0", "50.0", "–", "–", "–", "25.0"]
+    assert [rows["single"][k] for k in PHASES] == ["200.0", "25.0", "50.0", "–", "–", "–", "25.0", "25.0"]
     # From the records: medians over records 2..3 only (step 0.08, 0.12 -> 0.10 s), a2a 0.01 / 0.10.
-    assert [rows["ep2"][k] for k in PHASES] == ["100.0", "30.0", "40.0", "–", "5.0", "5.0", "10.0"]
+    assert [rows["ep2"][k] for k in PHASES] == ["100.0", "30.0", "40.0", "–", "5.0", "5.0", "20.0", "10.0"]
     for name in CHARTS:
         _assert_png(out / name)
 
@@ -120,3 +124,193 @@ def test_bad_path_exits_2_with_one_line(runs, tmp_path, name):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "compare").exists()
+
+
+# ---- fabricated runs: fast, one process ----
+
+from scripts import compare  # noqa: E402
+
+NEST = ("forward", "backward", "pipeline")  # the phases a2a runs inside
+
+
+def _percent_sum(cells) -> Decimal:
+    """The sum of the printed percentages, exactly as printed."""
+    return sum((Decimal(c) for c in cells if c != compare.DASH), Decimal(0))
+
+
+def _fake_run(d: Path, layout: str, *, losses, time=None, summary=None, model="tiny") -> Path:
+    """A run directory as train.py leaves it: metrics.jsonl (one record per loss) and summary.json."""
+    d.mkdir(parents=True)
+    time = time or {"forward": 0.03, "backward": 0.04, "pipeline": 0.0, "a2a": 0.01, "grad_reduce": 0.005,
+                    "optimizer": 0.005, "step": 0.1}
+    records = [{"step": i, "loss": loss, "step_s": time["step"], "tokens_per_s": 256 / time["step"], "time": time}
+               for i, loss in enumerate(losses)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = {"parallel": layout, "dp": 1, "ep": 1, "tp": 1, "pp": 1, "world_size": 1, "model": model,
+         "steps": len(losses), "final_loss": losses[-1], "median_step_s": time["step"],
+         "median_tokens_per_s": 256 / time["step"], "time_breakdown": time, "a2a_share": time["a2a"] / time["step"],
+         "peak_memory_bytes": {"min": 2**20, "max": 2**20, "kind": "cpu_peak_rss"}, "start_step": 0,
+         **(summary or {})}
+    (d / "summary.json").write_text(json.dumps(s))
+    return d
+
+
+def _runs(*dirs) -> list:
+    runs = [compare.load(d) for d in dirs]
+    compare.assign_labels(runs)
+    for r in runs:
+        r.stats = compare.compute_stats(r)
+    return runs
+
+
+LOSS = [5.0 - 0.05 * i for i in range(40)]
+# README's ep2_dp2 row: the phases (each the slowest rank's) add up to 104.5% of the step.
+OVER = {"forward": 0.399, "backward": 0.414, "pipeline": 0.0, "a2a": 0.22, "grad_reduce": 0.126, "optimizer": 0.106,
+        "step": 1.0}
+
+
+@pytest.mark.parametrize("values", [[1, 1, 1], [0.399, 0.414, 0.126, 0.106], [2, 0, 1, 0, 7, 3], [1e-9, 1, 1e9]])
+def test_largest_remainder_adds_up_to_exactly_100(values):
+    pct = compare.largest_remainder(values)
+    assert _percent_sum(f"{p:.1f}" for p in pct) == 100
+    assert all(abs(p - 100 * v / sum(values)) < 0.1 for p, v in zip(pct, values))
+    assert [f"{p:.1f}" for p in compare.largest_remainder([1, 1, 1])] == ["33.4", "33.3", "33.3"]
+
+
+def test_breakdown_adds_phases_and_other_up_to_the_step_without_counting_a2a():
+    b = compare.step_breakdown({"forward": 0.03, "backward": 0.04, "a2a": 0.02, "grad_reduce": 0.005,
+                                "optimizer": 0.005, "step": 0.1}, 0.1)
+    assert list(b.segments) == ["forward", "backward", "grad_reduce", "optimizer", "other"]  # a2a is nested
+    assert sum(b.segments.values()) == pytest.approx(0.1) and b.segments["other"] == pytest.approx(0.02)
+    assert not b.scaled and b.a2a_s == 0.02
+    assert {k: f"{v:.1f}" for k, v in b.percent.items()} == {
+        "forward": "30.0", "backward": "40.0", "grad_reduce": "5.0", "optimizer": "5.0", "other": "20.0"}
+
+
+def test_breakdown_scales_phases_that_exceed_the_step():
+    b = compare.step_breakdown(OVER, 1.0)
+    assert b.scaled and b.phase_sum_share == pytest.approx(1.045) and b.scale == pytest.approx(1 / 1.045)
+    assert sum(b.segments.values()) == pytest.approx(1.0) and b.segments["other"] == 0
+    assert _percent_sum(f"{v:.1f}" for v in b.percent.values()) == 100
+    assert b.a2a_s == pytest.approx(0.22 / 1.045)
+    assert compare.step_breakdown({"step": 1.0}, 1.0) is None and compare.step_breakdown(OVER, None) is None
+
+
+def test_table_percentages_add_up_to_100_and_scaling_is_said(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
+    b = _fake_run(tmp_path / "b", "ep2_dp2", losses=[x + 0.1 for x in LOSS], time=OVER)
+    compare.main([str(a), str(b), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert _rows((tmp_path / "cmp" / "compare.md").read_text()) == rows
+    for row in rows.values():
+        assert _percent_sum(row[k] for k in PERCENT) == 100
+    assert [rows["ep2"][k] for k in PERCENT] == ["30.0", "40.0", "0.0", "5.0", "5.0", "20.0"]
+    assert rows["ep2_dp2"]["other %"] == "0.0" and rows["ep2_dp2"]["a2a %"] == "22.0"  # a2a: raw share, nested
+    assert "ep2_dp2: the phases (each the slowest rank's median) add up to 104.5% of the step" in out
+    assert "ep2: " not in out.replace("ep2: the", "")  # only the run that overshoots is scaled
+    assert "coincide" not in out
+    for name in ("throughput.png", "step_breakdown.png", "a2a_share.png", "loss.png"):
+        _assert_png(tmp_path / "cmp" / name)
+    assert "skipped load_cv.png" in out  # no load statistics in these records
+
+
+def _bar_sums(ax, keys) -> list[float]:
+    """Per bar, the heights of the stacked containers labelled with one of `keys`."""
+    conts = [c for c in ax.containers if c.get_label() in keys]
+    return [sum(c.patches[i].get_height() for c in conts) for i in range(len(conts[0].patches))]
+
+
+def test_step_breakdown_chart_segments_add_up_to_the_step(tmp_path):
+    import matplotlib.pyplot as plt
+
+    x = _runs(_fake_run(tmp_path / "x", "x", losses=LOSS))[0]
+    slower = {k: 8 * v for k, v in compare.time_breakdown(x).items()}
+    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS, time=slower),
+                 _fake_run(tmp_path / "b", "ep2_dp2", losses=LOSS, time=OVER))
+    fig, skipped = compare.draw("step_breakdown.png", runs)
+    try:
+        ax = fig.axes[0]
+        assert skipped is None
+        assert _bar_sums(ax, (*compare.PHASES, compare.OTHER)) == pytest.approx([800.0, 1000.0])  # ms
+        # The a2a overlay starts at 0 and stays within forward + backward (+ pipeline).
+        a2a = next(c for c in ax.containers if c.get_label().startswith("a2a"))
+        assert [p.get_y() for p in a2a.patches] == [0, 0]
+        assert [p.get_height() for p in a2a.patches] == pytest.approx([80.0, 220 / 1.045])
+        assert all(h <= s + 1e-9 for h, s in zip([p.get_height() for p in a2a.patches], _bar_sums(ax, NEST)))
+        texts = [t.get_text() for t in ax.texts]
+        assert "30.0%" in texts and "20.0%" in texts and "phases ×0.96" in " ".join(texts)
+        shares = {f"{v:.1f}%" for r in runs for v in r.stats["breakdown"].percent.values()}
+        assert {t for t in texts if t.endswith("%")} <= shares  # the labels are the table's shares
+    finally:
+        plt.close(fig)
+
+
+def test_every_chart_has_a_subtitle_with_model_steps_and_machine(tmp_path):
+    import matplotlib.pyplot as plt
+
+    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS), _fake_run(tmp_path / "b", "dp2", losses=LOSS))
+    sub = compare.chart_subtitle(runs)
+    assert sub == "model tiny · 40 steps · machine: unknown (CPU run)"  # not recorded: not guessed
+    for r in runs:
+        r.stats["state"] = {k: 2**20 for k in r.stats["state"]}
+        r.stats["cv"], r.stats["peak"] = {1: 0.5}, 2**20
+    for name in compare.CHARTS:
+        fig, skipped = compare.draw(name, runs)
+        try:
+            assert skipped is None and fig.get_suptitle() == sub, name
+        finally:
+            plt.close(fig)
+
+
+def test_subtitle_uses_the_recorded_machine_and_names_differences(tmp_path):
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS, summary={"machine": {"hostname": "node7", "device": "NVIDIA H200",
+                                                                           "count": 8}})
+    b = _fake_run(tmp_path / "b", "dp2", losses=LOSS[:10], model="small",
+                  summary={"machine": "node7, 8 × NVIDIA H200", "start_step": 30})
+    c = _fake_run(tmp_path / "c", "dp4", losses=LOSS, summary={"peak_memory_bytes": {"max": 1}})
+    sub = compare.chart_subtitle(_runs(a, b, c))
+    assert sub == ("model tiny (ep2, dp4); model small (dp2) · 40 steps (ep2, dp4); steps 30–40 (dp2) · "
+                   "machine: node7, 8 × NVIDIA H200 (ep2, dp2); machine: unknown (dp4)")
+
+
+def test_coinciding_loss_curves_are_named_on_the_chart_and_stdout(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    a = _fake_run(tmp_path / "a", "ep2_dp2", losses=LOSS)
+    b = _fake_run(tmp_path / "b", "dp4", losses=[x + 3e-6 * (i % 2) for i, x in enumerate(LOSS)])
+    c = _fake_run(tmp_path / "c", "ep4", losses=[x + 0.01 for x in LOSS])
+    d = _fake_run(tmp_path / "d", "tp2", losses=LOSS[:20])  # identical on its 20 steps
+    runs = _runs(a, b, c, d)
+    assert compare.coinciding_losses(runs) == [(["ep2_dp2", "dp4", "tp2"], pytest.approx(3e-6), 20)]
+    note = "ep2_dp2, dp4 and tp2 coincide (max |Δ| 3e-06 over 20 common steps)"
+    assert compare.coincidence_notes(compare.coinciding_losses(runs)) == [note]
+    assert compare.coinciding_losses(runs, tol=1e-6) == [(["ep2_dp2", "tp2"], 0.0, 20)]
+    assert compare.coinciding_losses(runs, tol=0.1)[0][0] == ["ep2_dp2", "dp4", "ep4", "tp2"]
+
+    fig, _ = compare.draw("loss.png", runs)
+    try:
+        ax = fig.axes[0]
+        assert any(note in t.get_text() for t in ax.texts)
+        styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+        assert len(set(styles)) == 4  # every curve drawn its own way: none hides another
+    finally:
+        plt.close(fig)
+
+    compare.main([str(a), str(b), str(c), str(d), "--out", str(tmp_path / "cmp")])
+    assert f"loss: {note}" in capsys.readouterr().out
+    assert note in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_different_loss_curves_do_not_coincide(tmp_path):
+    import matplotlib.pyplot as plt
+
+    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS),
+                 _fake_run(tmp_path / "b", "dp2", losses=[x + 1e-3 for x in LOSS]),
+                 _fake_run(tmp_path / "c", "ep4", losses=LOSS[::-1]))
+    assert compare.coinciding_losses(runs) == []
+    fig, _ = compare.draw("loss.png", runs)
+    try:
+        assert not any("coincide" in t.get_text() for t in fig.axes[0].texts)
+    finally:
+        plt.close(fig)
