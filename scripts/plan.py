@@ -3,6 +3,15 @@
     python scripts/plan.py model=seed_4096 cluster.gpus=16
     python scripts/plan.py model=seed_4096 cluster.gpus=16 cluster.gpus_per_node=4 cluster.inter_node_gbps=25
     python scripts/plan.py model=seed_4096 cluster.gpus=1024 model.num_experts=256 --top 20 --png plan.png
+    python scripts/plan.py model=seed_4096 cluster.gpus=16 --command 3   # row 3's train.py command
+
+The table shows the first --top rows (0: all) and, wherever they rank, the seed's two
+scenarios (dp8 x ep2 and dp2 x ep8 of 16 GPUs); a line under it says how many rows were
+left out. "total GB" is what "fits" compares with cluster.gpu_memory_gb: parameters +
+gradients + optimizer state + activations, per GPU. Under the table: the train.py command
+for the best fitting split; --command N prints row N's alone. The command names the split
+(parallel.name, e.g. pp2_dp8, in the presets' naming) and sets its four degrees on top of
+the same overrides, so it composes without a preset for that split.
 
 Per GPU (the busiest pipeline stage): parameter, gradient and optimizer bytes split
 into expert / non-expert (exact: a test builds the real model on the meta device for
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +59,8 @@ from parallel.dims import MESH_AXES, MeshAxis, ParallelDims
 from parallel.pipeline import stage_layers
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+# The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
+SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
 # Bytes per parameter: (weights, gradients, optimizer state), by training precision.
 PRECISIONS = {
     "fp32": (4, 4, 8),  # what moemesh trains on CPU: fp32 weights, grads, Adam m and v
@@ -73,6 +85,7 @@ class Plan:
     compute_s: float = 0.0
     comm_s: float = 0.0
     crosses: str = ""
+    total_bytes: int = 0  # memory + the activations planned (checkpointed or not): what `fits` compares
     fits: bool = True
 
     @property
@@ -120,7 +133,7 @@ def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     """Whether the group along ``axes`` that holds rank 0 spans nodes (groups are translates
     of each other under the rank order, so one answers for all)."""
     ranges = [range(dims.size(a)) if a in axes else range(1) for a in MESH_AXES]
-    group = [dims.rank_of(dict(zip(MESH_AXES, c))) for c in itertools.product(*ranges)]
+    group = [dims.rank_of(dict(zip(MESH_AXES, c, strict=True))) for c in itertools.product(*ranges)]
     return len({r // gpus_per_node for r in group}) > 1
 
 
@@ -192,7 +205,8 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
                                                  ("exp", (MeshAxis.DP, MeshAxis.TP)), ("pp", (MeshAxis.PP,)))
                          if dims.size(axes[0]) > 1 and _crosses(dims, axes, gpn)) or "-"
     act = p.act_ckpt_bytes if args.activation_checkpointing else p.act_bytes
-    p.fits = p.memory + act <= c.gpu_memory_gb * 1e9
+    p.total_bytes = p.memory + act
+    p.fits = p.total_bytes <= c.gpu_memory_gb * 1e9
     return p
 
 
@@ -208,19 +222,65 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f}"
 
 
+def shown_rows(valid: list[Plan], top: int) -> list[int]:
+    """1-based ranks of the rows to print: the first ``top`` (0: all), then any seed scenario below the cut."""
+    cut = len(valid) if top <= 0 else min(top, len(valid))
+    return list(range(1, cut + 1)) + [i for i, p in enumerate(valid[cut:], cut + 1) if p.dims in SEED_SPLITS]
+
+
 def table(valid: list[Plan], top: int, ckpt: bool) -> str:
-    head = ("| # | dp | ep | tp | pp | fits | step s | compute s | comm s | bubble | expert GB | non-exp GB | "
-            "grad GB | optim GB | act GB | All-to-All GB | AR data GB | AR expert GB | off-node groups |")
-    lines = [head, "|" + "---|" * 19]
-    for i, p in enumerate(valid[:top], 1):
+    head = ("| # | dp | ep | tp | pp | fits | total GB | step s | compute s | comm s | bubble | expert GB | "
+            "non-exp GB | grad GB | optim GB | act GB | All-to-All GB | AR data GB | AR expert GB | off-node groups |")
+    lines = [head, "|" + "---|" * 20]
+    rows = shown_rows(valid, top)
+    for i in rows:
+        p = valid[i - 1]
         d = p.dims
         act = p.act_ckpt_bytes if ckpt else p.act_bytes
+        mark = " (seed)" if d in SEED_SPLITS else ""
         lines.append(
-            f"| {i} | {d.dp} | {d.ep} | {d.tp} | {d.pp} | {'yes' if p.fits else 'NO'} | {p.step_s:.3f} | "
-            f"{p.compute_s:.3f} | {p.comm_s:.3f} | {p.bubble:.0%} | {_gb(p.param_expert)} | "
+            f"| {i}{mark} | {d.dp} | {d.ep} | {d.tp} | {d.pp} | {'yes' if p.fits else 'NO'} | {_gb(p.total_bytes)} | "
+            f"{p.step_s:.3f} | {p.compute_s:.3f} | {p.comm_s:.3f} | {p.bubble:.0%} | {_gb(p.param_expert)} | "
             f"{_gb(p.param_non_expert)} | {_gb(p.grad_bytes)} | {_gb(p.optim_bytes)} | {_gb(act)} | "
             f"{_gb(p.a2a_bytes)} | {_gb(p.ar_data_bytes)} | {_gb(p.ar_expert_bytes)} | {p.crosses} |")
+    if len(rows) < len(valid):
+        lines.append(f"... {len(valid) - len(rows)} more splits not shown (--top {top}); --top 0 shows all")
     return "\n".join(lines)
+
+
+def layout_name(dims: ParallelDims) -> str:
+    """The split's name as the presets spell it: degrees above 1, pp tp ep dp ("pp2_ep2_dp2"); all 1: "single"."""
+    parts = [f"{a}{n}" for a, n in (("pp", dims.pp), ("tp", dims.tp), ("ep", dims.ep), ("dp", dims.dp)) if n > 1]
+    return "_".join(parts) or "single"
+
+
+# Overrides the command sets itself; the user's own values for them are dropped.
+_SPLIT_KEYS = ("parallel.name", "parallel.data_parallel_size", "parallel.expert_parallel_size",
+               "parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.pipeline_split")
+
+
+def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> list[str]:
+    """``python train.py`` for ``dims`` with the user's other overrides: composes to what was planned.
+
+    ``parallel.name`` is required (the group's name is MISSING without a preset); the default
+    preset, or the user's ``parallel=...``, supplies the other parallel keys (schedule, sequence
+    parallel). The plan balances pipeline stages by layer count, so a pipeline split is reset.
+    """
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _SPLIT_KEYS]
+    split = [f"parallel.name={layout_name(dims)}", f"parallel.data_parallel_size={dims.dp}",
+             f"parallel.expert_parallel_size={dims.ep}", f"parallel.tensor_parallel_size={dims.tp}",
+             f"parallel.pipeline_parallel_size={dims.pp}"]
+    if run.parallel.pipeline_split is not None:
+        split.append("parallel.pipeline_split=null")
+    return ["python", "train.py", *split, *own]
+
+
+def what_ifs(args) -> str:
+    """The planner options that training does not build, to say beside a command."""
+    named = [n for n, on in (("--activation-checkpointing", args.activation_checkpointing), ("--zero1", args.zero1))
+             if on]
+    return (f"  (planned with {' and '.join(named)}, which training does not build yet: a run's memory per GPU is "
+            "higher than planned)") if named else ""
 
 
 def _png(valid: list[Plan], path: str, top: int) -> None:
@@ -229,7 +289,7 @@ def _png(valid: list[Plan], path: str, top: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = valid[:top]
+    shown = [valid[i - 1] for i in shown_rows(valid, top)]
     labels = [f"dp{p.dims.dp} ep{p.dims.ep} tp{p.dims.tp} pp{p.dims.pp}" for p in shown]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(shown) + 1.5))
     ax.barh(labels, [p.compute_s for p in shown], label="compute (incl. bubble)")
@@ -253,7 +313,8 @@ def main(argv=None) -> None:
                     help="what-if: shard optimizer state over the data (and expert-data) group; not built in training")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for compute")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU, when cluster.peak_flops is unset")
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=int, default=25, help="rows shown (0: all); the seed's scenarios always are")
+    ap.add_argument("--command", type=int, metavar="N", help="print only row N's train.py command")
     ap.add_argument("--png", metavar="FILE")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     run = compose_run(args.overrides)
@@ -264,6 +325,19 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     t0 = time.perf_counter()
     valid, invalid = make_plan(run, gpus, args)
+    if args.command is not None:
+        if not 1 <= args.command <= len(valid):
+            print(f"moemesh: --command {args.command}: the plan has {len(valid)} rows (1..{len(valid)})",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        p = valid[args.command - 1]
+        print(shlex.join(train_command(run, args.overrides, p.dims)))
+        if not p.fits:
+            print(f"moemesh: row {args.command} does not fit: {_gb(p.total_bytes)} GB per GPU > "
+                  f"cluster.gpu_memory_gb={run.cluster.gpu_memory_gb:g}", file=sys.stderr)
+        if what_ifs(args):
+            print(what_ifs(args).strip(), file=sys.stderr)
+        return
     m = run.model
     print(f"plan: model={m.name} ({count_params(m).total / 1e9:.2f}B params, {m.num_experts} experts top-{m.top_k}), "
           f"{gpus} GPUs ({run.cluster.gpus_per_node}/node, {run.cluster.gpu_memory_gb:g} GB), "
@@ -273,6 +347,13 @@ def main(argv=None) -> None:
     print(f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} do not divide; "
           f"planned in {time.perf_counter() - t0:.2f} s")
     print(table(valid, args.top, args.activation_checkpointing))
+    if valid and valid[0].fits:
+        print("\nrow 1, the best fitting split (--command N prints row N's):")
+        print(f"  {shlex.join(train_command(run, args.overrides, valid[0].dims))}")
+        if what_ifs(args):
+            print(what_ifs(args))
+    elif valid:
+        print(f"\nno split fits in {run.cluster.gpu_memory_gb:g} GB per GPU; --command N prints row N's command")
     if invalid:
         print("\ndo not divide (first reasons):")
         for p in invalid[:8]:

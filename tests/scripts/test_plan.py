@@ -1,5 +1,9 @@
-"""The planner: exact where it can be, marks what cannot fit, ranks stably, scales."""
+"""The planner: exact where it can be, marks what cannot fit, ranks stably, scales; its table
+says what it left out and its commands compose into the split planned."""
 import argparse
+import dataclasses
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -15,8 +19,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from conf.schema import ModelConfig  # noqa: E402
+from conf.validate import validate_run  # noqa: E402
 from moe.layer import MoELayer  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from parallel.comm import CommMeter  # noqa: E402
@@ -133,3 +139,104 @@ def test_a_1024_gpu_plan_with_256_experts_takes_under_2_seconds():
     assert planned < 2.0, proc.stdout[:400]  # the planning itself; the whole command took ~1.5 s here
     assert "| 1 |" in proc.stdout
     assert time.perf_counter() - t0 < 30
+
+
+# README's seed command (--activation-checkpointing --zero1): 34 valid splits, the seed's dp8 x ep2 ranks 30th.
+SEED = ["model=seed_4096", "cluster.gpus=16", "trainer.global_batch_size=256", "trainer.seq_len=4096",
+        "trainer.micro_batch_size=1"]
+SEED_ARGS = argparse.Namespace(precision="bf16_mixed", activation_checkpointing=True, zero1=True, mfu=0.4,
+                               peak_flops=989e12)
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    """The table's rows as {column: cell}, keyed by the header's names."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_total_column_is_the_sum_of_the_memory_parts(ckpt):
+    args = argparse.Namespace(**{**vars(SEED_ARGS), "activation_checkpointing": ckpt})
+    run = compose_run(SEED)
+    valid, _ = plan.make_plan(run, 16, args)
+    for p in valid:
+        act = p.act_ckpt_bytes if ckpt else p.act_bytes
+        assert p.total_bytes == p.param_expert + p.param_non_expert + p.grad_bytes + p.optim_bytes + act
+        assert p.fits == (p.total_bytes <= run.cluster.gpu_memory_gb * 1e9)
+    rows = _rows(plan.table(valid, 0, ckpt))
+    assert len(rows) == len(valid)
+    parts = ("expert GB", "non-exp GB", "grad GB", "optim GB", "act GB")
+    for row, p in zip(rows, valid, strict=True):
+        assert row["total GB"] == f"{p.total_bytes / 1e9:,.1f}"
+        printed = sum(float(row[c].replace(",", "")) for c in parts)
+        assert abs(printed - float(row["total GB"].replace(",", ""))) <= 0.05 * (len(parts) + 1), row
+    assert {r["fits"] for r in rows} == {"yes", "NO"}  # both kinds are checked
+
+
+@pytest.mark.parametrize("top", [5, 25])
+def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(top):
+    valid, _ = plan.make_plan(compose_run(SEED), 16, SEED_ARGS)
+    seeds = {i: p.dims for i, p in enumerate(valid, 1) if p.dims in plan.SEED_SPLITS}
+    assert sorted(seeds.values(), key=lambda d: d.dp) == [plan.ParallelDims(dp=2, ep=8), plan.ParallelDims(dp=8, ep=2)]
+    assert max(seeds) > top  # dp8 x ep2 ranks below the cut, as in README's command
+    text = plan.table(valid, top, True)
+    shown = {int(r["#"].split()[0]): r for r in _rows(text)}
+    assert sorted(shown) == sorted(set(range(1, top + 1)) | set(seeds))
+    for i, row in shown.items():
+        d = valid[i - 1].dims
+        assert (int(row["dp"]), int(row["ep"]), int(row["tp"]), int(row["pp"])) == (d.dp, d.ep, d.tp, d.pp)
+        assert row["#"] == (f"{i} (seed)" if i in seeds else str(i))
+    hidden = len(valid) - len(shown)
+    assert text.splitlines()[-1] == f"... {hidden} more splits not shown (--top {top}); --top 0 shows all"
+    for everything in (0, len(valid)):
+        assert "not shown" not in plan.table(valid, everything, True)
+        assert len(_rows(plan.table(valid, everything, True))) == len(valid)
+
+
+def test_the_command_for_every_row_composes_into_its_split():
+    """The user's other overrides are kept, including a parallel preset's schedule; the degrees,
+    the name and the (reset) pipeline split are the row's; a user's own degrees are dropped."""
+    over = [*SEED, "parallel=pp2", "parallel.pipeline_schedule=gpipe", "parallel.pipeline_split=[20,12]",
+            "parallel.data_parallel_size=3"]
+    run = compose_run(over)
+    valid, _ = plan.make_plan(run, 16, SEED_ARGS)
+    assert len(valid) > 20
+    for p in valid:
+        argv = plan.train_command(run, over, p.dims)
+        assert argv[:2] == ["python", "train.py"]
+        got = compose_run(argv[2:])
+        d = p.dims
+        assert got == dataclasses.replace(run, parallel=dataclasses.replace(
+            run.parallel, name=plan.layout_name(d), data_parallel_size=d.dp, expert_parallel_size=d.ep,
+            tensor_parallel_size=d.tp, pipeline_parallel_size=d.pp, pipeline_split=None))
+        validate_run(got)
+
+
+def test_command_option_prints_the_rows_command_and_the_table_prints_the_best(capsys):
+    valid, _ = plan.make_plan(compose_run(SEED), 16, SEED_ARGS)
+    n, p = next((i, p) for i, p in enumerate(valid, 1) if p.dims == plan.ParallelDims(dp=8, ep=2))
+    assert not p.fits
+    plan.main([*SEED, "--activation-checkpointing", "--zero1", "--command", str(n)])
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [out.strip()]  # the command alone, ready to paste
+    got = compose_run(shlex.split(out)[2:])
+    assert plan.ParallelDims.from_config(got.parallel) == plan.ParallelDims(dp=8, ep=2)
+    assert got.parallel.name == "ep2_dp8" and got.model.name == "seed_4096"
+    assert f"row {n} does not fit: {p.total_bytes / 1e9:.1f} GB per GPU" in err and "--zero1" in err
+    plan.main([*SEED, "--activation-checkpointing", "--zero1"])
+    out = capsys.readouterr().out
+    best = re.search(r"row 1, the best fitting split.*\n  (python train.py .*)\n", out).group(1)
+    plan.main([*SEED, "--activation-checkpointing", "--zero1", "--command", "1"])
+    assert capsys.readouterr().out.strip() == best
+    with pytest.raises(SystemExit) as exit_:
+        plan.main([*SEED, "--command", str(len(valid) + 1)])
+    assert exit_.value.code == 2 and f"the plan has {len(valid)} rows" in capsys.readouterr().err
+
+
+def test_generated_names_are_the_presets_names():
+    for path in sorted((ROOT / "conf" / "parallel").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        dims = plan.ParallelDims(dp=cfg.data_parallel_size, ep=cfg.expert_parallel_size,
+                                 tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size)
+        assert plan.layout_name(dims) == cfg.name == path.stem
