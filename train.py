@@ -3,13 +3,20 @@
     python train.py                               # tiny MoE, one process, CPU
     python train.py parallel=ep2_dp2              # spawns 4 local ranks
     torchrun --nproc_per_node=4 train.py parallel=ep2_dp2
+    deepspeed --num_gpus=4 train.py parallel=ep2_dp2
     python train.py -m parallel=ep4,ep2_dp2,dp4   # a local sweep
     python train.py -m cluster=slurm parallel=ep8_dp2,ep2_dp8   # one SLURM job each
+
+Before Hydra creates a directory or a rank starts, every job of the command is composed
+and checked (``conf.cli.preflight``): a mistake is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -18,12 +25,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from conf.cli import needs_preflight, preflight
 from conf.schema import ConfigError, register_schema, to_run_config
-from conf.validate import validate_run
+from conf.validate import micro_steps, validate_run
 from parallel.checkpoint import CheckpointError
-from parallel.launch import check_launcher, detect_launcher_env, install_stop_handlers, launcher_rank, run_ranks
+from parallel.launch import (
+    check_launcher,
+    detect_launcher_env,
+    install_stop_handlers,
+    launcher_rank,
+    run_ranks,
+    strip_local_rank_args,
+)
 from parallel.slurm import TASK_MARKER
-from trainer.data import prepare_data
+from trainer.data import check_data, prepare_data
 from trainer.loop import train
 
 register_schema()
@@ -34,6 +49,71 @@ OmegaConf.register_new_resolver(
 )
 
 
+def _refuse(message: str) -> None:
+    print(f"moemesh: config error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_command(argv: list[str]) -> list[str]:
+    """Compose and validate every job of this command; return argv, completed where a sweep
+    needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
+    env = detect_launcher_env()
+    command = preflight(argv)
+    if env is not None and command.multirun and not os.environ.get(TASK_MARKER):
+        # A sweep started under torchrun/srun would run once per rank. The SLURM launcher's
+        # own tasks are the exception: there each task is one rank of one sweep job.
+        raise ConfigError(
+            f"-m (multirun) under {env.kind}: every rank would run the sweep on its own; "
+            "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks, "
+            "or submit them with python train.py -m cluster=slurm ..."
+        )
+    problems = []
+    common = set.intersection(*(set(job.overrides) for job in command.jobs)) if len(command.jobs) > 1 else set()
+    for i, job in enumerate(command.jobs):
+        try:
+            dims = validate_run(job.run, env.world_size if env else None)
+            if job.run.cluster.launcher != "slurm" or not command.multirun:
+                check_launcher(job.run, env, dims)
+            check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
+        except ConfigError as err:
+            if not command.multirun:
+                raise
+            shown = [o for o in job.overrides if o not in common] or list(job.overrides)
+            problems.append(f"job #{i} ({' '.join(shown)}): {err}")
+    if problems:
+        verb = "submitted" if any(job.run.cluster.launcher == "slurm" for job in command.jobs) else "run"
+        raise ConfigError(f"nothing was {verb}; {len(problems)} problem(s) in this sweep of {len(command.jobs)} "
+                          "job(s): " + " | ".join(problems))
+    if command.multirun and len(command.jobs) > 1:
+        counts = {job.run.parallel.name: micro_steps(job.run) for job in command.jobs}
+        if len(set(counts.values())) > 1:
+            # The balance loss is computed per micro-step: different counts, different objectives.
+            chosen = any(o.split("=", 1)[0].lstrip("+") in ("trainer.micro_steps", "trainer.micro_batch_size")
+                         for job in command.jobs for o in job.overrides)
+            unset = all(j.run.trainer.micro_steps is None and j.run.trainer.micro_batch_size is None
+                        for j in command.jobs)
+            if unset and not chosen:
+                # Held equal by default: every layout takes the largest count any of them needs.
+                held = [*argv, f"trainer.micro_steps={max(counts.values())}"]
+                try:
+                    held = _check_command(held)
+                except ConfigError:
+                    pass  # the global batch does not divide: say so below instead
+                else:
+                    print(f"moemesh: every layout of this sweep takes {max(counts.values())} micro-steps per optimizer "
+                          f"step (trainer.micro_steps), so all optimise the same objective")
+                    return held
+            shown = ", ".join(f"{name}: {n}" for name, n in counts.items())
+            print(f"moemesh: warning: this sweep mixes micro-step counts ({shown}), so its layouts optimise "
+                  "different balance losses; set trainer.micro_steps=N to compare like with like", file=sys.stderr)
+    return argv
+
+
+def _resume_line(argv: list[str], output_dir: str) -> str:
+    kept = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "train.py", *kept, f"hydra.run.dir={output_dir}", "resume=auto"])
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     env = detect_launcher_env()
@@ -41,24 +121,18 @@ def main(cfg: DictConfig) -> float | None:
         # This process is one rank: a preemption or time-limit signal during start-up must
         # become a stop request too, not kill it (spawned ranks install theirs when they start).
         install_stop_handlers()
+    hc = HydraConfig.get()
+    output_dir = hc.runtime.output_dir
     try:
         run = to_run_config(cfg)
         dims = validate_run(run, env.world_size if env else None)
         check_launcher(run, env, dims)
-        # A sweep started under torchrun/srun would run once per rank. The SLURM launcher's
-        # own tasks are the exception: there each task is one rank of one sweep job.
-        if env is not None and HydraConfig.get().mode == RunMode.MULTIRUN and not os.environ.get(TASK_MARKER):
-            raise ConfigError(
-                f"-m (multirun) under {env.kind}: every rank would run the sweep on its own; "
-                "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks, "
-                "or submit them with python train.py -m cluster=slurm ..."
-            )
         data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     except ConfigError as err:
-        print(f"moemesh: config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    output_dir = HydraConfig.get().runtime.output_dir
-    hc = HydraConfig.get()
+        # Checked before Hydra ran too; what only shows here (a file removed since) leaves
+        # nothing behind either.
+        _remove_if_untouched(Path(output_dir))
+        _refuse(str(err))
     if run.logger.group is None and hc.mode == RunMode.MULTIRUN:
         # A sweep's runs share a wandb group: the sweep directory, e.g. "2026-11-29/06-11-17".
         group = "/".join(Path(hc.sweep.dir).parts[-2:])
@@ -69,11 +143,49 @@ def main(cfg: DictConfig) -> float | None:
         print(f"moemesh: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
-        import json
-
         summary = json.loads((Path(output_dir) / "summary.json").read_text())
+    stopped = (summary or {}).get("stopped_by_signal")
+    if stopped and not os.environ.get(TASK_MARKER) and launcher_rank() == 0:
+        # Saved, not finished: exit non-zero, so no script mistakes this run for a complete one.
+        # (A SLURM task leaves this to the launcher plugin, which requeues on the time limit.)
+        steps = summary.get("start_step", 0) + summary.get("steps", 0)
+        print(f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
+              f"{_resume_line(sys.argv[1:], output_dir)}", file=sys.stderr)
+        name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"
+        sys.exit(128 + int(getattr(signal, name, signal.SIGTERM)))
     return None if summary is None else summary.get("final_loss")
 
 
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A refused run leaves no directory: remove it if it holds only Hydra's own files."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+            import shutil
+
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def cli() -> None:
+    # deepspeed's launcher passes --local_rank=N (torch.distributed.launch, --local-rank=N)
+    # before the overrides; the rank comes from the environment it also sets.
+    try:
+        argv = strip_local_rank_args(sys.argv[1:])
+    except ConfigError as err:
+        _refuse(str(err))
+    try:
+        if needs_preflight(argv):
+            try:
+                argv = _check_command(argv)
+            except ConfigError as err:
+                _refuse(str(err))
+        sys.argv = [sys.argv[0], *argv]
+        main()
+    except KeyboardInterrupt:
+        print("moemesh: SIGINT: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -147,7 +147,12 @@ class LoggerConfig:
 class TrainerConfig:
     steps: int = 300
     global_batch_size: int = 16  # sequences per optimizer step, over all data ranks
-    micro_batch_size: Optional[int] = None  # per data rank per forward; None: no accumulation
+    # Micro-steps per optimizer step: the global batch is cut into this many micro-steps first,
+    # then each over the data ranks. The balance loss is computed per micro-step, so layouts
+    # compare the same objective only with the same count (a sweep holds it equal).
+    # None: from micro_batch_size if set, else 1 (pipeline layouts: pp, for a full 1F1B).
+    micro_steps: Optional[int] = None
+    micro_batch_size: Optional[int] = None  # sequences per forward on one data rank; None: from micro_steps
     seq_len: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4

@@ -31,22 +31,30 @@ def _get(run: RunConfig, dotted: str):
     return obj
 
 
-def micro_batch_size(run: RunConfig) -> int:
-    """Sequences per forward on one data rank.
+def micro_steps(run: RunConfig) -> int:
+    """Micro-steps (forward/backward passes per data rank) in one optimizer step.
 
-    Unset: no accumulation, or with pipeline parallelism pp micro-batches (the fewest
-    that keep every stage of a 1F1B schedule busy).
+    ``trainer.micro_steps`` if set; else from ``trainer.micro_batch_size``; else 1, or pp
+    with pipeline parallelism (the fewest that keep every stage of a 1F1B schedule busy).
     """
     t = run.trainer
-    if t.micro_batch_size is not None:
-        return t.micro_batch_size
+    if t.micro_steps is not None:
+        return t.micro_steps
     dims = ParallelDims.from_config(run.parallel)
-    return t.global_batch_size // (dims.data_size * dims.pp)
+    if t.micro_batch_size is not None:
+        return t.global_batch_size // (t.micro_batch_size * dims.data_size)
+    return dims.pp
+
+
+def micro_batch_size(run: RunConfig) -> int:
+    """Sequences per forward on one data rank."""
+    dims = ParallelDims.from_config(run.parallel)
+    return run.trainer.global_batch_size // (micro_steps(run) * dims.data_size)
 
 
 def grad_accum_steps(run: RunConfig) -> int:
-    dims = ParallelDims.from_config(run.parallel)
-    return run.trainer.global_batch_size // (micro_batch_size(run) * dims.data_size)
+    """The same number as ``micro_steps`` (the name the training loop's arithmetic uses)."""
+    return micro_steps(run)
 
 
 def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> ParallelDims:
@@ -133,6 +141,15 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     if run.data.kind == "stdlib" and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for byte-level data.kind=stdlib")
+    # A key the chosen data source does not read is a mistake, not a setting (data.path
+    # with the default stdlib corpus would train on the wrong data and say nothing).
+    reads = {"stdlib": ("cache_dir",), "memmap": ("path", "val_path"), "synthetic": ()}
+    for key in ("path", "val_path", "cache_dir"):
+        value = getattr(run.data, key)
+        if value is not None and key not in reads.get(run.data.kind, ()):
+            users = [k for k, keys in reads.items() if key in keys]
+            raise ConfigError(f"data.{key}={value} is ignored by data={run.data.kind}; "
+                              f"it is read by data={' or data='.join(users)} (e.g. data={users[0]} data.{key}=...)")
     if run.data.kind == "memmap" and not run.data.path:
         raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
 
@@ -148,21 +165,32 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
                 "with parallel.sequence_parallel=true"
             )
 
-    mb = t.micro_batch_size
+    mb, ms = t.micro_batch_size, t.micro_steps
     if mb is not None and mb < 1:
         raise ConfigError(f"trainer.micro_batch_size={mb} must be a positive integer or null")
-    unit = (mb or 1) * dims.data_size
-    if t.global_batch_size % unit:
+    if ms is not None and ms < 1:
+        raise ConfigError(f"trainer.micro_steps={ms} must be a positive integer or null")
+    if ms is not None and mb is not None and ms * mb * dims.data_size != t.global_batch_size:
         raise ConfigError(
-            f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
-            f"micro_batch_size*dp*ep = {mb or 1}*{dims.dp}*{dims.ep} = {unit}"
+            f"trainer.micro_steps={ms} and trainer.micro_batch_size={mb} disagree: micro_steps*micro_batch_size*dp*ep "
+            f"= {ms}*{mb}*{dims.dp}*{dims.ep} != trainer.global_batch_size={t.global_batch_size}; set only one"
         )
-    if mb is None and dims.pp > 1 and t.global_batch_size % (dims.data_size * dims.pp):
-        raise ConfigError(
-            f"trainer.global_batch_size={t.global_batch_size} must be divisible by dp*ep*pp = "
-            f"{dims.dp}*{dims.ep}*{dims.pp} = {dims.data_size * dims.pp} (pp micro-batches per data rank; "
-            "or set trainer.micro_batch_size)"
-        )
+    if mb is not None:
+        unit = mb * dims.data_size
+        if t.global_batch_size % unit:
+            raise ConfigError(
+                f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+                f"micro_batch_size*dp*ep = {mb}*{dims.dp}*{dims.ep} = {unit}"
+            )
+    else:
+        steps = micro_steps(run)
+        unit = steps * dims.data_size
+        if t.global_batch_size % unit:
+            which = f"trainer.micro_steps={steps}" if ms is not None else f"{steps} micro-steps (pp={dims.pp})"
+            raise ConfigError(
+                f"trainer.global_batch_size={t.global_batch_size} must be divisible by micro_steps*dp*ep = "
+                f"{steps}*{dims.dp}*{dims.ep} = {unit} ({which}; or set trainer.micro_batch_size)"
+            )
     co = run.parallel.comm_optimization
     if co.overlap_chunks < 1:
         raise ConfigError(f"parallel.comm_optimization.overlap_chunks={co.overlap_chunks} must be >= 1")
@@ -175,11 +203,11 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
                 "(every stage needs a layer)"
             )
         stage_layers(m.num_layers, dims.pp, run.parallel.pipeline_split)
-        if run.parallel.pipeline_schedule == "1f1b" and grad_accum_steps(run) < dims.pp:
+        if run.parallel.pipeline_schedule == "1f1b" and micro_steps(run) < dims.pp:
             raise ConfigError(
                 f"1F1B needs micro-batches >= parallel.pipeline_parallel_size={dims.pp}, got "
-                f"{grad_accum_steps(run)} (trainer.global_batch_size / (trainer.micro_batch_size*dp*ep)); "
-                "set trainer.micro_batch_size smaller or parallel.pipeline_schedule=gpipe"
+                f"{micro_steps(run)} (trainer.micro_steps); set trainer.micro_steps >= {dims.pp} "
+                "or parallel.pipeline_schedule=gpipe"
             )
     elif run.parallel.pipeline_split is not None:
         raise ConfigError(f"parallel.pipeline_split={list(run.parallel.pipeline_split)} needs "

@@ -21,11 +21,13 @@ read with an unpickler that admits only DCP's own metadata classes and plain val
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -151,6 +153,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda d: d.name)
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group that it assumes a single process,
+    which is exactly what a one-rank run is: silence that one warning, nothing else."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int) -> Path:
     final = root / f"{_DIR_PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
@@ -159,7 +171,8 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
     _barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2))
@@ -176,7 +189,8 @@ def load(path: Path, state: dict) -> dict:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
     return json.loads(meta_file.read_text())
 
 

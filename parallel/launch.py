@@ -72,6 +72,31 @@ def _slurm_tasks_on_this_node(environ, ntasks: int) -> int:
     return ntasks
 
 
+def strip_local_rank_args(argv: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
+    """argv without the ``--local_rank=N`` / ``--local-rank=N`` (or ``--local_rank N``) that
+    deepspeed's and torch.distributed.launch's launchers insert; the value must agree with
+    ``LOCAL_RANK`` when both are given (the environment is what this process joins with)."""
+    kept, seen, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value, e.g. {name}=0")
+                value, i = argv[i + 1], i + 1
+            if not value.isdigit():
+                raise ConfigError(f"{name}={value}: expected a non-negative integer")
+            seen = int(value)
+        else:
+            kept.append(arg)
+        i += 1
+    if seen is not None and "LOCAL_RANK" in environ and int(environ["LOCAL_RANK"]) != seen:
+        raise ConfigError(f"--local_rank={seen} disagrees with LOCAL_RANK={environ['LOCAL_RANK']} from the launcher's "
+                          "environment; start ranks with deepspeed, torchrun or srun, not by hand")
+    return kept
+
+
 def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
     env = detect_launcher_env(environ)
     return env.rank if env else 0
@@ -161,7 +186,11 @@ def run_ranks(run: RunConfig, dims: ParallelDims, env: LauncherEnv | None, outpu
 
 
 class _Terminated(Exception):
-    pass
+    """The launcher was asked to stop (SIGTERM, or the first Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _StopFlag:
@@ -186,31 +215,51 @@ class _StopFlag:
 
 
 # SIGTERM: preemption or scancel; SIGUSR1/SIGUSR2: SLURM's warning before the time limit
-# (--signal; submitit asks for SIGUSR2). Each means: finish this step, save, stop.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# (--signal; submitit asks for SIGUSR2); SIGINT: Ctrl-C. Each means: finish this step, save, stop.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 _STOP = _StopFlag()
 
 
-def install_stop_handlers() -> _StopFlag:
+def _interrupt_twice(signum, frame):
+    """A lone process: the first Ctrl-C asks for a save; the second one stops it now."""
+    if signal.SIGINT in _STOP.received:
+        raise KeyboardInterrupt
+    _STOP.set(signum, frame)
+
+
+def install_stop_handlers(*, second_interrupt_exits: bool = False) -> _StopFlag:
     """Turn the stop signals into a request the training loop acts on at a step boundary.
 
     One flag per process, so a signal that arrives while the process is still starting
-    (before the loop) is not lost.
+    (before the loop) is not lost. A Ctrl-C reaches every process of the terminal's group:
+    ranks under a parent (spawned, torchrun, srun) take any number of SIGINTs as one request
+    and leave the second Ctrl-C to the parent, which stops them at once; a process without
+    a parent launcher (``second_interrupt_exits``) stops itself on the second.
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, _STOP.set)
+    if second_interrupt_exits:
+        signal.signal(signal.SIGINT, _interrupt_twice)
     return _STOP
 
 
 def _raise_terminated(signum, frame):
-    raise _Terminated()
+    raise _Terminated(signum)
+
+
+def _interrupt_now(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _spawn(run, dims, output_dir, data_paths, worker):
     import torch.multiprocessing as mp
 
     rendezvous = tempfile.mkdtemp(prefix="moemesh-rdzv-")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # stop the ranks, clean up, exit 143
+    # SIGTERM or a first Ctrl-C: every rank saves after its step (_graceful_stop); a second
+    # Ctrl-C stops them at once. One that arrives while the ranks start is kept until they exist.
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         ctx = mp.start_processes(
             _spawned_rank,
@@ -219,7 +268,11 @@ def _spawn(run, dims, output_dir, data_paths, worker):
             join=False,
             start_method="spawn",
         )
+        for sig in previous:
+            signal.signal(sig, _raise_terminated)
         try:
+            if pending:
+                raise _Terminated(pending[0])
             while not ctx.join():
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
@@ -228,23 +281,30 @@ def _spawn(run, dims, output_dir, data_paths, worker):
             # cause, the rank that failed earliest (or was killed).
             print(f"moemesh: {_root_cause(rendezvous, e)}", file=sys.stderr)
             raise SystemExit(1) from None
-        except _Terminated:
-            # Preemption: pass SIGTERM on; the ranks save a checkpoint after their current
-            # step and exit. Whoever is still running after the grace period is killed.
-            return _graceful_stop(ctx, run.cluster.preempt_grace_s, rendezvous)
+        except _Terminated as stop:
+            # Preemption or Ctrl-C: pass the signal on; the ranks save a checkpoint after
+            # their current step and exit. Whoever is still running after the grace period
+            # is killed.
+            try:
+                return _graceful_stop(ctx, run.cluster.preempt_grace_s, stop.signum)
+            except KeyboardInterrupt:
+                _stop_all(ctx.processes, timeout=0, kill=True)
+                print("moemesh: SIGINT again: every rank was stopped without saving", file=sys.stderr)
+                raise SystemExit(130) from None
         except KeyboardInterrupt:
             _stop_all(ctx.processes, timeout=10)
             raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(rendezvous, ignore_errors=True)
     return None
 
 
-def _stop_all(processes, timeout: float) -> None:
+def _stop_all(processes, timeout: float, kill: bool = False) -> None:
     for p in processes:
         if p.is_alive():
-            p.terminate()
+            p.kill() if kill else p.terminate()
     for p in processes:
         p.join(timeout=timeout)
         if p.is_alive():
@@ -252,11 +312,13 @@ def _stop_all(processes, timeout: float) -> None:
             p.join()
 
 
-def _graceful_stop(ctx, grace_s: float, rendezvous: str):
+def _graceful_stop(ctx, grace_s: float, signum: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save short
+    signal.signal(signal.SIGINT, _interrupt_now)  # a second Ctrl-C does
+    name = signal.Signals(signum).name
     for p in ctx.processes:
         if p.is_alive():
-            os.kill(p.pid, signal.SIGTERM)
+            os.kill(p.pid, signum)
     deadline = time.monotonic() + grace_s
     for p in ctx.processes:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -264,11 +326,10 @@ def _graceful_stop(ctx, grace_s: float, rendezvous: str):
     _stop_all(ctx.processes, timeout=5)
     codes = [p.exitcode for p in ctx.processes]
     if late or any(codes):
-        print(f"moemesh: SIGTERM: ranks {late} did not stop within cluster.preempt_grace_s={grace_s}s"
-              if late else f"moemesh: SIGTERM: ranks exited with codes {codes}", file=sys.stderr)
+        print(f"moemesh: {name}: ranks {late} did not stop within cluster.preempt_grace_s={grace_s}s"
+              if late else f"moemesh: {name}: ranks exited with codes {codes}", file=sys.stderr)
         raise SystemExit(1)
-    print("moemesh: SIGTERM: every rank saved and stopped cleanly", file=sys.stderr)
-    return None
+    return None  # every rank saved and wrote the summary; train.py reports the stop
 
 
 def _root_cause(rendezvous: str, err) -> str:
@@ -337,7 +398,7 @@ def _run_rank(run, dims, rank, local_rank, local_world_size, init_method, output
             box = [output_dir]
             dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
             output_dir = box[0]
-        stop = install_stop_handlers()
+        stop = install_stop_handlers(second_interrupt_exits=init_method is None)
         ctx = RankContext(rank=rank, local_rank=local_rank, device=device, mesh=mesh, output_dir=output_dir,
                           data_paths=data_paths, stop_requested=stop.get, stop_signals=stop.names,
                           on_stop=stop.mark_stopped)

@@ -262,7 +262,7 @@ def _steps_text(run: Run) -> str:
     s = run.summary
     n = s.get("steps")
     if n is None and run.records:
-        n = max(r.get("step", -1) for r in run.records) + 1
+        n = max(r.get("step", 0) for r in run.records)  # a record's step counts completed steps
     if n is None:
         return "? steps"
     start = s.get("start_step") or 0

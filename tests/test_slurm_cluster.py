@@ -217,7 +217,7 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     summary = json.loads((sweep / "0_dp2" / "summary.json").read_text())
     assert summary["start_step"] == int(stopped.group(1)) and summary["stopped_by_signal"] is None
     # One continuous record over both attempts.
-    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(steps))
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, steps + 1))
     assert _sacct(job).get("state") in ("COMPLETED", "COMPLETING", "RUNNING")
 
 
@@ -260,4 +260,4 @@ def test_plain_sbatch_template_trains_and_requeues_itself(tmp_path):
     assert "requeueing job" in out and re.search(r"resumed from \S+ \(saved under dp2\) at step \d+", out), out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and 0 < summary["start_step"] < steps and summary["stopped_by_signal"] is None
-    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(steps))
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, steps + 1))

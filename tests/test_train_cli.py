@@ -42,7 +42,15 @@ def test_default_model_learns_and_writes_outputs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 60
     assert summary["final_loss"] == records[-1]["loss"]
+    assert summary["machine"]["hostname"] and summary["machine"]["device"]
     assert (out / ".hydra" / "config.yaml").is_file()
+    # One step numbering: a record's step counts completed optimizer steps, as the console
+    # ("step 60/60") and the checkpoint directory (step_000060) do.
+    assert [r["step"] for r in records] == list(range(1, 61))
+    assert (out / "checkpoints" / "step_000060").is_dir()
+    # train.log holds what the run printed: the banner, progress lines, the summary.
+    log = (out / "train.log").read_text()
+    assert "moemesh: single" in log and "step    60/60" in log and "moemesh run summary" in log
 
 
 def test_spawned_and_torchrun_ranks_match_single(tmp_path):
@@ -62,6 +70,7 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
                                                          "train.log"]
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+        assert "step     3/3" in (out / "train.log").read_text()  # written by rank 0, not the launcher
     # Non-zero torchrun ranks left nothing in their working directory.
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run"]
 

@@ -98,6 +98,15 @@ def _check_token_values(key: str, path: str, vocab_size: int) -> None:
         raise ConfigError(f"{key}={path} holds token id {int(sample.max())} >= model.vocab_size={vocab_size}")
 
 
+def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
+    """The checks of ``prepare_data`` that build nothing: run for every job before any starts."""
+    if cfg.kind == "memmap":
+        need = seq_len + 1
+        _check_token_file("data.path", cfg.path, need)
+        if cfg.val_path:
+            _check_token_file("data.val_path", cfg.val_path, need)
+
+
 def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataPaths:
     """Build or check the data before any rank starts; raise ConfigError on bad input."""
     need = seq_len + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Callable
 import resource
@@ -318,7 +319,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
             per_rank = max_over_world(numbers, mesh.world_group, device)
             biases = {slot: moe.router.expert_bias_E for slot, moe in local_moe.items()}
-            record = step_record(step=step, lr=lr, grad_norm=float(grad_norm), losses=losses4, stats_L=stats_L,
+            record = step_record(step=step + 1, lr=lr, grad_norm=float(grad_norm), losses=losses4, stats_L=stats_L,
                                  shape=shape, timing=per_rank, biases=bias_ranges(biases, len(moe_layers), mesh,
                                                                                   device))
             if val is not None:
@@ -375,6 +376,25 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
 
 
+def _machine(device: torch.device) -> dict:
+    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles)."""
+    import platform
+    import socket
+
+    if device.type == "cuda":
+        name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
+    else:
+        name, count = platform.processor() or platform.machine(), 1
+        try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+            models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+            name = models[0] if models else name
+        except OSError:
+            pass
+    return {"hostname": socket.gethostname(), "device": name, "count": count,
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
 def _summary(run, model, optimizer, mesh, device, last_record, step_times, val_loss, records) -> dict:
     dims = mesh.dims
     memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
@@ -384,6 +404,7 @@ def _summary(run, model, optimizer, mesh, device, last_record, step_times, val_l
     steady = logged[1:] or logged
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
+        "machine": _machine(device),
         "parallel": run.parallel.name,
         "dp": dims.dp, "ep": dims.ep, "tp": dims.tp, "pp": dims.pp,
         "world_size": dims.world_size,

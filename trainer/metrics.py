@@ -233,12 +233,16 @@ class MetricsLogger:
         self._jsonl = enabled and jsonl
         self._file = None  # opened by begin(), once the first step is known
         self._tty = sys.stdout.isatty()
+        # Every line the run prints, also on file (rank 0; appended across resumed attempts).
+        self._log = open(self.dir / "train.log", "a") if enabled else None
         self._last_print = 0.0
         self._start = time.perf_counter()
 
     def begin(self, start_step: int) -> None:
         """Open metrics.jsonl. A run resumed in its own directory (a requeued SLURM job)
-        keeps the records of the steps before ``start_step`` and appends after them."""
+        keeps the records of the ``start_step`` steps completed before and appends after them.
+        A record's ``step`` counts completed optimizer steps (1 for the first, as on the
+        console and in ``checkpoints/step_N``)."""
         if not self._jsonl or self._file is not None:
             return
         path = self.dir / "metrics.jsonl"
@@ -246,7 +250,7 @@ class MetricsLogger:
         if start_step > 0 and path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", start_step) < start_step:
+                    if json.loads(line).get("step", start_step + 1) <= start_step:
                         kept.append(line + "\n")
                 except json.JSONDecodeError:  # a line cut short when the last attempt was killed
                     continue
@@ -262,16 +266,18 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-        if self.console and "loss" in record:
+        if "loss" in record:
             self._progress(record)
 
     def _progress(self, r: dict) -> None:
+        """The live progress line: redrawn in place on a terminal; otherwise, and in
+        train.log, the first and last steps and one line every 5 s."""
         now = time.perf_counter()
-        step = r["step"] + 1
+        step = r["step"]
         last = step == self.total_steps
-        if not (self._tty or last or now - self._last_print >= 5.0 or step == 1):
+        due = last or step == 1 or now - self._last_print >= 5.0
+        if not (due or (self.console and self._tty)):
             return
-        self._last_print = now
         elapsed = now - self._start
         eta = elapsed / step * (self.total_steps - step)
         done = int(20 * step / self.total_steps)
@@ -281,17 +287,26 @@ class MetricsLogger:
         )
         if "val_loss" in r:
             line += f" | val {r['val_loss']:.4f}"
-        if self._tty:
+        if self.console and self._tty:
             sys.stdout.write("\r" + line + ("\n" if last else ""))
-        else:
-            sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+            sys.stdout.flush()
+        elif self.console and due:
+            print(line, flush=True)
+        if due:
+            self._last_print = now
+            self._to_file(line)
 
     def message(self, text: str) -> None:
         if self.console:
             if self._tty:
                 sys.stdout.write("\r\033[K")
             print(text, flush=True)
+        self._to_file(text)
+
+    def _to_file(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(text + "\n")
+            self._log.flush()
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
@@ -305,3 +320,6 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -12,7 +12,7 @@ from tests.conftest import tiny_run
         ({"model.num_experts": 6, "parallel.expert_parallel_size": 4}, "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4"),
         ({"model.top_k": 9}, "model.top_k=9 must be between 1 and model.num_experts=8"),
         ({"model.top_k": 0}, "model.top_k=0 must be between 1"),
-        ({"trainer.global_batch_size": 6, "parallel.data_parallel_size": 4}, "trainer.global_batch_size=6 must be divisible by micro_batch_size*dp*ep = 1*4*1 = 4"),
+        ({"trainer.global_batch_size": 6, "parallel.data_parallel_size": 4}, "trainer.global_batch_size=6 must be divisible by micro_steps*dp*ep = 1*4*1 = 4"),
         ({"trainer.micro_batch_size": 3}, "trainer.global_batch_size=8 must be divisible by micro_batch_size*dp*ep = 3*1*1 = 3"),
         ({"model.hidden_size": 0}, "model.hidden_size=0 must be a positive integer"),
         ({"parallel.data_parallel_size": 0}, "parallel.data_parallel_size=0 must be a positive integer"),

@@ -1,4 +1,14 @@
-"""All-to-All overlap computes what the plain path computes: outputs and every gradient."""
+"""All-to-All overlap computes what the plain path computes: outputs and every gradient.
+
+With one chunk the overlapped path runs the same GEMMs on the same rows: bitwise equal.
+With more chunks each expert GEMM gets fewer rows, and this CPU's BLAS computes a row of a
+GEMM with fewer than 8 rows with another kernel, in another summation order, than the
+same row in a larger GEMM (measured: up to 1.4e-6 apart for O(5) values, D=24; 0 at 8+
+rows). So the forward output differs too, by rounding only. The bound below is what
+rounding allows: each of the three chained GEMMs (w1/w3, w2, the combine's weighted sum)
+of inner length n may move a result by n*u relative to the magnitude it sums (u = 2**-24,
+fp32), twice (two orders): 2*3*n*u of the output's scale, element by element.
+"""
 import torch
 
 from conf.schema import ModelConfig
@@ -8,13 +18,18 @@ from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
 
-TOL = dict(rtol=1e-6, atol=1e-6)
+U32 = 2.0 ** -24  # fp32 unit roundoff
 
 
-def _close_in_norm(a, b, name):
-    """1e-6 relative in the L2 norm: chunking changes only the order of the additions
-    into the expert weight gradients (rows of different chunks)."""
-    assert float((a - b).norm()) <= 1e-6 * float(b.norm()) + 1e-12, (name, float((a - b).norm()), float(b.norm()))
+def _rounding_tol(n: int) -> float:
+    """Relative (to the output's scale) difference two summation orders may produce."""
+    return 2 * 3 * n * U32
+
+
+def _close_in_norm(a, b, name, tol):
+    """Relative in the L2 norm: chunking changes only the order of additions (GEMM rows
+    per call, and the rows of different chunks summed into the expert weight gradients)."""
+    assert float((a - b).norm()) <= tol * float(b.norm()) + 1e-12, (name, float((a - b).norm()), float(b.norm()))
 
 
 def _pair(cfg, pm, chunks):
@@ -47,10 +62,13 @@ def _check(rank, world, ep, chunks, capacity):
     if chunks == 1:  # the same reductions in the same order: bitwise
         assert torch.equal(o1, o0) and torch.equal(x1, x0)
         assert all(torch.equal(g1[n], g0[n]) for n in g0), [n for n in g0 if not torch.equal(g1[n], g0[n])]
-    torch.testing.assert_close(o1, o0, **TOL)
-    _close_in_norm(x1, x0, "input")
+    tol = _rounding_tol(max(cfg.hidden_size, cfg.moe_ffn_hidden_size))
+    scale = float(o0.abs().max())
+    worst = float((o1 - o0).abs().max())
+    assert worst <= tol * scale, (ep, chunks, capacity, worst, tol * scale)
+    _close_in_norm(x1, x0, "input", tol)
     for name in g0:
-        _close_in_norm(g1[name], g0[name], name)
+        _close_in_norm(g1[name], g0[name], name, tol)
     # The same bytes cross the network either way (forward and backward exchanges).
     assert m1.bytes_sent == m0.bytes_sent and m1.min_bytes == m0.min_bytes
 

@@ -13,12 +13,19 @@ from tests.test_train_cli import SMALL
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start(tmp_path, *overrides):
+def _start(tmp_path, *overrides, new_session=False):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *overrides],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=new_session,  # its own process group: a "terminal" Ctrl-C reaches only it
     )
+
+
+def _stop_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.startswith("moemesh:")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def _wait_for_steps(tmp_path, n, proc, timeout=120):
@@ -67,9 +74,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=90)
-    assert proc.returncode == 0, err
+    # Saved, not finished: non-zero (128 + SIGTERM), one line with the resume command.
+    assert proc.returncode == 128 + signal.SIGTERM, err
     assert time.monotonic() - t0 < 60
-    assert "every rank saved and stopped cleanly" in err
+    line = _stop_line(err)
+    assert "stopped by SIGTERM after step" in line and "resume=auto" in line
+    assert f"hydra.run.dir={tmp_path / 'run'}" in line
     (ckpt,) = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
     step = json.loads((ckpt / "meta.json").read_text())["step"]
     assert step >= 2
@@ -85,8 +95,8 @@ def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
     _wait_for_steps(tmp_path, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "stop requested (SIGUSR1)" in out
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert "stop requested (SIGUSR1)" in out and "stopped by SIGUSR1" in _stop_line(err)
     assert checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGUSR1"]
 
@@ -110,3 +120,33 @@ def test_skip_mode_skips_non_finite_steps(tmp_path):
     assert proc.returncode == 0, err
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped") for r in records) and "update skipped" in out
+
+
+def test_ctrl_c_on_spawned_ranks_saves_like_sigterm_and_says_how_to_resume(tmp_path):
+    """A terminal's Ctrl-C reaches every process of its group: the launcher and each rank.
+    Every rank finishes its step, saves and writes the summary; exit 130, one line."""
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", new_session=True)
+    _wait_for_steps(tmp_path, 2, proc)
+    ranks = _ranks_of(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    line = _stop_line(err)
+    assert "stopped by SIGINT after step" in line and "resume=auto" in line, line
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == ["SIGINT"]
+    (ckpt,) = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == summary["steps"]
+    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
+                   for r in ranks)  # no rank left running
+
+
+def test_ctrl_c_sent_to_the_launcher_alone_reaches_its_ranks(tmp_path):
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
+    _wait_for_steps(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in _stop_line(err)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGINT"]

@@ -5,8 +5,9 @@ import time
 import pytest
 import torch.distributed as dist
 
+from conf.schema import ConfigError
 from parallel.dims import ParallelDims
-from parallel.launch import detect_launcher_env, run_ranks
+from parallel.launch import detect_launcher_env, install_stop_handlers, run_ranks, strip_local_rank_args
 from tests.conftest import tiny_run
 
 
@@ -19,6 +20,37 @@ def test_detects_torchrun_srun_and_bare():
     assert (srun.kind, srun.rank, srun.world_size, srun.local_rank, srun.local_world_size) == ("srun", 5, 8, 1, 4)
     # The batch script of an sbatch job is not a rank.
     assert detect_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) is None
+
+
+def test_local_rank_arguments_of_deepspeed_and_torch_launch_are_accepted():
+    args = ["parallel=ep2", "trainer.steps=2"]
+    for form in (["--local_rank=1"], ["--local-rank=1"], ["--local_rank", "1"]):
+        assert strip_local_rank_args([*form, *args], {"LOCAL_RANK": "1"}) == args
+        assert strip_local_rank_args([args[0], *form, args[1]], {}) == args  # anywhere in argv
+    with pytest.raises(ConfigError, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
+        strip_local_rank_args(["--local_rank=0", *args], {"LOCAL_RANK": "1"})
+    with pytest.raises(ConfigError, match="--local-rank=x: expected a non-negative integer"):
+        strip_local_rank_args(["--local-rank=x"], {})
+
+
+def test_second_ctrl_c_stops_a_lone_process_at_once():
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    flag = install_stop_handlers(second_interrupt_exits=True)
+    try:
+        flag.received.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.get() and flag.names() == ["SIGINT"]  # the first: save at the step boundary
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        flag.received.clear()
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, previous)
 
 
 def _children():

@@ -40,15 +40,22 @@ def test_allocation_refuses_uneven_nodes_and_can_skip_gpus():
     assert allocation_for(_slurm_run(**{"cluster.slurm.request_gpus": False}), 4).gpus_per_node == 0
 
 
-def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path):
+def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
+    # submitit refuses to write a submission file unless it finds an srun on PATH; it
+    # never runs it here, so a stand-in lets this test read the file on any machine.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}")
     run = _slurm_run(**{"cluster.slurm.partition": "gpu", "cluster.slurm.account": "proj",
                         "cluster.slurm.constraint": "h100", "cluster.slurm.time_min": 90,
                         "cluster.slurm.additional_parameters": {"exclusive": True, "mail-type": "END"},
                         "cluster.slurm.setup": ["module load cuda"]})
     alloc = allocation_for(run, 16)
     params = alloc.executor_parameters(name="train", python_path="/repo")
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     executor.update_parameters(**params)
     text = executor._executor._make_submission_file_text("python -m job", "uid")  # what sbatch would read
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -141,15 +148,15 @@ def test_requeue_signal_follows_submitit(monkeypatch):
 
 
 def test_resumed_metrics_keep_earlier_steps_and_drop_the_rest(tmp_path):
-    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(8)] + ['{"step": 8, "lo']
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 9)] + ['{"step": 9, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     log = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=10)
-    log.begin(5)  # checkpoint after step 5: steps 0-4 were done, 5+ are redone
-    for s in range(5, 10):
-        log.log({"step": s, "loss": 0.0})
+    log.begin(5)  # checkpoint after step 5: steps 1-5 were done, 6+ are redone
+    for s in range(6, 11):
+        log.log({"step": s, "loss": 0.0, "lr": 1e-3, "tokens_per_s": 1.0})
     log.close()
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(10))
+    assert steps == list(range(1, 11))
     fresh = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=10)
     fresh.begin(0)
     fresh.close()

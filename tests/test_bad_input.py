@@ -1,0 +1,117 @@
+"""Every mistake a user can type: one line on stderr, exit code 2, no traceback, and no
+run or sweep directory left behind. Nothing starts.
+
+The corpus runs through the real entry point (``train.cli``) in this process, where each
+case costs milliseconds; a few cases also run as real processes, for the exit code and
+stderr as a shell sees them.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    # Hydra's own failures, turned into one line
+    (["parallel.expert_parallel_size=two"], "parallel.expert_parallel_size=two: expected an integer"),
+    (["parallel.expert_paralel_size=2"],
+     "parallel.expert_paralel_size: no such key; did you mean parallel.expert_parallel_size?"),
+    (["+parallel.bogus_key=1"], "'+' cannot add keys to moemesh's config groups"),
+    (["++parallel.bogus_key=1"], "parallel.bogus_key: no such key"),
+    (["parallel=does_not_exist"], "parallel=does_not_exist: no such preset (valid: dp2, dp4"),
+    (["parallel=ep3"], "parallel=ep3: no such preset; did you mean"),
+    (["model=nope"], "model=nope: no such preset (valid: seed_4096, small, tiny)"),
+    (["trainer.lr=abc"], "trainer.lr=abc: expected a number"),
+    (["trainer.steps=1.5"], "trainer.steps=1.5: expected an integer"),
+    (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),
+    (["foo=1"], "foo: no such key"),
+    (["+foo=1"], "foo: no such key"),
+    (["trainer.steps=${oc.env:HOME}"], "trainer.steps="),
+    (["a=b=c"], "cannot parse the override"),
+    (["data.kind=null"], "data.kind: cannot be null"),
+    (["model.num_experts=[1,2]"], "model.num_experts=[1, 2]: expected an integer"),
+    (["--bogus-flag"], "unrecognized argument --bogus-flag"),
+    (["--local_rank=x"], "--local_rank=x: expected a non-negative integer"),
+    # keys the chosen data source would ignore
+    (["data.path=/tmp/train.bin"], "data.path=/tmp/train.bin is ignored by data=stdlib; it is read by data=memmap"),
+    (["data=synthetic", "data.cache_dir=/tmp"], "data.cache_dir=/tmp is ignored by data=synthetic"),
+    (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
+    # cross-key validation
+    (["parallel=ep4", "model.num_experts=6"],
+     "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4"),
+    (["parallel=dp4", "trainer.global_batch_size=6"], "trainer.global_batch_size=6 must be divisible"),
+    (["trainer.micro_steps=0"], "trainer.micro_steps=0 must be a positive integer or null"),
+    (["trainer.micro_steps=3"], "must be divisible by micro_steps*dp*ep = 3*1*1 = 3"),
+    (["trainer.micro_steps=2", "trainer.micro_batch_size=2"], "trainer.micro_steps=2 and trainer.micro_batch_size=2 "
+                                                               "disagree"),
+    (["parallel=pp2", "trainer.micro_steps=1"], "1F1B needs micro-batches >= parallel.pipeline_parallel_size=2"),
+    (["model.top_k=9"], "model.top_k=9 must be between 1 and model.num_experts=8"),
+    (["model.hidden_size=30"], "model.hidden_size=30 must be divisible by model.num_heads=4"),
+    (["trainer.seq_len=4096"], "trainer.seq_len=4096 must be <= model.max_seq_len"),
+    (["kernels.backend=cuda"], "kernels.backend='cuda' is not one of auto, triton, torch"),
+    (["trainer.on_nonfinite=maybe"], "trainer.on_nonfinite='maybe' is not one of stop, skip"),
+    (["parallel.comm_optimization.overlap_chunks=0"], "parallel.comm_optimization.overlap_chunks=0 must be >= 1"),
+    (["parallel.pipeline_split=[1,3]"], "needs parallel.pipeline_parallel_size > 1"),
+    (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
+    (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no complete checkpoint there"),
+    # sweeps: one bad job refuses the whole sweep before anything runs (basic launcher)
+    (["-m", "parallel=ep2,ep3"], "parallel=ep3: no such preset"),
+    (["-m", "parallel=ep2,ep4", "model.num_experts=6"],
+     "nothing was run; 1 problem(s) in this sweep of 2 job(s): job #1 (parallel=ep4): model.num_experts=6"),
+    (["-m", "parallel=dp4,ep4", "trainer.global_batch_size=6"], "nothing was run; 2 problem(s) in this sweep of 2"),
+    (["-m", "trainer.lr=1e-3,abc"], "trainer.lr=abc: expected a number"),
+    (["-m", "parallel=ep2", "data.path=/tmp/x.bin"], "data.path=/tmp/x.bin is ignored by data=stdlib"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(argv, needle, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no outputs/ or multirun/ directory
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30 and sum(a[0] == "-m" for a, _ in CASES) >= 4
+
+
+def _run(tmp_path, *argv, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID",
+                                                            "HYDRA_FULL_ERROR")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["parallel.expert_paralel_size=2"], "did you mean parallel.expert_parallel_size?"),
+    (["-m", "parallel=ep2,dp4", "trainer.global_batch_size=6"], "nothing was run; 1 problem(s) in this sweep of 2"),
+    (["parallel=ep3"], "no such preset"),
+])
+def test_as_a_shell_sees_it(tmp_path, argv, needle):
+    proc = _run(tmp_path, *argv)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
+    proc = _run(tmp_path, "parallel.expert_paralel_size=2", env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr
