@@ -1,0 +1,131 @@
+"""Re-measure the numbers README states about its own commands, so they cannot go stale.
+
+    python scripts/readme_numbers.py            # measure, compare with README: exit 1 if stale
+    python scripts/readme_numbers.py --write    # measure and rewrite README's marked spans
+    python scripts/readme_numbers.py --full     # also run the 16-rank ep2_dp8 / ep8_dp2 commands
+
+README marks each measured span as ``<!-- numbers:NAME -->...<!-- /numbers -->``. The
+losses are deterministic for a given Python (the stdlib corpus is the running Python's
+own library, so it changes with the Python version, which the span names): those must
+match. Throughput depends on the machine and its load: it is rewritten by ``--write``
+and never compared.
+
+The 16-rank commands' step-1 loss equals the single-process run's (same global batch,
+same micro-steps; tests/trainer/test_layout_equivalence.py holds layouts to 1e-5), so
+the check reads it from the default run; ``--full`` runs them too and checks that.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SPAN = re.compile(r"<!-- numbers:(?P<name>[a-z0-9_]+) -->(?P<body>.*?)<!-- /numbers -->", re.S)
+
+
+def _train(run_dir: Path, *overrides: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
+                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        sys.exit(f"readme_numbers: python train.py {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cpu() -> str:
+    try:
+        models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+    except OSError:
+        models = []
+    return f"{os.cpu_count()}-core {models[0] if models else platform.machine()}"
+
+
+def measure(full: bool) -> dict:
+    import torch
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="moemesh-readme-") as tmp:
+        records = _train(Path(tmp) / "default")
+        summary = json.loads((Path(tmp) / "default" / "summary.json").read_text())
+        out["first_loss"] = f"{records[0]['loss']:.4f}"
+        out["final_loss"] = f"{records[-1]['loss']:.4f}"
+        out["final_val"] = f"{summary['final_val_loss']:.4f}"
+        out["steps"] = str(records[-1]["step"])
+        out["tokens_per_s"] = f"{summary['median_tokens_per_s']:,.0f}"
+        out["step1_16_ranks"] = out["first_loss"]
+        if full:
+            for layout in ("ep2_dp8", "ep8_dp2"):
+                first = _train(Path(tmp) / layout, f"parallel={layout}", "trainer.steps=3")[0]["loss"]
+                if f"{first:.4f}" != out["first_loss"]:
+                    sys.exit(f"readme_numbers: {layout} prints loss {first:.4f} at step 1, the single-process run "
+                             f"{out['first_loss']}")
+    out["python"] = platform.python_version()
+    out["where"] = (f"{datetime.date.today().isoformat()}, {_cpu()}, Python {out['python']}, "
+                    f"torch {torch.__version__}, fp32")
+    return out
+
+
+def render(name: str, n: dict) -> str:
+    if name == "default_run":
+        return (f"Measured ({n['where']}): the default run goes from loss {n['first_loss']} at step 1 "
+                f"(≈ ln 256, byte-level) to **{n['final_loss']}** (validation {n['final_val']}) at step "
+                f"{n['steps']}, at about {n['tokens_per_s']} tokens/s (`python scripts/readme_numbers.py` "
+                "re-measures these; the losses depend on the Python version, whose standard library is the "
+                "corpus).")
+    if name == "step1_16_ranks":
+        return f"both print loss {n['step1_16_ranks']} at step 1, as the single-process run does"
+    raise KeyError(name)
+
+
+# The fragments of each span that must match (deterministic for a given Python version).
+CHECKED = {
+    "default_run": lambda n: [f"loss {n['first_loss']} at step 1", f"**{n['final_loss']}**",
+                              f"(validation {n['final_val']})", f"at step {n['steps']},"],
+    "step1_16_ranks": lambda n: [f"loss {n['step1_16_ranks']} at step 1"],
+}
+
+
+def recorded_python(text: str) -> str | None:
+    m = re.search(r"<!-- numbers:default_run -->.*?Python (\d+\.\d+\.\d+)", text, re.S)
+    return m.group(1) if m else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="rewrite README's marked spans")
+    ap.add_argument("--full", action="store_true", help="also run the 16-rank commands (slow)")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    spans = {m.group("name"): m.group("body") for m in SPAN.finditer(text)}
+    missing = set(CHECKED) - set(spans)
+    if missing:
+        print(f"readme_numbers: README has no span {', '.join(sorted(missing))}", file=sys.stderr)
+        return 1
+    numbers = measure(args.full)
+    if args.write:
+        new = SPAN.sub(lambda m: f"<!-- numbers:{m.group('name')} -->{render(m.group('name'), numbers)}"
+                                 "<!-- /numbers -->", text)
+        README.write_text(new)
+        print(f"readme_numbers: README rewritten ({numbers['where']})")
+        return 0
+    stale = [f"{name}: README lacks '{fragment}'" for name, fragments in CHECKED.items()
+             for fragment in fragments(numbers) if fragment not in spans[name]]
+    if stale:
+        print("readme_numbers: README is stale (python scripts/readme_numbers.py --write): " + "; ".join(stale),
+              file=sys.stderr)
+        return 1
+    print(f"readme_numbers: README's numbers hold ({numbers['where']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
