@@ -109,6 +109,18 @@ class ClusterConfig:
     gpus_per_node: int = 8
     collective_timeout_s: int = 300
     preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
+    # A rank whose heartbeat (a thread, beating while the process is scheduled at all, also
+    # during a long step, a save, an eval or a collective that waits on a peer) stops for this
+    # long is named and the job is stopped: a stopped (SIGSTOP, debugger) or frozen process.
+    # It must exceed the longest a live rank holds Python's GIL in one native call.
+    hang_timeout_s: int = 120
+    # Ranks whose RANK/WORLD_SIZE/MASTER_ADDR no known launcher set (no torchrun, deepspeed,
+    # srun or mpirun markers) must all meet within this; else the variables are taken for
+    # leftovers in the shell and the run is refused (a launcher's ranks keep collective_timeout_s).
+    rendezvous_timeout_s: int = 30
+    # Who may read what the run writes (run dir, logs, metrics, checkpoints): private (umask
+    # 077: 0700/0600), group (umask 027: group may read), inherit (the shell's umask).
+    output_access: str = "private"
     peak_flops: Optional[float] = None  # per device, for MFU; unknown on CPU
     # For scripts/plan.py (planning only; training reads the real machine):
     gpus: Optional[int] = None  # GPUs to plan for
