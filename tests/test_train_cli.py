@@ -99,3 +99,31 @@ def test_launcher_world_size_mismatch_exits_2(tmp_path):
                           cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "WORLD_SIZE=2 from the launcher != dp*ep*tp*pp = 2*2*1*1 = 4" in proc.stderr
+
+
+def test_a_sweep_holds_micro_steps_equal_or_says_it_mixes_them(monkeypatch, capsys, tmp_path):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    held = train._check_command(["-m", "parallel=single,pp2", *SMALL])
+    assert held[-1] == "trainer.micro_steps=2"  # pp2 needs 2 for 1F1B: single takes 2 as well
+    assert "every layout of this sweep takes 2 micro-steps" in capsys.readouterr().out
+    mixed = ["-m", "parallel=single,dp2", "trainer.micro_batch_size=2", *SMALL]  # 4 vs 2 micro-steps
+    assert train._check_command(mixed) == mixed
+    err = capsys.readouterr().err
+    assert "warning: this sweep mixes micro-step counts (single: 4, dp2: 2)" in err and len(err.splitlines()) == 1
+
+
+def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "parallel=single,pp2", "trainer.steps=2",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    single, pp2 = (_records(tmp_path / "sweep" / d) for d in ("0_single", "1_pp2"))
+    for a, b in zip(single, pp2, strict=True):
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
