@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf.schema import ConfigError, RunConfig, to_run_config
+from conf.validate import check_fits_host, check_layout_name, validate_run
 
 CONF_DIR = Path(__file__).resolve().parent
 
@@ -173,7 +174,68 @@ def preflight(argv: list[str], config_name: str = "config") -> Command:
         raise ConfigError(explain(err)) from None
     finally:
         GlobalHydra.instance().clear()
-    return Command(multirun=args.multirun, jobs=jobs)
+    command = Command(multirun=args.multirun, jobs=jobs)
+    check_jobs(command)
+    return command
+
+
+def parallel_presets() -> set[str]:
+    return {p.stem for p in (CONF_DIR / "parallel").glob("*.yaml")}
+
+
+def _ranks_here() -> int | None:
+    """None: this process will spawn every rank here. Under a launcher (torchrun, srun, deepspeed),
+    the ranks it starts on this machine: LOCAL_WORLD_SIZE, else 1 (a lower bound)."""
+    if not any(v in os.environ for v in ("RANK", "SLURM_PROCID")):
+        return None
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory, or the cgroup's limit (a SLURM job, a container) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _device_type(run: RunConfig) -> str:
+    if run.trainer.device != "auto":
+        return run.trainer.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_jobs(command: Command) -> None:
+    """What only the command line can check, for every job that validates (train.py reports
+    the others): the preset's name against its (overridden) degrees, and, for jobs that train on
+    this machine (all but a SLURM submission), whether the model's state fits its memory."""
+    presets, ranks_here, host = parallel_presets(), _ranks_here(), None
+    for i, job in enumerate(command.jobs):
+        try:
+            dims = validate_run(job.run)
+        except ConfigError:
+            continue
+        try:
+            check_layout_name(job.run, dims, presets)
+            if not (command.multirun and job.run.cluster.launcher == "slurm"):
+                host = host or host_memory_bytes()
+                check_fits_host(job.run, dims, ranks_here=ranks_here, host_bytes=host,
+                                device_type=_device_type(job.run))
+        except ConfigError as err:
+            if not command.multirun:
+                raise
+            verb = "submitted" if job.run.cluster.launcher == "slurm" else "run"
+            raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None
 
 
 def resolved(run: RunConfig) -> dict:

@@ -153,6 +153,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None  # null: the sweep directory's name under -m, else none
     job_type: str = "train"
+    # wandb online: seconds to reach the server at start; then the run logs offline (one note),
+    # never stops. An unreachable host is found sooner, by a connection probe.
+    init_timeout_s: float = 30.0
 
 
 @dataclass
@@ -176,11 +179,14 @@ class TrainerConfig:
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 4
     log_every: int = 1
-    seed: int = 1234
+    seed: int = 1234  # 0 .. 2**64-1 (torch and numpy generators)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     threads_per_rank: Optional[int] = None  # CPU: None splits the cores over local ranks
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
+    # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
+    # row; the weights do not change while steps are skipped, so more would rarely recover.
+    max_skipped_steps: int = 10
 
 
 @dataclass

@@ -29,6 +29,16 @@ class MeshAxis(str, enum.Enum):
 MESH_AXES: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.EP, MeshAxis.TP)
 
 
+def layout_name(dims: "ParallelDims") -> str:
+    """The layout's name as the presets spell it: degrees above 1, pp tp ep dp ("pp2_ep2_dp2"); all 1: "single".
+
+    The one naming of a layout: a run's directory, summary.json ``parallel``, the wandb run
+    and the planner's commands all carry it, so runs compare by what they ran.
+    """
+    parts = [f"{a}{n}" for a, n in (("pp", dims.pp), ("tp", dims.tp), ("ep", dims.ep), ("dp", dims.dp)) if n > 1]
+    return "_".join(parts) or "single"
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     dp: int = 1

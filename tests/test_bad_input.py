@@ -57,6 +57,29 @@ CASES = [
     (["parallel.pipeline_split=[1,3]"], "needs parallel.pipeline_parallel_size > 1"),
     (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
     (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no complete checkpoint there"),
+    # numbers: non-finite or out of range, refused with the range (each was a traceback or a silent run)
+    (["trainer.seed=-1", "data=synthetic"], "trainer.seed=-1 must be in [0, 2**64-1 = 18446744073709551615]"),
+    (["trainer.seed=18446744073709551616"], "trainer.seed=18446744073709551616 must be in [0, 2**64-1"),
+    (["model.init_std=nan"], "model.init_std=nan must be a finite number > 0"),
+    (["trainer.grad_clip=nan"], "trainer.grad_clip=nan must be a finite number >= 0 (0: no clipping)"),
+    (["model.capacity_factor=1e-9"], "model.capacity_factor=1e-09 must be null (dropless) or a finite number >= 0.1"),
+    (["model.rope_theta=0"], "model.rope_theta=0.0 must be a finite number > 0"),
+    (["model.norm_eps=-1"], "model.norm_eps=-1.0 must be a finite number > 0"),
+    (["model.aux_loss_factor=inf"], "model.aux_loss_factor=inf must be a finite number >= 0"),
+    (["cluster.preempt_grace_s=-5"], "cluster.preempt_grace_s=-5 must be a number of seconds >= 0"),
+    (["trainer.lr=inf"], "trainer.lr=inf must be a finite number > 0"),
+    (["trainer.min_lr=nan"], "trainer.min_lr=nan must be a finite number >= 0"),
+    (["trainer.max_skipped_steps=0"], "trainer.max_skipped_steps=0 must be a positive integer"),
+    # a model that cannot fit this machine (it was a traceback allocating the weights)
+    (["model.hidden_size=1048576"], "model=tiny (hidden_size=1048576, num_layers=4, num_experts=8) needs "),
+    # interpolations that cannot resolve
+    (["trainer.steps=${trainer.steps}"], "trainer.steps: Recursive interpolation detected"),
+    (["trainer.lr=${oc.env:HOME}"], "trainer.lr="),
+    # a preset whose degrees were overridden is no longer that preset: its name would mislabel the run
+    (["parallel=ep4", "parallel.expert_parallel_size=2"],
+     "parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: use parallel=ep2"),
+    (["-m", "parallel=ep4,ep2", "parallel.expert_parallel_size=2"],
+     "nothing was run; job #0 (parallel=ep4 parallel.expert_parallel_size=2): parallel.name=ep4 but"),
     # sweeps: one bad job refuses the whole sweep before anything runs (basic launcher)
     (["-m", "parallel=ep2,ep3"], "parallel=ep3: no such preset"),
     (["-m", "parallel=ep2,ep4", "model.num_experts=6"],

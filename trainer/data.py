@@ -90,12 +90,45 @@ def _check_split(key: str, n: int, val_fraction: float, need: int) -> None:
         )
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh").expanduser()
+
+
+def max_token_id(path: str) -> int:
+    """The largest token id in a uint16 file: read in full once (GB/s from the page cache),
+    then remembered under the cache directory by (path, size, mtime), so a requeued or
+    repeated run does not read it again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    ident = f"{p}:{st.st_size}:{st.st_mtime_ns}"
+    memo = _cache_dir() / "token-max" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.txt"
+    try:
+        key, value = memo.read_text().split("\t")
+        if key == ident:
+            return int(value)
+    except (OSError, ValueError):
+        pass
+    tokens = np.memmap(p, dtype=np.uint16, mode="r")
+    chunk = 1 << 26  # tokens per read (128 MiB)
+    top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{ident}\t{top}")
+        os.replace(tmp, memo)
+    except OSError:  # a read-only home: check again next time
+        pass
+    return top
+
+
 def _check_token_values(key: str, path: str, vocab_size: int) -> None:
-    """Token ids must index the embedding; a sample of the file is checked here, every batch later."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    sample = np.concatenate([tokens[: 1 << 20], tokens[-(1 << 20):]])
-    if sample.size and int(sample.max()) >= vocab_size:
-        raise ConfigError(f"{key}={path} holds token id {int(sample.max())} >= model.vocab_size={vocab_size}")
+    """Token ids must index the embedding: every one is checked before any rank starts (a bad
+    id found at step N would end a long run there); each batch is checked again when read."""
+    top = max_token_id(path)
+    if top >= vocab_size:
+        raise ConfigError(f"{key}={path} holds token id {top} >= model.vocab_size={vocab_size}; valid: "
+                          f"model.vocab_size >= {top + 1}, or a file tokenised for this vocabulary")
 
 
 def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
@@ -151,7 +184,9 @@ class TokenData:
     def batch(self, split: str, step: int, *, global_batch: int, seq_len: int, start: int, count: int):
         """Samples [start, start+count) of global batch ``step``: inputs and targets [count, seq_len]."""
         tokens = self.train if split == "train" else self.val
-        g = torch.Generator().manual_seed(self.seed * 7919 + (0 if split == "train" else 1) * 104729 + step)
+        # Reduced into the generator's range (0 .. 2**64-1): any valid trainer.seed, any step count
+        # (unchanged below it, so earlier runs keep their data order).
+        g = torch.Generator().manual_seed((self.seed * 7919 + (0 if split == "train" else 1) * 104729 + step) % 2**64)
         # A window of seq_len+1 tokens starts anywhere in [0, len - seq_len - 1].
         offsets = torch.randint(0, len(tokens) - seq_len, (global_batch,), generator=g)[start : start + count]
         window = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])

@@ -92,3 +92,159 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         _compose(["model.num_expert=4"])
     with pytest.raises(Exception, match="parallel.data_parallel_size"):
         _compose(["parallel.data_parallel_size=two"])
+
+
+# --- numbers: non-finite or out-of-range values are refused in one line naming key, value, range ---
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("trainer.lr", float("inf"), "trainer.lr=inf must be a finite number > 0"),
+        ("trainer.lr", float("nan"), "trainer.lr=nan must be a finite number > 0"),
+        ("trainer.min_lr", float("nan"), "trainer.min_lr=nan must be a finite number >= 0"),
+        ("trainer.grad_clip", float("nan"), "trainer.grad_clip=nan must be a finite number >= 0 (0: no clipping)"),
+        ("trainer.grad_clip", float("inf"), "trainer.grad_clip=inf must be a finite number >= 0"),
+        ("trainer.weight_decay", float("nan"), "trainer.weight_decay=nan must be a finite number >= 0"),
+        ("model.init_std", float("nan"), "model.init_std=nan must be a finite number > 0"),
+        ("model.init_std", 0.0, "model.init_std=0.0 must be a finite number > 0"),
+        ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be a finite number > 0"),
+        ("model.norm_eps", -1.0, "model.norm_eps=-1.0 must be a finite number > 0"),
+        ("model.norm_eps", 0.0, "model.norm_eps=0.0 must be a finite number > 0"),
+        ("model.aux_loss_factor", float("inf"), "model.aux_loss_factor=inf must be a finite number >= 0 (0: off)"),
+        ("model.z_loss_factor", float("nan"), "model.z_loss_factor=nan must be a finite number >= 0"),
+        ("model.seq_aux_loss_factor", float("inf"), "model.seq_aux_loss_factor=inf must be a finite number"),
+        ("model.expert_bias_update_rate", float("nan"), "model.expert_bias_update_rate=nan must be a finite"),
+        ("model.capacity_factor", 1e-9,
+         "model.capacity_factor=1e-09 must be null (dropless) or a finite number >= 0.1"),
+        ("model.capacity_factor", float("nan"), "model.capacity_factor=nan must be null (dropless)"),
+        ("model.capacity_factor", float("inf"), "model.capacity_factor=inf must be null (dropless)"),
+        ("cluster.preempt_grace_s", -5, "cluster.preempt_grace_s=-5 must be a number of seconds >= 0"),
+        ("cluster.collective_timeout_s", -1, "cluster.collective_timeout_s=-1 must be a positive number of seconds"),
+        ("cluster.peak_flops", float("nan"), "cluster.peak_flops=nan must be a finite number > 0 (FLOP/s per device)"),
+        ("cluster.gpu_memory_gb", float("inf"), "cluster.gpu_memory_gb=inf must be a finite number > 0"),
+        ("logger.init_timeout_s", 0.0, "logger.init_timeout_s=0.0 must be a finite number of seconds > 0"),
+        ("trainer.seed", -1, "trainer.seed=-1 must be in [0, 2**64-1 = 18446744073709551615]"),
+        ("trainer.seed", 2**64, "trainer.seed=18446744073709551616 must be in [0, 2**64-1"),
+        ("trainer.max_skipped_steps", 0, "trainer.max_skipped_steps=0 must be a positive integer"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_in_one_line(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_run(tiny_run(**{key: value}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _float_fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _float_fields(type(default), f"{prefix}{f.name}.")
+        elif f.type in ("float", "Optional[float]"):
+            yield f"{prefix}{f.name}"
+
+
+def test_every_float_key_refuses_nan_and_inf():
+    """A float key added later is covered too: NaN passes every '< 0' check by failing it."""
+    from conf.schema import RunConfig
+
+    keys = list(_float_fields(RunConfig))
+    assert "trainer.lr" in keys and "model.capacity_factor" in keys and len(keys) >= 20
+    for key in keys:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=rf"^{key}=(nan|inf|-inf) must be "):
+                validate_run(tiny_run(**{key: bad}))
+
+
+def test_seed_limits_are_the_generators_and_the_largest_seed_draws_batches():
+    from trainer.data import DataPaths, TokenData
+
+    validate_run(tiny_run(**{"trainer.seed": 2**64 - 1}))
+    validate_run(tiny_run(**{"trainer.seed": 0}))
+    paths = DataPaths("synthetic", None, None, 0.01, 256)
+    for seed in (0, 2**64 - 1):  # the largest overflowed the data generator's seed before
+        x, y = TokenData(paths, seed=seed).batch("train", 10**9, global_batch=4, seq_len=8, start=0, count=4)
+        assert x.shape == (4, 8)
+
+
+def test_capacity_factor_below_one_warns_with_the_fraction_dropped():
+    from conf.validate import config_warnings
+
+    assert config_warnings(tiny_run()) == [] and config_warnings(tiny_run(**{"model.capacity_factor": 1.25})) == []
+    (line,) = config_warnings(tiny_run(**{"model.capacity_factor": 0.25}))
+    assert line.startswith("model.capacity_factor=0.25 < 1") and "about 75% or more" in line and "\n" not in line
+    validate_run(tiny_run(**{"model.capacity_factor": 0.1}))  # the floor itself is allowed
+
+
+# --- the layout's name ---
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_named_by_its_degrees(preset):
+    from parallel.dims import ParallelDims, layout_name
+
+    p = to_run_config(_compose([f"parallel={preset}", "trainer.global_batch_size=32"])).parallel
+    assert layout_name(ParallelDims.from_config(p)) == preset
+
+
+def test_the_planner_names_layouts_as_training_does():
+    """scripts/plan.py keeps its own copy of the naming (to become an import of parallel.dims)."""
+    import itertools
+    import sys
+    from pathlib import Path
+
+    from parallel.dims import ParallelDims, layout_name
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import plan
+
+    for dp, ep, tp, pp in itertools.product((1, 2, 8), repeat=4):
+        d = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
+        assert plan.layout_name(d) == layout_name(d)
+
+
+def test_a_name_that_is_not_the_layout_is_refused():
+    from conf.validate import check_layout_name
+    from parallel.dims import ParallelDims
+
+    run = tiny_run(**{"parallel.name": "ep4", "parallel.expert_parallel_size": 2})
+    with pytest.raises(ConfigError) as err:
+        check_layout_name(run, ParallelDims(ep=2), presets={"ep2", "ep4"})
+    assert str(err.value).startswith("parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: "
+                                     "use parallel=ep2")
+    with pytest.raises(ConfigError, match="use parallel.name=ep3_dp2 with these degrees"):
+        check_layout_name(tiny_run(**{"parallel.name": "ep4"}), ParallelDims(ep=3, dp=2), presets={"ep4"})
+    check_layout_name(tiny_run(**{"parallel.name": "ep2"}), ParallelDims(ep=2))
+
+
+# --- memory: only where a run trains, never for the planner ---
+
+def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
+    from conf.validate import check_fits_host
+
+    seed = to_run_config(_compose(["model=seed_4096"]))
+    dims = validate_run(seed)  # valid: the planner plans it (scripts/plan.py validates, never sizes memory)
+    with pytest.raises(ConfigError) as err:
+        check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cpu")
+    msg = str(err.value)
+    assert msg.startswith("model=seed_4096 (hidden_size=4096, num_layers=32, num_experts=64) needs 402.0 GiB") and \
+        "more than its 128.0 GiB" in msg and "\n" not in msg
+    # On a GPU the host holds the fp32 weights only while building: 4 bytes per parameter.
+    check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cuda")
+    tiny = tiny_run()
+    check_fits_host(tiny, validate_run(tiny), ranks_here=None, host_bytes=2**30, device_type="cpu")
+
+
+def test_memory_counts_the_ranks_on_this_machine():
+    from conf.validate import check_fits_host
+    from moe.param_count import count_params
+    from parallel.dims import ParallelDims
+
+    run = tiny_run(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2,
+                      "parallel.expert_parallel_size": 2})
+    dims = ParallelDims(dp=2, ep=2)
+    one = count_params(run.model, dims).total * 16
+    check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one, device_type="cpu")
+    with pytest.raises(ConfigError, match="on its 4 rank"):  # spawned here: all four
+        check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one - 1, device_type="cpu")
+    check_fits_host(run, dims, ranks_here=1, host_bytes=one, device_type="cpu")  # torchrun, one per machine
