@@ -10,19 +10,18 @@ import os
 from pathlib import Path
 from typing import Callable
 import resource
-import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
 from conf.schema import RunConfig
-from conf.validate import grad_accum_steps, micro_batch_size
+from conf.validate import config_warnings, grad_accum_steps, micro_batch_size
 from kernels import get_ops
 from moe.param_count import model_flops_per_token
 from moe.model import Transformer, is_moe_layer, weighted_balance_loss
 from parallel.comm import CommMeter, all_reduce_
-from parallel.dims import MeshAxis
+from parallel.dims import MeshAxis, layout_name
 from parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from parallel.pipeline import build_schedule, stage_layers
 from parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
@@ -31,6 +30,7 @@ from trainer.checkpointing import Checkpointer
 from trainer.data import DataPaths, TokenData
 from trainer.metrics import (
     MetricsLogger,
+    StepSample,
     StepShape,
     add_moe_stats,
     bias_ranges,
@@ -39,7 +39,6 @@ from trainer.metrics import (
     rank_step_numbers,
     stat_width,
     step_record,
-    summarize_records,
 )
 from trainer.optim import build_optimizer, lr_at
 
@@ -226,7 +225,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                       peak_flops=run.cluster.peak_flops, world_size=dims.world_size,
                       loss_norm=dims.data_size * accum)
     log.message(
-        f"moemesh: {run.parallel.name} ({dims.describe()}), model={m.name}, "
+        f"moemesh: {layout_name(dims)} ({dims.describe()}), model={m.name}, "
         f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
         f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
@@ -235,7 +234,11 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
     start = ckpt.resume(log) if run.resume else 0
     log.begin(start)
-    history, record, final_val, stopped_by = [], {}, None, None
+    for warning in config_warnings(run):
+        log.message(f"moemesh: warning: {warning}")
+    if tracker is not None and tracker.note:
+        log.message(f"moemesh: {tracker.note}")
+    steps_run, skipped_in_a_row, record, final_val, stopped_by = 0, 0, {}, None, None
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         timer = PhaseTimer(device)
@@ -291,8 +294,18 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             if finite:
                 clip_grads_(model.parameters(), grad_norm, t.grad_clip)
                 optimizer.step()
+                skipped_in_a_row = 0
             else:
-                log.message(f"moemesh: step {step}: non-finite gradient norm, update skipped")
+                skipped_in_a_row += 1
+                log.message(f"moemesh: step {step}: non-finite gradient norm, update skipped "
+                            f"({skipped_in_a_row} in a row; trainer.max_skipped_steps={t.max_skipped_steps})")
+                if skipped_in_a_row >= t.max_skipped_steps:
+                    # The weights have not changed since the first of these steps, so the next
+                    # steps would most likely be skipped too: a run that only skips is not training.
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} steps in a row skipped for a non-finite gradient norm (steps "
+                        f"{step + 1 - skipped_in_a_row}..{step}, trainer.max_skipped_steps={t.max_skipped_steps}): "
+                        "stopped; the last good checkpoint is kept")
             optimizer.zero_grad(set_to_none=True)
 
         # One all-reduce for the loss terms and the per-layer statistics.
@@ -304,11 +317,13 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
         stats_L = flat[4:].view(len(moe_layers), -1)
         if not torch.isfinite(flat[0]) and t.on_nonfinite == "stop":
             raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step}")
-        # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts.
-        for slot, moe in local_moe.items():
-            moe.router.update_bias(stats_L[slot, : m.num_experts])
+        # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
+        # (not on a skipped step: it changes no state).
+        if finite:
+            for slot, moe in local_moe.items():
+                moe.router.update_bias(stats_L[slot, : m.num_experts])
         step_s = time.perf_counter() - t0
-        history.append(step_s)
+        steps_run += 1
         numbers = rank_step_numbers(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
 
         last = step == t.steps - 1
@@ -341,7 +356,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                         "resume with resume=auto (same run dir) or resume=<checkpoint dir>")
             break
 
-    summary = _summary(run, model, optimizer, mesh, device, record, history, final_val, log.records)
+    summary = _summary(run, model, optimizer, mesh, device, record, steps_run, final_val, log.sample)
     # Where this attempt began and whether a signal cut it short (a requeued job resumes from here).
     summary.update(start_step=start, stopped_by_signal=stopped_by)
     log.write_summary(summary)
@@ -395,28 +410,28 @@ def _machine(device: torch.device) -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def _summary(run, model, optimizer, mesh, device, last_record, step_times, val_loss, records) -> dict:
+def _summary(run, model, optimizer, mesh, device, last_record, steps_run, val_loss, sample: StepSample) -> dict:
     dims = mesh.dims
     memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
     # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
-    # step pays for warm-up.
-    logged = [r["step_s"] for r in records] or step_times
-    steady = logged[1:] or logged
+    # step pays for warm-up. None: nothing logged (resumed at the end).
+    medians = sample.medians()
+    step_s = medians["time.step"] if medians else None
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
         "machine": _machine(device),
-        "parallel": run.parallel.name,
+        "parallel": layout_name(dims),  # what ran, whatever the config called it
         "dp": dims.dp, "ep": dims.ep, "tp": dims.tp, "pp": dims.pp,
         "world_size": dims.world_size,
         "model": run.model.name,
-        "steps": len(step_times),
+        "steps": steps_run,
         "final_loss": last_record.get("loss"),
         "final_val_loss": val_loss,
-        "median_tokens_per_s": tokens_per_step / statistics.median(steady) if steady else None,
-        "median_step_s": statistics.median(steady) if steady else None,  # None: resumed at the end
+        "median_tokens_per_s": tokens_per_step / step_s if step_s else None,
+        "median_step_s": step_s,
         "peak_memory_bytes": {**memory["peak_bytes"],
                               "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"},
         "param_bytes_per_rank": memory["param_bytes"],
         "memory_per_rank": memory,
-        **summarize_records(records),
+        **sample.summary(),
     }

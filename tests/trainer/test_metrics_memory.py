@@ -1,0 +1,164 @@
+"""Memory a long run keeps for its metrics is bounded: records stream to metrics.jsonl and the
+summary's medians come from a bounded, evenly spaced sample (every rank kept every record
+before: 7.7 KB per step for the tiny model, 57 KB for the seed model, 5.3 GiB per rank after
+100k steps)."""
+import copy
+import gc
+import json
+import statistics
+import tracemalloc
+
+import pytest
+import torch
+
+from parallel.mesh import single_rank_mesh
+from tests.conftest import tiny_run
+from trainer.data import prepare_data
+from trainer.loop import RankContext, train
+from trainer.metrics import MetricsLogger, StepSample, StepShape, stat_width, step_record, summarize_records
+
+
+def _record(step: int, *, layers: int, experts: int) -> dict:
+    """A record as the loop logs it (step_record on reduced statistics), for `layers` MoE layers."""
+    E = experts
+    stats = torch.rand(layers, stat_width(E), dtype=torch.float64) * 100
+    shape = StepShape(tokens=4096, samples=16, num_experts=E, moe_layers=list(range(layers)), flops_per_token=1e6,
+                      peak_flops=1e12, world_size=4, loss_norm=4)
+    timing = {k: 0.01 * (1 + (step * 7919 % 13) / 13) for k in ("forward", "backward", "pipeline", "grad_reduce",
+                                                                  "optimizer", "a2a_dispatch", "a2a_combine")}
+    timing.update(step=0.05 + (step * 104729 % 17) / 1000, bytes_sent=1e6 + step, bytes_recv=1e6, min_bytes=1e6,
+                  ratio=1.0)
+    return step_record(step=step, lr=1e-3, grad_norm=1.0, losses=[2.0, 0.01, 0.001, 0.0], stats_L=stats, shape=shape,
+                       timing=timing, biases=None)
+
+
+def _old_summary(records):
+    """summarize_records before the sample: medians over every record after the first."""
+    steady = records[1:] or records
+    med = statistics.median
+    return {"time_breakdown": {k: med([r["time"][k] for r in steady]) for k in steady[0]["time"]},
+            "a2a_share": med([r["time"]["a2a"] / r["time"]["step"] for r in steady]),
+            "a2a_bytes_sent_per_step": med([r["a2a"]["bytes_sent"] for r in steady]),
+            "median_samples_per_s": med([r["samples_per_s"] for r in steady]),
+            "median_flops_per_s": med([r["flops_per_s"] for r in steady]),
+            "mfu": med([r["mfu"] for r in steady]),
+            "load_cv_final": {layer: v["cv"] for layer, v in records[-1]["load"].items()}}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 50, 4097])
+def test_medians_are_exact_up_to_the_capacity(n):
+    template = _record(1, layers=2, experts=8)
+    records = []
+    for i in range(1, n + 1):
+        r = copy.deepcopy(template)
+        r["time"]["step"] = r["step_s"] = 0.05 + (i * 7919 % 101) / 1000
+        r["samples_per_s"] = 16 / r["step_s"]
+        records.append(r)
+    sample = StepSample()
+    for r in records:
+        sample.add(r)
+    got = sample.summary()
+    assert got.pop("median_over_steps") == max(n - 1, 1)
+    assert got == _old_summary(records) and summarize_records(records) == sample.summary()
+
+
+def test_past_capacity_the_sample_spans_the_run_evenly():
+    sample = StepSample(capacity=8)
+    for i in range(1, 101):  # record 1 is the warm-up; steady records 0..98
+        sample.add({"step": i, "time": {"step": float(i), "a2a": 0.0}, "a2a": {"bytes_sent": 0}, "samples_per_s": 1.0,
+                    "flops_per_s": 1.0, "mfu": None})
+    kept = list(sample.columns[0])
+    assert sample.stride == 16 and kept == [float(i) for i in range(2, 101, 16)]  # every 16th, first to last
+    assert len(kept) < 8 and sample.summary()["mfu"] is None
+
+
+def _traced_growth_per_1000(logger, make, n, first):
+    """Bytes of Python memory retained per 1,000 records logged, between record `first` and `n`."""
+    tracemalloc.start()
+    try:
+        for i in range(1, n + 1):
+            logger.log(make(i))
+            if i == first:
+                gc.collect()
+                at_first = tracemalloc.get_traced_memory()[0]
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - at_first) / (n - first) * 1000
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp_path):
+    """Ranks other than 0 write nothing; they kept every record. Seed model: 16 MoE layers, 64
+    experts."""
+    text = json.dumps(_record(1, layers=16, experts=64))
+    assert len(text) > 15_000  # about 20 KB of json, 57 KB as Python objects
+
+    def make(i):
+        r = json.loads(text)  # a record of its own, as the loop makes one per step
+        r["step"], r["time"]["step"] = i, 0.05 + (i % 17) / 1000
+        return r
+
+    # A small sample, so that it is full within the test (the default's bound: the test below).
+    logger = MetricsLogger(str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=2_000,
+                           sample_capacity=256)
+    growth = _traced_growth_per_1000(logger, make, 2_000, 500)
+    assert growth < 16 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # it was about 57 MB
+
+
+def test_the_default_sample_holds_at_most_4096_steps_of_a_few_floats():
+    sample = StepSample()
+    record = _record(1, layers=1, experts=2)
+    for i in range(1, 20_001):
+        sample.add(record)
+    columns = sample.columns
+    assert 2048 <= len(sample) <= 4096 and len(columns) == 14
+    assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 14 * 8  # under 0.5 MB, any run length
+
+
+def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_path):
+    template = _record(1, layers=4, experts=8)
+
+    def make(i):
+        r = copy.deepcopy(template)
+        r["step"] = i
+        return r
+
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=6_000)
+    logger.begin(0)
+    growth = _traced_growth_per_1000(logger, make, 6_000, 1_000)
+    logger.close()
+    assert growth < 256 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # the sample fills to its capacity
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6_000 and json.loads(lines[-1])["step"] == 6_000
+
+
+def test_a_training_run_retains_little_per_step(tmp_path):
+    """The loop itself, tiny model, every step logged: Python memory retained from step 200 to
+    600, per 1,000 steps (it was several MB: one record per step on every rank)."""
+    steps = 600
+    run = tiny_run(**{"trainer.steps": steps, "trainer.log_every": 1, "checkpoint.save_final": False,
+                      "model.num_experts": 16, "trainer.global_batch_size": 2, "trainer.seq_len": 8,
+                      "model.max_seq_len": 8})
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    seen, traced = [0], {}
+
+    def each_step():  # the loop asks once per step whether to stop: a hook at a step boundary
+        seen[0] += 1
+        if seen[0] == 100:
+            tracemalloc.start()
+        if seen[0] in (200, steps - 1):
+            gc.collect()
+            traced[seen[0]] = tracemalloc.get_traced_memory()[0]
+        return False
+
+    torch.set_num_threads(1)
+    try:
+        summary = train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
+                                         output_dir=str(tmp_path), data_paths=paths, stop_requested=each_step))
+    finally:
+        tracemalloc.stop()
+    growth = (traced[steps - 1] - traced[200]) / (steps - 1 - 200) * 1000
+    assert growth < 1024 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"
+    assert summary["steps"] == steps and summary["median_over_steps"] == steps - 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == steps
+    assert summary["median_tokens_per_s"] == pytest.approx(2 * 8 / summary["median_step_s"])
