@@ -1,15 +1,15 @@
-"""The trainer's side of checkpoints: what to save (model, optimizer, step) and how a
-run resumes, falling back to older checkpoints. The mechanics (global keys,
-atomic saves, safe loading) live in parallel.checkpoint.
+"""The trainer's side of checkpoints: what to save (model, optimizer, step), the checks
+before the first step, and how a run resumes, falling back to older checkpoints. The
+mechanics (global keys, atomic saves, data-only loading, checksums) live in
+parallel.checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import types
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from conf.schema import RunConfig
 from parallel import checkpoint
@@ -30,6 +30,16 @@ class Checkpointer:
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh)
 
+    def preflight(self, run_dir=None) -> int:
+        """Before the first step: the checkpoint directory (and the run directory) can be
+        written and has room for one checkpoint; half-written ones are removed. A
+        CheckpointError naming the path otherwise. Returns one checkpoint's estimated bytes."""
+        # AdamW creates its moments at the first step: count them as the parameters' twins.
+        moments = types.SimpleNamespace(state={p: {"exp_avg": p.data, "exp_avg_sq": p.data}
+                                               for g in self.optimizer.param_groups for p in g["params"]})
+        state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh)
+        return checkpoint.preflight(self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None)
+
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
         return checkpoint.save(self.root, step, self._state(), self.meta, rank=self.mesh.rank,
@@ -45,29 +55,26 @@ class Checkpointer:
             return 0
         checkpoint.init_optimizer_state(self.optimizer)
         reasons = []
-        for path in candidates:
+        for i, path in enumerate(candidates):
+            state = self._state()
             try:
-                self._check_meta(path)
-                state = self._state()
-                checkpoint.load(path, state)
-            except (Exception, CheckpointException) as err:  # truncated or mismatched: try the previous one
-                reason = f"{path.name}: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                reasons.append(reason)
-                log.message(f"moemesh: warning: cannot resume from {reason}")
+                meta = checkpoint.load(path, state, check=self._check_meta)
+            except checkpoint.CheckpointError as err:  # refused, corrupt or mismatched: try the previous one
+                reasons.append(str(err))
+                then = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+                log.message(f"moemesh: warning: cannot resume from {path.name}: {err}{then}")
                 continue
             step = int(self.step_t)
             checkpoint.set_optimizer_step(self.optimizer, step)
             torch.set_rng_state(state["rng.cpu"])
-            log.message(f"moemesh: resumed from {path} (saved under {json.loads((path / 'meta.json').read_text())['layout']}) "
-                        f"at step {step}")
+            log.message(f"moemesh: resumed from {path} (saved under {meta['layout']}) at step {step}")
             return step
         raise checkpoint.CheckpointError(
             f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: "
             + "; ".join(reasons))
 
-    def _check_meta(self, path: Path) -> None:
-        meta = json.loads((path / "meta.json").read_text())
-        saved, mine = meta["model"], self.meta["model"]
+    def _check_meta(self, path: Path, meta: dict) -> None:
+        saved, mine = meta.get("model") or {}, self.meta["model"]
         diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items()
                 if k != "name" and saved.get(k) != v]
         if diff:

@@ -232,6 +232,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     )
 
     ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
     log.begin(start)
     for warning in config_warnings(run):
