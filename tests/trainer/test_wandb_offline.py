@@ -103,7 +103,10 @@ def silent_server():
 
 
 def test_a_server_that_never_answers_costs_the_init_timeout_then_offline(tmp_path, monkeypatch, silent_server):
-    for k in [k for k in os.environ if k.startswith("WANDB_")]:
+    # WANDB_SERVICE is wandb's own: the address of this process's wandb service, which the
+    # fallback's teardown replaces. Restoring an old value would point later subprocesses
+    # (they inherit it) at a stopped service.
+    for k in [k for k in os.environ if k.startswith("WANDB_") and k != "WANDB_SERVICE"]:
         monkeypatch.delenv(k)
     for k, v in _wandb_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=silent_server).items():
         if k.startswith("WANDB_"):
