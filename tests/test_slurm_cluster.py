@@ -149,14 +149,16 @@ def _scontrol_job(job: str) -> str:
 
 
 def test_a_rank_that_raises_fails_the_job_with_its_reason(tmp_path):
-    # Saving into /proc fails on every rank (FileNotFoundError, even as root). The task must
-    # exit non-zero (srun then stops any rank still waiting in a collective) and SLURM must
-    # record the job as FAILED, not COMPLETED.
+    # A checkpoint dir under /proc cannot be created on any rank (ENOENT, even as root); the
+    # checkpoint pre-flight raises before the first step. The task must exit non-zero (srun
+    # then stops any rank still waiting in a collective) and SLURM must record the job as
+    # FAILED, not COMPLETED, with the rank's one-line reason.
     proc, _ = _submit(tmp_path, "parallel=dp2", "trainer.steps=3", "checkpoint.every=1",
                       "checkpoint.dir=/proc/moemesh-no-such-dir", timeout=180)
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: failed:")]
-    assert re.search(r"moemesh: error: rank \d failed: FileNotFoundError: .*moemesh-no-such-dir", line), line
+    assert re.search(r"CheckpointError: checkpoint.dir cannot be written: /proc/moemesh-no-such-dir: "
+                     r"\[Errno 2 ENOENT\]", line), line
     assert _sacct(_job_ids(proc.stdout)[0]).get("state") == "FAILED"
 
 
