@@ -34,7 +34,9 @@ from parallel.launch import (
     detect_launcher_env,
     install_stop_handlers,
     launcher_rank,
+    leftover_hint,
     run_ranks,
+    set_output_umask,
     strip_local_rank_args,
 )
 from parallel.slurm import TASK_MARKER
@@ -54,11 +56,28 @@ def _refuse(message: str) -> None:
     sys.exit(2)
 
 
+def _validate(run, env):
+    """validate_run; a world size that only the launcher's variables contradict also says
+    what to unset when no launcher set them (leftovers in a shell)."""
+    try:
+        return validate_run(run, env.world_size if env else None)
+    except ConfigError as err:
+        if env is None:
+            raise
+        try:
+            validate_run(run, None)
+        except ConfigError:
+            raise err from None
+        raise ConfigError(f"{err}{leftover_hint(env)}") from None
+
+
 def _check_command(argv: list[str]) -> list[str]:
     """Compose and validate every job of this command; return argv, completed where a sweep
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
     env = detect_launcher_env()
     command = preflight(argv)
+    # Before Hydra creates the run directory: who may read what this command writes.
+    set_output_umask([job.run for job in command.jobs])
     if env is not None and command.multirun and not os.environ.get(TASK_MARKER):
         # A sweep started under torchrun/srun would run once per rank. The SLURM launcher's
         # own tasks are the exception: there each task is one rank of one sweep job.
@@ -71,7 +90,7 @@ def _check_command(argv: list[str]) -> list[str]:
     common = set.intersection(*(set(job.overrides) for job in command.jobs)) if len(command.jobs) > 1 else set()
     for i, job in enumerate(command.jobs):
         try:
-            dims = validate_run(job.run, env.world_size if env else None)
+            dims = _validate(job.run, env)
             if job.run.cluster.launcher != "slurm" or not command.multirun:
                 check_launcher(job.run, env, dims)
             check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
@@ -125,7 +144,8 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = hc.runtime.output_dir
     try:
         run = to_run_config(cfg)
-        dims = validate_run(run, env.world_size if env else None)
+        set_output_umask([run])  # this job's (a sweep's may differ)
+        dims = _validate(run, env)
         check_launcher(run, env, dims)
         data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     except ConfigError as err:
@@ -139,6 +159,9 @@ def main(cfg: DictConfig) -> float | None:
         run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, group=group))
     try:
         summary = run_ranks(run, dims, env, output_dir, data_paths, train)
+    except ConfigError as err:  # launcher variables that no job answered (parallel.launch._unlaunched_store)
+        _remove_if_untouched(Path(output_dir))
+        _refuse(str(err))
     except (FloatingPointError, CheckpointError) as err:  # training stopped for a reason it can name
         print(f"moemesh: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)

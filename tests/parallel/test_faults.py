@@ -13,8 +13,9 @@ from tests.test_train_cli import SMALL
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start(tmp_path, *overrides, new_session=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
+def _start(tmp_path, *overrides, new_session=False, env=None):
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")},
+           **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *overrides],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -150,3 +151,62 @@ def test_ctrl_c_sent_to_the_launcher_alone_reaches_its_ranks(tmp_path):
     assert proc.returncode == 130, err
     assert "stopped by SIGINT" in _stop_line(err)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGINT"]
+
+
+def test_ctrl_c_while_the_ranks_start_stops_them_all_once_they_exist(tmp_path):
+    """A Ctrl-C that reaches the ranks while they import (before they have handlers) used to
+    kill them with KeyboardInterrupt tracebacks: it is held until they can act on it, and
+    every rank saves after its first step, like any first Ctrl-C."""
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", new_session=True)
+    deadline = time.monotonic() + 60
+    while len(_ranks_of(proc.pid)) < 2:  # spawned, still importing
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    ranks = _ranks_of(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "stopped by SIGINT after step" in _stop_line(err)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGINT"]
+    assert checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
+                   for r in ranks)
+
+
+def test_sigterm_while_the_ranks_start_reaches_every_rank(tmp_path):
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
+    deadline = time.monotonic() + 60
+    while len(_ranks_of(proc.pid)) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM after step" in _stop_line(err)
+
+
+def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_path):
+    """No `finally` runs in a SIGKILLed launcher: its directory names its owner, and a later
+    launcher removes it once the owner is gone and nothing was written there for 10 min."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env_tmp = {"TMPDIR": str(tmp)}
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", "cluster.preempt_grace_s=30", env=env_tmp)
+    _wait_for_steps(tmp_path, 2, proc)
+    ranks = _ranks_of(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60  # its ranks get SIGINT from the kernel (PDEATHSIG), save and leave
+    while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (left,) = tmp.glob("moemesh-rdzv-*")
+    assert int((left / "owner").read_text()) == proc.pid
+    old = time.time() - 3600
+    for f in [*left.iterdir(), left]:
+        os.utime(f, (old, old))
+    (tmp_path / "again").mkdir()
+    done = _start(tmp_path / "again", "trainer.steps=1", "parallel=dp2", env=env_tmp)
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert list(tmp.glob("moemesh-rdzv-*")) == []  # the leftover, and the finished run's own

@@ -86,3 +86,86 @@ def test_failing_rank_stops_every_rank(tmp_path, capsys):
     assert time.monotonic() - start < 60  # far below the collective timeout: no hang
     assert "rank 1 failed: RuntimeError: boom on rank 1" in capsys.readouterr().err
     assert _children() == []
+
+
+def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from parallel.launch import remove_abandoned_rendezvous
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    old = time.time() - 3600
+
+    def rdzv(name, owner, idle=True):
+        d = tmp_path / f"moemesh-rdzv-{name}"
+        d.mkdir()
+        (d / "beat0").write_text("1 1\n")
+        if owner is not None:
+            (d / "owner").write_text(f"{owner}\n")
+        if idle:
+            for f in [*d.iterdir(), d]:
+                os.utime(f, (old, old))
+        return d
+
+    abandoned = rdzv("abandoned", gone.pid)
+    live_owner = rdzv("live", os.getpid())
+    still_beating = rdzv("beating", gone.pid, idle=False)  # its ranks outlived the launcher
+    no_owner = rdzv("starting", None)  # just created, owner not written yet
+    assert remove_abandoned_rendezvous(tmp_path) == [abandoned]
+    assert not abandoned.exists() and live_owner.exists() and still_beating.exists() and no_owner.exists()
+
+
+def test_hang_watch_names_the_rank_that_stopped_beating(tmp_path):
+    from parallel.launch import _HangWatch, _Stalled
+
+    watch = _HangWatch(str(tmp_path), 3, timeout_s=0.5)
+    beat = lambda r, n: (tmp_path / f"beat{r}").write_text(f"{100 + r} {n}\n")  # noqa: E731
+    for n in range(1, 5):
+        beat(0, n), beat(1, n), beat(2, n)
+        watch.check([True] * 3)
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    with pytest.raises(_Stalled) as hung:
+        n = 5
+        while time.monotonic() < deadline:  # ranks 0 and 2 wait in a collective, and keep beating
+            beat(0, n), beat(2, n)
+            n += 1
+            watch.check([True] * 3)
+            time.sleep(0.1)
+    assert (hung.value.rank, hung.value.started) == (1, True) and hung.value.silent_s > 0.5
+    # A rank that left (its exit code is ProcessContext.join's business) is not a hang.
+    watch.check([True, False, True])
+
+
+def test_hang_watch_a_rank_that_never_beats_and_a_watcher_that_was_stopped_itself(tmp_path):
+    from parallel.launch import _HangWatch, _Stalled
+
+    watch = _HangWatch(str(tmp_path), 2, timeout_s=0.5)
+    watch.check([True, True])
+    time.sleep(0.7)
+    watch.check([True, True])  # nobody beats yet: still importing, nobody to blame
+    (tmp_path / "beat0").write_text("100 1\n")
+    watch.check([True, True])
+    # Ctrl-Z stopped the launcher with its ranks: the silence it did not watch proves nothing.
+    watch.polled -= 60
+    watch.started -= 60
+    watch.check([True, True])
+    time.sleep(0.6)
+    (tmp_path / "beat0").write_text("100 2\n")
+    with pytest.raises(_Stalled) as hung:
+        watch.check([True, True])
+    assert (hung.value.rank, hung.value.started) == (1, False)
+
+
+def test_cluster_timeouts_and_output_access_are_checked():
+    from parallel.launch import check_launcher, output_umask
+
+    for key in ("cluster.hang_timeout_s", "cluster.rendezvous_timeout_s"):
+        with pytest.raises(ConfigError, match=f"{key}=0: must be > 0 seconds"):
+            check_launcher(tiny_run(**{key: 0}), None, ParallelDims())
+    with pytest.raises(ConfigError, match="cluster.output_access=public: valid: private, group, inherit"):
+        output_umask(tiny_run(**{"cluster.output_access": "public"}))
+    assert [output_umask(tiny_run(**{"cluster.output_access": a})) for a in ("private", "group", "inherit")] == [
+        0o077, 0o027, None]
