@@ -515,13 +515,21 @@ class _PeerWatch:
             except OSError:
                 pass
 
+    def _tick(self) -> tuple[bool, float, bool]:
+        """Wait one interval: (stop requested, now, this process was itself stopped meanwhile,
+        e.g. Ctrl-Z, so its clocks start again)."""
+        t0 = time.monotonic()
+        if self.stop.wait(self.interval):
+            return True, t0, False
+        now = time.monotonic()
+        return False, now, now - t0 > 5 * self.interval + 2
+
     def _watch_store(self) -> None:
         while True:
-            t0 = time.monotonic()
-            if self.stop.wait(self.interval):
+            stopped, now, resumed = self._tick()
+            if stopped:
                 return
-            now = time.monotonic()
-            if now - t0 > 5 * self.interval + 2:  # this process was stopped itself (Ctrl-Z): start again
+            if resumed:
                 self.answered = now
             if now - self.answered > self.timeout and not self.stop.is_set():
                 silent = f"the job's store at {self.where} did not answer for {now - self.answered:.0f} s"
@@ -536,11 +544,10 @@ class _PeerWatch:
         peer_done = self.keys["done"] + str(self.peer)
         seen, changed, watching = None, time.monotonic(), True
         while True:
-            t0 = time.monotonic()
-            if self.stop.wait(self.interval):
+            stopped, now, resumed = self._tick()
+            if stopped:
                 return
-            now = time.monotonic()
-            if now - t0 > 5 * self.interval + 2:  # this process was stopped itself (Ctrl-Z): start again
+            if resumed:
                 changed = now
             try:
                 self.store.add(beat, 1)  # beats on after the peer is done: rank - 1 watches this one
