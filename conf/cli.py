@@ -23,7 +23,6 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf.schema import ConfigError, RunConfig, to_run_config
@@ -236,8 +235,3 @@ def check_jobs(command: Command) -> None:
                 raise
             verb = "submitted" if job.run.cluster.launcher == "slurm" else "run"
             raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None
-
-
-def resolved(run: RunConfig) -> dict:
-    """The typed config as plain data (for messages and tests)."""
-    return OmegaConf.to_container(OmegaConf.structured(run))
