@@ -10,6 +10,7 @@
 Before Hydra creates a directory or a rank starts, every job of the command is composed
 and checked (``conf.cli.preflight``): a mistake is one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from conf.cli import needs_preflight, preflight
-from conf.schema import ConfigError, register_schema, to_run_config
-from conf.validate import micro_steps, validate_run
-from parallel.checkpoint import CheckpointError
-from parallel.launch import (
+from moemesh.config.cli import needs_preflight, preflight
+from moemesh.config.schema import register_schema, to_run_config
+from moemesh.config.validate import micro_steps, validate_run
+from moemesh.errors import ConfigError
+from moemesh.parallel.checkpoint import CheckpointError
+from moemesh.parallel.launch import (
     check_launcher,
     detect_launcher_env,
     install_stop_handlers,
@@ -39,9 +41,9 @@ from parallel.launch import (
     set_output_umask,
     strip_local_rank_args,
 )
-from parallel.slurm import TASK_MARKER
-from trainer.data import check_data, prepare_data
-from trainer.loop import train
+from moemesh.parallel.slurm import TASK_MARKER
+from moemesh.trainer.data import check_data, prepare_data
+from moemesh.trainer.loop import train
 
 register_schema()
 # Under torchrun/srun every rank runs Hydra: only rank 0 gets the dated run directory,
@@ -101,16 +103,22 @@ def _check_command(argv: list[str]) -> list[str]:
             problems.append(f"job #{i} ({' '.join(shown)}): {err}")
     if problems:
         verb = "submitted" if any(job.run.cluster.launcher == "slurm" for job in command.jobs) else "run"
-        raise ConfigError(f"nothing was {verb}; {len(problems)} problem(s) in this sweep of {len(command.jobs)} "
-                          "job(s): " + " | ".join(problems))
+        raise ConfigError(
+            f"nothing was {verb}; {len(problems)} problem(s) in this sweep of {len(command.jobs)} "
+            "job(s): " + " | ".join(problems)
+        )
     if command.multirun and len(command.jobs) > 1:
         counts = {job.run.parallel.name: micro_steps(job.run) for job in command.jobs}
         if len(set(counts.values())) > 1:
             # The balance loss is computed per micro-step: different counts, different objectives.
-            chosen = any(o.split("=", 1)[0].lstrip("+") in ("trainer.micro_steps", "trainer.micro_batch_size")
-                         for job in command.jobs for o in job.overrides)
-            unset = all(j.run.trainer.micro_steps is None and j.run.trainer.micro_batch_size is None
-                        for j in command.jobs)
+            chosen = any(
+                o.split("=", 1)[0].lstrip("+") in ("trainer.micro_steps", "trainer.micro_batch_size")
+                for job in command.jobs
+                for o in job.overrides
+            )
+            unset = all(
+                j.run.trainer.micro_steps is None and j.run.trainer.micro_batch_size is None for j in command.jobs
+            )
             if unset and not chosen:
                 # Held equal by default: every layout takes the largest count any of them needs.
                 held = [*argv, f"trainer.micro_steps={max(counts.values())}"]
@@ -119,12 +127,17 @@ def _check_command(argv: list[str]) -> list[str]:
                 except ConfigError:
                     pass  # the global batch does not divide: say so below instead
                 else:
-                    print(f"moemesh: every layout of this sweep takes {max(counts.values())} micro-steps per optimizer "
-                          f"step (trainer.micro_steps), so all optimise the same objective")
+                    print(
+                        f"moemesh: every layout of this sweep takes {max(counts.values())} micro-steps per optimizer "
+                        f"step (trainer.micro_steps), so all optimise the same objective"
+                    )
                     return held
             shown = ", ".join(f"{name}: {n}" for name, n in counts.items())
-            print(f"moemesh: warning: this sweep mixes micro-step counts ({shown}), so its layouts optimise "
-                  "different balance losses; set trainer.micro_steps=N to compare like with like", file=sys.stderr)
+            print(
+                f"moemesh: warning: this sweep mixes micro-step counts ({shown}), so its layouts optimise "
+                "different balance losses; set trainer.micro_steps=N to compare like with like",
+                file=sys.stderr,
+            )
     return argv
 
 
@@ -172,8 +185,11 @@ def main(cfg: DictConfig) -> float | None:
         # Saved, not finished: exit non-zero, so no script mistakes this run for a complete one.
         # (A SLURM task leaves this to the launcher plugin, which requeues on the time limit.)
         steps = summary.get("start_step", 0) + summary.get("steps", 0)
-        print(f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
-              f"{_resume_line(sys.argv[1:], output_dir)}", file=sys.stderr)
+        print(
+            f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
+            f"{_resume_line(sys.argv[1:], output_dir)}",
+            file=sys.stderr,
+        )
         name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"
         sys.exit(128 + int(getattr(signal, name, signal.SIGTERM)))
     return None if summary is None else summary.get("final_loss")

@@ -1,4 +1,5 @@
 """Compose the project's Hydra config from script arguments (key=value overrides)."""
+
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from conf.schema import ConfigError, RunConfig, register_schema, to_run_config  # noqa: E402
+from moemesh.config.schema import RunConfig, register_schema, to_run_config  # noqa: E402
+from moemesh.errors import ConfigError  # noqa: E402
 
 
 def compose_run(overrides: list[str]) -> RunConfig:

@@ -10,6 +10,7 @@ torch.compile of the reference. GB/s counts the bytes each op must move at least
 figure. On CPU: the torch reference path only (the Triton interpreter is a
 correctness tool, not a speed one), timed with perf_counter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import TORCH_OPS, TRITON_OPS  # noqa: E402
-from kernels._triton import can_run_triton  # noqa: E402
+from moemesh.kernels import TORCH_OPS, TRITON_OPS  # noqa: E402
+from moemesh.kernels._triton import can_run_triton  # noqa: E402
 
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L4": 300.0}
 
@@ -116,18 +117,23 @@ def _triton_table(cases, timer, peak, fwd_bwd, compile_backend) -> None:
     print("| op | triton ms | GB/s | % of peak | eager ms | vs eager |")
     print("|---|---|---|---|---|---|", flush=True)
     for op, (fn, nbytes) in cases.items():
-        t_tri[op] = timer(lambda: fn(TRITON_OPS))
-        t_eager = timer(lambda: fn(TORCH_OPS))
+        t_tri[op] = timer(lambda: fn(TRITON_OPS))  # noqa: B023 (called here, in this iteration)
+        t_eager = timer(lambda: fn(TORCH_OPS))  # noqa: B023
         gbps = nbytes / t_tri[op] / 1e9
         pct = f"{100 * gbps / peak:.0f}%" if peak else "?"
-        print(f"| {op} | {t_tri[op] * 1e3:.3f} | {gbps:.0f} | {pct} | {t_eager * 1e3:.3f} | "
-              f"{t_eager / t_tri[op]:.2f}x |", flush=True)
+        print(
+            f"| {op} | {t_tri[op] * 1e3:.3f} | {gbps:.0f} | {pct} | {t_eager * 1e3:.3f} | {t_eager / t_tri[op]:.2f}x |",
+            flush=True,
+        )
     # Forward + backward of the chain: time and speedup only (the backward's bytes
     # depend on which inputs need gradients).
     t_tri[chain_fwd_bwd] = timer(fwd_bwd["triton"])
     t_eager = timer(fwd_bwd["eager"])
-    print(f"| {chain_fwd_bwd} | {t_tri[chain_fwd_bwd] * 1e3:.3f} | | | {t_eager * 1e3:.3f} | "
-          f"{t_eager / t_tri[chain_fwd_bwd]:.2f}x |", flush=True)
+    print(
+        f"| {chain_fwd_bwd} | {t_tri[chain_fwd_bwd] * 1e3:.3f} | | | {t_eager * 1e3:.3f} | "
+        f"{t_eager / t_tri[chain_fwd_bwd]:.2f}x |",
+        flush=True,
+    )
 
     print(f"\n| op | torch.compile({compile_backend}) of the reference, ms | triton vs compiled |")
     print("|---|---|---|", flush=True)
@@ -146,9 +152,12 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--peak-gbps", type=float, default=None)
-    p.add_argument("--interpret-smoke", action="store_true",
-                   help="run the CUDA table's code on this CPU with TRITON_INTERPRET=1 kernels and one timing "
-                        "each: a test of the script, not a measurement")
+    p.add_argument(
+        "--interpret-smoke",
+        action="store_true",
+        help="run the CUDA table's code on this CPU with TRITON_INTERPRET=1 kernels and one timing "
+        "each: a test of the script, not a measurement",
+    )
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = a.interpret_smoke and not cuda
@@ -167,13 +176,15 @@ def main(argv=None) -> None:
         print("(CPU: the torch reference, which is the production path here)")
         print("| op | ms | GB/s |\n|---|---|---|")
         for op, (fn, nbytes) in cases.items():
-            t = _time_cpu(lambda: fn(TORCH_OPS))
+            t = _time_cpu(lambda: fn(TORCH_OPS))  # noqa: B023 (timed before the next iteration)
             print(f"| {op} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")
         return
     if smoke:
         print("(--interpret-smoke: interpreted kernels, one run each; the numbers mean nothing)")
-    chain = {name: (lambda ops: lambda lg, x: _chain(ops, lg, x, K, E))(ops)
-             for name, ops in (("triton", TRITON_OPS), ("eager", TORCH_OPS))}
+    chain = {
+        name: (lambda ops: lambda lg, x: _chain(ops, lg, x, K, E))(ops)  # noqa: B023 (ops bound by the outer lambda)
+        for name, ops in (("triton", TRITON_OPS), ("eager", TORCH_OPS))
+    }
     compile_backend = "aot_eager" if smoke else "inductor"  # the smoke test checks plumbing, not inductor
     chain["compiled"] = torch.compile(chain["eager"], backend=compile_backend)
     fwd_bwd = {name: _chain_fwd_bwd(fwd, T, E, D, dtype, device) for name, fwd in chain.items()}

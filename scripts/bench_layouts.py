@@ -7,6 +7,7 @@ each run's summary.json and prints a markdown table: median tokens/s over the st
 after the first, and the ratio to `single` measured in the same invocation. On a
 machine with fewer cores than ranks the ratios measure contention, not scaling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,39 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="moemesh-bench-") as tmp:
         for layout in a.layouts.split(","):
             out = Path(tmp) / layout
-            cmd = [sys.executable, str(ROOT / "train.py"), f"parallel={layout}", f"trainer.steps={a.steps}",
-                   "trainer.eval_every=0", f"hydra.run.dir={out}", *a.overrides]
+            cmd = [
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"parallel={layout}",
+                f"trainer.steps={a.steps}",
+                "trainer.eval_every=0",
+                f"hydra.run.dir={out}",
+                *a.overrides,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
             if proc.returncode != 0:
                 sys.exit(f"{layout} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             s = json.loads((out / "summary.json").read_text())
-            rows.append((layout, s["world_size"], s["median_tokens_per_s"], s["final_loss"],
-                         s["param_bytes_per_rank"]["expert"]["max"], s["peak_memory_bytes"]["max"]))
+            rows.append(
+                (
+                    layout,
+                    s["world_size"],
+                    s["median_tokens_per_s"],
+                    s["final_loss"],
+                    s["param_bytes_per_rank"]["expert"]["max"],
+                    s["peak_memory_bytes"]["max"],
+                )
+            )
     base = rows[0][2]
     print(f"{a.steps} steps, {os.cpu_count()} cores ({platform.machine()}), overrides: {' '.join(a.overrides) or '-'}")
     print()
     print(f"| layout | ranks | tokens/s | ratio to {rows[0][0]} | final loss | expert bytes/rank | peak RSS/rank |")
     print("|---|---|---|---|---|---|---|")
     for layout, ranks, tps, loss, eb, peak in rows:
-        print(f"| {layout} | {ranks} | {tps:,.0f} | {tps / base:.2f} | {loss:.4f} | {eb / 2**20:.2f} MiB | "
-              f"{peak / 2**20:.0f} MiB |")
+        print(
+            f"| {layout} | {ranks} | {tps:,.0f} | {tps / base:.2f} | {loss:.4f} | {eb / 2**20:.2f} MiB | "
+            f"{peak / 2**20:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Expert FLOPs: forward 3 GEMMs of 2*N*D*F, backward twice that: 18*N*D*F for N
 routed rows. The ratio counts everything else in the layer (router, permute,
 unpermute, the SwiGLU pointwise ops) as overhead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from conf.schema import ModelConfig  # noqa: E402
-from kernels import backend_problem, get_ops  # noqa: E402
-from moe.layer import MoELayer  # noqa: E402
+from moemesh.kernels import backend_problem, get_ops  # noqa: E402
+from moemesh.moe.config import ModelConfig  # noqa: E402
+from moemesh.moe.layer import MoELayer  # noqa: E402
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -50,14 +51,17 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kernels", default=None,
-                   help="comma list of kernels.backend values to time (default: triton,torch on CUDA, torch on CPU)")
+    p.add_argument(
+        "--kernels",
+        default=None,
+        help="comma list of kernels.backend values to time (default: triton,torch on CUDA, torch on CPU)",
+    )
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    default = (lambda c, g: g if cuda else c)  # noqa: E731
+    default = lambda c, g: g if cuda else c  # noqa: E731
     T = a.tokens or default(4096, 16384)
     D = a.hidden or default(256, 2048)
     F = a.ffn or default(512, 1024)
@@ -98,23 +102,26 @@ def main(argv=None) -> None:
     variants = [(f"grouped_mm, {b}", True, b) for b in backends] + [("per-expert loop, torch", False, "torch")]
     for label, grouped, backend in variants:
         torch.manual_seed(0)
-        layer = MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, use_grouped_mm=grouped,
-                         ops=get_ops(backend, device)).to(device)
+        layer = MoELayer(
+            cfg=cfg, ep_rank=0, ep_group=None, stats_group=None, use_grouped_mm=grouped, ops=get_ops(backend, device)
+        ).to(device)
         with torch.no_grad():
             for q in layer.parameters():
                 q.normal_(0, 0.05)
         xin = torch.randn(1, T, D, device=device, requires_grad=True)
         gout = torch.randn(1, T, D, device=device)
 
-        def step():
+        def step(layer=layer, xin=xin, gout=gout):  # bound now: step runs within this iteration
             with autocast:
                 out, stats = layer(xin)
                 loss = (out.float() * gout).sum().add(0.01 * stats.losses.aux_loss)
             loss.backward()
 
         t = _time(step, a.repeats, sync)
-        print(f"MoE layer ({label:>22}): {t * 1e3:8.2f} ms fwd+bwd  = {t / t_dense:.2f}x the ideal expert time",
-              flush=True)
+        print(
+            f"MoE layer ({label:>22}): {t * 1e3:8.2f} ms fwd+bwd  = {t / t_dense:.2f}x the ideal expert time",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

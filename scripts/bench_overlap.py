@@ -8,6 +8,7 @@ the median step time of each, their ratio, and the share of All-to-All time hidd
 1 - (exposed All-to-All time with overlap) / (All-to-All time without), where exposed
 time is the time ranks spend waiting for an exchange to finish (the slowest rank's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp: Path, name: str, layout: str, steps: int, overlap: bool, chunks: int, overrides) -> dict:
     out = tmp / name
-    cmd = [sys.executable, str(ROOT / "train.py"), f"parallel={layout}", f"trainer.steps={steps}",
-           "trainer.eval_every=0", "checkpoint.save_final=false", f"hydra.run.dir={out}",
-           f"parallel.comm_optimization.all_to_all_overlap={str(overlap).lower()}",
-           f"parallel.comm_optimization.overlap_chunks={chunks}", *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"parallel={layout}",
+        f"trainer.steps={steps}",
+        "trainer.eval_every=0",
+        "checkpoint.save_final=false",
+        f"hydra.run.dir={out}",
+        f"parallel.comm_optimization.all_to_all_overlap={str(overlap).lower()}",
+        f"parallel.comm_optimization.overlap_chunks={chunks}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     if proc.returncode:
         sys.exit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -41,8 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     print(f"{a.steps} steps, {os.cpu_count()} cores, chunks={a.chunks}, overrides: {' '.join(a.overrides) or '-'}\n")
-    print("| layout | step ms (plain) | step ms (overlap) | overlap / plain | a2a ms (plain) | exposed a2a ms "
-          "(overlap) | a2a hidden |")
+    print(
+        "| layout | step ms (plain) | step ms (overlap) | overlap / plain | a2a ms (plain) | exposed a2a ms "
+        "(overlap) | a2a hidden |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="moemesh-overlap-") as tmp:
         for layout in a.layouts.split(","):
@@ -51,8 +62,10 @@ def main(argv=None) -> None:
             s0, s1 = plain["median_step_s"], over["median_step_s"]
             c0, c1 = plain["time_breakdown"]["a2a"], over["time_breakdown"]["a2a"]
             hidden = 1 - c1 / c0 if c0 else 0.0
-            print(f"| {layout} | {s0 * 1e3:.1f} | {s1 * 1e3:.1f} | {s1 / s0:.2f} | {c0 * 1e3:.1f} | {c1 * 1e3:.1f} | "
-                  f"{hidden:.0%} |")
+            print(
+                f"| {layout} | {s0 * 1e3:.1f} | {s1 * 1e3:.1f} | {s1 / s0:.2f} | {c0 * 1e3:.1f} | {c1 * 1e3:.1f} | "
+                f"{hidden:.0%} |"
+            )
 
 
 if __name__ == "__main__":

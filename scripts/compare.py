@@ -23,6 +23,7 @@ Loss curves that coincide (max |Δ| below --coincide-tol over their common steps
 named in a note on the chart and on stdout; every curve has its own dash pattern and
 staggered markers, so none hides another.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.metrics import PHASES  # noqa: E402  the sequential parts of a step (pipeline: PP), as logged
+from moemesh.trainer.metrics import PHASES  # noqa: E402  the sequential parts of a step (pipeline: PP), as logged
 
 MIB = 2**20
 DASH = "–"
 STATE = ("param_bytes", "grad_bytes", "optimizer_bytes")
 OTHER = "other"  # the part of the measured step that no phase accounts for
 COINCIDE_TOL = 1e-4  # nats/token: loss curves closer than this everywhere are drawn on top of each other
-PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "pipeline": "tab:purple",
-                "grad_reduce": "tab:green", "optimizer": "tab:red", OTHER: "lightgray"}
+PHASE_COLORS = {
+    "forward": "tab:blue",
+    "backward": "tab:orange",
+    "pipeline": "tab:purple",
+    "grad_reduce": "tab:green",
+    "optimizer": "tab:red",
+    OTHER: "lightgray",
+}
 
 
 @dataclass
@@ -70,8 +77,11 @@ def expand(paths: list[Path]) -> list[Path]:
     for p in paths:
         if not p.is_dir():
             raise ValueError(f"{p}: no such directory")
-        found = [p] if (p / "summary.json").is_file() else sorted(
-            (d for d in p.iterdir() if (d / "summary.json").is_file()), key=_job_order)
+        found = (
+            [p]
+            if (p / "summary.json").is_file()
+            else sorted((d for d in p.iterdir() if (d / "summary.json").is_file()), key=_job_order)
+        )
         if not found:
             raise ValueError(f"{p}: no summary.json in it or in its direct subdirectories")
         runs += found
@@ -175,8 +185,14 @@ def step_breakdown(tb: dict, step_s: float | None) -> Breakdown | None:
     segments[OTHER] = 0.0 if scale < 1.0 else step_s - measured
     a2a = tb.get("a2a")
     percent = dict(zip(segments, largest_remainder(list(segments.values()))))
-    return Breakdown(step_s=step_s, segments=segments, percent=percent,
-                     a2a_s=None if a2a is None else a2a * scale, phase_sum_share=measured / step_s, scale=scale)
+    return Breakdown(
+        step_s=step_s,
+        segments=segments,
+        percent=percent,
+        a2a_s=None if a2a is None else a2a * scale,
+        phase_sum_share=measured / step_s,
+        scale=scale,
+    )
 
 
 def compute_stats(run: Run) -> dict:
@@ -186,11 +202,16 @@ def compute_stats(run: Run) -> dict:
         share = tb["a2a"] / tb["step"]
     step = s.get("median_step_s") or tb.get("step") or median(steady(run, "step_s"))
     return dict(
-        tps=s.get("median_tokens_per_s") or median(steady(run, "tokens_per_s")), tb=tb, a2a_share=share, step=step,
+        tps=s.get("median_tokens_per_s") or median(steady(run, "tokens_per_s")),
+        tb=tb,
+        a2a_share=share,
+        step=step,
         breakdown=step_breakdown(tb, tb.get("step") or step),
-        peak=max_bytes(s, "peak_bytes"), peak_kind=s.get("peak_memory_bytes", {}).get("kind", "peak"),
+        peak=max_bytes(s, "peak_bytes"),
+        peak_kind=s.get("peak_memory_bytes", {}).get("kind", "peak"),
         state={(k, p): max_bytes(s, k, p) for k in STATE for p in ("expert", "non_expert")},
-        cv=cv, mean_cv=statistics.fmean(cv.values()) if cv else None,
+        cv=cv,
+        mean_cv=statistics.fmean(cv.values()) if cv else None,
         final_loss=s.get("final_loss", run.records[-1].get("loss") if run.records else None),
     )
 
@@ -201,39 +222,55 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def table(runs: list[Run]) -> str:
     base = runs[0].stats["tps"]
-    head = (f"| run | world | dp/ep/tp/pp | tokens/s | ratio to {runs[0].label} | step ms | fwd % | bwd % | "
-            "pipeline % | grad reduce % | optim % | other % | a2a % | peak MiB/rank | expert param MiB/rank | "
-            "non-expert param MiB/rank | load CV | final loss |")
+    head = (
+        f"| run | world | dp/ep/tp/pp | tokens/s | ratio to {runs[0].label} | step ms | fwd % | bwd % | "
+        "pipeline % | grad reduce % | optim % | other % | a2a % | peak MiB/rank | expert param MiB/rank | "
+        "non-expert param MiB/rank | load CV | final loss |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         st, s = r.stats, r.summary
         pct = st["breakdown"].percent if st["breakdown"] else {}
         degrees = "/".join(str(s.get(k, "?")) for k in ("dp", "ep", "tp", "pp"))
-        cells = [r.label, str(s.get("world_size", DASH)), degrees,
-                 fmt(st["tps"], ",.0f"), fmt(st["tps"] and base and st["tps"] / base, ".2f"),
-                 fmt(st["step"], ".1f", 1e3), *(fmt(pct.get(p), ".1f") for p in (*PHASES, OTHER)),
-                 fmt(st["a2a_share"], ".1f", 100), fmt(st["peak"], ",.0f", 1 / MIB),
-                 fmt(st["state"]["param_bytes", "expert"], ".2f", 1 / MIB),
-                 fmt(st["state"]["param_bytes", "non_expert"], ".2f", 1 / MIB),
-                 fmt(st["mean_cv"], ".3f"), fmt(st["final_loss"], ".4f")]
+        cells = [
+            r.label,
+            str(s.get("world_size", DASH)),
+            degrees,
+            fmt(st["tps"], ",.0f"),
+            fmt(st["tps"] and base and st["tps"] / base, ".2f"),
+            fmt(st["step"], ".1f", 1e3),
+            *(fmt(pct.get(p), ".1f") for p in (*PHASES, OTHER)),
+            fmt(st["a2a_share"], ".1f", 100),
+            fmt(st["peak"], ",.0f", 1 / MIB),
+            fmt(st["state"]["param_bytes", "expert"], ".2f", 1 / MIB),
+            fmt(st["state"]["param_bytes", "non_expert"], ".2f", 1 / MIB),
+            fmt(st["mean_cv"], ".3f"),
+            fmt(st["final_loss"], ".4f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-NOTES = ("\nMedians skip the first (warm-up) step. Phase % (fwd, bwd, pipeline, grad reduce, optim, other) are shares "
-         "of the median step and add up to 100; other is the part of the step no phase covers. a2a % is the "
-         "All-to-All's share of the step, which lies inside fwd/bwd/pipeline (not added to them). Memory: max over "
-         "ranks. Load CV: std/mean of tokens per expert, mean over MoE layers at the last logged step.\n")
+NOTES = (
+    "\nMedians skip the first (warm-up) step. Phase % (fwd, bwd, pipeline, grad reduce, optim, other) are shares "
+    "of the median step and add up to 100; other is the part of the step no phase covers. a2a % is the "
+    "All-to-All's share of the step, which lies inside fwd/bwd/pipeline (not added to them). Memory: max over "
+    "ranks. Load CV: std/mean of tokens per expert, mean over MoE layers at the last logged step.\n"
+)
 
 
 def scaled_notes(runs: list[Run]) -> list[str]:
     """One line per run whose measured phases add up to more than its step."""
-    return [f"{r.label}: the phases (each the slowest rank's median) add up to {100 * b.phase_sum_share:.1f}% of the "
-            f"step, more than the step itself; scaled by {b.scale:.3f} so that they make 100% (other 0%)"
-            for r in runs if (b := r.stats["breakdown"]) and b.scaled]
+    return [
+        f"{r.label}: the phases (each the slowest rank's median) add up to {100 * b.phase_sum_share:.1f}% of the "
+        f"step, more than the step itself; scaled by {b.scale:.3f} so that they make 100% (other 0%)"
+        for r in runs
+        if (b := r.stats["breakdown"]) and b.scaled
+    ]
 
 
 # ---- chart context and loss coincidence (pure: tested without drawing) ----
+
 
 def machine_of(summary: dict) -> str | None:
     """summary.json's `machine`: a string, or {"hostname", "device"[, "count"]}; None when absent."""
@@ -285,10 +322,12 @@ def chart_subtitle(runs: list[Run]) -> str:
     machines = []
     for r in runs:
         name, kind = machine_of(r.summary), _device_kind(r.summary)
-        machines.append(f"machine: {name}" if name else
-                        f"machine: unknown ({kind} run)" if kind else "machine: unknown")
-    return " · ".join((_per_run(runs, models), _per_run(runs, [_steps_text(r) for r in runs]),
-                       _per_run(runs, machines)))
+        machines.append(
+            f"machine: {name}" if name else f"machine: unknown ({kind} run)" if kind else "machine: unknown"
+        )
+    return " · ".join(
+        (_per_run(runs, models), _per_run(runs, [_steps_text(r) for r in runs]), _per_run(runs, machines))
+    )
 
 
 def loss_curve(run: Run) -> dict[int, float]:
@@ -327,8 +366,9 @@ def coinciding_losses(runs: list[Run], tol: float = COINCIDE_TOL) -> list[tuple[
         if len(members) < 2:
             continue
         common = set.intersection(*(set(curves[i][1]) for i in members))
-        diff = max((abs(curves[i][1][s] - curves[j][1][s]) for s in common for i in members for j in members),
-                   default=0.0)
+        diff = max(
+            (abs(curves[i][1][s] - curves[j][1][s]) for s in common for i in members for j in members), default=0.0
+        )
         out.append(([curves[i][0] for i in members], diff, len(common)))
     return out
 
@@ -341,6 +381,7 @@ def coincidence_notes(groups) -> list[str]:
 
 
 # ---- charts ----
+
 
 def run_axis(ax, ylabel, title):
     ax.set(ylabel=ylabel, title=title)
@@ -375,23 +416,41 @@ def plot_step_breakdown(runs, ax):
             continue
         bars = ax.bar(labels, ms, bottom=bottom, label=phase, color=PHASE_COLORS.get(phase))
         room = 0.05 * max(steps)  # label a segment only where its text fits
-        ax.bar_label(bars, labels=[f"{b.percent[phase]:.1f}%" if m >= room else "" for b, m in zip(bds, ms)],
-                     label_type="center", fontsize=7)
+        ax.bar_label(
+            bars,
+            labels=[f"{b.percent[phase]:.1f}%" if m >= room else "" for b, m in zip(bds, ms)],
+            label_type="center",
+            fontsize=7,
+        )
         bottom = [b + m for b, m in zip(bottom, ms)]
     # a2a lies inside forward/backward/pipeline: drawn over them from 0, never beyond them.
     inside = [sum(b.segments.get(p, 0.0) for p in ("forward", "backward", "pipeline")) for b in bds]
     a2a = [1e3 * min(b.a2a_s or 0.0, span) for b, span in zip(bds, inside)]
     if any(a2a):  # a narrow hatched bar along the right edge of the stack, clear of the percentages
         right = [p.get_x() + p.get_width() for p in ax.containers[0].patches]
-        ax.bar(right, a2a, width=-0.16, align="edge", fill=False, hatch="//", edgecolor="black",
-               label="a2a (inside forward,\nbackward, pipeline)")
+        ax.bar(
+            right,
+            a2a,
+            width=-0.16,
+            align="edge",
+            fill=False,
+            hatch="//",
+            edgecolor="black",
+            label="a2a (inside forward,\nbackward, pipeline)",
+        )
     tops = [f"{s:,.1f} ms" + (f"\nphases ×{b.scale:.2f}" if b.scaled else "") for s, b in zip(steps, bds)]
     ax.bar_label(ax.bar(labels, steps, fill=False, linewidth=0), labels=tops, padding=2, fontsize=8)
     ax.set_ylim(0, 1.15 * max(steps))
     run_axis(ax, "time per step (ms, median)", "Step time breakdown (phases + other = step)")
     if any(b.scaled for b in bds):
-        ax.text(0.0, -0.24, "×: the phases (each the slowest rank's) add up to more than the step; scaled to fit",
-                transform=ax.transAxes, fontsize=7, va="top")
+        ax.text(
+            0.0,
+            -0.24,
+            "×: the phases (each the slowest rank's) add up to more than the step; scaled to fit",
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+        )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
@@ -402,13 +461,21 @@ def plot_memory(runs, ax):
         for part in ("expert", "non_expert"):
             mib = [(r.stats["state"][kind, part] or 0.0) / MIB for r in runs]
             if any(mib):
-                ax_state.bar(labels, mib, bottom=bottom, label=f"{kind.removesuffix('_bytes')}, {part.replace('_', '-')}")
+                ax_state.bar(
+                    labels, mib, bottom=bottom, label=f"{kind.removesuffix('_bytes')}, {part.replace('_', '-')}"
+                )
                 bottom = [b + m for b, m in zip(bottom, mib)]
     run_axis(ax_state, "MiB per rank (max over ranks)", "Model state per rank")
     if ax_state.get_legend_handles_labels()[0]:
         ax_state.legend(fontsize=8)
-    bar_chart(ax_peak, labels, [(r.stats["peak"] or 0.0) / MIB for r in runs],
-              f"MiB ({runs[0].stats['peak_kind']}, max over ranks)", "Peak memory per rank", ",.0f")
+    bar_chart(
+        ax_peak,
+        labels,
+        [(r.stats["peak"] or 0.0) / MIB for r in runs],
+        f"MiB ({runs[0].stats['peak_kind']}, max over ranks)",
+        "Peak memory per rank",
+        ",.0f",
+    )
 
 
 def plot_load_cv(runs, ax):
@@ -418,8 +485,11 @@ def plot_load_cv(runs, ax):
     for r in done:
         ax.plot(list(r.stats["cv"]), list(r.stats["cv"].values()), marker="o", label=r.label)
     ax.set_xticks(sorted({layer for r in done for layer in r.stats["cv"]}))
-    ax.set(xlabel="MoE layer (model layer index)", ylabel="load CV (std / mean of tokens per expert)",
-           title="Expert load imbalance at the last logged step")
+    ax.set(
+        xlabel="MoE layer (model layer index)",
+        ylabel="load CV (std / mean of tokens per expert)",
+        title="Expert load imbalance at the last logged step",
+    )
     ax.legend(fontsize=8)
 
 
@@ -438,29 +508,66 @@ def plot_loss(runs, ax, tol: float = COINCIDE_TOL):
         curve = loss_curve(r)
         steps = sorted(curve)
         every = max(1, len(steps) // 8)
-        line, = ax.plot(steps, [curve[s] for s in steps], label=r.label, linestyle=DASHES[i % len(DASHES)],
-                        marker=MARKERS[i % len(MARKERS)], markersize=4,
-                        markevery=(i * every // len(done) % every, every), zorder=2 + len(done) - i)
+        (line,) = ax.plot(
+            steps,
+            [curve[s] for s in steps],
+            label=r.label,
+            linestyle=DASHES[i % len(DASHES)],
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=4,
+            markevery=(i * every // len(done) % every, every),
+            zorder=2 + len(done) - i,
+        )
         val = [x for x in r.records if x.get("val_loss") is not None]
         if val:
             ax.plot([x["step"] for x in val], [x["val_loss"] for x in val], "o", mfc="none", color=line.get_color())
-    ax.set(xlabel="step", ylabel="loss (cross-entropy, nats/token)",
-           title="Loss (lines: train, open circles: validation)")
+    ax.set(
+        xlabel="step", ylabel="loss (cross-entropy, nats/token)", title="Loss (lines: train, open circles: validation)"
+    )
     ax.legend(fontsize=8, loc="upper right")
     notes = coincidence_notes(coinciding_losses(done, tol))
     if notes:
-        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
-                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="gray"))
+        ax.text(
+            0.02,
+            0.02,
+            "\n".join(notes),
+            transform=ax.transAxes,
+            fontsize=8,
+            va="bottom",
+            ha="left",
+            bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="gray"),
+        )
 
 
 CHARTS = {  # file name: (plot(runs, ax) -> None, or why it was skipped; number of panels)
-    "throughput.png": (functools.partial(plot_stat, key="tps", scale=1, ylabel="tokens/s (median)", spec=",.0f",
-                                         title="Training throughput per run", missing="no run has tokens/s"), 1),
-    "step_breakdown.png": (plot_step_breakdown, 1), "memory.png": (plot_memory, 2),
-    "a2a_share.png": (functools.partial(plot_stat, key="a2a_share", scale=100, ylabel="% of step time", spec=".1f",
-                                        title="All-to-All share of the step",
-                                        missing="no run has a2a_share or time.a2a"), 1),
-    "load_cv.png": (plot_load_cv, 1), "loss.png": (plot_loss, 1),
+    "throughput.png": (
+        functools.partial(
+            plot_stat,
+            key="tps",
+            scale=1,
+            ylabel="tokens/s (median)",
+            spec=",.0f",
+            title="Training throughput per run",
+            missing="no run has tokens/s",
+        ),
+        1,
+    ),
+    "step_breakdown.png": (plot_step_breakdown, 1),
+    "memory.png": (plot_memory, 2),
+    "a2a_share.png": (
+        functools.partial(
+            plot_stat,
+            key="a2a_share",
+            scale=100,
+            ylabel="% of step time",
+            spec=".1f",
+            title="All-to-All share of the step",
+            missing="no run has a2a_share or time.a2a",
+        ),
+        1,
+    ),
+    "load_cv.png": (plot_load_cv, 1),
+    "loss.png": (plot_loss, 1),
 }
 
 
@@ -501,9 +608,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="run directories and/or sweep directories")
     p.add_argument("--out", type=Path, help="output directory (default: see above)")
-    p.add_argument("--coincide-tol", type=float, default=COINCIDE_TOL,
-                   help=f"loss curves closer than this on every common step are reported as coinciding "
-                        f"(default {COINCIDE_TOL:g})")
+    p.add_argument(
+        "--coincide-tol",
+        type=float,
+        default=COINCIDE_TOL,
+        help=f"loss curves closer than this on every common step are reported as coinciding (default {COINCIDE_TOL:g})",
+    )
     a = p.parse_args(argv)
     try:
         runs = [load(d) for d in expand(a.paths)]

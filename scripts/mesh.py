@@ -6,14 +6,15 @@
 Pure arithmetic (parallel.dims): no process is started. The groups printed are
 the ones parallel.mesh builds with init_device_mesh (a test checks they agree).
 """
+
 from __future__ import annotations
 
 import argparse
 
 from _config import compose_run, fail
 
-from conf.schema import ConfigError
-from parallel.dims import MeshAxis, ParallelDims
+from moemesh.errors import ConfigError
+from moemesh.parallel.dims import MeshAxis, ParallelDims
 
 GROUPS = {
     "ep": ((MeshAxis.EP,), "All-to-All of routed tokens"),
@@ -48,12 +49,17 @@ def describe(dims: ParallelDims, num_experts: int, stages: list[range] | None = 
 def to_dot(dims: ParallelDims, num_experts: int) -> str:
     """Ranks as nodes, one cluster per EP group, dashed edges between DP peers."""
     e = num_experts // dims.ep
-    out = ["graph mesh {", '  rankdir=LR; node [shape=box, fontname="Helvetica"];',
-           f'  label="{dims.describe()}: boxes = EP groups (All-to-All), dashed = DP peers (expert all-reduce)";']
+    out = [
+        "graph mesh {",
+        '  rankdir=LR; node [shape=box, fontname="Helvetica"];',
+        f'  label="{dims.describe()}: boxes = EP groups (All-to-All), dashed = DP peers (expert all-reduce)";',
+    ]
     for i, group in enumerate(dims.groups(MeshAxis.EP)):
         c0 = dims.coords(group[0])
         out.append(f"  subgraph cluster_ep{i} {{")
-        out.append(f'    label="EP group {i} (pp{c0[MeshAxis.PP]} dp{c0[MeshAxis.DP]} tp{c0[MeshAxis.TP]})"; style=rounded;')
+        out.append(
+            f'    label="EP group {i} (pp{c0[MeshAxis.PP]} dp{c0[MeshAxis.DP]} tp{c0[MeshAxis.TP]})"; style=rounded;'
+        )
         for r in group:
             first = dims.coords(r)[MeshAxis.EP] * e
             out.append(f'    r{r} [label="rank {r}\\nexperts {first}-{first + e - 1}"];')
@@ -73,12 +79,14 @@ def main(argv=None) -> None:
     run = compose_run(args.overrides)
     dims = ParallelDims.from_config(run.parallel)
     try:
-        from parallel.pipeline import stage_layers
+        from moemesh.parallel.pipeline import stage_layers
 
         dims.validate()
         if run.model.num_experts % dims.ep:
-            raise ConfigError(f"model.num_experts={run.model.num_experts} must be divisible by "
-                              f"parallel.expert_parallel_size={dims.ep}")
+            raise ConfigError(
+                f"model.num_experts={run.model.num_experts} must be divisible by "
+                f"parallel.expert_parallel_size={dims.ep}"
+            )
     except ConfigError as err:
         fail(err)
     stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)

@@ -40,6 +40,7 @@ left out because scaled_dot_product_attention's flash kernels do not store the s
 with checkpointing only each layer's input, T x D, is kept. 1F1B holds pp micro-batches
 in flight on the first stage; GPipe holds all of them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,12 @@ from dataclasses import dataclass
 
 from _config import compose_run
 
-from conf.schema import ConfigError, RunConfig
-from conf.validate import grad_accum_steps, micro_batch_size, validate_run
-from moe.param_count import count_params, model_flops_per_token
-from parallel.dims import MESH_AXES, MeshAxis, ParallelDims
-from parallel.pipeline import stage_layers
+from moemesh.config.schema import RunConfig
+from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
+from moemesh.errors import ConfigError
+from moemesh.moe.param_count import count_params, model_flops_per_token
+from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims
+from moemesh.parallel.pipeline import stage_layers
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
@@ -121,8 +123,9 @@ def param_tensors(cfg, dims: ParallelDims, stage: int) -> int:
     return n + (1 if layers.start == 0 else 0) + (2 if layers.stop == cfg.num_layers else 0)
 
 
-def a2a_bytes(tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int, moe_layers: int = 1,
-              micro_steps: int = 1) -> int:
+def a2a_bytes(
+    tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int, moe_layers: int = 1, micro_steps: int = 1
+) -> int:
     """Bytes one rank sends through the All-to-All per step, under uniform routing:
     (ep-1)/ep of its T*K pairs leave (dispatch forward, combine backward) and as many
     arrive and go back (combine forward, dispatch backward)."""
@@ -139,9 +142,17 @@ def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
 
 def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
     p = Plan(dims)
-    candidate = dataclasses.replace(run, parallel=dataclasses.replace(
-        run.parallel, data_parallel_size=dims.dp, expert_parallel_size=dims.ep, tensor_parallel_size=dims.tp,
-        pipeline_parallel_size=dims.pp, pipeline_split=None))
+    candidate = dataclasses.replace(
+        run,
+        parallel=dataclasses.replace(
+            run.parallel,
+            data_parallel_size=dims.dp,
+            expert_parallel_size=dims.ep,
+            tensor_parallel_size=dims.tp,
+            pipeline_parallel_size=dims.pp,
+            pipeline_split=None,
+        ),
+    )
     try:
         validate_run(candidate)
     except ConfigError as err:
@@ -200,10 +211,20 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
     comm += p.ar_data_bytes / bw((MeshAxis.DP, MeshAxis.EP)) + (alpha * 2 * (n_data - 1) if n_data > 1 else 0)
     comm += p.ar_expert_bytes / bw((MeshAxis.DP, MeshAxis.TP)) + (alpha * 2 * (n_exp - 1) if n_exp > 1 else 0)
     p.comm_s = comm
-    p.crosses = ",".join(name for name, axes in (("ep", (MeshAxis.EP,)), ("tp", (MeshAxis.TP,)),
-                                                 ("data", (MeshAxis.DP, MeshAxis.EP)),
-                                                 ("exp", (MeshAxis.DP, MeshAxis.TP)), ("pp", (MeshAxis.PP,)))
-                         if dims.size(axes[0]) > 1 and _crosses(dims, axes, gpn)) or "-"
+    p.crosses = (
+        ",".join(
+            name
+            for name, axes in (
+                ("ep", (MeshAxis.EP,)),
+                ("tp", (MeshAxis.TP,)),
+                ("data", (MeshAxis.DP, MeshAxis.EP)),
+                ("exp", (MeshAxis.DP, MeshAxis.TP)),
+                ("pp", (MeshAxis.PP,)),
+            )
+            if dims.size(axes[0]) > 1 and _crosses(dims, axes, gpn)
+        )
+        or "-"
+    )
     act = p.act_ckpt_bytes if args.activation_checkpointing else p.act_bytes
     p.total_bytes = p.memory + act
     p.fits = p.total_bytes <= c.gpu_memory_gb * 1e9
@@ -229,8 +250,10 @@ def shown_rows(valid: list[Plan], top: int) -> list[int]:
 
 
 def table(valid: list[Plan], top: int, ckpt: bool) -> str:
-    head = ("| # | dp | ep | tp | pp | fits | total GB | step s | compute s | comm s | bubble | expert GB | "
-            "non-exp GB | grad GB | optim GB | act GB | All-to-All GB | AR data GB | AR expert GB | off-node groups |")
+    head = (
+        "| # | dp | ep | tp | pp | fits | total GB | step s | compute s | comm s | bubble | expert GB | "
+        "non-exp GB | grad GB | optim GB | act GB | All-to-All GB | AR data GB | AR expert GB | off-node groups |"
+    )
     lines = [head, "|" + "---|" * 20]
     rows = shown_rows(valid, top)
     for i in rows:
@@ -242,7 +265,8 @@ def table(valid: list[Plan], top: int, ckpt: bool) -> str:
             f"| {i}{mark} | {d.dp} | {d.ep} | {d.tp} | {d.pp} | {'yes' if p.fits else 'NO'} | {_gb(p.total_bytes)} | "
             f"{p.step_s:.3f} | {p.compute_s:.3f} | {p.comm_s:.3f} | {p.bubble:.0%} | {_gb(p.param_expert)} | "
             f"{_gb(p.param_non_expert)} | {_gb(p.grad_bytes)} | {_gb(p.optim_bytes)} | {_gb(act)} | "
-            f"{_gb(p.a2a_bytes)} | {_gb(p.ar_data_bytes)} | {_gb(p.ar_expert_bytes)} | {p.crosses} |")
+            f"{_gb(p.a2a_bytes)} | {_gb(p.ar_data_bytes)} | {_gb(p.ar_expert_bytes)} | {p.crosses} |"
+        )
     if len(rows) < len(valid):
         lines.append(f"... {len(valid) - len(rows)} more splits not shown (--top {top}); --top 0 shows all")
     return "\n".join(lines)
@@ -255,8 +279,14 @@ def layout_name(dims: ParallelDims) -> str:
 
 
 # Overrides the command sets itself; the user's own values for them are dropped.
-_SPLIT_KEYS = ("parallel.name", "parallel.data_parallel_size", "parallel.expert_parallel_size",
-               "parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.pipeline_split")
+_SPLIT_KEYS = (
+    "parallel.name",
+    "parallel.data_parallel_size",
+    "parallel.expert_parallel_size",
+    "parallel.tensor_parallel_size",
+    "parallel.pipeline_parallel_size",
+    "parallel.pipeline_split",
+)
 
 
 def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> list[str]:
@@ -267,9 +297,13 @@ def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> l
     parallel). The plan balances pipeline stages by layer count, so a pipeline split is reset.
     """
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _SPLIT_KEYS]
-    split = [f"parallel.name={layout_name(dims)}", f"parallel.data_parallel_size={dims.dp}",
-             f"parallel.expert_parallel_size={dims.ep}", f"parallel.tensor_parallel_size={dims.tp}",
-             f"parallel.pipeline_parallel_size={dims.pp}"]
+    split = [
+        f"parallel.name={layout_name(dims)}",
+        f"parallel.data_parallel_size={dims.dp}",
+        f"parallel.expert_parallel_size={dims.ep}",
+        f"parallel.tensor_parallel_size={dims.tp}",
+        f"parallel.pipeline_parallel_size={dims.pp}",
+    ]
     if run.parallel.pipeline_split is not None:
         split.append("parallel.pipeline_split=null")
     return ["python", "train.py", *split, *own]
@@ -277,10 +311,17 @@ def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> l
 
 def what_ifs(args) -> str:
     """The planner options that training does not build, to say beside a command."""
-    named = [n for n, on in (("--activation-checkpointing", args.activation_checkpointing), ("--zero1", args.zero1))
-             if on]
-    return (f"  (planned with {' and '.join(named)}, which training does not build yet: a run's memory per GPU is "
-            "higher than planned)") if named else ""
+    named = [
+        n for n, on in (("--activation-checkpointing", args.activation_checkpointing), ("--zero1", args.zero1)) if on
+    ]
+    return (
+        (
+            f"  (planned with {' and '.join(named)}, which training does not build yet: a run's memory per GPU is "
+            "higher than planned)"
+        )
+        if named
+        else ""
+    )
 
 
 def _png(valid: list[Plan], path: str, top: int) -> None:
@@ -309,8 +350,11 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed_4096 cluster.gpus=16")
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16_mixed")
     ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--zero1", action="store_true",
-                    help="what-if: shard optimizer state over the data (and expert-data) group; not built in training")
+    ap.add_argument(
+        "--zero1",
+        action="store_true",
+        help="what-if: shard optimizer state over the data (and expert-data) group; not built in training",
+    )
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for compute")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU, when cluster.peak_flops is unset")
     ap.add_argument("--top", type=int, default=25, help="rows shown (0: all); the seed's scenarios always are")
@@ -320,32 +364,41 @@ def main(argv=None) -> None:
     run = compose_run(args.overrides)
     gpus = run.cluster.gpus
     if not gpus or gpus < 1:
-        print("moemesh: config error: cluster.gpus must be set to a positive count, e.g. cluster.gpus=16",
-              file=sys.stderr)
+        print(
+            "moemesh: config error: cluster.gpus must be set to a positive count, e.g. cluster.gpus=16", file=sys.stderr
+        )
         raise SystemExit(2)
     t0 = time.perf_counter()
     valid, invalid = make_plan(run, gpus, args)
     if args.command is not None:
         if not 1 <= args.command <= len(valid):
-            print(f"moemesh: --command {args.command}: the plan has {len(valid)} rows (1..{len(valid)})",
-                  file=sys.stderr)
+            print(
+                f"moemesh: --command {args.command}: the plan has {len(valid)} rows (1..{len(valid)})", file=sys.stderr
+            )
             raise SystemExit(2)
         p = valid[args.command - 1]
         print(shlex.join(train_command(run, args.overrides, p.dims)))
         if not p.fits:
-            print(f"moemesh: row {args.command} does not fit: {_gb(p.total_bytes)} GB per GPU > "
-                  f"cluster.gpu_memory_gb={run.cluster.gpu_memory_gb:g}", file=sys.stderr)
+            print(
+                f"moemesh: row {args.command} does not fit: {_gb(p.total_bytes)} GB per GPU > "
+                f"cluster.gpu_memory_gb={run.cluster.gpu_memory_gb:g}",
+                file=sys.stderr,
+            )
         if what_ifs(args):
             print(what_ifs(args).strip(), file=sys.stderr)
         return
     m = run.model
-    print(f"plan: model={m.name} ({count_params(m).total / 1e9:.2f}B params, {m.num_experts} experts top-{m.top_k}), "
-          f"{gpus} GPUs ({run.cluster.gpus_per_node}/node, {run.cluster.gpu_memory_gb:g} GB), "
-          f"NVLink {run.cluster.intra_node_gbps:g} GB/s, network {run.cluster.inter_node_gbps:g} GB/s, "
-          f"precision {args.precision}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
-          f"{', ZeRO-1 optimizer sharding (what-if)' if args.zero1 else ''}")
-    print(f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} do not divide; "
-          f"planned in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"plan: model={m.name} ({count_params(m).total / 1e9:.2f}B params, {m.num_experts} experts top-{m.top_k}), "
+        f"{gpus} GPUs ({run.cluster.gpus_per_node}/node, {run.cluster.gpu_memory_gb:g} GB), "
+        f"NVLink {run.cluster.intra_node_gbps:g} GB/s, network {run.cluster.inter_node_gbps:g} GB/s, "
+        f"precision {args.precision}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
+        f"{', ZeRO-1 optimizer sharding (what-if)' if args.zero1 else ''}"
+    )
+    print(
+        f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} do not divide; "
+        f"planned in {time.perf_counter() - t0:.2f} s"
+    )
     print(table(valid, args.top, args.activation_checkpointing))
     if valid and valid[0].fits:
         print("\nrow 1, the best fitting split (--command N prints row N's):")

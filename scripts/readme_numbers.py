@@ -14,6 +14,7 @@ The 16-rank commands' step-1 loss equals the single-process run's (same global b
 same micro-steps; tests/trainer/test_layout_equivalence.py holds layouts to 1e-5), so
 the check reads it from the default run; ``--full`` runs them too and checks that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ SPAN = re.compile(r"<!-- numbers:(?P<name>[a-z0-9_]+) -->(?P<body>.*?)<!-- /numb
 
 def _train(run_dir: Path, *overrides: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
-                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         sys.exit(f"readme_numbers: python train.py {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -66,21 +73,26 @@ def measure(full: bool) -> dict:
             for layout in ("ep2_dp8", "ep8_dp2"):
                 first = _train(Path(tmp) / layout, f"parallel={layout}", "trainer.steps=3")[0]["loss"]
                 if f"{first:.4f}" != out["first_loss"]:
-                    sys.exit(f"readme_numbers: {layout} prints loss {first:.4f} at step 1, the single-process run "
-                             f"{out['first_loss']}")
+                    sys.exit(
+                        f"readme_numbers: {layout} prints loss {first:.4f} at step 1, the single-process run "
+                        f"{out['first_loss']}"
+                    )
     out["python"] = platform.python_version()
-    out["where"] = (f"{datetime.date.today().isoformat()}, {_cpu()}, Python {out['python']}, "
-                    f"torch {torch.__version__}, fp32")
+    out["where"] = (
+        f"{datetime.date.today().isoformat()}, {_cpu()}, Python {out['python']}, torch {torch.__version__}, fp32"
+    )
     return out
 
 
 def render(name: str, n: dict) -> str:
     if name == "default_run":
-        return (f"Measured ({n['where']}): the default run goes from loss {n['first_loss']} at step 1 "
-                f"(≈ ln 256, byte-level) to **{n['final_loss']}** (validation {n['final_val']}) at step "
-                f"{n['steps']}, at about {n['tokens_per_s']} tokens/s (`python scripts/readme_numbers.py` "
-                "re-measures these; the losses depend on the Python version, whose standard library is the "
-                "corpus).")
+        return (
+            f"Measured ({n['where']}): the default run goes from loss {n['first_loss']} at step 1 "
+            f"(≈ ln 256, byte-level) to **{n['final_loss']}** (validation {n['final_val']}) at step "
+            f"{n['steps']}, at about {n['tokens_per_s']} tokens/s (`python scripts/readme_numbers.py` "
+            "re-measures these; the losses depend on the Python version, whose standard library is the "
+            "corpus)."
+        )
     if name == "step1_16_ranks":
         return f"both print loss {n['step1_16_ranks']} at step 1, as the single-process run does"
     raise KeyError(name)
@@ -88,8 +100,12 @@ def render(name: str, n: dict) -> str:
 
 # The fragments of each span that must match (deterministic for a given Python version).
 CHECKED = {
-    "default_run": lambda n: [f"loss {n['first_loss']} at step 1", f"**{n['final_loss']}**",
-                              f"(validation {n['final_val']})", f"at step {n['steps']},"],
+    "default_run": lambda n: [
+        f"loss {n['first_loss']} at step 1",
+        f"**{n['final_loss']}**",
+        f"(validation {n['final_val']})",
+        f"at step {n['steps']},",
+    ],
     "step1_16_ranks": lambda n: [f"loss {n['step1_16_ranks']} at step 1"],
 }
 
@@ -112,16 +128,23 @@ def main(argv=None) -> int:
         return 1
     numbers = measure(args.full)
     if args.write:
-        new = SPAN.sub(lambda m: f"<!-- numbers:{m.group('name')} -->{render(m.group('name'), numbers)}"
-                                 "<!-- /numbers -->", text)
+        new = SPAN.sub(
+            lambda m: f"<!-- numbers:{m.group('name')} -->{render(m.group('name'), numbers)}<!-- /numbers -->", text
+        )
         README.write_text(new)
         print(f"readme_numbers: README rewritten ({numbers['where']})")
         return 0
-    stale = [f"{name}: README lacks '{fragment}'" for name, fragments in CHECKED.items()
-             for fragment in fragments(numbers) if fragment not in spans[name]]
+    stale = [
+        f"{name}: README lacks '{fragment}'"
+        for name, fragments in CHECKED.items()
+        for fragment in fragments(numbers)
+        if fragment not in spans[name]
+    ]
     if stale:
-        print("readme_numbers: README is stale (python scripts/readme_numbers.py --write): " + "; ".join(stale),
-              file=sys.stderr)
+        print(
+            "readme_numbers: README is stale (python scripts/readme_numbers.py --write): " + "; ".join(stale),
+            file=sys.stderr,
+        )
         return 1
     print(f"readme_numbers: README's numbers hold ({numbers['where']})")
     return 0

@@ -13,6 +13,7 @@ kernels/_tuning.py. Times with triton.testing.do_bench on CUDA.
 On CPU, ``--interpret-smoke`` runs the same code on interpreted kernels with one
 timing each: a test of the script, not a measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels._triton import can_run_triton  # noqa: E402
-from kernels._tuning import TUNING, override  # noqa: E402
+from moemesh.kernels._triton import can_run_triton  # noqa: E402
+from moemesh.kernels._tuning import TUNING, override  # noqa: E402
 from scripts.bench_kernels import _time_cpu, _time_cuda  # noqa: E402
 
 CANDIDATES = {
@@ -44,10 +45,10 @@ REORDERED = {"gating_fwd", "gating_bwd", "unpermute_bwd"}
 
 def _workloads(T, E, K, D, dtype, device):
     """kernel -> a call of its launcher on benchmark-sized inputs (no autograd)."""
-    from kernels.gating import _launch_bwd, _launch_fwd
-    from kernels.permute import _launch as permute_launch
-    from kernels.sort_chunks import _launch as sort_launch
-    from kernels.unpermute import _unpermute_backward_launch, gather_sum
+    from moemesh.kernels.gating import _launch_bwd, _launch_fwd
+    from moemesh.kernels.permute import _launch as permute_launch
+    from moemesh.kernels.sort_chunks import _launch as sort_launch
+    from moemesh.kernels.unpermute import _unpermute_backward_launch, gather_sum
 
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *shape, dt=torch.float32: torch.randn(*shape, generator=g).to(device=device, dtype=dt)  # noqa: E731
@@ -108,8 +109,10 @@ def tune(workloads, timer, candidates=CANDIDATES, passes=2) -> dict[str, dict[st
                         best, t_best = trial, t
         best_table[kernel] = best
         note = f", {refused} candidates refused (output differed or failed)" if refused else ""
-        print(f"{kernel:14s} {t_start * 1e3:8.3f} ms -> {t_best * 1e3:8.3f} ms ({t_start / t_best:.2f}x)  {best}{note}",
-              flush=True)
+        print(
+            f"{kernel:14s} {t_start * 1e3:8.3f} ms -> {t_best * 1e3:8.3f} ms ({t_start / t_best:.2f}x)  {best}{note}",
+            flush=True,
+        )
     return best_table
 
 
@@ -120,8 +123,11 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--interpret-smoke", action="store_true",
-                   help="run on this CPU with TRITON_INTERPRET=1 kernels and one timing each: a test of the script")
+    p.add_argument(
+        "--interpret-smoke",
+        action="store_true",
+        help="run on this CPU with TRITON_INTERPRET=1 kernels and one timing each: a test of the script",
+    )
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not (a.interpret_smoke and can_run_triton("cpu")):

@@ -1,4 +1,5 @@
 """Run a function on N gloo ranks on this CPU. Assertions inside workers fail the test."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,7 +17,10 @@ def _entry(rank, world, store_dir, fn, args):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{store_dir}/store",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
     try:

@@ -5,6 +5,7 @@ The corpus runs through the real entry point (``train.cli``) in this process, wh
 case costs milliseconds; a few cases also run as real processes, for the exit code and
 stderr as a shell sees them.
 """
+
 import os
 import subprocess
 import sys
@@ -17,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     # Hydra's own failures, turned into one line
     (["parallel.expert_parallel_size=two"], "parallel.expert_parallel_size=two: expected an integer"),
-    (["parallel.expert_paralel_size=2"],
-     "parallel.expert_paralel_size: no such key; did you mean parallel.expert_parallel_size?"),
+    (
+        ["parallel.expert_paralel_size=2"],
+        "parallel.expert_paralel_size: no such key; did you mean parallel.expert_parallel_size?",
+    ),
     (["+parallel.bogus_key=1"], "'+' cannot add keys to moemesh's config groups"),
     (["++parallel.bogus_key=1"], "parallel.bogus_key: no such key"),
     (["parallel=does_not_exist"], "parallel=does_not_exist: no such preset (valid: dp2, dp4"),
@@ -40,13 +43,17 @@ CASES = [
     (["data=synthetic", "data.cache_dir=/tmp"], "data.cache_dir=/tmp is ignored by data=synthetic"),
     (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
     # cross-key validation
-    (["parallel=ep4", "model.num_experts=6"],
-     "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4"),
+    (
+        ["parallel=ep4", "model.num_experts=6"],
+        "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4",
+    ),
     (["parallel=dp4", "trainer.global_batch_size=6"], "trainer.global_batch_size=6 must be divisible"),
     (["trainer.micro_steps=0"], "trainer.micro_steps=0 must be a positive integer or null"),
     (["trainer.micro_steps=3"], "must be divisible by micro_steps*dp*ep = 3*1*1 = 3"),
-    (["trainer.micro_steps=2", "trainer.micro_batch_size=2"], "trainer.micro_steps=2 and trainer.micro_batch_size=2 "
-                                                               "disagree"),
+    (
+        ["trainer.micro_steps=2", "trainer.micro_batch_size=2"],
+        "trainer.micro_steps=2 and trainer.micro_batch_size=2 disagree",
+    ),
     (["parallel=pp2", "trainer.micro_steps=1"], "1F1B needs micro-batches >= parallel.pipeline_parallel_size=2"),
     (["model.top_k=9"], "model.top_k=9 must be between 1 and model.num_experts=8"),
     (["model.hidden_size=30"], "model.hidden_size=30 must be divisible by model.num_heads=4"),
@@ -76,14 +83,20 @@ CASES = [
     (["trainer.steps=${trainer.steps}"], "trainer.steps: Recursive interpolation detected"),
     (["trainer.lr=${oc.env:HOME}"], "trainer.lr="),
     # a preset whose degrees were overridden is no longer that preset: its name would mislabel the run
-    (["parallel=ep4", "parallel.expert_parallel_size=2"],
-     "parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: use parallel=ep2"),
-    (["-m", "parallel=ep4,ep2", "parallel.expert_parallel_size=2"],
-     "nothing was run; job #0 (parallel=ep4 parallel.expert_parallel_size=2): parallel.name=ep4 but"),
+    (
+        ["parallel=ep4", "parallel.expert_parallel_size=2"],
+        "parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: use parallel=ep2",
+    ),
+    (
+        ["-m", "parallel=ep4,ep2", "parallel.expert_parallel_size=2"],
+        "nothing was run; job #0 (parallel=ep4 parallel.expert_parallel_size=2): parallel.name=ep4 but",
+    ),
     # sweeps: one bad job refuses the whole sweep before anything runs (basic launcher)
     (["-m", "parallel=ep2,ep3"], "parallel=ep3: no such preset"),
-    (["-m", "parallel=ep2,ep4", "model.num_experts=6"],
-     "nothing was run; 1 problem(s) in this sweep of 2 job(s): job #1 (parallel=ep4): model.num_experts=6"),
+    (
+        ["-m", "parallel=ep2,ep4", "model.num_experts=6"],
+        "nothing was run; 1 problem(s) in this sweep of 2 job(s): job #1 (parallel=ep4): model.num_experts=6",
+    ),
     (["-m", "parallel=dp4,ep4", "trainer.global_batch_size=6"], "nothing was run; 2 problem(s) in this sweep of 2"),
     (["-m", "trainer.lr=1e-3,abc"], "trainer.lr=abc: expected a number"),
     (["-m", "parallel=ep2", "data.path=/tmp/x.bin"], "data.path=/tmp/x.bin is ignored by data=stdlib"),
@@ -116,18 +129,30 @@ def test_there_are_at_least_30_cases():
 
 
 def _run(tmp_path, *argv, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID",
-                                                            "HYDRA_FULL_ERROR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID", "HYDRA_FULL_ERROR")
+    }
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["parallel.expert_paralel_size=2"], "did you mean parallel.expert_parallel_size?"),
-    (["-m", "parallel=ep2,dp4", "trainer.global_batch_size=6"], "nothing was run; 1 problem(s) in this sweep of 2"),
-    (["parallel=ep3"], "no such preset"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["parallel.expert_paralel_size=2"], "did you mean parallel.expert_parallel_size?"),
+        (["-m", "parallel=ep2,dp4", "trainer.global_batch_size=6"], "nothing was run; 1 problem(s) in this sweep of 2"),
+        (["parallel=ep3"], "no such preset"),
+    ],
+)
 def test_as_a_shell_sees_it(tmp_path, argv, needle):
     proc = _run(tmp_path, *argv)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -5,6 +5,7 @@ both as its real launcher (installed by .ci/run; MOEMESH_REQUIRE_DEEPSPEED=1 mak
 absence a failure) and as the exact argv and environment it gives each rank, and
 torchrun in the explicit multi-node form of the seed's scripts.
 """
+
 import json
 import os
 import shutil
@@ -42,8 +43,14 @@ def _losses(run_dir: Path):
 def reference(tmp_path_factory):
     """The same run spawned by plain python: what every launcher must reproduce."""
     tmp = tmp_path_factory.mktemp("ref")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", "parallel=ep2",
-                           *SMALL, *STEPS], cwd=tmp, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", "parallel=ep2", *SMALL, *STEPS],
+        cwd=tmp,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     return _losses(tmp / "run")
 
@@ -54,12 +61,29 @@ def test_deepspeed_argv_and_environment(tmp_path, reference):
     port, out = _free_port(), tmp_path / "run"
     procs = []
     for rank in range(2):
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", CROSS_RANK="0",
-                   CROSS_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        argv = [sys.executable, "-u", str(ROOT / "train.py"), f"--local_rank={rank}", "parallel=ep2",
-                f"hydra.run.dir={out}", *SMALL, *STEPS]
-        procs.append(subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = _env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_SIZE="2",
+            CROSS_RANK="0",
+            CROSS_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        argv = [
+            sys.executable,
+            "-u",
+            str(ROOT / "train.py"),
+            f"--local_rank={rank}",
+            "parallel=ep2",
+            f"hydra.run.dir={out}",
+            *SMALL,
+            *STEPS,
+        ]
+        procs.append(
+            subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     results = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert _losses(out) == pytest.approx(reference, rel=1e-5)
@@ -73,9 +97,23 @@ def test_the_real_deepspeed_launcher(tmp_path, reference):
             pytest.fail("MOEMESH_REQUIRE_DEEPSPEED=1 but no deepspeed launcher is installed")
         pytest.skip("deepspeed is not installed (.ci/run installs it: see its deepspeed line)")
     out = tmp_path / "run"
-    proc = subprocess.run([launcher, "--num_gpus=2", f"--master_port={_free_port()}", str(ROOT / "train.py"),
-                           "parallel=ep2", f"hydra.run.dir={out}", *SMALL, *STEPS],
-                          cwd=tmp_path, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            launcher,
+            "--num_gpus=2",
+            f"--master_port={_free_port()}",
+            str(ROOT / "train.py"),
+            "parallel=ep2",
+            f"hydra.run.dir={out}",
+            *SMALL,
+            *STEPS,
+        ],
+        cwd=tmp_path,
+        env=_env(DS_ACCELERATOR="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _losses(out) == pytest.approx(reference, rel=1e-5)
 
@@ -83,9 +121,26 @@ def test_the_real_deepspeed_launcher(tmp_path, reference):
 def test_torchrun_in_the_explicit_multi_node_form(tmp_path, reference):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "run"
-    proc = subprocess.run([torchrun, "--nnodes=1", "--node_rank=0", "--master_addr=127.0.0.1",
-                           f"--master_port={_free_port()}", "--nproc_per_node=2", str(ROOT / "train.py"),
-                           "parallel=ep2", "cluster=torchrun", f"hydra.run.dir={out}", *SMALL, *STEPS],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nnodes=1",
+            "--node_rank=0",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            "parallel=ep2",
+            "cluster=torchrun",
+            f"hydra.run.dir={out}",
+            *SMALL,
+            *STEPS,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(out) == pytest.approx(reference, rel=1e-5)

@@ -5,6 +5,7 @@ on this machine (`.ci/slurm/up.sh`, 8 advertised CPUs on 2 cores) and stops it
 afterwards; without one these tests skip and say why (`MOEMESH_REQUIRE_SLURM=1` turns
 the skip into a failure).
 """
+
 import json
 import math
 import os
@@ -45,8 +46,7 @@ def slurm():
 
 def _env():
     drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-    return {k: v for k, v in os.environ.items()
-            if k not in drop and not (k.startswith("SLURM_") and k != "SLURM_CONF")}
+    return {k: v for k, v in os.environ.items() if k not in drop and not (k.startswith("SLURM_") and k != "SLURM_CONF")}
 
 
 def _cmd(sweep: Path, *overrides):
@@ -56,8 +56,9 @@ def _cmd(sweep: Path, *overrides):
 def _submit(tmp_path, *overrides, timeout=300):
     tmp_path.mkdir(parents=True, exist_ok=True)
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(_cmd(sweep, *overrides), cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        _cmd(sweep, *overrides), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     return proc, sweep
 
 
@@ -66,8 +67,12 @@ def _job_ids(stdout: str) -> dict[int, str]:
 
 
 def _sacct(job_id: str) -> dict:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format=JobID,State,NNodes,NTasks"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "--format=JobID,State,NNodes,NTasks"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     rows = [l.split("|") for l in out.splitlines() if l.split("|")[0] == job_id]
     return dict(zip(("id", "state", "nodes", "ntasks"), rows[-1])) if rows else {}
 
@@ -88,7 +93,8 @@ def test_four_rank_job_trains_with_one_task_per_rank(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "checkpoints" / "step_000003").is_dir()
     # Four SLURM tasks ran (submitit keeps one log per task), and only rank 0 wrote the run's files.
     assert sorted(p.name for p in (sweep / ".submitit" / job).glob("*_log.out")) == [
-        f"{job}_{t}_log.out" for t in range(4)]
+        f"{job}_{t}_log.out" for t in range(4)
+    ]
     assert "3 steps, final loss" in proc.stdout
     acct = _sacct(job)
     assert acct.get("state") in ("COMPLETED", "RUNNING", "COMPLETING") and acct.get("nodes") == "1", acct
@@ -111,14 +117,17 @@ def test_sweep_runs_every_job_grouped_by_allocation_and_layouts_agree(tmp_path):
 
 def test_sweep_that_mixes_allocations_is_rejected_before_submission(tmp_path):
     def known_jobs():
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-S", "2000-01-01", "--format=JobIDRaw"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-S", "2000-01-01", "--format=JobIDRaw"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
         return set(out.split()) | set(queued.split())
 
     before = known_jobs()
-    proc, sweep = _submit(tmp_path, "cluster.slurm.mixed_allocations=reject", "parallel=ep2,ep2_dp2",
-                          "trainer.steps=3")
+    proc, sweep = _submit(tmp_path, "cluster.slurm.mixed_allocations=reject", "parallel=ep2,ep2_dp2", "trainer.steps=3")
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("moemesh: config error: cluster.slurm.mixed_allocations=reject and this sweep needs 2")
@@ -129,15 +138,17 @@ def test_sweep_that_mixes_allocations_is_rejected_before_submission(tmp_path):
 def test_job_slurm_refuses_or_can_never_start_fails_in_one_line(tmp_path):
     # This cluster has one node and no GPUs: 16 ranks need 2 nodes (queued, never startable:
     # the launcher cancels it), and asking for GPUs makes sbatch refuse outright.
-    proc, _ = _submit(tmp_path / "a", "parallel=ep8_dp2", "trainer.steps=3", "trainer.global_batch_size=16",
-                      timeout=120)
+    proc, _ = _submit(
+        tmp_path / "a", "parallel=ep8_dp2", "trainer.steps=3", "trainer.global_batch_size=16", timeout=120
+    )
     assert proc.returncode == 1
     assert "16 ranks = 2 nodes x 8 tasks" in proc.stdout
     assert "can never start (PartitionConfig: it needs 2 nodes and partition debug has 1)" in proc.stderr, proc.stderr
     job = _job_ids(proc.stdout)[0]
     assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
-    proc, sweep = _submit(tmp_path / "b", "parallel=ep2", "trainer.steps=3", "cluster.slurm.request_gpus=true",
-                          timeout=120)
+    proc, sweep = _submit(
+        tmp_path / "b", "parallel=ep2", "trainer.steps=3", "cluster.slurm.request_gpus=true", timeout=120
+    )
     assert proc.returncode == 1
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh:")]
     assert line.startswith("moemesh: sbatch refused job #0 (2 ranks = 1 node x 2 tasks")
@@ -153,12 +164,21 @@ def test_a_rank_that_raises_fails_the_job_with_its_reason(tmp_path):
     # checkpoint pre-flight raises before the first step. The task must exit non-zero (srun
     # then stops any rank still waiting in a collective) and SLURM must record the job as
     # FAILED, not COMPLETED, with the rank's one-line reason.
-    proc, _ = _submit(tmp_path, "parallel=dp2", "trainer.steps=3", "checkpoint.every=1",
-                      "checkpoint.dir=/proc/moemesh-no-such-dir", timeout=180)
+    proc, _ = _submit(
+        tmp_path,
+        "parallel=dp2",
+        "trainer.steps=3",
+        "checkpoint.every=1",
+        "checkpoint.dir=/proc/moemesh-no-such-dir",
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: failed:")]
-    assert re.search(r"CheckpointError: checkpoint.dir cannot be written: /proc/moemesh-no-such-dir: "
-                     r"\[Errno 2 ENOENT\]", line), line
+    assert re.search(
+        r"CheckpointError: checkpoint.dir cannot be written: /proc/moemesh-no-such-dir: "
+        r"\[Errno 2 ENOENT\]",
+        line,
+    ), line
     assert _sacct(_job_ids(proc.stdout)[0]).get("state") == "FAILED"
 
 
@@ -182,9 +202,22 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     """
     sweep = tmp_path / "sweep"
     steps = 1500  # ~45 s of training here: more than the <= 30 s until SLURM's next limit check
-    proc = subprocess.Popen(_cmd(sweep, "parallel=dp2", f"trainer.steps={steps}", "cluster.slurm.signal_delay_s=90",
-                                 "cluster.slurm.max_timeouts=2", "checkpoint.every=0", "logger.console=true"),
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(
+            sweep,
+            "parallel=dp2",
+            f"trainer.steps={steps}",
+            "cluster.slurm.signal_delay_s=90",
+            "cluster.slurm.max_timeouts=2",
+            "checkpoint.every=0",
+            "logger.console=true",
+        ),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     job = None
     try:
         metrics = sweep / "0_dp2" / "metrics.jsonl"
@@ -194,7 +227,7 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
             time.sleep(0.5)
         job = next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
         elapsed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%M"], capture_output=True, text=True).stdout
-        ran_s = sum(int(x) * 60 ** i for i, x in enumerate(reversed(elapsed.strip().split(":"))))
+        ran_s = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.strip().split(":"))))
         limit = math.ceil((ran_s + 60) / 60)  # minutes: the limit now ends 60-120 s from now
         subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], check=True, timeout=30)
 
@@ -233,10 +266,26 @@ def test_plain_sbatch_template_trains_and_requeues_itself(tmp_path):
     script.write_text((ROOT / "scripts/slurm/train.sbatch").read_text().replace("#SBATCH --gpus-per-node=8\n", ""))
     run_dir, steps = tmp_path / "run", 300
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--time=10", f"--chdir={ROOT}",
-         f"--output={tmp_path}/slurm-%j.out", f"--export=ALL,MOEMESH_RUN_DIR={run_dir}", str(script),
-         "parallel=dp2", *SMALL, f"trainer.steps={steps}", "logger.console=true"],
-        env=_env(), capture_output=True, text=True, timeout=60)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--time=10",
+            f"--chdir={ROOT}",
+            f"--output={tmp_path}/slurm-%j.out",
+            f"--export=ALL,MOEMESH_RUN_DIR={run_dir}",
+            str(script),
+            "parallel=dp2",
+            *SMALL,
+            f"trainer.steps={steps}",
+            "logger.console=true",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     try:

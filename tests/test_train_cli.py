@@ -1,4 +1,5 @@
 """End to end through the real entry point: python train.py, spawn, torchrun, errors."""
+
 import json
 import os
 import shutil
@@ -9,9 +10,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_ffn_hidden_size=48",
+    "model.max_seq_len=32",
+    "trainer.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+]
 
 
 def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, timeout=240):
@@ -21,7 +32,11 @@ def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, tim
     env.update(env_extra or {})
     proc = subprocess.run(
         [*launcher, str(ROOT / "train.py"), f"hydra.run.dir={out}", *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc, out
 
@@ -60,15 +75,26 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
     spawned, out4 = _train(tmp_path / "b", *SMALL, *steps, "parallel=ep2_dp2")
     assert spawned.returncode == 0, spawned.stderr
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    tr, out_tr = _train(tmp_path / "c", *SMALL, *steps, "parallel=ep2_dp2", "cluster=torchrun",
-                        launcher=(torchrun, "--nproc_per_node=4"))
+    tr, out_tr = _train(
+        tmp_path / "c",
+        *SMALL,
+        *steps,
+        "parallel=ep2_dp2",
+        "cluster=torchrun",
+        launcher=(torchrun, "--nproc_per_node=4"),
+    )
     assert tr.returncode == 0, tr.stderr
     for out in (out4, out_tr):
         assert _losses(out) == pytest.approx(_losses(out1), rel=1e-5)
         assert json.loads((out / "summary.json").read_text())["world_size"] == 4
         # One run directory; only rank 0 wrote Hydra's files and the log.
-        assert sorted(p.name for p in out.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
-                                                         "train.log"]
+        assert sorted(p.name for p in out.iterdir()) == [
+            ".hydra",
+            "checkpoints",
+            "metrics.jsonl",
+            "summary.json",
+            "train.log",
+        ]
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
         assert "step     3/3" in (out / "train.log").read_text()  # written by rank 0, not the launcher
     # Non-zero torchrun ranks left nothing in their working directory.
@@ -78,7 +104,10 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["parallel=ep4", "model.num_experts=6"], "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4"),
+        (
+            ["parallel=ep4", "model.num_experts=6"],
+            "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4",
+        ),
         (["parallel=dp4", "trainer.global_batch_size=6"], "trainer.global_batch_size=6 must be divisible"),
         (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
         (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
@@ -95,8 +124,14 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, overrides
 
 def test_launcher_world_size_mismatch_exits_2(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "parallel=ep2_dp2", f"hydra.run.dir={tmp_path}"],
-                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "parallel=ep2_dp2", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "WORLD_SIZE=2 from the launcher != dp*ep*tp*pp = 2*2*1*1 = 4" in proc.stderr
 
@@ -115,9 +150,21 @@ def test_a_sweep_holds_micro_steps_equal_or_says_it_mixes_them(monkeypatch, caps
 
 
 def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "parallel=single,pp2", "trainer.steps=2",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "parallel=single,pp2",
+            "trainer.steps=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     single, pp2 = (_records(tmp_path / "sweep" / d) for d in ("0_single", "1_pp2"))
     for a, b in zip(single, pp2, strict=True):

@@ -31,16 +31,18 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.errors import HydraException
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf, open_dict
+
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +55,7 @@ class MoemeshSlurmConf:
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="moemesh_slurm", node=MoemeshSlurmConf,
-                             provider="moemesh")
+ConfigStore.instance().store(group="hydra/launcher", name="moemesh_slurm", node=MoemeshSlurmConf, provider="moemesh")
 
 
 class _Rejected(Exception):
@@ -71,7 +72,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         except _Rejected as err:
             print(f"moemesh: config error: {err}", file=sys.stderr)
             sys.exit(2)
-        from parallel.slurm import group_jobs, mixed_allocation_error
+        from moemesh.parallel.slurm import group_jobs, mixed_allocation_error
 
         groups = group_jobs([j for j, _ in jobs])
         if len(groups) > 1 and mixed_policy == "reject":
@@ -81,16 +82,20 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
 
     def _plan(self, job_overrides, initial_job_idx):
         """Compose and validate every job; raise _Rejected (one line) before any submission."""
-        from conf.schema import ConfigError, to_run_config
-        from conf.validate import validate_run
-        from parallel.slurm import SweepJob, allocation_for, validate_slurm
+        from moemesh.config.schema import to_run_config
+        from moemesh.config.validate import validate_run
+        from moemesh.errors import ConfigError
+        from moemesh.parallel.slurm import SweepJob, allocation_for, validate_slurm
 
         if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "RANK" in os.environ:
-            raise _Rejected("-m cluster=slurm inside srun/torchrun tasks would submit the sweep once per task; "
-                            "submit from a shell on the login node")
+            raise _Rejected(
+                "-m cluster=slurm inside srun/torchrun tasks would submit the sweep once per task; "
+                "submit from a shell on the login node"
+            )
         if shutil.which("sbatch") is None:
-            raise _Rejected("cluster=slurm: sbatch is not on PATH; submit from a SLURM login node "
-                            "(or run here with cluster=local)")
+            raise _Rejected(
+                "cluster=slurm: sbatch is not on PATH; submit from a SLURM login node (or run here with cluster=local)"
+            )
         jobs, problems, runs = [], [], []
         for i, overrides in enumerate(job_overrides):
             index, shown = initial_job_idx + i, _varying(job_overrides, overrides)
@@ -98,48 +103,59 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
                 run = to_run_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
                 if run.cluster.launcher != "slurm":
-                    raise ConfigError(f"cluster.launcher={run.cluster.launcher}: this sweep is submitted to SLURM; "
-                                      "every job needs cluster=slurm")
+                    raise ConfigError(
+                        f"cluster.launcher={run.cluster.launcher}: this sweep is submitted to SLURM; "
+                        "every job needs cluster=slurm"
+                    )
                 validate_slurm(run)
                 dims = validate_run(run)
-                jobs.append((SweepJob(index, shown, allocation_for(run, dims.world_size), run.parallel.name),
-                             list(overrides)))
+                jobs.append(
+                    (SweepJob(index, shown, allocation_for(run, dims.world_size), run.parallel.name), list(overrides))
+                )
                 runs.append((index, run))
             except ConfigError as err:
                 problems.append(f"job #{index} ({' '.join(shown)}): {err}")
             except HydraException as err:  # an unknown preset or key: Hydra's first line, and the choices
                 options = getattr(err, "options", None)
-                problems.append(f"job #{index} ({' '.join(shown)}): {str(err).strip().splitlines()[0]}"
-                                + (f"; valid: {', '.join(options)}" if options else ""))
-        shared: Dict[str, List[int]] = {}
+                problems.append(
+                    f"job #{index} ({' '.join(shown)}): {str(err).strip().splitlines()[0]}"
+                    + (f"; valid: {', '.join(options)}" if options else "")
+                )
+        shared: dict[str, list[int]] = {}
         for job, run in runs:
             if run.checkpoint.dir:
                 shared.setdefault(str(Path(run.checkpoint.dir).resolve()), []).append(job)
         for path, indices in shared.items():
             if len(indices) > 1:
-                problems.append(f"jobs {', '.join('#' + str(i) for i in indices)} share checkpoint.dir={path}: they would "
-                                "overwrite and resume each other's checkpoints; leave it null (each job's run directory)")
+                problems.append(
+                    f"jobs {', '.join('#' + str(i) for i in indices)} share checkpoint.dir={path}: they would "
+                    "overwrite and resume each other's checkpoints; leave it null (each job's run directory)"
+                )
         if problems:
-            raise _Rejected(f"nothing was submitted; {len(problems)} problem(s) in this sweep of "
-                            f"{len(job_overrides)} job(s): "
-                            + " | ".join(problems))
+            raise _Rejected(
+                f"nothing was submitted; {len(problems)} problem(s) in this sweep of "
+                f"{len(job_overrides)} job(s): " + " | ".join(problems)
+            )
         slurm_cfg = self.config.cluster.slurm
         return jobs, slurm_cfg.mixed_allocations, bool(slurm_cfg.wait)
 
-    def _submit(self, groups, full_overrides: Dict[int, List[str]], wait: bool) -> List[JobReturn]:
+    def _submit(self, groups, full_overrides: dict[int, list[str]], wait: bool) -> list[JobReturn]:
         import submitit
 
-        from parallel.slurm import job_name
+        from moemesh.parallel.slurm import job_name
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         handles = {}
         for alloc, jobs in groups.items():
-            executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster="slurm",
-                                             slurm_max_num_timeout=alloc.max_timeouts)
+            executor = submitit.AutoExecutor(
+                folder=self.params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=alloc.max_timeouts
+            )
             executor.update_parameters(**alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT)))
-            args = [(full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}",
-                     Singleton.get_state()) for j in jobs]
+            args = [
+                (full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}", Singleton.get_state())
+                for j in jobs
+            ]
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's error; ours says it
                     submitted = executor.map_array(self, *zip(*args))
@@ -147,15 +163,25 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                 self._refused(alloc, jobs, err, [h for _, h in handles.values()])
             for job, handle in zip(jobs, submitted):
                 handles[job.index] = (job, handle)
-                print(f"moemesh: job #{job.index} ({' '.join(job.overrides)}): SLURM job {handle.job_id}, "
-                      f"{alloc.describe()}", flush=True)
-        print(f"moemesh: sweep directory {sweep_dir} (one subdirectory per job; logs in {sweep_dir}/.submitit)",
-              flush=True)
+                print(
+                    f"moemesh: job #{job.index} ({' '.join(job.overrides)}): SLURM job {handle.job_id}, "
+                    f"{alloc.describe()}",
+                    flush=True,
+                )
+        print(
+            f"moemesh: sweep directory {sweep_dir} (one subdirectory per job; logs in {sweep_dir}/.submitit)",
+            flush=True,
+        )
         if not wait:
-            print("moemesh: cluster.slurm.wait=false: not waiting; follow with squeue, then compare with "
-                  f"python scripts/compare.py {sweep_dir}", flush=True)
-            return [JobReturn(overrides=full_overrides[i], status=JobStatus.COMPLETED, _return_value=h.job_id)
-                    for i, (_, h) in sorted(handles.items())]
+            print(
+                "moemesh: cluster.slurm.wait=false: not waiting; follow with squeue, then compare with "
+                f"python scripts/compare.py {sweep_dir}",
+                flush=True,
+            )
+            return [
+                JobReturn(overrides=full_overrides[i], status=JobStatus.COMPLETED, _return_value=h.job_id)
+                for i, (_, h) in sorted(handles.items())
+            ]
         failures = self._watch(handles)
         returns = []
         for index, (job, handle) in sorted(handles.items()):
@@ -164,8 +190,10 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             try:
                 ret = handle.results()[0]
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as err:
-                failures[index] = (f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
-                                   f"{_first_moemesh_line(handle, err)}")
+                failures[index] = (
+                    f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                    f"{_first_moemesh_line(handle, err)}"
+                )
                 continue
             returns.append(ret)
             print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {_outcome(ret)}", flush=True)
@@ -176,7 +204,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         return returns
 
     @staticmethod
-    def _watch(handles: dict) -> Dict[int, str]:
+    def _watch(handles: dict) -> dict[int, str]:
         """Until every job has left the queue: print each job's state when it changes, and
         cancel a job SLURM can never start (more nodes than its partition has, an invalid
         account or QOS). Returns {job index: failure line} for those. Polls squeue every
@@ -188,8 +216,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         waiting, started = dict(handles), time.monotonic()
         while waiting:
             ids = ",".join(h.job_id for _, h in waiting.values())
-            out = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r|%P|%D"], capture_output=True,
-                                 text=True, timeout=60)
+            out = subprocess.run(
+                ["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r|%P|%D"], capture_output=True, text=True, timeout=60
+            )
             if out.returncode != 0 and "Invalid job id" not in out.stderr:
                 time.sleep(10)  # the controller is busy or restarting: ask again
                 continue
@@ -210,8 +239,10 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                         never = f"{reason}: it needs {nodes} nodes and partition {partition} has {have}"
                 if never:
                     subprocess.run(["scancel", handle.job_id], capture_output=True, timeout=60)
-                    failures[index] = (f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
-                                       f"can never start ({never}); cancelled it")
+                    failures[index] = (
+                        f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                        f"can never start ({never}); cancelled it"
+                    )
                     del waiting[index]
                     continue
                 label = state if state != "PENDING" or reason in ("", "None") else f"{state} ({reason})"
@@ -238,17 +269,26 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             ids = [h.job_id for h in earlier]
             subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
             cancelled = f"; cancelled this sweep's jobs already submitted ({', '.join(ids)})"
-        print(f"moemesh: sbatch refused job{'s' if len(jobs) > 1 else ''} {', '.join('#' + str(j.index) for j in jobs)} "
-              f"({alloc.describe()}): {reason}{hint}{cancelled}", file=sys.stderr)
+        print(
+            f"moemesh: sbatch refused job{'s' if len(jobs) > 1 else ''} {', '.join('#' + str(j.index) for j in jobs)} "
+            f"({alloc.describe()}): {reason}{hint}{cancelled}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
     # ---- in each SLURM task (one per rank) ----------------------------------------------
-    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+    def __call__(
+        self,
+        sweep_overrides: list[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: dict[type, Singleton],
+    ) -> JobReturn:
         import submitit
 
-        from parallel.launch import install_stop_handlers
-        from parallel.slurm import TASK_MARKER, after_task, requeue_signal
+        from moemesh.parallel.launch import install_stop_handlers
+        from moemesh.parallel.slurm import TASK_MARKER, after_task, requeue_signal
 
         os.environ[TASK_MARKER] = "1"
         requeue_sig = requeue_signal()
@@ -266,19 +306,33 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         _resume_requeued_attempt(config, run_dir)
         if rank == 0:  # summary.json must describe this attempt
             (run_dir / "summary.json").unlink(missing_ok=True)
-        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                      job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        ret = run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=config,
+            job_dir_key=job_dir_key,
+            job_subdir_key="hydra.sweep.subdir",
+        )
 
-        action = after_task(completed=ret.status == JobStatus.COMPLETED, rank=rank, received=stop.received,
-                            stopped_early=stop.stopped_early, requeue_sig=requeue_sig)
+        action = after_task(
+            completed=ret.status == JobStatus.COMPLETED,
+            rank=rank,
+            received=stop.received,
+            stopped_early=stop.stopped_early,
+            requeue_sig=requeue_sig,
+        )
         if action == "fail":
             err = ret._return_value
             first = (str(err).strip().splitlines() or [""])[0]
             print(f"moemesh: error: rank {rank} failed: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
             sys.exit(1)
         if action == "interrupted":
-            print(f"moemesh: rank {rank} saved and stopped for {'/'.join(stop.names())}: not finished "
-                  "(a preempted job is requeued by SLURM and resumes)", file=sys.stderr, flush=True)
+            print(
+                f"moemesh: rank {rank} saved and stopped for {'/'.join(stop.names())}: not finished "
+                "(a preempted job is requeued by SLURM and resumes)",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(128 + stop.received[0])
         if action == "requeue" and callable(submitit_handler):
             # Every rank has saved; submitit pickles checkpoint(), requeues the job and exits.
@@ -288,8 +342,8 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
 
 
 def _resume_requeued_attempt(config, run_dir: Path) -> None:
-    from parallel.checkpoint import resolve
-    from parallel.slurm import resume_setting
+    from moemesh.parallel.checkpoint import resolve
+    from moemesh.parallel.slurm import resume_setting
 
     ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
     own = ckpt_dir.is_dir() and bool(resolve("auto", ckpt_dir))
@@ -323,7 +377,7 @@ def _outcome(ret: JobReturn) -> str:
     return f"{line} -> {run_dir}"
 
 
-def _varying(all_overrides: Sequence[Sequence[str]], overrides: Sequence[str]) -> List[str]:
+def _varying(all_overrides: Sequence[Sequence[str]], overrides: Sequence[str]) -> list[str]:
     """The overrides that tell this job apart from the sweep's others (all of them for one job)."""
     shown = filter_overrides(list(overrides))
     if len(all_overrides) < 2:
@@ -345,8 +399,10 @@ def _first_moemesh_line(handle: Any, err: Exception) -> str:
         reason = ours[0]
     elif "not requeued because" in text:  # submitit's own limit: cluster.slurm.max_timeouts
         why = text.split("not requeued because", 1)[1].strip().splitlines()[0].strip(" :.")
-        reason = (f"not requeued again: {why} (cluster.slurm.max_timeouts); the last checkpoint is in the job's "
-                  "run directory: resubmit with resume=<run dir>/checkpoints")
+        reason = (
+            f"not requeued again: {why} (cluster.slurm.max_timeouts); the last checkpoint is in the job's "
+            "run directory: resubmit with resume=<run dir>/checkpoints"
+        )
     else:
         reason = " ".join(text.split())[:300] or type(err).__name__
     return f"{reason} (logs: {handle.paths.stderr.parent})"

@@ -9,6 +9,7 @@ nodes, the compiled values equal eager ones, and the MoE layer compiles.
 On this CPU the kernels inside the nodes run under TRITON_INTERPRET=1; the
 inductor test needs a C++ compiler for the code around them.
 """
+
 import shutil
 
 import pytest
@@ -16,8 +17,8 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from kernels import TORCH_OPS, TRITON_OPS
-from kernels._triton import can_run_triton, interpreting
+from moemesh.kernels import TORCH_OPS, TRITON_OPS
+from moemesh.kernels._triton import can_run_triton, interpreting
 from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -33,7 +34,7 @@ def token_path(ops, logits_TE, x_TD):
     y = ops.sort_chunks(rows * 2.0, counts.view(2, 4))
     y = ops.sort_chunks(y, counts.view(2, 4).t())
     out = ops.unpermute(y, row_map, g.topk_weights_TK)
-    return (out ** 2).sum() + g.lse_T.sum() + (g.score_sum_E ** 2).sum()
+    return (out**2).sum() + g.lse_T.sum() + (g.score_sum_E**2).sum()
 
 
 def _run(fn):
@@ -67,10 +68,18 @@ def _opcheck_cases():
     gating_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     return [
         ("fused_gating", m.fused_gating, (logits, None, K, True, False), gating_utils),
-        ("fused_gating+bias", m.fused_gating, (logits, torch.randn(E, generator=gen).to(DEVICE) * 0.1, K, False,
-                                               True), gating_utils),
-        ("fused_gating_backward", m.fused_gating_backward, (logits.detach(), ids.clamp(min=0), rnd(T, K), rnd(E),
-                                                            rnd(T), True, False), None),
+        (
+            "fused_gating+bias",
+            m.fused_gating,
+            (logits, torch.randn(E, generator=gen).to(DEVICE) * 0.1, K, False, True),
+            gating_utils,
+        ),
+        (
+            "fused_gating_backward",
+            m.fused_gating_backward,
+            (logits.detach(), ids.clamp(min=0), rnd(T, K), rnd(E), rnd(T), True, False),
+            None,
+        ),
         ("permute", m.permute, (x, ids, E), None),
         ("sort_chunks", m.sort_chunks, (rnd(26, D).requires_grad_(), full_counts), None),
         ("unpermute", m.unpermute, (rows, row_map, w), None),
@@ -108,6 +117,7 @@ def test_token_path_compiles_as_one_graph_with_the_ops_as_nodes():
         def compiler(gm, _inputs):
             store.append(gm)
             return make_boxed_func(gm.forward)
+
         return compiler
 
     torch._dynamo.reset()
@@ -116,18 +126,28 @@ def test_token_path_compiles_as_one_graph_with_the_ops_as_nodes():
     eager = _run(lambda lg, x: token_path(TRITON_OPS, lg, x))
     reference = _run(lambda lg, x: token_path(TORCH_OPS, lg, x))
     assert len(fw) == 1 and len(bw) == 1  # one graph each way: no graph break
-    assert {"moemesh.fused_gating.default", "moemesh.permute.default", "moemesh.sort_chunks.default",
-            "moemesh.unpermute.default"} <= _targets(fw)
-    assert {"moemesh.fused_gating_backward.default", "moemesh.gather_sum.default", "moemesh.sort_chunks.default",
-            "moemesh.unpermute_backward.default"} <= _targets(bw)
+    assert {
+        "moemesh.fused_gating.default",
+        "moemesh.permute.default",
+        "moemesh.sort_chunks.default",
+        "moemesh.unpermute.default",
+    } <= _targets(fw)
+    assert {
+        "moemesh.fused_gating_backward.default",
+        "moemesh.gather_sum.default",
+        "moemesh.sort_chunks.default",
+        "moemesh.unpermute_backward.default",
+    } <= _targets(bw)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernels: bit-identical
     for got, want in zip(compiled, reference):
         torch.testing.assert_close(got, want, **GRAD)
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++")),
-                    reason="inductor on CPU needs a C++ compiler (g++/c++), none on PATH")
+@pytest.mark.skipif(
+    DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++")),
+    reason="inductor on CPU needs a C++ compiler (g++/c++), none on PATH",
+)
 def test_token_path_under_inductor_equals_the_reference():
     torch._dynamo.reset()
     compiled = _run(torch.compile(lambda lg, x: token_path(TRITON_OPS, lg, x), fullgraph=True))
@@ -146,7 +166,7 @@ def test_moe_layer_compiles_with_triton_ops():
     for layer, fwd in zip(layers, forwards):
         xi = x.clone().requires_grad_()
         out, st = fwd(xi)
-        ((out ** 2).sum() + st.losses.aux_loss + st.losses.z_loss).backward()
+        ((out**2).sum() + st.losses.aux_loss + st.losses.z_loss).backward()
         res.append((out, st.counts_E, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
     torch.testing.assert_close(res[1][0], res[0][0], **GRAD)
     assert torch.equal(res[1][1], res[0][1])

@@ -1,11 +1,12 @@
 """The torch reference ops of the token path, against direct per-row definitions."""
+
 import pytest
 import torch
 
-from kernels.gating import gating_reference as fused_gating
-from kernels.permute import permute_reference as permute
-from kernels.sort_chunks import sort_chunks_reference as sort_chunks
-from kernels.unpermute import unpermute_reference as unpermute
+from moemesh.kernels.gating import gating_reference as fused_gating
+from moemesh.kernels.permute import permute_reference as permute
+from moemesh.kernels.sort_chunks import sort_chunks_reference as sort_chunks
+from moemesh.kernels.unpermute import unpermute_reference as unpermute
 
 
 def test_gating_topk_ties_prefer_lower_expert_id():

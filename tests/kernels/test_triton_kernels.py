@@ -7,15 +7,16 @@ values to rtol 1e-5 / atol 1e-6 (gradients 1e-4 / 1e-5: the kernel sums in
 another order); bf16 values 2e-2. A wrong index or a lost row is off by O(1), far
 outside them.
 """
+
 import pytest
 import torch
 
-from kernels import TORCH_OPS, TRITON_OPS
-from kernels._triton import can_run_triton, interpreting
-from kernels.gating import gating_reference, gating_triton
-from kernels.permute import permute_reference, permute_triton
-from kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
-from kernels.unpermute import unpermute_reference, unpermute_triton
+from moemesh.kernels import TORCH_OPS, TRITON_OPS
+from moemesh.kernels._triton import can_run_triton, interpreting
+from moemesh.kernels.gating import gating_reference, gating_triton
+from moemesh.kernels.permute import permute_reference, permute_triton
+from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
+from moemesh.kernels.unpermute import unpermute_reference, unpermute_triton
 from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -49,8 +50,11 @@ def test_gating_matches_reference(T, E, K, renorm, score, bias):
     for fn in (gating_reference, gating_triton):
         x = logits.clone().requires_grad_()
         g = fn(x, top_k=K, renormalize=renorm, score_func=score, expert_bias_E=b)
-        loss = ((g.topk_weights_TK * _randn(T, K, seed=1)).sum() + (g.score_sum_E * _randn(E, seed=2)).sum()
-                + (g.lse_T ** 2).sum())
+        loss = (
+            (g.topk_weights_TK * _randn(T, K, seed=1)).sum()
+            + (g.score_sum_E * _randn(E, seed=2)).sum()
+            + (g.lse_T**2).sum()
+        )
         loss.backward()
         outs.append((g, x.grad))
     (ref, dref), (got, dgot) = outs
@@ -87,8 +91,11 @@ PERMUTE_CASES = [  # T, K, E, D, drop
 
 def _ids(T, K, E, drop, seed):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
-                                                                                                     dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else torch.zeros(0, K, dtype=torch.long)
+    )
     if drop and T:
         ids[torch.rand(T, K, generator=g) < 0.3] = -1
     return ids.to(DEVICE)
@@ -208,15 +215,22 @@ from hypothesis import strategies as st  # noqa: E402
 
 @settings(max_examples=30, deadline=None)
 @given(
-    T=st.integers(0, 20), K=st.integers(1, 4), E=st.sampled_from([1, 2, 3, 8, 64]), D=st.integers(1, 40),
-    drop=st.floats(0.0, 0.6), seed=st.integers(0, 2**16),
+    T=st.integers(0, 20),
+    K=st.integers(1, 4),
+    E=st.sampled_from([1, 2, 3, 8, 64]),
+    D=st.integers(1, 40),
+    drop=st.floats(0.0, 0.6),
+    seed=st.integers(0, 2**16),
 )
 def test_permute_unpermute_round_trip(T, K, E, D, drop, seed):
     """permute then unpermute with the gate weights gives x * (sum of kept weights), in both backends."""
     K = min(K, E)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
-                                                                                                     dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else torch.zeros(0, K, dtype=torch.long)
+    )
     if T:
         ids[torch.rand(T, K, generator=g) < drop] = -1
     x = torch.randn(T, D, generator=g)
@@ -232,16 +246,19 @@ def test_permute_unpermute_round_trip(T, K, E, D, drop, seed):
 # Other launch parameters (kernels/_tuning.py), as `scripts/tune_kernels.py` tries them:
 # blocks smaller than D (the loops over D run several times), than T and than N.
 SMALL_BLOCKS = {
-    "gating_fwd": dict(tile=64, max_block_t=4), "gating_bwd": dict(tile=32, max_block_t=2),
-    "permute": dict(block_n=8, block_d=16), "sort_chunks": dict(block_m=4, block_d=16),
-    "gather_sum": dict(block_t=2, block_d=16), "unpermute_bwd": dict(block_n=4, block_d=8),
+    "gating_fwd": dict(tile=64, max_block_t=4),
+    "gating_bwd": dict(tile=32, max_block_t=2),
+    "permute": dict(block_n=8, block_d=16),
+    "sort_chunks": dict(block_m=4, block_d=16),
+    "gather_sum": dict(block_t=2, block_d=16),
+    "unpermute_bwd": dict(block_n=4, block_d=8),
 }
 
 
 def test_kernels_match_reference_with_small_blocks():
     from contextlib import ExitStack
 
-    from kernels._tuning import TUNING, override
+    from moemesh.kernels._tuning import TUNING, override
 
     before = {k: dict(v) for k, v in TUNING.items()}
     with ExitStack() as stack:

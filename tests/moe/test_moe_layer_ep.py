@@ -1,15 +1,16 @@
 """The MoE layer and dispatcher at EP=2 and EP=4 against EP=1: outputs and all gradients."""
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from conf.schema import ModelConfig
-from kernels import TORCH_OPS, TRITON_OPS
-from kernels._triton import can_run_triton
-from moe.dispatcher import AllToAllDispatcher
-from moe.layer import MoELayer
-from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh
+from moemesh.kernels import TORCH_OPS, TRITON_OPS
+from moemesh.kernels._triton import can_run_triton
+from moemesh.moe.config import ModelConfig
+from moemesh.moe.dispatcher import AllToAllDispatcher
+from moemesh.moe.layer import MoELayer
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by O(0.1)
@@ -30,8 +31,14 @@ def _check_layer(rank, world, ep, shared, ops=TORCH_OPS):
     dims = ParallelDims(dp=world // ep, ep=ep)
     pm = build_mesh(dims, "cpu")
     ep_ranks = dist.get_process_group_ranks(pm.ep_group)
-    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20,
-                      shared_expert_ffn_size=12 if shared else 0)
+    cfg = ModelConfig(
+        name="t",
+        hidden_size=24,
+        num_experts=8,
+        top_k=2,
+        moe_ffn_hidden_size=20,
+        shared_expert_ffn_size=12 if shared else 0,
+    )
     B, S, D = 2, 5, cfg.hidden_size  # 10 tokens per rank: an odd split over 8 experts
     gen = torch.Generator().manual_seed(7)
     x_all = torch.randn(ep * B, S, D, generator=gen)

@@ -9,16 +9,17 @@ rounding allows: each of the three chained GEMMs (w1/w3, w2, the combine's weigh
 of inner length n may move a result by n*u relative to the magnitude it sums (u = 2**-24,
 fp32), twice (two orders): 2*3*n*u of the output's scale, element by element.
 """
+
 import torch
 
-from conf.schema import ModelConfig
-from moe.layer import MoELayer
-from parallel.comm import CommMeter
-from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh
+from moemesh.moe.config import ModelConfig
+from moemesh.moe.layer import MoELayer
+from moemesh.parallel.comm import CommMeter
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
 
-U32 = 2.0 ** -24  # fp32 unit roundoff
+U32 = 2.0**-24  # fp32 unit roundoff
 
 
 def _rounding_tol(n: int) -> float:
@@ -36,8 +37,14 @@ def _pair(cfg, pm, chunks):
     layers = []
     for n in (0, chunks):
         torch.manual_seed(0)
-        layer = MoELayer(cfg=cfg, ep_rank=pm.ep_rank, ep_group=pm.ep_group, stats_group=pm.ep_group,
-                         overlap_chunks=n, meter=CommMeter())
+        layer = MoELayer(
+            cfg=cfg,
+            ep_rank=pm.ep_rank,
+            ep_group=pm.ep_group,
+            stats_group=pm.ep_group,
+            overlap_chunks=n,
+            meter=CommMeter(),
+        )
         with torch.no_grad():
             for name, p in layer.named_parameters():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name) + p.numel())) * 0.3)
@@ -47,8 +54,15 @@ def _pair(cfg, pm, chunks):
 
 def _check(rank, world, ep, chunks, capacity):
     pm = build_mesh(ParallelDims(dp=world // ep, ep=ep), "cpu")
-    cfg = ModelConfig(name="t", hidden_size=24, num_experts=8, top_k=2, moe_ffn_hidden_size=20,
-                      shared_expert_ffn_size=12, capacity_factor=capacity)
+    cfg = ModelConfig(
+        name="t",
+        hidden_size=24,
+        num_experts=8,
+        top_k=2,
+        moe_ffn_hidden_size=20,
+        shared_expert_ffn_size=12,
+        capacity_factor=capacity,
+    )
     plain, overlapped = _pair(cfg, pm, chunks)
     x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(rank))
     g = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(100 + rank))

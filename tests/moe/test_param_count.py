@@ -3,26 +3,46 @@
 Each layout's model is built on the meta device for every rank, under a fake
 process group (one process plays each rank in turn).
 """
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from conf.schema import ModelConfig
-from moe.model import Transformer
-from moe.param_count import count_params
-from parallel.dims import MeshAxis, ParallelDims
-from parallel.mesh import build_mesh
-from parallel.pipeline import stage_layers
-from parallel.tp import TP_SHARD
+from moemesh.moe.config import ModelConfig
+from moemesh.moe.model import Transformer
+from moemesh.moe.param_count import count_params
+from moemesh.parallel.dims import MeshAxis, ParallelDims
+from moemesh.parallel.mesh import build_mesh
+from moemesh.parallel.pipeline import stage_layers
+from moemesh.parallel.tp import TP_SHARD
 
-CFG = ModelConfig(name="t", vocab_size=250, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4,
-                  ffn_hidden_size=96, moe_ffn_hidden_size=40, num_experts=8, top_k=2, moe_every_k_layers=2,
-                  shared_expert_ffn_size=32)
+CFG = ModelConfig(
+    name="t",
+    vocab_size=250,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    ffn_hidden_size=96,
+    moe_ffn_hidden_size=40,
+    num_experts=8,
+    top_k=2,
+    moe_every_k_layers=2,
+    shared_expert_ffn_size=32,
+)
 LAYOUTS = {  # dp, ep, tp, pp
-    "single": (1, 1, 1, 1), "ep2": (1, 2, 1, 1), "ep4_dp2": (2, 4, 1, 1), "tp2": (1, 1, 2, 1),
-    "tp4": (1, 1, 4, 1), "tp2_ep2_dp2": (2, 2, 2, 1), "tp2_ep4": (1, 4, 2, 1), "pp2": (1, 1, 1, 2),
-    "pp4": (1, 1, 1, 4), "pp2_tp2_ep2": (1, 2, 2, 2), "pp2_tp2_ep2_dp2": (2, 2, 2, 2),
+    "single": (1, 1, 1, 1),
+    "ep2": (1, 2, 1, 1),
+    "ep4_dp2": (2, 4, 1, 1),
+    "tp2": (1, 1, 2, 1),
+    "tp4": (1, 1, 4, 1),
+    "tp2_ep2_dp2": (2, 2, 2, 1),
+    "tp2_ep4": (1, 4, 2, 1),
+    "pp2": (1, 1, 1, 2),
+    "pp4": (1, 1, 1, 4),
+    "pp2_tp2_ep2": (1, 2, 2, 2),
+    "pp2_tp2_ep2_dp2": (2, 2, 2, 2),
 }
 
 
@@ -39,9 +59,14 @@ def test_per_rank_parameters_are_the_expected_share(name):
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                model = Transformer(CFG, ep_rank=pm.ep_rank, ep_group=pm.ep_group, stats_group=pm.data_tp_group,
-                                    tp_group=pm.tp_group if tp > 1 else None,
-                                    layers=stage_layers(CFG.num_layers, pp)[stage])
+                model = Transformer(
+                    CFG,
+                    ep_rank=pm.ep_rank,
+                    ep_group=pm.ep_group,
+                    stats_group=pm.data_tp_group,
+                    tp_group=pm.tp_group if tp > 1 else None,
+                    layers=stage_layers(CFG.num_layers, pp)[stage],
+                )
         finally:
             dist.destroy_process_group()
         expert = sum(p.numel() for p in model.expert_parameters())

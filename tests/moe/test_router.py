@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from kernels.gating import gating_reference as fused_gating
-from moe.layer import capacity_drop
-from moe.router import router_losses
+from moemesh.kernels.gating import gating_reference as fused_gating
+from moemesh.moe.layer import capacity_drop
+from moemesh.moe.router import router_losses
 
 
 def test_aux_loss_is_one_for_perfect_balance_and_E_for_collapse():
@@ -45,16 +45,17 @@ def test_capacity_drops_lowest_weight_overflow():
 
 
 def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
-    from conf.schema import ModelConfig
-    from moe.layer import MoELayer
+    from moemesh.moe.config import ModelConfig
+    from moemesh.moe.layer import MoELayer
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="t", hidden_size=16, num_experts=4, top_k=2, moe_ffn_hidden_size=8)
     dropless = MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None)
     for p in dropless.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    capped = MoELayer(cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.5}), ep_rank=0, ep_group=None,
-                      stats_group=None)
+    capped = MoELayer(
+        cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.5}), ep_rank=0, ep_group=None, stats_group=None
+    )
     capped.load_state_dict(dropless.state_dict())
     x = torch.randn(1, 12, 16)
     out, stats = capped(x)
@@ -69,7 +70,7 @@ def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
 
 
 def test_expert_bias_moves_toward_the_mean_load_and_changes_selection_only():
-    from moe.router import Router
+    from moemesh.moe.router import Router
 
     r = Router(hidden_size=4, num_experts=4, top_k=1, renormalize=False, bias_update_rate=0.1)
     r.update_bias(torch.tensor([10.0, 2.0, 4.0, 4.0]))  # mean 5: expert 0 over, 1-3 under
@@ -82,7 +83,7 @@ def test_expert_bias_moves_toward_the_mean_load_and_changes_selection_only():
 
 
 def test_sequence_aux_loss_known_answer():
-    from moe.router import sequence_aux_loss
+    from moemesh.moe.router import sequence_aux_loss
 
     # 2 sequences of 2 tokens, E=2, K=1; uniform scores (P=1/2 each). Sequence 0 sends both
     # tokens to expert 0: f = (2*E/(K*S), 0) = (2, 0) -> sum f P = 1. Sequence 1 splits: f = (1, 1)
@@ -97,7 +98,7 @@ def test_sequence_aux_loss_known_answer():
 
 
 def test_router_entropy():
-    from moe.router import entropy_sum
+    from moemesh.moe.router import entropy_sum
 
     assert float(entropy_sum(torch.zeros(3, 4))) == pytest.approx(3 * math.log(4), rel=1e-6)
     assert float(entropy_sum(torch.tensor([[100.0, 0.0]]))) == pytest.approx(0.0, abs=1e-6)

@@ -1,6 +1,7 @@
 """Shared by the checkpoint trust tests: a tiny run's checkpoints, a Checkpointer on one
 process, a log that keeps its lines, and ways to tamper with a checkpoint as a disk, a
 bug or an attacker would (rewriting meta.json's checksums where an attacker could)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,25 +15,33 @@ from pathlib import Path
 
 import torch
 
-from parallel.mesh import single_rank_mesh
+from moemesh.parallel.mesh import single_rank_mesh
+from moemesh.trainer.checkpointing import Checkpointer
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, build_model, train
+from moemesh.trainer.optim import build_optimizer
 from tests.conftest import tiny_run
-from trainer.checkpointing import Checkpointer
-from trainer.data import prepare_data
-from trainer.loop import RankContext, build_model, train
-from trainer.optim import build_optimizer
 
 
 def run_config(**extra):
-    return tiny_run(**{"trainer.steps": 3, "checkpoint.every": 1, "checkpoint.keep": 5, "trainer.seed": 0,
-                       **extra})
+    return tiny_run(**{"trainer.steps": 3, "checkpoint.every": 1, "checkpoint.keep": 5, "trainer.seed": 0, **extra})
 
 
 def train_here(run, out: Path) -> dict:
     """``run`` in this process (one rank), writing to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    return train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                                  output_dir=str(out), data_paths=paths))
+    return train(
+        run,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(out),
+            data_paths=paths,
+        ),
+    )
 
 
 class Log:
@@ -57,8 +66,11 @@ def checkpointer(root: Path, **extra) -> Checkpointer:
 
 
 def files_of(ckpt: Path) -> dict:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-            for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != "meta.json"}
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(ckpt.iterdir())
+        if p.is_file() and p.name != "meta.json"
+    }
 
 
 def reseal(ckpt: Path) -> None:
@@ -84,16 +96,19 @@ def tensor_bytes_range(ckpt: Path, key: str) -> tuple[Path, int, int]:
     """(shard, offset, length) of ``key``'s raw tensor bytes inside its shard."""
     index, info = next((i, s) for i, s in _storage(ckpt).items() if i.fqn == key)
     shard = ckpt / info.relative_path
-    blob = shard.read_bytes()[info.offset: info.offset + info.length]  # one torch.save zip
+    blob = shard.read_bytes()[info.offset : info.offset + info.length]  # one torch.save zip
     entry = next(z for z in zipfile.ZipFile(io.BytesIO(blob)).infolist() if z.filename.endswith("/data/0"))
-    name_len, extra_len = struct.unpack("<HH", blob[entry.header_offset + 26: entry.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", blob[entry.header_offset + 26 : entry.header_offset + 30])
     return shard, info.offset + entry.header_offset + 30 + name_len + extra_len, entry.file_size
 
 
 def largest_float_key(ckpt: Path) -> str:
     md = pickle.loads((ckpt / ".metadata").read_bytes())
-    floats = {k: v.size.numel() for k, v in md.state_dict_metadata.items()
-              if k.startswith("model.") and v.properties.dtype == torch.float32}
+    floats = {
+        k: v.size.numel()
+        for k, v in md.state_dict_metadata.items()
+        if k.startswith("model.") and v.properties.dtype == torch.float32
+    }
     return max(sorted(floats), key=floats.get)
 
 
@@ -101,7 +116,7 @@ def poison(ckpt: Path, key: str, *, fill: float = float("nan")) -> Path:
     """Overwrite ``key``'s values with ``fill`` in its shard (torch.load checks no zip CRC)."""
     shard, start, length = tensor_bytes_range(ckpt, key)
     raw = bytearray(shard.read_bytes())
-    raw[start: start + length] = struct.pack("<f", fill) * (length // 4)
+    raw[start : start + length] = struct.pack("<f", fill) * (length // 4)
     shard.write_bytes(bytes(raw))
     return shard
 
@@ -112,7 +127,7 @@ def flip_bytes(ckpt: Path, key: str, count: int = 64) -> Path:
     assert length >= count
     raw = bytearray(shard.read_bytes())
     mid = start + (length - count) // 2
-    raw[mid: mid + count] = bytes(b ^ 0x55 for b in raw[mid: mid + count])
+    raw[mid : mid + count] = bytes(b ^ 0x55 for b in raw[mid : mid + count])
     shard.write_bytes(bytes(raw))
     return shard
 

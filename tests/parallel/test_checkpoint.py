@@ -1,4 +1,5 @@
 """Checkpoints that reshard across layouts, atomic saves, fallbacks, and safe loading."""
+
 import json
 import os
 import pickle
@@ -8,21 +9,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel import checkpoint
-from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.parallel import checkpoint
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, train
 from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
-from trainer.data import prepare_data
-from trainer.loop import RankContext, train
 
 STEPS = 10
 
 
 def _cfg(name, dp, ep, **extra):
-    return tiny_run(**{"parallel.name": name, "parallel.data_parallel_size": dp,
-                       "parallel.expert_parallel_size": ep, "trainer.steps": STEPS, "data.name": "stdlib",
-                       "data.kind": "stdlib", "checkpoint.every": 5, **extra})
+    return tiny_run(
+        **{
+            "parallel.name": name,
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "trainer.steps": STEPS,
+            "data.name": "stdlib",
+            "data.kind": "stdlib",
+            "checkpoint.every": 5,
+            **extra,
+        }
+    )
 
 
 def _read(d):
@@ -33,14 +43,26 @@ def _four_ranks(rank, world, root, paths):
     # 10 uninterrupted steps under ep2_dp2, saving after 5 and 10 ...
     out = Path(root) / "ep2_dp2"
     out.mkdir(exist_ok=True)
-    ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"),
-                      mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"), output_dir=str(out), data_paths=paths)
+    ctx = RankContext(
+        rank=rank,
+        local_rank=rank,
+        device=torch.device("cpu"),
+        mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"),
+        output_dir=str(out),
+        data_paths=paths,
+    )
     train(_cfg("ep2_dp2", 2, 2), ctx)
     # ... then resume the step-5 checkpoint under ep4.
     out4 = Path(root) / "ep4"
     out4.mkdir(exist_ok=True)
-    ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"),
-                      mesh=build_mesh(ParallelDims(ep=4), "cpu"), output_dir=str(out4), data_paths=paths)
+    ctx = RankContext(
+        rank=rank,
+        local_rank=rank,
+        device=torch.device("cpu"),
+        mesh=build_mesh(ParallelDims(ep=4), "cpu"),
+        output_dir=str(out4),
+        data_paths=paths,
+    )
     train(_cfg("ep4", 1, 4, resume=str(out / "checkpoints" / "step_000005")), ctx)
 
 
@@ -54,15 +76,31 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     assert (meta["layout"], meta["step"], meta["ep"]) == ("ep2_dp2", 5, 2)
     # ep2_dp2 -> single, in this process.
     (tmp_path / "single").mkdir()
-    train(_cfg("single", 1, 1, resume=str(ckpts)),  # a directory: the newest inside (step 10) ...
-          RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                      output_dir=str(tmp_path / "single"), data_paths=paths))
+    train(
+        _cfg("single", 1, 1, resume=str(ckpts)),  # a directory: the newest inside (step 10) ...
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path / "single"),
+            data_paths=paths,
+        ),
+    )
     assert not (tmp_path / "single" / "metrics.jsonl").read_text().strip()  # ... is already at step 10
     shutil.rmtree(tmp_path / "single")
     (tmp_path / "single").mkdir()
-    train(_cfg("single", 1, 1, resume=str(ckpts / "step_000005")),
-          RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                      output_dir=str(tmp_path / "single"), data_paths=paths))
+    train(
+        _cfg("single", 1, 1, resume=str(ckpts / "step_000005")),
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path / "single"),
+            data_paths=paths,
+        ),
+    )
     whole = _read(tmp_path / "ep2_dp2")
     for name in ("ep4", "single"):
         resumed = _read(tmp_path / name)
@@ -73,11 +111,30 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
 
 
 def _tiny_checkpoint(tmp_path, step=3):
-    run = _cfg("single", 1, 1, **{"trainer.steps": step, "checkpoint.every": 1, "checkpoint.keep": 2,
-                                  "data.name": "synthetic", "data.kind": "synthetic"})
+    run = _cfg(
+        "single",
+        1,
+        1,
+        **{
+            "trainer.steps": step,
+            "checkpoint.every": 1,
+            "checkpoint.keep": 2,
+            "data.name": "synthetic",
+            "data.kind": "synthetic",
+        },
+    )
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                           output_dir=str(tmp_path), data_paths=paths))
+    train(
+        run,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path),
+            data_paths=paths,
+        ),
+    )
     return tmp_path / "checkpoints", paths
 
 
@@ -94,22 +151,63 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     root, paths = _tiny_checkpoint(tmp_path)
     (shard,) = (root / "step_000003").glob("*.distcp")
     shard.write_bytes(shard.read_bytes()[:100])
-    run = _cfg("single", 1, 1, **{"trainer.steps": 4, "resume": "auto", "data.name": "synthetic",
-                                  "data.kind": "synthetic", "logger.console": True})
+    run = _cfg(
+        "single",
+        1,
+        1,
+        **{
+            "trainer.steps": 4,
+            "resume": "auto",
+            "data.name": "synthetic",
+            "data.kind": "synthetic",
+            "logger.console": True,
+        },
+    )
     out = tmp_path  # resume=auto looks in <run dir>/checkpoints
-    summary = train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                                     output_dir=str(out), data_paths=paths))
+    summary = train(
+        run,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(out),
+            data_paths=paths,
+        ),
+    )
     assert summary["steps"] == 2  # resumed after step 2: ran steps 2 and 3
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_the_differences(tmp_path):
     root, paths = _tiny_checkpoint(tmp_path)
-    run = _cfg("single", 1, 1, **{"trainer.steps": 4, "resume": str(root), "model.moe_ffn_hidden_size": 40,
-                                  "data.name": "synthetic", "data.kind": "synthetic"})
-    with pytest.raises(checkpoint.CheckpointError, match=r"none of 2 checkpoint.*saved for another model: "
-                                                         r"model.moe_ffn_hidden_size=48 \(now 40\)"):
-        train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                               output_dir=str(tmp_path), data_paths=paths))
+    run = _cfg(
+        "single",
+        1,
+        1,
+        **{
+            "trainer.steps": 4,
+            "resume": str(root),
+            "model.moe_ffn_hidden_size": 40,
+            "data.name": "synthetic",
+            "data.kind": "synthetic",
+        },
+    )
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"none of 2 checkpoint.*saved for another model: "
+        r"model.moe_ffn_hidden_size=48 \(now 40\)",
+    ):
+        train(
+            run,
+            RankContext(
+                rank=0,
+                local_rank=0,
+                device=torch.device("cpu"),
+                mesh=single_rank_mesh(),
+                output_dir=str(tmp_path),
+                data_paths=paths,
+            ),
+        )
 
 
 class _Evil:
@@ -125,8 +223,11 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
     target = root / "step_000003" / ".metadata"
     marker = tmp_path / "pwned"
     target.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
-    with pytest.raises(checkpoint.CheckpointError, match=r"\.metadata: refused, not plain DCP metadata: .*GLOBAL "
-                                                         r"(posix|os)\.system"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"\.metadata: refused, not plain DCP metadata: .*GLOBAL "
+        r"(posix|os)\.system",
+    ):
         checkpoint.read_metadata(root / "step_000003")
     assert not marker.exists()
     # More hostile files, the integrity checks and the fallbacks: test_checkpoint_security.py

@@ -1,6 +1,7 @@
 """Checkpoints you can trust, findings 2-5, 11 and 13: order by step number, a checkpoint
 directory checked before the first step, checksums and finiteness at load, no non-finite
 save, one line with the real cause for every failure, no ``.tmp`` debris. One process."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
-from parallel import checkpoint
+from moemesh.parallel import checkpoint
 from tests.parallel import _checkpoint_kit as kit
 
 
@@ -27,6 +28,7 @@ def good_checkpoints(tmp_path_factory):
 
 
 # --- finding 2: order by number -------------------------------------------------------
+
 
 def test_checkpoints_sort_by_step_across_the_millionth_step(tmp_path):
     state = {"w": torch.ones(3)}
@@ -41,6 +43,7 @@ def test_checkpoints_sort_by_step_across_the_millionth_step(tmp_path):
 
 # --- finding 3: the checkpoint directory, checked before the first step ---------------
 
+
 def _refused_before_training(tmp_path, match, **extra):
     out = tmp_path / "run"
     with pytest.raises(checkpoint.CheckpointError, match=match) as err:
@@ -53,13 +56,20 @@ def _refused_before_training(tmp_path, match, **extra):
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_before_the_first_step(tmp_path):
     (tmp_path / "file").write_text("x")
-    _refused_before_training(tmp_path, rf"checkpoint.dir cannot be written: {tmp_path / 'file'}: "
-                                       r"\[Errno 17 EEXIST\]", **{"checkpoint.dir": str(tmp_path / "file")})
+    _refused_before_training(
+        tmp_path,
+        rf"checkpoint.dir cannot be written: {tmp_path / 'file'}: "
+        r"\[Errno 17 EEXIST\]",
+        **{"checkpoint.dir": str(tmp_path / "file")},
+    )
 
 
 def test_a_checkpoint_dir_under_dev_null_is_refused_before_the_first_step(tmp_path):
-    _refused_before_training(tmp_path, r"checkpoint.dir cannot be written: /dev/null/ckpt: \[Errno 20 ENOTDIR\]",
-                             **{"checkpoint.dir": "/dev/null/ckpt"})
+    _refused_before_training(
+        tmp_path,
+        r"checkpoint.dir cannot be written: /dev/null/ckpt: \[Errno 20 ENOTDIR\]",
+        **{"checkpoint.dir": "/dev/null/ckpt"},
+    )
 
 
 def test_an_unwritable_checkpoint_dir_is_refused_before_the_first_step(tmp_path, monkeypatch):
@@ -72,17 +82,23 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_the_first_step(tmp_path,
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", deny)
-    _refused_before_training(tmp_path, rf"checkpoint.dir cannot be written: {tmp_path / 'ro'}/.moemesh-probe-0-\d+: "
-                                       r"\[Errno 13 EACCES\] Permission denied",
-                             **{"checkpoint.dir": str(tmp_path / "ro")})
+    _refused_before_training(
+        tmp_path,
+        rf"checkpoint.dir cannot be written: {tmp_path / 'ro'}/.moemesh-probe-0-\d+: "
+        r"\[Errno 13 EACCES\] Permission denied",
+        **{"checkpoint.dir": str(tmp_path / "ro")},
+    )
 
 
 def test_a_full_disk_is_refused_before_the_first_step_with_the_space_needed(tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
-    line = _refused_before_training(tmp_path, r"checkpoint.dir .*/ckpt: 0.1 MiB free, one checkpoint of this run "
-                                              r"takes about \d+\.\d MiB \(\[Errno 28 ENOSPC\] No space left on device",
-                                    **{"checkpoint.dir": str(tmp_path / "ckpt")})
+    line = _refused_before_training(
+        tmp_path,
+        r"checkpoint.dir .*/ckpt: 0.1 MiB free, one checkpoint of this run "
+        r"takes about \d+\.\d MiB \(\[Errno 28 ENOSPC\] No space left on device",
+        **{"checkpoint.dir": str(tmp_path / "ckpt")},
+    )
     need = float(line.split("about ")[1].split(" MiB")[0]) * 2**20
     # The estimate covers what a save writes (model, both AdamW moments, DCP's overhead).
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", real)
@@ -94,9 +110,18 @@ def test_a_full_disk_is_refused_before_the_first_step_with_the_space_needed(tmp_
 
 def test_train_py_says_an_unusable_checkpoint_dir_in_one_line_before_starting(tmp_path, repo_root):
     proc = subprocess.run(
-        [sys.executable, "train.py", "trainer.steps=50", "checkpoint.dir=/dev/null/ckpt",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=repo_root, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "train.py",
+            "trainer.steps=50",
+            "checkpoint.dir=/dev/null/ckpt",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "/dev/null/ckpt" in lines[0] and "ENOTDIR" in lines[0], proc.stderr
@@ -104,6 +129,7 @@ def test_train_py_says_an_unusable_checkpoint_dir_in_one_line_before_starting(tm
 
 
 # --- a save that fails: one line, the previous checkpoint kept, no debris (3, 13) ------
+
 
 @contextlib.contextmanager
 def _writes_fail(monkeypatch, err_no: int):
@@ -123,7 +149,8 @@ def _writes_fail(monkeypatch, err_no: int):
 
 @pytest.mark.parametrize("err_no,name", [(errno.ENOSPC, "ENOSPC"), (errno.EACCES, "EACCES")])
 def test_a_failed_save_is_one_line_with_the_errno_and_keeps_the_previous_checkpoint(
-        err_no, name, good_checkpoints, tmp_path, monkeypatch):
+    err_no, name, good_checkpoints, tmp_path, monkeypatch
+):
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     ckpt = kit.checkpointer(root)
     assert ckpt.resume(kit.Log()) == 3
@@ -146,6 +173,7 @@ def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_che
 
 
 # --- finding 4: checksums and finiteness at load --------------------------------------
+
 
 def _resume(root):
     log = kit.Log()
@@ -199,14 +227,18 @@ def test_when_every_checkpoint_is_bad_the_error_lists_each_cause(good_checkpoint
 
 # --- finding 5: a non-finite model is never saved -------------------------------------
 
+
 def test_a_non_finite_model_is_not_saved_and_the_last_good_checkpoint_is_kept(good_checkpoints, tmp_path):
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     ckpt = kit.checkpointer(root)
     assert ckpt.resume(kit.Log()) == 3
     name, p = next(iter(ckpt.model.named_parameters()))
     p.data.view(-1)[5] = float("nan")
-    with pytest.raises(FloatingPointError, match=rf"non-finite values in model.{name} after step 4: not saved; "
-                                                 rf"the last checkpoint, {root / 'step_000003'}, is kept"):
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"non-finite values in model.{name} after step 4: not saved; "
+        rf"the last checkpoint, {root / 'step_000003'}, is kept",
+    ):
         ckpt.save(4)
     assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in good_checkpoints.iterdir())
 
@@ -216,9 +248,12 @@ def test_training_that_turns_non_finite_stops_at_the_save_with_the_last_good_che
     # this change saved those weights as step 4 and resume=auto picked them.
     kit.copy_checkpoints(good_checkpoints, tmp_path / "run" / "checkpoints")
     run = kit.run_config(**{"trainer.steps": 6, "trainer.lr": float("inf"), "resume": "auto"})
-    with pytest.raises(FloatingPointError, match=r"non-finite values in \S+ after step 4: not saved; the last "
-                                                 rf"checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_000003'}, "
-                                                 "is kept"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite values in \S+ after step 4: not saved; the last "
+        rf"checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_000003'}, "
+        "is kept",
+    ):
         kit.train_here(run, tmp_path / "run")
     kept = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in kept] == ["step_000001", "step_000002", "step_000003"]
@@ -227,6 +262,7 @@ def test_training_that_turns_non_finite_stops_at_the_save_with_the_last_good_che
 
 # --- finding 11: the cause, not "CheckpointException ranks:dict_keys(...)" --------------
 
+
 def test_a_dcp_failure_is_described_by_its_cause():
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
@@ -234,5 +270,6 @@ def test_a_dcp_failure_is_described_by_its_cause():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ckpt/step_000004.tmp/__1_0.distcp")
     except OSError as e:
         wrapped = CheckpointException("write", {1: _wrap_exception(e)})
-    assert checkpoint.describe(wrapped) == \
-        "/ckpt/step_000004.tmp/__1_0.distcp: [Errno 28 ENOSPC] No space left on device"
+    assert (
+        checkpoint.describe(wrapped) == "/ckpt/step_000004.tmp/__1_0.distcp: [Errno 28 ENOSPC] No space left on device"
+    )

@@ -6,6 +6,7 @@ meta.json's checksums rewritten as an attacker who can write files would, it mus
 refused in one warning line naming the file and the reason, leave no marker, and resume
 from the previous, good checkpoint. One process, except the last test (4 ranks).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel import checkpoint
+from moemesh.parallel import checkpoint
 from tests.parallel import _checkpoint_kit as kit
 
 FS = "torch.distributed.checkpoint.filesystem"  # a module the old allow-list admitted by prefix
@@ -27,6 +28,7 @@ MD = "torch.distributed.checkpoint.metadata"  # DCP's metadata classes: register
 
 
 # --- a tiny pickle assembler: expressions rendered in any protocol -----------------
+
 
 def g(module, name):
     return ("global", module, name)
@@ -88,24 +90,39 @@ def _payloads(cmd: str, marker: str) -> dict:
         "dotted_name": lambda p: render(call(g(FS, "os.system"), s(cmd)), p),
         # classic gadgets
         "reduce_os_system": lambda p: pickle.dumps(_Call(os.system, cmd), protocol=p),
-        "reduce_builtins_exec": lambda p: pickle.dumps(_Call(builtins.exec, f"import os; os.system({cmd!r})"),
-                                                       protocol=p),
-        "copyreg_reconstructor": lambda p: render(call(g("copyreg", "_reconstructor"), g("subprocess", "Popen"),
-                                                       g("subprocess", "Popen"), lst(s("touch"), s(marker))), p),
+        "reduce_builtins_exec": lambda p: pickle.dumps(
+            _Call(builtins.exec, f"import os; os.system({cmd!r})"), protocol=p
+        ),
+        "copyreg_reconstructor": lambda p: render(
+            call(
+                g("copyreg", "_reconstructor"),
+                g("subprocess", "Popen"),
+                g("subprocess", "Popen"),
+                lst(s("touch"), s(marker)),
+            ),
+            p,
+        ),
         # from a class that IS registered as safe: Metadata.__init__.__globals__["os"].system
-        "nested_getattr": lambda p: render(call(attr(call(attr(attr(attr(g(MD, "Metadata"), "__init__"),
-                                                                    "__globals__"), "get"), s("os")), "system"),
-                                                s(cmd)), p),
+        "nested_getattr": lambda p: render(
+            call(
+                attr(call(attr(attr(attr(g(MD, "Metadata"), "__init__"), "__globals__"), "get"), s("os")), "system"),
+                s(cmd),
+            ),
+            p,
+        ),
         "functools_partial": lambda p: render(call(call(g("functools", "partial"), g("os", "system"), s(cmd))), p),
-        "operator_attrgetter": lambda p: render(call(call(call(g("operator", "attrgetter"), s("system")),
-                                                          g(FS, "os")), s(cmd)), p),
-        "operator_methodcaller": lambda p: render(call(call(g("operator", "methodcaller"), s("system"), s(cmd)),
-                                                       g(FS, "os")), p),
+        "operator_attrgetter": lambda p: render(
+            call(call(call(g("operator", "attrgetter"), s("system")), g(FS, "os")), s(cmd)), p
+        ),
+        "operator_methodcaller": lambda p: render(
+            call(call(g("operator", "methodcaller"), s("system"), s(cmd)), g(FS, "os")), p
+        ),
     }
 
 
-CASES = [(name, proto) for name in _payloads("", "") for proto in range(6)
-         if not (name == "dotted_name" and proto < 4)]  # dotted names resolve from protocol 4 on
+CASES = [
+    (name, proto) for name in _payloads("", "") for proto in range(6) if not (name == "dotted_name" and proto < 4)
+]  # dotted names resolve from protocol 4 on
 
 
 def _payload(name: str, proto: int, marker: Path) -> bytes:
@@ -224,17 +241,31 @@ def test_metadata_is_written_in_the_protocol_the_weights_only_unpickler_reads(go
 
 # --- the finding as reported: ep2_dp2, 4 ranks, resume=auto ------------------------
 
-def _resume_on_four_ranks(rank, world, out, marker):
-    from parallel.dims import ParallelDims
-    from parallel.mesh import build_mesh
-    from trainer.data import prepare_data
-    from trainer.loop import RankContext, train
 
-    run = kit.run_config(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2,
-                            "parallel.expert_parallel_size": 2, "trainer.steps": 4, "resume": "auto"})
+def _resume_on_four_ranks(rank, world, out, marker):
+    from moemesh.parallel.dims import ParallelDims
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.trainer.data import prepare_data
+    from moemesh.trainer.loop import RankContext, train
+
+    run = kit.run_config(
+        **{
+            "parallel.name": "ep2_dp2",
+            "parallel.data_parallel_size": 2,
+            "parallel.expert_parallel_size": 2,
+            "trainer.steps": 4,
+            "resume": "auto",
+        }
+    )
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"),
-                      mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"), output_dir=out, data_paths=paths)
+    ctx = RankContext(
+        rank=rank,
+        local_rank=rank,
+        device=torch.device("cpu"),
+        mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"),
+        output_dir=out,
+        data_paths=paths,
+    )
     summary = train(run, ctx)
     assert not Path(marker).exists(), f"rank {rank} ran the payload"
     assert summary["start_step"] == 1, summary["start_step"]
@@ -264,14 +295,29 @@ def test_on_four_ranks_hostile_corrupt_and_poisoned_checkpoints_are_skipped_with
 
 
 def _make_four_rank_checkpoints(rank, world, out):
-    from parallel.dims import ParallelDims
-    from parallel.mesh import build_mesh
-    from trainer.data import prepare_data
-    from trainer.loop import RankContext, train
+    from moemesh.parallel.dims import ParallelDims
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.trainer.data import prepare_data
+    from moemesh.trainer.loop import RankContext, train
 
-    run = kit.run_config(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2,
-                            "parallel.expert_parallel_size": 2, "trainer.steps": 4})
+    run = kit.run_config(
+        **{
+            "parallel.name": "ep2_dp2",
+            "parallel.data_parallel_size": 2,
+            "parallel.expert_parallel_size": 2,
+            "trainer.steps": 4,
+        }
+    )
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     Path(out).mkdir(exist_ok=True)
-    train(run, RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"),
-                           mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"), output_dir=out, data_paths=paths))
+    train(
+        run,
+        RankContext(
+            rank=rank,
+            local_rank=rank,
+            device=torch.device("cpu"),
+            mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"),
+            output_dir=out,
+            data_paths=paths,
+        ),
+    )

@@ -1,4 +1,4 @@
-from parallel.dims import MeshAxis, ParallelDims
+from moemesh.parallel.dims import MeshAxis, ParallelDims
 
 
 def test_seed_layout_dp4_ep2():

@@ -1,5 +1,6 @@
 """What a run writes (run dir, .hydra, train.log, metrics.jsonl, checkpoints) is private by
 default whatever the shell's umask; cluster.output_access=group lets the group read it."""
+
 import os
 import stat
 import subprocess
@@ -14,18 +15,37 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK
 
 def _run(tmp_path, *overrides):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL,
-                           "trainer.steps=2", *overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-                          umask=0o022)  # a common shell umask: 0755 directories, 0644 files
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *SMALL,
+            "trainer.steps=2",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        umask=0o022,
+    )  # a common shell umask: 0755 directories, 0644 files
     return proc, tmp_path / "run"
 
 
 def _modes(run: Path) -> dict[str, int]:
     (ckpt,) = (run / "checkpoints").iterdir()
-    paths = {"run dir": run, "checkpoints": run / "checkpoints", ".hydra/config.yaml": run / ".hydra" / "config.yaml",
-             "train.log": run / "train.log", "metrics.jsonl": run / "metrics.jsonl",
-             "summary.json": run / "summary.json", "checkpoint dir": ckpt, "checkpoint meta": ckpt / "meta.json"}
+    paths = {
+        "run dir": run,
+        "checkpoints": run / "checkpoints",
+        ".hydra/config.yaml": run / ".hydra" / "config.yaml",
+        "train.log": run / "train.log",
+        "metrics.jsonl": run / "metrics.jsonl",
+        "summary.json": run / "summary.json",
+        "checkpoint dir": ckpt,
+        "checkpoint meta": ckpt / "meta.json",
+    }
     paths.update({f"checkpoint {f.name}": f for f in ckpt.iterdir() if f.suffix == ".distcp"})
     return {name: stat.S_IMODE(p.stat().st_mode) for name, p in paths.items()}
 
@@ -51,7 +71,9 @@ def test_output_access_group_lets_the_group_read(tmp_path):
 def test_output_access_is_checked_before_anything_is_created(tmp_path):
     proc, run = _run(tmp_path, "cluster.output_access=world")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("moemesh: config error: cluster.output_access=world: valid: private, group, "
-                                   "inherit (private: 0700/0600; group: group may read, 0750/0640; inherit: the "
-                                   "shell's umask)")
+    assert proc.stderr.strip() == (
+        "moemesh: config error: cluster.output_access=world: valid: private, group, "
+        "inherit (private: 0700/0600; group: group may read, 0750/0640; inherit: the "
+        "shell's umask)"
+    )
     assert not run.exists()

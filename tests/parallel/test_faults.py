@@ -1,4 +1,5 @@
 """Faults, for real: a killed rank, preemption signals, a non-finite loss."""
+
 import json
 import os
 import signal
@@ -7,18 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from parallel import checkpoint
+from moemesh.parallel import checkpoint
 from tests.test_train_cli import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(tmp_path, *overrides, new_session=False, env=None):
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")},
-           **(env or {})}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")},
+        **(env or {}),
+    }
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *overrides],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=new_session,  # its own process group: a "terminal" Ctrl-C reaches only it
     )
 
@@ -65,8 +72,9 @@ def test_a_killed_rank_stops_the_others_quickly(tmp_path):
     assert proc.returncode == 1
     assert time.monotonic() - t0 < 30  # bounded, far below the 600 s collective timeout
     assert "was killed by SIGKILL" in err
-    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
-                   for r in ranks)  # no rank left running
+    assert not any(
+        Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2] for r in ranks
+    )  # no rank left running
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
@@ -103,8 +111,7 @@ def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
 
 
 def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
-    proc = _start(tmp_path, "trainer.steps=20", "trainer.lr=1e30", "trainer.warmup_steps=0",
-                  "checkpoint.every=1")
+    proc = _start(tmp_path, "trainer.steps=20", "trainer.lr=1e30", "trainer.warmup_steps=0", "checkpoint.every=1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     lines = [l for l in err.splitlines() if l.startswith("moemesh:")]
@@ -115,8 +122,7 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkp
 
 
 def test_skip_mode_skips_non_finite_steps(tmp_path):
-    proc = _start(tmp_path, "trainer.steps=4", "trainer.lr=1e30", "trainer.warmup_steps=0",
-                  "trainer.on_nonfinite=skip")
+    proc = _start(tmp_path, "trainer.steps=4", "trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.on_nonfinite=skip")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -139,8 +145,9 @@ def test_ctrl_c_on_spawned_ranks_saves_like_sigterm_and_says_how_to_resume(tmp_p
     assert summary["stopped_by_signal"] == ["SIGINT"]
     (ckpt,) = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert json.loads((ckpt / "meta.json").read_text())["step"] == summary["steps"]
-    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
-                   for r in ranks)  # no rank left running
+    assert not any(
+        Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2] for r in ranks
+    )  # no rank left running
 
 
 def test_ctrl_c_sent_to_the_launcher_alone_reaches_its_ranks(tmp_path):
@@ -170,8 +177,9 @@ def test_ctrl_c_while_the_ranks_start_stops_them_all_once_they_exist(tmp_path):
     assert "stopped by SIGINT after step" in _stop_line(err)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGINT"]
     assert checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
-    assert not any(Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2]
-                   for r in ranks)
+    assert not any(
+        Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2] for r in ranks
+    )
 
 
 def test_sigterm_while_the_ranks_start_reaches_every_rank(tmp_path):

@@ -1,16 +1,17 @@
 """After reduction, every rank's gradients equal single-process gradients on the global batch,
 parameter by parameter (shards compared with the matching slice)."""
+
 import pytest
 import torch
 
-from parallel.dims import MeshAxis, ParallelDims
-from parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.parallel.dims import MeshAxis, ParallelDims
+from moemesh.parallel.grads import GradReducer, global_grad_norm
+from moemesh.parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.parallel.tp import TP_SHARD
+from moemesh.trainer.data import TokenData, prepare_data
+from moemesh.trainer.loop import build_model, param_groups
 from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
-from trainer.data import TokenData, prepare_data
-from trainer.loop import build_model, param_groups
-from parallel.grads import GradReducer, global_grad_norm
-from parallel.tp import TP_SHARD
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -19,25 +20,49 @@ def _grads(run, mesh, data_rank, data_size):
     model = build_model(run, mesh, torch.device("cpu"))
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     per_rank = run.trainer.global_batch_size // data_size
-    x, y = TokenData(paths, seed=1).batch("train", 0, global_batch=run.trainer.global_batch_size,
-                                          seq_len=run.trainer.seq_len, start=data_rank * per_rank, count=per_rank)
+    x, y = TokenData(paths, seed=1).batch(
+        "train",
+        0,
+        global_batch=run.trainer.global_batch_size,
+        seq_len=run.trainer.seq_len,
+        start=data_rank * per_rank,
+        count=per_rank,
+    )
     out = model(x, y)
     (out.loss + 0.5 * out.aux_loss + 0.1 * out.z_loss).backward()
     g = param_groups(model)
-    GradReducer([(g.data, mesh.data_group), (g.data_tp, mesh.data_tp_group), (g.expert, mesh.expert_grad_group)],
-                data_size=data_size).reduce()
-    norm = global_grad_norm(replicated=g.replicated, tp_sharded=g.tp_sharded, expert=g.expert,
-                            tp_group=mesh.tp_group, ep_group=mesh.ep_group)
+    GradReducer(
+        [(g.data, mesh.data_group), (g.data_tp, mesh.data_tp_group), (g.expert, mesh.expert_grad_group)],
+        data_size=data_size,
+    ).reduce()
+    norm = global_grad_norm(
+        replicated=g.replicated,
+        tp_sharded=g.tp_sharded,
+        expert=g.expert,
+        tp_group=mesh.tp_group,
+        ep_group=mesh.ep_group,
+    )
     return model, norm
 
 
 def _check(rank, world, dp, ep, tp, sp):
-    over = {"model.shared_expert_ffn_size": 16, "trainer.global_batch_size": 4, "data.name": "stdlib",
-            "data.kind": "stdlib"}
+    over = {
+        "model.shared_expert_ffn_size": 16,
+        "trainer.global_batch_size": 4,
+        "data.name": "stdlib",
+        "data.kind": "stdlib",
+    }
     dims = ParallelDims(dp=dp, ep=ep, tp=tp)
     mesh = build_mesh(dims, "cpu")
-    run = tiny_run(**over, **{"parallel.data_parallel_size": dp, "parallel.expert_parallel_size": ep,
-                              "parallel.tensor_parallel_size": tp, "parallel.sequence_parallel": sp})
+    run = tiny_run(
+        **over,
+        **{
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "parallel.tensor_parallel_size": tp,
+            "parallel.sequence_parallel": sp,
+        },
+    )
     model, norm = _grads(run, mesh, mesh.data_rank, dims.data_size)
     ref, ref_norm = _grads(tiny_run(**over), single_rank_mesh(), 0, 1)
     ref_params = dict(ref.named_parameters())
@@ -46,7 +71,7 @@ def _check(rank, world, dp, ep, tp, sp):
         r = ref_params[name].grad
         if ".experts." in name:
             e = p.shape[0]
-            r = r[c[MeshAxis.EP] * e:(c[MeshAxis.EP] + 1) * e]
+            r = r[c[MeshAxis.EP] * e : (c[MeshAxis.EP] + 1) * e]
         elif getattr(p, TP_SHARD, None) is not None and tp > 1:
             dim = getattr(p, TP_SHARD)[0]
             r = r.chunk(tp, dim=dim)[c[MeshAxis.TP]]

@@ -1,6 +1,7 @@
 """A rank that stops running (SIGSTOP, a debugger, a frozen process) is named and the job
 stopped within cluster.hang_timeout_s; ranks that wait in a collective for it are not
 blamed, and a whole job stopped and continued (Ctrl-Z, fg) is not a hang."""
+
 import os
 import shutil
 import signal
@@ -29,7 +30,11 @@ def _env(tmp_path):
 def _start(tmp_path, *overrides, launcher=(sys.executable,), new_session=False):
     return subprocess.Popen(
         [*launcher, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *overrides],
-        cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=new_session,
     )
 
@@ -65,8 +70,13 @@ def _moemesh_lines(err: str) -> list[str]:
 
 
 def test_a_stopped_spawned_rank_is_named_and_the_job_stopped_within_hang_timeout(tmp_path):
-    proc = _start(tmp_path, "parallel=dp4", "trainer.steps=100000", "cluster.hang_timeout_s=10",
-                  "cluster.collective_timeout_s=600")
+    proc = _start(
+        tmp_path,
+        "parallel=dp4",
+        "trainer.steps=100000",
+        "cluster.hang_timeout_s=10",
+        "cluster.collective_timeout_s=600",
+    )
     _wait_for_steps(tmp_path, 2, proc)
     pids = _rank_pids(proc, tmp_path, 4)
     os.kill(pids[1], signal.SIGSTOP)  # ranks 0, 2, 3 now wait for it in a collective
@@ -90,8 +100,14 @@ def test_a_stopped_spawned_rank_is_named_and_the_job_stopped_within_hang_timeout
 
 def test_a_whole_job_stopped_and_continued_is_not_a_hang(tmp_path):
     """Ctrl-Z stops the launcher and its ranks together; after fg nobody is to blame."""
-    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", "cluster.hang_timeout_s=4",
-                  "cluster.preempt_grace_s=60", new_session=True)
+    proc = _start(
+        tmp_path,
+        "parallel=dp2",
+        "trainer.steps=100000",
+        "cluster.hang_timeout_s=4",
+        "cluster.preempt_grace_s=60",
+        new_session=True,
+    )
     _wait_for_steps(tmp_path, 2, proc)
     os.killpg(proc.pid, signal.SIGSTOP)
     time.sleep(12)  # three hang timeouts
@@ -128,10 +144,21 @@ def test_a_stopped_torchrun_rank_is_named_by_its_watching_peer(tmp_path):
     """Under torchrun each rank beats into the job's store and rank r watches rank r+1: rank 0
     names the stopped rank 1 and exits 1, and torchrun stops the job."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    proc = _start(tmp_path, "parallel=dp2", "cluster=torchrun", "trainer.steps=100000", "cluster.hang_timeout_s=10",
-                  "cluster.collective_timeout_s=600",
-                  launcher=(torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                            f"--master_port={_free_port()}"))
+    proc = _start(
+        tmp_path,
+        "parallel=dp2",
+        "cluster=torchrun",
+        "trainer.steps=100000",
+        "cluster.hang_timeout_s=10",
+        "cluster.collective_timeout_s=600",
+        launcher=(
+            torchrun,
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+        ),
+    )
     _wait_for_steps(tmp_path, 2, proc)
     worker = _worker_with_rank(proc.pid, 1)
     os.kill(worker, signal.SIGSTOP)
@@ -157,8 +184,15 @@ def test_a_stopped_srun_rank_0_which_hosts_the_store_is_named(tmp_path):
     rank 1's clock-only thread names rank 0 once the store has been silent for the bound."""
     if not os.environ.get("SLURM_CONF") or not shutil.which("srun"):
         pytest.skip("no SLURM here (bash .ci/slurm/up.sh starts a local one; .ci/run does)")
-    proc = _start(tmp_path, "parallel=dp2", "cluster=slurm", "trainer.steps=100000", "cluster.hang_timeout_s=10",
-                  "cluster.collective_timeout_s=600", launcher=("srun", "-K", "-n2", sys.executable))
+    proc = _start(
+        tmp_path,
+        "parallel=dp2",
+        "cluster=slurm",
+        "trainer.steps=100000",
+        "cluster.hang_timeout_s=10",
+        "cluster.collective_timeout_s=600",
+        launcher=("srun", "-K", "-n2", sys.executable),
+    )
     _wait_for_steps(tmp_path, 2, proc, timeout=240)
     rank0, deadline = None, time.monotonic() + 60
     while rank0 is None:

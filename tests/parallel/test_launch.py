@@ -1,13 +1,14 @@
 """Launch: environment detection, and a failing rank never leaves the others hanging."""
+
 import os
 import time
 
 import pytest
 import torch.distributed as dist
 
-from conf.schema import ConfigError
-from parallel.dims import ParallelDims
-from parallel.launch import detect_launcher_env, install_stop_handlers, run_ranks, strip_local_rank_args
+from moemesh.errors import ConfigError
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.launch import detect_launcher_env, install_stop_handlers, run_ranks, strip_local_rank_args
 from tests.conftest import tiny_run
 
 
@@ -15,8 +16,15 @@ def test_detects_torchrun_srun_and_bare():
     assert detect_launcher_env({}) is None
     tr = detect_launcher_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "LOCAL_RANK": "1"})
     assert (tr.kind, tr.rank, tr.world_size, tr.local_rank) == ("torchrun", 3, 4, 1)
-    srun = detect_launcher_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                                "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "4(x2)"})
+    srun = detect_launcher_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_STEP_ID": "0",
+            "SLURM_NTASKS_PER_NODE": "4(x2)",
+        }
+    )
     assert (srun.kind, srun.rank, srun.world_size, srun.local_rank, srun.local_world_size) == ("srun", 5, 8, 1, 4)
     # The batch script of an sbatch job is not a rank.
     assert detect_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) is None
@@ -92,7 +100,7 @@ def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from parallel.launch import remove_abandoned_rendezvous
+    from moemesh.parallel.launch import remove_abandoned_rendezvous
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs
@@ -118,7 +126,7 @@ def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_hang_watch_names_the_rank_that_stopped_beating(tmp_path):
-    from parallel.launch import _HangWatch, _Stalled
+    from moemesh.parallel.launch import _HangWatch, _Stalled
 
     watch = _HangWatch(str(tmp_path), 3, timeout_s=0.5)
     beat = lambda r, n: (tmp_path / f"beat{r}").write_text(f"{100 + r} {n}\n")  # noqa: E731
@@ -140,7 +148,7 @@ def test_hang_watch_names_the_rank_that_stopped_beating(tmp_path):
 
 
 def test_hang_watch_a_rank_that_never_beats_and_a_watcher_that_was_stopped_itself(tmp_path):
-    from parallel.launch import _HangWatch, _Stalled
+    from moemesh.parallel.launch import _HangWatch, _Stalled
 
     watch = _HangWatch(str(tmp_path), 2, timeout_s=0.5)
     watch.check([True, True])
@@ -160,7 +168,7 @@ def test_hang_watch_a_rank_that_never_beats_and_a_watcher_that_was_stopped_itsel
 
 
 def test_cluster_timeouts_and_output_access_are_checked():
-    from parallel.launch import check_launcher, output_umask
+    from moemesh.parallel.launch import check_launcher, output_umask
 
     for key in ("cluster.hang_timeout_s", "cluster.rendezvous_timeout_s"):
         with pytest.raises(ConfigError, match=f"{key}=0: must be > 0 seconds"):
@@ -168,4 +176,7 @@ def test_cluster_timeouts_and_output_access_are_checked():
     with pytest.raises(ConfigError, match="cluster.output_access=public: valid: private, group, inherit"):
         output_umask(tiny_run(**{"cluster.output_access": "public"}))
     assert [output_umask(tiny_run(**{"cluster.output_access": a})) for a in ("private", "group", "inherit")] == [
-        0o077, 0o027, None]
+        0o077,
+        0o027,
+        None,
+    ]

@@ -1,7 +1,7 @@
 import torch.distributed as dist
 
-from parallel.dims import MeshAxis, ParallelDims
-from parallel.mesh import build_mesh
+from moemesh.parallel.dims import MeshAxis, ParallelDims
+from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
 
 

@@ -2,6 +2,7 @@
 
 No cluster needed here; tests/test_slurm_cluster.py runs the same paths against a real SLURM.
 """
+
 import json
 import os
 import signal
@@ -12,11 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from conf.schema import ConfigError
-from parallel.slurm import (Allocation, SweepJob, allocation_for, group_jobs, mixed_allocation_error,
-                            requeue_signal, validate_slurm)
+from moemesh.errors import ConfigError
+from moemesh.parallel.slurm import (
+    SweepJob,
+    allocation_for,
+    group_jobs,
+    mixed_allocation_error,
+    requeue_signal,
+    validate_slurm,
+)
+from moemesh.trainer.metrics import MetricsLogger
 from tests.conftest import tiny_run
-from trainer.metrics import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,9 +32,16 @@ def _slurm_run(**overrides):
     return tiny_run(**{"cluster.name": "slurm", "cluster.launcher": "slurm", **overrides})
 
 
-@pytest.mark.parametrize("world, per_node, expected", [
-    (16, 8, (2, 8)), (8, 8, (1, 8)), (4, 8, (1, 4)), (1, 8, (1, 1)), (32, 4, (8, 4)),
-])
+@pytest.mark.parametrize(
+    "world, per_node, expected",
+    [
+        (16, 8, (2, 8)),
+        (8, 8, (1, 8)),
+        (4, 8, (1, 4)),
+        (1, 8, (1, 1)),
+        (32, 4, (8, 4)),
+    ],
+)
 def test_allocation_is_the_world_size_in_whole_nodes(world, per_node, expected):
     alloc = allocation_for(_slurm_run(**{"cluster.gpus_per_node": per_node}), world)
     assert (alloc.nodes, alloc.tasks_per_node) == expected
@@ -49,19 +63,34 @@ def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path, monkeypa
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}")
-    run = _slurm_run(**{"cluster.slurm.partition": "gpu", "cluster.slurm.account": "proj",
-                        "cluster.slurm.constraint": "h100", "cluster.slurm.time_min": 90,
-                        "cluster.slurm.additional_parameters": {"exclusive": True, "mail-type": "END"},
-                        "cluster.slurm.setup": ["module load cuda"]})
+    run = _slurm_run(
+        **{
+            "cluster.slurm.partition": "gpu",
+            "cluster.slurm.account": "proj",
+            "cluster.slurm.constraint": "h100",
+            "cluster.slurm.time_min": 90,
+            "cluster.slurm.additional_parameters": {"exclusive": True, "mail-type": "END"},
+            "cluster.slurm.setup": ["module load cuda"],
+        }
+    )
     alloc = allocation_for(run, 16)
     params = alloc.executor_parameters(name="train", python_path="/repo")
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     executor.update_parameters(**params)
     text = executor._executor._make_submission_file_text("python -m job", "uid")  # what sbatch would read
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --constraint=h100",
-                 "#SBATCH --time=90", "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --exclusive",
-                 "#SBATCH --mail-type=END"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --time=90",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=END",
+    ):
         assert line in text.splitlines(), line
     setup = text.index("export PYTHONPATH=/repo")
     assert setup < text.index("unset RANK WORLD_SIZE") < text.index("module load cuda") < text.index("srun ")
@@ -69,9 +98,12 @@ def test_executor_parameters_become_the_expected_sbatch_lines(tmp_path, monkeypa
 
 
 def test_sbatch_flags_cpus_lists_and_switching_requeue_off(tmp_path):
-    run = _slurm_run(**{"cluster.slurm.cpus_per_task": 6,
-                        "cluster.slurm.additional_parameters": {"requeue": False, "exclusive": False,
-                                                                "nodelist": ["n1", "n2"]}})
+    run = _slurm_run(
+        **{
+            "cluster.slurm.cpus_per_task": 6,
+            "cluster.slurm.additional_parameters": {"requeue": False, "exclusive": False, "nodelist": ["n1", "n2"]},
+        }
+    )
     params = allocation_for(run, 8).executor_parameters(name="train")
     assert "--cpus-per-task=6" in params["slurm_srun_args"]  # srun (22.05+) does not inherit it
     assert params["cpus_per_task"] == 6
@@ -80,26 +112,31 @@ def test_sbatch_flags_cpus_lists_and_switching_requeue_off(tmp_path):
         allocation_for(_slurm_run(**{"cluster.slurm.additional_parameters": {"x": {"y": 1}}}), 8)
 
 
-@pytest.mark.parametrize("completed, rank, received, stopped, expected", [
-    (False, 0, [], False, "fail"),  # a rank raised: exit non-zero so srun stops the others
-    (False, 3, [signal.SIGUSR2], True, "fail"),
-    (True, 0, [], False, "done"),
-    (True, 0, [signal.SIGUSR2], False, "done"),  # the signal came after the last step
-    (True, 0, [signal.SIGUSR2], True, "requeue"),
-    (True, 2, [signal.SIGUSR2], True, "done"),  # task 0 requeues for everyone
-    (True, 0, [signal.SIGTERM, signal.SIGUSR2], True, "requeue"),  # submitit's preemption: TERM then USR2
-    (True, 0, [signal.SIGTERM], True, "interrupted"),  # scancel or SLURM preemption
-    (True, 1, [signal.SIGUSR1], True, "interrupted"),
-])
+@pytest.mark.parametrize(
+    "completed, rank, received, stopped, expected",
+    [
+        (False, 0, [], False, "fail"),  # a rank raised: exit non-zero so srun stops the others
+        (False, 3, [signal.SIGUSR2], True, "fail"),
+        (True, 0, [], False, "done"),
+        (True, 0, [signal.SIGUSR2], False, "done"),  # the signal came after the last step
+        (True, 0, [signal.SIGUSR2], True, "requeue"),
+        (True, 2, [signal.SIGUSR2], True, "done"),  # task 0 requeues for everyone
+        (True, 0, [signal.SIGTERM, signal.SIGUSR2], True, "requeue"),  # submitit's preemption: TERM then USR2
+        (True, 0, [signal.SIGTERM], True, "interrupted"),  # scancel or SLURM preemption
+        (True, 1, [signal.SIGUSR1], True, "interrupted"),
+    ],
+)
 def test_what_a_task_does_after_training(completed, rank, received, stopped, expected):
-    from parallel.slurm import after_task
+    from moemesh.parallel.slurm import after_task
 
-    assert after_task(completed=completed, rank=rank, received=received, stopped_early=stopped,
-                      requeue_sig=signal.SIGUSR2) == expected
+    assert (
+        after_task(completed=completed, rank=rank, received=received, stopped_early=stopped, requeue_sig=signal.SIGUSR2)
+        == expected
+    )
 
 
 def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
-    from parallel.slurm import resume_setting
+    from moemesh.parallel.slurm import resume_setting
 
     assert resume_setting(None, 0, True) is None  # first attempt in a reused directory: as the user said
     assert resume_setting("/ckpt/a", 0, False) == "/ckpt/a"
@@ -110,11 +147,14 @@ def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
 
 def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     a4, a16 = allocation_for(_slurm_run(), 4), allocation_for(_slurm_run(), 16)
-    jobs = [SweepJob(0, ["cluster=slurm", "parallel=ep8_dp2"], a16), SweepJob(1, ["cluster=slurm", "parallel=ep4"], a4),
-            SweepJob(2, ["cluster=slurm", "parallel=ep2_dp8"], a16)]
+    jobs = [
+        SweepJob(0, ["cluster=slurm", "parallel=ep8_dp2"], a16),
+        SweepJob(1, ["cluster=slurm", "parallel=ep4"], a4),
+        SweepJob(2, ["cluster=slurm", "parallel=ep2_dp8"], a16),
+    ]
     groups = group_jobs(jobs)
     assert list(groups) == [a16, a4] and [j.index for j in groups[a16]] == [0, 2]
-    from parallel.slurm import job_name
+    from moemesh.parallel.slurm import job_name
 
     assert job_name([SweepJob(0, [], a16, "ep8_dp2")]) == "moemesh-ep8_dp2"
     assert job_name([SweepJob(0, [], a16, "ep8_dp2"), SweepJob(1, [], a16, "ep2_dp8")]) == "moemesh-sweep"
@@ -127,13 +167,16 @@ def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     assert len(group_jobs([SweepJob(0, [], a16), SweepJob(1, [], longer)])) == 2
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("cluster.slurm.mixed_allocations", "merge", "is not one of split, reject"),
-    ("cluster.slurm.time_min", 0, "must be a positive number of minutes"),
-    ("cluster.slurm.signal_delay_s", 3600, "must be in [0, time_min*60=3600)"),
-    ("cluster.slurm.max_timeouts", -1, "must be >= 0"),
-    ("cluster.slurm.cpus_per_task", 0, "positive integer or null"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("cluster.slurm.mixed_allocations", "merge", "is not one of split, reject"),
+        ("cluster.slurm.time_min", 0, "must be a positive number of minutes"),
+        ("cluster.slurm.signal_delay_s", 3600, "must be in [0, time_min*60=3600)"),
+        ("cluster.slurm.max_timeouts", -1, "must be >= 0"),
+        ("cluster.slurm.cpus_per_task", 0, "positive integer or null"),
+    ],
+)
 def test_slurm_settings_are_validated(key, value, needle):
     with pytest.raises(ConfigError) as err:
         validate_slurm(_slurm_run(**{key: value}))
@@ -167,8 +210,14 @@ def _cli(tmp_path, *args, path=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _fake_sbatch(tmp_path) -> Path:
@@ -183,26 +232,43 @@ def _fake_sbatch(tmp_path) -> Path:
 
 def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
-    proc = _cli(tmp_path, "-m", "cluster=slurm", "parallel=ep2_dp2,ep4", "model.num_experts=6",
-                f"hydra.sweep.dir={tmp_path}/sweep", path=f"{bin_dir}:{os.environ['PATH']}")
+    proc = _cli(
+        tmp_path,
+        "-m",
+        "cluster=slurm",
+        "parallel=ep2_dp2,ep4",
+        "model.num_experts=6",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        path=f"{bin_dir}:{os.environ['PATH']}",
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: nothing was submitted; 1 problem(s) in this sweep of 2 job(s)")
+    assert len(lines) == 1 and lines[0].startswith(
+        "moemesh: config error: nothing was submitted; 1 problem(s) in this sweep of 2 job(s)"
+    )
     assert "job #1 (parallel=ep4): model.num_experts=6 must be divisible by parallel.expert_parallel_size=4" in lines[0]
     assert not (tmp_path / "sbatch-calls").exists() and not (tmp_path / "sweep" / ".submitit").exists()
 
 
 def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
-    proc = _cli(tmp_path, "-m", "cluster=slurm", "cluster.slurm.mixed_allocations=reject", "parallel=ep2,ep2_dp2",
-                f"hydra.sweep.dir={tmp_path}/sweep", path=f"{bin_dir}:{os.environ['PATH']}")
+    proc = _cli(
+        tmp_path,
+        "-m",
+        "cluster=slurm",
+        "cluster.slurm.mixed_allocations=reject",
+        "parallel=ep2,ep2_dp2",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        path=f"{bin_dir}:{os.environ['PATH']}",
+    )
     assert proc.returncode == 2 and "needs 2 different allocations" in proc.stderr, proc.stderr
     assert not (tmp_path / "sbatch-calls").exists()
 
 
 def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
-    no_slurm_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
-                                    if not (Path(p) / "sbatch").exists())
+    no_slurm_path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists()
+    )
     proc = _cli(tmp_path, "-m", "cluster=slurm", "parallel=ep2", path=no_slurm_path)
     assert proc.returncode == 2 and "sbatch is not on PATH" in proc.stderr, proc.stderr
     # Without -m, cluster=slurm outside an allocation names both ways in.
@@ -214,9 +280,14 @@ def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
 def test_sweep_started_inside_srun_tasks_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_LOCALID="0")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "parallel=ep2",
-                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "parallel=ep2", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "every rank would run the sweep on its own" in proc.stderr, proc.stderr
 
 
@@ -226,18 +297,26 @@ def test_a_stop_request_saves_and_stops_unless_the_run_is_already_done(tmp_path,
     (a requeued attempt would resume with nothing left to do)."""
     import torch
 
-    from parallel import checkpoint
-    from parallel.launch import _StopFlag
-    from parallel.mesh import single_rank_mesh
-    from trainer.data import prepare_data
-    from trainer.loop import RankContext, train
+    from moemesh.parallel import checkpoint
+    from moemesh.parallel.launch import _StopFlag
+    from moemesh.parallel.mesh import single_rank_mesh
+    from moemesh.trainer.data import prepare_data
+    from moemesh.trainer.loop import RankContext, train
 
     run = tiny_run(**{"trainer.steps": steps})
     flag = _StopFlag()
     flag.set(signal.SIGUSR2, None)  # already requested before the first step ends
-    ctx = RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                      output_dir=str(tmp_path), data_paths=prepare_data(run.data, seq_len=32, vocab_size=256),
-                      stop_requested=flag.get, stop_signals=flag.names, on_stop=flag.mark_stopped)
+    ctx = RankContext(
+        rank=0,
+        local_rank=0,
+        device=torch.device("cpu"),
+        mesh=single_rank_mesh(),
+        output_dir=str(tmp_path),
+        data_paths=prepare_data(run.data, seq_len=32, vocab_size=256),
+        stop_requested=flag.get,
+        stop_signals=flag.names,
+        on_stop=flag.mark_stopped,
+    )
     summary = train(run, ctx)
     assert flag.stopped_early is stops_early and summary["steps"] == 1
     assert summary["stopped_by_signal"] == (["SIGUSR2"] if stops_early else None)

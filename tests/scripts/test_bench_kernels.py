@@ -4,6 +4,7 @@ The table's code (Triton vs eager vs torch.compile of the reference, the chain's
 forward+backward) otherwise runs only on a GPU; this keeps the first GPU session
 from spending its device time on a broken script. The timings are not checked.
 """
+
 import subprocess
 import sys
 
@@ -12,16 +13,38 @@ from tests.scripts._interpreted import needs_triton, run_interpreted
 
 @needs_triton
 def test_cuda_table_code_runs_under_the_interpreter(repo_root):
-    out = run_interpreted(repo_root, "bench_kernels.py", "--interpret-smoke", "--tokens", 33, "--experts", 16,
-                          "--top-k", 2, "--hidden", 24, "--peak-gbps", 100)
+    out = run_interpreted(
+        repo_root,
+        "bench_kernels.py",
+        "--interpret-smoke",
+        "--tokens",
+        33,
+        "--experts",
+        16,
+        "--top-k",
+        2,
+        "--hidden",
+        24,
+        "--peak-gbps",
+        100,
+    )
     first, compiled = out.stdout.split("| op | torch.compile")
 
     def rows(text):
-        return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-                for line in text.splitlines() if line.startswith("| ") and not line.startswith("| op ")}
+        return {
+            line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| op ")
+        }
 
-    ops = ("gating", "permute", "sort_chunks", "unpermute", "gating+permute+unpermute",
-           "gating+permute+unpermute fwd+bwd")
+    ops = (
+        "gating",
+        "permute",
+        "sort_chunks",
+        "unpermute",
+        "gating+permute+unpermute",
+        "gating+permute+unpermute fwd+bwd",
+    )
     first, compiled = rows(first), rows(compiled)
     for op in ops:
         # triton and eager times, and the compiled reference's, were all measured (no nan)
@@ -35,10 +58,27 @@ def test_cuda_table_code_runs_under_the_interpreter(repo_root):
 @needs_triton
 def test_bench_moe_times_each_kernel_backend(repo_root):
     """bench_moe's --kernels rows (on CUDA: triton and torch side by side), here interpreted."""
-    out = run_interpreted(repo_root, "bench_moe.py", "--tokens", 24, "--hidden", 16, "--ffn", 16, "--repeats", 1,
-                          "--kernels", "triton,torch")
+    out = run_interpreted(
+        repo_root,
+        "bench_moe.py",
+        "--tokens",
+        24,
+        "--hidden",
+        16,
+        "--ffn",
+        16,
+        "--repeats",
+        1,
+        "--kernels",
+        "triton,torch",
+    )
     for label in ("grouped_mm, triton", "grouped_mm, torch", "per-expert loop, torch"):
         assert f"{label}):" in out.stdout, out.stdout
-    bad = subprocess.run([sys.executable, "scripts/bench_moe.py", "--kernels", "cuda"], cwd=repo_root,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "scripts/bench_moe.py", "--kernels", "cuda"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "kernels.backend='cuda' is not one of auto, triton, torch" in bad.stderr

@@ -1,11 +1,12 @@
 """scripts/compare.py: on two real (tiny) train.py runs (table, charts, sweeps, errors), and on
 fabricated run directories (fast, one process): step breakdowns that add up to the step,
 percentages that add up to 100, a subtitle on every chart, coinciding loss curves named."""
+
 import json
-from decimal import Decimal
 import shutil
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,19 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_ffn_hidden_size=48",
+    "model.max_seq_len=32",
+    "trainer.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+]
 CHARTS = ("throughput.png", "step_breakdown.png", "memory.png", "a2a_share.png", "load_cv.png", "loss.png")
 EXPERT = "expert param MiB/rank"
 PHASES = ["step ms", "fwd %", "bwd %", "pipeline %", "grad reduce %", "optim %", "other %", "a2a %"]
@@ -29,17 +40,33 @@ def runs(tmp_path_factory):
     out = []
     for layout in ("single", "ep2"):
         d = tmp / layout
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={d}", *SMALL,
-                               "trainer.steps=3", f"parallel={layout}"],
-                              cwd=tmp, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"hydra.run.dir={d}",
+                *SMALL,
+                "trainer.steps=3",
+                f"parallel={layout}",
+            ],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert proc.returncode == 0, proc.stderr
         out.append(d)
     return out
 
 
 def _compare(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _rows(md: str) -> dict[str, dict[str, str]]:
@@ -79,8 +106,14 @@ def _add_phase_times(run: Path, *, in_summary: bool):
     s = json.loads((run / "summary.json").read_text())
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     for r, step in zip(records, (1.0, 0.08, 0.12)):
-        r["time"] = {"forward": 0.03, "backward": 0.04, "a2a": 0.01, "grad_reduce": 0.005, "optimizer": 0.005,
-                     "step": step}
+        r["time"] = {
+            "forward": 0.03,
+            "backward": 0.04,
+            "a2a": 0.01,
+            "grad_reduce": 0.005,
+            "optimizer": 0.005,
+            "step": step,
+        }
     for key in ("median_step_s", "time_breakdown", "a2a_share"):
         s.pop(key, None)
     if in_summary:  # preferred over the records; no pipeline/grad_reduce/optimizer here
@@ -141,16 +174,38 @@ def _percent_sum(cells) -> Decimal:
 def _fake_run(d: Path, layout: str, *, losses, time=None, summary=None, model="tiny") -> Path:
     """A run directory as train.py leaves it: metrics.jsonl (one record per loss) and summary.json."""
     d.mkdir(parents=True)
-    time = time or {"forward": 0.03, "backward": 0.04, "pipeline": 0.0, "a2a": 0.01, "grad_reduce": 0.005,
-                    "optimizer": 0.005, "step": 0.1}
-    records = [{"step": i, "loss": loss, "step_s": time["step"], "tokens_per_s": 256 / time["step"], "time": time}
-               for i, loss in enumerate(losses)]
+    time = time or {
+        "forward": 0.03,
+        "backward": 0.04,
+        "pipeline": 0.0,
+        "a2a": 0.01,
+        "grad_reduce": 0.005,
+        "optimizer": 0.005,
+        "step": 0.1,
+    }
+    records = [
+        {"step": i, "loss": loss, "step_s": time["step"], "tokens_per_s": 256 / time["step"], "time": time}
+        for i, loss in enumerate(losses)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    s = {"parallel": layout, "dp": 1, "ep": 1, "tp": 1, "pp": 1, "world_size": 1, "model": model,
-         "steps": len(losses), "final_loss": losses[-1], "median_step_s": time["step"],
-         "median_tokens_per_s": 256 / time["step"], "time_breakdown": time, "a2a_share": time["a2a"] / time["step"],
-         "peak_memory_bytes": {"min": 2**20, "max": 2**20, "kind": "cpu_peak_rss"}, "start_step": 0,
-         **(summary or {})}
+    s = {
+        "parallel": layout,
+        "dp": 1,
+        "ep": 1,
+        "tp": 1,
+        "pp": 1,
+        "world_size": 1,
+        "model": model,
+        "steps": len(losses),
+        "final_loss": losses[-1],
+        "median_step_s": time["step"],
+        "median_tokens_per_s": 256 / time["step"],
+        "time_breakdown": time,
+        "a2a_share": time["a2a"] / time["step"],
+        "peak_memory_bytes": {"min": 2**20, "max": 2**20, "kind": "cpu_peak_rss"},
+        "start_step": 0,
+        **(summary or {}),
+    }
     (d / "summary.json").write_text(json.dumps(s))
     return d
 
@@ -165,8 +220,15 @@ def _runs(*dirs) -> list:
 
 LOSS = [5.0 - 0.05 * i for i in range(40)]
 # README's ep2_dp2 row: the phases (each the slowest rank's) add up to 104.5% of the step.
-OVER = {"forward": 0.399, "backward": 0.414, "pipeline": 0.0, "a2a": 0.22, "grad_reduce": 0.126, "optimizer": 0.106,
-        "step": 1.0}
+OVER = {
+    "forward": 0.399,
+    "backward": 0.414,
+    "pipeline": 0.0,
+    "a2a": 0.22,
+    "grad_reduce": 0.126,
+    "optimizer": 0.106,
+    "step": 1.0,
+}
 
 
 @pytest.mark.parametrize("values", [[1, 1, 1], [0.399, 0.414, 0.126, 0.106], [2, 0, 1, 0, 7, 3], [1e-9, 1, 1e9]])
@@ -178,13 +240,19 @@ def test_largest_remainder_adds_up_to_exactly_100(values):
 
 
 def test_breakdown_adds_phases_and_other_up_to_the_step_without_counting_a2a():
-    b = compare.step_breakdown({"forward": 0.03, "backward": 0.04, "a2a": 0.02, "grad_reduce": 0.005,
-                                "optimizer": 0.005, "step": 0.1}, 0.1)
+    b = compare.step_breakdown(
+        {"forward": 0.03, "backward": 0.04, "a2a": 0.02, "grad_reduce": 0.005, "optimizer": 0.005, "step": 0.1}, 0.1
+    )
     assert list(b.segments) == ["forward", "backward", "grad_reduce", "optimizer", "other"]  # a2a is nested
     assert sum(b.segments.values()) == pytest.approx(0.1) and b.segments["other"] == pytest.approx(0.02)
     assert not b.scaled and b.a2a_s == 0.02
     assert {k: f"{v:.1f}" for k, v in b.percent.items()} == {
-        "forward": "30.0", "backward": "40.0", "grad_reduce": "5.0", "optimizer": "5.0", "other": "20.0"}
+        "forward": "30.0",
+        "backward": "40.0",
+        "grad_reduce": "5.0",
+        "optimizer": "5.0",
+        "other": "20.0",
+    }
 
 
 def test_breakdown_scales_phases_that_exceed_the_step():
@@ -226,8 +294,10 @@ def test_step_breakdown_chart_segments_add_up_to_the_step(tmp_path):
 
     x = _runs(_fake_run(tmp_path / "x", "x", losses=LOSS))[0]
     slower = {k: 8 * v for k, v in compare.time_breakdown(x).items()}
-    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS, time=slower),
-                 _fake_run(tmp_path / "b", "ep2_dp2", losses=LOSS, time=OVER))
+    runs = _runs(
+        _fake_run(tmp_path / "a", "ep2", losses=LOSS, time=slower),
+        _fake_run(tmp_path / "b", "ep2_dp2", losses=LOSS, time=OVER),
+    )
     fig, skipped = compare.draw("step_breakdown.png", runs)
     try:
         ax = fig.axes[0]
@@ -264,14 +334,25 @@ def test_every_chart_has_a_subtitle_with_model_steps_and_machine(tmp_path):
 
 
 def test_subtitle_uses_the_recorded_machine_and_names_differences(tmp_path):
-    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS, summary={"machine": {"hostname": "node7", "device": "NVIDIA H200",
-                                                                           "count": 8}})
-    b = _fake_run(tmp_path / "b", "dp2", losses=LOSS[:10], model="small",
-                  summary={"machine": "node7, 8 × NVIDIA H200", "start_step": 30})
+    a = _fake_run(
+        tmp_path / "a",
+        "ep2",
+        losses=LOSS,
+        summary={"machine": {"hostname": "node7", "device": "NVIDIA H200", "count": 8}},
+    )
+    b = _fake_run(
+        tmp_path / "b",
+        "dp2",
+        losses=LOSS[:10],
+        model="small",
+        summary={"machine": "node7, 8 × NVIDIA H200", "start_step": 30},
+    )
     c = _fake_run(tmp_path / "c", "dp4", losses=LOSS, summary={"peak_memory_bytes": {"max": 1}})
     sub = compare.chart_subtitle(_runs(a, b, c))
-    assert sub == ("model tiny (ep2, dp4); model small (dp2) · 40 steps (ep2, dp4); steps 30–40 (dp2) · "
-                   "machine: node7, 8 × NVIDIA H200 (ep2, dp2); machine: unknown (dp4)")
+    assert sub == (
+        "model tiny (ep2, dp4); model small (dp2) · 40 steps (ep2, dp4); steps 30–40 (dp2) · "
+        "machine: node7, 8 × NVIDIA H200 (ep2, dp2); machine: unknown (dp4)"
+    )
 
 
 def test_coinciding_loss_curves_are_named_on_the_chart_and_stdout(tmp_path, capsys):
@@ -305,9 +386,11 @@ def test_coinciding_loss_curves_are_named_on_the_chart_and_stdout(tmp_path, caps
 def test_different_loss_curves_do_not_coincide(tmp_path):
     import matplotlib.pyplot as plt
 
-    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS),
-                 _fake_run(tmp_path / "b", "dp2", losses=[x + 1e-3 for x in LOSS]),
-                 _fake_run(tmp_path / "c", "ep4", losses=LOSS[::-1]))
+    runs = _runs(
+        _fake_run(tmp_path / "a", "ep2", losses=LOSS),
+        _fake_run(tmp_path / "b", "dp2", losses=[x + 1e-3 for x in LOSS]),
+        _fake_run(tmp_path / "c", "ep4", losses=LOSS[::-1]),
+    )
     assert compare.coinciding_losses(runs) == []
     fig, _ = compare.draw("loss.png", runs)
     try:

@@ -6,8 +6,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mesh(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "mesh.py"), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "mesh.py"), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_mesh_prints_coordinates_and_groups(tmp_path):

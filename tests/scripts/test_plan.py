@@ -1,5 +1,6 @@
 """The planner: exact where it can be, marks what cannot fit, ranks stably, scales; its table
 says what it left out and its commands compose into the split planned."""
+
 import argparse
 import dataclasses
 import re
@@ -21,14 +22,14 @@ import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from conf.schema import ModelConfig  # noqa: E402
-from conf.validate import validate_run  # noqa: E402
-from moe.layer import MoELayer  # noqa: E402
-from moe.model import Transformer  # noqa: E402
-from parallel.comm import CommMeter  # noqa: E402
-from parallel.dims import MeshAxis, ParallelDims  # noqa: E402
-from parallel.mesh import build_mesh  # noqa: E402
-from parallel.pipeline import stage_layers  # noqa: E402
+from moemesh.config.validate import validate_run  # noqa: E402
+from moemesh.moe.config import ModelConfig  # noqa: E402
+from moemesh.moe.layer import MoELayer  # noqa: E402
+from moemesh.moe.model import Transformer  # noqa: E402
+from moemesh.parallel.comm import CommMeter  # noqa: E402
+from moemesh.parallel.dims import MeshAxis, ParallelDims  # noqa: E402
+from moemesh.parallel.mesh import build_mesh  # noqa: E402
+from moemesh.parallel.pipeline import stage_layers  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
 
 ARGS = argparse.Namespace(precision="fp32", activation_checkpointing=False, zero1=False, mfu=0.4, peak_flops=1e12)
@@ -43,9 +44,13 @@ def _real_bytes(run, dims):
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                model = Transformer(run.model, ep_rank=pm.ep_rank, ep_group=pm.ep_group,
-                                    tp_group=pm.tp_group if dims.tp > 1 else None,
-                                    layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]])
+                model = Transformer(
+                    run.model,
+                    ep_rank=pm.ep_rank,
+                    ep_group=pm.ep_group,
+                    tp_group=pm.tp_group if dims.tp > 1 else None,
+                    layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]],
+                )
         finally:
             dist.destroy_process_group()
         e = sum(p.numel() * 4 for p in model.expert_parameters())
@@ -71,8 +76,19 @@ def test_gradient_and_optimizer_bytes_equal_a_real_run(tmp_path):
 
     from tests.test_train_cli import SMALL
 
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "parallel=ep2",
-                           "trainer.steps=1", *SMALL], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"hydra.run.dir={tmp_path}",
+            "parallel=ep2",
+            "trainer.steps=1",
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     mem = json.loads((tmp_path / "summary.json").read_text())["memory_per_rank"]
     run = compose_run(["parallel=ep2", *SMALL, "trainer.steps=1"])
@@ -104,13 +120,27 @@ def test_all_to_all_bytes_equal_a_real_dropless_run():
 
 
 def test_splits_that_cannot_fit_are_marked():
-    run = compose_run(["model=seed_4096", "cluster.gpus=16", "trainer.micro_batch_size=1",
-                       "trainer.global_batch_size=64", "cluster.gpu_memory_gb=1"])
+    run = compose_run(
+        [
+            "model=seed_4096",
+            "cluster.gpus=16",
+            "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=64",
+            "cluster.gpu_memory_gb=1",
+        ]
+    )
     valid, invalid = plan.make_plan(run, 16, ARGS)
     assert valid and not any(p.fits for p in valid)
     assert any("num_kv_heads=8 must be divisible by parallel.tensor_parallel_size=16" in p.problem for p in invalid)
-    roomy = compose_run(["model=seed_4096", "cluster.gpus=16", "trainer.micro_batch_size=1",
-                         "trainer.global_batch_size=64", "cluster.gpu_memory_gb=10000"])
+    roomy = compose_run(
+        [
+            "model=seed_4096",
+            "cluster.gpus=16",
+            "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=64",
+            "cluster.gpu_memory_gb=10000",
+        ]
+    )
     assert all(p.fits for p in plan.make_plan(roomy, 16, ARGS)[0])
 
 
@@ -120,8 +150,13 @@ def test_ranking_of_a_hand_checked_case():
     bubble 1/3 -> first three. pp4: no communication, bubble 3/5 -> fourth. dp4 all-reduces
     the whole model's gradients across nodes (2 x 3/4 x 14.7 MB): ~2.1 s -> second to last.
     tp4 all-reduces activations 4 times per layer x 4 layers (16 x 1.5 x 1 MiB): ~4.4 s -> last."""
-    over = ["cluster.gpus=4", "cluster.gpus_per_node=2", "cluster.inter_node_gbps=0.01", "model.num_layers=4",
-            "trainer.global_batch_size=16"]
+    over = [
+        "cluster.gpus=4",
+        "cluster.gpus_per_node=2",
+        "cluster.inter_node_gbps=0.01",
+        "model.num_layers=4",
+        "trainer.global_batch_size=16",
+    ]
     run = compose_run(over)
     ranked = [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in plan.make_plan(run, 4, ARGS)[0]]
     assert ranked == [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in plan.make_plan(run, 4, ARGS)[0]]
@@ -131,9 +166,22 @@ def test_ranking_of_a_hand_checked_case():
 
 def test_a_1024_gpu_plan_with_256_experts_takes_under_2_seconds():
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan.py"), "model=seed_4096",
-                           "model.num_experts=256", "cluster.gpus=1024", "trainer.global_batch_size=4096",
-                           "trainer.micro_batch_size=1", "--top", "5"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "plan.py"),
+            "model=seed_4096",
+            "model.num_experts=256",
+            "cluster.gpus=1024",
+            "trainer.global_batch_size=4096",
+            "trainer.micro_batch_size=1",
+            "--top",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     planned = float(proc.stdout.split("planned in ")[1].split(" s")[0])
     assert planned < 2.0, proc.stdout[:400]  # the planning itself; the whole command took ~1.5 s here
@@ -142,10 +190,16 @@ def test_a_1024_gpu_plan_with_256_experts_takes_under_2_seconds():
 
 
 # README's seed command (--activation-checkpointing --zero1): 34 valid splits, the seed's dp8 x ep2 ranks 30th.
-SEED = ["model=seed_4096", "cluster.gpus=16", "trainer.global_batch_size=256", "trainer.seq_len=4096",
-        "trainer.micro_batch_size=1"]
-SEED_ARGS = argparse.Namespace(precision="bf16_mixed", activation_checkpointing=True, zero1=True, mfu=0.4,
-                               peak_flops=989e12)
+SEED = [
+    "model=seed_4096",
+    "cluster.gpus=16",
+    "trainer.global_batch_size=256",
+    "trainer.seq_len=4096",
+    "trainer.micro_batch_size=1",
+]
+SEED_ARGS = argparse.Namespace(
+    precision="bf16_mixed", activation_checkpointing=True, zero1=True, mfu=0.4, peak_flops=989e12
+)
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -197,8 +251,13 @@ def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(to
 def test_the_command_for_every_row_composes_into_its_split():
     """The user's other overrides are kept, including a parallel preset's schedule; the degrees,
     the name and the (reset) pipeline split are the row's; a user's own degrees are dropped."""
-    over = [*SEED, "parallel=pp2", "parallel.pipeline_schedule=gpipe", "parallel.pipeline_split=[20,12]",
-            "parallel.data_parallel_size=3"]
+    over = [
+        *SEED,
+        "parallel=pp2",
+        "parallel.pipeline_schedule=gpipe",
+        "parallel.pipeline_split=[20,12]",
+        "parallel.data_parallel_size=3",
+    ]
     run = compose_run(over)
     valid, _ = plan.make_plan(run, 16, SEED_ARGS)
     assert len(valid) > 20
@@ -207,9 +266,18 @@ def test_the_command_for_every_row_composes_into_its_split():
         assert argv[:2] == ["python", "train.py"]
         got = compose_run(argv[2:])
         d = p.dims
-        assert got == dataclasses.replace(run, parallel=dataclasses.replace(
-            run.parallel, name=plan.layout_name(d), data_parallel_size=d.dp, expert_parallel_size=d.ep,
-            tensor_parallel_size=d.tp, pipeline_parallel_size=d.pp, pipeline_split=None))
+        assert got == dataclasses.replace(
+            run,
+            parallel=dataclasses.replace(
+                run.parallel,
+                name=plan.layout_name(d),
+                data_parallel_size=d.dp,
+                expert_parallel_size=d.ep,
+                tensor_parallel_size=d.tp,
+                pipeline_parallel_size=d.pp,
+                pipeline_split=None,
+            ),
+        )
         validate_run(got)
 
 
@@ -237,6 +305,10 @@ def test_command_option_prints_the_rows_command_and_the_table_prints_the_best(ca
 def test_generated_names_are_the_presets_names():
     for path in sorted((ROOT / "conf" / "parallel").glob("*.yaml")):
         cfg = OmegaConf.load(path)
-        dims = plan.ParallelDims(dp=cfg.data_parallel_size, ep=cfg.expert_parallel_size,
-                                 tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size)
+        dims = plan.ParallelDims(
+            dp=cfg.data_parallel_size,
+            ep=cfg.expert_parallel_size,
+            tp=cfg.tensor_parallel_size,
+            pp=cfg.pipeline_parallel_size,
+        )
         assert plan.layout_name(dims) == cfg.name == path.stem

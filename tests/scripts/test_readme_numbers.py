@@ -1,5 +1,6 @@
 """README's measured numbers hold: scripts/readme_numbers.py re-measures them (one 300-step
 run of the default model, about a minute here) and fails on any stale one."""
+
 import platform
 import subprocess
 import sys
@@ -13,8 +14,15 @@ import readme_numbers  # noqa: E402
 
 
 def test_stale_numbers_are_named():
-    n = {"first_loss": "5.5489", "final_loss": "1.8824", "final_val": "1.8941", "steps": "300",
-         "step1_16_ranks": "5.5489", "tokens_per_s": "1", "where": "x, Python 3.11.7"}
+    n = {
+        "first_loss": "5.5489",
+        "final_loss": "1.8824",
+        "final_val": "1.8941",
+        "steps": "300",
+        "step1_16_ranks": "5.5489",
+        "tokens_per_s": "1",
+        "where": "x, Python 3.11.7",
+    }
     good = readme_numbers.render("default_run", n)
     assert all(f in good for f in readme_numbers.CHECKED["default_run"](n))
     stale = good.replace("**1.8824**", "**1.82**")
@@ -25,8 +33,11 @@ def test_stale_numbers_are_named():
 def test_readme_numbers_hold():
     recorded = readme_numbers.recorded_python(readme_numbers.README.read_text())
     if recorded != platform.python_version():
-        pytest.skip(f"README's numbers were measured with Python {recorded}; this is {platform.python_version()}, "
-                    "whose standard library (the training corpus) differs")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_numbers.py")], capture_output=True,
-                          text=True, timeout=900)
+        pytest.skip(
+            f"README's numbers were measured with Python {recorded}; this is {platform.python_version()}, "
+            "whose standard library (the training corpus) differs"
+        )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "readme_numbers.py")], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr

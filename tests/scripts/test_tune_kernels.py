@@ -1,7 +1,8 @@
 """scripts/tune_kernels.py: the coordinate descent, and the script end to end on interpreted kernels."""
+
 import torch
 
-from kernels._tuning import TUNING
+from moemesh.kernels._tuning import TUNING
 from scripts.tune_kernels import tune
 from tests.scripts._interpreted import needs_triton, run_interpreted
 
@@ -23,8 +24,21 @@ def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
 
 @needs_triton
 def test_tune_script_runs_under_the_interpreter(repo_root):
-    out = run_interpreted(repo_root, "tune_kernels.py", "--interpret-smoke", "--tokens", 17, "--experts", 16,
-                          "--top-k", 2, "--hidden", 24, "--passes", 1)
+    out = run_interpreted(
+        repo_root,
+        "tune_kernels.py",
+        "--interpret-smoke",
+        "--tokens",
+        17,
+        "--experts",
+        16,
+        "--top-k",
+        2,
+        "--hidden",
+        24,
+        "--passes",
+        1,
+    )
     for kernel in TUNING:
         assert any(line.startswith(kernel) and "ms ->" in line for line in out.stdout.splitlines()), out.stdout
     assert "refused" not in out.stdout, out.stdout  # every candidate gives the same output here

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from conf.schema import ConfigError, DataConfig
-from trainer.data import TokenData, prepare_data
+from moemesh.config.schema import DataConfig
+from moemesh.errors import ConfigError
+from moemesh.trainer.data import TokenData, prepare_data
 
 
 def test_memmap_file_is_read_and_sliced_by_global_sample_index(tmp_path):
@@ -42,8 +43,9 @@ def test_exactly_seq_len_plus_one_tokens_is_enough(tmp_path):
     train, val = tmp_path / "t.bin", tmp_path / "v.bin"
     np.arange(17, dtype=np.uint16).tofile(train)
     np.arange(17, dtype=np.uint16).tofile(val)
-    paths = prepare_data(DataConfig(name="m", kind="memmap", path=str(train), val_path=str(val)), seq_len=16,
-                         vocab_size=300)
+    paths = prepare_data(
+        DataConfig(name="m", kind="memmap", path=str(train), val_path=str(val)), seq_len=16, vocab_size=300
+    )
     x, y = TokenData(paths, seed=0).batch("val", 0, global_batch=2, seq_len=16, start=0, count=2)
     assert x[0].tolist() == list(range(16)) and y[0].tolist() == list(range(1, 17))
 

@@ -1,5 +1,6 @@
 """Data a long run would trip over at step N is refused before any rank starts; every seed
 the validator accepts draws batches."""
+
 import os
 import subprocess
 import sys
@@ -9,14 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from conf.schema import ConfigError, DataConfig
-from trainer import data as data_mod
-from trainer.data import DataPaths, TokenData, max_token_id, prepare_data
+from moemesh.config.schema import DataConfig
+from moemesh.errors import ConfigError
+from moemesh.trainer import data as data_mod
+from moemesh.trainer.data import DataPaths, TokenData, max_token_id, prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_ffn_hidden_size=48",
+    "model.max_seq_len=32",
+    "trainer.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+]
 
 
 def _file_with_one_bad_token(path: Path, n: int = 5_000_000, bad: int = 300) -> Path:
@@ -31,14 +43,29 @@ def test_a_bad_token_mid_file_is_one_line_exit_2_before_training(tmp_path):
     path = _file_with_one_bad_token(tmp_path / "train.bin")
     env = {**os.environ, "MOEMESH_CACHE": str(tmp_path / "cache")}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "data=memmap", f"data.path={path}",
-                           "trainer.steps=2000", f"hydra.run.dir={tmp_path / 'run'}", *SMALL],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "data=memmap",
+            f"data.path={path}",
+            "trainer.steps=2000",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert lines[0] == (f"moemesh: config error: data.path={path} holds token id 300 >= model.vocab_size=256; "
-                        "valid: model.vocab_size >= 301, or a file tokenised for this vocabulary")
+    assert lines[0] == (
+        f"moemesh: config error: data.path={path} holds token id 300 >= model.vocab_size=256; "
+        "valid: model.vocab_size >= 301, or a file tokenised for this vocabulary"
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
 
 
@@ -74,5 +101,5 @@ def test_data_order_is_unchanged_for_seeds_that_worked_before():
     got = data.batch("train", 7, global_batch=4, seq_len=8, start=0, count=4)[0]
     g = torch.Generator().manual_seed(1234 * 7919 + 7)  # the formula before the reduction
     offsets = torch.randint(0, len(data.train) - 8, (4,), generator=g)
-    want = torch.stack([torch.from_numpy(np.asarray(data.train[o:o + 8], dtype=np.int64)) for o in offsets.tolist()])
+    want = torch.stack([torch.from_numpy(np.asarray(data.train[o : o + 8], dtype=np.int64)) for o in offsets.tolist()])
     assert torch.equal(got, want)

@@ -3,28 +3,38 @@
 Same seed, same global batch: per-step loss (and aux loss, grad norm) of single,
 dp4, ep2_dp2 and ep4 agree to 1e-5 relative over 10 steps in fp32 on CPU.
 """
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import build_mesh, single_rank_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, train
 from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
-from trainer.data import prepare_data
-from trainer.loop import RankContext, train
 
 LAYOUTS = {"dp4": (4, 1), "ep2_dp2": (2, 2), "ep4": (1, 4)}
 STEPS = 10
 
 
 def _run_cfg(name, dp, ep, tp=1, sp=False, steps=STEPS):
-    return tiny_run(**{"parallel.name": name, "parallel.data_parallel_size": dp,
-                       "parallel.expert_parallel_size": ep, "parallel.tensor_parallel_size": tp,
-                       "parallel.sequence_parallel": sp, "trainer.steps": steps,
-                       "model.shared_expert_ffn_size": 16, "data.name": "stdlib", "data.kind": "stdlib"})
+    return tiny_run(
+        **{
+            "parallel.name": name,
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "parallel.tensor_parallel_size": tp,
+            "parallel.sequence_parallel": sp,
+            "trainer.steps": steps,
+            "model.shared_expert_ffn_size": 16,
+            "data.name": "stdlib",
+            "data.kind": "stdlib",
+        }
+    )
 
 
 def _read(out_dir):
@@ -36,8 +46,14 @@ def _layouts_worker(rank, world, root, paths):
         dims = ParallelDims(dp=dp, ep=ep)
         out = Path(root) / name
         out.mkdir(exist_ok=True)
-        ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=build_mesh(dims, "cpu"),
-                          output_dir=str(out), data_paths=paths)
+        ctx = RankContext(
+            rank=rank,
+            local_rank=rank,
+            device=torch.device("cpu"),
+            mesh=build_mesh(dims, "cpu"),
+            output_dir=str(out),
+            data_paths=paths,
+        )
         train(_run_cfg(name, dp, ep), ctx)
 
 
@@ -46,8 +62,17 @@ def _train_single(out, steps=STEPS):
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     out.mkdir()
     torch.set_num_threads(2)
-    train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                           output_dir=str(out), data_paths=paths))
+    train(
+        run,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(out),
+            data_paths=paths,
+        ),
+    )
     return paths
 
 
@@ -93,12 +118,22 @@ MESH_STEPS = 5
 
 
 def _mesh_cfg(name, dp, ep, tp, pp, sp, schedule, micro, steps=MESH_STEPS):
-    return tiny_run(**{"parallel.name": name, "parallel.data_parallel_size": dp,
-                       "parallel.expert_parallel_size": ep, "parallel.tensor_parallel_size": tp,
-                       "parallel.pipeline_parallel_size": pp, "parallel.sequence_parallel": sp,
-                       "parallel.pipeline_schedule": schedule, "trainer.micro_batch_size": micro,
-                       "trainer.steps": steps, "model.shared_expert_ffn_size": 16,
-                       "data.name": "stdlib", "data.kind": "stdlib"})
+    return tiny_run(
+        **{
+            "parallel.name": name,
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "parallel.tensor_parallel_size": tp,
+            "parallel.pipeline_parallel_size": pp,
+            "parallel.sequence_parallel": sp,
+            "parallel.pipeline_schedule": schedule,
+            "trainer.micro_batch_size": micro,
+            "trainer.steps": steps,
+            "model.shared_expert_ffn_size": 16,
+            "data.name": "stdlib",
+            "data.kind": "stdlib",
+        }
+    )
 
 
 def _mesh_worker(rank, world, root, paths, layouts, steps):
@@ -107,8 +142,14 @@ def _mesh_worker(rank, world, root, paths, layouts, steps):
         dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
         out = Path(root) / name
         out.mkdir(exist_ok=True)
-        ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=build_mesh(dims, "cpu"),
-                          output_dir=str(out), data_paths=paths)
+        ctx = RankContext(
+            rank=rank,
+            local_rank=rank,
+            device=torch.device("cpu"),
+            mesh=build_mesh(dims, "cpu"),
+            output_dir=str(out),
+            data_paths=paths,
+        )
         train(_mesh_cfg(name, *spec, steps=steps), ctx)
 
 
@@ -119,12 +160,21 @@ def test_tensor_and_pipeline_parallel_layouts_train_like_single(tmp_path):
     paths = prepare_data(ref_cfg.data, seq_len=ref_cfg.trainer.seq_len, vocab_size=ref_cfg.model.vocab_size)
     (tmp_path / "single").mkdir()
     torch.set_num_threads(2)
-    train(ref_cfg, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                               output_dir=str(tmp_path / "single"), data_paths=paths))
+    train(
+        ref_cfg,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path / "single"),
+            data_paths=paths,
+        ),
+    )
     run_on_ranks(_mesh_worker, 8, str(tmp_path), paths, MESH_LAYOUTS, MESH_STEPS)
     ref = _read(tmp_path / "single")
     single = json.loads((tmp_path / "single" / "summary.json").read_text())["param_bytes_per_rank"]
-    for name, (dp, ep, tp, pp, *_) in MESH_LAYOUTS.items():
+    for name, (_dp, ep, tp, pp, *_) in MESH_LAYOUTS.items():
         _assert_same_run(ref, _read(tmp_path / name), name)
         per_rank = json.loads((tmp_path / name / "summary.json").read_text())["param_bytes_per_rank"]
         assert per_rank["expert"]["max"] <= single["expert"]["max"] // ep

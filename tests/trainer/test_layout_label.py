@@ -1,23 +1,33 @@
 """The layout label is the layout: summary.json ``parallel``, the start line and wandb's run name
 and ``layout`` column come from the degrees that ran, not from ``parallel.name`` (which the
 command line now refuses when it disagrees: tests/test_bad_input.py)."""
+
 import json
 
 import pytest
 import torch
 
-from parallel.dims import ParallelDims
-from parallel.mesh import single_rank_mesh
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import single_rank_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, train
 from tests.conftest import tiny_run
-from trainer.data import prepare_data
-from trainer.loop import RankContext, train
 
 
 def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):
     run = tiny_run(**{"parallel.name": "ep4", "trainer.steps": 2, "logger.console": True})  # ran: one rank
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    summary = train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                                     output_dir=str(tmp_path), data_paths=paths))
+    summary = train(
+        run,
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path),
+            data_paths=paths,
+        ),
+    )
     assert summary["parallel"] == "single"
     assert json.loads((tmp_path / "summary.json").read_text())["parallel"] == "single"
     assert "moemesh: single (dp1·ep1·tp1·pp1 = 1 ranks)" in capsys.readouterr().out
@@ -25,7 +35,7 @@ def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):
 
 def test_wandb_names_the_run_and_its_layout_column_by_the_degrees(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from trainer.wandb_tracker import WandbTracker, flat_config
+    from moemesh.trainer.wandb_tracker import WandbTracker, flat_config
 
     run = tiny_run(**{"parallel.name": "ep4", "parallel.expert_parallel_size": 2, "logger.wandb": True})
     dims = ParallelDims(ep=2)

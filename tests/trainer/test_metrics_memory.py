@@ -2,6 +2,7 @@
 summary's medians come from a bounded, evenly spaced sample (every rank kept every record
 before: 7.7 KB per step for the tiny model, 57 KB for the seed model, 5.3 GiB per rank after
 100k steps)."""
+
 import copy
 import gc
 import json
@@ -11,38 +12,59 @@ import tracemalloc
 import pytest
 import torch
 
-from parallel.mesh import single_rank_mesh
+from moemesh.parallel.mesh import single_rank_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.metrics import MetricsLogger, StepSample, StepShape, stat_width, step_record, summarize_records
 from tests.conftest import tiny_run
-from trainer.data import prepare_data
-from trainer.loop import RankContext, train
-from trainer.metrics import MetricsLogger, StepSample, StepShape, stat_width, step_record, summarize_records
 
 
 def _record(step: int, *, layers: int, experts: int) -> dict:
     """A record as the loop logs it (step_record on reduced statistics), for `layers` MoE layers."""
     E = experts
     stats = torch.rand(layers, stat_width(E), dtype=torch.float64) * 100
-    shape = StepShape(tokens=4096, samples=16, num_experts=E, moe_layers=list(range(layers)), flops_per_token=1e6,
-                      peak_flops=1e12, world_size=4, loss_norm=4)
-    timing = {k: 0.01 * (1 + (step * 7919 % 13) / 13) for k in ("forward", "backward", "pipeline", "grad_reduce",
-                                                                  "optimizer", "a2a_dispatch", "a2a_combine")}
-    timing.update(step=0.05 + (step * 104729 % 17) / 1000, bytes_sent=1e6 + step, bytes_recv=1e6, min_bytes=1e6,
-                  ratio=1.0)
-    return step_record(step=step, lr=1e-3, grad_norm=1.0, losses=[2.0, 0.01, 0.001, 0.0], stats_L=stats, shape=shape,
-                       timing=timing, biases=None)
+    shape = StepShape(
+        tokens=4096,
+        samples=16,
+        num_experts=E,
+        moe_layers=list(range(layers)),
+        flops_per_token=1e6,
+        peak_flops=1e12,
+        world_size=4,
+        loss_norm=4,
+    )
+    timing = {
+        k: 0.01 * (1 + (step * 7919 % 13) / 13)
+        for k in ("forward", "backward", "pipeline", "grad_reduce", "optimizer", "a2a_dispatch", "a2a_combine")
+    }
+    timing.update(
+        step=0.05 + (step * 104729 % 17) / 1000, bytes_sent=1e6 + step, bytes_recv=1e6, min_bytes=1e6, ratio=1.0
+    )
+    return step_record(
+        step=step,
+        lr=1e-3,
+        grad_norm=1.0,
+        losses=[2.0, 0.01, 0.001, 0.0],
+        stats_L=stats,
+        shape=shape,
+        timing=timing,
+        biases=None,
+    )
 
 
 def _old_summary(records):
     """summarize_records before the sample: medians over every record after the first."""
     steady = records[1:] or records
     med = statistics.median
-    return {"time_breakdown": {k: med([r["time"][k] for r in steady]) for k in steady[0]["time"]},
-            "a2a_share": med([r["time"]["a2a"] / r["time"]["step"] for r in steady]),
-            "a2a_bytes_sent_per_step": med([r["a2a"]["bytes_sent"] for r in steady]),
-            "median_samples_per_s": med([r["samples_per_s"] for r in steady]),
-            "median_flops_per_s": med([r["flops_per_s"] for r in steady]),
-            "mfu": med([r["mfu"] for r in steady]),
-            "load_cv_final": {layer: v["cv"] for layer, v in records[-1]["load"].items()}}
+    return {
+        "time_breakdown": {k: med([r["time"][k] for r in steady]) for k in steady[0]["time"]},
+        "a2a_share": med([r["time"]["a2a"] / r["time"]["step"] for r in steady]),
+        "a2a_bytes_sent_per_step": med([r["a2a"]["bytes_sent"] for r in steady]),
+        "median_samples_per_s": med([r["samples_per_s"] for r in steady]),
+        "median_flops_per_s": med([r["flops_per_s"] for r in steady]),
+        "mfu": med([r["mfu"] for r in steady]),
+        "load_cv_final": {layer: v["cv"] for layer, v in records[-1]["load"].items()},
+    }
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 50, 4097])
@@ -65,8 +87,16 @@ def test_medians_are_exact_up_to_the_capacity(n):
 def test_past_capacity_the_sample_spans_the_run_evenly():
     sample = StepSample(capacity=8)
     for i in range(1, 101):  # record 1 is the warm-up; steady records 0..98
-        sample.add({"step": i, "time": {"step": float(i), "a2a": 0.0}, "a2a": {"bytes_sent": 0}, "samples_per_s": 1.0,
-                    "flops_per_s": 1.0, "mfu": None})
+        sample.add(
+            {
+                "step": i,
+                "time": {"step": float(i), "a2a": 0.0},
+                "a2a": {"bytes_sent": 0},
+                "samples_per_s": 1.0,
+                "flops_per_s": 1.0,
+                "mfu": None,
+            }
+        )
     kept = list(sample.columns[0])
     assert sample.stride == 16 and kept == [float(i) for i in range(2, 101, 16)]  # every 16th, first to last
     assert len(kept) < 8 and sample.summary()["mfu"] is None
@@ -99,8 +129,9 @@ def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp
         return r
 
     # A small sample, so that it is full within the test (the default's bound: the test below).
-    logger = MetricsLogger(str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=2_000,
-                           sample_capacity=256)
+    logger = MetricsLogger(
+        str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=2_000, sample_capacity=256
+    )
     growth = _traced_growth_per_1000(logger, make, 2_000, 500)
     assert growth < 16 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # it was about 57 MB
 
@@ -108,7 +139,7 @@ def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp
 def test_the_default_sample_holds_at_most_4096_steps_of_a_few_floats():
     sample = StepSample()
     record = _record(1, layers=1, experts=2)
-    for i in range(1, 20_001):
+    for _ in range(1, 20_001):
         sample.add(record)
     columns = sample.columns
     assert 2048 <= len(sample) <= 4096 and len(columns) == 14
@@ -136,9 +167,17 @@ def test_a_training_run_retains_little_per_step(tmp_path):
     """The loop itself, tiny model, every step logged: Python memory retained from step 200 to
     600, per 1,000 steps (it was several MB: one record per step on every rank)."""
     steps = 600
-    run = tiny_run(**{"trainer.steps": steps, "trainer.log_every": 1, "checkpoint.save_final": False,
-                      "model.num_experts": 16, "trainer.global_batch_size": 2, "trainer.seq_len": 8,
-                      "model.max_seq_len": 8})
+    run = tiny_run(
+        **{
+            "trainer.steps": steps,
+            "trainer.log_every": 1,
+            "checkpoint.save_final": False,
+            "model.num_experts": 16,
+            "trainer.global_batch_size": 2,
+            "trainer.seq_len": 8,
+            "model.max_seq_len": 8,
+        }
+    )
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     seen, traced = [0], {}
 
@@ -153,8 +192,18 @@ def test_a_training_run_retains_little_per_step(tmp_path):
 
     torch.set_num_threads(1)
     try:
-        summary = train(run, RankContext(rank=0, local_rank=0, device=torch.device("cpu"), mesh=single_rank_mesh(),
-                                         output_dir=str(tmp_path), data_paths=paths, stop_requested=each_step))
+        summary = train(
+            run,
+            RankContext(
+                rank=0,
+                local_rank=0,
+                device=torch.device("cpu"),
+                mesh=single_rank_mesh(),
+                output_dir=str(tmp_path),
+                data_paths=paths,
+                stop_requested=each_step,
+            ),
+        )
     finally:
         tracemalloc.stop()
     growth = (traced[steps - 1] - traced[200]) / (steps - 1 - 200) * 1000

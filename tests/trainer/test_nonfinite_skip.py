@@ -1,6 +1,7 @@
 """trainer.on_nonfinite=skip stops a run that only skips: N steps in a row without an update
 end it with one FloatingPointError line and exit 1 (it ran to the end with exit 0 and a NaN
 final loss before)."""
+
 import json
 import os
 import subprocess
@@ -10,17 +11,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_ffn_hidden_size=48",
+    "model.max_seq_len=32",
+    "trainer.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+]
 # lr 1e30: the first update makes the weights huge, every later gradient norm is non-finite.
 DIVERGES = ["trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.on_nonfinite=skip"]
 
 
 def _train(tmp_path, *overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL,
-                           *DIVERGES, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *DIVERGES, *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.mark.parametrize("limit", [None, 3])
@@ -31,8 +48,9 @@ def test_consecutive_skipped_steps_stop_the_run_in_one_line(tmp_path, limit):
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("moemesh:")]
     assert "Traceback" not in proc.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"moemesh: FloatingPointError: {n} steps in a row skipped for a "
-                                                   "non-finite gradient norm (steps "), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        f"moemesh: FloatingPointError: {n} steps in a row skipped for a non-finite gradient norm (steps "
+    ), lines
     assert f"trainer.max_skipped_steps={n}): stopped" in lines[0]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(bool(r.get("skipped")) for r in records) == n - 1  # the n-th stops before it is logged

@@ -1,4 +1,5 @@
 """The numbers a run reports, on cases with known answers, and the same on every rank."""
+
 import json
 import math
 import os
@@ -10,15 +11,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.dispatcher import AllToAllDispatcher
-from parallel.comm import CommMeter
-from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh
+from moemesh.moe.dispatcher import AllToAllDispatcher
+from moemesh.parallel.comm import CommMeter
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import build_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.metrics import load_stats, stat_width
 from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
-from trainer.data import prepare_data
-from trainer.loop import RankContext, train
-from trainer.metrics import load_stats, stat_width
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def test_load_statistics_of_a_known_assignment():
     E = 4
     row = torch.zeros(stat_width(E), dtype=torch.float64)
     row[:E] = torch.tensor([4.0, 0.0, 0.0, 0.0])  # everything on expert 0
-    row[E:2 * E] = torch.tensor([2.0, 1.0, 0.5, 0.5])  # score sums over 4 tokens
+    row[E : 2 * E] = torch.tensor([2.0, 1.0, 0.5, 0.5])  # score sums over 4 tokens
     row[2 * E] = 1.0  # one dropped pair
     row[2 * E + 4] = 4 * math.log(4)  # entropy sum: uniform routers
     st = load_stats(row, E, tokens=4, norm=1)
@@ -70,12 +71,26 @@ def test_all_to_all_bytes_of_a_known_routing():
 
 
 def _every_rank_agrees(rank, world, root, paths):
-    run = tiny_run(**{"parallel.name": "tp2_ep2", "parallel.expert_parallel_size": 2,
-                      "parallel.tensor_parallel_size": 2, "trainer.steps": 3, "data.name": "stdlib",
-                      "data.kind": "stdlib", "model.expert_bias_update_rate": 0.01})
+    run = tiny_run(
+        **{
+            "parallel.name": "tp2_ep2",
+            "parallel.expert_parallel_size": 2,
+            "parallel.tensor_parallel_size": 2,
+            "trainer.steps": 3,
+            "data.name": "stdlib",
+            "data.kind": "stdlib",
+            "model.expert_bias_update_rate": 0.01,
+        }
+    )
     dims = ParallelDims(ep=2, tp=2)
-    ctx = RankContext(rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=build_mesh(dims, "cpu"),
-                      output_dir=root, data_paths=paths)
+    ctx = RankContext(
+        rank=rank,
+        local_rank=rank,
+        device=torch.device("cpu"),
+        mesh=build_mesh(dims, "cpu"),
+        output_dir=root,
+        data_paths=paths,
+    )
     summary = train(run, ctx)
     views = [None] * world
     dist.all_gather_object(views, summary)
@@ -90,8 +105,16 @@ def test_metrics_are_identical_on_every_rank(tmp_path):
     last = records[-1]
     for key in ("time", "a2a", "samples_per_s", "flops_per_s", "mfu", "seq_aux_loss"):
         assert key in last
-    assert set(last["time"]) >= {"forward", "backward", "a2a", "a2a_dispatch", "a2a_combine", "grad_reduce",
-                                 "optimizer", "step"}
+    assert set(last["time"]) >= {
+        "forward",
+        "backward",
+        "a2a",
+        "a2a_dispatch",
+        "a2a_combine",
+        "grad_reduce",
+        "optimizer",
+        "step",
+    }
     assert last["a2a"]["ratio"] == 1.0 and last["a2a"]["bytes_sent"] > 0
     assert 0 < last["time"]["a2a"] < last["time"]["step"]
     layer = last["load"]["layer0"]
@@ -105,11 +128,13 @@ def test_metrics_are_identical_on_every_rank(tmp_path):
         assert last["load"][name]["expert_bias_range"] == pytest.approx([float(bias.min()), float(bias.max())])
     summary = json.loads((tmp_path / "summary.json").read_text())
     mem = summary["memory_per_rank"]
-    from moe.param_count import count_params
+    from moemesh.moe.param_count import count_params
 
     cfg = tiny_run().model
-    assert mem["param_bytes"]["expert"] == {"min": count_params(cfg).expert * 4 // 2,
-                                            "max": count_params(cfg).expert * 4 // 2}  # fp32, EP=2
+    assert mem["param_bytes"]["expert"] == {
+        "min": count_params(cfg).expert * 4 // 2,
+        "max": count_params(cfg).expert * 4 // 2,
+    }  # fp32, EP=2
     # Adam: m and v, plus a 4-byte step counter per tensor (2 MoE layers x 3 expert tensors)
     assert mem["optimizer_bytes"]["expert"]["max"] == 2 * mem["param_bytes"]["expert"]["max"] + 6 * 4
     assert mem["grad_bytes"]["non_expert"]["max"] == mem["param_bytes"]["non_expert"]["max"]
@@ -127,8 +152,8 @@ def _wandb_records(run_dir: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             chunks.append(chunk)
         elif kind == 2:
@@ -152,9 +177,21 @@ def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": "sk-do-not-log-0123456789abcdef"}
     env.pop("RANK", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "parallel=ep2", "logger=wandb", "trainer.steps=3",
-         f"hydra.sweep.dir={tmp_path}/sweep", *SMALL],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "parallel=ep2",
+            "logger=wandb",
+            "trainer.steps=3",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = (tmp_path / "sweep").glob("0_ep2")
@@ -178,15 +215,15 @@ def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
 
 def test_wandb_run_continues_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from parallel.dims import ParallelDims
+    from moemesh.parallel.dims import ParallelDims
+    from moemesh.trainer.wandb_tracker import WandbTracker
     from tests.conftest import tiny_run
-    from trainer.wandb_tracker import WandbTracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tiny_run(**{"logger.wandb": True})
     dims = ParallelDims.from_config(run.parallel)
     ids = []
-    for attempt in range(2):  # e.g. a SLURM job, requeued: same run directory, same wandb run
+    for _attempt in range(2):  # e.g. a SLURM job, requeued: same run directory, same wandb run
         tracker = WandbTracker(run, dims, str(tmp_path))
         ids.append(tracker.run.id)
         tracker.finish()

@@ -1,6 +1,7 @@
 """wandb never stops a run for being offline: an API key on a node without network (every job
 on an air-gapped cluster) cost 109 s in wandb.init and then a traceback. Now: a connection probe
 and a short init timeout, then offline logging and one note; a malformed key is one note too."""
+
 import os
 import socket
 import subprocess
@@ -13,30 +14,59 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from parallel.dims import ParallelDims  # noqa: E402
+from moemesh.parallel.dims import ParallelDims  # noqa: E402
+from moemesh.trainer.wandb_tracker import WandbTracker, unreachable  # noqa: E402
 from tests.conftest import tiny_run  # noqa: E402
-from trainer.wandb_tracker import WandbTracker, unreachable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-         "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=48", "model.max_seq_len=32",
-         "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.eval_every=0", "trainer.eval_batches=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_ffn_hidden_size=48",
+    "model.max_seq_len=32",
+    "trainer.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # well-formed, unknown to any server
 
 
 def _wandb_env(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("WANDB_") and k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
-    env.update(WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
-               WANDB_DATA_DIR=str(tmp_path / "wandb-data"), **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("WANDB_") and k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")
+    }
+    env.update(
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+        **extra,
+    )
     return env
 
 
 def _train(tmp_path, env):
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "logger=wandb", "trainer.steps=3",
-                           f"hydra.run.dir={tmp_path / 'run'}", *SMALL],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "logger=wandb",
+            "trainer.steps=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     return proc, time.monotonic() - start
 
 

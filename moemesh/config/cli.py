@@ -1,0 +1,248 @@
+"""The command line, checked before Hydra creates a directory or starts a rank.
+
+``train.py`` calls :func:`preflight` with its argv. It composes every job the command
+would run (a ``-m`` sweep expanded as Hydra's basic sweeper expands it), turns each into
+the typed ``RunConfig`` and hands them back; any mistake becomes one ``ConfigError``
+line instead of Hydra's multi-line report or a traceback. Hydra then runs the command
+as usual, so a refused command leaves no run or sweep directory behind.
+
+``HYDRA_FULL_ERROR=1`` re-raises Hydra's own exception with its full trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from moemesh.config.schema import RunConfig, to_run_config
+from moemesh.config.validate import check_fits_host, check_layout_name, validate_run
+from moemesh.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the YAML groups Hydra composes
+
+
+@dataclass(frozen=True)
+class Job:
+    overrides: tuple[str, ...]  # this job's command-line overrides (a sweep: one value per key)
+    run: RunConfig
+    sweeper: str | None  # the hydra/sweeper choice, if the command names one
+
+
+@dataclass(frozen=True)
+class Command:
+    multirun: bool
+    jobs: list[Job]
+
+
+def schema_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema defines, e.g. ``parallel.expert_parallel_size``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(schema_keys(type(default), key + "."))
+    return keys
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown_key(key: str) -> str:
+    keys = schema_keys()
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] if parent else [k for k in keys if "." not in k]
+    hint = _did_you_mean(key, siblings) or _did_you_mean(key, keys)
+    if not hint and siblings:
+        hint = f"; valid keys here: {', '.join(s.rsplit('.', 1)[-1] for s in siblings)}"
+    return f"{key}: no such key{hint}"
+
+
+_TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0]
+
+
+def explain(err: BaseException) -> str:
+    """One line for a composition failure: the key, the value, what would be valid."""
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        hint = _did_you_mean(choice, err.options)
+        return f"{group}={choice}: no such preset{hint} (valid: {', '.join(err.options)})"
+    cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
+    if isinstance(cause, OmegaConfBaseException):
+        key = cause.full_key or getattr(cause, "key", "") or ""
+        msg = _first_line(cause.msg or str(cause))
+        if re.match(r"Key '.*' not in '", msg) or "Could not override" in str(err):
+            return _unknown_key(key)
+        m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
+        if m:
+            value, _, target = m.groups()
+            via = ""
+            interp = re.search(r"While dereferencing interpolation '([^']*)'", msg)
+            if interp:
+                via = f" ({interp.group(1)} resolves to {value!r})"
+            return f"{key}={value}{via}: expected {_TYPE_NAMES.get(target, target)}"
+        if "is not Optional" in msg:
+            return f"{key}: cannot be null"
+        if "missing mandatory value" in msg:
+            return f"{key}: missing a value (a config group's preset may have been removed)"
+        return f"{key}: {msg}" if key else msg
+    text = _first_line(str(err))
+    if "mismatched input" in text or "no viable alternative" in text or "extraneous input" in text:
+        return f"cannot parse the override: {text} (form: key=value, group=preset, +key=value; see --help)"
+    return text
+
+
+def _parse_argv(argv: list[str]):
+    args, unknown = get_args_parser().parse_known_args(argv)
+    return args, unknown
+
+
+def needs_preflight(argv: list[str]) -> bool:
+    """Commands that only print (--help, --cfg, --info, completion) go straight to Hydra."""
+    args, _ = _parse_argv(argv)
+    return not (
+        args.help
+        or args.hydra_help
+        or args.cfg
+        or args.info
+        or args.shell_completion
+        or args.experimental_rerun
+        or args.config_dir
+        or args.config_path
+    )
+
+
+def _choice(overrides: list[str], group: str) -> str | None:
+    for o in overrides:
+        name, _, value = o.lstrip("+~").partition("=")
+        if name == group:
+            return value
+    return None
+
+
+def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The jobs a command runs: one, or the cartesian product of a sweep's values."""
+    if not multirun:
+        return [list(overrides)]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if _choice(overrides, "hydra/sweeper") not in (None, "basic"):
+        # Another sweeper (e.g. the layout search) makes its own jobs: check the base command.
+        return [[f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()]]
+    [batch] = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return batch
+
+
+def preflight(argv: list[str], config_name: str = "config") -> Command:
+    """Compose and type every job of this command; raise ConfigError on the first mistake."""
+    args, unknown = _parse_argv(argv)
+    if unknown:
+        raise ConfigError(
+            f"unrecognized argument {unknown[0]}: give overrides as key=value (see python train.py --help)"
+        )
+    name = args.config_name or config_name
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    jobs = []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            for overrides in expand(args.overrides, args.multirun):
+                cfg = compose(name, overrides=overrides)
+                try:
+                    run = to_run_config(cfg)
+                except OmegaConfBaseException as err:  # composed, so a +key/++key added it
+                    if full:
+                        raise
+                    added = [o for o in overrides if o.startswith("+")]
+                    note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added else ""
+                    raise ConfigError(explain(err) + note) from None
+                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper")))
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        if full:
+            raise
+        raise ConfigError(explain(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    command = Command(multirun=args.multirun, jobs=jobs)
+    check_jobs(command)
+    return command
+
+
+def parallel_presets() -> set[str]:
+    return {p.stem for p in (CONF_DIR / "parallel").glob("*.yaml")}
+
+
+def _ranks_here() -> int | None:
+    """None: this process will spawn every rank here. Under a launcher (torchrun, srun, deepspeed),
+    the ranks it starts on this machine: LOCAL_WORLD_SIZE, else 1 (a lower bound)."""
+    if not any(v in os.environ for v in ("RANK", "SLURM_PROCID")):
+        return None
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory, or the cgroup's limit (a SLURM job, a container) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _device_type(run: RunConfig) -> str:
+    if run.trainer.device != "auto":
+        return run.trainer.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_jobs(command: Command) -> None:
+    """What only the command line can check, for every job that validates (train.py reports
+    the others): the preset's name against its (overridden) degrees, and, for jobs that train on
+    this machine (all but a SLURM submission), whether the model's state fits its memory."""
+    presets, ranks_here, host = parallel_presets(), _ranks_here(), None
+    for i, job in enumerate(command.jobs):
+        try:
+            dims = validate_run(job.run)
+        except ConfigError:
+            continue
+        try:
+            check_layout_name(job.run, dims, presets)
+            if not (command.multirun and job.run.cluster.launcher == "slurm"):
+                host = host or host_memory_bytes()
+                check_fits_host(
+                    job.run, dims, ranks_here=ranks_here, host_bytes=host, device_type=_device_type(job.run)
+                )
+        except ConfigError as err:
+            if not command.multirun:
+                raise
+            verb = "submitted" if job.run.cluster.launcher == "slurm" else "run"
+            raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None

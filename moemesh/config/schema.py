@@ -1,0 +1,207 @@
+"""Typed configuration: the schema Hydra checks every composed config against.
+
+Hydra stays at the edge: ``train.py`` turns the composed ``DictConfig`` into the
+dataclasses below (``to_run_config``) and validates them (``conf.validate``);
+``moe/``, ``parallel/``, ``kernels/`` and ``trainer/`` only ever see these
+dataclasses. Because the schema backs every group, a misspelled key in a YAML
+file or on the command line is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from moemesh.moe.config import ModelConfig
+
+
+@dataclass
+class CommOptimizationConfig:
+    # The seed's flag: pipeline each MoE layer's All-to-All with the expert compute.
+    all_to_all_overlap: bool = False
+    overlap_chunks: int = 2  # token chunks per MoE layer when overlapping
+
+
+@dataclass
+class ParallelConfig:
+    name: str = MISSING
+    data_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # TP only: shard the residual stream (norms, dropout-free adds) over the sequence,
+    # with reduce-scatter / all-gather in place of the all-reduces around attention and MLP.
+    sequence_parallel: bool = False
+    # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
+    pipeline_schedule: str = "1f1b"
+    pipeline_split: list[int] | None = None
+    comm_optimization: CommOptimizationConfig = field(default_factory=CommOptimizationConfig)
+
+
+@dataclass
+class SlurmConfig:
+    """Submission with ``python train.py -m cluster=slurm ...`` (hydra_plugins/moemesh_launcher).
+
+    Nodes and tasks are not set here: each job gets ``nodes x tasks_per_node`` = its
+    layout's world size, ``tasks_per_node = min(world size, cluster.gpus_per_node)``.
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 60  # --time of one attempt (a requeued attempt gets it again)
+    request_gpus: bool = True  # --gpus-per-node = tasks per node (false: CPU-only nodes)
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None  # per node
+    # SIGUSR2 this long before the time limit: every rank finishes its step, saves, and the
+    # job requeues itself and resumes (at most max_timeouts times; preemptions do not count).
+    signal_delay_s: int = 120
+    max_timeouts: int = 3
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra --key=value for sbatch
+    setup: list[str] = field(default_factory=list)  # shell lines run in the batch script before srun
+    # A sweep whose jobs need different allocations: split (one job array per allocation)
+    # or reject (before anything is submitted).
+    mixed_allocations: str = "split"
+    wait: bool = True  # false: print the job ids and return once submitted
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    # local: spawn the ranks here unless a launcher (torchrun, srun) already started them;
+    # torchrun: require torchrun's environment; slurm: submit with -m (one SLURM task per
+    # rank), or, inside an allocation, be one of those srun tasks.
+    launcher: str = "local"
+    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    gpus_per_node: int = 8
+    collective_timeout_s: int = 300
+    preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
+    # A rank whose heartbeat (a thread, beating while the process is scheduled at all, also
+    # during a long step, a save, an eval or a collective that waits on a peer) stops for this
+    # long is named and the job is stopped: a stopped (SIGSTOP, debugger) or frozen process.
+    # It must exceed the longest a live rank holds Python's GIL in one native call.
+    hang_timeout_s: int = 120
+    # Ranks whose RANK/WORLD_SIZE/MASTER_ADDR no known launcher set (no torchrun, deepspeed,
+    # srun or mpirun markers) must all meet within this; else the variables are taken for
+    # leftovers in the shell and the run is refused (a launcher's ranks keep collective_timeout_s).
+    rendezvous_timeout_s: int = 30
+    # Who may read what the run writes (run dir, logs, metrics, checkpoints): private (umask
+    # 077: 0700/0600), group (umask 027: group may read), inherit (the shell's umask).
+    output_access: str = "private"
+    peak_flops: float | None = None  # per device, for MFU; unknown on CPU
+    # For scripts/plan.py (planning only; training reads the real machine):
+    gpus: int | None = None  # GPUs to plan for
+    gpu_memory_gb: float = 80.0
+    intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand)
+    latency_us: float = 10.0  # alpha: per message step
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # cluster=slurm submission
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # stdlib: bytes of the running Python's standard library .py files (no download);
+    # memmap: a user's uint16 token file (nanoGPT .bin); synthetic: random tokens.
+    kind: str = "stdlib"
+    path: str | None = None  # memmap: the train .bin file
+    val_path: str | None = None  # memmap: optional separate validation .bin
+    cache_dir: str | None = None  # stdlib: where the built corpus is cached
+    val_fraction: float = 0.01
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    console: bool = True
+    jsonl: bool = True
+    wandb: bool = False  # a wandb run from rank 0 (offline unless credentials are present)
+    project: str = "moemesh"
+    entity: str | None = None
+    group: str | None = None  # null: the sweep directory's name under -m, else none
+    job_type: str = "train"
+    # wandb online: seconds to reach the server at start; then the run logs offline (one note),
+    # never stops. An unreachable host is found sooner, by a connection probe.
+    init_timeout_s: float = 30.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data ranks
+    # Micro-steps per optimizer step: the global batch is cut into this many micro-steps first,
+    # then each over the data ranks. The balance loss is computed per micro-step, so layouts
+    # compare the same objective only with the same count (a sweep holds it equal).
+    # None: from micro_batch_size if set, else 1 (pipeline layouts: pp, for a full 1F1B).
+    micro_steps: int | None = None
+    micro_batch_size: int | None = None  # sequences per forward on one data rank; None: from micro_steps
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 4
+    log_every: int = 1
+    seed: int = 1234  # 0 .. 2**64-1 (torch and numpy generators)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    threads_per_rank: int | None = None  # CPU: None splits the cores over local ranks
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
+    # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
+    # row; the weights do not change while steps are skipped, so more would rarely recover.
+    max_skipped_steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end)
+    keep: int = 3  # complete checkpoints kept (older ones are deleted)
+    save_final: bool = True
+    dir: str | None = None  # null: <run dir>/checkpoints
+
+
+@dataclass
+class KernelsConfig:
+    # auto: Triton on CUDA, the torch reference elsewhere; triton on CPU needs TRITON_INTERPRET=1.
+    backend: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # null: start fresh; auto: the latest complete checkpoint in checkpoint.dir (fresh if
+    # none); or a path to one checkpoint or to a directory of them (any layout).
+    resume: str | None = None
+
+
+def register_schema() -> None:
+    """Register the schema; config.yaml lists ``moemesh_schema`` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="moemesh_schema", node=RunConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """The composed Hydra config as typed dataclasses (interpolations resolved)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    cfg.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,76 @@
+"""Fused ops of the MoE token path, one file per op, each with a torch reference
+(also the CPU production path) and a Triton implementation (used on CUDA; tested
+on CPU under TRITON_INTERPRET=1).
+
+Shape letters: T tokens, D model dim, E experts, K top-k, N routed rows
+(kept (token, k) pairs), M received rows, R EP ranks, e local experts per rank.
+
+The backend is chosen once, by the caller, from the config (``kernels.backend``)
+and passed down as a ``KernelOps``; nothing here reads a global switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moemesh.kernels._triton import can_run_triton, triton_available
+from moemesh.kernels.gating import GatingOutput, gating_reference, gating_triton
+from moemesh.kernels.permute import permute_reference, permute_triton
+from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
+from moemesh.kernels.unpermute import unpermute_reference, unpermute_triton
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    gating: Callable[..., GatingOutput]
+    permute: Callable
+    sort_chunks: Callable
+    unpermute: Callable
+
+
+TORCH_OPS = KernelOps("torch", gating_reference, permute_reference, sort_chunks_reference, unpermute_reference)
+TRITON_OPS = KernelOps("triton", gating_triton, permute_triton, sort_chunks_triton, unpermute_triton)
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """auto: triton on CUDA (when triton imports), torch elsewhere."""
+    if backend == "auto":
+        return "triton" if device_type == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def backend_problem(backend: str, device_type: str) -> str | None:
+    """Why ``backend`` cannot run on ``device_type`` (None if it can)."""
+    if backend not in BACKENDS:
+        return f"is not one of {', '.join(BACKENDS)}"
+    if resolve_backend(backend, device_type) == "triton" and not can_run_triton(device_type):
+        if not triton_available():
+            return "needs the triton package (pip install triton==3.9.0); valid here: auto, torch"
+        return (
+            f"cannot run Triton kernels on {device_type} without TRITON_INTERPRET=1 "
+            "(set it before starting, slow: for tests); valid here: auto, torch"
+        )
+    return None
+
+
+def get_ops(backend: str, device_type: str) -> KernelOps:
+    problem = backend_problem(backend, device_type)
+    if problem:
+        raise ValueError(f"kernels.backend={backend!r} {problem}")
+    return TRITON_OPS if resolve_backend(backend, device_type) == "triton" else TORCH_OPS
+
+
+__all__ = [
+    "BACKENDS",
+    "GatingOutput",
+    "KernelOps",
+    "TORCH_OPS",
+    "TRITON_OPS",
+    "backend_problem",
+    "get_ops",
+    "resolve_backend",
+]

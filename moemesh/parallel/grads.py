@@ -1,0 +1,103 @@
+"""Gradient reduction so that one optimizer step equals single-process training.
+
+Each data rank's loss is the mean over its own tokens; the global loss is the
+mean over the data ranks. Non-expert gradients: sum over the data group (dp x ep),
+divide by its size. Expert gradients already hold the sum over their EP group
+(the All-to-All's backward brought every EP peer's contribution home), so they
+are summed over dp only and divided by the same data-group size.
+
+Gradients are flattened into buckets of at most ``bucket_bytes`` and reduced
+with one collective per bucket, not one per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from moemesh.parallel.comm import all_reduce_, group_size
+
+
+def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+    out, cur, size = [], [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if cur and size + nbytes > bucket_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+class GradReducer:
+    """Sum each parameter's gradient over its group, divide by the number of data ranks.
+
+    ``plan`` lists (parameters, group) pairs: non-expert parameters over the data
+    group (dp x ep), parameters that see only a TP rank's token slice (router,
+    sequence-parallel norms) over dp x ep x tp, expert parameters over dp (x tp).
+    """
+
+    def __init__(self, plan, *, data_size: int, bucket_bytes: int = 25 * 2**20):
+        self.data_size = data_size
+        # Even where a group has one rank (experts under pure EP: their All-to-All backward
+        # already summed the EP peers), the gradient is still divided by the data ranks.
+        # A bucket is skipped only if there is nothing to do: a one-rank group and one data
+        # rank (tp2 alone still sums router and expert gradients over its TP peers).
+        self.plan = [
+            (bucket, group)
+            for params, group in plan
+            if group_size(group) > 1 or data_size > 1
+            for bucket in _buckets(list(params), bucket_bytes)
+        ]
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        for bucket, group in self.plan:
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            all_reduce_(flat, group)
+            flat.div_(self.data_size)
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+
+
+@torch.no_grad()
+def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group, pp_group=None) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, after reduction.
+
+    Replicated gradients are counted once; TP-sharded ones are summed over tp;
+    expert gradients (sharded over ep, replicated over dp and tp) over ep; and
+    every pipeline stage holds different parameters: the total is summed over pp.
+    """
+    params = list(replicated) + list(tp_sharded) + list(expert)
+    device = params[0].device if params else torch.device("cpu")
+
+    def sq(ps):
+        grads = [p.grad.float().pow(2).sum() for p in ps if p.grad is not None]
+        return (torch.stack(grads).sum() if grads else torch.zeros((), device=device)).to(torch.float64)
+
+    tp_sq = all_reduce_(sq(tp_sharded).reshape(1), tp_group)
+    expert_sq = all_reduce_(sq(expert).reshape(1), ep_group)
+    total = all_reduce_((sq(replicated) + tp_sq[0] + expert_sq[0]).reshape(1), pp_group)
+    return torch.sqrt(total[0]).float()
+
+
+@torch.no_grad()
+def clip_grads_(params, total_norm: torch.Tensor, max_norm: float) -> None:
+    if max_norm <= 0 or not math.isfinite(float(total_norm)):
+        return
+    scale = max_norm / (float(total_norm) + 1e-6)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)

@@ -1,0 +1,259 @@
+"""Tensor parallelism over the "tp" axis (Megatron-style), with optional sequence parallelism.
+
+Shape letters: B batch, S sequence, D model dim, V vocab, t = TP degree.
+
+Column-parallel linears shard their output features, row-parallel ones their input
+features; attention splits heads, the dense FFN and the shared expert split their
+hidden features, the embedding and the output head split the vocabulary, and the
+cross-entropy runs on vocab shards without ever gathering the logits.
+
+Why by hand and not with DTensor's parallel styles: moemesh keeps parameters as
+plain tensors whose gradients its own bucketed reducer sums over explicit groups
+(a router or an expert gradient must also be summed over tp, because TP peers
+route different token slices), initialises every shard from the global tensor by
+name, and needs token split/gather operators around the MoE layer that DTensor
+does not provide. The collectives are torch's; the operators below are the five
+autograd pairs Megatron-LM describes, each a few lines.
+
+With ``group=None`` (t = 1) every operator is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moemesh.parallel.comm import group_size
+from moemesh.parallel.dims import padded_vocab  # noqa: F401  (re-exported for the model)
+
+# Attributes that tell the gradient reducer and the grad norm how a parameter is laid out.
+TP_SHARD = "_moemesh_tp_shard"  # (dim, logical size along dim): sharded over tp
+GRAD_GROUP = "_moemesh_grad_group"  # "data" (default) | "data_tp" | "expert"
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    t = group_size(group)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(t)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=dim)[_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    t = group_size(group)
+    parts = [p.contiguous() for p in x.chunk(t, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity (input replicated). Backward: sum the partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward: sum the partial outputs. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: all-gather shards along dim. Backward: keep this rank's shard (consumers are replicated)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, ctx.dim), None, None
+
+
+class _SplitToTP(torch.autograd.Function):
+    """Forward: keep this rank's shard of a replicated tensor. Backward: all-gather the shards' grads."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, ctx.dim), None, None
+
+
+class _SPGather(torch.autograd.Function):
+    """Sequence parallel: forward all-gather along the sequence; backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group, ctx.dim), None, None
+
+
+class _SPReduceScatter(torch.autograd.Function):
+    """Sequence parallel: forward reduce-scatter along the sequence; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x, group):
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x, group, dim):
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group, dim)
+
+
+def split_to_tp(x, group, dim):
+    return x if group_size(group) == 1 else _SplitToTP.apply(x, group, dim)
+
+
+def sp_gather(x, group, dim):
+    return x if group_size(group) == 1 else _SPGather.apply(x, group, dim)
+
+
+def sp_reduce_scatter(x, group, dim):
+    return x if group_size(group) == 1 else _SPReduceScatter.apply(x, group, dim)
+
+
+def _mark_sharded(p: nn.Parameter, dim: int, logical: int) -> nn.Parameter:
+    setattr(p, TP_SHARD, (dim, logical))
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., out/t] = x @ W_shard^T; input replicated (or sequence-sharded with SP)."""
+
+    def __init__(self, in_features: int, out_features: int, *, tp_group, sequence_parallel: bool = False):
+        super().__init__()
+        t = group_size(tp_group)
+        assert out_features % t == 0, (out_features, t)
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features // t, in_features)), 0, out_features)
+
+    def forward(self, x):
+        x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over tp of x[..., in/t] @ W_shard^T; output replicated (or sequence-sharded with SP)."""
+
+    def __init__(self, in_features: int, out_features: int, *, tp_group, sequence_parallel: bool = False):
+        super().__init__()
+        t = group_size(tp_group)
+        assert in_features % t == 0, (in_features, t)
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features, in_features // t)), 1, in_features)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return sp_reduce_scatter(y, self.tp_group, 1) if self.sp else reduce_from_tp(y, self.tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [V_pad/t, D] per rank; each rank looks up the ids it owns, then the shards are summed."""
+
+    def __init__(self, vocab_size: int, dim: int, *, tp_group, sequence_parallel: bool = False):
+        super().__init__()
+        t = group_size(tp_group)
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.vocab_size = vocab_size
+        self.rows = padded_vocab(vocab_size, t) // t
+        self.first = _rank(tp_group) * self.rows
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(self.rows, dim)), 0, vocab_size)
+
+    def forward(self, ids_BS):
+        if group_size(self.tp_group) == 1:
+            return F.embedding(ids_BS, self.weight)
+        local = ids_BS - self.first
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return sp_reduce_scatter(x, self.tp_group, 1) if self.sp else reduce_from_tp(x, self.tp_group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Mean cross-entropy from vocab-sharded logits [N, V_pad/t]; the full logits never exist."""
+
+    @staticmethod
+    def forward(ctx, logits_NVt, target_N, group, first: int, vocab_size: int):
+        logits = logits_NVt.float()
+        Vt = logits.shape[-1]
+        cols = first + torch.arange(Vt, device=logits.device)
+        logits = logits.masked_fill((cols >= vocab_size)[None, :], float("-inf"))  # vocab padding
+        m = logits.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(logits - m[:, None])
+        s = e.sum(-1)
+        local = target_N - first
+        mine = (local >= 0) & (local < Vt)
+        tgt = torch.where(mine, logits.gather(1, local.clamp(0, Vt - 1)[:, None])[:, 0], torch.zeros_like(m))
+        both = torch.stack([s, tgt])
+        dist.all_reduce(both, group=group)
+        s, tgt = both[0], both[1]
+        loss = (torch.log(s) + m - tgt).mean()
+        ctx.save_for_backward(e, s, local, mine)
+        ctx.in_dtype = logits_NVt.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e, s, local, mine = ctx.saved_tensors
+        N = e.shape[0]
+        grad = e / s[:, None]
+        rows = torch.arange(N, device=grad.device)[mine]
+        grad[rows, local[mine]] -= 1.0
+        return (grad * (g / N)).to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_NVt, target_N, *, group, vocab_size: int) -> torch.Tensor:
+    if group_size(group) == 1:
+        return F.cross_entropy(logits_NVt.float()[:, :vocab_size], target_N)
+    first = _rank(group) * logits_NVt.shape[-1]
+    return _VocabParallelCE.apply(logits_NVt, target_N, group, first, vocab_size)

@@ -1,0 +1,91 @@
+"""The trainer's side of checkpoints: what to save (model, optimizer, step), the checks
+before the first step, and how a run resumes, falling back to older checkpoints. The
+mechanics (global keys, atomic saves, data-only loading, checksums) live in
+parallel.checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+
+import torch
+
+from moemesh.config.schema import RunConfig
+from moemesh.parallel import checkpoint
+from moemesh.parallel.mesh import ParallelMesh
+
+
+class Checkpointer:
+    """Saving and resuming this run's training state (see parallel.checkpoint)."""
+
+    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
+        self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
+        self.step_t = torch.zeros((), dtype=torch.int64)
+        d = mesh.dims
+        self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
+        self.meta = {
+            "model": dataclasses.asdict(run.model),
+            "layout": run.parallel.name,
+            "dp": d.dp,
+            "ep": d.ep,
+            "tp": d.tp,
+            "pp": d.pp,
+        }
+
+    def _state(self):
+        return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh)
+
+    def preflight(self, run_dir=None) -> int:
+        """Before the first step: the checkpoint directory (and the run directory) can be
+        written and has room for one checkpoint; half-written ones are removed. A
+        CheckpointError naming the path otherwise. Returns one checkpoint's estimated bytes."""
+        # AdamW creates its moments at the first step: count them as the parameters' twins.
+        moments = types.SimpleNamespace(
+            state={
+                p: {"exp_avg": p.data, "exp_avg_sq": p.data} for g in self.optimizer.param_groups for p in g["params"]
+            }
+        )
+        state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh)
+        return checkpoint.preflight(self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None)
+
+    def save(self, step: int) -> Path:
+        self.step_t.fill_(step)
+        return checkpoint.save(
+            self.root, step, self._state(), self.meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep
+        )
+
+    def resume(self, log) -> int:
+        """Load the newest loadable checkpoint; fall back to older ones with a warning."""
+        candidates = checkpoint.resolve(self.run.resume, self.root)
+        if not candidates:
+            if self.run.resume != "auto":
+                raise checkpoint.CheckpointError(f"resume={self.run.resume}: no complete checkpoint")
+            log.message(f"moemesh: resume=auto: no checkpoint in {self.root}, starting fresh")
+            return 0
+        checkpoint.init_optimizer_state(self.optimizer)
+        reasons = []
+        for i, path in enumerate(candidates):
+            state = self._state()
+            try:
+                meta = checkpoint.load(path, state, check=self._check_meta)
+            except checkpoint.CheckpointError as err:  # refused, corrupt or mismatched: try the previous one
+                reasons.append(str(err))
+                then = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+                log.message(f"moemesh: warning: cannot resume from {path.name}: {err}{then}")
+                continue
+            step = int(self.step_t)
+            checkpoint.set_optimizer_step(self.optimizer, step)
+            torch.set_rng_state(state["rng.cpu"])
+            log.message(f"moemesh: resumed from {path} (saved under {meta['layout']}) at step {step}")
+            return step
+        raise checkpoint.CheckpointError(
+            f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: " + "; ".join(reasons)
+        )
+
+    def _check_meta(self, path: Path, meta: dict) -> None:
+        saved, mine = meta.get("model") or {}, self.meta["model"]
+        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v]
+        if diff:
+            raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")

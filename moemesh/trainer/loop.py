@@ -1,0 +1,487 @@
+"""The training loop, top to bottom in the order things happen each step:
+LR -> micro-steps (forward, backward) -> gradient reduction -> clip -> optimizer
+step -> metrics (one small all-reduce) -> eval -> log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemesh.config.schema import RunConfig
+from moemesh.config.validate import config_warnings, grad_accum_steps, micro_batch_size
+from moemesh.kernels import get_ops
+from moemesh.moe.model import Transformer, is_moe_layer, weighted_balance_loss
+from moemesh.moe.param_count import model_flops_per_token
+from moemesh.parallel.comm import CommMeter, all_reduce_
+from moemesh.parallel.dims import MeshAxis, layout_name
+from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
+from moemesh.parallel.mesh import ParallelMesh
+from moemesh.parallel.pipeline import build_schedule, stage_layers
+from moemesh.parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
+from moemesh.trainer.checkpointing import Checkpointer
+from moemesh.trainer.data import DataPaths, TokenData
+from moemesh.trainer.metrics import (
+    MetricsLogger,
+    StepSample,
+    StepShape,
+    add_moe_stats,
+    bias_ranges,
+    max_over_world,
+    memory_report,
+    rank_step_numbers,
+    stat_width,
+    step_record,
+)
+from moemesh.trainer.optim import build_optimizer, lr_at
+
+
+@dataclass
+class RankContext:
+    """Where this rank runs: handed to ``train`` by parallel.launch."""
+
+    rank: int
+    local_rank: int
+    device: torch.device
+    mesh: ParallelMesh
+    output_dir: str
+    data_paths: DataPaths
+    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1/SIGUSR2 (parallel.launch)
+    stop_signals: Callable[[], list] = lambda: []  # the names of the signals this rank received
+    on_stop: Callable[[], None] = lambda: None  # called when the loop stops early for a signal
+
+
+def build_model(
+    run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None
+) -> Transformer:
+    stats_group = mesh.data_tp_group if run.model.load_balance_scope == "global" else None
+    layers = None
+    if mesh.dims.pp > 1:
+        layers = stage_layers(run.model.num_layers, mesh.dims.pp, run.parallel.pipeline_split)[mesh.coords[MeshAxis.PP]]
+    ops = get_ops(run.kernels.backend, device.type)
+    model = Transformer(
+        run.model,
+        ep_rank=mesh.ep_rank,
+        ep_group=mesh.ep_group,
+        stats_group=stats_group,
+        ops=ops,
+        tp_group=mesh.tp_group,
+        sequence_parallel=run.parallel.sequence_parallel,
+        layers=layers,
+        meter=meter,
+        overlap_chunks=(
+            run.parallel.comm_optimization.overlap_chunks if run.parallel.comm_optimization.all_to_all_overlap else 0
+        ),
+    )
+    model.init_weights(run.trainer.seed)
+    return model.to(device)
+
+
+@dataclass
+class ParamGroups:
+    """The model's parameters by how their gradients are reduced and counted."""
+
+    data: list  # summed over dp x ep
+    data_tp: list  # summed over dp x ep x tp (router; sequence-parallel norms)
+    expert: list  # summed over dp x tp
+    tp_sharded: list  # for the grad norm: sharded over tp
+    replicated: list  # for the grad norm: whole on every rank, not experts
+
+
+def param_groups(model: Transformer) -> ParamGroups:
+    expert = model.expert_parameters()
+    ids = {id(p) for p in expert}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    data_tp = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data_tp"]
+    data = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data"]
+    tp_sharded = [p for p in rest if getattr(p, TP_SHARD, None) is not None and model.tp_group is not None]
+    sharded_ids = {id(p) for p in tp_sharded}
+    replicated = [p for p in rest if id(p) not in sharded_ids]
+    return ParamGroups(data, data_tp, expert, tp_sharded, replicated)
+
+
+def _autocast(run: RunConfig, device: torch.device):
+    dtype = run.trainer.dtype
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
+    """First global sample of micro-step i on this data rank.
+
+    The global batch is cut into micro-steps first, then each micro-step over the data
+    ranks: micro-step i is the same set of samples on every layout with the same number
+    of micro-steps, so the load-balance statistics (reduced per micro-step) agree too.
+    """
+    return i * micro * data_size + data_rank * micro
+
+
+def _rank_batch(batch, micro_start, micro: int, accum: int):
+    """This data rank's micro-batches, concatenated in micro-step order (for the pipeline)."""
+    parts = [batch(start=micro_start(i), count=micro) for i in range(accum)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _pipeline_loss(logits, target, *, model: Transformer):
+    return vocab_parallel_cross_entropy(
+        logits.flatten(0, 1), target.flatten(), group=model.tp_group, vocab_size=model.cfg.vocab_size
+    )
+
+
+def _pipeline_step(pipe, model: Transformer, x, y, losses, *, train: bool = True) -> None:
+    """One schedule pass: the first stage feeds tokens, the last gets targets and losses."""
+    args = (x,) if model.first else ()
+    kwargs = {"target": y, "losses": losses} if model.last else {}
+    (pipe.step if train else pipe.eval)(*args, **kwargs)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step; on CUDA it synchronises at phase edges
+    (observability costs a little speed there; the step's numbers need it)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _any_rank(flag: bool, group, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(run: RunConfig, ctx: RankContext) -> dict:
+    """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit."""
+    tracker = None
+    if ctx.rank == 0 and run.logger.wandb:
+        from moemesh.trainer.wandb_tracker import WandbTracker
+
+        tracker = WandbTracker(run, ctx.mesh.dims, ctx.output_dir)
+    try:
+        summary = _train(run, ctx, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    if tracker is not None:
+        tracker.finish(exit_code=0)
+    return summary
+
+
+def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
+    t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
+    dims = mesh.dims
+    torch.manual_seed(t.seed)
+    meter = CommMeter(device)
+    model = build_model(run, mesh, device, meter=meter)
+    groups = param_groups(model)
+    reducer = GradReducer(
+        [(groups.data, mesh.data_group), (groups.data_tp, mesh.data_tp_group), (groups.expert, mesh.expert_grad_group)],
+        data_size=dims.data_size,
+    )
+    optimizer = build_optimizer(model, t)
+    data = TokenData(ctx.data_paths, seed=t.seed)
+    log = MetricsLogger(
+        ctx.output_dir,
+        enabled=ctx.rank == 0,
+        console=run.logger.console,
+        jsonl=run.logger.jsonl,
+        total_steps=t.steps,
+        tracker=tracker,
+    )
+    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    micro_start = functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank)
+    moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
+    # Where each of this stage's MoE layers goes in the global per-layer statistics.
+    local_moe = {moe_layers.index(int(l)): b.moe for l, b in model.layers.items() if b.moe is not None}
+    slots = list(local_moe)
+    pipe = None
+    if dims.pp > 1:
+        hidden_seq = t.seq_len // dims.tp if model.sp else t.seq_len
+        pipe = build_schedule(
+            model,
+            schedule=run.parallel.pipeline_schedule,
+            pp_rank=mesh.coords[MeshAxis.PP],
+            pp_size=dims.pp,
+            pp_group=mesh.pp_group,
+            device=device,
+            n_microbatches=accum,
+            micro_batch=micro,
+            seq_len=t.seq_len,
+            hidden_seq=hidden_seq,
+            loss_fn=functools.partial(_pipeline_loss, model=model),
+        )
+    shape = StepShape(
+        tokens=t.global_batch_size * t.seq_len,
+        samples=t.global_batch_size,
+        num_experts=m.num_experts,
+        moe_layers=moe_layers,
+        flops_per_token=model_flops_per_token(m, t.seq_len),
+        peak_flops=run.cluster.peak_flops,
+        world_size=dims.world_size,
+        loss_norm=dims.data_size * accum,
+    )
+    log.message(
+        f"moemesh: {layout_name(dims)} ({dims.describe()}), model={m.name}, "
+        f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
+        f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
+        f"kernels={get_ops(run.kernels.backend, device.type).name}"
+    )
+
+    ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
+    start = ckpt.resume(log) if run.resume else 0
+    log.begin(start)
+    for warning in config_warnings(run):
+        log.message(f"moemesh: warning: {warning}")
+    if tracker is not None and tracker.note:
+        log.message(f"moemesh: {tracker.note}")
+    steps_run, skipped_in_a_row, record, final_val, stopped_by = 0, 0, {}, None, None
+    for step in range(start, t.steps):
+        t0 = time.perf_counter()
+        timer = PhaseTimer(device)
+        meter.reset()
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Forward and backward over this data rank's slice of the global batch. Metrics
+        # stay on the device until the all-reduce below (no per-micro-step host sync):
+        # sums = (cross-entropy / tp, aux, z, seq aux), and per MoE layer (global order)
+        # the columns of trainer.metrics.STAT_COLUMNS.
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        stats_L = torch.zeros(len(moe_layers), stat_width(m.num_experts), dtype=torch.float64, device=device)
+        batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        if pipe is None:
+            for i in range(accum):
+                x, y = batch(start=micro_start(i), count=micro)
+                with timer.phase("forward"), _autocast(run, device):
+                    out = model(x.to(device), y.to(device))
+                    total = out.loss + weighted_balance_loss(m, out.moe_stats)
+                with timer.phase("backward"):
+                    (total / accum).backward()
+                # TP peers hold the same cross-entropy but disjoint routing slices: the
+                # reduction runs over dp x ep x tp, so the cross-entropy enters as 1/tp.
+                sums[0] += out.loss.detach().double() / dims.tp
+                add_moe_stats(sums, stats_L, out.moe_stats, slots)
+        else:
+            x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
+            losses = []
+            with timer.phase("pipeline"), _autocast(run, device):
+                _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
+            if model.last:
+                sums[0] += torch.stack(losses).sum().double() / dims.tp
+            for stats in model.stage_records:
+                add_moe_stats(sums, stats_L, stats, slots)
+            model.stage_records.clear()
+
+        with timer.phase("grad_reduce"):
+            reducer.reduce()
+        with timer.phase("optimizer"):
+            grad_norm = global_grad_norm(
+                replicated=groups.replicated,
+                tp_sharded=groups.tp_sharded,
+                expert=groups.expert,
+                tp_group=mesh.tp_group,
+                ep_group=mesh.ep_group,
+                pp_group=mesh.pp_group,
+            )
+            # The norm is the same number on every rank (reduced gradients), so every rank
+            # takes this branch together: no rank is left waiting in a collective.
+            finite = bool(torch.isfinite(grad_norm))
+            if not finite and t.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
+                    f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)"
+                )
+            if finite:
+                clip_grads_(model.parameters(), grad_norm, t.grad_clip)
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                log.message(
+                    f"moemesh: step {step}: non-finite gradient norm, update skipped "
+                    f"({skipped_in_a_row} in a row; trainer.max_skipped_steps={t.max_skipped_steps})"
+                )
+                if skipped_in_a_row >= t.max_skipped_steps:
+                    # The weights have not changed since the first of these steps, so the next
+                    # steps would most likely be skipped too: a run that only skips is not training.
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} steps in a row skipped for a non-finite gradient norm (steps "
+                        f"{step + 1 - skipped_in_a_row}..{step}, trainer.max_skipped_steps={t.max_skipped_steps}): "
+                        "stopped; the last good checkpoint is kept"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+
+        # One all-reduce for the loss terms and the per-layer statistics.
+        flat = torch.cat([sums, stats_L.flatten()])
+        all_reduce_(flat, mesh.data_tp_group)
+        all_reduce_(flat, mesh.pp_group)  # each stage holds its own layers; the last one the loss
+        flat = flat.cpu()  # the step's one host sync
+        losses4 = (flat[:4] / (dims.data_size * accum)).tolist()
+        stats_L = flat[4:].view(len(moe_layers), -1)
+        if not torch.isfinite(flat[0]) and t.on_nonfinite == "stop":
+            raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step}")
+        # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
+        # (not on a skipped step: it changes no state).
+        if finite:
+            for slot, moe in local_moe.items():
+                moe.router.update_bias(stats_L[slot, : m.num_experts])
+        step_s = time.perf_counter() - t0
+        steps_run += 1
+        numbers = rank_step_numbers(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
+
+        last = step == t.steps - 1
+        val = None
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
+        if step % t.log_every == 0 or last or val is not None:
+            # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
+            per_rank = max_over_world(numbers, mesh.world_group, device)
+            biases = {slot: moe.router.expert_bias_E for slot, moe in local_moe.items()}
+            record = step_record(
+                step=step + 1,
+                lr=lr,
+                grad_norm=float(grad_norm),
+                losses=losses4,
+                stats_L=stats_L,
+                shape=shape,
+                timing=per_rank,
+                biases=bias_ranges(biases, len(moe_layers), mesh, device),
+            )
+            if val is not None:
+                record["val_loss"] = val
+            if not finite:
+                record["skipped"] = True
+            log.log(record)
+
+        # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.
+        stop = _any_rank(ctx.stop_requested(), mesh.world_group, device) and not last
+        every = run.checkpoint.every
+        if (every and (step + 1) % every == 0) or (last and run.checkpoint.save_final) or stop:
+            path = ckpt.save(step + 1)
+            log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
+        if stop:
+            stopped_by = ctx.stop_signals() or ["a signal on another rank"]
+            ctx.on_stop()
+            log.message(
+                f"moemesh: stop requested ({', '.join(stopped_by)}); stopped after step {step + 1}; "
+                "resume with resume=auto (same run dir) or resume=<checkpoint dir>"
+            )
+            break
+
+    summary = _summary(run, model, optimizer, mesh, device, record, steps_run, final_val, log.sample)
+    # Where this attempt began and whether a signal cut it short (a requeued job resumes from here).
+    summary.update(start_step=start, stopped_by_signal=stopped_by)
+    log.write_summary(summary)
+    log.close()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_start, pipe=None) -> float:
+    t = run.trainer
+    model.eval()
+    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for b in range(t.eval_batches):
+        batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        if pipe is not None:
+            x, y = _rank_batch(batch, micro_start, micro, accum)
+            losses = []
+            with _autocast(run, device):
+                _pipeline_step(pipe, model, x.to(device), y.to(device), losses, train=False)
+            model.stage_records.clear()
+            if model.last:
+                total += torch.stack(losses).sum().double()
+            continue
+        for i in range(accum):  # the training micro-batch size bounds eval memory too
+            x, y = batch(start=micro_start(i), count=micro)
+            with _autocast(run, device):
+                total += model(x.to(device), y.to(device)).loss.double()
+    model.train()
+    all_reduce_(total, mesh.data_group)
+    all_reduce_(total, mesh.pp_group)  # only the last stage holds losses
+    return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
+
+
+def _machine(device: torch.device) -> dict:
+    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles)."""
+    import platform
+    import socket
+
+    if device.type == "cuda":
+        name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
+    else:
+        name, count = platform.processor() or platform.machine(), 1
+        try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+            models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+            name = models[0] if models else name
+        except OSError:
+            pass
+    return {
+        "hostname": socket.gethostname(),
+        "device": name,
+        "count": count,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _summary(run, model, optimizer, mesh, device, last_record, steps_run, val_loss, sample: StepSample) -> dict:
+    dims = mesh.dims
+    memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
+    # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
+    # step pays for warm-up. None: nothing logged (resumed at the end).
+    medians = sample.medians()
+    step_s = medians["time.step"] if medians else None
+    tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
+    return {
+        "machine": _machine(device),
+        "parallel": layout_name(dims),  # what ran, whatever the config called it
+        "dp": dims.dp,
+        "ep": dims.ep,
+        "tp": dims.tp,
+        "pp": dims.pp,
+        "world_size": dims.world_size,
+        "model": run.model.name,
+        "steps": steps_run,
+        "final_loss": last_record.get("loss"),
+        "final_val_loss": val_loss,
+        "median_tokens_per_s": tokens_per_step / step_s if step_s else None,
+        "median_step_s": step_s,
+        "peak_memory_bytes": {
+            **memory["peak_bytes"],
+            "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
+        },
+        "param_bytes_per_rank": memory["param_bytes"],
+        "memory_per_rank": memory,
+        **sample.summary(),
+    }

@@ -1,0 +1,202 @@
+"""Weights & Biases: one run per training job, from rank 0, with the reduced metrics.
+
+Imported only when ``logger=wandb``. Offline unless credentials are present
+(WANDB_API_KEY or a netrc entry for the API host); WANDB_MODE, when set, wins.
+Offline runs land in ``<run dir>/wandb/offline-run-*`` and upload later with
+``wandb sync``. The dashboard groups by config columns: the layout's dp, ep, tp,
+pp and world_size are top-level keys of the run config.
+
+Being offline never stops a run: an online start first checks that the server (or
+the HTTPS proxy) accepts a connection within a few seconds, then gives wandb
+``logger.init_timeout_s``; if either fails, or the key is refused, the run logs
+offline and says so in one line (``note``), which the loop prints.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import secrets
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from moemesh.config.schema import RunConfig
+from moemesh.parallel.dims import layout_name
+
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+PROBE_S = 5.0  # a server that does not accept a TCP connection in this long is taken as unreachable
+
+
+def _server_url() -> str:
+    """Where wandb will connect: WANDB_BASE_URL, else the installed wandb's default."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if url:
+        return url
+    import wandb
+
+    return wandb.Settings().base_url
+
+
+def unreachable(url: str, timeout_s: float) -> str | None:
+    """None if a TCP connection to ``url``'s host (or the HTTPS proxy, when one is set) opens
+    within ``timeout_s``; else why not, in a few words. Name resolution has no timeout of its
+    own, so the attempt runs in a thread that is abandoned when the time is up."""
+    proxy = next(
+        (os.environ[k] for k in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY") if os.environ.get(k)), None
+    )
+    target = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: list = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err.strerror or type(err).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    where = f"{'proxy ' if proxy else ''}{host}:{port}"
+    if not outcome:
+        return f"no connection to {where} within {timeout_s:g} s"
+    return None if outcome[0] is None else f"cannot reach {where} ({outcome[0]})"
+
+
+def key_problem() -> str | None:
+    """What is wrong with WANDB_API_KEY's form, checked locally by wandb's own rule (None: looks
+    valid, or unset, or this wandb has no such check); the server may still refuse it."""
+    key = os.environ.get("WANDB_API_KEY")
+    if key is None:
+        return None
+    try:
+        from wandb.sdk.lib.wbauth.validation import check_api_key
+    except ImportError:
+        return None
+    problem = check_api_key(key.strip())
+    return f"WANDB_API_KEY is not a valid key ({problem.rstrip('.')})" if problem else None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def flat_config(run: RunConfig, dims) -> dict:
+    """The resolved config, flattened to dotted keys, without secrets, plus the layout columns."""
+    out: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif not _SECRET.search(prefix):
+            out[prefix] = value
+
+    walk("", asdict(run))
+    out.update(dp=dims.dp, ep=dims.ep, tp=dims.tp, pp=dims.pp, world_size=dims.world_size, layout=layout_name(dims))
+    return out
+
+
+def _scalars(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_scalars(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out
+
+
+class WandbTracker:
+    def __init__(self, run: RunConfig, dims, output_dir: str):
+        import wandb
+
+        self.wandb = wandb
+        self.note: str | None = None  # one line for the run's log when it fell back to offline
+        lg = run.logger
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_credentials() else "offline")
+        # One wandb run per run directory: an attempt that resumes there (a requeued SLURM
+        # job) continues the same wandb run instead of starting a second one.
+        id_file = Path(output_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        args = dict(
+            id=run_id,
+            resume="allow",
+            project=lg.project,
+            entity=lg.entity,
+            group=lg.group,
+            job_type=lg.job_type,
+            name=layout_name(dims),
+            config=flat_config(run, dims),
+            dir=output_dir,
+        )
+        self.run = None
+        if mode == "online":
+            why = key_problem() or unreachable(_server_url(), min(PROBE_S, lg.init_timeout_s))
+            if why is None:
+                try:
+                    self.run = wandb.init(
+                        mode="online",
+                        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=lg.init_timeout_s),
+                        **args,
+                    )
+                except Exception as err:  # noqa: BLE001 - a refused key, a timeout, a server error: all mean offline
+                    why = _first_line(err)
+                    wandb.teardown()  # the failed attempt still holds this run id in wandb's service
+            if self.run is None:
+                offline = Path(output_dir) / "wandb"
+                self.note = (
+                    f"wandb: {why}; logging offline to {offline} (upload later: wandb sync {offline}/offline-run-*)"
+                )
+                mode = "offline"
+        if self.run is None:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(console="off", x_disable_stats=True), **args)
+        self._last_load: dict = {}
+
+    def log(self, record: dict) -> None:
+        data = _scalars({k: v for k, v in record.items() if k != "load"})
+        for layer, st in record.get("load", {}).items():
+            counts = np.asarray(st["tokens_per_expert"], dtype=np.float64)
+            # Per-expert load as a histogram over expert ids (bin i holds expert i's tokens).
+            data[f"load/{layer}/tokens_per_expert"] = self.wandb.Histogram(
+                np_histogram=(counts, np.arange(len(counts) + 1, dtype=np.float64))
+            )
+            data.update(_scalars({k: v for k, v in st.items() if not isinstance(v, list)}, f"load/{layer}/"))
+            self._last_load[layer] = st
+        self.run.log(data, step=record["step"])
+
+    def summary(self, summary: dict) -> None:
+        self.run.summary.update(_scalars(summary))
+        rows = [
+            [layer, e, n, st["mean_score"][e]]
+            for layer, st in self._last_load.items()
+            for e, n in enumerate(st["tokens_per_expert"])
+        ]
+        if rows:
+            table = self.wandb.Table(columns=["layer", "expert", "tokens", "mean_score"], data=rows)
+            self.run.log({"load/final_per_expert": table})
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

@@ -1,0 +1,320 @@
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moemesh.config.schema import register_schema, to_run_config
+from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
+from moemesh.errors import ConfigError
+from tests.conftest import tiny_run
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            {"model.num_experts": 6, "parallel.expert_parallel_size": 4},
+            "model.num_experts=6 must be divisible by parallel.expert_parallel_size=4",
+        ),
+        ({"model.top_k": 9}, "model.top_k=9 must be between 1 and model.num_experts=8"),
+        ({"model.top_k": 0}, "model.top_k=0 must be between 1"),
+        (
+            {"trainer.global_batch_size": 6, "parallel.data_parallel_size": 4},
+            "trainer.global_batch_size=6 must be divisible by micro_steps*dp*ep = 1*4*1 = 4",
+        ),
+        (
+            {"trainer.micro_batch_size": 3},
+            "trainer.global_batch_size=8 must be divisible by micro_batch_size*dp*ep = 3*1*1 = 3",
+        ),
+        ({"model.hidden_size": 0}, "model.hidden_size=0 must be a positive integer"),
+        ({"parallel.data_parallel_size": 0}, "parallel.data_parallel_size=0 must be a positive integer"),
+        (
+            {"model.num_layers": 3, "model.moe_every_k_layers": 2},
+            "model.num_layers=3 must be divisible by model.moe_every_k_layers=2",
+        ),
+        (
+            {
+                "parallel.tensor_parallel_size": 2,
+                "model.num_heads": 3,
+                "model.num_kv_heads": 3,
+                "model.hidden_size": 48,
+            },
+            "model.num_heads=3 must be divisible by parallel.tensor_parallel_size=2",
+        ),
+        (
+            {"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True, "trainer.seq_len": 31},
+            "trainer.seq_len=31 must be divisible by parallel.tensor_parallel_size=2",
+        ),
+        ({"parallel.pipeline_parallel_size": 4}, "model.num_layers=2 must be >= parallel.pipeline_parallel_size=4"),
+        (
+            {"parallel.pipeline_parallel_size": 2, "parallel.pipeline_split": [2, 1]},
+            "parallel.pipeline_split=[2, 1] must list 2 positive layer counts",
+        ),
+        (
+            {"parallel.pipeline_parallel_size": 2, "trainer.micro_batch_size": 8},
+            "1F1B needs micro-batches >= parallel.pipeline_parallel_size=2, got 1",
+        ),
+        (
+            {"parallel.pipeline_split": [1, 1]},
+            "parallel.pipeline_split=[1, 1] needs parallel.pipeline_parallel_size > 1",
+        ),
+        ({"parallel.pipeline_schedule": "zb"}, "parallel.pipeline_schedule='zb' is not one of 1f1b, gpipe"),
+        ({"cluster.backend": "mpi"}, "cluster.backend='mpi' is not one of auto, gloo, nccl"),
+        ({"trainer.seq_len": 64}, "trainer.seq_len=64 must be <= model.max_seq_len=32"),
+        ({"data.kind": "memmap"}, "data.path is required"),
+    ],
+)
+def test_invalid_configs_name_keys_and_values(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_run(tiny_run(**overrides))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_must_match_launcher():
+    run = tiny_run(**{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2})
+    assert validate_run(run, launcher_world_size=4).world_size == 4
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=8 from the launcher != dp\*ep\*tp\*pp = 2\*2\*1\*1 = 4"):
+        validate_run(run, launcher_world_size=8)
+
+
+def test_micro_batch_and_accumulation():
+    run = tiny_run(**{"parallel.data_parallel_size": 2, "trainer.global_batch_size": 16})
+    assert (micro_batch_size(run), grad_accum_steps(run)) == (8, 1)
+    run = tiny_run(**{"parallel.data_parallel_size": 2, "trainer.global_batch_size": 16, "trainer.micro_batch_size": 2})
+    validate_run(run)
+    assert (micro_batch_size(run), grad_accum_steps(run)) == (2, 4)
+
+
+def _compose(overrides):
+    import os
+
+    register_schema()
+    conf_dir = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+PRESETS = [
+    "single",
+    "dp2",
+    "dp4",
+    "dp8",
+    "ep2",
+    "ep4",
+    "ep8",
+    "ep2_dp2",
+    "ep2_dp4",
+    "ep4_dp2",
+    "ep2_dp8",
+    "ep8_dp2",
+    "tp2",
+    "tp4",
+    "tp2_ep2",
+    "tp2_ep2_dp2",
+    "pp2",
+    "pp4",
+    "pp2_ep2_dp2",
+    "pp2_tp2_ep2",
+    "pp2_tp2_ep2_dp2",
+]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_parallel_preset_validates_with_its_name(preset):
+    run = to_run_config(_compose([f"parallel={preset}", "trainer.global_batch_size=32"]))
+    dims = validate_run(run)
+    p = run.parallel
+    assert p.name == preset
+    assert dims.world_size == (
+        p.data_parallel_size * p.expert_parallel_size * p.tensor_parallel_size * p.pipeline_parallel_size
+    )
+
+
+def test_every_preset_file_is_tested():
+    import os
+
+    conf_dir = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "parallel")
+    assert sorted(f[:-5] for f in os.listdir(conf_dir)) == sorted(PRESETS)
+
+
+def test_seed_model_matches_the_seed():
+    m = to_run_config(_compose(["model=seed_4096"])).model
+    assert (m.hidden_size, m.num_layers, m.num_experts, m.top_k, m.moe_every_k_layers, m.aux_loss_factor) == (
+        4096,
+        32,
+        64,
+        2,
+        2,
+        0.01,
+    )
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(Exception, match="num_expert"):
+        _compose(["model.num_expert=4"])
+    with pytest.raises(Exception, match="parallel.data_parallel_size"):
+        _compose(["parallel.data_parallel_size=two"])
+
+
+# --- numbers: non-finite or out-of-range values are refused in one line naming key, value, range ---
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("trainer.lr", float("inf"), "trainer.lr=inf must be a finite number > 0"),
+        ("trainer.lr", float("nan"), "trainer.lr=nan must be a finite number > 0"),
+        ("trainer.min_lr", float("nan"), "trainer.min_lr=nan must be a finite number >= 0"),
+        ("trainer.grad_clip", float("nan"), "trainer.grad_clip=nan must be a finite number >= 0 (0: no clipping)"),
+        ("trainer.grad_clip", float("inf"), "trainer.grad_clip=inf must be a finite number >= 0"),
+        ("trainer.weight_decay", float("nan"), "trainer.weight_decay=nan must be a finite number >= 0"),
+        ("model.init_std", float("nan"), "model.init_std=nan must be a finite number > 0"),
+        ("model.init_std", 0.0, "model.init_std=0.0 must be a finite number > 0"),
+        ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be a finite number > 0"),
+        ("model.norm_eps", -1.0, "model.norm_eps=-1.0 must be a finite number > 0"),
+        ("model.norm_eps", 0.0, "model.norm_eps=0.0 must be a finite number > 0"),
+        ("model.aux_loss_factor", float("inf"), "model.aux_loss_factor=inf must be a finite number >= 0 (0: off)"),
+        ("model.z_loss_factor", float("nan"), "model.z_loss_factor=nan must be a finite number >= 0"),
+        ("model.seq_aux_loss_factor", float("inf"), "model.seq_aux_loss_factor=inf must be a finite number"),
+        ("model.expert_bias_update_rate", float("nan"), "model.expert_bias_update_rate=nan must be a finite"),
+        (
+            "model.capacity_factor",
+            1e-9,
+            "model.capacity_factor=1e-09 must be null (dropless) or a finite number >= 0.1",
+        ),
+        ("model.capacity_factor", float("nan"), "model.capacity_factor=nan must be null (dropless)"),
+        ("model.capacity_factor", float("inf"), "model.capacity_factor=inf must be null (dropless)"),
+        ("cluster.preempt_grace_s", -5, "cluster.preempt_grace_s=-5 must be a number of seconds >= 0"),
+        ("cluster.collective_timeout_s", -1, "cluster.collective_timeout_s=-1 must be a positive number of seconds"),
+        ("cluster.peak_flops", float("nan"), "cluster.peak_flops=nan must be a finite number > 0 (FLOP/s per device)"),
+        ("cluster.gpu_memory_gb", float("inf"), "cluster.gpu_memory_gb=inf must be a finite number > 0"),
+        ("logger.init_timeout_s", 0.0, "logger.init_timeout_s=0.0 must be a finite number of seconds > 0"),
+        ("trainer.seed", -1, "trainer.seed=-1 must be in [0, 2**64-1 = 18446744073709551615]"),
+        ("trainer.seed", 2**64, "trainer.seed=18446744073709551616 must be in [0, 2**64-1"),
+        ("trainer.max_skipped_steps", 0, "trainer.max_skipped_steps=0 must be a positive integer"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_in_one_line(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_run(tiny_run(**{key: value}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _float_fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _float_fields(type(default), f"{prefix}{f.name}.")
+        elif f.type in ("float", "Optional[float]", "float | None"):
+            yield f"{prefix}{f.name}"
+
+
+def test_every_float_key_refuses_nan_and_inf():
+    """A float key added later is covered too: NaN passes every '< 0' check by failing it."""
+    from moemesh.config.schema import RunConfig
+
+    keys = list(_float_fields(RunConfig))
+    assert "trainer.lr" in keys and "model.capacity_factor" in keys and len(keys) >= 20
+    for key in keys:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=rf"^{key}=(nan|inf|-inf) must be "):
+                validate_run(tiny_run(**{key: bad}))
+
+
+def test_seed_limits_are_the_generators_and_the_largest_seed_draws_batches():
+    from moemesh.trainer.data import DataPaths, TokenData
+
+    validate_run(tiny_run(**{"trainer.seed": 2**64 - 1}))
+    validate_run(tiny_run(**{"trainer.seed": 0}))
+    paths = DataPaths("synthetic", None, None, 0.01, 256)
+    for seed in (0, 2**64 - 1):  # the largest overflowed the data generator's seed before
+        x, y = TokenData(paths, seed=seed).batch("train", 10**9, global_batch=4, seq_len=8, start=0, count=4)
+        assert x.shape == (4, 8)
+
+
+def test_capacity_factor_below_one_warns_with_the_fraction_dropped():
+    from moemesh.config.validate import config_warnings
+
+    assert config_warnings(tiny_run()) == [] and config_warnings(tiny_run(**{"model.capacity_factor": 1.25})) == []
+    (line,) = config_warnings(tiny_run(**{"model.capacity_factor": 0.25}))
+    assert line.startswith("model.capacity_factor=0.25 < 1") and "about 75% or more" in line and "\n" not in line
+    validate_run(tiny_run(**{"model.capacity_factor": 0.1}))  # the floor itself is allowed
+
+
+# --- the layout's name ---
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_named_by_its_degrees(preset):
+    from moemesh.parallel.dims import ParallelDims, layout_name
+
+    p = to_run_config(_compose([f"parallel={preset}", "trainer.global_batch_size=32"])).parallel
+    assert layout_name(ParallelDims.from_config(p)) == preset
+
+
+def test_the_planner_names_layouts_as_training_does():
+    """scripts/plan.py keeps its own copy of the naming (to become an import of parallel.dims)."""
+    import itertools
+    import sys
+    from pathlib import Path
+
+    from moemesh.parallel.dims import ParallelDims, layout_name
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import plan
+
+    for dp, ep, tp, pp in itertools.product((1, 2, 8), repeat=4):
+        d = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
+        assert plan.layout_name(d) == layout_name(d)
+
+
+def test_a_name_that_is_not_the_layout_is_refused():
+    from moemesh.config.validate import check_layout_name
+    from moemesh.parallel.dims import ParallelDims
+
+    run = tiny_run(**{"parallel.name": "ep4", "parallel.expert_parallel_size": 2})
+    with pytest.raises(ConfigError) as err:
+        check_layout_name(run, ParallelDims(ep=2), presets={"ep2", "ep4"})
+    assert str(err.value).startswith(
+        "parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: use parallel=ep2"
+    )
+    with pytest.raises(ConfigError, match="use parallel.name=ep3_dp2 with these degrees"):
+        check_layout_name(tiny_run(**{"parallel.name": "ep4"}), ParallelDims(ep=3, dp=2), presets={"ep4"})
+    check_layout_name(tiny_run(**{"parallel.name": "ep2"}), ParallelDims(ep=2))
+
+
+# --- memory: only where a run trains, never for the planner ---
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
+    from moemesh.config.validate import check_fits_host
+
+    seed = to_run_config(_compose(["model=seed_4096"]))
+    dims = validate_run(seed)  # valid: the planner plans it (scripts/plan.py validates, never sizes memory)
+    with pytest.raises(ConfigError) as err:
+        check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cpu")
+    msg = str(err.value)
+    assert (
+        msg.startswith("model=seed_4096 (hidden_size=4096, num_layers=32, num_experts=64) needs 402.0 GiB")
+        and "more than its 128.0 GiB" in msg
+        and "\n" not in msg
+    )
+    # On a GPU the host holds the fp32 weights only while building: 4 bytes per parameter.
+    check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cuda")
+    tiny = tiny_run()
+    check_fits_host(tiny, validate_run(tiny), ranks_here=None, host_bytes=2**30, device_type="cpu")
+
+
+def test_memory_counts_the_ranks_on_this_machine():
+    from moemesh.config.validate import check_fits_host
+    from moemesh.moe.param_count import count_params
+    from moemesh.parallel.dims import ParallelDims
+
+    run = tiny_run(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2})
+    dims = ParallelDims(dp=2, ep=2)
+    one = count_params(run.model, dims).total * 16
+    check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one, device_type="cpu")
+    with pytest.raises(ConfigError, match="on its 4 rank"):  # spawned here: all four
+        check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one - 1, device_type="cpu")
+    check_fits_host(run, dims, ranks_here=1, host_bytes=one, device_type="cpu")  # torchrun, one per machine
