@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.moe.init import normal_
+from moemesh.parallel.tags import EXPERT_SHARD
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -62,6 +63,8 @@ class GroupedExperts(nn.Module):
         self.w1_eDF = nn.Parameter(torch.empty(e, D, Fh))  # gate projection
         self.w3_eDF = nn.Parameter(torch.empty(e, D, Fh))  # up projection
         self.w2_eFD = nn.Parameter(torch.empty(e, Fh, D))  # down projection
+        for p in self.parameters():  # EP shards: checkpoints key them by global expert id
+            setattr(p, EXPERT_SHARD, first_expert_id)
 
     @torch.no_grad()
     def init_weights(self, *, seed: int, prefix: str, std: float, out_std: float) -> None:

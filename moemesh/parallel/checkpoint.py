@@ -69,8 +69,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from moemesh.moe.experts import GroupedExperts
-from moemesh.parallel.tp import TP_SHARD
+from moemesh.parallel.tags import TP_SHARD, expert_first_id
 
 _DIR_PREFIX = "step_"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -253,9 +252,9 @@ def _tp_dtensor(local: torch.Tensor, param, tp_mesh) -> torch.Tensor:
     )
 
 
-def _entries(key: str, tensor: torch.Tensor, param, expert_module, tp_mesh) -> dict:
-    if expert_module is not None:
-        first = expert_module.first_expert_id
+def _entries(key: str, tensor: torch.Tensor, param, tp_mesh) -> dict:
+    first = expert_first_id(param)
+    if first is not None:
         return {f"{key}[{first + j}]": tensor[j] for j in range(tensor.shape[0])}
     if tp_mesh is not None and getattr(param, TP_SHARD, None) is not None:
         return {key: _tp_dtensor(tensor, param, tp_mesh)}
@@ -264,15 +263,13 @@ def _entries(key: str, tensor: torch.Tensor, param, expert_module, tp_mesh) -> d
 
 def training_state(model, optimizer, step_tensor: torch.Tensor, tp_mesh=None) -> dict:
     """Views of the live tensors under global keys (a load writes through them)."""
-    owner = {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
     state: dict = {"trainer.step": step_tensor}
     for name, p in model.named_parameters():
-        expert = owner.get(id(p))
-        state.update(_entries(f"model.{name}", p.data, p, expert, tp_mesh))
+        state.update(_entries(f"model.{name}", p.data, p, tp_mesh))
         opt = optimizer.state.get(p, {})
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in opt:
-                state.update(_entries(f"optim.{name}.{moment}", opt[moment], p, expert, tp_mesh))
+                state.update(_entries(f"optim.{name}.{moment}", opt[moment], p, tp_mesh))
     persistent = set(model.state_dict().keys())
     for name, b in model.named_buffers():
         if name in persistent and b is not None:

@@ -27,10 +27,9 @@ import torch.nn.functional as F
 
 from moemesh.parallel.comm import group_size
 from moemesh.parallel.dims import padded_vocab  # noqa: F401  (re-exported for the model)
+from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD  # noqa: F401 (re-exported: the tags TP layers set)
 
 # Attributes that tell the gradient reducer and the grad norm how a parameter is laid out.
-TP_SHARD = "_moemesh_tp_shard"  # (dim, logical size along dim): sharded over tp
-GRAD_GROUP = "_moemesh_grad_group"  # "data" (default) | "data_tp" | "expert"
 
 
 def _rank(group) -> int:
