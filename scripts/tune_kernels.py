@@ -17,6 +17,7 @@ timing each: a test of the script, not a measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import pprint
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from moemesh.kernels._triton import can_run_triton  # noqa: E402
-from moemesh.kernels._tuning import TUNING, override  # noqa: E402
+from moemesh.kernels._tuning import TUNING  # noqa: E402
 from scripts.bench_kernels import _time_cpu, _time_cuda  # noqa: E402
 
 CANDIDATES = {
@@ -44,7 +45,7 @@ REORDERED = {"gating_fwd", "gating_bwd", "unpermute_bwd"}
 
 
 def _workloads(T, E, K, D, dtype, device):
-    """kernel -> a call of its launcher on benchmark-sized inputs (no autograd)."""
+    """kernel -> a call of its launcher on benchmark-sized inputs (no autograd), given launch parameters."""
     from moemesh.kernels.gating import _launch_bwd, _launch_fwd
     from moemesh.kernels.permute import _launch as permute_launch
     from moemesh.kernels.sort_chunks import _launch as sort_launch
@@ -60,12 +61,12 @@ def _workloads(T, E, K, D, dtype, device):
     w = torch.rand(T, K, generator=g).to(device)
     g_out, g_w, g_s, g_l = rnd(T, D, dt=dtype), rnd(T, K), rnd(E), rnd(T)
     return {
-        "gating_fwd": lambda: _launch_fwd(logits, None, K, True, False),
-        "gating_bwd": lambda: (_launch_bwd(logits, ids, g_w, g_s, g_l, True, False),),
-        "permute": lambda: permute_launch(x, ids, E),
-        "sort_chunks": lambda: (sort_launch(rows, counts_Re),),
-        "gather_sum": lambda: (gather_sum(rows, row_map, w, T, K),),
-        "unpermute_bwd": lambda: _unpermute_backward_launch(g_out, rows, row_map, w),
+        "gating_fwd": lambda params: _launch_fwd(logits, None, K, True, False, params=params),
+        "gating_bwd": lambda params: (_launch_bwd(logits, ids, g_w, g_s, g_l, True, False, params=params),),
+        "permute": lambda params: permute_launch(x, ids, E, params=params),
+        "sort_chunks": lambda params: (sort_launch(rows, counts_Re, params=params),),
+        "gather_sum": lambda params: (gather_sum(rows, row_map, w, T, K, params=params),),
+        "unpermute_bwd": lambda params: _unpermute_backward_launch(g_out, rows, row_map, w, params=params),
     }
 
 
@@ -81,13 +82,14 @@ def _same(kernel, got, want) -> bool:
     return True
 
 
-def tune(workloads, timer, candidates=CANDIDATES, passes=2) -> dict[str, dict[str, int]]:
-    """Coordinate descent per kernel; returns the best table (TUNING is left as it was)."""
+def tune(workloads, timer, candidates=CANDIDATES, passes=2, table=TUNING) -> dict[str, dict[str, int]]:
+    """Coordinate descent per kernel from ``table``; returns the best table. ``workloads`` maps
+    a kernel to ``run(params)``; ``timer(fn)`` times a call of ``fn()``."""
     best_table = {}
     for kernel, run in workloads.items():
-        want = run()  # the current table's output
-        best = dict(TUNING[kernel])
-        t_start = timer(run)
+        best = dict(table[kernel])
+        want = run(best)  # the current table's output
+        t_start = timer(functools.partial(run, best))
         t_best = t_start
         refused = 0
         for _ in range(passes):
@@ -96,15 +98,14 @@ def tune(workloads, timer, candidates=CANDIDATES, passes=2) -> dict[str, dict[st
                     if value == best[param]:
                         continue
                     trial = {**best, param: value}
-                    with override(kernel, **trial):
-                        try:
-                            ok = _same(kernel, run(), want)
-                        except Exception:  # e.g. out of shared memory or registers
-                            ok = False
-                        if not ok:
-                            refused += 1
-                            continue
-                        t = timer(run)
+                    try:
+                        ok = _same(kernel, run(trial), want)
+                    except Exception:  # e.g. out of shared memory or registers
+                        ok = False
+                    if not ok:
+                        refused += 1
+                        continue
+                    t = timer(functools.partial(run, trial))
                     if t < t_best:
                         best, t_best = trial, t
         best_table[kernel] = best

@@ -1,8 +1,9 @@
 """Launch parameters of the Triton kernels, in one table.
 
-The launchers read it on every call, so ``scripts/tune_kernels.py`` can sweep the
-values on a GPU (refusing any candidate whose output differs from this table's)
-and print a table to paste here. The values below are first guesses, not yet
+Every launcher takes ``params=`` (a mapping of some of its kernel's keys) and uses
+this table for the rest, so ``scripts/tune_kernels.py`` sweeps the values on a GPU by
+passing candidates (refusing any whose output differs from this table's) and prints a
+table to paste here. Nothing writes to the table at run time. The values below are first guesses, not yet
 measured on a GPU: see benchmarks/RESULTS.md.
 
 Keys per kernel: block sizes (each a power of two; a block over D is capped at
@@ -12,7 +13,7 @@ budget of one [BLOCK_T, BLOCK_E] tile: BLOCK_T = min(max_block_t, tile // next_p
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Mapping
 
 TUNING: dict[str, dict[str, int]] = {
     "gating_fwd": {"tile": 4096, "max_block_t": 64, "num_warps": 4},
@@ -24,16 +25,12 @@ TUNING: dict[str, dict[str, int]] = {
 }
 
 
-@contextlib.contextmanager
-def override(kernel: str, **values: int):
-    """Use other launch parameters for ``kernel`` inside the block (for tuning and tests)."""
-    unknown = set(values) - set(TUNING[kernel])
+def launch_params(kernel: str, params: Mapping[str, int] | None = None) -> Mapping[str, int]:
+    """``kernel``'s launch parameters: this table's, with ``params`` (a launcher's argument) over them."""
+    table = TUNING[kernel]
+    if not params:
+        return table
+    unknown = set(params) - set(table)
     if unknown:
-        raise KeyError(f"{kernel}: unknown launch parameters {sorted(unknown)}; known: {sorted(TUNING[kernel])}")
-    saved = dict(TUNING[kernel])
-    TUNING[kernel].update(values)
-    try:
-        yield
-    finally:
-        TUNING[kernel].clear()
-        TUNING[kernel].update(saved)
+        raise KeyError(f"{kernel}: unknown launch parameters {sorted(unknown)}; known: {sorted(table)}")
+    return {**table, **params}

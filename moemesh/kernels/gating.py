@@ -27,12 +27,13 @@ and weights plus T lse; backward reads the logits again and writes T*E grads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
-from moemesh.kernels._tuning import TUNING
+from moemesh.kernels._tuning import launch_params
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,9 @@ if triton is not None:
         tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx, mask=mask)
 
 
-def _blocks(kernel: str, E: int) -> tuple[int, int, int]:
+def _blocks(kernel: str, E: int, params: Mapping[str, int] | None) -> tuple[int, int, int]:
     """BLOCK_T, BLOCK_E and num_warps: a [BLOCK_T, BLOCK_E] tile of about ``tile`` elements."""
-    t = TUNING[kernel]
+    t = launch_params(kernel, params)
     BLOCK_E = next_pow2(E)
     return max(1, min(t["max_block_t"], t["tile"] // BLOCK_E)), BLOCK_E, t["num_warps"]
 
@@ -228,12 +229,12 @@ def _check_fwd(logits_TE, bias_E, top_k):
         check(bias_E.shape == (E,), f"fused_gating: expert bias must be [E={E}], got {tuple(bias_E.shape)}")
 
 
-def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
+def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, *, params: Mapping[str, int] | None = None):
     T, E = logits_TE.shape
     bias_E = bias_E.contiguous() if bias_E is not None else None
     logits_TE = logits_TE.contiguous()
     dev = logits_TE.device
-    BLOCK_T, BLOCK_E, warps = _blocks("gating_fwd", E)
+    BLOCK_T, BLOCK_E, warps = _blocks("gating_fwd", E, params)
     grid = triton.cdiv(T, BLOCK_T)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
@@ -264,13 +265,15 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid):
     return ids, weights, counts_part.sum(0).to(torch.int64), ssum_part.sum(0), lse
 
 
-def _launch_bwd(logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid):
+def _launch_bwd(
+    logits_TE, ids, g_weights, g_ssum, g_lse, renormalize, sigmoid, *, params: Mapping[str, int] | None = None
+):
     logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape
     K = ids.shape[1]
     dx = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
     if T > 0:
-        BLOCK_T, BLOCK_E, warps = _blocks("gating_bwd", E)
+        BLOCK_T, BLOCK_E, warps = _blocks("gating_bwd", E, params)
         _gating_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
             logits_TE,
             ids,

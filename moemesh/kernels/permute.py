@@ -20,10 +20,12 @@ implementation, autograd) so that it works under torch.compile; eager calls take
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
-from moemesh.kernels._tuning import TUNING
+from moemesh.kernels._tuning import launch_params
 
 
 def permute_reference(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
@@ -96,12 +98,12 @@ def _check(x_TD, topk_ids_TK):
     check(topk_ids_TK.dtype in (torch.int64, torch.int32), f"permute: ids dtype {topk_ids_TK.dtype} is not int")
 
 
-def _launch(x_TD, topk_ids_TK, num_experts):
+def _launch(x_TD, topk_ids_TK, num_experts, *, params: Mapping[str, int] | None = None):
     x_TD, ids = x_TD.contiguous(), topk_ids_TK.contiguous().view(-1)
     T, D = x_TD.shape
     K, E, NP = topk_ids_TK.shape[1], num_experts, ids.numel()
     dev = x_TD.device
-    cfg = TUNING["permute"]
+    cfg = launch_params("permute", params)
     BLOCK_N, warps = cfg["block_n"], cfg["num_warps"]
     blocks = triton.cdiv(NP, BLOCK_N)
     hist = torch.zeros(max(blocks, 1), E + 1, dtype=torch.int32, device=dev)

@@ -15,10 +15,12 @@ an autograd.Function over the same launcher.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
-from moemesh.kernels._tuning import TUNING
+from moemesh.kernels._tuning import launch_params
 
 
 def _chunk_tables(counts_Re: torch.Tensor):
@@ -81,7 +83,7 @@ if triton is not None:
             tl.store(out_ptr + i[:, None].to(tl.int64) * stride_o + cols[None, :], v, mask=m)
 
 
-def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
+def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor, *, params: Mapping[str, int] | None = None) -> torch.Tensor:
     rows_MD = rows_MD.contiguous()
     M, D = rows_MD.shape
     out = torch.empty_like(rows_MD)
@@ -89,7 +91,7 @@ def _launch(rows_MD: torch.Tensor, counts_Re: torch.Tensor) -> torch.Tensor:
         return out
     _, out_start, src_start = _chunk_tables(counts_Re.to(rows_MD.device))
     C = out_start.numel()
-    cfg = TUNING["sort_chunks"]
+    cfg = launch_params("sort_chunks", params)
     BLOCK_M = cfg["block_m"]
     _sort_chunks_kernel[(triton.cdiv(M, BLOCK_M),)](
         rows_MD,

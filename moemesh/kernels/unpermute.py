@@ -18,10 +18,12 @@ implementations, so they work under torch.compile; eager calls take
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
-from moemesh.kernels._tuning import TUNING
+from moemesh.kernels._tuning import launch_params
 
 
 def unpermute_reference(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,9 @@ def _positions(row_map_N: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return pos
 
 
-def gather_sum(rows_ND, row_map_N, weights_TK, T: int, K: int) -> torch.Tensor:
+def gather_sum(
+    rows_ND, row_map_N, weights_TK, T: int, K: int, *, params: Mapping[str, int] | None = None
+) -> torch.Tensor:
     """out[t] = sum_k (w[t,k] *) rows[pos(t, k)] with the Triton kernel (no autograd)."""
     rows_ND = rows_ND.contiguous()
     D = rows_ND.shape[1]
@@ -122,7 +126,7 @@ def gather_sum(rows_ND, row_map_N, weights_TK, T: int, K: int) -> torch.Tensor:
     if T == 0 or D == 0:
         return out.zero_()
     pos = _positions(row_map_N, T, K)
-    cfg = TUNING["gather_sum"]
+    cfg = launch_params("gather_sum", params)
     BLOCK_T, BLOCK_D = cfg["block_t"], min(cfg["block_d"], next_pow2(D))
     w = weights_TK.contiguous() if weights_TK is not None else rows_ND
     _gather_sum_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))](
@@ -143,14 +147,14 @@ def gather_sum(rows_ND, row_map_N, weights_TK, T: int, K: int) -> torch.Tensor:
     return out
 
 
-def _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK):
+def _unpermute_backward_launch(g_out, rows_ND, row_map_N, weights_TK, *, params: Mapping[str, int] | None = None):
     T, K = weights_TK.shape
     N, D = rows_ND.shape
     rows_ND, g_out = rows_ND.contiguous(), g_out.contiguous()
     g_rows = torch.empty_like(rows_ND)
     g_w = torch.zeros(T * K, dtype=torch.float32, device=rows_ND.device)
     if N > 0 and D > 0:
-        cfg = TUNING["unpermute_bwd"]
+        cfg = launch_params("unpermute_bwd", params)
         BLOCK_N = cfg["block_n"]
         _unpermute_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
             g_out,

@@ -9,13 +9,15 @@ from tests.scripts._interpreted import needs_triton, run_interpreted
 
 def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
     before = {k: dict(v) for k, v in TUNING.items()}
-    cfg = TUNING["sort_chunks"]
+    timed = {}  # the launch parameters of the call being timed
 
-    def run():  # the output changes (is wrong) when block_m is 4
-        return (torch.tensor([1.0 if cfg["block_m"] != 4 else 2.0]),)
+    def run(params):  # the output changes (is wrong) when block_m is 4
+        timed.update(params)
+        return (torch.tensor([1.0 if params["block_m"] != 4 else 2.0]),)
 
-    def timer(_fn):  # fastest at block_m=4 (refused), then 64; block_d 256 best; warps 8 best
-        return 1.0 / cfg["block_m"] + abs(cfg["block_d"] - 256) / 1e4 + 1.0 / cfg["num_warps"] / 100
+    def timer(fn):  # fastest at block_m=4 (refused), then 64; block_d 256 best; warps 8 best
+        fn()
+        return 1.0 / timed["block_m"] + abs(timed["block_d"] - 256) / 1e4 + 1.0 / timed["num_warps"] / 100
 
     best = tune({"sort_chunks": run}, timer)
     assert best["sort_chunks"] == {"block_m": 64, "block_d": 256, "num_warps": 8}
