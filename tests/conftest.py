@@ -6,43 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-# Tests build configs directly, without Hydra's command line. conf.schema (hydra,
-# omegaconf) is imported where used, so that tests without configs (the kernel tests)
-# also collect where those are not installed.
-
-
-def tiny_run(**overrides):
-    """A very small, fast RunConfig; ``overrides`` are dotted keys, e.g. {"parallel.name": "ep2"}."""
-    from omegaconf import OmegaConf
-
-    from moemesh.config.schema import to_run_config
-
-    base = {
-        "model": dict(
-            name="test",
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=2,
-            ffn_hidden_size=64,
-            moe_ffn_hidden_size=48,
-            num_experts=8,
-            top_k=2,
-            moe_every_k_layers=1,
-            max_seq_len=32,
-        ),
-        "parallel": dict(name="single"),
-        "cluster": dict(name="local"),
-        "data": dict(name="synthetic", kind="synthetic"),
-        "logger": dict(name="test", console=False),
-        "trainer": dict(
-            steps=10, global_batch_size=8, seq_len=32, warmup_steps=2, eval_every=0, eval_batches=1, threads_per_rank=1
-        ),
-    }
-    cfg = OmegaConf.create(base)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return to_run_config(cfg)
+# Shared helpers (tiny_run, SMALL) live in tests/helpers.py; this file holds fixtures only.
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_cli import SMALL
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.steps=2", "logger.console=false"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_cli import SMALL as TRAIN_CLI_SMALL
+from tests.helpers import SMALL as TRAIN_CLI_SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [*TRAIN_CLI_SMALL, "logger.console=false"]

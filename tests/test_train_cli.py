@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_ffn_hidden_size=48",
-    "model.max_seq_len=32",
-    "trainer.seq_len=32",
-    "trainer.global_batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.eval_batches=1",
-]
 
 
 def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, timeout=240):

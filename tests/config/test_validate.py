@@ -4,7 +4,7 @@ from hydra import compose, initialize_config_dir
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
 from moemesh.errors import ConfigError
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 @pytest.mark.parametrize(

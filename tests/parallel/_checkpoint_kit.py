@@ -20,7 +20,7 @@ from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, build_model, train
 from moemesh.trainer.optim import build_optimizer
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def run_config(**extra):

@@ -14,8 +14,8 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, train
-from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
+from tests.helpers import tiny_run
 
 STEPS = 10
 

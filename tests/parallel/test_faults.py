@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from moemesh.parallel import checkpoint
-from tests.test_train_cli import SMALL
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.parallel.tp import TP_SHARD
 from moemesh.trainer.data import TokenData, prepare_data
 from moemesh.trainer.loop import build_model, param_groups
-from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
+from tests.helpers import tiny_run
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

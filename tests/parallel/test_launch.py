@@ -9,7 +9,7 @@ import torch.distributed as dist
 from moemesh.errors import ConfigError
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.launch import detect_launcher_env, install_stop_handlers, run_ranks, strip_local_rank_args
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def test_detects_torchrun_srun_and_bare():

@@ -23,7 +23,7 @@ from moemesh.parallel.slurm import (
     validate_slurm,
 )
 from moemesh.trainer.metrics import MetricsLogger
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

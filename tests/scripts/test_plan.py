@@ -74,7 +74,7 @@ def test_gradient_and_optimizer_bytes_equal_a_real_run(tmp_path):
     """One real CPU step of ep2 (2 ranks): the run's memory report against the plan."""
     import json
 
-    from tests.test_train_cli import SMALL
+    from tests.helpers import SMALL
 
     proc = subprocess.run(
         [

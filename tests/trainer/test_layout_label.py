@@ -11,7 +11,7 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, train
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):

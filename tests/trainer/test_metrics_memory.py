@@ -16,7 +16,7 @@ from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, train
 from moemesh.trainer.metrics import MetricsLogger, StepSample, StepShape, stat_width, step_record, summarize_records
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def _record(step: int, *, layers: int, experts: int) -> dict:

@@ -18,8 +18,8 @@ from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, train
 from moemesh.trainer.metrics import load_stats, stat_width
-from tests.conftest import tiny_run
 from tests.dist_utils import run_on_ranks
+from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ def _wandb_records(run_dir: Path):
 
 def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
     pytest.importorskip("wandb")
-    from tests.test_train_cli import SMALL
+    from tests.helpers import SMALL
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": "sk-do-not-log-0123456789abcdef"}
     env.pop("RANK", None)
@@ -217,7 +217,7 @@ def test_wandb_run_continues_when_a_run_resumes_in_its_directory(tmp_path, monke
     pytest.importorskip("wandb")
     from moemesh.parallel.dims import ParallelDims
     from moemesh.trainer.wandb_tracker import WandbTracker
-    from tests.conftest import tiny_run
+    from tests.helpers import tiny_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tiny_run(**{"logger.wandb": True})

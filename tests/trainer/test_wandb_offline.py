@@ -16,7 +16,7 @@ pytest.importorskip("wandb")
 
 from moemesh.parallel.dims import ParallelDims  # noqa: E402
 from moemesh.trainer.wandb_tracker import WandbTracker, unreachable  # noqa: E402
-from tests.conftest import tiny_run  # noqa: E402
+from tests.helpers import tiny_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
