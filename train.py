@@ -30,18 +30,12 @@ from moemesh.config.cli import needs_preflight, preflight
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import micro_steps, validate_run
 from moemesh.errors import ConfigError
+from moemesh.launch.checks import check_launcher, set_output_umask
+from moemesh.launch.env import detect_launcher_env, launcher_rank, leftover_hint, strip_local_rank_args
+from moemesh.launch.run import run_ranks
+from moemesh.launch.signals import install_stop_handlers
+from moemesh.launch.slurm import TASK_MARKER
 from moemesh.parallel.checkpoint import CheckpointError
-from moemesh.parallel.launch import (
-    check_launcher,
-    detect_launcher_env,
-    install_stop_handlers,
-    launcher_rank,
-    leftover_hint,
-    run_ranks,
-    set_output_umask,
-    strip_local_rank_args,
-)
-from moemesh.parallel.slurm import TASK_MARKER
 from moemesh.trainer.data import check_data, prepare_data
 from moemesh.trainer.loop import train
 
@@ -172,7 +166,7 @@ def main(cfg: DictConfig) -> float | None:
         run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, group=group))
     try:
         summary = run_ranks(run, dims, env, output_dir, data_paths, train)
-    except ConfigError as err:  # launcher variables that no job answered (parallel.launch._unlaunched_store)
+    except ConfigError as err:  # launcher variables that no job answered (launch.run._unlaunched_store)
         _remove_if_untouched(Path(output_dir))
         _refuse(str(err))
     except (FloatingPointError, CheckpointError) as err:  # training stopped for a reason it can name

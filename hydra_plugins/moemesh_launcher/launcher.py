@@ -15,12 +15,14 @@ distributed-training sweep needs it to:
 * **Requeue that resumes.** SIGUSR2 before the time limit becomes a save at the next
   step boundary on every rank, after which task 0 hands over to submitit, which requeues
   the job (at most ``cluster.slurm.max_timeouts`` times); a requeued attempt resumes from
-  the newest checkpoint in its own run directory (``parallel.slurm.resume_setting``).
+  the newest checkpoint in its own run directory (``launch.slurm.resume_setting``).
 * **Honest endings.** A rank that raises fails its task (srun then stops the others); a
   SIGTERM stop (preemption, scancel) exits non-zero after saving, so the submitter never
-  mistakes it for a finished run (``parallel.slurm.after_task``).
+  mistakes it for a finished run (``launch.slurm.after_task``).
 
-The decisions live in ``parallel/slurm.py``; this module is the Hydra/submitit glue.
+The decisions live in ``moemesh/launch/slurm.py``; whether this process is a rank of a launched
+job is ``moemesh.launch.env.detect_launcher_env``, the rule train.py and the ranks use. This
+module is the Hydra/submitit glue: Hydra and submitit are imported here, never in moemesh.launch.
 """
 
 import contextlib
@@ -72,7 +74,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         except _Rejected as err:
             print(f"moemesh: config error: {err}", file=sys.stderr)
             sys.exit(2)
-        from moemesh.parallel.slurm import group_jobs, mixed_allocation_error
+        from moemesh.launch.slurm import group_jobs, mixed_allocation_error
 
         groups = group_jobs([j for j, _ in jobs])
         if len(groups) > 1 and mixed_policy == "reject":
@@ -85,9 +87,10 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         from moemesh.config.schema import to_run_config
         from moemesh.config.validate import validate_run
         from moemesh.errors import ConfigError
-        from moemesh.parallel.slurm import SweepJob, allocation_for, validate_slurm
+        from moemesh.launch.env import detect_launcher_env
+        from moemesh.launch.slurm import SweepJob, allocation_for, validate_slurm
 
-        if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "RANK" in os.environ:
+        if detect_launcher_env() is not None:
             raise _Rejected(
                 "-m cluster=slurm inside srun/torchrun tasks would submit the sweep once per task; "
                 "submit from a shell on the login node"
@@ -142,7 +145,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
     def _submit(self, groups, full_overrides: dict[int, list[str]], wait: bool) -> list[JobReturn]:
         import submitit
 
-        from moemesh.parallel.slurm import job_name
+        from moemesh.launch.slurm import job_name
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -287,8 +290,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
     ) -> JobReturn:
         import submitit
 
-        from moemesh.parallel.launch import install_stop_handlers
-        from moemesh.parallel.slurm import TASK_MARKER, after_task, requeue_signal
+        from moemesh.launch.env import launcher_rank
+        from moemesh.launch.signals import install_stop_handlers
+        from moemesh.launch.slurm import TASK_MARKER, after_task, requeue_signal
 
         os.environ[TASK_MARKER] = "1"
         requeue_sig = requeue_signal()
@@ -302,7 +306,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             job.id = submitit.JobEnvironment().job_id
             job.num = job_num
         run_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        rank = launcher_rank()  # the rule train.py uses: this task's SLURM_PROCID
         _resume_requeued_attempt(config, run_dir)
         if rank == 0:  # summary.json must describe this attempt
             (run_dir / "summary.json").unlink(missing_ok=True)
@@ -342,8 +346,8 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
 
 
 def _resume_requeued_attempt(config, run_dir: Path) -> None:
+    from moemesh.launch.slurm import resume_setting
     from moemesh.parallel.checkpoint import resolve
-    from moemesh.parallel.slurm import resume_setting
 
     ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
     own = ckpt_dir.is_dir() and bool(resolve("auto", ckpt_dir))

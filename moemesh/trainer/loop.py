@@ -10,7 +10,6 @@ import functools
 import os
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import config_warnings, grad_accum_steps, micro_batch_size
 from moemesh.kernels import get_ops
+from moemesh.launch import RankContext
 from moemesh.moe.model import Transformer, is_moe_layer, weighted_balance_loss
 from moemesh.moe.param_count import model_flops_per_token
 from moemesh.parallel.comm import CommMeter, all_reduce_
@@ -28,7 +28,7 @@ from moemesh.parallel.mesh import ParallelMesh
 from moemesh.parallel.pipeline import build_schedule, stage_layers
 from moemesh.parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
 from moemesh.trainer.checkpointing import Checkpointer
-from moemesh.trainer.data import DataPaths, TokenData
+from moemesh.trainer.data import TokenData
 from moemesh.trainer.metrics import (
     MetricsLogger,
     StepSample,
@@ -42,21 +42,6 @@ from moemesh.trainer.metrics import (
     step_record,
 )
 from moemesh.trainer.optim import build_optimizer, lr_at
-
-
-@dataclass
-class RankContext:
-    """Where this rank runs: handed to ``train`` by parallel.launch."""
-
-    rank: int
-    local_rank: int
-    device: torch.device
-    mesh: ParallelMesh
-    output_dir: str
-    data_paths: DataPaths
-    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM/SIGUSR1/SIGUSR2 (parallel.launch)
-    stop_signals: Callable[[], list] = lambda: []  # the names of the signals this rank received
-    on_stop: Callable[[], None] = lambda: None  # called when the loop stops early for a signal
 
 
 def build_model(

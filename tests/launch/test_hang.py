@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SMALL
-from tests.parallel.test_faults import _ranks_of, _wait_for_steps
+from tests.launch.test_faults import _ranks_of, _wait_for_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "SLURM_PROCID")

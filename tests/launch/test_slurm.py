@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moemesh.errors import ConfigError
-from moemesh.parallel.slurm import (
+from moemesh.launch.slurm import (
     SweepJob,
     allocation_for,
     group_jobs,
@@ -127,7 +127,7 @@ def test_sbatch_flags_cpus_lists_and_switching_requeue_off(tmp_path):
     ],
 )
 def test_what_a_task_does_after_training(completed, rank, received, stopped, expected):
-    from moemesh.parallel.slurm import after_task
+    from moemesh.launch.slurm import after_task
 
     assert (
         after_task(completed=completed, rank=rank, received=received, stopped_early=stopped, requeue_sig=signal.SIGUSR2)
@@ -136,7 +136,7 @@ def test_what_a_task_does_after_training(completed, rank, received, stopped, exp
 
 
 def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
-    from moemesh.parallel.slurm import resume_setting
+    from moemesh.launch.slurm import resume_setting
 
     assert resume_setting(None, 0, True) is None  # first attempt in a reused directory: as the user said
     assert resume_setting("/ckpt/a", 0, False) == "/ckpt/a"
@@ -154,7 +154,7 @@ def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     ]
     groups = group_jobs(jobs)
     assert list(groups) == [a16, a4] and [j.index for j in groups[a16]] == [0, 2]
-    from moemesh.parallel.slurm import job_name
+    from moemesh.launch.slurm import job_name
 
     assert job_name([SweepJob(0, [], a16, "ep8_dp2")]) == "moemesh-ep8_dp2"
     assert job_name([SweepJob(0, [], a16, "ep8_dp2"), SweepJob(1, [], a16, "ep2_dp8")]) == "moemesh-sweep"
@@ -297,14 +297,14 @@ def test_a_stop_request_saves_and_stops_unless_the_run_is_already_done(tmp_path,
     (a requeued attempt would resume with nothing left to do)."""
     import torch
 
+    from moemesh.launch.signals import StopFlag
     from moemesh.parallel import checkpoint
-    from moemesh.parallel.launch import _StopFlag
     from moemesh.parallel.mesh import single_rank_mesh
     from moemesh.trainer.data import prepare_data
     from moemesh.trainer.loop import RankContext, train
 
     run = tiny_run(**{"trainer.steps": steps})
-    flag = _StopFlag()
+    flag = StopFlag()
     flag.set(signal.SIGUSR2, None)  # already requested before the first step ends
     ctx = RankContext(
         rank=0,

@@ -7,8 +7,10 @@ import pytest
 import torch.distributed as dist
 
 from moemesh.errors import ConfigError
+from moemesh.launch.env import detect_launcher_env, strip_local_rank_args
+from moemesh.launch.run import run_ranks
+from moemesh.launch.signals import install_stop_handlers
 from moemesh.parallel.dims import ParallelDims
-from moemesh.parallel.launch import detect_launcher_env, install_stop_handlers, run_ranks, strip_local_rank_args
 from tests.helpers import tiny_run
 
 
@@ -100,7 +102,7 @@ def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from moemesh.parallel.launch import remove_abandoned_rendezvous
+    from moemesh.launch.spawn import remove_abandoned_rendezvous
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs
@@ -126,16 +128,16 @@ def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_hang_watch_names_the_rank_that_stopped_beating(tmp_path):
-    from moemesh.parallel.launch import _HangWatch, _Stalled
+    from moemesh.launch.heartbeat import HangWatch, Stalled
 
-    watch = _HangWatch(str(tmp_path), 3, timeout_s=0.5)
+    watch = HangWatch(str(tmp_path), 3, timeout_s=0.5)
     beat = lambda r, n: (tmp_path / f"beat{r}").write_text(f"{100 + r} {n}\n")  # noqa: E731
     for n in range(1, 5):
         beat(0, n), beat(1, n), beat(2, n)
         watch.check([True] * 3)
         time.sleep(0.1)
     deadline = time.monotonic() + 5
-    with pytest.raises(_Stalled) as hung:
+    with pytest.raises(Stalled) as hung:
         n = 5
         while time.monotonic() < deadline:  # ranks 0 and 2 wait in a collective, and keep beating
             beat(0, n), beat(2, n)
@@ -148,9 +150,9 @@ def test_hang_watch_names_the_rank_that_stopped_beating(tmp_path):
 
 
 def test_hang_watch_a_rank_that_never_beats_and_a_watcher_that_was_stopped_itself(tmp_path):
-    from moemesh.parallel.launch import _HangWatch, _Stalled
+    from moemesh.launch.heartbeat import HangWatch, Stalled
 
-    watch = _HangWatch(str(tmp_path), 2, timeout_s=0.5)
+    watch = HangWatch(str(tmp_path), 2, timeout_s=0.5)
     watch.check([True, True])
     time.sleep(0.7)
     watch.check([True, True])  # nobody beats yet: still importing, nobody to blame
@@ -162,13 +164,13 @@ def test_hang_watch_a_rank_that_never_beats_and_a_watcher_that_was_stopped_itsel
     watch.check([True, True])
     time.sleep(0.6)
     (tmp_path / "beat0").write_text("100 2\n")
-    with pytest.raises(_Stalled) as hung:
+    with pytest.raises(Stalled) as hung:
         watch.check([True, True])
     assert (hung.value.rank, hung.value.started) == (1, False)
 
 
 def test_cluster_timeouts_and_output_access_are_checked():
-    from moemesh.parallel.launch import check_launcher, output_umask
+    from moemesh.launch.checks import check_launcher, output_umask
 
     for key in ("cluster.hang_timeout_s", "cluster.rendezvous_timeout_s"):
         with pytest.raises(ConfigError, match=f"{key}=0: must be > 0 seconds"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.parallel.launch import detect_launcher_env, launcher_markers, stale_launcher_env
+from moemesh.launch.env import detect_launcher_env, launcher_markers, stale_launcher_env
 from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]

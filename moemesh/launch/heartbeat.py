@@ -1,0 +1,259 @@
+"""Hang detection: every rank beats; the one whose beats stop is named and the job stopped.
+
+Every rank beats from a daemon thread, which keeps beating while the rank computes,
+saves, evaluates or waits in a collective for a peer (the collective releases the GIL), and
+stops only when the whole process stops running: SIGSTOP, a debugger, a native call that
+holds the GIL. So the rank whose beats stop is the stalled one, never a peer it blocks.
+Spawned ranks beat into files in the rendezvous directory (``beat_into_file``), which the
+parent watches (``HangWatch``); under torchrun/srun/deepspeed each rank beats into the job's
+store and watches the next rank's beats (``PeerWatch``). Silence for
+``cluster.hang_timeout_s`` names the rank and stops the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch.distributed as dist
+
+from moemesh.config.schema import RunConfig
+
+
+def beat_interval(hang_timeout_s: float) -> float:
+    return min(1.0, hang_timeout_s / 10)
+
+
+def beat_into_file(path: Path, interval: float) -> threading.Event:
+    """A spawned rank's heartbeat: rewrite ``path`` (pid and a count) every ``interval``
+    seconds from a daemon thread, until the returned event is set or the process ends."""
+    stop = threading.Event()
+
+    def beat():
+        count = 0
+        while True:
+            count += 1
+            try:
+                path.write_text(f"{os.getpid()} {count}\n")
+            except OSError:  # the launcher removed the directory: it is going away
+                return
+            if stop.wait(interval):
+                return
+
+    threading.Thread(target=beat, name="moemesh-heartbeat", daemon=True).start()
+    return stop
+
+
+class Stalled(Exception):
+    def __init__(self, rank: int, silent_s: float, started: bool):
+        super().__init__(rank)
+        self.rank, self.silent_s, self.started = rank, silent_s, started
+
+
+class HangWatch:
+    """The launcher's view of its spawned ranks' heartbeat files.
+
+    A rank is stalled when its beats stop for hang_timeout_s while it is alive. A rank that
+    has not beaten yet is still importing; it is stalled once it has been silent for a whole
+    timeout while another rank was already beating (the ranks start the same code). If this
+    process itself did not run for a while (Ctrl-Z stops the launcher and its ranks
+    together), every clock starts again: silence the watcher did not watch proves nothing.
+    """
+
+    def __init__(self, rendezvous: str, world_size: int, timeout_s: float):
+        self.files = [Path(rendezvous, f"beat{r}") for r in range(world_size)]
+        self.timeout = timeout_s
+        self.interval = beat_interval(timeout_s)
+        self.started = self.polled = time.monotonic()
+        self.content: list[str | None] = [None] * world_size
+        self.changed: list[float | None] = [None] * world_size  # monotonic time of the last new beat
+        self.first_beat: float | None = None
+
+    def check(self, alive: list[bool]) -> None:
+        now = time.monotonic()
+        if now - self.polled > 5 * self.interval + 2:
+            self.started = now
+            self.changed = [None if c is None else now for c in self.changed]
+            self.first_beat = None if self.first_beat is None else now
+        self.polled = now
+        for r, f in enumerate(self.files):
+            try:
+                text = f.read_text()
+            except OSError:
+                continue
+            if text != self.content[r]:
+                self.content[r], self.changed[r] = text, now
+                self.first_beat = self.first_beat or now
+        silent = {}
+        for r, changed in enumerate(self.changed):
+            if not alive[r]:
+                continue  # exited: ProcessContext.join reports it
+            if changed is not None:
+                silent[r] = now - changed
+            elif self.first_beat is not None and now - self.first_beat > self.timeout:
+                silent[r] = now - self.started
+        stalled = {r: t for r, t in silent.items() if t > self.timeout}
+        if stalled:
+            rank = max(stalled, key=lambda r: stalled[r])  # the one that stopped first
+            raise Stalled(rank, stalled[rank], started=self.changed[rank] is not None)
+
+
+class PeerWatch:
+    """Under torchrun/srun/deepspeed: beat into the job's store and watch the next rank's
+    beats (rank r watches r+1, so one rank reports a stalled one and the store sees O(world)
+    small requests a second). A silent peer, or a store that stops answering (under srun and
+    deepspeed rank 0 hosts it; torchrun's agent hosts it under torchrun), is reported in one
+    line, a stopped process on this machine is killed (it cannot act on its launcher's
+    SIGTERM), and this process exits 1: the launcher (torchrun; srun -K) stops the job.
+
+    Two threads: one talks to the store; the other only reads the clock, because a call to a
+    store whose host is stopped blocks for ever (measured: its timeout does not apply then).
+    """
+
+    def __init__(self, run: RunConfig, rank: int, world_size: int, environ: Mapping[str, str] = os.environ):
+        import socket
+
+        self.timeout = run.cluster.hang_timeout_s
+        self.interval = beat_interval(self.timeout)
+        self.rank, self.peer, self.world_size = rank, (rank + 1) % world_size, world_size
+        self.where = f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
+        self.store_host = None if "TORCHELASTIC_RUN_ID" in environ else 0  # the rank whose process hosts the store
+        prefix = f"moemesh/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # torchrun's store outlives a restart
+        self.keys = {k: f"{prefix}/{k}/" for k in ("beat", "done", "host")}
+        self.store = dist.TCPStore(
+            environ["MASTER_ADDR"],
+            int(environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=self.timeout),
+            wait_for_workers=False,
+        )
+        self.host = socket.gethostname()
+        self.store.set(self.keys["host"] + str(rank), f"{self.host}, pid {os.getpid()}")
+        self.hosts: dict[int, str] = {}
+        self.answered = time.monotonic()  # the last time the store answered a whole round
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._beat_and_watch, name="moemesh-peer-watch", daemon=True),
+            threading.Thread(target=self._watch_store, name="moemesh-store-watch", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def finish(self, *, finished: bool) -> None:
+        """This rank is leaving: its silence is not a hang. A rank that finished also waits
+        (up to hang_timeout_s) until every rank has: under srun and deepspeed rank 0 hosts
+        the store, and a peer still watching would see it vanish."""
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=2 * self.interval + 1)
+        try:
+            self.store.add(self.keys["done"] + str(self.rank), 1)
+            if finished:
+                self.store.wait(
+                    [self.keys["done"] + str(r) for r in range(self.world_size)],
+                    datetime.timedelta(seconds=self.timeout),
+                )
+        except RuntimeError:
+            pass
+
+    def _host(self, rank: int) -> str:
+        """'hostname, pid N' of a rank, as it wrote it at its start (cached: the store may stop)."""
+        if rank not in self.hosts:
+            key = self.keys["host"] + str(rank)
+            try:
+                if self.store.check([key]):
+                    self.hosts[rank] = self.store.get(key).decode()
+            except RuntimeError:
+                pass
+        return self.hosts.get(rank, "host unknown")
+
+    def _stalled(self, rank: int, message: str) -> None:
+        where = self.hosts.get(rank, "host unknown")
+        self._kill_if_local(rank, where)
+        print(
+            f"moemesh: rank {rank} ({where}) stopped responding: {message} (cluster.hang_timeout_s={self.timeout}); "
+            f"it was stopped (SIGSTOP, a debugger) or is frozen; rank {self.rank} stops the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    def _kill_if_local(self, rank: int, where: str) -> None:
+        """SIGKILL the stalled rank if it runs on this machine and /proc confirms it is that
+        rank of this job (its initial environment names the rank and this job's ids)."""
+        name, _, pid = where.partition(", pid ")
+        if name != self.host or not pid.isdigit():
+            return
+        try:
+            mine = set(Path("/proc/self/environ").read_bytes().split(b"\0"))
+            theirs = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            return
+        job = {
+            v
+            for v in mine
+            if v.split(b"=", 1)[0] in (b"MASTER_PORT", b"TORCHELASTIC_RUN_ID", b"SLURM_JOB_ID", b"SLURM_STEP_ID")
+        }
+        ids = {f"RANK={rank}".encode(), f"SLURM_PROCID={rank}".encode()}
+        if job and job <= theirs and ids & theirs:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _tick(self) -> tuple[bool, float, bool]:
+        """Wait one interval: (stop requested, now, this process was itself stopped meanwhile,
+        e.g. Ctrl-Z, so its clocks start again)."""
+        t0 = time.monotonic()
+        if self.stop.wait(self.interval):
+            return True, t0, False
+        now = time.monotonic()
+        return False, now, now - t0 > 5 * self.interval + 2
+
+    def _watch_store(self) -> None:
+        while True:
+            stopped, now, resumed = self._tick()
+            if stopped:
+                return
+            if resumed:
+                self.answered = now
+            if now - self.answered > self.timeout and not self.stop.is_set():
+                silent = f"the job's store at {self.where} did not answer for {now - self.answered:.0f} s"
+                if self.store_host is not None:
+                    self._stalled(self.store_host, f"{silent} (rank {self.store_host} hosts it)")
+                print(
+                    f"moemesh: {silent} (cluster.hang_timeout_s={self.timeout}); rank {self.rank} stops the job",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    def _beat_and_watch(self) -> None:
+        beat, peer_beat = self.keys["beat"] + str(self.rank), self.keys["beat"] + str(self.peer)
+        peer_done = self.keys["done"] + str(self.peer)
+        seen, changed, watching = None, time.monotonic(), True
+        while True:
+            stopped, now, resumed = self._tick()
+            if stopped:
+                return
+            if resumed:
+                changed = now
+            try:
+                self.store.add(beat, 1)  # beats on after the peer is done: rank - 1 watches this one
+                value = self.store.add(peer_beat, 0) if watching else None
+                watching = watching and not self.store.check([peer_done])
+                for r in {r for r in (self.peer, self.store_host) if r is not None}:
+                    self._host(r)
+            except RuntimeError:  # refused: the store's host left; _watch_store judges
+                continue
+            self.answered = time.monotonic()
+            if not watching or value != seen:
+                seen, changed = value, now
+            elif now - changed > self.timeout and not self.stop.is_set():
+                self._stalled(self.peer, f"no heartbeat for {now - changed:.0f} s")

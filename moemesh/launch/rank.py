@@ -1,0 +1,93 @@
+"""One rank's life, however it was started: device and threads, the process group, the
+heartbeat watch, the mesh, the stop handlers, then the training function with a
+``RankContext``; the process group is destroyed whatever happens."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from moemesh.launch.checks import use_cuda
+from moemesh.launch.context import RankContext
+from moemesh.launch.heartbeat import PeerWatch
+from moemesh.launch.signals import install_stop_handlers
+from moemesh.parallel.mesh import build_mesh
+
+# The training function: ``worker(run, ctx)`` on every rank; rank 0's result (a summary) is returned.
+Worker = Callable[..., dict]
+
+
+def _cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Threads per CPU rank: SLURM's --cpus-per-task for an srun task, else the CPUs this
+    process may run on (affinity/cgroup aware, unlike os.cpu_count()) over the local ranks."""
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and "SLURM_STEP_ID" in environ:
+        return max(1, int(per_task))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // local_world_size)
+
+
+def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_dir, data_paths, worker, store=None):
+    """Run ``worker(run, ctx)`` as ``rank``; join the process group through ``init_method``
+    (``env://``, a spawned job's ``file://`` store, or None: a lone rank), or ``store``.
+    ``data_paths`` is passed through to the training function untouched."""
+    if use_cuda(run):
+        # srun --gpus-per-task (or a bound CUDA_VISIBLE_DEVICES) may show each task one GPU.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        threads = run.trainer.threads_per_rank or _cpu_threads(local_world_size)
+        torch.set_num_threads(threads)
+    backend = run.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+
+    if init_method is not None:
+        dist.init_process_group(
+            backend,
+            **({"store": store} if store is not None else {"init_method": init_method}),
+            rank=rank,
+            world_size=dims.world_size,
+            timeout=datetime.timedelta(seconds=run.cluster.collective_timeout_s),
+        )
+    watch, finished = None, False
+    try:
+        if init_method == "env://" and dims.world_size > 1:
+            try:
+                watch = PeerWatch(run, rank, dims.world_size)
+            except RuntimeError as err:  # the run goes on; collective_timeout_s still bounds a hang
+                print(
+                    f"moemesh: warning: rank {rank}: no heartbeat watch ({str(err).splitlines()[0]})", file=sys.stderr
+                )
+        mesh = build_mesh(dims, device.type)
+        if init_method is not None:
+            # Under torchrun/srun every rank ran Hydra; rank 0's directory is the run's.
+            box = [output_dir]
+            dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+            output_dir = box[0]
+        stop = install_stop_handlers(second_interrupt_exits=init_method is None)
+        ctx = RankContext(
+            rank=rank,
+            local_rank=local_rank,
+            device=device,
+            mesh=mesh,
+            output_dir=output_dir,
+            data_paths=data_paths,
+            stop_requested=stop.get,
+            stop_signals=stop.names,
+            on_stop=stop.mark_stopped,
+        )
+        result = worker(run, ctx)
+        finished = True
+        return result
+    finally:
+        if watch is not None:
+            watch.finish(finished=finished)
+        if dist.is_initialized():
+            dist.destroy_process_group()
