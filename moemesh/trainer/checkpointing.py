@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ class Checkpointer:
         self.step_t = torch.zeros((), dtype=torch.int64)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
-        self.meta = {
+        self.meta: dict[str, Any] = {
             "model": dataclasses.asdict(run.model),
             "layout": run.parallel.name,
             "dp": d.dp,
@@ -58,6 +59,7 @@ class Checkpointer:
 
     def resume(self, log) -> int:
         """Load the newest loadable checkpoint; fall back to older ones with a warning."""
+        assert self.run.resume is not None  # the loop calls resume() only when run.resume is set
         candidates = checkpoint.resolve(self.run.resume, self.root)
         if not candidates:
             if self.run.resume != "auto":

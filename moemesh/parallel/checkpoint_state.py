@@ -1,0 +1,105 @@
+"""The training state as a checkpoint stores it: every tensor under a global key.
+
+A load writes through the views ``training_state`` returns, so the live model and
+optimizer are filled in place. Keys never depend on the saving rank:
+  * replicated tensors under their parameter name (DCP keeps one copy);
+  * routed experts one by one under their global expert id,
+    ``model.layers.3.moe.experts.w1_eDF[17]``, so EP=2 saves load into EP=4 or a single
+    process with each expert where it belongs (experts are found by their EXPERT_SHARD tag);
+  * tensor-parallel shards as DTensors over the tp axis of the logical (padded) tensor,
+    so any TP degree reads the rows it owns (found by their TP_SHARD tag);
+  * pipeline stages only hold their layers' keys; any split finds its own.
+The same keys carry AdamW's moments (``optim.<param>.exp_avg``), plus the step, the
+RNG state and the expert-bias buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moemesh.parallel.tags import TP_SHARD, expert_first_id
+
+
+def _tp_dtensor(local: torch.Tensor, param, tp_mesh) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    dim, _ = getattr(param, TP_SHARD)
+    shape = list(local.shape)
+    shape[dim] *= tp_mesh.size()
+    return DTensor.from_local(
+        local,
+        tp_mesh,
+        [Shard(dim)],
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )
+
+
+def _entries(key: str, tensor: torch.Tensor, param, tp_mesh) -> dict:
+    first = expert_first_id(param)
+    if first is not None:
+        return {f"{key}[{first + j}]": tensor[j] for j in range(tensor.shape[0])}
+    if tp_mesh is not None and getattr(param, TP_SHARD, None) is not None:
+        return {key: _tp_dtensor(tensor, param, tp_mesh)}
+    return {key: tensor}
+
+
+def training_state(model, optimizer, step_tensor: torch.Tensor, tp_mesh=None) -> dict:
+    """Views of the live tensors under global keys (a load writes through them)."""
+    state: dict = {"trainer.step": step_tensor}
+    for name, p in model.named_parameters():
+        state.update(_entries(f"model.{name}", p.data, p, tp_mesh))
+        opt = optimizer.state.get(p, {})
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if moment in opt:
+                state.update(_entries(f"optim.{name}.{moment}", opt[moment], p, tp_mesh))
+    persistent = set(model.state_dict().keys())
+    for name, b in model.named_buffers():
+        if name in persistent and b is not None:
+            state[f"model.{name}"] = b
+    state["rng.cpu"] = torch.get_rng_state()
+    return state
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Give AdamW its state tensors before a load fills them (it creates them lazily)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def set_optimizer_step(optimizer, step: int) -> None:
+    for st in optimizer.state.values():
+        if "step" in st:
+            st["step"].fill_(float(step))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite_keys(state: dict) -> list[str]:
+    """Keys of this rank's floating-point tensors that hold a NaN or an infinity."""
+    by_dtype: dict = {}
+    for key, t in state.items():
+        t = _local(t)
+        if t.is_floating_point() and t.numel():
+            by_dtype.setdefault((t.dtype, t.device), []).append((key, t))
+    bad = []
+    for group in by_dtype.values():
+        # Max-abs norms (they propagate NaN, never overflow), one fused call per dtype and
+        # one host sync per group: once per save.
+        norms = torch._foreach_norm([t for _, t in group], float("inf"))
+        finite = torch.isfinite(torch.stack(norms)).tolist()
+        bad += [key for (key, _), ok in zip(group, finite) if not ok]
+    return bad
+
+
+def entry_bytes(state: dict) -> dict[str, int]:
+    """Each entry's bytes in a checkpoint (global size for TP shards)."""
+    return {key: t.numel() * t.element_size() for key, t in state.items()}
