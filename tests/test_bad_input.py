@@ -103,6 +103,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(argv, needle, tmp_path, monkeypatch, capsys):
     import train
@@ -145,6 +146,7 @@ def _run(tmp_path, *argv, env_extra=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -160,6 +162,7 @@ def test_as_a_shell_sees_it(tmp_path, argv, needle):
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     proc = _run(tmp_path, "parallel.expert_paralel_size=2", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr

@@ -18,6 +18,8 @@ import pytest
 
 from tests.helpers import SMALL
 
+pytestmark = pytest.mark.slow  # train.py under real launchers (deepspeed, torchrun)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.steps=2", "logger.console=false"]
 

@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import SMALL as TRAIN_CLI_SMALL
 
+pytestmark = pytest.mark.slow  # submits jobs to a real SLURM
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [*TRAIN_CLI_SMALL, "logger.console=false"]
 # This cluster's node has CPUs, not GPUs; each attempt may run 10 minutes.

@@ -34,6 +34,7 @@ def _losses(out):
     return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_model_learns_and_writes_outputs(tmp_path):
     proc, out = _train(tmp_path, "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=2")
     assert proc.returncode == 0, proc.stderr
@@ -57,6 +58,7 @@ def test_default_model_learns_and_writes_outputs(tmp_path):
     assert "moemesh: single" in log and "step    60/60" in log and "moemesh run summary" in log
 
 
+@pytest.mark.slow
 def test_spawned_and_torchrun_ranks_match_single(tmp_path):
     steps = ["trainer.steps=3"]
     single, out1 = _train(tmp_path / "a", *SMALL, *steps)
@@ -90,6 +92,7 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, needle",
     [
@@ -111,6 +114,7 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, overrides
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_launcher_world_size_mismatch_exits_2(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
     proc = subprocess.run(
@@ -138,6 +142,7 @@ def test_a_sweep_holds_micro_steps_equal_or_says_it_mixes_them(monkeypatch, caps
     assert "warning: this sweep mixes micro-step counts (single: 4, dp2: 2)" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
     proc = subprocess.run(
         [

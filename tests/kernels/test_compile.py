@@ -22,7 +22,12 @@ from moemesh.kernels._triton import can_run_triton, interpreting
 from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
-pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
+# Compiled (TRITON_INTERPRET=0) these tests need CUDA and carry the gpu marker (`-m gpu`);
+# interpreted they run on this CPU.
+pytestmark = [
+    pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here"),
+    *([pytest.mark.gpu] if DEVICE == "cuda" else []),
+]
 GRAD = dict(rtol=1e-4, atol=1e-5)  # as in test_triton_kernels: kernels sum in another order
 T, E, K, D = 13, 8, 2, 37
 

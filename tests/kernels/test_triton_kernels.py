@@ -20,7 +20,12 @@ from moemesh.kernels.unpermute import unpermute_reference, unpermute_triton
 from tests.kernels._layers import moe_layer_pair
 
 DEVICE = "cpu" if interpreting() else "cuda"
-pytestmark = pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here")
+# Compiled (TRITON_INTERPRET=0) these tests need CUDA and carry the gpu marker (`-m gpu`);
+# interpreted they run on this CPU.
+pytestmark = [
+    pytest.mark.skipif(not can_run_triton(DEVICE), reason=f"Triton cannot run on {DEVICE} here"),
+    *([pytest.mark.gpu] if DEVICE == "cuda" else []),
+]
 VAL = dict(rtol=1e-5, atol=1e-6)
 GRAD = dict(rtol=1e-4, atol=1e-5)
 

@@ -8,8 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moemesh.parallel import checkpoint
 from tests.helpers import SMALL
+
+pytestmark = pytest.mark.slow  # signals and kills against train.py's ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 

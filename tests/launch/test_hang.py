@@ -16,6 +16,8 @@ import pytest
 from tests.helpers import SMALL
 from tests.launch.test_faults import _ranks_of, _wait_for_steps
 
+pytestmark = pytest.mark.slow  # stops train.py's ranks and waits for the hang watch
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "SLURM_PROCID")
 

@@ -14,6 +14,7 @@ from moemesh.parallel.dims import ParallelDims
 from tests.helpers import tiny_run
 
 
+@pytest.mark.slow
 def test_detects_torchrun_srun_and_bare():
     assert detect_launcher_env({}) is None
     tr = detect_launcher_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "LOCAL_RANK": "1"})
@@ -87,6 +88,7 @@ def _fail_on_rank_1(run, ctx):
     return {}
 
 
+@pytest.mark.slow
 def test_failing_rank_stops_every_rank(tmp_path, capsys):
     run = tiny_run(**{"parallel.data_parallel_size": 4, "cluster.collective_timeout_s": 600})
     start = time.monotonic()
@@ -98,6 +100,7 @@ def test_failing_rank_stops_every_rank(tmp_path, capsys):
     assert _children() == []
 
 
+@pytest.mark.slow
 def test_abandoned_rendezvous_dirs_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys

@@ -145,6 +145,7 @@ def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
     assert resume_setting(None, 1, True) == "auto" and resume_setting("/ckpt/a", 1, True) == "auto"
 
 
+@pytest.mark.slow
 def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     a4, a16 = allocation_for(_slurm_run(), 4), allocation_for(_slurm_run(), 16)
     jobs = [
@@ -230,6 +231,7 @@ def _fake_sbatch(tmp_path) -> Path:
     return bin_dir
 
 
+@pytest.mark.slow
 def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
     proc = _cli(
@@ -250,6 +252,7 @@ def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
     assert not (tmp_path / "sbatch-calls").exists() and not (tmp_path / "sweep" / ".submitit").exists()
 
 
+@pytest.mark.slow
 def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
     proc = _cli(
@@ -265,6 +268,7 @@ def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
     assert not (tmp_path / "sbatch-calls").exists()
 
 
+@pytest.mark.slow
 def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
     no_slurm_path = os.pathsep.join(
         p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists()
@@ -277,6 +281,7 @@ def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
     assert "python train.py -m cluster=slurm parallel=ep2" in proc.stderr and "srun -n 2" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_started_inside_srun_tasks_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_LOCALID="0")

@@ -13,6 +13,8 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
 
+pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
+
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by O(0.1)
 
 

@@ -10,6 +10,7 @@ of inner length n may move a result by n*u relative to the magnitude it sums (u 
 fp32), twice (two orders): 2*3*n*u of the output's scale, element by element.
 """
 
+import pytest
 import torch
 
 from moemesh.moe.config import ModelConfig
@@ -18,6 +19,8 @@ from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
+
+pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
 
 U32 = 2.0**-24  # fp32 unit roundoff
 

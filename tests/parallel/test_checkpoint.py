@@ -66,6 +66,7 @@ def _four_ranks(rank, world, root, paths):
     train(_cfg("ep4", 1, 4, resume=str(out / "checkpoints" / "step_000005")), ctx)
 
 
+@pytest.mark.slow
 def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     run = _cfg("single", 1, 1)
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)

@@ -271,6 +271,7 @@ def _resume_on_four_ranks(rank, world, out, marker):
     assert summary["start_step"] == 1, summary["start_step"]
 
 
+@pytest.mark.slow
 def test_on_four_ranks_hostile_corrupt_and_poisoned_checkpoints_are_skipped_with_their_causes(tmp_path):
     from tests.dist_utils import run_on_ranks
 

@@ -13,6 +13,8 @@ from moemesh.trainer.loop import build_model, param_groups
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 
+pytestmark = pytest.mark.slow  # spawns gloo ranks
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 

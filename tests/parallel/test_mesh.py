@@ -1,8 +1,11 @@
+import pytest
 import torch.distributed as dist
 
 from moemesh.parallel.dims import MeshAxis, ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
+
+pytestmark = pytest.mark.slow  # spawns gloo ranks
 
 
 def _check_meshes(rank, world):

@@ -8,7 +8,11 @@ from spending its device time on a broken script. The timings are not checked.
 import subprocess
 import sys
 
+import pytest
+
 from tests.scripts._interpreted import needs_triton, run_interpreted
+
+pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end under the interpreter
 
 
 @needs_triton

@@ -81,6 +81,7 @@ def _assert_png(path: Path):
     assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), path
 
 
+@pytest.mark.slow
 def test_table_and_charts_from_two_runs(runs, tmp_path):
     proc = _compare(*runs, "--out", tmp_path / "cmp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -122,6 +123,7 @@ def _add_phase_times(run: Path, *, in_summary: bool):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_sweep_dir_is_expanded_and_phase_times_are_used(runs, tmp_path):
     sweep = tmp_path / "multirun" / "06-11-17"
     for i, (d, sub) in enumerate(zip(runs, ("a", "b"))):
@@ -141,6 +143,7 @@ def test_sweep_dir_is_expanded_and_phase_times_are_used(runs, tmp_path):
         _assert_png(out / name)
 
 
+@pytest.mark.slow
 def test_duplicate_layouts_are_told_apart_by_directory(runs, tmp_path):
     shutil.copytree(runs[0], tmp_path / "again")
     proc = _compare(runs[0], tmp_path / "again", "--out", tmp_path / "cmp", cwd=tmp_path)
@@ -148,6 +151,7 @@ def test_duplicate_layouts_are_told_apart_by_directory(runs, tmp_path):
     assert list(_rows(proc.stdout)) == ["single (single)", "single (again)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["missing", "no_run"])
 def test_bad_path_exits_2_with_one_line(runs, tmp_path, name):
     bad = tmp_path / name

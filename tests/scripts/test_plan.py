@@ -70,6 +70,7 @@ def test_parameter_bytes_equal_the_real_model_for_every_preset(preset):
     assert p.grad_bytes == expert + non_expert  # fp32 gradients, one per parameter
 
 
+@pytest.mark.slow
 def test_gradient_and_optimizer_bytes_equal_a_real_run(tmp_path):
     """One real CPU step of ep2 (2 ranks): the run's memory report against the plan."""
     import json
@@ -113,6 +114,7 @@ def _a2a_worker(rank, world):
     assert measured == plan.a2a_bytes(tokens=10, top_k=2, hidden=16, dtype_bytes=4, ep=2), (rank, measured)
 
 
+@pytest.mark.slow
 def test_all_to_all_bytes_equal_a_real_dropless_run():
     """With this routing each rank sends exactly the uniform-routing volume: rank 1's pairs
     all leave, and rank 0 sends back as many as it received."""

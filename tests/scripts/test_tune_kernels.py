@@ -1,5 +1,6 @@
 """scripts/tune_kernels.py: the coordinate descent, and the script end to end on interpreted kernels."""
 
+import pytest
 import torch
 
 from moemesh.kernels._tuning import TUNING
@@ -24,6 +25,7 @@ def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
     assert TUNING == before  # the table itself is left alone
 
 
+@pytest.mark.slow
 @needs_triton
 def test_tune_script_runs_under_the_interpreter(repo_root):
     out = run_interpreted(

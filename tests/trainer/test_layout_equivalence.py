@@ -17,6 +17,8 @@ from moemesh.trainer.loop import RankContext, train
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 
+pytestmark = pytest.mark.slow  # trains every layout on spawned gloo ranks
+
 LAYOUTS = {"dp4": (4, 1), "ep2_dp2": (2, 2), "ep4": (1, 4)}
 STEPS = 10
 

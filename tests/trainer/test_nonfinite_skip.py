@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs train.py end to end
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "model.hidden_size=32",

@@ -66,6 +66,7 @@ def _a2a_bytes(rank, world):
     assert got["dispatch_s"] > 0 and got["combine_s"] > 0
 
 
+@pytest.mark.slow
 def test_all_to_all_bytes_of_a_known_routing():
     run_on_ranks(_a2a_bytes, 2)
 
@@ -97,6 +98,7 @@ def _every_rank_agrees(rank, world, root, paths):
     assert all(v == views[0] for v in views), "ranks disagree on the reduced metrics"
 
 
+@pytest.mark.slow
 def test_metrics_are_identical_on_every_rank(tmp_path):
     run = tiny_run(**{"data.name": "stdlib", "data.kind": "stdlib"})
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
@@ -170,6 +172,7 @@ def _wandb_records(run_dir: Path):
     return records, data
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
     pytest.importorskip("wandb")
     from tests.helpers import SMALL

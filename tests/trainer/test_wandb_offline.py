@@ -80,6 +80,7 @@ def _host_resolves(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_key_without_network_logs_offline_with_one_note_and_finishes_quickly(tmp_path):
     import wandb
 
@@ -95,6 +96,7 @@ def test_a_key_without_network_logs_offline_with_one_note_and_finishes_quickly(t
     assert FAKE_KEY not in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_malformed_key_is_one_note_at_start_and_the_run_goes_on(tmp_path):
     proc, _ = _train(tmp_path, _wandb_env(tmp_path, WANDB_API_KEY="not-a-key"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,6 +134,7 @@ def silent_server():
     srv.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_costs_the_init_timeout_then_offline(tmp_path, monkeypatch, silent_server):
     # WANDB_SERVICE is wandb's own: the address of this process's wandb service, which the
     # fallback's teardown replaces. Restoring an old value would point later subprocesses
