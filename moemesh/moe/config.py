@@ -35,3 +35,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether layer ``layer`` (0-based, global) has an MoE FFN: every ``moe_every_k_layers``-th layer.
+
+    A function, not a method: the config also arrives as an OmegaConf node.
+    """
+    return (layer + 1) % cfg.moe_every_k_layers == 0

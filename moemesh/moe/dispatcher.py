@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 
 from moemesh.kernels import TORCH_OPS, KernelOps
 from moemesh.parallel.comm import CommMeter, all_to_all_counts, all_to_all_rows, group_size
@@ -31,6 +32,9 @@ class DispatchMeta:
 
 
 class AllToAllDispatcher:
+    """dispatch/combine for the plain path; the steps are public so that the overlapped
+    path (``moe.overlap``) runs the same steps on chunks of the tokens."""
+
     def __init__(self, *, num_experts: int, ep_group, ops: KernelOps = TORCH_OPS, meter: CommMeter | None = None):
         self.num_experts = num_experts
         self.ops = ops
@@ -39,24 +43,48 @@ class AllToAllDispatcher:
         self.ep_size = group_size(ep_group)
         self.num_local_experts = num_experts // self.ep_size
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
-        R, e = self.ep_size, self.num_local_experts
+    def permute(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
+        """Rows in expert-major order, the (token, k) pair of each row, rows per (EP rank, local expert)."""
         rows_ND, row_map_N, counts_E = self.ops.permute(x_TD, topk_ids_TK, self.num_experts)
-        counts_Re = counts_E.view(R, e)
-        recv_counts_Re = all_to_all_counts(counts_Re, self.ep_group)
-        send_splits = counts_Re.sum(1).tolist()
+        return rows_ND, row_map_N, rearrange(counts_E, "(r e) -> r e", r=self.ep_size)
+
+    def exchange_counts(self, counts_R: torch.Tensor) -> torch.Tensor:
+        """Send row ``r`` of ``counts_R`` [R, ...] to EP rank r; receive [R, ...] (row r from rank r)."""
+        return all_to_all_counts(counts_R, self.ep_group)
+
+    def count_dropless_minimum(self, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
+        """Add to the meter the bytes this rank must send even with perfect packing.
+
+        Its routed rows whose expert lives elsewhere (dispatch forward, combine backward)
+        and the rows other ranks routed to its experts (combine forward, dispatch
+        backward). From split sizes already on the host: no extra device sync.
+        """
+        if self.meter is None or self.ep_size == 1:
+            return
+        me = dist.get_rank(self.ep_group)
+        leaving = sum(send_splits) - send_splits[me]
+        arriving = sum(recv_splits) - recv_splits[me]
+        self.meter.min_bytes += 2 * (leaving + arriving) * row_bytes
+
+    def to_expert_major(self, recv_MD: torch.Tensor, recv_counts_Re: torch.Tensor) -> torch.Tensor:
+        """Received rows come rank-major (by source rank, then expert): regroup by local expert."""
+        return self.ops.sort_chunks(recv_MD, recv_counts_Re)
+
+    def to_rank_major(self, y_MD: torch.Tensor, recv_counts_Re: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``to_expert_major``: back in the order the rows arrived."""
+        return self.ops.sort_chunks(y_MD, recv_counts_Re.t())
+
+    def unpermute(self, back_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weights_TK: torch.Tensor):
+        """Scatter the returned rows to their tokens, summing the top-k outputs by weight."""
+        return self.ops.unpermute(back_ND, row_map_N, topk_weights_TK)
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
+        rows_ND, row_map_N, counts_Re = self.permute(x_TD, topk_ids_TK)
+        recv_counts_Re = self.exchange_counts(counts_Re)
+        send_splits = counts_Re.sum(1).tolist()  # host sync: the split sizes
         recv_splits = recv_counts_Re.sum(1).tolist()
-        if self.meter is not None and R > 1:
-            # The dropless minimum this rank must send, from the routing itself: its routed
-            # rows whose expert lives elsewhere (dispatch forward, combine backward) and the
-            # rows other ranks routed to its experts (combine forward, dispatch backward).
-            # From the split sizes already on the host: no extra device sync on the hot path.
-            me = dist.get_rank(self.ep_group)
-            leaving = sum(send_splits) - send_splits[me]
-            arriving = sum(recv_splits) - recv_splits[me]
-            self.meter.min_bytes += 2 * (leaving + arriving) * x_TD.shape[1] * x_TD.element_size()
+        self.count_dropless_minimum(send_splits, recv_splits, x_TD.shape[1] * x_TD.element_size())
         recv_MD = all_to_all_rows(rows_ND, send_splits, recv_splits, self.ep_group, self.meter, "dispatch")
-        expert_major_MD = self.ops.sort_chunks(recv_MD, recv_counts_Re)
         meta = DispatchMeta(
             row_map_N=row_map_N,
             send_splits=send_splits,
@@ -64,11 +92,11 @@ class AllToAllDispatcher:
             recv_counts_Re=recv_counts_Re,
             tokens_per_expert_e=recv_counts_Re.sum(0),
         )
-        return expert_major_MD, meta
+        return self.to_expert_major(recv_MD, recv_counts_Re), meta
 
     def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        rank_major_MD = self.ops.sort_chunks(y_MD, meta.recv_counts_Re.t())
+        rank_major_MD = self.to_rank_major(y_MD, meta.recv_counts_Re)
         back_ND = all_to_all_rows(
             rank_major_MD, meta.recv_splits, meta.send_splits, self.ep_group, self.meter, "combine"
         )
-        return self.ops.unpermute(back_ND, meta.row_map_N, topk_weights_TK)
+        return self.unpermute(back_ND, meta.row_map_N, topk_weights_TK)

@@ -1,7 +1,12 @@
-"""The MoE layer: router -> dispatcher -> experts -> dispatcher^-1 (+ shared expert).
+"""The MoE layer: gate -> dispatch -> experts -> combine (+ shared expert).
 
 Shape letters: B batch, S sequence, T = B*S tokens, D model dim, E experts,
 K top-k, e local experts.
+
+The layer's weighted balance losses (aux, z, sequence-level) ride on its output
+(``attach_loss``): whatever backpropagates through the layer also backpropagates
+them, on every path (plain, gradient accumulation, pipeline stages). ``MoEStats``
+keeps their unweighted values, detached, for the metrics.
 """
 
 from __future__ import annotations
@@ -11,24 +16,24 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moemesh.kernels import TORCH_OPS, KernelOps
 from moemesh.moe.config import ModelConfig
+from moemesh.moe.context import ParallelContext
 from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.overlap import overlapped_moe
 from moemesh.moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
-from moemesh.parallel.comm import CommMeter, group_size
+from moemesh.parallel.comm import group_size
 from moemesh.parallel.tp import (
     GRAD_GROUP,
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tp,
-    gather_from_tp,
-    split_to_tp,
+    gather_tokens_from_tp,
+    split_tokens_to_tp,
+    token_sequences,
 )
 
 
@@ -36,12 +41,64 @@ from moemesh.parallel.tp import (
 class MoEStats:
     """What one MoE layer reports for one forward (all detached but the losses)."""
 
-    losses: RouterLosses
+    losses: RouterLosses  # unweighted, detached: the weighted ones are attached to the output
     dropped: torch.Tensor  # (token, k) pairs dropped by capacity on this rank
     routed: int  # (token, k) pairs routed on this rank (T*K)
     counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
     entropy_sum: torch.Tensor  # sum over this rank's tokens of the router entropy (nats)
     score_sum_E: torch.Tensor  # sum of router scores per expert on this rank
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Forward: x unchanged. Backward: also send gradient ``scale`` into ``loss``, as if
+    ``scale * loss`` were added to the loss being backpropagated."""
+
+    @staticmethod
+    def forward(ctx, x, loss, scale: float):
+        ctx.loss_shape, ctx.loss_dtype, ctx.scale = loss.shape, loss.dtype, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.full(ctx.loss_shape, ctx.scale, dtype=ctx.loss_dtype, device=g.device), None
+
+
+def attach_loss(x: torch.Tensor, loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``x``, carrying ``loss`` into the backward pass (a no-op when ``loss`` needs no gradient)."""
+    return _AttachLoss.apply(x, loss, scale) if loss.requires_grad else x
+
+
+def weighted_balance_loss(cfg: ModelConfig, losses: RouterLosses) -> torch.Tensor:
+    """What one MoE layer adds to the training loss: its weighted aux, z and sequence-level losses."""
+    total = cfg.aux_loss_factor * losses.aux_loss + cfg.z_loss_factor * losses.z_loss
+    if losses.seq_aux_loss is not None:
+        total = total + cfg.seq_aux_loss_factor * losses.seq_aux_loss
+    return total
+
+
+def _detached(losses: RouterLosses) -> RouterLosses:
+    seq = losses.seq_aux_loss.detach() if losses.seq_aux_loss is not None else None
+    return dataclasses.replace(
+        losses, aux_loss=losses.aux_loss.detach(), z_loss=losses.z_loss.detach(), seq_aux_loss=seq
+    )
+
+
+def routed_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the routed rows travel and meet the experts in.
+
+    Autocast does not cover the dispatcher or ``_grouped_mm``: under autocast the rows
+    move in the autocast dtype (half the All-to-All bytes, bf16 expert GEMMs).
+    """
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def drop_over_capacity(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, cfg: ModelConfig):
+    """Capacity mode: (ids with the dropped pairs at -1, number dropped); dropless returns the ids as they are."""
+    if cfg.capacity_factor is None:
+        return topk_ids_TK, torch.zeros((), dtype=torch.int64, device=topk_ids_TK.device)
+    T, K, E = topk_ids_TK.shape[0], topk_ids_TK.shape[1], cfg.num_experts
+    return capacity_drop(topk_ids_TK, topk_weights_TK, E, math.ceil(cfg.capacity_factor * T * K / E))
 
 
 def capacity_drop(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int, capacity: int):
@@ -83,116 +140,107 @@ class SwiGLU(nn.Module):
 
 
 class MoELayer(nn.Module):
-    def __init__(
-        self,
-        *,
-        cfg: ModelConfig,
-        ep_rank: int,
-        ep_group,
-        stats_group,
-        use_grouped_mm: bool = True,
-        ops: KernelOps = TORCH_OPS,
-        tp_group=None,
-        sequence_parallel: bool = False,
-        meter: CommMeter | None = None,
-        overlap_chunks: int = 0,
-    ):
+    """Routed experts (+ an optional shared expert) for one transformer layer.
+
+    ``parallel`` says where the experts live (EP), which TP peers share the tokens and
+    which kernels run; the default is one process.
+    """
+
+    def __init__(self, *, cfg: ModelConfig, parallel: ParallelContext | None = None):
         super().__init__()
-        ep_size = group_size(ep_group)
-        e = cfg.num_experts // ep_size
+        par = parallel or ParallelContext()
+        e = cfg.num_experts // par.ep_size
         self.cfg = cfg
-        self.stats_group = stats_group
-        self.tp_group, self.sp = tp_group, sequence_parallel
-        self.tp = group_size(tp_group)
-        self.overlap_chunks = overlap_chunks if ep_size > 1 else 0  # 0: no overlap
+        self.stats_group = par.stats_group
+        self.tp_group, self.sp = par.tp_group, par.sp
+        self.tp = par.tp_size
+        self.overlap_chunks = par.overlap_chunks if par.ep_size > 1 else 0  # 0: no overlap
         self.router = Router(
             hidden_size=cfg.hidden_size,
             num_experts=cfg.num_experts,
             top_k=cfg.top_k,
             renormalize=cfg.renormalize,
             score_func=cfg.score_func,
-            ops=ops,
+            ops=par.ops,
             bias_update_rate=cfg.expert_bias_update_rate,
         )
-        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts, ep_group=ep_group, ops=ops, meter=meter)
+        self.dispatcher = AllToAllDispatcher(
+            num_experts=cfg.num_experts, ep_group=par.ep_group, ops=par.ops, meter=par.meter
+        )
         self.experts = GroupedExperts(
             num_local_experts=e,
-            first_expert_id=ep_rank * e,
+            first_expert_id=par.ep_rank * e,
             hidden_size=cfg.hidden_size,
             ffn_size=cfg.moe_ffn_hidden_size,
-            use_grouped_mm=use_grouped_mm,
+            use_grouped_mm=par.use_grouped_mm,
         )
         self.shared = (
-            SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size, tp_group=tp_group, sequence_parallel=sequence_parallel)
+            SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size, tp_group=par.tp_group, sequence_parallel=par.sp)
             if cfg.shared_expert_ffn_size
             else None
         )
         # TP peers route different token slices, so these gradients are partial over tp.
         setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BSD: torch.Tensor, *, loss_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
+        """``loss_scale``: the factor the caller's backward applies to the loss (1/accum
+        with gradient accumulation); the attached balance losses get the same factor."""
         B, S, D = x_BSD.shape
-        x_all_TD = x_BSD.reshape(B * S, D)
-        # With TP (no SP) the input is replicated over tp: each TP rank routes its own
-        # 1/tp of the tokens, so no token crosses the All-to-All twice. With SP the
-        # input is already this rank's sequence shard.
-        tp_split = self.tp > 1 and not self.sp
-        x_TD = split_to_tp(x_all_TD, self.tp_group, 0) if tp_split else x_all_TD
-        gate, logits_TE = self.router(x_TD)
-        # Each TP rank's losses cover 1/tp of the tokens: scale so their sum over tp is the mean.
-        losses = router_losses(gate, stats_group=self.stats_group, scale=1.0 / self.tp)
-        if self.cfg.seq_aux_loss_factor > 0:
-            T = x_TD.shape[0]
-            first = dist.get_rank(self.tp_group) * T if tp_split else 0
-            full_len = S * self.tp if self.sp else S  # with SP each rank holds S/tp of every sequence
-            seq_T = torch.div(torch.arange(first, first + T, device=x_TD.device), S, rounding_mode="floor")
-            seq_aux = sequence_aux_loss(
-                logits_TE,
-                gate.topk_ids_TK,
-                seq_T,
-                num_seqs=B,
-                seq_len=full_len,
-                score_func=self.cfg.score_func,
-                tp_group=self.tp_group if self.tp > 1 else None,
-            )
-            losses = dataclasses.replace(losses, seq_aux_loss=seq_aux)
-        topk_ids_TK = gate.topk_ids_TK
-        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
-        if self.cfg.capacity_factor is not None:
-            T, K, E = topk_ids_TK.shape[0], topk_ids_TK.shape[1], self.cfg.num_experts
-            capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
-            topk_ids_TK, dropped = capacity_drop(topk_ids_TK, gate.topk_weights_TK, E, capacity)
-        # Autocast does not cover the dispatcher or _grouped_mm: move the routed rows in
-        # the autocast dtype ourselves (half the All-to-All bytes, bf16 expert GEMMs).
-        dev = x_TD.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
-        shared_out = None
-        if self.overlap_chunks:
-            shared_fn = (lambda: self.shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
-            out_TD, shared_out = overlapped_moe(
-                self.dispatcher,
-                x_TD.to(compute_dtype),
-                topk_ids_TK,
-                gate.topk_weights_TK,
-                self.experts,
-                chunks=self.overlap_chunks,
-                shared=shared_fn,
-            )
-            out_TD = out_TD.to(x_TD.dtype)
-        else:
-            rows_MD, meta = self.dispatcher.dispatch(x_TD.to(compute_dtype), topk_ids_TK)
-            y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
-            out_TD = self.dispatcher.combine(y_MD, gate.topk_weights_TK, meta).to(x_TD.dtype)
-        if tp_split:
-            out_TD = gather_from_tp(out_TD, self.tp_group, 0)
-        if self.shared is not None:
-            out_TD = out_TD + (shared_out if shared_out is not None else self.shared(x_BSD).reshape(-1, D))
+        x_TD = split_tokens_to_tp(x_BSD.reshape(B * S, D), self.tp_group, sequence_parallel=self.sp)
+        gate, logits_TE = self.router(x_TD)  # 1. gate
+        losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
+        topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
+        shared = (lambda: self.shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
+        # 2.-6. dispatch -> experts -> combine
+        out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
+        out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
+        if shared is not None:
+            out_TD = out_TD + (shared_TD if shared_TD is not None else shared())
+        out_BSD = attach_loss(out_TD.view(B, S, D), weighted_balance_loss(self.cfg, losses), loss_scale)
         stats = MoEStats(
-            losses=losses,
+            losses=_detached(losses),
             dropped=dropped,
             routed=topk_ids_TK.numel(),
             counts_E=gate.counts_E.detach(),
             score_sum_E=gate.score_sum_E.detach(),
             entropy_sum=entropy_sum(logits_TE),
         )
-        return out_TD.view(B, S, D), stats
+        return out_BSD, stats
+
+    def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
+        """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert
+        runs while the first rows are in flight: returns (out_TD, shared_TD or None)."""
+        rows_TD = x_TD.to(routed_dtype(x_TD))
+        if self.overlap_chunks:
+            out_TD, shared_TD = overlapped_moe(
+                self.dispatcher,
+                rows_TD,
+                topk_ids_TK,
+                topk_weights_TK,
+                self.experts,
+                chunks=self.overlap_chunks,
+                shared=shared,
+            )
+            return out_TD.to(x_TD.dtype), shared_TD
+        rows_MD, meta = self.dispatcher.dispatch(rows_TD, topk_ids_TK)
+        y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
+        return self.dispatcher.combine(y_MD, topk_weights_TK, meta).to(x_TD.dtype), None
+
+    def _balance_losses(self, gate, logits_TE, *, num_seqs: int, seq_len: int) -> RouterLosses:
+        # Each TP rank's losses cover 1/tp of the tokens: scale so their sum over tp is the mean.
+        losses = router_losses(gate, stats_group=self.stats_group, scale=1.0 / self.tp)
+        if self.cfg.seq_aux_loss_factor <= 0:
+            return losses
+        seq_T, full_len = token_sequences(
+            logits_TE.shape[0], seq_len, self.tp_group, sequence_parallel=self.sp, device=logits_TE.device
+        )
+        seq_aux = sequence_aux_loss(
+            logits_TE,
+            gate.topk_ids_TK,
+            seq_T,
+            num_seqs=num_seqs,
+            seq_len=full_len,
+            score_func=self.cfg.score_func,
+            tp_group=self.tp_group if self.tp > 1 else None,
+        )
+        return dataclasses.replace(losses, seq_aux_loss=seq_aux)

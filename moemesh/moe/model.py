@@ -1,8 +1,12 @@
 """A decoder-only transformer with an MoE FFN every k layers.
 
 Shape letters: B batch, S sequence, D model dim, H heads, G kv heads, Dh head
-dim, V vocab. Layer l (0-based) has an MoE FFN iff (l + 1) % moe_every_k_layers == 0,
+dim, V vocab. Layer l (0-based) has an MoE FFN iff ``moe.config.is_moe_layer``,
 a dense SwiGLU otherwise.
+
+The constructors take the model config, the layers a pipeline stage holds, and one
+``ParallelContext`` (built once by ``trainer.parallelize``) for everything about the
+layout; the default is one process.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from moemesh.kernels import TORCH_OPS, KernelOps
-from moemesh.moe.config import ModelConfig
+from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.moe.context import ParallelContext
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.init import normal_
 from moemesh.moe.layer import MoELayer, MoEStats, SwiGLU
-from moemesh.parallel.comm import CommMeter, group_size
+from moemesh.moe.router import Router
 from moemesh.parallel.tp import (
     GRAD_GROUP,
     TP_SHARD,
@@ -37,10 +42,6 @@ def _norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.RMSNorm:
     if sequence_parallel:  # each TP rank normalises its own sequence shard: partial gradients
         setattr(norm.weight, GRAD_GROUP, "data_tp")
     return norm
-
-
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    return (layer + 1) % cfg.moe_every_k_layers == 0
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None):
@@ -60,164 +61,78 @@ def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
 class Attention(nn.Module):
     """Causal attention; with TP each rank holds H/t query heads and G/t kv heads."""
 
-    def __init__(self, cfg: ModelConfig, *, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
         super().__init__()
-        t = group_size(tp_group)
+        t = parallel.tp_size
         self.H, self.G = cfg.num_heads // t, cfg.num_kv_heads // t  # local heads
         self.Dh = cfg.hidden_size // cfg.num_heads
-        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
+        tp = dict(tp_group=parallel.tp_group, sequence_parallel=parallel.sp)
         self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.Dh, **tp)
         self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
         self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size, **tp)
 
     def forward(self, x_BSD, cos, sin):
-        q = self.wq(x_BSD)  # with SP, the column-parallel projection gathers the sequence
-        B, S = q.shape[:2]
-        q = q.view(B, S, self.H, self.Dh).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
+        # With SP the column-parallel projections gather the sequence: S is the full length here.
+        q = rearrange(self.wq(x_BSD), "b s (h d) -> b h s d", h=self.H)
+        k = rearrange(self.wk(x_BSD), "b s (g d) -> b g s d", g=self.G)
+        v = rearrange(self.wv(x_BSD), "b s (g d) -> b g s d", g=self.G)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.G != self.H)
-        return self.wo(o.transpose(1, 2).reshape(B, S, self.H * self.Dh))
+        return self.wo(rearrange(o, "b h s d -> b s (h d)"))
 
 
 class Block(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        layer: int,
-        *,
-        ep_rank: int,
-        ep_group,
-        stats_group,
-        use_grouped_mm: bool,
-        ops: KernelOps,
-        tp_group,
-        sequence_parallel: bool,
-        meter=None,
-        overlap_chunks: int = 0,
-    ):
+    def __init__(self, cfg: ModelConfig, layer: int, parallel: ParallelContext):
         super().__init__()
         self.layer = layer
-        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
-        self.attn_norm = _norm(cfg, sequence_parallel)
-        self.attn = Attention(cfg, **tp)
-        self.ffn_norm = _norm(cfg, sequence_parallel)
+        tp = dict(tp_group=parallel.tp_group, sequence_parallel=parallel.sp)
+        self.attn_norm = _norm(cfg, parallel.sp)
+        self.attn = Attention(cfg, parallel)
+        self.ffn_norm = _norm(cfg, parallel.sp)
         if is_moe_layer(cfg, layer):
-            self.moe = MoELayer(
-                cfg=cfg,
-                ep_rank=ep_rank,
-                ep_group=ep_group,
-                stats_group=stats_group,
-                use_grouped_mm=use_grouped_mm,
-                ops=ops,
-                meter=meter,
-                overlap_chunks=overlap_chunks,
-                **tp,
-            )
+            self.moe = MoELayer(cfg=cfg, parallel=parallel)
             self.ffn = None
         else:
             self.moe = None
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, **tp)
 
-    def forward(self, x_BSD, cos, sin):
+    def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         h = self.ffn_norm(x_BSD)
         if self.moe is None:
             return x_BSD + self.ffn(h), None
-        out, stats = self.moe(h)
+        out, stats = self.moe(h, loss_scale=loss_scale)
         return x_BSD + out, stats
-
-
-class _AttachLoss(torch.autograd.Function):
-    """Forward: x unchanged. Backward: also send gradient 1 into ``loss``, as if it were
-    added to the final loss (the pipeline's gradient scaling applies to it as well)."""
-
-    @staticmethod
-    def forward(ctx, x, loss):
-        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=g.device)
-
-
-def weighted_balance_loss(cfg: ModelConfig, stats: list[MoEStats]) -> torch.Tensor:
-    """What the MoE layers add to the loss: the weighted aux, z and sequence-level losses."""
-    total = torch.zeros(())
-    for s in stats:
-        total = total.to(s.losses.aux_loss.device) + cfg.aux_loss_factor * s.losses.aux_loss
-        total = total + cfg.z_loss_factor * s.losses.z_loss
-        if s.losses.seq_aux_loss is not None:
-            total = total + cfg.seq_aux_loss_factor * s.losses.seq_aux_loss
-    return total
-
-
-def attach_loss(x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    return _AttachLoss.apply(x, loss) if loss.requires_grad else x
 
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor | None  # mean cross-entropy over this rank's tokens
-    aux_loss: torch.Tensor  # sum over MoE layers (this rank's surrogate, see moe.router)
-    z_loss: torch.Tensor  # sum over MoE layers
-    seq_aux_loss: torch.Tensor  # sum over MoE layers (0 when off)
-    moe_stats: list[MoEStats]  # one per MoE layer, in layer order
+    loss: torch.Tensor | None  # mean cross-entropy over this rank's tokens; backward also
+    # backpropagates every MoE layer's weighted balance losses (attached to its output)
+    moe_stats: list[MoEStats]  # one per MoE layer, in layer order (unweighted losses, detached)
     logits: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        *,
-        ep_rank: int = 0,
-        ep_group=None,
-        stats_group=None,
-        use_grouped_mm: bool = True,
-        ops: KernelOps = TORCH_OPS,
-        tp_group=None,
-        sequence_parallel: bool = False,
-        layers: range | None = None,
-        meter: CommMeter | None = None,
-        overlap_chunks: int = 0,
-    ):
+    def __init__(self, cfg: ModelConfig, *, parallel: ParallelContext | None = None, layers: range | None = None):
         """``layers``: the global layer ids this pipeline stage holds (all by default). The
         first stage also holds the embedding, the last the final norm and the head;
         parameter names use global layer ids, so every stage initialises like ``single``."""
         super().__init__()
-        self.cfg = cfg
-        self.tp_group = tp_group
-        self.sp = sequence_parallel and group_size(tp_group) > 1
-        tp = dict(tp_group=tp_group, sequence_parallel=self.sp)
+        par = parallel or ParallelContext()
+        self.cfg, self.parallel = cfg, par
+        self.tp_group, self.sp = par.tp_group, par.sp
+        tp = dict(tp_group=par.tp_group, sequence_parallel=par.sp)
         layers = range(cfg.num_layers) if layers is None else layers
         self.first, self.last = layers.start == 0, layers.stop == cfg.num_layers
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp) if self.first else None
-        self.layers = nn.ModuleDict(
-            {
-                str(l): Block(
-                    cfg,
-                    l,
-                    ep_rank=ep_rank,
-                    ep_group=ep_group,
-                    stats_group=stats_group,
-                    use_grouped_mm=use_grouped_mm,
-                    ops=ops,
-                    meter=meter,
-                    overlap_chunks=overlap_chunks,
-                    **tp,
-                )
-                for l in layers
-            }
-        )
+        self.layers = nn.ModuleDict({str(l): Block(cfg, l, par) for l in layers})
         self.norm = self.head = None
         if self.last:
             self.norm = _norm(cfg, self.sp)
             # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
-            self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, group_size(tp_group)), **tp)
+            self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, par.tp_size), **tp)
             setattr(self.head.weight, TP_SHARD, (0, cfg.vocab_size))  # padding rows start at zero
         self.stage_records: list[list[MoEStats]] = []  # pipeline stages: MoE stats per microbatch
         cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
@@ -233,7 +148,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Values depend on (seed, global parameter name) only: identical on every layout."""
+        """Values depend on (seed, global parameter name) only: identical on every layout.
+
+        Sets every parameter and buffer, so a model built on the meta device and
+        materialised with ``to_empty`` starts exactly like one built in place.
+        """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)  # residual projections (GPT-2)
         for name, module in self.named_modules():
@@ -241,7 +160,9 @@ class Transformer(nn.Module):
                 module.init_weights(seed=seed, prefix=name.removesuffix(".experts"), std=std, out_std=out_std)
             elif isinstance(module, nn.RMSNorm):
                 module.weight.fill_(1.0)
-        t, rank = group_size(self.tp_group), (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
+            elif isinstance(module, Router) and module.expert_bias_E is not None:
+                module.expert_bias_E.zero_()
+        t, rank = self.parallel.tp_size, (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
         for name, p in self.named_parameters():
             if ".experts." in f".{name}" or name.endswith("norm.weight"):
                 continue
@@ -267,9 +188,9 @@ class Transformer(nn.Module):
             self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.rope_cos.device
         )
 
-    def _blocks(self, x, stats: list[MoEStats]):
+    def _blocks(self, x, stats: list[MoEStats], loss_scale: float):
         for block in self.layers.values():
-            x, s = block(x, self.rope_cos, self.rope_sin)
+            x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale)
             if s is not None:
                 stats.append(s)
         return x
@@ -277,38 +198,27 @@ class Transformer(nn.Module):
     def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One pipeline stage: tokens or hidden states in, hidden states or logits out.
 
-        The pipeline schedule only backpropagates the last stage's loss, so each MoE
-        layer's weighted aux and z losses ride on the activations (``attach_loss``);
-        their values are kept in ``stage_records`` for the metrics.
+        The schedule backpropagates each micro-batch's loss with gradient 1 and scales
+        the gradients afterwards, so the MoE layers' attached losses take scale 1; their
+        statistics go to ``stage_records`` for the metrics.
         """
         x = self.embed(x) if self.first else x
         stats: list[MoEStats] = []
-        for block in self.layers.values():
-            x, s = block(x, self.rope_cos, self.rope_sin)
-            if s is not None:
-                stats.append(s)
-                x = attach_loss(x, weighted_balance_loss(self.cfg, [s]))
+        x = self._blocks(x, stats, loss_scale=1.0)
         self.stage_records.append(stats)
         return self.head(self.norm(x)) if self.last else x
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False):
+    def forward(
+        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False, loss_scale=1.0
+    ):
+        """``loss_scale``: the factor the caller applies to ``loss`` before backward (1/accum
+        with gradient accumulation); each MoE layer's attached balance losses get it too."""
         stats: list[MoEStats] = []
-        x = self._blocks(self.embed(tokens_BS), stats)
+        x = self._blocks(self.embed(tokens_BS), stats, loss_scale)
         logits = self.head(self.norm(x))  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:
             loss = vocab_parallel_cross_entropy(
                 logits.flatten(0, 1), targets_BS.flatten(), group=self.tp_group, vocab_size=self.cfg.vocab_size
             )
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux = sum((s.losses.aux_loss for s in stats), zero)
-        z = sum((s.losses.z_loss for s in stats), zero)
-        seq = sum((s.losses.seq_aux_loss for s in stats if s.losses.seq_aux_loss is not None), zero)
-        return ModelOutput(
-            loss=loss,
-            aux_loss=aux,
-            z_loss=z,
-            seq_aux_loss=seq,
-            moe_stats=stats,
-            logits=logits if return_logits else None,
-        )
+        return ModelOutput(loss=loss, moe_stats=stats, logits=logits if return_logits else None)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moemesh.parallel.comm import all_to_all_counts
-
 
 class _Handle:
     """The in-flight exchange of one chunk, shared by its _Start and _Wait nodes."""
@@ -105,38 +103,33 @@ def overlapped_moe(dispatcher, x_TD, topk_ids_TK, topk_weights_TK, experts, *, c
     ``experts(rows, tokens_per_expert)`` computes the local experts; ``shared()`` (optional)
     the shared expert's output for all T tokens. Returns (out_TD, shared_out or None).
     """
-    d, ops = dispatcher, dispatcher.ops
-    R, e, E = d.ep_size, d.num_local_experts, d.num_experts
+    d = dispatcher
     T = x_TD.shape[0]
     bounds = [T * i // chunks for i in range(chunks + 1)]
-    parts = []
-    for i in range(chunks):  # permute each chunk (local)
-        lo, hi = bounds[i], bounds[i + 1]
-        rows, row_map, counts_E = ops.permute(x_TD[lo:hi], topk_ids_TK[lo:hi], E)
-        parts.append((lo, hi, rows, row_map, counts_E.view(R, e)))
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    # Permute each chunk (local): rows, their (token, k) pairs, rows per (EP rank, local expert).
+    permuted = [d.permute(x_TD[lo:hi], topk_ids_TK[lo:hi]) for lo, hi in spans]
     # One exchange of every chunk's counts, before any row is in flight.
-    send_counts = torch.stack([p[4] for p in parts], dim=1)  # [R, chunks, e]
-    recv_counts = all_to_all_counts(send_counts.reshape(R, -1), d.ep_group).view(R, chunks, e)
-    if d.meter is not None and R > 1:  # the dropless minimum, as in AllToAllDispatcher.dispatch
-        me = dist.get_rank(d.ep_group)
+    send_counts = torch.stack([counts_Re for _, _, counts_Re in permuted], dim=1)  # [R, chunks, e]
+    recv_counts = d.exchange_counts(send_counts)
+    if d.meter is not None and d.ep_size > 1:
         totals = torch.stack([send_counts.sum((1, 2)), recv_counts.sum((1, 2))]).tolist()  # one host sync
-        leaving = sum(totals[0]) - totals[0][me]
-        arriving = sum(totals[1]) - totals[1][me]
-        d.meter.min_bytes += 2 * (leaving + arriving) * x_TD.shape[1] * x_TD.element_size()
+        d.count_dropless_minimum(totals[0], totals[1], x_TD.shape[1] * x_TD.element_size())
     launched = []
-    for i, (lo, hi, rows, row_map, counts_Re) in enumerate(parts):
+    for i, (rows, _, counts_Re) in enumerate(permuted):
         recv_Re = recv_counts[:, i]
-        send, recv = counts_Re.sum(1).tolist(), recv_Re.sum(1).tolist()
+        send, recv = counts_Re.sum(1).tolist(), recv_Re.sum(1).tolist()  # host sync: split sizes
         buf, h = _exchange_start(rows, send, recv, d.ep_group, d.meter, "dispatch")
         launched.append((buf, h, recv_Re, send, recv))
     shared_out = shared() if shared is not None else None  # while the dispatches are in flight
     combines = []
     for buf, h, recv_Re, send, recv in launched:
         received = _Wait.apply(buf, h)
-        y = experts(ops.sort_chunks(received, recv_Re), recv_Re.sum(0))
-        back, hc = _exchange_start(ops.sort_chunks(y, recv_Re.t()), recv, send, d.ep_group, d.meter, "combine")
+        y = experts(d.to_expert_major(received, recv_Re), recv_Re.sum(0))
+        back, hc = _exchange_start(d.to_rank_major(y, recv_Re), recv, send, d.ep_group, d.meter, "combine")
         combines.append((back, hc))
-    outs = []
-    for (lo, hi, rows, row_map, _), (back, hc) in zip(parts, combines):
-        outs.append(ops.unpermute(_Wait.apply(back, hc), row_map, topk_weights_TK[lo:hi]))
+    outs = [
+        d.unpermute(_Wait.apply(back, hc), row_map, topk_weights_TK[lo:hi])
+        for (lo, hi), (_, row_map, _), (back, hc) in zip(spans, permuted, combines)
+    ]
     return torch.cat(outs) if outs else x_TD.new_zeros(0, x_TD.shape[1]), shared_out

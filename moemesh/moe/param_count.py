@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moemesh.moe.config import ModelConfig
+from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.parallel.dims import ParallelDims, padded_vocab
 
 
@@ -36,16 +36,17 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def count_params(
-    cfg: ModelConfig, dims: ParallelDims = ParallelDims(), *, stage: int = 0, split: list[int] | None = None
+    cfg: ModelConfig, dims: ParallelDims | None = None, *, stage: int = 0, split: list[int] | None = None
 ) -> ParamCount:
     """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts)."""
     from moemesh.parallel.pipeline import stage_layers
 
+    dims = ParallelDims() if dims is None else dims
     D, t = cfg.hidden_size, dims.tp
     Dh = D // cfg.num_heads
     layers = stage_layers(cfg.num_layers, dims.pp, split)[stage]
     first, last = layers.start == 0, layers.stop == cfg.num_layers
-    moe_layers = sum(1 for l in layers if (l + 1) % cfg.moe_every_k_layers == 0)
+    moe_layers = sum(1 for l in layers if is_moe_layer(cfg, l))
     dense_layers = len(layers) - moe_layers
     attention = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D // t
     vocab = padded_vocab(cfg.vocab_size, t) // t * D  # embedding rows or head rows per rank

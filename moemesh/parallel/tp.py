@@ -161,6 +161,34 @@ def sp_reduce_scatter(x, group, dim):
     return x if group_size(group) == 1 else _SPReduceScatter.apply(x, group, dim)
 
 
+# The MoE layer's tokens under TP. Without sequence parallelism the layer's input is
+# replicated over tp: each TP rank routes its own 1/t of the tokens, so no token crosses
+# the All-to-All twice, and the outputs are gathered back. With SP each rank already
+# holds its own sequence shard: nothing to split or gather.
+
+
+def split_tokens_to_tp(x_TD: torch.Tensor, group, *, sequence_parallel: bool) -> torch.Tensor:
+    """The tokens this TP rank routes (all T, or this rank's T/t)."""
+    return x_TD if sequence_parallel else split_to_tp(x_TD, group, 0)
+
+
+def gather_tokens_from_tp(y_TD: torch.Tensor, group, *, sequence_parallel: bool) -> torch.Tensor:
+    """The inverse of ``split_tokens_to_tp``: every token's output on every TP rank."""
+    return y_TD if sequence_parallel else gather_from_tp(y_TD, group, 0)
+
+
+def token_sequences(
+    num_tokens: int, seq_len: int, group, *, sequence_parallel: bool, device=None
+) -> tuple[torch.Tensor, int]:
+    """For the tokens ``split_tokens_to_tp`` kept: each token's sequence (batch row) and the
+    full sequence length. ``seq_len`` is the length this rank holds (S, or S/t with SP);
+    tokens are flattened batch-major, so token i of the layer is in row i // seq_len."""
+    first = 0 if sequence_parallel else _rank(group) * num_tokens  # this rank's slice of B*S
+    full_len = seq_len * group_size(group) if sequence_parallel else seq_len
+    seq_T = torch.div(torch.arange(first, first + num_tokens, device=device), seq_len, rounding_mode="floor")
+    return seq_T, full_len
+
+
 def _mark_sharded(p: nn.Parameter, dim: int, logical: int) -> nn.Parameter:
     setattr(p, TP_SHARD, (dim, logical))
     return p

@@ -10,7 +10,6 @@ import functools
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,14 +18,15 @@ from moemesh.config.schema import RunConfig
 from moemesh.config.validate import config_warnings, grad_accum_steps, micro_batch_size
 from moemesh.kernels import get_ops
 from moemesh.launch import RankContext
-from moemesh.moe.model import Transformer, is_moe_layer, weighted_balance_loss
+from moemesh.moe.config import is_moe_layer
+from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import model_flops_per_token
 from moemesh.parallel.comm import CommMeter, all_reduce_
 from moemesh.parallel.dims import MeshAxis, layout_name
 from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import build_schedule, stage_layers
-from moemesh.parallel.tp import GRAD_GROUP, TP_SHARD, vocab_parallel_cross_entropy
+from moemesh.parallel.pipeline import build_schedule
+from moemesh.parallel.tp import vocab_parallel_cross_entropy
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.metrics import (
@@ -42,55 +42,7 @@ from moemesh.trainer.metrics import (
     step_record,
 )
 from moemesh.trainer.optim import build_optimizer, lr_at
-
-
-def build_model(
-    run: RunConfig, mesh: ParallelMesh, device: torch.device, meter: CommMeter | None = None
-) -> Transformer:
-    stats_group = mesh.data_tp_group if run.model.load_balance_scope == "global" else None
-    layers = None
-    if mesh.dims.pp > 1:
-        layers = stage_layers(run.model.num_layers, mesh.dims.pp, run.parallel.pipeline_split)[mesh.coords[MeshAxis.PP]]
-    ops = get_ops(run.kernels.backend, device.type)
-    model = Transformer(
-        run.model,
-        ep_rank=mesh.ep_rank,
-        ep_group=mesh.ep_group,
-        stats_group=stats_group,
-        ops=ops,
-        tp_group=mesh.tp_group,
-        sequence_parallel=run.parallel.sequence_parallel,
-        layers=layers,
-        meter=meter,
-        overlap_chunks=(
-            run.parallel.comm_optimization.overlap_chunks if run.parallel.comm_optimization.all_to_all_overlap else 0
-        ),
-    )
-    model.init_weights(run.trainer.seed)
-    return model.to(device)
-
-
-@dataclass
-class ParamGroups:
-    """The model's parameters by how their gradients are reduced and counted."""
-
-    data: list  # summed over dp x ep
-    data_tp: list  # summed over dp x ep x tp (router; sequence-parallel norms)
-    expert: list  # summed over dp x tp
-    tp_sharded: list  # for the grad norm: sharded over tp
-    replicated: list  # for the grad norm: whole on every rank, not experts
-
-
-def param_groups(model: Transformer) -> ParamGroups:
-    expert = model.expert_parameters()
-    ids = {id(p) for p in expert}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    data_tp = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data_tp"]
-    data = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data"]
-    tp_sharded = [p for p in rest if getattr(p, TP_SHARD, None) is not None and model.tp_group is not None]
-    sharded_ids = {id(p) for p in tp_sharded}
-    replicated = [p for p in rest if id(p) not in sharded_ids]
-    return ParamGroups(data, data_tp, expert, tp_sharded, replicated)
+from moemesh.trainer.parallelize import build_model, param_groups
 
 
 def _autocast(run: RunConfig, device: torch.device):
@@ -266,10 +218,11 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             for i in range(accum):
                 x, y = batch(start=micro_start(i), count=micro)
                 with timer.phase("forward"), _autocast(run, device):
-                    out = model(x.to(device), y.to(device))
-                    total = out.loss + weighted_balance_loss(m, out.moe_stats)
+                    # Each MoE layer's weighted balance losses ride on its output: the backward
+                    # of the cross-entropy carries them too, scaled by the same 1/accum.
+                    out = model(x.to(device), y.to(device), loss_scale=1 / accum)
                 with timer.phase("backward"):
-                    (total / accum).backward()
+                    (out.loss / accum).backward()
                 # TP peers hold the same cross-entropy but disjoint routing slices: the
                 # reduction runs over dp x ep x tp, so the cross-entropy enters as 1/tp.
                 sums[0] += out.loss.detach().double() / dims.tp

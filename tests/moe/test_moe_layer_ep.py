@@ -7,6 +7,7 @@ import torch.distributed as dist
 from moemesh.kernels import TORCH_OPS, TRITON_OPS
 from moemesh.kernels._triton import can_run_triton
 from moemesh.moe.config import ModelConfig
+from moemesh.moe.context import ParallelContext
 from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.moe.layer import MoELayer
 from moemesh.parallel.dims import ParallelDims
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by O(0.1)
 
 
-def _layer(cfg, ep_rank, ep_group, stats_group, ops=TORCH_OPS):
+def _layer(cfg, ep_group, stats_group, ops=TORCH_OPS):
     torch.manual_seed(0)
-    layer = MoELayer(cfg=cfg, ep_rank=ep_rank, ep_group=ep_group, stats_group=stats_group, ops=ops)
+    layer = MoELayer(cfg=cfg, parallel=ParallelContext(ep_group=ep_group, stats_group=stats_group, ops=ops))
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "experts" not in name:
@@ -40,6 +41,8 @@ def _check_layer(rank, world, ep, shared, ops=TORCH_OPS):
         top_k=2,
         moe_ffn_hidden_size=20,
         shared_expert_ffn_size=12 if shared else 0,
+        aux_loss_factor=0.5,  # large enough that a wrong balance-loss gradient shows
+        z_loss_factor=0.1,
     )
     B, S, D = 2, 5, cfg.hidden_size  # 10 tokens per rank: an odd split over 8 experts
     gen = torch.Generator().manual_seed(7)
@@ -47,17 +50,18 @@ def _check_layer(rank, world, ep, shared, ops=TORCH_OPS):
     g_all = torch.randn(ep * B, S, D, generator=gen)
     me = ep_ranks.index(rank)
     # Reference: one EP=1 layer on the whole EP group's batch.
-    ref = _layer(cfg, 0, None, None)
+    ref = _layer(cfg, None, None)
     x_ref = x_all.clone().requires_grad_()
     out_ref, st_ref = ref(x_ref)
-    ((out_ref * g_all).sum() + 0.5 * st_ref.losses.aux_loss + 0.1 * st_ref.losses.z_loss).backward()
+    (out_ref * g_all).sum().backward()  # and the weighted balance losses attached to out_ref
     # EP layer on this rank's slice; statistics over the EP group.
-    lay = _layer(cfg, pm.ep_rank, pm.ep_group, pm.ep_group, ops)
+    lay = _layer(cfg, pm.ep_group, pm.ep_group, ops)
     sl = slice(me * B, (me + 1) * B)
     x = x_all[sl].clone().requires_grad_()
-    out, st = lay(x)
-    # Mean of the per-rank surrogates is the global aux loss; z is a per-rank mean.
-    ((out * g_all[sl]).sum() + (0.5 * st.losses.aux_loss + 0.1 * st.losses.z_loss) / ep).backward()
+    # Mean of the per-rank surrogates is the global aux loss; z is a per-rank mean: the
+    # balance losses enter each rank's backward with 1/ep.
+    out, st = lay(x, loss_scale=1 / ep)
+    (out * g_all[sl]).sum().backward()
 
     torch.testing.assert_close(out, out_ref[sl], **TOL)
     torch.testing.assert_close(x.grad, x_ref.grad[sl], **TOL)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from moemesh.moe.config import ModelConfig
+from moemesh.moe.context import ParallelContext
 from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import count_params
 from moemesh.parallel.dims import MeshAxis, ParallelDims
@@ -59,14 +60,10 @@ def test_per_rank_parameters_are_the_expected_share(name):
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                model = Transformer(
-                    CFG,
-                    ep_rank=pm.ep_rank,
-                    ep_group=pm.ep_group,
-                    stats_group=pm.data_tp_group,
-                    tp_group=pm.tp_group if tp > 1 else None,
-                    layers=stage_layers(CFG.num_layers, pp)[stage],
+                par = ParallelContext(
+                    ep_group=pm.ep_group, stats_group=pm.data_tp_group, tp_group=pm.tp_group if tp > 1 else None
                 )
+                model = Transformer(CFG, parallel=par, layers=stage_layers(CFG.num_layers, pp)[stage])
         finally:
             dist.destroy_process_group()
         expert = sum(p.numel() for p in model.expert_parameters())

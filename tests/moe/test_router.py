@@ -50,12 +50,10 @@ def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="t", hidden_size=16, num_experts=4, top_k=2, moe_ffn_hidden_size=8)
-    dropless = MoELayer(cfg=cfg, ep_rank=0, ep_group=None, stats_group=None)
+    dropless = MoELayer(cfg=cfg)
     for p in dropless.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    capped = MoELayer(
-        cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.5}), ep_rank=0, ep_group=None, stats_group=None
-    )
+    capped = MoELayer(cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.5}))
     capped.load_state_dict(dropless.state_dict())
     x = torch.randn(1, 12, 16)
     out, stats = capped(x)

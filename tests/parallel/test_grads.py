@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from moemesh.parallel.dims import MeshAxis, ParallelDims
-from moemesh.parallel.grads import GradReducer, global_grad_norm
+from moemesh.parallel.grads import global_grad_norm
 from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.parallel.tp import TP_SHARD
 from moemesh.trainer.data import TokenData, prepare_data
-from moemesh.trainer.loop import build_model, param_groups
+from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 
@@ -31,12 +31,10 @@ def _grads(run, mesh, data_rank, data_size):
         count=per_rank,
     )
     out = model(x, y)
-    (out.loss + 0.5 * out.aux_loss + 0.1 * out.z_loss).backward()
+    out.loss.backward()  # the MoE layers' weighted balance losses ride on their outputs
     g = param_groups(model)
-    GradReducer(
-        [(g.data, mesh.data_group), (g.data_tp, mesh.data_tp_group), (g.expert, mesh.expert_grad_group)],
-        data_size=data_size,
-    ).reduce()
+    assert mesh.dims.data_size == data_size
+    grad_reducer(g, mesh).reduce()
     norm = global_grad_norm(
         replicated=g.replicated,
         tp_sharded=g.tp_sharded,
@@ -50,6 +48,8 @@ def _grads(run, mesh, data_rank, data_size):
 def _check(rank, world, dp, ep, tp, sp):
     over = {
         "model.shared_expert_ffn_size": 16,
+        "model.aux_loss_factor": 0.5,  # large enough that a wrong balance-loss gradient shows
+        "model.z_loss_factor": 0.1,
         "trainer.global_batch_size": 4,
         "data.name": "stdlib",
         "data.kind": "stdlib",

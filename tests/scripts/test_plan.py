@@ -24,10 +24,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from moemesh.config.validate import validate_run  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
+from moemesh.moe.context import ParallelContext  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.moe.model import Transformer  # noqa: E402
 from moemesh.parallel.comm import CommMeter  # noqa: E402
-from moemesh.parallel.dims import MeshAxis, ParallelDims  # noqa: E402
+from moemesh.parallel.dims import MeshAxis, ParallelDims, layout_name  # noqa: E402
 from moemesh.parallel.mesh import build_mesh  # noqa: E402
 from moemesh.parallel.pipeline import stage_layers  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
@@ -44,12 +45,9 @@ def _real_bytes(run, dims):
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
+                par = ParallelContext(ep_group=pm.ep_group, tp_group=pm.tp_group if dims.tp > 1 else None)
                 model = Transformer(
-                    run.model,
-                    ep_rank=pm.ep_rank,
-                    ep_group=pm.ep_group,
-                    tp_group=pm.tp_group if dims.tp > 1 else None,
-                    layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]],
+                    run.model, parallel=par, layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]]
                 )
         finally:
             dist.destroy_process_group()
@@ -103,7 +101,7 @@ def _a2a_worker(rank, world):
     pm = build_mesh(ParallelDims(ep=2), "cpu")
     cfg = ModelConfig(name="t", hidden_size=16, num_experts=8, top_k=2, moe_ffn_hidden_size=8)
     meter = CommMeter()
-    layer = MoELayer(cfg=cfg, ep_rank=pm.ep_rank, ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter)
+    layer = MoELayer(cfg=cfg, parallel=ParallelContext(ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter))
     for prm in layer.parameters():
         torch.nn.init.normal_(prm, std=0.1)
     torch.nn.init.zeros_(layer.router.weight_ED)  # all ties: every token picks experts 0 and 1 (on rank 0)
@@ -272,7 +270,7 @@ def test_the_command_for_every_row_composes_into_its_split():
             run,
             parallel=dataclasses.replace(
                 run.parallel,
-                name=plan.layout_name(d),
+                name=layout_name(d),
                 data_parallel_size=d.dp,
                 expert_parallel_size=d.ep,
                 tensor_parallel_size=d.tp,
@@ -313,4 +311,4 @@ def test_generated_names_are_the_presets_names():
             tp=cfg.tensor_parallel_size,
             pp=cfg.pipeline_parallel_size,
         )
-        assert plan.layout_name(dims) == cfg.name == path.stem
+        assert layout_name(dims) == cfg.name == path.stem
