@@ -12,6 +12,7 @@ import pytest
 
 from moemesh.parallel import checkpoint
 from tests.helpers import SMALL
+from tests.launch._processes import ranks_of, wait_for_steps
 
 pytestmark = pytest.mark.slow  # signals and kills against train.py's ranks
 
@@ -40,35 +41,10 @@ def _stop_line(err: str) -> str:
     return lines[0]
 
 
-def _wait_for_steps(tmp_path, n, proc, timeout=120):
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    raise AssertionError("training did not start")
-
-
-def _ranks_of(pid):
-    kids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                stat = Path(f"/proc/{p}/stat").read_text()
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if stat.rsplit(")", 1)[1].split()[1] == str(pid) and b"resource_tracker" not in cmd:
-                kids.append(int(p))
-    return sorted(kids)
-
-
 def test_a_killed_rank_stops_the_others_quickly(tmp_path):
     proc = _start(tmp_path, "parallel=dp4", "trainer.steps=100000", "cluster.collective_timeout_s=600")
-    _wait_for_steps(tmp_path, 2, proc)
-    ranks = _ranks_of(proc.pid)
+    wait_for_steps(tmp_path, 2, proc)
+    ranks = ranks_of(proc.pid)
     assert len(ranks) == 4
     os.kill(ranks[2], signal.SIGKILL)
     t0 = time.monotonic()
@@ -83,7 +59,7 @@ def test_a_killed_rank_stops_the_others_quickly(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", "cluster.preempt_grace_s=60")
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=90)
@@ -105,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
 
 def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
     proc = _start(tmp_path, "trainer.steps=100000")
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGUSR1, err
@@ -137,8 +113,8 @@ def test_ctrl_c_on_spawned_ranks_saves_like_sigterm_and_says_how_to_resume(tmp_p
     """A terminal's Ctrl-C reaches every process of its group: the launcher and each rank.
     Every rank finishes its step, saves and writes the summary; exit 130, one line."""
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", new_session=True)
-    _wait_for_steps(tmp_path, 2, proc)
-    ranks = _ranks_of(proc.pid)
+    wait_for_steps(tmp_path, 2, proc)
+    ranks = ranks_of(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
@@ -156,7 +132,7 @@ def test_ctrl_c_on_spawned_ranks_saves_like_sigterm_and_says_how_to_resume(tmp_p
 
 def test_ctrl_c_sent_to_the_launcher_alone_reaches_its_ranks(tmp_path):
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
@@ -170,10 +146,10 @@ def test_ctrl_c_while_the_ranks_start_stops_them_all_once_they_exist(tmp_path):
     every rank saves after its first step, like any first Ctrl-C."""
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", new_session=True)
     deadline = time.monotonic() + 60
-    while len(_ranks_of(proc.pid)) < 2:  # spawned, still importing
+    while len(ranks_of(proc.pid)) < 2:  # spawned, still importing
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
-    ranks = _ranks_of(proc.pid)
+    ranks = ranks_of(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -189,7 +165,7 @@ def test_ctrl_c_while_the_ranks_start_stops_them_all_once_they_exist(tmp_path):
 def test_sigterm_while_the_ranks_start_reaches_every_rank(tmp_path):
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
     deadline = time.monotonic() + 60
-    while len(_ranks_of(proc.pid)) < 2:
+    while len(ranks_of(proc.pid)) < 2:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -205,8 +181,8 @@ def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_p
     tmp.mkdir()
     env_tmp = {"TMPDIR": str(tmp)}
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000", "cluster.preempt_grace_s=30", env=env_tmp)
-    _wait_for_steps(tmp_path, 2, proc)
-    ranks = _ranks_of(proc.pid)
+    wait_for_steps(tmp_path, 2, proc)
+    ranks = ranks_of(proc.pid)
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 60  # its ranks get SIGINT from the kernel (PDEATHSIG), save and leave

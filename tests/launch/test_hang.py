@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SMALL
-from tests.launch.test_faults import _ranks_of, _wait_for_steps
+from tests.launch._processes import ranks_of, wait_for_steps
 
 pytestmark = pytest.mark.slow  # stops train.py's ranks and waits for the hang watch
 
@@ -46,7 +46,7 @@ def _rank_pids(proc, tmp_path, world_size) -> dict[int, int]:
     in start order (a launcher without heartbeats)."""
     (rdzv,) = (tmp_path / "tmp").glob("moemesh-rdzv-*")
     if not (rdzv / "beat0").exists():
-        return dict(enumerate(_ranks_of(proc.pid)))
+        return dict(enumerate(ranks_of(proc.pid)))
     return {r: int((rdzv / f"beat{r}").read_text().split()[0]) for r in range(world_size)}
 
 
@@ -79,7 +79,7 @@ def test_a_stopped_spawned_rank_is_named_and_the_job_stopped_within_hang_timeout
         "cluster.hang_timeout_s=10",
         "cluster.collective_timeout_s=600",
     )
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     pids = _rank_pids(proc, tmp_path, 4)
     os.kill(pids[1], signal.SIGSTOP)  # ranks 0, 2, 3 now wait for it in a collective
     t0 = time.monotonic()
@@ -110,12 +110,12 @@ def test_a_whole_job_stopped_and_continued_is_not_a_hang(tmp_path):
         "cluster.preempt_grace_s=60",
         new_session=True,
     )
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     os.killpg(proc.pid, signal.SIGSTOP)
     time.sleep(12)  # three hang timeouts
     os.killpg(proc.pid, signal.SIGCONT)
     done = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-    _wait_for_steps(tmp_path, done + 3, proc)  # still training
+    wait_for_steps(tmp_path, done + 3, proc)  # still training
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -131,7 +131,7 @@ def _free_port() -> int:
 def _worker_with_rank(agent_pid: int, rank: int, timeout=120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid in _ranks_of(agent_pid):
+        for pid in ranks_of(agent_pid):
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
@@ -161,14 +161,14 @@ def test_a_stopped_torchrun_rank_is_named_by_its_watching_peer(tmp_path):
             f"--master_port={_free_port()}",
         ),
     )
-    _wait_for_steps(tmp_path, 2, proc)
+    wait_for_steps(tmp_path, 2, proc)
     worker = _worker_with_rank(proc.pid, 1)
     os.kill(worker, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
         _, err = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
-        for pid in [*_ranks_of(proc.pid), proc.pid]:
+        for pid in [*ranks_of(proc.pid), proc.pid]:
             _kill(pid)
         raise
     elapsed = time.monotonic() - t0
@@ -195,7 +195,7 @@ def test_a_stopped_srun_rank_0_which_hosts_the_store_is_named(tmp_path):
         "cluster.collective_timeout_s=600",
         launcher=("srun", "-K", "-n2", sys.executable),
     )
-    _wait_for_steps(tmp_path, 2, proc, timeout=240)
+    wait_for_steps(tmp_path, 2, proc, timeout=240)
     rank0, deadline = None, time.monotonic() + 60
     while rank0 is None:
         assert time.monotonic() < deadline, "no srun task with SLURM_PROCID=0"

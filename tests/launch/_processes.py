@@ -1,0 +1,32 @@
+"""Watching train.py's processes from a test: shared by the fault and hang tests."""
+
+import os
+import time
+from pathlib import Path
+
+
+def wait_for_steps(tmp_path, n, proc, timeout=120):
+    """Wait until train.py's run under ``tmp_path`` has logged ``n`` steps (``proc`` still alive)."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+def ranks_of(pid):
+    """The rank processes a launcher ``pid`` started: its children, less multiprocessing's resource tracker."""
+    kids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == str(pid) and b"resource_tracker" not in cmd:
+                kids.append(int(p))
+    return sorted(kids)
