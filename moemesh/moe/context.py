@@ -9,6 +9,7 @@ no groups, the torch kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -18,12 +19,12 @@ from moemesh.parallel.comm import CommMeter, group_size
 
 @dataclass(frozen=True)
 class ParallelContext:
-    ep_group: object = None  # the All-to-All group of the routed tokens (None: no EP)
-    tp_group: object = None  # tensor-parallel peers (None: no TP)
+    ep_group: Any = None  # the All-to-All group of the routed tokens (None: no EP)
+    tp_group: Any = None  # tensor-parallel peers (None: no TP)
     sequence_parallel: bool = False  # asked for; in effect only with TP (see ``sp``)
     # Where the load-balance statistics f_i are reduced: the data x tp group for the
     # "global" scope, None for "local" (per micro-batch, as some papers do).
-    stats_group: object = None
+    stats_group: Any = None
     ops: KernelOps = TORCH_OPS  # gating, permute, chunk sort, unpermute
     use_grouped_mm: bool = True  # torch._grouped_mm where available; False: a per-expert loop
     meter: CommMeter | None = None  # counts the All-to-All bytes and time

@@ -13,11 +13,13 @@ layout starts from the same weights.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.config.validate import grad_accum_steps, micro_batch_size
 from moemesh.kernels import get_ops
 from moemesh.moe.context import ParallelContext
 from moemesh.moe.model import Transformer
@@ -25,8 +27,9 @@ from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import MeshAxis
 from moemesh.parallel.grads import GradReducer
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import stage_layers
+from moemesh.parallel.pipeline import build_schedule, stage_layers
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
+from moemesh.parallel.tp import vocab_parallel_cross_entropy
 
 
 def parallel_context(
@@ -103,4 +106,30 @@ def grad_reducer(groups: ParamGroups, mesh: ParallelMesh) -> GradReducer:
     return GradReducer(
         [(groups.data, mesh.data_group), (groups.data_tp, mesh.data_tp_group), (groups.expert, mesh.expert_grad_group)],
         data_size=mesh.dims.data_size,
+    )
+
+
+def _stage_loss(logits, target, *, model: Transformer):
+    return vocab_parallel_cross_entropy(
+        logits.flatten(0, 1), target.flatten(), group=model.tp_group, vocab_size=model.cfg.vocab_size
+    )
+
+
+def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device):
+    """This stage's pipeline schedule over the rank's micro-steps, or None without PP."""
+    if mesh.dims.pp == 1:
+        return None
+    seq_len = run.trainer.seq_len
+    return build_schedule(
+        model,
+        schedule=run.parallel.pipeline_schedule,
+        pp_rank=mesh.coords[MeshAxis.PP],
+        pp_size=mesh.dims.pp,
+        pp_group=mesh.pp_group,
+        device=device,
+        n_microbatches=grad_accum_steps(run),
+        micro_batch=micro_batch_size(run),
+        seq_len=seq_len,
+        hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
+        loss_fn=functools.partial(_stage_loss, model=model),
     )
