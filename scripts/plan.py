@@ -57,7 +57,7 @@ from moemesh.config.schema import RunConfig
 from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
 from moemesh.errors import ConfigError
 from moemesh.moe.param_count import count_params, model_flops_per_token
-from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims
+from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
 from moemesh.parallel.pipeline import stage_layers
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -270,12 +270,6 @@ def table(valid: list[Plan], top: int, ckpt: bool) -> str:
     if len(rows) < len(valid):
         lines.append(f"... {len(valid) - len(rows)} more splits not shown (--top {top}); --top 0 shows all")
     return "\n".join(lines)
-
-
-def layout_name(dims: ParallelDims) -> str:
-    """The split's name as the presets spell it: degrees above 1, pp tp ep dp ("pp2_ep2_dp2"); all 1: "single"."""
-    parts = [f"{a}{n}" for a, n in (("pp", dims.pp), ("tp", dims.tp), ("ep", dims.ep), ("dp", dims.dp)) if n > 1]
-    return "_".join(parts) or "single"
 
 
 # Overrides the command sets itself; the user's own values for them are dropped.
