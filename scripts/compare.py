@@ -40,14 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moemesh.trainer.metrics import PHASES  # noqa: E402  the sequential parts of a step (pipeline: PP), as logged
+# The metrics.jsonl contract (record keys, the phases of time.*) as train.py defines it.
+from moemesh.trainer.metrics import A2A_PHASES, PHASES, StepRecord  # noqa: E402
 
 MIB = 2**20
 DASH = "–"
 STATE = ("param_bytes", "grad_bytes", "optimizer_bytes")
 OTHER = "other"  # the part of the measured step that no phase accounts for
 COINCIDE_TOL = 1e-4  # nats/token: loss curves closer than this everywhere are drawn on top of each other
-PHASE_COLORS = {
+PHASE_COLORS = {  # one per phase of PHASES, and OTHER
     "forward": "tab:blue",
     "backward": "tab:orange",
     "pipeline": "tab:purple",
@@ -61,7 +62,7 @@ PHASE_COLORS = {
 class Run:
     dir: Path
     summary: dict
-    records: list[dict]
+    records: list[StepRecord]
     label: str = ""
     stats: dict = field(default_factory=dict)
 
@@ -424,7 +425,7 @@ def plot_step_breakdown(runs, ax):
         )
         bottom = [b + m for b, m in zip(bottom, ms)]
     # a2a lies inside forward/backward/pipeline: drawn over them from 0, never beyond them.
-    inside = [sum(b.segments.get(p, 0.0) for p in ("forward", "backward", "pipeline")) for b in bds]
+    inside = [sum(b.segments.get(p, 0.0) for p in A2A_PHASES) for b in bds]
     a2a = [1e3 * min(b.a2a_s or 0.0, span) for b, span in zip(bds, inside)]
     if any(a2a):  # a narrow hatched bar along the right edge of the stack, clear of the percentages
         right = [p.get_x() + p.get_width() for p in ax.containers[0].patches]

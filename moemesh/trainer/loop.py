@@ -1,12 +1,20 @@
 """The training loop, top to bottom in the order things happen each step:
 LR -> micro-steps (forward, backward) -> gradient reduction -> clip -> optimizer
-step -> metrics (one small all-reduce) -> eval -> log.
+step -> metrics all-reduce -> eval -> log -> checkpoint / stop.
+
+Host syncs of a step, each marked "host sync" where it happens: the gradient norm's
+finiteness (the update is decided on the host), the reduced metrics and the stop flag
+(every step), the slowest rank's times and the bias ranges (logged steps), the
+validation loss (evaluation steps). Outside this file: the All-to-All's split sizes
+(moe/dispatcher.py, per MoE layer and micro-step), the clip's scale
+(parallel/grads.py), checkpoint saves and, on CUDA, PhaseTimer's phase edges.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import resource
 import time
@@ -31,14 +39,13 @@ from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.metrics import (
     MetricsLogger,
+    RankTimes,
+    RunSummary,
     StepSample,
     StepShape,
-    add_moe_stats,
+    StepStats,
     bias_ranges,
-    max_over_world,
     memory_report,
-    rank_step_numbers,
-    stat_width,
     step_record,
 )
 from moemesh.trainer.optim import build_optimizer, lr_at
@@ -109,7 +116,29 @@ class PhaseTimer:
 def _any_rank(flag: bool, group, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(t.item())  # host sync: the host decides whether to save and stop
+
+
+def _update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str) -> bool:
+    """Whether this step updates the weights: False for a non-finite gradient norm with
+    trainer.on_nonfinite=skip; with stop, the one-line FloatingPointError naming step and value.
+
+    The norm is the same number on every rank (reduced gradients), so every rank decides
+    alike and none is left waiting in a collective. It is a host sync, kept on purpose rather
+    than ``torch._assert_async``: skip needs the answer on the host (``optimizer.step()`` runs or
+    not), on the CPU the assert is a sync itself, and on CUDA ``clip_grads_`` reads the norm on
+    the host right after (PhaseTimer synchronizes at the phase's edges too), so an assert would
+    save no sync while turning this error into a device-side assert that names neither the step
+    nor the value.
+    """
+    if bool(torch.isfinite(grad_norm)):  # host sync (every step): the decision above
+        return True
+    if on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
+            f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)"
+        )
+    return False
 
 
 def train(run: RunConfig, ctx: RankContext) -> dict:
@@ -207,12 +236,10 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # Forward and backward over this data rank's slice of the global batch. Metrics
-        # stay on the device until the all-reduce below (no per-micro-step host sync):
-        # sums = (cross-entropy / tp, aux, z, seq aux), and per MoE layer (global order)
-        # the columns of trainer.metrics.STAT_COLUMNS.
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
-        stats_L = torch.zeros(len(moe_layers), stat_width(m.num_experts), dtype=torch.float64, device=device)
+        # Forward and backward over this data rank's slice of the global batch. The loss terms
+        # and per-layer MoE statistics add up on the device until the all-reduce below (no
+        # host sync per micro-step).
+        stats = StepStats(len(moe_layers), m.num_experts, device)
         batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is None:
             for i in range(accum):
@@ -223,19 +250,17 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                     out = model(x.to(device), y.to(device), loss_scale=1 / accum)
                 with timer.phase("backward"):
                     (out.loss / accum).backward()
-                # TP peers hold the same cross-entropy but disjoint routing slices: the
-                # reduction runs over dp x ep x tp, so the cross-entropy enters as 1/tp.
-                sums[0] += out.loss.detach().double() / dims.tp
-                add_moe_stats(sums, stats_L, out.moe_stats, slots)
+                stats.add_loss(out.loss, tp=dims.tp)
+                stats.add_moe(out.moe_stats, slots)
         else:
             x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
             losses = []
             with timer.phase("pipeline"), _autocast(run, device):
                 _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
             if model.last:
-                sums[0] += torch.stack(losses).sum().double() / dims.tp
-            for stats in model.stage_records:
-                add_moe_stats(sums, stats_L, stats, slots)
+                stats.add_loss(torch.stack(losses).sum(), tp=dims.tp)
+            for micro_batch_stats in model.stage_records:
+                stats.add_moe(micro_batch_stats, slots)
             model.stage_records.clear()
 
         with timer.phase("grad_reduce"):
@@ -249,16 +274,9 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                 ep_group=mesh.ep_group,
                 pp_group=mesh.pp_group,
             )
-            # The norm is the same number on every rank (reduced gradients), so every rank
-            # takes this branch together: no rank is left waiting in a collective.
-            finite = bool(torch.isfinite(grad_norm))
-            if not finite and t.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
-                    f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)"
-                )
+            finite = _update_allowed(grad_norm, step, t.on_nonfinite)
             if finite:
-                clip_grads_(model.parameters(), grad_norm, t.grad_clip)
+                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # reads the norm on the host
                 optimizer.step()
                 skipped_in_a_row = 0
             else:
@@ -277,23 +295,19 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                     )
             optimizer.zero_grad(set_to_none=True)
 
-        # One all-reduce for the loss terms and the per-layer statistics.
-        flat = torch.cat([sums, stats_L.flatten()])
-        all_reduce_(flat, mesh.data_tp_group)
-        all_reduce_(flat, mesh.pp_group)  # each stage holds its own layers; the last one the loss
-        flat = flat.cpu()  # the step's one host sync
-        losses4 = (flat[:4] / (dims.data_size * accum)).tolist()
-        stats_L = flat[4:].view(len(moe_layers), -1)
-        if not torch.isfinite(flat[0]) and t.on_nonfinite == "stop":
-            raise FloatingPointError(f"non-finite training loss {losses4[0]} at step {step}")
+        # The loss terms and per-layer statistics summed over every rank: one flat tensor,
+        # all-reduced, then on the host (a host sync, every step).
+        reduced = stats.reduce(mesh.data_tp_group, mesh.pp_group, loss_norm=shape.loss_norm)
+        if not math.isfinite(reduced.loss) and t.on_nonfinite == "stop":
+            raise FloatingPointError(f"non-finite training loss {reduced.loss} at step {step}")
         # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
         # (not on a skipped step: it changes no state).
         if finite:
             for slot, moe in local_moe.items():
-                moe.router.update_bias(stats_L[slot, : m.num_experts])
+                moe.router.update_bias(reduced.counts_LE[slot])
         step_s = time.perf_counter() - t0
         steps_run += 1
-        numbers = rank_step_numbers(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
+        times = RankTimes.measure(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
 
         last = step == t.steps - 1
         val = None
@@ -301,16 +315,15 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
         if step % t.log_every == 0 or last or val is not None:
             # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
-            per_rank = max_over_world(numbers, mesh.world_group, device)
+            slowest = times.max_over(mesh.world_group, device)
             biases = {slot: moe.router.expert_bias_E for slot, moe in local_moe.items()}
             record = step_record(
                 step=step + 1,
                 lr=lr,
-                grad_norm=float(grad_norm),
-                losses=losses4,
-                stats_L=stats_L,
+                grad_norm=float(grad_norm),  # host sync; the value is ready (read by _update_allowed)
+                stats=reduced,
                 shape=shape,
-                timing=per_rank,
+                times=slowest,
                 biases=bias_ranges(biases, len(moe_layers), mesh, device),
             )
             if val is not None:
@@ -334,9 +347,19 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             )
             break
 
-    summary = _summary(run, model, optimizer, mesh, device, record, steps_run, final_val, log.sample)
-    # Where this attempt began and whether a signal cut it short (a requeued job resumes from here).
-    summary.update(start_step=start, stopped_by_signal=stopped_by)
+    summary = _summary(
+        run,
+        model,
+        optimizer,
+        mesh,
+        device,
+        last_record=record,
+        steps_run=steps_run,
+        val_loss=final_val,
+        sample=log.sample,
+        start=start,
+        stopped_by=stopped_by,
+    )
     log.write_summary(summary)
     log.close()
     return summary
@@ -366,7 +389,7 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     model.train()
     all_reduce_(total, mesh.data_group)
     all_reduce_(total, mesh.pp_group)  # only the last stage holds losses
-    return float(total) / (t.eval_batches * accum * mesh.dims.data_size)
+    return float(total) / (t.eval_batches * accum * mesh.dims.data_size)  # host sync (evaluation steps)
 
 
 def _machine(device: torch.device) -> dict:
@@ -393,7 +416,9 @@ def _machine(device: torch.device) -> dict:
     }
 
 
-def _summary(run, model, optimizer, mesh, device, last_record, steps_run, val_loss, sample: StepSample) -> dict:
+def _summary(
+    run, model, optimizer, mesh, device, *, last_record, steps_run, val_loss, sample: StepSample, start, stopped_by
+) -> RunSummary:
     dims = mesh.dims
     memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
     # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
@@ -422,4 +447,7 @@ def _summary(run, model, optimizer, mesh, device, last_record, steps_run, val_lo
         "param_bytes_per_rank": memory["param_bytes"],
         "memory_per_rank": memory,
         **sample.summary(),
+        # Where this attempt began and whether a signal cut it short (a requeued job resumes from here).
+        "start_step": start,
+        "stopped_by_signal": stopped_by,
     }

@@ -14,54 +14,247 @@ import statistics
 import sys
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TextIO, TypedDict
 
 import torch
 
 from moemesh.parallel.comm import all_reduce_
 
-# Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
-# expert [E], then dropped pairs, aux loss, z-loss, sequence aux loss, entropy sum.
-_TAIL = ("dropped", "aux_loss", "z_loss", "seq_aux_loss", "entropy_sum")
+# ---- the metrics.jsonl contract: a record's keys, defined here once -------------------------
+
+# The sequential phases of a step, as timed (time.<phase>; pipeline: the PP schedule's
+# forward and backward together).
 PHASES = ("forward", "backward", "pipeline", "grad_reduce", "optimizer")
+# The phases the All-to-All runs inside (its time is part of theirs, never added to them).
+A2A_PHASES = ("forward", "backward", "pipeline")
+# All-to-All seconds: both directions (a2a), then each.
+A2A_TIMES = ("a2a", "a2a_dispatch", "a2a_combine")
+
+
+class TimeRecord(TypedDict):
+    """``time`` in a record: seconds of the step, each the slowest rank's."""
+
+    forward: float
+    backward: float
+    pipeline: float
+    grad_reduce: float
+    optimizer: float
+    a2a: float
+    a2a_dispatch: float
+    a2a_combine: float
+    step: float
+
+
+TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, "step")
+
+
+class A2ARecord(TypedDict):
+    """``a2a`` in a record: All-to-All bytes of one step, the busiest rank's."""
+
+    bytes_sent: int
+    bytes_recv: int
+    min_bytes: int  # what a dropless exchange of the same routing must send
+    ratio: float | None  # bytes_sent / min_bytes; None without an All-to-All
+
+
+class _LoadRecord(TypedDict):
+    tokens_per_expert: list[int]
+    cv: float  # std / mean of tokens_per_expert
+    max_over_mean: float
+    min: int
+    mean_score: list[float]
+    entropy: float  # router entropy per token (nats)
+    dropped_fraction: float
+    aux_loss: float
+    z_loss: float
+
+
+class LoadRecord(_LoadRecord, total=False):
+    """``load["layer<i>"]`` in a record: MoE layer i's balance over the global batch."""
+
+    seq_aux_loss: float  # only when the sequence-wise balance loss is on
+    expert_bias_range: list[float]  # [min, max]; only with aux-loss-free balancing
+
+
+class _StepRecord(TypedDict):
+    step: int  # completed optimizer steps (1 for the first)
+    loss: float  # cross-entropy, mean per token over the global batch
+    lr: float
+    grad_norm: float
+    aux_loss: float
+    z_loss: float
+    seq_aux_loss: float
+    tokens_per_s: float
+    samples_per_s: float
+    step_s: float
+    flops_per_s: float
+    mfu: float | None  # None without cluster.peak_flops
+    dropped_fraction: float
+    time: TimeRecord
+    a2a: A2ARecord
+    load: dict[str, LoadRecord]  # "layer<i>" for each MoE layer i
+
+
+class StepRecord(_StepRecord, total=False):
+    """One line of metrics.jsonl: a logged step, every number global (reduced over the ranks)."""
+
+    val_loss: float  # on evaluation steps
+    skipped: bool  # True on a step whose update was skipped (trainer.on_nonfinite=skip)
+
+
+class _RunSummary(TypedDict):
+    machine: dict  # hostname, device, count, cpus, python, torch
+    parallel: str  # the layout's name (parallel.dims.layout_name)
+    dp: int
+    ep: int
+    tp: int
+    pp: int
+    world_size: int
+    model: str
+    steps: int  # steps this attempt ran
+    final_loss: float | None
+    final_val_loss: float | None
+    median_tokens_per_s: float | None  # None: no step logged
+    median_step_s: float | None
+    peak_memory_bytes: dict  # min, max over ranks; kind
+    param_bytes_per_rank: dict
+    memory_per_rank: dict  # {param,grad,optimizer}_bytes: {expert, non_expert}: {min, max}; peak_bytes
+    start_step: int
+    stopped_by_signal: list[str] | None
+
+
+class RunSummary(_RunSummary, total=False):
+    """summary.json. The medians (over the logged steps after the first) are there when a step
+    was logged."""
+
+    time_breakdown: TimeRecord
+    a2a_share: float
+    a2a_bytes_sent_per_step: float
+    median_samples_per_s: float
+    median_flops_per_s: float
+    mfu: float | None
+    load_cv_final: dict[str, float]  # "layer<i>": load CV at the last logged step
+    median_over_steps: int
+
+
+# ---- the step's statistics: accumulated on the device, reduced, unpacked by name ------------
+
+LOSS_TERMS = ("loss", "aux_loss", "z_loss", "seq_aux_loss")
+# Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
+# expert [E], then these.
+_TAIL = ("dropped", "aux_loss", "z_loss", "seq_aux_loss", "entropy_sum")
 
 
 def stat_width(num_experts: int) -> int:
     return 2 * num_experts + len(_TAIL)
 
 
-def add_moe_stats(sums: torch.Tensor, stats_L: torch.Tensor, stats, slots) -> None:
-    """Accumulate one forward's MoE statistics (on the device, no sync)."""
-    for slot, s in zip(slots, stats):
-        l = s.losses
-        seq = l.seq_aux_loss.detach() if l.seq_aux_loss is not None else torch.zeros_like(l.aux_loss)
-        tail = torch.stack(
-            [s.dropped.to(l.aux_loss), l.aux_loss.detach(), l.z_loss.detach(), seq, s.entropy_sum.to(l.aux_loss)]
+@dataclass(frozen=True)
+class LayerStats:
+    """One MoE layer's routing statistics, summed over the global batch (host, float64)."""
+
+    counts_E: torch.Tensor  # routed (token, k) pairs per expert, before drops
+    score_sum_E: torch.Tensor  # router scores per expert
+    dropped: float  # pairs dropped by capacity
+    aux_loss: float  # sums over micro-steps and ranks: divide by the loss norm for a mean
+    z_loss: float
+    seq_aux_loss: float
+    entropy_sum: float  # router entropy summed over tokens (nats)
+
+    @classmethod
+    def unpack(cls, row: torch.Tensor, num_experts: int) -> LayerStats:
+        E = num_experts
+        return cls(row[:E], row[E : 2 * E], **dict(zip(_TAIL, row[2 * E :].tolist())))
+
+
+@dataclass(frozen=True)
+class ReducedStats:
+    """The step's statistics summed over every rank, on the host: loss terms as global means
+    per token, and the packed per-layer rows (``layer(j)`` names a row's parts)."""
+
+    loss: float  # cross-entropy
+    aux_loss: float  # summed over the MoE layers
+    z_loss: float
+    seq_aux_loss: float
+    rows: torch.Tensor  # [MoE layers, stat_width(E)], float64
+    num_experts: int
+
+    def layer(self, j: int) -> LayerStats:
+        return LayerStats.unpack(self.rows[j], self.num_experts)
+
+    @property
+    def counts_LE(self) -> torch.Tensor:
+        return self.rows[:, : self.num_experts]
+
+    @property
+    def dropped_L(self) -> torch.Tensor:
+        return self.rows[:, 2 * self.num_experts + _TAIL.index("dropped")]
+
+
+class StepStats:
+    """One step's loss terms and per-MoE-layer statistics on this rank, by name.
+
+    Summed on the device over the micro-steps (no host sync), packed into one flat float64
+    tensor for the all-reduce and unpacked into a ``ReducedStats`` here, in one place.
+    """
+
+    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device):
+        self.num_experts = num_experts
+        self.loss_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # LOSS_TERMS order
+        # One row per MoE layer of the whole model (global order): LayerStats.unpack's layout.
+        self.layer_sums = torch.zeros(num_moe_layers, stat_width(num_experts), dtype=torch.float64, device=device)
+
+    def add_loss(self, loss: torch.Tensor, tp: int) -> None:
+        """Cross-entropy of this rank's micro-batch(es). TP peers hold the same cross-entropy
+        but disjoint routing slices: the reduction runs over dp x ep x tp, so it enters as 1/tp."""
+        self.loss_sums[0] += loss.detach().double() / tp
+
+    def add_moe(self, stats, slots) -> None:
+        """One forward's MoE statistics (``MoEStats`` per local MoE layer; ``slots``: their
+        indices among all MoE layers). The layers' balance losses also add to the loss terms."""
+        for slot, s in zip(slots, stats):
+            l = s.losses
+            seq = l.seq_aux_loss.detach() if l.seq_aux_loss is not None else torch.zeros_like(l.aux_loss)
+            tail = torch.stack(
+                [s.dropped.to(l.aux_loss), l.aux_loss.detach(), l.z_loss.detach(), seq, s.entropy_sum.to(l.aux_loss)]
+            )
+            self.loss_sums[1:4] += tail[1:4].double()
+            self.layer_sums[slot] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), tail.double()])
+
+    def reduce(self, data_tp_group, pp_group, *, loss_norm: int) -> ReducedStats:
+        """Sum over the data ranks and TP peers, then over the pipeline stages (each holds its
+        own layers; the last one the loss): two all-reduces of one flat tensor. ``loss_norm``
+        (data ranks x micro-steps) turns the summed loss terms into global means."""
+        flat = torch.cat([self.loss_sums, self.layer_sums.flatten()])
+        all_reduce_(flat, data_tp_group)
+        all_reduce_(flat, pp_group)
+        flat = flat.cpu()  # host sync (every step): the loss check and the bias update read these
+        n = len(LOSS_TERMS)
+        losses = (flat[:n] / loss_norm).tolist()
+        return ReducedStats(
+            **dict(zip(LOSS_TERMS, losses)), rows=flat[n:].view(len(self.layer_sums), -1), num_experts=self.num_experts
         )
-        sums[1:4] += tail[1:4].double()
-        stats_L[slot] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), tail.double()])
 
 
-def load_stats(row: torch.Tensor, num_experts: int, tokens: int, norm: float, bias_range=None) -> dict:
-    """One layer's balance over the global batch, from its reduced statistics row."""
-    E = num_experts
-    c = row[:E].double().round()
+def load_stats(s: LayerStats, tokens: int, norm: float, bias_range=None) -> LoadRecord:
+    """One layer's balance over the global batch, from its reduced statistics."""
+    c = s.counts_E.double().round()
     mean = c.mean()
-    tail = dict(zip(_TAIL, row[2 * E :].tolist()))
-    out = {
+    out: LoadRecord = {
         "tokens_per_expert": [int(v) for v in c.tolist()],
         "cv": float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
         "max_over_mean": float(c.max() / mean) if mean > 0 else 0.0,
         "min": int(c.min()),
-        "mean_score": [round(float(v) / tokens, 6) for v in row[E : 2 * E].tolist()],
-        "entropy": tail["entropy_sum"] / tokens,
-        "dropped_fraction": tail["dropped"] / max(float(c.sum()), 1.0),
-        "aux_loss": tail["aux_loss"] / norm,
-        "z_loss": tail["z_loss"] / norm,
+        "mean_score": [round(float(v) / tokens, 6) for v in s.score_sum_E.tolist()],
+        "entropy": s.entropy_sum / tokens,
+        "dropped_fraction": s.dropped / max(float(c.sum()), 1.0),
+        "aux_loss": s.aux_loss / norm,
+        "z_loss": s.z_loss / norm,
     }
-    if tail["seq_aux_loss"]:
-        out["seq_aux_loss"] = tail["seq_aux_loss"] / norm
+    if s.seq_aux_loss:
+        out["seq_aux_loss"] = s.seq_aux_loss / norm
     if bias_range is not None:
         out["expert_bias_range"] = bias_range
     return out
@@ -79,26 +272,43 @@ class StepShape:
     loss_norm: int  # data ranks x micro-steps: turns summed per-rank losses into global means
 
 
-_RANK_KEYS = (*PHASES, "a2a_dispatch", "a2a_combine", "step", "bytes_sent", "bytes_recv", "min_bytes", "ratio")
+@dataclass(frozen=True)
+class RankTimes:
+    """One rank's seconds per phase and All-to-All numbers for one step. ``max_over`` takes
+    each field's maximum over the ranks (one collective): a record holds the slowest rank's."""
 
+    forward: float
+    backward: float
+    pipeline: float
+    grad_reduce: float
+    optimizer: float
+    a2a_dispatch: float
+    a2a_combine: float
+    step: float
+    bytes_sent: float
+    bytes_recv: float
+    min_bytes: float
+    ratio: float  # bytes_sent / min_bytes; 0 without an All-to-All
 
-def rank_step_numbers(seconds: dict, comm: dict, step_s: float) -> list[float]:
-    ratio = comm["bytes_sent"] / comm["min_bytes"] if comm["min_bytes"] else 0.0
-    return [seconds.get(p, 0.0) for p in PHASES] + [
-        comm["dispatch_s"],
-        comm["combine_s"],
-        step_s,
-        comm["bytes_sent"],
-        comm["bytes_recv"],
-        comm["min_bytes"],
-        ratio,
-    ]
+    @classmethod
+    def measure(cls, seconds: dict[str, float], comm: dict, step_s: float) -> RankTimes:
+        """From ``PhaseTimer.seconds`` (phases not run: 0) and ``CommMeter.collect()``."""
+        ratio = comm["bytes_sent"] / comm["min_bytes"] if comm["min_bytes"] else 0.0
+        return cls(
+            **{p: seconds.get(p, 0.0) for p in PHASES},
+            a2a_dispatch=comm["dispatch_s"],
+            a2a_combine=comm["combine_s"],
+            step=step_s,
+            bytes_sent=comm["bytes_sent"],
+            bytes_recv=comm["bytes_recv"],
+            min_bytes=comm["min_bytes"],
+            ratio=ratio,
+        )
 
-
-def max_over_world(values: list[float], group, device) -> dict:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
-    return dict(zip(_RANK_KEYS, t.tolist()))
+    def max_over(self, group, device) -> RankTimes:
+        t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
+        return RankTimes(*t.tolist())  # host sync (logged steps): the record is written on the host
 
 
 def bias_ranges(biases: dict, num_layers: int, mesh, device) -> dict | None:
@@ -109,47 +319,54 @@ def bias_ranges(biases: dict, num_layers: int, mesh, device) -> dict | None:
     for slot, b in biases.items():
         t[slot] = torch.stack([-b.min(), b.max()]).double()
     all_reduce_(t, mesh.pp_group, op=torch.distributed.ReduceOp.MAX)
-    return {slot: [-float(t[slot, 0]), float(t[slot, 1])] for slot in range(num_layers)}
+    neg_lo_hi = t.tolist()  # host sync (logged steps): the record is written on the host
+    return {slot: [-neg_lo_hi[slot][0], neg_lo_hi[slot][1]] for slot in range(num_layers)}
 
 
-def step_record(*, step, lr, grad_norm, losses, stats_L, shape: StepShape, timing: dict, biases) -> dict:
-    loss, aux, z, seq = losses
-    E, step_s = shape.num_experts, timing["step"]
-    a2a_s = timing["a2a_dispatch"] + timing["a2a_combine"]
+def step_record(
+    *, step: int, lr: float, grad_norm: float, stats: ReducedStats, shape: StepShape, times: RankTimes, biases
+) -> StepRecord:
+    """A logged step's record from the reduced numbers (``times``: the slowest rank's)."""
+    step_s = times.step
     flops_per_s = shape.flops_per_token * shape.tokens / step_s
-    routed = float(stats_L[:, :E].sum())
-    record = {
+    routed = float(stats.counts_LE.sum())
+    time_: TimeRecord = {
+        "forward": times.forward,
+        "backward": times.backward,
+        "pipeline": times.pipeline,
+        "grad_reduce": times.grad_reduce,
+        "optimizer": times.optimizer,
+        "a2a": times.a2a_dispatch + times.a2a_combine,
+        "a2a_dispatch": times.a2a_dispatch,
+        "a2a_combine": times.a2a_combine,
+        "step": step_s,
+    }
+    record: StepRecord = {
         "step": step,
-        "loss": loss,
+        "loss": stats.loss,
         "lr": lr,
         "grad_norm": grad_norm,
-        "aux_loss": aux,
-        "z_loss": z,
-        "seq_aux_loss": seq,
+        "aux_loss": stats.aux_loss,
+        "z_loss": stats.z_loss,
+        "seq_aux_loss": stats.seq_aux_loss,
         "tokens_per_s": shape.tokens / step_s,
         "samples_per_s": shape.samples / step_s,
         "step_s": step_s,
         "flops_per_s": flops_per_s,
         "mfu": flops_per_s / (shape.peak_flops * shape.world_size) if shape.peak_flops else None,
-        "dropped_fraction": float(stats_L[:, 2 * E].sum()) / max(routed, 1.0),
-        "time": {
-            **{p: timing[p] for p in PHASES},
-            "a2a": a2a_s,
-            "a2a_dispatch": timing["a2a_dispatch"],
-            "a2a_combine": timing["a2a_combine"],
-            "step": step_s,
-        },
+        "dropped_fraction": float(stats.dropped_L.sum()) / max(routed, 1.0),
+        "time": time_,
         "a2a": {
-            "bytes_sent": int(timing["bytes_sent"]),
-            "bytes_recv": int(timing["bytes_recv"]),
-            "min_bytes": int(timing["min_bytes"]),
-            "ratio": timing["ratio"] or None,
+            "bytes_sent": int(times.bytes_sent),
+            "bytes_recv": int(times.bytes_recv),
+            "min_bytes": int(times.min_bytes),
+            "ratio": times.ratio or None,
         },
         "load": {},
     }
     for j, layer in enumerate(shape.moe_layers):
         bias = None if biases is None else biases[j]
-        record["load"][f"layer{layer}"] = load_stats(stats_L[j], E, shape.tokens, shape.loss_norm, bias)
+        record["load"][f"layer{layer}"] = load_stats(stats.layer(j), shape.tokens, shape.loss_norm, bias)
     return record
 
 
@@ -177,7 +394,7 @@ def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
     n = local.numel()
     hi, lo = both[:n].tolist(), (-both[n:]).tolist()
     mm = lambda i: {"min": int(lo[i]), "max": int(hi[i])}  # noqa: E731
-    report = {}
+    report: dict[str, dict] = {}
     for k, name in enumerate(("param_bytes", "grad_bytes", "optimizer_bytes")):
         report[name] = {"expert": mm(2 * k), "non_expert": mm(2 * k + 1)}
     report["peak_bytes"] = mm(6)
@@ -298,11 +515,7 @@ def format_summary(s: dict) -> str:
     ]
     tb = s.get("time_breakdown")
     if tb:
-        parts = ", ".join(
-            f"{k} {100 * v / tb['step']:.0f}%"
-            for k, v in tb.items()
-            if k not in ("step", "a2a", "a2a_dispatch", "a2a_combine") and v
-        )
+        parts = ", ".join(f"{k} {100 * v / tb['step']:.0f}%" for k, v in tb.items() if k in PHASES and v)
         parts += " (slowest rank per phase)"
         lines.append(f"step time   {parts}")
         lines.append(
@@ -350,7 +563,7 @@ class MetricsLogger:
         self.sample = StepSample(sample_capacity)
         self.dir = Path(output_dir)
         self._jsonl = enabled and jsonl
-        self._file = None  # opened by begin(), once the first step is known
+        self._file: TextIO | None = None  # opened by begin(), once the first step is known
         self._tty = sys.stdout.isatty()
         # Every line the run prints, also on file (rank 0; appended across resumed attempts).
         self._log = open(self.dir / "train.log", "a") if enabled else None

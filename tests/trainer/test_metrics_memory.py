@@ -15,7 +15,16 @@ import torch
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import RankContext, train
-from moemesh.trainer.metrics import MetricsLogger, StepSample, StepShape, stat_width, step_record, summarize_records
+from moemesh.trainer.metrics import (
+    MetricsLogger,
+    RankTimes,
+    ReducedStats,
+    StepSample,
+    StepShape,
+    stat_width,
+    step_record,
+    summarize_records,
+)
 from tests.helpers import tiny_run
 
 
@@ -33,23 +42,19 @@ def _record(step: int, *, layers: int, experts: int) -> dict:
         world_size=4,
         loss_norm=4,
     )
-    timing = {
-        k: 0.01 * (1 + (step * 7919 % 13) / 13)
-        for k in ("forward", "backward", "pipeline", "grad_reduce", "optimizer", "a2a_dispatch", "a2a_combine")
-    }
-    timing.update(
-        step=0.05 + (step * 104729 % 17) / 1000, bytes_sent=1e6 + step, bytes_recv=1e6, min_bytes=1e6, ratio=1.0
+    phase_s = 0.01 * (1 + (step * 7919 % 13) / 13)
+    times = RankTimes(
+        **dict.fromkeys(("forward", "backward", "pipeline", "grad_reduce", "optimizer"), phase_s),
+        a2a_dispatch=phase_s,
+        a2a_combine=phase_s,
+        step=0.05 + (step * 104729 % 17) / 1000,
+        bytes_sent=1e6 + step,
+        bytes_recv=1e6,
+        min_bytes=1e6,
+        ratio=1.0,
     )
-    return step_record(
-        step=step,
-        lr=1e-3,
-        grad_norm=1.0,
-        losses=[2.0, 0.01, 0.001, 0.0],
-        stats_L=stats,
-        shape=shape,
-        timing=timing,
-        biases=None,
-    )
+    reduced = ReducedStats(loss=2.0, aux_loss=0.01, z_loss=0.001, seq_aux_loss=0.0, rows=stats, num_experts=E)
+    return step_record(step=step, lr=1e-3, grad_norm=1.0, stats=reduced, shape=shape, times=times, biases=None)
 
 
 def _old_summary(records):
