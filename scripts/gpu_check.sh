@@ -12,7 +12,7 @@
 #   bash scripts/gpu_check.sh 2>&1 | tee "${OUT:-.}/gpu_check.log"
 #
 # If device time remains afterwards, tune the launch parameters (estimated 2-4 minutes,
-# not yet measured), paste the printed table into kernels/_tuning.py, and rerun
+# not yet measured), paste the printed table into moemesh/kernels/_tuning.py, and rerun
 # bench_kernels:
 #
 #   timeout 240 python3 scripts/tune_kernels.py 2>&1 | tee "${OUT:-.}/tune.log"

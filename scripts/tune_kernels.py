@@ -1,4 +1,4 @@
-"""Sweep the Triton kernels' launch parameters (kernels/_tuning.py) on a GPU.
+"""Sweep the Triton kernels' launch parameters (moemesh/kernels/_tuning.py) on a GPU.
 
     python scripts/tune_kernels.py [--tokens 16384 --experts 64 --top-k 8 --hidden 4096]
 
@@ -8,7 +8,7 @@ candidate's output is first checked against the current table's output (exactly
 for ids, counts, row maps and copies; to 1e-3 where a block size changes the
 order of a float sum) and a candidate that differs is refused, not timed. Prints
 each kernel's best against the current table, then the table to paste into
-kernels/_tuning.py. Times with triton.testing.do_bench on CUDA.
+moemesh/kernels/_tuning.py. Times with triton.testing.do_bench on CUDA.
 
 On CPU, ``--interpret-smoke`` runs the same code on interpreted kernels with one
 timing each: a test of the script, not a measurement.
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     print(f"moemesh tune_kernels — {name}, T={a.tokens} E={a.experts} K={a.top_k} D={a.hidden} {dtype}", flush=True)
     timer = _time_cuda if cuda else (lambda fn: _time_cpu(fn, repeats=1))
     best = tune(_workloads(a.tokens, a.experts, a.top_k, a.hidden, dtype, device), timer, passes=a.passes)
-    print("\nTUNING for kernels/_tuning.py:")
+    print("\nTUNING for moemesh/kernels/_tuning.py:")
     pprint.pprint(best, sort_dicts=False, width=118)
 
 

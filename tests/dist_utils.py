@@ -27,7 +27,7 @@ def _entry(rank, world, store_dir, fn, args):
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
-    # Passed: leave without the interpreter's teardown, as parallel/launch.py's ranks do. A
+    # Passed: leave without the interpreter's teardown, as moemesh/launch/'s ranks do. A
     # finished rank here once aborted at static destruction ("terminate called without an
     # active exception", CI 2026-12-01, test_plan's 2-rank run), failing a passed test.
     sys.stdout.flush()

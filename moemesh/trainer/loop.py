@@ -30,11 +30,9 @@ from moemesh.moe.config import is_moe_layer
 from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import model_flops_per_token
 from moemesh.parallel.comm import CommMeter, all_reduce_
-from moemesh.parallel.dims import MeshAxis, layout_name
-from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
+from moemesh.parallel.dims import layout_name
+from moemesh.parallel.grads import clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import build_schedule
-from moemesh.parallel.tp import vocab_parallel_cross_entropy
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.metrics import (
@@ -49,7 +47,7 @@ from moemesh.trainer.metrics import (
     step_record,
 )
 from moemesh.trainer.optim import build_optimizer, lr_at
-from moemesh.trainer.parallelize import build_model, param_groups
+from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, pipeline_schedule
 
 
 def _autocast(run: RunConfig, device: torch.device):
@@ -79,12 +77,6 @@ def _rank_batch(batch, micro_start, micro: int, accum: int):
     """This data rank's micro-batches, concatenated in micro-step order (for the pipeline)."""
     parts = [batch(start=micro_start(i), count=micro) for i in range(accum)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def _pipeline_loss(logits, target, *, model: Transformer):
-    return vocab_parallel_cross_entropy(
-        logits.flatten(0, 1), target.flatten(), group=model.tp_group, vocab_size=model.cfg.vocab_size
-    )
 
 
 def _pipeline_step(pipe, model: Transformer, x, y, losses, *, train: bool = True) -> None:
@@ -166,10 +158,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     meter = CommMeter(device)
     model = build_model(run, mesh, device, meter=meter)
     groups = param_groups(model)
-    reducer = GradReducer(
-        [(groups.data, mesh.data_group), (groups.data_tp, mesh.data_tp_group), (groups.expert, mesh.expert_grad_group)],
-        data_size=dims.data_size,
-    )
+    reducer = grad_reducer(groups, mesh)
     optimizer = build_optimizer(model, t)
     data = TokenData(ctx.data_paths, seed=t.seed)
     log = MetricsLogger(
@@ -186,22 +175,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     # Where each of this stage's MoE layers goes in the global per-layer statistics.
     local_moe = {moe_layers.index(int(l)): b.moe for l, b in model.layers.items() if b.moe is not None}
     slots = list(local_moe)
-    pipe = None
-    if dims.pp > 1:
-        hidden_seq = t.seq_len // dims.tp if model.sp else t.seq_len
-        pipe = build_schedule(
-            model,
-            schedule=run.parallel.pipeline_schedule,
-            pp_rank=mesh.coords[MeshAxis.PP],
-            pp_size=dims.pp,
-            pp_group=mesh.pp_group,
-            device=device,
-            n_microbatches=accum,
-            micro_batch=micro,
-            seq_len=t.seq_len,
-            hidden_seq=hidden_seq,
-            loss_fn=functools.partial(_pipeline_loss, model=model),
-        )
+    pipe = pipeline_schedule(run, mesh, model, device)  # None without PP
     shape = StepShape(
         tokens=t.global_batch_size * t.seq_len,
         samples=t.global_batch_size,

@@ -253,22 +253,6 @@ def test_every_preset_is_named_by_its_degrees(preset):
     assert layout_name(ParallelDims.from_config(p)) == preset
 
 
-def test_the_planner_names_layouts_as_training_does():
-    """scripts/plan.py keeps its own copy of the naming (to become an import of parallel.dims)."""
-    import itertools
-    import sys
-    from pathlib import Path
-
-    from moemesh.parallel.dims import ParallelDims, layout_name
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import plan
-
-    for dp, ep, tp, pp in itertools.product((1, 2, 8), repeat=4):
-        d = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
-        assert plan.layout_name(d) == layout_name(d)
-
-
 def test_a_name_that_is_not_the_layout_is_refused():
     from moemesh.config.validate import check_layout_name
     from moemesh.parallel.dims import ParallelDims

@@ -302,11 +302,12 @@ def test_a_stop_request_saves_and_stops_unless_the_run_is_already_done(tmp_path,
     (a requeued attempt would resume with nothing left to do)."""
     import torch
 
+    from moemesh.launch import RankContext
     from moemesh.launch.signals import StopFlag
     from moemesh.parallel import checkpoint
     from moemesh.parallel.mesh import single_rank_mesh
     from moemesh.trainer.data import prepare_data
-    from moemesh.trainer.loop import RankContext, train
+    from moemesh.trainer.loop import train
 
     run = tiny_run(**{"trainer.steps": steps})
     flag = StopFlag()

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import RankContext, build_model, train
+from moemesh.trainer.loop import train
 from moemesh.trainer.optim import build_optimizer
+from moemesh.trainer.parallelize import build_model
 from tests.helpers import tiny_run
 
 

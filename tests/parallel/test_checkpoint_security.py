@@ -243,10 +243,11 @@ def test_metadata_is_written_in_the_protocol_the_weights_only_unpickler_reads(go
 
 
 def _resume_on_four_ranks(rank, world, out, marker):
+    from moemesh.launch import RankContext
     from moemesh.parallel.dims import ParallelDims
     from moemesh.parallel.mesh import build_mesh
     from moemesh.trainer.data import prepare_data
-    from moemesh.trainer.loop import RankContext, train
+    from moemesh.trainer.loop import train
 
     run = kit.run_config(
         **{
@@ -296,10 +297,11 @@ def test_on_four_ranks_hostile_corrupt_and_poisoned_checkpoints_are_skipped_with
 
 
 def _make_four_rank_checkpoints(rank, world, out):
+    from moemesh.launch import RankContext
     from moemesh.parallel.dims import ParallelDims
     from moemesh.parallel.mesh import build_mesh
     from moemesh.trainer.data import prepare_data
-    from moemesh.trainer.loop import RankContext, train
+    from moemesh.trainer.loop import train
 
     run = kit.run_config(
         **{

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from moemesh.launch import RankContext
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from moemesh.launch import RankContext
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.loop import train
 from tests.helpers import tiny_run
 
 

@@ -12,9 +12,10 @@ import tracemalloc
 import pytest
 import torch
 
+from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.loop import train
 from moemesh.trainer.metrics import (
     MetricsLogger,
     RankTimes,

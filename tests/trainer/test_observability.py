@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moemesh.launch import RankContext
 from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import RankContext, train
+from moemesh.trainer.loop import train
 from moemesh.trainer.metrics import TIME_KEYS, LayerStats, RunSummary, StepRecord, TimeRecord, load_stats
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
