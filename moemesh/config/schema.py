@@ -204,4 +204,6 @@ def to_run_config(cfg: Any) -> RunConfig:
     cfg = dict(cfg)
     cfg.pop("hydra", None)
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    return OmegaConf.to_object(merged)
+    run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
+    assert isinstance(run, RunConfig), type(run)
+    return run

@@ -49,7 +49,7 @@ class CommMeter:
     def reset(self) -> None:
         self.seconds = {k: 0.0 for k in self.KINDS}
         self.bytes_sent = self.bytes_recv = self.min_bytes = 0
-        self._events: list[tuple[str, object, object]] = []
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (kind, start, end)
 
     def start(self):
         if self.cuda:

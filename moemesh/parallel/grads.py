@@ -21,7 +21,9 @@ from moemesh.parallel.comm import all_reduce_, group_size
 
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
-    out, cur, size = [], [], 0
+    out: list[list[nn.Parameter]] = []
+    cur: list[nn.Parameter] = []
+    size = 0
     for p in params:
         nbytes = p.numel() * p.element_size()
         if cur and size + nbytes > bucket_bytes:
@@ -58,16 +60,18 @@ class GradReducer:
     @torch.no_grad()
     def reduce(self) -> None:
         for bucket, group in self.plan:
+            grads = []
             for p in bucket:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+                grads.append(p.grad)
+            flat = torch.cat([g.reshape(-1) for g in grads])
             all_reduce_(flat, group)
             flat.div_(self.data_size)
             offset = 0
-            for p in bucket:
-                n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset : offset + n].view_as(g))
                 offset += n
 
 

@@ -133,11 +133,18 @@ def _check_token_values(key: str, path: str, vocab_size: int) -> None:
         )
 
 
+def _memmap_path(cfg: DataConfig) -> str:
+    """data.path of a memmap source (config validation requires it; checked again here)."""
+    if cfg.path is None:
+        raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
+    return cfg.path
+
+
 def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
     """The checks of ``prepare_data`` that build nothing: run for every job before any starts."""
     if cfg.kind == "memmap":
         need = seq_len + 1
-        _check_token_file("data.path", cfg.path, need)
+        _check_token_file("data.path", _memmap_path(cfg), need)
         if cfg.val_path:
             _check_token_file("data.val_path", cfg.val_path, need)
 
@@ -154,13 +161,14 @@ def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataPaths
         path = build_stdlib_corpus(cfg.cache_dir)
         _check_split(f"the stdlib corpus {path}", path.stat().st_size // 2, cfg.val_fraction, need)
         return DataPaths("stdlib", str(path), None, cfg.val_fraction, vocab_size)
-    train = str(Path(cfg.path).expanduser())
-    _check_token_file("data.path", cfg.path, need)
+    train_path = _memmap_path(cfg)
+    train = str(Path(train_path).expanduser())
+    _check_token_file("data.path", train_path, need)
     if cfg.val_path:
         _check_token_file("data.val_path", cfg.val_path, need)
         _check_token_values("data.val_path", str(Path(cfg.val_path).expanduser()), vocab_size)
     else:
-        _check_split(f"data.path={cfg.path}", Path(train).stat().st_size // 2, cfg.val_fraction, need)
+        _check_split(f"data.path={train_path}", Path(train).stat().st_size // 2, cfg.val_fraction, need)
     _check_token_values("data.path", train, vocab_size)
     val = str(Path(cfg.val_path).expanduser()) if cfg.val_path else None
     return DataPaths("memmap", train, val, cfg.val_fraction, vocab_size)
@@ -171,12 +179,16 @@ class TokenData:
 
     def __init__(self, paths: DataPaths, *, seed: int):
         self.seed = seed
+        tokens: np.ndarray  # uint16 token ids: in memory (synthetic) or a read-only memmap
         if paths.kind == "synthetic":
             rng = np.random.default_rng(seed)
             tokens = rng.integers(0, paths.vocab_size, _SYNTHETIC_TOKENS, dtype=np.uint16)
         else:
+            assert paths.train is not None, "prepare_data gives every file-backed source a train path"
             tokens = np.memmap(paths.train, dtype=np.uint16, mode="r")
         self.vocab_size = paths.vocab_size
+        self.train: np.ndarray
+        self.val: np.ndarray
         if paths.val:
             self.train, self.val = tokens, np.memmap(paths.val, dtype=np.uint16, mode="r")
         else:
@@ -191,8 +203,8 @@ class TokenData:
         g = torch.Generator().manual_seed((self.seed * 7919 + (0 if split == "train" else 1) * 104729 + step) % 2**64)
         # A window of seq_len+1 tokens starts anywhere in [0, len - seq_len - 1].
         offsets = torch.randint(0, len(tokens) - seq_len, (global_batch,), generator=g)[start : start + count]
-        window = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])
-        if window.size and int(window.max()) >= self.vocab_size:
-            raise ValueError(f"token id {int(window.max())} in the {split} data >= model.vocab_size={self.vocab_size}")
-        window = torch.from_numpy(window)
+        rows = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])
+        if rows.size and int(rows.max()) >= self.vocab_size:
+            raise ValueError(f"token id {int(rows.max())} in the {split} data >= model.vocab_size={self.vocab_size}")
+        window = torch.from_numpy(rows)
         return window[:, :-1], window[:, 1:]
