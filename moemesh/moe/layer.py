@@ -190,7 +190,8 @@ class MoELayer(nn.Module):
         gate, logits_TE = self.router(x_TD)  # 1. gate
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
-        shared = (lambda: self.shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
+        shared_mlp = self.shared
+        shared = (lambda: shared_mlp(x_BSD).reshape(-1, D)) if shared_mlp is not None else None
         # 2.-6. dispatch -> experts -> combine
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)

@@ -83,6 +83,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    moe: MoELayer | None  # exactly one of moe / ffn: is_moe_layer(cfg, layer) picks which
+    ffn: SwiGLU | None
+
     def __init__(self, cfg: ModelConfig, layer: int, parallel: ParallelContext):
         super().__init__()
         self.layer = layer
@@ -100,10 +103,11 @@ class Block(nn.Module):
     def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         h = self.ffn_norm(x_BSD)
-        if self.moe is None:
-            return x_BSD + self.ffn(h), None
-        out, stats = self.moe(h, loss_scale=loss_scale)
-        return x_BSD + out, stats
+        if self.moe is not None:
+            out, stats = self.moe(h, loss_scale=loss_scale)
+            return x_BSD + out, stats
+        assert self.ffn is not None
+        return x_BSD + self.ffn(h), None
 
 
 @dataclass
@@ -115,6 +119,13 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    # A pipeline stage holds the embedding only if first, the final norm and head only if last.
+    embed: VocabParallelEmbedding | None
+    norm: nn.RMSNorm | None
+    head: ColumnParallelLinear | None
+    rope_cos: torch.Tensor  # buffers [max_seq_len, Dh/2]
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, *, parallel: ParallelContext | None = None, layers: range | None = None):
         """``layers``: the global layer ids this pipeline stage holds (all by default). The
         first stage also holds the embedding, the last the final norm and the head;
@@ -188,6 +199,15 @@ class Transformer(nn.Module):
             self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.rope_cos.device
         )
 
+    def _embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        assert self.embed is not None, "only the first pipeline stage holds the embedding"
+        return self.embed(tokens_BS)
+
+    def _logits(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The final norm and the head: [B, S, V_pad/t], the vocabulary stays sharded."""
+        assert self.norm is not None and self.head is not None, "only the last pipeline stage holds the head"
+        return self.head(self.norm(x_BSD))
+
     def _blocks(self, x, stats: list[MoEStats], loss_scale: float):
         for block in self.layers.values():
             x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale)
@@ -202,11 +222,11 @@ class Transformer(nn.Module):
         the gradients afterwards, so the MoE layers' attached losses take scale 1; their
         statistics go to ``stage_records`` for the metrics.
         """
-        x = self.embed(x) if self.first else x
+        x = self._embed(x) if self.first else x
         stats: list[MoEStats] = []
         x = self._blocks(x, stats, loss_scale=1.0)
         self.stage_records.append(stats)
-        return self.head(self.norm(x)) if self.last else x
+        return self._logits(x) if self.last else x
 
     def forward(
         self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False, loss_scale=1.0
@@ -214,8 +234,8 @@ class Transformer(nn.Module):
         """``loss_scale``: the factor the caller applies to ``loss`` before backward (1/accum
         with gradient accumulation); each MoE layer's attached balance losses get it too."""
         stats: list[MoEStats] = []
-        x = self._blocks(self.embed(tokens_BS), stats, loss_scale)
-        logits = self.head(self.norm(x))  # [B, S, V_pad/t]: the vocabulary stays sharded
+        x = self._blocks(self._embed(tokens_BS), stats, loss_scale)
+        logits = self._logits(x)  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:
             loss = vocab_parallel_cross_entropy(

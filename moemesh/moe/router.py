@@ -34,6 +34,8 @@ class Router(nn.Module):
     shifts the selection only (aux-loss-free balancing, DeepSeek-V3): after each step,
     ``update_bias`` moves each expert's bias by the rate toward the mean load."""
 
+    expert_bias_E: torch.Tensor | None  # a buffer; None unless bias_update_rate > 0
+
     def __init__(
         self,
         *,
