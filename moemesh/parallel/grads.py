@@ -12,8 +12,6 @@ with one collective per bucket, not one per parameter.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -97,11 +95,28 @@ def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group, pp_g
 
 
 @torch.no_grad()
-def clip_grads_(params, total_norm: torch.Tensor, max_norm: float) -> None:
-    if max_norm <= 0 or not math.isfinite(float(total_norm)):
+def clip_grads_(params, total_norm: torch.Tensor, max_norm: float | None) -> None:
+    """Scale the gradients in place by min(1, max_norm / (total_norm + 1e-6)), without a host sync.
+
+    The coefficient stays on the device: computed in float64 from the float32 norm (the same
+    IEEE operations as the Python floats this read from the host before), rounded once to the
+    gradients' dtype, so the clipped gradients are bitwise what they were. Every step now pays
+    one multiply over the gradients (by exactly 1 when no clip is due, which changes no bit)
+    instead of a host round trip. ``max_norm`` 0 or None: off. A non-finite norm leaves the
+    gradients untouched, as before (the loop stops or skips such a step; only stop mode's
+    device-ordered check on CUDA lets one reach here, after its assert has already failed).
+    """
+    if not max_norm or max_norm <= 0:
         return
-    scale = max_norm / (float(total_norm) + 1e-6)
-    if scale < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    denom = total_norm.detach().to(torch.float64) + 1e-6
+    # torch.div, not `max_norm / denom`: Tensor.__rtruediv__ is reciprocal() * max_norm, two roundings.
+    scale = torch.div(torch.full_like(denom, max_norm), denom).clamp_(max=1.0)
+    scale = torch.where(torch.isfinite(denom), scale, torch.ones_like(scale))
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, scale.to(dtype))
