@@ -3,11 +3,14 @@ LR -> micro-steps (forward, backward) -> gradient reduction -> clip -> optimizer
 step -> metrics all-reduce -> eval -> log -> checkpoint / stop.
 
 Host syncs of a step, each marked "host sync" where it happens: the gradient norm's
-finiteness (the update is decided on the host), the reduced metrics and the stop flag
-(every step), the slowest rank's times and the bias ranges (logged steps), the
+finiteness (every step, where the host decides: on the CPU, and with
+trainer.on_nonfinite=skip; on CUDA with stop it is a device-side assert ordered before
+the update, no sync), the reduced metrics and the stop flag (every step), the gradient
+norm's value, the slowest rank's times and the bias ranges (logged steps), the
 validation loss (evaluation steps). Outside this file: the All-to-All's split sizes
-(moe/dispatcher.py, per MoE layer and micro-step), the clip's scale
-(parallel/grads.py), checkpoint saves and, on CUDA, PhaseTimer's phase edges.
+(moe/dispatcher.py, per MoE layer and micro-step), checkpoint saves and, on CUDA,
+PhaseTimer's phase edges (a synchronize at each phase's start and end). The clip
+(parallel/grads.py) stays on the device.
 """
 
 from __future__ import annotations
@@ -111,19 +114,35 @@ def _any_rank(flag: bool, group, device) -> bool:
     return bool(t.item())  # host sync: the host decides whether to save and stop
 
 
-def _update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str) -> bool:
+def _update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_device: bool | None = None) -> bool:
     """Whether this step updates the weights: False for a non-finite gradient norm with
-    trainer.on_nonfinite=skip; with stop, the one-line FloatingPointError naming step and value.
+    trainer.on_nonfinite=skip; with stop, the one-line FloatingPointError naming step and value
+    (on CUDA a device-side assert naming the step, below).
 
     The norm is the same number on every rank (reduced gradients), so every rank decides
-    alike and none is left waiting in a collective. It is a host sync, kept on purpose rather
-    than ``torch._assert_async``: skip needs the answer on the host (``optimizer.step()`` runs or
-    not), on the CPU the assert is a sync itself, and on CUDA ``clip_grads_`` reads the norm on
-    the host right after (PhaseTimer synchronizes at the phase's edges too), so an assert would
-    save no sync while turning this error into a device-side assert that names neither the step
-    nor the value.
+    alike and none is left waiting in a collective.
+
+    Stop mode on CUDA (``on_device``, None: whether the norm is on CUDA) asks nothing of the
+    host: ``torch._assert_async`` puts the check on the stream before the clip and the
+    optimizer's kernels, so a non-finite norm fails there and the update never lands. The
+    error surfaces at the next sync (PhaseTimer's edge at the end of this phase) as a
+    device-side assert, which leaves the CUDA context unusable (the stop saves nothing
+    anyway) and whose message names the step but not the value: reading the value would be
+    the sync this avoids. Elsewhere the check is a host sync, kept on purpose: on the CPU
+    the assert would be one too, and skip needs the answer on the host to run
+    ``optimizer.step()`` or not (masking the update on the device instead, e.g. a zero
+    learning rate, would still step AdamW's moments and step count, so it is not a skip).
     """
-    if bool(torch.isfinite(grad_norm)):  # host sync (every step): the decision above
+    if on_device is None:
+        on_device = grad_norm.is_cuda
+    if on_device and on_nonfinite == "stop":
+        msg = (
+            f"non-finite gradient norm at step {step} (its value is not read back: that would be a host sync): "
+            "stopped before the update; trainer.on_nonfinite=skip skips such steps"
+        )
+        torch._assert_async(torch.isfinite(grad_norm), msg)  # no host sync: ordered on the device
+        return True
+    if bool(torch.isfinite(grad_norm)):  # host sync (every step; CPU, or skip mode): the decision above
         return True
     if on_nonfinite == "stop":
         raise FloatingPointError(
@@ -250,7 +269,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             )
             finite = _update_allowed(grad_norm, step, t.on_nonfinite)
             if finite:
-                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # reads the norm on the host
+                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # on the device, no host sync
                 optimizer.step()
                 skipped_in_a_row = 0
             else:
@@ -294,7 +313,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
             record = step_record(
                 step=step + 1,
                 lr=lr,
-                grad_norm=float(grad_norm),  # host sync; the value is ready (read by _update_allowed)
+                grad_norm=float(grad_norm),  # host sync (logged steps): the value for the record
                 stats=reduced,
                 shape=shape,
                 times=slowest,
