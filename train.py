@@ -71,7 +71,10 @@ def _check_command(argv: list[str]) -> list[str]:
     """Compose and validate every job of this command; return argv, completed where a sweep
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
     env = detect_launcher_env()
-    command = preflight(argv)
+    # The host-memory check counts the ranks this machine will hold: all of them when this
+    # process spawns them, else the launcher's ranks here (LOCAL_WORLD_SIZE, SLURM's tasks on
+    # this node), by launch.env's one rule for "is this process a launched rank".
+    command = preflight(argv, ranks_here=env.local_world_size if env else None)
     # Before Hydra creates the run directory: who may read what this command writes.
     set_output_umask([job.run for job in command.jobs])
     if env is not None and command.multirun and not os.environ.get(TASK_MARKER):

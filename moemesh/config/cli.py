@@ -151,8 +151,14 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return batch
 
 
-def preflight(argv: list[str], config_name: str = "config") -> Command:
-    """Compose and type every job of this command; raise ConfigError on the first mistake."""
+def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int | None = None) -> Command:
+    """Compose and type every job of this command; raise ConfigError on the first mistake.
+
+    ``ranks_here``: None when this process spawns every rank on this machine; under a launcher,
+    the ranks it starts here. The caller says which (train.py asks ``launch.env``'s
+    ``detect_launcher_env``, the one rule for "is this a launched rank": config sits below
+    launch and cannot ask it).
+    """
     args, unknown = _parse_argv(argv)
     if unknown:
         raise ConfigError(
@@ -184,23 +190,12 @@ def preflight(argv: list[str], config_name: str = "config") -> Command:
     finally:
         GlobalHydra.instance().clear()
     command = Command(multirun=args.multirun, jobs=jobs)
-    check_jobs(command)
+    check_jobs(command, ranks_here=ranks_here)
     return command
 
 
 def parallel_presets() -> set[str]:
     return {p.stem for p in (CONF_DIR / "parallel").glob("*.yaml")}
-
-
-def _ranks_here() -> int | None:
-    """None: this process will spawn every rank here. Under a launcher (torchrun, srun, deepspeed),
-    the ranks it starts on this machine: LOCAL_WORLD_SIZE, else 1 (a lower bound)."""
-    if not any(v in os.environ for v in ("RANK", "SLURM_PROCID")):
-        return None
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 def host_memory_bytes() -> int:
@@ -224,11 +219,12 @@ def _device_type(run: RunConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_jobs(command: Command) -> None:
+def check_jobs(command: Command, *, ranks_here: int | None = None) -> None:
     """What only the command line can check, for every job that validates (train.py reports
     the others): the preset's name against its (overridden) degrees, and, for jobs that train on
-    this machine (all but a SLURM submission), whether the model's state fits its memory."""
-    presets, ranks_here, host = parallel_presets(), _ranks_here(), None
+    this machine (all but a SLURM submission), whether the model's state fits its memory
+    (``ranks_here`` as in :func:`preflight`)."""
+    presets, host = parallel_presets(), None
     for i, job in enumerate(command.jobs):
         try:
             dims = validate_run(job.run)
