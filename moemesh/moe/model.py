@@ -150,6 +150,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def stage_moe_layers(self) -> dict[int, MoELayer]:
+        """The MoE layers this stage holds, by global layer id."""
+        return {int(l): b.moe for l, b in self.layers.items() if isinstance(b, Block) and b.moe is not None}
+
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
 

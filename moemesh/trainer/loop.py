@@ -42,6 +42,7 @@ from moemesh.trainer.metrics import (
     MetricsLogger,
     RankTimes,
     RunSummary,
+    StepRecord,
     StepSample,
     StepShape,
     StepStats,
@@ -152,7 +153,7 @@ def _update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on
     return False
 
 
-def train(run: RunConfig, ctx: RankContext) -> dict:
+def train(run: RunConfig, ctx: RankContext) -> RunSummary:
     """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit."""
     tracker = None
     if ctx.rank == 0 and run.logger.wandb:
@@ -170,7 +171,7 @@ def train(run: RunConfig, ctx: RankContext) -> dict:
     return summary
 
 
-def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
+def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
     torch.manual_seed(t.seed)
@@ -192,7 +193,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
     micro_start = functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank)
     moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
     # Where each of this stage's MoE layers goes in the global per-layer statistics.
-    local_moe = {moe_layers.index(int(l)): b.moe for l, b in model.layers.items() if b.moe is not None}
+    local_moe = {moe_layers.index(l): moe for l, moe in model.stage_moe_layers().items()}
     slots = list(local_moe)
     pipe = pipeline_schedule(run, mesh, model, device)  # None without PP
     shape = StepShape(
@@ -220,7 +221,8 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
         log.message(f"moemesh: warning: {warning}")
     if tracker is not None and tracker.note:
         log.message(f"moemesh: {tracker.note}")
-    steps_run, skipped_in_a_row, record, final_val, stopped_by = 0, 0, {}, None, None
+    steps_run, skipped_in_a_row, final_val, stopped_by = 0, 0, None, None
+    record: StepRecord | dict = {}  # the last logged step's ({} until one is logged)
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         timer = PhaseTimer(device)
@@ -247,7 +249,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> dict:
                 stats.add_moe(out.moe_stats, slots)
         else:
             x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
-            losses = []
+            losses: list[torch.Tensor] = []
             with timer.phase("pipeline"), _autocast(run, device):
                 _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
             if model.last:
@@ -368,7 +370,7 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
         batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is not None:
             x, y = _rank_batch(batch, micro_start, micro, accum)
-            losses = []
+            losses: list[torch.Tensor] = []
             with _autocast(run, device):
                 _pipeline_step(pipe, model, x.to(device), y.to(device), losses, train=False)
             model.stage_records.clear()

@@ -14,9 +14,10 @@ import statistics
 import sys
 import time
 from array import array
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import TextIO, TypedDict
+from typing import Any, TextIO, TypedDict
 
 import torch
 
@@ -421,9 +422,9 @@ class StepSample:
         self.names: tuple[str, ...] = ()
         self.first: list[float] | None = None  # the warm-up step: the medians' source only when alone
         self.columns: list[array] = []
-        self.last: dict = {}  # the last record (its load statistics end the summary)
+        self.last: Mapping[str, Any] = {}  # the last record (its load statistics end the summary)
 
-    def _values(self, r: dict) -> list[float]:
+    def _values(self, r: Mapping[str, Any]) -> list[float]:
         t = r["time"]
         if not self.names:
             self.names = (
@@ -445,7 +446,7 @@ class StepSample:
             math.nan if mfu is None else mfu,
         ]
 
-    def add(self, record: dict) -> None:
+    def add(self, record: Mapping[str, Any]) -> None:
         self.last = record
         if "time" not in record:
             return
@@ -503,7 +504,7 @@ def _mib(n) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: Mapping[str, Any]) -> str:
     """The one-screen end-of-run summary."""
     m = s.get("memory_per_rank", {})
     lines = [
@@ -589,7 +590,7 @@ class MetricsLogger:
         self._file = open(path, "w")
         self._file.writelines(kept)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: StepRecord) -> None:
         self.sample.add(record)  # on every rank: the summary is the same everywhere
         if not self.enabled:
             return
@@ -601,7 +602,7 @@ class MetricsLogger:
         if "loss" in record:
             self._progress(record)
 
-    def _progress(self, r: dict) -> None:
+    def _progress(self, r: StepRecord) -> None:
         """The live progress line: redrawn in place on a terminal; otherwise, and in
         train.log, the first and last steps and one line every 5 s."""
         now = time.perf_counter()
@@ -640,7 +641,7 @@ class MetricsLogger:
             self._log.write(text + "\n")
             self._log.flush()
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary: RunSummary) -> None:
         if self.enabled:
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.tracker is not None:

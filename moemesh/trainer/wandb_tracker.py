@@ -22,6 +22,7 @@ import socket
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -141,7 +142,7 @@ class WandbTracker:
         id_file = Path(output_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-        args = dict(
+        args: dict[str, Any] = dict(  # wandb.init's keywords, common to both starts
             id=run_id,
             resume="allow",
             project=lg.project,
@@ -152,12 +153,12 @@ class WandbTracker:
             config=flat_config(run, dims),
             dir=output_dir,
         )
-        self.run = None
+        wandb_run = None
         if mode == "online":
             why = key_problem() or unreachable(_server_url(), min(PROBE_S, lg.init_timeout_s))
             if why is None:
                 try:
-                    self.run = wandb.init(
+                    wandb_run = wandb.init(
                         mode="online",
                         settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=lg.init_timeout_s),
                         **args,
@@ -165,14 +166,20 @@ class WandbTracker:
                 except Exception as err:  # noqa: BLE001 - a refused key, a timeout, a server error: all mean offline
                     why = _first_line(err)
                     wandb.teardown()  # the failed attempt still holds this run id in wandb's service
-            if self.run is None:
+            if wandb_run is None:
                 offline = Path(output_dir) / "wandb"
                 self.note = (
                     f"wandb: {why}; logging offline to {offline} (upload later: wandb sync {offline}/offline-run-*)"
                 )
                 mode = "offline"
-        if self.run is None:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(console="off", x_disable_stats=True), **args)
+        if wandb_run is None:
+            # WANDB_MODE goes to wandb as the user set it (wandb checks it); mypy wants one of its literals.
+            wandb_run = wandb.init(
+                mode=mode,  # type: ignore[arg-type]
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+                **args,
+            )
+        self.run = wandb_run
         self._last_load: dict = {}
 
     def log(self, record: dict) -> None:
