@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The metrics.jsonl contract (record keys, the phases of time.*) as train.py defines it.
-from moemesh.trainer.metrics import A2A_PHASES, PHASES, StepRecord  # noqa: E402
+from moemesh.trainer.records import A2A_PHASES, PHASES, StepRecord  # noqa: E402
 
 MIB = 2**20
 DASH = "–"

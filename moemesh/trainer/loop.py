@@ -38,20 +38,11 @@ from moemesh.parallel.grads import clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
-from moemesh.trainer.metrics import (
-    MetricsLogger,
-    RankTimes,
-    RunSummary,
-    StepRecord,
-    StepSample,
-    StepShape,
-    StepStats,
-    bias_ranges,
-    memory_report,
-    step_record,
-)
+from moemesh.trainer.metrics import MetricsLogger, StepSample
 from moemesh.trainer.optim import build_optimizer, lr_at
 from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, pipeline_schedule
+from moemesh.trainer.records import RunSummary, StepRecord
+from moemesh.trainer.step_stats import RankTimes, StepShape, StepStats, bias_ranges, memory_report, step_record
 
 
 def _autocast(run: RunConfig, device: torch.device):

@@ -165,7 +165,7 @@ def test_bad_path_exits_2_with_one_line(runs, tmp_path, name):
 
 # ---- fabricated runs: fast, one process ----
 
-from moemesh.trainer import metrics  # noqa: E402
+from moemesh.trainer import records as contract  # noqa: E402  (the metrics.jsonl contract)
 from scripts import compare  # noqa: E402
 
 NEST = ("forward", "backward", "pipeline")  # the phases a2a runs inside
@@ -174,9 +174,9 @@ NEST = ("forward", "backward", "pipeline")  # the phases a2a runs inside
 def test_compare_reads_the_phases_train_py_writes():
     """compare.py imports the metrics.jsonl contract instead of restating it: its phases are
     the record's, and every phase (and "other") has its colour."""
-    assert compare.PHASES is metrics.PHASES and compare.A2A_PHASES is metrics.A2A_PHASES
-    assert set(compare.PHASE_COLORS) == {*metrics.PHASES, compare.OTHER}
-    assert set(metrics.PHASES) | set(metrics.A2A_TIMES) | {"step"} == set(metrics.TIME_KEYS)
+    assert compare.PHASES is contract.PHASES and compare.A2A_PHASES is contract.A2A_PHASES
+    assert set(compare.PHASE_COLORS) == {*contract.PHASES, compare.OTHER}
+    assert set(contract.PHASES) | set(contract.A2A_TIMES) | {"step"} == set(contract.TIME_KEYS)
 
 
 def _percent_sum(cells) -> Decimal:

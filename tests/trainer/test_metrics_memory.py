@@ -16,16 +16,8 @@ from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
-from moemesh.trainer.metrics import (
-    MetricsLogger,
-    RankTimes,
-    ReducedStats,
-    StepSample,
-    StepShape,
-    stat_width,
-    step_record,
-    summarize_records,
-)
+from moemesh.trainer.metrics import MetricsLogger, StepSample, summarize_records
+from moemesh.trainer.step_stats import RankTimes, ReducedStats, StepShape, stat_width, step_record
 from tests.helpers import tiny_run
 
 

@@ -19,7 +19,8 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
-from moemesh.trainer.metrics import TIME_KEYS, LayerStats, RunSummary, StepRecord, TimeRecord, load_stats
+from moemesh.trainer.records import TIME_KEYS, RunSummary, StepRecord, TimeRecord
+from moemesh.trainer.step_stats import LayerStats, load_stats
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 

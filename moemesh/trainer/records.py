@@ -1,0 +1,126 @@
+"""The contract of a run's outputs: one metrics.jsonl record per logged step (``StepRecord``)
+and summary.json (``RunSummary``), with the phase and time keys they use, defined here once.
+
+``scripts/compare.py`` reads runs through these types; ``trainer.step_stats`` fills the record,
+``trainer.metrics`` writes it. Every number in a record is global: reduced over the ranks that
+share it (loss and load statistics summed over the data ranks, TP peers and pipeline stages;
+times and bytes as the slowest rank's, since the slowest rank sets the step time).
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+# The sequential phases of a step, as timed (time.<phase>; pipeline: the PP schedule's
+# forward and backward together).
+PHASES = ("forward", "backward", "pipeline", "grad_reduce", "optimizer")
+# The phases the All-to-All runs inside (its time is part of theirs, never added to them).
+A2A_PHASES = ("forward", "backward", "pipeline")
+# All-to-All seconds: both directions (a2a), then each.
+A2A_TIMES = ("a2a", "a2a_dispatch", "a2a_combine")
+
+
+class TimeRecord(TypedDict):
+    """``time`` in a record: seconds of the step, each the slowest rank's."""
+
+    forward: float
+    backward: float
+    pipeline: float
+    grad_reduce: float
+    optimizer: float
+    a2a: float
+    a2a_dispatch: float
+    a2a_combine: float
+    step: float
+
+
+TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, "step")
+
+
+class A2ARecord(TypedDict):
+    """``a2a`` in a record: All-to-All bytes of one step, the busiest rank's."""
+
+    bytes_sent: int
+    bytes_recv: int
+    min_bytes: int  # what a dropless exchange of the same routing must send
+    ratio: float | None  # bytes_sent / min_bytes; None without an All-to-All
+
+
+class _LoadRecord(TypedDict):
+    tokens_per_expert: list[int]
+    cv: float  # std / mean of tokens_per_expert
+    max_over_mean: float
+    min: int
+    mean_score: list[float]
+    entropy: float  # router entropy per token (nats)
+    dropped_fraction: float
+    aux_loss: float
+    z_loss: float
+
+
+class LoadRecord(_LoadRecord, total=False):
+    """``load["layer<i>"]`` in a record: MoE layer i's balance over the global batch."""
+
+    seq_aux_loss: float  # only when the sequence-wise balance loss is on
+    expert_bias_range: list[float]  # [min, max]; only with aux-loss-free balancing
+
+
+class _StepRecord(TypedDict):
+    step: int  # completed optimizer steps (1 for the first)
+    loss: float  # cross-entropy, mean per token over the global batch
+    lr: float
+    grad_norm: float
+    aux_loss: float
+    z_loss: float
+    seq_aux_loss: float
+    tokens_per_s: float
+    samples_per_s: float
+    step_s: float
+    flops_per_s: float
+    mfu: float | None  # None without cluster.peak_flops
+    dropped_fraction: float
+    time: TimeRecord
+    a2a: A2ARecord
+    load: dict[str, LoadRecord]  # "layer<i>" for each MoE layer i
+
+
+class StepRecord(_StepRecord, total=False):
+    """One line of metrics.jsonl: a logged step, every number global (reduced over the ranks)."""
+
+    val_loss: float  # on evaluation steps
+    skipped: bool  # True on a step whose update was skipped (trainer.on_nonfinite=skip)
+
+
+class _RunSummary(TypedDict):
+    machine: dict  # hostname, device, count, cpus, python, torch
+    parallel: str  # the layout's name (parallel.dims.layout_name)
+    dp: int
+    ep: int
+    tp: int
+    pp: int
+    world_size: int
+    model: str
+    steps: int  # steps this attempt ran
+    final_loss: float | None
+    final_val_loss: float | None
+    median_tokens_per_s: float | None  # None: no step logged
+    median_step_s: float | None
+    peak_memory_bytes: dict  # min, max over ranks; kind
+    param_bytes_per_rank: dict
+    memory_per_rank: dict  # {param,grad,optimizer}_bytes: {expert, non_expert}: {min, max}; peak_bytes
+    start_step: int
+    stopped_by_signal: list[str] | None
+
+
+class RunSummary(_RunSummary, total=False):
+    """summary.json. The medians (over the logged steps after the first) are there when a step
+    was logged."""
+
+    time_breakdown: TimeRecord
+    a2a_share: float
+    a2a_bytes_sent_per_step: float
+    median_samples_per_s: float
+    median_flops_per_s: float
+    mfu: float | None
+    load_cv_final: dict[str, float]  # "layer<i>": load CV at the last logged step
+    median_over_steps: int
