@@ -49,7 +49,14 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ) -> LauncherEnv 
             rank=int(environ["RANK"]),
             world_size=int(environ["WORLD_SIZE"]),
             local_rank=int(environ.get("LOCAL_RANK", 0)),
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+            # torchrun sets LOCAL_WORLD_SIZE, deepspeed's per-node launcher LOCAL_SIZE, Open MPI
+            # OMPI_COMM_WORLD_LOCAL_SIZE; with none of them, every rank may be on this machine.
+            local_world_size=int(
+                environ.get(
+                    "LOCAL_WORLD_SIZE",
+                    environ.get("LOCAL_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", environ["WORLD_SIZE"])),
+                )
+            ),
         )
     # An srun task has a step id; the batch script itself (also SLURM_PROCID=0) does not.
     # A one-task step (an interactive `srun --pty bash`) is a shell, not a launcher: spawn there.
@@ -66,11 +73,21 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ) -> LauncherEnv 
 
 
 def _slurm_tasks_on_this_node(environ, ntasks: int) -> int:
-    # e.g. "4(x2)" or "4,2": the first entry is enough to share this node's cores fairly.
+    """This node's task count: SLURM writes tasks per node as e.g. "4(x2),2" (nodes 0-1 run
+    4, node 2 runs 2); SLURM_NODEID picks this node's entry."""
+    node = environ.get("SLURM_NODEID", "0")
+    node_id = int(node) if node.isdigit() else 0
     for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
-        value = environ.get(key, "").split("(")[0].split(",")[0]
-        if value.isdigit():
-            return int(value)
+        per_node: list[int] = []
+        for entry in environ.get(key, "").split(","):
+            count, _, repeat = entry.partition("(x")
+            if not count.isdigit():
+                per_node = []
+                break
+            times = repeat.rstrip(")")
+            per_node += [int(count)] * (int(times) if times.isdigit() else 1)
+        if per_node:
+            return per_node[min(node_id, len(per_node) - 1)]
     return ntasks
 
 
