@@ -57,3 +57,22 @@ SMALL = [
     "trainer.eval_every=0",
     "trainer.eval_batches=1",
 ]
+
+
+def train_single(run, output_dir, data_paths):
+    """Train ``run`` in this process, as the only rank of a one-rank mesh; returns the summary."""
+    import torch
+
+    from moemesh.launch import RankContext
+    from moemesh.parallel.mesh import single_rank_mesh
+    from moemesh.trainer.loop import train
+
+    ctx = RankContext(
+        rank=0,
+        local_rank=0,
+        device=torch.device("cpu"),
+        mesh=single_rank_mesh(),
+        output_dir=str(output_dir),
+        data_paths=data_paths,
+    )
+    return train(run, ctx)

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import torch
 
-from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import train
 from moemesh.trainer.optim import build_optimizer
 from moemesh.trainer.parallelize import build_model
-from tests.helpers import tiny_run
+from tests.helpers import tiny_run, train_single
 
 
 def run_config(**extra):
@@ -33,17 +31,7 @@ def train_here(run, out: Path) -> dict:
     """``run`` in this process (one rank), writing to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    return train(
-        run,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(out),
-            data_paths=paths,
-        ),
-    )
+    return train_single(run, out, paths)
 
 
 class Log:

@@ -16,7 +16,7 @@ from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
-from tests.helpers import tiny_run
+from tests.helpers import tiny_run, train_single
 
 STEPS = 10
 
@@ -126,17 +126,7 @@ def _tiny_checkpoint(tmp_path, step=3):
         },
     )
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    train(
-        run,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path),
-            data_paths=paths,
-        ),
-    )
+    train_single(run, tmp_path, paths)
     return tmp_path / "checkpoints", paths
 
 
@@ -166,17 +156,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
         },
     )
     out = tmp_path  # resume=auto looks in <run dir>/checkpoints
-    summary = train(
-        run,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(out),
-            data_paths=paths,
-        ),
-    )
+    summary = train_single(run, out, paths)
     assert summary["steps"] == 2  # resumed after step 2: ran steps 2 and 3
 
 
@@ -199,17 +179,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_differences(tmp_path)
         match=r"none of 2 checkpoint.*saved for another model: "
         r"model.moe_ffn_hidden_size=48 \(now 40\)",
     ):
-        train(
-            run,
-            RankContext(
-                rank=0,
-                local_rank=0,
-                device=torch.device("cpu"),
-                mesh=single_rank_mesh(),
-                output_dir=str(tmp_path),
-                data_paths=paths,
-            ),
-        )
+        train_single(run, tmp_path, paths)
 
 
 class _Evil:

@@ -16,7 +16,7 @@ from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
-from tests.helpers import tiny_run
+from tests.helpers import tiny_run, train_single
 
 pytestmark = pytest.mark.slow  # trains every layout on spawned gloo ranks
 
@@ -65,17 +65,7 @@ def _train_single(out, steps=STEPS):
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     out.mkdir()
     torch.set_num_threads(2)
-    train(
-        run,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(out),
-            data_paths=paths,
-        ),
-    )
+    train_single(run, out, paths)
     return paths
 
 

@@ -5,30 +5,16 @@ command line now refuses when it disagrees: tests/test_bad_input.py)."""
 import json
 
 import pytest
-import torch
 
-from moemesh.launch import RankContext
 from moemesh.parallel.dims import ParallelDims
-from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import train
-from tests.helpers import tiny_run
+from tests.helpers import tiny_run, train_single
 
 
 def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):
     run = tiny_run(**{"parallel.name": "ep4", "trainer.steps": 2, "logger.console": True})  # ran: one rank
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
-    summary = train(
-        run,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path),
-            data_paths=paths,
-        ),
-    )
+    summary = train_single(run, tmp_path, paths)
     assert summary["parallel"] == "single"
     assert json.loads((tmp_path / "summary.json").read_text())["parallel"] == "single"
     assert "moemesh: single (dp1·ep1·tp1·pp1 = 1 ranks)" in capsys.readouterr().out
