@@ -100,9 +100,10 @@ def clip_grads_(params, total_norm: torch.Tensor, max_norm: float | None) -> Non
 
     The coefficient stays on the device: computed in float64 from the float32 norm (the same
     IEEE operations as the Python floats this read from the host before), rounded once to the
-    gradients' dtype, so the clipped gradients are bitwise what they were. Every step now pays
-    one multiply over the gradients (by exactly 1 when no clip is due, which changes no bit)
-    instead of a host round trip. ``max_norm`` 0 or None: off. A non-finite norm leaves the
+    gradients' dtype, so the clipped gradients are bitwise what they were. On CUDA every step
+    pays one multiply over the gradients (by exactly 1 when no clip is due, which changes no
+    bit) instead of a host round trip; off CUDA, where reading the scale stalls nothing, a
+    step that needs no clip skips the multiply. ``max_norm`` 0 or None: off. A non-finite norm leaves the
     gradients untouched, as before (the loop stops or skips such a step; only stop mode's
     device-ordered check on CUDA lets one reach here, after its assert has already failed).
     """
@@ -115,6 +116,8 @@ def clip_grads_(params, total_norm: torch.Tensor, max_norm: float | None) -> Non
     # torch.div, not `max_norm / denom`: Tensor.__rtruediv__ is reciprocal() * max_norm, two roundings.
     scale = torch.div(torch.full_like(denom, max_norm), denom).clamp_(max=1.0)
     scale = torch.where(torch.isfinite(denom), scale, torch.ones_like(scale))
+    if not scale.is_cuda and bool(scale == 1.0):  # host sync, free off CUDA: skip the no-op multiply
+        return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)

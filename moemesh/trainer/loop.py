@@ -10,7 +10,8 @@ norm's value, the slowest rank's times and the bias ranges (logged steps), the
 validation loss (evaluation steps). Outside this file: the All-to-All's split sizes
 (moe/dispatcher.py, per MoE layer and micro-step), checkpoint saves and, on CUDA,
 PhaseTimer's phase edges (a synchronize at each phase's start and end). The clip
-(parallel/grads.py) stays on the device.
+(parallel/grads.py) stays on the device on CUDA; off CUDA it reads its scale (free there)
+to skip a no-op multiply.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
             )
             finite = _update_allowed(grad_norm, step, t.on_nonfinite)
             if finite:
-                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # on the device, no host sync
+                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # no host sync on CUDA
                 optimizer.step()
                 skipped_in_a_row = 0
             else:
