@@ -38,6 +38,10 @@ class ParallelConfig:
     # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
     pipeline_schedule: str = "1f1b"
     pipeline_split: list[int] | None = None
+    # How much training state each rank keeps (FSDP2 over the ranks that hold the same
+    # weights): none (whole parameters, gradients, AdamW state) | zero2 (gradients and
+    # optimizer state sharded) | zero3 (parameters sharded too, gathered per block).
+    sharding: str = "none"
     comm_optimization: CommOptimizationConfig = field(default_factory=CommOptimizationConfig)
 
 
@@ -154,6 +158,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     threads_per_rank: int | None = None  # CPU: None splits the cores over local ranks
+    # Recompute each transformer block's activations in backward: none | full (keep only the
+    # block's input) | selective (keep the attention output and the expert outputs too).
+    # Never repeats an All-to-All or a TP collective (their outputs are kept).
+    activation_checkpointing: str = "none"
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
     # row; the weights do not change while steps are skipped, so more would rarely recover.

@@ -19,6 +19,8 @@ _CHOICES = {
     "model.score_func": ("softmax", "sigmoid"),
     "kernels.backend": ("auto", "triton", "torch"),
     "parallel.pipeline_schedule": ("1f1b", "gpipe"),
+    "parallel.sharding": ("none", "zero2", "zero3"),
+    "trainer.activation_checkpointing": ("none", "full", "selective"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "cluster.launcher": ("local", "torchrun", "slurm"),
     "cluster.backend": ("auto", "gloo", "nccl"),
