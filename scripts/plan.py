@@ -1,44 +1,86 @@
 """Plan before spending GPU hours: every valid DP x EP x TP x PP split, with what it costs.
 
     python scripts/plan.py model=seed_4096 cluster.gpus=16
+    python scripts/plan.py model=seed_4096 cluster.gpus=16 parallel.sharding=zero3 trainer.activation_checkpointing=full
     python scripts/plan.py model=seed_4096 cluster.gpus=16 cluster.gpus_per_node=4 cluster.inter_node_gbps=25
     python scripts/plan.py model=seed_4096 cluster.gpus=1024 model.num_experts=256 --top 20 --png plan.png
     python scripts/plan.py model=seed_4096 cluster.gpus=16 --command 3   # row 3's train.py command
 
+Every option that changes what a rank holds is the training config's own key, so the plan
+costs what ``train.py`` with the same overrides builds: ``parallel.sharding`` (none |
+zero2 | zero3), ``trainer.activation_checkpointing`` (none | full | selective) and
+``trainer.dtype`` (auto and bf16: bf16 compute on the GPU; fp32).
+
 The table shows the first --top rows (0: all) and, wherever they rank, the seed's two
 scenarios (dp8 x ep2 and dp2 x ep8 of 16 GPUs); a line under it says how many rows were
 left out. "total GB" is what "fits" compares with cluster.gpu_memory_gb: parameters +
-gradients + optimizer state + activations, per GPU. Under the table: the train.py command
-for the best fitting split; --command N prints row N's alone. The command names the split
+gradients + optimizer state + transient buffers + activations, per GPU, all counted as if
+alive at once (an upper bound on the peak). Under the table: the train.py command for the
+best fitting split; --command N prints row N's alone. The command names the split
 (parallel.name, e.g. pp2_dp8, in the presets' naming) and sets its four degrees on top of
 the same overrides, so it composes without a preset for that split.
 
-Per GPU (the busiest pipeline stage): parameter, gradient and optimizer bytes split
-into expert / non-expert (exact: a test builds the real model on the meta device for
-every preset), activations with and without activation checkpointing (an estimate,
-below), All-to-All bytes per step, gradient all-reduce bytes for the data (dp x ep) and
-expert-data (dp x tp) groups, and the pipeline bubble. Step time comes from a simple
-model, stated here so it can be argued with:
+Per GPU (the busiest pipeline stage, rank 0 of its shard groups, which holds the largest
+chunk of every sharded tensor):
 
-  compute   = training FLOPs per GPU / (peak FLOP/s x --mfu), stretched by 1/(1 - bubble)
+  parameters, gradients, AdamW state (exact: a test builds the real model on the meta
+            device for every preset and mode, shards it, and compares each rank's local
+            bytes with these). State is fp32 in every mode and precision: autocast (none on
+            the GPU) computes in bf16 from fp32 weights; FSDP2 (zero2, zero3) keeps fp32
+            sharded master weights, fp32 gradients and fp32 AdamW state under
+            MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). So 4 + 4 + 8 bytes per
+            parameter the rank keeps, plus AdamW's 4-byte step per tensor. none keeps every
+            parameter of its EP / TP / PP share; zero2 and zero3 keep a 1/k chunk of each
+            (torch.chunk: ceil(n/k) rows), k the ranks holding the same weights: dp x ep for
+            non-expert parameters, dp x tp for routed experts, dp x ep x tp for the router (and
+            the norms under sequence parallelism) when tp > 1 (moemesh/moe/param_count.py).
+  transient (gathered weights and gradients in flight at the peak, c = the compute dtype's
+            bytes: 2 for bf16, 4 for fp32; g = c + 4 under bf16, whose gradients are cast to
+            fp32 for the reduction, else 4):
+              none   fp32: nothing. bf16: autocast's bf16 copies of the weights: held to the
+                     end of the forward by its cast cache (non-expert matmul weights) and saved
+                     for the backward (the experts' copies too, unless checkpointed): c x those.
+              zero2  every parameter of the stage gathered from its forward to its backward
+                     (reshard_after_forward=False): c x the stage, + one block's gathered
+                     gradients: g x the largest block.
+              zero3  the root unit (embedding, final norm, head: gathered for the whole forward
+                     and the whole backward, as the root's forward is the model's) + two blocks
+                     (the one computing and the one prefetched): c x (root + 2 x largest block),
+                     + g x the largest block's (or root's) gradients.
+  activations (an estimate, elements of the compute dtype per micro-batch in flight; see
+            block_activations for each named part), + the last stage's final norm and the fp32
+            log-softmax the loss keeps. With checkpointing each block keeps only what the mode
+            keeps (full: its input and the outputs of its collectives, which are never
+            recomputed; selective: also the attention output and the expert matmuls' outputs),
+            and one block at a time is recomputed for its backward. 1F1B holds pp micro-batches
+            in flight on the first stage; GPipe holds all of them.
+
+Then All-to-All bytes per step, the bytes each rank moves over the data (dp x ep) and the
+expert-data (dp x tp) groups for weights and gradients, and the pipeline bubble. Step time
+comes from a simple model, stated here so it can be argued with:
+
+  compute   = training FLOPs per GPU / (peak FLOP/s x --mfu), stretched by 1/(1 - bubble);
+            activation checkpointing adds the recomputed forward's FLOPs (recompute_flops):
+            full recomputes every block's forward (about 1/3 more: forward is 2 of the 6 x
+            params FLOPs), selective all but the attention core and the expert matmuls
   a collective of B bytes over n ranks costs  alpha x steps + B' / bandwidth,
-            B' = 2 (n-1)/n B for a ring all-reduce (steps = 2 (n-1)), and for an
-            All-to-All the bytes this rank sends (steps = n - 1);
+            B' = 2 (n-1)/n B for a ring all-reduce (steps = 2 (n-1)), (n-1)/n B for a ring
+            all-gather or reduce-scatter (steps = n - 1), and for an All-to-All the bytes
+            this rank sends (steps = n - 1);
   bandwidth = cluster.intra_node_gbps if the group's ranks share a node under the mesh's
             rank order (tp innermost, then ep, dp, pp), else cluster.inter_node_gbps;
+  weights and gradients, over each group, B = the group's (unsharded) parameters:
+            none   one all-reduce of the fp32 gradients per step (after the backward);
+            zero2  per micro-step an all-gather of the weights (c bytes each) and a
+                   reduce-scatter of the fp32 gradients (half a ring all-reduce's bytes);
+            zero3  per micro-step two all-gathers (forward and backward) and a reduce-scatter;
+            alpha counts one collective per FSDP unit (one for the bucketed all-reduce);
   TP: 4 all-reduces of the activations per layer (2 forward, 2 backward);
   PP: each micro-batch sends its activations forward and their gradients back,
             T x D per stage boundary each way (point to point, over the pp axis's link);
-  step      = compute + All-to-All + TP + gradient all-reduce  (no overlap assumed).
-
-Activations per GPU, per micro-batch in flight, in elements of the activation dtype
-(Megatron's 34 s b h bytes at 2 bytes per element; the 5 a s^2 b attention-score term is
-left out because scaled_dot_product_attention's flash kernels do not store the scores):
-  attention + norms  ~ T x D x 17 / tp
-  dense FFN          ~ T x (D + 3 F) / tp
-  MoE                ~ T x K x (2 D + 3 F_e) + T x E (router)
-with checkpointing only each layer's input, T x D, is kept. 1F1B holds pp micro-batches
-in flight on the first stage; GPipe holds all of them.
+  step      = compute + All-to-All + TP + PP + weights and gradients: no overlap assumed.
+            FSDP2 prefetches all-gathers and runs reduce-scatters beside the backward, so a
+            real sharded step lies between compute alone and this sum.
 """
 
 from __future__ import annotations
@@ -56,17 +98,29 @@ from _config import compose_run
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
 from moemesh.errors import ConfigError
-from moemesh.moe.param_count import count_params, model_flops_per_token
-from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
+from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.moe.param_count import (
+    ParamSpec,
+    count_params,
+    local_numel,
+    model_flops_per_token,
+    param_specs,
+    shard_group_size,
+    uneven_non_leading_shard,
+)
+from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name, padded_vocab
 from moemesh.parallel.pipeline import stage_layers
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
 SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
-# Bytes per parameter: (weights, gradients, optimizer state), by training precision.
-PRECISIONS = {
-    "fp32": (4, 4, 8),  # what moemesh trains on CPU: fp32 weights, grads, Adam m and v
-    "bf16_mixed": (2, 2, 12),  # bf16 weights and grads, fp32 master copy + Adam m and v
+# Bytes per element of the training state, in every mode and precision (see the docstring).
+PARAM_BYTES, GRAD_BYTES, ADAM_BYTES, ADAM_STEP_BYTES = 4, 4, 8, 4
+REDUCE_BYTES = 4  # gradients are reduced in fp32 (FSDP2's reduce_dtype; the fp32 grads of none)
+# The planner options that became config keys: each old flag fails, naming its key.
+GONE_FLAGS = {
+    "--zero1": "parallel.sharding=zero2 (gradients and optimizer state sharded) or parallel.sharding=zero3",
+    "--activation-checkpointing": "trainer.activation_checkpointing=full or trainer.activation_checkpointing=selective",
+    "--precision": "trainer.dtype=fp32 or trainer.dtype=bf16 (auto: bf16 on the GPU)",
 }
 
 
@@ -76,22 +130,34 @@ class Plan:
     problem: str | None = None  # why the split is invalid
     param_expert: int = 0
     param_non_expert: int = 0
-    grad_bytes: int = 0
-    optim_bytes: int = 0
-    act_bytes: int = 0
-    act_ckpt_bytes: int = 0
+    grad_expert: int = 0
+    grad_non_expert: int = 0
+    optim_expert: int = 0
+    optim_non_expert: int = 0
+    transient_bytes: int = 0  # gathered weights and gradients in flight (sharded modes, autocast)
+    act_bytes: int = 0  # activations under the run's trainer.activation_checkpointing
     a2a_bytes: int = 0
-    ar_data_bytes: int = 0
-    ar_expert_bytes: int = 0
+    ar_data_bytes: int = 0  # weights and gradients over the data group (dp x ep; dp x ep x tp parts too)
+    ar_expert_bytes: int = 0  # over the expert-data group (dp x tp)
     bubble: float = 0.0
     compute_s: float = 0.0
+    recompute_s: float = 0.0  # the part of compute_s that activation checkpointing adds
     comm_s: float = 0.0
     crosses: str = ""
-    total_bytes: int = 0  # memory + the activations planned (checkpointed or not): what `fits` compares
+    total_bytes: int = 0  # memory + transient + activations: what `fits` compares
     fits: bool = True
 
     @property
+    def grad_bytes(self) -> int:
+        return self.grad_expert + self.grad_non_expert
+
+    @property
+    def optim_bytes(self) -> int:
+        return self.optim_expert + self.optim_non_expert
+
+    @property
     def memory(self) -> int:
+        """Parameters, gradients and optimizer state at rest (what a run's memory_per_rank counts)."""
         return self.param_expert + self.param_non_expert + self.grad_bytes + self.optim_bytes
 
     @property
@@ -110,19 +176,6 @@ def splits(gpus: int):
                     yield ParallelDims(dp=rest, ep=ep, tp=tp, pp=pp)
 
 
-def param_tensors(cfg, dims: ParallelDims, stage: int) -> int:
-    """Parameter tensors on one rank of ``stage`` (AdamW keeps a 4-byte step counter for each)."""
-    layers = stage_layers(cfg.num_layers, dims.pp)[stage]
-    n = 0
-    for l in layers:
-        n += 4 + 2  # q, k, v, o; two norms
-        if (l + 1) % cfg.moe_every_k_layers == 0:
-            n += 1 + 3 + (3 if cfg.shared_expert_ffn_size else 0)
-        else:
-            n += 3
-    return n + (1 if layers.start == 0 else 0) + (2 if layers.stop == cfg.num_layers else 0)
-
-
 def a2a_bytes(
     tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int, moe_layers: int = 1, micro_steps: int = 1
 ) -> int:
@@ -138,6 +191,198 @@ def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     ranges = [range(dims.size(a)) if a in axes else range(1) for a in MESH_AXES]
     group = [dims.rank_of(dict(zip(MESH_AXES, c, strict=True))) for c in itertools.product(*ranges)]
     return len({r // gpus_per_node for r in group}) > 1
+
+
+@dataclass(frozen=True)
+class StageState:
+    """Bytes one rank of a stage keeps at rest: (expert, non-expert) for each kind."""
+
+    params: tuple[int, int]
+    grads: tuple[int, int]
+    optim: tuple[int, int]
+
+
+def stage_state(specs: list[ParamSpec], dims: ParallelDims, sharding: str) -> StageState:
+    """Rank 0's local bytes (the most any rank of the stage holds): fp32 parameters and
+    gradients of its chunk of each tensor, AdamW's exp_avg and exp_avg_sq of the same size
+    and a 4-byte step per tensor."""
+    sharded = sharding != "none"
+
+    def part(expert: bool, per_elem: int, per_tensor: int = 0) -> int:
+        return sum(local_numel(s, dims, sharded) * per_elem + per_tensor for s in specs if s.expert == expert)
+
+    return StageState(
+        params=(part(True, PARAM_BYTES), part(False, PARAM_BYTES)),
+        grads=(part(True, GRAD_BYTES), part(False, GRAD_BYTES)),
+        optim=(part(True, ADAM_BYTES, ADAM_STEP_BYTES), part(False, ADAM_BYTES, ADAM_STEP_BYTES)),
+    )
+
+
+def _block_numel(specs: list[ParamSpec]) -> dict[int | None, int]:
+    """Unsharded elements per transformer block (None: the root's embedding, final norm, head)."""
+    out: dict[int | None, int] = {}
+    for s in specs:
+        out[s.layer] = out.get(s.layer, 0) + s.numel
+    return out
+
+
+def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_bytes: int) -> int:
+    """Gathered weights and gradients alive at the peak, beyond the state at rest (docstring)."""
+    c = compute_bytes
+    g = REDUCE_BYTES + (c if c != REDUCE_BYTES else 0)  # bf16 grads + their fp32 cast for the reduction
+    blocks = _block_numel(specs)
+    root = blocks.pop(None, 0)
+    largest = max(blocks.values(), default=0)
+    if sharding == "none":
+        if c == 4:
+            return 0
+        cast = sum(s.numel for s in specs if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed."))
+        saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == "none" else 0
+        return c * (cast + saved_experts)
+    if sharding == "zero2":
+        return c * (root + sum(blocks.values())) + g * largest
+    return c * (root + 2 * largest) + g * max(largest, root)
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """What one transformer block stores for its backward, per micro-batch, in elements of
+    the compute dtype, by the part each checkpointing mode keeps (``kept``)."""
+
+    block_input: int  # the residual stream entering the block: every mode keeps it
+    attention_out: int  # scaled_dot_product_attention's output: selective keeps it
+    expert_out: int  # the expert matmuls' outputs (w1, w3, w2): selective keeps them
+    rest: int  # everything else the block stores without checkpointing (recomputed with it)
+    # Outputs of the block's All-to-Alls and TP collectives that checkpointing keeps so that
+    # recomputing never repeats a collective. Without checkpointing backward keeps only some
+    # of them (counted in ``rest`` where it does).
+    collectives: int
+
+    @property
+    def total(self) -> int:
+        """Stored without checkpointing."""
+        return self.block_input + self.attention_out + self.expert_out + self.rest
+
+    def kept(self, ckpt: str) -> int:
+        """Elements kept through the forward under ``trainer.activation_checkpointing=ckpt``."""
+        if ckpt == "none":
+            return self.total
+        full = self.block_input + self.collectives
+        return full if ckpt == "full" else full + self.attention_out + self.expert_out
+
+    def recomputed(self, ckpt: str) -> int:
+        """Elements the block's recompute makes again for its backward (alive one block at a time)."""
+        if ckpt == "none":
+            return 0
+        return self.rest + (self.attention_out + self.expert_out if ckpt == "full" else 0)
+
+
+def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp: bool) -> BlockActivations:
+    """One block's stored activations for a micro-batch of T tokens per data rank.
+
+    t = tp; s = t with sequence parallelism, else 1 (the residual stream's split);
+    N = (T / t) K routed rows of this rank (uniform routing; (ep-1)/ep of them cross the
+    All-to-All). Per part, counting the tensors autograd saves (checked against the saved
+    tensors of a real CPU forward in tests/scripts/test_plan.py):
+      block_input           T D / s (the residual; the attention norm's input)
+      norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
+                            mid-block residual) T D / s, and the two norm outputs that feed the
+                            projections, 2 T D (under SP: the sequence gathers' outputs)
+      attention             q, k, v after RoPE (T D + 2 T Dkv) / t, the output projection's
+                            input T D / t
+      attention_out         T D / t
+      dense FFN             4 T F / t: w1 and w3 outputs, silu's output, their product
+      MoE                   router: logits and scores 2 (T/t) E (+ its input (T/t) D when t > 1);
+                            the experts' input rows N D; silu's output and the product 2 N Fe;
+                            the rows the unpermute weights N D; shared expert 4 T Fs / t
+      expert_out            N (2 Fe + D): w1, w3 and w2 outputs
+      collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
+                            t > 1: without SP the two all-reduce (or gather) outputs 2 T D,
+                            with SP the two sequence gathers 2 T D and reduce-scatters 2 T D / t
+    """
+    D, t = m.hidden_size, dims.tp
+    s = t if sp else 1
+    Dkv = m.num_kv_heads * (D // m.num_heads)
+    block_input = T * D // s
+    attention_out = T * D // t
+    rest = 2 * T * D // s + T * D // s + 2 * T * D + (T * D + 2 * T * Dkv) // t + T * D // t
+    collectives = 2 * T * D + (2 * T * D // t if sp else 0) if t > 1 else 0
+    expert_out = 0
+    if is_moe_layer(m, layer):
+        Tr = T // t
+        N = Tr * m.top_k
+        Fe = m.moe_ffn_hidden_size
+        rest += 2 * Tr * m.num_experts + (Tr * D if t > 1 else 0) + N * D + 2 * N * Fe + N * D
+        rest += 4 * T * m.shared_expert_ffn_size // t
+        expert_out = N * (2 * Fe + D)
+        if dims.ep > 1:
+            collectives += 2 * N * D
+    else:
+        rest += 4 * T * m.ffn_hidden_size // t
+    return BlockActivations(block_input, attention_out, expert_out, rest, collectives)
+
+
+def activation_bytes(
+    m: ModelConfig, layers: range, T: int, dims: ParallelDims, sp: bool, ckpt: str, in_flight: int, c: int
+) -> int:
+    """The stage's activations: each micro-batch in flight keeps every block's ``kept`` part;
+    with checkpointing one block at a time is recomputed for its backward; the last stage
+    also holds one micro-batch's final norm (its input, normalised input and output, 3 T D)
+    and the fp32 log-softmax of the logits its loss saves (T V / t, 4 bytes)."""
+    acts = [block_activations(m, l, T, dims, sp) for l in layers]
+    kept = sum(a.kept(ckpt) for a in acts) * in_flight
+    recompute = max((a.recomputed(ckpt) for a in acts), default=0)
+    head = 0
+    if layers.stop == m.num_layers:
+        head = 3 * T * m.hidden_size * c + T * padded_vocab(m.vocab_size, dims.tp) // dims.tp * 4
+    return (kept + recompute) * c + head
+
+
+def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str) -> float:
+    """Forward FLOPs activation checkpointing repeats, per token of the global batch: 2 x the
+    blocks' active parameters (full; selective leaves out the routed experts, whose outputs
+    it keeps) + full's 4 x layers x hidden x sequence for the attention core (a third of
+    PaLM's 12, which selective keeps too)."""
+    if ckpt == "none":
+        return 0.0
+    specs = param_specs(m)
+    dense = sum(s.numel for s in specs if s.layer is not None and not s.expert)
+    if ckpt == "selective":
+        return 2.0 * dense
+    experts = sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
+    return 2.0 * (dense + experts) + 4.0 * m.num_layers * m.hidden_size * seq_len
+
+
+def _sync_cost(
+    specs: list[ParamSpec], dims: ParallelDims, sharding: str, accum: int, c: int
+) -> dict[str, tuple[float, int]]:
+    """Weights and gradients per group kind ("data", "data_tp", "expert"): (bytes this rank
+    sends per step, collectives x ring steps for alpha)."""
+    kinds: dict[str, list[ParamSpec]] = {"data": [], "data_tp": [], "expert": []}
+    for s in specs:
+        kinds["expert" if s.expert else "data_tp" if s.data_tp and dims.tp > 1 else "data"].append(s)
+    out: dict[str, tuple[float, int]] = {}
+    for kind, group in kinds.items():
+        if not group:
+            continue
+        n = shard_group_size(group[0], dims)
+        if n == 1:
+            out[kind] = (0.0, 0)
+            continue
+        numel = sum(s.numel for s in group)
+        ring = (n - 1) / n
+        if sharding == "none":  # one bucketed all-reduce of fp32 gradients after the backward
+            out[kind] = (2 * ring * numel * REDUCE_BYTES, 2 * (n - 1))
+            continue
+        units = (
+            len({(s.layer, s.name.rsplit(".", 1)[0]) for s in group})
+            if kind == "data_tp"
+            else len({s.layer for s in group})
+        )
+        gathers = 2 if sharding == "zero3" else 1
+        per_micro = ring * numel * (gathers * c + REDUCE_BYTES)
+        out[kind] = (per_micro * accum, units * (gathers + 1) * (n - 1) * accum)
+    return out
 
 
 def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
@@ -159,40 +404,55 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
         p.problem = str(err)
         return p
     m, t, c = run.model, run.trainer, run.cluster
-    w_b, g_b, o_b = PRECISIONS[args.precision]
-    act_b = DTYPE_BYTES["bf16" if args.precision == "bf16_mixed" else "fp32"]
-    # The busiest stage: the one with the most parameters.
-    stage = max(range(dims.pp), key=lambda s: count_params(m, dims, stage=s).total)
-    pc = count_params(m, dims, stage=stage)
-    p.param_expert, p.param_non_expert = pc.expert * w_b, pc.non_expert * w_b
-    p.grad_bytes = pc.total * g_b
-    n_data, n_exp = dims.dp * dims.ep, dims.dp * dims.tp
-    if args.zero1:  # what-if: optimizer state sharded over the ranks that hold the same weights
-        p.optim_bytes = pc.non_expert * o_b // n_data + pc.expert * o_b // n_exp
-    else:
-        p.optim_bytes = pc.total * o_b + 4 * param_tensors(m, dims, stage)
-    layers = stage_layers(m.num_layers, dims.pp)[stage]
-    moe = sum(1 for l in layers if (l + 1) % m.moe_every_k_layers == 0)
+    sharding, ckpt = run.parallel.sharding, t.activation_checkpointing
+    sp = run.parallel.sequence_parallel and dims.tp > 1
+    cb = compute_bytes(run)
     micro, accum = micro_batch_size(candidate), grad_accum_steps(candidate)
     T = micro * t.seq_len  # tokens per micro-batch per data rank
-    T_gpu = T // dims.tp  # TP peers route disjoint slices
-    D, F, Fe, K, E = m.hidden_size, m.ffn_hidden_size, m.moe_ffn_hidden_size, m.top_k, m.num_experts
-    per_layer_attn = T * D * 17 // dims.tp
-    per_dense = T * (D + 3 * F) // dims.tp
-    per_moe = T_gpu * K * (2 * D + 3 * Fe) + T_gpu * E
     in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == "1f1b" else accum
-    per_mb = len(layers) * per_layer_attn + (len(layers) - moe) * per_dense + moe * per_moe
-    p.act_bytes = per_mb * act_b * in_flight
-    p.act_ckpt_bytes = len(layers) * T * D * act_b * in_flight
+    all_specs = [param_specs(m, dims, stage=s, sequence_parallel=sp) for s in range(dims.pp)]
+    if sharding != "none":
+        bad = next((b for b in (uneven_non_leading_shard(sp_, dims) for sp_ in all_specs) if b), None)
+        if bad is not None:
+            p.problem = (
+                f"parallel.sharding={sharding}: {bad.name} {list(bad.shape)} would be split unevenly along a dim "
+                "other than 0, which FSDP2 refuses"
+            )
+            return p
+
+    def stage_memory(stage: int):
+        specs = all_specs[stage]
+        state = stage_state(specs, dims, sharding)
+        layers = stage_layers(m.num_layers, dims.pp)[stage]
+        act = activation_bytes(m, layers, T, dims, sp, ckpt, in_flight, cb)
+        trans = transient_bytes(specs, sharding, ckpt, cb)
+        total = sum(state.params) + sum(state.grads) + sum(state.optim) + trans + act
+        return total, state, trans, act
+
+    # The busiest stage: the one whose rank needs the most memory.
+    stage = max(range(dims.pp), key=lambda s: stage_memory(s)[0])
+    p.total_bytes, state, p.transient_bytes, p.act_bytes = stage_memory(stage)
+    p.param_expert, p.param_non_expert = state.params
+    p.grad_expert, p.grad_non_expert = state.grads
+    p.optim_expert, p.optim_non_expert = state.optim
+    specs = all_specs[stage]
+    layers = stage_layers(m.num_layers, dims.pp)[stage]
+    moe = sum(1 for l in layers if is_moe_layer(m, l))
+    D, K = m.hidden_size, m.top_k
+    T_gpu = T // dims.tp  # TP peers route disjoint slices
     # All-to-All: rows leaving and arriving, uniform routing: (ep-1)/ep of the pairs are remote.
-    p.a2a_bytes = a2a_bytes(T_gpu, K, D, act_b, dims.ep, moe, accum)
-    p.ar_data_bytes = int(2 * (n_data - 1) / n_data * pc.non_expert * g_b) if n_data > 1 else 0
-    p.ar_expert_bytes = int(2 * (n_exp - 1) / n_exp * pc.expert * g_b) if n_exp > 1 else 0
+    p.a2a_bytes = a2a_bytes(T_gpu, K, D, cb, dims.ep, moe, accum)
+    sync = _sync_cost(specs, dims, sharding, accum, cb)
+    p.ar_data_bytes = int(sync.get("data", (0.0, 0))[0] + sync.get("data_tp", (0.0, 0))[0])
+    p.ar_expert_bytes = int(sync.get("expert", (0.0, 0))[0])
     p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
-    # Compute: the model's training FLOPs spread evenly over the GPUs.
-    flops = model_flops_per_token(m, t.seq_len) * t.global_batch_size * t.seq_len / dims.world_size
-    peak = c.peak_flops or args.peak_flops
-    p.compute_s = flops / (peak * args.mfu) / (1 - p.bubble)
+    # Compute: the model's training FLOPs spread evenly over the GPUs, plus what checkpointing repeats.
+    tokens = t.global_batch_size * t.seq_len
+    peak = (c.peak_flops or args.peak_flops) * args.mfu
+    stretch = 1 / (1 - p.bubble)
+    p.compute_s = model_flops_per_token(m, t.seq_len) * tokens / dims.world_size / peak * stretch
+    p.recompute_s = recompute_flops_per_token(m, t.seq_len, ckpt) * tokens / dims.world_size / peak * stretch
+    p.compute_s += p.recompute_s
     gpn = c.gpus_per_node
 
     def bw(axes):
@@ -203,13 +463,18 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
     if dims.ep > 1:
         comm += p.a2a_bytes / bw((MeshAxis.EP,)) + alpha * (dims.ep - 1) * 4 * moe * accum
     if dims.tp > 1:
-        tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * act_b
+        tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * cb
         comm += tp_bytes / bw((MeshAxis.TP,)) + alpha * 4 * len(layers) * accum * 2 * (dims.tp - 1)
     if dims.pp > 1:
-        p2p_bytes = 2 * accum * T * D * act_b // (dims.tp if run.parallel.sequence_parallel else 1)
+        p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
         comm += p2p_bytes / bw((MeshAxis.PP,)) + alpha * 2 * accum
-    comm += p.ar_data_bytes / bw((MeshAxis.DP, MeshAxis.EP)) + (alpha * 2 * (n_data - 1) if n_data > 1 else 0)
-    comm += p.ar_expert_bytes / bw((MeshAxis.DP, MeshAxis.TP)) + (alpha * 2 * (n_exp - 1) if n_exp > 1 else 0)
+    group_axes = {
+        "data": (MeshAxis.DP, MeshAxis.EP),
+        "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
+        "expert": (MeshAxis.DP, MeshAxis.TP),
+    }
+    for kind, (nbytes, steps) in sync.items():
+        comm += nbytes / bw(group_axes[kind]) + alpha * steps
     p.comm_s = comm
     p.crosses = (
         ",".join(
@@ -225,10 +490,15 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
         )
         or "-"
     )
-    act = p.act_ckpt_bytes if args.activation_checkpointing else p.act_bytes
-    p.total_bytes = p.memory + act
     p.fits = p.total_bytes <= c.gpu_memory_gb * 1e9
     return p
+
+
+def compute_bytes(run: RunConfig) -> int:
+    """Bytes per element of compute (activations, gathered weights): bf16 where training
+    computes in it (trainer.dtype=bf16, or auto on a GPU, which the planner plans for)."""
+    dtype, device = run.trainer.dtype, run.trainer.device
+    return 2 if dtype == "bf16" or (dtype == "auto" and device != "cpu") else 4
 
 
 def make_plan(run: RunConfig, gpus: int, args) -> tuple[list[Plan], list[Plan]]:
@@ -249,23 +519,24 @@ def shown_rows(valid: list[Plan], top: int) -> list[int]:
     return list(range(1, cut + 1)) + [i for i, p in enumerate(valid[cut:], cut + 1) if p.dims in SEED_SPLITS]
 
 
-def table(valid: list[Plan], top: int, ckpt: bool) -> str:
+def table(valid: list[Plan], top: int) -> str:
     head = (
         "| # | dp | ep | tp | pp | fits | total GB | step s | compute s | comm s | bubble | expert GB | "
-        "non-exp GB | grad GB | optim GB | act GB | All-to-All GB | AR data GB | AR expert GB | off-node groups |"
+        "non-exp GB | grad GB | optim GB | transient GB | act GB | All-to-All GB | data sync GB | exp sync GB | "
+        "off-node groups |"
     )
-    lines = [head, "|" + "---|" * 20]
+    lines = [head, "|" + "---|" * 21]
     rows = shown_rows(valid, top)
     for i in rows:
         p = valid[i - 1]
         d = p.dims
-        act = p.act_ckpt_bytes if ckpt else p.act_bytes
         mark = " (seed)" if d in SEED_SPLITS else ""
         lines.append(
             f"| {i}{mark} | {d.dp} | {d.ep} | {d.tp} | {d.pp} | {'yes' if p.fits else 'NO'} | {_gb(p.total_bytes)} | "
             f"{p.step_s:.3f} | {p.compute_s:.3f} | {p.comm_s:.3f} | {p.bubble:.0%} | {_gb(p.param_expert)} | "
-            f"{_gb(p.param_non_expert)} | {_gb(p.grad_bytes)} | {_gb(p.optim_bytes)} | {_gb(act)} | "
-            f"{_gb(p.a2a_bytes)} | {_gb(p.ar_data_bytes)} | {_gb(p.ar_expert_bytes)} | {p.crosses} |"
+            f"{_gb(p.param_non_expert)} | {_gb(p.grad_bytes)} | {_gb(p.optim_bytes)} | {_gb(p.transient_bytes)} | "
+            f"{_gb(p.act_bytes)} | {_gb(p.a2a_bytes)} | {_gb(p.ar_data_bytes)} | {_gb(p.ar_expert_bytes)} | "
+            f"{p.crosses} |"
         )
     if len(rows) < len(valid):
         lines.append(f"... {len(valid) - len(rows)} more splits not shown (--top {top}); --top 0 shows all")
@@ -303,19 +574,13 @@ def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> l
     return ["python", "train.py", *split, *own]
 
 
-def what_ifs(args) -> str:
-    """The planner options that training does not build, to say beside a command."""
-    named = [
-        n for n, on in (("--activation-checkpointing", args.activation_checkpointing), ("--zero1", args.zero1)) if on
-    ]
-    return (
-        (
-            f"  (planned with {' and '.join(named)}, which training does not build yet: a run's memory per GPU is "
-            "higher than planned)"
-        )
-        if named
-        else ""
-    )
+def gone_flag(argv: list[str]) -> str | None:
+    """The one-line error for a planner flag that became a config key, or None."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in GONE_FLAGS:
+            return f"moemesh: {flag} is gone: the planner reads the training config's keys; use {GONE_FLAGS[flag]}"
+    return None
 
 
 def _png(valid: list[Plan], path: str, top: int) -> None:
@@ -340,15 +605,15 @@ def _png(valid: list[Plan], path: str, top: int) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed_4096 cluster.gpus=16")
-    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16_mixed")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument(
-        "--zero1",
-        action="store_true",
-        help="what-if: shard optimizer state over the data (and expert-data) group; not built in training",
+    argv = sys.argv[1:] if argv is None else list(argv)
+    gone = gone_flag(argv)
+    if gone:
+        print(gone, file=sys.stderr)
+        raise SystemExit(2)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed_4096 cluster.gpus=16")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for compute")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU, when cluster.peak_flops is unset")
     ap.add_argument("--top", type=int, default=25, help="rows shown (0: all); the seed's scenarios always are")
@@ -378,31 +643,28 @@ def main(argv=None) -> None:
                 f"cluster.gpu_memory_gb={run.cluster.gpu_memory_gb:g}",
                 file=sys.stderr,
             )
-        if what_ifs(args):
-            print(what_ifs(args).strip(), file=sys.stderr)
         return
     m = run.model
     print(
         f"plan: model={m.name} ({count_params(m).total / 1e9:.2f}B params, {m.num_experts} experts top-{m.top_k}), "
         f"{gpus} GPUs ({run.cluster.gpus_per_node}/node, {run.cluster.gpu_memory_gb:g} GB), "
         f"NVLink {run.cluster.intra_node_gbps:g} GB/s, network {run.cluster.inter_node_gbps:g} GB/s, "
-        f"precision {args.precision}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
-        f"{', ZeRO-1 optimizer sharding (what-if)' if args.zero1 else ''}"
+        f"compute {'bf16' if compute_bytes(run) == 2 else 'fp32'} (trainer.dtype={run.trainer.dtype}), "
+        f"parallel.sharding={run.parallel.sharding}, "
+        f"trainer.activation_checkpointing={run.trainer.activation_checkpointing}"
     )
     print(
-        f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} do not divide; "
+        f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} cannot run; "
         f"planned in {time.perf_counter() - t0:.2f} s"
     )
-    print(table(valid, args.top, args.activation_checkpointing))
+    print(table(valid, args.top))
     if valid and valid[0].fits:
         print("\nrow 1, the best fitting split (--command N prints row N's):")
         print(f"  {shlex.join(train_command(run, args.overrides, valid[0].dims))}")
-        if what_ifs(args):
-            print(what_ifs(args))
     elif valid:
         print(f"\nno split fits in {run.cluster.gpu_memory_gb:g} GB per GPU; --command N prints row N's command")
     if invalid:
-        print("\ndo not divide (first reasons):")
+        print("\ncannot run (first reasons):")
         for p in invalid[:8]:
             d = p.dims
             print(f"  dp{d.dp} ep{d.ep} tp{d.tp} pp{d.pp}: {p.problem}")

@@ -1,12 +1,27 @@
 """Parameters per rank from the config alone, without building the model.
 
-The planner uses these counts; a test builds the real model on the meta device
-for several layouts and checks every count is exact.
+``param_specs`` lists every parameter tensor one rank of a pipeline stage holds, with
+the shape and tags the model gives it (``moe.model``, ``parallel.tags``); ``count_params``
+sums them. ``local_numel`` is the part of a tensor one rank keeps under
+``parallel.sharding`` (FSDP2, ``parallel.fsdp``). The planner uses these; tests build the
+real model on the meta device for every preset (and shard it) and check every number.
+
+Sharding (zero2, zero3), as training builds it:
+  * the group a parameter is sharded over holds the same weights: the data group
+    (dp x ep) for non-expert parameters, the expert-data group (dp x tp) for routed
+    experts, and dp x ep x tp for the parameters whose gradients sum over it when
+    tp > 1 (the router; the norms under sequence parallelism);
+  * the dim: 0, except a parameter TP splits along dim 0 when tp > 1 (shards dim 1),
+    and experts [e, ...], which shard dim 0 if e divides over the group, else dim 1;
+  * rank i keeps chunk i of ``torch.chunk``: ceil(n/k) rows for the first chunks, the
+    last may hold fewer or none; rank 0 always holds a ceil-sized chunk, the most any
+    rank holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.parallel.dims import ParallelDims, padded_vocab
@@ -27,6 +42,22 @@ class ParamCount:
         return self.expert + self.non_expert
 
 
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor as a rank of a stage holds it (after EP and TP, before sharding)."""
+
+    name: str  # as in Transformer.named_parameters()
+    shape: tuple[int, ...]
+    expert: bool  # a routed expert's weights [e, ...] (EXPERT_SHARD tag)
+    tp_dim: int | None  # the dim of its TP_SHARD tag (tagged at any tp degree), None if untagged
+    data_tp: bool  # GRAD_GROUP "data_tp": gradients sum over dp x ep x tp
+    layer: int | None  # the transformer block it belongs to; None: embedding, final norm, head
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active parameters (without the input embedding, with
     top-k of E experts) + 12 x layers x hidden x sequence for attention (PaLM's count)."""
@@ -35,27 +66,111 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
-def count_params(
-    cfg: ModelConfig, dims: ParallelDims | None = None, *, stage: int = 0, split: list[int] | None = None
-) -> ParamCount:
-    """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts)."""
+def param_specs(
+    cfg: ModelConfig,
+    dims: ParallelDims | None = None,
+    *,
+    stage: int = 0,
+    split: list[int] | None = None,
+    sequence_parallel: bool = False,
+) -> list[ParamSpec]:
+    """Every parameter on one rank of pipeline stage ``stage``, in the model's order
+    (every rank of a stage holds the same shapes)."""
     from moemesh.parallel.pipeline import stage_layers
 
     dims = ParallelDims() if dims is None else dims
     D, t = cfg.hidden_size, dims.tp
+    sp = sequence_parallel and t > 1
     Dh = D // cfg.num_heads
     layers = stage_layers(cfg.num_layers, dims.pp, split)[stage]
-    first, last = layers.start == 0, layers.stop == cfg.num_layers
-    moe_layers = sum(1 for l in layers if is_moe_layer(cfg, l))
-    dense_layers = len(layers) - moe_layers
-    attention = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D // t
-    vocab = padded_vocab(cfg.vocab_size, t) // t * D  # embedding rows or head rows per rank
-    tp_sharded = (
-        len(layers) * attention
-        + dense_layers * 3 * D * cfg.ffn_hidden_size // t
-        + moe_layers * 3 * D * cfg.shared_expert_ffn_size // t
-        + vocab * (int(first) + int(last))
-    )
-    replicated = (2 * len(layers) + int(last)) * D + moe_layers * cfg.num_experts * D
-    expert = moe_layers * (cfg.num_experts // dims.ep) * 3 * D * cfg.moe_ffn_hidden_size
+    specs: list[ParamSpec] = []
+
+    def add(name, shape, *, tp_dim=None, expert=False, data_tp=False, layer=None):
+        specs.append(ParamSpec(name, tuple(shape), expert, tp_dim, data_tp, layer))
+
+    def norm(name, layer):
+        add(name, (D,), data_tp=sp, layer=layer)
+
+    def swiglu(prefix, ffn, layer):
+        add(f"{prefix}.w1.weight", (ffn // t, D), tp_dim=0, layer=layer)
+        add(f"{prefix}.w3.weight", (ffn // t, D), tp_dim=0, layer=layer)
+        add(f"{prefix}.w2.weight", (D, ffn // t), tp_dim=1, layer=layer)
+
+    vocab_rows = padded_vocab(cfg.vocab_size, t) // t
+    if layers.start == 0:
+        add("embed.weight", (vocab_rows, D), tp_dim=0)
+    for l in layers:
+        p = f"layers.{l}"
+        norm(f"{p}.attn_norm.weight", l)
+        add(f"{p}.attn.wq.weight", (cfg.num_heads * Dh // t, D), tp_dim=0, layer=l)
+        add(f"{p}.attn.wk.weight", (cfg.num_kv_heads * Dh // t, D), tp_dim=0, layer=l)
+        add(f"{p}.attn.wv.weight", (cfg.num_kv_heads * Dh // t, D), tp_dim=0, layer=l)
+        add(f"{p}.attn.wo.weight", (D, cfg.num_heads * Dh // t), tp_dim=1, layer=l)
+        norm(f"{p}.ffn_norm.weight", l)
+        if not is_moe_layer(cfg, l):
+            swiglu(f"{p}.ffn", cfg.ffn_hidden_size, l)
+            continue
+        e, Fe = cfg.num_experts // dims.ep, cfg.moe_ffn_hidden_size
+        add(f"{p}.moe.router.weight_ED", (cfg.num_experts, D), data_tp=True, layer=l)
+        add(f"{p}.moe.experts.w1_eDF", (e, D, Fe), expert=True, layer=l)
+        add(f"{p}.moe.experts.w3_eDF", (e, D, Fe), expert=True, layer=l)
+        add(f"{p}.moe.experts.w2_eFD", (e, Fe, D), expert=True, layer=l)
+        if cfg.shared_expert_ffn_size:
+            swiglu(f"{p}.moe.shared", cfg.shared_expert_ffn_size, l)
+    if layers.stop == cfg.num_layers:
+        norm("norm.weight", None)
+        add("head.weight", (vocab_rows, D), tp_dim=0)
+    return specs
+
+
+def count_params(
+    cfg: ModelConfig, dims: ParallelDims | None = None, *, stage: int = 0, split: list[int] | None = None
+) -> ParamCount:
+    """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts)."""
+    specs = param_specs(cfg, dims, stage=stage, split=split)
+    expert = sum(s.numel for s in specs if s.expert)
+    tp_sharded = sum(s.numel for s in specs if not s.expert and s.tp_dim is not None)
+    replicated = sum(s.numel for s in specs if not s.expert and s.tp_dim is None)
     return ParamCount(expert=expert, tp_sharded=tp_sharded, replicated=replicated)
+
+
+# --- sharding (parallel.sharding = zero2 | zero3) -------------------------------------
+
+
+def shard_group_size(spec: ParamSpec, dims: ParallelDims) -> int:
+    """The ranks ``spec`` is sharded over: those that hold the same weights."""
+    if spec.expert:
+        return dims.dp * dims.tp
+    if spec.data_tp and dims.tp > 1:
+        return dims.dp * dims.ep * dims.tp
+    return dims.dp * dims.ep
+
+
+def shard_dim(spec: ParamSpec, dims: ParallelDims) -> int:
+    """The dim sharding splits ``spec`` along (see the module docstring)."""
+    if len(spec.shape) < 2:
+        return 0
+    if spec.expert:
+        return 0 if spec.shape[0] % shard_group_size(spec, dims) == 0 else 1
+    return 1 if dims.tp > 1 and spec.tp_dim == 0 else 0
+
+
+def local_numel(spec: ParamSpec, dims: ParallelDims, sharded: bool, rank: int = 0) -> int:
+    """Elements of ``spec`` that rank ``rank`` of its shard group keeps (all when not sharded)."""
+    if not sharded:
+        return spec.numel
+    k, dim = shard_group_size(spec, dims), shard_dim(spec, dims)
+    n = spec.shape[dim]
+    chunk = -(-n // k)
+    rows = max(0, min(chunk, n - rank * chunk))
+    return spec.numel // n * rows if n else 0
+
+
+def uneven_non_leading_shard(specs: list[ParamSpec], dims: ParallelDims) -> ParamSpec | None:
+    """The first parameter that would be split unevenly along a dim other than 0, which
+    FSDP2 refuses (NotImplementedError in fully_shard); None if there is none."""
+    for s in specs:
+        dim = shard_dim(s, dims)
+        if dim != 0 and s.shape[dim] % shard_group_size(s, dims):
+            return s
+    return None

@@ -1,4 +1,5 @@
-"""Memory follows the split: per-rank parameters of the real model equal the config's count.
+"""Memory follows the split: per-rank parameters of the real model equal the config's count,
+and ``param_specs`` lists every parameter with its real name, shape and tags.
 
 Each layout's model is built on the meta device for every rank, under a fake
 process group (one process plays each rank in turn).
@@ -12,11 +13,11 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.context import ParallelContext
 from moemesh.moe.model import Transformer
-from moemesh.moe.param_count import count_params
+from moemesh.moe.param_count import count_params, param_specs
 from moemesh.parallel.dims import MeshAxis, ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.parallel.pipeline import stage_layers
-from moemesh.parallel.tp import TP_SHARD
+from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD
 
 CFG = ModelConfig(
     name="t",
@@ -47,6 +48,24 @@ LAYOUTS = {  # dp, ep, tp, pp
 }
 
 
+def _meta_model(dims: ParallelDims, rank: int, *, sequence_parallel: bool = False) -> Transformer:
+    """``rank``'s model of the layout, on the meta device."""
+    stage = dims.coords(rank)[MeshAxis.PP]
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+    try:
+        pm = build_mesh(dims, "cpu")
+        with torch.device("meta"):
+            par = ParallelContext(
+                ep_group=pm.ep_group,
+                stats_group=pm.data_tp_group,
+                tp_group=pm.tp_group if dims.tp > 1 else None,
+                sequence_parallel=sequence_parallel,
+            )
+            return Transformer(CFG, parallel=par, layers=stage_layers(CFG.num_layers, dims.pp)[stage])
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_per_rank_parameters_are_the_expected_share(name):
     dp, ep, tp, pp = LAYOUTS[name]
@@ -54,18 +73,8 @@ def test_per_rank_parameters_are_the_expected_share(name):
     full = count_params(CFG)
     stages = [count_params(CFG, dims, stage=s) for s in range(pp)]
     for rank in range(dims.world_size):
-        stage = dims.coords(rank)[MeshAxis.PP]
-        expected = stages[stage]
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
-        try:
-            pm = build_mesh(dims, "cpu")
-            with torch.device("meta"):
-                par = ParallelContext(
-                    ep_group=pm.ep_group, stats_group=pm.data_tp_group, tp_group=pm.tp_group if tp > 1 else None
-                )
-                model = Transformer(CFG, parallel=par, layers=stage_layers(CFG.num_layers, pp)[stage])
-        finally:
-            dist.destroy_process_group()
+        expected = stages[dims.coords(rank)[MeshAxis.PP]]
+        model = _meta_model(dims, rank)
         expert = sum(p.numel() for p in model.expert_parameters())
         sharded = sum(p.numel() for p in model.non_expert_parameters() if getattr(p, TP_SHARD, None) is not None)
         replicated = sum(p.numel() for p in model.non_expert_parameters() if getattr(p, TP_SHARD, None) is None)
@@ -76,3 +85,26 @@ def test_per_rank_parameters_are_the_expected_share(name):
     assert sum(s.replicated for s in stages) == full.replicated
     pad = (-CFG.vocab_size) % tp
     assert sum(s.tp_sharded for s in stages) * tp == full.tp_sharded + 2 * pad * CFG.hidden_size
+
+
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_param_specs_are_the_real_parameters_with_their_tags(name, sp):
+    """Names, order, shapes and the three tags of every parameter, on the first rank of each stage."""
+    dp, ep, tp, pp = LAYOUTS[name]
+    dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
+    for stage in range(pp):
+        rank = next(r for r in range(dims.world_size) if dims.coords(r)[MeshAxis.PP] == stage)
+        real = [
+            (
+                n,
+                tuple(p.shape),
+                hasattr(p, EXPERT_SHARD),
+                (getattr(p, TP_SHARD, None) or (None,))[0],
+                getattr(p, GRAD_GROUP, "data") == "data_tp",
+            )
+            for n, p in _meta_model(dims, rank, sequence_parallel=sp).named_parameters()
+        ]
+        specs = param_specs(CFG, dims, stage=stage, sequence_parallel=sp)
+        assert [(s.name, s.shape, s.expert, s.tp_dim, s.data_tp) for s in specs] == real
+        assert all(s.layer == (int(s.name.split(".")[1]) if s.name.startswith("layers.") else None) for s in specs)

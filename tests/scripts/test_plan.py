@@ -31,41 +31,135 @@ from moemesh.parallel.comm import CommMeter  # noqa: E402
 from moemesh.parallel.dims import MeshAxis, ParallelDims, layout_name  # noqa: E402
 from moemesh.parallel.mesh import build_mesh  # noqa: E402
 from moemesh.parallel.pipeline import stage_layers  # noqa: E402
+from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
 
-ARGS = argparse.Namespace(precision="fp32", activation_checkpointing=False, zero1=False, mfu=0.4, peak_flops=1e12)
+ARGS = argparse.Namespace(mfu=0.4, peak_flops=1e12)
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "parallel").glob("*.yaml"))
+MODES = ("none", "zero2", "zero3")
+SMALL_MODEL = ["trainer.global_batch_size=32", "model.num_layers=4", "trainer.dtype=fp32"]
 
 
-def _real_bytes(run, dims):
-    """Max over ranks of (expert, non-expert) parameter bytes of the real model, on meta."""
-    worst = (0, 0)
+def _shard_as_specified(model: Transformer, pm, dims: ParallelDims, mode: str) -> None:
+    """FSDP2 units and placements as training builds them (moemesh/moe/param_count.py's
+    docstring): one unit per block over the data group; inside it, the routed experts over
+    the expert-data group and, with TP, the dp x ep x tp parameters over that group; the
+    root over the data group.
+
+    SWAP POINT: once moemesh/parallel/fsdp.py lands, replace this body with the trainer's
+    own call (``apply_fsdp(model, list(model.layers.values()), pm.shard_meshes(), mode=mode)``
+    or whatever parallelize.shard_model calls), so the test reads what training builds.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    m = pm.device_mesh
+    data = m["data"]
+    expert = m["dp", "tp"]._flatten("expert_data") if dims.tp > 1 else m["dp"]
+    data_tp = m["dp", "ep", "tp"]._flatten("data_tp") if dims.tp > 1 else None
+
+    def unit(module, mesh):
+        k = mesh.size()
+
+        def placement(p):
+            if p.ndim < 2:
+                return Shard(0)
+            if hasattr(p, EXPERT_SHARD):
+                return Shard(0 if p.shape[0] % k == 0 else 1)
+            tag = getattr(p, TP_SHARD, None)
+            return Shard(1 if dims.tp > 1 and tag is not None and tag[0] == 0 else 0)
+
+        fully_shard(module, mesh=mesh, reshard_after_forward=mode == "zero3", shard_placement_fn=placement)
+
+    def inner_units(modules):
+        for module in modules:
+            own = list(module.parameters(recurse=False))
+            if own and all(hasattr(p, EXPERT_SHARD) for p in own):
+                unit(module, expert)
+            elif data_tp is not None and own and all(getattr(p, GRAD_GROUP, "data") == "data_tp" for p in own):
+                unit(module, data_tp)
+
+    blocks = list(model.layers.values())
+    for block in blocks:
+        inner_units(block.modules())
+        unit(block, data)
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    inner_units([m for m in model.modules() if id(m) not in in_blocks and m is not model])  # the final norm under SP
+    unit(model, data)
+
+
+def _local_bytes(run, dims: ParallelDims, mode: str) -> dict[str, dict[str, int]]:
+    """memory_per_rank's max over ranks, from the real model of every rank on the meta device,
+    sharded as training shards it: {param_bytes, grad_bytes, optimizer_bytes} x {expert,
+    non_expert}. Gradients take the local shape of their parameter; AdamW keeps exp_avg and
+    exp_avg_sq of that shape and a 4-byte float32 step per tensor (moemesh/trainer/step_stats.py)."""
+    worst = {k: {"expert": 0, "non_expert": 0} for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
     for rank in range(dims.world_size):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                par = ParallelContext(ep_group=pm.ep_group, tp_group=pm.tp_group if dims.tp > 1 else None)
+                par = ParallelContext(
+                    ep_group=pm.ep_group,
+                    tp_group=pm.tp_group if dims.tp > 1 else None,
+                    sequence_parallel=run.parallel.sequence_parallel,
+                )
                 model = Transformer(
                     run.model, parallel=par, layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]]
                 )
+            experts = {n for n, p in model.named_parameters() if hasattr(p, EXPERT_SHARD)}
+            if mode != "none":
+                _shard_as_specified(model, pm, dims, mode)
+            sizes = {"expert": [], "non_expert": []}
+            for n, p in model.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                sizes["expert" if n in experts else "non_expert"].append(local.numel() * local.element_size())
         finally:
             dist.destroy_process_group()
-        e = sum(p.numel() * 4 for p in model.expert_parameters())
-        n = sum(p.numel() * 4 for p in model.non_expert_parameters())
-        worst = max(worst, (e + n, e, n))[:3] if len(worst) == 3 else (e + n, e, n)
-    return worst[1], worst[2]
+        for kind, b in sizes.items():
+            mine = {"param_bytes": sum(b), "grad_bytes": sum(b), "optimizer_bytes": sum(2 * x + 4 for x in b)}
+            for k, v in mine.items():
+                worst[k][kind] = max(worst[k][kind], v)
+    return worst
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_parameter_bytes_equal_the_real_model_for_every_preset(preset):
-    run = compose_run([f"parallel={preset}", "trainer.global_batch_size=32", "model.num_layers=4"])
+# Every preset, and the TP presets with sequence parallelism (its norms shard over dp x ep x tp).
+SP = "parallel.sequence_parallel=true"
+LAYOUT_CASES = [(p, ()) for p in PRESETS] + [(p, (SP,)) for p in ("tp2_ep2_dp2", "pp2_tp2_ep2")]
+
+
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
+def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(preset, extra, mode):
+    """The planner's parameter, gradient and optimizer bytes per rank are memory_per_rank's
+    max over the ranks of the real model, built and sharded on the meta device."""
+    run = compose_run([f"parallel={preset}", f"parallel.sharding={mode}", *SMALL_MODEL, *extra])
     dims = ParallelDims.from_config(run.parallel)
     p = plan.plan_one(run, dims, ARGS)
+    if mode != "none" and dims.data_size == 1:  # refused before any rank starts: nothing to shard
+        assert p.problem is not None and "nothing to shard" in p.problem
+        return
     assert p.problem is None, p.problem
-    expert, non_expert = _real_bytes(run, dims)
-    assert (p.param_expert, p.param_non_expert) == (expert, non_expert)
-    assert p.grad_bytes == expert + non_expert  # fp32 gradients, one per parameter
+    real = _local_bytes(run, dims, mode)
+    planned = {
+        "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
+        "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
+        "optimizer_bytes": {"expert": p.optim_expert, "non_expert": p.optim_non_expert},
+    }
+    assert planned == real
+
+
+def test_sharding_divides_the_state_by_the_groups_exactly():
+    """zero3 cuts the state per rank by the sharding group size: dp x ep for non-expert, dp x tp for experts."""
+    run = compose_run(["parallel=tp2_ep2_dp2", *SMALL_MODEL])
+    dims = ParallelDims.from_config(run.parallel)
+    none = plan.plan_one(run, dims, ARGS)
+    z3 = plan.plan_one(
+        dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, sharding="zero3")), dims, ARGS
+    )
+    assert z3.param_expert * 4 == none.param_expert  # dp x tp = 4 ranks hold the same experts
+    assert none.param_non_expert / z3.param_non_expert == pytest.approx(4, rel=0.02)  # dp x ep (router: x tp)
 
 
 @pytest.mark.slow
@@ -189,7 +283,7 @@ def test_a_1024_gpu_plan_with_256_experts_takes_under_2_seconds():
     assert time.perf_counter() - t0 < 30
 
 
-# README's seed command (--activation-checkpointing --zero1): 34 valid splits, the seed's dp8 x ep2 ranks 30th.
+# README's seed scenario; SEED_MODES picks a sharding mode and a checkpointing setting.
 SEED = [
     "model=seed_4096",
     "cluster.gpus=16",
@@ -197,9 +291,11 @@ SEED = [
     "trainer.seq_len=4096",
     "trainer.micro_batch_size=1",
 ]
-SEED_ARGS = argparse.Namespace(
-    precision="bf16_mixed", activation_checkpointing=True, zero1=True, mfu=0.4, peak_flops=989e12
-)
+SEED_ARGS = argparse.Namespace(mfu=0.4, peak_flops=989e12)
+
+
+def _seed(sharding: str = "none", ckpt: str = "none"):
+    return compose_run([*SEED, f"parallel.sharding={sharding}", f"trainer.activation_checkpointing={ckpt}"])
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -209,32 +305,35 @@ def _rows(text: str) -> list[dict[str, str]]:
     return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_total_column_is_the_sum_of_the_memory_parts(ckpt):
-    args = argparse.Namespace(**{**vars(SEED_ARGS), "activation_checkpointing": ckpt})
-    run = compose_run(SEED)
-    valid, _ = plan.make_plan(run, 16, args)
+@pytest.mark.parametrize("ckpt", ["none", "full", "selective"])
+@pytest.mark.parametrize("sharding", ["none", "zero2", "zero3"])
+def test_total_column_is_the_sum_of_the_memory_parts(sharding, ckpt):
+    run = _seed(sharding, ckpt)
+    valid, _ = plan.make_plan(run, 16, SEED_ARGS)
     for p in valid:
-        act = p.act_ckpt_bytes if ckpt else p.act_bytes
-        assert p.total_bytes == p.param_expert + p.param_non_expert + p.grad_bytes + p.optim_bytes + act
+        assert p.total_bytes == p.memory + p.transient_bytes + p.act_bytes
         assert p.fits == (p.total_bytes <= run.cluster.gpu_memory_gb * 1e9)
-    rows = _rows(plan.table(valid, 0, ckpt))
+    rows = _rows(plan.table(valid, 0))
     assert len(rows) == len(valid)
-    parts = ("expert GB", "non-exp GB", "grad GB", "optim GB", "act GB")
+    parts = ("expert GB", "non-exp GB", "grad GB", "optim GB", "transient GB", "act GB")
     for row, p in zip(rows, valid, strict=True):
         assert row["total GB"] == f"{p.total_bytes / 1e9:,.1f}"
         printed = sum(float(row[c].replace(",", "")) for c in parts)
         assert abs(printed - float(row["total GB"].replace(",", ""))) <= 0.05 * (len(parts) + 1), row
-    assert {r["fits"] for r in rows} == {"yes", "NO"}  # both kinds are checked
 
 
-@pytest.mark.parametrize("top", [5, 25])
+def test_both_kinds_of_rows_are_in_the_seed_plan():
+    rows = _rows(plan.table(plan.make_plan(_seed(), 16, SEED_ARGS)[0], 0))
+    assert {r["fits"] for r in rows} == {"yes", "NO"}
+
+
+@pytest.mark.parametrize("top", [5, 10])
 def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(top):
-    valid, _ = plan.make_plan(compose_run(SEED), 16, SEED_ARGS)
+    valid, _ = plan.make_plan(_seed(), 16, SEED_ARGS)
     seeds = {i: p.dims for i, p in enumerate(valid, 1) if p.dims in plan.SEED_SPLITS}
     assert sorted(seeds.values(), key=lambda d: d.dp) == [plan.ParallelDims(dp=2, ep=8), plan.ParallelDims(dp=8, ep=2)]
-    assert max(seeds) > top  # dp8 x ep2 ranks below the cut, as in README's command
-    text = plan.table(valid, top, True)
+    assert max(seeds) > top  # dp8 x ep2 ranks below the cut
+    text = plan.table(valid, top)
     shown = {int(r["#"].split()[0]): r for r in _rows(text)}
     assert sorted(shown) == sorted(set(range(1, top + 1)) | set(seeds))
     for i, row in shown.items():
@@ -244,8 +343,8 @@ def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(to
     hidden = len(valid) - len(shown)
     assert text.splitlines()[-1] == f"... {hidden} more splits not shown (--top {top}); --top 0 shows all"
     for everything in (0, len(valid)):
-        assert "not shown" not in plan.table(valid, everything, True)
-        assert len(_rows(plan.table(valid, everything, True))) == len(valid)
+        assert "not shown" not in plan.table(valid, everything)
+        assert len(_rows(plan.table(valid, everything))) == len(valid)
 
 
 def test_the_command_for_every_row_composes_into_its_split():
@@ -282,24 +381,67 @@ def test_the_command_for_every_row_composes_into_its_split():
 
 
 def test_command_option_prints_the_rows_command_and_the_table_prints_the_best(capsys):
-    valid, _ = plan.make_plan(compose_run(SEED), 16, SEED_ARGS)
+    valid, _ = plan.make_plan(_seed(), 16, SEED_ARGS)
     n, p = next((i, p) for i, p in enumerate(valid, 1) if p.dims == plan.ParallelDims(dp=8, ep=2))
     assert not p.fits
-    plan.main([*SEED, "--activation-checkpointing", "--zero1", "--command", str(n)])
+    plan.main([*SEED, "--command", str(n)])
     out, err = capsys.readouterr()
     assert out.splitlines() == [out.strip()]  # the command alone, ready to paste
     got = compose_run(shlex.split(out)[2:])
     assert plan.ParallelDims.from_config(got.parallel) == plan.ParallelDims(dp=8, ep=2)
     assert got.parallel.name == "ep2_dp8" and got.model.name == "seed_4096"
-    assert f"row {n} does not fit: {p.total_bytes / 1e9:.1f} GB per GPU" in err and "--zero1" in err
-    plan.main([*SEED, "--activation-checkpointing", "--zero1"])
+    assert f"row {n} does not fit: {p.total_bytes / 1e9:.1f} GB per GPU" in err
+    plan.main(SEED)
     out = capsys.readouterr().out
     best = re.search(r"row 1, the best fitting split.*\n  (python train.py .*)\n", out).group(1)
-    plan.main([*SEED, "--activation-checkpointing", "--zero1", "--command", "1"])
+    plan.main([*SEED, "--command", "1"])
     assert capsys.readouterr().out.strip() == best
     with pytest.raises(SystemExit) as exit_:
         plan.main([*SEED, "--command", str(len(valid) + 1)])
     assert exit_.value.code == 2 and f"the plan has {len(valid)} rows" in capsys.readouterr().err
+
+
+def test_the_modes_are_the_training_keys_and_the_command_carries_them(capsys):
+    """Sharding and checkpointing come from the config keys train.py reads; the command repeats them."""
+    over = [*SEED, "parallel.sharding=zero3", "trainer.activation_checkpointing=full"]
+    plan.main([*over, "--command", "1"])
+    got = compose_run(shlex.split(capsys.readouterr().out)[2:])
+    assert (got.parallel.sharding, got.trainer.activation_checkpointing) == ("zero3", "full")
+    plan.main([*over, "--top", "1"])
+    assert "parallel.sharding=zero3, trainer.activation_checkpointing=full" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [
+        ("--zero1", "parallel.sharding=zero2"),
+        ("--activation-checkpointing", "trainer.activation_checkpointing=full"),
+        ("--precision=fp32", "trainer.dtype=fp32"),
+    ],
+)
+def test_an_old_what_if_flag_fails_in_one_line_naming_its_config_key(flag, key, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan.main([*SEED, flag])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"moemesh: {flag.split('=')[0]} is gone") and key in err
+
+
+def test_modes_order_memory_and_step_time_as_they_should():
+    """Per split: zero2 and zero3 keep the same sharded state at rest, less than none, and
+    zero3 gathers less at a time than zero2; each checkpointing setting keeps fewer
+    activations; zero3 moves more bytes than zero2, which moves more than none (gathers
+    every micro-step); checkpointing costs compute, full at most a third more."""
+    modes = [(sh, ck) for sh in ("none", "zero2", "zero3") for ck in ("none", "full", "selective")]
+    by = {k: {p.dims: p for p in plan.make_plan(_seed(*k), 16, SEED_ARGS)[0]} for k in modes}
+    for d in by[("zero3", "none")]:
+        none, z2, z3 = (by[(sh, "none")][d] for sh in ("none", "zero2", "zero3"))
+        assert none.memory > z2.memory == z3.memory
+        assert z2.transient_bytes > z3.transient_bytes
+        assert none.ar_data_bytes < z2.ar_data_bytes < z3.ar_data_bytes
+        full, sel = by[("zero3", "full")][d], by[("zero3", "selective")][d]
+        assert full.act_bytes < sel.act_bytes < z3.act_bytes
+        assert z3.compute_s < sel.compute_s < full.compute_s <= z3.compute_s * (1 + 1 / 3 + 1e-9)
 
 
 def test_generated_names_are_the_presets_names():
@@ -312,3 +454,49 @@ def test_generated_names_are_the_presets_names():
             pp=cfg.pipeline_parallel_size,
         )
         assert layout_name(dims) == cfg.name == path.stem
+
+
+def test_activation_estimate_matches_the_tensors_a_real_forward_saves():
+    """CPU, fp32, one process: the bytes autograd saves for backward (distinct storages, not
+    parameters) per block and in all, against block_activations and activation_bytes."""
+    cfg = ModelConfig(
+        name="t",
+        vocab_size=256,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=384,
+        moe_ffn_hidden_size=96,
+        num_experts=8,
+        top_k=2,
+        moe_every_k_layers=2,
+        max_seq_len=256,
+    )
+    B, S = 2, 256
+    model = Transformer(cfg)
+    model.init_weights(0)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    where: list[str | None] = [None]
+    saved: dict[int, tuple[str | None, int]] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in saved:
+            saved[ptr] = (where[0], t.untyped_storage().nbytes())
+        return t
+
+    for name, block in model.layers.items():
+        block.register_forward_pre_hook(lambda m, a, name=name: where.__setitem__(0, name))
+        block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "head"))
+    tokens = torch.randint(0, cfg.vocab_size, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens)
+    per_block = {name: sum(n for w, n in saved.values() if w == name) for name in model.layers}
+    dims = ParallelDims()
+    for name, measured in per_block.items():
+        planned = plan.block_activations(cfg, int(name), B * S, dims, False).total * 4
+        assert planned == pytest.approx(measured, rel=0.03), name
+    everything = sum(n for _, n in saved.values())
+    planned = plan.activation_bytes(cfg, range(2), B * S, dims, False, "none", 1, 4)
+    assert planned == pytest.approx(everything, rel=0.03)
