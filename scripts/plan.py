@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import shlex
 import sys
@@ -185,6 +186,7 @@ def a2a_bytes(
     return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
 
 
+@functools.cache  # the planner asks each split's groups several times
 def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     """Whether the group along ``axes`` that holds rank 0 spans nodes (groups are translates
     of each other under the rank order, so one answers for all)."""
@@ -430,8 +432,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
         return total, state, trans, act
 
     # The busiest stage: the one whose rank needs the most memory.
-    stage = max(range(dims.pp), key=lambda s: stage_memory(s)[0])
-    p.total_bytes, state, p.transient_bytes, p.act_bytes = stage_memory(stage)
+    per_stage = [stage_memory(s) for s in range(dims.pp)]
+    stage = max(range(dims.pp), key=lambda s: per_stage[s][0])
+    p.total_bytes, state, p.transient_bytes, p.act_bytes = per_stage[stage]
     p.param_expert, p.param_non_expert = state.params
     p.grad_expert, p.grad_non_expert = state.grads
     p.optim_expert, p.optim_non_expert = state.optim
