@@ -159,8 +159,9 @@ class TrainerConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     threads_per_rank: int | None = None  # CPU: None splits the cores over local ranks
     # Recompute each transformer block's activations in backward: none | full (keep only the
-    # block's input) | selective (keep the attention output and the expert outputs too).
-    # Never repeats an All-to-All or a TP collective (their outputs are kept).
+    # block's input and its collectives' outputs) | selective (keep the attention output and
+    # the expert matmul outputs too). Never repeats an All-to-All or a TP collective: the
+    # recompute replays their recorded outputs (moemesh/parallel/recompute.py).
     activation_checkpointing: str = "none"
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a

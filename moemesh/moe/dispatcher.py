@@ -19,7 +19,7 @@ import torch.distributed as dist
 from einops import rearrange
 
 from moemesh.kernels import TORCH_OPS, KernelOps
-from moemesh.parallel.comm import CommMeter, all_to_all_counts, all_to_all_rows, group_size
+from moemesh.parallel.comm import CommMeter, all_to_all_counts, all_to_all_rows, group_size, is_replaying
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ class AllToAllDispatcher:
 
         Its routed rows whose expert lives elsewhere (dispatch forward, combine backward)
         and the rows other ranks routed to its experts (combine forward, dispatch
-        backward). From split sizes already on the host: no extra device sync.
+        backward). From split sizes already on the host: no extra device sync. Not again
+        when an activation-checkpointed block recomputes its forward.
         """
-        if self.meter is None or self.ep_size == 1:
+        if self.meter is None or self.ep_size == 1 or is_replaying():
             return
         me = dist.get_rank(self.ep_group)
         leaving = sum(send_splits) - send_splits[me]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moemesh.parallel.comm import replayable
+
 
 class _Handle:
     """The in-flight exchange of one chunk, shared by its _Start and _Wait nodes."""
@@ -46,6 +48,18 @@ def _launch(x, in_splits, out_splits, group):
     return out, work
 
 
+def _launch_forward(x, h: _Handle):
+    """The forward launch, replayable (``comm.replayable``): an activation-checkpointed
+    recompute gets the buffer the first forward's exchange filled, and ``h.work`` is None."""
+
+    def run():
+        out, h.work = _launch(x, h.in_splits, h.out_splits, h.group)
+        _count(h, x, h.in_splits, h.out_splits)
+        return out
+
+    return replayable(run)
+
+
 def _count(h: _Handle, x, in_splits, out_splits):
     if h.meter is None:
         return
@@ -58,10 +72,8 @@ def _count(h: _Handle, x, in_splits, out_splits):
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h: _Handle):
-        out, h.work = _launch(x, h.in_splits, h.out_splits, h.group)
-        _count(h, x, h.in_splits, h.out_splits)
         ctx.h = h
-        return out
+        return _launch_forward(x, h)
 
     @staticmethod
     def backward(ctx, _unused):
@@ -77,10 +89,11 @@ class _Start(torch.autograd.Function):
 class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf, h: _Handle):
-        t0 = h.meter.start() if h.meter is not None else None
-        h.work.wait()
-        if h.meter is not None:
-            h.meter.stop(h.kind, t0, 0, 0)  # exposed (not hidden) communication time
+        if h.work is not None:  # None: replayed, nothing in flight
+            t0 = h.meter.start() if h.meter is not None else None
+            h.work.wait()
+            if h.meter is not None:
+                h.meter.stop(h.kind, t0, 0, 0)  # exposed (not hidden) communication time
         ctx.h = h
         return buf.view_as(buf)
 

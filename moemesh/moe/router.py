@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.kernels import TORCH_OPS, GatingOutput, KernelOps
-from moemesh.parallel.comm import all_reduce_, group_size
+from moemesh.parallel.comm import all_reduced, group_size
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def sequence_aux_loss(logits_TE, topk_ids_TK, seq_T, *, num_seqs: int, seq_len: 
     counts_BE.index_put_(
         (seq_T[:, None].expand(T, K), topk_ids_TK), torch.ones(T, K, device=logits_TE.device), accumulate=True
     )
-    all_reduce_(counts_BE, tp_group)
+    counts_BE = all_reduced(counts_BE, tp_group)
     f_BE = counts_BE * E / (K * seq_len)
     p_BE = torch.zeros(num_seqs, E, device=logits_TE.device).index_add(0, seq_T, scores) / seq_len
     return (f_BE * p_BE).sum() / num_seqs
@@ -113,9 +113,8 @@ def router_losses(gate: GatingOutput, *, stats_group, scale: float = 1.0) -> Rou
     """
     T, K = gate.topk_ids_TK.shape
     E = gate.counts_E.shape[0]
-    counts_E = gate.counts_E.detach().clone()
+    counts_E = all_reduced(gate.counts_E.detach(), stats_group)
     n = group_size(stats_group)
-    all_reduce_(counts_E, stats_group)
     # f_i: fraction of all routed pairs in the scope; P_i: this rank's mean score.
     # Every rank holds the same number of tokens, so mean over ranks of P_local = P_global.
     f_E = counts_E.float() / max(T * K * n, 1)

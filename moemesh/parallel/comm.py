@@ -2,15 +2,111 @@
 
 A group of ``None`` means a single rank: the collective is the identity. This
 keeps one code path for ``parallel=single`` without a process group.
+
+Record and replay (for activation checkpointing, ``parallel.recompute``): every
+collective the model's forward issues goes through ``replayable``. While a
+checkpointed region runs its forward under ``recording(tape)``, each collective's
+output is kept on the tape, in order; when the region is recomputed for the backward
+under ``replaying(tape)``, each collective returns its recorded output instead of
+communicating, and the meter counts nothing. So a recompute never repeats an
+All-to-All, a TP collective or a statistics all-reduce, needs no peer to take part,
+and the tensors it rebuilds are bit-identical to the first forward's. The active
+tape lives in a thread-local, like torch's own grad mode: a region's forward and its
+recompute each run on one thread, and nothing outside a checkpointed region sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+
+class CollectiveTape:
+    """The outputs of one checkpointed region's forward collectives, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.cursor: int | None = None  # None: recording; else the next output to replay
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.outputs)
+
+
+class _Active(threading.local):
+    tape: CollectiveTape | None = None
+    in_collective: bool = False
+
+
+_active = _Active()
+
+
+@contextlib.contextmanager
+def recording(tape: CollectiveTape) -> Iterator[None]:
+    """Run a region's forward: each ``replayable`` collective's output goes on ``tape``."""
+    prev, _active.tape = _active.tape, tape
+    tape.cursor = None
+    try:
+        yield
+    finally:
+        _active.tape = prev
+
+
+@contextlib.contextmanager
+def replaying(tape: CollectiveTape) -> Iterator[None]:
+    """Recompute a region: each ``replayable`` collective returns ``tape``'s next output.
+
+    Starts from the first output every time (a second backward through a retained
+    graph recomputes again); a recompute that stops early leaves the rest unread.
+    """
+    prev, _active.tape = _active.tape, tape
+    tape.cursor = 0
+    try:
+        yield
+    finally:
+        _active.tape = prev
+        tape.cursor = None
+
+
+def is_replaying() -> bool:
+    """True inside a recompute: host-side counters (meter bytes) must not count again."""
+    return _active.tape is not None and _active.tape.cursor is not None
+
+
+def collective_in_progress() -> bool:
+    """True while a recorded collective runs (the selective policy saves nothing from it)."""
+    return _active.in_collective
+
+
+def replayable(run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``run()``, a forward collective returning a new tensor, made safe to recompute.
+
+    Outside a checkpointed region: ``run()``. Recording: ``run()``, its output kept on
+    the tape (a reference, not a copy: callers never modify it in place; for an
+    asynchronous collective, the buffer its wait fills). Replaying: the recorded
+    output, and ``run`` is not called, so nothing is sent and nothing is metered.
+    """
+    tape = _active.tape
+    if tape is None:
+        return run()
+    if tape.cursor is not None:
+        assert tape.cursor < len(tape.outputs), "recompute issued more collectives than its forward"
+        out = tape.outputs[tape.cursor]
+        tape.cursor += 1
+        return out.detach()
+    _active.in_collective = True
+    try:
+        out = run()
+    finally:
+        _active.in_collective = False
+    tape.outputs.append(out.detach())
+    return out
 
 
 def group_size(group) -> int:
@@ -18,18 +114,38 @@ def group_size(group) -> int:
 
 
 def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place, for the trainer (gradients, metrics). Not replayable: inside a
+    checkpointed region use ``all_reduced``."""
+    assert _active.tape is None, "all_reduce_ in a checkpointed region would run again on recompute: use all_reduced"
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_reduced(t: torch.Tensor, group) -> torch.Tensor:
+    """A new tensor: the sum of ``t`` over ``group`` (a copy of ``t`` for one rank). Replayable."""
+    if group_size(group) == 1:
+        return t.clone()
+
+    def run() -> torch.Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    return replayable(run)
 
 
 def all_to_all_counts(counts_Re: torch.Tensor, group) -> torch.Tensor:
     """Exchange per-expert counts: row r of the input goes to rank r; row r of the output came from r."""
     if group_size(group) == 1:
         return counts_Re.clone()
-    out = torch.empty_like(counts_Re)
-    dist.all_to_all_single(out, counts_Re.contiguous(), group=group)
-    return out
+
+    def run() -> torch.Tensor:
+        out = torch.empty_like(counts_Re)
+        dist.all_to_all_single(out, counts_Re.contiguous(), group=group)
+        return out
+
+    return replayable(run)
 
 
 class CommMeter:
@@ -100,7 +216,7 @@ class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, in_splits: list[int], out_splits: list[int], group, meter, kind):
         ctx.in_splits, ctx.out_splits, ctx.group, ctx.meter, ctx.kind = in_splits, out_splits, group, meter, kind
-        return _exchange(x_ND, in_splits, out_splits, group, meter, kind)
+        return replayable(lambda: _exchange(x_ND, in_splits, out_splits, group, meter, kind))
 
     @staticmethod
     def backward(ctx, grad_out):

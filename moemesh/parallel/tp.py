@@ -15,7 +15,9 @@ name, and needs token split/gather operators around the MoE layer that DTensor
 does not provide. The collectives are torch's; the operators below are the five
 autograd pairs Megatron-LM describes, each a few lines.
 
-With ``group=None`` (t = 1) every operator is the identity.
+With ``group=None`` (t = 1) every operator is the identity. Each forward collective
+goes through ``comm.replayable``: an activation-checkpointed block's recompute
+reuses its output instead of communicating again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moemesh.parallel.comm import group_size
+from moemesh.parallel.comm import all_reduced, group_size, replayable
 from moemesh.parallel.dims import padded_vocab  # noqa: F401  (re-exported for the model)
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD  # noqa: F401 (re-exported: the tags TP layers set)
 
@@ -76,9 +78,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(x, group=group)
-        return x
+        return all_reduced(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -91,7 +91,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return replayable(lambda: _all_gather(x, group, dim))
 
     @staticmethod
     def backward(ctx, g):
@@ -117,7 +117,7 @@ class _SPGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return replayable(lambda: _all_gather(x, group, dim))
 
     @staticmethod
     def backward(ctx, g):
@@ -130,7 +130,7 @@ class _SPReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
+        return replayable(lambda: _reduce_scatter(x, group, dim))
 
     @staticmethod
     def backward(ctx, g):

@@ -28,6 +28,7 @@ from moemesh.parallel.dims import MeshAxis
 from moemesh.parallel.grads import GradReducer
 from moemesh.parallel.mesh import ParallelMesh
 from moemesh.parallel.pipeline import build_schedule, stage_layers
+from moemesh.parallel.recompute import apply_activation_checkpointing
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
 from moemesh.parallel.tp import vocab_parallel_cross_entropy
 
@@ -65,6 +66,7 @@ def build_model(
         )
     materialize(model, device)
     model.init_weights(run.trainer.seed)
+    apply_activation_checkpointing(model.layers, run.trainer.activation_checkpointing)
     return model
 
 

@@ -150,6 +150,19 @@ def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(pres
     assert planned == real
 
 
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
+def test_a_split_fsdp2_cannot_shard_is_refused_as_fully_shard_refuses_it():
+    """6 local experts over 4 ranks shard along dim 1 (hidden 18), which does not divide:
+    FSDP2 raises, and the planner lists the split as one that cannot run, naming the tensor."""
+    over = ["parallel=dp4", "parallel.sharding=zero3", "model.num_experts=6", "model.hidden_size=18"]
+    run = compose_run([*over, "model.num_heads=1", "model.num_kv_heads=1", *SMALL_MODEL])
+    dims = ParallelDims.from_config(run.parallel)
+    p = plan.plan_one(run, dims, ARGS)
+    assert p.problem is not None and "layers.0.moe.experts.w1_eDF [6, 18, 256]" in p.problem and "FSDP2" in p.problem
+    with pytest.raises(NotImplementedError, match="uneven sharding on dim 1"):
+        _local_bytes(run, dims, "zero3")
+
+
 def test_sharding_divides_the_state_by_the_groups_exactly():
     """zero3 cuts the state per rank by the sharding group size: dp x ep for non-expert, dp x tp for experts."""
     run = compose_run(["parallel=tp2_ep2_dp2", *SMALL_MODEL])

@@ -1,0 +1,147 @@
+"""Activation checkpointing per transformer block (``trainer.activation_checkpointing``).
+
+``full`` keeps, between a block's forward and its backward, only the block's input and
+the outputs of its collectives; the backward recomputes the rest of the block from
+them. ``selective`` also keeps the results of the operators in ``SELECTIVE_SAVE``: the
+attention output and the routed experts' matmul outputs (the attention core costs
+O(S^2) FLOPs for T x D values kept; the expert GEMMs are the MoE layer's FLOPs); the
+norms, RoPE, projections, dense FFN, router and token permutations are recomputed.
+
+Neither repeats a collective: the block's forward runs under ``comm.recording`` and
+its recompute under ``comm.replaying`` (see ``parallel/comm.py``), so an All-to-All,
+a TP all-gather / reduce-scatter / all-reduce or the load-balance statistics
+all-reduce returns its recorded output instead of communicating again, and the
+All-to-All meter counts each exchange once. What the forward hands back to its
+caller (the hidden states, the MoE statistics) is the first forward's; the recompute
+only refills the tensors the backward reads.
+
+The block is wrapped in place as torchtitan does, before FSDP wraps it: its class
+becomes a subclass whose ``forward`` runs ``torch.utils.checkpoint.checkpoint``
+(non-reentrant) around the original one. No module is inserted, so parameter names,
+``state_dict`` keys and ``isinstance`` checks are those of the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from moemesh.parallel.comm import CollectiveTape, collective_in_progress, recording, replaying
+
+MODES = ("none", "full", "selective")
+
+# What ``selective`` keeps: the attention core's output (with its log-sum-exp; O(S^2)
+# FLOPs for T x D values) and the routed experts' grouped-GEMM outputs (the MoE layer's
+# FLOPs). Measured on CPU (tests/parallel/test_recompute.py): this keeps about a quarter
+# of the activations of none, where also keeping every other matmul output (the
+# attention projections, the dense FFN, the router) kept half and saved little time.
+SELECTIVE_SAVE = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in SELECTIVE_SAVE:
+        # SAC matches saved results by (operator, call index); a replayed collective runs no
+        # operator at all, so nothing inside one may be saved or the indices would shift.
+        assert not collective_in_progress(), f"{op} inside a collective cannot be saved selectively"
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _Contexts:
+    """Several context managers entered together; enterable again (a retained graph recomputes twice)."""
+
+    def __init__(self, *make: Callable[[], Any]):
+        self.make = make
+        self.stack: contextlib.ExitStack | None = None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        for m in self.make:
+            self.stack.enter_context(m())
+        return self
+
+    def __exit__(self, *exc):
+        assert self.stack is not None
+        stack, self.stack = self.stack, None
+        return stack.__exit__(*exc)
+
+
+def checkpoint_contexts(mode: str) -> tuple[_Contexts, _Contexts]:
+    """``checkpoint``'s ``context_fn`` for one call: (forward context, recompute context)."""
+    tape = CollectiveTape()
+    forward: list[Callable[[], Any]] = [functools.partial(recording, tape)]
+    recompute: list[Callable[[], Any]] = [functools.partial(replaying, tape)]
+    if mode == "selective":
+        caching, cached = create_selective_checkpoint_contexts(_selective_policy)
+        forward.append(lambda: caching)
+        recompute.append(lambda: cached)
+    return _Contexts(*forward), _Contexts(*recompute)
+
+
+class _Checkpointed:
+    """Put in front of a module's class: its forward runs under activation checkpointing."""
+
+    activation_checkpointing: str
+
+    def forward(self, *args, **kwargs):
+        plain = super().forward
+        if not torch.is_grad_enabled():  # eval: nothing is saved anyway
+            return plain(*args, **kwargs)
+        return checkpoint(
+            plain,
+            *args,
+            use_reentrant=False,
+            context_fn=functools.partial(checkpoint_contexts, self.activation_checkpointing),
+            **kwargs,
+        )
+
+
+_CLASSES: dict[type, type] = {}  # one checkpointed subclass per module class, as FSDP2 does
+
+
+def _checkpointed_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
+    return _CLASSES[cls]
+
+
+def checkpoint_module(module: nn.Module, mode: str) -> None:
+    """Checkpoint ``module``'s forward in place (``full`` or ``selective``)."""
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpointing mode {mode!r}: choose full or selective")
+    if not isinstance(module, _Checkpointed):
+        module.__class__ = _checkpointed_class(type(module))
+    module.activation_checkpointing = mode  # type: ignore[assignment]
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str) -> None:
+    """Checkpoint each transformer block of ``blocks`` (``none``: leave them as they are)."""
+    if mode not in MODES:
+        raise ValueError(f"trainer.activation_checkpointing={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "none":
+        return
+    for block in blocks.values():
+        checkpoint_module(block, mode)
+
+
+def checkpointed_modules(module: nn.Module) -> Iterator[tuple[str, str]]:
+    """(name, mode) of each checkpointed submodule of ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, _Checkpointed):
+            yield name, m.activation_checkpointing

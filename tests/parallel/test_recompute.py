@@ -1,0 +1,269 @@
+"""Activation checkpointing (``parallel.recompute``): the same gradients as without it,
+unchanged parameter names, no collective issued twice, less activation memory.
+
+Activation memory is measured exactly, in bytes, by ``LiveBytes``: a dispatch mode that
+sees every tensor an operator allocates during the forward and keeps a weak reference
+to its storage; what is still alive after the forward is what the backward will read
+(saved tensors, the tapes of collective outputs, the block outputs). Its high-water
+mark over forward + backward is the run's activation peak.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from moemesh.moe.model import Block, Transformer
+from moemesh.parallel.comm import CollectiveTape, all_reduce_, is_replaying, recording, replayable, replaying
+from moemesh.parallel.recompute import MODES, apply_activation_checkpointing, checkpointed_modules
+from tests.dist_utils import run_on_ranks
+from tests.helpers import tiny_run
+
+CHECKPOINTED = ("full", "selective")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that operators allocated and that are still alive; ``peak`` is
+    their high-water mark. Outputs that share an argument's storage (views, in-place results)
+    allocate nothing and are not counted, so parameters and inputs never are."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _freed(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        owned = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self.live or key in owned:
+                continue
+            self.live[key] = nbytes
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+class CollectiveCount(TorchDispatchMode):
+    """Every c10d operator issued (what goes on the wire), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.ops[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(run, mode):
+    model = Transformer(run.model)
+    model.init_weights(run.trainer.seed)
+    apply_activation_checkpointing(model.layers, mode)
+    return model
+
+
+def _tokens(run, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, run.model.vocab_size, (batch, run.trainer.seq_len), generator=g)
+
+
+def _small_run(**overrides):
+    return tiny_run(**{"model.shared_expert_ffn_size": 16, "model.seq_aux_loss_factor": 0.01, **overrides})
+
+
+def test_names_state_dict_and_classes_are_the_unwrapped_models():
+    run = _small_run()
+    plain = _model(run, "none")
+    for mode in CHECKPOINTED:
+        model = _model(run, mode)
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+        assert list(model.state_dict()) == list(plain.state_dict())
+        assert all(isinstance(b, Block) for b in model.layers.values())  # stage_moe_layers still finds them
+        assert dict(checkpointed_modules(model)) == {f"layers.{l}": mode for l in model.layers}
+        for name, p in model.state_dict().items():  # init_weights keys on these names: same values
+            assert torch.equal(p, plain.state_dict()[name]), name
+    assert list(checkpointed_modules(plain)) == []  # none changes nothing
+    assert type(plain.layers["0"]) is Block
+    with pytest.raises(ValueError, match="choose one of none, full, selective"):
+        apply_activation_checkpointing(plain.layers, "some")
+
+
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_same_loss_and_gradients_as_none(mode):
+    run = _small_run()
+    tokens = _tokens(run, 2)
+    results = {}
+    for m in ("none", mode):
+        model = _model(run, m)
+        out = model(tokens, tokens, loss_scale=0.5)
+        (out.loss * 0.5).backward()
+        results[m] = (out, {n: p.grad for n, p in model.named_parameters()})
+    (ref, ref_grads), (got, grads) = results["none"], results[mode]
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-6, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-9, msg=name)
+    # The MoE statistics are the first forward's, one per MoE layer.
+    assert len(got.moe_stats) == len(ref.moe_stats) == run.model.num_layers
+    for a, b in zip(got.moe_stats, ref.moe_stats):
+        assert torch.equal(a.counts_E, b.counts_E)
+
+
+def test_eval_without_grad_runs_the_plain_forward():
+    run = _small_run()
+    tokens = _tokens(run, 2)
+    with torch.no_grad():
+        ref = _model(run, "none")(tokens, tokens).loss
+        got = _model(run, "full")(tokens, tokens).loss
+    assert torch.equal(got, ref)
+
+
+def test_pipeline_stage_records_once_per_micro_batch():
+    """The stage's host-side records (stage_forward) are not appended again by the recompute."""
+    run = _small_run()
+    model = _model(run, "full")
+    out = model.stage_forward(_tokens(run, 2))
+    out.float().square().mean().backward()
+    assert len(model.stage_records) == 1 and len(model.stage_records[0]) == run.model.num_layers
+
+
+def test_tape_replays_without_running_the_collective():
+    calls = []
+
+    def collective():
+        calls.append(1)
+        return torch.full((3,), float(len(calls)))
+
+    tape = CollectiveTape()
+    assert torch.equal(replayable(collective), torch.ones(3))  # no tape: runs
+    with recording(tape):
+        first = replayable(collective)
+        with pytest.raises(AssertionError, match="all_reduced"):
+            all_reduce_(torch.zeros(1), None)
+    for _ in range(2):  # a retained graph recomputes twice: from the start each time
+        with replaying(tape):
+            assert is_replaying()
+            again = replayable(collective)
+        assert torch.equal(again, first)
+    assert len(calls) == 2 and not is_replaying() and tape.nbytes == 12
+
+
+def _activation_bytes(run, mode, batch):
+    """(bytes alive after the forward, peak over forward + backward) of the blocks alone."""
+    model = _model(run, mode)
+    x = model._embed(_tokens(run, batch)).detach().requires_grad_(True)
+    meter = LiveBytes()
+    with meter:
+        stats: list = []
+        y = model._blocks(x, stats, loss_scale=1.0)
+        held = meter.now
+        y.square().mean().backward()
+    return held, meter.peak
+
+
+# Activations dominate: 4 layers, 1024 tokens of width 32 per micro-batch.
+ACT_RUN = dict(
+    **{"model.num_layers": 4, "model.max_seq_len": 512, "trainer.seq_len": 512, "model.moe_every_k_layers": 2}
+)
+
+
+def test_checkpointing_holds_less_activation_memory():
+    run = tiny_run(**ACT_RUN)
+    held = {m: _activation_bytes(run, m, batch=2) for m in MODES}
+    none, full, selective = held["none"], held["full"], held["selective"]
+    T, D = 2 * run.trainer.seq_len, run.model.hidden_size
+    # full keeps each block's output (the next block's input): 4 x T x D fp32, plus the MoE
+    # statistics (a few hundred bytes); on one rank there is no collective output to keep.
+    assert 4 * T * D * 4 <= full[0] < 4 * T * D * 4 + 1024
+    assert full[0] * 10 < none[0]
+    assert full[0] < selective[0] < none[0] * 0.6
+    assert full[1] < selective[1] < none[1]  # the peak, with one block recomputed at a time
+
+
+# name: dp, ep, tp, sequence_parallel, All-to-All overlap. 4 ranks each.
+RANK_LAYOUTS = {
+    "ep2_dp2": (2, 2, 1, False, False),
+    "ep2_dp2_overlap": (2, 2, 1, False, True),
+    "tp2_ep2": (1, 2, 2, False, False),
+    "tp2_ep2_sp": (1, 2, 2, True, False),
+}
+
+
+def _layout_run(name, dp, ep, tp, sp, overlap, mode="none", **extra):
+    return _small_run(
+        **{
+            "parallel.name": name,
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "parallel.tensor_parallel_size": tp,
+            "parallel.sequence_parallel": sp,
+            "parallel.comm_optimization.all_to_all_overlap": overlap,
+            "trainer.activation_checkpointing": mode,
+            **extra,
+        }
+    )
+
+
+def _one_step(run, mesh, tokens):
+    """Build the model as training does, one forward and backward: loss, local gradients,
+    the c10d operators issued, the meter's All-to-All bytes."""
+    from moemesh.parallel.comm import CommMeter
+    from moemesh.trainer.parallelize import build_model
+
+    meter = CommMeter()
+    model = build_model(run, mesh, torch.device("cpu"), meter)
+    assert dict(checkpointed_modules(model)) == (
+        {}
+        if run.trainer.activation_checkpointing == "none"
+        else dict.fromkeys((f"layers.{l}" for l in model.layers), run.trainer.activation_checkpointing)
+    )
+    count = CollectiveCount()
+    with count:
+        out = model(tokens, tokens)
+        out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    comm = meter.collect()
+    return out.loss.detach(), grads, count.ops, {k: comm[k] for k in ("bytes_sent", "bytes_recv", "min_bytes")}
+
+
+def _layouts_worker(rank, world):
+    from moemesh.parallel.dims import ParallelDims
+    from moemesh.parallel.mesh import build_mesh
+
+    torch.manual_seed(0)
+    for name, (dp, ep, tp, sp, overlap) in RANK_LAYOUTS.items():
+        mesh = build_mesh(ParallelDims(dp=dp, ep=ep, tp=tp), "cpu")
+        runs = {m: _layout_run(name, dp, ep, tp, sp, overlap, m) for m in MODES}
+        tokens = _tokens(runs["none"], 2, seed=rank // tp)  # TP peers share their tokens
+        ref_loss, ref_grads, ref_ops, ref_bytes = _one_step(runs["none"], mesh, tokens)
+        assert ref_ops["c10d::alltoall_base_"] > 0 and ref_bytes["bytes_sent"] > 0, (name, ref_ops)
+        for mode in CHECKPOINTED:
+            loss, grads, ops, nbytes = _one_step(runs[mode], mesh, tokens)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0, msg=f"{name} {mode}")
+            for n, g in ref_grads.items():
+                torch.testing.assert_close(grads[n], g, rtol=1e-6, atol=1e-9, msg=f"{name} {mode} {n}")
+            assert ops == ref_ops, (name, mode, ops, ref_ops)  # no collective issued again
+            assert nbytes == ref_bytes, (name, mode, nbytes, ref_bytes)  # each exchange metered once
+
+
+@pytest.mark.slow
+def test_ep_and_tp_layouts_same_gradients_and_collectives():
+    """4 ranks: EP with DP, EP with the overlapped All-to-All, TP with EP, TP with sequence
+    parallelism: full and selective give the gradients of none, issue exactly the same
+    collectives (counted at the c10d dispatcher) and meter the same All-to-All bytes."""
+    run_on_ranks(_layouts_worker, 4)
