@@ -20,47 +20,18 @@ best fitting split; --command N prints row N's alone. The command names the spli
 (parallel.name, e.g. pp2_dp8, in the presets' naming) and sets its four degrees on top of
 the same overrides, so it composes without a preset for that split.
 
-Per GPU (the busiest pipeline stage, rank 0 of its shard groups, which holds the largest
-chunk of every sharded tensor):
-
-  parameters, gradients, AdamW state (exact: a test builds the real model on the meta
-            device for every preset and mode, shards it, and compares each rank's local
-            bytes with these). State is fp32 in every mode and precision: autocast (none on
-            the GPU) computes in bf16 from fp32 weights; FSDP2 (zero2, zero3) keeps fp32
-            sharded master weights, fp32 gradients and fp32 AdamW state under
-            MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). So 4 + 4 + 8 bytes per
-            parameter the rank keeps, plus AdamW's 4-byte step per tensor. none keeps every
-            parameter of its EP / TP / PP share; zero2 and zero3 keep a 1/k chunk of each
-            (torch.chunk: ceil(n/k) rows), k the ranks holding the same weights: dp x ep for
-            non-expert parameters, dp x tp for routed experts, dp x ep x tp for the router (and
-            the norms under sequence parallelism) when tp > 1 (moemesh/moe/param_count.py).
-  transient (gathered weights and gradients in flight at the peak, c = the compute dtype's
-            bytes: 2 for bf16, 4 for fp32; g = c + 4 under bf16, whose gradients are cast to
-            fp32 for the reduction, else 4):
-              none   fp32: nothing. bf16: autocast's bf16 copies of the weights: held to the
-                     end of the forward by its cast cache (non-expert matmul weights) and saved
-                     for the backward (the experts' copies too, unless checkpointed): c x those.
-              zero2  every parameter of the stage gathered from its forward to its backward
-                     (reshard_after_forward=False): c x the stage, + one block's gathered
-                     gradients: g x the largest block.
-              zero3  the root unit (embedding, final norm, head: gathered for the whole forward
-                     and the whole backward, as the root's forward is the model's) + two blocks
-                     (the one computing and the one prefetched): c x (root + 2 x largest block),
-                     + g x the largest block's (or root's) gradients.
-  activations (an estimate, elements of the compute dtype per micro-batch in flight; see
-            block_activations for each named part), + the last stage's final norm and the fp32
-            log-softmax the loss keeps. With checkpointing each block keeps only what the mode
-            keeps (full: its input and the outputs of its collectives, which are never
-            recomputed; selective: also the attention output and the expert matmuls' outputs),
-            and one block at a time is recomputed for its backward. 1F1B holds pp micro-batches
-            in flight on the first stage; GPipe holds all of them.
+Per GPU (the busiest pipeline stage): parameters, gradients, AdamW state, transient
+buffers and activations, each as scripts/_plan_memory.py's docstring states them; the
+state is exact (a test builds the real model on the meta device for every preset and
+mode, shards it as training does and compares each rank's local bytes), the rest an
+estimate whose parts are named there.
 
 Then All-to-All bytes per step, the bytes each rank moves over the data (dp x ep) and the
 expert-data (dp x tp) groups for weights and gradients, and the pipeline bubble. Step time
 comes from a simple model, stated here so it can be argued with:
 
   compute   = training FLOPs per GPU / (peak FLOP/s x --mfu), stretched by 1/(1 - bubble);
-            activation checkpointing adds the recomputed forward's FLOPs (recompute_flops):
+            activation checkpointing adds the recomputed forward's FLOPs (recompute_flops_per_token):
             full recomputes every block's forward (about 1/3 more: forward is 2 of the 6 x
             params FLOPs), selective all but the attention core and the expert matmuls
   a collective of B bytes over n ranks costs  alpha x steps + B' / bandwidth,
@@ -95,28 +66,31 @@ import time
 from dataclasses import dataclass
 
 from _config import compose_run
+from _plan_memory import (
+    REDUCE_BYTES,
+    activation_bytes,
+    recompute_flops_per_token,
+    stage_state,
+    transient_bytes,
+)
 
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
 from moemesh.errors import ConfigError
-from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.moe.config import is_moe_layer
 from moemesh.moe.param_count import (
     ParamSpec,
     count_params,
-    local_numel,
     model_flops_per_token,
     param_specs,
     shard_group_size,
     uneven_non_leading_shard,
 )
-from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name, padded_vocab
+from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
 from moemesh.parallel.pipeline import stage_layers
 
 # The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
 SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
-# Bytes per element of the training state, in every mode and precision (see the docstring).
-PARAM_BYTES, GRAD_BYTES, ADAM_BYTES, ADAM_STEP_BYTES = 4, 4, 8, 4
-REDUCE_BYTES = 4  # gradients are reduced in fp32 (FSDP2's reduce_dtype; the fp32 grads of none)
 # The planner options that became config keys: each old flag fails, naming its key.
 GONE_FLAGS = {
     "--zero1": "parallel.sharding=zero2 (gradients and optimizer state sharded) or parallel.sharding=zero3",
@@ -193,166 +167,6 @@ def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     ranges = [range(dims.size(a)) if a in axes else range(1) for a in MESH_AXES]
     group = [dims.rank_of(dict(zip(MESH_AXES, c, strict=True))) for c in itertools.product(*ranges)]
     return len({r // gpus_per_node for r in group}) > 1
-
-
-@dataclass(frozen=True)
-class StageState:
-    """Bytes one rank of a stage keeps at rest: (expert, non-expert) for each kind."""
-
-    params: tuple[int, int]
-    grads: tuple[int, int]
-    optim: tuple[int, int]
-
-
-def stage_state(specs: list[ParamSpec], dims: ParallelDims, sharding: str) -> StageState:
-    """Rank 0's local bytes (the most any rank of the stage holds): fp32 parameters and
-    gradients of its chunk of each tensor, AdamW's exp_avg and exp_avg_sq of the same size
-    and a 4-byte step per tensor."""
-    sharded = sharding != "none"
-
-    def part(expert: bool, per_elem: int, per_tensor: int = 0) -> int:
-        return sum(local_numel(s, dims, sharded) * per_elem + per_tensor for s in specs if s.expert == expert)
-
-    return StageState(
-        params=(part(True, PARAM_BYTES), part(False, PARAM_BYTES)),
-        grads=(part(True, GRAD_BYTES), part(False, GRAD_BYTES)),
-        optim=(part(True, ADAM_BYTES, ADAM_STEP_BYTES), part(False, ADAM_BYTES, ADAM_STEP_BYTES)),
-    )
-
-
-def _block_numel(specs: list[ParamSpec]) -> dict[int | None, int]:
-    """Unsharded elements per transformer block (None: the root's embedding, final norm, head)."""
-    out: dict[int | None, int] = {}
-    for s in specs:
-        out[s.layer] = out.get(s.layer, 0) + s.numel
-    return out
-
-
-def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_bytes: int) -> int:
-    """Gathered weights and gradients alive at the peak, beyond the state at rest (docstring)."""
-    c = compute_bytes
-    g = REDUCE_BYTES + (c if c != REDUCE_BYTES else 0)  # bf16 grads + their fp32 cast for the reduction
-    blocks = _block_numel(specs)
-    root = blocks.pop(None, 0)
-    largest = max(blocks.values(), default=0)
-    if sharding == "none":
-        if c == 4:
-            return 0
-        cast = sum(s.numel for s in specs if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed."))
-        saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == "none" else 0
-        return c * (cast + saved_experts)
-    if sharding == "zero2":
-        return c * (root + sum(blocks.values())) + g * largest
-    return c * (root + 2 * largest) + g * max(largest, root)
-
-
-@dataclass(frozen=True)
-class BlockActivations:
-    """What one transformer block stores for its backward, per micro-batch, in elements of
-    the compute dtype, by the part each checkpointing mode keeps (``kept``)."""
-
-    block_input: int  # the residual stream entering the block: every mode keeps it
-    attention_out: int  # scaled_dot_product_attention's output: selective keeps it
-    expert_out: int  # the expert matmuls' outputs (w1, w3, w2): selective keeps them
-    rest: int  # everything else the block stores without checkpointing (recomputed with it)
-    # Outputs of the block's All-to-Alls and TP collectives that checkpointing keeps so that
-    # recomputing never repeats a collective. Without checkpointing backward keeps only some
-    # of them (counted in ``rest`` where it does).
-    collectives: int
-
-    @property
-    def total(self) -> int:
-        """Stored without checkpointing."""
-        return self.block_input + self.attention_out + self.expert_out + self.rest
-
-    def kept(self, ckpt: str) -> int:
-        """Elements kept through the forward under ``trainer.activation_checkpointing=ckpt``."""
-        if ckpt == "none":
-            return self.total
-        full = self.block_input + self.collectives
-        return full if ckpt == "full" else full + self.attention_out + self.expert_out
-
-    def recomputed(self, ckpt: str) -> int:
-        """Elements the block's recompute makes again for its backward (alive one block at a time)."""
-        if ckpt == "none":
-            return 0
-        return self.rest + (self.attention_out + self.expert_out if ckpt == "full" else 0)
-
-
-def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp: bool) -> BlockActivations:
-    """One block's stored activations for a micro-batch of T tokens per data rank.
-
-    t = tp; s = t with sequence parallelism, else 1 (the residual stream's split);
-    N = (T / t) K routed rows of this rank (uniform routing; (ep-1)/ep of them cross the
-    All-to-All). Per part, counting the tensors autograd saves (checked against the saved
-    tensors of a real CPU forward in tests/scripts/test_plan.py):
-      block_input           T D / s (the residual; the attention norm's input)
-      norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
-                            mid-block residual) T D / s, and the two norm outputs that feed the
-                            projections, 2 T D (under SP: the sequence gathers' outputs)
-      attention             q, k, v after RoPE (T D + 2 T Dkv) / t, the output projection's
-                            input T D / t
-      attention_out         T D / t
-      dense FFN             4 T F / t: w1 and w3 outputs, silu's output, their product
-      MoE                   router: logits and scores 2 (T/t) E (+ its input (T/t) D when t > 1);
-                            the experts' input rows N D; silu's output and the product 2 N Fe;
-                            the rows the unpermute weights N D; shared expert 4 T Fs / t
-      expert_out            N (2 Fe + D): w1, w3 and w2 outputs
-      collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
-                            t > 1: without SP the two all-reduce (or gather) outputs 2 T D,
-                            with SP the two sequence gathers 2 T D and reduce-scatters 2 T D / t
-    """
-    D, t = m.hidden_size, dims.tp
-    s = t if sp else 1
-    Dkv = m.num_kv_heads * (D // m.num_heads)
-    block_input = T * D // s
-    attention_out = T * D // t
-    rest = 2 * T * D // s + T * D // s + 2 * T * D + (T * D + 2 * T * Dkv) // t + T * D // t
-    collectives = 2 * T * D + (2 * T * D // t if sp else 0) if t > 1 else 0
-    expert_out = 0
-    if is_moe_layer(m, layer):
-        Tr = T // t
-        N = Tr * m.top_k
-        Fe = m.moe_ffn_hidden_size
-        rest += 2 * Tr * m.num_experts + (Tr * D if t > 1 else 0) + N * D + 2 * N * Fe + N * D
-        rest += 4 * T * m.shared_expert_ffn_size // t
-        expert_out = N * (2 * Fe + D)
-        if dims.ep > 1:
-            collectives += 2 * N * D
-    else:
-        rest += 4 * T * m.ffn_hidden_size // t
-    return BlockActivations(block_input, attention_out, expert_out, rest, collectives)
-
-
-def activation_bytes(
-    m: ModelConfig, layers: range, T: int, dims: ParallelDims, sp: bool, ckpt: str, in_flight: int, c: int
-) -> int:
-    """The stage's activations: each micro-batch in flight keeps every block's ``kept`` part;
-    with checkpointing one block at a time is recomputed for its backward; the last stage
-    also holds one micro-batch's final norm (its input, normalised input and output, 3 T D)
-    and the fp32 log-softmax of the logits its loss saves (T V / t, 4 bytes)."""
-    acts = [block_activations(m, l, T, dims, sp) for l in layers]
-    kept = sum(a.kept(ckpt) for a in acts) * in_flight
-    recompute = max((a.recomputed(ckpt) for a in acts), default=0)
-    head = 0
-    if layers.stop == m.num_layers:
-        head = 3 * T * m.hidden_size * c + T * padded_vocab(m.vocab_size, dims.tp) // dims.tp * 4
-    return (kept + recompute) * c + head
-
-
-def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str) -> float:
-    """Forward FLOPs activation checkpointing repeats, per token of the global batch: 2 x the
-    blocks' active parameters (full; selective leaves out the routed experts, whose outputs
-    it keeps) + full's 4 x layers x hidden x sequence for the attention core (a third of
-    PaLM's 12, which selective keeps too)."""
-    if ckpt == "none":
-        return 0.0
-    specs = param_specs(m)
-    dense = sum(s.numel for s in specs if s.layer is not None and not s.expert)
-    if ckpt == "selective":
-        return 2.0 * dense
-    experts = sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
-    return 2.0 * (dense + experts) + 4.0 * m.num_layers * m.hidden_size * seq_len
 
 
 def _sync_cost(

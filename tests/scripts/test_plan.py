@@ -18,6 +18,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import _plan_memory as memory  # noqa: E402
 import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -508,8 +509,8 @@ def test_activation_estimate_matches_the_tensors_a_real_forward_saves():
     per_block = {name: sum(n for w, n in saved.values() if w == name) for name in model.layers}
     dims = ParallelDims()
     for name, measured in per_block.items():
-        planned = plan.block_activations(cfg, int(name), B * S, dims, False).total * 4
+        planned = memory.block_activations(cfg, int(name), B * S, dims, False).total * 4
         assert planned == pytest.approx(measured, rel=0.03), name
     everything = sum(n for _, n in saved.values())
-    planned = plan.activation_bytes(cfg, range(2), B * S, dims, False, "none", 1, 4)
+    planned = memory.activation_bytes(cfg, range(2), B * S, dims, False, "none", 1, 4)
     assert planned == pytest.approx(everything, rel=0.03)
