@@ -319,6 +319,12 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
                 "with parallel.sequence_parallel=true"
             )
 
+    if run.parallel.sharding != "none" and dims.data_size == 1:
+        raise ConfigError(
+            f"parallel.sharding={run.parallel.sharding} shards over the ranks that hold the same weights "
+            f"(dp*ep), and this layout has dp*ep = {dims.dp}*{dims.ep} = 1: nothing to shard; use "
+            "parallel.sharding=none, or a layout with dp*ep > 1 (e.g. parallel=ep2_dp2)"
+        )
     mb, ms = t.micro_batch_size, t.micro_steps
     if mb is not None and mb < 1:
         raise ConfigError(f"trainer.micro_batch_size={mb} must be a positive integer or null")
@@ -372,4 +378,29 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
             f"micro_batch_size*trainer.seq_len = {micro_batch_size(run)}*{t.seq_len} tokens must be divisible by "
             f"parallel.tensor_parallel_size={dims.tp} (TP peers route disjoint token slices)"
         )
+    if run.parallel.sharding != "none":
+        _check_shardable(run, dims)
     return dims
+
+
+def _check_shardable(run: RunConfig, dims: ParallelDims) -> None:
+    """FSDP2 splits a parameter along a dim other than 0 only evenly (parallel/fsdp.py picks
+    dim 1 for experts that do not divide over their group, and for TP's dim-0 shards)."""
+    from moemesh.moe.param_count import param_specs, shard_dim, shard_group_size, uneven_non_leading_shard
+
+    for stage in range(dims.pp):
+        specs = param_specs(
+            run.model,
+            dims,
+            stage=stage,
+            split=run.parallel.pipeline_split,
+            sequence_parallel=run.parallel.sequence_parallel,
+        )
+        bad = uneven_non_leading_shard(specs, dims)
+        if bad is not None:
+            dim, k = shard_dim(bad, dims), shard_group_size(bad, dims)
+            raise ConfigError(
+                f"parallel.sharding={run.parallel.sharding}: {bad.name} {list(bad.shape)} would be split along dim "
+                f"{dim} ({bad.shape[dim]}) over {k} ranks unevenly, which FSDP2 refuses; use parallel.sharding=none "
+                f"or a layout where it divides (experts per rank = model.num_experts/ep divisible by dp*tp)"
+            )

@@ -8,7 +8,11 @@ optimizer are filled in place. Keys never depend on the saving rank:
     process with each expert where it belongs (experts are found by their EXPERT_SHARD tag);
   * tensor-parallel shards as DTensors over the tp axis of the logical (padded) tensor,
     so any TP degree reads the rows it owns (found by their TP_SHARD tag);
-  * pipeline stages only hold their layers' keys; any split finds its own.
+  * pipeline stages only hold their layers' keys; any split finds its own;
+  * in the sharded modes (parallel.sharding, FSDP2) a parameter is a DTensor shard of
+    what the rank would hold in ``none``; it is described under the same global keys
+    (experts one by one, TP shards as 2-D (data, tp) DTensors), so a checkpoint moves
+    between modes and layouts.
 The same keys carry AdamW's moments (``optim.<param>.exp_avg``), plus the step, the
 RNG state and the expert-bias buffers.
 """
@@ -36,7 +40,51 @@ def _tp_dtensor(local: torch.Tensor, param, tp_mesh) -> torch.Tensor:
     )
 
 
-def _entries(key: str, tensor: torch.Tensor, param, tp_mesh) -> dict:
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _sharded_entries(key: str, tensor, param, tp_mesh, fsdp_tp_mesh) -> dict:
+    """Entries of a sharded-mode tensor: a DTensor over FSDP's 1-D mesh, Shard(d), whose
+    logical tensor is what the rank holds in ``none`` (an EP or TP shard, or all of it)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local, mesh = tensor.to_local(), tensor.device_mesh
+    (placement,) = tensor.placements
+    d = placement.dim
+    first = expert_first_id(param)
+    if first is not None:
+        if d == 0:  # whole experts on each rank: chunk i of the rank's EP shard
+            start = mesh.get_local_rank() * -(-tensor.shape[0] // mesh.size())
+            return {f"{key}[{first + start + j}]": local[j] for j in range(local.shape[0])}
+        shape = tensor.shape[1:]  # every expert split along d - 1 over the mesh
+        return {
+            f"{key}[{first + j}]": DTensor.from_local(
+                local[j], mesh, [Shard(d - 1)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
+            )
+            for j in range(tensor.shape[0])
+        }
+    if tp_mesh is not None and getattr(param, TP_SHARD, None) is not None:
+        tp_dim, _ = getattr(param, TP_SHARD)
+        assert d != tp_dim, (key, d)  # parallel.fsdp shards a TP-split dim 0 along dim 1
+        shape = list(tensor.shape)
+        shape[tp_dim] *= tp_mesh.size()
+        return {
+            key: DTensor.from_local(
+                local,
+                fsdp_tp_mesh,
+                [Shard(d), Shard(tp_dim)],
+                run_check=False,
+                shape=torch.Size(shape),
+                stride=_contiguous_stride(shape),
+            )
+        }
+    return {key: tensor}  # the whole logical tensor, sharded over FSDP's mesh
+
+
+def _entries(key: str, tensor: torch.Tensor, param, tp_mesh, fsdp_tp_mesh=None) -> dict:
+    if hasattr(tensor, "to_local"):
+        return _sharded_entries(key, tensor, param, tp_mesh, fsdp_tp_mesh)
     first = expert_first_id(param)
     if first is not None:
         return {f"{key}[{first + j}]": tensor[j] for j in range(tensor.shape[0])}
@@ -45,15 +93,18 @@ def _entries(key: str, tensor: torch.Tensor, param, tp_mesh) -> dict:
     return {key: tensor}
 
 
-def training_state(model, optimizer, step_tensor: torch.Tensor, tp_mesh=None) -> dict:
-    """Views of the live tensors under global keys (a load writes through them)."""
+def training_state(model, optimizer, step_tensor: torch.Tensor, tp_mesh=None, fsdp_tp_mesh=None) -> dict:
+    """Views of the live tensors under global keys (a load writes through them).
+
+    ``fsdp_tp_mesh``: with TP in a sharded mode, the 2-D (data, tp) mesh over which a TP
+    shard's FSDP shards lie."""
     state: dict = {"trainer.step": step_tensor}
     for name, p in model.named_parameters():
-        state.update(_entries(f"model.{name}", p.data, p, tp_mesh))
+        state.update(_entries(f"model.{name}", p.data, p, tp_mesh, fsdp_tp_mesh))
         opt = optimizer.state.get(p, {})
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in opt:
-                state.update(_entries(f"optim.{name}.{moment}", opt[moment], p, tp_mesh))
+                state.update(_entries(f"optim.{name}.{moment}", opt[moment], p, tp_mesh, fsdp_tp_mesh))
     persistent = set(model.state_dict().keys())
     for name, b in model.named_buffers():
         if name in persistent and b is not None:

@@ -84,9 +84,25 @@ def global_grad_norm(*, replicated, tp_sharded, expert, tp_group, ep_group, pp_g
     params = list(replicated) + list(tp_sharded) + list(expert)
     device = params[0].device if params else torch.device("cpu")
 
+    def sq_local(grads):
+        parts = [g.float().pow(2).sum() for g in grads]
+        return (torch.stack(parts).sum() if parts else torch.zeros((), device=device)).to(torch.float64)
+
     def sq(ps):
-        grads = [p.grad.float().pow(2).sum() for p in ps if p.grad is not None]
-        return (torch.stack(grads).sum() if grads else torch.zeros((), device=device)).to(torch.float64)
+        # Whole gradients count here; a sharded one (a DTensor, parallel.sharding) counts its
+        # shard, summed over the ranks it is sharded over: a small all-reduce per mesh.
+        whole, shards = [], {}
+        for p in ps:
+            if p.grad is None:
+                continue
+            if hasattr(p.grad, "to_local"):
+                shards.setdefault(p.grad.device_mesh, []).append(p.grad.to_local())
+            else:
+                whole.append(p.grad)
+        total = sq_local(whole)
+        for mesh, grads in shards.items():
+            total = total + all_reduce_(sq_local(grads).reshape(1), mesh.get_group())[0]
+        return total
 
     tp_sq = all_reduce_(sq(tp_sharded).reshape(1), tp_group)
     expert_sq = all_reduce_(sq(expert).reshape(1), ep_group)
@@ -109,7 +125,8 @@ def clip_grads_(params, total_norm: torch.Tensor, max_norm: float | None) -> Non
     """
     if not max_norm or max_norm <= 0:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # A sharded gradient (DTensor) is scaled through its local shard, in place.
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
     if not grads:
         return
     denom = total_norm.detach().to(torch.float64) + 1e-6

@@ -29,12 +29,28 @@ class ParallelMesh:
     # parameters that see only a slice (router, experts) are also summed over tp.
     data_tp_group: Any = None  # dp x ep x tp
     expert_grad_group: Any = None  # dp x tp: expert gradients
+    data_mesh: Any = None  # the data group as a 1-D DeviceMesh (what FSDP shards over)
 
     def __post_init__(self):
         if self.expert_grad_group is None:
             self.expert_grad_group = self.dp_group
         if self.data_tp_group is None:
             self.data_tp_group = self.data_group
+
+    def shard_meshes(self):
+        """The 1-D DeviceMeshes the sharded modes shard over (``parallel.fsdp``). Every rank
+        must call this, in the same order: flattening the TP-crossing groups is collective."""
+        from moemesh.parallel.fsdp import ShardMeshes
+
+        m, tp = self.device_mesh, self.dims.tp
+        dp, ep, tp_axis = MeshAxis.DP.value, MeshAxis.EP.value, MeshAxis.TP.value
+        return ShardMeshes(
+            data=self.data_mesh,
+            expert_data=m[dp, tp_axis]._flatten("expert_data") if tp > 1 else m[dp],
+            data_tp=m[dp, ep, tp_axis]._flatten("data_tp") if tp > 1 else None,
+            data_size=self.dims.data_size,
+            tp_size=tp,
+        )
 
     @property
     def coords(self) -> dict[MeshAxis, int]:
@@ -82,6 +98,7 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
         tp_group=mesh[MeshAxis.TP.value].get_group(),
         pp_group=mesh[MeshAxis.PP.value].get_group(),
         world_group=dist.group.WORLD,
+        data_mesh=data,
     )
     if dims.tp > 1:
         pm.data_tp_group = _my_group(dims, rank, (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP))

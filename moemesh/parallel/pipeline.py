@@ -30,6 +30,22 @@ def stage_layers(num_layers: int, pp: int, split: list[int] | None = None) -> li
     return [range(a, a + n) for a, n in zip(starts, split)]
 
 
+def stage_module_of(model):
+    """What PipelineStage calls: a module whose forward is ``model.stage_forward`` (the
+    sharded modes make it the FSDP root, so the root's hooks run around each stage call)."""
+    import torch.nn as nn
+
+    class StageModule(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.stage_forward(x)
+
+    return StageModule(model)
+
+
 def build_schedule(
     model,
     *,
@@ -43,18 +59,10 @@ def build_schedule(
     seq_len: int,
     hidden_seq: int,
     loss_fn,
+    stage_module=None,
 ):
     import torch
-    import torch.nn as nn
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    class _Stage(nn.Module):  # what PipelineStage calls: this stage's part of the transformer
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model.stage_forward(x)
 
     cfg = model.cfg
     hidden = torch.empty(micro_batch, hidden_seq, cfg.hidden_size, device=device)
@@ -69,7 +77,7 @@ def build_schedule(
     # With static shapes, the gradient buffers' shapes are given too: the gradient that
     # arrives for this stage's output, and the one it sends back for its input.
     stage = PipelineStage(
-        _Stage(model),
+        stage_module if stage_module is not None else stage_module_of(model),
         pp_rank,
         pp_size,
         device,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ class Checkpointer:
         self.step_t = torch.zeros((), dtype=torch.int64)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
+        self.fsdp_tp_mesh = None
+        if d.tp > 1 and run.parallel.sharding != "none":
+            with warnings.catch_warnings():  # torch warns that slicing a flattened dim will change
+                warnings.simplefilter("ignore", UserWarning)
+                self.fsdp_tp_mesh = mesh.device_mesh["data", "tp"]
         self.meta: dict[str, Any] = {
             "model": dataclasses.asdict(run.model),
             "layout": run.parallel.name,
@@ -36,7 +42,7 @@ class Checkpointer:
         }
 
     def _state(self):
-        return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh)
+        return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
 
     def preflight(self, run_dir=None) -> int:
         """Before the first step: the checkpoint directory (and the run directory) can be
@@ -48,7 +54,7 @@ class Checkpointer:
                 p: {"exp_avg": p.data, "exp_avg_sq": p.data} for g in self.optimizer.param_groups for p in g["params"]
             }
         )
-        state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh)
+        state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
         return checkpoint.preflight(self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None)
 
     def save(self, step: int) -> Path:

@@ -41,7 +41,7 @@ from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.metrics import MetricsLogger, StepSample
 from moemesh.trainer.optim import build_optimizer, lr_at
-from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, pipeline_schedule
+from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, pipeline_schedule, shard_model
 from moemesh.trainer.records import RunSummary, StepRecord
 from moemesh.trainer.step_stats import RankTimes, StepShape, StepStats, bias_ranges, memory_report, step_record
 
@@ -169,8 +169,12 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     torch.manual_seed(t.seed)
     meter = CommMeter(device)
     model = build_model(run, mesh, device, meter=meter)
+    # Sharded modes: FSDP2 reduce-scatters each block's gradients during the backward;
+    # otherwise the reducer all-reduces them after it. (Sharding replaces the parameters:
+    # group them after it.)
+    sharded = shard_model(run, mesh, model, device)
     groups = param_groups(model)
-    reducer = grad_reducer(groups, mesh)
+    reducer = grad_reducer(groups, mesh) if sharded is None else None
     optimizer = build_optimizer(model, t)
     data = TokenData(ctx.data_paths, seed=t.seed)
     log = MetricsLogger(
@@ -187,7 +191,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     # Where each of this stage's MoE layers goes in the global per-layer statistics.
     local_moe = {moe_layers.index(l): moe for l, moe in model.stage_moe_layers().items()}
     slots = list(local_moe)
-    pipe = pipeline_schedule(run, mesh, model, device)  # None without PP
+    pipe = pipeline_schedule(run, mesh, model, device, sharded.root if sharded else None)  # None without PP
     shape = StepShape(
         tokens=t.global_batch_size * t.seq_len,
         samples=t.global_batch_size,
@@ -250,8 +254,15 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
                 stats.add_moe(micro_batch_stats, slots)
             model.stage_records.clear()
 
-        with timer.phase("grad_reduce"):
-            reducer.reduce()
+        if reducer is not None:
+            with timer.phase("grad_reduce"):
+                reducer.reduce()
+        else:  # sharded: the reduction ran inside the backward; report what it held the rank up
+            assert sharded is not None
+            waited = sharded.timer.collect()
+            inside = "pipeline" if pipe is not None else "backward"
+            timer.seconds[inside] = timer.seconds.get(inside, 0.0) - waited
+            timer.seconds["grad_reduce"] = waited
         with timer.phase("optimizer"):
             grad_norm = global_grad_norm(
                 replicated=groups.replicated,

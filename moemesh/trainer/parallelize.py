@@ -25,9 +25,10 @@ from moemesh.moe.context import ParallelContext
 from moemesh.moe.model import Transformer
 from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import MeshAxis
+from moemesh.parallel.fsdp import ExposedReduceTimer, apply_fsdp
 from moemesh.parallel.grads import GradReducer
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import build_schedule, stage_layers
+from moemesh.parallel.pipeline import build_schedule, stage_layers, stage_module_of
 from moemesh.parallel.recompute import apply_activation_checkpointing
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
 from moemesh.parallel.tp import vocab_parallel_cross_entropy
@@ -68,6 +69,43 @@ def build_model(
     model.init_weights(run.trainer.seed)
     apply_activation_checkpointing(model.layers, run.trainer.activation_checkpointing)
     return model
+
+
+def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the run computes in it (trainer.dtype bf16, or auto on CUDA); None: fp32."""
+    dtype = run.trainer.dtype
+    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else None
+
+
+@dataclass
+class Sharded:
+    """What the sharded modes add: the FSDP root (the model, or with PP the stage module the
+    schedule calls) and the timer of the exposed gradient reduction."""
+
+    root: torch.nn.Module
+    timer: ExposedReduceTimer
+
+
+def shard_model(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device) -> Sharded | None:
+    """Apply ``parallel.sharding`` (zero2 / zero3 on FSDP2; see ``parallel.fsdp``); None for none.
+
+    Under mixed precision (bf16 on CUDA) the gathered parameters are bf16 for compute; the
+    sharded master weights, the gradient reduction and AdamW's state stay fp32.
+    """
+    if run.parallel.sharding == "none":
+        return None
+    root = stage_module_of(model) if mesh.dims.pp > 1 else model
+    timer = ExposedReduceTimer(device)
+    apply_fsdp(
+        root,
+        list(model.layers.values()),
+        mesh.shard_meshes(),
+        mode=run.parallel.sharding,
+        param_dtype=compute_dtype(run, device),
+        timer=timer,
+        force_sum=device.type != "cuda",
+    )
+    return Sharded(root, timer)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -117,7 +155,7 @@ def _stage_loss(logits, target, *, model: Transformer):
     )
 
 
-def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device):
+def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stage_module=None):
     """This stage's pipeline schedule over the rank's micro-steps, or None without PP."""
     if mesh.dims.pp == 1:
         return None
@@ -134,4 +172,5 @@ def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, de
         seq_len=seq_len,
         hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
         loss_fn=functools.partial(_stage_loss, model=model),
+        stage_module=stage_module,
     )

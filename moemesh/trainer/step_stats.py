@@ -246,8 +246,15 @@ def step_record(
     return record
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of ``t``: its shard for a DTensor (parallel.sharding), else all."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
 def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
-    """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective)."""
+    """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective):
+    what each rank holds at rest (its shards in the sharded modes), and the peak."""
     expert_ids = {id(p) for p in model.expert_parameters()}
 
     def split(sizes):  # [(param, bytes)] -> (expert, non-expert)
@@ -255,14 +262,12 @@ def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
         return [e, sum(b for _, b in sizes) - e]
 
     params = list(model.parameters())
-    param_b = split([(p, p.numel() * p.element_size()) for p in params])
-    # Gradients exist from backward to zero_grad(set_to_none=True), one per trainable parameter.
-    grad_b = split([(p, p.numel() * p.element_size() if p.requires_grad else 0) for p in params])
+    param_b = split([(p, local_bytes(p)) for p in params])
+    # Gradients exist from backward to zero_grad(set_to_none=True), one per trainable parameter,
+    # shaped (and sharded) as the parameter.
+    grad_b = split([(p, local_bytes(p) if p.requires_grad else 0) for p in params])
     optim_b = split(
-        [
-            (p, sum(v.numel() * v.element_size() for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)))
-            for p in params
-        ]
+        [(p, sum(local_bytes(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))) for p in params]
     )
     local = torch.tensor(param_b + grad_b + optim_b + [peak_bytes], dtype=torch.float64, device=device)
     both = torch.cat([local, -local])  # max of v and of -v: max and min in one collective
