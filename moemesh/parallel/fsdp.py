@@ -123,6 +123,17 @@ class ExposedReduceTimer:
         return seconds
 
 
+def reshard_all(root: nn.Module) -> None:
+    """Back to the sharded parameters everywhere: a forward without backward (evaluation)
+    under zero2 leaves every unit gathered, and the memory report, a checkpoint and the
+    optimizer all read the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _own(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters(recurse=False))
 

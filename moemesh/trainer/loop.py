@@ -35,6 +35,7 @@ from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import model_flops_per_token
 from moemesh.parallel.comm import CommMeter, all_reduce_
 from moemesh.parallel.dims import layout_name
+from moemesh.parallel.fsdp import reshard_all
 from moemesh.parallel.grads import clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
 from moemesh.trainer.checkpointing import Checkpointer
@@ -311,6 +312,8 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
             val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
+            if sharded is not None:
+                reshard_all(sharded.root)  # zero2 keeps an evaluated unit gathered
         if step % t.log_every == 0 or last or val is not None:
             # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
             slowest = times.max_over(mesh.world_group, device)
@@ -432,6 +435,8 @@ def _summary(
         "tp": dims.tp,
         "pp": dims.pp,
         "world_size": dims.world_size,
+        "sharding": run.parallel.sharding,
+        "activation_checkpointing": run.trainer.activation_checkpointing,
         "model": run.model.name,
         "steps": steps_run,
         "final_loss": last_record.get("loss"),

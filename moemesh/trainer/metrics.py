@@ -143,11 +143,14 @@ def format_summary(s: Mapping[str, Any]) -> str:
             f"{_mib(s.get('a2a_bytes_sent_per_step') or 0)} sent per rank per step"
         )
     if m:
+
+        def both(kind: str) -> str:
+            return f"{_mib(m[kind]['expert']['max'])} + {_mib(m[kind]['non_expert']['max'])}"
+
+        sharding = f", {s['sharding']}" if s.get("sharding", "none") != "none" else ""
         lines.append(
-            f"memory/rank params expert {_mib(m['param_bytes']['expert']['max'])}, non-expert "
-            f"{_mib(m['param_bytes']['non_expert']['max'])}; optimizer "
-            f"{_mib(m['optimizer_bytes']['expert']['max'] + m['optimizer_bytes']['non_expert']['max'])}; "
-            f"peak {_mib(m['peak_bytes']['max'])} (max over ranks)"
+            f"memory/rank expert + non-expert: params {both('param_bytes')}, grads {both('grad_bytes')}, "
+            f"optimizer {both('optimizer_bytes')}; peak {_mib(m['peak_bytes']['max'])} (max over ranks{sharding})"
         )
     cv = s.get("load_cv_final")
     if cv:

@@ -99,6 +99,8 @@ class _RunSummary(TypedDict):
     tp: int
     pp: int
     world_size: int
+    sharding: str  # parallel.sharding: none | zero2 | zero3
+    activation_checkpointing: str  # trainer.activation_checkpointing: none | full | selective
     model: str
     steps: int  # steps this attempt ran
     final_loss: float | None

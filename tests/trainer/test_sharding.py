@@ -8,6 +8,7 @@ accumulated over micro-steps.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,16 @@ import torch
 from moemesh.config.validate import validate_run
 from moemesh.errors import ConfigError
 from moemesh.launch import RankContext
+from moemesh.moe.param_count import param_specs
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run, train_single
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import _plan_memory as plan_memory  # noqa: E402  (the planner's per-rank state, scripts/)
 
 STEPS = 10
 # name: (dp, ep, tp, pp, micro batch): two micro-steps per step everywhere (global batch 8).
@@ -40,9 +45,10 @@ RUNS = [(name, mode, "none") for name in LAYOUTS for mode in ("zero2", "zero3")]
 ]
 
 
-def _cfg(name, dp, ep, tp, pp, micro, sharding="none", ac="none", steps=STEPS):
+def _cfg(name, dp, ep, tp, pp, micro, sharding="none", ac="none", steps=STEPS, **extra):
     return tiny_run(
         **{
+            **extra,
             "parallel.name": name,
             "parallel.data_parallel_size": dp,
             "parallel.expert_parallel_size": ep,
@@ -65,9 +71,12 @@ def _read(out_dir):
 
 
 def _worker(rank, world, root, paths, runs, steps=STEPS):
-    for name, mode, ac in runs:
+    """Train each (layout, sharding, checkpointing[, label, overrides]) in turn on these ranks."""
+    for spec in runs:
+        name, mode, ac = spec[:3]
+        label, overrides = (spec[3], spec[4]) if len(spec) > 3 else (f"{name}-{mode}-{ac}", {})
         dp, ep, tp, pp, micro = LAYOUTS[name]
-        out = Path(root) / f"{name}-{mode}-{ac}"
+        out = Path(root) / label
         out.mkdir(exist_ok=True)
         ctx = RankContext(
             rank=rank,
@@ -77,7 +86,8 @@ def _worker(rank, world, root, paths, runs, steps=STEPS):
             output_dir=str(out),
             data_paths=paths,
         )
-        train(_cfg(name, dp, ep, tp, pp, micro, mode, ac, steps=steps), ctx)
+        overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
+        train(_cfg(name, dp, ep, tp, pp, micro, mode, ac, steps=steps, **overrides), ctx)
 
 
 @pytest.mark.slow
@@ -118,6 +128,17 @@ def test_zero3_divides_state_by_the_sharding_group(tmp_path):
         for kind in ("param_bytes", "grad_bytes"):
             assert mem[mode][kind]["non_expert"]["max"] * 4 == mem["none"][kind]["non_expert"]["max"], (mode, kind)
             assert mem[mode][kind]["expert"]["max"] * 2 == mem["none"][kind]["expert"]["max"], (mode, kind)
+        # The planner's numbers (scripts/_plan_memory.py) are the real run's, byte for byte.
+        run = _cfg("ep2_dp2", *LAYOUTS["ep2_dp2"], mode)
+        planned = plan_memory.stage_state(
+            param_specs(run.model, ParallelDims(dp=2, ep=2)), ParallelDims(dp=2, ep=2), mode
+        )
+        for kind, (e, ne) in (
+            ("param_bytes", planned.params),
+            ("grad_bytes", planned.grads),
+            ("optimizer_bytes", planned.optim),
+        ):
+            assert (mem[mode][kind]["expert"]["max"], mem[mode][kind]["non_expert"]["max"]) == (e, ne), (mode, kind)
         # AdamW: two moments per parameter (sharded) and a 4-byte step per tensor (not sharded).
         for kind, n in (("non_expert", 4), ("expert", 2)):
             none_b, got = mem["none"]["optimizer_bytes"][kind]["max"], mem[mode]["optimizer_bytes"][kind]["max"]
@@ -131,3 +152,71 @@ def test_sharding_without_data_ranks_is_refused(layout):
     run = tiny_run(**{"parallel.name": layout, "parallel.sharding": "zero3", **dims[layout]})
     with pytest.raises(ConfigError, match=r"parallel.sharding=zero3 .* dp\*ep = 1\*1 = 1: nothing to shard"):
         validate_run(run)
+
+
+# A checkpoint saved under one (layout, mode) resumes under another and continues the
+# uninterrupted run: (source layout, its mode) -> [(resume layout, its mode)].
+RESUMES = {
+    ("ep2_dp2", "zero3"): [("ep4", "none"), ("dp4", "zero2")],
+    ("tp2_ep2", "zero3"): [("ep2_dp2", "none"), ("tp2_ep2", "zero2")],
+    ("ep4", "none"): [("ep2_dp2", "zero3")],
+    ("pp2_ep2", "zero2"): [("ep2_dp2", "zero3")],
+}
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_modes_and_layouts(tmp_path):
+    """Each source trains 6 steps saving at step 3; each resume loads step 3 under another
+    layout and sharding mode and runs steps 4..6: equal to the source's to 1e-5."""
+    steps = 6
+    runs = []
+    for (src, mode), targets in RESUMES.items():
+        label = f"src-{src}-{mode}"
+        runs.append((src, mode, "none", label, {"checkpoint.every": 3, "checkpoint.keep": 2}))
+        for dst, dst_mode in targets:
+            resume = {"resume": f"{{root}}/{label}/checkpoints/step_000003", "checkpoint.save_final": False}
+            runs.append((dst, dst_mode, "none", f"{label}-to-{dst}-{dst_mode}", resume))
+    cfg = _cfg("ep2_dp2", *LAYOUTS["ep2_dp2"], steps=steps)
+    paths = prepare_data(cfg.data, seq_len=cfg.trainer.seq_len, vocab_size=cfg.model.vocab_size)
+    run_on_ranks(_worker, 4, str(tmp_path), paths, runs, steps)
+
+    for (src, mode), targets in RESUMES.items():
+        label = f"src-{src}-{mode}"
+        ref = {r["step"]: r for r in _read(tmp_path / label)}
+        for dst, dst_mode in targets:
+            name = f"{label}-to-{dst}-{dst_mode}"
+            got = _read(tmp_path / name)
+            assert [r["step"] for r in got] == [4, 5, 6], name
+            for b in got:
+                a = ref[b["step"]]
+                for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+                    assert b[key] == pytest.approx(a[key], rel=1e-5), (name, b["step"], key)
+                for layer in a["load"]:
+                    assert b["load"][layer]["tokens_per_expert"] == a["load"][layer]["tokens_per_expert"], name
+
+
+def _mixed_precision_worker(rank, world):
+    from moemesh.trainer.parallelize import build_model, shard_model
+
+    run = _cfg("dp2", 2, 1, 1, 1, 2, "zero3", **{"trainer.dtype": "bf16"})
+    mesh = build_mesh(ParallelDims(dp=2), "cpu")
+    device = torch.device("cpu")
+    model = build_model(run, mesh, device)
+    shard_model(run, mesh, model, device)
+    seen = []
+    block = model.layers["0"]
+    block.attn.wq.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    tokens = torch.randint(0, run.model.vocab_size, (2, run.trainer.seq_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens)
+    out.loss.backward()
+    assert seen == [torch.bfloat16]  # gathered for compute in bf16
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name  # fp32 master shards
+        assert p.grad is not None and p.grad.dtype == torch.float32, name  # reduced in fp32
+        assert p.to_local().numel() <= -(-p.numel() // 2), name  # sharded over the 2 data ranks
+
+
+@pytest.mark.slow
+def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_and_grads():
+    run_on_ranks(_mixed_precision_worker, 2)
