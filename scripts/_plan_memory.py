@@ -137,44 +137,55 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
     """One block's stored activations for a micro-batch of T tokens per data rank.
 
     t = tp; s = t with sequence parallelism, else 1 (the residual stream's split);
-    N = (T / t) K routed rows of this rank (uniform routing; (ep-1)/ep of them cross the
-    All-to-All). Per part, counting the tensors autograd saves (checked against the saved
-    tensors of a real CPU forward in tests/scripts/test_plan.py):
+    Tr = T / t tokens this rank routes, N = Tr K routed rows (uniform routing; (ep-1)/ep of
+    them cross the All-to-All). Per part, counting the tensors autograd saves (checked
+    against the saved tensors of a real CPU forward in tests/scripts/test_plan.py):
       block_input           T D / s (the residual; the attention norm's input)
       norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
-                            mid-block residual) T D / s, and the two norm outputs that feed the
-                            projections, 2 T D (under SP: the sequence gathers' outputs)
-      attention             q, k, v after RoPE (T D + 2 T Dkv) / t, the output projection's
-                            input T D / t
+                            mid-block residual) T D / s
+      attention             its input: the norm output T D, or under SP each of q, k, v's own
+                            sequence gather, 3 T D; q, k, v after RoPE (T D + 2 T Dkv) / t; the
+                            output projection's input T D / t
       attention_out         T D / t
-      dense FFN             4 T F / t: w1 and w3 outputs, silu's output, their product
-      MoE                   router: logits and scores 2 (T/t) E (+ its input (T/t) D when t > 1);
-                            the experts' input rows N D; silu's output and the product 2 N Fe;
-                            the rows the unpermute weights N D; shared expert 4 T Fs / t
+      dense FFN             its input T D (under SP w1's and w3's gathers, 2 T D); 4 T F / t:
+                            w1 and w3 outputs, silu's output, their product
+      MoE                   the router's input T D / s (with t > 1 and no SP a slice of the
+                            norm output, which keeps all of it alive), logits and scores 2 Tr E; the experts'
+                            input rows N D; silu's output and the product 2 N Fe; the rows the
+                            unpermute weights N D; a shared expert's input (under SP its two
+                            gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t
       expert_out            N (2 Fe + D): w1, w3 and w2 outputs
       collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
-                            t > 1: without SP the two all-reduce (or gather) outputs 2 T D,
-                            with SP the two sequence gathers 2 T D and reduce-scatters 2 T D / t
+                            t > 1: each sequence gather's or all-reduce's output T D (SP: 3 for
+                            attention, 2 for a dense FFN or shared expert; else 1 each, and the
+                            MoE's token gather) and each reduce-scatter's T D / t
     """
     D, t = m.hidden_size, dims.tp
     s = t if sp else 1
     Dkv = m.num_kv_heads * (D // m.num_heads)
     block_input = T * D // s
     attention_out = T * D // t
-    rest = 2 * T * D // s + T * D // s + 2 * T * D + (T * D + 2 * T * Dkv) // t + T * D // t
-    collectives = 2 * T * D + (2 * T * D // t if sp else 0) if t > 1 else 0
+    norms = 2 * T * D // s + T * D // s
+    rest = norms + (3 if sp else 1) * T * D + (T * D + 2 * T * Dkv) // t + T * D // t
+    full_outs, scattered = (3, 1) if sp else (1, 0)  # TP collectives' outputs: T D and T D / t each
     expert_out = 0
     if is_moe_layer(m, layer):
         Tr = T // t
         N = Tr * m.top_k
-        Fe = m.moe_ffn_hidden_size
-        rest += 2 * Tr * m.num_experts + (Tr * D if t > 1 else 0) + N * D + 2 * N * Fe + N * D
-        rest += 4 * T * m.shared_expert_ffn_size // t
+        Fe, Fs = m.moe_ffn_hidden_size, m.shared_expert_ffn_size
+        rest += T * D // s + 2 * Tr * m.num_experts + N * D + 2 * N * Fe + N * D
         expert_out = N * (2 * Fe + D)
-        if dims.ep > 1:
-            collectives += 2 * N * D
+        if Fs:
+            rest += (2 * T * D if sp else T * D if t > 1 else 0) + 4 * T * Fs // t
+            full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
+        if not sp:
+            full_outs += 1  # the routed tokens gathered back over tp
     else:
-        rest += 4 * T * m.ffn_hidden_size // t
+        rest += (2 if sp else 1) * T * D + 4 * T * m.ffn_hidden_size // t
+        full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
+    collectives = full_outs * T * D + scattered * T * D // t if t > 1 else 0
+    if is_moe_layer(m, layer) and dims.ep > 1:
+        collectives += 2 * N * D
     return BlockActivations(block_input, attention_out, expert_out, rest, collectives)
 
 
