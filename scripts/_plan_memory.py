@@ -17,9 +17,10 @@ Per GPU, rank 0 of its shard groups (it holds the largest chunk of every sharded
   transient (gathered weights and gradients in flight at the peak, c = the compute dtype's
             bytes: 2 for bf16, 4 for fp32; g = c + 4 under bf16, whose gradients are cast to
             fp32 for the reduction, else 4):
-              none   fp32: nothing. bf16: autocast's bf16 copies of the weights: held to the
-                     end of the forward by its cast cache (non-expert matmul weights) and saved
-                     for the backward (the experts' copies too, unless checkpointed): c x those.
+              none   fp32: nothing. bf16: autocast's bf16 copies of the matmul weights (all but
+                     the embedding and the router, which stays fp32): held to the end of the
+                     forward by its cast cache and saved for the backward (the experts' copies,
+                     made by the experts themselves, only when not checkpointed): c x those.
               zero2  every parameter of the stage gathered from its forward to its backward
                      (reshard_after_forward=False): c x the stage, + one block's gathered
                      gradients: g x the largest block.
@@ -92,7 +93,11 @@ def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_by
     if sharding == "none":
         if c == 4:
             return 0
-        cast = sum(s.numel for s in specs if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed."))
+        cast = sum(
+            s.numel
+            for s in specs
+            if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed.") and ".router." not in s.name
+        )
         saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == "none" else 0
         return c * (cast + saved_experts)
     if sharding == "zero2":

@@ -28,6 +28,7 @@ from moemesh.moe.config import ModelConfig  # noqa: E402
 from moemesh.moe.context import ParallelContext  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.moe.model import Transformer  # noqa: E402
+from moemesh.moe.param_count import param_specs  # noqa: E402
 from moemesh.parallel.comm import CommMeter  # noqa: E402
 from moemesh.parallel.dims import MeshAxis, ParallelDims, layout_name  # noqa: E402
 from moemesh.parallel.mesh import build_mesh  # noqa: E402
@@ -550,3 +551,30 @@ def _activation_worker(rank, world, ep, tp, sp):
 def test_activation_estimate_matches_a_real_forward_under_ep_and_tp(ep, tp, sp):
     """The EP, TP and sequence-parallel terms, on real ranks (gloo): each block's saved bytes."""
     run_on_ranks(_activation_worker, ep * tp, ep, tp, sp)
+
+
+def test_autocast_keeps_the_bf16_weight_copies_the_planner_counts_for_none():
+    """Under autocast (parallel.sharding=none on a GPU) every matmul weight's bf16 copy is saved
+    for the backward: the transient the planner adds to none's bf16 plans (CPU autocast here)."""
+    model = Transformer(ACT_CFG)
+    model.init_weights(0)
+    params = {id(p) for p in model.parameters()}
+    copies: dict[int, int] = {}
+
+    def pack(t):
+        fn = t.grad_fn
+        for _ in range(4):  # through the views (t(), reshape) to the cast of a parameter
+            if fn is None or not fn.next_functions or fn.next_functions[0][0] is None:
+                break
+            fn = fn.next_functions[0][0]
+            if hasattr(fn, "variable"):
+                if id(fn.variable) in params and t.dtype == torch.bfloat16:
+                    copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                break
+        return t
+
+    tokens = torch.randint(0, ACT_CFG.vocab_size, (2, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens, tokens)
+    assert sum(copies.values()) == memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 2)
+    assert memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 4) == 0  # fp32: no copies
