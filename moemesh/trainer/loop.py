@@ -54,6 +54,17 @@ def _autocast(run: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _resident_bytes(device: torch.device) -> int:
+    """What the rank holds now: CUDA tensors, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -168,6 +179,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
     torch.manual_seed(t.seed)
+    start_bytes = _resident_bytes(device)  # before the model: the memory report's baseline
     meter = CommMeter(device)
     model = build_model(run, mesh, device, meter=meter)
     # Sharded modes: FSDP2 reduce-scatters each block's gradients during the backward;
@@ -360,6 +372,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         sample=log.sample,
         start=start,
         stopped_by=stopped_by,
+        run_start_bytes=start_bytes,
     )
     log.write_summary(summary)
     log.close()
@@ -418,10 +431,24 @@ def _machine(device: torch.device) -> dict:
 
 
 def _summary(
-    run, model, optimizer, mesh, device, *, last_record, steps_run, val_loss, sample: StepSample, start, stopped_by
+    run,
+    model,
+    optimizer,
+    mesh,
+    device,
+    *,
+    last_record,
+    steps_run,
+    val_loss,
+    sample: StepSample,
+    start,
+    stopped_by,
+    run_start_bytes: int = 0,
 ) -> RunSummary:
     dims = mesh.dims
-    memory = memory_report(model, optimizer, _peak_memory_bytes(device), mesh.world_group, device)
+    memory = memory_report(
+        model, optimizer, _peak_memory_bytes(device), mesh.world_group, device, start_bytes=run_start_bytes
+    )
     # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
     # step pays for warm-up. None: nothing logged (resumed at the end).
     medians = sample.medians()

@@ -252,9 +252,10 @@ def local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
+def memory_report(model, optimizer, peak_bytes: int, group, device, start_bytes: int = 0) -> dict:
     """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective):
-    what each rank holds at rest (its shards in the sharded modes), and the peak."""
+    what each rank holds at rest (its shards in the sharded modes), and the peak (also
+    less ``start_bytes``, what the rank held before training)."""
     expert_ids = {id(p) for p in model.expert_parameters()}
 
     def split(sizes):  # [(param, bytes)] -> (expert, non-expert)
@@ -269,7 +270,9 @@ def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
     optim_b = split(
         [(p, sum(local_bytes(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))) for p in params]
     )
-    local = torch.tensor(param_b + grad_b + optim_b + [peak_bytes], dtype=torch.float64, device=device)
+    local = torch.tensor(
+        param_b + grad_b + optim_b + [peak_bytes, peak_bytes - start_bytes], dtype=torch.float64, device=device
+    )
     both = torch.cat([local, -local])  # max of v and of -v: max and min in one collective
     all_reduce_(both, group, op=torch.distributed.ReduceOp.MAX)
     n = local.numel()
@@ -279,4 +282,7 @@ def memory_report(model, optimizer, peak_bytes: int, group, device) -> dict:
     for k, name in enumerate(("param_bytes", "grad_bytes", "optimizer_bytes")):
         report[name] = {"expert": mm(2 * k), "non_expert": mm(2 * k + 1)}
     report["peak_bytes"] = mm(6)
+    # The peak less what the rank held before building the model (on the CPU the process's
+    # interpreter, torch and process groups; 0 on CUDA, whose peak counts tensors only).
+    report["peak_above_start_bytes"] = mm(7)
     return report
