@@ -180,32 +180,33 @@ def test_sharding_divides_the_state_by_the_groups_exactly():
 
 
 @pytest.mark.slow
-def test_gradient_and_optimizer_bytes_equal_a_real_run(tmp_path):
-    """One real CPU step of ep2 (2 ranks): the run's memory report against the plan."""
+@pytest.mark.parametrize(
+    ("preset", "mode"), [("ep2", "none"), ("ep2_dp2", "zero2"), ("ep2_dp2", "zero3"), ("tp2_ep2", "zero3")]
+)
+def test_state_bytes_equal_a_real_runs_memory_report(tmp_path, preset, mode):
+    """One real CPU step (2 or 4 ranks): summary.json's memory_per_rank, every category's max,
+    against the plan; the sharded modes as training builds them (parallel/fsdp.py)."""
     import json
 
     from tests.helpers import SMALL
 
+    over = [f"parallel={preset}", f"parallel.sharding={mode}", "trainer.steps=1", *SMALL]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            f"hydra.run.dir={tmp_path}",
-            "parallel=ep2",
-            "trainer.steps=1",
-            *SMALL,
-        ],
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *over],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     mem = json.loads((tmp_path / "summary.json").read_text())["memory_per_rank"]
-    run = compose_run(["parallel=ep2", *SMALL, "trainer.steps=1"])
-    p = plan.plan_one(run, ParallelDims(ep=2), ARGS)
-    real = {k: mem[k]["expert"]["max"] + mem[k]["non_expert"]["max"] for k in ("grad_bytes", "optimizer_bytes")}
-    assert (p.grad_bytes, p.optim_bytes) == (real["grad_bytes"], real["optimizer_bytes"])
-    assert p.param_expert == mem["param_bytes"]["expert"]["max"]
+    run = compose_run(over)
+    p = plan.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
+    planned = {
+        "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
+        "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
+        "optimizer_bytes": {"expert": p.optim_expert, "non_expert": p.optim_non_expert},
+    }
+    assert planned == {k: {part: mem[k][part]["max"] for part in v} for k, v in planned.items()}
 
 
 def _a2a_worker(rank, world):
