@@ -162,7 +162,25 @@ RESUMES = {
     ("tp2_ep2", "zero3"): [("ep2_dp2", "none"), ("tp2_ep2", "zero2")],
     ("ep4", "none"): [("ep2_dp2", "zero3")],
     ("pp2_ep2", "zero2"): [("ep2_dp2", "zero3")],
+    # Two experts: one per EP rank, so FSDP2 splits each expert along dim 1 over dp (and
+    # over dp=4 after the move): per-expert DTensors in the checkpoint.
+    ("ep2_dp2", "zero3", "e2"): [("ep2_dp2", "none"), ("dp4", "zero2")],
 }
+VARIANTS = {"e2": {"model.num_experts": 2}}
+
+
+def _resume_runs():
+    """(source label, its run, [(resume label, its run)]) for RESUMES."""
+    for key, targets in RESUMES.items():
+        src, mode = key[:2]
+        extra = VARIANTS[key[2]] if len(key) > 2 else {}
+        label = "-".join(["src", src, mode, *key[2:]])
+        save = (src, mode, "none", label, {**extra, "checkpoint.every": 3, "checkpoint.keep": 2})
+        resumes = []
+        for dst, dst_mode in targets:
+            load = {**extra, "resume": f"{{root}}/{label}/checkpoints/step_000003", "checkpoint.save_final": False}
+            resumes.append((dst, dst_mode, "none", f"{label}-to-{dst}-{dst_mode}", load))
+        yield label, save, resumes
 
 
 @pytest.mark.slow
@@ -170,24 +188,18 @@ def test_checkpoints_resume_across_modes_and_layouts(tmp_path):
     """Each source trains 6 steps saving at step 3; each resume loads step 3 under another
     layout and sharding mode and runs steps 4..6: equal to the source's to 1e-5."""
     steps = 6
-    runs = []
-    for (src, mode), targets in RESUMES.items():
-        label = f"src-{src}-{mode}"
-        runs.append((src, mode, "none", label, {"checkpoint.every": 3, "checkpoint.keep": 2}))
-        for dst, dst_mode in targets:
-            resume = {"resume": f"{{root}}/{label}/checkpoints/step_000003", "checkpoint.save_final": False}
-            runs.append((dst, dst_mode, "none", f"{label}-to-{dst}-{dst_mode}", resume))
+    runs = [run for _, save, resumes in _resume_runs() for run in (save, *resumes)]
     cfg = _cfg("ep2_dp2", *LAYOUTS["ep2_dp2"], steps=steps)
     paths = prepare_data(cfg.data, seq_len=cfg.trainer.seq_len, vocab_size=cfg.model.vocab_size)
     run_on_ranks(_worker, 4, str(tmp_path), paths, runs, steps)
 
-    for (src, mode), targets in RESUMES.items():
-        label = f"src-{src}-{mode}"
+    for label, _, resumes in _resume_runs():
         ref = {r["step"]: r for r in _read(tmp_path / label)}
-        for dst, dst_mode in targets:
-            name = f"{label}-to-{dst}-{dst_mode}"
+        for resume in resumes:
+            name = resume[3]
             got = _read(tmp_path / name)
             assert [r["step"] for r in got] == [4, 5, 6], name
+            assert "resumed from" in (tmp_path / name / "train.log").read_text(), name
             for b in got:
                 a = ref[b["step"]]
                 for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
