@@ -35,6 +35,7 @@ LAYOUTS = {
     "dp4": (4, 1, 1, 1, 1),
     "ep4": (1, 4, 1, 1, 1),
     "tp2_ep2": (1, 2, 2, 1, 2),
+    "tp2_dp2": (2, 1, 2, 1, 2),
     "pp2_ep2": (1, 2, 1, 2, 2),
 }
 # (layout, sharding, activation checkpointing)
@@ -43,6 +44,8 @@ RUNS = [(name, mode, "none") for name in LAYOUTS for mode in ("zero2", "zero3")]
     ("tp2_ep2", "zero2", "selective"),
     ("pp2_ep2", "zero3", "selective"),
     ("ep2_dp2", "zero3", "none", "ep2_dp2-zero3-overlap", {"parallel.comm_optimization.all_to_all_overlap": True}),
+    # Sequence parallelism: the norms' gradients sum over dp x tp, in units of their own.
+    ("tp2_dp2", "zero3", "none", "tp2_dp2_sp-zero3", {"parallel.sequence_parallel": True}),
 ]
 
 
