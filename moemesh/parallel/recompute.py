@@ -18,7 +18,9 @@ only refills the tensors the backward reads.
 The block is wrapped in place as torchtitan does, before FSDP wraps it: its class
 becomes a subclass whose ``forward`` runs ``torch.utils.checkpoint.checkpoint``
 (non-reentrant) around the original one. No module is inserted, so parameter names,
-``state_dict`` keys and ``isinstance`` checks are those of the unwrapped model.
+``state_dict`` keys and ``isinstance`` checks are those of the unwrapped model. Under
+zero3 the expert unit that FSDP2 nests in the block gathers its weights during the
+recompute instead of just before its own backward: the same gathers, earlier.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.checkpoint import checkpoint
 
 from moemesh.parallel.comm import CollectiveTape, collective_in_progress, recording, replaying
 
@@ -54,13 +58,62 @@ SELECTIVE_SAVE = frozenset(
 )
 
 
-def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in SELECTIVE_SAVE:
-        # SAC matches saved results by (operator, call index); a replayed collective runs no
-        # operator at all, so nothing inside one may be saved or the indices would shift.
-        assert not collective_in_progress(), f"{op} inside a collective cannot be saved selectively"
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+class SelectiveOutputs:
+    """The outputs of a region's ``SELECTIVE_SAVE`` operators, in the order they ran.
+
+    Why not torch's ``create_selective_checkpoint_contexts``: it matches every operator of
+    the region by (operator, call index), so a region whose recompute runs a different
+    number of some operator fails or, worse, hands a result to the wrong call. Ours does:
+    a replayed collective runs none of its operators, and FSDP2's hooks on a unit nested
+    in the block (the experts, sharded over their own group) run profiler records and,
+    under zero3, the all-gather that the unit's backward needs, during the recompute
+    rather than before it. Here only the kept operators are counted, and they are the
+    model's own compute, the same calls in the same order in the forward and the recompute.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[Any, Any]] = []  # (operator, its output, detached)
+
+
+def _detached(out):
+    return tree_map_only(torch.Tensor, lambda t: t.detach(), out)
+
+
+class _Keep(TorchDispatchMode):
+    """selective's forward: keep each ``SELECTIVE_SAVE`` operator's output."""
+
+    def __init__(self, kept: SelectiveOutputs):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in SELECTIVE_SAVE:
+            assert not collective_in_progress(), f"{func} inside a collective: a replay would skip it"
+            self.kept.outputs.append((func, _detached(out)))
+        return out
+
+
+class _Reuse(TorchDispatchMode):
+    """selective's recompute: each ``SELECTIVE_SAVE`` operator returns the kept output."""
+
+    def __init__(self, kept: SelectiveOutputs):
+        super().__init__()
+        self.kept = kept
+        self.cursor = 0
+
+    def __enter__(self):
+        self.cursor = 0  # a retained graph recomputes again, from the first
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in SELECTIVE_SAVE:
+            return func(*args, **(kwargs or {}))
+        assert self.cursor < len(self.kept.outputs), f"{func}: the recompute ran more kept operators than the forward"
+        op, out = self.kept.outputs[self.cursor]
+        assert op is func, f"recompute ran {func} where the forward ran {op}"
+        self.cursor += 1
+        return _detached(out)
 
 
 class _Contexts:
@@ -88,9 +141,9 @@ def checkpoint_contexts(mode: str) -> tuple[_Contexts, _Contexts]:
     forward: list[Callable[[], Any]] = [functools.partial(recording, tape)]
     recompute: list[Callable[[], Any]] = [functools.partial(replaying, tape)]
     if mode == "selective":
-        caching, cached = create_selective_checkpoint_contexts(_selective_policy)
-        forward.append(lambda: caching)
-        recompute.append(lambda: cached)
+        kept = SelectiveOutputs()
+        forward.append(functools.partial(_Keep, kept))
+        recompute.append(functools.partial(_Reuse, kept))
     return _Contexts(*forward), _Contexts(*recompute)
 
 

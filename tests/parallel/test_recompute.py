@@ -195,18 +195,21 @@ def test_checkpointing_holds_less_activation_memory():
     assert full[1] < selective[1] < none[1]  # the peak, with one block recomputed at a time
 
 
-# name: dp, ep, tp, sequence_parallel, All-to-All overlap. 4 ranks each.
+# name: dp, ep, tp, sequence_parallel, All-to-All overlap, sharding. 4 ranks each.
 RANK_LAYOUTS = {
-    "ep2_dp2": (2, 2, 1, False, False),
-    "ep2_dp2_overlap": (2, 2, 1, False, True),
-    "tp2_ep2": (1, 2, 2, False, False),
-    "tp2_ep2_sp": (1, 2, 2, True, False),
+    "ep2_dp2": (2, 2, 1, False, False, "none"),
+    "ep2_dp2_overlap": (2, 2, 1, False, True, "none"),
+    "tp2_ep2": (1, 2, 2, False, False, "none"),
+    "tp2_ep2_sp": (1, 2, 2, True, False, "none"),
+    # FSDP2 wraps the checkpointed blocks, and the experts inside them as a unit of their own.
+    "ep2_dp2_zero3": (2, 2, 1, False, False, "zero3"),
 }
 
 
-def _layout_run(name, dp, ep, tp, sp, overlap, mode="none", **extra):
+def _layout_run(name, dp, ep, tp, sp, overlap, sharding="none", mode="none", **extra):
     return _small_run(
         **{
+            "parallel.sharding": sharding,
             "parallel.name": name,
             "parallel.data_parallel_size": dp,
             "parallel.expert_parallel_size": ep,
@@ -223,10 +226,11 @@ def _one_step(run, mesh, tokens):
     """Build the model as training does, one forward and backward: loss, local gradients,
     the c10d operators issued, the meter's All-to-All bytes."""
     from moemesh.parallel.comm import CommMeter
-    from moemesh.trainer.parallelize import build_model
+    from moemesh.trainer.parallelize import build_model, shard_model
 
     meter = CommMeter()
     model = build_model(run, mesh, torch.device("cpu"), meter)
+    shard_model(run, mesh, model, torch.device("cpu"))  # none: nothing
     assert dict(checkpointed_modules(model)) == (
         {}
         if run.trainer.activation_checkpointing == "none"
@@ -236,7 +240,8 @@ def _one_step(run, mesh, tokens):
     with count:
         out = model(tokens, tokens)
         out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    local = {n: p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for n, p in model.named_parameters()}
+    grads = {n: g.clone() for n, g in local.items()}  # this rank's shard under zero3
     comm = meter.collect()
     return out.loss.detach(), grads, count.ops, {k: comm[k] for k in ("bytes_sent", "bytes_recv", "min_bytes")}
 
@@ -246,9 +251,10 @@ def _layouts_worker(rank, world):
     from moemesh.parallel.mesh import build_mesh
 
     torch.manual_seed(0)
-    for name, (dp, ep, tp, sp, overlap) in RANK_LAYOUTS.items():
+    for name, spec in RANK_LAYOUTS.items():
+        dp, ep, tp = spec[:3]
         mesh = build_mesh(ParallelDims(dp=dp, ep=ep, tp=tp), "cpu")
-        runs = {m: _layout_run(name, dp, ep, tp, sp, overlap, m) for m in MODES}
+        runs = {m: _layout_run(name, *spec, mode=m) for m in MODES}
         tokens = _tokens(runs["none"], 2, seed=rank // tp)  # TP peers share their tokens
         ref_loss, ref_grads, ref_ops, ref_bytes = _one_step(runs["none"], mesh, tokens)
         assert ref_ops["c10d::alltoall_base_"] > 0 and ref_bytes["bytes_sent"] > 0, (name, ref_ops)
@@ -264,8 +270,10 @@ def _layouts_worker(rank, world):
 @pytest.mark.slow
 def test_ep_and_tp_layouts_same_gradients_and_collectives():
     """4 ranks: EP with DP, EP with the overlapped All-to-All, TP with EP, TP with sequence
-    parallelism: full and selective give the gradients of none, issue exactly the same
-    collectives (counted at the c10d dispatcher) and meter the same All-to-All bytes."""
+    parallelism, EP with DP under zero3: full and selective give the gradients of none, issue
+    exactly the same collectives (counted at the c10d dispatcher; under zero3 the nested
+    expert unit gathers its weights in the recompute instead of just before its backward)
+    and meter the same All-to-All bytes."""
     run_on_ranks(_layouts_worker, 4)
 
 
@@ -329,7 +337,7 @@ def test_planner_activation_estimate_within_25_percent(plan_scripts):
 # Layouts whose per-block estimate the planner gets within 25%. With sequence parallelism it
 # does not yet: each column-parallel linear all-gathers its own copy of the sequence (wq, wk,
 # wv, and w1, w3 of the dense FFN), 5 gathers of T x D per dense block where the planner
-# counts 2; add "tp2_ep2_sp": (1, 2, 2, True, False) here once it does.
+# counts 2; add "tp2_ep2_sp" here once it does.
 PLANNED_LAYOUTS = {name: RANK_LAYOUTS[name] for name in ("ep2_dp2", "tp2_ep2")}
 
 
@@ -341,11 +349,12 @@ def _planner_worker(rank, world, scripts):
     from moemesh.trainer.parallelize import build_model
 
     sys.path.insert(0, scripts)
-    for name, (dp, ep, tp, sp, overlap) in PLANNED_LAYOUTS.items():
+    for name, spec in PLANNED_LAYOUTS.items():
+        dp, ep, tp = spec[:3]
         dims = ParallelDims(dp=dp, ep=ep, tp=tp)
         mesh = build_mesh(dims, "cpu")
         for mode in MODES:
-            run = _layout_run(name, dp, ep, tp, sp, overlap, mode, **ACT_RUN)
+            run = _layout_run(name, *spec, mode=mode, **ACT_RUN)
             model = build_model(run, mesh, torch.device("cpu"))
             x = model._embed(_tokens(run, 2, seed=rank // tp)).detach().requires_grad_(True)
             check_planner_activations(model, run, dims, x, mode, name)

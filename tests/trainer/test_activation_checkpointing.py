@@ -20,10 +20,11 @@ MODES = ("none", "full", "selective")
 STEPS = 3
 
 
-def _cfg(name="single", mode="none", dp=1, ep=1, pp=1, micro=None, steps=STEPS):
+def _cfg(name="single", mode="none", dp=1, ep=1, pp=1, micro=None, sharding="none", steps=STEPS):
     return tiny_run(
         **{
             "parallel.name": name,
+            "parallel.sharding": sharding,
             "parallel.data_parallel_size": dp,
             "parallel.expert_parallel_size": ep,
             "parallel.pipeline_parallel_size": pp,
@@ -63,12 +64,17 @@ def test_single_process_modes_train_identically(tmp_path):
         _assert_same_run(ref, _read(tmp_path / mode), mode, a2a=False)
 
 
-# name: dp, ep, pp, micro batch; 4 ranks each.
-LAYOUTS = {"ep2_dp2": (2, 2, 1, None), "pp2_ep2": (1, 2, 2, 2)}
+# name: dp, ep, pp, micro batch, sharding; 4 ranks each.
+LAYOUTS = {
+    "ep2_dp2": (2, 2, 1, None, "none"),
+    "pp2_ep2": (1, 2, 2, 2, "none"),
+    "ep2_dp2_zero3": (2, 2, 1, None, "zero3"),
+    "pp2_ep2_zero2": (1, 2, 2, 2, "zero2"),
+}
 
 
 def _worker(rank, world, root, paths):
-    for name, (dp, ep, pp, micro) in LAYOUTS.items():
+    for name, (dp, ep, pp, micro, sharding) in LAYOUTS.items():
         mesh = build_mesh(ParallelDims(dp=dp, ep=ep, pp=pp), "cpu")
         for mode in MODES:
             out = Path(root) / name / mode
@@ -76,12 +82,13 @@ def _worker(rank, world, root, paths):
             ctx = RankContext(
                 rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=mesh, output_dir=str(out), data_paths=paths
             )
-            train(_cfg(name, mode, dp, ep, pp, micro), ctx)
+            train(_cfg(name, mode, dp, ep, pp, micro, sharding), ctx)
 
 
 @pytest.mark.slow
 def test_ep_and_pipeline_layouts_train_identically(tmp_path):
-    """ep2_dp2 and pp2_ep2 (1F1B, two micro-batches in flight): full and selective equal none."""
+    """ep2_dp2 and pp2_ep2 (1F1B, two micro-batches in flight), each also sharded (zero3,
+    zero2: FSDP2 wraps the checkpointed blocks): full and selective equal none."""
     cfg = _cfg()
     paths = prepare_data(cfg.data, seq_len=cfg.trainer.seq_len, vocab_size=cfg.model.vocab_size)
     run_on_ranks(_worker, 4, str(tmp_path), paths)
