@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from math import prod
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.parallel import tags
 from moemesh.parallel.dims import ParallelDims, padded_vocab
 
 
@@ -147,12 +148,10 @@ def shard_group_size(spec: ParamSpec, dims: ParallelDims) -> int:
 
 
 def shard_dim(spec: ParamSpec, dims: ParallelDims) -> int:
-    """The dim sharding splits ``spec`` along (see the module docstring)."""
-    if len(spec.shape) < 2:
-        return 0
-    if spec.expert:
-        return 0 if spec.shape[0] % shard_group_size(spec, dims) == 0 else 1
-    return 1 if dims.tp > 1 and spec.tp_dim == 0 else 0
+    """The dim sharding splits ``spec`` along: ``parallel.tags.shard_dim``, the rule FSDP uses."""
+    return tags.shard_dim(
+        spec.shape, expert=spec.expert, tp_dim=spec.tp_dim, tp_size=dims.tp, group_size=shard_group_size(spec, dims)
+    )
 
 
 def local_numel(spec: ParamSpec, dims: ParallelDims, sharded: bool, rank: int = 0) -> int:

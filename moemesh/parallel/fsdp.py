@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
+from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id, shard_dim
 
 MODES = ("none", "zero2", "zero3")
 
@@ -58,29 +58,16 @@ class ShardMeshes:
     tp_size: int = 1
 
 
-def shard_dim(param: torch.Tensor, *, tp_size: int, group_size: int) -> int:
-    """The dimension FSDP splits ``param`` along (see the module docstring)."""
-    if param.dim() < 2:
-        return 0
-    if expert_first_id(param) is not None:
-        return 0 if param.shape[0] % group_size == 0 else 1
+def param_shard_dim(param: torch.Tensor, *, tp_size: int, group_size: int) -> int:
+    """The dimension FSDP splits ``param`` along (``parallel.tags.shard_dim``, from its tags)."""
     tp = getattr(param, TP_SHARD, None)
-    if tp_size > 1 and tp is not None and tp[0] == 0:
-        return 1
-    return 0
-
-
-def local_shard_numel(shape: tuple[int, ...], dim: int, group_size: int, rank: int = 0) -> int:
-    """Elements of ``rank``'s chunk of a tensor split along ``dim`` into ``group_size``
-    chunks (torch.chunk: ceil-sized chunks first, then what is left, maybe nothing)."""
-    n = shape[dim]
-    size = -(-n // group_size)
-    rows = max(0, min(size, n - rank * size))
-    other = 1
-    for i, s in enumerate(shape):
-        if i != dim:
-            other *= s
-    return rows * other
+    return shard_dim(
+        tuple(param.shape),
+        expert=expert_first_id(param) is not None,
+        tp_dim=tp[0] if tp is not None else None,
+        tp_size=tp_size,
+        group_size=group_size,
+    )
 
 
 class ExposedReduceTimer:
@@ -180,7 +167,7 @@ def apply_fsdp(
         n = mesh.size()
 
         def placement(p: nn.Parameter):
-            return Shard(shard_dim(p, tp_size=meshes.tp_size, group_size=n))
+            return Shard(param_shard_dim(p, tp_size=meshes.tp_size, group_size=n))
 
         fully_shard(
             module,
