@@ -98,8 +98,18 @@ def load(path: Path) -> Run:
         raise ValueError(f"{path}: unreadable JSON ({err})") from None
 
 
+def run_name(summary: dict, fallback: str) -> str:
+    """The layout, plus the sharding mode and checkpointing where they are not none
+    ("ep2_dp2 zero3+full"), so runs of one layout in different modes tell apart."""
+    name = summary.get("parallel") or fallback
+    modes = [m for m in (summary.get("sharding"), summary.get("activation_checkpointing")) if m and m != "none"]
+    if summary.get("activation_checkpointing") not in (None, "none") and summary.get("sharding") in (None, "none"):
+        modes = ["ckpt-" + summary["activation_checkpointing"]]
+    return f"{name} {'+'.join(modes)}" if modes else name
+
+
 def assign_labels(runs: list[Run]) -> None:
-    names = [r.summary.get("parallel") or r.dir.name for r in runs]
+    names = [run_name(r.summary, r.dir.name) for r in runs]
     for run, name in zip(runs, names):
         run.label = name if names.count(name) == 1 else f"{name} ({run.dir.name})"
 

@@ -4,7 +4,7 @@ Imported only when ``logger=wandb``. Offline unless credentials are present
 (WANDB_API_KEY or a netrc entry for the API host); WANDB_MODE, when set, wins.
 Offline runs land in ``<run dir>/wandb/offline-run-*`` and upload later with
 ``wandb sync``. The dashboard groups by config columns: the layout's dp, ep, tp,
-pp and world_size are top-level keys of the run config.
+pp, world_size, sharding and activation_checkpointing are top-level keys of the run config.
 
 Being offline never stops a run: an online start first checks that the server (or
 the HTTPS proxy) accepts a connection within a few seconds, then gives wandb
@@ -115,6 +115,8 @@ def flat_config(run: RunConfig, dims) -> dict:
 
     walk("", asdict(run))
     out.update(dp=dims.dp, ep=dims.ep, tp=dims.tp, pp=dims.pp, world_size=dims.world_size, layout=layout_name(dims))
+    # What each rank keeps and recomputes: a column to group by, beside the layout's.
+    out.update(sharding=run.parallel.sharding, activation_checkpointing=run.trainer.activation_checkpointing)
     return out
 
 

@@ -410,3 +410,17 @@ def test_different_loss_curves_do_not_coincide(tmp_path):
         assert not any("coincide" in t.get_text() for t in fig.axes[0].texts)
     finally:
         plt.close(fig)
+
+
+def test_run_name_tells_modes_of_one_layout_apart():
+    assert compare.run_name({"parallel": "ep2_dp2", "sharding": "zero3", "activation_checkpointing": "full"}, "d") == (
+        "ep2_dp2 zero3+full"
+    )
+    assert compare.run_name(
+        {"parallel": "ep2_dp2", "sharding": "none", "activation_checkpointing": "selective"}, "d"
+    ) == ("ep2_dp2 ckpt-selective")
+    assert compare.run_name({"parallel": "ep2_dp2", "sharding": "zero2", "activation_checkpointing": "none"}, "d") == (
+        "ep2_dp2 zero2"
+    )
+    assert compare.run_name({"parallel": "ep4"}, "d") == "ep4"  # summaries from before these keys
+    assert compare.run_name({}, "run-dir") == "run-dir"
