@@ -1,0 +1,1 @@
+"""moemesh's layout sweeper (``hydra/sweeper=layouts``); see sweeper.py."""

@@ -1,0 +1,298 @@
+"""``hydra/sweeper=layouts``: run the planner's best layouts for ``cluster.gpus`` and rank them by measurement.
+
+    python train.py -m hydra/sweeper=layouts cluster.gpus=4 trainer.steps=30 [hydra.sweeper.top=6]
+    python train.py -m hydra/sweeper=layouts cluster.gpus=4 'hydra.sweeper.include=[ep>=2]' cluster=slurm ...
+
+Hydra glue only. The planner (``scripts/plan.py``) ranks every valid split of ``cluster.gpus``;
+``scripts/_layout_search.py`` picks the candidates (``hydra.sweeper.top``, ``include``,
+``exclude``), reads each finished job (medians after ``warmup_steps``) and makes the table;
+whatever launcher the command selects (the basic one, ``cluster=slurm``'s) runs the jobs.
+
+Every job gets the ordinary overrides of the command plus its split as explicit degrees and a
+generated ``parallel.name`` (no preset file needed), and one micro-step count for all layouts
+(the largest any of them needs), unless the command sets ``trainer.micro_steps`` or
+``trainer.micro_batch_size`` itself. A job whose directory already holds a finished
+summary.json is not run again (restart a sweep with the same ``hydra.sweep.dir``). A job that
+fails is a row with its one-line reason, and the sweep goes on. After the runs: one table
+(also ``layouts.md`` and ``layouts.json`` in the sweep directory), the winner by
+``hydra.sweeper.objective`` with the command that trains it, and ``scripts/compare.py``'s charts
+in ``<sweep dir>/compare/``.
+"""
+
+# No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
+# sys.modules, where a dataclass with string annotations cannot be built.
+import contextlib
+import dataclasses
+import io
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf, open_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT / "scripts") not in sys.path:  # the planner and the search live beside it
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+
+@dataclass
+class LayoutSweeperConf:
+    _target_: str = "hydra_plugins.moemesh_layouts.sweeper.LayoutSweeper"
+    top: int = 6  # the planner's best this many fitting splits (0: all)
+    include: list[str] = field(default_factory=list)  # layout names or constraints like "ep>=2"
+    exclude: list[str] = field(default_factory=list)
+    warmup_steps: int = 2  # logged steps left out of the timing medians
+    objective: str = "tokens_per_s"  # tokens_per_s | step_s | peak_memory
+    charts: bool = True  # scripts/compare.py's charts into <sweep dir>/compare/
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="layouts", node=LayoutSweeperConf, provider="moemesh")
+
+_USER_SET_MICRO = ("trainer.micro_steps", "trainer.micro_batch_size")
+
+
+def _refuse(message: str) -> None:
+    print(f"moemesh: config error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to the real stream and keeps the lines that start with "moemesh:"."""
+
+    def __init__(self, stream):
+        self.stream, self.lines, self._part = stream, [], ""
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        self._part += s
+        *done, self._part = self._part.split("\n")
+        self.lines += [l.strip() for l in done if l.strip().startswith("moemesh:")]
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class LayoutSweeper(Sweeper):
+    def __init__(self, top=6, include=(), exclude=(), warmup_steps=2, objective="tokens_per_s", charts=True):
+        self.keys = dict(top=top, include=include, exclude=exclude, warmup_steps=warmup_steps, objective=objective)
+        self.charts = charts
+        self.config: Any = None
+        self.launcher: Any = None
+        self.hydra_context: Any = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    # ---- before anything runs -----------------------------------------------------------------
+    def _jobs(self, arguments: list[str]):
+        """(run config, search settings, candidates, per-job overrides); exits 2 with one line."""
+        import _layout_search as search
+        import plan
+
+        from moemesh.config.schema import to_run_config
+        from moemesh.config.validate import micro_steps
+        from moemesh.errors import ConfigError
+
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        swept = [o.input_line for o in parsed if o.is_sweep_override()]
+        if swept:
+            _refuse(
+                f"{swept[0]}: hydra/sweeper=layouts chooses the layouts itself; give every other key one value "
+                "(sweep other keys with separate commands)"
+            )
+        run = to_run_config(OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
+        try:
+            s = search.settings(**{k: _plain(v) for k, v in self.keys.items()}, steps=run.trainer.steps)
+        except ConfigError as err:
+            _refuse(str(err))
+        gpus = run.cluster.gpus
+        if not gpus or gpus < 1:
+            _refuse("hydra/sweeper=layouts needs cluster.gpus: the number of ranks to split, e.g. cluster.gpus=4")
+        planned = run
+        if run.trainer.device == "auto":  # plan for the device the jobs will run on
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            planned = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, device=device))
+        valid, invalid = plan.make_plan(planned, gpus, _planner_args())
+        unknown = search.unknown_names(valid, s)
+        if unknown:
+            names = ", ".join(search.layout_name(p.dims) for p in valid)
+            _refuse(f"{unknown[0]}: not a valid split of cluster.gpus={gpus} for this model (valid: {names})")
+        choice = search.choose(valid, s)
+        if not choice.chosen:
+            why = f"{len(valid)} valid, {len(choice.not_fitting)} do not fit, {len(choice.filtered)} left out by "
+            why += "include/exclude"
+            _refuse(f"no layout of cluster.gpus={gpus} to run ({why}; {len(invalid)} cannot run)")
+        own = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in plan._SPLIT_KEYS]
+        held = []
+        if not any(a.split("=", 1)[0].lstrip("+~") in _USER_SET_MICRO for a in arguments):
+            counts = [micro_steps(_with_dims(run, c.dims)) for c in choice.chosen]
+            if len(set(counts)) > 1:  # the balance loss is per micro-step: hold the objective equal
+                held = [f"trainer.micro_steps={max(counts)}"]
+        jobs = [[*plan.train_command(run, own, c.dims)[2:], *held] for c in choice.chosen]
+        return run, s, choice, jobs, own + held
+
+    def _job_dir(self, overrides: list[str], num: int) -> Path:
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+            cfg.hydra.job.id = num
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+    # ---- the sweep ----------------------------------------------------------------------------
+    def sweep(self, arguments: list[str]) -> Any:
+        import _layout_search as search
+
+        try:
+            run, s, choice, jobs, own = self._jobs(arguments)
+            dirs = [self._job_dir(j, i) for i, j in enumerate(jobs)]
+        except HydraException as err:
+            _refuse(str(err).strip().splitlines()[0])
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        names = [c.name for c in choice.chosen]
+        print(
+            f"moemesh: layout sweep of cluster.gpus={run.cluster.gpus}: {', '.join(names)} "
+            f"(the planner's best {len(names)} of {len(names) + len(choice.cut) + len(choice.filtered)} fitting; "
+            f"objective {s.objective})",
+            flush=True,
+        )
+        reasons: dict[int, str] = {}
+        pending = []
+        for i, d in enumerate(dirs):
+            if search.finished(d, run.trainer.steps):
+                print(f"moemesh: job #{i} ({names[i]}): finished before ({d / 'summary.json'}); not run again")
+            else:
+                pending.append(i)
+        # The basic launcher runs jobs one after another in this process: one at a time, so a
+        # failing job (its SystemExit) cannot end the sweep. Others (SLURM) get all at once.
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        # Job numbers name the job directories (hydra.sweep.subdir): each batch is a contiguous run.
+        batches: list[list[int]] = []
+        for i in pending:
+            if batches and batches[-1][-1] == i - 1 and not isinstance(self.launcher, BasicLauncher):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        for batch in batches:
+            reasons.update(self._launch(batch, [jobs[i] for i in batch], names))
+        measured = []
+        for i, d in enumerate(dirs):
+            m = search.measure(d, s.warmup_steps)
+            if not m.ok and i in reasons:
+                m.error = reasons[i]
+            measured.append(m)
+        rows = search.rank_rows(choice.chosen, measured, s.objective)
+        self._report(rows, run, own, s, sweep_dir, dirs)
+        return rows
+
+    def _launch(self, batch: list[int], overrides: list[list[str]], names: list[str]) -> dict[int, str]:
+        """Run these jobs; {job index: one-line reason} for those that failed."""
+        tee = _Tee(sys.stderr)
+        reasons: dict[int, str] = {}
+        failure = None
+        try:
+            with contextlib.redirect_stderr(tee):
+                returns = self.launcher.launch(overrides, initial_job_idx=batch[0])
+            for i, ret in zip(batch, returns):
+                if ret.status == JobStatus.FAILED:
+                    err = ret._return_value
+                    reasons[i] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as err:
+            failure = f"exit code {err.code}"
+        except Exception as err:  # noqa: BLE001 - one job's failure is a row, not the sweep's end
+            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        for i in batch:
+            mine = [l for l in tee.lines if f"job #{i} " in l] if len(batch) > 1 else tee.lines
+            errors = [l for l in mine if not l.startswith(("moemesh: every layout", "moemesh: job #"))]
+            if failure or i in reasons:
+                reasons[i] = (errors[-1] if errors else reasons.get(i) or failure or "failed").replace("\n", " ")
+            if i in reasons:
+                print(f"moemesh: job #{i} ({names[i]}) failed: {reasons[i]}; the sweep goes on", file=sys.stderr)
+        return reasons
+
+    def _report(self, rows, run, own: list[str], s, sweep_dir: Path, dirs: list[Path]) -> None:
+        import _layout_search as search
+        import plan
+
+        md = search.table(rows)
+        best = search.winner(rows)
+        lines = [md, ""]
+        if best is None:
+            lines.append("no job finished: nothing to rank")
+        else:
+            cmd = shlex.join(plan.train_command(run, own, best.candidate.dims))
+            lines.append(f"winner by {s.objective}: {best.candidate.name}; train with it:")
+            lines.append(f"  {cmd}")
+        text = "\n".join(lines)
+        print("\n" + text, flush=True)
+        (sweep_dir / "layouts.md").write_text(text + "\n")
+        record = [
+            {
+                "layout": r.candidate.name,
+                "dir": str(d),
+                "dims": dataclasses.asdict(r.candidate.dims),
+                "predicted_step_s": r.candidate.predicted_step_s,
+                "predicted_bytes": r.candidate.predicted_bytes,
+                "planner_rank": r.candidate.planner_rank,
+                "measured_rank": r.measured_rank,
+                "predicted_rank": r.predicted_rank,
+                **dataclasses.asdict(r.measured),
+            }
+            for r, d in zip(rows, dirs)
+        ]
+        (sweep_dir / "layouts.json").write_text(json.dumps({"objective": s.objective, "jobs": record}, indent=1))
+        if self.charts and best is not None:
+            import compare
+
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    compare.main([str(sweep_dir), "--out", str(sweep_dir / "compare")])
+                print(f"moemesh: charts in {sweep_dir / 'compare'}/", flush=True)
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - the table stands without charts
+                print(f"moemesh: charts not drawn: {err}", file=sys.stderr)
+
+
+def _planner_args():
+    """plan.py's own defaults for the options that are not config keys (--mfu, --peak-flops)."""
+    import argparse
+
+    return argparse.Namespace(mfu=0.4, peak_flops=989e12)
+
+
+def _with_dims(run, dims):
+    p = dataclasses.replace(
+        run.parallel,
+        data_parallel_size=dims.dp,
+        expert_parallel_size=dims.ep,
+        tensor_parallel_size=dims.tp,
+        pipeline_parallel_size=dims.pp,
+    )
+    return dataclasses.replace(run, parallel=p)
+
+
+def _plain(value):
+    """A DictConfig/ListConfig value as plain Python."""
+    from omegaconf import Container
+
+    return OmegaConf.to_container(value) if isinstance(value, Container) else value

@@ -1,0 +1,122 @@
+"""``python train.py -m hydra/sweeper=layouts``: bad keys stop it before anything runs; a real 4-rank
+sweep of a tiny model tables what its runs' own files say, survives a crashed job and resumes."""
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _layout_search as search  # noqa: E402
+import plan  # noqa: E402
+from _config import compose_run  # noqa: E402
+
+SWEEP = ["-m", "hydra/sweeper=layouts", "cluster.gpus=4", *SMALL, "trainer.steps=4", "logger.console=false"]
+SWEEP += ["checkpoint.save_final=false", "hydra.sweeper.warmup_steps=1"]
+
+
+def _train(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# Settings are checked one by one in tests/scripts/test_layout_search.py; here, that each kind of
+# mistake stops train.py with one line before a directory exists: a key Hydra's schema refuses, a
+# value the search refuses, a layout that is no split of cluster.gpus, a swept key.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("hydra.sweeper.top=abc", "hydra.sweeper.top=abc: expected an integer"),
+        ("hydra.sweeper.objective=mfu", "hydra.sweeper.objective=mfu: expected one of tokens_per_s, step_s"),
+        ("hydra.sweeper.include=[ep8]", "ep8: not a valid split of cluster.gpus=4 for this model (valid: "),
+        ("parallel.expert_parallel_size=1,2", "hydra/sweeper=layouts chooses the layouts itself"),
+    ],
+)
+def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, override, message):
+    sweep = tmp_path / "sweep"
+    proc = _train(*SWEEP, override, f"hydra.sweep.dir={sweep}", 'hydra.sweeper.exclude=["tp>2"]', timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not sweep.exists()
+
+
+def _expected_order(top: int) -> list[str]:
+    run = compose_run([*SMALL, "cluster.gpus=4", "trainer.device=cpu"])
+    valid, _ = plan.make_plan(run, 4, plan.argparse.Namespace(mfu=0.4, peak_flops=989e12))
+    return [c.name for c in search.choose(valid, search.settings(top=top)).chosen]
+
+
+def _check_table_against_runs(sweep: Path, names: list[str], failed: set[str]) -> dict:
+    table = json.loads((sweep / "layouts.json").read_text())
+    jobs = table["jobs"]
+    assert [j["layout"] for j in jobs] == names
+    for j in jobs:
+        d = Path(j["dir"])
+        assert d.parent == sweep
+        if j["layout"] in failed:
+            assert j["error"] and j["measured_rank"] is None
+            continue
+        assert j["error"] is None, j
+        summary = json.loads((d / "summary.json").read_text())
+        records = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        timed = [r for r in records if r["step"] > 1]  # warmup_steps=1
+        assert summary["parallel"] == j["layout"] and summary["world_size"] == 4
+        assert {a: summary[a] for a in ("dp", "ep", "tp", "pp")} == j["dims"]
+        assert j["final_loss"] == summary["final_loss"]
+        assert j["peak_memory_bytes"] == summary["peak_memory_bytes"]["max"]
+        assert j["step_s"] == statistics.median(r["step_s"] for r in timed)
+        assert j["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in timed)
+        assert j["a2a_share"] == statistics.median(r["time"]["a2a"] / r["time"]["step"] for r in timed)
+        assert (j["a2a_share"] > 0) == (summary["ep"] > 1)
+    done = sorted((j for j in jobs if j["error"] is None), key=lambda j: -j["tokens_per_s"])
+    assert [j["measured_rank"] for j in done] == list(range(1, len(done) + 1))
+    by_prediction = sorted(done, key=lambda j: j["predicted_step_s"])
+    assert [j["predicted_rank"] for j in by_prediction] == list(range(1, len(done) + 1))
+    return {j["layout"]: j for j in jobs}
+
+
+@pytest.mark.slow
+def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
+    names = _expected_order(top=5)
+    assert len(names) == 5
+    sweep = tmp_path / "sweep"
+    # Job #1 crashes: its rank 0 cannot create metrics.jsonl (a directory is in the way).
+    (sweep / f"1_{names[1]}" / "metrics.jsonl").mkdir(parents=True)
+    proc = _train(*SWEEP, "hydra.sweeper.top=5", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _check_table_against_runs(sweep, names, failed={names[1]})
+    assert f"job #1 ({names[1]}) failed: " in proc.stderr
+    reason = jobs[names[1]]["error"]
+    assert "\n" not in reason and ("metrics.jsonl" in reason or "IsADirectory" in reason), reason
+    # The printed table is layouts.md's; the winner's command trains the winner with the same overrides.
+    md = (sweep / "layouts.md").read_text()
+    assert md.splitlines()[0] in proc.stdout and f"| {names[1]} |" in md and reason in md
+    best = min((j for j in jobs.values() if j["measured_rank"]), key=lambda j: j["measured_rank"])
+    assert f"winner by tokens_per_s: {best['layout']}; train with it:" in proc.stdout
+    cmd = shlex.split(next(l for l in proc.stdout.splitlines() if l.startswith("  python train.py")))
+    assert f"parallel.name={best['layout']}" in cmd and "trainer.steps=4" in cmd and "cluster.gpus=4" in cmd
+    assert all(not a.startswith("hydra") for a in cmd[2:])
+    assert (sweep / "compare" / "throughput.png").is_file() and (sweep / "compare" / "compare.md").is_file()
+
+    # Interrupted and restarted with the same sweep dir: only the jobs without a finished summary run.
+    (sweep / f"1_{names[1]}" / "metrics.jsonl").rmdir()
+    (sweep / f"0_{names[0]}" / "summary.json").unlink()
+    before = {n: (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns for i, n in enumerate(names) if i >= 2}
+    proc = _train(*SWEEP, "hydra.sweeper.top=5", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, n in enumerate(names[2:], 2):
+        assert f"job #{i} ({n}): finished before" in proc.stdout
+        assert (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns == before[n]
+    assert "finished before" not in "".join(l for l in proc.stdout.splitlines() if f"({names[0]})" in l)
+    _check_table_against_runs(sweep, names, failed=set())
