@@ -88,6 +88,7 @@ class LayoutSweeper(Sweeper):
         self.config: Any = None
         self.launcher: Any = None
         self.hydra_context: Any = None
+        self.planned_device = "cpu"
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
@@ -144,7 +145,14 @@ class LayoutSweeper(Sweeper):
             counts = [micro_steps(_with_dims(run, c.dims)) for c in choice.chosen]
             if len(set(counts)) > 1:  # the balance loss is per micro-step: hold the objective equal
                 held = [f"trainer.micro_steps={max(counts)}"]
+        if held:  # price what will run: every layout at the held count
+            count = dataclasses.replace(planned.trainer, micro_steps=int(held[0].split("=")[1]))
+            planned = dataclasses.replace(planned, trainer=count)
+            for c in choice.chosen:
+                p = plan.plan_one(planned, c.dims, _planner_args())
+                c.predicted_step_s, c.predicted_bytes = p.step_s, p.total_bytes
         jobs = [[*plan.train_command(run, own, c.dims)[2:], *held] for c in choice.chosen]
+        self.planned_device = planned.trainer.device
         return run, s, choice, jobs, own + held
 
     def _job_dir(self, overrides: list[str], num: int) -> Path:
@@ -200,7 +208,7 @@ class LayoutSweeper(Sweeper):
                 m.error = reasons[i]
             measured.append(m)
         rows = search.rank_rows(choice.chosen, measured, s.objective)
-        self._report(rows, run, own, s, sweep_dir, dirs)
+        self._report(rows, run, own, s, sweep_dir, dirs, jobs)
         return rows
 
     def _launch(self, batch: list[int], overrides: list[list[str]], names: list[str]) -> dict[int, str]:
@@ -230,7 +238,7 @@ class LayoutSweeper(Sweeper):
                 print(f"moemesh: job #{i} ({names[i]}) failed: {reasons[i]}; the sweep goes on", file=sys.stderr)
         return reasons
 
-    def _report(self, rows, run, own: list[str], s, sweep_dir: Path, dirs: list[Path]) -> None:
+    def _report(self, rows, run, own: list[str], s, sweep_dir: Path, dirs: list[Path], jobs) -> None:
         import _layout_search as search
         import plan
 
@@ -250,6 +258,7 @@ class LayoutSweeper(Sweeper):
             {
                 "layout": r.candidate.name,
                 "dir": str(d),
+                "overrides": overrides,
                 "dims": dataclasses.asdict(r.candidate.dims),
                 "predicted_step_s": r.candidate.predicted_step_s,
                 "predicted_bytes": r.candidate.predicted_bytes,
@@ -258,9 +267,11 @@ class LayoutSweeper(Sweeper):
                 "predicted_rank": r.predicted_rank,
                 **dataclasses.asdict(r.measured),
             }
-            for r, d in zip(rows, dirs)
+            for r, d, overrides in zip(rows, dirs, jobs)
         ]
-        (sweep_dir / "layouts.json").write_text(json.dumps({"objective": s.objective, "jobs": record}, indent=1))
+        # What scripts/calibrate.py needs to plan each job again: its overrides and the device planned for.
+        out = {"objective": s.objective, "warmup_steps": s.warmup_steps, "device": self.planned_device, "jobs": record}
+        (sweep_dir / "layouts.json").write_text(json.dumps(out, indent=1))
         if self.charts and best is not None:
             import compare
 
