@@ -1,0 +1,267 @@
+"""Collective micro-benchmark: bandwidth and latency of what the planner costs, per group shape.
+
+    python scripts/bench_comm.py --world 4 [--sizes 16K,256K,1M,4M] [--iters 10] [--out comm.json]
+    python scripts/calibrate.py --calibrate-from comm.json --name cpu4-bench       # the planner's comm constants
+
+Spawns ``--world`` ranks on this machine (gloo on CPU, nccl with one GPU per rank) and times, for
+every group shape of that world, every group of the shape at once (as training runs them):
+
+* ``a2a``: ``all_to_all_single`` with uneven splits (rank r sends (1 + (r + j) mod n) parts to peer j);
+* ``all_reduce``, ``reduce_scatter``, ``all_gather`` (a collective the backend lacks is skipped, said so);
+* ``p2p``: a send and its receive between the two ranks of a pair (one way: half a round trip).
+
+Group shapes: for each divisor n > 1 of the world, groups of n consecutive ranks (the innermost
+mesh axes, tp and ep) and, when n < world, of n strided ranks (dp). Each time is the slowest
+rank's, the median over ``--repeats`` of ``--iters`` back-to-back calls. Per collective and shape,
+``t = bytes' / bandwidth + steps x latency`` is fitted over the sizes, with the planner's bytes' and
+steps (plan.py's docstring): a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps,
+reduce-scatter and all-gather (n-1)/n in n - 1, an All-to-All the bytes leaving the rank in n - 1,
+a send its bytes in 1. ``--out`` keeps the times and fits as JSON for ``scripts/calibrate.py``.
+
+A 2-core CPU under gloo measures its memory copies and loopback TCP stack, not a network;
+numbers from this machine do not transfer to NVLink or InfiniBand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+KINDS = ("a2a", "all_reduce", "reduce_scatter", "all_gather", "p2p")
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(float(text[:-1] if text[-1:] in "KMG" else text) * scale)
+
+
+def group_shapes(world: int) -> dict[str, list[list[int]]]:
+    """{"consecutive2": [[0, 1], [2, 3]], "strided2": [[0, 2], [1, 3]], "consecutive4": [[0, 1, 2, 3]]}."""
+    shapes = {}
+    for n in range(2, world + 1):
+        if world % n:
+            continue
+        shapes[f"consecutive{n}"] = [list(range(g * n, (g + 1) * n)) for g in range(world // n)]
+        if n < world:
+            stride = world // n
+            shapes[f"strided{n}"] = [list(range(s, world, stride)) for s in range(stride)]
+    return shapes
+
+
+def planner_bytes_steps(kind: str, nbytes: int, n: int) -> tuple[float, float]:
+    """The bytes' and message steps the planner prices this collective of ``nbytes`` at."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+    if kind in ("reduce_scatter", "all_gather"):
+        return (n - 1) / n * nbytes, n - 1
+    if kind == "a2a":
+        return nbytes - _splits(0, n, nbytes // 4)[0] * 4, n - 1  # what leaves rank 0
+    return nbytes, 1  # p2p
+
+
+def _splits(rank: int, n: int, numel: int) -> list[int]:
+    """Uneven, symmetric splits (what r sends j equals what j sends r), summing to ``numel``."""
+    weights = [1 + (rank + j) % n for j in range(n)]
+    unit = numel // sum(weights)
+    return [w * unit for w in weights]
+
+
+def fit_line(xs: list[tuple[float, float]], ts: list[float]) -> tuple[float, float]:
+    """Least squares ``t = b / bw + s x alpha`` with both >= 0: (GB/s, latency us)."""
+    a, t = np.array(xs, dtype=float), np.array(ts)
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    inv_bw, alpha = np.linalg.lstsq(a / scale, t, rcond=None)[0] / scale
+    if inv_bw < 0:
+        inv_bw, alpha = 0.0, float(np.sum(a[:, 1] * t) / np.sum(a[:, 1] ** 2))
+    elif alpha < 0:
+        inv_bw, alpha = float(np.sum(a[:, 0] * t) / np.sum(a[:, 0] ** 2)), 0.0
+    return (1.0 / inv_bw / 1e9 if inv_bw > 0 else float("inf")), alpha * 1e6
+
+
+def _make_op(kind: str, pg, members: list[int], me: int, numel: int, device):
+    """One call of ``kind`` on this rank's group, its buffers allocated once."""
+    import torch
+    import torch.distributed as dist
+
+    n = len(members)
+    if kind == "a2a":
+        splits = _splits(me, n, numel)
+        x = torch.ones(sum(splits), device=device)
+        y = torch.empty_like(x)
+        return lambda: dist.all_to_all_single(y, x, splits, splits, group=pg)
+    if kind == "all_reduce":
+        x = torch.ones(numel, device=device)
+        return lambda: dist.all_reduce(x, group=pg)
+    if kind == "reduce_scatter":
+        x, y = torch.ones(numel // n * n, device=device), torch.empty(numel // n, device=device)
+        return lambda: dist.reduce_scatter_tensor(y, x, group=pg)
+    if kind == "all_gather":
+        x, y = torch.ones(numel // n, device=device), torch.empty(numel // n * n, device=device)
+        return lambda: dist.all_gather_into_tensor(y, x, group=pg)
+    x, peer = torch.ones(numel, device=device), members[1 - me]
+
+    def ping_pong():  # one way is half of it
+        if me == 0:
+            dist.send(x, peer, group=pg)
+            dist.recv(x, peer, group=pg)
+        else:
+            dist.recv(x, peer, group=pg)
+            dist.send(x, peer, group=pg)
+
+    return ping_pong
+
+
+def _rank(rank: int, world: int, store: str, sizes: list[int], iters: int, repeats: int, out: str) -> None:
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    # torch 2.13 renames reduce_scatter_tensor / all_gather_into_tensor (*_single); the old names still work.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    results, skipped = [], {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for shape, groups in group_shapes(world).items():
+        handles = [dist.new_group(g) for g in groups]  # every rank creates every group, in order
+        mine = next(i for i, g in enumerate(groups) if rank in g)
+        pg, members = handles[mine], groups[mine]
+        n, me = len(members), members.index(rank)
+        for kind in KINDS:
+            if kind == "p2p" and n != 2:
+                continue
+            for nbytes in sizes:
+                numel = nbytes // 4
+                try:
+                    op = _make_op(kind, pg, members, me, numel, device)
+                    op()  # warm-up (and: does the backend have it?)
+                    sync()
+                    ok = torch.ones(1, device=device)
+                except (RuntimeError, NotImplementedError, ValueError) as err:
+                    ok = torch.zeros(1, device=device)
+                    skipped[kind] = str(err).strip().splitlines()[0][:120]
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together
+                if ok.item() == 0:
+                    break
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        op()
+                    sync()
+                    t = torch.tensor([(time.perf_counter() - t0) / iters], device=device)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's
+                    times.append(t.item() / (2 if kind == "p2p" else 1))
+                results.append({"kind": kind, "shape": shape, "n": n, "bytes": nbytes, "s": statistics.median(times)})
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"results": results, "skipped": skipped, "backend": "nccl" if cuda else "gloo"}, f)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as moemesh's ranks leave: no interpreter teardown after the group is gone
+
+
+def fits(results: list[dict]) -> list[dict]:
+    """Per (kind, shape): GB/s and latency from the planner's bytes' and steps over the sizes."""
+    out = []
+    keys = sorted({(r["kind"], r["shape"], r["n"]) for r in results})
+    for kind, shape, n in keys:
+        rows = [r for r in results if (r["kind"], r["shape"]) == (kind, shape)]
+        if len(rows) < 2:
+            continue
+        gbps, lat = fit_line([planner_bytes_steps(kind, r["bytes"], n) for r in rows], [r["s"] for r in rows])
+        out.append({"kind": kind, "shape": shape, "n": n, "gbps": gbps, "latency_us": lat})
+    return out
+
+
+# The planner's collective kinds (plan.py, _calibrate.KINDS), each priced like this collective.
+# "sync" is the weights-and-gradients collective of parallel.sharding=none, a ring all-reduce.
+PLANNER_KINDS = {"a2a": "a2a", "sync": "all_reduce", "tp": "all_reduce", "p2p": "p2p"}
+
+
+def planner_constants(data: dict, link: str = "intra") -> dict:
+    """``cluster.calibration``'s gbps and latency_us for the planner's kinds, each one line fitted
+    over every group shape and size of its collective (the shapes vary the steps apart from the
+    bytes). One machine: every group is inside a node, so the link class is ``intra``."""
+    gbps, latency = {}, {}
+    for kind, collective in PLANNER_KINDS.items():
+        rows = [r for r in data["results"] if r["kind"] == collective]
+        if len(rows) < 2:
+            continue
+        bw, lat = fit_line([planner_bytes_steps(collective, r["bytes"], r["n"]) for r in rows], [r["s"] for r in rows])
+        gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
+    return {"gbps": gbps, "latency_us": latency}
+
+
+def table(data: dict) -> str:
+    sizes = sorted({r["bytes"] for r in data["results"]})
+    head = "| collective | group | " + " | ".join(f"{s / 2**10:,.0f} KiB µs" for s in sizes)
+    lines = [head + " | fitted GB/s | fitted latency µs |", "|" + "---|" * (len(sizes) + 4)]
+    by = {(r["kind"], r["shape"], r["bytes"]): r["s"] for r in data["results"]}
+    for f in data["fits"]:
+        cells = [by.get((f["kind"], f["shape"], s)) for s in sizes]
+        shown = " | ".join("-" if c is None else f"{c * 1e6:,.0f}" for c in cells)
+        lines.append(f"| {f['kind']} | {f['shape']} | {shown} | {f['gbps']:.3g} | {f['latency_us']:.3g} |")
+    for kind, why in data.get("skipped", {}).items():
+        lines.append(f"\n{kind}: skipped, the backend refused it: {why}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=4, help="ranks to spawn on this machine")
+    ap.add_argument("--sizes", default="16K,256K,1M,4M", help="message sizes in bytes (K, M, G suffixes)")
+    ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per size (the median is kept)")
+    ap.add_argument("--out", help="write the times and fits as JSON (for scripts/calibrate.py --calibrate-from)")
+    a = ap.parse_args(argv)
+    if a.world < 2:
+        ap.error("--world must be at least 2")
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="moemesh-bench-comm-") as tmp:
+        raw = os.path.join(tmp, "raw.json")
+        args = (a.world, os.path.join(tmp, "store"), sizes, a.iters, a.repeats, raw)
+        mp.start_processes(_rank, args=args, nprocs=a.world, start_method="spawn")
+        with open(raw) as f:
+            data = json.load(f)
+    data["fits"] = fits(data["results"])
+    data["world"] = a.world
+    print(table(data))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""scripts/bench_comm.py: its group shapes are the mesh's, its fits read the planner's bytes and
+steps back, and a real 2-rank run (slow) times every collective gloo has."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_comm  # noqa: E402
+
+
+def test_group_shapes_are_the_mesh_groups():
+    assert bench_comm.group_shapes(4) == {
+        "consecutive2": [[0, 1], [2, 3]],  # tp or ep innermost
+        "strided2": [[0, 2], [1, 3]],  # dp over ep2
+        "consecutive4": [[0, 1, 2, 3]],
+    }
+    assert set(bench_comm.group_shapes(6)) == {"consecutive2", "strided2", "consecutive3", "strided3", "consecutive6"}
+
+
+def test_splits_are_uneven_and_symmetric():
+    n, numel = 4, 1000
+    table = [bench_comm._splits(r, n, numel) for r in range(n)]
+    assert all(table[r][j] == table[j][r] for r in range(n) for j in range(n))  # what r sends j, j receives
+    assert len({tuple(sorted(row)) for row in table}) == 1 and len(set(table[0])) == n
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "expected"),
+    [
+        ("all_reduce", 4, (1.5e6, 6)),
+        ("reduce_scatter", 4, (0.75e6, 3)),
+        ("all_gather", 2, (0.5e6, 1)),
+        ("p2p", 2, (1e6, 1)),
+    ],
+)
+def test_planner_bytes_and_steps(kind, n, expected):
+    assert bench_comm.planner_bytes_steps(kind, 1_000_000, n) == pytest.approx(expected)
+
+
+def test_fit_line_reads_bandwidth_and_latency_back():
+    gbps, lat = 0.8, 150.0
+    xs = [bench_comm.planner_bytes_steps("all_reduce", b, n) for b in (2**14, 2**18, 2**20, 2**22) for n in (2, 4)]
+    ts = [b / (gbps * 1e9) + s * lat * 1e-6 for b, s in xs]
+    assert bench_comm.fit_line(xs, ts) == pytest.approx((gbps, lat), rel=1e-9)
+    results = [
+        {"kind": "all_reduce", "n": n, "bytes": b, "s": t, "shape": f"c{n}"}
+        for (b, n), t in zip([(b, n) for b in (2**14, 2**18, 2**20, 2**22) for n in (2, 4)], ts)
+    ]
+    out = bench_comm.planner_constants({"results": results})
+    assert out["gbps"]["sync_intra"] == pytest.approx(gbps) and out["latency_us"]["tp_intra"] == pytest.approx(lat)
+    assert "a2a_intra" not in out["gbps"]
+
+
+@pytest.mark.slow
+def test_two_ranks_time_every_collective(tmp_path):
+    out = tmp_path / "comm.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_comm.py"), "--world", "2", "--sizes", "4K,64K"]
+    proc = subprocess.run(
+        [*cmd, "--iters", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    timed = {r["kind"] for r in data["results"]}
+    assert {"a2a", "all_reduce", "p2p"} <= timed
+    assert timed | set(data["skipped"]) == set(bench_comm.KINDS)
+    assert all(r["s"] > 0 and r["shape"] == "consecutive2" for r in data["results"])
+    assert {f["kind"] for f in data["fits"]} == timed
+    assert "| a2a | consecutive2 |" in proc.stdout
