@@ -120,3 +120,46 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
         assert (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns == before[n]
     assert "finished before" not in "".join(l for l in proc.stdout.splitlines() if f"({names[0]})" in l)
     _check_table_against_runs(sweep, names, failed=set())
+
+
+@pytest.mark.slow
+def test_sweep_through_the_slurm_launcher(tmp_path):
+    """cluster=slurm: the same sweeper submits each layout as a SLURM job (one task per rank)
+    through hydra_plugins/moemesh_launcher, then tables what the jobs wrote."""
+    import os
+
+    if not os.environ.get("SLURM_CONF"):
+        if os.environ.get("MOEMESH_REQUIRE_SLURM") == "1":
+            pytest.fail("MOEMESH_REQUIRE_SLURM=1 but SLURM_CONF is unset")
+        pytest.skip("no SLURM here: SLURM_CONF is unset (bash .ci/slurm/up.sh starts a local one; .ci/run does)")
+    drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not (k.startswith("SLURM_") and k != "SLURM_CONF")}
+    sweep = tmp_path / "sweep"
+    slurm = ["cluster=slurm", "cluster.slurm.request_gpus=false", "cluster.slurm.time_min=10"]
+    sweep_args = [a if a != "cluster.gpus=4" else "cluster.gpus=2" for a in SWEEP]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *sweep_args,
+            *slurm,
+            "hydra.sweeper.top=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(": SLURM job ") == 2
+    run = compose_run([*SMALL, "cluster.gpus=2", "trainer.device=cpu"])
+    valid, _ = plan.make_plan(run, 2, plan.argparse.Namespace(mfu=0.4, peak_flops=989e12))
+    names = [c.name for c in search.choose(valid, search.settings(top=2)).chosen]
+    table = json.loads((sweep / "layouts.json").read_text())
+    assert [j["layout"] for j in table["jobs"]] == names
+    for j in table["jobs"]:
+        summary = json.loads((Path(j["dir"]) / "summary.json").read_text())
+        assert j["error"] is None and j["final_loss"] == summary["final_loss"] and summary["world_size"] == 2
+    assert "winner by tokens_per_s: " in proc.stdout
