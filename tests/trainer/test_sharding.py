@@ -114,11 +114,9 @@ def test_sharded_modes_train_like_single(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (label, a["step"], key)
             for layer in a["load"]:
                 assert b["load"][layer]["tokens_per_expert"] == a["load"][layer]["tokens_per_expert"], label
-            # The exposed reduction: measured inside the backward (gloo holds the thread), and
-            # taken out of the backward's share, so the phases still add up to at most the step.
-            t = b["time"]
-            assert 0.0 < t["grad_reduce"] < t["step"], label
-            assert t["forward"] + t["backward"] + t["pipeline"] + t["grad_reduce"] + t["optimizer"] <= t["step"], label
+            # The exposed reduction: measured inside the backward (gloo holds the thread). (Each
+            # phase is its slowest rank's, so the phases may add up to more than the step.)
+            assert 0.0 < b["time"]["grad_reduce"] < b["time"]["step"], label
 
 
 @pytest.mark.slow
