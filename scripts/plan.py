@@ -52,6 +52,15 @@ comes from a simple model, stated here so it can be argued with:
   step      = compute + All-to-All + TP + PP + weights and gradients: no overlap assumed.
             FSDP2 prefetches all-gathers and runs reduce-scatters beside the backward, so a
             real sharded step lies between compute alone and this sum.
+
+The constants (peak x --mfu, one bandwidth per link class, one latency) are guesses for your
+hardware. ``cluster=calibrated/<name>`` replaces them with constants fitted to measured runs
+(``scripts/calibrate.py`` on a layout sweep, ``python train.py -m hydra/sweeper=layouts``, or on
+``scripts/bench_comm.py``): the achieved FLOP/s, GB/s and latency per collective kind (a2a, sync,
+tp, p2p) and link class (intra, inter), the share of the pipeline bubble that costs time (1 on
+devices that idle in it), plus two terms a measured step has and the GPU model leaves out, the
+optimizer (s per GB of state) and a fixed per-step overhead. The line under the plan's first says
+which constants it used.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from _calibrate import Terms, cluster_constants, constants_line
 from _config import compose_run
 from _plan_memory import (
     REDUCE_BYTES,
@@ -119,6 +129,8 @@ class Plan:
     recompute_s: float = 0.0  # the part of compute_s that activation checkpointing adds
     comm_s: float = 0.0
     crosses: str = ""
+    other_s: float = 0.0  # optimizer and per-step overhead: 0 unless calibrated (cluster.calibration)
+    terms: Terms | None = None  # the step's work, as _calibrate.Terms: what the constants price
     total_bytes: int = 0  # memory + transient + activations: what `fits` compares
     fits: bool = True
 
@@ -137,7 +149,7 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.comm_s
+        return self.compute_s + self.comm_s + self.other_s
 
 
 def splits(gpus: int):
@@ -265,34 +277,40 @@ def plan_one(run: RunConfig, dims: ParallelDims, args) -> Plan:
     p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
     # Compute: the model's training FLOPs spread evenly over the GPUs, plus what checkpointing repeats.
     tokens = t.global_batch_size * t.seq_len
-    peak = (c.peak_flops or args.peak_flops) * args.mfu
     stretch = 1 / (1 - p.bubble)
-    p.compute_s = model_flops_per_token(m, t.seq_len) * tokens / dims.world_size / peak * stretch
-    p.recompute_s = recompute_flops_per_token(m, t.seq_len, ckpt) * tokens / dims.world_size / peak * stretch
-    p.compute_s += p.recompute_s
+    flops = model_flops_per_token(m, t.seq_len) * tokens / dims.world_size * stretch
+    reflops = recompute_flops_per_token(m, t.seq_len, ckpt) * tokens / dims.world_size * stretch
     gpn = c.gpus_per_node
+    # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
+    # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
+    comm: dict[str, tuple[float, float]] = {}
 
-    def bw(axes):
-        return (c.inter_node_gbps if _crosses(dims, axes, gpn) else c.intra_node_gbps) * 1e9
+    def add(kind: str, axes, nbytes: float, steps: float) -> None:
+        key = f"{kind}_{'inter' if _crosses(dims, axes, gpn) else 'intra'}"
+        b, s = comm.get(key, (0.0, 0.0))
+        comm[key] = (b + nbytes, s + steps)
 
-    alpha = c.latency_us * 1e-6
-    comm = 0.0
     if dims.ep > 1:
-        comm += p.a2a_bytes / bw((MeshAxis.EP,)) + alpha * (dims.ep - 1) * 4 * moe * accum
+        add("a2a", (MeshAxis.EP,), p.a2a_bytes, (dims.ep - 1) * 4 * moe * accum)
     if dims.tp > 1:
         tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * cb
-        comm += tp_bytes / bw((MeshAxis.TP,)) + alpha * 4 * len(layers) * accum * 2 * (dims.tp - 1)
+        add("tp", (MeshAxis.TP,), tp_bytes, 4 * len(layers) * accum * 2 * (dims.tp - 1))
     if dims.pp > 1:
         p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
-        comm += p2p_bytes / bw((MeshAxis.PP,)) + alpha * 2 * accum
+        add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)
     group_axes = {
         "data": (MeshAxis.DP, MeshAxis.EP),
         "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
         "expert": (MeshAxis.DP, MeshAxis.TP),
     }
     for kind, (nbytes, steps) in sync.items():
-        comm += nbytes / bw(group_axes[kind]) + alpha * steps
-    p.comm_s = comm
+        add("sync", group_axes[kind], nbytes, steps)
+    p.terms = Terms(flops + reflops, comm, p.memory, bubble_flops=(flops + reflops) * p.bubble)
+    k = cluster_constants(run.cluster, args)
+    p.compute_s = k.compute_s(p.terms)
+    p.recompute_s = reflops / k.flops_per_s
+    p.comm_s = k.comm_s(p.terms)
+    p.other_s = k.other_s(p.terms)
     p.crosses = (
         ",".join(
             name
@@ -470,6 +488,7 @@ def main(argv=None) -> None:
         f"parallel.sharding={run.parallel.sharding}, "
         f"trainer.activation_checkpointing={run.trainer.activation_checkpointing}"
     )
+    print(constants_line(run.cluster, args))
     print(
         f"{len(valid)} valid splits ({sum(p.fits for p in valid)} fit in memory), {len(invalid)} cannot run; "
         f"planned in {time.perf_counter() - t0:.2f} s"

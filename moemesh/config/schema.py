@@ -74,6 +74,22 @@ class SlurmConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Planner constants fitted to measured runs (``scripts/calibrate.py`` writes them into
+    ``conf/cluster/calibrated/<name>.yaml``); unset ones keep the priors of ClusterConfig.
+    Keys of ``gbps`` and ``latency_us``: ``<kind>_<link>``, kind a2a | sync (weights and
+    gradients over the data and expert groups) | tp | p2p, link intra | inter (node)."""
+
+    source: str | None = None  # what they were fitted from
+    flops_per_s: float | None = None  # achieved training FLOP/s per device (replaces peak x --mfu)
+    gbps: dict[str, float] = field(default_factory=dict)
+    latency_us: dict[str, float] = field(default_factory=dict)
+    optimizer_s_per_gb: float = 0.0  # optimizer step per GB of state a rank updates
+    step_overhead_s: float = 0.0  # the rest of a measured step (data, statistics, logging)
+    bubble_factor: float | None = None  # share of the pipeline bubble that costs time (null: 1, idle devices)
+
+
+@dataclass
 class ClusterConfig:
     name: str = MISSING
     # local: spawn the ranks here unless a launcher (torchrun, srun) already started them;
@@ -103,6 +119,7 @@ class ClusterConfig:
     intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand)
     latency_us: float = 10.0  # alpha: per message step
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # fitted constants (plan.py)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # cluster=slurm submission
 
 

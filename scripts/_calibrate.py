@@ -1,0 +1,342 @@
+"""Fit the planner's constants to measured step phases (least squares), and say how much it helped.
+
+The planner (``scripts/plan.py``) prices a step as compute plus alpha-beta collectives. For one
+layout it states the work of a step as ``Terms``: training FLOPs per GPU (bubble and recompute
+included), and per collective kind and link class the bytes one rank moves and the message steps
+(alpha counts). With constants ``Constants`` (achieved FLOP/s; per kind and link GB/s and latency;
+the share of the pipeline bubble that costs time, 1 where idle devices wait, near 0 where ranks
+share cores and an idle stage leaves them to the others; and two terms a GPU plan leaves out but a
+measured step contains: the optimizer, priced per GB of state a rank updates, and a fixed per-step
+overhead) each measured phase is predicted as
+
+    compute   (time.forward + time.backward, or time.pipeline, less time.a2a)
+              = (FLOPs - (1 - bubble factor) x bubble FLOPs) / rate + TP collectives + (PP) p2p
+    a2a       (time.a2a)          = All-to-All bytes / bw + steps x alpha
+    sync      (time.grad_reduce)  = weight and gradient collectives over the data/expert groups
+    optimizer (time.optimizer)    = state GB x optimizer s/GB
+    other     (time.step less the phases above) = overhead
+
+and the step is their sum. Every prediction is linear in the unknowns (1/rate, bubble factor/rate,
+1/bw, alpha, s/GB, overhead), so the fit is one least-squares problem over every layout's phases; each
+equation is divided by the phase's measured time (timing noise is proportional to what is timed),
+so a small phase (the All-to-All, the reduction) counts as much as the compute. Unknowns must
+be >= 0: one that comes out negative is fixed at 0 and the rest refitted. An unknown that no
+measured layout exercises (no TP layout ran: no TP bandwidth) keeps its prior value and is
+reported as not measured.
+
+``leave_one_out`` fits on all layouts but one and predicts the one left out: the step-time error
+a new layout can expect, before (the prior constants) and after calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = ("a2a", "sync", "tp", "p2p")  # the collective kinds the planner costs
+LINKS = ("intra", "inter")
+PHASES = ("compute", "a2a", "sync", "optimizer", "other")
+_PHASE_OF_KIND = {"a2a": "a2a", "sync": "sync", "tp": "compute", "p2p": "compute"}
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The work of one step of one layout (per GPU of the busiest stage), as the planner counts it."""
+
+    flops: float  # training FLOPs, stretched by the pipeline bubble, plus recompute
+    comm: dict[str, tuple[float, float]] = field(default_factory=dict)  # "a2a_intra": (bytes, alpha steps)
+    state_bytes: float = 0.0  # parameters + gradients + optimizer state at rest: what the optimizer touches
+    bubble_flops: float = 0.0  # the part of ``flops`` that is the pipeline bubble's stretch
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The planner's constants: achieved compute rate, and per "<kind>_<link>" GB/s and latency."""
+
+    flops_per_s: float
+    gbps: dict[str, float]
+    latency_us: dict[str, float]
+    optimizer_s_per_gb: float = 0.0
+    step_overhead_s: float = 0.0
+    bubble_factor: float = 1.0  # the share of the pipeline bubble that costs time (idle devices: 1)
+
+    def collective_s(self, key: str, nbytes: float, steps: float) -> float:
+        return nbytes / (self.gbps[key] * 1e9) + steps * self.latency_us[key] * 1e-6
+
+    def compute_s(self, t: Terms) -> float:
+        return (t.flops - t.bubble_flops + self.bubble_factor * t.bubble_flops) / self.flops_per_s
+
+    def comm_s(self, t: Terms) -> float:
+        return sum(self.collective_s(key, b, s) for key, (b, s) in t.comm.items())
+
+    def other_s(self, t: Terms) -> float:
+        """What a GPU plan leaves out (0 there) and a measured CPU step contains."""
+        return t.state_bytes / 1e9 * self.optimizer_s_per_gb + self.step_overhead_s
+
+    def phases(self, t: Terms) -> dict[str, float]:
+        """The step as the phases a run times (``measured_phases``)."""
+        out = dict.fromkeys(PHASES, 0.0)
+        out["compute"] = self.compute_s(t)
+        for key, (nbytes, steps) in t.comm.items():
+            out[_PHASE_OF_KIND[key.split("_")[0]]] += self.collective_s(key, nbytes, steps)
+        out["optimizer"] = t.state_bytes / 1e9 * self.optimizer_s_per_gb
+        out["other"] = self.step_overhead_s
+        return out
+
+    def step_s(self, t: Terms) -> float:
+        return self.compute_s(t) + self.comm_s(t) + self.other_s(t)
+
+
+def prior_constants(flops_per_s: float, intra_gbps: float, inter_gbps: float, latency_us: float) -> Constants:
+    """The planner's uncalibrated constants: one bandwidth per link class, one latency."""
+    gbps = {f"{k}_{l}": intra_gbps if l == "intra" else inter_gbps for k in KINDS for l in LINKS}
+    return Constants(flops_per_s, gbps, dict.fromkeys(gbps, latency_us))
+
+
+def measured_phases(time: dict[str, float]) -> dict[str, float]:
+    """A run's median ``time.*`` (metrics.jsonl) as the phases the model predicts; "step" too."""
+    get = time.get
+    a2a = get("a2a", 0.0) or 0.0
+    compute = (get("forward", 0.0) or 0.0) + (get("backward", 0.0) or 0.0) + (get("pipeline", 0.0) or 0.0) - a2a
+    timed = compute + a2a + (get("grad_reduce", 0.0) or 0.0) + (get("optimizer", 0.0) or 0.0)
+    return {
+        "compute": compute,
+        "a2a": a2a,
+        "sync": get("grad_reduce", 0.0) or 0.0,
+        "optimizer": get("optimizer", 0.0) or 0.0,
+        "other": max(0.0, (get("step", 0.0) or 0.0) - timed),
+        "step": get("step", 0.0) or 0.0,
+    }
+
+
+# ---- the fit -------------------------------------------------------------------------------
+
+
+def _unknowns(terms: list[Terms], fixed: frozenset[str]) -> list[tuple[str, str]]:
+    """(what, key) of every unknown some layout exercises: ("rate", ""), ("beta"/"alpha", kind_link),
+    ("optimizer", ""), ("overhead", ""); less the ``fixed`` ones ("gbps.<key>", "latency_us.<key>")."""
+    out = [("rate", "")] if any(t.flops > 0 for t in terms) else []
+    if any(t.bubble_flops > 0 for t in terms):
+        out.append(("bubble", ""))
+    keys = sorted({k for t in terms for k, (b, s) in t.comm.items() if b > 0 or s > 0})
+    for k in keys:
+        if f"gbps.{k}" not in fixed and any(t.comm.get(k, (0, 0))[0] > 0 for t in terms):
+            out.append(("beta", k))
+        if f"latency_us.{k}" not in fixed and any(t.comm.get(k, (0, 0))[1] > 0 for t in terms):
+            out.append(("alpha", k))
+    if any(t.state_bytes > 0 for t in terms):
+        out.append(("optimizer", ""))
+    out.append(("overhead", ""))
+    return out
+
+
+def _row(t: Terms, phase: str, unknowns: list[tuple[str, str]]) -> np.ndarray:
+    """Coefficients of the phase's prediction on the unknowns (seconds per unit of each)."""
+    row = np.zeros(len(unknowns))
+    for j, (what, key) in enumerate(unknowns):
+        if what == "rate" and phase == "compute":
+            row[j] = t.flops - t.bubble_flops
+        elif what == "bubble" and phase == "compute":
+            row[j] = t.bubble_flops
+        elif what in ("beta", "alpha") and _PHASE_OF_KIND[key.split("_")[0]] == phase:
+            nbytes, steps = t.comm.get(key, (0.0, 0.0))
+            row[j] = nbytes if what == "beta" else steps
+        elif what == "optimizer" and phase == "optimizer":
+            row[j] = t.state_bytes
+        elif what == "overhead" and phase == "other":
+            row[j] = 1.0
+    return row
+
+
+def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every unknown >= 0: negative ones are fixed at 0 and the rest refitted."""
+    free = np.ones(a.shape[1], dtype=bool)
+    x = np.zeros(a.shape[1])
+    while free.any():
+        # Column scaling: the unknowns span ~20 orders of magnitude (s/FLOP against s/step).
+        scale = np.linalg.norm(a[:, free], axis=0)
+        scale[scale == 0] = 1.0
+        sol = np.linalg.lstsq(a[:, free] / scale, b, rcond=None)[0] / scale
+        x[:] = 0.0
+        x[free] = sol
+        if (sol >= 0).all():
+            break
+        idx = np.flatnonzero(free)
+        free[idx[np.argmin(sol)]] = False
+    return x
+
+
+@dataclass(frozen=True)
+class Fit:
+    constants: Constants
+    measured: dict[str, bool]  # each constant's name: fitted from data (True) or the prior kept (False)
+    residual: float  # root mean square of the weighted residuals (fraction of a phase)
+
+
+def _fixed_part(t: Terms, phase: str, prior: Constants, fixed: frozenset[str]) -> float:
+    """The seconds of ``phase`` that the ``fixed`` constants (taken from ``prior``) account for."""
+    out = 0.0
+    for key, (nbytes, steps) in t.comm.items():
+        if _PHASE_OF_KIND[key.split("_")[0]] != phase:
+            continue
+        if f"gbps.{key}" in fixed:
+            out += nbytes / (prior.gbps[key] * 1e9)
+        if f"latency_us.{key}" in fixed:
+            out += steps * prior.latency_us[key] * 1e-6
+    return out
+
+
+def fit(
+    terms: list[Terms], phases: list[dict[str, float]], prior: Constants, fixed: frozenset[str] = frozenset()
+) -> Fit:
+    """Least-squares constants for layouts with these ``terms`` that measured these ``phases``
+    (``measured_phases``); unknowns that no layout exercises keep ``prior``'s value, and so do the
+    ``fixed`` ones ("gbps.<key>", "latency_us.<key>": measured apart, by scripts/bench_comm.py)."""
+    unknowns = _unknowns(terms, fixed)
+    rows, rhs = [], []
+    for t, ph in zip(terms, phases, strict=True):
+        for phase in PHASES:
+            # Timing noise is proportional to what is timed: weigh each phase by 1 / its time
+            # (at least 1% of the step, so a phase near 0 cannot dominate).
+            w = 1.0 / max(ph[phase], 0.01 * ph.get("step", 0.0), 1e-9)
+            rows.append(_row(t, phase, unknowns) * w)
+            rhs.append((ph[phase] - _fixed_part(t, phase, prior, fixed)) * w)
+    a, b = np.array(rows), np.array(rhs)
+    x = _nonneg_lstsq(a, b)
+    residual = float(np.sqrt(np.mean((a @ x - b) ** 2)))
+    gbps, latency = dict(prior.gbps), dict(prior.latency_us)
+    rate, opt, overhead = prior.flops_per_s, prior.optimizer_s_per_gb, prior.step_overhead_s
+    bubble_s_per_flop = None
+    measured = {}
+    for (what, key), value in zip(unknowns, x):
+        if what == "rate":
+            rate = 1.0 / value if value > 0 else math.inf
+            measured["flops_per_s"] = True
+        elif what == "bubble":
+            bubble_s_per_flop = value
+            measured["bubble_factor"] = True
+        elif what == "beta":
+            gbps[key] = 1.0 / value / 1e9 if value > 0 else math.inf
+            measured[f"gbps.{key}"] = True
+        elif what == "alpha":
+            latency[key] = value * 1e6
+            measured[f"latency_us.{key}"] = True
+        elif what == "optimizer":
+            opt = value * 1e9
+            measured["optimizer_s_per_gb"] = True
+        else:
+            overhead = value
+            measured["step_overhead_s"] = True
+    bubble = prior.bubble_factor if bubble_s_per_flop is None else bubble_s_per_flop * rate
+    return Fit(Constants(rate, gbps, latency, opt, overhead, bubble), measured, residual)
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    names: list[str]
+    measured_s: list[float]
+    before_s: list[float]  # the prior constants' (the uncalibrated planner's) step time
+    after_s: list[float]  # fitted without that layout
+
+    @staticmethod
+    def _errors(pred: list[float], meas: list[float]) -> list[float]:
+        return [abs(p - m) / m for p, m in zip(pred, meas)]
+
+    @property
+    def errors_before(self) -> list[float]:
+        return self._errors(self.before_s, self.measured_s)
+
+    @property
+    def errors_after(self) -> list[float]:
+        return self._errors(self.after_s, self.measured_s)
+
+    @property
+    def median_before(self) -> float:
+        return statistics.median(self.errors_before)
+
+    @property
+    def median_after(self) -> float:
+        return statistics.median(self.errors_after)
+
+
+def leave_one_out(
+    names: list[str],
+    terms: list[Terms],
+    phases: list[dict[str, float]],
+    prior: Constants,
+    before: list[float],
+    fixed: frozenset[str] = frozenset(),
+) -> LeaveOneOut:
+    """Each layout's step predicted by constants fitted to the others. ``before``: the planner's
+    uncalibrated prediction of each (its own step time, with the prior constants)."""
+    after = []
+    for i in range(len(terms)):
+        rest = [j for j in range(len(terms)) if j != i]
+        f = fit([terms[j] for j in rest], [phases[j] for j in rest], prior, fixed)
+        after.append(f.constants.step_s(terms[i]))
+    return LeaveOneOut(list(names), [p["step"] for p in phases], list(before), after)
+
+
+def as_cluster_fields(c: Constants, measured: dict[str, bool]) -> dict:
+    """The fitted constants as ``cluster.calibration`` keys (only those fitted from data)."""
+    out: dict = {"flops_per_s": c.flops_per_s if measured.get("flops_per_s") else None}
+    out["gbps"] = {k: _round(v) for k, v in c.gbps.items() if measured.get(f"gbps.{k}")}
+    out["latency_us"] = {k: _round(v) for k, v in c.latency_us.items() if measured.get(f"latency_us.{k}")}
+    out["optimizer_s_per_gb"] = _round(c.optimizer_s_per_gb)
+    out["step_overhead_s"] = _round(c.step_overhead_s)
+    out["bubble_factor"] = _round(c.bubble_factor) if measured.get("bubble_factor") else None
+    if out["flops_per_s"] is not None:
+        out["flops_per_s"] = _round(out["flops_per_s"])
+    return out
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.6g}") if math.isfinite(v) else v
+
+
+def with_calibration(prior: Constants, calibration: dict | None) -> Constants:
+    """``prior`` with the keys a ``cluster.calibration`` sets (None / missing: prior kept)."""
+    if not calibration:
+        return prior
+    return dataclasses.replace(
+        prior,
+        flops_per_s=calibration.get("flops_per_s") or prior.flops_per_s,
+        gbps={**prior.gbps, **(calibration.get("gbps") or {})},
+        latency_us={**prior.latency_us, **(calibration.get("latency_us") or {})},
+        optimizer_s_per_gb=calibration.get("optimizer_s_per_gb") or 0.0,
+        step_overhead_s=calibration.get("step_overhead_s") or 0.0,
+        bubble_factor=prior.bubble_factor if calibration.get("bubble_factor") is None else calibration["bubble_factor"],
+    )
+
+
+def cluster_constants(cluster, args) -> Constants:
+    """The constants a plan prices its steps with: the cluster config's priors (compute at
+    ``args.mfu`` of ``cluster.peak_flops`` or ``args.peak_flops``, one bandwidth per link class,
+    one latency), with what ``cluster.calibration`` fitted in their place."""
+    peak = (cluster.peak_flops or args.peak_flops) * args.mfu
+    prior = prior_constants(peak, cluster.intra_node_gbps, cluster.inter_node_gbps, cluster.latency_us)
+    return with_calibration(prior, dataclasses.asdict(cluster.calibration))
+
+
+def constants_line(cluster, args) -> str:
+    """Which constants priced a plan: the calibrated ones and their source, or the priors."""
+    cal, k = cluster.calibration, cluster_constants(cluster, args)
+    if cal.flops_per_s is None and not cal.gbps and not cal.latency_us:
+        peak = "cluster.peak_flops" if cluster.peak_flops else "--peak-flops"
+        return (
+            f"constants: uncalibrated: compute {k.flops_per_s / 1e12:,.4g} TFLOP/s ({peak} x --mfu {args.mfu:g}), "
+            f"{cluster.intra_node_gbps:g} GB/s in a node, {cluster.inter_node_gbps:g} GB/s between nodes, "
+            f"latency {cluster.latency_us:g} us (cluster=calibrated/<name> after scripts/calibrate.py)"
+        )
+    parts = [f"compute {k.flops_per_s / 1e9:,.4g} GFLOP/s" + ("" if cal.flops_per_s else " (prior)")]
+    parts += [f"{key} {cal.gbps[key]:.4g} GB/s" for key in sorted(cal.gbps)]
+    parts += [f"{key} latency {cal.latency_us[key]:.4g} us" for key in sorted(cal.latency_us)]
+    parts += [f"optimizer {k.optimizer_s_per_gb:.4g} s/GB", f"overhead {k.step_overhead_s * 1e3:.4g} ms/step"]
+    parts += [f"bubble x{k.bubble_factor:.3g}"]
+    rest = sorted(set(k.gbps) - set(cal.gbps))
+    prior = f"; the rest ({', '.join(rest)}) from cluster.*_gbps and latency_us" if rest else ""
+    return f"constants: calibrated ({cal.source or 'cluster.calibration'}): {', '.join(parts)}{prior}"

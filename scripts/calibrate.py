@@ -1,0 +1,225 @@
+"""Calibrate the planner on measured runs: fit its constants to a layout sweep's phase times.
+
+    python train.py -m hydra/sweeper=layouts cluster.gpus=4 trainer.steps=30 hydra.sweeper.top=0 \\
+        hydra.sweep.dir=multirun/layouts4
+    python scripts/calibrate.py multirun/layouts4 [more sweep dirs] --name cpu4
+    python scripts/plan.py cluster=calibrated/cpu4 cluster.gpus=4        # plans with the fitted constants
+
+Each finished job of the sweeps (``layouts.json``, written by the layout sweeper) is planned again
+with the planner (``plan.plan_one``: FLOPs, bytes and message steps of each collective kind); the
+constants (``_calibrate.py``: achieved FLOP/s, GB/s and latency per collective kind and link
+class, optimizer s/GB, per-step overhead) are fitted by least squares to the jobs' median phase
+times. Then:
+
+* leave-one-out: for each job, the constants fitted to the others predict its step time; the
+  median error is printed beside the uncalibrated planner's (the cluster's prior constants);
+* the fitted constants (from all jobs) are written to ``conf/cluster/calibrated/<name>.yaml``, a
+  cluster config on top of the jobs' own (``cluster=calibrated/<name>``), with the errors and the
+  sweeps it came from in its header.
+
+Bandwidth and latency of one collective kind separate only when message sizes and counts vary
+independently across the jobs: sweeps at more than one batch size or rank count help. Collectives
+that a run times only inside another phase (TP inside forward/backward, point-to-point inside the
+pipeline) are fitted beside the compute and stay uncertain when their share of it is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import _calibrate as cal
+import plan
+import yaml
+from _config import ROOT, compose_run
+
+from moemesh.config.schema import CalibrationConfig
+from moemesh.parallel.dims import ParallelDims, layout_name
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    terms: cal.Terms
+    phases: dict[str, float]
+    before_s: float  # the uncalibrated planner's step time
+    prior: cal.Constants
+    cluster: str  # the job's cluster config name (the base of the calibrated one)
+    sweep: str = ""
+
+
+def load_jobs(sweeps: list[Path], args) -> list[Job]:
+    """Every finished job of these sweeps, planned again; ValueError naming what is missing."""
+    jobs = []
+    for sweep in sweeps:
+        path = sweep / "layouts.json"
+        if not path.is_file():
+            raise ValueError(f"{sweep}: no layouts.json (run a layout sweep: python train.py -m hydra/sweeper=layouts)")
+        record = json.loads(path.read_text())
+        for j in record["jobs"]:
+            if j.get("error") or not j.get("phases"):
+                continue
+            job_dir = Path(j["dir"])
+            overrides_file = job_dir / ".hydra" / "overrides.yaml"
+            overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else j["overrides"]
+            run = compose_run([*overrides, f"trainer.device={record.get('device', 'cpu')}"])
+            uncalibrated = dataclasses.replace(
+                run, cluster=dataclasses.replace(run.cluster, calibration=CalibrationConfig())
+            )
+            dims = ParallelDims(**j["dims"])
+            p = plan.plan_one(uncalibrated, dims, args)
+            if p.problem is not None or p.terms is None:
+                raise ValueError(f"{job_dir}: the planner refuses this job's layout now: {p.problem}")
+            jobs.append(
+                Job(
+                    f"{layout_name(dims)}" + (f" ({sweep.name})" if len(sweeps) > 1 else ""),
+                    p.terms,
+                    cal.measured_phases(j["phases"]),
+                    p.step_s,
+                    cal.cluster_constants(uncalibrated.cluster, args),
+                    run.cluster.name,
+                    str(sweep),
+                )
+            )
+    if len(jobs) < 2:
+        raise ValueError(f"{len(jobs)} finished job(s) in {', '.join(map(str, sweeps))}: calibration needs at least 2")
+    return jobs
+
+
+def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
+    lines = [
+        "| layout | measured step s | uncalibrated s | error | calibrated (left out) s | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for j, m, b, a, eb, ea in zip(
+        jobs, loo.measured_s, loo.before_s, loo.after_s, loo.errors_before, loo.errors_after, strict=True
+    ):
+        lines.append(f"| {j.name} | {m:.4f} | {b:.4g} | {eb:.0%} | {a:.4f} | {ea:.1%} |")
+    lines.append(
+        f"\nleave-one-out step-time error: median {loo.median_before:.0%} uncalibrated, "
+        f"{loo.median_after:.1%} calibrated (max {max(loo.errors_after):.1%}); {len(jobs)} jobs"
+    )
+    c = fitted.constants
+    shown = [f"compute {c.flops_per_s / 1e9:.4g} GFLOP/s"]
+    for key in sorted(c.gbps):
+        if fitted.measured.get(f"gbps.{key}"):
+            shown.append(f"{key} {c.gbps[key]:.4g} GB/s")
+        if fitted.measured.get(f"latency_us.{key}"):
+            shown.append(f"{key} latency {c.latency_us[key]:.4g} us")
+    shown += [f"optimizer {c.optimizer_s_per_gb:.4g} s/GB", f"overhead {c.step_overhead_s * 1e3:.4g} ms/step"]
+    if fitted.measured.get("bubble_factor"):
+        shown.append(f"pipeline bubble x{c.bubble_factor:.3g}")
+    lines.append("fitted on all jobs: " + ", ".join(shown))
+    lines.append(f"rms weighted residual {fitted.residual:.1%} of a phase")
+    for sweep in dict.fromkeys(j.sweep for j in jobs):  # each sweep's layouts compete with each other
+        mine = [i for i, j in enumerate(jobs) if j.sweep == sweep]
+        for label, key in (
+            ("uncalibrated", lambda i: loo.before_s[i]),
+            ("calibrated (left out)", lambda i: loo.after_s[i]),
+        ):
+            best_measured = min(mine, key=lambda i: loo.measured_s[i])
+            pick = min(mine, key=key)
+            gap = loo.measured_s[pick] / loo.measured_s[best_measured] - 1
+            lines.append(
+                f"{sweep}: the {label} planner picks {jobs[pick].name}, measured best {jobs[best_measured].name} "
+                f"(the pick is {gap:.1%} slower)"
+            )
+    return "\n".join(lines)
+
+
+def write_cluster(name: str, jobs: list[Job], fitted: cal.Fit, loo: cal.LeaveOneOut, sources: list[Path]) -> Path:
+    bases = sorted({j.cluster for j in jobs})
+    if len(bases) > 1:
+        raise ValueError(f"the jobs ran under different cluster configs ({', '.join(bases)}): calibrate each apart")
+    base = "local" if bases[0].startswith("calibrated/") else bases[0]
+    note = [
+        f"# {len(jobs)} measured jobs. Leave-one-out step-time error: median {loo.median_before:.0%} uncalibrated, "
+        f"{loo.median_after:.1%} calibrated."
+    ]
+    return write_fields(name, base, cal.as_cluster_fields(fitted.constants, fitted.measured), sources, note)
+
+
+def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:
+    """conf/cluster/calibrated/<name>.yaml: the base cluster config with these calibration fields."""
+    out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"name": f"calibrated/{name}", "calibration": {"source": ", ".join(map(str, sources)), **fields}}
+    header = [
+        f"# Planner constants fitted by scripts/calibrate.py from {', '.join(map(str, sources))}.",
+        *note,
+        f"# Use: python scripts/plan.py cluster=calibrated/{name} ... (keys: schema.py CalibrationConfig)",
+        "defaults:",
+        f"  - /cluster/{base}@_here_",
+        "  - _self_",
+        "",
+    ]
+    out.write_text("\n".join(header) + yaml.safe_dump(body, sort_keys=False))
+    return out
+
+
+def _bench(path: Path) -> tuple[dict, frozenset[str]]:
+    """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit)."""
+    import bench_comm
+
+    fields = bench_comm.planner_constants(json.loads(path.read_text()))
+    names = {f"gbps.{k}" for k in fields["gbps"]} | {f"latency_us.{k}" for k in fields["latency_us"]}
+    return fields, frozenset(names)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweeps", nargs="*", type=Path, help="layout sweep directories (hydra/sweeper=layouts)")
+    ap.add_argument("--name", help="write conf/cluster/calibrated/NAME.yaml (default: only report)")
+    ap.add_argument(
+        "--calibrate-from",
+        type=Path,
+        metavar="BENCH_JSON",
+        help="scripts/bench_comm.py --out's file: its bandwidths and latencies are kept as measured "
+        "(alone: only those are written; with sweeps: the rest is fitted to the runs)",
+    )
+    ap.add_argument("--mfu", type=float, default=0.4, help="the uncalibrated planner's MFU (plan.py's default)")
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="the uncalibrated planner's peak (plan.py's)")
+    args = ap.parse_args(argv)
+    if not args.sweeps and not args.calibrate_from:
+        ap.error("give layout sweep directories, --calibrate-from BENCH_JSON, or both")
+    bench, fixed = _bench(args.calibrate_from) if args.calibrate_from else ({}, frozenset())
+    if not args.sweeps:
+        print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))
+        print("  latency: " + ", ".join(f"{k} {v:.4g} us" for k, v in bench["latency_us"].items()))
+        if args.name:
+            fields = {"flops_per_s": None, **bench, "optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
+            path = write_fields(args.name, "local", fields, [args.calibrate_from], ["# Collectives only (no runs)."])
+            print(f"wrote {path.relative_to(ROOT)}")
+        return
+    try:
+        jobs = load_jobs(args.sweeps, args)
+    except ValueError as err:
+        print(f"calibrate.py: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    terms, phases = [j.terms for j in jobs], [j.phases for j in jobs]
+    prior = jobs[0].prior
+    if bench:
+        prior = dataclasses.replace(
+            prior, gbps={**prior.gbps, **bench["gbps"]}, latency_us={**prior.latency_us, **bench["latency_us"]}
+        )
+    fitted = cal.fit(terms, phases, prior, fixed)
+    loo = cal.leave_one_out([j.name for j in jobs], terms, phases, prior, [j.before_s for j in jobs], fixed)
+    print(report(jobs, loo, fitted))
+    if bench:
+        print(f"collectives as measured by {args.calibrate_from} (not fitted): {', '.join(sorted(fixed))}")
+    if args.name:
+        try:
+            path = write_cluster(
+                args.name, jobs, fitted, loo, [*args.sweeps, *([args.calibrate_from] if bench else [])]
+            )
+        except ValueError as err:
+            print(f"calibrate.py: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"wrote {path.relative_to(ROOT)}: python scripts/plan.py cluster=calibrated/{args.name} ...")
+
+
+if __name__ == "__main__":
+    main()

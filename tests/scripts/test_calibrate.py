@@ -1,0 +1,235 @@
+"""Calibration: least squares recovers the planner's constants from measurements that the planner's
+own model generates (with noise), stays put when a layout is left out, keeps the prior for what no
+layout exercises; the planner prices its steps with the calibrated constants and says which it used."""
+
+import argparse
+import dataclasses
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _calibrate as cal  # noqa: E402
+import plan  # noqa: E402
+from _config import compose_run  # noqa: E402
+
+from moemesh.config.schema import CalibrationConfig  # noqa: E402
+
+ARGS = argparse.Namespace(mfu=0.4, peak_flops=989e12)
+# Magnitudes like this 2-core CPU's under gloo (scripts/calibrate.py on a real sweep): GFLOP/s,
+# sub-GB/s collectives with latencies of hundreds of microseconds.
+TRUE = cal.Constants(
+    flops_per_s=5e9,
+    gbps={"a2a_intra": 0.5, "sync_intra": 0.5, "tp_intra": 0.2, "p2p_intra": 0.1},
+    latency_us={"a2a_intra": 300.0, "sync_intra": 300.0, "tp_intra": 50.0, "p2p_intra": 200.0},
+    optimizer_s_per_gb=0.4,
+    step_overhead_s=0.02,
+    bubble_factor=0.5,
+)
+PRIOR = cal.prior_constants(989e12 * 0.4, 450.0, 50.0, 10.0)
+# The constants whose phase a run times on its own (compute, time.a2a, time.grad_reduce, optimizer,
+# the rest). TP and point-to-point collectives are timed only inside the compute phase, where at
+# these sizes they are a few ms of ~500 ms: 1% noise on the phase hides them (checked noise-free).
+SEPARATE = ["flops_per_s", "gbps.a2a_intra", "latency_us.a2a_intra", "gbps.sync_intra", "latency_us.sync_intra"]
+SEPARATE += ["optimizer_s_per_gb", "step_overhead_s", "bubble_factor"]
+
+
+def _value(c: cal.Constants, name: str) -> float:
+    if "." in name:
+        table, key = name.split(".")
+        return getattr(c, table)[key]
+    return getattr(c, name)
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    """Every valid split of the tiny model at 8 and 4 ranks and three batch sizes (bandwidth and
+    latency separate only when message sizes and counts vary apart): (names, Terms)."""
+    names, terms = [], []
+    for gpus, batch in ((8, 16), (8, 32), (8, 64), (4, 16), (4, 32)):
+        run = compose_run(
+            [
+                f"cluster.gpus={gpus}",
+                "trainer.device=cpu",
+                "trainer.micro_steps=2",
+                f"trainer.global_batch_size={batch}",
+            ]
+        )
+        valid, _ = plan.make_plan(run, gpus, ARGS)
+        names += [f"{plan.layout_name(p.dims)}@{gpus}x{batch}" for p in valid]
+        terms += [p.terms for p in valid]
+    assert len(terms) >= 40
+    return names, terms
+
+
+def _measure(terms, noise: float, seed: int = 0):
+    """Each phase as the true constants predict it, times (1 + noise x N(0, 1))."""
+    rng = random.Random(seed)
+    out = []
+    for t in terms:
+        ph = {k: v * (1 + noise * rng.gauss(0, 1)) for k, v in TRUE.phases(t).items()}
+        ph["step"] = sum(ph.values())
+        out.append(ph)
+    return out
+
+
+def test_recovers_every_constant_without_noise(layouts):
+    _, terms = layouts
+    f = cal.fit(terms, _measure(terms, 0.0), PRIOR)
+    names = [*SEPARATE, "gbps.tp_intra", "latency_us.tp_intra", "gbps.p2p_intra", "latency_us.p2p_intra"]
+    for name in names:
+        assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=1e-6), name
+        assert f.measured[name]
+    assert f.residual < 1e-9
+
+
+def test_recovers_the_separately_timed_constants_within_5_percent_under_noise(layouts):
+    _, terms = layouts
+    f = cal.fit(terms, _measure(terms, 0.01), PRIOR)
+    for name in SEPARATE:
+        assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=0.05), name
+    # What the fit cannot separate it still prices right in sum: every step within 2%.
+    for t in terms:
+        assert f.constants.step_s(t) == pytest.approx(TRUE.step_s(t), rel=0.02)
+
+
+def test_stable_with_one_layout_left_out(layouts):
+    names, terms = layouts
+    phases = _measure(terms, 0.01)
+    for i in range(len(terms)):
+        rest = [j for j in range(len(terms)) if j != i]
+        f = cal.fit([terms[j] for j in rest], [phases[j] for j in rest], PRIOR)
+        for name in SEPARATE:
+            assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=0.05), (names[i], name)
+    loo = cal.leave_one_out(names, terms, phases, PRIOR, [PRIOR.step_s(t) for t in terms])
+    assert loo.median_after < 0.02
+    assert loo.median_before > 0.99  # the GPU priors price a CPU step at almost nothing
+
+
+def test_unexercised_constants_keep_the_prior(layouts):
+    names, terms = layouts
+    no_ep = [t for n, t in zip(names, terms) if "ep" not in n.split("@")[0]]
+    f = cal.fit(no_ep, _measure(no_ep, 0.0), PRIOR)
+    assert "gbps.a2a_intra" not in f.measured and "latency_us.a2a_intra" not in f.measured
+    assert f.constants.gbps["a2a_intra"] == PRIOR.gbps["a2a_intra"]
+    assert f.constants.gbps["a2a_inter"] == PRIOR.gbps["a2a_inter"]  # one node: nothing crosses
+    fields = cal.as_cluster_fields(f.constants, f.measured)
+    assert "a2a_intra" not in fields["gbps"] and fields["gbps"]["sync_intra"] == pytest.approx(0.5, rel=1e-5)
+
+
+def test_unknowns_stay_non_negative():
+    # The All-to-All phase shrinks as its bytes grow: unconstrained least squares would give a
+    # negative bandwidth inverse; it is fixed at 0 (infinite bandwidth) and the latency refitted.
+    terms = [cal.Terms(1e9, {"a2a_intra": (b, 10.0)}) for b in (1e6, 2e6, 3e6)]
+    phases = [
+        {"compute": 0.2, "a2a": a, "sync": 0.0, "optimizer": 0.0, "other": 0.0, "step": 0.2 + a}
+        for a in (0.012, 0.011, 0.010)
+    ]
+    f = cal.fit(terms, phases, PRIOR)
+    assert f.constants.gbps["a2a_intra"] == float("inf")
+    assert f.constants.latency_us["a2a_intra"] == pytest.approx(1100.0, rel=0.05)
+
+
+def test_measured_phases_add_up_to_the_step():
+    t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "grad_reduce": 0.05, "optimizer": 0.04}
+    ph = cal.measured_phases({**t, "step": 0.62})
+    assert ph["compute"] == pytest.approx(0.4) and ph["a2a"] == 0.1 and ph["other"] == pytest.approx(0.03)
+    assert sum(v for k, v in ph.items() if k != "step") == pytest.approx(ph["step"])
+
+
+def test_planner_prices_with_the_calibrated_constants_and_says_so():
+    run = compose_run(["cluster.gpus=4", "trainer.device=cpu"])
+    before, _ = plan.make_plan(run, 4, ARGS)
+    assert "constants: uncalibrated" in cal.constants_line(run.cluster, ARGS)
+    calibration = CalibrationConfig(
+        source="test",
+        flops_per_s=5e9,
+        gbps={"a2a_intra": 0.5, "sync_intra": 0.5},
+        latency_us={"a2a_intra": 300.0, "sync_intra": 300.0},
+        optimizer_s_per_gb=0.4,
+        step_overhead_s=0.02,
+    )
+    calibrated = dataclasses.replace(run, cluster=dataclasses.replace(run.cluster, calibration=calibration))
+    after, _ = plan.make_plan(calibrated, 4, ARGS)
+    k = cal.cluster_constants(calibrated.cluster, ARGS)
+    for p in after:
+        assert p.step_s == pytest.approx(k.step_s(p.terms), rel=1e-12)
+        assert p.step_s > 0.05  # a CPU's step, not a GPU's
+    assert [p.dims for p in after] != [p.dims for p in before]  # the ranking follows the constants
+    line = cal.constants_line(calibrated.cluster, ARGS)
+    assert line.startswith("constants: calibrated (test): compute 5 GFLOP/s")
+    assert "a2a_intra 0.5 GB/s" in line and "the rest (a2a_inter" in line and "tp_intra" in line
+    # Uncalibrated, the planner's own prices: compute at --mfu of peak, one bandwidth per link class.
+    prior = cal.cluster_constants(run.cluster, ARGS)
+    for p in before:
+        assert p.other_s == 0.0 and p.compute_s == pytest.approx(p.terms.flops / (989e12 * 0.4), rel=1e-12)
+        assert p.step_s == pytest.approx(prior.step_s(p.terms), rel=1e-12)
+
+
+def test_collectives_measured_apart_stay_fixed(layouts):
+    # --calibrate-from a bench_comm.py file: its bandwidths and latencies are kept, the rest fitted.
+    _, terms = layouts
+    fixed = frozenset(f"{t}.{k}_intra" for t in ("gbps", "latency_us") for k in ("a2a", "sync"))
+    prior = dataclasses.replace(
+        PRIOR, gbps={**PRIOR.gbps, **TRUE.gbps}, latency_us={**PRIOR.latency_us, **TRUE.latency_us}
+    )
+    f = cal.fit(terms, _measure(terms, 0.0), prior, fixed)
+    assert not fixed & set(f.measured)
+    assert f.constants.gbps["a2a_intra"] == 0.5 and f.constants.latency_us["sync_intra"] == 300.0
+    for name in ("flops_per_s", "gbps.tp_intra", "latency_us.p2p_intra", "optimizer_s_per_gb", "step_overhead_s"):
+        assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=1e-6), name
+
+
+def _fake_sweep(tmp_path: Path, batch: int) -> Path:
+    """A layout sweep's files (layouts.json, each job's .hydra/overrides.yaml) whose phase times
+    are TRUE's prediction for every valid 4-rank split of the tiny model."""
+    import json
+
+    sweep = tmp_path / f"sweep{batch}"
+    base = ["cluster.gpus=4", "trainer.micro_steps=4", f"trainer.global_batch_size={batch}"]
+    run = compose_run([*base, "trainer.device=cpu"])
+    valid, _ = plan.make_plan(run, 4, ARGS)
+    jobs = []
+    for i, p in enumerate(valid):
+        d = sweep / f"{i}_{plan.layout_name(p.dims)}"
+        (d / ".hydra").mkdir(parents=True)
+        overrides = [*plan.train_command(run, base, p.dims)[2:]]
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        ph = TRUE.phases(p.terms)
+        time = {"forward": ph["compute"] / 2, "backward": ph["compute"] / 2 + ph["a2a"], "a2a": ph["a2a"]}
+        time |= {"pipeline": 0.0, "grad_reduce": ph["sync"], "optimizer": ph["optimizer"], "step": sum(ph.values())}
+        dims = dataclasses.asdict(p.dims)
+        jobs.append({"layout": plan.layout_name(p.dims), "dir": str(d), "dims": dims, "phases": time, "error": None})
+    (sweep / "layouts.json").write_text(json.dumps({"device": "cpu", "jobs": jobs}))
+    return sweep
+
+
+def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, capsys):
+    import calibrate
+
+    sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
+    name = f"test-{tmp_path.name}"
+    out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    try:
+        calibrate.main([*map(str, sweeps), "--name", name])
+        text = capsys.readouterr().out
+        assert "leave-one-out step-time error: median 100% uncalibrated, 0.0% calibrated" in text
+        assert f"wrote conf/cluster/calibrated/{name}.yaml" in text
+        run = compose_run([f"cluster=calibrated/{name}", "cluster.gpus=4", "trainer.device=cpu"])
+        assert run.cluster.launcher == "local" and run.cluster.calibration.flops_per_s == pytest.approx(5e9)
+        assert run.cluster.calibration.gbps["a2a_intra"] == pytest.approx(0.5, rel=1e-5)
+        assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (")
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def test_this_machines_calibration_composes_and_plans():
+    # conf/cluster/calibrated/cpu4.yaml: README "Which layout should I use?" made it.
+    run = compose_run(["cluster=calibrated/cpu4", "cluster.gpus=4", "trainer.device=cpu", "trainer.micro_steps=4"])
+    assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (layout sweeps, tiny model")
+    valid, _ = plan.make_plan(run, 4, ARGS)
+    assert plan.layout_name(valid[0].dims) == "pp4" and 0.1 < valid[0].step_s < 2.0
