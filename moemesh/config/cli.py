@@ -106,6 +106,12 @@ def explain(err: BaseException) -> str:
             return f"{key}: missing a value (a config group's preset may have been removed)"
         return f"{key}: {msg}" if key else msg
     text = _first_line(str(err))
+    if text.startswith("LexerNoViableAltException: "):  # a character the override grammar has no token for
+        override = text.split(": ", 1)[1]
+        return (
+            f"cannot parse the override: {override} (a value with characters such as > < or spaces needs quotes, "
+            """e.g. 'hydra.sweeper.include=["ep>=2"]'; see --help)"""
+        )
     if "mismatched input" in text or "no viable alternative" in text or "extraneous input" in text:
         return f"cannot parse the override: {text} (form: key=value, group=preset, +key=value; see --help)"
     return text

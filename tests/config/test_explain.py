@@ -1,0 +1,19 @@
+"""One line for an override the grammar cannot read, saying how to quote it."""
+
+import pytest
+
+from moemesh.config.cli import preflight
+from moemesh.config.schema import register_schema
+from moemesh.errors import ConfigError
+
+
+def test_an_unquoted_special_character_says_to_quote_it():
+    register_schema()  # train.py does this at import
+    with pytest.raises(ConfigError) as err:
+        preflight(["-m", "hydra/sweeper=layouts", "cluster.gpus=4", "hydra.sweeper.include=[ep>=2]"])
+    message = str(err.value)
+    assert message.startswith("cannot parse the override: hydra.sweeper.include=[ep>=2] (a value with characters")
+    assert """'hydra.sweeper.include=["ep>=2"]'""" in message and "\n" not in message
+    # Quoted, the same value composes.
+    command = preflight(["-m", "hydra/sweeper=layouts", "cluster.gpus=4", 'hydra.sweeper.include=["ep>=2"]'])
+    assert command.multirun and len(command.jobs) == 1
