@@ -65,10 +65,27 @@ def _resident_bytes(device: torch.device) -> int:
         return 0
 
 
+def _reset_peak(device: torch.device) -> None:
+    """Start the peak over again here, so it is the training's, not the imports' or the data's:
+    CUDA's allocator statistics; on Linux the process's VmHWM (``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the lifetime peak below
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:  # VmHWM: the peak since _reset_peak
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
@@ -179,6 +196,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
     torch.manual_seed(t.seed)
+    _reset_peak(device)
     start_bytes = _resident_bytes(device)  # before the model: the memory report's baseline
     meter = CommMeter(device)
     model = build_model(run, mesh, device, meter=meter)

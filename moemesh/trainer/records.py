@@ -109,7 +109,8 @@ class _RunSummary(TypedDict):
     median_step_s: float | None
     peak_memory_bytes: dict  # min, max over ranks; kind
     param_bytes_per_rank: dict
-    memory_per_rank: dict  # {param,grad,optimizer}_bytes: {expert, non_expert}: {min, max}; peak_bytes
+    # {param,grad,optimizer}_bytes: {expert, non_expert}: {min, max}; peak_bytes, peak_above_start_bytes
+    memory_per_rank: dict
     start_step: int
     stopped_by_signal: list[str] | None
 
