@@ -59,20 +59,34 @@ SMALL = [
 ]
 
 
-def train_single(run, output_dir, data_paths):
-    """Train ``run`` in this process, as the only rank of a one-rank mesh; returns the summary."""
+def cpu_context(rank, mesh, output_dir, data_paths):
+    """This process as rank ``rank`` of ``mesh`` on the CPU (the RankContext a launch builds)."""
     import torch
 
     from moemesh.launch import RankContext
-    from moemesh.parallel.mesh import single_rank_mesh
-    from moemesh.trainer.loop import train
 
-    ctx = RankContext(
-        rank=0,
-        local_rank=0,
+    return RankContext(
+        rank=rank,
+        local_rank=rank,
         device=torch.device("cpu"),
-        mesh=single_rank_mesh(),
+        mesh=mesh,
         output_dir=str(output_dir),
         data_paths=data_paths,
     )
-    return train(run, ctx)
+
+
+def train_single(run, output_dir, data_paths):
+    """Train ``run`` in this process, as the only rank of a one-rank mesh; returns the summary."""
+    from moemesh.parallel.mesh import single_rank_mesh
+    from moemesh.trainer.loop import train
+
+    return train(run, cpu_context(0, single_rank_mesh(), output_dir, data_paths))
+
+
+def train_rank(run, rank, dims, output_dir, data_paths):
+    """Train ``run`` as rank ``rank`` of a gloo world laid out as ``dims`` (tests/dist_utils.py
+    starts the world); returns the summary."""
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.trainer.loop import train
+
+    return train(run, cpu_context(rank, build_mesh(dims, "cpu"), output_dir, data_paths))

@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.launch import RankContext
 from moemesh.parallel.dims import ParallelDims
-from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
-from tests.helpers import tiny_run, train_single
+from tests.helpers import tiny_run, train_rank, train_single
 
 pytestmark = pytest.mark.slow  # trains every layout on spawned gloo ranks
 
@@ -49,15 +46,7 @@ def _layouts_worker(rank, world, root, paths):
         dims = ParallelDims(dp=dp, ep=ep)
         out = Path(root) / name
         out.mkdir(exist_ok=True)
-        ctx = RankContext(
-            rank=rank,
-            local_rank=rank,
-            device=torch.device("cpu"),
-            mesh=build_mesh(dims, "cpu"),
-            output_dir=str(out),
-            data_paths=paths,
-        )
-        train(_run_cfg(name, dp, ep), ctx)
+        train_rank(_run_cfg(name, dp, ep), rank, dims, out, paths)
 
 
 def _train_single(out, steps=STEPS):
@@ -135,15 +124,7 @@ def _mesh_worker(rank, world, root, paths, layouts, steps):
         dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
         out = Path(root) / name
         out.mkdir(exist_ok=True)
-        ctx = RankContext(
-            rank=rank,
-            local_rank=rank,
-            device=torch.device("cpu"),
-            mesh=build_mesh(dims, "cpu"),
-            output_dir=str(out),
-            data_paths=paths,
-        )
-        train(_mesh_cfg(name, *spec, steps=steps), ctx)
+        train_rank(_mesh_cfg(name, *spec, steps=steps), rank, dims, out, paths)
 
 
 def test_tensor_and_pipeline_parallel_layouts_train_like_single(tmp_path):
@@ -153,17 +134,7 @@ def test_tensor_and_pipeline_parallel_layouts_train_like_single(tmp_path):
     paths = prepare_data(ref_cfg.data, seq_len=ref_cfg.trainer.seq_len, vocab_size=ref_cfg.model.vocab_size)
     (tmp_path / "single").mkdir()
     torch.set_num_threads(2)
-    train(
-        ref_cfg,
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path / "single"),
-            data_paths=paths,
-        ),
-    )
+    train_single(ref_cfg, tmp_path / "single", paths)
     run_on_ranks(_mesh_worker, 8, str(tmp_path), paths, MESH_LAYOUTS, MESH_STEPS)
     ref = _read(tmp_path / "single")
     single = json.loads((tmp_path / "single" / "summary.json").read_text())["param_bytes_per_rank"]

@@ -16,14 +16,12 @@ import torch
 
 from moemesh.config.validate import validate_run
 from moemesh.errors import ConfigError
-from moemesh.launch import RankContext
 from moemesh.moe.param_count import param_specs
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.data import prepare_data
-from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
-from tests.helpers import tiny_run, train_single
+from tests.helpers import tiny_run, train_rank, train_single
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import _plan_memory as plan_memory  # noqa: E402  (the planner's per-rank state, scripts/)
@@ -81,17 +79,10 @@ def _worker(rank, world, root, paths, runs, steps=STEPS):
         label, overrides = (spec[3], spec[4]) if len(spec) > 3 else (f"{name}-{mode}-{ac}", {})
         dp, ep, tp, pp, micro = LAYOUTS[name]
         out = Path(root) / label
+        dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
         out.mkdir(exist_ok=True)
-        ctx = RankContext(
-            rank=rank,
-            local_rank=rank,
-            device=torch.device("cpu"),
-            mesh=build_mesh(ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp), "cpu"),
-            output_dir=str(out),
-            data_paths=paths,
-        )
         overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
-        train(_cfg(name, dp, ep, tp, pp, micro, mode, ac, steps=steps, **overrides), ctx)
+        train_rank(_cfg(name, dp, ep, tp, pp, micro, mode, ac, steps=steps, **overrides), rank, dims, out, paths)
 
 
 @pytest.mark.slow
