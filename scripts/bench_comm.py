@@ -202,9 +202,16 @@ def fits(results: list[dict]) -> list[dict]:
     return out
 
 
-# The planner's collective kinds (plan.py, _calibrate.KINDS), each priced like this collective.
-# "sync" is the weights-and-gradients collective of parallel.sharding=none, a ring all-reduce.
-PLANNER_KINDS = {"a2a": "a2a", "sync": "all_reduce", "tp": "all_reduce", "p2p": "p2p"}
+# The planner's collective kinds (moemesh/planning/calibration.py KINDS) and the collectives each
+# stands for. "sync" moves weights and gradients: a ring all-reduce under parallel.sharding=none,
+# all-gathers and reduce-scatters under zero2 and zero3; one constant prices all three, so it is
+# fitted over all three (each in the planner's bytes and steps for it). "tp": TP's all-reduces.
+PLANNER_KINDS = {
+    "a2a": ("a2a",),
+    "sync": ("all_reduce", "reduce_scatter", "all_gather"),
+    "tp": ("all_reduce",),
+    "p2p": ("p2p",),
+}
 
 
 def planner_constants(data: dict, link: str = "intra") -> dict:
@@ -212,11 +219,11 @@ def planner_constants(data: dict, link: str = "intra") -> dict:
     over every group shape and size of its collective (the shapes vary the steps apart from the
     bytes). One machine: every group is inside a node, so the link class is ``intra``."""
     gbps, latency = {}, {}
-    for kind, collective in PLANNER_KINDS.items():
-        rows = [r for r in data["results"] if r["kind"] == collective]
+    for kind, collectives in PLANNER_KINDS.items():
+        rows = [r for r in data["results"] if r["kind"] in collectives]
         if len(rows) < 2:
             continue
-        bw, lat = fit_line([planner_bytes_steps(collective, r["bytes"], r["n"]) for r in rows], [r["s"] for r in rows])
+        bw, lat = fit_line([planner_bytes_steps(r["kind"], r["bytes"], r["n"]) for r in rows], [r["s"] for r in rows])
         gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
     return {"gbps": gbps, "latency_us": latency}
 

@@ -6,8 +6,8 @@
     python scripts/plan.py cluster=calibrated/cpu4 cluster.gpus=4        # plans with the fitted constants
 
 Each finished job of the sweeps (``layouts.json``, written by the layout sweeper) is planned again
-with the planner (``plan.plan_one``: FLOPs, bytes and message steps of each collective kind); the
-constants (``_calibrate.py``: achieved FLOP/s, GB/s and latency per collective kind and link
+with the planner (``moemesh.planning.cost.plan_one``: FLOPs, bytes and message steps of each collective kind); the
+constants (``moemesh/planning/calibration.py``: achieved FLOP/s, GB/s and latency per collective kind and link
 class, optimizer s/GB, per-step overhead) are fitted by least squares to the jobs' median phase
 times. Then:
 
@@ -31,13 +31,13 @@ import json
 import sys
 from pathlib import Path
 
-import _calibrate as cal
-import plan
 import yaml
 from _config import ROOT, compose_run
 
 from moemesh.config.schema import CalibrationConfig
 from moemesh.parallel.dims import ParallelDims, layout_name
+from moemesh.planning import calibration as cal
+from moemesh.planning.cost import plan_one
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class Job:
     sweep: str = ""
 
 
-def load_jobs(sweeps: list[Path], args) -> list[Job]:
+def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
     """Every finished job of these sweeps, planned again; ValueError naming what is missing."""
     jobs = []
     for sweep in sweeps:
@@ -70,7 +70,7 @@ def load_jobs(sweeps: list[Path], args) -> list[Job]:
                 run, cluster=dataclasses.replace(run.cluster, calibration=CalibrationConfig())
             )
             dims = ParallelDims(**j["dims"])
-            p = plan.plan_one(uncalibrated, dims, args)
+            p = plan_one(uncalibrated, dims, options)
             if p.problem is not None or p.terms is None:
                 raise ValueError(f"{job_dir}: the planner refuses this job's layout now: {p.problem}")
             jobs.append(
@@ -79,7 +79,7 @@ def load_jobs(sweeps: list[Path], args) -> list[Job]:
                     p.terms,
                     cal.measured_phases(j["phases"]),
                     p.step_s,
-                    cal.cluster_constants(uncalibrated.cluster, args),
+                    cal.cluster_constants(uncalibrated.cluster, options),
                     run.cluster.name,
                     str(sweep),
                 )
@@ -180,8 +180,9 @@ def main(argv=None) -> None:
         help="scripts/bench_comm.py --out's file: its bandwidths and latencies are kept as measured "
         "(alone: only those are written; with sweeps: the rest is fitted to the runs)",
     )
-    ap.add_argument("--mfu", type=float, default=0.4, help="the uncalibrated planner's MFU (plan.py's default)")
-    ap.add_argument("--peak-flops", type=float, default=989e12, help="the uncalibrated planner's peak (plan.py's)")
+    defaults = cal.PlannerOptions()
+    ap.add_argument("--mfu", type=float, default=defaults.mfu, help="the uncalibrated planner's MFU")
+    ap.add_argument("--peak-flops", type=float, default=defaults.peak_flops, help="the uncalibrated planner's peak")
     args = ap.parse_args(argv)
     if not args.sweeps and not args.calibrate_from:
         ap.error("give layout sweep directories, --calibrate-from BENCH_JSON, or both")
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
             print(f"wrote {path.relative_to(ROOT)}")
         return
     try:
-        jobs = load_jobs(args.sweeps, args)
+        jobs = load_jobs(args.sweeps, cal.PlannerOptions(args.mfu, args.peak_flops))
     except ValueError as err:
         print(f"calibrate.py: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,9 +15,10 @@ from tests.helpers import SMALL
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import _layout_search as search  # noqa: E402
-import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
+
+from moemesh.planning import search  # noqa: E402
+from moemesh.planning.cost import make_plan  # noqa: E402
 
 SWEEP = ["-m", "hydra/sweeper=layouts", "cluster.gpus=4", *SMALL, "trainer.steps=4", "logger.console=false"]
 SWEEP += ["checkpoint.save_final=false", "hydra.sweeper.warmup_steps=1"]
@@ -53,7 +54,7 @@ def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, override, me
 
 def _expected_order(top: int) -> list[str]:
     run = compose_run([*SMALL, "cluster.gpus=4", "trainer.device=cpu"])
-    valid, _ = plan.make_plan(run, 4, plan.argparse.Namespace(mfu=0.4, peak_flops=989e12))
+    valid, _ = make_plan(run, 4)
     return [c.name for c in search.choose(valid, search.settings(top=top)).chosen]
 
 
@@ -125,7 +126,8 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_sweep_through_the_slurm_launcher(tmp_path):
     """cluster=slurm: the same sweeper submits each layout as a SLURM job (one task per rank)
-    through hydra_plugins/moemesh_launcher, then tables what the jobs wrote."""
+    through hydra_plugins/moemesh_launcher, then tables what the jobs wrote. One job crashes: the
+    launcher exits non-zero after both ran; the crash is that job's row, and the sweep ranks the other."""
     import os
 
     if not os.environ.get("SLURM_CONF"):
@@ -137,6 +139,10 @@ def test_sweep_through_the_slurm_launcher(tmp_path):
     sweep = tmp_path / "sweep"
     slurm = ["cluster=slurm", "cluster.slurm.request_gpus=false", "cluster.slurm.time_min=10"]
     sweep_args = [a if a != "cluster.gpus=4" else "cluster.gpus=2" for a in SWEEP]
+    run = compose_run([*SMALL, "cluster.gpus=2", "trainer.device=cpu"])
+    valid, _ = make_plan(run, 2)
+    names = [c.name for c in search.choose(valid, search.settings(top=2)).chosen]
+    (sweep / f"1_{names[1]}" / "metrics.jsonl").mkdir(parents=True)  # job #1's rank 0 cannot write it
     proc = subprocess.run(
         [
             sys.executable,
@@ -154,12 +160,61 @@ def test_sweep_through_the_slurm_launcher(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(": SLURM job ") == 2
-    run = compose_run([*SMALL, "cluster.gpus=2", "trainer.device=cpu"])
-    valid, _ = plan.make_plan(run, 2, plan.argparse.Namespace(mfu=0.4, peak_flops=989e12))
-    names = [c.name for c in search.choose(valid, search.settings(top=2)).chosen]
     table = json.loads((sweep / "layouts.json").read_text())
-    assert [j["layout"] for j in table["jobs"]] == names
-    for j in table["jobs"]:
-        summary = json.loads((Path(j["dir"]) / "summary.json").read_text())
-        assert j["error"] is None and j["final_loss"] == summary["final_loss"] and summary["world_size"] == 2
-    assert "winner by tokens_per_s: " in proc.stdout
+    ok, crashed = table["jobs"]
+    assert [ok["layout"], crashed["layout"]] == names
+    summary = json.loads((Path(ok["dir"]) / "summary.json").read_text())
+    assert ok["error"] is None and ok["final_loss"] == summary["final_loss"] and summary["world_size"] == 2
+    reason = crashed["error"]
+    assert reason.startswith("SLURM job ") and ("metrics.jsonl" in reason or "IsADirectory" in reason), reason
+    assert crashed["measured_rank"] is None and "\n" not in reason
+    assert f"job #1 ({names[1]}) failed: {reason}; the sweep goes on" in proc.stderr
+    assert f"job #0 ({names[0]}) failed" not in proc.stderr
+    assert f"winner by tokens_per_s: {names[0]}" in proc.stdout
+
+
+# ---- a failed job's reason, from each kind of launcher (no ranks: launchers that report) ----------
+class _Launcher:
+    def __init__(self, launch):
+        self.launch = launch
+
+
+def _sweeper(launch):
+    from hydra_plugins.moemesh_layouts.sweeper import LayoutSweeper
+
+    sweeper = LayoutSweeper()
+    sweeper.launcher = _Launcher(launch)
+    return sweeper
+
+
+def test_a_job_that_runs_out_of_memory_is_its_row_with_the_error():
+    """The basic launcher runs a job in this process and returns its exception: out of memory on
+    a GPU is torch.OutOfMemoryError, whose first line is the row's reason."""
+    import torch
+    from hydra.core.utils import JobReturn, JobStatus
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has 79.1 GiB in use")
+
+    def launch(overrides, initial_job_idx):
+        return [JobReturn(status=JobStatus.FAILED, _return_value=oom)]
+
+    reasons = _sweeper(launch)._launch([2], [["parallel.name=ep4"]], lambda i: False)
+    assert reasons == {2: "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB."}
+
+
+def test_a_launcher_that_fails_the_batch_fails_only_the_jobs_that_did_not_finish():
+    """The SLURM launcher waits for every job, then exits 1 naming each failed one (its overrides,
+    its SLURM job, the job's own first moemesh line). The row keeps the SLURM job and the reason;
+    a job of the same batch that finished is no failure; the process's own stderr still shows all."""
+
+    def launch(overrides, initial_job_idx):
+        print("moemesh: job #3 (parallel.name=ep2 a=b): SLURM job 11, 1 node x 2 tasks", file=sys.stderr)
+        print(
+            "moemesh: failed: job #4 (parallel.name=dp2 a=b), SLURM job 12_1: moemesh: rank 1 was killed by "
+            "SIGKILL; the other ranks were stopped",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+    reasons = _sweeper(launch)._launch([3, 4], [["a=b"], ["a=b"]], lambda i: i == 3)
+    assert reasons == {4: "SLURM job 12_1: moemesh: rank 1 was killed by SIGKILL; the other ranks were stopped"}

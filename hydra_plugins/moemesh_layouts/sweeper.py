@@ -3,8 +3,8 @@
     python train.py -m hydra/sweeper=layouts cluster.gpus=4 trainer.steps=30 [hydra.sweeper.top=6]
     python train.py -m hydra/sweeper=layouts cluster.gpus=4 'hydra.sweeper.include=[ep>=2]' cluster=slurm ...
 
-Hydra glue only. The planner (``scripts/plan.py``) ranks every valid split of ``cluster.gpus``;
-``scripts/_layout_search.py`` picks the candidates (``hydra.sweeper.top``, ``include``,
+Hydra glue only. The planner (``moemesh.planning.cost``) ranks every valid split of ``cluster.gpus``;
+``moemesh.planning.search`` picks the candidates (``hydra.sweeper.top``, ``include``,
 ``exclude``), reads each finished job (medians after ``warmup_steps``) and makes the table;
 whatever launcher the command selects (the basic one, ``cluster=slurm``'s) runs the jobs.
 
@@ -25,7 +25,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +40,13 @@ from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf, open_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT / "scripts") not in sys.path:  # the planner and the search live beside it
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from moemesh.config.schema import to_run_config
+from moemesh.config.validate import micro_steps
+from moemesh.errors import ConfigError
+from moemesh.planning import search
+from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command
+
+COMPARE = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"  # the charts, run as a script
 
 
 @dataclass
@@ -101,13 +107,6 @@ class LayoutSweeper(Sweeper):
     # ---- before anything runs -----------------------------------------------------------------
     def _jobs(self, arguments: list[str]):
         """(run config, search settings, candidates, per-job overrides); exits 2 with one line."""
-        import _layout_search as search
-        import plan
-
-        from moemesh.config.schema import to_run_config
-        from moemesh.config.validate import micro_steps
-        from moemesh.errors import ConfigError
-
         parsed = OverridesParser.create().parse_overrides(arguments)
         swept = [o.input_line for o in parsed if o.is_sweep_override()]
         if swept:
@@ -129,7 +128,7 @@ class LayoutSweeper(Sweeper):
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             planned = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, device=device))
-        valid, invalid = plan.make_plan(planned, gpus, _planner_args())
+        valid, invalid = make_plan(planned, gpus)
         unknown = search.unknown_names(valid, s)
         if unknown:
             names = ", ".join(search.layout_name(p.dims) for p in valid)
@@ -139,7 +138,7 @@ class LayoutSweeper(Sweeper):
             why = f"{len(valid)} valid, {len(choice.not_fitting)} do not fit, {len(choice.filtered)} left out by "
             why += "include/exclude"
             _refuse(f"no layout of cluster.gpus={gpus} to run ({why}; {len(invalid)} cannot run)")
-        own = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in plan._SPLIT_KEYS]
+        own = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in SPLIT_KEYS]
         held = []
         if not any(a.split("=", 1)[0].lstrip("+~") in _USER_SET_MICRO for a in arguments):
             counts = [micro_steps(_with_dims(run, c.dims)) for c in choice.chosen]
@@ -149,9 +148,9 @@ class LayoutSweeper(Sweeper):
             count = dataclasses.replace(planned.trainer, micro_steps=int(held[0].split("=")[1]))
             planned = dataclasses.replace(planned, trainer=count)
             for c in choice.chosen:
-                p = plan.plan_one(planned, c.dims, _planner_args())
+                p = plan_one(planned, c.dims)
                 c.predicted_step_s, c.predicted_bytes = p.step_s, p.total_bytes
-        jobs = [[*plan.train_command(run, own, c.dims)[2:], *held] for c in choice.chosen]
+        jobs = [[*train_command(run, own, c.dims)[2:], *held] for c in choice.chosen]
         self.planned_device = planned.trainer.device
         return run, s, choice, jobs, own + held
 
@@ -164,8 +163,6 @@ class LayoutSweeper(Sweeper):
 
     # ---- the sweep ----------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
-        import _layout_search as search
-
         try:
             run, s, choice, jobs, own = self._jobs(arguments)
             dirs = [self._job_dir(j, i) for i, j in enumerate(jobs)]
@@ -200,7 +197,10 @@ class LayoutSweeper(Sweeper):
             else:
                 batches.append([i])
         for batch in batches:
-            reasons.update(self._launch(batch, [jobs[i] for i in batch], names))
+            ran = self._launch(batch, [jobs[i] for i in batch], lambda i: search.finished(dirs[i], run.trainer.steps))
+            reasons.update(ran)
+        for i in sorted(reasons):
+            print(f"moemesh: job #{i} ({names[i]}) failed: {reasons[i]}; the sweep goes on", file=sys.stderr)
         measured = []
         for i, d in enumerate(dirs):
             m = search.measure(d, s.warmup_steps)
@@ -211,8 +211,10 @@ class LayoutSweeper(Sweeper):
         self._report(rows, run, own, s, sweep_dir, dirs, jobs)
         return rows
 
-    def _launch(self, batch: list[int], overrides: list[list[str]], names: list[str]) -> dict[int, str]:
-        """Run these jobs; {job index: one-line reason} for those that failed."""
+    def _launch(self, batch: list[int], overrides: list[list[str]], finished) -> dict[int, str]:
+        """Run these jobs; {job index: one-line reason} for those that failed. A launcher that
+        fails the whole batch (SLURM's exits non-zero when any job failed) fails only the jobs
+        that did not finish (``finished(index)``)."""
         tee = _Tee(sys.stderr)
         reasons: dict[int, str] = {}
         failure = None
@@ -232,23 +234,18 @@ class LayoutSweeper(Sweeper):
         for i in batch:
             mine = [l for l in tee.lines if f"job #{i} " in l] if len(batch) > 1 else tee.lines
             errors = [l for l in mine if not l.startswith(("moemesh: every layout", "moemesh: job #"))]
-            if failure or i in reasons:
-                reasons[i] = (errors[-1] if errors else reasons.get(i) or failure or "failed").replace("\n", " ")
-            if i in reasons:
-                print(f"moemesh: job #{i} ({names[i]}) failed: {reasons[i]}; the sweep goes on", file=sys.stderr)
+            if (failure and not finished(i)) or i in reasons:
+                reasons[i] = _one_line(errors[-1] if errors else reasons.get(i) or failure or "failed")
         return reasons
 
     def _report(self, rows, run, own: list[str], s, sweep_dir: Path, dirs: list[Path], jobs) -> None:
-        import _layout_search as search
-        import plan
-
         md = search.table(rows)
         best = search.winner(rows)
         lines = [md, ""]
         if best is None:
             lines.append("no job finished: nothing to rank")
         else:
-            cmd = shlex.join(plan.train_command(run, own, best.candidate.dims))
+            cmd = shlex.join(train_command(run, own, best.candidate.dims))
             lines.append(f"winner by {s.objective}: {best.candidate.name}; train with it:")
             lines.append(f"  {cmd}")
         text = "\n".join(lines)
@@ -273,22 +270,22 @@ class LayoutSweeper(Sweeper):
         out = {"objective": s.objective, "warmup_steps": s.warmup_steps, "device": self.planned_device, "jobs": record}
         (sweep_dir / "layouts.json").write_text(json.dumps(out, indent=1))
         if self.charts and best is not None:
-            import compare
+            charts = sweep_dir / "compare"
+            cmd = [sys.executable, str(COMPARE), str(sweep_dir), "--out", str(charts)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                print(f"moemesh: charts in {charts}/", flush=True)
+            else:  # the table stands without charts
+                why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                print(f"moemesh: charts not drawn: {why}", file=sys.stderr)
 
-            out = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(out):
-                    compare.main([str(sweep_dir), "--out", str(sweep_dir / "compare")])
-                print(f"moemesh: charts in {sweep_dir / 'compare'}/", flush=True)
-            except (Exception, SystemExit) as err:  # noqa: BLE001 - the table stands without charts
-                print(f"moemesh: charts not drawn: {err}", file=sys.stderr)
 
-
-def _planner_args():
-    """plan.py's own defaults for the options that are not config keys (--mfu, --peak-flops)."""
-    import argparse
-
-    return argparse.Namespace(mfu=0.4, peak_flops=989e12)
+def _one_line(reason: str) -> str:
+    """A failed job's reason for its row: one line, without the launcher's repeat of the job's
+    overrides ("moemesh: failed: job #1 (parallel.name=... ...), SLURM job 7_1: <reason>")."""
+    reason = " ".join(reason.split())
+    m = re.match(r"moemesh: failed: job #\d+ \(.*?\), (SLURM job \S+: .*)$", reason)
+    return m.group(1) if m else reason
 
 
 def _with_dims(run, dims):

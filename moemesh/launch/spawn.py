@@ -193,7 +193,9 @@ def _root_cause(rendezvous: str, err) -> str:
         except (OSError, ValueError):  # a rank stopped while writing it
             continue
     if isinstance(err, torch.multiprocessing.ProcessExitedException) and err.signal_name:
-        return f"rank {err.error_index} was killed by {err.signal_name}; the other ranks were stopped"
+        oom = " (on Linux, the kernel's out-of-memory killer sends it: see dmesg)"
+        oom = oom if err.signal_name == "SIGKILL" else ""
+        return f"rank {err.error_index} was killed by {err.signal_name}{oom}; the other ranks were stopped"
     if not failures:
         return f"rank {err.error_index} exited with code {getattr(err, 'exit_code', 1)}"
     _, rank, message = min(failures)

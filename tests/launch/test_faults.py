@@ -51,7 +51,7 @@ def test_a_killed_rank_stops_the_others_quickly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert time.monotonic() - t0 < 30  # bounded, far below the 600 s collective timeout
-    assert "was killed by SIGKILL" in err
+    assert "was killed by SIGKILL (on Linux, the kernel's out-of-memory killer sends it" in err
     assert not any(
         Path(f"/proc/{r}").exists() and "Z" not in Path(f"/proc/{r}/stat").read_text().split()[2] for r in ranks
     )  # no rank left running

@@ -280,7 +280,7 @@ def test_ep_and_tp_layouts_same_gradients_and_collectives():
 def _planned_and_measured(model, run, dims, x, mode):
     """Per block: (planned, measured) bytes kept between forward and backward, a block counting
     its input (the previous block's output) and not its output, as the planner does."""
-    from _plan_memory import block_activations
+    from moemesh.planning.memory import block_activations
 
     T = x.shape[0] * run.trainer.seq_len
     rows = []
@@ -296,7 +296,7 @@ def _planned_and_measured(model, run, dims, x, mode):
 
 
 def check_planner_activations(model, run, dims, x, mode, label, rel=0.25):
-    """The planner's per-block estimate (scripts/_plan_memory.py) within ``rel`` of the bytes
+    """The planner's per-block estimate (moemesh/planning/memory.py) within ``rel`` of the bytes
     measured, averaged over the ranks: the planner assumes uniform routing, under which every
     rank receives as many rows as it sends; a real rank receives more or fewer (its experts'
     load), the mean over the ranks as many."""
@@ -308,14 +308,7 @@ def check_planner_activations(model, run, dims, x, mode, label, rel=0.25):
         assert planned == pytest.approx(measured, rel=rel), (label, mode, l, planned, measured)
 
 
-@pytest.fixture
-def plan_scripts(monkeypatch):
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
-
-
-def test_planner_activation_estimate_within_25_percent(plan_scripts):
+def test_planner_activation_estimate_within_25_percent():
     """One process: each block's kept bytes under every mode, and what checkpointing frees
     (none - full over all blocks), within 25% of the planner's estimate."""
     from moemesh.parallel.dims import ParallelDims
@@ -341,14 +334,11 @@ def test_planner_activation_estimate_within_25_percent(plan_scripts):
 PLANNED_LAYOUTS = {name: RANK_LAYOUTS[name] for name in ("ep2_dp2", "tp2_ep2")}
 
 
-def _planner_worker(rank, world, scripts):
-    import sys
-
+def _planner_worker(rank, world):
     from moemesh.parallel.dims import ParallelDims
     from moemesh.parallel.mesh import build_mesh
     from moemesh.trainer.parallelize import build_model
 
-    sys.path.insert(0, scripts)
     for name, spec in PLANNED_LAYOUTS.items():
         dp, ep, tp = spec[:3]
         dims = ParallelDims(dp=dp, ep=ep, tp=tp)
@@ -363,6 +353,4 @@ def _planner_worker(rank, world, scripts):
 @pytest.mark.slow
 def test_planner_activation_estimate_on_ep_and_tp_layouts():
     """4 ranks: with the All-to-All and TP collectives' kept outputs, per block and mode."""
-    from pathlib import Path
-
-    run_on_ranks(_planner_worker, 4, str(Path(__file__).resolve().parents[2] / "scripts"))
+    run_on_ranks(_planner_worker, 4)

@@ -57,6 +57,22 @@ def test_fit_line_reads_bandwidth_and_latency_back():
     assert "a2a_intra" not in out["gbps"]
 
 
+def test_sync_is_fitted_over_every_weight_and_gradient_collective():
+    """sync prices zero2/zero3's all-gathers and reduce-scatters as well as none's all-reduce: one
+    line through all three (in the planner's bytes and steps for each), not the all-reduce alone."""
+    gbps, lat = 1.2, 80.0
+    results = []
+    for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+        slow = 2.0 if kind == "all_gather" else 1.0  # the gathers run at half the bandwidth here
+        for b in (2**14, 2**18, 2**20, 2**22):
+            nbytes, steps = bench_comm.planner_bytes_steps(kind, b, 4)
+            t = nbytes * slow / (gbps * 1e9) + steps * lat * 1e-6
+            results.append({"kind": kind, "n": 4, "bytes": b, "s": t, "shape": "c4"})
+    out = bench_comm.planner_constants({"results": results})
+    assert out["gbps"]["tp_intra"] == pytest.approx(gbps)  # TP: the all-reduces alone
+    assert gbps / 2 < out["gbps"]["sync_intra"] < gbps  # between the two, pulled by the gathers
+
+
 @pytest.mark.slow
 def test_two_ranks_time_every_collective(tmp_path):
     out = tmp_path / "comm.json"

@@ -2,7 +2,6 @@
 own model generates (with noise), stays put when a layout is left out, keeps the prior for what no
 layout exercises; the planner prices its steps with the calibrated constants and says which it used."""
 
-import argparse
 import dataclasses
 import random
 import sys
@@ -13,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import _calibrate as cal  # noqa: E402
-import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
 
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
+from moemesh.planning import calibration as cal  # noqa: E402
+from moemesh.planning import cost as plan  # noqa: E402
 
-ARGS = argparse.Namespace(mfu=0.4, peak_flops=989e12)
+ARGS = cal.PlannerOptions()
 # Magnitudes like this 2-core CPU's under gloo (scripts/calibrate.py on a real sweep): GFLOP/s,
 # sub-GB/s collectives with latencies of hundreds of microseconds.
 TRUE = cal.Constants(

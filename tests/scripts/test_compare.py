@@ -13,20 +13,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from tests.helpers import SMALL  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_ffn_hidden_size=48",
-    "model.max_seq_len=32",
-    "trainer.seq_len=32",
-    "trainer.global_batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.eval_batches=1",
-]
 CHARTS = ("throughput.png", "step_breakdown.png", "memory.png", "a2a_share.png", "load_cv.png", "loss.png")
 EXPERT = "expert param MiB/rank"
 PHASES = ["step ms", "fwd %", "bwd %", "pipeline %", "grad reduce %", "optim %", "other %", "a2a %"]

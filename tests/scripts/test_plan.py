@@ -1,7 +1,6 @@
 """The planner: exact where it can be, marks what cannot fit, ranks stably, scales; its table
 says what it left out and its commands compose into the split planned."""
 
-import argparse
 import dataclasses
 import re
 import shlex
@@ -18,7 +17,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import _plan_memory as memory  # noqa: E402
 import plan  # noqa: E402
 from _config import compose_run  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -34,9 +32,11 @@ from moemesh.parallel.dims import MeshAxis, ParallelDims, layout_name  # noqa: E
 from moemesh.parallel.mesh import build_mesh  # noqa: E402
 from moemesh.parallel.pipeline import stage_layers  # noqa: E402
 from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD  # noqa: E402
+from moemesh.planning import cost, memory  # noqa: E402
+from moemesh.planning.calibration import PlannerOptions  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
 
-ARGS = argparse.Namespace(mfu=0.4, peak_flops=1e12)
+ARGS = PlannerOptions(mfu=0.4, peak_flops=1e12)
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "parallel").glob("*.yaml"))
 MODES = ("none", "zero2", "zero3")
 SMALL_MODEL = ["trainer.global_batch_size=32", "model.num_layers=4", "trainer.dtype=fp32"]
@@ -140,7 +140,7 @@ def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(pres
     max over the ranks of the real model, built and sharded on the meta device."""
     run = compose_run([f"parallel={preset}", f"parallel.sharding={mode}", *SMALL_MODEL, *extra])
     dims = ParallelDims.from_config(run.parallel)
-    p = plan.plan_one(run, dims, ARGS)
+    p = cost.plan_one(run, dims, ARGS)
     if mode != "none" and dims.data_size == 1:  # refused before any rank starts: nothing to shard
         assert p.problem is not None and "nothing to shard" in p.problem
         return
@@ -161,7 +161,7 @@ def test_a_split_fsdp2_cannot_shard_is_refused_as_fully_shard_refuses_it():
     over = ["parallel=dp4", "parallel.sharding=zero3", "model.num_experts=6", "model.hidden_size=18"]
     run = compose_run([*over, "model.num_heads=1", "model.num_kv_heads=1", *SMALL_MODEL])
     dims = ParallelDims.from_config(run.parallel)
-    p = plan.plan_one(run, dims, ARGS)
+    p = cost.plan_one(run, dims, ARGS)
     assert p.problem is not None and "layers.0.moe.experts.w1_eDF [6, 18, 256]" in p.problem and "FSDP2" in p.problem
     with pytest.raises(NotImplementedError, match="uneven sharding on dim 1"):
         _local_bytes(run, dims, "zero3")
@@ -171,8 +171,8 @@ def test_sharding_divides_the_state_by_the_groups_exactly():
     """zero3 cuts the state per rank by the sharding group size: dp x ep for non-expert, dp x tp for experts."""
     run = compose_run(["parallel=tp2_ep2_dp2", *SMALL_MODEL])
     dims = ParallelDims.from_config(run.parallel)
-    none = plan.plan_one(run, dims, ARGS)
-    z3 = plan.plan_one(
+    none = cost.plan_one(run, dims, ARGS)
+    z3 = cost.plan_one(
         dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, sharding="zero3")), dims, ARGS
     )
     assert z3.param_expert * 4 == none.param_expert  # dp x tp = 4 ranks hold the same experts
@@ -200,7 +200,7 @@ def test_state_bytes_equal_a_real_runs_memory_report(tmp_path, preset, mode):
     assert proc.returncode == 0, proc.stderr
     mem = json.loads((tmp_path / "summary.json").read_text())["memory_per_rank"]
     run = compose_run(over)
-    p = plan.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
+    p = cost.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
     planned = {
         "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
         "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
@@ -221,7 +221,7 @@ def _a2a_worker(rank, world):
     out, _ = layer(x)
     out.sum().backward()
     measured = meter.collect()["bytes_sent"]
-    assert measured == plan.a2a_bytes(tokens=10, top_k=2, hidden=16, dtype_bytes=4, ep=2), (rank, measured)
+    assert measured == cost.a2a_bytes(tokens=10, top_k=2, hidden=16, dtype_bytes=4, ep=2), (rank, measured)
 
 
 @pytest.mark.slow
@@ -241,7 +241,7 @@ def test_splits_that_cannot_fit_are_marked():
             "cluster.gpu_memory_gb=1",
         ]
     )
-    valid, invalid = plan.make_plan(run, 16, ARGS)
+    valid, invalid = cost.make_plan(run, 16, ARGS)
     assert valid and not any(p.fits for p in valid)
     assert any("num_kv_heads=8 must be divisible by parallel.tensor_parallel_size=16" in p.problem for p in invalid)
     roomy = compose_run(
@@ -253,7 +253,7 @@ def test_splits_that_cannot_fit_are_marked():
             "cluster.gpu_memory_gb=10000",
         ]
     )
-    assert all(p.fits for p in plan.make_plan(roomy, 16, ARGS)[0])
+    assert all(p.fits for p in cost.make_plan(roomy, 16, ARGS)[0])
 
 
 def test_ranking_of_a_hand_checked_case():
@@ -270,8 +270,8 @@ def test_ranking_of_a_hand_checked_case():
         "trainer.global_batch_size=16",
     ]
     run = compose_run(over)
-    ranked = [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in plan.make_plan(run, 4, ARGS)[0]]
-    assert ranked == [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in plan.make_plan(run, 4, ARGS)[0]]
+    ranked = [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in cost.make_plan(run, 4, ARGS)[0]]
+    assert ranked == [(p.dims.dp, p.dims.ep, p.dims.tp, p.dims.pp) for p in cost.make_plan(run, 4, ARGS)[0]]
     assert all(r[3] == 2 for r in ranked[:3]) and ranked[3] == (1, 1, 1, 4)
     assert ranked[-2:] == [(4, 1, 1, 1), (1, 1, 4, 1)]
 
@@ -309,7 +309,7 @@ SEED = [
     "trainer.seq_len=4096",
     "trainer.micro_batch_size=1",
 ]
-SEED_ARGS = argparse.Namespace(mfu=0.4, peak_flops=989e12)
+SEED_ARGS = PlannerOptions()
 
 
 def _seed(sharding: str = "none", ckpt: str = "none"):
@@ -327,7 +327,7 @@ def _rows(text: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize("sharding", ["none", "zero2", "zero3"])
 def test_total_column_is_the_sum_of_the_memory_parts(sharding, ckpt):
     run = _seed(sharding, ckpt)
-    valid, _ = plan.make_plan(run, 16, SEED_ARGS)
+    valid, _ = cost.make_plan(run, 16, SEED_ARGS)
     for p in valid:
         assert p.total_bytes == p.memory + p.transient_bytes + p.act_bytes
         assert p.fits == (p.total_bytes <= run.cluster.gpu_memory_gb * 1e9)
@@ -341,15 +341,15 @@ def test_total_column_is_the_sum_of_the_memory_parts(sharding, ckpt):
 
 
 def test_both_kinds_of_rows_are_in_the_seed_plan():
-    rows = _rows(plan.table(plan.make_plan(_seed(), 16, SEED_ARGS)[0], 0))
+    rows = _rows(plan.table(cost.make_plan(_seed(), 16, SEED_ARGS)[0], 0))
     assert {r["fits"] for r in rows} == {"yes", "NO"}
 
 
 @pytest.mark.parametrize("top", [5, 10])
 def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(top):
-    valid, _ = plan.make_plan(_seed(), 16, SEED_ARGS)
-    seeds = {i: p.dims for i, p in enumerate(valid, 1) if p.dims in plan.SEED_SPLITS}
-    assert sorted(seeds.values(), key=lambda d: d.dp) == [plan.ParallelDims(dp=2, ep=8), plan.ParallelDims(dp=8, ep=2)]
+    valid, _ = cost.make_plan(_seed(), 16, SEED_ARGS)
+    seeds = {i: p.dims for i, p in enumerate(valid, 1) if p.dims in cost.SEED_SPLITS}
+    assert sorted(seeds.values(), key=lambda d: d.dp) == [ParallelDims(dp=2, ep=8), ParallelDims(dp=8, ep=2)]
     assert max(seeds) > top  # dp8 x ep2 ranks below the cut
     text = plan.table(valid, top)
     shown = {int(r["#"].split()[0]): r for r in _rows(text)}
@@ -376,10 +376,10 @@ def test_the_command_for_every_row_composes_into_its_split():
         "parallel.data_parallel_size=3",
     ]
     run = compose_run(over)
-    valid, _ = plan.make_plan(run, 16, SEED_ARGS)
+    valid, _ = cost.make_plan(run, 16, SEED_ARGS)
     assert len(valid) > 20
     for p in valid:
-        argv = plan.train_command(run, over, p.dims)
+        argv = cost.train_command(run, over, p.dims)
         assert argv[:2] == ["python", "train.py"]
         got = compose_run(argv[2:])
         d = p.dims
@@ -399,14 +399,14 @@ def test_the_command_for_every_row_composes_into_its_split():
 
 
 def test_command_option_prints_the_rows_command_and_the_table_prints_the_best(capsys):
-    valid, _ = plan.make_plan(_seed(), 16, SEED_ARGS)
-    n, p = next((i, p) for i, p in enumerate(valid, 1) if p.dims == plan.ParallelDims(dp=8, ep=2))
+    valid, _ = cost.make_plan(_seed(), 16, SEED_ARGS)
+    n, p = next((i, p) for i, p in enumerate(valid, 1) if p.dims == ParallelDims(dp=8, ep=2))
     assert not p.fits
     plan.main([*SEED, "--command", str(n)])
     out, err = capsys.readouterr()
     assert out.splitlines() == [out.strip()]  # the command alone, ready to paste
     got = compose_run(shlex.split(out)[2:])
-    assert plan.ParallelDims.from_config(got.parallel) == plan.ParallelDims(dp=8, ep=2)
+    assert ParallelDims.from_config(got.parallel) == ParallelDims(dp=8, ep=2)
     assert got.parallel.name == "ep2_dp8" and got.model.name == "seed_4096"
     assert f"row {n} does not fit: {p.total_bytes / 1e9:.1f} GB per GPU" in err
     plan.main(SEED)
@@ -451,7 +451,7 @@ def test_modes_order_memory_and_step_time_as_they_should():
     activations; zero3 moves more bytes than zero2, which moves more than none (gathers
     every micro-step); checkpointing costs compute, full at most a third more."""
     modes = [(sh, ck) for sh in ("none", "zero2", "zero3") for ck in ("none", "full", "selective")]
-    by = {k: {p.dims: p for p in plan.make_plan(_seed(*k), 16, SEED_ARGS)[0]} for k in modes}
+    by = {k: {p.dims: p for p in cost.make_plan(_seed(*k), 16, SEED_ARGS)[0]} for k in modes}
     for d in by[("zero3", "none")]:
         none, z2, z3 = (by[(sh, "none")][d] for sh in ("none", "zero2", "zero3"))
         assert none.memory > z2.memory == z3.memory
@@ -465,7 +465,7 @@ def test_modes_order_memory_and_step_time_as_they_should():
 def test_generated_names_are_the_presets_names():
     for path in sorted((ROOT / "conf" / "parallel").glob("*.yaml")):
         cfg = OmegaConf.load(path)
-        dims = plan.ParallelDims(
+        dims = ParallelDims(
             dp=cfg.data_parallel_size,
             ep=cfg.expert_parallel_size,
             tp=cfg.tensor_parallel_size,

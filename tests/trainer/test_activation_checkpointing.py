@@ -124,7 +124,7 @@ open(sys.argv[2] + "/train_peak_rss", "w").write(str(hwm))
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
 )
-def test_checkpointed_run_has_a_lower_peak(tmp_path, monkeypatch):
+def test_checkpointed_run_has_a_lower_peak(tmp_path):
     """The training's peak RSS (the process's VmHWM, reset just before training; one fresh
     process per mode) drops by at least half of what the planner says checkpointing frees.
     Measured: none 598-600 MB, full 508-510 MB, selective 531 MB (planner: 68 MB freed by
@@ -133,10 +133,9 @@ def test_checkpointed_run_has_a_lower_peak(tmp_path, monkeypatch):
     import sys
 
     from moemesh.parallel.dims import ParallelDims
+    from moemesh.planning.memory import activation_bytes
 
     root = Path(__file__).resolve().parents[2]
-    monkeypatch.syspath_prepend(str(root / "scripts"))
-    from _plan_memory import activation_bytes
 
     peak = {}
     for mode in ("none", "full"):

@@ -14,21 +14,9 @@ from moemesh.config.schema import DataConfig
 from moemesh.errors import ConfigError
 from moemesh.trainer import data as data_mod
 from moemesh.trainer.data import DataPaths, TokenData, max_token_id, prepare_data
+from tests.helpers import SMALL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_ffn_hidden_size=48",
-    "model.max_seq_len=32",
-    "trainer.seq_len=32",
-    "trainer.global_batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.eval_batches=1",
-]
 
 
 def _file_with_one_bad_token(path: Path, n: int = 5_000_000, bad: int = 300) -> Path:

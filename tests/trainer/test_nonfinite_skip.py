@@ -12,20 +12,9 @@ import pytest
 
 pytestmark = pytest.mark.slow  # runs train.py end to end
 
+from tests.helpers import SMALL  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_ffn_hidden_size=48",
-    "model.max_seq_len=32",
-    "trainer.seq_len=32",
-    "trainer.global_batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.eval_batches=1",
-]
 # lr 1e30: the first update makes the weights huge, every later gradient norm is non-finite.
 DIVERGES = ["trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.on_nonfinite=skip"]
 

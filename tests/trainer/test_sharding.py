@@ -8,7 +8,6 @@ accumulated over micro-steps.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,10 @@ from moemesh.errors import ConfigError
 from moemesh.moe.param_count import param_specs
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
+from moemesh.planning import memory as plan_memory  # the planner's per-rank state
 from moemesh.trainer.data import prepare_data
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run, train_rank, train_single
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import _plan_memory as plan_memory  # noqa: E402  (the planner's per-rank state, scripts/)
 
 STEPS = 10
 # name: (dp, ep, tp, pp, micro batch): two micro-steps per step everywhere (global batch 8).
@@ -125,7 +122,7 @@ def test_zero3_divides_state_by_the_sharding_group(tmp_path):
         for kind in ("param_bytes", "grad_bytes"):
             assert mem[mode][kind]["non_expert"]["max"] * 4 == mem["none"][kind]["non_expert"]["max"], (mode, kind)
             assert mem[mode][kind]["expert"]["max"] * 2 == mem["none"][kind]["expert"]["max"], (mode, kind)
-        # The planner's numbers (scripts/_plan_memory.py) are the real run's, byte for byte.
+        # The planner's numbers (moemesh/planning/memory.py) are the real run's, byte for byte.
         run = _cfg("ep2_dp2", *LAYOUTS["ep2_dp2"], mode)
         planned = plan_memory.stage_state(
             param_specs(run.model, ParallelDims(dp=2, ep=2)), ParallelDims(dp=2, ep=2), mode

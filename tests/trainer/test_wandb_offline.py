@@ -16,22 +16,9 @@ pytest.importorskip("wandb")
 
 from moemesh.parallel.dims import ParallelDims  # noqa: E402
 from moemesh.trainer.wandb_tracker import WandbTracker, unreachable  # noqa: E402
-from tests.helpers import tiny_run  # noqa: E402
+from tests.helpers import SMALL, tiny_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_ffn_hidden_size=48",
-    "model.max_seq_len=32",
-    "trainer.seq_len=32",
-    "trainer.global_batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.eval_batches=1",
-]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # well-formed, unknown to any server
 
 

@@ -1,8 +1,8 @@
 """The layout search behind ``python train.py -m hydra/sweeper=layouts``: which splits a sweep
 runs, and how their measurements are read, ranked and tabled. Torch-free (Hydra glue lives in
-``hydra_plugins/moemesh_layouts``; the constants fitted to the measurements in ``_calibrate.py``).
+``hydra_plugins/moemesh_layouts``; the constants fitted to the measurements in ``calibration.py``).
 
-Choice of candidates (``choose``), from the planner's ranking (``plan.make_plan``):
+Choice of candidates (``choose``), from the planner's ranking (``cost.make_plan``):
 
 1. every valid split of ``cluster.gpus``, ranked by predicted step time (fitting ones first);
 2. drop the splits that do not fit ``cluster.gpu_memory_gb``;
@@ -143,7 +143,7 @@ class Choice:
 
 
 def choose(valid, search: SearchSettings) -> Choice:
-    """The splits a sweep runs, from ``plan.make_plan``'s ranked valid plans (objects with
+    """The splits a sweep runs, from ``cost.make_plan``'s ranked valid plans (objects with
     ``dims``, ``fits``, ``step_s``, ``total_bytes``), in the planner's order."""
     fitting = [p for p in valid if p.fits]
     choice = Choice([], not_fitting=[layout_name(p.dims) for p in valid if not p.fits])
@@ -276,8 +276,8 @@ def rank_rows(candidates: list[Candidate], measured: list[Measured], objective: 
 
 
 def winner(rows: list[Row]) -> Row | None:
-    done = [r for r in rows if r.measured_rank is not None]
-    return min(done, key=lambda r: r.measured_rank) if done else None
+    done = [(r.measured_rank, i, r) for i, r in enumerate(rows) if r.measured_rank is not None]
+    return min(done)[2] if done else None
 
 
 def _f(value, spec: str, scale: float = 1.0) -> str:

@@ -1,4 +1,4 @@
-"""What one rank of a pipeline stage holds, for the planner (scripts/plan.py): training
+"""What one rank of a pipeline stage holds, for the planner (cost.py): training
 state, transient buffers and activations, and the FLOPs activation checkpointing repeats.
 
 Per GPU, rank 0 of its shard groups (it holds the largest chunk of every sharded tensor):

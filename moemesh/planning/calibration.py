@@ -1,13 +1,13 @@
 """Fit the planner's constants to measured step phases (least squares), and say how much it helped.
 
-The planner (``scripts/plan.py``) prices a step as compute plus alpha-beta collectives. For one
-layout it states the work of a step as ``Terms``: training FLOPs per GPU (bubble and recompute
-included), and per collective kind and link class the bytes one rank moves and the message steps
-(alpha counts). With constants ``Constants`` (achieved FLOP/s; per kind and link GB/s and latency;
-the share of the pipeline bubble that costs time, 1 where idle devices wait, near 0 where ranks
-share cores and an idle stage leaves them to the others; and two terms a GPU plan leaves out but a
-measured step contains: the optimizer, priced per GB of state a rank updates, and a fixed per-step
-overhead) each measured phase is predicted as
+The planner (``cost.py``; ``scripts/plan.py`` is its command line) prices a step as compute plus
+alpha-beta collectives. For one layout it states the work of a step as ``Terms``: training FLOPs
+per GPU (bubble and recompute included), and per collective kind and link class the bytes one rank
+moves and the message steps (alpha counts). With constants ``Constants`` (achieved FLOP/s; per
+kind and link GB/s and latency; the share of the pipeline bubble that costs time, 1 where idle
+devices wait, near 0 where ranks share cores and an idle stage leaves them to the others; and two
+terms a GPU plan leaves out but a measured step contains: the optimizer, priced per GB of state a
+rank updates, and a fixed per-step overhead) each measured phase is predicted as
 
     compute   (time.forward + time.backward, or time.pipeline, less time.a2a)
               = (FLOPs - (1 - bubble factor) x bubble FLOPs) / rate + TP collectives + (PP) p2p
@@ -36,6 +36,17 @@ import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """The planner's two priors that are not config keys (``scripts/plan.py --mfu --peak-flops``):
+    the model FLOP utilisation compute is assumed to reach, and the per-GPU peak FLOP/s when
+    ``cluster.peak_flops`` is unset (an H100's dense bf16)."""
+
+    mfu: float = 0.4
+    peak_flops: float = 989e12
+
 
 KINDS = ("a2a", "sync", "tp", "p2p")  # the collective kinds the planner costs
 LINKS = ("intra", "inter")
@@ -313,22 +324,22 @@ def with_calibration(prior: Constants, calibration: dict | None) -> Constants:
     )
 
 
-def cluster_constants(cluster, args) -> Constants:
+def cluster_constants(cluster, options: PlannerOptions) -> Constants:
     """The constants a plan prices its steps with: the cluster config's priors (compute at
-    ``args.mfu`` of ``cluster.peak_flops`` or ``args.peak_flops``, one bandwidth per link class,
+    ``options.mfu`` of ``cluster.peak_flops`` or ``options.peak_flops``, one bandwidth per link class,
     one latency), with what ``cluster.calibration`` fitted in their place."""
-    peak = (cluster.peak_flops or args.peak_flops) * args.mfu
+    peak = (cluster.peak_flops or options.peak_flops) * options.mfu
     prior = prior_constants(peak, cluster.intra_node_gbps, cluster.inter_node_gbps, cluster.latency_us)
     return with_calibration(prior, dataclasses.asdict(cluster.calibration))
 
 
-def constants_line(cluster, args) -> str:
+def constants_line(cluster, options: PlannerOptions) -> str:
     """Which constants priced a plan: the calibrated ones and their source, or the priors."""
-    cal, k = cluster.calibration, cluster_constants(cluster, args)
+    cal, k = cluster.calibration, cluster_constants(cluster, options)
     if cal.flops_per_s is None and not cal.gbps and not cal.latency_us:
         peak = "cluster.peak_flops" if cluster.peak_flops else "--peak-flops"
         return (
-            f"constants: uncalibrated: compute {k.flops_per_s / 1e12:,.4g} TFLOP/s ({peak} x --mfu {args.mfu:g}), "
+            f"constants: uncalibrated: compute {k.flops_per_s / 1e12:,.4g} TFLOP/s ({peak} x --mfu {options.mfu:g}), "
             f"{cluster.intra_node_gbps:g} GB/s in a node, {cluster.inter_node_gbps:g} GB/s between nodes, "
             f"latency {cluster.latency_us:g} us (cluster=calibrated/<name> after scripts/calibrate.py)"
         )

@@ -1,0 +1,305 @@
+"""The planner's cost model: for a training config and a DP x EP x TP x PP split, what one rank
+holds (``memory.py``), what a step moves over which link, and what that costs in time under
+the constants of ``calibration.py`` (the priors, or those fitted to measured runs). Torch-free.
+
+``scripts/plan.py`` is its command line and states the model in full (``--help``); the layout
+sweep (``hydra/sweeper=layouts``, ``search.py``) and ``scripts/calibrate.py`` price with it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from dataclasses import dataclass
+
+from moemesh.config.schema import RunConfig
+from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
+from moemesh.errors import ConfigError
+from moemesh.moe.config import is_moe_layer
+from moemesh.moe.param_count import (
+    ParamSpec,
+    model_flops_per_token,
+    param_specs,
+    shard_group_size,
+    uneven_non_leading_shard,
+)
+from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
+from moemesh.parallel.pipeline import stage_layers
+from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants
+from moemesh.planning.memory import (
+    REDUCE_BYTES,
+    activation_bytes,
+    recompute_flops_per_token,
+    stage_state,
+    transient_bytes,
+)
+
+# The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
+SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
+
+
+@dataclass
+class Plan:
+    dims: ParallelDims
+    problem: str | None = None  # why the split is invalid
+    param_expert: int = 0
+    param_non_expert: int = 0
+    grad_expert: int = 0
+    grad_non_expert: int = 0
+    optim_expert: int = 0
+    optim_non_expert: int = 0
+    transient_bytes: int = 0  # gathered weights and gradients in flight (sharded modes, autocast)
+    act_bytes: int = 0  # activations under the run's trainer.activation_checkpointing
+    a2a_bytes: int = 0
+    ar_data_bytes: int = 0  # weights and gradients over the data group (dp x ep; dp x ep x tp parts too)
+    ar_expert_bytes: int = 0  # over the expert-data group (dp x tp)
+    bubble: float = 0.0
+    compute_s: float = 0.0
+    recompute_s: float = 0.0  # the part of compute_s that activation checkpointing adds
+    comm_s: float = 0.0
+    crosses: str = ""
+    other_s: float = 0.0  # optimizer and per-step overhead: 0 unless calibrated (cluster.calibration)
+    terms: Terms | None = None  # the step's work, as calibration.Terms: what the constants price
+    total_bytes: int = 0  # memory + transient + activations: what `fits` compares
+    fits: bool = True
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.grad_expert + self.grad_non_expert
+
+    @property
+    def optim_bytes(self) -> int:
+        return self.optim_expert + self.optim_non_expert
+
+    @property
+    def memory(self) -> int:
+        """Parameters, gradients and optimizer state at rest (what a run's memory_per_rank counts)."""
+        return self.param_expert + self.param_non_expert + self.grad_bytes + self.optim_bytes
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.other_s
+
+
+def splits(gpus: int):
+    """Every (dp, ep, tp, pp) whose product is ``gpus``."""
+    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    for pp in divisors:
+        for tp in divisors:
+            for ep in divisors:
+                rest, rem = divmod(gpus, pp * tp * ep)
+                if rem == 0 and rest >= 1:
+                    yield ParallelDims(dp=rest, ep=ep, tp=tp, pp=pp)
+
+
+def a2a_bytes(
+    tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int, moe_layers: int = 1, micro_steps: int = 1
+) -> int:
+    """Bytes one rank sends through the All-to-All per step, under uniform routing:
+    (ep-1)/ep of its T*K pairs leave (dispatch forward, combine backward) and as many
+    arrive and go back (combine forward, dispatch backward)."""
+    return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
+
+
+@functools.cache  # the planner asks each split's groups several times
+def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
+    """Whether the group along ``axes`` that holds rank 0 spans nodes (groups are translates
+    of each other under the rank order, so one answers for all)."""
+    ranges = [range(dims.size(a)) if a in axes else range(1) for a in MESH_AXES]
+    group = [dims.rank_of(dict(zip(MESH_AXES, c, strict=True))) for c in itertools.product(*ranges)]
+    return len({r // gpus_per_node for r in group}) > 1
+
+
+def _sync_cost(
+    specs: list[ParamSpec], dims: ParallelDims, sharding: str, accum: int, c: int
+) -> dict[str, tuple[float, int]]:
+    """Weights and gradients per group kind ("data", "data_tp", "expert"): (bytes this rank
+    sends per step, collectives x ring steps for alpha)."""
+    kinds: dict[str, list[ParamSpec]] = {"data": [], "data_tp": [], "expert": []}
+    for s in specs:
+        kinds["expert" if s.expert else "data_tp" if s.data_tp and dims.tp > 1 else "data"].append(s)
+    out: dict[str, tuple[float, int]] = {}
+    for kind, group in kinds.items():
+        if not group:
+            continue
+        n = shard_group_size(group[0], dims)
+        if n == 1:
+            out[kind] = (0.0, 0)
+            continue
+        numel = sum(s.numel for s in group)
+        ring = (n - 1) / n
+        if sharding == "none":  # one bucketed all-reduce of fp32 gradients after the backward
+            out[kind] = (2 * ring * numel * REDUCE_BYTES, 2 * (n - 1))
+            continue
+        units = (
+            len({(s.layer, s.name.rsplit(".", 1)[0]) for s in group})
+            if kind == "data_tp"
+            else len({s.layer for s in group})
+        )
+        gathers = 2 if sharding == "zero3" else 1
+        per_micro = ring * numel * (gathers * c + REDUCE_BYTES)
+        out[kind] = (per_micro * accum, units * (gathers + 1) * (n - 1) * accum)
+    return out
+
+
+def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None = None) -> Plan:
+    p = Plan(dims)
+    candidate = dataclasses.replace(
+        run,
+        parallel=dataclasses.replace(
+            run.parallel,
+            data_parallel_size=dims.dp,
+            expert_parallel_size=dims.ep,
+            tensor_parallel_size=dims.tp,
+            pipeline_parallel_size=dims.pp,
+            pipeline_split=None,
+        ),
+    )
+    try:
+        validate_run(candidate)
+    except ConfigError as err:
+        p.problem = str(err)
+        return p
+    m, t, c = run.model, run.trainer, run.cluster
+    sharding, ckpt = run.parallel.sharding, t.activation_checkpointing
+    sp = run.parallel.sequence_parallel and dims.tp > 1
+    cb = compute_bytes(run)
+    micro, accum = micro_batch_size(candidate), grad_accum_steps(candidate)
+    T = micro * t.seq_len  # tokens per micro-batch per data rank
+    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == "1f1b" else accum
+    all_specs = [param_specs(m, dims, stage=s, sequence_parallel=sp) for s in range(dims.pp)]
+    if sharding != "none":
+        bad = next((b for b in (uneven_non_leading_shard(sp_, dims) for sp_ in all_specs) if b), None)
+        if bad is not None:
+            p.problem = (
+                f"parallel.sharding={sharding}: {bad.name} {list(bad.shape)} would be split unevenly along a dim "
+                "other than 0, which FSDP2 refuses"
+            )
+            return p
+
+    def stage_memory(stage: int):
+        specs = all_specs[stage]
+        state = stage_state(specs, dims, sharding)
+        layers = stage_layers(m.num_layers, dims.pp)[stage]
+        act = activation_bytes(m, layers, T, dims, sp, ckpt, in_flight, cb)
+        trans = transient_bytes(specs, sharding, ckpt, cb)
+        total = sum(state.params) + sum(state.grads) + sum(state.optim) + trans + act
+        return total, state, trans, act
+
+    # The busiest stage: the one whose rank needs the most memory.
+    per_stage = [stage_memory(s) for s in range(dims.pp)]
+    stage = max(range(dims.pp), key=lambda s: per_stage[s][0])
+    p.total_bytes, state, p.transient_bytes, p.act_bytes = per_stage[stage]
+    p.param_expert, p.param_non_expert = state.params
+    p.grad_expert, p.grad_non_expert = state.grads
+    p.optim_expert, p.optim_non_expert = state.optim
+    specs = all_specs[stage]
+    layers = stage_layers(m.num_layers, dims.pp)[stage]
+    moe = sum(1 for l in layers if is_moe_layer(m, l))
+    D, K = m.hidden_size, m.top_k
+    T_gpu = T // dims.tp  # TP peers route disjoint slices
+    # All-to-All: rows leaving and arriving, uniform routing: (ep-1)/ep of the pairs are remote.
+    p.a2a_bytes = a2a_bytes(T_gpu, K, D, cb, dims.ep, moe, accum)
+    sync = _sync_cost(specs, dims, sharding, accum, cb)
+    p.ar_data_bytes = int(sync.get("data", (0.0, 0))[0] + sync.get("data_tp", (0.0, 0))[0])
+    p.ar_expert_bytes = int(sync.get("expert", (0.0, 0))[0])
+    p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
+    # Compute: the model's training FLOPs spread evenly over the GPUs, plus what checkpointing repeats.
+    tokens = t.global_batch_size * t.seq_len
+    stretch = 1 / (1 - p.bubble)
+    flops = model_flops_per_token(m, t.seq_len) * tokens / dims.world_size * stretch
+    reflops = recompute_flops_per_token(m, t.seq_len, ckpt) * tokens / dims.world_size * stretch
+    gpn = c.gpus_per_node
+    # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
+    # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
+    comm: dict[str, tuple[float, float]] = {}
+
+    def add(kind: str, axes, nbytes: float, steps: float) -> None:
+        key = f"{kind}_{'inter' if _crosses(dims, axes, gpn) else 'intra'}"
+        b, s = comm.get(key, (0.0, 0.0))
+        comm[key] = (b + nbytes, s + steps)
+
+    if dims.ep > 1:
+        add("a2a", (MeshAxis.EP,), p.a2a_bytes, (dims.ep - 1) * 4 * moe * accum)
+    if dims.tp > 1:
+        tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * cb
+        add("tp", (MeshAxis.TP,), tp_bytes, 4 * len(layers) * accum * 2 * (dims.tp - 1))
+    if dims.pp > 1:
+        p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
+        add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)
+    group_axes = {
+        "data": (MeshAxis.DP, MeshAxis.EP),
+        "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
+        "expert": (MeshAxis.DP, MeshAxis.TP),
+    }
+    for kind, (nbytes, steps) in sync.items():
+        add("sync", group_axes[kind], nbytes, steps)
+    p.terms = Terms(flops + reflops, comm, p.memory, bubble_flops=(flops + reflops) * p.bubble)
+    k = cluster_constants(run.cluster, options or PlannerOptions())
+    p.compute_s = k.compute_s(p.terms)
+    p.recompute_s = reflops / k.flops_per_s
+    p.comm_s = k.comm_s(p.terms)
+    p.other_s = k.other_s(p.terms)
+    p.crosses = (
+        ",".join(
+            name
+            for name, axes in (
+                ("ep", (MeshAxis.EP,)),
+                ("tp", (MeshAxis.TP,)),
+                ("data", (MeshAxis.DP, MeshAxis.EP)),
+                ("exp", (MeshAxis.DP, MeshAxis.TP)),
+                ("pp", (MeshAxis.PP,)),
+            )
+            if dims.size(axes[0]) > 1 and _crosses(dims, axes, gpn)
+        )
+        or "-"
+    )
+    p.fits = p.total_bytes <= c.gpu_memory_gb * 1e9
+    return p
+
+
+def compute_bytes(run: RunConfig) -> int:
+    """Bytes per element of compute (activations, gathered weights): bf16 where training
+    computes in it (trainer.dtype=bf16, or auto on a GPU, which the planner plans for)."""
+    dtype, device = run.trainer.dtype, run.trainer.device
+    return 2 if dtype == "bf16" or (dtype == "auto" and device != "cpu") else 4
+
+
+def make_plan(run: RunConfig, gpus: int, options: PlannerOptions | None = None) -> tuple[list[Plan], list[Plan]]:
+    """(valid splits ranked: fitting ones by step time, then the rest; invalid ones)."""
+    plans = [plan_one(run, d, options) for d in splits(gpus)]
+    valid = [p for p in plans if p.problem is None]
+    valid.sort(key=lambda p: (not p.fits, p.step_s, p.memory))
+    return valid, [p for p in plans if p.problem is not None]
+
+
+# Overrides the command sets itself; the user's own values for them are dropped.
+SPLIT_KEYS = (
+    "parallel.name",
+    "parallel.data_parallel_size",
+    "parallel.expert_parallel_size",
+    "parallel.tensor_parallel_size",
+    "parallel.pipeline_parallel_size",
+    "parallel.pipeline_split",
+)
+
+
+def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> list[str]:
+    """``python train.py`` for ``dims`` with the user's other overrides: composes to what was planned.
+
+    ``parallel.name`` is required (the group's name is MISSING without a preset); the default
+    preset, or the user's ``parallel=...``, supplies the other parallel keys (schedule, sequence
+    parallel). The plan balances pipeline stages by layer count, so a pipeline split is reset.
+    """
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SPLIT_KEYS]
+    split = [
+        f"parallel.name={layout_name(dims)}",
+        f"parallel.data_parallel_size={dims.dp}",
+        f"parallel.expert_parallel_size={dims.ep}",
+        f"parallel.tensor_parallel_size={dims.tp}",
+        f"parallel.pipeline_parallel_size={dims.pp}",
+    ]
+    if run.parallel.pipeline_split is not None:
+        split.append("parallel.pipeline_split=null")
+    return ["python", "train.py", *split, *own]
