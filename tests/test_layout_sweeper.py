@@ -89,12 +89,12 @@ def _check_table_against_runs(sweep: Path, names: list[str], failed: set[str]) -
 
 @pytest.mark.slow
 def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
-    names = _expected_order(top=5)
-    assert len(names) == 5
+    names = _expected_order(top=4)
+    assert len(names) == 4
     sweep = tmp_path / "sweep"
     # Job #1 crashes: its rank 0 cannot create metrics.jsonl (a directory is in the way).
     (sweep / f"1_{names[1]}" / "metrics.jsonl").mkdir(parents=True)
-    proc = _train(*SWEEP, "hydra.sweeper.top=5", f"hydra.sweep.dir={sweep}")
+    proc = _train(*SWEEP, "hydra.sweeper.top=4", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _check_table_against_runs(sweep, names, failed={names[1]})
     assert f"job #1 ({names[1]}) failed: " in proc.stderr
@@ -110,16 +110,17 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
     assert all(not a.startswith("hydra") for a in cmd[2:])
     assert (sweep / "compare" / "throughput.png").is_file() and (sweep / "compare" / "compare.md").is_file()
 
-    # Interrupted and restarted with the same sweep dir: only the jobs without a finished summary run.
+    # Restarted with the same sweep dir (as after an interruption): only the job without a
+    # finished summary (the crashed one, its obstacle gone) runs again.
     (sweep / f"1_{names[1]}" / "metrics.jsonl").rmdir()
-    (sweep / f"0_{names[0]}" / "summary.json").unlink()
-    before = {n: (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns for i, n in enumerate(names) if i >= 2}
-    proc = _train(*SWEEP, "hydra.sweeper.top=5", f"hydra.sweep.dir={sweep}")
+    before = {n: (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns for i, n in enumerate(names) if i != 1}
+    proc = _train(*SWEEP, "hydra.sweeper.top=4", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for i, n in enumerate(names[2:], 2):
-        assert f"job #{i} ({n}): finished before" in proc.stdout
-        assert (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns == before[n]
-    assert "finished before" not in "".join(l for l in proc.stdout.splitlines() if f"({names[0]})" in l)
+    for i, n in enumerate(names):
+        if i != 1:
+            assert f"job #{i} ({n}): finished before" in proc.stdout
+            assert (sweep / f"{i}_{n}" / "summary.json").stat().st_mtime_ns == before[n]
+    assert "finished before" not in "".join(l for l in proc.stdout.splitlines() if f"({names[1]})" in l)
     _check_table_against_runs(sweep, names, failed=set())
 
 

@@ -88,8 +88,9 @@ def test_stale_rank_0_variables_are_refused_after_the_short_rendezvous(tmp_path)
         "MASTER_PORT": str(_free_port()),
         "LOCAL_RANK": "0",
     }
-    # Default cluster.rendezvous_timeout_s (30 s) plus start-up: not the 300 s collective timeout.
-    line = _refused(tmp_path, env, within_s=75)
+    # After cluster.rendezvous_timeout_s (30 s by default, 5 here) plus start-up: not the 300 s
+    # collective timeout.
+    line = _refused(tmp_path, env, "cluster.rendezvous_timeout_s=5", within_s=45)
     assert "no launcher (torchrun, deepspeed, srun, mpirun) started this process" in line
     assert "the 4-rank job did not form" in line
     assert "unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT" in line

@@ -23,7 +23,7 @@ from moemesh.trainer.data import prepare_data
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run, train_rank, train_single
 
-STEPS = 10
+STEPS = 6
 # name: (dp, ep, tp, pp, micro batch): two micro-steps per step everywhere (global batch 8).
 LAYOUTS = {
     "ep2_dp2": (2, 2, 1, 1, 1),
@@ -34,7 +34,11 @@ LAYOUTS = {
     "pp2_ep2": (1, 2, 1, 2, 2),
 }
 # (layout, sharding, activation checkpointing)
-RUNS = [(name, mode, "none") for name in LAYOUTS for mode in ("zero2", "zero3")] + [
+# zero3 on every layout; zero2 (the same math, weights kept gathered between forward and
+# backward) on one layout of each kind: data x expert, TP, PP, and TP x EP with checkpointing.
+RUNS = [(name, "zero3", "none") for name in LAYOUTS]
+RUNS += [(name, "zero2", "none") for name in ("ep2_dp2", "tp2_dp2", "pp2_ep2")]
+RUNS += [
     ("ep2_dp2", "zero3", "full"),
     ("tp2_ep2", "zero2", "selective"),
     ("pp2_ep2", "zero3", "selective"),
@@ -92,7 +96,7 @@ def test_sharded_modes_train_like_single(tmp_path):
     run_on_ranks(_worker, 4, str(tmp_path), paths, RUNS)
 
     ref = _read(tmp_path / "single")
-    assert len(ref) == STEPS and ref[-1]["loss"] < ref[0]["loss"] - 0.5
+    assert len(ref) == STEPS and ref[-1]["loss"] < ref[0]["loss"] - 0.25  # it learns: 5.57 -> 5.19
     for spec in RUNS:
         label = spec[3] if len(spec) > 3 else "-".join(spec)
         got = _read(tmp_path / label)
