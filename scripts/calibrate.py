@@ -63,6 +63,8 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
             if j.get("error") or not j.get("phases"):
                 continue
             job_dir = Path(j["dir"])
+            if not job_dir.is_dir():  # the sweep directory was moved or copied: its own subdirectory
+                job_dir = sweep / job_dir.name
             overrides_file = job_dir / ".hydra" / "overrides.yaml"
             overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else j["overrides"]
             run = compose_run([*overrides, f"trainer.device={record.get('device', 'cpu')}"])

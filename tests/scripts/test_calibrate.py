@@ -226,9 +226,31 @@ def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, cap
         out.unlink(missing_ok=True)
 
 
+DATA = ROOT / "benchmarks" / "data" / "layouts4_2026-12-02"  # README's two sweeps, as they ran
+
+
+def test_this_machines_calibration_is_what_its_sweeps_give():
+    """conf/cluster/calibrated/cpu4.yaml is scripts/calibrate.py's fit to the two sweeps kept in
+    benchmarks/data (README "Which layout should I use?"): refitting them gives the same constants,
+    and the leave-one-out error README and RESULTS state."""
+    import calibrate
+    import yaml
+
+    jobs = calibrate.load_jobs([DATA / "b16", DATA / "b32"], ARGS)
+    terms, phases = [j.terms for j in jobs], [j.phases for j in jobs]
+    fitted = cal.fit(terms, phases, jobs[0].prior)
+    written = yaml.safe_load((ROOT / "conf" / "cluster" / "calibrated" / "cpu4.yaml").read_text())["calibration"]
+    again = cal.as_cluster_fields(fitted.constants, fitted.measured)
+    assert {k: v for k, v in again.items() if v is not None} == {
+        k: v for k, v in written.items() if k != "source" and v is not None
+    }
+    loo = cal.leave_one_out([j.name for j in jobs], terms, phases, jobs[0].prior, [j.before_s for j in jobs])
+    assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 13.3
+
+
 def test_this_machines_calibration_composes_and_plans():
-    # conf/cluster/calibrated/cpu4.yaml: README "Which layout should I use?" made it.
     run = compose_run(["cluster=calibrated/cpu4", "cluster.gpus=4", "trainer.device=cpu", "trainer.micro_steps=4"])
-    assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (layout sweeps, tiny model")
+    line = cal.constants_line(run.cluster, ARGS)
+    assert line.startswith("constants: calibrated (benchmarks/data/layouts4_2026-12-02/b16, "), line
     valid, _ = plan.make_plan(run, 4, ARGS)
     assert plan.layout_name(valid[0].dims) == "pp4" and 0.1 < valid[0].step_s < 2.0
