@@ -203,12 +203,13 @@ def fits(results: list[dict]) -> list[dict]:
 
 
 # The planner's collective kinds (moemesh/planning/calibration.py KINDS) and the collectives each
-# stands for. "sync" moves weights and gradients: a ring all-reduce under parallel.sharding=none,
-# all-gathers and reduce-scatters under zero2 and zero3; one constant prices all three, so it is
-# fitted over all three (each in the planner's bytes and steps for it). "tp": TP's all-reduces.
+# stands for. "sync" reduces gradients: a ring all-reduce under parallel.sharding=none, a
+# reduce-scatter under zero2 and zero3, fitted over both (each in the planner's bytes and steps for
+# it); "gather": zero2/zero3's weight all-gathers; "tp": TP's all-reduces.
 PLANNER_KINDS = {
     "a2a": ("a2a",),
-    "sync": ("all_reduce", "reduce_scatter", "all_gather"),
+    "sync": ("all_reduce", "reduce_scatter"),
+    "gather": ("all_gather",),
     "tp": ("all_reduce",),
     "p2p": ("p2p",),
 }

@@ -79,7 +79,7 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
                 Job(
                     f"{layout_name(dims)}" + (f" ({sweep.name})" if len(sweeps) > 1 else ""),
                     p.terms,
-                    cal.measured_phases(j["phases"]),
+                    _phases(j["phases"], job_dir),
                     p.step_s,
                     cal.cluster_constants(uncalibrated.cluster, options),
                     run.cluster.name,
@@ -89,6 +89,13 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
     if len(jobs) < 2:
         raise ValueError(f"{len(jobs)} finished job(s) in {', '.join(map(str, sweeps))}: calibration needs at least 2")
     return jobs
+
+
+def _phases(time: dict, job_dir: Path) -> dict[str, float]:
+    try:
+        return cal.measured_phases(time)
+    except ValueError as err:
+        raise ValueError(f"{job_dir}: {err}") from None
 
 
 def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
@@ -132,7 +139,11 @@ def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
     return "\n".join(lines)
 
 
-def write_cluster(name: str, jobs: list[Job], fitted: cal.Fit, loo: cal.LeaveOneOut, sources: list[Path]) -> Path:
+def write_cluster(
+    name: str, jobs: list[Job], fitted: cal.Fit, loo: cal.LeaveOneOut, sources: list[Path], bench: dict | None = None
+) -> Path:
+    """The fitted constants, and ``bench``'s collectives that were held fixed in the fit (they are
+    part of what the fit assumed: a latency fitted beside a benchmarked bandwidth needs that bandwidth)."""
     bases = sorted({j.cluster for j in jobs})
     if len(bases) > 1:
         raise ValueError(f"the jobs ran under different cluster configs ({', '.join(bases)}): calibrate each apart")
@@ -141,7 +152,10 @@ def write_cluster(name: str, jobs: list[Job], fitted: cal.Fit, loo: cal.LeaveOne
         f"# {len(jobs)} measured jobs. Leave-one-out step-time error: median {loo.median_before:.0%} uncalibrated, "
         f"{loo.median_after:.1%} calibrated."
     ]
-    return write_fields(name, base, cal.as_cluster_fields(fitted.constants, fitted.measured), sources, note)
+    fields = cal.as_cluster_fields(fitted.constants, fitted.measured)
+    for part in ("gbps", "latency_us"):
+        fields[part] = {**(bench or {}).get(part, {}), **fields[part]}
+    return write_fields(name, base, fields, sources, note)
 
 
 def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:
@@ -166,7 +180,10 @@ def _bench(path: Path) -> tuple[dict, frozenset[str]]:
     """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit)."""
     import bench_comm
 
-    fields = bench_comm.planner_constants(json.loads(path.read_text()))
+    fitted = bench_comm.planner_constants(json.loads(path.read_text()))
+    # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not
+    # go into YAML).
+    fields = {part: {k: float(f"{float(v):.6g}") for k, v in fitted[part].items()} for part in ("gbps", "latency_us")}
     names = {f"gbps.{k}" for k in fields["gbps"]} | {f"latency_us.{k}" for k in fields["latency_us"]}
     return fields, frozenset(names)
 
@@ -216,7 +233,7 @@ def main(argv=None) -> None:
     if args.name:
         try:
             path = write_cluster(
-                args.name, jobs, fitted, loo, [*args.sweeps, *([args.calibrate_from] if bench else [])]
+                args.name, jobs, fitted, loo, [*args.sweeps, *([args.calibrate_from] if bench else [])], bench
             )
         except ValueError as err:
             print(f"calibrate.py: {err}", file=sys.stderr)

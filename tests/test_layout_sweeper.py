@@ -109,6 +109,9 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
     assert f"parallel.name={best['layout']}" in cmd and "trainer.steps=4" in cmd and "cluster.gpus=4" in cmd
     assert all(not a.startswith("hydra") for a in cmd[2:])
     assert (sweep / "compare" / "throughput.png").is_file() and (sweep / "compare" / "compare.md").is_file()
+    # compare.py labels each run by the layout the sweep generated (parallel.name, no preset file).
+    compared = (sweep / "compare" / "compare.md").read_text()
+    assert all(f"| {n} |" in compared for n in names if n != names[1]), compared
 
     # Restarted with the same sweep dir (as after an interruption): only the job without a
     # finished summary (the crashed one, its obstacle gone) runs again.

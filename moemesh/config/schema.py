@@ -77,8 +77,9 @@ class SlurmConfig:
 class CalibrationConfig:
     """Planner constants fitted to measured runs (``scripts/calibrate.py`` writes them into
     ``conf/cluster/calibrated/<name>.yaml``); unset ones keep the priors of ClusterConfig.
-    Keys of ``gbps`` and ``latency_us``: ``<kind>_<link>``, kind a2a | sync (weights and
-    gradients over the data and expert groups) | tp | p2p, link intra | inter (node)."""
+    Keys of ``gbps`` and ``latency_us``: ``<kind>_<link>``, kind a2a | sync (gradients over the
+    data and expert groups: all-reduce, or zero2/zero3's reduce-scatter) | gather (zero2/zero3's
+    weight all-gathers) | tp | p2p, link intra | inter (node)."""
 
     source: str | None = None  # what they were fitted from
     flops_per_s: float | None = None  # achieved training FLOP/s per device (replaces peak x --mfu)

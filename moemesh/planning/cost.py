@@ -113,9 +113,11 @@ def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
 
 def _sync_cost(
     specs: list[ParamSpec], dims: ParallelDims, sharding: str, accum: int, c: int
-) -> dict[str, tuple[float, int]]:
-    """Weights and gradients per group kind ("data", "data_tp", "expert"): (bytes this rank
-    sends per step, collectives x ring steps for alpha)."""
+) -> dict[str, dict[str, tuple[float, int]]]:
+    """Weights and gradients per group kind ("data", "data_tp", "expert"), per collective kind:
+    "sync" (none's all-reduce, zero2/zero3's reduce-scatter of the gradients) and "gather"
+    (zero2/zero3's all-gathers of the weights, which run inside forward and backward, so a run
+    times them as compute): (bytes this rank sends per step, collectives x ring steps for alpha)."""
     kinds: dict[str, list[ParamSpec]] = {"data": [], "data_tp": [], "expert": []}
     for s in specs:
         kinds["expert" if s.expert else "data_tp" if s.data_tp and dims.tp > 1 else "data"].append(s)
@@ -125,12 +127,12 @@ def _sync_cost(
             continue
         n = shard_group_size(group[0], dims)
         if n == 1:
-            out[kind] = (0.0, 0)
+            out[kind] = {"sync": (0.0, 0)}
             continue
         numel = sum(s.numel for s in group)
         ring = (n - 1) / n
         if sharding == "none":  # one bucketed all-reduce of fp32 gradients after the backward
-            out[kind] = (2 * ring * numel * REDUCE_BYTES, 2 * (n - 1))
+            out[kind] = {"sync": (2 * ring * numel * REDUCE_BYTES, 2 * (n - 1))}
             continue
         units = (
             len({(s.layer, s.name.rsplit(".", 1)[0]) for s in group})
@@ -138,8 +140,10 @@ def _sync_cost(
             else len({s.layer for s in group})
         )
         gathers = 2 if sharding == "zero3" else 1
-        per_micro = ring * numel * (gathers * c + REDUCE_BYTES)
-        out[kind] = (per_micro * accum, units * (gathers + 1) * (n - 1) * accum)
+        out[kind] = {
+            "sync": (ring * numel * REDUCE_BYTES * accum, units * (n - 1) * accum),
+            "gather": (ring * numel * gathers * c * accum, units * gathers * (n - 1) * accum),
+        }
     return out
 
 
@@ -202,8 +206,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     # All-to-All: rows leaving and arriving, uniform routing: (ep-1)/ep of the pairs are remote.
     p.a2a_bytes = a2a_bytes(T_gpu, K, D, cb, dims.ep, moe, accum)
     sync = _sync_cost(specs, dims, sharding, accum, cb)
-    p.ar_data_bytes = int(sync.get("data", (0.0, 0))[0] + sync.get("data_tp", (0.0, 0))[0])
-    p.ar_expert_bytes = int(sync.get("expert", (0.0, 0))[0])
+    moved = {group: sum(b for b, _ in by_kind.values()) for group, by_kind in sync.items()}
+    p.ar_data_bytes = int(moved.get("data", 0.0) + moved.get("data_tp", 0.0))
+    p.ar_expert_bytes = int(moved.get("expert", 0.0))
     p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
     # Compute: the model's training FLOPs spread evenly over the GPUs, plus what checkpointing repeats.
     tokens = t.global_batch_size * t.seq_len
@@ -233,8 +238,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
         "expert": (MeshAxis.DP, MeshAxis.TP),
     }
-    for kind, (nbytes, steps) in sync.items():
-        add("sync", group_axes[kind], nbytes, steps)
+    for group, by_kind in sync.items():
+        for kind, (nbytes, steps) in by_kind.items():
+            add(kind, group_axes[group], nbytes, steps)
     p.terms = Terms(flops + reflops, comm, p.memory, bubble_flops=(flops + reflops) * p.bubble)
     k = cluster_constants(run.cluster, options or PlannerOptions())
     p.compute_s = k.compute_s(p.terms)
