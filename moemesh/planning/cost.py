@@ -121,7 +121,7 @@ def _sync_cost(
     kinds: dict[str, list[ParamSpec]] = {"data": [], "data_tp": [], "expert": []}
     for s in specs:
         kinds["expert" if s.expert else "data_tp" if s.data_tp and dims.tp > 1 else "data"].append(s)
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, dict[str, tuple[float, int]]] = {}
     for kind, group in kinds.items():
         if not group:
             continue
