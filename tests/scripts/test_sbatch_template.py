@@ -1,0 +1,74 @@
+"""scripts/slurm/train.sbatch's decision after srun, with srun and scontrol replaced by stubs (no
+SLURM needed): a run stopped by the time-limit signal in this attempt is requeued whatever exit
+code srun reports, and nothing else is. The real SLURM path: tests/test_slurm_cluster.py."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# srun stub: writes the summary a stopped rank 0 writes (or none), then exits with the given code.
+SRUN = """#!/bin/bash
+for a in "$@"; do case $a in hydra.run.dir=*) dir=${a#hydra.run.dir=};; esac; done
+mkdir -p "$dir"
+[ -n "$STUB_SIGNAL" ] && printf '{"stopped_by_signal": "%s"}' "$STUB_SIGNAL" > "$dir/summary.json"
+exit "$STUB_EXIT"
+"""
+
+
+def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(SRUN)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for stub in ("srun", "scontrol"):
+        (bin_dir / stub).chmod(0o755)
+    run_dir = tmp_path / "run"
+    if stale_summary:  # an earlier attempt's, stopped by the signal
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"stopped_by_signal": "SIGUSR2"}))
+        old = time.time() - 3600
+        os.utime(run_dir / "summary.json", (old, old))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "77",
+        "SLURM_NNODES": "1",
+        "MOEMESH_ROOT": str(ROOT),
+        "MOEMESH_RUN_DIR": str(run_dir),
+        "STUB_EXIT": str(exit_code),
+        "STUB_SIGNAL": signal,
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "parallel=dp2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = tmp_path / "scontrol.log"
+    return proc, log.read_text() if log.exists() else ""
+
+
+@pytest.mark.parametrize("code", [140, 143, 0])
+def test_a_run_stopped_by_the_time_limit_signal_is_requeued_whatever_srun_reports(tmp_path, code):
+    # 143: the first rank out (140) made srun --kill-on-bad-exit terminate the others.
+    proc, requeued = _run(tmp_path, code, signal="SIGUSR2")
+    assert proc.returncode == 0, proc.stderr
+    assert requeued == "requeue 77\n" and "requeueing job 77" in proc.stdout
+
+
+@pytest.mark.parametrize(("code", "signal"), [(1, ""), (143, "SIGTERM"), (0, "")])
+def test_anything_else_is_not_requeued_and_keeps_its_exit_code(tmp_path, code, signal):
+    proc, requeued = _run(tmp_path, code, signal=signal)
+    assert proc.returncode == code and requeued == "", proc.stderr
+
+
+def test_an_earlier_attempts_summary_does_not_requeue_a_crash(tmp_path):
+    proc, requeued = _run(tmp_path, 1, stale_summary=True)
+    assert proc.returncode == 1 and requeued == "", proc.stderr
