@@ -147,7 +147,11 @@ def write_cluster(
     bases = sorted({j.cluster for j in jobs})
     if len(bases) > 1:
         raise ValueError(f"the jobs ran under different cluster configs ({', '.join(bases)}): calibrate each apart")
-    base = "local" if bases[0].startswith("calibrated/") else bases[0]
+    base, seen = bases[0], set()
+    while base.startswith("calibrated/") and base not in seen:  # calibrated again: on what that one sits on
+        seen.add(base)
+        base = _base_of(base)
+    base = "local" if base.startswith("calibrated/") else base
     note = [
         f"# {len(jobs)} measured jobs. Leave-one-out step-time error: median {loo.median_before:.0%} uncalibrated, "
         f"{loo.median_after:.1%} calibrated."
@@ -156,6 +160,17 @@ def write_cluster(
     for part in ("gbps", "latency_us"):
         fields[part] = {**(bench or {}).get(part, {}), **fields[part]}
     return write_fields(name, base, fields, sources, note)
+
+
+def _base_of(name: str) -> str:
+    """The cluster config a calibrated one sits on (its defaults' /cluster/<base>@_here_)."""
+    path = ROOT / "conf" / "cluster" / f"{name}.yaml"
+    try:
+        defaults = yaml.safe_load(path.read_text()).get("defaults") or []
+    except (OSError, AttributeError):
+        return "local"
+    bases = [d.split("@", 1)[0].removeprefix("/cluster/") for d in defaults if isinstance(d, str) and "@" in d]
+    return bases[0] if bases else "local"
 
 
 def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:

@@ -356,7 +356,8 @@ def cluster_constants(cluster, options: PlannerOptions) -> Constants:
 def constants_line(cluster, options: PlannerOptions) -> str:
     """Which constants priced a plan: the calibrated ones and their source, or the priors."""
     cal, k = cluster.calibration, cluster_constants(cluster, options)
-    if cal.flops_per_s is None and not cal.gbps and not cal.latency_us:
+    nothing = cal.flops_per_s is None and not cal.gbps and not cal.latency_us and cal.bubble_factor is None
+    if nothing and not cal.optimizer_s_per_gb and not cal.step_overhead_s:
         peak = "cluster.peak_flops" if cluster.peak_flops else "--peak-flops"
         return (
             f"constants: uncalibrated: compute {k.flops_per_s / 1e12:,.4g} TFLOP/s ({peak} x --mfu {options.mfu:g}), "

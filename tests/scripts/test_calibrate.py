@@ -318,3 +318,15 @@ def test_this_machines_calibration_composes_and_plans():
     assert line.startswith("constants: calibrated (benchmarks/data/layouts4_2026-12-02/b16, "), line
     valid, _ = plan.make_plan(run, 4, ARGS)
     assert plan.layout_name(valid[0].dims) == "pp4" and 0.1 < valid[0].step_s < 2.0
+
+
+def test_a_calibration_of_runs_that_used_one_sits_on_the_same_base():
+    import calibrate
+
+    assert calibrate._base_of("calibrated/cpu4") == "local"
+    assert calibrate._base_of("calibrated/no-such-file") == "local"
+
+
+def test_only_optimizer_and_overhead_calibrated_is_still_said_to_be_calibrated():
+    run = compose_run(["cluster.gpus=4", "cluster.calibration.optimizer_s_per_gb=0.5"])
+    assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (")
