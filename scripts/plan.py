@@ -46,7 +46,9 @@ comes from a simple model, stated here so it can be argued with:
                    reduce-scatter of the fp32 gradients (half a ring all-reduce's bytes);
             zero3  per micro-step two all-gathers (forward and backward) and a reduce-scatter;
             alpha counts one collective per FSDP unit (one for the bucketed all-reduce);
-  TP: 4 all-reduces of the activations per layer (2 forward, 2 backward);
+  TP: per dense layer 4 all-reduces of the activations (2 forward, 2 backward); per MoE
+            layer 2 for attention, 2 all-gathers of the routed tokens' slices (1 forward, 1
+            backward) and 2 all-reduces more with a shared expert;
   PP: each micro-batch sends its activations forward and their gradients back,
             T x D per stage boundary each way (point to point, over the pp axis's link);
   step      = compute + All-to-All + TP + PP + weights and gradients: no overlap assumed.

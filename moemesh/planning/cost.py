@@ -228,8 +228,16 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     if dims.ep > 1:
         add("a2a", (MeshAxis.EP,), p.a2a_bytes, (dims.ep - 1) * 4 * moe * accum)
     if dims.tp > 1:
-        tp_bytes = 4 * len(layers) * accum * 2 * (dims.tp - 1) / dims.tp * T * D * cb
-        add("tp", (MeshAxis.TP,), tp_bytes, 4 * len(layers) * accum * 2 * (dims.tp - 1))
+        # Per layer, in ring units of T x D ((tp-1)/tp of it per message step): a dense block's
+        # attention and MLP all-reduce their activations forward and gradients backward (4
+        # all-reduces, 2 units each); a MoE block's attention does (2), its routed experts gather
+        # the TP peers' token slices forward and their gradients backward (2 all-gathers, 1 unit
+        # each), and a shared expert is a TP MLP (2 all-reduces). Sequence parallelism trades
+        # each all-reduce for an all-gather and a reduce-scatter: the same bytes.
+        shared = 2 if m.shared_expert_ffn_size else 0
+        units = sum((2 * (2 + shared) + 2) if is_moe_layer(m, l) else 2 * 4 for l in layers)
+        ring = (dims.tp - 1) / dims.tp
+        add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
     if dims.pp > 1:
         p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
         add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)

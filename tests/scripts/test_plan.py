@@ -578,3 +578,19 @@ def test_autocast_keeps_the_bf16_weight_copies_the_planner_counts_for_none():
         model(tokens, tokens)
     assert sum(copies.values()) == memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 2)
     assert memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 4) == 0  # fp32: no copies
+
+
+@pytest.mark.parametrize("shared", [0, 16])
+def test_tp_traffic_counts_all_reduces_for_dense_blocks_and_token_gathers_for_moe_blocks(shared):
+    """Per micro-step, in units of (tp-1)/tp x T x D: a dense block 4 all-reduces (8 units); a MoE
+    block 2 all-reduces for attention (4), 2 all-gathers of the routed tokens (2), and a shared
+    expert's 2 all-reduces (4) (moe/layer.py: split_tokens_to_tp, gather_tokens_from_tp)."""
+    from moemesh.config.validate import grad_accum_steps, micro_batch_size
+
+    over = ["parallel=tp2_ep2", *SMALL_MODEL, "model.moe_every_k_layers=2", f"model.shared_expert_ffn_size={shared}"]
+    run = compose_run(over)
+    p = cost.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
+    units = 2 * 8 + 2 * (6 + (4 if shared else 0))  # layers 0, 2 dense; 1, 3 MoE
+    accum, tokens = grad_accum_steps(run), micro_batch_size(run) * run.trainer.seq_len
+    per_unit = 0.5 * tokens * run.model.hidden_size * cost.compute_bytes(run)  # (tp-1)/tp = 1/2
+    assert p.terms.comm["tp_intra"] == pytest.approx((units * accum * per_unit, units * accum))
