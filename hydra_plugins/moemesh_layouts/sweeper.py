@@ -44,7 +44,7 @@ from moemesh.config.schema import to_run_config
 from moemesh.config.validate import micro_steps
 from moemesh.errors import ConfigError
 from moemesh.planning import search
-from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command
+from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command, with_dims
 
 COMPARE = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"  # the charts, run as a script
 
@@ -141,7 +141,7 @@ class LayoutSweeper(Sweeper):
         own = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in SPLIT_KEYS]
         held = []
         if not any(a.split("=", 1)[0].lstrip("+~") in _USER_SET_MICRO for a in arguments):
-            counts = [micro_steps(_with_dims(run, c.dims)) for c in choice.chosen]
+            counts = [micro_steps(with_dims(run, c.dims)) for c in choice.chosen]
             if len(set(counts)) > 1:  # the balance loss is per micro-step: hold the objective equal
                 held = [f"trainer.micro_steps={max(counts)}"]
         if held:  # price what will run: every layout at the held count
@@ -286,17 +286,6 @@ def _one_line(reason: str) -> str:
     reason = " ".join(reason.split())
     m = re.match(r"moemesh: failed: job #\d+ \(.*?\), (SLURM job \S+: .*)$", reason)
     return m.group(1) if m else reason
-
-
-def _with_dims(run, dims):
-    p = dataclasses.replace(
-        run.parallel,
-        data_parallel_size=dims.dp,
-        expert_parallel_size=dims.ep,
-        tensor_parallel_size=dims.tp,
-        pipeline_parallel_size=dims.pp,
-    )
-    return dataclasses.replace(run, parallel=p)
 
 
 def _plain(value):

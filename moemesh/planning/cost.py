@@ -147,19 +147,22 @@ def _sync_cost(
     return out
 
 
+def with_dims(run: RunConfig, dims: ParallelDims) -> RunConfig:
+    """``run`` on the split ``dims``, as ``train_command`` runs it (stages balanced by layer count)."""
+    parallel = dataclasses.replace(
+        run.parallel,
+        data_parallel_size=dims.dp,
+        expert_parallel_size=dims.ep,
+        tensor_parallel_size=dims.tp,
+        pipeline_parallel_size=dims.pp,
+        pipeline_split=None,
+    )
+    return dataclasses.replace(run, parallel=parallel)
+
+
 def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None = None) -> Plan:
     p = Plan(dims)
-    candidate = dataclasses.replace(
-        run,
-        parallel=dataclasses.replace(
-            run.parallel,
-            data_parallel_size=dims.dp,
-            expert_parallel_size=dims.ep,
-            tensor_parallel_size=dims.tp,
-            pipeline_parallel_size=dims.pp,
-            pipeline_split=None,
-        ),
-    )
+    candidate = with_dims(run, dims)
     try:
         validate_run(candidate)
     except ConfigError as err:
