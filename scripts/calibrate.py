@@ -113,6 +113,11 @@ def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
     )
     c = fitted.constants
     shown = [f"compute {c.flops_per_s / 1e9:.4g} GFLOP/s"]
+    if fitted.measured.get("expert_flops_per_s"):
+        rates = f"routed experts {c.expert_rate / 1e9:.4g} GFLOP/s, the rest {c.flops_per_s / 1e9:.4g} GFLOP/s"
+        shown[0] = f"compute: {rates}"
+    else:
+        shown[0] += " (one rate for every FLOP: the runs did not time the experts apart, time.experts)"
     for key in sorted(c.gbps):
         if fitted.measured.get(f"gbps.{key}"):
             shown.append(f"{key} {c.gbps[key]:.4g} GB/s")
@@ -225,7 +230,8 @@ def main(argv=None) -> None:
         print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))
         print("  latency: " + ", ".join(f"{k} {v:.4g} us" for k, v in bench["latency_us"].items()))
         if args.name:
-            fields = {"flops_per_s": None, **bench, "optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
+            fields = {"flops_per_s": None, "expert_flops_per_s": None, **bench}
+            fields |= {"optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
             path = write_fields(args.name, "local", fields, [args.calibrate_from], ["# Collectives only (no runs)."])
             print(f"wrote {path.relative_to(ROOT)}")
         return

@@ -198,9 +198,10 @@ class LayoutSweeper(Sweeper):
                 batches.append([i])
         for batch in batches:
             ran = self._launch(batch, [jobs[i] for i in batch], lambda i: search.finished(dirs[i], run.trainer.steps))
+            for i in sorted(ran):  # as each batch ends: under the basic launcher, right after the job
+                line = f"moemesh: job #{i} ({names[i]}) failed: {ran[i]}; the sweep goes on"
+                print(line, file=sys.stderr, flush=True)
             reasons.update(ran)
-        for i in sorted(reasons):
-            print(f"moemesh: job #{i} ({names[i]}) failed: {reasons[i]}; the sweep goes on", file=sys.stderr)
         measured = []
         for i, d in enumerate(dirs):
             m = search.measure(d, s.warmup_steps)

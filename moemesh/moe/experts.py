@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.moe.init import normal_
+from moemesh.parallel.comm import CommMeter, timed_region
 from moemesh.parallel.tags import EXPERT_SHARD
 
 
@@ -55,9 +56,11 @@ class GroupedExperts(nn.Module):
         hidden_size: int,
         ffn_size: int,
         use_grouped_mm: bool = True,
+        meter: CommMeter | None = None,
     ):
         super().__init__()
         e, D, Fh = num_local_experts, hidden_size, ffn_size
+        self.meter = meter  # times the forward and backward (time.experts)
         self.num_local_experts, self.first_expert_id = e, first_expert_id
         self.use_grouped_mm = use_grouped_mm and grouped_mm_available()
         self.w1_eDF = nn.Parameter(torch.empty(e, D, Fh))  # gate projection
@@ -75,6 +78,9 @@ class GroupedExperts(nn.Module):
             normal_(self.w2_eFD[j], out_std, seed=seed, key=f"{key}.w2")
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
+        return timed_region(self.meter, "experts", self._swiglu, x_MD, tokens_per_expert_e)
+
+    def _swiglu(self, x_MD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (w.to(x_MD.dtype) for w in (self.w1_eDF, self.w3_eDF, self.w2_eFD))
         # _grouped_mm needs 16-byte aligned strides: D and F a multiple of 4 (fp32) or 8 (bf16).
         aligned = all(n * x_MD.element_size() % 16 == 0 for n in w1.shape[1:])

@@ -173,6 +173,7 @@ class MoELayer(nn.Module):
             hidden_size=cfg.hidden_size,
             ffn_size=cfg.moe_ffn_hidden_size,
             use_grouped_mm=par.use_grouped_mm,
+            meter=par.meter,
         )
         self.shared = (
             SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size, tp_group=par.tp_group, sequence_parallel=par.sp)

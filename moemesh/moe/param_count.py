@@ -67,6 +67,21 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
+def stage_flops_per_token(
+    cfg: ModelConfig, seq_len: int, pp: int = 1, stage: int = 0, split: list[int] | None = None
+) -> tuple[float, float]:
+    """``model_flops_per_token``'s count for pipeline stage ``stage`` of ``pp`` (its blocks; the
+    head on the last stage), and the routed experts' part of it: 6 x their top-k of E parameters.
+    The stages add up to the model's count."""
+    from moemesh.parallel.pipeline import stage_layers
+
+    specs = param_specs(cfg, ParallelDims(pp=pp), stage=stage, split=split)
+    expert = sum(s.numel for s in specs if s.expert) * cfg.top_k / cfg.num_experts
+    dense = sum(s.numel for s in specs if not s.expert and s.name != "embed.weight")
+    blocks = len(stage_layers(cfg.num_layers, pp, split)[stage])
+    return 6 * (dense + expert) + 12 * blocks * cfg.hidden_size * seq_len, 6 * expert
+
+
 def param_specs(
     cfg: ModelConfig,
     dims: ParallelDims | None = None,

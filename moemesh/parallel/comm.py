@@ -149,14 +149,16 @@ def all_to_all_counts(counts_Re: torch.Tensor, group) -> torch.Tensor:
 
 
 class CommMeter:
-    """Time and bytes of the All-to-All exchanges of one rank, per training step.
+    """Time and bytes of the All-to-All exchanges of one rank, per training step, and the
+    time of its routed experts' computation (``timed_region``, kind "experts"), the one
+    compute the planner prices at a rate of its own.
 
     Time is measured around each collective: wall clock on CPU, CUDA events on GPU
     (resolved at ``collect``, after the step's host sync). Bytes count only rows that
     leave (or reach) this rank, not the rows an exchange copies to itself.
     """
 
-    KINDS = ("dispatch", "combine")
+    KINDS = ("dispatch", "combine", "experts")
 
     def __init__(self, device: torch.device | None = None):
         self.cuda = device is not None and device.type == "cuda"
@@ -191,6 +193,7 @@ class CommMeter:
         return {
             "dispatch_s": self.seconds["dispatch"],
             "combine_s": self.seconds["combine"],
+            "experts_s": self.seconds["experts"],
             "bytes_sent": self.bytes_sent,
             "bytes_recv": self.bytes_recv,
             "min_bytes": self.min_bytes,
@@ -237,3 +240,63 @@ def all_to_all_rows(
     if group_size(group) == 1:
         return x_ND
     return _AllToAllRows.apply(x_ND, in_splits, out_splits, group, meter, kind)
+
+
+class _RegionClock:
+    """The backward start of one timed region, handed from its exit marker to its entry marker."""
+
+    __slots__ = ("forward_start", "backward_start")
+
+    def __init__(self) -> None:
+        self.forward_start = self.backward_start = None
+
+
+class _RegionEntry(torch.autograd.Function):
+    """On the region's input. Forward: starts the forward clock. Backward (the region's last
+    gradient out): stops the backward clock."""
+
+    @staticmethod
+    def forward(ctx, x, meter: CommMeter, kind: str, clock: _RegionClock):
+        ctx.meter, ctx.kind, ctx.clock = meter, kind, clock
+        clock.forward_start = meter.start()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.clock.backward_start is not None:
+            ctx.meter.stop(ctx.kind, ctx.clock.backward_start, 0, 0)
+            ctx.clock.backward_start = None
+        return g, None, None, None
+
+
+class _RegionExit(torch.autograd.Function):
+    """On the region's output. Forward: stops the forward clock. Backward (the region's first
+    gradient in): starts the backward clock."""
+
+    @staticmethod
+    def forward(ctx, y, meter: CommMeter, kind: str, clock: _RegionClock):
+        ctx.meter, ctx.clock = meter, clock
+        meter.stop(kind, clock.forward_start, 0, 0)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.clock.backward_start = ctx.meter.start()
+        return g, None, None, None
+
+
+def timed_region(meter: CommMeter | None, kind: str, run: Callable[..., torch.Tensor], x, *args) -> torch.Tensor:
+    """``run(x, *args)``, its forward and its backward timed under ``kind`` on ``meter``.
+
+    The backward is timed from the gradient reaching the output to the gradient leaving ``x``
+    (autograd runs the region's nodes in between; on one thread per device, another branch
+    ready at the same time can run in that window too). Called inside a module's forward, it
+    leaves out FSDP's hooks around that module (gathers, reduce-scatters). A recompute
+    (activation checkpointing) runs the forward again and is timed again: it is computation.
+    No meter, or under torch.compile: ``run(x, *args)``, untimed.
+    """
+    if meter is None or torch.compiler.is_compiling():
+        return run(x, *args)
+    clock = _RegionClock()
+    y = run(_RegionEntry.apply(x, meter, kind, clock), *args)
+    return _RegionExit.apply(y, meter, kind, clock)

@@ -19,9 +19,9 @@ from moemesh.errors import ConfigError
 from moemesh.moe.config import is_moe_layer
 from moemesh.moe.param_count import (
     ParamSpec,
-    model_flops_per_token,
     param_specs,
     shard_group_size,
+    stage_flops_per_token,
     uneven_non_leading_shard,
 )
 from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
@@ -80,6 +80,18 @@ class Plan:
     @property
     def step_s(self) -> float:
         return self.compute_s + self.comm_s + self.other_s
+
+
+@dataclass(frozen=True)
+class _StageWork:
+    """One pipeline stage's step, per rank: what the constants price, and the traffic a plan reports."""
+
+    terms: Terms
+    a2a_bytes: int
+    ar_data_bytes: int
+    ar_expert_bytes: int
+    recompute_flops: float  # the part of terms.flops that activation checkpointing adds
+    recompute_expert_flops: float  # the routed experts' part of it
 
 
 def splits(gpus: int):
@@ -194,68 +206,86 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         total = sum(state.params) + sum(state.grads) + sum(state.optim) + trans + act
         return total, state, trans, act
 
-    # The busiest stage: the one whose rank needs the most memory.
+    # Memory: the stage whose rank needs the most. Time: the stage whose step takes longest (the
+    # pipeline runs at its pace); a plan's traffic fields are that stage's.
     per_stage = [stage_memory(s) for s in range(dims.pp)]
     stage = max(range(dims.pp), key=lambda s: per_stage[s][0])
     p.total_bytes, state, p.transient_bytes, p.act_bytes = per_stage[stage]
     p.param_expert, p.param_non_expert = state.params
     p.grad_expert, p.grad_non_expert = state.grads
     p.optim_expert, p.optim_non_expert = state.optim
-    specs = all_specs[stage]
-    layers = stage_layers(m.num_layers, dims.pp)[stage]
-    moe = sum(1 for l in layers if is_moe_layer(m, l))
-    D, K = m.hidden_size, m.top_k
-    T_gpu = T // dims.tp  # TP peers route disjoint slices
-    # All-to-All: rows leaving and arriving, uniform routing: (ep-1)/ep of the pairs are remote.
-    p.a2a_bytes = a2a_bytes(T_gpu, K, D, cb, dims.ep, moe, accum)
-    sync = _sync_cost(specs, dims, sharding, accum, cb)
-    moved = {group: sum(b for b, _ in by_kind.values()) for group, by_kind in sync.items()}
-    p.ar_data_bytes = int(moved.get("data", 0.0) + moved.get("data_tp", 0.0))
-    p.ar_expert_bytes = int(moved.get("expert", 0.0))
     p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
-    # Compute: the model's training FLOPs spread evenly over the GPUs, plus what checkpointing repeats.
-    tokens = t.global_batch_size * t.seq_len
-    stretch = 1 / (1 - p.bubble)
-    flops = model_flops_per_token(m, t.seq_len) * tokens / dims.world_size * stretch
-    reflops = recompute_flops_per_token(m, t.seq_len, ckpt) * tokens / dims.world_size * stretch
-    gpn = c.gpus_per_node
-    # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
-    # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
-    comm: dict[str, tuple[float, float]] = {}
-
-    def add(kind: str, axes, nbytes: float, steps: float) -> None:
-        key = f"{kind}_{'inter' if _crosses(dims, axes, gpn) else 'intra'}"
-        b, s = comm.get(key, (0.0, 0.0))
-        comm[key] = (b + nbytes, s + steps)
-
-    if dims.ep > 1:
-        add("a2a", (MeshAxis.EP,), p.a2a_bytes, (dims.ep - 1) * 4 * moe * accum)
-    if dims.tp > 1:
-        # Per layer, in ring units of T x D ((tp-1)/tp of it per message step): a dense block's
-        # attention and MLP all-reduce their activations forward and gradients backward (4
-        # all-reduces, 2 units each); a MoE block's attention does (2), its routed experts gather
-        # the TP peers' token slices forward and their gradients backward (2 all-gathers, 1 unit
-        # each), and a shared expert is a TP MLP (2 all-reduces). Sequence parallelism trades
-        # each all-reduce for an all-gather and a reduce-scatter: the same bytes.
-        shared = 2 if m.shared_expert_ffn_size else 0
-        units = sum((2 * (2 + shared) + 2) if is_moe_layer(m, l) else 2 * 4 for l in layers)
-        ring = (dims.tp - 1) / dims.tp
-        add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
-    if dims.pp > 1:
-        p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
-        add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)
-    group_axes = {
-        "data": (MeshAxis.DP, MeshAxis.EP),
-        "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
-        "expert": (MeshAxis.DP, MeshAxis.TP),
-    }
-    for group, by_kind in sync.items():
-        for kind, (nbytes, steps) in by_kind.items():
-            add(kind, group_axes[group], nbytes, steps)
-    p.terms = Terms(flops + reflops, comm, p.memory, bubble_flops=(flops + reflops) * p.bubble)
     k = cluster_constants(run.cluster, options or PlannerOptions())
+    gpn = c.gpus_per_node
+
+    def stage_work(stage: int) -> _StageWork:
+        specs = all_specs[stage]
+        layers = stage_layers(m.num_layers, dims.pp)[stage]
+        moe = sum(1 for l in layers if is_moe_layer(m, l))
+        D, K = m.hidden_size, m.top_k
+        T_gpu = T // dims.tp  # TP peers route disjoint slices
+        # All-to-All: rows leaving and arriving, uniform routing: (ep-1)/ep of the pairs are remote.
+        a2a = a2a_bytes(T_gpu, K, D, cb, dims.ep, moe, accum)
+        sync = _sync_cost(specs, dims, sharding, accum, cb)
+        moved = {group: sum(b for b, _ in by_kind.values()) for group, by_kind in sync.items()}
+        # Compute: the stage's training FLOPs spread evenly over its ranks (dp x ep x tp of them
+        # share its tokens), plus what checkpointing repeats, stretched by the pipeline bubble.
+        per_rank = t.global_batch_size * t.seq_len * dims.pp / dims.world_size
+        stretch = 1 / (1 - p.bubble)
+        flops, expert_flops = (f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, stage))
+        reflops, re_expert = (f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, layers))
+        # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
+        # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
+        comm: dict[str, tuple[float, float]] = {}
+
+        def add(kind: str, axes, nbytes: float, steps: float) -> None:
+            key = f"{kind}_{'inter' if _crosses(dims, axes, gpn) else 'intra'}"
+            b, s = comm.get(key, (0.0, 0.0))
+            comm[key] = (b + nbytes, s + steps)
+
+        if dims.ep > 1:
+            add("a2a", (MeshAxis.EP,), a2a, (dims.ep - 1) * 4 * moe * accum)
+        if dims.tp > 1:
+            # Per layer, in ring units of T x D ((tp-1)/tp of it per message step): a dense block's
+            # attention and MLP all-reduce their activations forward and gradients backward (4
+            # all-reduces, 2 units each); a MoE block's attention does (2), its routed experts gather
+            # the TP peers' token slices forward and their gradients backward (2 all-gathers, 1 unit
+            # each), and a shared expert is a TP MLP (2 all-reduces). Sequence parallelism trades
+            # each all-reduce for an all-gather and a reduce-scatter: the same bytes.
+            shared = 2 if m.shared_expert_ffn_size else 0
+            units = sum((2 * (2 + shared) + 2) if is_moe_layer(m, l) else 2 * 4 for l in layers)
+            ring = (dims.tp - 1) / dims.tp
+            add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
+        if dims.pp > 1:
+            p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
+            add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)
+        group_axes = {
+            "data": (MeshAxis.DP, MeshAxis.EP),
+            "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
+            "expert": (MeshAxis.DP, MeshAxis.TP),
+        }
+        for group, by_kind in sync.items():
+            for kind, (nbytes, steps) in by_kind.items():
+                add(kind, group_axes[group], nbytes, steps)
+        _, st, _, _ = per_stage[stage]
+        state_bytes = sum(st.params) + sum(st.grads) + sum(st.optim)
+        total = (flops + reflops) * stretch
+        terms = Terms(total, comm, state_bytes, bubble_flops=total * p.bubble, expert_flops=expert_flops + re_expert)
+        return _StageWork(
+            terms,
+            a2a,
+            int(moved.get("data", 0.0) + moved.get("data_tp", 0.0)),
+            int(moved.get("expert", 0.0)),
+            reflops * stretch,
+            re_expert,
+        )
+
+    work = [stage_work(s) for s in range(dims.pp)]
+    w = max(work, key=lambda w: k.step_s(w.terms))
+    p.terms, p.a2a_bytes, p.ar_data_bytes, p.ar_expert_bytes = w.terms, w.a2a_bytes, w.ar_data_bytes, w.ar_expert_bytes
     p.compute_s = k.compute_s(p.terms)
-    p.recompute_s = reflops / k.flops_per_s
+    re_rest = w.recompute_flops - w.recompute_expert_flops
+    p.recompute_s = re_rest / k.flops_per_s + w.recompute_expert_flops / k.expert_rate
     p.comm_s = k.comm_s(p.terms)
     p.other_s = k.other_s(p.terms)
     p.crosses = (

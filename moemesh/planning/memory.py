@@ -210,16 +210,20 @@ def activation_bytes(
     return (kept + recompute) * c + head
 
 
-def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str) -> float:
-    """Forward FLOPs activation checkpointing repeats, per token of the global batch: 2 x the
-    blocks' active parameters (full; selective leaves out the routed experts, whose outputs
-    it keeps) + full's 4 x layers x hidden x sequence for the attention core (a third of
-    PaLM's 12, which selective keeps too)."""
+def recompute_flops_per_token(
+    m: ModelConfig, seq_len: int, ckpt: str, layers: range | None = None
+) -> tuple[float, float]:
+    """Forward FLOPs activation checkpointing repeats, per token of the global batch, in the blocks
+    ``layers`` (default: all), and the routed experts' part of them: 2 x the blocks' active
+    parameters (full; selective leaves out the routed experts, whose outputs it keeps) + full's
+    4 x layers x hidden x sequence for the attention core (a third of PaLM's 12, which selective
+    keeps too)."""
     if ckpt == "none":
-        return 0.0
-    specs = param_specs(m)
-    dense = sum(s.numel for s in specs if s.layer is not None and not s.expert)
+        return 0.0, 0.0
+    layers = range(m.num_layers) if layers is None else layers
+    specs = [s for s in param_specs(m) if s.layer is not None and s.layer in layers]
+    dense = sum(s.numel for s in specs if not s.expert)
     if ckpt == "selective":
-        return 2.0 * dense
-    experts = sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
-    return 2.0 * (dense + experts) + 4.0 * m.num_layers * m.hidden_size * seq_len
+        return 2.0 * dense, 0.0
+    experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
+    return 2.0 * dense + experts + 4.0 * len(layers) * m.hidden_size * seq_len, experts

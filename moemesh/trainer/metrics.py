@@ -142,6 +142,9 @@ def format_summary(s: Mapping[str, Any]) -> str:
             f"All-to-All  {100 * (s.get('a2a_share') or 0):.1f}% of the step (inside forward/backward), "
             f"{_mib(s.get('a2a_bytes_sent_per_step') or 0)} sent per rank per step"
         )
+        if tb.get("experts"):
+            share = 100 * tb["experts"] / tb["step"]
+            lines.append(f"experts     {share:.1f}% of the step (the routed experts, forward + backward)")
     if m:
 
         def both(kind: str) -> str:

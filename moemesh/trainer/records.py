@@ -18,6 +18,9 @@ PHASES = ("forward", "backward", "pipeline", "grad_reduce", "optimizer")
 A2A_PHASES = ("forward", "backward", "pipeline")
 # All-to-All seconds: both directions (a2a), then each.
 A2A_TIMES = ("a2a", "a2a_dispatch", "a2a_combine")
+# The routed experts' computation, forward and backward (recompute included), also inside
+# A2A_PHASES and never added to them: what the planner's calibration prices at its own rate.
+EXPERT_TIME = "experts"
 
 
 class TimeRecord(TypedDict):
@@ -31,10 +34,11 @@ class TimeRecord(TypedDict):
     a2a: float
     a2a_dispatch: float
     a2a_combine: float
+    experts: float
     step: float
 
 
-TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, "step")
+TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, EXPERT_TIME, "step")
 
 
 class A2ARecord(TypedDict):

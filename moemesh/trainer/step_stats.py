@@ -160,6 +160,7 @@ class RankTimes:
     optimizer: float
     a2a_dispatch: float
     a2a_combine: float
+    experts: float
     step: float
     bytes_sent: float
     bytes_recv: float
@@ -174,6 +175,7 @@ class RankTimes:
             **{p: seconds.get(p, 0.0) for p in PHASES},
             a2a_dispatch=comm["dispatch_s"],
             a2a_combine=comm["combine_s"],
+            experts=comm["experts_s"],
             step=step_s,
             bytes_sent=comm["bytes_sent"],
             bytes_recv=comm["bytes_recv"],
@@ -215,6 +217,7 @@ def step_record(
         "a2a": times.a2a_dispatch + times.a2a_combine,
         "a2a_dispatch": times.a2a_dispatch,
         "a2a_combine": times.a2a_combine,
+        "experts": times.experts,
         "step": step_s,
     }
     record: StepRecord = {

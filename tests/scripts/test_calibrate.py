@@ -23,6 +23,7 @@ ARGS = cal.PlannerOptions()
 # sub-GB/s collectives with latencies of hundreds of microseconds.
 TRUE = cal.Constants(
     flops_per_s=5e9,
+    expert_flops_per_s=2e9,  # grouped GEMMs of a few rows each run slower than the dense matmuls
     gbps={"a2a_intra": 0.5, "sync_intra": 0.5, "tp_intra": 0.2, "p2p_intra": 0.1},
     latency_us={"a2a_intra": 300.0, "sync_intra": 300.0, "tp_intra": 50.0, "p2p_intra": 200.0},
     optimizer_s_per_gb=0.4,
@@ -33,7 +34,14 @@ PRIOR = cal.prior_constants(989e12 * 0.4, 450.0, 50.0, 10.0)
 # The constants whose phase a run times on its own (compute, time.a2a, time.grad_reduce, optimizer,
 # the rest). TP and point-to-point collectives are timed only inside the compute phase, where at
 # these sizes they are a few ms of ~500 ms: 1% noise on the phase hides them (checked noise-free).
-SEPARATE = ["flops_per_s", "gbps.a2a_intra", "latency_us.a2a_intra", "gbps.sync_intra", "latency_us.sync_intra"]
+SEPARATE = [
+    "flops_per_s",
+    "expert_flops_per_s",
+    "gbps.a2a_intra",
+    "latency_us.a2a_intra",
+    "gbps.sync_intra",
+    "latency_us.sync_intra",
+]
 SEPARATE += ["optimizer_s_per_gb", "step_overhead_s", "bubble_factor"]
 
 
@@ -135,6 +143,36 @@ def test_unknowns_stay_non_negative():
     assert "a2a_intra" not in cal.as_cluster_fields(f.constants, f.measured)["gbps"]
 
 
+def test_without_time_experts_one_rate_prices_every_flop(layouts):
+    """Runs from before time.experts: the experts' time is inside compute. On one model every
+    layout has the same mix of expert and other FLOPs, so one rate prices them all; the expert
+    rate is not measured, not written, and the planner prices experts at the one rate."""
+    _, terms = layouts
+    folded = []
+    for ph in _measure(terms, 0.0):
+        ph = dict(ph)
+        ph["compute"] += ph.pop("experts")
+        folded.append(ph)
+    f = cal.fit(terms, folded, PRIOR)
+    assert f.measured["flops_per_s"] and "expert_flops_per_s" not in f.measured
+    assert f.constants.expert_flops_per_s is None and f.constants.expert_rate == f.constants.flops_per_s
+    assert TRUE.expert_rate < f.constants.flops_per_s < TRUE.flops_per_s  # a blend of the two
+    assert cal.as_cluster_fields(f.constants, f.measured)["expert_flops_per_s"] is None
+    for t in terms:
+        assert f.constants.step_s(t) == pytest.approx(TRUE.step_s(t), rel=1e-6)
+    # Timed apart, the same runs give both rates.
+    both = cal.fit(terms, _measure(terms, 0.0), PRIOR)
+    assert both.constants.expert_flops_per_s == pytest.approx(2e9, rel=1e-6) and both.measured["expert_flops_per_s"]
+    assert cal.as_cluster_fields(both.constants, both.measured)["expert_flops_per_s"] == pytest.approx(2e9)
+
+
+def test_measured_phases_take_the_experts_out_of_compute():
+    t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "experts": 0.15, "grad_reduce": 0.05}
+    ph = cal.measured_phases({**t, "optimizer": 0.04, "step": 0.62})
+    assert ph["compute"] == pytest.approx(0.25) and ph["experts"] == 0.15 and ph["other"] == pytest.approx(0.03)
+    assert "experts" not in cal.measured_phases({"forward": 0.2, "step": 0.3})
+
+
 def test_measured_phases_add_up_to_the_step():
     t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "grad_reduce": 0.05, "optimizer": 0.04}
     ph = cal.measured_phases({**t, "step": 0.62})
@@ -149,6 +187,7 @@ def test_planner_prices_with_the_calibrated_constants_and_says_so():
     calibration = CalibrationConfig(
         source="test",
         flops_per_s=5e9,
+        expert_flops_per_s=2e9,
         gbps={"a2a_intra": 0.5, "sync_intra": 0.5},
         latency_us={"a2a_intra": 300.0, "sync_intra": 300.0},
         optimizer_s_per_gb=0.4,
@@ -162,7 +201,11 @@ def test_planner_prices_with_the_calibrated_constants_and_says_so():
         assert p.step_s > 0.05  # a CPU's step, not a GPU's
     assert [p.dims for p in after] != [p.dims for p in before]  # the ranking follows the constants
     line = cal.constants_line(calibrated.cluster, ARGS)
-    assert line.startswith("constants: calibrated (test): compute 5 GFLOP/s")
+    assert line.startswith("constants: calibrated (test): compute 5 GFLOP/s, routed experts 2 GFLOP/s")
+    for p in after:  # the routed experts' FLOPs at their rate, the rest at the other
+        rest = p.terms.flops - p.terms.expert_flops
+        assert 0 < p.terms.expert_flops < p.terms.flops
+        assert p.compute_s == pytest.approx(rest / 5e9 + p.terms.expert_flops / 2e9, rel=1e-9)
     assert "a2a_intra 0.5 GB/s" in line and "the rest (a2a_inter" in line and "tp_intra" in line
     # Uncalibrated, the planner's own prices: compute at --mfu of peak, one bandwidth per link class.
     prior = cal.cluster_constants(run.cluster, ARGS)
@@ -211,7 +254,8 @@ def _fake_sweep(tmp_path: Path, batch: int) -> Path:
         overrides = [*plan.train_command(run, base, p.dims)[2:]]
         (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
         ph = TRUE.phases(p.terms)
-        time = {"forward": ph["compute"] / 2, "backward": ph["compute"] / 2 + ph["a2a"], "a2a": ph["a2a"]}
+        inside = ph["compute"] + ph["experts"]
+        time = {"forward": inside / 2, "backward": inside / 2 + ph["a2a"], "a2a": ph["a2a"], "experts": ph["experts"]}
         time |= {"pipeline": 0.0, "grad_reduce": ph["sync"], "optimizer": ph["optimizer"], "step": sum(ph.values())}
         dims = dataclasses.asdict(p.dims)
         jobs.append({"layout": plan.layout_name(p.dims), "dir": str(d), "dims": dims, "phases": time, "error": None})

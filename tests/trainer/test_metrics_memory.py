@@ -40,6 +40,7 @@ def _record(step: int, *, layers: int, experts: int) -> dict:
         **dict.fromkeys(("forward", "backward", "pipeline", "grad_reduce", "optimizer"), phase_s),
         a2a_dispatch=phase_s,
         a2a_combine=phase_s,
+        experts=phase_s,
         step=0.05 + (step * 104729 % 17) / 1000,
         bytes_sent=1e6 + step,
         bytes_recv=1e6,

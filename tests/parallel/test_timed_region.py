@@ -1,0 +1,69 @@
+"""``comm.timed_region``: the routed experts' forward and backward time (time.experts), and
+nothing around them; values and gradients unchanged by the timing. One process, no ranks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moemesh.moe.experts import GroupedExperts
+from moemesh.parallel.comm import CommMeter, timed_region
+
+
+class _Slow(torch.autograd.Function):
+    """Identity that sleeps ``fwd`` seconds in forward and ``bwd`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, fwd: float, bwd: float):
+        ctx.bwd = bwd
+        time.sleep(fwd)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.bwd)
+        return g * 2, None, None
+
+
+def test_the_region_times_its_forward_and_backward_and_nothing_around_it():
+    meter = CommMeter()
+    x = torch.randn(4, 3, requires_grad=True)
+    # Work before and after the region (0.15 s each way) is not the region's.
+    before = _Slow.apply(x, 0.15, 0.15)
+    y = timed_region(meter, "experts", lambda t: _Slow.apply(t, 0.05, 0.10), before)
+    after = _Slow.apply(y, 0.15, 0.15)
+    forward_s = meter.seconds["experts"]
+    after.sum().backward()
+    total = meter.collect()["experts_s"]
+    assert 0.05 <= forward_s < 0.12, forward_s
+    assert 0.15 <= total < 0.27, total  # 0.05 forward + 0.10 backward, not the 0.6 s around them
+    assert torch.equal(x.grad, torch.full_like(x, 8.0))
+    assert meter.seconds["dispatch"] == meter.seconds["combine"] == 0.0
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_timed_experts_compute_what_untimed_ones_do(grouped):
+    torch.manual_seed(0)
+    kw = dict(num_local_experts=3, first_expert_id=0, hidden_size=8, ffn_size=16, use_grouped_mm=grouped)
+    plain, timed = GroupedExperts(**kw), GroupedExperts(**kw, meter=CommMeter())
+    for m in (plain, timed):
+        m.init_weights(seed=1, prefix="layers.0.moe", std=0.1, out_std=0.05)
+    counts = torch.tensor([5, 0, 7])
+    x = torch.randn(12, 8)
+    outs = []
+    for m in (plain, timed):
+        xi = x.clone().requires_grad_()
+        y = m(xi, counts)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, [p.grad for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2], strict=True))
+    assert timed.meter.collect()["experts_s"] > 0
+
+
+def test_no_meter_is_no_timing():
+    x = torch.randn(2, 2, requires_grad=True)
+    y = timed_region(None, "experts", lambda t: t * 3, x)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "MulBackward0"
