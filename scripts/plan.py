@@ -20,8 +20,8 @@ best fitting split; --command N prints row N's alone. The command names the spli
 (parallel.name, e.g. pp2_dp8, in the presets' naming) and sets its four degrees on top of
 the same overrides, so it composes without a preset for that split.
 
-Per GPU (the busiest pipeline stage): parameters, gradients, AdamW state, transient
-buffers and activations, each as moemesh/planning/memory.py's docstring states them; the
+Per GPU (of the pipeline stage that needs the most memory): parameters, gradients, AdamW
+state, transient buffers and activations, each as moemesh/planning/memory.py's docstring states them; the
 state is exact (a test builds the real model on the meta device for every preset and
 mode, shards it as training does and compares each rank's local bytes), the rest an
 estimate whose parts are named there.
@@ -30,7 +30,9 @@ Then All-to-All bytes per step, the bytes each rank moves over the data (dp x ep
 expert-data (dp x tp) groups for weights and gradients, and the pipeline bubble. Step time
 comes from a simple model, stated here so it can be argued with:
 
-  compute   = training FLOPs per GPU / (peak FLOP/s x --mfu), stretched by 1/(1 - bubble);
+  compute   = the stage's training FLOPs per GPU / (peak FLOP/s x --mfu), stretched by
+            1/(1 - bubble) (a stage's FLOPs: its blocks', and the head's on the last stage;
+            the stage whose step is longest prices the plan, its traffic is the plan's);
             activation checkpointing adds the recomputed forward's FLOPs (recompute_flops_per_token):
             full recomputes every block's forward (about 1/3 more: forward is 2 of the 6 x
             params FLOPs), selective all but the attention core and the expert matmuls
@@ -58,7 +60,8 @@ comes from a simple model, stated here so it can be argued with:
 The constants (peak x --mfu, one bandwidth per link class, one latency) are guesses for your
 hardware. ``cluster=calibrated/<name>`` replaces them with constants fitted to measured runs
 (``scripts/calibrate.py`` on a layout sweep, ``python train.py -m hydra/sweeper=layouts``, or on
-``scripts/bench_comm.py``): the achieved FLOP/s, GB/s and latency per collective kind (a2a;
+``scripts/bench_comm.py``): the achieved FLOP/s (the routed experts' apart, from runs that
+time them: time.experts), GB/s and latency per collective kind (a2a;
 sync, the gradients' all-reduce or reduce-scatter; gather, zero2/zero3's weight all-gathers; tp;
 p2p) and link class (intra, inter), the share of the pipeline bubble that costs time (1 on
 devices that idle in it), plus two terms a measured step has and the GPU model leaves out, the

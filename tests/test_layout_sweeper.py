@@ -222,3 +222,27 @@ def test_a_launcher_that_fails_the_batch_fails_only_the_jobs_that_did_not_finish
 
     reasons = _sweeper(launch)._launch([3, 4], [["a=b"], ["a=b"]], lambda i: i == 3)
     assert reasons == {4: "SLURM job 12_1: moemesh: rank 1 was killed by SIGKILL; the other ranks were stopped"}
+
+
+def test_a_job_stopped_by_a_signal_stops_the_sweep(tmp_path, capsys):
+    """SIGTERM (a scancel, a kill, the first Ctrl-C) reaches the running job, which saves and leaves:
+    the sweep was asked to stop too, so it ends with the job's code (128 + signal) and says how to go
+    on, instead of counting the job as failed and starting the next. An earlier attempt's summary
+    (older than the batch) does not count."""
+    import json
+    import time
+
+    from hydra_plugins.moemesh_layouts.sweeper import LayoutSweeper
+
+    job = tmp_path / "2_dp4"
+    job.mkdir()
+    (job / "summary.json").write_text(json.dumps({"stopped_by_signal": ["SIGTERM"], "steps": 12}))
+    LayoutSweeper._stop_if_signalled([2], [tmp_path, tmp_path, job], ["a", "b", "dp4"], started=time.time() + 60)
+    with pytest.raises(SystemExit) as stop:
+        LayoutSweeper._stop_if_signalled([2], [tmp_path, tmp_path, job], ["a", "b", "dp4"], started=time.time() - 60)
+    assert stop.value.code == 143
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "moemesh: the sweep was stopped by SIGTERM during job #2 (dp4); run the same command again "
+        "(same hydra.sweep.dir) to go on: finished jobs are not run again"
+    )

@@ -27,8 +27,10 @@ import io
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,9 @@ class LayoutSweeper(Sweeper):
             else:
                 batches.append([i])
         for batch in batches:
+            started = time.time()
             ran = self._launch(batch, [jobs[i] for i in batch], lambda i: search.finished(dirs[i], run.trainer.steps))
+            self._stop_if_signalled(batch, dirs, names, started)
             for i in sorted(ran):  # as each batch ends: under the basic launcher, right after the job
                 line = f"moemesh: job #{i} ({names[i]}) failed: {ran[i]}; the sweep goes on"
                 print(line, file=sys.stderr, flush=True)
@@ -211,6 +215,23 @@ class LayoutSweeper(Sweeper):
         rows = search.rank_rows(choice.chosen, measured, s.objective)
         self._report(rows, run, own, s, sweep_dir, dirs, jobs)
         return rows
+
+    @staticmethod
+    def _stop_if_signalled(batch: list[int], dirs: list[Path], names: list[str], started: float) -> None:
+        """A job that a signal stopped (SIGTERM, SIGUSR1/2, Ctrl-C: it saved and left) was asked to
+        stop, as was the sweep: end it there, as train.py ends (128 + the signal's number), and say
+        how to go on. Only a summary this batch wrote counts, not an earlier attempt's."""
+        for i in batch:
+            signals = search.stopped_by(dirs[i], since=started)
+            if signals:
+                print(
+                    f"moemesh: the sweep was stopped by {'/'.join(signals)} during job #{i} ({names[i]}); "
+                    "run the same command again (same hydra.sweep.dir) to go on: finished jobs are not run again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                name = signals[0] if signals[0].startswith("SIG") else "SIGTERM"
+                raise SystemExit(128 + int(getattr(signal, name, signal.SIGTERM)))
 
     def _launch(self, batch: list[int], overrides: list[list[str]], finished) -> dict[int, str]:
         """Run these jobs; {job index: one-line reason} for those that failed. A launcher that

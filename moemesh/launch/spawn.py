@@ -63,7 +63,7 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
         try:
             ctx = mp.start_processes(
                 _spawned_rank,
-                args=(run, dims, f"file://{rendezvous}/store", output_dir, data_paths, worker),
+                args=(run, dims, f"file://{rendezvous}/store", output_dir, data_paths, worker, os.getpid()),
                 nprocs=dims.world_size,
                 join=False,
                 start_method="spawn",
@@ -202,7 +202,14 @@ def _root_cause(rendezvous: str, err) -> str:
     return f"rank {rank} failed: {message} (the other ranks were stopped)"
 
 
-def _spawned_rank(local_rank, run, dims, init_method, output_dir, data_paths, worker):
+def _spawned_rank(local_rank, run, dims, init_method, output_dir, data_paths, worker, launcher_pid):
+    # torch's spawn wrapper has asked the kernel for SIGINT when the launcher dies (a stop
+    # request: save after the step, leave). A launcher that died before that (SIGKILLed while
+    # this rank imported torch) sends nothing: this rank would train on, an orphan, to the end.
+    if os.getppid() != launcher_pid:
+        print(f"moemesh: rank {local_rank}: the launcher (pid {launcher_pid}) is gone; not starting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
     # This rank started with the stop signals blocked (spawn_ranks): install the handlers, then
     # let through any signal that arrived while it was starting; it becomes a stop request.
     install_stop_handlers()

@@ -204,6 +204,18 @@ def finished(job_dir: Path, steps: int | None = None) -> bool:
     return steps is None or s.get("start_step", 0) + s.get("steps", 0) >= steps
 
 
+def stopped_by(job_dir: Path, since: float = 0.0) -> list[str] | None:
+    """The signals that stopped the job (its summary.json's ``stopped_by_signal``), for a summary
+    written after ``since`` (a time.time()); None when it was not stopped or wrote none since."""
+    path = job_dir / "summary.json"
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return json.loads(path.read_text()).get("stopped_by_signal") or None
+    except (OSError, ValueError):
+        return None
+
+
 def measure(job_dir: Path, warmup_steps: int) -> Measured:
     """The job's medians over its steps after the first ``warmup_steps`` (see the module doc)."""
     try:

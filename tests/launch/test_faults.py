@@ -188,6 +188,7 @@ def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_p
     deadline = time.monotonic() + 60  # its ranks get SIGINT from the kernel (PDEATHSIG), save and leave
     while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not any(Path(f"/proc/{r}").exists() for r in ranks)
     (left,) = tmp.glob("moemesh-rdzv-*")
     assert int((left / "owner").read_text()) == proc.pid
     old = time.time() - 3600
@@ -198,3 +199,21 @@ def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_p
     _, err = done.communicate(timeout=120)
     assert done.returncode == 0, err
     assert list(tmp.glob("moemesh-rdzv-*")) == []  # the leftover, and the finished run's own
+
+
+def test_ranks_of_a_launcher_sigkilled_while_they_start_do_not_train_on(tmp_path):
+    """The kernel's SIGINT on the launcher's death (PDEATHSIG) is set only once a rank runs, after
+    it imports torch; a launcher SIGKILLed before that sends nothing. Such ranks must notice
+    their launcher is gone and leave, not train on as orphans."""
+    proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
+    deadline = time.monotonic() + 60
+    while len(ranks := ranks_of(proc.pid)) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()  # the ranks exist and are still importing torch
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{r}").exists() for r in ranks), "ranks left running without their launcher"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # none of them trained

@@ -594,3 +594,25 @@ def test_tp_traffic_counts_all_reduces_for_dense_blocks_and_token_gathers_for_mo
     accum, tokens = grad_accum_steps(run), micro_batch_size(run) * run.trainer.seq_len
     per_unit = 0.5 * tokens * run.model.hidden_size * cost.compute_bytes(run)  # (tp-1)/tp = 1/2
     assert p.terms.comm["tp_intra"] == pytest.approx((units * accum * per_unit, units * accum))
+
+
+def test_a_pipeline_is_priced_at_its_slowest_stage():
+    """Each stage has its own FLOPs (the last one holds the head): the plan's compute is the
+    stage whose step is longest, not the model's FLOPs spread evenly over the ranks."""
+    from moemesh.config.validate import grad_accum_steps
+    from moemesh.moe.param_count import model_flops_per_token, stage_flops_per_token
+
+    run = compose_run(["cluster.gpus=4", "trainer.device=cpu", "model.vocab_size=8192", *SMALL_MODEL])
+    dims = ParallelDims(dp=2, pp=2)
+    p = cost.plan_one(run, dims, ARGS)
+    tokens, S = run.trainer.global_batch_size * run.trainer.seq_len, run.trainer.seq_len
+    accum = grad_accum_steps(cost.with_dims(run, dims))
+    stretch = (accum + 1) / accum
+    last, experts = stage_flops_per_token(run.model, S, 2, 1)
+    assert last > stage_flops_per_token(run.model, S, 2, 0)[0]  # the head
+    assert p.terms.flops == pytest.approx(last * tokens * 2 / 4 * stretch, rel=1e-12)
+    assert p.terms.flops > model_flops_per_token(run.model, S) * tokens / 4 * stretch  # the even spread
+    assert p.terms.expert_flops == pytest.approx(experts * tokens * 2 / 4, rel=1e-12)
+    # Without a pipeline, the model's FLOPs over the ranks, as before.
+    flat = cost.plan_one(run, ParallelDims(dp=4), ARGS)
+    assert flat.terms.flops == pytest.approx(model_flops_per_token(run.model, S) * tokens / 4, rel=1e-12)
