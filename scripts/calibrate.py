@@ -113,11 +113,11 @@ def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
     )
     c = fitted.constants
     shown = [f"compute {c.flops_per_s / 1e9:.4g} GFLOP/s"]
-    if fitted.measured.get("expert_flops_per_s"):
-        rates = f"routed experts {c.expert_rate / 1e9:.4g} GFLOP/s, the rest {c.flops_per_s / 1e9:.4g} GFLOP/s"
-        shown[0] = f"compute: {rates}"
-    else:
-        shown[0] += " (one rate for every FLOP: the runs did not time the experts apart, time.experts)"
+    for kind, (_, key) in cal.TYPED.items():
+        if fitted.measured.get(key):
+            shown.append(f"{kind} {c.rate(kind) / 1e9:.4g} GFLOP/s")
+        else:
+            shown.append(f"{kind} at the compute rate (the runs did not time it apart: time.{kind})")
     for key in sorted(c.gbps):
         if fitted.measured.get(f"gbps.{key}"):
             shown.append(f"{key} {c.gbps[key]:.4g} GB/s")
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
         print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))
         print("  latency: " + ", ".join(f"{k} {v:.4g} us" for k, v in bench["latency_us"].items()))
         if args.name:
-            fields = {"flops_per_s": None, "expert_flops_per_s": None, **bench}
+            fields = {"flops_per_s": None, **{key: None for _, key in cal.TYPED.values()}, **bench}
             fields |= {"optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
             path = write_fields(args.name, "local", fields, [args.calibrate_from], ["# Collectives only (no runs)."])
             print(f"wrote {path.relative_to(ROOT)}")

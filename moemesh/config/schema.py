@@ -84,6 +84,7 @@ class CalibrationConfig:
     source: str | None = None  # what they were fitted from
     flops_per_s: float | None = None  # achieved training FLOP/s per device (replaces peak x --mfu)
     expert_flops_per_s: float | None = None  # the routed experts' own rate (null: flops_per_s)
+    attention_core_flops_per_s: float | None = None  # softmax(QK^T)V's own rate (null: flops_per_s)
     gbps: dict[str, float] = field(default_factory=dict)
     latency_us: dict[str, float] = field(default_factory=dict)
     optimizer_s_per_gb: float = 0.0  # optimizer step per GB of state a rank updates

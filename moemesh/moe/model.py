@@ -26,6 +26,7 @@ from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.init import normal_
 from moemesh.moe.layer import MoELayer, MoEStats, SwiGLU
 from moemesh.moe.router import Router
+from moemesh.parallel.comm import timed_region
 from moemesh.parallel.tp import (
     GRAD_GROUP,
     TP_SHARD,
@@ -71,6 +72,7 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
         self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size, **tp)
+        self.meter = parallel.meter  # times the attention core (time.attention_core)
 
     def forward(self, x_BSD, cos, sin):
         # With SP the column-parallel projections gather the sequence: S is the full length here.
@@ -78,8 +80,12 @@ class Attention(nn.Module):
         k = rearrange(self.wk(x_BSD), "b s (g d) -> b g s d", g=self.G)
         v = rearrange(self.wv(x_BSD), "b s (g d) -> b g s d", g=self.G)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.G != self.H)
+        o = timed_region(self.meter, "attention_core", self._core, q, k, v)
         return self.wo(rearrange(o, "b h s d -> b s (h d)"))
+
+    def _core(self, q, k, v):
+        """softmax(q k^T) v, causal: the part of attention with no weights (and no collectives)."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.G != self.H)
 
 
 class Block(nn.Module):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import NamedTuple
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.parallel import tags
@@ -67,19 +68,28 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
+class Flops(NamedTuple):
+    """FLOPs per token, and two parts of them that run at rates of their own."""
+
+    total: float
+    experts: float  # the routed experts' grouped GEMMs
+    attention_core: float  # softmax(QK^T)V
+
+
 def stage_flops_per_token(
     cfg: ModelConfig, seq_len: int, pp: int = 1, stage: int = 0, split: list[int] | None = None
-) -> tuple[float, float]:
+) -> Flops:
     """``model_flops_per_token``'s count for pipeline stage ``stage`` of ``pp`` (its blocks; the
-    head on the last stage), and the routed experts' part of it: 6 x their top-k of E parameters.
-    The stages add up to the model's count."""
+    head on the last stage), with its parts: the routed experts' (6 x their top-k of E
+    parameters) and the attention core's (12 x blocks x hidden x sequence). The stages add up to
+    the model's count."""
     from moemesh.parallel.pipeline import stage_layers
 
     specs = param_specs(cfg, ParallelDims(pp=pp), stage=stage, split=split)
     expert = sum(s.numel for s in specs if s.expert) * cfg.top_k / cfg.num_experts
     dense = sum(s.numel for s in specs if not s.expert and s.name != "embed.weight")
-    blocks = len(stage_layers(cfg.num_layers, pp, split)[stage])
-    return 6 * (dense + expert) + 12 * blocks * cfg.hidden_size * seq_len, 6 * expert
+    core = 12 * len(stage_layers(cfg.num_layers, pp, split)[stage]) * cfg.hidden_size * seq_len
+    return Flops(6 * (dense + expert) + core, 6 * expert, core)
 
 
 def param_specs(

@@ -150,15 +150,15 @@ def all_to_all_counts(counts_Re: torch.Tensor, group) -> torch.Tensor:
 
 class CommMeter:
     """Time and bytes of the All-to-All exchanges of one rank, per training step, and the
-    time of its routed experts' computation (``timed_region``, kind "experts"), the one
-    compute the planner prices at a rate of its own.
+    time of two computations the planner prices at rates of their own (``timed_region``):
+    the routed experts ("experts") and the attention core ("attention_core").
 
     Time is measured around each collective: wall clock on CPU, CUDA events on GPU
     (resolved at ``collect``, after the step's host sync). Bytes count only rows that
     leave (or reach) this rank, not the rows an exchange copies to itself.
     """
 
-    KINDS = ("dispatch", "combine", "experts")
+    KINDS = ("dispatch", "combine", "experts", "attention_core")
 
     def __init__(self, device: torch.device | None = None):
         self.cuda = device is not None and device.type == "cuda"
@@ -194,6 +194,7 @@ class CommMeter:
             "dispatch_s": self.seconds["dispatch"],
             "combine_s": self.seconds["combine"],
             "experts_s": self.seconds["experts"],
+            "attention_core_s": self.seconds["attention_core"],
             "bytes_sent": self.bytes_sent,
             "bytes_recv": self.bytes_recv,
             "min_bytes": self.min_bytes,

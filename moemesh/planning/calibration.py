@@ -3,24 +3,27 @@
 The planner (``cost.py``; ``scripts/plan.py`` is its command line) prices a step as compute plus
 alpha-beta collectives. For one layout it states the work of a step as ``Terms``: training FLOPs
 per GPU (bubble and recompute included), and per collective kind and link class the bytes one rank
-moves and the message steps (alpha counts). With constants ``Constants`` (achieved FLOP/s of the
-routed experts and of the rest of the model, two layer types that reach different rates; per kind
-and link GB/s and latency; the share of the pipeline bubble that costs time, 1 where idle
+moves and the message steps (alpha counts). With constants ``Constants`` (achieved FLOP/s of three
+kinds of computation that reach different rates: the routed experts' grouped GEMMs, the attention
+core, softmax(QK^T)V, and the rest, the dense GEMMs of projections, FFNs, shared experts and head;
+per kind and link GB/s and latency; the share of the pipeline bubble that costs time, 1 where idle
 devices wait, near 0 where ranks share cores and an idle stage leaves them to the others; and two
 terms a GPU plan leaves out but a measured step contains: the optimizer, priced per GB of state a
 rank updates, and a fixed per-step overhead) each measured phase is predicted as
 
-    compute   (time.forward + time.backward, or time.pipeline, less time.a2a and time.experts)
-              = (FLOPs - expert FLOPs - (1 - bubble factor) x bubble FLOPs) / rate
-                + TP collectives + (PP) p2p + (zero2/zero3) weight all-gathers
+    compute   (time.forward + time.backward, or time.pipeline, less time.a2a, time.experts and
+              time.attention_core)
+              = (FLOPs - expert FLOPs - attention core FLOPs - (1 - bubble factor) x bubble FLOPs)
+                / rate + TP collectives + (PP) p2p + (zero2/zero3) weight all-gathers
     experts   (time.experts)      = expert FLOPs / expert rate
+    attention_core (time.attention_core) = attention core FLOPs / its rate
     a2a       (time.a2a)          = All-to-All bytes / bw + steps x alpha
     sync      (time.grad_reduce)  = weight and gradient collectives over the data/expert groups
     optimizer (time.optimizer)    = state GB x optimizer s/GB
     other     (time.step less the phases above) = overhead
 
 and the step is their sum. Every prediction is linear in the unknowns (1/rate, 1/expert rate,
-bubble factor/rate, 1/bw, alpha, s/GB, overhead), so the fit is one least-squares problem over
+1/attention core rate, bubble factor/rate, 1/bw, alpha, s/GB, overhead), so the fit is one least-squares problem over
 every layout's phases; each equation is divided by the phase's measured time (timing noise is
 proportional to what is timed), so a small phase (the All-to-All, the reduction) counts as much
 as the compute. Unknowns must
@@ -28,10 +31,11 @@ be >= 0: one that comes out negative is fixed at 0 and the rest refitted. An unk
 measured layout exercises (no TP layout ran: no TP bandwidth) keeps its prior value and is
 reported as not measured.
 
-Why the experts are timed apart: on a sweep of one model every layout gives a rank the same mix
-of expert and other FLOPs, so from step phases alone the two rates are not identifiable (their
-columns are proportional). Runs without ``time.experts`` (older metrics) are fitted with one rate
-for both, and the expert rate is reported as not measured.
+Why those are timed apart: on a sweep of one model every layout gives a rank the same mix of
+expert, attention and other FLOPs, so from step phases alone the three rates are not identifiable
+(their columns are proportional). A kind that some run did not time apart (metrics from before
+time.experts and time.attention_core) is fitted at the one rate of the rest, and its own rate is
+reported as not measured.
 
 ``leave_one_out`` fits on all layouts but one and predicts the one left out: the step-time error
 a new layout can expect, before (the prior constants) and after calibration.
@@ -59,7 +63,13 @@ class PlannerOptions:
 
 KINDS = ("a2a", "sync", "gather", "tp", "p2p")  # the collective kinds the planner costs
 LINKS = ("intra", "inter")
-PHASES = ("compute", "experts", "a2a", "sync", "optimizer", "other")
+# Computations timed apart (time.<kind>, trainer/records.py COMPUTE_TIMES), each priced at a rate of
+# its own: the Terms field with its FLOPs, the Constants (and cluster.calibration) key of its rate.
+TYPED = {
+    "experts": ("expert_flops", "expert_flops_per_s"),
+    "attention_core": ("attention_core_flops", "attention_core_flops_per_s"),
+}
+PHASES = ("compute", *TYPED, "a2a", "sync", "optimizer", "other")
 # The phase a run times each kind in: "sync" in time.grad_reduce (the gradients' all-reduce or
 # reduce-scatter), the rest inside forward/backward: "gather" (zero2/zero3's weight all-gathers),
 # TP's collectives and the pipeline's sends.
@@ -74,35 +84,44 @@ class Terms:
     comm: dict[str, tuple[float, float]] = field(default_factory=dict)  # "a2a_intra": (bytes, alpha steps)
     state_bytes: float = 0.0  # parameters + gradients + optimizer state at rest: what the optimizer touches
     bubble_flops: float = 0.0  # the part of ``flops`` that is the pipeline bubble's stretch
-    expert_flops: float = 0.0  # the part of ``flops`` the routed experts compute (recompute included, no bubble)
+    # The parts of ``flops`` (recompute included, the bubble's stretch not) in the routed experts
+    # and in the attention core:
+    expert_flops: float = 0.0
+    attention_core_flops: float = 0.0
+
+    def typed(self, kind: str) -> float:
+        """The FLOPs of a computation of TYPED."""
+        return getattr(self, TYPED[kind][0])
 
 
 @dataclass(frozen=True)
 class Constants:
     """The planner's constants: achieved compute rates, and per "<kind>_<link>" GB/s and latency."""
 
-    flops_per_s: float  # everything but the routed experts (attention, dense FFN, shared expert, head)
+    flops_per_s: float  # the rest: the dense GEMMs (projections, dense FFN, shared expert, head)
     gbps: dict[str, float]
     latency_us: dict[str, float]
     optimizer_s_per_gb: float = 0.0
     step_overhead_s: float = 0.0
     bubble_factor: float = 1.0  # the share of the pipeline bubble that costs time (idle devices: 1)
     expert_flops_per_s: float | None = None  # the routed experts' (grouped GEMMs); None: flops_per_s
+    attention_core_flops_per_s: float | None = None  # softmax(QK^T)V's; None: flops_per_s
 
-    @property
-    def expert_rate(self) -> float:
-        return self.expert_flops_per_s or self.flops_per_s
+    def rate(self, kind: str) -> float:
+        """The FLOP/s of a computation of TYPED (the rest's where it has none of its own)."""
+        return getattr(self, TYPED[kind][1]) or self.flops_per_s
 
-    def experts_s(self, t: Terms) -> float:
-        return t.expert_flops / self.expert_rate
+    def typed_s(self, t: Terms) -> dict[str, float]:
+        return {kind: t.typed(kind) / self.rate(kind) for kind in TYPED}
 
     def collective_s(self, key: str, nbytes: float, steps: float) -> float:
         return nbytes / (self.gbps[key] * 1e9) + steps * self.latency_us[key] * 1e-6
 
     def compute_s(self, t: Terms) -> float:
-        """Every FLOP's time: the routed experts' at their rate, the rest (and the bubble) at the other."""
-        rest = t.flops - t.bubble_flops - t.expert_flops + self.bubble_factor * t.bubble_flops
-        return rest / self.flops_per_s + self.experts_s(t)
+        """Every FLOP's time: the TYPED computations' at their rates, the rest (and the bubble) at the other."""
+        typed = sum(t.typed(kind) for kind in TYPED)
+        rest = t.flops - t.bubble_flops - typed + self.bubble_factor * t.bubble_flops
+        return rest / self.flops_per_s + sum(self.typed_s(t).values())
 
     def comm_s(self, t: Terms) -> float:
         return sum(self.collective_s(key, b, s) for key, (b, s) in t.comm.items())
@@ -114,8 +133,9 @@ class Constants:
     def phases(self, t: Terms) -> dict[str, float]:
         """The step as the phases a run times (``measured_phases``)."""
         out = dict.fromkeys(PHASES, 0.0)
-        out["experts"] = self.experts_s(t)
-        out["compute"] = self.compute_s(t) - out["experts"]
+        typed = self.typed_s(t)
+        out.update(typed)
+        out["compute"] = self.compute_s(t) - sum(typed.values())
         for key, (nbytes, steps) in t.comm.items():
             out[_PHASE_OF_KIND[key.split("_")[0]]] += self.collective_s(key, nbytes, steps)
         out["optimizer"] = t.state_bytes / 1e9 * self.optimizer_s_per_gb
@@ -134,7 +154,7 @@ def prior_constants(flops_per_s: float, intra_gbps: float, inter_gbps: float, la
 
 def measured_phases(time: dict[str, float]) -> dict[str, float]:
     """A run's median ``time.*`` (metrics.jsonl) as the phases the model predicts; "step" too;
-    "experts" only where the run timed it.
+    a TYPED computation's ("experts", "attention_core") only where the run timed it.
 
     Each ``time.*`` is its slowest rank's (the metrics contract), and the slowest rank differs
     between phases (one waits in the All-to-All while another computes), so the phases can add up
@@ -146,11 +166,12 @@ def measured_phases(time: dict[str, float]) -> dict[str, float]:
     if step <= 0:
         raise ValueError("no time.step: the run's metrics have no step time to calibrate against")
     a2a = get("a2a", 0.0) or 0.0
-    experts = get("experts")  # None: metrics from before time.experts (the fit then has one rate)
+    # None: metrics from before that kind was timed (the fit prices it at the rest's rate).
+    typed = {kind: float(v) for kind in TYPED if (v := get(kind)) is not None}
     compute = (get("forward", 0.0) or 0.0) + (get("backward", 0.0) or 0.0) + (get("pipeline", 0.0) or 0.0) - a2a
     phases = {
-        "compute": compute - (experts or 0.0),
-        **({} if experts is None else {"experts": experts}),
+        "compute": compute - sum(typed.values()),
+        **typed,
         "a2a": a2a,
         "sync": get("grad_reduce", 0.0) or 0.0,
         "optimizer": get("optimizer", 0.0) or 0.0,
@@ -163,18 +184,17 @@ def measured_phases(time: dict[str, float]) -> dict[str, float]:
 # ---- the fit -------------------------------------------------------------------------------
 
 
-def _split_experts(terms: list[Terms], phases: list[dict[str, float]]) -> bool:
-    """Whether the experts get a rate of their own: every run timed them, and some computed any."""
-    return all("experts" in ph for ph in phases) and any(t.expert_flops > 0 for t in terms)
+def _split(terms: list[Terms], phases: list[dict[str, float]]) -> tuple[str, ...]:
+    """The TYPED computations that get a rate of their own: every run timed them, some computed any."""
+    return tuple(k for k in TYPED if all(k in ph for ph in phases) and any(t.typed(k) > 0 for t in terms))
 
 
-def _unknowns(terms: list[Terms], fixed: frozenset[str], split: bool) -> list[tuple[str, str]]:
-    """(what, key) of every unknown some layout exercises: ("rate", ""), ("expert_rate", "") when
-    ``split``, ("bubble", ""), ("beta"/"alpha", kind_link), ("optimizer", ""), ("overhead", ""); less
-    the ``fixed`` ones ("gbps.<key>", "latency_us.<key>")."""
+def _unknowns(terms: list[Terms], fixed: frozenset[str], split: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(what, key) of every unknown some layout exercises: ("rate", ""), ("typed", kind) for each
+    ``split`` kind, ("bubble", ""), ("beta"/"alpha", kind_link), ("optimizer", ""), ("overhead", "");
+    less the ``fixed`` ones ("gbps.<key>", "latency_us.<key>")."""
     out = [("rate", "")] if any(t.flops > 0 for t in terms) else []
-    if split:
-        out.append(("expert_rate", ""))
+    out += [("typed", kind) for kind in split]
     if any(t.bubble_flops > 0 for t in terms):
         out.append(("bubble", ""))
     keys = sorted({k for t in terms for k, (b, s) in t.comm.items() if b > 0 or s > 0})
@@ -189,14 +209,14 @@ def _unknowns(terms: list[Terms], fixed: frozenset[str], split: bool) -> list[tu
     return out
 
 
-def _row(t: Terms, phase: str, unknowns: list[tuple[str, str]], split: bool) -> np.ndarray:
+def _row(t: Terms, phase: str, unknowns: list[tuple[str, str]], split: tuple[str, ...]) -> np.ndarray:
     """Coefficients of the phase's prediction on the unknowns (seconds per unit of each)."""
     row = np.zeros(len(unknowns))
     for j, (what, key) in enumerate(unknowns):
         if what == "rate" and phase == "compute":
-            row[j] = t.flops - t.bubble_flops - (t.expert_flops if split else 0.0)
-        elif what == "expert_rate" and phase == "experts":
-            row[j] = t.expert_flops
+            row[j] = t.flops - t.bubble_flops - sum(t.typed(k) for k in split)
+        elif what == "typed" and phase == key:
+            row[j] = t.typed(key)
         elif what == "bubble" and phase == "compute":
             row[j] = t.bubble_flops
         elif what in ("beta", "alpha") and _PHASE_OF_KIND[key.split("_")[0]] == phase:
@@ -253,12 +273,12 @@ def fit(
     """Least-squares constants for layouts with these ``terms`` that measured these ``phases``
     (``measured_phases``); unknowns that no layout exercises keep ``prior``'s value, and so do the
     ``fixed`` ones ("gbps.<key>", "latency_us.<key>": measured apart, by scripts/bench_comm.py)."""
-    split = _split_experts(terms, phases)
+    split = _split(terms, phases)
     unknowns = _unknowns(terms, fixed, split)
     rows, rhs = [], []
     for t, ph in zip(terms, phases, strict=True):
         for phase in PHASES:
-            if phase not in ph:  # "experts" of runs that did not time it: inside "compute"
+            if phase not in ph:  # a TYPED kind the runs did not time: inside "compute"
                 continue
             # Timing noise is proportional to what is timed: weigh each phase by 1 / its time
             # (at least 1% of the step, so a phase near 0 cannot dominate).
@@ -270,7 +290,7 @@ def fit(
     residual = float(np.sqrt(np.mean((a @ x - b) ** 2)))
     gbps, latency = dict(prior.gbps), dict(prior.latency_us)
     rate, opt, overhead = prior.flops_per_s, prior.optimizer_s_per_gb, prior.step_overhead_s
-    expert_rate = prior.expert_flops_per_s
+    typed_rates = {kind: getattr(prior, TYPED[kind][1]) for kind in TYPED}
     bubble_s_per_flop = None
     measured = {}
     pinned = set()  # unknowns the fit held at 0: their cost is not resolved by these runs
@@ -279,10 +299,10 @@ def fit(
             if value > 0:
                 rate = 1.0 / value
                 measured["flops_per_s"] = True
-        elif what == "expert_rate":
+        elif what == "typed":
             if value > 0:
-                expert_rate = 1.0 / value
-                measured["expert_flops_per_s"] = True
+                typed_rates[key] = 1.0 / value
+                measured[TYPED[key][1]] = True
         elif what == "bubble":
             bubble_s_per_flop = value
             measured["bubble_factor"] = True
@@ -305,9 +325,11 @@ def fit(
         if latency.get(key) == 0.0 and measured.get(f"latency_us.{key}"):
             latency[key], measured[f"latency_us.{key}"] = prior.latency_us[key], False
     bubble = prior.bubble_factor if bubble_s_per_flop is None else bubble_s_per_flop * rate
-    if not split and measured.get("flops_per_s"):  # one rate fitted for every FLOP, experts' too
-        expert_rate = None
-    return Fit(Constants(rate, gbps, latency, opt, overhead, bubble, expert_rate), measured, residual)
+    for kind in TYPED:
+        if kind not in split and measured.get("flops_per_s"):  # fitted at the rest's rate
+            typed_rates[kind] = None
+    rates = {TYPED[kind][1]: v for kind, v in typed_rates.items()}
+    return Fit(Constants(rate, gbps, latency, opt, overhead, bubble, **rates), measured, residual)
 
 
 @dataclass(frozen=True)
@@ -359,7 +381,8 @@ def leave_one_out(
 def as_cluster_fields(c: Constants, measured: dict[str, bool]) -> dict:
     """The fitted constants as ``cluster.calibration`` keys (only those fitted from data)."""
     out: dict = {"flops_per_s": c.flops_per_s if measured.get("flops_per_s") else None}
-    out["expert_flops_per_s"] = _round(c.expert_rate) if measured.get("expert_flops_per_s") else None
+    for kind, (_, key) in TYPED.items():
+        out[key] = _round(c.rate(kind)) if measured.get(key) else None
     out["gbps"] = {k: _round(v) for k, v in c.gbps.items() if measured.get(f"gbps.{k}")}
     out["latency_us"] = {k: _round(v) for k, v in c.latency_us.items() if measured.get(f"latency_us.{k}")}
     out["optimizer_s_per_gb"] = _round(c.optimizer_s_per_gb)
@@ -381,7 +404,7 @@ def with_calibration(prior: Constants, calibration: dict | None) -> Constants:
     return dataclasses.replace(
         prior,
         flops_per_s=calibration.get("flops_per_s") or prior.flops_per_s,
-        expert_flops_per_s=calibration.get("expert_flops_per_s") or prior.expert_flops_per_s,
+        **{key: calibration.get(key) or getattr(prior, key) for _, key in TYPED.values()},
         gbps={**prior.gbps, **(calibration.get("gbps") or {})},
         latency_us={**prior.latency_us, **(calibration.get("latency_us") or {})},
         optimizer_s_per_gb=calibration.get("optimizer_s_per_gb") or 0.0,
@@ -399,10 +422,13 @@ def cluster_constants(cluster, options: PlannerOptions) -> Constants:
     return with_calibration(prior, dataclasses.asdict(cluster.calibration))
 
 
+_LABEL = {"experts": "routed experts", "attention_core": "attention core"}
+
+
 def constants_line(cluster, options: PlannerOptions) -> str:
     """Which constants priced a plan: the calibrated ones and their source, or the priors."""
     cal, k = cluster.calibration, cluster_constants(cluster, options)
-    rates = (cal.flops_per_s, cal.expert_flops_per_s, cal.bubble_factor)
+    rates = (cal.flops_per_s, cal.expert_flops_per_s, cal.attention_core_flops_per_s, cal.bubble_factor)
     nothing = all(r is None for r in rates) and not cal.gbps and not cal.latency_us
     if nothing and not cal.optimizer_s_per_gb and not cal.step_overhead_s:
         peak = "cluster.peak_flops" if cluster.peak_flops else "--peak-flops"
@@ -412,8 +438,9 @@ def constants_line(cluster, options: PlannerOptions) -> str:
             f"latency {cluster.latency_us:g} us (cluster=calibrated/<name> after scripts/calibrate.py)"
         )
     parts = [f"compute {k.flops_per_s / 1e9:,.4g} GFLOP/s" + ("" if cal.flops_per_s else " (prior)")]
-    experts = f"{k.expert_rate / 1e9:,.4g} GFLOP/s" if cal.expert_flops_per_s else "at the same rate"
-    parts += [f"routed experts {experts}"]
+    for kind, (_, key) in TYPED.items():
+        own = f"{k.rate(kind) / 1e9:,.4g} GFLOP/s" if getattr(cal, key) else "at the same rate"
+        parts += [f"{_LABEL[kind]} {own}"]
     parts += [f"{key} {cal.gbps[key]:.4g} GB/s" for key in sorted(cal.gbps)]
     parts += [f"{key} latency {cal.latency_us[key]:.4g} us" for key in sorted(cal.latency_us)]
     parts += [f"optimizer {k.optimizer_s_per_gb:.4g} s/GB", f"overhead {k.step_overhead_s * 1e3:.4g} ms/step"]

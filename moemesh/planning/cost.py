@@ -18,6 +18,7 @@ from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate
 from moemesh.errors import ConfigError
 from moemesh.moe.config import is_moe_layer
 from moemesh.moe.param_count import (
+    Flops,
     ParamSpec,
     param_specs,
     shard_group_size,
@@ -90,8 +91,7 @@ class _StageWork:
     a2a_bytes: int
     ar_data_bytes: int
     ar_expert_bytes: int
-    recompute_flops: float  # the part of terms.flops that activation checkpointing adds
-    recompute_expert_flops: float  # the routed experts' part of it
+    recompute: Flops  # the part of terms.flops that activation checkpointing adds (total stretched by the bubble)
 
 
 def splits(gpus: int):
@@ -232,8 +232,8 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         # share its tokens), plus what checkpointing repeats, stretched by the pipeline bubble.
         per_rank = t.global_batch_size * t.seq_len * dims.pp / dims.world_size
         stretch = 1 / (1 - p.bubble)
-        flops, expert_flops = (f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, stage))
-        reflops, re_expert = (f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, layers))
+        flops = Flops(*(f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, stage)))
+        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, layers)))
         # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
         # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
         comm: dict[str, tuple[float, float]] = {}
@@ -269,23 +269,30 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
                 add(kind, group_axes[group], nbytes, steps)
         _, st, _, _ = per_stage[stage]
         state_bytes = sum(st.params) + sum(st.grads) + sum(st.optim)
-        total = (flops + reflops) * stretch
-        terms = Terms(total, comm, state_bytes, bubble_flops=total * p.bubble, expert_flops=expert_flops + re_expert)
+        total = (flops.total + re.total) * stretch
+        terms = Terms(
+            total,
+            comm,
+            state_bytes,
+            bubble_flops=total * p.bubble,
+            expert_flops=flops.experts + re.experts,
+            attention_core_flops=flops.attention_core + re.attention_core,
+        )
         return _StageWork(
             terms,
             a2a,
             int(moved.get("data", 0.0) + moved.get("data_tp", 0.0)),
             int(moved.get("expert", 0.0)),
-            reflops * stretch,
-            re_expert,
+            re._replace(total=re.total * stretch),
         )
 
     work = [stage_work(s) for s in range(dims.pp)]
     w = max(work, key=lambda w: k.step_s(w.terms))
     p.terms, p.a2a_bytes, p.ar_data_bytes, p.ar_expert_bytes = w.terms, w.a2a_bytes, w.ar_data_bytes, w.ar_expert_bytes
     p.compute_s = k.compute_s(p.terms)
-    re_rest = w.recompute_flops - w.recompute_expert_flops
-    p.recompute_s = re_rest / k.flops_per_s + w.recompute_expert_flops / k.expert_rate
+    re = w.recompute
+    typed = re.experts / k.rate("experts") + re.attention_core / k.rate("attention_core")
+    p.recompute_s = (re.total - re.experts - re.attention_core) / k.flops_per_s + typed
     p.comm_s = k.comm_s(p.terms)
     p.other_s = k.other_s(p.terms)
     p.crosses = (

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
-from moemesh.moe.param_count import ParamSpec, local_numel, param_specs
+from moemesh.moe.param_count import Flops, ParamSpec, local_numel, param_specs
 from moemesh.parallel.dims import ParallelDims, padded_vocab
 
 # Bytes per element of the training state, in every mode and precision (see the docstring).
@@ -210,20 +210,19 @@ def activation_bytes(
     return (kept + recompute) * c + head
 
 
-def recompute_flops_per_token(
-    m: ModelConfig, seq_len: int, ckpt: str, layers: range | None = None
-) -> tuple[float, float]:
+def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str, layers: range | None = None) -> Flops:
     """Forward FLOPs activation checkpointing repeats, per token of the global batch, in the blocks
-    ``layers`` (default: all), and the routed experts' part of them: 2 x the blocks' active
-    parameters (full; selective leaves out the routed experts, whose outputs it keeps) + full's
-    4 x layers x hidden x sequence for the attention core (a third of PaLM's 12, which selective
-    keeps too)."""
+    ``layers`` (default: all), with the routed experts' and the attention core's parts: 2 x the
+    blocks' active parameters (full; selective leaves out the routed experts, whose outputs it
+    keeps) + full's 4 x layers x hidden x sequence for the attention core (a third of PaLM's 12,
+    which selective keeps too)."""
     if ckpt == "none":
-        return 0.0, 0.0
+        return Flops(0.0, 0.0, 0.0)
     layers = range(m.num_layers) if layers is None else layers
     specs = [s for s in param_specs(m) if s.layer is not None and s.layer in layers]
     dense = sum(s.numel for s in specs if not s.expert)
     if ckpt == "selective":
-        return 2.0 * dense, 0.0
+        return Flops(2.0 * dense, 0.0, 0.0)
     experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
-    return 2.0 * dense + experts + 4.0 * len(layers) * m.hidden_size * seq_len, experts
+    core = 4.0 * len(layers) * m.hidden_size * seq_len
+    return Flops(2.0 * dense + experts + core, experts, core)

@@ -142,9 +142,9 @@ def format_summary(s: Mapping[str, Any]) -> str:
             f"All-to-All  {100 * (s.get('a2a_share') or 0):.1f}% of the step (inside forward/backward), "
             f"{_mib(s.get('a2a_bytes_sent_per_step') or 0)} sent per rank per step"
         )
-        if tb.get("experts"):
-            share = 100 * tb["experts"] / tb["step"]
-            lines.append(f"experts     {share:.1f}% of the step (the routed experts, forward + backward)")
+        if tb.get("experts") or tb.get("attention_core"):
+            shares = [f"{100 * (tb.get(k) or 0) / tb['step']:.1f}% {k}" for k in ("experts", "attention_core")]
+            lines.append(f"timed apart {', '.join(shares)} of the step (forward + backward)")
     if m:
 
         def both(kind: str) -> str:

@@ -18,9 +18,10 @@ PHASES = ("forward", "backward", "pipeline", "grad_reduce", "optimizer")
 A2A_PHASES = ("forward", "backward", "pipeline")
 # All-to-All seconds: both directions (a2a), then each.
 A2A_TIMES = ("a2a", "a2a_dispatch", "a2a_combine")
-# The routed experts' computation, forward and backward (recompute included), also inside
-# A2A_PHASES and never added to them: what the planner's calibration prices at its own rate.
-EXPERT_TIME = "experts"
+# Computations timed apart, forward and backward (recompute included), also inside A2A_PHASES
+# and never added to them; the planner's calibration prices each at a rate of its own: the routed
+# experts, and the attention core (softmax(QK^T)V, without the projections).
+COMPUTE_TIMES = ("experts", "attention_core")
 
 
 class TimeRecord(TypedDict):
@@ -35,10 +36,11 @@ class TimeRecord(TypedDict):
     a2a_dispatch: float
     a2a_combine: float
     experts: float
+    attention_core: float
     step: float
 
 
-TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, EXPERT_TIME, "step")
+TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, *COMPUTE_TIMES, "step")
 
 
 class A2ARecord(TypedDict):

@@ -161,6 +161,7 @@ class RankTimes:
     a2a_dispatch: float
     a2a_combine: float
     experts: float
+    attention_core: float
     step: float
     bytes_sent: float
     bytes_recv: float
@@ -176,6 +177,7 @@ class RankTimes:
             a2a_dispatch=comm["dispatch_s"],
             a2a_combine=comm["combine_s"],
             experts=comm["experts_s"],
+            attention_core=comm["attention_core_s"],
             step=step_s,
             bytes_sent=comm["bytes_sent"],
             bytes_recv=comm["bytes_recv"],
@@ -218,6 +220,7 @@ def step_record(
         "a2a_dispatch": times.a2a_dispatch,
         "a2a_combine": times.a2a_combine,
         "experts": times.experts,
+        "attention_core": times.attention_core,
         "step": step_s,
     }
     record: StepRecord = {

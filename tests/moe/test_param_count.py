@@ -115,10 +115,12 @@ def test_stage_flops_add_up_to_the_models_and_the_experts_are_theirs(pp):
     from moemesh.moe.param_count import model_flops_per_token, stage_flops_per_token
 
     stages = [stage_flops_per_token(CFG, 32, pp, s) for s in range(pp)]
-    assert sum(f for f, _ in stages) == pytest.approx(model_flops_per_token(CFG, 32), rel=1e-12)
+    assert sum(f.total for f in stages) == pytest.approx(model_flops_per_token(CFG, 32), rel=1e-12)
     # Routed experts: 6 x top-k of E experts' SwiGLU weights, in the MoE blocks (1 and 3) only.
     per_block = 6 * 3 * CFG.hidden_size * CFG.moe_ffn_hidden_size * CFG.top_k
     blocks = [stage_layers(CFG.num_layers, pp)[s] for s in range(pp)]
-    assert [e for _, e in stages] == [per_block * sum(l % 2 == 1 for l in b) for b in blocks]
+    assert [f.experts for f in stages] == [per_block * sum(l % 2 == 1 for l in b) for b in blocks]
+    # The attention core: PaLM's 12 x hidden x sequence per block.
+    assert [f.attention_core for f in stages] == [12 * CFG.hidden_size * 32 * len(b) for b in blocks]
     if pp > 1:  # the head makes the last stage the busiest
-        assert stages[-1][0] > stages[0][0]
+        assert stages[-1].total > stages[0].total

@@ -24,6 +24,7 @@ ARGS = cal.PlannerOptions()
 TRUE = cal.Constants(
     flops_per_s=5e9,
     expert_flops_per_s=2e9,  # grouped GEMMs of a few rows each run slower than the dense matmuls
+    attention_core_flops_per_s=1e9,
     gbps={"a2a_intra": 0.5, "sync_intra": 0.5, "tp_intra": 0.2, "p2p_intra": 0.1},
     latency_us={"a2a_intra": 300.0, "sync_intra": 300.0, "tp_intra": 50.0, "p2p_intra": 200.0},
     optimizer_s_per_gb=0.4,
@@ -37,6 +38,7 @@ PRIOR = cal.prior_constants(989e12 * 0.4, 450.0, 50.0, 10.0)
 SEPARATE = [
     "flops_per_s",
     "expert_flops_per_s",
+    "attention_core_flops_per_s",
     "gbps.a2a_intra",
     "latency_us.a2a_intra",
     "gbps.sync_intra",
@@ -143,34 +145,39 @@ def test_unknowns_stay_non_negative():
     assert "a2a_intra" not in cal.as_cluster_fields(f.constants, f.measured)["gbps"]
 
 
-def test_without_time_experts_one_rate_prices_every_flop(layouts):
-    """Runs from before time.experts: the experts' time is inside compute. On one model every
-    layout has the same mix of expert and other FLOPs, so one rate prices them all; the expert
-    rate is not measured, not written, and the planner prices experts at the one rate."""
+def test_without_the_typed_times_one_rate_prices_every_flop(layouts):
+    """Runs from before time.experts and time.attention_core: their time is inside compute. On
+    one model every layout has the same mix of expert, attention core and other FLOPs, so one
+    rate prices them all; the typed rates are not measured, not written, and the planner prices
+    those FLOPs at the one rate."""
     _, terms = layouts
     folded = []
     for ph in _measure(terms, 0.0):
         ph = dict(ph)
-        ph["compute"] += ph.pop("experts")
+        ph["compute"] += ph.pop("experts") + ph.pop("attention_core")
         folded.append(ph)
     f = cal.fit(terms, folded, PRIOR)
-    assert f.measured["flops_per_s"] and "expert_flops_per_s" not in f.measured
-    assert f.constants.expert_flops_per_s is None and f.constants.expert_rate == f.constants.flops_per_s
-    assert TRUE.expert_rate < f.constants.flops_per_s < TRUE.flops_per_s  # a blend of the two
-    assert cal.as_cluster_fields(f.constants, f.measured)["expert_flops_per_s"] is None
+    assert f.measured["flops_per_s"]
+    assert not {"expert_flops_per_s", "attention_core_flops_per_s"} & set(f.measured)
+    assert f.constants.expert_flops_per_s is None and f.constants.rate("experts") == f.constants.flops_per_s
+    assert TRUE.rate("attention_core") < f.constants.flops_per_s < TRUE.flops_per_s  # a blend
+    fields = cal.as_cluster_fields(f.constants, f.measured)
+    assert fields["expert_flops_per_s"] is None and fields["attention_core_flops_per_s"] is None
     for t in terms:
         assert f.constants.step_s(t) == pytest.approx(TRUE.step_s(t), rel=1e-6)
-    # Timed apart, the same runs give both rates.
-    both = cal.fit(terms, _measure(terms, 0.0), PRIOR)
-    assert both.constants.expert_flops_per_s == pytest.approx(2e9, rel=1e-6) and both.measured["expert_flops_per_s"]
-    assert cal.as_cluster_fields(both.constants, both.measured)["expert_flops_per_s"] == pytest.approx(2e9)
+    # Timed apart, the same runs give each its rate.
+    apart = cal.fit(terms, _measure(terms, 0.0), PRIOR)
+    fields = cal.as_cluster_fields(apart.constants, apart.measured)
+    assert fields["expert_flops_per_s"] == pytest.approx(2e9)
+    assert fields["attention_core_flops_per_s"] == pytest.approx(1e9)
 
 
-def test_measured_phases_take_the_experts_out_of_compute():
-    t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "experts": 0.15, "grad_reduce": 0.05}
-    ph = cal.measured_phases({**t, "optimizer": 0.04, "step": 0.62})
-    assert ph["compute"] == pytest.approx(0.25) and ph["experts"] == 0.15 and ph["other"] == pytest.approx(0.03)
-    assert "experts" not in cal.measured_phases({"forward": 0.2, "step": 0.3})
+def test_measured_phases_take_the_typed_computations_out_of_compute():
+    t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "experts": 0.15, "attention_core": 0.05}
+    ph = cal.measured_phases({**t, "grad_reduce": 0.05, "optimizer": 0.04, "step": 0.62})
+    assert ph["compute"] == pytest.approx(0.2) and ph["experts"] == 0.15 and ph["attention_core"] == 0.05
+    assert ph["other"] == pytest.approx(0.03)
+    assert not {"experts", "attention_core"} & set(cal.measured_phases({"forward": 0.2, "step": 0.3}))
 
 
 def test_measured_phases_add_up_to_the_step():
@@ -188,6 +195,7 @@ def test_planner_prices_with_the_calibrated_constants_and_says_so():
         source="test",
         flops_per_s=5e9,
         expert_flops_per_s=2e9,
+        attention_core_flops_per_s=1e9,
         gbps={"a2a_intra": 0.5, "sync_intra": 0.5},
         latency_us={"a2a_intra": 300.0, "sync_intra": 300.0},
         optimizer_s_per_gb=0.4,
@@ -201,11 +209,13 @@ def test_planner_prices_with_the_calibrated_constants_and_says_so():
         assert p.step_s > 0.05  # a CPU's step, not a GPU's
     assert [p.dims for p in after] != [p.dims for p in before]  # the ranking follows the constants
     line = cal.constants_line(calibrated.cluster, ARGS)
-    assert line.startswith("constants: calibrated (test): compute 5 GFLOP/s, routed experts 2 GFLOP/s")
-    for p in after:  # the routed experts' FLOPs at their rate, the rest at the other
-        rest = p.terms.flops - p.terms.expert_flops
-        assert 0 < p.terms.expert_flops < p.terms.flops
-        assert p.compute_s == pytest.approx(rest / 5e9 + p.terms.expert_flops / 2e9, rel=1e-9)
+    assert line.startswith(
+        "constants: calibrated (test): compute 5 GFLOP/s, routed experts 2 GFLOP/s, attention core 1 GFLOP/s"
+    )
+    for p in after:  # the routed experts' and the attention core's FLOPs at their rates, the rest at the other
+        e, a = p.terms.expert_flops, p.terms.attention_core_flops
+        assert 0 < e and 0 < a and e + a < p.terms.flops
+        assert p.compute_s == pytest.approx((p.terms.flops - e - a) / 5e9 + e / 2e9 + a / 1e9, rel=1e-9)
     assert "a2a_intra 0.5 GB/s" in line and "the rest (a2a_inter" in line and "tp_intra" in line
     # Uncalibrated, the planner's own prices: compute at --mfu of peak, one bandwidth per link class.
     prior = cal.cluster_constants(run.cluster, ARGS)
@@ -254,8 +264,9 @@ def _fake_sweep(tmp_path: Path, batch: int) -> Path:
         overrides = [*plan.train_command(run, base, p.dims)[2:]]
         (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
         ph = TRUE.phases(p.terms)
-        inside = ph["compute"] + ph["experts"]
-        time = {"forward": inside / 2, "backward": inside / 2 + ph["a2a"], "a2a": ph["a2a"], "experts": ph["experts"]}
+        inside = ph["compute"] + ph["experts"] + ph["attention_core"]
+        time = {"forward": inside / 2, "backward": inside / 2 + ph["a2a"], "a2a": ph["a2a"]}
+        time |= {"experts": ph["experts"], "attention_core": ph["attention_core"]}
         time |= {"pipeline": 0.0, "grad_reduce": ph["sync"], "optimizer": ph["optimizer"], "step": sum(ph.values())}
         dims = dataclasses.asdict(p.dims)
         jobs.append({"layout": plan.layout_name(p.dims), "dir": str(d), "dims": dims, "phases": time, "error": None})

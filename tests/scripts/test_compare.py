@@ -165,7 +165,7 @@ def test_compare_reads_the_phases_train_py_writes():
     the record's, and every phase (and "other") has its colour."""
     assert compare.PHASES is contract.PHASES and compare.A2A_PHASES is contract.A2A_PHASES
     assert set(compare.PHASE_COLORS) == {*contract.PHASES, compare.OTHER}
-    assert set(contract.PHASES) | set(contract.A2A_TIMES) | {contract.EXPERT_TIME, "step"} == set(contract.TIME_KEYS)
+    assert set(contract.PHASES) | set(contract.A2A_TIMES) | {*contract.COMPUTE_TIMES, "step"} == set(contract.TIME_KEYS)
 
 
 def _percent_sum(cells) -> Decimal:

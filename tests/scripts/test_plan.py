@@ -608,11 +608,12 @@ def test_a_pipeline_is_priced_at_its_slowest_stage():
     tokens, S = run.trainer.global_batch_size * run.trainer.seq_len, run.trainer.seq_len
     accum = grad_accum_steps(cost.with_dims(run, dims))
     stretch = (accum + 1) / accum
-    last, experts = stage_flops_per_token(run.model, S, 2, 1)
-    assert last > stage_flops_per_token(run.model, S, 2, 0)[0]  # the head
-    assert p.terms.flops == pytest.approx(last * tokens * 2 / 4 * stretch, rel=1e-12)
+    last = stage_flops_per_token(run.model, S, 2, 1)
+    assert last.total > stage_flops_per_token(run.model, S, 2, 0).total  # the head
+    assert p.terms.flops == pytest.approx(last.total * tokens * 2 / 4 * stretch, rel=1e-12)
     assert p.terms.flops > model_flops_per_token(run.model, S) * tokens / 4 * stretch  # the even spread
-    assert p.terms.expert_flops == pytest.approx(experts * tokens * 2 / 4, rel=1e-12)
+    assert p.terms.expert_flops == pytest.approx(last.experts * tokens * 2 / 4, rel=1e-12)
+    assert p.terms.attention_core_flops == pytest.approx(last.attention_core * tokens * 2 / 4, rel=1e-12)
     # Without a pipeline, the model's FLOPs over the ranks, as before.
     flat = cost.plan_one(run, ParallelDims(dp=4), ARGS)
     assert flat.terms.flops == pytest.approx(model_flops_per_token(run.model, S) * tokens / 4, rel=1e-12)

@@ -41,6 +41,7 @@ def _record(step: int, *, layers: int, experts: int) -> dict:
         a2a_dispatch=phase_s,
         a2a_combine=phase_s,
         experts=phase_s,
+        attention_core=phase_s,
         step=0.05 + (step * 104729 % 17) / 1000,
         bytes_sent=1e6 + step,
         bytes_recv=1e6,
@@ -141,8 +142,8 @@ def test_the_default_sample_holds_at_most_4096_steps_of_a_few_floats():
     for _ in range(1, 20_001):
         sample.add(record)
     columns = sample.columns
-    assert 2048 <= len(sample) <= 4096 and len(columns) == 14
-    assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 14 * 8  # under 0.5 MB, any run length
+    assert 2048 <= len(sample) <= 4096 and len(columns) == 16
+    assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 16 * 8  # 0.5 MiB at most, any run length
 
 
 def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_path):
