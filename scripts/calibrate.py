@@ -13,6 +13,10 @@ times. Then:
 
 * leave-one-out: for each job, the constants fitted to the others predict its step time; the
   median error is printed beside the uncalibrated planner's (the cluster's prior constants);
+* ``--check SWEEP``: the jobs of other sweeps (another model, batch or rank count), predicted with
+  the constants fitted on all jobs, and with one compute rate (the experts' and the attention
+  core's times put back into compute): what the per-type rates carry to work they were not
+  fitted on;
 * the fitted constants (from all jobs) are written to ``conf/cluster/calibrated/<name>.yaml``, a
   cluster config on top of the jobs' own (``cluster=calibrated/<name>``), with the errors and the
   sweeps it came from in its header.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -178,6 +183,39 @@ def _base_of(name: str) -> str:
     return bases[0] if bases else "local"
 
 
+def check_report(checked: list[Job], fitted: cal.Fit, one_rate: cal.Fit) -> str:
+    """Jobs no constant was fitted on, predicted by the fit (a rate per computation type) and by
+    the fit with one compute rate."""
+    lines = [
+        "",
+        "| checked job | measured step s | predicted s | error | one compute rate s | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    errors: dict[str, list[float]] = {"typed": [], "one": []}
+    for j in checked:
+        m = j.phases["step"]
+        a, b = fitted.constants.step_s(j.terms), one_rate.constants.step_s(j.terms)
+        errors["typed"].append(abs(a - m) / m)
+        errors["one"].append(abs(b - m) / m)
+        lines.append(
+            f"| {j.name} | {m:.4f} | {a:.4f} | {errors['typed'][-1]:.1%} | {b:.4f} | {errors['one'][-1]:.1%} |"
+        )
+    med = {k: statistics.median(v) for k, v in errors.items()}
+    lines.append(
+        f"\nchecked on {len(checked)} jobs not fitted on: median step-time error {med['typed']:.1%} with a rate per "
+        f"computation type (max {max(errors['typed']):.1%}), {med['one']:.1%} with one compute rate "
+        f"(max {max(errors['one']):.1%})"
+    )
+    best = min(checked, key=lambda j: j.phases["step"])
+    for label, fit in (("per-type rates", fitted), ("one rate", one_rate)):
+        pick = min(checked, key=lambda j: fit.constants.step_s(j.terms))
+        gap = pick.phases["step"] / best.phases["step"] - 1
+        lines.append(
+            f"checked: the planner with {label} picks {pick.name}, measured best {best.name} ({gap:.1%} slower)"
+        )
+    return "\n".join(lines)
+
+
 def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:
     """conf/cluster/calibrated/<name>.yaml: the base cluster config with these calibration fields."""
     out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
@@ -212,6 +250,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="*", type=Path, help="layout sweep directories (hydra/sweeper=layouts)")
     ap.add_argument("--name", help="write conf/cluster/calibrated/NAME.yaml (default: only report)")
+    ap.add_argument(
+        "--check",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="SWEEP",
+        help="layout sweeps not fitted on (another model, batch, rank count): predict their jobs",
+    )
     ap.add_argument(
         "--calibrate-from",
         type=Path,
@@ -249,6 +295,14 @@ def main(argv=None) -> None:
     fitted = cal.fit(terms, phases, prior, fixed)
     loo = cal.leave_one_out([j.name for j in jobs], terms, phases, prior, [j.before_s for j in jobs], fixed)
     print(report(jobs, loo, fitted))
+    if args.check:
+        try:
+            checked = load_jobs(args.check, cal.PlannerOptions(args.mfu, args.peak_flops))
+        except ValueError as err:
+            print(f"calibrate.py: --check: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        one_rate = cal.fit(terms, [cal.folded(p) for p in phases], prior, fixed)
+        print(check_report(checked, fitted, one_rate))
     if bench:
         print(f"collectives as measured by {args.calibrate_from} (not fitted): {', '.join(sorted(fixed))}")
     if args.name:

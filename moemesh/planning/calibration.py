@@ -181,6 +181,14 @@ def measured_phases(time: dict[str, float]) -> dict[str, float]:
     return {**{k: v * scale for k, v in phases.items()}, "other": max(0.0, step - timed), "step": step}
 
 
+def folded(phases: dict[str, float]) -> dict[str, float]:
+    """``phases`` with the TYPED computations' time put back into compute: what a run that did not
+    time them apart measured (the fit then has one rate for every FLOP)."""
+    out = {k: v for k, v in phases.items() if k not in TYPED}
+    out["compute"] = phases["compute"] + sum(phases.get(kind, 0.0) for kind in TYPED)
+    return out
+
+
 # ---- the fit -------------------------------------------------------------------------------
 
 

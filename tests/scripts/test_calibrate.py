@@ -4,6 +4,8 @@ layout exercises; the planner prices its steps with the calibrated constants and
 
 import dataclasses
 import random
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -248,13 +250,13 @@ def test_collectives_measured_apart_stay_fixed(layouts):
         assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=1e-6), name
 
 
-def _fake_sweep(tmp_path: Path, batch: int) -> Path:
+def _fake_sweep(tmp_path: Path, batch: int, extra: tuple[str, ...] = (), name: str = "") -> Path:
     """A layout sweep's files (layouts.json, each job's .hydra/overrides.yaml) whose phase times
     are TRUE's prediction for every valid 4-rank split of the tiny model."""
     import json
 
-    sweep = tmp_path / f"sweep{batch}"
-    base = ["cluster.gpus=4", "trainer.micro_steps=4", f"trainer.global_batch_size={batch}"]
+    sweep = tmp_path / (name or f"sweep{batch}")
+    base = ["cluster.gpus=4", "trainer.micro_steps=4", f"trainer.global_batch_size={batch}", *extra]
     run = compose_run([*base, "trainer.device=cpu"])
     valid, _ = plan.make_plan(run, 4, ARGS)
     jobs = []
@@ -364,7 +366,15 @@ def test_this_machines_calibration_is_what_its_sweeps_give():
         k: v for k, v in written.items() if k != "source" and v is not None
     }
     loo = cal.leave_one_out([j.name for j in jobs], terms, phases, jobs[0].prior, [j.before_s for j in jobs])
-    assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 12.6
+    assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 14.8
+    # The runs timed the experts and the attention core apart: each has its own measured rate.
+    assert written["expert_flops_per_s"] and written["attention_core_flops_per_s"]
+    # The check sweep (top-4 of 8 experts, sequences of 256) that README quotes, predicted.
+    checked = calibrate.load_jobs([DATA / "topk4_seq256"], ARGS)
+    one = cal.fit(terms, [cal.folded(p) for p in phases], jobs[0].prior)
+    for fit, median in ((fitted, 11.7), (one, 12.9)):
+        errors = [abs(fit.constants.step_s(j.terms) / j.phases["step"] - 1) for j in checked]
+        assert len(checked) == 6 and round(statistics.median(errors) * 100, 1) == median
 
 
 def test_this_machines_calibration_composes_and_plans():
@@ -385,3 +395,21 @@ def test_a_calibration_of_runs_that_used_one_sits_on_the_same_base():
 def test_only_optimizer_and_overhead_calibrated_is_still_said_to_be_calibrated():
     run = compose_run(["cluster.gpus=4", "cluster.calibration.optimizer_s_per_gb=0.5"])
     assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (")
+
+
+def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys):
+    """--check: sweeps of the tiny model calibrate; a sweep of a model with another mix (top-4 of 8
+    experts, sequences twice as long: more expert and attention FLOPs per token) is predicted.
+    With a rate per computation type its steps come out as measured; one compute rate, fitted on
+    the tiny model's mix, misprices them."""
+    import calibrate
+
+    sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
+    other = ("model.top_k=4", "model.max_seq_len=256", "trainer.seq_len=256")
+    check = _fake_sweep(tmp_path, 16, other, name="other")
+    calibrate.main([*map(str, sweeps), "--check", str(check)])
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("checked on "))
+    typed, one = (float(x) for x in re.findall(r"median step-time error ([\d.]+)%.* ([\d.]+)% with one", line)[0])
+    assert typed < 0.1 and one > 2.0, line
+    assert "checked: the planner with per-type rates picks" in text
