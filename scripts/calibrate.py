@@ -48,7 +48,8 @@ from moemesh.planning.cost import plan_one
 @dataclasses.dataclass
 class Job:
     name: str
-    terms: cal.Terms
+    terms: cal.Terms  # the slowest pipeline stage's under the prior constants
+    stages: list[cal.Terms]  # every stage's (the slowest under fitted constants may be another)
     phases: dict[str, float]
     before_s: float  # the uncalibrated planner's step time
     prior: cal.Constants
@@ -84,6 +85,7 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
                 Job(
                     f"{layout_name(dims)}" + (f" ({sweep.name})" if len(sweeps) > 1 else ""),
                     p.terms,
+                    p.stage_terms,
                     _phases(j["phases"], job_dir),
                     p.step_s,
                     cal.cluster_constants(uncalibrated.cluster, options),
@@ -194,7 +196,7 @@ def check_report(checked: list[Job], fitted: cal.Fit, one_rate: cal.Fit) -> str:
     errors: dict[str, list[float]] = {"typed": [], "one": []}
     for j in checked:
         m = j.phases["step"]
-        a, b = fitted.constants.step_s(j.terms), one_rate.constants.step_s(j.terms)
+        a, b = cal.predict(fitted.constants, j.stages), cal.predict(one_rate.constants, j.stages)
         errors["typed"].append(abs(a - m) / m)
         errors["one"].append(abs(b - m) / m)
         lines.append(
@@ -208,7 +210,7 @@ def check_report(checked: list[Job], fitted: cal.Fit, one_rate: cal.Fit) -> str:
     )
     best = min(checked, key=lambda j: j.phases["step"])
     for label, fit in (("per-type rates", fitted), ("one rate", one_rate)):
-        pick = min(checked, key=lambda j: fit.constants.step_s(j.terms))
+        pick = min(checked, key=lambda j: cal.predict(fit.constants, j.stages))
         gap = pick.phases["step"] / best.phases["step"] - 1
         lines.append(
             f"checked: the planner with {label} picks {pick.name}, measured best {best.name} ({gap:.1%} slower)"
@@ -286,14 +288,14 @@ def main(argv=None) -> None:
     except ValueError as err:
         print(f"calibrate.py: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    terms, phases = [j.terms for j in jobs], [j.phases for j in jobs]
+    stages, phases = [j.stages for j in jobs], [j.phases for j in jobs]
     prior = jobs[0].prior
     if bench:
         prior = dataclasses.replace(
             prior, gbps={**prior.gbps, **bench["gbps"]}, latency_us={**prior.latency_us, **bench["latency_us"]}
         )
-    fitted = cal.fit(terms, phases, prior, fixed)
-    loo = cal.leave_one_out([j.name for j in jobs], terms, phases, prior, [j.before_s for j in jobs], fixed)
+    fitted, _ = cal.fit_staged(stages, phases, prior, fixed)
+    loo = cal.leave_one_out([j.name for j in jobs], stages, phases, prior, [j.before_s for j in jobs], fixed)
     print(report(jobs, loo, fitted))
     if args.check:
         try:
@@ -301,7 +303,7 @@ def main(argv=None) -> None:
         except ValueError as err:
             print(f"calibrate.py: --check: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        one_rate = cal.fit(terms, [cal.folded(p) for p in phases], prior, fixed)
+        one_rate, _ = cal.fit_staged(stages, [cal.folded(p) for p in phases], prior, fixed)
         print(check_report(checked, fitted, one_rate))
     if bench:
         print(f"collectives as measured by {args.calibrate_from} (not fitted): {', '.join(sorted(fixed))}")

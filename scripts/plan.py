@@ -60,8 +60,8 @@ comes from a simple model, stated here so it can be argued with:
 The constants (peak x --mfu, one bandwidth per link class, one latency) are guesses for your
 hardware. ``cluster=calibrated/<name>`` replaces them with constants fitted to measured runs
 (``scripts/calibrate.py`` on a layout sweep, ``python train.py -m hydra/sweeper=layouts``, or on
-``scripts/bench_comm.py``): the achieved FLOP/s (the routed experts' apart, from runs that
-time them: time.experts), GB/s and latency per collective kind (a2a;
+``scripts/bench_comm.py``): the achieved FLOP/s (the routed experts' and the attention core's
+apart, from runs that time them: time.experts, time.attention_core), GB/s and latency per collective kind (a2a;
 sync, the gradients' all-reduce or reduce-scatter; gather, zero2/zero3's weight all-gathers; tp;
 p2p) and link class (intra, inter), the share of the pipeline bubble that costs time (1 on
 devices that idle in it), plus two terms a measured step has and the GPU model leaves out, the

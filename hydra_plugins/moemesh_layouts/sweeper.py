@@ -201,7 +201,8 @@ class LayoutSweeper(Sweeper):
         for batch in batches:
             started = time.time()
             ran = self._launch(batch, [jobs[i] for i in batch], lambda i: search.finished(dirs[i], run.trainer.steps))
-            self._stop_if_signalled(batch, dirs, names, started)
+            if isinstance(self.launcher, BasicLauncher):  # the job ran in this process: so did its signal
+                self._stop_if_signalled(batch, dirs, names, started)
             for i in sorted(ran):  # as each batch ends: under the basic launcher, right after the job
                 line = f"moemesh: job #{i} ({names[i]}) failed: {ran[i]}; the sweep goes on"
                 print(line, file=sys.stderr, flush=True)
@@ -218,9 +219,11 @@ class LayoutSweeper(Sweeper):
 
     @staticmethod
     def _stop_if_signalled(batch: list[int], dirs: list[Path], names: list[str], started: float) -> None:
-        """A job that a signal stopped (SIGTERM, SIGUSR1/2, Ctrl-C: it saved and left) was asked to
-        stop, as was the sweep: end it there, as train.py ends (128 + the signal's number), and say
-        how to go on. Only a summary this batch wrote counts, not an earlier attempt's."""
+        """Under the basic launcher (jobs run in this process), a job that a signal stopped (SIGTERM,
+        SIGUSR1/2, Ctrl-C: it saved and left) was asked to stop, as was the sweep: end it there, as
+        train.py ends (128 + the signal's number), and say how to go on. Only a summary this batch
+        wrote counts, not an earlier attempt's. (Under SLURM a signal reaches one job, its time
+        limit or a scancel: that job is a failed row and the sweep reports the rest.)"""
         for i in batch:
             signals = search.stopped_by(dirs[i], since=started)
             if signals:

@@ -257,7 +257,7 @@ class _RegionEntry(torch.autograd.Function):
     gradient out): stops the backward clock."""
 
     @staticmethod
-    def forward(ctx, x, meter: CommMeter, kind: str, clock: _RegionClock):
+    def forward(ctx, x, meter: CommMeter, kind: str, clock: _RegionClock, anchor):
         ctx.meter, ctx.kind, ctx.clock = meter, kind, clock
         clock.forward_start = meter.start()
         return x.view_as(x)
@@ -267,7 +267,7 @@ class _RegionEntry(torch.autograd.Function):
         if ctx.clock.backward_start is not None:
             ctx.meter.stop(ctx.kind, ctx.clock.backward_start, 0, 0)
             ctx.clock.backward_start = None
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 class _RegionExit(torch.autograd.Function):
@@ -299,5 +299,8 @@ def timed_region(meter: CommMeter | None, kind: str, run: Callable[..., torch.Te
     if meter is None or torch.compiler.is_compiling():
         return run(x, *args)
     clock = _RegionClock()
-    y = run(_RegionEntry.apply(x, meter, kind, clock), *args)
+    # An input that needs no gradient (weights that do) would leave the entry marker out of the
+    # backward, and its clock running: an empty leaf that needs one keeps the marker in.
+    anchor = torch.empty(0, requires_grad=True) if torch.is_grad_enabled() and not x.requires_grad else None
+    y = run(_RegionEntry.apply(x, meter, kind, clock, anchor), *args)
     return _RegionExit.apply(y, meter, kind, clock)

@@ -78,9 +78,10 @@ _PHASE_OF_KIND = {"a2a": "a2a", "sync": "sync", "gather": "compute", "tp": "comp
 
 @dataclass(frozen=True)
 class Terms:
-    """The work of one step of one layout (per GPU of the busiest stage), as the planner counts it."""
+    """The work of one step of one layout per GPU of one pipeline stage (a plan's: the stage whose step
+    is longest), as the planner counts it."""
 
-    flops: float  # training FLOPs, stretched by the pipeline bubble, plus recompute
+    flops: float  # training FLOPs plus recompute, stretched by the pipeline bubble
     comm: dict[str, tuple[float, float]] = field(default_factory=dict)  # "a2a_intra": (bytes, alpha steps)
     state_bytes: float = 0.0  # parameters + gradients + optimizer state at rest: what the optimizer touches
     bubble_flops: float = 0.0  # the part of ``flops`` that is the pipeline bubble's stretch
@@ -117,11 +118,18 @@ class Constants:
     def collective_s(self, key: str, nbytes: float, steps: float) -> float:
         return nbytes / (self.gbps[key] * 1e9) + steps * self.latency_us[key] * 1e-6
 
-    def compute_s(self, t: Terms) -> float:
-        """Every FLOP's time: the TYPED computations' at their rates, the rest (and the bubble) at the other."""
-        typed = sum(t.typed(kind) for kind in TYPED)
-        rest = t.flops - t.bubble_flops - typed + self.bubble_factor * t.bubble_flops
+    def work_s(self, t: Terms) -> float:
+        """The step's FLOPs without the bubble: the TYPED computations' at their rates, the rest at
+        ``flops_per_s``."""
+        rest = t.flops - t.bubble_flops - sum(t.typed(kind) for kind in TYPED)
         return rest / self.flops_per_s + sum(self.typed_s(t).values())
+
+    def compute_s(self, t: Terms) -> float:
+        """The work, and ``bubble_factor`` of the pipeline bubble: the bubble stretches the work (of
+        every kind, at its speed) by bubble FLOPs / work FLOPs."""
+        work = t.flops - t.bubble_flops
+        stretch = t.bubble_flops / work if work > 0 else 0.0
+        return self.work_s(t) * (1 + self.bubble_factor * stretch)
 
     def comm_s(self, t: Terms) -> float:
         return sum(self.collective_s(key, b, s) for key, (b, s) in t.comm.items())
@@ -217,8 +225,13 @@ def _unknowns(terms: list[Terms], fixed: frozenset[str], split: tuple[str, ...])
     return out
 
 
-def _row(t: Terms, phase: str, unknowns: list[tuple[str, str]], split: tuple[str, ...]) -> np.ndarray:
-    """Coefficients of the phase's prediction on the unknowns (seconds per unit of each)."""
+def _row(
+    t: Terms, phase: str, unknowns: list[tuple[str, str]], split: tuple[str, ...], ratio: dict[str, float]
+) -> np.ndarray:
+    """Coefficients of the phase's prediction on the unknowns (seconds per unit of each). ``ratio``:
+    each split kind's speed against the rest's (rest rate / its rate), from the previous pass, which
+    keeps the bubble linear: its unknown is bubble factor / rest rate, its coefficient the bubble's
+    FLOPs in rest-rate equivalents."""
     row = np.zeros(len(unknowns))
     for j, (what, key) in enumerate(unknowns):
         if what == "rate" and phase == "compute":
@@ -226,7 +239,9 @@ def _row(t: Terms, phase: str, unknowns: list[tuple[str, str]], split: tuple[str
         elif what == "typed" and phase == key:
             row[j] = t.typed(key)
         elif what == "bubble" and phase == "compute":
-            row[j] = t.bubble_flops
+            work = t.flops - t.bubble_flops
+            equivalent = work - sum(t.typed(k) * (1 - ratio[k]) for k in split)
+            row[j] = equivalent * t.bubble_flops / work if work > 0 else 0.0
         elif what in ("beta", "alpha") and _PHASE_OF_KIND[key.split("_")[0]] == phase:
             nbytes, steps = t.comm.get(key, (0.0, 0.0))
             row[j] = nbytes if what == "beta" else steps
@@ -282,19 +297,36 @@ def fit(
     (``measured_phases``); unknowns that no layout exercises keep ``prior``'s value, and so do the
     ``fixed`` ones ("gbps.<key>", "latency_us.<key>": measured apart, by scripts/bench_comm.py)."""
     split = _split(terms, phases)
+    # A kind some run did not time apart is priced at the rest's rate in every run: where a run
+    # did time it, its time goes back into that run's compute.
+    phases = [
+        {
+            **{k: v for k, v in ph.items() if k not in TYPED or k in split},
+            "compute": ph["compute"] + sum(ph.get(k, 0.0) for k in TYPED if k not in split),
+        }
+        for ph in phases
+    ]
     unknowns = _unknowns(terms, fixed, split)
-    rows, rhs = [], []
-    for t, ph in zip(terms, phases, strict=True):
-        for phase in PHASES:
-            if phase not in ph:  # a TYPED kind the runs did not time: inside "compute"
-                continue
-            # Timing noise is proportional to what is timed: weigh each phase by 1 / its time
-            # (at least 1% of the step, so a phase near 0 cannot dominate).
-            w = 1.0 / max(ph[phase], 0.01 * ph.get("step", 0.0), 1e-9)
-            rows.append(_row(t, phase, unknowns, split) * w)
-            rhs.append((ph[phase] - _fixed_part(t, phase, prior, fixed)) * w)
-    a, b = np.array(rows), np.array(rhs)
-    x = _nonneg_lstsq(a, b)
+    ratio = dict.fromkeys(split, 1.0)
+    for _ in range(20):  # the bubble's price depends on the rates: refit until they hold still
+        rows, rhs = [], []
+        for t, ph in zip(terms, phases, strict=True):
+            for phase in PHASES:
+                if phase not in ph:
+                    continue
+                # Timing noise is proportional to what is timed: weigh each phase by 1 / its time
+                # (at least 1% of the step, so a phase near 0 cannot dominate).
+                w = 1.0 / max(ph[phase], 0.01 * ph.get("step", 0.0), 1e-9)
+                rows.append(_row(t, phase, unknowns, split, ratio) * w)
+                rhs.append((ph[phase] - _fixed_part(t, phase, prior, fixed)) * w)
+        a, b = np.array(rows), np.array(rhs)
+        x = _nonneg_lstsq(a, b)
+        value = dict(zip(unknowns, x, strict=True))
+        rest = value.get(("rate", ""), 0.0)
+        new = {k: (value[("typed", k)] / rest if rest > 0 and value[("typed", k)] > 0 else 1.0) for k in split}
+        if all(abs(new[k] - ratio[k]) <= 1e-9 * max(1.0, ratio[k]) for k in split):
+            break
+        ratio = new
     residual = float(np.sqrt(np.mean((a @ x - b) ** 2)))
     gbps, latency = dict(prior.gbps), dict(prior.latency_us)
     rate, opt, overhead = prior.flops_per_s, prior.optimizer_s_per_gb, prior.step_overhead_s
@@ -368,9 +400,38 @@ class LeaveOneOut:
         return statistics.median(self.errors_after)
 
 
+Staged = Terms | list[Terms]  # a layout's work: one Terms, or one per pipeline stage
+
+
+def _stages(x: Staged) -> list[Terms]:
+    return x if isinstance(x, list) else [x]
+
+
+def predict(c: Constants, x: Staged) -> float:
+    """A layout's step under ``c``: its slowest stage's (the pipeline runs at that stage's pace)."""
+    return max(c.step_s(t) for t in _stages(x))
+
+
+def fit_staged(
+    layouts: list[Staged], phases: list[dict[str, float]], prior: Constants, fixed: frozenset[str] = frozenset()
+) -> tuple[Fit, list[Terms]]:
+    """``fit`` for layouts given per pipeline stage: which stage is the slowest (the one a run's
+    step measures) depends on the constants, so it is chosen under the prior's, the constants are
+    fitted, and the choice and the fit repeated until the choice holds. Returns the fit and the
+    stages it chose."""
+    chosen = [max(_stages(x), key=prior.step_s) for x in layouts]
+    for _ in range(10):
+        f = fit(chosen, phases, prior, fixed)
+        again = [max(_stages(x), key=f.constants.step_s) for x in layouts]
+        if again == chosen:
+            break
+        chosen = again
+    return f, chosen
+
+
 def leave_one_out(
     names: list[str],
-    terms: list[Terms],
+    layouts: list[Staged],
     phases: list[dict[str, float]],
     prior: Constants,
     before: list[float],
@@ -379,10 +440,10 @@ def leave_one_out(
     """Each layout's step predicted by constants fitted to the others. ``before``: the planner's
     uncalibrated prediction of each (its own step time, with the prior constants)."""
     after = []
-    for i in range(len(terms)):
-        rest = [j for j in range(len(terms)) if j != i]
-        f = fit([terms[j] for j in rest], [phases[j] for j in rest], prior, fixed)
-        after.append(f.constants.step_s(terms[i]))
+    for i in range(len(layouts)):
+        rest = [j for j in range(len(layouts)) if j != i]
+        f, _ = fit_staged([layouts[j] for j in rest], [phases[j] for j in rest], prior, fixed)
+        after.append(predict(f.constants, layouts[i]))
     return LeaveOneOut(list(names), [p["step"] for p in phases], list(before), after)
 
 

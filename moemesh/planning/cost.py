@@ -62,6 +62,7 @@ class Plan:
     crosses: str = ""
     other_s: float = 0.0  # optimizer and per-step overhead: 0 unless calibrated (cluster.calibration)
     terms: Terms | None = None  # the step's work, as calibration.Terms: what the constants price
+    stage_terms: list[Terms] = dataclasses.field(default_factory=list)  # each pipeline stage's (terms: the slowest)
     total_bytes: int = 0  # memory + transient + activations: what `fits` compares
     fits: bool = True
 
@@ -91,7 +92,7 @@ class _StageWork:
     a2a_bytes: int
     ar_data_bytes: int
     ar_expert_bytes: int
-    recompute: Flops  # the part of terms.flops that activation checkpointing adds (total stretched by the bubble)
+    recompute: Flops  # what activation checkpointing adds to the work (before the bubble's stretch)
 
 
 def splits(gpus: int):
@@ -283,16 +284,18 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
             a2a,
             int(moved.get("data", 0.0) + moved.get("data_tp", 0.0)),
             int(moved.get("expert", 0.0)),
-            re._replace(total=re.total * stretch),
+            re,
         )
 
     work = [stage_work(s) for s in range(dims.pp)]
     w = max(work, key=lambda w: k.step_s(w.terms))
     p.terms, p.a2a_bytes, p.ar_data_bytes, p.ar_expert_bytes = w.terms, w.a2a_bytes, w.ar_data_bytes, w.ar_expert_bytes
+    p.stage_terms = [s.terms for s in work]
     p.compute_s = k.compute_s(p.terms)
-    re = w.recompute
+    re = w.recompute  # priced as compute_s prices the work: each kind at its rate, stretched by the bubble
     typed = re.experts / k.rate("experts") + re.attention_core / k.rate("attention_core")
-    p.recompute_s = (re.total - re.experts - re.attention_core) / k.flops_per_s + typed
+    bubble = k.bubble_factor * p.bubble / (1 - p.bubble)
+    p.recompute_s = ((re.total - re.experts - re.attention_core) / k.flops_per_s + typed) * (1 + bubble)
     p.comm_s = k.comm_s(p.terms)
     p.other_s = k.other_s(p.terms)
     p.crosses = (

@@ -67,3 +67,14 @@ def test_no_meter_is_no_timing():
     x = torch.randn(2, 2, requires_grad=True)
     y = timed_region(None, "experts", lambda t: t * 3, x)
     assert y.grad_fn is not None and type(y.grad_fn).__name__ == "MulBackward0"
+
+
+def test_an_input_without_gradient_still_closes_the_backward_clock():
+    """Weights that need a gradient under an input that does not: the region's backward runs, so
+    it is timed (the entry marker stays in the graph)."""
+    meter = CommMeter()
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(4, 3)
+    y = timed_region(meter, "experts", lambda t: _Slow.apply(t @ w, 0.0, 0.1), x)
+    y.sum().backward()
+    assert meter.seconds["experts"] >= 0.1 and w.grad is not None

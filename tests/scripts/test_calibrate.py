@@ -174,6 +174,24 @@ def test_without_the_typed_times_one_rate_prices_every_flop(layouts):
     assert fields["attention_core_flops_per_s"] == pytest.approx(1e9)
 
 
+def test_runs_that_timed_a_kind_mixed_with_runs_that_did_not_fit_as_one_rate(layouts):
+    """An older sweep without time.experts calibrated with a newer one: the experts are priced at
+    the rest's rate in every run, so the runs that timed them count that time as compute."""
+    _, terms = layouts
+    timed = _measure(terms, 0.0)
+    mixed = [
+        ph if i % 2 else {k: v for k, v in ph.items() if k != "experts"} | {"compute": ph["compute"] + ph["experts"]}
+        for i, ph in enumerate(timed)
+    ]
+    folded = [
+        {k: v for k, v in ph.items() if k != "experts"} | {"compute": ph["compute"] + ph["experts"]} for ph in timed
+    ]
+    a, b = cal.fit(terms, mixed, PRIOR), cal.fit(terms, folded, PRIOR)
+    assert "expert_flops_per_s" not in a.measured and a.constants.expert_flops_per_s is None
+    assert a.constants == b.constants and a.residual == pytest.approx(b.residual)
+    assert a.constants.attention_core_flops_per_s == pytest.approx(1e9, rel=1e-6)
+
+
 def test_measured_phases_take_the_typed_computations_out_of_compute():
     t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "experts": 0.15, "attention_core": 0.05}
     ph = cal.measured_phases({**t, "grad_reduce": 0.05, "optimizer": 0.04, "step": 0.62})
@@ -217,7 +235,9 @@ def test_planner_prices_with_the_calibrated_constants_and_says_so():
     for p in after:  # the routed experts' and the attention core's FLOPs at their rates, the rest at the other
         e, a = p.terms.expert_flops, p.terms.attention_core_flops
         assert 0 < e and 0 < a and e + a < p.terms.flops
-        assert p.compute_s == pytest.approx((p.terms.flops - e - a) / 5e9 + e / 2e9 + a / 1e9, rel=1e-9)
+        work = p.terms.flops - p.terms.bubble_flops  # the bubble (factor 1 here) stretches every kind alike
+        expected = ((work - e - a) / 5e9 + e / 2e9 + a / 1e9) * p.terms.flops / work
+        assert p.compute_s == pytest.approx(expected, rel=1e-9)
     assert "a2a_intra 0.5 GB/s" in line and "the rest (a2a_inter" in line and "tp_intra" in line
     # Uncalibrated, the planner's own prices: compute at --mfu of peak, one bandwidth per link class.
     prior = cal.cluster_constants(run.cluster, ARGS)
@@ -358,22 +378,22 @@ def test_this_machines_calibration_is_what_its_sweeps_give():
     import yaml
 
     jobs = calibrate.load_jobs([DATA / "b16", DATA / "b32"], ARGS)
-    terms, phases = [j.terms for j in jobs], [j.phases for j in jobs]
-    fitted = cal.fit(terms, phases, jobs[0].prior)
+    stages, phases = [j.stages for j in jobs], [j.phases for j in jobs]
+    fitted, _ = cal.fit_staged(stages, phases, jobs[0].prior)
     written = yaml.safe_load((ROOT / "conf" / "cluster" / "calibrated" / "cpu4.yaml").read_text())["calibration"]
     again = cal.as_cluster_fields(fitted.constants, fitted.measured)
     assert {k: v for k, v in again.items() if v is not None} == {
         k: v for k, v in written.items() if k != "source" and v is not None
     }
-    loo = cal.leave_one_out([j.name for j in jobs], terms, phases, jobs[0].prior, [j.before_s for j in jobs])
+    loo = cal.leave_one_out([j.name for j in jobs], stages, phases, jobs[0].prior, [j.before_s for j in jobs])
     assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 14.8
     # The runs timed the experts and the attention core apart: each has its own measured rate.
     assert written["expert_flops_per_s"] and written["attention_core_flops_per_s"]
     # The check sweep (top-4 of 8 experts, sequences of 256) that README quotes, predicted.
     checked = calibrate.load_jobs([DATA / "topk4_seq256"], ARGS)
-    one = cal.fit(terms, [cal.folded(p) for p in phases], jobs[0].prior)
+    one, _ = cal.fit_staged(stages, [cal.folded(p) for p in phases], jobs[0].prior)
     for fit, median in ((fitted, 11.7), (one, 12.9)):
-        errors = [abs(fit.constants.step_s(j.terms) / j.phases["step"] - 1) for j in checked]
+        errors = [abs(cal.predict(fit.constants, j.stages) / j.phases["step"] - 1) for j in checked]
         assert len(checked) == 6 and round(statistics.median(errors) * 100, 1) == median
 
 

@@ -617,3 +617,10 @@ def test_a_pipeline_is_priced_at_its_slowest_stage():
     # Without a pipeline, the model's FLOPs over the ranks, as before.
     flat = cost.plan_one(run, ParallelDims(dp=4), ARGS)
     assert flat.terms.flops == pytest.approx(model_flops_per_token(run.model, S) * tokens / 4, rel=1e-12)
+    # Activation checkpointing's recompute is priced as the rest of the work: each kind at its
+    # rate, stretched by the bubble, so it is exactly what checkpointing adds to compute.
+    full = cost.plan_one(
+        dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, activation_checkpointing="full")), dims, ARGS
+    )
+    assert 0 < full.recompute_s < full.compute_s
+    assert full.compute_s - p.compute_s == pytest.approx(full.recompute_s, rel=1e-9)
