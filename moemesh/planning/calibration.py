@@ -13,8 +13,9 @@ rank updates, and a fixed per-step overhead) each measured phase is predicted as
 
     compute   (time.forward + time.backward, or time.pipeline, less time.a2a, time.experts and
               time.attention_core)
-              = (FLOPs - expert FLOPs - attention core FLOPs - (1 - bubble factor) x bubble FLOPs)
-                / rate + TP collectives + (PP) p2p + (zero2/zero3) weight all-gathers
+              = (FLOPs - expert FLOPs - attention core FLOPs - bubble FLOPs) / rate
+                + bubble factor x (bubble FLOPs / work FLOPs) x the work's time (every kind at its rate)
+                + TP collectives + (PP) p2p + (zero2/zero3) weight all-gathers
     experts   (time.experts)      = expert FLOPs / expert rate
     attention_core (time.attention_core) = attention core FLOPs / its rate
     a2a       (time.a2a)          = All-to-All bytes / bw + steps x alpha
@@ -23,13 +24,13 @@ rank updates, and a fixed per-step overhead) each measured phase is predicted as
     other     (time.step less the phases above) = overhead
 
 and the step is their sum. Every prediction is linear in the unknowns (1/rate, 1/expert rate,
-1/attention core rate, bubble factor/rate, 1/bw, alpha, s/GB, overhead), so the fit is one least-squares problem over
-every layout's phases; each equation is divided by the phase's measured time (timing noise is
-proportional to what is timed), so a small phase (the All-to-All, the reduction) counts as much
-as the compute. Unknowns must
-be >= 0: one that comes out negative is fixed at 0 and the rest refitted. An unknown that no
-measured layout exercises (no TP layout ran: no TP bandwidth) keeps its prior value and is
-reported as not measured.
+1/attention core rate, bubble factor/rate, 1/bw, alpha, s/GB, overhead; the bubble's price
+holds the typed rates at the previous pass's ratio to the rest's, refitted until they hold still),
+so the fit is a least-squares problem over every layout's phases; each equation is divided by the
+phase's measured time (timing noise is proportional to what is timed), so a small phase (the
+All-to-All, the reduction) counts as much as the compute. Unknowns must be >= 0: one that comes
+out negative is fixed at 0 and the rest refitted. An unknown that no measured layout exercises
+(no TP layout ran: no TP bandwidth) keeps its prior value and is reported as not measured.
 
 Why those are timed apart: on a sweep of one model every layout gives a rank the same mix of
 expert, attention and other FLOPs, so from step phases alone the three rates are not identifiable
@@ -189,11 +190,11 @@ def measured_phases(time: dict[str, float]) -> dict[str, float]:
     return {**{k: v * scale for k, v in phases.items()}, "other": max(0.0, step - timed), "step": step}
 
 
-def folded(phases: dict[str, float]) -> dict[str, float]:
-    """``phases`` with the TYPED computations' time put back into compute: what a run that did not
-    time them apart measured (the fit then has one rate for every FLOP)."""
-    out = {k: v for k, v in phases.items() if k not in TYPED}
-    out["compute"] = phases["compute"] + sum(phases.get(kind, 0.0) for kind in TYPED)
+def folded(phases: dict[str, float], kinds=tuple(TYPED)) -> dict[str, float]:
+    """``phases`` with these TYPED computations' time put back into compute: what a run that did not
+    time them apart measured (the fit then prices them at the rest's rate)."""
+    out = {k: v for k, v in phases.items() if k not in kinds}
+    out["compute"] = phases["compute"] + sum(phases.get(kind, 0.0) for kind in kinds)
     return out
 
 
@@ -299,13 +300,8 @@ def fit(
     split = _split(terms, phases)
     # A kind some run did not time apart is priced at the rest's rate in every run: where a run
     # did time it, its time goes back into that run's compute.
-    phases = [
-        {
-            **{k: v for k, v in ph.items() if k not in TYPED or k in split},
-            "compute": ph["compute"] + sum(ph.get(k, 0.0) for k in TYPED if k not in split),
-        }
-        for ph in phases
-    ]
+    unsplit = tuple(k for k in TYPED if k not in split)
+    phases = [folded(ph, unsplit) for ph in phases]
     unknowns = _unknowns(terms, fixed, split)
     ratio = dict.fromkeys(split, 1.0)
     for _ in range(20):  # the bubble's price depends on the rates: refit until they hold still

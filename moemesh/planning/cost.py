@@ -234,7 +234,7 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         per_rank = t.global_batch_size * t.seq_len * dims.pp / dims.world_size
         stretch = 1 / (1 - p.bubble)
         flops = Flops(*(f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, stage)))
-        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, layers)))
+        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, dims.pp, stage)))
         # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
         # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
         comm: dict[str, tuple[float, float]] = {}
@@ -292,10 +292,16 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     p.terms, p.a2a_bytes, p.ar_data_bytes, p.ar_expert_bytes = w.terms, w.a2a_bytes, w.ar_data_bytes, w.ar_expert_bytes
     p.stage_terms = [s.terms for s in work]
     p.compute_s = k.compute_s(p.terms)
-    re = w.recompute  # priced as compute_s prices the work: each kind at its rate, stretched by the bubble
-    typed = re.experts / k.rate("experts") + re.attention_core / k.rate("attention_core")
-    bubble = k.bubble_factor * p.bubble / (1 - p.bubble)
-    p.recompute_s = ((re.total - re.experts - re.attention_core) / k.flops_per_s + typed) * (1 + bubble)
+    re = w.recompute  # priced as the rest of the work: each kind at its rate, stretched by the bubble
+    stretched = re.total / (1 - p.bubble)
+    p.recompute_s = k.compute_s(
+        Terms(
+            stretched,
+            bubble_flops=stretched * p.bubble,
+            expert_flops=re.experts,
+            attention_core_flops=re.attention_core,
+        )
+    )
     p.comm_s = k.comm_s(p.terms)
     p.other_s = k.other_s(p.terms)
     p.crosses = (

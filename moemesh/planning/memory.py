@@ -210,19 +210,18 @@ def activation_bytes(
     return (kept + recompute) * c + head
 
 
-def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str, layers: range | None = None) -> Flops:
+def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str, pp: int = 1, stage: int = 0) -> Flops:
     """Forward FLOPs activation checkpointing repeats, per token of the global batch, in the blocks
-    ``layers`` (default: all), with the routed experts' and the attention core's parts: 2 x the
-    blocks' active parameters (full; selective leaves out the routed experts, whose outputs it
-    keeps) + full's 4 x layers x hidden x sequence for the attention core (a third of PaLM's 12,
+    of pipeline stage ``stage`` of ``pp``, with the routed experts' and the attention core's parts:
+    2 x the blocks' active parameters (full; selective leaves out the routed experts, whose outputs
+    it keeps) + full's 4 x blocks x hidden x sequence for the attention core (a third of PaLM's 12,
     which selective keeps too)."""
     if ckpt == "none":
         return Flops(0.0, 0.0, 0.0)
-    layers = range(m.num_layers) if layers is None else layers
-    specs = [s for s in param_specs(m) if s.layer is not None and s.layer in layers]
+    specs = [s for s in param_specs(m, ParallelDims(pp=pp), stage=stage) if s.layer is not None]
     dense = sum(s.numel for s in specs if not s.expert)
     if ckpt == "selective":
         return Flops(2.0 * dense, 0.0, 0.0)
     experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
-    core = 4.0 * len(layers) * m.hidden_size * seq_len
+    core = 4.0 * len({s.layer for s in specs}) * m.hidden_size * seq_len
     return Flops(2.0 * dense + experts + core, experts, core)
