@@ -4,11 +4,17 @@
     python scripts/readme_numbers.py --write    # measure and rewrite README's marked spans
     python scripts/readme_numbers.py --full     # also run the 16-rank ep2_dp8 / ep8_dp2 commands
 
-README marks each measured span as ``<!-- numbers:NAME -->...<!-- /numbers -->``. The
-losses are deterministic for a given Python (the stdlib corpus is the running Python's
-own library, so it changes with the Python version, which the span names): those must
-match. Throughput depends on the machine and its load: it is rewritten by ``--write``
-and never compared.
+README marks each measured span as ``<!-- numbers:NAME -->...<!-- /numbers -->``. What is
+checked is what holds on any CPU running the Python the span names (the stdlib corpus is
+that Python's own library):
+  * the step count and the step-1 loss, to the 4 decimals printed: one forward pass from
+    weights drawn by name, the same on every CPU;
+  * the final training and validation losses within ``BAND`` (relative) of README's. After
+    300 steps they depend on the CPU too: BLAS sums in another order on another CPU, and
+    top-k routing amplifies the difference. Measured spread: 1.8824 / 1.8941 (AMD EPYC),
+    1.8618 / 1.8729 (Intel Xeon), 1.8642 / 1.8874 (the same Xeon, one BLAS thread): 1.1%.
+Throughput depends on the machine and its load: it is rewritten by ``--write`` and never
+compared. The span names the machine that measured it.
 
 The 16-rank commands' step-1 loss equals the single-process run's (same global batch,
 same micro-steps; tests/trainer/test_layout_equivalence.py holds layouts to 1e-5), so
@@ -30,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Relative band for the final losses: about 3x the spread measured over three CPUs/threadings
+# (1.1%), for CPUs not measured here; a stale number (a changed model or schedule) moves more.
+BAND = 0.03
 SPAN = re.compile(r"<!-- numbers:(?P<name>[a-z0-9_]+) -->(?P<body>.*?)<!-- /numbers -->", re.S)
 
 
@@ -90,24 +99,46 @@ def render(name: str, n: dict) -> str:
             f"Measured ({n['where']}): the default run goes from loss {n['first_loss']} at step 1 "
             f"(≈ ln 256, byte-level) to **{n['final_loss']}** (validation {n['final_val']}) at step "
             f"{n['steps']}, at about {n['tokens_per_s']} tokens/s (`python scripts/readme_numbers.py` "
-            "re-measures these; the losses depend on the Python version, whose standard library is the "
-            "corpus)."
+            "re-measures these; the step-1 loss is the same on every CPU, the final losses vary by about 1% "
+            "with the CPU's BLAS and are checked within 3%; all depend on the Python version, whose standard "
+            "library is the corpus)."
         )
     if name == "step1_16_ranks":
         return f"both print loss {n['step1_16_ranks']} at step 1, as the single-process run does"
     raise KeyError(name)
 
 
-# The fragments of each span that must match (deterministic for a given Python version).
+# The fragments of each span that must match exactly (the same on every CPU for a given Python).
 CHECKED = {
     "default_run": lambda n: [
         f"loss {n['first_loss']} at step 1",
-        f"**{n['final_loss']}**",
-        f"(validation {n['final_val']})",
         f"at step {n['steps']},",
     ],
     "step1_16_ranks": lambda n: [f"loss {n['step1_16_ranks']} at step 1"],
 }
+# Numbers that vary with the CPU: README's value, read from the span, and the measured one
+# must agree within BAND.
+BANDED = {
+    "default_run": {
+        "final_loss": re.compile(r"\*\*(\d+\.\d+)\*\*"),
+        "final_val": re.compile(r"\(validation (\d+\.\d+)\)"),
+    },
+}
+
+
+def off_band(spans: dict, numbers: dict) -> list[str]:
+    """The banded numbers README states that the measured ones miss by more than BAND."""
+    out = []
+    for name, keys in BANDED.items():
+        for key, pattern in keys.items():
+            m = pattern.search(spans.get(name, ""))
+            if m is None:
+                out.append(f"{name}: README states no {key}")
+                continue
+            stated, measured = float(m.group(1)), float(numbers[key])
+            if abs(measured - stated) > BAND * stated:
+                out.append(f"{name}: {key} {measured:.4f} is more than {BAND:.0%} from README's {stated:.4f}")
+    return out
 
 
 def recorded_python(text: str) -> str | None:
@@ -139,7 +170,7 @@ def main(argv=None) -> int:
         for name, fragments in CHECKED.items()
         for fragment in fragments(numbers)
         if fragment not in spans[name]
-    ]
+    ] + off_band(spans, numbers)
     if stale:
         print(
             "readme_numbers: README is stale (python scripts/readme_numbers.py --write): " + "; ".join(stale),

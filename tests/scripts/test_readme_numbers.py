@@ -25,8 +25,25 @@ def test_stale_numbers_are_named():
     }
     good = readme_numbers.render("default_run", n)
     assert all(f in good for f in readme_numbers.CHECKED["default_run"](n))
-    stale = good.replace("**1.8824**", "**1.82**")
-    assert [f for f in readme_numbers.CHECKED["default_run"](n) if f not in stale] == ["**1.8824**"]
+    stale = good.replace("loss 5.5489 at step 1", "loss 5.5490 at step 1")
+    assert [f for f in readme_numbers.CHECKED["default_run"](n) if f not in stale] == ["loss 5.5489 at step 1"]
+
+
+def test_final_losses_hold_within_the_band_on_another_cpu():
+    """README measured 1.8824 / 1.8941 on an AMD EPYC; an Intel Xeon trains to 1.8618 / 1.8729
+    (1.1% lower): that is the same code, not a stale README."""
+    n = {"first_loss": "5.5489", "final_loss": "1.8824", "final_val": "1.8941", "steps": "300"}
+    n |= {"step1_16_ranks": "5.5489", "tokens_per_s": "1", "where": "x, Python 3.11.7"}
+    spans = {"default_run": readme_numbers.render("default_run", n)}
+    intel = {"final_loss": "1.8618", "final_val": "1.8729"}
+    assert readme_numbers.off_band(spans, intel) == []
+    stale = {"final_loss": "1.7000", "final_val": "1.8729"}  # 9.7% off: a changed model, not a CPU
+    (miss,) = readme_numbers.off_band(spans, stale)
+    assert "final_loss 1.7000" in miss and "1.8824" in miss
+    assert readme_numbers.off_band({"default_run": "no numbers"}, intel) == [
+        "default_run: README states no final_loss",
+        "default_run: README states no final_val",
+    ]
 
 
 @pytest.mark.slow
