@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from moemesh.kernels import backend_problem, get_ops  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
-from moemesh.moe.context import ParallelContext  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
+from moemesh.trainer.parallelize import apply_kernels  # noqa: E402
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -103,8 +103,9 @@ def main(argv=None) -> None:
     variants = [(f"grouped_mm, {b}", True, b) for b in backends] + [("per-expert loop, torch", False, "torch")]
     for label, grouped, backend in variants:
         torch.manual_seed(0)
-        par = ParallelContext(use_grouped_mm=grouped, ops=get_ops(backend, device))
-        layer = MoELayer(cfg=cfg, parallel=par).to(device)
+        layer = MoELayer(cfg=cfg)
+        apply_kernels(layer, get_ops(backend, device), use_grouped_mm=grouped)
+        layer = layer.to(device)
         with torch.no_grad():
             for q in layer.parameters():
                 q.normal_(0, 0.05)

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.moe.init import normal_
-from moemesh.parallel.comm import CommMeter, timed_region
 from moemesh.parallel.tags import EXPERT_SHARD
 
 
@@ -48,26 +47,33 @@ def _looped_mm(x_MD: torch.Tensor, w_eDF: torch.Tensor, counts: list[int]) -> to
 
 
 class GroupedExperts(nn.Module):
-    def __init__(
-        self,
-        *,
-        num_local_experts: int,
-        first_expert_id: int,
-        hidden_size: int,
-        ffn_size: int,
-        use_grouped_mm: bool = True,
-        meter: CommMeter | None = None,
-    ):
+    """The routed experts' SwiGLU weights, built whole ([E, ...], as one process holds them);
+    ``shard`` keeps one EP rank's run of experts (``trainer.parallelize.apply_ep`` calls it)."""
+
+    def __init__(self, *, num_experts: int, hidden_size: int, ffn_size: int):
         super().__init__()
-        e, D, Fh = num_local_experts, hidden_size, ffn_size
-        self.meter = meter  # times the forward and backward (time.experts)
-        self.num_local_experts, self.first_expert_id = e, first_expert_id
-        self.use_grouped_mm = use_grouped_mm and grouped_mm_available()
-        self.w1_eDF = nn.Parameter(torch.empty(e, D, Fh))  # gate projection
-        self.w3_eDF = nn.Parameter(torch.empty(e, D, Fh))  # up projection
-        self.w2_eFD = nn.Parameter(torch.empty(e, Fh, D))  # down projection
-        for p in self.parameters():  # EP shards: checkpoints key them by global expert id
-            setattr(p, EXPERT_SHARD, first_expert_id)
+        E, D, Fh = num_experts, hidden_size, ffn_size
+        self.num_local_experts, self.first_expert_id = E, 0
+        self.use_grouped_mm = grouped_mm_available()  # False: a per-expert loop (apply_kernels)
+        self.w1_eDF = nn.Parameter(torch.empty(E, D, Fh))  # gate projection
+        self.w3_eDF = nn.Parameter(torch.empty(E, D, Fh))  # up projection
+        self.w2_eFD = nn.Parameter(torch.empty(E, Fh, D))  # down projection
+        for p in self.parameters():  # checkpoints key expert rows by global expert id
+            setattr(p, EXPERT_SHARD, 0)
+
+    def shard(self, ep_rank: int, ep_size: int) -> None:
+        """Keep experts ``ep_rank * e .. (ep_rank + 1) * e - 1`` of the E (e = E / ep_size): the
+        parameters' rows are sliced (free on the meta device), tagged with the first global id."""
+        E = self.num_local_experts
+        assert self.first_expert_id == 0 and E % ep_size == 0, (self.first_expert_id, E, ep_size)
+        e = E // ep_size
+        first = ep_rank * e
+        for name in ("w1_eDF", "w3_eDF", "w2_eFD"):
+            whole = getattr(self, name)
+            part = nn.Parameter(whole.data[first : first + e].clone(), requires_grad=whole.requires_grad)
+            setattr(part, EXPERT_SHARD, first)
+            setattr(self, name, part)
+        self.num_local_experts, self.first_expert_id = e, first
 
     @torch.no_grad()
     def init_weights(self, *, seed: int, prefix: str, std: float, out_std: float) -> None:
@@ -78,9 +84,6 @@ class GroupedExperts(nn.Module):
             normal_(self.w2_eFD[j], out_std, seed=seed, key=f"{key}.w2")
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
-        return timed_region(self.meter, "experts", self._swiglu, x_MD, tokens_per_expert_e)
-
-    def _swiglu(self, x_MD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (w.to(x_MD.dtype) for w in (self.w1_eDF, self.w3_eDF, self.w2_eFD))
         # _grouped_mm needs 16-byte aligned strides: D and F a multiple of 4 (fp32) or 8 (bf16).
         aligned = all(n * x_MD.element_size() % 16 == 0 for n in w1.shape[1:])

@@ -23,7 +23,6 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from moemesh.config.validate import validate_run  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
-from moemesh.moe.context import ParallelContext  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.moe.model import Transformer  # noqa: E402
 from moemesh.moe.param_count import param_specs  # noqa: E402
@@ -34,7 +33,9 @@ from moemesh.parallel.pipeline import stage_layers  # noqa: E402
 from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD  # noqa: E402
 from moemesh.planning import cost, memory  # noqa: E402
 from moemesh.planning.calibration import PlannerOptions  # noqa: E402
+from moemesh.trainer.parallelize import apply_pp  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
+from tests.helpers import laid_out  # noqa: E402
 
 ARGS = PlannerOptions(mfu=0.4, peak_flops=1e12)
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "parallel").glob("*.yaml"))
@@ -101,14 +102,11 @@ def _local_bytes(run, dims: ParallelDims, mode: str) -> dict[str, dict[str, int]
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                par = ParallelContext(
-                    ep_group=pm.ep_group,
-                    tp_group=pm.tp_group if dims.tp > 1 else None,
-                    sequence_parallel=run.parallel.sequence_parallel,
-                )
-                model = Transformer(
-                    run.model, parallel=par, layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]]
-                )
+                model = Transformer(run.model)
+            apply_pp(model, stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]])
+            laid_out(
+                model, ep_group=pm.ep_group, tp_group=pm.tp_group, sequence_parallel=run.parallel.sequence_parallel
+            )
             experts = {n for n, p in model.named_parameters() if hasattr(p, EXPERT_SHARD)}
             if mode != "none":
                 _shard_as_specified(model, pm, dims, mode)
@@ -212,7 +210,7 @@ def _a2a_worker(rank, world):
     pm = build_mesh(ParallelDims(ep=2), "cpu")
     cfg = ModelConfig(name="t", hidden_size=16, num_experts=8, top_k=2, moe_ffn_hidden_size=8)
     meter = CommMeter()
-    layer = MoELayer(cfg=cfg, parallel=ParallelContext(ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter))
+    layer = laid_out(MoELayer(cfg=cfg), ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter)
     for prm in layer.parameters():
         torch.nn.init.normal_(prm, std=0.1)
     torch.nn.init.zeros_(layer.router.weight_ED)  # all ties: every token picks experts 0 and 1 (on rank 0)
@@ -530,13 +528,13 @@ def test_activation_estimate_matches_the_tensors_a_real_forward_saves():
 def _activation_worker(rank, world, ep, tp, sp):
     dims = ParallelDims(ep=ep, tp=tp)
     pm = build_mesh(dims, "cpu")
-    par = ParallelContext(
+    model = laid_out(
+        Transformer(ACT_CFG),
         ep_group=pm.ep_group,
-        tp_group=pm.tp_group if tp > 1 else None,
+        tp_group=pm.tp_group,
         sequence_parallel=sp,
         stats_group=pm.data_tp_group,
     )
-    model = Transformer(ACT_CFG, parallel=par)
     model.init_weights(0)
     g = torch.Generator().manual_seed(pm.coords[MeshAxis.EP])  # TP peers read the same tokens
     saved = _saved_bytes(model, torch.randint(0, ACT_CFG.vocab_size, (ACT_B, ACT_S), generator=g))
