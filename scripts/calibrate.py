@@ -37,12 +37,15 @@ import sys
 from pathlib import Path
 
 import yaml
-from _config import ROOT, compose_run
 
-from moemesh.config.schema import CalibrationConfig
-from moemesh.parallel.dims import ParallelDims, layout_name
-from moemesh.planning import calibration as cal
-from moemesh.planning.cost import plan_one
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository: moemesh without pip install
+
+from moemesh.config.cli import compose_run  # noqa: E402
+from moemesh.config.schema import CalibrationConfig  # noqa: E402
+from moemesh.parallel.dims import ParallelDims, layout_name  # noqa: E402
+from moemesh.planning import calibration as cal  # noqa: E402
+from moemesh.planning.cost import plan_one  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -238,7 +241,7 @@ def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: 
 
 def _bench(path: Path) -> tuple[dict, frozenset[str]]:
     """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit)."""
-    import bench_comm
+    from scripts import bench_comm
 
     fitted = bench_comm.planner_constants(json.loads(path.read_text()))
     # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not

@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moemesh.fields import KernelBackend
 from moemesh.kernels._triton import can_run_triton, triton_available
 from moemesh.kernels.gating import GatingOutput, gating_reference, gating_triton
 from moemesh.kernels.permute import permute_reference, permute_triton
 from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
 from moemesh.kernels.unpermute import unpermute_reference, unpermute_triton
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = tuple(b.value for b in KernelBackend)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def get_ops(backend: str, device_type: str) -> KernelOps:
 __all__ = [
     "BACKENDS",
     "GatingOutput",
+    "KernelBackend",
     "KernelOps",
     "TORCH_OPS",
     "TRITON_OPS",

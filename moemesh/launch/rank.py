@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from moemesh.fields import CommBackend
 from moemesh.launch.checks import use_cuda
 from moemesh.launch.context import RankContext
 from moemesh.launch.heartbeat import PeerWatch
@@ -45,7 +46,7 @@ def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_
         threads = run.trainer.threads_per_rank or _cpu_threads(local_world_size)
         torch.set_num_threads(threads)
     backend = run.cluster.backend
-    if backend == "auto":
+    if backend == CommBackend.auto:
         backend = "nccl" if device.type == "cuda" else "gloo"
 
     if init_method is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.fields import Sharding
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
 
@@ -28,7 +29,7 @@ class Checkpointer:
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
         self.fsdp_tp_mesh = None
-        if d.tp > 1 and run.parallel.sharding != "none":
+        if d.tp > 1 and run.parallel.sharding != Sharding.none:
             with warnings.catch_warnings():  # torch warns that slicing a flattened dim will change
                 warnings.simplefilter("ignore", UserWarning)
                 self.fsdp_tp_mesh = mesh.device_mesh["data", "tp"]

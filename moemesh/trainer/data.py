@@ -21,6 +21,7 @@ import torch
 
 from moemesh.config.schema import DataConfig
 from moemesh.errors import ConfigError
+from moemesh.fields import DataKind
 
 _SYNTHETIC_TOKENS = 1 << 20
 
@@ -142,7 +143,7 @@ def _memmap_path(cfg: DataConfig) -> str:
 
 def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
     """The checks of ``prepare_data`` that build nothing: run for every job before any starts."""
-    if cfg.kind == "memmap":
+    if cfg.kind == DataKind.memmap:
         need = seq_len + 1
         _check_token_file("data.path", _memmap_path(cfg), need)
         if cfg.val_path:
@@ -152,12 +153,12 @@ def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
 def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataPaths:
     """Build or check the data before any rank starts; raise ConfigError on bad input."""
     need = seq_len + 1
-    if cfg.kind == "synthetic":
+    if cfg.kind == DataKind.synthetic:
         if vocab_size > 65536:
             raise ConfigError(f"model.vocab_size={vocab_size} > 65536 does not fit uint16 tokens (data.kind=synthetic)")
         _check_split("data.kind=synthetic", _SYNTHETIC_TOKENS, cfg.val_fraction, need)
         return DataPaths("synthetic", None, None, cfg.val_fraction, vocab_size)
-    if cfg.kind == "stdlib":
+    if cfg.kind == DataKind.stdlib:
         path = build_stdlib_corpus(cfg.cache_dir)
         _check_split(f"the stdlib corpus {path}", path.stat().st_size // 2, cfg.val_fraction, need)
         return DataPaths("stdlib", str(path), None, cfg.val_fraction, vocab_size)
@@ -180,7 +181,7 @@ class TokenData:
     def __init__(self, paths: DataPaths, *, seed: int):
         self.seed = seed
         tokens: np.ndarray  # uint16 token ids: in memory (synthetic) or a read-only memmap
-        if paths.kind == "synthetic":
+        if paths.kind == DataKind.synthetic:
             rng = np.random.default_rng(seed)
             tokens = rng.integers(0, paths.vocab_size, _SYNTHETIC_TOKENS, dtype=np.uint16)
         else:

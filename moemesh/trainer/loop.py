@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import config_warnings, grad_accum_steps, micro_batch_size
+from moemesh.config.validate import batch_plan, config_warnings
+from moemesh.fields import Dtype
 from moemesh.kernels import get_ops
 from moemesh.launch import RankContext
 from moemesh.moe.config import is_moe_layer
@@ -40,6 +41,7 @@ from moemesh.parallel.dims import layout_name
 from moemesh.parallel.fsdp import reshard_all
 from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
+from moemesh.runs.records import RunSummary, StepRecord
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.host import machine, peak_memory_bytes, reset_peak, resident_bytes
@@ -55,7 +57,6 @@ from moemesh.trainer.parallelize import (
     pipeline_schedule,
     shard_model,
 )
-from moemesh.trainer.records import RunSummary, StepRecord
 from moemesh.trainer.step_stats import (
     RankTimes,
     ReducedStats,
@@ -69,19 +70,9 @@ from moemesh.trainer.step_stats import (
 
 def _autocast(run: RunConfig, device: torch.device):
     dtype = run.trainer.dtype
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    if dtype == Dtype.bf16 or (dtype == Dtype.auto and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
-    """First global sample of micro-step i on this data rank.
-
-    The global batch is cut into micro-steps first, then each micro-step over the data
-    ranks: micro-step i is the same set of samples on every layout with the same number
-    of micro-steps, so the load-balance statistics (reduced per micro-step) agree too.
-    """
-    return i * micro * data_size + data_rank * micro
 
 
 def _rank_batch(batch, micro_start, micro: int, accum: int):
@@ -209,7 +200,8 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         total_steps=t.steps,
         tracker=tracker,
     )
-    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    plan = batch_plan(run)
+    micro, accum = plan.micro_batch_size, plan.micro_steps
     moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
     shape = StepShape(
         tokens=t.global_batch_size * t.seq_len,
@@ -250,7 +242,8 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         pipe=pipeline_schedule(run, mesh, model, device, sharded.root if sharded else None),
         micro=micro,
         accum=accum,
-        micro_start=functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank),
+        # The global batch is cut into micro-steps first, then over the data ranks (BatchPlan).
+        micro_start=functools.partial(plan.micro_start, data_rank=mesh.data_rank),
         shape=shape,
         # Where each of this stage's MoE layers goes in the global per-layer statistics.
         local_moe={moe_layers.index(l): moe for l, moe in model.stage_moe_layers().items()},
@@ -419,7 +412,8 @@ def _log_step(s: TrainState, step: int, result: StepResult, val: float | None) -
 def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_start, pipe=None) -> float:
     t = run.trainer
     model.eval()
-    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    plan = batch_plan(run)
+    micro, accum = plan.micro_batch_size, plan.micro_steps
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
         batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)

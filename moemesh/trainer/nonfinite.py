@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from moemesh.fields import NonFinite
+
 
 def update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_device: bool | None = None) -> bool:
     """Whether this step updates the weights: False for a non-finite gradient norm with
@@ -34,7 +36,7 @@ def update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_
     """
     if on_device is None:
         on_device = grad_norm.is_cuda
-    if on_device and on_nonfinite == "stop":
+    if on_device and on_nonfinite == NonFinite.stop:
         msg = (
             f"non-finite gradient norm at step {step} (its value is not read back: that would be a host sync): "
             "stopped before the update; trainer.on_nonfinite=skip skips such steps"
@@ -43,7 +45,7 @@ def update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_
         return True
     if bool(torch.isfinite(grad_norm)):  # host sync (every step; CPU, or skip mode): the decision above
         return True
-    if on_nonfinite == "stop":
+    if on_nonfinite == NonFinite.stop:
         raise FloatingPointError(
             f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
             f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)"
@@ -83,5 +85,5 @@ class NonFinitePolicy:
             )
 
     def check_loss(self, loss: float, step: int) -> None:
-        if not math.isfinite(loss) and self.mode == "stop":
+        if not math.isfinite(loss) and self.mode == NonFinite.stop:
             raise FloatingPointError(f"non-finite training loss {loss} at step {step}")

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import grad_accum_steps, micro_batch_size
+from moemesh.config.validate import batch_plan
+from moemesh.fields import Dtype, LoadBalanceScope, Sharding
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.layer import MoELayer
@@ -127,7 +128,9 @@ def build_model(
     apply_pp(model, stage_layer_ids(run, mesh))
     apply_tp(model, mesh.tp_group, sequence_parallel=run.parallel.sequence_parallel)
     apply_ep(model, mesh.ep_group, overlap_chunks=comm.overlap_chunks if comm.all_to_all_overlap else 0)
-    apply_load_balance_group(model, mesh.data_tp_group if run.model.load_balance_scope == "global" else None)
+    apply_load_balance_group(
+        model, mesh.data_tp_group if run.model.load_balance_scope == LoadBalanceScope["global"] else None
+    )
     apply_kernels(model, get_ops(run.kernels.backend, device.type))
     materialize(model, device)
     model.init_weights(run.trainer.seed)
@@ -139,7 +142,7 @@ def build_model(
 def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
     """bf16 where the run computes in it (trainer.dtype bf16, or auto on CUDA); None: fp32."""
     dtype = run.trainer.dtype
-    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else None
+    return torch.bfloat16 if dtype == Dtype.bf16 or (dtype == Dtype.auto and device.type == "cuda") else None
 
 
 @dataclass
@@ -157,7 +160,7 @@ def shard_model(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: 
     Under mixed precision (bf16 on CUDA) the gathered parameters are bf16 for compute; the
     sharded master weights, the gradient reduction and AdamW's state stay fp32.
     """
-    if run.parallel.sharding == "none":
+    if run.parallel.sharding == Sharding.none:
         return None
     root = stage_module_of(model) if mesh.dims.pp > 1 else model
     timer = ExposedReduceTimer(device)
@@ -232,8 +235,8 @@ def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, de
         pp_size=mesh.dims.pp,
         pp_group=mesh.pp_group,
         device=device,
-        n_microbatches=grad_accum_steps(run),
-        micro_batch=micro_batch_size(run),
+        n_microbatches=batch_plan(run).micro_steps,
+        micro_batch=batch_plan(run).micro_batch_size,
         seq_len=seq_len,
         hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
         loss_fn=functools.partial(_stage_loss, model=model),

@@ -15,7 +15,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from moemesh.parallel.comm import all_reduce_
-from moemesh.trainer.records import PHASES, LoadRecord, StepRecord, TimeRecord
+from moemesh.runs.records import PHASES, LoadRecord, StepRecord, TimeRecord
 
 LOSS_TERMS = ("loss", "aux_loss", "z_loss", "seq_aux_loss")
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_comm  # noqa: E402
+from scripts import bench_comm  # noqa: E402
 
 
 def test_group_shapes_are_the_mesh_groups():

@@ -6,16 +6,13 @@ import dataclasses
 import random
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from _config import compose_run  # noqa: E402
-
+from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning import cost as plan  # noqa: E402
@@ -297,7 +294,7 @@ def _fake_sweep(tmp_path: Path, batch: int, extra: tuple[str, ...] = (), name: s
 
 
 def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, capsys):
-    import calibrate
+    from scripts import calibrate
 
     sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
     name = f"test-{tmp_path.name}"
@@ -339,12 +336,12 @@ def test_collectives_held_from_a_benchmark_are_written_with_the_fit(tmp_path, ca
     are written beside the fitted constants (a latency fitted next to a bandwidth needs it)."""
     import json
 
-    import calibrate
+    from scripts import calibrate
 
     results = []
     for kind, key in (("a2a", "a2a_intra"), ("all_reduce", "sync_intra")):
         for nbytes in (2**16, 2**20, 2**22):
-            import bench_comm
+            from scripts import bench_comm
 
             b, steps = bench_comm.planner_bytes_steps(kind, nbytes, 2)
             t = b / (TRUE.gbps[key] * 1e9) + steps * TRUE.latency_us[key] * 1e-6
@@ -374,8 +371,9 @@ def test_this_machines_calibration_is_what_its_sweeps_give():
     """conf/cluster/calibrated/cpu4.yaml is scripts/calibrate.py's fit to the two sweeps kept in
     benchmarks/data (README "Which layout should I use?"): refitting them gives the same constants,
     and the leave-one-out error README and RESULTS state."""
-    import calibrate
     import yaml
+
+    from scripts import calibrate
 
     jobs = calibrate.load_jobs([DATA / "b16", DATA / "b32"], ARGS)
     stages, phases = [j.stages for j in jobs], [j.phases for j in jobs]
@@ -406,7 +404,7 @@ def test_this_machines_calibration_composes_and_plans():
 
 
 def test_a_calibration_of_runs_that_used_one_sits_on_the_same_base():
-    import calibrate
+    from scripts import calibrate
 
     assert calibrate._base_of("calibrated/cpu4") == "local"
     assert calibrate._base_of("calibrated/no-such-file") == "local"
@@ -422,7 +420,7 @@ def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys)
     experts, sequences twice as long: more expert and attention FLOPs per token) is predicted.
     With a rate per computation type its steps come out as measured; one compute rate, fitted on
     the tiny model's mix, misprices them."""
-    import calibrate
+    from scripts import calibrate
 
     sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
     other = ("model.top_k=4", "model.max_seq_len=256", "trainer.seq_len=256")
