@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from moemesh.data.config import DataConfig
 from moemesh.moe.config import ModelConfig
 
 
@@ -124,18 +125,6 @@ class ClusterConfig:
     latency_us: float = 10.0  # alpha: per message step
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # fitted constants (plan.py)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # cluster=slurm submission
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    # stdlib: bytes of the running Python's standard library .py files (no download);
-    # memmap: a user's uint16 token file (nanoGPT .bin); synthetic: random tokens.
-    kind: str = "stdlib"
-    path: str | None = None  # memmap: the train .bin file
-    val_path: str | None = None  # memmap: optional separate validation .bin
-    cache_dir: str | None = None  # stdlib: where the built corpus is cached
-    val_fraction: float = 0.01
 
 
 @dataclass

@@ -24,7 +24,7 @@ _CHOICES = {
     "trainer.on_nonfinite": ("stop", "skip"),
     "cluster.launcher": ("local", "torchrun", "slurm"),
     "cluster.backend": ("auto", "gloo", "nccl"),
-    "data.kind": ("stdlib", "memmap", "synthetic"),
+    "data.kind": ("stdlib", "tokens", "memmap", "synthetic"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.dtype": ("auto", "fp32", "bf16"),
 }
@@ -291,21 +291,7 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         )
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
-    if run.data.kind == "stdlib" and m.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for byte-level data.kind=stdlib")
-    # A key the chosen data source does not read is a mistake, not a setting (data.path
-    # with the default stdlib corpus would train on the wrong data and say nothing).
-    reads = {"stdlib": ("cache_dir",), "memmap": ("path", "val_path"), "synthetic": ()}
-    for key in ("path", "val_path", "cache_dir"):
-        value = getattr(run.data, key)
-        if value is not None and key not in reads.get(run.data.kind, ()):
-            users = [k for k, keys in reads.items() if key in keys]
-            raise ConfigError(
-                f"data.{key}={value} is ignored by data={run.data.kind}; "
-                f"it is read by data={' or data='.join(users)} (e.g. data={users[0]} data.{key}=...)"
-            )
-    if run.data.kind == "memmap" and not run.data.path:
-        raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
+    _check_data_keys(run, dims)
 
     if dims.tp > 1:
         for key in ("model.num_heads", "model.num_kv_heads", "model.ffn_hidden_size", "model.shared_expert_ffn_size"):
@@ -381,6 +367,66 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
     if run.parallel.sharding != "none":
         _check_shardable(run, dims)
     return dims
+
+
+def _check_data_keys(run: RunConfig, dims: ParallelDims) -> None:
+    """The data keys against each other and the layout (files are checked by moemesh.data.check_data)."""
+    d = run.data
+    if d.kind == "stdlib" and run.model.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={run.model.vocab_size} must be >= 256 for byte-level data.kind=stdlib")
+    # A key the chosen data source does not read is a mistake, not a setting (data.path
+    # with the default stdlib corpus would train on the wrong data and say nothing).
+    reads = {
+        "stdlib": ("cache_dir",),
+        "tokens": ("path", "sources", "val_path"),
+        "memmap": ("path", "val_path"),
+        "synthetic": (),
+    }
+    for key in ("path", "sources", "val_path", "cache_dir"):
+        value = getattr(d, key)
+        if value is not None and key not in reads.get(d.kind, ()):
+            users = [k for k, keys in reads.items() if key in keys]
+            raise ConfigError(
+                f"data.{key}={value} is ignored by data={d.kind}; "
+                f"it is read by data={' or data='.join(users)} (e.g. data={users[0]} data.{key}=...)"
+            )
+    if d.kind == "memmap" and not d.path:
+        raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
+    if d.kind == "tokens":
+        if (d.path is None) == (d.sources is None):
+            raise ConfigError(
+                "data=tokens reads exactly one of data.path=DIR or data.sources=[{path: DIR, weight: W}, ...]"
+                + (" (both are set)" if d.path is not None else " (neither is set)")
+            )
+        if d.sources is not None:
+            if not d.sources:
+                raise ConfigError("data.sources=[] is empty; valid: a list of {path: DIR, weight: W}")
+            for i, src in enumerate(d.sources):
+                if not src.path:
+                    raise ConfigError(f"data.sources[{i}].path is empty; valid: a directory of scripts/prepare_data.py")
+                if not (math.isfinite(src.weight) and src.weight > 0):
+                    raise ConfigError(f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
+            total = sum(s.weight for s in d.sources)
+            small = [i for i, s in enumerate(d.sources) if s.weight / total * 4096 < 1]
+            if small:
+                raise ConfigError(
+                    f"data.sources[{small[0]}].weight={d.sources[small[0]].weight} is under 1/4096 of the total "
+                    f"{total:g}: it would get no window in a mixture block of 4096 samples"
+                )
+    if d.prefetch_steps < 0:
+        raise ConfigError(f"data.prefetch_steps={d.prefetch_steps} must be >= 0 (0: read when needed)")
+    if d.document_mask:
+        if d.kind not in ("stdlib", "tokens"):
+            raise ConfigError(
+                f"data.document_mask=true needs document boundaries, which data={d.kind} does not have; "
+                "valid: data=tokens (scripts/prepare_data.py) or data=stdlib"
+            )
+        if dims.pp > 1:
+            raise ConfigError(
+                f"data.document_mask=true with parallel.pipeline_parallel_size={dims.pp}: the document ids would "
+                "have to travel between pipeline stages with the activations, which the pipeline does not carry; "
+                "use a layout without pp, or data.document_mask=false"
+            )
 
 
 def _check_shardable(run: RunConfig, dims: ParallelDims) -> None:

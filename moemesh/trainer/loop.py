@@ -240,7 +240,9 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
 
-    ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    ckpt = Checkpointer(
+        run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"), data=data
+    )
     ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
     log.begin(start)
@@ -262,20 +264,24 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         # and per-layer MoE statistics add up on the device until the all-reduce below (no
         # host sync per micro-step).
         stats = StepStats(len(moe_layers), m.num_experts, device)
-        batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        batch = functools.partial(data.micro_batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is None:
             for i in range(accum):
-                x, y = batch(start=micro_start(i), count=micro)
+                with timer.phase("data"):  # read ahead by moemesh.data's thread: only the wait
+                    b = batch(start=micro_start(i), count=micro)
                 with timer.phase("forward"), _autocast(run, device):
                     # Each MoE layer's weighted balance losses ride on its output: the backward
                     # of the cross-entropy carries them too, scaled by the same 1/accum.
-                    out = model(x.to(device), y.to(device), loss_scale=1 / accum)
+                    out = model(
+                        b.inputs.to(device), b.targets.to(device), loss_scale=1 / accum, **b.model_kwargs(device)
+                    )
                 with timer.phase("backward"):
                     (out.loss / accum).backward()
                 stats.add_loss(out.loss, tp=dims.tp)
                 stats.add_moe(out.moe_stats, slots)
         else:
-            x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
+            with timer.phase("data"):
+                x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
             losses: list[torch.Tensor] = []
             with timer.phase("pipeline"), _autocast(run, device):
                 _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
@@ -394,6 +400,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     )
     log.write_summary(summary)
     log.close()
+    data.close()
     return summary
 
 
@@ -404,7 +411,7 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     micro, accum = micro_batch_size(run), grad_accum_steps(run)
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
-        batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        batch = functools.partial(data.micro_batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is not None:
             x, y = _rank_batch(batch, micro_start, micro, accum)
             losses: list[torch.Tensor] = []
@@ -415,9 +422,9 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
                 total += torch.stack(losses).sum().double()
             continue
         for i in range(accum):  # the training micro-batch size bounds eval memory too
-            x, y = batch(start=micro_start(i), count=micro)
+            mb = batch(start=micro_start(i), count=micro)
             with _autocast(run, device):
-                total += model(x.to(device), y.to(device)).loss.double()
+                total += model(mb.inputs.to(device), mb.targets.to(device), **mb.model_kwargs(device)).loss.double()
     model.train()
     all_reduce_(total, mesh.data_group)
     all_reduce_(total, mesh.pp_group)  # only the last stage holds losses

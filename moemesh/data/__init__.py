@@ -1,0 +1,32 @@
+"""Token data: prepare a corpus, read it in a fixed order, resume exactly where it stopped.
+
+- ``prepare``: tokenise text, jsonl, parquet or a saved Hugging Face dataset into shards of
+  token ids plus a document index and a metadata file (``format``), in parallel, restartably
+  (``scripts/prepare_data.py``). The only module that imports transformers/tokenizers, lazily.
+- ``sampler``: the order, a pure function of the global sample index: a seeded permutation of
+  fixed-length windows without replacement, epoch after epoch; mixtures by a fixed schedule.
+- ``reader``: ``TokenData``, the batches a rank reads (read ahead by a thread), and the data
+  position a checkpoint records.
+- ``resolve``: ``data.*`` to a ``DataSpec``, checked before any rank starts (``check_data``,
+  ``prepare_data``); the stdlib corpus (bytes, one document per file) is built here.
+
+This package sits below ``moemesh.config`` (whose schema registers ``config.DataConfig``)
+and imports nothing of the trainer, launch or planning; ``docs/data.md`` is its user guide.
+"""
+
+from moemesh.data.config import DataConfig, DataSourceConfig
+from moemesh.data.reader import Batch, DataSpec, SourceSpec, TokenData
+from moemesh.data.resolve import build_stdlib_corpus, check_data, max_token_id, prepare_data
+
+__all__ = [
+    "Batch",
+    "DataConfig",
+    "DataSourceConfig",
+    "DataSpec",
+    "SourceSpec",
+    "TokenData",
+    "build_stdlib_corpus",
+    "check_data",
+    "max_token_id",
+    "prepare_data",
+]
