@@ -136,6 +136,9 @@ def _tokens_streams(path: str, val_fraction: float, doc_base: int) -> tuple[Stre
     train, val = [], []
     d = Path(meta.path)
     for shard in meta.shards:
+        if shard.n_tokens == 0:  # a piece of input without documents (numpy cannot map an empty file)
+            doc_base += 1
+            continue
         tokens = np.memmap(d / shard.tokens_file, dtype=DTYPES[meta.dtype], mode="r", shape=(shard.n_tokens,))
         offsets = np.memmap(d / shard.index_file, dtype=INDEX_DTYPE, mode="r", shape=(shard.n_docs + 1,))
         cut = held_out_cut(offsets, shard.n_tokens, val_fraction)

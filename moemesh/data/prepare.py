@@ -1,0 +1,534 @@
+"""Tokenise a corpus into shards (``scripts/prepare_data.py``): parallel, restartable, checked.
+
+Inputs, in the order given (a directory: its files sorted by name):
+- ``.jsonl`` / ``.json`` (one JSON object per line): ``--text-key`` of each line is a document;
+- ``.txt`` / ``.md`` / ``.text``: each file is one document;
+- ``.parquet``: the ``--text-key`` column, row group by row group;
+- a directory saved by Hugging Face ``datasets`` (``save_to_disk``: ``state.json`` and Arrow
+  stream files; a ``DatasetDict``: ``--split``, default train), read with pyarrow, so the
+  ``datasets`` package is not needed.
+
+The plan: every input is cut into units that depend only on its bytes (byte ranges of
+``--shard-mb`` aligned to lines, row groups, record batches, whole text files), and consecutive
+units are grouped into pieces of at least ``--shard-mb`` of input; piece i becomes shard i.
+Each shard is written atomically with a marker under ``OUT/.prepare/``; a prepare started again
+on the same inputs and tokenizer keeps the shards it finds complete (size and sha256 as marked)
+and makes the rest. Tokenisation is deterministic, so the shards are the same bytes as one
+uninterrupted run's; the metadata is written last (no timestamps), the same bytes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moemesh.data.format import (
+    DTYPES,
+    INDEX_DTYPE,
+    MAX_META_BYTES,
+    META_NAME,
+    ShardMeta,
+    atomic_write,
+    dtype_for,
+    meta_json,
+    read_bounded,
+    regular_file,
+    sha256_file,
+    shard_names,
+    write_shard,
+)
+from moemesh.data.tokenizer import TokenizerInfo, load_tokenizer
+from moemesh.errors import ConfigError
+
+PLAN_VERSION = 1
+JSONL = (".jsonl", ".json", ".ndjson")
+TEXT = (".txt", ".md", ".text")
+PARQUET = (".parquet",)
+MAX_TEXT_FILE = 256 << 20  # a .txt file is one document: bounded, since it is read whole
+MAX_LINE = 64 << 20  # one jsonl line (one document)
+ENCODE_BATCH = 512  # documents per encode_batch call
+
+
+@dataclass(frozen=True)
+class Input:
+    path: str  # resolved
+    kind: str  # jsonl | text | parquet | arrow
+    size: int
+    mtime_ns: int
+    given: str  # as on the command line (directory inputs: the directory / file name)
+
+
+@dataclass(frozen=True)
+class Unit:
+    input: int
+    a: int  # jsonl: byte range [a, b); parquet: row group a; arrow: record batch a; text: 0
+    b: int
+    bytes: int  # input bytes it covers (progress, grouping)
+
+
+# --- inputs and the plan --------------------------------------------------------------------------
+
+
+def _arrow_files(d: Path, split: str) -> list[Path]:
+    """A saved datasets directory's Arrow files, in its own order (state.json's _data_files)."""
+    if (d / "dataset_dict.json").is_file():
+        sub = d / split
+        if not sub.is_dir():
+            raw = read_bounded(d / "dataset_dict.json", 1 << 20, f"--input={d}")
+            splits = json.loads(raw).get("splits", [])
+            raise ConfigError(f"--input={d}: a DatasetDict without split {split!r}; --split is one of {splits}")
+        d = sub
+    raw = read_bounded(d / "state.json", 16 << 20, f"--input={d}")
+    try:
+        names = [f["filename"] for f in json.loads(raw)["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--input={d}/state.json: no _data_files list ({err})") from None
+    files = []
+    for name in names:
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise ConfigError(f"--input={d}/state.json: data file name {name!r} leaves the directory")
+        files.append(d / name)
+    return files
+
+
+def _kind(p: Path) -> str | None:
+    suffix = p.suffix.lower()
+    return "jsonl" if suffix in JSONL else "text" if suffix in TEXT else "parquet" if suffix in PARQUET else None
+
+
+def find_inputs(given: list[str], split: str = "train") -> list[Input]:
+    out: list[Input] = []
+
+    def add(p: Path, kind: str, label: str):
+        st = regular_file(p, f"--input={label}")
+        if st.st_size == 0:
+            raise ConfigError(f"--input={label}: empty file (no documents)")
+        out.append(Input(str(p.resolve()), kind, st.st_size, st.st_mtime_ns, label))
+
+    for g in given:
+        p = Path(g).expanduser()
+        if p.is_dir():
+            if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+                for f in _arrow_files(p, split):
+                    add(f, "arrow", f"{g}/{f.name}")
+                continue
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+            if not files:
+                raise ConfigError(f"--input={g}: a directory with no .jsonl, .json, .txt, .md or .parquet file")
+            for f in files:
+                add(f, _kind(f) or "", str(Path(g) / f.relative_to(p)))
+        elif p.exists():
+            kind = _kind(p)
+            if kind is None:
+                raise ConfigError(
+                    f"--input={g}: unknown format {p.suffix or '(no suffix)'}; valid: .jsonl/.json (an object a line), "
+                    ".txt/.md (a document a file), .parquet, or a directory saved by datasets.save_to_disk"
+                )
+            add(p, kind, g)
+        else:
+            raise ConfigError(f"--input={g}: no such file or directory")
+    if not out:
+        raise ConfigError("--input: no input files")
+    return out
+
+
+def _units(inp: Input, i: int, shard_bytes: int) -> list[Unit]:
+    if inp.kind == "jsonl":
+        return [
+            Unit(i, a, min(a + shard_bytes, inp.size), min(shard_bytes, inp.size - a))
+            for a in range(0, inp.size, shard_bytes)
+        ]
+    if inp.kind == "text":
+        if inp.size > MAX_TEXT_FILE:
+            raise ConfigError(
+                f"--input={inp.given}: {inp.size:,} bytes is one document, more than {MAX_TEXT_FILE:,}; "
+                "split it, or give it as .jsonl (a document a line)"
+            )
+        return [Unit(i, 0, 1, inp.size)]
+    if inp.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(inp.path).metadata
+        sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+        return [Unit(i, g, g + 1, max(1, s)) for g, s in enumerate(sizes)]
+    batches = _arrow_batches(inp.path)
+    per = max(1, inp.size // max(1, batches))
+    return [Unit(i, k, k + 1, per) for k in range(batches)]
+
+
+def _arrow_batches(path: str) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(path) as source:
+        return sum(1 for _ in pa.ipc.open_stream(source))
+
+
+def plan_pieces(inputs: list[Input], shard_bytes: int) -> list[list[Unit]]:
+    """Consecutive units grouped until each piece holds at least ``shard_bytes`` of input."""
+    pieces: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for i, inp in enumerate(inputs):
+        for unit in _units(inp, i, shard_bytes):
+            current.append(unit)
+            size += unit.bytes
+            if size >= shard_bytes:
+                pieces.append(current)
+                current, size = [], 0
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _check_text_key(inp: Input, key: str) -> None:
+    """The first document of an input has the text key (found now, not after hours of tokenising)."""
+    if inp.kind != "text":
+        next(_documents(inp, 0, inp.size, key, first_only=True), None)
+
+
+# --- reading documents ----------------------------------------------------------------------------
+
+
+def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
+    """Documents of the lines that start in [a, b)."""
+    with open(inp.path, "rb") as f:
+        if a > 0:
+            f.seek(a - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line that started before a belongs to the previous unit
+        line_no = None
+        while f.tell() < b:
+            pos = f.tell()
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                break
+            if len(line) > MAX_LINE:
+                raise ConfigError(f"--input={inp.given}: a line at byte {pos:,} is longer than {MAX_LINE:,} bytes")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                raise ConfigError(f"--input={inp.given}: byte {pos:,}: not a JSON line ({str(err)[:120]})") from None
+            if not isinstance(obj, dict) or key not in obj:
+                keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+                raise ConfigError(
+                    f"--text-key={key}: missing in {inp.given} at byte {pos:,} (line {line_no or '?'}); "
+                    f"its keys: {keys}"
+                )
+            text = obj[key]
+            if not isinstance(text, str):
+                raise ConfigError(
+                    f"--text-key={key}: {inp.given} at byte {pos:,} holds a {type(text).__name__}, not text"
+                )
+            yield text
+            if first_only:
+                return
+
+
+def _table_texts(table, inp: Input, key: str):
+    if key not in table.column_names:
+        raise ConfigError(f"--text-key={key}: no such column in {inp.given}; its columns: {table.column_names[:12]}")
+    for text in table.column(key).to_pylist():
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"--text-key={key}: {inp.given} holds {type(text).__name__} values, not text")
+        yield text or ""
+
+
+def _documents(inp: Input, a: int, b: int, key: str, first_only: bool = False):
+    if inp.kind == "jsonl":
+        yield from _jsonl(inp, a, b, key, first_only)
+    elif inp.kind == "text":
+        yield read_bounded(Path(inp.path), MAX_TEXT_FILE, f"--input={inp.given}").decode("utf-8", errors="replace")
+    elif inp.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(inp.path)
+        if key not in pf.schema_arrow.names:
+            raise ConfigError(
+                f"--text-key={key}: no such column in {inp.given}; its columns: {pf.schema_arrow.names[:12]}"
+            )
+        if first_only:
+            return
+        yield from _table_texts(pf.read_row_group(a, columns=[key]), inp, key)
+    else:
+        import pyarrow as pa
+
+        with pa.memory_map(inp.path) as source:
+            reader = pa.ipc.open_stream(source)
+            if key not in reader.schema.names:
+                raise ConfigError(
+                    f"--text-key={key}: no such column in {inp.given}; its columns: {reader.schema.names[:12]}"
+                )
+            if first_only:
+                return
+            for k, batch in enumerate(reader):
+                if k == a:
+                    yield from _table_texts(pa.Table.from_batches([batch]), inp, key)
+                    return
+
+
+# --- workers --------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _die_with_parent() -> None:
+    """A worker ends when the prepare that started it ends, however it ends (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _init_worker(backend_json: str, parent: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    from tokenizers import Tokenizer
+
+    _WORKER["tok"] = Tokenizer.from_str(backend_json)
+
+
+def encode_documents(tok, texts: list[str], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts``, each followed by ``eos``; and the document lengths."""
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for x in ids:
+        n = len(x)
+        out[pos : pos + n] = x
+        out[pos + n] = eos
+        pos += n + 1
+    return out, lengths
+
+
+def _piece(task) -> dict:
+    """Tokenise piece ``index`` into shard ``index`` (run in a worker)."""
+    index, units, inputs, key, eos, dtype_name, out_dir = task
+    tok, dtype = _WORKER["tok"], DTYPES[dtype_name]
+    chunks, lengths = [], []
+    per_input: dict[int, list[int]] = {}  # input -> [documents, tokens]
+    batch: list[str] = []
+
+    def flush(i: int):
+        if batch:
+            t, n = encode_documents(tok, batch, eos, dtype)
+            chunks.append(t)
+            lengths.append(n)
+            stats = per_input.setdefault(i, [0, 0])
+            stats[0] += len(n)
+            stats[1] += int(n.sum())
+            batch.clear()
+
+    for u in units:
+        inp = inputs[u.input]
+        for text in _documents(inp, u.a, u.b, key):
+            if text:
+                batch.append(text)
+                if len(batch) >= ENCODE_BATCH:
+                    flush(u.input)
+        flush(u.input)
+        per_input.setdefault(u.input, [0, 0])
+    tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
+    n = np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n)]).astype(INDEX_DTYPE)
+    out = Path(out_dir)
+    shard = write_shard(out, index, tokens, offsets, dtype_name)
+    marker = {"shard": shard.as_json(), "inputs": {str(i): v for i, v in sorted(per_input.items())}}
+    atomic_write(out / ".prepare" / f"piece_{index:06d}.json", json.dumps(marker).encode())
+    return {"index": index, "bytes": sum(u.bytes for u in units)}
+
+
+def _hash_input(task) -> tuple[int, str]:
+    i, path = task
+    return i, sha256_file(Path(path))
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def _shard_ok(out: Path, index: int) -> ShardMeta | None:
+    """Piece ``index``'s shard, if a marker says it is complete and the files agree (size, sha256)."""
+    marker = out / ".prepare" / f"piece_{index:06d}.json"
+    try:
+        s = json.loads(read_bounded(marker, 1 << 20, "marker"))["shard"]
+        shard = ShardMeta(
+            s["tokens_file"], s["index_file"], s["tokens"], s["documents"], s["tokens_sha256"], s["index_sha256"]
+        )
+    except (ConfigError, ValueError, KeyError, TypeError):
+        return None
+    if (shard.tokens_file, shard.index_file) != shard_names(index):
+        return None
+    for name, want in ((shard.tokens_file, shard.tokens_sha256), (shard.index_file, shard.index_sha256)):
+        p = out / name
+        if not p.is_file() or sha256_file(p) != want:
+            return None
+    return shard
+
+
+def _refuse_other(out: Path, plan: dict) -> None:
+    """An output directory holding another tokenizer's (or other inputs') shards is refused."""
+    for name in (META_NAME, ".prepare/plan.json"):
+        p = out / name
+        if not p.exists():
+            continue
+        try:
+            other = json.loads(read_bounded(p, MAX_META_BYTES, f"--out={out}"))
+        except ValueError:
+            raise ConfigError(
+                f"--out={out}: {name} is not JSON: not a directory of this tool's; use another --out"
+            ) from None
+        tok = (other.get("tokenizer") or {}) if isinstance(other, dict) else {}
+        if tok.get("sha256") != plan["tokenizer"]["sha256"]:
+            raise ConfigError(
+                f"--out={out} holds shards of another tokenizer ({tok.get('name')}, sha256 "
+                f"{str(tok.get('sha256'))[:12]}), not of {plan['tokenizer']['name']} (sha256 "
+                f"{plan['tokenizer']['sha256'][:12]}); use another --out or remove it"
+            )
+        if name == ".prepare/plan.json" and other != plan:
+            raise ConfigError(
+                f"--out={out} holds an unfinished prepare of other inputs or options; run that command again to "
+                "finish it, or use another --out"
+            )
+    if out.exists() and not (out / META_NAME).exists() and not (out / ".prepare").exists():
+        if any(out.iterdir()):
+            raise ConfigError(f"--out={out} exists and holds files that are not a prepared corpus; use another --out")
+
+
+def prepare(
+    *,
+    tokenizer: str,
+    inputs: list[str],
+    out: str,
+    text_key: str = "text",
+    workers: int = 1,
+    shard_mb: float = 64.0,
+    split: str = "train",
+    eos_token: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Tokenise ``inputs`` into ``out`` (see the module docstring); returns ``out``."""
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    if not shard_mb > 0:
+        raise ConfigError(f"--shard-mb={shard_mb} must be > 0")
+    shard_bytes = max(1, int(shard_mb * 2**20))
+    info = load_tokenizer(tokenizer, eos_token=eos_token)
+    found = find_inputs(inputs, split)
+    for inp in found:
+        _check_text_key(inp, text_key)
+    pieces = plan_pieces(found, shard_bytes)
+    dtype = dtype_for(info.vocab_size)
+    plan = {
+        "version": PLAN_VERSION,
+        "tokenizer": info.as_meta(),
+        "eos_id": info.eos_id,
+        "text_key": text_key,
+        "shard_bytes": shard_bytes,
+        "inputs": [asdict(i) for i in found],
+        "pieces": len(pieces),
+    }
+    root = Path(out).expanduser()
+    _refuse_other(root, plan)
+    if (root / META_NAME).exists():
+        meta = json.loads(read_bounded(root / META_NAME, MAX_META_BYTES, f"--out={out}"))
+        if meta.get("prepared_from") == _identity(plan):
+            print(f"prepare_data: {out} is already prepared from these inputs; nothing to do", file=sys.stderr)
+            return root
+        raise ConfigError(f"--out={out} holds a corpus prepared from other inputs or options; use another --out")
+    work = root / ".prepare"
+    work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / "lock", "w")  # noqa: SIM115 (held for the whole prepare)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ConfigError(f"--out={out}: another prepare is writing it now") from None
+    try:
+        if not (work / "plan.json").exists():
+            atomic_write(work / "plan.json", json.dumps(plan, indent=1).encode())
+        for p in root.glob(".shard_*.tmp"):
+            p.unlink(missing_ok=True)
+        done = {i: s for i in range(len(pieces)) if (s := _shard_ok(root, i)) is not None}
+        todo = [
+            (i, pieces[i], found, text_key, info.eos_id, dtype, str(root)) for i in range(len(pieces)) if i not in done
+        ]
+        hashes = _run(info, todo, found, workers, progress, skipped=len(done), total=len(pieces))
+        markers = [json.loads((work / f"piece_{i:06d}.json").read_text()) for i in range(len(pieces))]
+        shards = [_shard_ok(root, i) for i in range(len(pieces))]
+        if any(s is None for s in shards):
+            raise ConfigError(f"--out={out}: a shard changed while it was being prepared; run the command again")
+        per_input = [[0, 0] for _ in found]
+        for m in markers:
+            for i, (docs, toks) in m["inputs"].items():
+                per_input[int(i)][0] += docs
+                per_input[int(i)][1] += toks
+        for inp, (docs, _) in zip(found, per_input):
+            if docs == 0:
+                raise ConfigError(f"--input={inp.given}: no documents (every {text_key!r} is empty, or no lines)")
+        sources = [
+            {"path": inp.given, "bytes": inp.size, "sha256": hashes[i], "documents": d, "tokens": t}
+            for i, (inp, (d, t)) in enumerate(zip(found, per_input))
+        ]
+        data = meta_json(
+            tokenizer=info.as_meta(),
+            vocab_size=info.vocab_size,
+            eos_id=info.eos_id,
+            special_ids=info.special_ids,
+            shards=[s for s in shards if s is not None],
+            extra={"text_key": text_key, "sources": sources, "prepared_from": _identity(plan)},
+        )
+        atomic_write(root / META_NAME, data)
+    finally:
+        lock.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+def _identity(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _run(
+    info: TokenizerInfo, todo: list, inputs: list[Input], workers: int, progress: bool, *, skipped: int, total: int
+):
+    """Tokenise the pieces left and hash every input, over ``workers`` processes; returns the hashes."""
+    from tqdm import tqdm
+
+    # One core per worker: the tokenizers library would otherwise run its own threads in each.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    todo_bytes = sum(sum(u.bytes for u in t[1]) for t in todo)
+    hash_bytes = sum(i.size for i in inputs)
+    bar = tqdm(
+        total=todo_bytes + hash_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"prepare ({total - skipped} of {total} shards to make)",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    hashes: dict[int, str] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(info.backend_json, os.getpid())) as pool:
+        pending_hashes = pool.imap_unordered(_hash_input, [(i, inp.path) for i, inp in enumerate(inputs)])
+        for done in pool.imap_unordered(_piece, todo):
+            bar.update(done["bytes"])
+        for i, h in pending_hashes:
+            hashes[i] = h
+            bar.update(inputs[i].size)
+    bar.close()
+    return hashes
