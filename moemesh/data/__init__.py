@@ -14,9 +14,36 @@ This package sits below ``moemesh.config`` (whose schema registers ``config.Data
 and imports nothing of the trainer, launch or planning; ``docs/data.md`` is its user guide.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from moemesh.data.config import DataConfig, DataSourceConfig
-from moemesh.data.reader import Batch, DataSpec, SourceSpec, TokenData
-from moemesh.data.resolve import build_stdlib_corpus, check_data, max_token_id, prepare_data
+
+if TYPE_CHECKING:
+    from moemesh.data.reader import Batch, DataSpec, SourceSpec, TokenData
+    from moemesh.data.resolve import build_stdlib_corpus, check_data, max_token_id, prepare_data
+
+# Imported when first used (PEP 562): prepare's worker processes, which import
+# moemesh.data.prepare, then start without torch.
+_LAZY = {
+    "Batch": "reader",
+    "DataSpec": "reader",
+    "SourceSpec": "reader",
+    "TokenData": "reader",
+    "build_stdlib_corpus": "resolve",
+    "check_data": "resolve",
+    "max_token_id": "resolve",
+    "prepare_data": "resolve",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"moemesh.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'moemesh.data' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",

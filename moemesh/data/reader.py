@@ -8,8 +8,8 @@ run, on any layout, reads what the uninterrupted run would have read.
 
 Streams (``Stream``) are concatenations of token segments: one per shard of a prepared
 directory (its training documents, or its held-out ones), or one file or array. Validation is
-held out by whole documents: the documents of each shard that start in its last
-``val_fraction`` of tokens (or a whole other prepared directory, ``data.val_path``), so no
+held out by whole documents: the fewest documents at the end of each shard that hold at
+least ``val_fraction`` of its tokens (or a whole other prepared directory, ``data.val_path``), so no
 validation token is ever a training token.
 
 Batches of the training split are read ahead by one background thread (``prefetch_steps``
@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -124,10 +125,13 @@ class Stream:
 
 
 def held_out_cut(offsets: np.ndarray, n_tokens: int, val_fraction: float) -> int:
-    """Where a shard's validation documents start: the first document that starts in its last
-    ``val_fraction`` of tokens (the shard's end if none does)."""
-    target = n_tokens - int(n_tokens * val_fraction)
-    return int(offsets[int(np.searchsorted(offsets, target, side="left"))])
+    """Where a shard's validation documents start: the fewest whole documents at its end that
+    hold at least ``val_fraction`` of its tokens; none of a one-document shard (its end)."""
+    if val_fraction <= 0:
+        return n_tokens
+    target = n_tokens - math.ceil(n_tokens * val_fraction)
+    cut = int(offsets[int(np.searchsorted(offsets, target, side="right")) - 1])
+    return n_tokens if cut == 0 else cut
 
 
 def _tokens_streams(path: str, val_fraction: float, doc_base: int) -> tuple[Stream, Stream]:

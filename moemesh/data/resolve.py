@@ -216,7 +216,7 @@ def _tokens_metas(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> list[tup
         if weight and not cfg.val_path:
             _check_windows(
                 f"{key}={meta.path}: the documents held out for validation (data.val_fraction={cfg.val_fraction}: "
-                "those starting in the last fraction of each shard)",
+                "the last documents of each shard, one shard's only document never)",
                 val,
                 seq_len,
                 "; raise data.val_fraction, or set data.val_path to a prepared validation directory",
