@@ -147,18 +147,47 @@ def bench_loader(batches: int, rounds: int) -> list[float]:
     return rates
 
 
+def bench_mask_long(seq: int, rounds: int, reps: int = 5) -> list[float]:
+    """The mask's cost where it grows (S^2): the tiny model's forward+backward at ``seq`` tokens,
+    2 sequences of 4 documents each, with the mask over without (seconds per step)."""
+    import torch
+
+    from moemesh.moe.config import ModelConfig
+    from moemesh.moe.model import Transformer
+
+    cfg = ModelConfig(name="tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, ffn_hidden_size=512,
+                      moe_ffn_hidden_size=256, num_experts=8, top_k=2, max_seq_len=seq)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    x = torch.randint(0, 256, (2, seq))
+    docs = torch.arange(seq).div(seq // 4, rounding_mode="floor").expand(2, seq)
+
+    def step(masked: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = model(x, x, documents_BS=docs if masked else None)
+            out.loss.backward()
+        return (time.perf_counter() - t0) / reps
+
+    step(False), step(True)  # warm-up
+    return [step(False) / step(True) for _ in range(rounds)]  # = masked tokens/s over plain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--docs", type=int, default=40000, help="documents in the prepare corpus")
     ap.add_argument("--steps", type=int, default=40, help="training steps per run (the median skips the first)")
     ap.add_argument("--batches", type=int, default=2000, help="global batches the loader reads per round")
+    ap.add_argument("--mask-seq", type=int, default=1024, help="sequence length of the long-sequence mask cost")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moemesh-bench-data-"))
     try:
         p = bench_prepare(work, args.docs, args.rounds)
         t = bench_training(work, args.steps, args.rounds)
         loader = bench_loader(args.batches, args.rounds)
+        long_mask = bench_mask_long(args.mask_seq, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     train_tps = statistics.median(t["tokens_per_s"])
@@ -174,6 +203,7 @@ def main() -> None:
     print(f"  tokens/s {_fmt(t['tokens_per_s'], ',.0f')}")
     print(f"  tokens/s with data.document_mask=true {_fmt(t['tokens_per_s_mask'], ',.0f')}")
     print(f"  document mask: {_fmt(mask_cost, '.3f')} x the tokens/s without")
+    print(f"  document mask at {args.mask_seq} tokens (2 sequences, fwd+bwd): {_fmt(long_mask, '.3f')} x without")
     ratio = [x / train_tps for x in loader]
     print(f"loader alone: {_fmt(loader, ',.0f')} tokens/s = {_fmt(ratio, ',.0f')} x training (goal >= 50x)")
 
