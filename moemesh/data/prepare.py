@@ -207,7 +207,6 @@ def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
             f.seek(a - 1)
             if f.read(1) != b"\n":
                 f.readline()  # the line that started before a belongs to the previous unit
-        line_no = None
         while f.tell() < b:
             pos = f.tell()
             line = f.readline(MAX_LINE + 1)
@@ -223,10 +222,7 @@ def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
                 raise ConfigError(f"--input={inp.given}: byte {pos:,}: not a JSON line ({str(err)[:120]})") from None
             if not isinstance(obj, dict) or key not in obj:
                 keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                raise ConfigError(
-                    f"--text-key={key}: missing in {inp.given} at byte {pos:,} (line {line_no or '?'}); "
-                    f"its keys: {keys}"
-                )
+                raise ConfigError(f"--text-key={key}: missing in {inp.given} at byte {pos:,}; its keys: {keys}")
             text = obj[key]
             if not isinstance(text, str):
                 raise ConfigError(
@@ -520,15 +516,18 @@ def _run(
         desc=f"prepare ({total - skipped} of {total} shards to make)",
         disable=not progress,
         file=sys.stderr,
+        leave=False,  # cleared at the end: an error after it stays one line
     )
     hashes: dict[int, str] = {}
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(info.backend_json, os.getpid())) as pool:
-        pending_hashes = pool.imap_unordered(_hash_input, [(i, inp.path) for i, inp in enumerate(inputs)])
-        for done in pool.imap_unordered(_piece, todo):
-            bar.update(done["bytes"])
-        for i, h in pending_hashes:
-            hashes[i] = h
-            bar.update(inputs[i].size)
-    bar.close()
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(info.backend_json, os.getpid())) as pool:
+            pending_hashes = pool.imap_unordered(_hash_input, [(i, inp.path) for i, inp in enumerate(inputs)])
+            for done in pool.imap_unordered(_piece, todo):
+                bar.update(done["bytes"])
+            for i, h in pending_hashes:
+                hashes[i] = h
+                bar.update(inputs[i].size)
+    finally:
+        bar.close()
     return hashes

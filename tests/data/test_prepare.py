@@ -235,3 +235,13 @@ def test_a_hub_name_offline_is_one_line_naming_it(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("prepare_data: error: --tokenizer=someorg/no-such-tokenizer: not a local directory")
+
+
+@pytest.mark.slow  # a worker process finds it
+def test_a_missing_key_deep_in_a_file_is_one_line_from_the_worker(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    lines = [json.dumps({"text": "hello"})] * 50 + [json.dumps({"txt": "hello"})]
+    (tmp_path / "late.jsonl").write_text("\n".join(lines) + "\n")
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "late.jsonl", "--out", tmp_path / "o")
+    assert rc == 2 and len(err) == 1 and "--text-key=text: missing in" in err[0] and "its keys: ['txt']" in err[0], err
+    assert not (tmp_path / "o" / META_NAME).exists()
