@@ -15,8 +15,10 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -73,6 +75,16 @@ def _unknown_key(key: str) -> str:
     return f"{key}: no such key{hint}"
 
 
+def _unknown_item_key(target: str, key: str) -> str:
+    """A misspelled key inside the items of a list of dataclasses (``data.sources=[{...}]``)."""
+    cls: Any = RunConfig
+    for part in target.split("."):
+        cls = typing.get_type_hints(cls)[part]
+    items = [a for arg in typing.get_args(cls) for a in (arg, *typing.get_args(arg)) if dataclasses.is_dataclass(a)]
+    valid = [f.name for f in dataclasses.fields(items[0])] if items else []
+    return f"{target}: an item has no key {key}{_did_you_mean(key, valid)} (valid keys of an item: {', '.join(valid)})"
+
+
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -90,6 +102,12 @@ def explain(err: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or getattr(cause, "key", "") or ""
         msg = _first_line(cause.msg or str(cause))
+        listed = re.search(r"(?:Could not override '|Error merging override )([\w.]+)", str(err))
+        if listed and key and not key.startswith(listed.group(1)) and listed.group(1) in schema_keys():
+            # A key inside the items of a list (data.sources=[{...}]): OmegaConf names only the item's key.
+            if re.match(r"Key '.*' not in '", msg):
+                return _unknown_item_key(listed.group(1), key)
+            key = f"{listed.group(1)}[*].{key}"
         if re.match(r"Key '.*' not in '", msg) or "Could not override" in str(err):
             return _unknown_key(key)
         m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)

@@ -56,3 +56,23 @@ def test_valid_data_keys_pass():
     run = tiny_run(**{"data.kind": "tokens", "data.sources": sources, "data.val_path": "v"})
     validate_run(run)
     assert [s.weight for s in run.data.sources] == [0.7, 0.3]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.sources=[{path: a, wieght: 0.7}]",
+            "data.sources: an item has no key wieght; did you mean weight? (valid keys of an item: path, weight)",
+        ),
+        ("data.sources=[{path: a, weight: abc}]", "data.sources[*].weight=abc: expected a number"),
+    ],
+)
+def test_a_mistake_inside_a_source_names_the_list(override, message):
+    from moemesh.config.cli import preflight
+    from moemesh.config.schema import register_schema
+
+    register_schema()  # train.py does this at import
+    with pytest.raises(ConfigError) as err:
+        preflight(["data=tokens", override])
+    assert str(err.value) == message
