@@ -193,9 +193,11 @@ class OutputAccess(enum.StrEnum):
 
 
 class DataKind(enum.StrEnum):
-    """data.kind (trainer/data.py): the stdlib byte corpus, a uint16 token file, random tokens."""
+    """data.kind (moemesh/data): the stdlib byte corpus, directories of scripts/prepare_data.py,
+    a nanoGPT-style uint16 file, random tokens."""
 
     stdlib = "stdlib"
+    tokens = "tokens"
     memmap = "memmap"
     synthetic = "synthetic"
 

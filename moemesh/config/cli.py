@@ -11,11 +11,14 @@ as usual, so a refused command leaves no run or sweep directory behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -25,7 +28,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from moemesh.config.schema import RunConfig, did_you_mean, explain_omegaconf, register_schema, to_run_config
+from moemesh.config.schema import (
+    RunConfig,
+    did_you_mean,
+    explain_omegaconf,
+    register_schema,
+    schema_keys,
+    to_run_config,
+)
 from moemesh.config.validate import check_layout_name, validate_run
 from moemesh.errors import ConfigError
 from moemesh.fields import Launcher
@@ -46,6 +56,16 @@ class Command:
     jobs: list[Job]
 
 
+def _unknown_item_key(target: str, key: str) -> str:
+    """A misspelled key inside the items of a list of dataclasses (``data.sources=[{...}]``)."""
+    cls: Any = RunConfig
+    for part in target.split("."):
+        cls = typing.get_type_hints(cls)[part]
+    items = [a for arg in typing.get_args(cls) for a in (arg, *typing.get_args(arg)) if dataclasses.is_dataclass(a)]
+    valid = [f.name for f in dataclasses.fields(items[0])] if items else []
+    return f"{target}: an item has no key {key}{did_you_mean(key, valid)} (valid keys of an item: {', '.join(valid)})"
+
+
 def _first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0]
 
@@ -58,7 +78,14 @@ def explain(err: BaseException) -> str:
         return f"{group}={choice}: no such preset{hint} (valid: {', '.join(err.options)})"
     cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
     if isinstance(cause, OmegaConfBaseException):
-        return explain_omegaconf(cause, overriding="Could not override" in str(err))
+        key = cause.full_key or getattr(cause, "key", "") or ""
+        listed = re.search(r"(?:Could not override '|Error merging override )([\w.]+)", str(err))
+        if listed and key and not key.startswith(listed.group(1)) and listed.group(1) in schema_keys():
+            # A key inside the items of a list (data.sources=[{...}]): OmegaConf names only the item's key.
+            if re.match(r"Key '.*' not in '", _first_line(cause.msg or str(cause))):
+                return _unknown_item_key(listed.group(1), key)
+            key = f"{listed.group(1)}[*].{key}"
+        return explain_omegaconf(cause, overriding="Could not override" in str(err), key=key)
     text = _first_line(str(err))
     if text.startswith("LexerNoViableAltException: "):  # a character the override grammar has no token for
         override = text.split(": ", 1)[1]

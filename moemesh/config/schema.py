@@ -22,11 +22,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moemesh import fields
+from moemesh.data.config import DataConfig
 from moemesh.errors import ConfigError
 from moemesh.fields import (
     SEED_MAX,
     CommBackend,
-    DataKind,
     Device,
     Dtype,
     KernelBackend,
@@ -191,23 +191,6 @@ class ClusterConfig:
 
 
 @dataclass
-class DataConfig:
-    name: str = MISSING
-    # stdlib: bytes of the running Python's standard library .py files (no download);
-    # memmap: a user's uint16 token file (nanoGPT .bin); synthetic: random tokens.
-    kind: DataKind = DataKind.stdlib
-    path: str | None = None  # memmap: the train .bin file
-    val_path: str | None = None  # memmap: optional separate validation .bin
-    cache_dir: str | None = None  # stdlib: where the built corpus is cached
-    val_fraction: float = 0.01
-
-    def __post_init__(self) -> None:
-        fields.choice(self, "data.", "kind", DataKind)
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-
-
-@dataclass
 class LoggerConfig:
     name: str = MISSING
     console: bool = True
@@ -369,10 +352,12 @@ def _choice_types(cls: type = RunConfig, prefix: str = "") -> dict[str, type]:
     return out
 
 
-def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False) -> str:
+def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False, key: str | None = None) -> str:
     """One line for OmegaConf's refusal of a value or key: the key, the value, what would be valid.
-    ``overriding``: Hydra's "Could not override" (a key the schema lacks)."""
-    key = cause.full_key or getattr(cause, "key", "") or ""
+    ``overriding``: Hydra's "Could not override" (a key the schema lacks); ``key``: the dotted key
+    to name, when the caller knows it better than OmegaConf (an item of a list)."""
+    if key is None:
+        key = cause.full_key or getattr(cause, "key", "") or ""
     msg = _first_line(cause.msg or str(cause))
     if re.match(r"Key '.*' not in '", msg) or overriding:
         return _unknown_key(key)

@@ -95,21 +95,17 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
 
 
 def _check_data_source(run: RunConfig) -> None:
-    if run.data.kind == DataKind.stdlib and run.model.vocab_size < 256:
+    """The data against the model and the layout (the data keys among themselves: DataConfig)."""
+    d = run.data
+    if d.kind == DataKind.stdlib and run.model.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} must be >= 256 for byte-level data.kind=stdlib")
-    # A key the chosen data source does not read is a mistake, not a setting (data.path
-    # with the default stdlib corpus would train on the wrong data and say nothing).
-    reads = {"stdlib": ("cache_dir",), "memmap": ("path", "val_path"), "synthetic": ()}
-    for key in ("path", "val_path", "cache_dir"):
-        value = getattr(run.data, key)
-        if value is not None and key not in reads.get(run.data.kind, ()):
-            users = [k for k, keys in reads.items() if key in keys]
-            raise ConfigError(
-                f"data.{key}={value} is ignored by data={run.data.kind}; "
-                f"it is read by data={' or data='.join(users)} (e.g. data={users[0]} data.{key}=...)"
-            )
-    if run.data.kind == DataKind.memmap and not run.data.path:
-        raise ConfigError("data.path is required for data.kind=memmap (a uint16 token .bin file)")
+    pp = run.parallel.pipeline_parallel_size
+    if d.document_mask and pp > 1:
+        raise ConfigError(
+            f"data.document_mask=true with parallel.pipeline_parallel_size={pp}: the document ids would "
+            "have to travel between pipeline stages with the activations, which the pipeline does not carry; "
+            "use a layout without pp, or data.document_mask=false"
+        )
 
 
 def _check_tensor_parallel(run: RunConfig, dims: ParallelDims) -> None:

@@ -54,6 +54,16 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None):
     return angles_SDh2.cos(), angles_SDh2.sin()
 
 
+def document_mask(documents_BS: torch.Tensor) -> torch.Tensor:
+    """Causal attention within documents: [B, 1, S, S], True where query s may attend to key t
+    (t <= s, same document number). RoPE needs no reset at a document's start: within one
+    document q.k depends only on the distance between positions."""
+    S = documents_BS.shape[-1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=documents_BS.device).tril()
+    same_BSS = documents_BS[:, :, None] == documents_BS[:, None, :]
+    return (same_BSS & causal_SS).unsqueeze(1)
+
+
 def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
     x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
     S = x_BHSDh.shape[-2]
@@ -63,12 +73,15 @@ def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
 
 
 class AttentionCore(nn.Module):
-    """softmax(q k^T) v, causal: the part of attention with no weights and no collectives (a
-    module of its own so that ``apply_instrumentation`` can time it: time.attention_core)."""
+    """softmax(q k^T) v, causal (and within documents, given their mask): the part of attention
+    with no weights and no collectives (a module of its own so that ``apply_instrumentation``
+    can time it: time.attention_core)."""
 
-    def forward(self, q_BHSDh, k_BGSDh, v_BGSDh):
+    def forward(self, q_BHSDh, k_BGSDh, v_BGSDh, mask_B1SS=None):
         gqa = k_BGSDh.shape[1] != q_BHSDh.shape[1]
-        return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=gqa)
+        if mask_B1SS is None:
+            return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1SS, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -92,13 +105,13 @@ class Attention(nn.Module):
             linear.shard(tp_group, sequence_parallel=sequence_parallel)
         self.H, self.G = self.H // t, self.G // t
 
-    def forward(self, x_BSD, cos, sin):
+    def forward(self, x_BSD, cos, sin, mask_B1SS=None):
         # With SP the column-parallel projections gather the sequence: S is the full length here.
         q = rearrange(self.wq(x_BSD), "b s (h d) -> b h s d", h=self.H)
         k = rearrange(self.wk(x_BSD), "b s (g d) -> b g s d", g=self.G)
         v = rearrange(self.wv(x_BSD), "b s (g d) -> b g s d", g=self.G)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(rearrange(self.core(q, k, v), "b h s d -> b s (h d)"))
+        return self.wo(rearrange(self.core(q, k, v, mask_B1SS), "b h s d -> b s (h d)"))
 
 
 class Block(nn.Module):
@@ -118,8 +131,8 @@ class Block(nn.Module):
             self.moe = None
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0, mask_B1SS=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask_B1SS)
         h = self.ffn_norm(x_BSD)
         if self.moe is not None:
             out, stats = self.moe(h, loss_scale=loss_scale)
@@ -257,9 +270,10 @@ class Transformer(nn.Module):
         assert self.norm is not None and self.head is not None, "only the last pipeline stage holds the head"
         return self.head(self.norm(x_BSD))
 
-    def _blocks(self, x, stats: list[MoEStats], loss_scale: float):
+    def _blocks(self, x, stats: list[MoEStats], loss_scale: float, documents_BS=None):
+        mask = None if documents_BS is None else document_mask(documents_BS)  # once for every layer
         for block in self.layers.values():
-            x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale)
+            x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale, mask_B1SS=mask)
             if s is not None:
                 stats.append(s)
         return x
@@ -278,12 +292,20 @@ class Transformer(nn.Module):
         return self._logits(x) if self.last else x
 
     def forward(
-        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False, loss_scale=1.0
+        self,
+        tokens_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        *,
+        return_logits=False,
+        loss_scale=1.0,
+        documents_BS: torch.Tensor | None = None,
     ):
         """``loss_scale``: the factor the caller applies to ``loss`` before backward (1/accum
-        with gradient accumulation); each MoE layer's attached balance losses get it too."""
+        with gradient accumulation); each MoE layer's attached balance losses get it too.
+        ``documents_BS``: a document number per token (data.document_mask): attention stays
+        within each document."""
         stats: list[MoEStats] = []
-        x = self._blocks(self._embed(tokens_BS), stats, loss_scale)
+        x = self._blocks(self._embed(tokens_BS), stats, loss_scale, documents_BS)
         logits = self._logits(x)  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:

@@ -50,6 +50,7 @@ STATE = ("param_bytes", "grad_bytes", "optimizer_bytes")
 OTHER = "other"  # the part of the measured step that no phase accounts for
 COINCIDE_TOL = 1e-4  # nats/token: loss curves closer than this everywhere are drawn on top of each other
 PHASE_COLORS = {  # one per phase of PHASES, and OTHER
+    "data": "tab:brown",
     "forward": "tab:blue",
     "backward": "tab:orange",
     "pipeline": "tab:purple",
@@ -190,7 +191,7 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 def table(runs: list[Run]) -> str:
     base = runs[0].stats["tps"]
     head = (
-        f"| run | world | dp/ep/tp/pp | tokens/s | ratio to {runs[0].label} | step ms | fwd % | bwd % | "
+        f"| run | world | dp/ep/tp/pp | tokens/s | ratio to {runs[0].label} | step ms | data % | fwd % | bwd % | "
         "pipeline % | grad reduce % | optim % | other % | a2a % | peak MiB/rank | expert param MiB/rank | "
         "non-expert param MiB/rank | load CV | final loss |"
     )

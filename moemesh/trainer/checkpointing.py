@@ -23,8 +23,11 @@ from moemesh.parallel.mesh import ParallelMesh
 class Checkpointer:
     """Saving and resuming this run's training state (see parallel.checkpoint)."""
 
-    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
+    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path, data=None):
+        """``data``: the run's ``moemesh.data.TokenData``, whose position each checkpoint records
+        (meta.json's "data") and a resume restores, checked against the data it now reads."""
         self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
+        self.data = data
         self.step_t = torch.zeros((), dtype=torch.int64)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
@@ -60,9 +63,11 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
-        return checkpoint.save(
-            self.root, step, self._state(), self.meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep
-        )
+        meta = self.meta
+        if self.data is not None:
+            t = self.run.trainer
+            meta = {**meta, "data": self.data.position(step, global_batch=t.global_batch_size, seq_len=t.seq_len)}
+        return checkpoint.save(self.root, step, self._state(), meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep)
 
     def resume(self, log) -> int:
         """Load the newest loadable checkpoint; fall back to older ones with a warning."""
@@ -88,6 +93,9 @@ class Checkpointer:
             checkpoint.set_optimizer_step(self.optimizer, step)
             torch.set_rng_state(state["rng.cpu"])
             log.message(f"moemesh: resumed from {path} (saved under {meta['layout']}) at step {step}")
+            if self.data is not None:
+                note = self.data.resume_at(step, meta.get("data"), seq_len=self.run.trainer.seq_len)
+                log.message(f"moemesh: {note}")
             return step
         raise checkpoint.CheckpointError(
             f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: " + "; ".join(reasons)
@@ -98,3 +106,8 @@ class Checkpointer:
         diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
+        position = meta.get("data")
+        if self.data is not None and position is not None and not self.run.data.resume_on_new_data:
+            why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
+            if why:
+                raise checkpoint.CheckpointError(f"{path}: {why}")

@@ -219,7 +219,10 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
-    ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    data = TokenData(ctx.data_paths, seed=t.seed)  # reads ahead in a thread of its own (moemesh.data)
+    ckpt = Checkpointer(
+        run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"), data=data
+    )
     ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
     log.begin(start)
@@ -232,7 +235,7 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         ctx=ctx,
         model=model,
         optimizer=optimizer,
-        data=TokenData(ctx.data_paths, seed=t.seed),
+        data=data,
         log=log,
         ckpt=ckpt,
         meter=meter,
@@ -267,21 +270,24 @@ def train_step(state: TrainState, step: int) -> StepResult:
     # The loss terms and per-layer MoE statistics add up on the device until the all-reduce
     # below (no host sync per micro-step).
     stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device)
-    batch = functools.partial(s.data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
+    batch = functools.partial(s.data.micro_batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
     slots = list(s.local_moe)
     if s.pipe is None:
         for i in range(s.accum):
-            x, y = batch(start=s.micro_start(i), count=s.micro)
+            with timer.phase("data"):  # read ahead by moemesh.data's thread: only the wait
+                b = batch(start=s.micro_start(i), count=s.micro)
             with timer.phase("forward"), _autocast(s.run, s.device):
                 # Each MoE layer's weighted balance losses ride on its output: the backward
                 # of the cross-entropy carries them too, scaled by the same 1/accum.
-                out = s.model(x.to(s.device), y.to(s.device), loss_scale=1 / s.accum)
+                x, y = b.inputs.to(s.device), b.targets.to(s.device)
+                out = s.model(x, y, loss_scale=1 / s.accum, **b.model_kwargs(s.device))
             with timer.phase("backward"):
                 (out.loss / s.accum).backward()
             stats.add_loss(out.loss, tp=dims.tp)
             stats.add_moe(out.moe_stats, slots)
     else:
-        x, y = _rank_batch(batch, s.micro_start, s.micro, s.accum)  # the schedule cuts it into micro-batches
+        with timer.phase("data"):
+            x, y = _rank_batch(batch, s.micro_start, s.micro, s.accum)  # the schedule cuts it into micro-batches
         losses: list[torch.Tensor] = []
         with timer.phase("pipeline"), _autocast(s.run, s.device):
             _pipeline_step(s.pipe, s.model, x.to(s.device), y.to(s.device), losses)
@@ -383,6 +389,7 @@ def run_training(state: TrainState) -> RunSummary:
     )
     s.log.write_summary(summary)
     s.log.close()
+    s.data.close()
     return summary
 
 
@@ -416,7 +423,7 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     micro, accum = plan.micro_batch_size, plan.micro_steps
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
-        batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        batch = functools.partial(data.micro_batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is not None:
             x, y = _rank_batch(batch, micro_start, micro, accum)
             losses: list[torch.Tensor] = []
@@ -427,9 +434,9 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
                 total += torch.stack(losses).sum().double()
             continue
         for i in range(accum):  # the training micro-batch size bounds eval memory too
-            x, y = batch(start=micro_start(i), count=micro)
+            mb = batch(start=micro_start(i), count=micro)
             with _autocast(run, device):
-                total += model(x.to(device), y.to(device)).loss.double()
+                total += model(mb.inputs.to(device), mb.targets.to(device), **mb.model_kwargs(device)).loss.double()
     model.train()
     all_reduce_(total, mesh.data_group)
     all_reduce_(total, mesh.pp_group)  # only the last stage holds losses

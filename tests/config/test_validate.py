@@ -225,11 +225,11 @@ def test_every_float_key_refuses_nan_and_inf():
 
 
 def test_seed_limits_are_the_generators_and_the_largest_seed_draws_batches():
-    from moemesh.trainer.data import DataPaths, TokenData
+    from moemesh.data import DataConfig, TokenData, prepare_data
 
     validate_run(tiny_run(**{"trainer.seed": 2**64 - 1}))
     validate_run(tiny_run(**{"trainer.seed": 0}))
-    paths = DataPaths("synthetic", None, None, 0.01, 256)
+    paths = prepare_data(DataConfig(name="s", kind="synthetic"), seq_len=8, vocab_size=256)
     for seed in (0, 2**64 - 1):  # the largest overflowed the data generator's seed before
         x, y = TokenData(paths, seed=seed).batch("train", 10**9, global_batch=4, seq_len=8, start=0, count=4)
         assert x.shape == (4, 8)
