@@ -176,6 +176,8 @@ class MoELayer(nn.Module):
             num_experts=cfg.num_experts, hidden_size=cfg.hidden_size, ffn_size=cfg.moe_ffn_hidden_size
         )
         self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size) if cfg.shared_expert_ffn_size else None
+        # Qwen2-MoE's gate: the shared expert's output times sigmoid(x . w), w [1, D].
+        self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         # TP peers route different token slices, so these gradients are partial over tp.
         setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
 
@@ -198,6 +200,8 @@ class MoELayer(nn.Module):
         self.tp_group, self.sp, self.tp = tp_group, sequence_parallel, t
         if self.shared is not None:
             self.shared.shard(tp_group, sequence_parallel=sequence_parallel)
+        if self.shared_gate is not None and sequence_parallel:  # each TP rank gates its own sequence shard
+            setattr(self.shared_gate.weight, GRAD_GROUP, "data_tp")
 
     def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
         """The token-path kernels (gating, permute, chunk sort, unpermute) and the expert GEMMs."""
@@ -212,8 +216,7 @@ class MoELayer(nn.Module):
         gate, logits_TE = self.router(x_TD)  # 1. gate
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
-        shared_mlp = self.shared
-        shared = (lambda: shared_mlp(x_BSD).reshape(-1, D)) if shared_mlp is not None else None
+        shared = (lambda: self._shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
         # 2.-6. dispatch -> experts -> combine
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
@@ -229,6 +232,14 @@ class MoELayer(nn.Module):
             entropy_sum=entropy_sum(logits_TE),
         )
         return out_BSD, stats
+
+    def _shared(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output, gated if the layer has a gate."""
+        assert self.shared is not None
+        y_BSD = self.shared(x_BSD)
+        if self.shared_gate is not None:
+            y_BSD = torch.sigmoid(F.linear(x_BSD, self.shared_gate.weight)) * y_BSD
+        return y_BSD
 
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
         """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert

@@ -72,7 +72,7 @@ def build_schedule(
     else:  # received activations need gradients, and PipelineStage reads that off the example
         inputs = hidden.clone().requires_grad_(True)
     if model.last:
-        outputs = torch.empty(micro_batch, seq_len, model.head.weight.shape[0], device=device)
+        outputs = torch.empty(micro_batch, seq_len, model.vocab_rows(), device=device)
     else:
         outputs = hidden
     # With static shapes, the gradient buffers' shapes are given too: the gradient that

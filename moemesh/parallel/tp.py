@@ -286,6 +286,12 @@ class VocabParallelEmbedding(nn.Module):
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return sp_reduce_scatter(x, self.tp_group, 1) if self.sp else reduce_from_tp(x, self.tp_group)
 
+    def project(self, x):
+        """The same matrix as a column-parallel output head (tied embeddings): logits over this
+        rank's rows of the padded vocabulary, [..., V_pad/t]."""
+        x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+        return F.linear(x, self.weight)
+
 
 class _VocabParallelCE(torch.autograd.Function):
     """Mean cross-entropy from vocab-sharded logits [N, V_pad/t]; the full logits never exist."""
