@@ -403,8 +403,33 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
     except OmegaConfBaseException as err:
+        if isinstance(err.__cause__, ConfigError):  # raised by the ${hf:...} resolver
+            raise err.__cause__ from None
         if full_error:
             raise
         raise ConfigError(explain_omegaconf(err)) from None
     assert isinstance(run, RunConfig), type(run)
+    if run.model.hf_path is not None:  # overrides and tensors against the checkpoint, before anything starts
+        from moemesh.interop.hf import check_checkpoint, check_model
+
+        check_model(run.model)
+        check_checkpoint(run.model)
     return run
+
+
+def _hf_field(key: str, *, _root_: Any) -> Any:
+    """``${hf:<key>}`` (conf/model/hf.yaml): model field ``key`` read from ``model.hf_path``'s
+    config.json when the command is composed (moemesh/interop/hf/families.py), so that validation,
+    the planner and the host-memory check see the real shapes."""
+    model = _root_.model
+    path = OmegaConf.select(model, "hf_path", throw_on_missing=False)
+    if path is None or OmegaConf.is_missing(model, "hf_path"):
+        raise ConfigError("model.hf_path: missing a value; model=hf reads the model from it (a checkpoint directory)")
+    upcycle = OmegaConf.to_container(model.upcycle, resolve=True) if "upcycle" in model else {}
+    assert isinstance(upcycle, dict)
+    from moemesh.interop.hf import checkpoint_fields
+
+    return checkpoint_fields(str(path), tuple(sorted(upcycle.items())))[key]
+
+
+OmegaConf.register_new_resolver("hf", _hf_field, replace=True)

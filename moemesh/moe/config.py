@@ -79,6 +79,7 @@ class ModelConfig:
     qk_norm: QKNorm = QKNorm.none  # none | head (Qwen3) | full (OLMoE): RMSNorm of q and k before RoPE
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     tie_embeddings: bool = False  # the output head is the embedding matrix
+    pad_token_id: int | None = None  # its embedding row gets no gradient (transformers' padding_idx); null: none
     rope_pairing: RopePairing = RopePairing.interleaved  # interleaved | half (the Llama family's)
     score_func: ScoreFunc = ScoreFunc.softmax
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (transformers' norm_topk_prob)
@@ -126,6 +127,11 @@ class ModelConfig:
         )
         fields.non_negative(self, p, "shared_expert_ffn_size", "first_k_dense_layers")
         fields.positive_or_null(self, p, "head_dim")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(
+                f"model.pad_token_id={self.pad_token_id} must be a token id in [0, model.vocab_size={self.vocab_size}) "
+                "or null"
+            )
         fields.number(self, p, "init_std", lambda v: v > 0, "a finite number > 0 (the weights' standard deviation)")
         fields.number(self, p, "rope_theta", lambda v: v > 0, "a finite number > 0 (the rotary base, usually 10000)")
         fields.number(

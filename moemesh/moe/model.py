@@ -272,7 +272,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp_group, self.sp = None, False  # set by apply_tp
         self.first = self.last = True  # holds the embedding / the final norm and head
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleDict({str(l): Block(cfg, l) for l in range(cfg.num_layers)})
         self.norm = _norm(cfg)
         # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.

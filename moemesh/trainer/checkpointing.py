@@ -16,8 +16,12 @@ import torch
 
 from moemesh.config.schema import RunConfig
 from moemesh.fields import Sharding
+from moemesh.moe.config import ORIGIN_FIELDS, ModelConfig
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
+
+# A checkpoint saved before a model field existed holds the field's default.
+_DEFAULTS = dataclasses.asdict(ModelConfig())
 
 
 class Checkpointer:
@@ -44,6 +48,10 @@ class Checkpointer:
             "tp": d.tp,
             "pp": d.pp,
         }
+        if run.model.hf_path is not None:  # where the weights came from, for scripts/export_hf.py
+            from moemesh.interop.hf.families import origin_meta
+
+            self.meta["hf"] = origin_meta(run.model)
 
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
@@ -103,7 +111,11 @@ class Checkpointer:
 
     def _check_meta(self, path: Path, meta: dict) -> None:
         saved, mine = meta.get("model") or {}, self.meta["model"]
-        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v]
+        diff = [
+            f"model.{k}={saved.get(k)!r} (now {v!r})"
+            for k, v in mine.items()
+            if k not in ORIGIN_FIELDS and saved.get(k, _DEFAULTS.get(k)) != v
+        ]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
         position = meta.get("data")
