@@ -51,9 +51,10 @@ def hf_config(family: str, **overrides):
     return AutoConfig.for_model(family, **kw)
 
 
-def save_tiny(family: str, directory: Path, *, seed: int = 0, fused: bool = False, **overrides) -> Path:
+def save_tiny(family: str, directory: Path, *, seed: int = 0, fused: bool = False, dtype=None, **overrides) -> Path:
     """A random ``family`` model saved to ``directory`` (per-expert tensors as save_pretrained
-    writes them, or transformers' fused in-memory layout with ``fused``); returns the directory."""
+    writes them, or transformers' fused in-memory layout with ``fused``; in ``dtype``, fp32 by
+    default); returns the directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,15 +64,17 @@ def save_tiny(family: str, directory: Path, *, seed: int = 0, fused: bool = Fals
         for name, p in model.named_parameters():
             if name.endswith("gate.weight") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.5)
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(directory, save_original_format=not fused)
     return Path(directory)
 
 
-def load_hf(directory: Path):
+def load_hf(directory: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=dtype or torch.float32)
     model.eval()
     return model
 
