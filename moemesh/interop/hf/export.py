@@ -312,7 +312,8 @@ def export_checkpoint(
                 t = _rope_rows(cfg, key, t)
             ref = hf_ref(cfg, key, layout)
             assert isinstance(ref, Ref) and ref.rows is None and ref.expert is None, (key, ref)
-            shards.add(ref.name, (t.t() if ref.transpose else t).to(DTYPES[dtype]))
+            t = t.to(DTYPES[dtype])  # cast while contiguous, then transpose the (smaller) result
+            shards.add(ref.name, t.t().contiguous() if ref.transpose else t)
             n += 1
     for name, shape in _zero_shared(cfg, family).items():
         shards.add(name, torch.zeros(shape, dtype=DTYPES[dtype]))

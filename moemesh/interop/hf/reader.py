@@ -9,8 +9,8 @@ vocabulary's padding to a multiple of tp) read as zeros.
 Memory. ``get_slice`` maps the file and returns a view of the mapping: the pages a read
 touches stay resident (counted in the process's RSS as file pages) until the file is closed.
 So the reader closes and reopens a file after ``budget_bytes`` of reads, and splits a read
-larger than half the budget into blocks of rows: at any moment a rank holds its own
-parameters plus at most about one budget of mapped pages. Why not torch's DCP
+larger than a quarter of the budget into blocks of rows: at any moment a rank holds its own
+parameters plus at most 1.25 budgets of mapped pages. Why not torch's DCP
 ``HuggingFaceStorageReader``: it keeps each file open for all of a rank's reads from it (the
 pages of a whole 5 GB hub shard can stay mapped), and its planner reads boxes of the stored
 tensor as stored, where moemesh needs transposed boxes (experts [D, F] from [F, D]) and parts of
@@ -91,7 +91,7 @@ class SliceReader:
         row_bytes = max(1, view[0].numel() * _itemsize(info.dtype))
         # Pages touched per row: a box narrower than the tensor's rows still maps whole rows.
         full_row = max(row_bytes, _full_row_bytes(info, len(lead)))
-        block = max(1, (self.budget // 2) // full_row)
+        block = max(1, (self.budget // 4) // full_row)
         for r0 in range(0, length[0], block):
             n = min(block, length[0] - r0)
             slices = (
@@ -103,7 +103,10 @@ class SliceReader:
             part = handle.get_slice(ref.name)[slices]
             if lead:
                 part = part[0]
-            view[r0 : r0 + n].copy_(part)
+            if ref.transpose:  # cast first (contiguous), then the transposed copy: 3x faster than one strided copy
+                view[r0 : r0 + n].t().copy_(part.to(view.dtype).t())
+            else:
+                view[r0 : r0 + n].copy_(part)
             del part
             self._touched += n * full_row
             self.bytes_read += n * row_bytes
