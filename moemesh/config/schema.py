@@ -112,6 +112,11 @@ class ClusterConfig:
     # srun or mpirun markers) must all meet within this; else the variables are taken for
     # leftovers in the shell and the run is refused (a launcher's ranks keep collective_timeout_s).
     rendezvous_timeout_s: int = 30
+    # The network a multi-node run uses (e.g. ib0): gloo and NCCL talk and listen on it
+    # (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), and the job's store listens on MASTER_ADDR, which
+    # must be one of its addresses (cluster=slurm sets MASTER_ADDR to the first node's). null: the
+    # addresses the nodes' host names resolve to. Nothing listens on every address either way.
+    interface: str | None = None
     # Who may read what the run writes (run dir, logs, metrics, checkpoints): private (umask
     # 077: 0700/0600), group (umask 027: group may read), inherit (the shell's umask).
     output_access: str = "private"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from moemesh.launch.checks import use_cuda
+from moemesh.launch.checks import INTERFACE_VARS, use_cuda
 from moemesh.launch.context import RankContext
 from moemesh.launch.heartbeat import PeerWatch
 from moemesh.launch.signals import install_stop_handlers
@@ -44,6 +44,9 @@ def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_
         device = torch.device("cpu")
         threads = run.trainer.threads_per_rank or _cpu_threads(local_world_size)
         torch.set_num_threads(threads)
+    if init_method == "env://" and run.cluster.interface:  # checks.check_launcher: no other one was set
+        for var in INTERFACE_VARS:
+            os.environ[var] = run.cluster.interface
     backend = run.cluster.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -24,6 +24,7 @@ Nothing here imports torch: the launcher runs on login nodes.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Allocation:
     max_timeouts: int = 3
     additional: tuple = field(default=())  # sorted (key, value) pairs
     setup: tuple = field(default=())
+    interface: str | None = None  # cluster.interface: MASTER_ADDR is the first node's address on it
 
     @property
     def world_size(self) -> int:
@@ -77,8 +79,11 @@ class Allocation:
             f" ({', '.join(extra)})" if extra else ""
         )
 
-    def executor_parameters(self, *, name: str, python_path: str | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``submitit.AutoExecutor.update_parameters``."""
+    def executor_parameters(
+        self, *, name: str, python_path: str | None = None, python: str = "python"
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``submitit.AutoExecutor.update_parameters``. ``python``: the
+        interpreter the batch script runs (it prints cluster.interface's address there)."""
         params: dict[str, Any] = {
             "name": name,
             "nodes": self.nodes,
@@ -107,6 +112,11 @@ class Allocation:
         # The submitting shell's environment reaches the job (sbatch --export=ALL): rank
         # variables left in it must not override the ones each task derives.
         setup = ["unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT", *self.setup]
+        if self.interface:
+            # The batch script runs on the first node, rank 0's: its address on the interface is
+            # where rank 0's store listens and every rank connects.
+            query = f"{shlex.quote(python)} -m moemesh.launch.store address {shlex.quote(self.interface)}"
+            setup.insert(1, f"MASTER_ADDR=$({query}) || exit 2; export MASTER_ADDR")
         if python_path:  # the tasks import this repository's packages wherever sbatch starts them
             setup.insert(0, f"export PYTHONPATH={python_path}${{PYTHONPATH:+:$PYTHONPATH}}")
         if setup:
@@ -142,6 +152,7 @@ def allocation_for(run: RunConfig, world_size: int) -> Allocation:
         max_timeouts=s.max_timeouts,
         additional=tuple(sorted((str(k), _sbatch_value(v)) for k, v in s.additional_parameters.items())),
         setup=tuple(s.setup),
+        interface=run.cluster.interface,
     )
 
 
