@@ -89,6 +89,10 @@ def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_
         result = worker(run, ctx)
         finished = True
         return result
+    except Exception as err:
+        if watch is not None:
+            watch.after_failure(err)  # a whole other host gone: one line, exit 1
+        raise
     finally:
         if watch is not None:
             watch.finish(finished=finished)

@@ -13,6 +13,9 @@ launcher in ``hydra_plugins/moemesh_launcher``; this module holds what it decide
     one job array, and a sweep that needs several allocations is split into one array per
     allocation (``cluster.slurm.mixed_allocations=split``) or rejected before anything is
     submitted (``reject``).
+  * **a lost node**: the rank that finds a whole other host gone (``launch.heartbeat``) asks
+    SLURM to requeue the job (``requeue_job``), as SLURM itself does on a node failure it
+    notices: the requeued attempt resumes from the last checkpoint once nodes are back.
   * the **requeue signal**: submitit asks SLURM for SIGUSR2 ``signal_delay_s`` before the
     time limit; the ranks turn it into a stop request, save at the next step boundary, and
     the launcher's task then lets submitit requeue the job, and the requeued attempt resumes
@@ -26,7 +29,8 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,3 +276,20 @@ def requeue_signal() -> signal.Signals:
     """The signal submitit asks SLURM to send before the time limit (SIGUSR2 unless overridden)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
     return getattr(signal, "SIG" + name.removeprefix("SIG"))
+
+
+def requeue_job(environ: Mapping[str, str] = os.environ, timeout_s: float = 15.0) -> str:
+    """After a lost node: requeue this SLURM batch job (``scontrol requeue``; SLURM refuses a job
+    submitted with --no-requeue, or an interactive one). Returns the clause the report line
+    ends with; "" outside a SLURM job step."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job or "SLURM_STEP_ID" not in environ:
+        return ""
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"; SLURM job {job} could not be requeued ({type(err).__name__}: {err})"
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[0]
+        return f"; SLURM job {job} was not requeued ({reason})"
+    return f"; SLURM job {job} requeued: it resumes from its last checkpoint"

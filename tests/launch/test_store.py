@@ -1,7 +1,9 @@
-"""The job's store listens on one address, never on all; cluster.interface is checked and
-reaches sbatch."""
+"""The job's store listens on one address, never on all; a lost host is named from every rank's
+beats; a lost node requeues the SLURM job; cluster.interface is checked and reaches sbatch."""
 
+import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from moemesh.errors import ConfigError
 from moemesh.launch import store
 from moemesh.launch.checks import check_interface
 from moemesh.launch.env import LauncherEnv
-from moemesh.launch.slurm import allocation_for
+from moemesh.launch.heartbeat import lost_hosts
+from moemesh.launch.slurm import allocation_for, requeue_job
 from tests.helpers import tiny_run
 
 
@@ -64,6 +67,47 @@ def test_interface_addresses_and_the_cli(capsys):
     assert store.main(["address", "no-such-if0"]) == 2
     assert "cluster.interface=no-such-if0: no IPv4 address" in capsys.readouterr().err
     assert store.main(["serve", "nonsense"]) == 2
+
+
+HOSTS = {0: "n1, pid 10", 1: "n1, pid 11", 2: "n2, pid 20", 3: "n2, pid 21"}
+
+
+@pytest.mark.parametrize(
+    "stopped, done, me, expected",
+    [
+        ({2, 3}, set(), "n1", {"n2": [2, 3]}),  # n2 gone
+        ({2}, set(), "n1", {}),  # one rank stopped (SIGSTOP, a debugger): not a host
+        ({2, 3}, {3}, "n1", {}),  # rank 3 finished: n2 is leaving, not lost
+        ({0, 1, 2, 3}, set(), "n1", {"n2": [2, 3]}),  # this host's own ranks never make it lost
+        ({0, 1}, set(), "n2", {"n1": [0, 1]}),
+    ],
+)
+def test_a_host_is_lost_when_all_its_ranks_stopped_and_none_finished(stopped, done, me, expected):
+    assert lost_hosts(HOSTS, stopped, done, me) == expected
+
+
+def _fake_scontrol(tmp_path, monkeypatch, body: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_lost_node_requeues_the_batch_job(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    _fake_scontrol(tmp_path, monkeypatch, f'echo "$@" >> {calls}')
+    env = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0"}
+    assert requeue_job(env) == "; SLURM job 42 requeued: it resumes from its last checkpoint"
+    assert calls.read_text() == "requeue 42\n"
+    assert requeue_job({}) == "" and requeue_job({"SLURM_JOB_ID": "42"}) == ""  # not a task of a job step
+    _fake_scontrol(
+        tmp_path, monkeypatch, 'echo "scontrol: error: Requested operation is presently disabled" >&2; exit 1'
+    )
+    assert (
+        requeue_job(env)
+        == "; SLURM job 42 was not requeued (scontrol: error: Requested operation is presently disabled)"
+    )
 
 
 def test_cluster_interface_is_checked_on_each_node_and_sets_master_addr_under_slurm(monkeypatch):
