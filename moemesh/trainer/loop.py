@@ -33,7 +33,7 @@ from moemesh.launch import RankContext
 from moemesh.moe.config import is_moe_layer
 from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import model_flops_per_token
-from moemesh.parallel.comm import CommMeter, all_reduce_
+from moemesh.parallel.comm import CommMeter, all_reduce_, group_size
 from moemesh.parallel.dims import layout_name
 from moemesh.parallel.fsdp import reshard_all
 from moemesh.parallel.grads import clip_grads_, global_grad_norm
@@ -424,8 +424,9 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
     return float(total) / (t.eval_batches * accum * mesh.dims.data_size)  # host sync (evaluation steps)
 
 
-def _machine(device: torch.device) -> dict:
-    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles)."""
+def _machine(device: torch.device, world_group=None) -> dict:
+    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles), and
+    on which hosts: every rank's host name, gathered over ``world_group`` (one collective)."""
     import platform
     import socket
 
@@ -438,8 +439,15 @@ def _machine(device: torch.device) -> dict:
             name = models[0] if models else name
         except OSError:
             pass
+    hostname = socket.gethostname()
+    rank_hosts: list = [hostname]
+    if group_size(world_group) > 1:
+        rank_hosts = [None] * group_size(world_group)
+        torch.distributed.all_gather_object(rank_hosts, hostname, group=world_group)
     return {
-        "hostname": socket.gethostname(),
+        "hostname": hostname,
+        "hosts": list(dict.fromkeys(rank_hosts)),  # every host of the run, in rank order
+        "rank_hosts": rank_hosts,  # rank r ran on rank_hosts[r]
         "device": name,
         "count": count,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -473,7 +481,7 @@ def _summary(
     step_s = medians["time.step"] if medians else None
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
-        "machine": _machine(device),
+        "machine": _machine(device, mesh.world_group),
         "parallel": layout_name(dims),  # what ran, whatever the config called it
         "dp": dims.dp,
         "ep": dims.ep,
