@@ -300,7 +300,7 @@ def _slurm_fault(c: Cluster, reference, tmp_path, fault: str):
             assert lost_s > HANG_S  # noticed by silence
             subprocess.run(["ip", "link", "set", c.links["n2"], "up"], check=True)
         else:
-            subprocess.run(c.on("n2", "slurmd"), check=True, timeout=60)  # the host is back
+            subprocess.run(c.on("n2", "slurmd"), env=c.env(), check=True, timeout=60)  # the host is back
         assert lost_s < HANG_S + MARGIN_S, lost_s
         _wait("the job to be requeued", lambda: _squeue_state(c, job) == "PD", 120, poll=0.5)
         _wait("n2 back in the partition", lambda: _idle(c), 120, poll=0.5)
@@ -438,7 +438,7 @@ def test_torchrun_with_a_bound_rendezvous_on_two_hosts_ends_when_a_host_is_kille
                 p.kill()
         store.send_signal(signal.SIGTERM)
         store.wait(timeout=30)
-        subprocess.run(c.on("n2", "slurmd"), timeout=60)  # the host comes back for the tests after this one
+        subprocess.run(c.on("n2", "slurmd"), env=c.env(), timeout=60)  # n2 is back for the tests after this
     assert procs[0].returncode != 0
     assert lost_s < HANG_S + MARGIN_S, lost_s
     lines = [l for l in err.splitlines() if l.startswith("moemesh:")]
