@@ -29,7 +29,8 @@ lies inside one host (by the ranks' host names), ``inter`` when every group span
 otherwise, left out of the planner's constants). ``planner_constants`` fits ``<kind>_intra`` and
 ``<kind>_inter`` apart, as ``cost.py`` prices a group by whether it crosses nodes. For a shape whose
 groups hold one rank per host (every byte a rank sends leaves its host), the table also gives the
-host's link rate: a rank's fitted bandwidth times the host's ranks sending at once. That is the
+host's link rate: a rank's fitted bandwidth times the host's ranks sending at once (not for p2p,
+whose ping-pong pairs need not send in the same direction at once). That is the
 number to hold against a link's nominal rate (e.g. a ``tc tbf`` shaping, ``.ci/multinode/up.sh``).
 
 A 2-core CPU under gloo measures its memory copies and loopback TCP stack, not a network;
@@ -284,7 +285,7 @@ def fits(results: list[dict]) -> list[dict]:
             "latency_us": lat,
             "link": rows[0].get("link", "intra"),
         }
-        if rows[0].get("ranks_sending_across"):
+        if rows[0].get("ranks_sending_across") and kind != "p2p":  # a ping-pong's pairs alternate directions
             fit["link_gbps"] = gbps * rows[0]["ranks_sending_across"]
         out.append(fit)
     return out
