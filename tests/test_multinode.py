@@ -110,7 +110,7 @@ def cluster():
     """The running cluster (.ci/run's), or one started here and stopped after this module."""
     started = False
     env_file = BASE / "env"
-    if env_file.is_file():  # running: wait for its hosts (a job of an earlier run may be ending)
+    if env_file.is_file() and Path("/run/netns/mmn-n1").exists():  # up: wait for its hosts to be idle
         running = _cluster_from(_read_env(env_file))
         deadline = time.monotonic() + 120
         while not _idle(running):
