@@ -17,6 +17,9 @@
 # use their own munged socket, key, state and logs under $BASE. Both can run at once.
 # Idempotent: it calls down.sh first. Writes $BASE/env (shell syntax) describing the cluster.
 set -euo pipefail
+# Daemons that drop to their own users (munge, mysql) must read what this script creates,
+# whatever umask the caller has (a pytest process that ran train.py in-process has 077).
+umask 022
 HERE=$(cd "$(dirname "$0")" && pwd)
 BASE=${MULTINODE_BASE:-/tmp/moemesh-multinode}
 NET=${MULTINODE_NET:-10.231.7}      # n1 = .1, n2 = .2, this machine's end of the bridge = .254
