@@ -413,8 +413,9 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
     except OmegaConfBaseException as err:
-        if isinstance(err.__cause__, ConfigError):  # raised by the ${hf:...} resolver
-            raise err.__cause__ from None
+        cause = _config_error_inside(err)
+        if cause is not None:  # raised by the ${hf:...} resolver: its own line, not OmegaConf's wrapping
+            raise cause from None
         if full_error:
             raise
         raise ConfigError(explain_omegaconf(err)) from None
@@ -425,6 +426,16 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         check_model(run.model)
         check_checkpoint(run.model)
     return run
+
+
+def _config_error_inside(err: BaseException) -> ConfigError | None:
+    """The ConfigError a resolver raised, which OmegaConf wraps (as cause or context, maybe twice)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None or isinstance(seen, ConfigError):
+            return seen
+    return None
 
 
 def _hf_field(key: str, *, _root_: Any) -> Any:

@@ -4,11 +4,14 @@ reduced). Run by the single-process test and by each rank of the multi-rank ones
 
 from __future__ import annotations
 
+from math import prod
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moemesh.interop.hf.files import DTYPE_BYTES, tensor_index
+from moemesh.interop.hf.load import load_weights
 from moemesh.parallel.checkpoint_state import parameter_entries
 from moemesh.parallel.dims import MeshAxis
 from moemesh.trainer.data import prepare_data
@@ -45,6 +48,12 @@ def check_layout(run, rank: int, mesh, out_dir: Path, *, hf_dir: Path) -> dict:
     state = build_training(run, cpu_context(rank, mesh, out_dir, paths))
     try:
         ckpt, cfg, t = state.ckpt, run.model, run.trainer
+        # Read again as the trainer did, counting: each rank reads exactly the bytes of its own
+        # boxes (fp32 source, no padding), and on several ranks less than the whole checkpoint.
+        read = load_weights(state.model, cfg, seed=t.seed, tp_mesh=ckpt.tp_mesh, fsdp_tp_mesh=ckpt.fsdp_tp_mesh)
+        assert read.bytes_read == read.own_bytes > 0, read
+        total = sum(prod(i.shape) * DTYPE_BYTES[i.dtype] for i in tensor_index(hf_dir).values())
+        assert read.own_bytes < total if mesh.dims.world_size > 1 else read.own_bytes <= total, (read, total)
         hf = load_hf(hf_dir)
         params = {n: p.detach() for n, p in hf.named_parameters()}
         weights = assert_matches(cfg, parameter_entries(state.model, ckpt.tp_mesh, ckpt.fsdp_tp_mesh), params, "weight")

@@ -5,6 +5,8 @@ trainer on a layout, and its weights, logits, loss and the gradients of one trai
 relative in fp32, on single and on ep2_dp2 (with activation checkpointing), ep2_dp2 under
 zero3, tp2_ep2 (with sequence parallelism) and pp2_ep2."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from moemesh.parallel.mesh import build_mesh, single_rank_mesh
 from tests.dist_utils import run_on_ranks
 from tests.interop._hf_models import FAMILIES, hf_run, save_tiny
 from tests.interop._layouts import check_layout
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,3 +71,20 @@ def test_a_family_imports_on_every_layout_as_transformers_computes_it(tmp_path, 
     the pipeline layout the fused one)."""
     dirs = [save_tiny(family, tmp_path / "per_expert"), save_tiny(family, tmp_path / "fused", fused=True)]
     run_on_ranks(_layouts_worker, 4, str(tmp_path), [str(dirs[0])] * 3 + [str(dirs[1])])
+
+
+def test_the_model_and_the_planner_import_without_transformers():
+    """transformers and safetensors are needed only where a command names model.hf_path or exports."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, *args):\n"
+        "        if name.split('.')[0] in ('transformers', 'safetensors'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import moemesh.moe.model, moemesh.planning, moemesh.interop.hf\n"
+        "from moemesh.config.cli import compose_run\n"
+        "compose_run(['model=tiny'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -101,6 +101,11 @@ CASES = {
     "fifo": (_fifo_config, [], "config.json is not a regular file"),
     "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
     "no_path": (lambda d: None, ["model.hf_path=???"], "model.hf_path: missing a value"),
+    "dense_not_upcycled": (
+        lambda d: _edit_config(d, model_type="llama"),
+        [],
+        "a dense llama model; set model.upcycle.num_experts",
+    ),
     "not_a_dir": (
         lambda d: None,
         ["model.hf_path=/nonexistent/ckpt"],
@@ -127,7 +132,7 @@ def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_starts(case, good, tmp_
     lines = [line for line in err.splitlines() if line.strip()]
     assert exit_.value.code == 2, err
     assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
-    assert needle in lines[0], lines[0]
+    assert needle in lines[0] and "resolving interpolation" not in lines[0], lines[0]
     assert list(work.iterdir()) == []
 
 
