@@ -23,7 +23,7 @@ CAPACITY_FACTOR_MIN = 0.1
 
 @dataclass
 class UpcycleConfig:
-    """Sparse upcycling (``model.hf_path`` naming a dense checkpoint, moemesh/interop/hf/upcycle.py):
+    """Sparse upcycling (``model.hf_path`` naming a dense checkpoint; moemesh/interop/hf/names.py, docs/hf.md):
     every FFN becomes an MoE layer of ``num_experts`` experts made from it, ``top_k`` of them
     routed per token (renormalised), so that the MoE computes the dense model at step 0."""
 

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out: config mapping (``families``), name mapping (``names``),
 untrusted files (``files``), the check before any rank starts (``check``), the sharded read
 into a laid-out model (``reader``, ``load``), export (``export``) and upcycling (the
-``Generated`` routers and ``names.upcycled_expert_ref``). See DESIGN.md beside this file.
+``Generated`` routers and ``names.upcycled_expert_ref``). See docs/hf.md.
 
 This module imports no torch and no transformers: ``checkpoint_fields``, ``check_model`` and ``check_checkpoint`` run
 when a command is composed (transformers is imported there, lazily, to read config.json).
