@@ -239,7 +239,8 @@ class MoELayer(nn.Module):
         assert self.shared is not None
         y_BSD = self.shared(x_BSD)
         if self.shared_gate is not None:
-            y_BSD = torch.sigmoid(F.linear(x_BSD, self.shared_gate.weight)) * y_BSD
+            # Called as a module: under sharding with SP it is an FSDP unit, gathered by the call's hooks.
+            y_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * y_BSD
         return y_BSD
 
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):

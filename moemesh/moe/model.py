@@ -113,7 +113,9 @@ class QKVBias(nn.Module):
         for p in self.parameters():
             setattr(p, GRAD_GROUP, "data_tp")
 
-    def parts(self, rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This TP rank's parts. A forward, not a plain method: under sharding the module is an
+        FSDP unit of its own, whose parameters are gathered by the hooks a call runs."""
         return _tp_part(self.q, rank, t), _tp_part(self.k, rank, t), _tp_part(self.v, rank, t)
 
 
@@ -202,7 +204,7 @@ class Attention(nn.Module):
         # With SP the column-parallel projections gather the sequence: S is the full length here.
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.qkv_bias is not None:
-            bq, bk, bv = self.qkv_bias.parts(self.tp_rank, self.tp)
+            bq, bk, bv = self.qkv_bias(self.tp_rank, self.tp)
             q, k, v = q + bq, k + bk, v + bv
         if self.q_norm is not None and not self.q_norm.per_head:
             assert self.k_norm is not None

@@ -3,7 +3,8 @@ model of each family is built and saved with transformers (offline), imported by
 trainer on a layout, and its weights, logits, loss and the gradients of one training step
 (two micro-steps, the balance loss mapped per layer: docs/hf.md) equal transformers' to 1e-5
 relative in fp32, on single and on ep2_dp2 (with activation checkpointing), ep2_dp2 under
-zero3, tp2_ep2 (with sequence parallelism) and pp2_ep2."""
+zero3, tp2_ep2 (with sequence parallelism, under zero2) and pp2_ep2. Each rank reads exactly
+the bytes of its own boxes."""
 
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_the_fused_expert_layout_imports_like_the_per_expert_one(tmp_path):
 LAYOUTS = {
     "ep2_dp2": (2, 2, 1, 1, {"trainer.activation_checkpointing": "full"}),
     "ep2_dp2_zero3": (2, 2, 1, 1, {"parallel.sharding": "zero3"}),
-    "tp2_ep2": (1, 2, 2, 1, {"parallel.sequence_parallel": True}),
+    "tp2_ep2": (1, 2, 2, 1, {"parallel.sequence_parallel": True, "parallel.sharding": "zero2"}),
     "pp2_ep2": (1, 2, 1, 2, {}),
 }
 
