@@ -8,8 +8,9 @@ A save is atomic: all ranks write ``step_N.tmp/``; then rank 0 writes ``meta.jso
 renames the directory. A directory without ``meta.json`` or with the ``.tmp`` suffix is
 never picked, and the previous checkpoint survives a crash or a failed save (whose
 ``.tmp`` is removed). Checkpoints are ordered by their step number, never by name (step
-999999 comes before step 1000000). The last ``keep`` complete checkpoints are kept. A
-model with a non-finite value is never saved.
+999999 comes before step 1000000); a checkpoint directory is ``step_N``, a real
+directory (not a symlink) holding a regular ``meta.json``. The last ``keep`` complete
+checkpoints are kept. A model with a non-finite value is never saved.
 
 The pieces: what is saved, keyed globally (``checkpoint_state``); how a checkpoint's files
 are read as data only and checked against their checksums (``checkpoint_trust``, which
@@ -22,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import errno as errno_names
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moemesh.parallel.checkpoint_files import FileRefused, read_file
 from moemesh.parallel.checkpoint_state import (
     entry_bytes,
     init_optimizer_state,
@@ -43,9 +47,12 @@ from moemesh.parallel.checkpoint_state import (
 from moemesh.parallel.checkpoint_trust import (
     METADATA,
     CheckpointError,
+    Limits,
     Planner,
     Reader,
     Writer,
+    check_against_state,
+    check_sizes,
     first_line,
     read_metadata,
     sha256,
@@ -61,6 +68,7 @@ __all__ = [
     "init_optimizer_state",
     "load",
     "nonfinite_keys",
+    "read_meta",
     "preflight",
     "read_metadata",
     "remove_debris",
@@ -73,6 +81,8 @@ __all__ = [
 
 _DIR_PREFIX = "step_"
 _STEP_DIR = re.compile(r"step_(\d+)")
+META_JSON_MAX = 1 << 20  # meta.json: ~1 KiB plus ~110 bytes per rank that saved (8,000 ranks: 0.9 MiB)
+MAX_WORLD = 1 << 20  # the most ranks a meta.json may say saved it
 
 
 def _all_gather(obj) -> list:
@@ -116,12 +126,23 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is(path: Path, kind) -> bool:
+    """``path`` is of ``kind`` (stat.S_ISDIR, S_ISREG) itself, not through a symlink."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first: ordered by step number."""
+    """Complete checkpoints under ``root``, oldest first: ordered by step number. Each is a
+    real directory ``step_N`` (ASCII digits) holding a regular file meta.json."""
     if not root.is_dir():
         return []
     steps = {
-        d: n for d in root.iterdir() if (n := step_of(d)) is not None and d.is_dir() and (d / "meta.json").is_file()
+        d: n
+        for d in root.iterdir()
+        if (n := step_of(d)) is not None and _is(d, stat.S_ISDIR) and _is(d / "meta.json", stat.S_ISREG)
     }
     return sorted(steps, key=steps.__getitem__)
 
@@ -204,7 +225,8 @@ def _previous(root: Path) -> str:
 def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int) -> Path:
     """Save ``state`` as ``root/step_N`` (all ranks together). A non-finite value raises
     FloatingPointError and a failed write CheckpointError, on every rank, before anything
-    replaces the previous checkpoint; a failed save's ``.tmp`` is removed."""
+    replaces the previous checkpoint; a failed save's ``.tmp`` is removed. meta.json holds
+    ``meta``, the step, the ranks that saved (``world``) and every file's checksum."""
     final = root / f"{_DIR_PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
     found = _all_gather(nonfinite_keys(state))
@@ -237,9 +259,9 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
         try:
             manifest = {name: h for _, part in parts for name, h in part.items()}
             manifest[METADATA] = sha256(tmp / METADATA)
-            (tmp / "meta.json").write_text(
-                json.dumps({**meta, "step": step, "saved_at": time.time(), "files": manifest}, indent=2)
-            )
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            record = {**meta, "step": step, "saved_at": time.time(), "world": world}
+            (tmp / "meta.json").write_text(json.dumps({**record, "files": manifest}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except Exception as err:  # the others wait for rank 0's word below
@@ -262,27 +284,75 @@ def _barrier():
         dist.barrier()
 
 
-def load(path: Path, state: dict, check=None) -> dict:
+def _field_error(meta_file: Path, key: str, valid: str) -> CheckpointError:
+    return CheckpointError(f"{meta_file}: refused: '{key}' is missing or not {valid}")
+
+
+def read_meta(path: Path) -> dict:
+    """The checkpoint's meta.json, the fields a load relies on checked: ``step`` an int >= 1
+    (the directory's number, for a ``step_N`` directory), ``files`` a dict of
+    ``{"bytes": int >= 0, "sha256": 64 hex digits}``, ``run_id`` a str if present, ``world``
+    an int in [1, MAX_WORLD] if present. CheckpointError (one line) otherwise."""
+    meta_file = path / "meta.json"
+    try:
+        raw = read_file(path, "meta.json", max_size=META_JSON_MAX)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)") from None
+    except FileRefused as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{meta_file}: not JSON ({first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: refused: a JSON {type(meta).__name__}, not an object")
+    step = meta.get("step")
+    if type(step) is not int or step < 1:
+        raise _field_error(meta_file, "step", "an integer >= 1")
+    number = step_of(path)
+    if number is not None and number != step:
+        raise CheckpointError(f"{meta_file}: refused: its step {step} is not its directory's number {number}")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{meta_file}: no checksums ('files'), saved by an older moemesh: not loaded")
+    for name, want in files.items():
+        sha = want.get("sha256") if isinstance(want, dict) else None
+        size = want.get("bytes") if isinstance(want, dict) else None
+        if type(size) is not int or size < 0 or type(sha) is not str or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise _field_error(meta_file, f"files.{name[:80]}", '{"bytes": an integer >= 0, "sha256": 64 hex digits}')
+    if "run_id" in meta and meta["run_id"] is not None and type(meta["run_id"]) is not str:
+        raise _field_error(meta_file, "run_id", "a string")
+    if "world" not in meta:  # saved before moemesh recorded it: the degrees say as much
+        degrees = [meta.get(k) for k in ("dp", "ep", "tp", "pp")]
+        meta["world"] = math.prod(degrees) if all(type(d) is int and d >= 1 for d in degrees) else 1
+    world = meta["world"]
+    if type(world) is not int or not 1 <= world <= MAX_WORLD:
+        raise _field_error(meta_file, "world", f"an integer in [1, {MAX_WORLD}]")
+    return meta
+
+
+def load(path: Path, state: dict, check=None, *, expected: tuple[int, int] | None = None) -> dict:
     """Fill ``state`` in place from the checkpoint at ``path``; return its meta.json.
 
-    ``check(path, meta)`` may refuse it first. Every failure is a CheckpointError with one
-    line naming the file and the reason, raised on every rank together."""
+    ``check(path, meta)`` may refuse it first. ``expected``: (entries, bytes) of the whole
+    model's state, every stage's (this rank's state by default), which bound the sizes of
+    the checkpoint's files before any is read (``Limits``). Every failure is a
+    CheckpointError with one line naming the file and the reason, raised on every rank
+    together."""
     meta, metadata, error = None, None, None
     try:
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{meta_file}: not JSON ({err})") from None
-        files = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(files, dict):
-            raise CheckpointError(f"{meta_file}: no checksums ('files'), saved by an older moemesh: not loaded")
+        meta = read_meta(path)
+        files = meta["files"]
         if check is not None:
             check(path, meta)
+        keys, nbytes = expected or (0, 0)
+        limits = Limits(
+            keys=max(keys, len(state)), world=meta["world"], state_bytes=max(nbytes, sum(entry_bytes(state).values()))
+        )
+        check_sizes(path, files, limits)
         verify(path / METADATA, files)
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, limits, files)
+        check_against_state(metadata, state, path / METADATA)
         shards = sorted({info.relative_path for info in metadata.storage_data.values()})
         # Each shard checked once, by one rank (rank r takes every world-th one).
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -294,7 +364,7 @@ def load(path: Path, state: dict, check=None) -> dict:
     assert meta is not None and metadata is not None  # _agree raised otherwise
     try:
         with _single_process_quiet():
-            dcp.load(state, storage_reader=Reader(path, metadata), planner=Planner(path))
+            dcp.load(state, storage_reader=Reader(path, metadata, meta["files"]), planner=Planner(path))
     except (Exception, CheckpointException) as err:
         raise CheckpointError(describe(err, path)) from None
     return meta
@@ -305,7 +375,7 @@ def resolve(resume: str, default_root: Path) -> list[Path]:
     one checkpoint or a directory of them."""
     if resume == "auto":
         return list(reversed(complete_checkpoints(default_root)))
-    p = Path(resume).expanduser()
-    if (p / "meta.json").is_file():
+    p = Path(resume).expanduser().resolve()  # the path the user named may be a symlink; what is inside may not
+    if _is(p / "meta.json", stat.S_ISREG):
         return [p]
     return list(reversed(complete_checkpoints(p)))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.moe.param_count import param_specs
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
 
@@ -40,6 +41,16 @@ class Checkpointer:
             "tp": d.tp,
             "pp": d.pp,
         }
+
+    def expected(self) -> tuple[int, int]:
+        """(entries, bytes) of the whole model's checkpoint (every stage's): each parameter (each
+        routed expert on its own) and its two AdamW moments in fp32, a bias per MoE layer, the
+        step and the RNG state (counted at 64 KiB)."""
+        m = self.run.model
+        specs = param_specs(m)
+        entries = sum(m.num_experts if s.expert else 1 for s in specs)
+        numel = sum(s.numel for s in specs)
+        return 3 * entries + m.num_layers + 2, 12 * numel + 4 * m.num_layers * m.num_experts + (64 << 10)
 
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
@@ -77,7 +88,11 @@ class Checkpointer:
         for i, path in enumerate(candidates):
             state = self._state()
             try:
-                meta = checkpoint.load(path, state, check=self._check_meta)
+                meta = checkpoint.load(path, state, check=self._check_meta, expected=self.expected())
+                if int(self.step_t) != meta["step"]:  # what was loaded fills the model; the next load replaces it all
+                    raise checkpoint.CheckpointError(
+                        f"{path}: refused: its step tensor holds {int(self.step_t)}, its meta.json {meta['step']}"
+                    )
             except checkpoint.CheckpointError as err:  # refused, corrupt or mismatched: try the previous one
                 reasons.append(str(err))
                 then = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
@@ -93,7 +108,33 @@ class Checkpointer:
         )
 
     def _check_meta(self, path: Path, meta: dict) -> None:
-        saved, mine = meta.get("model") or {}, self.meta["model"]
-        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v]
+        """Before a byte of tensors is read: the fields the trainer reads are there and typed
+        (a missing one is a refusal, so resume falls back), the step is one this run can train
+        from, and the model is this one."""
+        typed = {
+            "layout": isinstance(meta.get("layout"), str),
+            "model": isinstance(meta.get("model"), dict),
+            **{k: type(meta.get(k)) is int and meta[k] >= 1 for k in ("dp", "ep", "tp", "pp")},
+        }
+        bad = next((k for k, ok in typed.items() if not ok), None)
+        if bad is not None:
+            what = {"layout": "a string", "model": "an object"}.get(bad, "an integer >= 1")
+            raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: '{bad}' is missing or not {what}")
+        steps = self.run.trainer.steps
+        if meta["step"] > steps:  # read_meta checked it is an int >= 1
+            raise checkpoint.CheckpointError(
+                f"{path} was saved after step {meta['step']}, past trainer.steps={steps}: nothing would be trained "
+                "(raise trainer.steps to continue it)"
+            )
+        saved, mine = meta["model"], self.meta["model"]
+        diff = [
+            f"model.{k}={_cut(saved.get(k))} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v
+        ]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
+
+
+def _cut(value) -> str:
+    """A value from a checkpoint's meta.json, short enough for one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
