@@ -7,6 +7,7 @@ stderr as a shell sees them.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,13 @@ CASES = [
     (["-m", "parallel=dp4,ep4", "trainer.global_batch_size=6"], "nothing was run; 2 problem(s) in this sweep of 2"),
     (["-m", "trainer.lr=1e-3,abc"], "trainer.lr=abc: expected a number"),
     (["-m", "parallel=ep2", "data.path=/tmp/x.bin"], "data.path=/tmp/x.bin is ignored by data=stdlib"),
+    # issue #27: a run or sweep directory that cannot be created (a 12- or 22-line traceback)
+    (["hydra.run.dir=/proc/nope"], "hydra.run.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]"),
+    (
+        ["-m", "trainer.lr=1e-3,2e-3", "hydra.sweep.dir=/proc/nope"],
+        "hydra.sweep.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]",
+    ),
+    (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: cannot be created and written: [Errno 20 ENOTDIR]"),
 ]
 
 
@@ -166,3 +174,53 @@ def test_as_a_shell_sees_it(tmp_path, argv, needle):
 def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     proc = _run(tmp_path, "parallel.expert_paralel_size=2", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr
+
+
+# --- issue #27: config files and directories -----------------------------------------------------
+
+
+def _cli(argv, cwd, monkeypatch, capsys):
+    """train.cli in this process, as the corpus runs it: (exit code, stdout, stderr)."""
+    import train
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """It was refused safely (YAML's safe loader), as an 88-line traceback."""
+    import moemesh.config.cli as cli
+
+    conf = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(cli.CONF_DIR, conf)
+    marker = tmp_path_factory.mktemp("marker") / "pwned"
+    (conf / "cluster" / "calibrated" / "evil.yaml").write_text(
+        "defaults:\n  - /cluster/local@_here_\n  - _self_\nname: calibrated/evil\n"
+        f'calibration:\n  flops_per_s: !!python/object/apply:os.system ["touch {marker}"]\n'
+    )
+    monkeypatch.setattr(cli, "CONF_DIR", conf)
+    code, out, err = _cli(["cluster=calibrated/evil"], tmp_path, monkeypatch, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{conf / 'cluster' / 'calibrated' / 'evil.yaml'}, line 6: could not determine a constructor" in lines[0]
+    assert "no !!python tags" in lines[0]
+    assert not marker.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv", [["hydra.run.dir=/proc/nope"], ["-m", "trainer.lr=1e-3,2e-3", "hydra.sweep.dir=/proc/nope"]]
+)
+def test_an_unusable_run_or_sweep_dir_as_a_shell_sees_it(tmp_path, argv):
+    proc = _run(tmp_path, *argv)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "/proc/nope: cannot be created" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []

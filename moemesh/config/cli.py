@@ -11,19 +11,23 @@ as usual, so a refused command leaves no run or sweep directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from moemesh.config.schema import RunConfig, to_run_config
@@ -38,6 +42,9 @@ class Job:
     overrides: tuple[str, ...]  # this job's command-line overrides (a sweep: one value per key)
     run: RunConfig
     sweeper: str | None  # the hydra/sweeper choice, if the command names one
+    # (key, path) of the directory Hydra will create for it: hydra.run.dir, or under -m
+    # hydra.sweep.dir; None where it cannot be known here
+    output: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,11 @@ def _first_line(text: str) -> str:
 
 def explain(err: BaseException) -> str:
     """One line for a composition failure: the key, the value, what would be valid."""
+    if isinstance(err, yaml.YAMLError):  # a config file that is not plain YAML (a !!python tag, a syntax error)
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+        problem = getattr(err, "problem", None) or _first_line(str(err))
+        return f"{where}: {problem} (moemesh reads its configs as plain YAML: no !!python tags)"
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         hint = _did_you_mean(choice, err.options)
@@ -177,7 +189,10 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             for overrides in expand(args.overrides, args.multirun):
-                cfg = compose(name, overrides=overrides)
+                cfg = compose(name, overrides=overrides, return_hydra_config=True)
+                output = _output_dir(cfg, args.multirun)
+                with open_dict(cfg):
+                    cfg.pop("hydra")
                 try:
                     run = to_run_config(cfg)
                 except OmegaConfBaseException as err:  # composed, so a +key/++key added it
@@ -186,10 +201,10 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
                     added = [o for o in overrides if o.startswith("+")]
                     note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added else ""
                     raise ConfigError(explain(err) + note) from None
-                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper")))
+                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper"), output))
     except ConfigError:
         raise
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         if full:
             raise
         raise ConfigError(explain(err)) from None
@@ -197,6 +212,7 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
         GlobalHydra.instance().clear()
     command = Command(multirun=args.multirun, jobs=jobs)
     check_jobs(command, ranks_here=ranks_here)
+    check_output_dirs(command)
     return command
 
 
@@ -248,3 +264,66 @@ def check_jobs(command: Command, *, ranks_here: int | None = None) -> None:
                 raise
             verb = "submitted" if job.run.cluster.launcher == "slurm" else "run"
             raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None
+
+
+# --- the directories the command will create -------------------------------------------------
+
+
+def _output_dir(cfg, multirun: bool) -> tuple[str, str] | None:
+    """(key, path) of the directory Hydra creates for this job: hydra.run.dir, or hydra.sweep.dir
+    under -m; None where the config cannot say before Hydra runs."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        return key, str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - a resolver only train.py registers, say: Hydra reports it later
+        return None
+
+
+def _errno_text(err: OSError) -> str:
+    name = errno.errorcode.get(err.errno or 0, "?")
+    return f"[Errno {err.errno} {name}] {err.strerror or os.strerror(err.errno or 0)}"
+
+
+def probe_dir(path: Path) -> str | None:
+    """Why ``path`` cannot be the directory of a run, or None: it is created (with its missing
+    parents) and a file written in it, then whatever this made is removed again."""
+    made: list[Path] = []
+    probe = None
+    try:
+        missing = []
+        p = path
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        if not path.is_dir():
+            return f"[Errno {errno.ENOTDIR} ENOTDIR] {os.strerror(errno.ENOTDIR)} (it exists and is not a directory)"
+        probe = path / f".moemesh-probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except OSError as err:
+        return _errno_text(err)
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return None
+
+
+def check_output_dirs(command: Command) -> None:
+    """Before Hydra creates anything: the command's run or sweep directory can be created and
+    written (a probe, removed again). It was a 12- or 22-line traceback from Hydra."""
+    seen = set()
+    for job in command.jobs:
+        if job.output is None or job.output in seen:
+            continue
+        seen.add(job.output)
+        key, path = job.output
+        problem = probe_dir(Path(path))
+        if problem:
+            raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
