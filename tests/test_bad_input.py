@@ -6,6 +6,7 @@ case costs milliseconds; a few cases also run as real processes, for the exit co
 stderr as a shell sees them.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -176,7 +177,7 @@ def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr
 
 
-# --- issue #27: config files and directories -----------------------------------------------------
+# --- issue #27: ownership of a run directory, config files, directories ---------------------------
 
 
 def _cli(argv, cwd, monkeypatch, capsys):
@@ -193,6 +194,48 @@ def _cli(argv, cwd, monkeypatch, capsys):
         train.cli()
     captured = capsys.readouterr()
     return exit_.value.code, captured.out, captured.err
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    d = root / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"step": step, "files": {}}))
+    return d
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_one_line_and_touches_nothing(
+    multirun, tmp_path, monkeypatch, capsys
+):
+    """It saved, and pruning deleted each save at once in favour of the old run's higher steps."""
+    if multirun:
+        run_dir = tmp_path / "sweep"
+        _fake_checkpoint(run_dir / "1_single" / "checkpoints", 7)
+        argv = ["-m", "trainer.lr=1e-3,2e-3", f"hydra.sweep.dir={run_dir}"]
+    else:
+        run_dir = tmp_path / "run"
+        _fake_checkpoint(run_dir / "checkpoints", 7)
+        argv = [f"hydra.run.dir={run_dir}"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "already holds 1 checkpoint(s) of an earlier run (the newest: step_000007)" in lines[0]
+    assert "continue that run with resume=auto" in lines[0]
+    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in lines[0]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_same_command_with_resume_auto_passes_the_check(tmp_path, monkeypatch, capsys):
+    _fake_checkpoint(tmp_path / "run" / "checkpoints", 7)
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path / 'run'}", "resume=auto"])
+    ran = []
+    monkeypatch.setattr(train, "main", lambda: ran.append(True))
+    train.cli()
+    assert ran
 
 
 def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp_path_factory, monkeypatch, capsys):

@@ -43,8 +43,9 @@ class Job:
     run: RunConfig
     sweeper: str | None  # the hydra/sweeper choice, if the command names one
     # (key, path) of the directory Hydra will create for it: hydra.run.dir, or under -m
-    # hydra.sweep.dir; None where it cannot be known here
+    # hydra.sweep.dir (and the job's own subdirectory); None where it cannot be known here
     output: tuple[str, str] | None = None
+    job_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,9 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            for overrides in expand(args.overrides, args.multirun):
+            for i, overrides in enumerate(expand(args.overrides, args.multirun)):
                 cfg = compose(name, overrides=overrides, return_hydra_config=True)
-                output = _output_dir(cfg, args.multirun)
+                output, job_dir = _output_dirs(cfg, args.multirun, i)
                 with open_dict(cfg):
                     cfg.pop("hydra")
                 try:
@@ -201,7 +202,7 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
                     added = [o for o in overrides if o.startswith("+")]
                     note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added else ""
                     raise ConfigError(explain(err) + note) from None
-                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper"), output))
+                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper"), output, job_dir))
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
@@ -212,7 +213,7 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
         GlobalHydra.instance().clear()
     command = Command(multirun=args.multirun, jobs=jobs)
     check_jobs(command, ranks_here=ranks_here)
-    check_output_dirs(command)
+    check_output_dirs(command, ranks_here=ranks_here)
     return command
 
 
@@ -269,14 +270,24 @@ def check_jobs(command: Command, *, ranks_here: int | None = None) -> None:
 # --- the directories the command will create -------------------------------------------------
 
 
-def _output_dir(cfg, multirun: bool) -> tuple[str, str] | None:
-    """(key, path) of the directory Hydra creates for this job: hydra.run.dir, or hydra.sweep.dir
-    under -m; None where the config cannot say before Hydra runs."""
+def _output_dirs(cfg, multirun: bool, index: int) -> tuple[tuple[str, str] | None, str | None]:
+    """(key, path) of the directory Hydra creates for this job (hydra.run.dir, or hydra.sweep.dir
+    under -m) and the job's own directory (a sweep's: ``hydra.sweep.subdir`` under it, job
+    number ``index``); None where the config cannot say before Hydra runs."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
-        return key, str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        root = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     except Exception:  # noqa: BLE001 - a resolver only train.py registers, say: Hydra reports it later
-        return None
+        return None, None
+    if not multirun:
+        return (key, root), root
+    try:
+        with open_dict(cfg):
+            cfg.hydra.job.num = index
+            cfg.hydra.job.id = index
+        return (key, root), str(Path(root) / str(cfg.hydra.sweep.subdir))
+    except Exception:  # noqa: BLE001 - as above
+        return (key, root), None
 
 
 def _errno_text(err: OSError) -> str:
@@ -315,9 +326,13 @@ def probe_dir(path: Path) -> str | None:
     return None
 
 
-def check_output_dirs(command: Command) -> None:
+def check_output_dirs(command: Command, *, ranks_here: int | None = None) -> None:
     """Before Hydra creates anything: the command's run or sweep directory can be created and
-    written (a probe, removed again). It was a 12- or 22-line traceback from Hydra."""
+    written (a probe, removed again); and, where this process starts every rank (``ranks_here``
+    None), no fresh run saves into a directory that holds another run's checkpoints (under a
+    launcher each rank's Checkpointer refuses it before step 1 instead)."""
+    from moemesh.parallel.checkpoint import owner_conflict
+
     seen = set()
     for job in command.jobs:
         if job.output is None or job.output in seen:
@@ -327,3 +342,16 @@ def check_output_dirs(command: Command) -> None:
         problem = probe_dir(Path(path))
         if problem:
             raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
+    if ranks_here is not None:
+        return
+    for i, job in enumerate(command.jobs):
+        run, c = job.run, job.run.checkpoint
+        if run.resume is not None or not (c.every > 0 or c.save_final) or job.sweeper not in (None, "basic"):
+            continue  # resumes, never saves, or a sweeper that makes its own jobs (and resumes them)
+        if c.dir is None and job.job_dir is None:
+            continue
+        fix = f"{'hydra.sweep.dir' if command.multirun else 'hydra.run.dir'}=<new dir>, or checkpoint.dir=<new dir>"
+        conflict = owner_conflict(Path(c.dir) if c.dir else Path(str(job.job_dir)) / "checkpoints", fix)
+        if conflict:
+            where = f"job #{i} ({' '.join(job.overrides)}): " if command.multirun else ""
+            raise ConfigError(f"{where}{conflict}")

@@ -8,9 +8,15 @@ A save is atomic: all ranks write ``step_N.tmp/``; then rank 0 writes ``meta.jso
 renames the directory. A directory without ``meta.json`` or with the ``.tmp`` suffix is
 never picked, and the previous checkpoint survives a crash or a failed save (whose
 ``.tmp`` is removed). Checkpoints are ordered by their step number, never by name (step
-999999 comes before step 1000000); a checkpoint directory is ``step_N``, a real
-directory (not a symlink) holding a regular ``meta.json``. The last ``keep`` complete
-checkpoints are kept. A model with a non-finite value is never saved.
+999999 comes before step 1000000); a checkpoint directory is ``step_`` and ASCII digits,
+a real directory (not a symlink) holding a regular ``meta.json``. A model with a
+non-finite value is never saved.
+
+Who owns a directory: each save records the run that wrote it (``run_id``, new at every
+start). A fresh run (no resume) is refused before its first step where checkpoints
+already are (``owner_conflict``), since its saves would mix with an earlier run's; and
+pruning keeps the last ``keep`` checkpoints preferring this run's own, so it never deletes
+one it wrote in favour of one it did not write (a stray ``step_999999999999`` included).
 
 The pieces: what is saved, keyed globally (``checkpoint_state``); how a checkpoint's files
 are read as data only and checked against their checksums (``checkpoint_trust``, which
@@ -68,6 +74,7 @@ __all__ = [
     "init_optimizer_state",
     "load",
     "nonfinite_keys",
+    "owner_conflict",
     "read_meta",
     "preflight",
     "read_metadata",
@@ -80,7 +87,7 @@ __all__ = [
 ]
 
 _DIR_PREFIX = "step_"
-_STEP_DIR = re.compile(r"step_(\d+)")
+_STEP_DIR = re.compile(r"step_([0-9]+)", re.ASCII)  # not \d: it matches any script's digits (step_٣)
 META_JSON_MAX = 1 << 20  # meta.json: ~1 KiB plus ~110 bytes per rank that saved (8,000 ranks: 0.9 MiB)
 MAX_WORLD = 1 << 20  # the most ranks a meta.json may say saved it
 
@@ -147,6 +154,20 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(steps, key=steps.__getitem__)
 
 
+def owner_conflict(root: Path, fix: str = "hydra.run.dir=<new dir>, or checkpoint.dir=<new dir>") -> str | None:
+    """Why a fresh run (no resume) may not save into ``root``: it holds complete checkpoints
+    of an earlier run, which would outrank this run's saves at pruning and at resume=auto.
+    ``fix``: the settings that start fresh elsewhere."""
+    kept = complete_checkpoints(Path(root))
+    if not kept:
+        return None
+    return (
+        f"{root} already holds {len(kept)} checkpoint(s) of an earlier run (the newest: {kept[-1].name}); "
+        "a fresh run there would mix its saves with them: continue that run with resume=auto, or start "
+        f"fresh in another directory ({fix})"
+    )
+
+
 def remove_debris(root: Path) -> list[Path]:
     """Remove half-written ``step_N.tmp`` directories (a crash or a failed save left them)."""
     gone = [d for d in root.glob(f"{_DIR_PREFIX}*.tmp") if d.is_dir() and step_of(d.with_suffix("")) is not None]
@@ -184,16 +205,19 @@ def _probe(directory: Path, rank: int) -> str | None:
     return None
 
 
-def preflight(root: Path, state: dict, *, rank: int, run_dir: Path | None = None) -> int:
-    """Before the first step, on every rank: remove ``.tmp`` debris (rank 0), check that
-    ``root`` (and rank 0's ``run_dir``) can be written and hold one more checkpoint. Raises
-    CheckpointError on every rank, one line naming the path, otherwise. Returns the
-    estimated bytes of one checkpoint (every key once, plus DCP's ~1.6 KB per entry)."""
+def preflight(root: Path, state: dict, *, rank: int, run_dir: Path | None = None, fresh: bool = False) -> int:
+    """Before the first step, on every rank: refuse a ``fresh`` run (no resume, and it saves)
+    into a directory that holds checkpoints (``owner_conflict``); remove ``.tmp`` debris
+    (rank 0), check that ``root`` (and rank 0's ``run_dir``) can be written and hold one
+    more checkpoint. Raises CheckpointError on every rank, one line naming the path,
+    otherwise. Returns the estimated bytes of one checkpoint (every key once, plus DCP's
+    ~1.6 KB per entry)."""
     sizes: dict = {}
     for part in _all_gather(entry_bytes(state)):
         sizes.update(part)
     need = sum(sizes.values()) + 4096 * len(sizes)
-    error = None
+    error = owner_conflict(root) if fresh and rank == 0 else None
+    _agree(error)
     if rank == 0 and root.is_dir():
         remove_debris(root)
     for directory, label in [(root, "checkpoint.dir")] + (
@@ -222,11 +246,12 @@ def _previous(root: Path) -> str:
     return f"the last checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
 
 
-def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int) -> Path:
+def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int, run_id: str | None = None) -> Path:
     """Save ``state`` as ``root/step_N`` (all ranks together). A non-finite value raises
     FloatingPointError and a failed write CheckpointError, on every rank, before anything
     replaces the previous checkpoint; a failed save's ``.tmp`` is removed. meta.json holds
-    ``meta``, the step, the ranks that saved (``world``) and every file's checksum."""
+    ``meta``, the step, the run (``run_id``), the ranks that saved and every file's checksum;
+    then the last ``keep`` checkpoints are kept, this run's first (``_prune``)."""
     final = root / f"{_DIR_PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
     found = _all_gather(nonfinite_keys(state))
@@ -260,7 +285,7 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
             manifest = {name: h for _, part in parts for name, h in part.items()}
             manifest[METADATA] = sha256(tmp / METADATA)
             world = dist.get_world_size() if dist.is_initialized() else 1
-            record = {**meta, "step": step, "saved_at": time.time(), "world": world}
+            record = {**meta, "step": step, "saved_at": time.time(), "run_id": run_id, "world": world}
             (tmp / "meta.json").write_text(json.dumps({**record, "files": manifest}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -272,11 +297,31 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         raise CheckpointError(f"cannot save the checkpoint after step {step}: {error}; {_previous(root)}")
-    if rank == 0:
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0 and keep > 0:
+        _prune(root, keep, run_id)
     _barrier()
     return final
+
+
+def _run_of(ckpt: Path) -> str | None:
+    """The run that wrote ``ckpt`` (meta.json's run_id), None if it cannot say."""
+    try:
+        meta = json.loads(read_file(ckpt, "meta.json", max_size=META_JSON_MAX))
+    except (OSError, ValueError, RecursionError):
+        return None
+    run = meta.get("run_id") if isinstance(meta, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def _prune(root: Path, keep: int, run_id: str | None) -> None:
+    """Keep ``keep`` complete checkpoints: this run's newest first, then the newest others;
+    delete the rest. A checkpoint this run wrote is never deleted while one it did not write
+    is kept, however high that one's step number."""
+    kept = complete_checkpoints(root)
+    mine = {p: run_id is not None and _run_of(p) == run_id for p in kept}
+    ranked = sorted(kept, key=lambda p: (mine[p], step_of(p)))  # the last `keep` stay
+    for old in ranked[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Checkpointer:
     def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
         self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
         self.step_t = torch.zeros((), dtype=torch.int64)
+        self.run_id = uuid.uuid4().hex  # this start's saves (pruning keeps them over any other run's)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
         self.fsdp_tp_mesh = None
@@ -66,12 +68,22 @@ class Checkpointer:
             }
         )
         state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
-        return checkpoint.preflight(self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None)
+        c = self.run.checkpoint
+        fresh = self.run.resume is None and (c.every > 0 or c.save_final)  # a run that saves, from step 1
+        return checkpoint.preflight(
+            self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None, fresh=fresh
+        )
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
         return checkpoint.save(
-            self.root, step, self._state(), self.meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep
+            self.root,
+            step,
+            self._state(),
+            self.meta,
+            rank=self.mesh.rank,
+            keep=self.run.checkpoint.keep,
+            run_id=self.run_id,
         )
 
     def resume(self, log) -> int:
