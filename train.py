@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from moemesh.config.cli import needs_preflight, preflight
 from moemesh.config.schema import register_schema, to_run_config
-from moemesh.config.validate import micro_steps, validate_run
+from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
-from moemesh.launch.checks import check_launcher, set_output_umask
+from moemesh.fields import Launcher
+from moemesh.launch.checks import check_fits_host, check_launcher, device_type, host_memory_bytes, set_output_umask
 from moemesh.launch.env import detect_launcher_env, launcher_rank, leftover_hint, strip_local_rank_args
 from moemesh.launch.run import run_ranks
 from moemesh.launch.signals import install_stop_handlers
@@ -71,10 +72,7 @@ def _check_command(argv: list[str]) -> list[str]:
     """Compose and validate every job of this command; return argv, completed where a sweep
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
     env = detect_launcher_env()
-    # The host-memory check counts the ranks this machine will hold: all of them when this
-    # process spawns them, else the launcher's ranks here (LOCAL_WORLD_SIZE, SLURM's tasks on
-    # this node), by launch.env's one rule for "is this process a launched rank".
-    command = preflight(argv, ranks_here=env.local_world_size if env else None)
+    command = preflight(argv, launched=env is not None)
     # Before Hydra creates the run directory: who may read what this command writes.
     set_output_umask([job.run for job in command.jobs])
     if env is not None and command.multirun and not os.environ.get(TASK_MARKER):
@@ -87,11 +85,22 @@ def _check_command(argv: list[str]) -> list[str]:
         )
     problems = []
     common = set.intersection(*(set(job.overrides) for job in command.jobs)) if len(command.jobs) > 1 else set()
+    host = None
     for i, job in enumerate(command.jobs):
         try:
             dims = _validate(job.run, env)
-            if job.run.cluster.launcher != "slurm" or not command.multirun:
+            if job.run.cluster.launcher != Launcher.slurm or not command.multirun:  # it trains on this machine
                 check_launcher(job.run, env, dims)
+                # The ranks this machine will hold: all of them when this process spawns them, else
+                # the launcher's ranks here (LOCAL_WORLD_SIZE, SLURM's tasks on this node).
+                host = host or host_memory_bytes()
+                check_fits_host(
+                    job.run,
+                    dims,
+                    ranks_here=env.local_world_size if env else None,
+                    host_bytes=host,
+                    device_type=device_type(job.run),
+                )
             check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
         except ConfigError as err:
             if not command.multirun:
@@ -99,13 +108,13 @@ def _check_command(argv: list[str]) -> list[str]:
             shown = [o for o in job.overrides if o not in common] or list(job.overrides)
             problems.append(f"job #{i} ({' '.join(shown)}): {err}")
     if problems:
-        verb = "submitted" if any(job.run.cluster.launcher == "slurm" for job in command.jobs) else "run"
+        verb = "submitted" if any(job.run.cluster.launcher == Launcher.slurm for job in command.jobs) else "run"
         raise ConfigError(
             f"nothing was {verb}; {len(problems)} problem(s) in this sweep of {len(command.jobs)} "
             "job(s): " + " | ".join(problems)
         )
     if command.multirun and len(command.jobs) > 1:
-        counts = {job.run.parallel.name: micro_steps(job.run) for job in command.jobs}
+        counts = {job.run.parallel.name: batch_plan(job.run).micro_steps for job in command.jobs}
         if len(set(counts.values())) > 1:
             # The balance loss is computed per micro-step: different counts, different objectives.
             chosen = any(

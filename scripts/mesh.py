@@ -10,11 +10,14 @@ the ones parallel.mesh builds with init_device_mesh (a test checks they agree).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from _config import compose_run, fail
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: moemesh without pip install
 
-from moemesh.errors import ConfigError
-from moemesh.parallel.dims import MeshAxis, ParallelDims
+from moemesh.config.cli import compose_run, refuse  # noqa: E402
+from moemesh.errors import ConfigError  # noqa: E402
+from moemesh.parallel.dims import MeshAxis, ParallelDims  # noqa: E402
 
 GROUPS = {
     "ep": ((MeshAxis.EP,), "All-to-All of routed tokens"),
@@ -76,9 +79,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dot", metavar="FILE", help="also write a Graphviz drawing of the mesh")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel=ep2_dp4")
     args = parser.parse_args(argv)
-    run = compose_run(args.overrides)
-    dims = ParallelDims.from_config(run.parallel)
     try:
+        run = compose_run(args.overrides)
+        dims = ParallelDims.from_config(run.parallel)
         from moemesh.parallel.pipeline import stage_layers
 
         dims.validate()
@@ -88,7 +91,7 @@ def main(argv=None) -> None:
                 f"parallel.expert_parallel_size={dims.ep}"
             )
     except ConfigError as err:
-        fail(err)
+        refuse(err)
     stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
     print(describe(dims, run.model.num_experts, stages))
     if args.dot:

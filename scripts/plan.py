@@ -75,12 +75,15 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
-from _config import compose_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: moemesh without pip install
 
-from moemesh.moe.param_count import count_params
-from moemesh.planning.calibration import PlannerOptions, constants_line
-from moemesh.planning.cost import SEED_SPLITS, Plan, compute_bytes, make_plan, train_command
+from moemesh.config.cli import compose_run, refuse  # noqa: E402
+from moemesh.errors import ConfigError  # noqa: E402
+from moemesh.moe.param_count import count_params  # noqa: E402
+from moemesh.planning.calibration import PlannerOptions, constants_line  # noqa: E402
+from moemesh.planning.cost import SEED_SPLITS, Plan, compute_bytes, make_plan, train_command  # noqa: E402
 
 # The planner options that became config keys: each old flag fails, naming its key.
 GONE_FLAGS = {
@@ -172,7 +175,10 @@ def main(argv=None) -> None:
     ap.add_argument("--command", type=int, metavar="N", help="print only row N's train.py command")
     ap.add_argument("--png", metavar="FILE")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
-    run = compose_run(args.overrides)
+    try:
+        run = compose_run(args.overrides)
+    except ConfigError as err:
+        refuse(err)
     gpus = run.cluster.gpus
     if not gpus or gpus < 1:
         print(

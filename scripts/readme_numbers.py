@@ -1,4 +1,4 @@
-"""Re-measure the numbers README states about its own commands, so they cannot go stale.
+"""Re-measure the numbers README, docs/ and RESULTS.md state about README's commands.
 
     python scripts/readme_numbers.py            # measure, compare with README: exit 1 if stale
     python scripts/readme_numbers.py --write    # measure and rewrite README's marked spans
@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Where the marked spans live: README, the docs pages and the results.
+DOCS = [README, ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Relative band for the final losses: about 3x the spread measured over three CPUs/threadings
 # (1.1%), for CPUs not measured here; a stale number (a changed model or schedule) moves more.
 BAND = 0.03
@@ -141,6 +143,11 @@ def off_band(spans: dict, numbers: dict) -> list[str]:
     return out
 
 
+def recorded_text() -> str:
+    """Every file with marked spans, one after the other (where ``recorded_python`` looks)."""
+    return "\n".join(path.read_text() for path in DOCS)
+
+
 def recorded_python(text: str) -> str | None:
     m = re.search(r"<!-- numbers:default_run -->.*?Python (\d+\.\d+\.\d+)", text, re.S)
     return m.group(1) if m else None
@@ -151,19 +158,22 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="rewrite README's marked spans")
     ap.add_argument("--full", action="store_true", help="also run the 16-rank commands (slow)")
     args = ap.parse_args(argv)
-    text = README.read_text()
-    spans = {m.group("name"): m.group("body") for m in SPAN.finditer(text)}
+    texts = {path: path.read_text() for path in DOCS}
+    spans = {m.group("name"): m.group("body") for text in texts.values() for m in SPAN.finditer(text)}
     missing = set(CHECKED) - set(spans)
     if missing:
-        print(f"readme_numbers: README has no span {', '.join(sorted(missing))}", file=sys.stderr)
+        print(f"readme_numbers: no span {', '.join(sorted(missing))} in README.md or docs/", file=sys.stderr)
         return 1
     numbers = measure(args.full)
     if args.write:
-        new = SPAN.sub(
-            lambda m: f"<!-- numbers:{m.group('name')} -->{render(m.group('name'), numbers)}<!-- /numbers -->", text
-        )
-        README.write_text(new)
-        print(f"readme_numbers: README rewritten ({numbers['where']})")
+        for path, text in texts.items():
+            new = SPAN.sub(
+                lambda m: f"<!-- numbers:{m.group('name')} -->{render(m.group('name'), numbers)}<!-- /numbers -->",
+                text,
+            )
+            if new != text:
+                path.write_text(new)
+        print(f"readme_numbers: README and docs rewritten ({numbers['where']})")
         return 0
     stale = [
         f"{name}: README lacks '{fragment}'"

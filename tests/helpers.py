@@ -90,3 +90,34 @@ def train_rank(run, rank, dims, output_dir, data_paths):
     from moemesh.trainer.loop import train
 
     return train(run, cpu_context(rank, build_mesh(dims, "cpu"), output_dir, data_paths))
+
+
+def laid_out(
+    module,
+    *,
+    ep_group=None,
+    tp_group=None,
+    sequence_parallel=False,
+    stats_group=None,
+    ops=None,
+    use_grouped_mm=True,
+    overlap_chunks=0,
+    meter=None,
+):
+    """``module`` (a Transformer or an MoE layer built whole) with a layout applied from outside,
+    as trainer.parallelize.build_model does: TP, EP, the balance-statistics group, kernels, timing."""
+    from moemesh.kernels import TORCH_OPS
+    from moemesh.trainer.parallelize import (
+        apply_ep,
+        apply_instrumentation,
+        apply_kernels,
+        apply_load_balance_group,
+        apply_tp,
+    )
+
+    apply_tp(module, tp_group, sequence_parallel=sequence_parallel)
+    apply_ep(module, ep_group, overlap_chunks=overlap_chunks)
+    apply_load_balance_group(module, stats_group)
+    apply_kernels(module, ops or TORCH_OPS, use_grouped_mm=use_grouped_mm)
+    apply_instrumentation(module, meter)
+    return module

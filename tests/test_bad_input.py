@@ -41,7 +41,10 @@ CASES = [
     (["--bogus-flag"], "unrecognized argument --bogus-flag"),
     (["--local_rank=x"], "--local_rank=x: expected a non-negative integer"),
     # keys the chosen data source would ignore
-    (["data.path=/tmp/train.bin"], "data.path=/tmp/train.bin is ignored by data=stdlib; it is read by data=memmap"),
+    (
+        ["data.path=/tmp/train.bin"],
+        "data.path=/tmp/train.bin is ignored by data=stdlib; it is read by data=tokens or data=memmap",
+    ),
     (["data=synthetic", "data.cache_dir=/tmp"], "data.cache_dir=/tmp is ignored by data=synthetic"),
     (["data=memmap", "data.path=/nonexistent/train.bin"], "data.path=/nonexistent/train.bin: no such file"),
     # cross-key validation

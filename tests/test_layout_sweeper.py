@@ -13,10 +13,8 @@ import pytest
 from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from _config import compose_run  # noqa: E402
-
+from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.planning import search  # noqa: E402
 from moemesh.planning.cost import make_plan  # noqa: E402
 

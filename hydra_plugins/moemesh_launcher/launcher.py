@@ -87,6 +87,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         from moemesh.config.schema import to_run_config
         from moemesh.config.validate import validate_run
         from moemesh.errors import ConfigError
+        from moemesh.fields import Launcher
         from moemesh.launch.env import detect_launcher_env
         from moemesh.launch.slurm import SweepJob, allocation_for, validate_slurm
 
@@ -105,7 +106,7 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
                 run = to_run_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-                if run.cluster.launcher != "slurm":
+                if run.cluster.launcher != Launcher.slurm:
                     raise ConfigError(
                         f"cluster.launcher={run.cluster.launcher}: this sweep is submitted to SLURM; "
                         "every job needs cluster=slurm"
@@ -154,7 +155,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             executor = submitit.AutoExecutor(
                 folder=self.params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=alloc.max_timeouts
             )
-            executor.update_parameters(**alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT)))
+            executor.update_parameters(
+                **alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT), python=sys.executable)
+            )
             args = [
                 (full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}", Singleton.get_state())
                 for j in jobs

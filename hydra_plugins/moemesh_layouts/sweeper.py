@@ -15,7 +15,7 @@ generated ``parallel.name`` (no preset file needed), and one micro-step count fo
 summary.json is not run again (restart a sweep with the same ``hydra.sweep.dir``). A job that
 fails is a row with its one-line reason, and the sweep goes on. After the runs: one table
 (also ``layouts.md`` and ``layouts.json`` in the sweep directory), the winner by
-``hydra.sweeper.objective`` with the command that trains it, and ``scripts/compare.py``'s charts
+``hydra.sweeper.objective`` with the command that trains it, and ``moemesh.runs.compare``'s charts
 in ``<sweep dir>/compare/``.
 """
 
@@ -28,7 +28,6 @@ import json
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,12 +42,12 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf, open_dict
 
 from moemesh.config.schema import to_run_config
-from moemesh.config.validate import micro_steps
+from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
+from moemesh.fields import Device
 from moemesh.planning import search
 from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command, with_dims
-
-COMPARE = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"  # the charts, run as a script
+from moemesh.runs.steady import WARMUP_RECORDS
 
 
 @dataclass
@@ -57,9 +56,9 @@ class LayoutSweeperConf:
     top: int = 6  # the planner's best this many fitting splits (0: all)
     include: list[str] = field(default_factory=list)  # layout names or constraints like "ep>=2"
     exclude: list[str] = field(default_factory=list)
-    warmup_steps: int = 2  # logged steps left out of the timing medians
+    warmup_steps: int = WARMUP_RECORDS  # logged steps left out of the timing medians (moemesh.runs.steady)
     objective: str = "tokens_per_s"  # tokens_per_s | step_s | peak_memory
-    charts: bool = True  # scripts/compare.py's charts into <sweep dir>/compare/
+    charts: bool = True  # moemesh.runs.compare's charts into <sweep dir>/compare/
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="layouts", node=LayoutSweeperConf, provider="moemesh")
@@ -90,7 +89,9 @@ class _Tee(io.TextIOBase):
 
 
 class LayoutSweeper(Sweeper):
-    def __init__(self, top=6, include=(), exclude=(), warmup_steps=2, objective="tokens_per_s", charts=True):
+    def __init__(
+        self, top=6, include=(), exclude=(), warmup_steps=WARMUP_RECORDS, objective="tokens_per_s", charts=True
+    ):
         self.keys = dict(top=top, include=include, exclude=exclude, warmup_steps=warmup_steps, objective=objective)
         self.charts = charts
         self.config: Any = None
@@ -125,7 +126,7 @@ class LayoutSweeper(Sweeper):
         if not gpus or gpus < 1:
             _refuse("hydra/sweeper=layouts needs cluster.gpus: the number of ranks to split, e.g. cluster.gpus=4")
         planned = run
-        if run.trainer.device == "auto":  # plan for the device the jobs will run on
+        if run.trainer.device == Device.auto:  # plan for the device the jobs will run on
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +144,7 @@ class LayoutSweeper(Sweeper):
         own = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in SPLIT_KEYS]
         held = []
         if not any(a.split("=", 1)[0].lstrip("+~") in _USER_SET_MICRO for a in arguments):
-            counts = [micro_steps(with_dims(run, c.dims)) for c in choice.chosen]
+            counts = [batch_plan(with_dims(run, c.dims)).micro_steps for c in choice.chosen]
             if len(set(counts)) > 1:  # the balance loss is per micro-step: hold the objective equal
                 held = [f"trainer.micro_steps={max(counts)}"]
         if held:  # price what will run: every layout at the held count
@@ -296,14 +297,22 @@ class LayoutSweeper(Sweeper):
         out = {"objective": s.objective, "warmup_steps": s.warmup_steps, "device": self.planned_device, "jobs": record}
         (sweep_dir / "layouts.json").write_text(json.dumps(out, indent=1))
         if self.charts and best is not None:
-            charts = sweep_dir / "compare"
-            cmd = [sys.executable, str(COMPARE), str(sweep_dir), "--out", str(charts)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode == 0:
-                print(f"moemesh: charts in {charts}/", flush=True)
-            else:  # the table stands without charts
-                why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-                print(f"moemesh: charts not drawn: {why}", file=sys.stderr)
+            _draw_charts(sweep_dir, sweep_dir / "compare")
+
+
+def _draw_charts(sweep_dir: Path, out: Path) -> None:
+    """moemesh.runs.compare's table and charts of the sweep, in this process (its output kept
+    quiet: the sweep's own table was printed); the table stands without charts when they fail."""
+    from moemesh.runs import compare
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            compare.main([str(sweep_dir), "--out", str(out)])
+    except (Exception, SystemExit) as err:  # matplotlib missing, an unreadable run: say so, keep the table
+        why = " ".join(str(err).split()) or type(err).__name__
+        print(f"moemesh: charts not drawn: {why}", file=sys.stderr)
+        return
+    print(f"moemesh: charts in {out}/", flush=True)
 
 
 def _continuing(job: list[str], job_dir: Path, run) -> list[str]:

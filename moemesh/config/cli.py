@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import errno
 import os
 import re
+import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -30,9 +32,17 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from moemesh.config.schema import RunConfig, to_run_config
-from moemesh.config.validate import check_fits_host, check_layout_name, validate_run
+from moemesh.config.schema import (
+    RunConfig,
+    did_you_mean,
+    explain_omegaconf,
+    register_schema,
+    schema_keys,
+    to_run_config,
+)
+from moemesh.config.validate import check_layout_name, validate_run
 from moemesh.errors import ConfigError
+from moemesh.fields import Launcher
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the YAML groups Hydra composes
 
@@ -54,34 +64,14 @@ class Command:
     jobs: list[Job]
 
 
-def schema_keys(cls=RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key the schema defines, e.g. ``parallel.expert_parallel_size``."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        keys.append(key)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys.extend(schema_keys(type(default), key + "."))
-    return keys
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-def _unknown_key(key: str) -> str:
-    keys = schema_keys()
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] if parent else [k for k in keys if "." not in k]
-    hint = _did_you_mean(key, siblings) or _did_you_mean(key, keys)
-    if not hint and siblings:
-        hint = f"; valid keys here: {', '.join(s.rsplit('.', 1)[-1] for s in siblings)}"
-    return f"{key}: no such key{hint}"
-
-
-_TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+def _unknown_item_key(target: str, key: str) -> str:
+    """A misspelled key inside the items of a list of dataclasses (``data.sources=[{...}]``)."""
+    cls: Any = RunConfig
+    for part in target.split("."):
+        cls = typing.get_type_hints(cls)[part]
+    items = [a for arg in typing.get_args(cls) for a in (arg, *typing.get_args(arg)) if dataclasses.is_dataclass(a)]
+    valid = [f.name for f in dataclasses.fields(items[0])] if items else []
+    return f"{target}: an item has no key {key}{did_you_mean(key, valid)} (valid keys of an item: {', '.join(valid)})"
 
 
 def _first_line(text: str) -> str:
@@ -97,27 +87,18 @@ def explain(err: BaseException) -> str:
         return f"{where}: {problem} (moemesh reads its configs as plain YAML: no !!python tags)"
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
-        hint = _did_you_mean(choice, err.options)
+        hint = did_you_mean(choice, err.options)
         return f"{group}={choice}: no such preset{hint} (valid: {', '.join(err.options)})"
     cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
     if isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or getattr(cause, "key", "") or ""
-        msg = _first_line(cause.msg or str(cause))
-        if re.match(r"Key '.*' not in '", msg) or "Could not override" in str(err):
-            return _unknown_key(key)
-        m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
-        if m:
-            value, _, target = m.groups()
-            via = ""
-            interp = re.search(r"While dereferencing interpolation '([^']*)'", msg)
-            if interp:
-                via = f" ({interp.group(1)} resolves to {value!r})"
-            return f"{key}={value}{via}: expected {_TYPE_NAMES.get(target, target)}"
-        if "is not Optional" in msg:
-            return f"{key}: cannot be null"
-        if "missing mandatory value" in msg:
-            return f"{key}: missing a value (a config group's preset may have been removed)"
-        return f"{key}: {msg}" if key else msg
+        listed = re.search(r"(?:Could not override '|Error merging override )([\w.]+)", str(err))
+        if listed and key and not key.startswith(listed.group(1)) and listed.group(1) in schema_keys():
+            # A key inside the items of a list (data.sources=[{...}]): OmegaConf names only the item's key.
+            if re.match(r"Key '.*' not in '", _first_line(cause.msg or str(cause))):
+                return _unknown_item_key(listed.group(1), key)
+            key = f"{listed.group(1)}[*].{key}"
+        return explain_omegaconf(cause, overriding="Could not override" in str(err), key=key)
     text = _first_line(str(err))
     if text.startswith("LexerNoViableAltException: "):  # a character the override grammar has no token for
         override = text.split(": ", 1)[1]
@@ -170,14 +151,8 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return batch
 
 
-def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int | None = None) -> Command:
-    """Compose and type every job of this command; raise ConfigError on the first mistake.
-
-    ``ranks_here``: None when this process spawns every rank on this machine; under a launcher,
-    the ranks it starts here. The caller says which (train.py asks ``launch.env``'s
-    ``detect_launcher_env``, the one rule for "is this a launched rank": config sits below
-    launch and cannot ask it).
-    """
+def preflight(argv: list[str], config_name: str = "config", *, launched: bool = False) -> Command:
+    """Compose and type every job of this command; raise ConfigError on the first mistake."""
     args, unknown = _parse_argv(argv)
     if unknown:
         raise ConfigError(
@@ -195,13 +170,12 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
                 with open_dict(cfg):
                     cfg.pop("hydra")
                 try:
-                    run = to_run_config(cfg)
-                except OmegaConfBaseException as err:  # composed, so a +key/++key added it
-                    if full:
-                        raise
+                    run = to_run_config(cfg, full_error=full)
+                except ConfigError as err:
                     added = [o for o in overrides if o.startswith("+")]
-                    note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added else ""
-                    raise ConfigError(explain(err) + note) from None
+                    unknown = "no such key" in str(err)  # composed, so a +key/++key added it
+                    note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added and unknown else ""
+                    raise ConfigError(f"{err}{note}") from None
                 jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper"), output, job_dir))
     except ConfigError:
         raise
@@ -212,42 +186,42 @@ def preflight(argv: list[str], config_name: str = "config", *, ranks_here: int |
     finally:
         GlobalHydra.instance().clear()
     command = Command(multirun=args.multirun, jobs=jobs)
-    check_jobs(command, ranks_here=ranks_here)
-    check_output_dirs(command, ranks_here=ranks_here)
+    check_jobs(command)
+    check_output_dirs(command, launched=launched)
     return command
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    """One job's typed config from key=value overrides, composed as ``python train.py`` composes it
+    (for the command lines under scripts/: plan.py, calibrate.py, mesh.py); ConfigError, one line,
+    on a mistake. Only the fields are checked: the caller validates what it needs."""
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            return to_run_config(compose("config", overrides=list(overrides)))
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(explain(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def refuse(err: ConfigError | str) -> NoReturn:
+    """The one way a command line says a config mistake: one line on stderr, exit code 2."""
+    print(f"moemesh: config error: {err}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parallel_presets() -> set[str]:
     return {p.stem for p in (CONF_DIR / "parallel").glob("*.yaml")}
 
 
-def host_memory_bytes() -> int:
-    """This machine's memory, or the cgroup's limit (a SLURM job, a container) when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def _device_type(run: RunConfig) -> str:
-    if run.trainer.device != "auto":
-        return run.trainer.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_jobs(command: Command, *, ranks_here: int | None = None) -> None:
+def check_jobs(command: Command) -> None:
     """What only the command line can check, for every job that validates (train.py reports
-    the others): the preset's name against its (overridden) degrees, and, for jobs that train on
-    this machine (all but a SLURM submission), whether the model's state fits its memory
-    (``ranks_here`` as in :func:`preflight`)."""
-    presets, host = parallel_presets(), None
+    the others): the preset's name against its (overridden) degrees."""
+    presets = parallel_presets()
     for i, job in enumerate(command.jobs):
         try:
             dims = validate_run(job.run)
@@ -255,15 +229,10 @@ def check_jobs(command: Command, *, ranks_here: int | None = None) -> None:
             continue
         try:
             check_layout_name(job.run, dims, presets)
-            if not (command.multirun and job.run.cluster.launcher == "slurm"):
-                host = host or host_memory_bytes()
-                check_fits_host(
-                    job.run, dims, ranks_here=ranks_here, host_bytes=host, device_type=_device_type(job.run)
-                )
         except ConfigError as err:
             if not command.multirun:
                 raise
-            verb = "submitted" if job.run.cluster.launcher == "slurm" else "run"
+            verb = "submitted" if job.run.cluster.launcher == Launcher.slurm else "run"
             raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None
 
 
@@ -326,11 +295,12 @@ def probe_dir(path: Path) -> str | None:
     return None
 
 
-def check_output_dirs(command: Command, *, ranks_here: int | None = None) -> None:
+def check_output_dirs(command: Command, *, launched: bool = False) -> None:
     """Before Hydra creates anything: the command's run or sweep directory can be created and
-    written (a probe, removed again); and, where this process starts every rank (``ranks_here``
-    None), no fresh run saves into a directory that holds another run's checkpoints (under a
-    launcher each rank's Checkpointer refuses it before step 1 instead)."""
+    written (a probe, removed again); and, where this process starts every rank (not
+    ``launched`` by torchrun/srun/deepspeed), no fresh run saves into a directory that holds
+    another run's checkpoints (under a launcher each rank's Checkpointer refuses it before
+    step 1 instead, once a requeued attempt has set its resume)."""
     from moemesh.parallel.checkpoint import owner_conflict
 
     seen = set()
@@ -342,7 +312,7 @@ def check_output_dirs(command: Command, *, ranks_here: int | None = None) -> Non
         problem = probe_dir(Path(path))
         if problem:
             raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
-    if ranks_here is not None:
+    if launched:
         return
     for i, job in enumerate(command.jobs):
         run, c = job.run, job.run.checkpoint

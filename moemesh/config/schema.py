@@ -9,13 +9,36 @@ file or on the command line is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import enum
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from moemesh import fields
+from moemesh.data.config import DataConfig
+from moemesh.errors import ConfigError
+from moemesh.fields import (
+    SEED_MAX,
+    CommBackend,
+    Device,
+    Dtype,
+    KernelBackend,
+    Launcher,
+    NonFinite,
+    OutputAccess,
+    PipelineSchedule,
+    Recompute,
+    Sharding,
+)
 from moemesh.moe.config import ModelConfig
+from moemesh.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -23,6 +46,10 @@ class CommOptimizationConfig:
     # The seed's flag: pipeline each MoE layer's All-to-All with the expert compute.
     all_to_all_overlap: bool = False
     overlap_chunks: int = 2  # token chunks per MoE layer when overlapping
+
+    def __post_init__(self) -> None:
+        if self.overlap_chunks < 1:
+            raise ConfigError(f"parallel.comm_optimization.overlap_chunks={self.overlap_chunks} must be >= 1")
 
 
 @dataclass
@@ -36,13 +63,26 @@ class ParallelConfig:
     # with reduce-scatter / all-gather in place of the all-reduces around attention and MLP.
     sequence_parallel: bool = False
     # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
-    pipeline_schedule: str = "1f1b"
+    pipeline_schedule: PipelineSchedule = PipelineSchedule["1f1b"]
     pipeline_split: list[int] | None = None
     # How much training state each rank keeps (FSDP2 over the ranks that hold the same
     # weights): none (whole parameters, gradients, AdamW state) | zero2 (gradients and
     # optimizer state sharded) | zero3 (parameters sharded too, gathered per block).
-    sharding: str = "none"
+    sharding: Sharding = Sharding.none
     comm_optimization: CommOptimizationConfig = field(default_factory=CommOptimizationConfig)
+
+    def __post_init__(self) -> None:
+        fields.choice(self, "parallel.", "pipeline_schedule", PipelineSchedule)
+        fields.choice(self, "parallel.", "sharding", Sharding)
+        ParallelDims.from_config(self)  # each degree a positive integer (ParallelDims checks when built)
+        if self.pipeline_split is not None and self.pipeline_parallel_size == 1:
+            raise ConfigError(
+                f"parallel.pipeline_split={list(self.pipeline_split)} needs parallel.pipeline_parallel_size > 1"
+            )
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims.from_config(self)
 
 
 @dataclass
@@ -69,6 +109,7 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run in the batch script before srun
     # A sweep whose jobs need different allocations: split (one job array per allocation)
     # or reject (before anything is submitted).
+    # (A str checked by launch.slurm.validate_slurm: a StrEnum member named "split" would hide str.split.)
     mixed_allocations: str = "split"
     wait: bool = True  # false: print the job ids and return once submitted
 
@@ -91,6 +132,9 @@ class CalibrationConfig:
     step_overhead_s: float = 0.0  # the rest of a measured step (data, statistics, logging)
     bubble_factor: float | None = None  # share of the pipeline bubble that costs time (null: 1, idle devices)
 
+    def __post_init__(self) -> None:
+        fields.finite_floats(self, "cluster.calibration.")
+
 
 @dataclass
 class ClusterConfig:
@@ -98,9 +142,13 @@ class ClusterConfig:
     # local: spawn the ranks here unless a launcher (torchrun, srun) already started them;
     # torchrun: require torchrun's environment; slurm: submit with -m (one SLURM task per
     # rank), or, inside an allocation, be one of those srun tasks.
-    launcher: str = "local"
-    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    launcher: Launcher = Launcher.local
+    backend: CommBackend = CommBackend.auto  # auto: nccl with CUDA, gloo otherwise
     gpus_per_node: int = 8
+    # The nodes every job's layout must span (null: whatever its world size needs). Not a
+    # setting: a job's nodes follow from its ranks and gpus_per_node; this only states them,
+    # so a command that expects 2 nodes is refused when its layout would take another number.
+    nodes: int | None = None
     collective_timeout_s: int = 300
     preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
     # A rank whose heartbeat (a thread, beating while the process is scheduled at all, also
@@ -112,9 +160,14 @@ class ClusterConfig:
     # srun or mpirun markers) must all meet within this; else the variables are taken for
     # leftovers in the shell and the run is refused (a launcher's ranks keep collective_timeout_s).
     rendezvous_timeout_s: int = 30
+    # The network a multi-node run uses (e.g. ib0): gloo and NCCL talk and listen on it
+    # (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), and the job's store listens on MASTER_ADDR, which
+    # must be one of its addresses (cluster=slurm sets MASTER_ADDR to the first node's). null: the
+    # addresses the nodes' host names resolve to. Nothing listens on every address either way.
+    interface: str | None = None
     # Who may read what the run writes (run dir, logs, metrics, checkpoints): private (umask
     # 077: 0700/0600), group (umask 027: group may read), inherit (the shell's umask).
-    output_access: str = "private"
+    output_access: OutputAccess = OutputAccess.private
     peak_flops: float | None = None  # per device, for MFU; unknown on CPU
     # For scripts/plan.py (planning only; training reads the real machine):
     gpus: int | None = None  # GPUs to plan for
@@ -125,17 +178,26 @@ class ClusterConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # fitted constants (plan.py)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # cluster=slurm submission
 
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    # stdlib: bytes of the running Python's standard library .py files (no download);
-    # memmap: a user's uint16 token file (nanoGPT .bin); synthetic: random tokens.
-    kind: str = "stdlib"
-    path: str | None = None  # memmap: the train .bin file
-    val_path: str | None = None  # memmap: optional separate validation .bin
-    cache_dir: str | None = None  # stdlib: where the built corpus is cached
-    val_fraction: float = 0.01
+    def __post_init__(self) -> None:
+        p = "cluster."
+        fields.choice(self, p, "launcher", Launcher)
+        fields.choice(self, p, "backend", CommBackend)
+        fields.choice(self, p, "output_access", OutputAccess)
+        fields.positive(self, p, "gpus_per_node")
+        fields.positive_or_null(self, p, "nodes")
+        fields.positive_or_null(self, p, "gpus")
+        fields.number(self, p, "peak_flops", lambda v: v > 0, "a finite number > 0 (FLOP/s per device) or null")
+        fields.greater_than_zero(self, p, "gpu_memory_gb", "intra_node_gbps", "inter_node_gbps")
+        fields.at_least_zero(self, p, "latency_us")
+        fields.number(self, p, "collective_timeout_s", lambda v: v >= 1, "a positive number of seconds")
+        fields.number(
+            self,
+            p,
+            "preempt_grace_s",
+            lambda v: v >= 0,
+            "a number of seconds >= 0 (the time to save after a stop signal)",
+        )
+        fields.finite_floats(self, p)
 
 
 @dataclass
@@ -151,6 +213,9 @@ class LoggerConfig:
     # wandb online: seconds to reach the server at start; then the run logs offline (one note),
     # never stops. An unreachable host is found sooner, by a connection probe.
     init_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        fields.number(self, "logger.", "init_timeout_s", lambda v: v > 0, "a finite number of seconds > 0")
 
 
 @dataclass
@@ -175,18 +240,46 @@ class TrainerConfig:
     eval_batches: int = 4
     log_every: int = 1
     seed: int = 1234  # 0 .. 2**64-1 (torch and numpy generators)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    device: Device = Device.auto  # auto | cpu | cuda
+    dtype: Dtype = Dtype.auto  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     threads_per_rank: int | None = None  # CPU: None splits the cores over local ranks
     # Recompute each transformer block's activations in backward: none | full (keep only the
     # block's input and its collectives' outputs) | selective (keep the attention output and
     # the expert matmul outputs too). Never repeats an All-to-All or a TP collective: the
     # recompute replays their recorded outputs (moemesh/parallel/recompute.py).
-    activation_checkpointing: str = "none"
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip (the step)
+    activation_checkpointing: Recompute = Recompute.none
+    on_nonfinite: NonFinite = NonFinite.stop  # a non-finite loss or gradient norm: stop | skip (the step)
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
     # row; the weights do not change while steps are skipped, so more would rarely recover.
     max_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        p = "trainer."
+        for name, cls in (
+            ("device", Device),
+            ("dtype", Dtype),
+            ("activation_checkpointing", Recompute),
+            ("on_nonfinite", NonFinite),
+        ):
+            fields.choice(self, p, name, cls)
+        fields.positive(self, p, "steps", "global_batch_size", "seq_len", "eval_batches", "log_every")
+        fields.positive(self, p, "max_skipped_steps")
+        fields.positive_or_null(self, p, "micro_steps", "micro_batch_size", "threads_per_rank")
+        fields.non_negative(self, p, "warmup_steps", "eval_every")
+        fields.greater_than_zero(self, p, "lr")
+        fields.at_least_zero(self, p, "min_lr", "weight_decay")
+        fields.at_least_zero(self, p, "grad_clip", valid="a finite number >= 0 (0: no clipping)")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(
+                f"trainer.seed={self.seed} must be in [0, 2**64-1 = {SEED_MAX}] "
+                "(the range of torch's and numpy's generators)"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be in [0, 1)")
+        fields.finite_floats(self, p)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"trainer.min_lr={self.min_lr} must be <= trainer.lr={self.lr}")
 
 
 @dataclass
@@ -196,11 +289,17 @@ class CheckpointConfig:
     save_final: bool = True
     dir: str | None = None  # null: <run dir>/checkpoints
 
+    def __post_init__(self) -> None:
+        fields.non_negative(self, "checkpoint.", "every", "keep")
+
 
 @dataclass
 class KernelsConfig:
     # auto: Triton on CUDA, the torch reference elsewhere; triton on CPU needs TRITON_INTERPRET=1.
-    backend: str = "auto"
+    backend: KernelBackend = KernelBackend.auto
+
+    def __post_init__(self) -> None:
+        fields.choice(self, "kernels.", "backend", KernelBackend)
 
 
 @dataclass
@@ -218,21 +317,104 @@ class RunConfig:
     resume: str | None = None
 
 
+def schema_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema defines, e.g. ``parallel.expert_parallel_size``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(schema_keys(type(default), key + "."))
+    return keys
+
+
+def did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown_key(key: str) -> str:
+    keys = schema_keys()
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] if parent else [k for k in keys if "." not in k]
+    hint = did_you_mean(key, siblings) or did_you_mean(key, keys)
+    if not hint and siblings:
+        hint = f"; valid keys here: {', '.join(s.rsplit('.', 1)[-1] for s in siblings)}"
+    return f"{key}: no such key{hint}"
+
+
+_TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0]
+
+
+def _choice_types(cls: type = RunConfig, prefix: str = "") -> dict[str, type]:
+    """Every choice key of the schema and its StrEnum, e.g. {"parallel.sharding": Sharding}."""
+    out: dict[str, type] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+            out[f"{prefix}{name}"] = hint
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= _choice_types(hint, f"{prefix}{name}.")
+    return out
+
+
+def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False, key: str | None = None) -> str:
+    """One line for OmegaConf's refusal of a value or key: the key, the value, what would be valid.
+    ``overriding``: Hydra's "Could not override" (a key the schema lacks); ``key``: the dotted key
+    to name, when the caller knows it better than OmegaConf (an item of a list)."""
+    if key is None:
+        key = cause.full_key or getattr(cause, "key", "") or ""
+    msg = _first_line(cause.msg or str(cause))
+    if re.match(r"Key '.*' not in '", msg) or overriding:
+        return _unknown_key(key)
+    m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
+    if m:
+        value, _, target = m.groups()
+        via = ""
+        interp = re.search(r"While dereferencing interpolation '([^']*)'", msg)
+        if interp:
+            via = f" ({interp.group(1)} resolves to {value!r})"
+        return f"{key}={value}{via}: expected {_TYPE_NAMES.get(target, target)}"
+    m = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if m:  # a choice (a StrEnum field) given another value
+        value, cls = m.group(1), _choice_types().get(str(key))
+        if cls is not None:
+            return fields.choice_error(str(key), value, cls)
+        valid = [v.strip() for v in m.group(2).split(",")]
+        return f"{key}={value!r} is not one of {', '.join(valid)}{did_you_mean(value, valid)}"
+    if "is not Optional" in msg:
+        return f"{key}: cannot be null"
+    if "missing mandatory value" in msg:
+        return f"{key}: missing a value (a config group's preset may have been removed)"
+    return f"{key}: {msg}" if key else msg
+
+
 def register_schema() -> None:
     """Register the schema; config.yaml lists ``moemesh_schema`` first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="moemesh_schema", node=RunConfig)
 
 
-def to_run_config(cfg: Any) -> RunConfig:
-    """The composed Hydra config as typed dataclasses (interpolations resolved)."""
+def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
+    """The composed Hydra config as typed dataclasses (interpolations resolved), every field
+    checked (the dataclasses' ``__post_init__``). A refused value or key is a ConfigError, one
+    line (``full_error``: OmegaConf's own exception, for HYDRA_FULL_ERROR=1)."""
     if isinstance(cfg, RunConfig):
         return cfg
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg = dict(cfg)
-    cfg.pop("hydra", None)
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
+    try:
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = dict(cfg)
+        cfg.pop("hydra", None)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
+    except OmegaConfBaseException as err:
+        if full_error:
+            raise
+        raise ConfigError(explain_omegaconf(err)) from None
     assert isinstance(run, RunConfig), type(run)
     return run

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.fields import ScoreFunc
 from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
 from moemesh.kernels._tuning import launch_params
 
@@ -59,7 +60,7 @@ def gating_reference(
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     lse_T = torch.logsumexp(logits_TE, dim=-1)
-    if score_func == "softmax":
+    if score_func == ScoreFunc.softmax:
         scores_TE = torch.exp(logits_TE - lse_T.unsqueeze(-1))
     else:
         scores_TE = torch.sigmoid(logits_TE)
@@ -377,5 +378,5 @@ def gating_triton(
     bias = None if expert_bias_E is None else expert_bias_E.detach().float()
     _check_fwd(logits_TE, bias, top_k)
     op = pick(_gating_op, _FusedGating.apply)
-    ids, weights, counts, ssum, lse = op(logits_TE, bias, top_k, renormalize, score_func == "sigmoid")
+    ids, weights, counts, ssum, lse = op(logits_TE, bias, top_k, renormalize, score_func == ScoreFunc.sigmoid)
     return GatingOutput(topk_ids_TK=ids, topk_weights_TK=weights, counts_E=counts, score_sum_E=ssum, lse_T=lse)

@@ -1,16 +1,19 @@
 """Before a rank starts: the cluster config and this process's environment must agree
-(launcher, devices, kernel backend), and the run's files get the access it asks for."""
+(launcher, devices, kernel backend), the training state must fit this machine's memory, and
+the run's files get the access it asks for."""
 
 from __future__ import annotations
 
 import functools
 import operator
 import os
+from pathlib import Path
 
 import torch
 
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
+from moemesh.fields import CommBackend, Device, Launcher
 from moemesh.kernels import backend_problem
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
 from moemesh.parallel.dims import ParallelDims
@@ -22,17 +25,18 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
         if getattr(run.cluster, key) <= 0:
             raise ConfigError(f"cluster.{key}={getattr(run.cluster, key)}: must be > 0 seconds")
     output_umask(run)
+    check_interface(run, env)
     stale = stale_launcher_env(env)
     if stale:
         raise ConfigError(stale)
     launcher = run.cluster.launcher
-    if launcher == "torchrun" and (env is None or env.kind != "torchrun"):
+    if launcher == Launcher.torchrun and (env is None or env.kind != "torchrun"):
         raise ConfigError(
             f"cluster.launcher=torchrun but this process has no torchrun environment (RANK, WORLD_SIZE, "
             f"MASTER_ADDR); run: torchrun --nproc_per_node={dims.world_size} train.py parallel={run.parallel.name}"
         )
     in_slurm_job = "SLURM_JOB_ID" in os.environ
-    if launcher == "slurm" and not (
+    if launcher == Launcher.slurm and not (
         (env is not None and env.kind == "srun") or (in_slurm_job and dims.world_size == 1)
     ):
         raise ConfigError(
@@ -40,18 +44,44 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
             f"python train.py -m cluster=slurm parallel={run.parallel.name} (one task per rank), or inside "
             f"an allocation run srun -n {dims.world_size} python train.py cluster=slurm parallel={run.parallel.name}"
         )
-    if run.trainer.device == "cuda" and not torch.cuda.is_available():
+    if run.trainer.device == Device.cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is available; valid here: auto, cpu")
     problem = backend_problem(run.kernels.backend, "cuda" if use_cuda(run) else "cpu")
     if problem:
         raise ConfigError(f"kernels.backend={run.kernels.backend} {problem}")
-    if run.cluster.backend == "nccl" and not use_cuda(run):
+    if run.cluster.backend == CommBackend.nccl and not use_cuda(run):
         raise ConfigError("cluster.backend=nccl needs CUDA devices; valid here: auto, gloo")
     if use_cuda(run) and env is None and dims.world_size > torch.cuda.device_count():
         raise ConfigError(
             f"parallel={run.parallel.name} needs {dims.world_size} ranks, one GPU each, but this machine has "
             f"{torch.cuda.device_count()} GPUs; launch across nodes (srun/torchrun) or set trainer.device=cpu"
         )
+
+
+# Where gloo and NCCL find the interface to use (cluster.interface sets both for a launched job).
+INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def check_interface(run: RunConfig, env: LauncherEnv | None, environ=os.environ) -> None:
+    """cluster.interface must exist on this node and agree with an interface already chosen
+    in the environment. Spawned ranks (no launcher) talk over loopback: not checked."""
+    name = run.cluster.interface
+    if name is None or env is None:
+        return
+    import socket
+
+    have = [n for _, n in socket.if_nameindex()]
+    if name not in have:
+        raise ConfigError(
+            f"cluster.interface={name}: no such network interface on {socket.gethostname()}; valid here: "
+            f"{', '.join(have)}"
+        )
+    for var in INTERFACE_VARS:
+        if environ.get(var, name) != name:
+            raise ConfigError(
+                f"cluster.interface={name} but {var}={environ[var]} is set: they choose the network two ways; "
+                f"unset {var} or set cluster.interface={environ[var]}"
+            )
 
 
 # What each cluster.output_access lets others do with the run's files: the process umask.
@@ -80,4 +110,67 @@ def set_output_umask(runs) -> None:
 
 
 def use_cuda(run: RunConfig) -> bool:
-    return run.trainer.device == "cuda" or (run.trainer.device == "auto" and torch.cuda.is_available())
+    return run.trainer.device == Device.cuda or (run.trainer.device == Device.auto and torch.cuda.is_available())
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory, or the cgroup's limit (a SLURM job, a container) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def device_type(run: RunConfig) -> str:
+    if run.trainer.device != Device.auto:
+        return run.trainer.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def state_bytes_per_param(device_type: str) -> int:
+    """Host bytes per parameter while training: fp32 weights, gradients and AdamW's two moments on
+    CPU; on CUDA the model is still built in host memory (fp32) before it moves to the GPU."""
+    return 16 if device_type == "cpu" else 4
+
+
+def check_fits_host(
+    run: RunConfig, dims: ParallelDims, *, ranks_here: int | None, host_bytes: int, device_type: str
+) -> None:
+    """Refuse a model whose training state cannot fit this machine's memory (before a rank starts).
+
+    ``ranks_here``: None when this process spawns every rank here; else the ranks a launcher
+    starts on this machine (counted at the smallest stage's size: a lower bound, so a run that
+    might fit is never refused). Activations are not counted: this catches the impossible,
+    not the tight; scripts/plan.py sizes layouts for GPUs.
+    """
+    from moemesh.moe.param_count import count_params
+
+    per_stage = [
+        count_params(run.model, dims, stage=s, split=run.parallel.pipeline_split).total for s in range(dims.pp)
+    ]
+    if ranks_here is None:
+        params = sum(per_stage) * (dims.world_size // dims.pp)
+        ranks = dims.world_size
+    else:
+        params = min(per_stage) * ranks_here
+        ranks = ranks_here
+    per_param = state_bytes_per_param(device_type)
+    need = params * per_param
+    if need > host_bytes:
+        what = (
+            "weights, gradients and AdamW state"
+            if device_type == "cpu"
+            else "weights, built in host memory before they move to the GPU"
+        )
+        raise ConfigError(
+            f"model={run.model.name} (hidden_size={run.model.hidden_size}, num_layers={run.model.num_layers}, "
+            f"num_experts={run.model.num_experts}) needs {need / 2**30:,.1f} GiB of this machine's memory for "
+            f"{what} ({params:,} parameters on its {ranks} rank(s) x {per_param} bytes), more than its "
+            f"{host_bytes / 2**30:,.1f} GiB; use a smaller model, or spread the layout over more machines "
+            "(scripts/plan.py sizes one)"
+        )

@@ -1,12 +1,24 @@
 """The model's own configuration: plain dataclasses, no Hydra.
 
 ``moemesh.config.schema`` registers this class with Hydra as the ``model`` group's
-schema; the model, the planner and the tests build it directly.
+schema; the model, the planner and the tests build it directly. Each field's rule sits
+in ``__post_init__``, so a model config that exists is a valid model (rules that need the
+layout or the trainer live in ``moemesh.config.validate``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from moemesh import fields
+from moemesh.errors import ConfigError
+from moemesh.fields import LoadBalanceScope, ScoreFunc
+
+# Below this, an expert takes under a tenth of its even share of the routed (token, expert)
+# pairs: over 90% of them are dropped even when routing is perfectly balanced, and the MoE
+# layers are mostly skipped (their output is zero for a dropped pair).
+CAPACITY_FACTOR_MIN = 0.1
 
 
 @dataclass
@@ -23,11 +35,11 @@ class ModelConfig:
     top_k: int = 2
     moe_every_k_layers: int = 1  # layer l (0-based) is MoE iff (l + 1) % k == 0
     shared_expert_ffn_size: int = 0  # 0: no shared expert
-    score_func: str = "softmax"  # router scores: softmax | sigmoid
+    score_func: ScoreFunc = ScoreFunc.softmax
     renormalize: bool = True  # renormalise the top-k weights to sum to 1
     aux_loss_factor: float = 0.01  # Switch/GShard load-balance loss E * sum_i f_i P_i
     z_loss_factor: float = 0.001  # router z-loss mean(logsumexp(logits)^2)
-    load_balance_scope: str = "global"  # global: f, P over the data group; local: per rank
+    load_balance_scope: LoadBalanceScope = LoadBalanceScope["global"]
     capacity_factor: float | None = None  # None: dropless
     seq_aux_loss_factor: float = 0.0  # DeepSeek-V3 sequence-wise balance loss; 0: off
     expert_bias_update_rate: float = 0.0  # aux-loss-free balancing (selection bias); 0: off
@@ -35,6 +47,64 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        p = "model."
+        fields.choice(self, p, "score_func", ScoreFunc)
+        fields.choice(self, p, "load_balance_scope", LoadBalanceScope)
+        fields.positive(
+            self,
+            p,
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_hidden_size",
+            "moe_ffn_hidden_size",
+            "num_experts",
+            "moe_every_k_layers",
+            "max_seq_len",
+        )
+        fields.non_negative(self, p, "shared_expert_ffn_size")
+        fields.number(self, p, "init_std", lambda v: v > 0, "a finite number > 0 (the weights' standard deviation)")
+        fields.number(self, p, "rope_theta", lambda v: v > 0, "a finite number > 0 (the rotary base, usually 10000)")
+        fields.number(
+            self, p, "norm_eps", lambda v: v > 0, "a finite number > 0 (added to the mean square before its root)"
+        )
+        for name in ("aux_loss_factor", "z_loss_factor", "seq_aux_loss_factor", "expert_bias_update_rate"):
+            fields.number(self, p, name, lambda v: v >= 0, "a finite number >= 0 (0: off)")
+        cf = self.capacity_factor
+        if cf is not None and not (math.isfinite(cf) and cf >= CAPACITY_FACTOR_MIN):
+            raise ConfigError(
+                f"model.capacity_factor={cf} must be null (dropless) or a finite number >= {CAPACITY_FACTOR_MIN}: "
+                f"below it an expert keeps under {CAPACITY_FACTOR_MIN:.0%} of its even share of the routed tokens, "
+                f"so over {1 - CAPACITY_FACTOR_MIN:.0%} are dropped even when routing is perfectly balanced"
+            )
+        fields.finite_floats(self, p)
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(
+                f"model.hidden_size/model.num_heads = {self.hidden_size}/{self.num_heads} = "
+                f"{self.hidden_size // self.num_heads} must be even (rotary embedding)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}")
+        if self.num_layers % self.moe_every_k_layers:
+            raise ConfigError(
+                f"model.num_layers={self.num_layers} must be divisible by "
+                f"model.moe_every_k_layers={self.moe_every_k_layers} (an MoE layer every k layers)"
+            )
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:

@@ -35,13 +35,17 @@ class AllToAllDispatcher:
     """dispatch/combine for the plain path; the steps are public so that the overlapped
     path (``moe.overlap``) runs the same steps on chunks of the tokens."""
 
-    def __init__(self, *, num_experts: int, ep_group, ops: KernelOps = TORCH_OPS, meter: CommMeter | None = None):
+    def __init__(self, *, num_experts: int, ep_group=None, ops: KernelOps = TORCH_OPS, meter: CommMeter | None = None):
         self.num_experts = num_experts
         self.ops = ops
-        self.meter = meter
+        self.meter = meter  # counts the All-to-All's bytes and time (trainer.parallelize.apply_instrumentation)
+        self.set_group(ep_group)
+
+    def set_group(self, ep_group) -> None:
+        """Exchange over ``ep_group`` (None: one rank, nothing crosses a process boundary)."""
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
-        self.num_local_experts = num_experts // self.ep_size
+        self.num_local_experts = self.num_experts // self.ep_size
 
     def permute(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor):
         """Rows in expert-major order, the (token, k) pair of each row, rows per (EP rank, local expert)."""

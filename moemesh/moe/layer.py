@@ -16,13 +16,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moemesh.kernels import KernelOps
 from moemesh.moe.config import ModelConfig
-from moemesh.moe.context import ParallelContext
 from moemesh.moe.dispatcher import AllToAllDispatcher
-from moemesh.moe.experts import GroupedExperts
+from moemesh.moe.experts import GroupedExperts, grouped_mm_available
 from moemesh.moe.overlap import overlapped_moe
 from moemesh.moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
 from moemesh.parallel.comm import group_size
@@ -120,14 +121,20 @@ def capacity_drop(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU; with TP, w1/w3 are column-parallel and w2 row-parallel."""
+    """Dense SwiGLU, built whole; ``shard`` makes w1/w3 column-parallel and w2 row-parallel."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, *, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, hidden_size: int, ffn_size: int):
         super().__init__()
-        tp = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
-        self.w1 = ColumnParallelLinear(hidden_size, ffn_size, **tp)
-        self.w3 = ColumnParallelLinear(hidden_size, ffn_size, **tp)
-        self.w2 = RowParallelLinear(ffn_size, hidden_size, **tp)
+        self.w1 = ColumnParallelLinear(hidden_size, ffn_size)
+        self.w3 = ColumnParallelLinear(hidden_size, ffn_size)
+        self.w2 = RowParallelLinear(ffn_size, hidden_size)
+        self.tp_group, self.sp = None, False
+
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        if group_size(tp_group) == 1:
+            return
+        for linear in (self.w1, self.w3, self.w2):
+            linear.shard(tp_group, sequence_parallel=sequence_parallel)
         self.tp_group, self.sp = tp_group, sequence_parallel
 
     def forward(self, x):
@@ -142,46 +149,61 @@ class SwiGLU(nn.Module):
 class MoELayer(nn.Module):
     """Routed experts (+ an optional shared expert) for one transformer layer.
 
-    ``parallel`` says where the experts live (EP), which TP peers share the tokens and
-    which kernels run; the default is one process.
+    Built as one process holds it: every expert, no process group, the torch kernels. Where
+    the experts live (EP), which TP peers share the tokens, the group the balance statistics
+    are reduced over and the kernels are applied from outside (``trainer.parallelize``)
+    through the methods below; the forward reads the same either way.
     """
 
-    def __init__(self, *, cfg: ModelConfig, parallel: ParallelContext | None = None):
+    def __init__(self, *, cfg: ModelConfig):
         super().__init__()
-        par = parallel or ParallelContext()
-        e = cfg.num_experts // par.ep_size
         self.cfg = cfg
-        self.stats_group = par.stats_group
-        self.tp_group, self.sp = par.tp_group, par.sp
-        self.tp = par.tp_size
-        self.overlap_chunks = par.overlap_chunks if par.ep_size > 1 else 0  # 0: no overlap
+        # Where the load-balance statistics f_i are reduced: the data x tp group for the
+        # "global" scope (set by apply_load_balance_group), None: this rank's tokens only.
+        self.stats_group = None
+        self.tp_group, self.sp, self.tp = None, False, 1
+        self.overlap_chunks = 0  # All-to-All overlap: chunks pipelined with the experts; 0: off
         self.router = Router(
             hidden_size=cfg.hidden_size,
             num_experts=cfg.num_experts,
             top_k=cfg.top_k,
             renormalize=cfg.renormalize,
             score_func=cfg.score_func,
-            ops=par.ops,
             bias_update_rate=cfg.expert_bias_update_rate,
         )
-        self.dispatcher = AllToAllDispatcher(
-            num_experts=cfg.num_experts, ep_group=par.ep_group, ops=par.ops, meter=par.meter
-        )
+        self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts)
         self.experts = GroupedExperts(
-            num_local_experts=e,
-            first_expert_id=par.ep_rank * e,
-            hidden_size=cfg.hidden_size,
-            ffn_size=cfg.moe_ffn_hidden_size,
-            use_grouped_mm=par.use_grouped_mm,
-            meter=par.meter,
+            num_experts=cfg.num_experts, hidden_size=cfg.hidden_size, ffn_size=cfg.moe_ffn_hidden_size
         )
-        self.shared = (
-            SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size, tp_group=par.tp_group, sequence_parallel=par.sp)
-            if cfg.shared_expert_ffn_size
-            else None
-        )
+        self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size) if cfg.shared_expert_ffn_size else None
         # TP peers route different token slices, so these gradients are partial over tp.
         setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
+
+    def shard_experts(self, ep_group, *, overlap_chunks: int = 0) -> None:
+        """Expert parallelism: keep this EP rank's experts; route over ``ep_group``; with
+        ``overlap_chunks`` > 0 pipeline the All-to-All with the experts in that many chunks."""
+        n = group_size(ep_group)
+        if n == 1:
+            return
+        self.experts.shard(dist.get_rank(ep_group), n)
+        self.dispatcher.set_group(ep_group)
+        self.overlap_chunks = overlap_chunks
+
+    def shard_tokens(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        """Tensor parallelism: TP peers route disjoint token slices (or, with sequence
+        parallelism, their own sequence shards); the shared expert is TP-sharded."""
+        t = group_size(tp_group)
+        if t == 1:
+            return
+        self.tp_group, self.sp, self.tp = tp_group, sequence_parallel, t
+        if self.shared is not None:
+            self.shared.shard(tp_group, sequence_parallel=sequence_parallel)
+
+    def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
+        """The token-path kernels (gating, permute, chunk sort, unpermute), the experts' SwiGLU and
+        their GEMMs."""
+        self.router.ops = self.dispatcher.ops = self.experts.ops = ops
+        self.experts.use_grouped_mm = use_grouped_mm and grouped_mm_available()
 
     def forward(self, x_BSD: torch.Tensor, *, loss_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
         """``loss_scale``: the factor the caller's backward applies to the loss (1/accum

@@ -4,9 +4,11 @@ Shape letters: B batch, S sequence, D model dim, H heads, G kv heads, Dh head
 dim, V vocab. Layer l (0-based) has an MoE FFN iff ``moe.config.is_moe_layer``,
 a dense SwiGLU otherwise.
 
-The constructors take the model config, the layers a pipeline stage holds, and one
-``ParallelContext`` (built once by ``trainer.parallelize``) for everything about the
-layout; the default is one process.
+The constructors take the model config only and build the model as one process holds
+it: global shapes, every layer and expert, no process group. The layout (which layers a
+pipeline stage keeps, TP shards, EP shards, the balance-statistics group, kernels,
+timing) is applied from outside by ``trainer.parallelize`` through the ``shard*`` and
+``keep_layers`` methods, usually on the meta device before any memory is allocated.
 """
 
 from __future__ import annotations
@@ -21,34 +23,45 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
-from moemesh.moe.context import ParallelContext
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.init import normal_
 from moemesh.moe.layer import MoELayer, MoEStats, SwiGLU
 from moemesh.moe.router import Router
-from moemesh.parallel.comm import timed_region
+from moemesh.parallel.comm import group_size
 from moemesh.parallel.tp import (
     GRAD_GROUP,
     TP_SHARD,
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    padded_vocab,
     vocab_parallel_cross_entropy,
 )
 
 
-def _norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.RMSNorm:
-    norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    if sequence_parallel:  # each TP rank normalises its own sequence shard: partial gradients
-        setattr(norm.weight, GRAD_GROUP, "data_tp")
-    return norm
+def _norm(cfg: ModelConfig) -> nn.RMSNorm:
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def mark_sequence_parallel(norm: nn.RMSNorm) -> None:
+    """Under sequence parallelism each TP rank normalises its own sequence shard: the norm's
+    gradients are partial over tp."""
+    setattr(norm.weight, GRAD_GROUP, "data_tp")
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None):
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles_SDh2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles_SDh2.cos(), angles_SDh2.sin()
+
+
+def document_mask(documents_BS: torch.Tensor) -> torch.Tensor:
+    """Causal attention within documents: [B, 1, S, S], True where query s may attend to key t
+    (t <= s, same document number). RoPE needs no reset at a document's start: within one
+    document q.k depends only on the distance between positions."""
+    S = documents_BS.shape[-1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=documents_BS.device).tril()
+    same_BSS = documents_BS[:, :, None] == documents_BS[:, None, :]
+    return (same_BSS & causal_SS).unsqueeze(1)
 
 
 def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
@@ -59,55 +72,67 @@ def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
     return out.type_as(x_BHSDh)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T) v, causal (and within documents, given their mask): the part of attention
+    with no weights and no collectives (a module of its own so that ``apply_instrumentation``
+    can time it: time.attention_core)."""
+
+    def forward(self, q_BHSDh, k_BGSDh, v_BGSDh, mask_B1SS=None):
+        gqa = k_BGSDh.shape[1] != q_BHSDh.shape[1]
+        if mask_B1SS is None:
+            return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1SS, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
-    """Causal attention; with TP each rank holds H/t query heads and G/t kv heads."""
+    """Causal attention; ``shard`` (TP) keeps H/t query heads and G/t kv heads on each rank."""
 
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        t = parallel.tp_size
-        self.H, self.G = cfg.num_heads // t, cfg.num_kv_heads // t  # local heads
+        self.H, self.G = cfg.num_heads, cfg.num_kv_heads  # heads on this rank
         self.Dh = cfg.hidden_size // cfg.num_heads
-        tp = dict(tp_group=parallel.tp_group, sequence_parallel=parallel.sp)
-        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.Dh, **tp)
-        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
-        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh, **tp)
-        self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size, **tp)
-        self.meter = parallel.meter  # times the attention core (time.attention_core)
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.Dh)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh)
+        self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size)
+        self.core = AttentionCore()
 
-    def forward(self, x_BSD, cos, sin):
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        t = group_size(tp_group)
+        if t == 1:
+            return
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            linear.shard(tp_group, sequence_parallel=sequence_parallel)
+        self.H, self.G = self.H // t, self.G // t
+
+    def forward(self, x_BSD, cos, sin, mask_B1SS=None):
         # With SP the column-parallel projections gather the sequence: S is the full length here.
         q = rearrange(self.wq(x_BSD), "b s (h d) -> b h s d", h=self.H)
         k = rearrange(self.wk(x_BSD), "b s (g d) -> b g s d", g=self.G)
         v = rearrange(self.wv(x_BSD), "b s (g d) -> b g s d", g=self.G)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = timed_region(self.meter, "attention_core", self._core, q, k, v)
-        return self.wo(rearrange(o, "b h s d -> b s (h d)"))
-
-    def _core(self, q, k, v):
-        """softmax(q k^T) v, causal: the part of attention with no weights (and no collectives)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.G != self.H)
+        return self.wo(rearrange(self.core(q, k, v, mask_B1SS), "b h s d -> b s (h d)"))
 
 
 class Block(nn.Module):
     moe: MoELayer | None  # exactly one of moe / ffn: is_moe_layer(cfg, layer) picks which
     ffn: SwiGLU | None
 
-    def __init__(self, cfg: ModelConfig, layer: int, parallel: ParallelContext):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        tp = dict(tp_group=parallel.tp_group, sequence_parallel=parallel.sp)
-        self.attn_norm = _norm(cfg, parallel.sp)
-        self.attn = Attention(cfg, parallel)
-        self.ffn_norm = _norm(cfg, parallel.sp)
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.ffn_norm = _norm(cfg)
         if is_moe_layer(cfg, layer):
-            self.moe = MoELayer(cfg=cfg, parallel=parallel)
+            self.moe = MoELayer(cfg=cfg)
             self.ffn = None
         else:
             self.moe = None
-            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, **tp)
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, *, loss_scale: float = 1.0, mask_B1SS=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask_B1SS)
         h = self.ffn_norm(x_BSD)
         if self.moe is not None:
             out, stats = self.moe(h, loss_scale=loss_scale)
@@ -132,29 +157,56 @@ class Transformer(nn.Module):
     rope_cos: torch.Tensor  # buffers [max_seq_len, Dh/2]
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, *, parallel: ParallelContext | None = None, layers: range | None = None):
-        """``layers``: the global layer ids this pipeline stage holds (all by default). The
-        first stage also holds the embedding, the last the final norm and the head;
-        parameter names use global layer ids, so every stage initialises like ``single``."""
+    def __init__(self, cfg: ModelConfig):
+        """The whole model, as one process holds it; parameter names use global layer ids
+        (``layers.<l>``), so every pipeline stage initialises and checkpoints like ``single``."""
         super().__init__()
-        par = parallel or ParallelContext()
-        self.cfg, self.parallel = cfg, par
-        self.tp_group, self.sp = par.tp_group, par.sp
-        tp = dict(tp_group=par.tp_group, sequence_parallel=par.sp)
-        layers = range(cfg.num_layers) if layers is None else layers
-        self.first, self.last = layers.start == 0, layers.stop == cfg.num_layers
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp) if self.first else None
-        self.layers = nn.ModuleDict({str(l): Block(cfg, l, par) for l in layers})
-        self.norm = self.head = None
-        if self.last:
-            self.norm = _norm(cfg, self.sp)
-            # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
-            self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab(cfg.vocab_size, par.tp_size), **tp)
-            setattr(self.head.weight, TP_SHARD, (0, cfg.vocab_size))  # padding rows start at zero
+        self.cfg = cfg
+        self.tp_group, self.sp = None, False  # set by apply_tp
+        self.first = self.last = True  # holds the embedding / the final norm and head
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(l): Block(cfg, l) for l in range(cfg.num_layers)})
+        self.norm = _norm(cfg)
+        # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
+        self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
         self.stage_records: list[list[MoEStats]] = []  # pipeline stages: MoE stats per microbatch
         cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def keep_layers(self, layers: range) -> None:
+        """Become one pipeline stage: keep the layers ``layers`` (global ids, contiguous), the
+        embedding only if the stage is the first, the final norm and the head only if it is
+        the last."""
+        for l in [l for l in self.layers if int(l) not in layers]:
+            del self.layers[l]
+        self.first, self.last = layers.start == 0, layers.stop == self.cfg.num_layers
+        if not self.first:
+            self.embed = None
+        if not self.last:
+            self.norm = self.head = None
+
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        """Tensor parallelism over ``tp_group``: the embedding, the head, attention, the dense
+        FFNs and the MoE layers' tokens and shared experts (the routed experts are EP's)."""
+        if group_size(tp_group) == 1:
+            return
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        tp = dict(sequence_parallel=sequence_parallel)
+        for vocab in (self.embed, self.head):
+            if vocab is not None:
+                vocab.shard(tp_group, **tp)
+        for block in self.layers.values():
+            assert isinstance(block, Block)
+            block.attn.shard(tp_group, **tp)
+            if block.ffn is not None:
+                block.ffn.shard(tp_group, **tp)
+            if block.moe is not None:
+                block.moe.shard_tokens(tp_group, **tp)
+        if sequence_parallel:
+            for module in self.modules():
+                if isinstance(module, nn.RMSNorm):
+                    mark_sequence_parallel(module)
 
     def stage_moe_layers(self) -> dict[int, MoELayer]:
         """The MoE layers this stage holds, by global layer id."""
@@ -183,7 +235,7 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
             elif isinstance(module, Router) and module.expert_bias_E is not None:
                 module.expert_bias_E.zero_()
-        t, rank = self.parallel.tp_size, (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
+        t, rank = group_size(self.tp_group), (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
         for name, p in self.named_parameters():
             if ".experts." in f".{name}" or name.endswith("norm.weight"):
                 continue
@@ -218,9 +270,10 @@ class Transformer(nn.Module):
         assert self.norm is not None and self.head is not None, "only the last pipeline stage holds the head"
         return self.head(self.norm(x_BSD))
 
-    def _blocks(self, x, stats: list[MoEStats], loss_scale: float):
+    def _blocks(self, x, stats: list[MoEStats], loss_scale: float, documents_BS=None):
+        mask = None if documents_BS is None else document_mask(documents_BS)  # once for every layer
         for block in self.layers.values():
-            x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale)
+            x, s = block(x, self.rope_cos, self.rope_sin, loss_scale=loss_scale, mask_B1SS=mask)
             if s is not None:
                 stats.append(s)
         return x
@@ -239,12 +292,20 @@ class Transformer(nn.Module):
         return self._logits(x) if self.last else x
 
     def forward(
-        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, return_logits=False, loss_scale=1.0
+        self,
+        tokens_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        *,
+        return_logits=False,
+        loss_scale=1.0,
+        documents_BS: torch.Tensor | None = None,
     ):
         """``loss_scale``: the factor the caller applies to ``loss`` before backward (1/accum
-        with gradient accumulation); each MoE layer's attached balance losses get it too."""
+        with gradient accumulation); each MoE layer's attached balance losses get it too.
+        ``documents_BS``: a document number per token (data.document_mask): attention stays
+        within each document."""
         stats: list[MoEStats] = []
-        x = self._blocks(self._embed(tokens_BS), stats, loss_scale)
+        x = self._blocks(self._embed(tokens_BS), stats, loss_scale, documents_BS)
         logits = self._logits(x)  # [B, S, V_pad/t]: the vocabulary stays sharded
         loss = None
         if targets_BS is not None:

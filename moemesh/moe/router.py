@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moemesh.fields import ScoreFunc
 from moemesh.kernels import TORCH_OPS, GatingOutput, KernelOps
 from moemesh.parallel.comm import all_reduced, group_size
 
@@ -44,12 +45,12 @@ class Router(nn.Module):
         top_k: int,
         renormalize: bool,
         score_func: str = "softmax",
-        ops: KernelOps = TORCH_OPS,
         bias_update_rate: float = 0.0,
     ):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.score_func, self.ops = score_func, ops
+        self.score_func = score_func
+        self.ops: KernelOps = TORCH_OPS  # the gating kernel (trainer.parallelize.apply_kernels)
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.bias_update_rate = bias_update_rate
         self.register_buffer("expert_bias_E", torch.zeros(num_experts) if bias_update_rate > 0 else None)
@@ -94,7 +95,7 @@ def sequence_aux_loss(logits_TE, topk_ids_TK, seq_T, *, num_seqs: int, seq_len: 
     """
     T, E = logits_TE.shape
     K = topk_ids_TK.shape[1]
-    scores = torch.softmax(logits_TE, -1) if score_func == "softmax" else torch.sigmoid(logits_TE)
+    scores = torch.softmax(logits_TE, -1) if score_func == ScoreFunc.softmax else torch.sigmoid(logits_TE)
     scores = scores / scores.sum(-1, keepdim=True)
     counts_BE = torch.zeros(num_seqs, E, device=logits_TE.device)
     counts_BE.index_put_(

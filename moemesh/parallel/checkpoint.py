@@ -351,6 +351,13 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_file}: not JSON ({first_line(err)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: refused: a JSON {type(meta).__name__}, not an object")
+    _check_meta_fields(path, meta)
+    return meta
+
+
+def _check_meta_fields(path: Path, meta: dict) -> None:
+    """read_meta's field checks (``world`` filled in for a checkpoint saved before it was recorded)."""
+    meta_file = path / "meta.json"
     step = meta.get("step")
     if type(step) is not int or step < 1:
         raise _field_error(meta_file, "step", "an integer >= 1")
@@ -373,7 +380,6 @@ def read_meta(path: Path) -> dict:
     world = meta["world"]
     if type(world) is not int or not 1 <= world <= MAX_WORLD:
         raise _field_error(meta_file, "world", f"an integer in [1, {MAX_WORLD}]")
-    return meta
 
 
 def load(path: Path, state: dict, check=None, *, expected: tuple[int, int] | None = None) -> dict:

@@ -156,6 +156,13 @@ def _check_metadata(md, file: Path, files: dict | None) -> None:
     def bad(why):
         return CheckpointError(f"{file}: refused: {why}")
 
+    _check_top(md, bad)
+    _check_entries(md.state_dict_metadata, bad)
+    _check_storage(md.storage_data, md.state_dict_metadata, files, bad)
+
+
+def _check_top(md, bad) -> None:
+    """The Metadata object itself and its small fields."""
     if type(md) is not Metadata:
         raise bad(f"a {type(md).__name__}, not DCP metadata")
     sdm, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
@@ -171,6 +178,10 @@ def _check_metadata(md, file: Path, files: dict | None) -> None:
         raise bad("storage meta that is not DCP's")
     if type(getattr(md, "version", None)) not in (str, type(None)):
         raise bad("a version that is not a string")
+
+
+def _check_entries(sdm: dict, bad) -> None:
+    """Tensors only, each chunk inside its tensor."""
     for key, entry in sdm.items():
         if type(key) is not str or type(entry) is not TensorStorageMetadata:
             raise bad(f"entry {_short(key)} is a {type(entry).__name__}, not a tensor")
@@ -189,6 +200,10 @@ def _check_metadata(md, file: Path, files: dict | None) -> None:
                 or any(o + s > n for o, s, n in zip(offsets, sizes, size))
             ):
                 raise bad(f"entry {_short(key)} has a chunk outside its tensor {list(size)}")
+
+
+def _check_storage(storage: dict, sdm: dict, files: dict | None, bad) -> None:
+    """Each entry stored in a range of a file of this directory that fits its chunk."""
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
             raise bad("a storage entry that is not a DCP file range")

@@ -286,21 +286,48 @@ class _RegionExit(torch.autograd.Function):
         return g, None, None, None
 
 
+def _enter(meter: CommMeter, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, _RegionClock]:
+    clock = _RegionClock()
+    # An input that needs no gradient (weights that do) would leave the entry marker out of the
+    # backward, and its clock running: an empty leaf that needs one keeps the marker in.
+    anchor = torch.empty(0, requires_grad=True) if torch.is_grad_enabled() and not x.requires_grad else None
+    return _RegionEntry.apply(x, meter, kind, clock, anchor), clock
+
+
 def timed_region(meter: CommMeter | None, kind: str, run: Callable[..., torch.Tensor], x, *args) -> torch.Tensor:
     """``run(x, *args)``, its forward and its backward timed under ``kind`` on ``meter``.
 
     The backward is timed from the gradient reaching the output to the gradient leaving ``x``
     (autograd runs the region's nodes in between; on one thread per device, another branch
-    ready at the same time can run in that window too). Called inside a module's forward, it
-    leaves out FSDP's hooks around that module (gathers, reduce-scatters). A recompute
-    (activation checkpointing) runs the forward again and is timed again: it is computation.
+    ready at the same time can run in that window too). A recompute (activation
+    checkpointing) runs the forward again and is timed again: it is computation.
     No meter, or under torch.compile: ``run(x, *args)``, untimed.
     """
     if meter is None or torch.compiler.is_compiling():
         return run(x, *args)
-    clock = _RegionClock()
-    # An input that needs no gradient (weights that do) would leave the entry marker out of the
-    # backward, and its clock running: an empty leaf that needs one keeps the marker in.
-    anchor = torch.empty(0, requires_grad=True) if torch.is_grad_enabled() and not x.requires_grad else None
-    y = run(_RegionEntry.apply(x, meter, kind, clock, anchor), *args)
-    return _RegionExit.apply(y, meter, kind, clock)
+    x, clock = _enter(meter, kind, x)
+    return _RegionExit.apply(run(x, *args), meter, kind, clock)
+
+
+def time_module(module: torch.nn.Module, meter: CommMeter, kind: str) -> None:
+    """Time every call of ``module`` as ``timed_region`` does, through forward hooks: the
+    module stays as built, its first positional input marks the region's entry, its output
+    the exit. Register before FSDP shards the module: FSDP prepends its pre-forward hook
+    (the gather runs before the clock starts) and appends its post-forward one, which then
+    sees the marked output (its backward gather runs before the backward clock starts)."""
+    clocks: list[_RegionClock] = []  # a call's clock, from its pre-hook to its post-hook
+
+    def before(mod, args):
+        if torch.compiler.is_compiling() or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x, clock = _enter(meter, kind, args[0])
+        clocks.append(clock)
+        return (x, *args[1:])
+
+    def after(mod, args, out):
+        if not clocks:  # compiling, or no tensor input: untimed
+            return None
+        return _RegionExit.apply(out, meter, kind, clocks.pop())
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)

@@ -19,7 +19,7 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-class MeshAxis(str, enum.Enum):
+class MeshAxis(enum.StrEnum):
     PP = "pp"
     DP = "dp"
     EP = "ep"
@@ -56,7 +56,7 @@ class ParallelDims:
             pp=parallel.pipeline_parallel_size,
         )
 
-    def validate(self, launcher_world_size: int | None = None) -> None:
+    def __post_init__(self) -> None:
         for key, value in (
             ("parallel.data_parallel_size", self.dp),
             ("parallel.expert_parallel_size", self.ep),
@@ -65,6 +65,9 @@ class ParallelDims:
         ):
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")
+
+    def validate(self, launcher_world_size: int | None = None) -> None:
+        """The world a launcher started must be this layout's (the degrees were checked when built)."""
         if launcher_world_size is not None and launcher_world_size != self.world_size:
             raise ConfigError(
                 f"WORLD_SIZE={launcher_world_size} from the launcher != dp*ep*tp*pp = "

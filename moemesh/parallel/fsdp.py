@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from moemesh.fields import Sharding
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id, shard_dim
 
-MODES = ("none", "zero2", "zero3")
+MODES = tuple(m.value for m in Sharding)
 
 # The expert unit's output is a view (moe/experts.py's _ContiguousGrad returns x.view_as(x), as
 # an autograd Function must not return its input). FSDP2 warns because an in-place op on such
@@ -153,58 +154,64 @@ def apply_fsdp(
     SUM and divide afterwards (gloo has no pre-multiplied sum, which NCCL uses for the
     divide factor).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import Shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if mode not in ("zero2", "zero3"):
+    if mode not in (Sharding.zero2, Sharding.zero3):
         raise ValueError(f"parallel.sharding={mode!r}: apply_fsdp builds zero2 or zero3")
     # FSDP replaces every parameter with a new one (a DTensor shard): keep the tags.
     tags = {name: dict(vars(p)) for name, p in root.named_parameters()}
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    units: list[nn.Module] = []
+    shard = _UnitSharder(meshes, mode=mode, mp=mp, force_sum=force_sum)
+    for block in blocks:
+        shard.inner_units(block, [])
+        shard(block, meshes.data)
+    shard.inner_units(root, blocks)
+    shard(root, meshes.data)
+    for name, p in root.named_parameters():
+        for key, value in tags[name].items():
+            setattr(p, key, value)
+    if timer is not None:
+        for module in shard.units:
+            state = module._get_fsdp_state()  # type: ignore[operator]
+            for group in state._fsdp_param_groups:
+                group.post_backward = timer.wrap(group.post_backward)
+                group.finalize_backward = timer.wrap(group.finalize_backward)
 
-    def unit(module: nn.Module, mesh) -> None:
-        n = mesh.size()
 
-        def placement(p: nn.Parameter):
-            return Shard(param_shard_dim(p, tp_size=meshes.tp_size, group_size=n))
+class _UnitSharder:
+    """Makes FSDP units, one ``fully_shard`` each, and remembers them in order."""
 
+    def __init__(self, meshes: ShardMeshes, *, mode: str, mp, force_sum: bool):
+        self.meshes, self.mode, self.mp, self.force_sum = meshes, mode, mp, force_sum
+        self.units: list[nn.Module] = []
+
+    def __call__(self, module: nn.Module, mesh) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        n, tp = mesh.size(), self.meshes.tp_size
         fully_shard(
             module,
             mesh=mesh,
-            reshard_after_forward=mode == "zero3",
-            shard_placement_fn=placement,
-            mp_policy=mp,
+            reshard_after_forward=self.mode == Sharding.zero3,
+            shard_placement_fn=lambda p: Shard(param_shard_dim(p, tp_size=tp, group_size=n)),
+            mp_policy=self.mp,
         )
-        module.set_gradient_divide_factor(float(meshes.data_size))  # type: ignore[operator]
+        module.set_gradient_divide_factor(float(self.meshes.data_size))  # type: ignore[operator]
         # Not on a one-rank mesh: there FSDP (torch 2.13) divides the gradient by the factor
         # in place of the reduce-scatter and, with forced sums, divides it again afterwards.
-        if force_sum and n > 1:
+        if self.force_sum and n > 1:
             module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
-        units.append(module)
+        self.units.append(module)
 
-    def inner_units(scope: nn.Module, skip: list[nn.Module]) -> None:
+    def inner_units(self, scope: nn.Module, skip: list[nn.Module]) -> None:
+        """Units of their own inside ``scope`` (not inside ``skip``): experts over the expert-data
+        group; with TP, modules of dp x ep x tp parameters over that group."""
         inside = {id(m) for b in skip for m in b.modules()}
         for module in list(scope.modules()):
             if id(module) in inside or module is scope:
                 continue
             if _is_expert_module(module):
-                unit(module, meshes.expert_data)
-            elif meshes.data_tp is not None and _is_data_tp_module(module):
-                unit(module, meshes.data_tp)
-
-    for block in blocks:
-        inner_units(block, [])
-        unit(block, meshes.data)
-    inner_units(root, blocks)
-    unit(root, meshes.data)
-
-    for name, p in root.named_parameters():
-        for key, value in tags[name].items():
-            setattr(p, key, value)
-    if timer is not None:
-        for module in units:
-            state = module._get_fsdp_state()  # type: ignore[operator]
-            for group in state._fsdp_param_groups:
-                group.post_backward = timer.wrap(group.post_backward)
-                group.finalize_backward = timer.wrap(group.finalize_backward)
+                self(module, self.meshes.expert_data)
+            elif self.meshes.data_tp is not None and _is_data_tp_module(module):
+                self(module, self.meshes.data_tp)

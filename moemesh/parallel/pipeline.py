@@ -12,8 +12,9 @@ rank of a stage runs the same schedule in the same order.
 from __future__ import annotations
 
 from moemesh.errors import ConfigError
+from moemesh.fields import PipelineSchedule
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = tuple(s.value for s in PipelineSchedule)
 
 
 def stage_layers(num_layers: int, pp: int, split: list[int] | None = None) -> list[range]:
@@ -87,5 +88,5 @@ def build_schedule(
         input_grads=(None if model.first else torch.empty_like(hidden),),
         group=pp_group,
     )
-    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
+    cls = {PipelineSchedule["1f1b"]: Schedule1F1B, PipelineSchedule.gpipe: ScheduleGPipe}[PipelineSchedule(schedule)]
     return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn)

@@ -36,9 +36,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
+from moemesh.fields import Recompute
 from moemesh.parallel.comm import CollectiveTape, collective_in_progress, recording, replaying
 
-MODES = ("none", "full", "selective")
+MODES = tuple(m.value for m in Recompute)
 
 # What ``selective`` keeps: the attention core's output (with its log-sum-exp; O(S^2)
 # FLOPs for T x D values) and the routed experts' grouped-GEMM outputs (the MoE layer's
@@ -176,7 +177,7 @@ def _checkpointed_class(cls: type) -> type:
 
 def checkpoint_module(module: nn.Module, mode: str) -> None:
     """Checkpoint ``module``'s forward in place (``full`` or ``selective``)."""
-    if mode not in ("full", "selective"):
+    if mode not in (Recompute.full, Recompute.selective):
         raise ValueError(f"activation checkpointing mode {mode!r}: choose full or selective")
     if not isinstance(module, _Checkpointed):
         module.__class__ = _checkpointed_class(type(module))
@@ -187,7 +188,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str) -> None:
     """Checkpoint each transformer block of ``blocks`` (``none``: leave them as they are)."""
     if mode not in MODES:
         raise ValueError(f"trainer.activation_checkpointing={mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "none":
+    if mode == Recompute.none:
         return
     for block in blocks.values():
         checkpoint_module(block, mode)

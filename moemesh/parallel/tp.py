@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.parallel.comm import all_reduced, group_size, replayable
-from moemesh.parallel.dims import padded_vocab  # noqa: F401  (re-exported for the model)
+from moemesh.parallel.dims import padded_vocab
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD  # noqa: F401 (re-exported: the tags TP layers set)
 
 # Attributes that tell the gradient reducer and the grad norm how a parameter is laid out.
@@ -194,15 +194,42 @@ def _mark_sharded(p: nn.Parameter, dim: int, logical: int) -> nn.Parameter:
     return p
 
 
-class ColumnParallelLinear(nn.Module):
-    """y[..., out/t] = x @ W_shard^T; input replicated (or sequence-sharded with SP)."""
+def shard_parameter(p: nn.Parameter, group) -> nn.Parameter:
+    """This TP rank's chunk of ``p``, a tensor of logical (global) shape tagged ``TP_SHARD``
+    (dim, logical size): padded with zero rows to a multiple of the TP degree along dim (the
+    vocabulary), then cut in equal chunks, rank i keeping chunk i. Free on the meta device.
+    The tags carry over to the new parameter."""
+    dim, logical = getattr(p, TP_SHARD)
+    t = group_size(group)
+    assert p.shape[dim] == logical, f"shard a logical tensor once: {tuple(p.shape)} along {dim} != {logical}"
+    data = p.data
+    pad = padded_vocab(logical, t) - logical
+    if pad:
+        pad_shape = list(data.shape)
+        pad_shape[dim] = pad
+        data = torch.cat([data, data.new_zeros(pad_shape)], dim=dim)
+    shard = nn.Parameter(data.chunk(t, dim=dim)[_rank(group)].clone(), requires_grad=p.requires_grad)
+    for key, value in vars(p).items():
+        setattr(shard, key, value)
+    return shard
 
-    def __init__(self, in_features: int, out_features: int, *, tp_group, sequence_parallel: bool = False):
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., out/t] = x @ W_shard^T; input replicated (or sequence-sharded with SP).
+
+    Built whole ([out, in], as one process holds it); ``shard(tp_group)`` keeps this rank's
+    output features. ``trainer.parallelize.apply_tp`` calls it, never the model."""
+
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        t = group_size(tp_group)
-        assert out_features % t == 0, (out_features, t)
+        self.tp_group, self.sp = None, False
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features, in_features)), 0, out_features)
+
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        if group_size(tp_group) == 1:
+            return
         self.tp_group, self.sp = tp_group, sequence_parallel
-        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features // t, in_features)), 0, out_features)
+        self.weight = shard_parameter(self.weight, tp_group)
 
     def forward(self, x):
         x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
@@ -210,14 +237,20 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over tp of x[..., in/t] @ W_shard^T; output replicated (or sequence-sharded with SP)."""
+    """y = sum over tp of x[..., in/t] @ W_shard^T; output replicated (or sequence-sharded with SP).
 
-    def __init__(self, in_features: int, out_features: int, *, tp_group, sequence_parallel: bool = False):
+    Built whole; ``shard(tp_group)`` keeps this rank's input features."""
+
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        t = group_size(tp_group)
-        assert in_features % t == 0, (in_features, t)
+        self.tp_group, self.sp = None, False
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features, in_features)), 1, in_features)
+
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        if group_size(tp_group) == 1:
+            return
         self.tp_group, self.sp = tp_group, sequence_parallel
-        self.weight = _mark_sharded(nn.Parameter(torch.empty(out_features, in_features // t)), 1, in_features)
+        self.weight = shard_parameter(self.weight, tp_group)
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -225,16 +258,25 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [V_pad/t, D] per rank; each rank looks up the ids it owns, then the shards are summed."""
+    """Rows [V_pad/t, D] per rank; each rank looks up the ids it owns, then the shards are summed.
 
-    def __init__(self, vocab_size: int, dim: int, *, tp_group, sequence_parallel: bool = False):
+    Built whole ([V, D]); ``shard(tp_group)`` keeps this rank's rows of the padded vocabulary."""
+
+    def __init__(self, vocab_size: int, dim: int):
         super().__init__()
-        t = group_size(tp_group)
-        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.tp_group, self.sp = None, False
         self.vocab_size = vocab_size
-        self.rows = padded_vocab(vocab_size, t) // t
+        self.rows, self.first = vocab_size, 0
+        self.weight = _mark_sharded(nn.Parameter(torch.empty(vocab_size, dim)), 0, vocab_size)
+
+    def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
+        t = group_size(tp_group)
+        if t == 1:
+            return
+        self.tp_group, self.sp = tp_group, sequence_parallel
+        self.rows = padded_vocab(self.vocab_size, t) // t
         self.first = _rank(tp_group) * self.rows
-        self.weight = _mark_sharded(nn.Parameter(torch.empty(self.rows, dim)), 0, vocab_size)
+        self.weight = shard_parameter(self.weight, tp_group)
 
     def forward(self, ids_BS):
         if group_size(self.tp_group) == 1:

@@ -40,6 +40,11 @@ reported as not measured.
 
 ``leave_one_out`` fits on all layouts but one and predicts the one left out: the step-time error
 a new layout can expect, before (the prior constants) and after calibration.
+
+Link classes. Every collective is priced on the link its group uses: ``intra`` (inside a node) or
+``inter`` (its group spans nodes), each kind with its own bandwidth and latency per class.
+``one_link`` folds a layout's inter-node traffic into the intra-node keys: the one-link model, to
+measure what telling the links apart buys on a multi-node sweep (``scripts/calibrate.py``).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class PlannerOptions:
 
 KINDS = ("a2a", "sync", "gather", "tp", "p2p")  # the collective kinds the planner costs
 LINKS = ("intra", "inter")
-# Computations timed apart (time.<kind>, trainer/records.py COMPUTE_TIMES), each priced at a rate of
+# Computations timed apart (time.<kind>, runs/records.py COMPUTE_TIMES), each priced at a rate of
 # its own: the Terms field with its FLOPs, the Constants (and cluster.calibration) key of its rate.
 TYPED = {
     "experts": ("expert_flops", "expert_flops_per_s"),
@@ -153,6 +158,23 @@ class Constants:
 
     def step_s(self, t: Terms) -> float:
         return self.compute_s(t) + self.comm_s(t) + self.other_s(t)
+
+
+def one_link(t: Terms) -> Terms:
+    """``t`` as a one-link model prices it: each kind's inter-node bytes and steps added to its
+    intra-node ones, so one bandwidth and one latency per kind cover every link."""
+    comm: dict[str, tuple[float, float]] = {}
+    for key, (nbytes, steps) in t.comm.items():
+        merged = f"{key.rsplit('_', 1)[0]}_intra"
+        b, st = comm.get(merged, (0.0, 0.0))
+        comm[merged] = (b + nbytes, st + steps)
+    return dataclasses.replace(t, comm=comm)
+
+
+def crosses_nodes(t: Terms, kind: str = "a2a") -> bool:
+    """Whether the layout's ``kind`` collectives run over the inter-node link."""
+    nbytes, steps = t.comm.get(f"{kind}_inter", (0.0, 0.0))
+    return nbytes > 0 or steps > 0
 
 
 def prior_constants(flops_per_s: float, intra_gbps: float, inter_gbps: float, latency_us: float) -> Constants:
@@ -303,13 +325,18 @@ def fit(
     unsplit = tuple(k for k in TYPED if k not in split)
     phases = [folded(ph, unsplit) for ph in phases]
     unknowns = _unknowns(terms, fixed, split)
+    x, residual = _solve(terms, phases, prior, fixed, unknowns, split)
+    return _fitted(unknowns, x, residual, prior, split)
+
+
+def _solve(terms, phases, prior: Constants, fixed, unknowns, split) -> tuple[np.ndarray, float]:
+    """The unknowns' values (non-negative least squares, each phase weighed by 1 / its time) and
+    the weighted residual. The bubble's price depends on the rate ratios: refit until they hold."""
     ratio = dict.fromkeys(split, 1.0)
-    for _ in range(20):  # the bubble's price depends on the rates: refit until they hold still
+    for _ in range(20):
         rows, rhs = [], []
         for t, ph in zip(terms, phases, strict=True):
-            for phase in PHASES:
-                if phase not in ph:
-                    continue
+            for phase in (p for p in PHASES if p in ph):
                 # Timing noise is proportional to what is timed: weigh each phase by 1 / its time
                 # (at least 1% of the step, so a phase near 0 cannot dominate).
                 w = 1.0 / max(ph[phase], 0.01 * ph.get("step", 0.0), 1e-9)
@@ -323,49 +350,65 @@ def fit(
         if all(abs(new[k] - ratio[k]) <= 1e-9 * max(1.0, ratio[k]) for k in split):
             break
         ratio = new
-    residual = float(np.sqrt(np.mean((a @ x - b) ** 2)))
-    gbps, latency = dict(prior.gbps), dict(prior.latency_us)
-    rate, opt, overhead = prior.flops_per_s, prior.optimizer_s_per_gb, prior.step_overhead_s
-    typed_rates = {kind: getattr(prior, TYPED[kind][1]) for kind in TYPED}
-    bubble_s_per_flop = None
-    measured = {}
-    pinned = set()  # unknowns the fit held at 0: their cost is not resolved by these runs
-    for (what, key), value in zip(unknowns, x):
-        if what == "rate":
-            if value > 0:
-                rate = 1.0 / value
-                measured["flops_per_s"] = True
-        elif what == "typed":
-            if value > 0:
-                typed_rates[key] = 1.0 / value
-                measured[TYPED[key][1]] = True
+    return x, float(np.sqrt(np.mean((a @ x - b) ** 2)))
+
+
+@dataclass
+class _Solved:
+    """The constants as the solved unknowns replace the prior's, and which of them were measured."""
+
+    rate: float
+    gbps: dict[str, float]
+    latency: dict[str, float]
+    opt: float
+    overhead: float
+    typed: dict[str, float | None]
+    bubble_s_per_flop: float | None = None
+    measured: dict[str, bool] = field(default_factory=dict)
+
+    def take(self, what: str, key: str, value: float) -> bool:
+        """One solved unknown (seconds per FLOP or byte) as a rate; False for a bandwidth held at 0
+        (infinite: not resolved by these runs), which stays the prior's."""
+        if what == "rate" and value > 0:
+            self.rate, self.measured["flops_per_s"] = 1.0 / value, True
+        elif what == "typed" and value > 0:
+            self.typed[key], self.measured[TYPED[key][1]] = 1.0 / value, True
         elif what == "bubble":
-            bubble_s_per_flop = value
-            measured["bubble_factor"] = True
+            self.bubble_s_per_flop, self.measured["bubble_factor"] = value, True
         elif what == "beta":
-            if value > 0:  # held at 0 (infinite bandwidth): not resolved, the prior stays
-                gbps[key] = 1.0 / value / 1e9
-                measured[f"gbps.{key}"] = True
-            else:
-                pinned.add(key)
+            if value <= 0:
+                return False
+            self.gbps[key], self.measured[f"gbps.{key}"] = 1.0 / value / 1e9, True
         elif what == "alpha":
-            latency[key] = value * 1e6
-            measured[f"latency_us.{key}"] = True
+            self.latency[key], self.measured[f"latency_us.{key}"] = value * 1e6, True
         elif what == "optimizer":
-            opt = value * 1e9
-            measured["optimizer_s_per_gb"] = True
-        else:
-            overhead = value
-            measured["step_overhead_s"] = True
+            self.opt, self.measured["optimizer_s_per_gb"] = value * 1e9, True
+        elif what == "overhead":
+            self.overhead, self.measured["step_overhead_s"] = value, True
+        return True
+
+
+def _fitted(unknowns, x, residual: float, prior: Constants, split) -> Fit:
+    """The constants the solved unknowns give; an unknown held at 0 keeps the prior's value and
+    is not marked measured."""
+    c = _Solved(
+        prior.flops_per_s,
+        dict(prior.gbps),
+        dict(prior.latency_us),
+        prior.optimizer_s_per_gb,
+        prior.step_overhead_s,
+        {kind: getattr(prior, TYPED[kind][1]) for kind in TYPED},
+    )
+    pinned = {key for (what, key), value in zip(unknowns, x) if not c.take(what, key, value)}
     for key in pinned:  # neither bandwidth nor latency resolved: the kind's cost is the prior's
-        if latency.get(key) == 0.0 and measured.get(f"latency_us.{key}"):
-            latency[key], measured[f"latency_us.{key}"] = prior.latency_us[key], False
-    bubble = prior.bubble_factor if bubble_s_per_flop is None else bubble_s_per_flop * rate
+        if c.latency.get(key) == 0.0 and c.measured.get(f"latency_us.{key}"):
+            c.latency[key], c.measured[f"latency_us.{key}"] = prior.latency_us[key], False
+    bubble = prior.bubble_factor if c.bubble_s_per_flop is None else c.bubble_s_per_flop * c.rate
     for kind in TYPED:
-        if kind not in split and measured.get("flops_per_s"):  # fitted at the rest's rate
-            typed_rates[kind] = None
-    rates = {TYPED[kind][1]: v for kind, v in typed_rates.items()}
-    return Fit(Constants(rate, gbps, latency, opt, overhead, bubble, **rates), measured, residual)
+        if kind not in split and c.measured.get("flops_per_s"):  # fitted at the rest's rate
+            c.typed[kind] = None
+    rates = {TYPED[kind][1]: v for kind, v in c.typed.items()}
+    return Fit(Constants(c.rate, c.gbps, c.latency, c.opt, c.overhead, bubble, **rates), c.measured, residual)
 
 
 @dataclass(frozen=True)

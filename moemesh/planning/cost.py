@@ -14,8 +14,9 @@ import itertools
 from dataclasses import dataclass
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
+from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
+from moemesh.fields import Device, Dtype, PipelineSchedule, Sharding
 from moemesh.moe.config import is_moe_layer
 from moemesh.moe.param_count import (
     Flops,
@@ -115,6 +116,22 @@ def a2a_bytes(
     return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
 
 
+def collective(kind: str, nbytes: float, n: int) -> tuple[float, int]:
+    """(bytes a rank sends, message steps) the planner prices one collective at, over ``n`` ranks:
+    a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps, a reduce-scatter or an
+    all-gather (n-1)/n in n - 1, an All-to-All the ``nbytes`` that leave the rank in n - 1, a
+    point-to-point send its bytes in 1. ``scripts/bench_comm.py`` fits measured times with these."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+    if kind in ("reduce_scatter", "all_gather"):
+        return (n - 1) / n * nbytes, n - 1
+    if kind == "a2a":
+        return nbytes, n - 1
+    if kind == "p2p":
+        return nbytes, 1
+    raise ValueError(f"collective {kind!r}: one of all_reduce, reduce_scatter, all_gather, a2a, p2p")
+
+
 @functools.cache  # the planner asks each split's groups several times
 def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     """Whether the group along ``axes`` that holds rank 0 spans nodes (groups are translates
@@ -143,19 +160,22 @@ def _sync_cost(
             out[kind] = {"sync": (0.0, 0)}
             continue
         numel = sum(s.numel for s in group)
-        ring = (n - 1) / n
-        if sharding == "none":  # one bucketed all-reduce of fp32 gradients after the backward
-            out[kind] = {"sync": (2 * ring * numel * REDUCE_BYTES, 2 * (n - 1))}
+        if sharding == Sharding.none:  # one bucketed all-reduce of fp32 gradients after the backward
+            out[kind] = {"sync": collective("all_reduce", numel * REDUCE_BYTES, n)}
             continue
         units = (
             len({(s.layer, s.name.rsplit(".", 1)[0]) for s in group})
             if kind == "data_tp"
             else len({s.layer for s in group})
         )
-        gathers = 2 if sharding == "zero3" else 1
+        gathers = 2 if sharding == Sharding.zero3 else 1
+        # Per micro-step, each unit reduce-scatters its gradients and gathers its weights (twice
+        # under zero3: forward and backward).
+        rs_bytes, rs_steps = collective("reduce_scatter", numel * REDUCE_BYTES, n)
+        ag_bytes, ag_steps = collective("all_gather", numel * c, n)
         out[kind] = {
-            "sync": (ring * numel * REDUCE_BYTES * accum, units * (n - 1) * accum),
-            "gather": (ring * numel * gathers * c * accum, units * gathers * (n - 1) * accum),
+            "sync": (rs_bytes * accum, units * rs_steps * accum),
+            "gather": (ag_bytes * gathers * accum, units * gathers * ag_steps * accum),
         }
     return out
 
@@ -185,11 +205,12 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     sharding, ckpt = run.parallel.sharding, t.activation_checkpointing
     sp = run.parallel.sequence_parallel and dims.tp > 1
     cb = compute_bytes(run)
-    micro, accum = micro_batch_size(candidate), grad_accum_steps(candidate)
+    plan = batch_plan(candidate)
+    micro, accum = plan.micro_batch_size, plan.micro_steps
     T = micro * t.seq_len  # tokens per micro-batch per data rank
-    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == "1f1b" else accum
+    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] else accum
     all_specs = [param_specs(m, dims, stage=s, sequence_parallel=sp) for s in range(dims.pp)]
-    if sharding != "none":
+    if sharding != Sharding.none:
         bad = next((b for b in (uneven_non_leading_shard(sp_, dims) for sp_ in all_specs) if b), None)
         if bad is not None:
             p.problem = (
@@ -326,7 +347,7 @@ def compute_bytes(run: RunConfig) -> int:
     """Bytes per element of compute (activations, gathered weights): bf16 where training
     computes in it (trainer.dtype=bf16, or auto on a GPU, which the planner plans for)."""
     dtype, device = run.trainer.dtype, run.trainer.device
-    return 2 if dtype == "bf16" or (dtype == "auto" and device != "cpu") else 4
+    return 2 if dtype == Dtype.bf16 or (dtype == Dtype.auto and device != Device.cpu) else 4
 
 
 def make_plan(run: RunConfig, gpus: int, options: PlannerOptions | None = None) -> tuple[list[Plan], list[Plan]]:

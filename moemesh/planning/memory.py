@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moemesh.fields import Recompute, Sharding
 from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.moe.param_count import Flops, ParamSpec, local_numel, param_specs
 from moemesh.parallel.dims import ParallelDims, padded_vocab
@@ -63,7 +64,7 @@ def stage_state(specs: list[ParamSpec], dims: ParallelDims, sharding: str) -> St
     """Rank 0's local bytes (the most any rank of the stage holds): fp32 parameters and
     gradients of its chunk of each tensor, AdamW's exp_avg and exp_avg_sq of the same size
     and a 4-byte step per tensor."""
-    sharded = sharding != "none"
+    sharded = sharding != Sharding.none
 
     def part(expert: bool, per_elem: int, per_tensor: int = 0) -> int:
         return sum(local_numel(s, dims, sharded) * per_elem + per_tensor for s in specs if s.expert == expert)
@@ -90,7 +91,7 @@ def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_by
     blocks = _block_numel(specs)
     root = blocks.pop(None, 0)
     largest = max(blocks.values(), default=0)
-    if sharding == "none":
+    if sharding == Sharding.none:
         if c == 4:
             return 0
         cast = sum(
@@ -98,9 +99,9 @@ def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_by
             for s in specs
             if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed.") and ".router." not in s.name
         )
-        saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == "none" else 0
+        saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == Recompute.none else 0
         return c * (cast + saved_experts)
-    if sharding == "zero2":
+    if sharding == Sharding.zero2:
         return c * (root + sum(blocks.values())) + g * largest
     return c * (root + 2 * largest) + g * max(largest, root)
 
@@ -126,16 +127,16 @@ class BlockActivations:
 
     def kept(self, ckpt: str) -> int:
         """Elements kept through the forward under ``trainer.activation_checkpointing=ckpt``."""
-        if ckpt == "none":
+        if ckpt == Recompute.none:
             return self.total
         full = self.block_input + self.collectives
-        return full if ckpt == "full" else full + self.attention_out + self.expert_out
+        return full if ckpt == Recompute.full else full + self.attention_out + self.expert_out
 
     def recomputed(self, ckpt: str) -> int:
         """Elements the block's recompute makes again for its backward (alive one block at a time)."""
-        if ckpt == "none":
+        if ckpt == Recompute.none:
             return 0
-        return self.rest + (self.attention_out + self.expert_out if ckpt == "full" else 0)
+        return self.rest + (self.attention_out + self.expert_out if ckpt == Recompute.full else 0)
 
 
 def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp: bool) -> BlockActivations:
@@ -156,7 +157,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
                             w1 and w3 outputs, silu's output, their product
       MoE                   the router's input T D / s (with t > 1 and no SP a slice of the
                             norm output, which keeps all of it alive), logits and scores 2 Tr E; the experts'
-                            input rows N D; silu's output and the product 2 N Fe; the rows the
+                            input rows N D (the experts keep no more: silu and the product are
+                            recomputed in their backward, moe/experts.py); the rows the
                             unpermute weights N D; a shared expert's input (under SP its two
                             gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t
       expert_out            N (2 Fe + D): w1, w3 and w2 outputs
@@ -178,7 +180,7 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
         Tr = T // t
         N = Tr * m.top_k
         Fe, Fs = m.moe_ffn_hidden_size, m.shared_expert_ffn_size
-        rest += T * D // s + 2 * Tr * m.num_experts + N * D + 2 * N * Fe + N * D
+        rest += T * D // s + 2 * Tr * m.num_experts + N * D + N * D
         expert_out = N * (2 * Fe + D)
         if Fs:
             rest += (2 * T * D if sp else T * D if t > 1 else 0) + 4 * T * Fs // t
@@ -216,11 +218,11 @@ def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str, pp: int =
     2 x the blocks' active parameters (full; selective leaves out the routed experts, whose outputs
     it keeps) + full's 4 x blocks x hidden x sequence for the attention core (a third of PaLM's 12,
     which selective keeps too)."""
-    if ckpt == "none":
+    if ckpt == Recompute.none:
         return Flops(0.0, 0.0, 0.0)
     specs = [s for s in param_specs(m, ParallelDims(pp=pp), stage=stage) if s.layer is not None]
     dense = sum(s.numel for s in specs if not s.expert)
-    if ckpt == "selective":
+    if ckpt == Recompute.selective:
         return Flops(2.0 * dense, 0.0, 0.0)
     experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
     core = 4.0 * len({s.layer for s in specs}) * m.hidden_size * seq_len

@@ -12,21 +12,23 @@ Choice of candidates (``choose``), from the planner's ranking (``cost.make_plan`
    axes dp ep tp pp; operators == != >= <= > <), all of which must hold;
 4. keep the first ``top`` (0: all).
 
-Reading a run (``measure``): the medians over metrics.jsonl's steps after the first
-``warmup_steps`` (step time, tokens/s, All-to-All share of the step and each phase), peak memory
-and final loss from summary.json. A job directory without summary.json is a failed job.
+Reading a run (``measure``): the medians over its steady steps by the one rule of
+``moemesh.runs.steady`` (the logged steps after the first ``warmup_steps``, default
+``WARMUP_RECORDS``: step time, tokens/s, All-to-All share of the step and each phase), peak
+memory and final loss from summary.json. A job directory without summary.json is a failed job.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemesh.errors import ConfigError
 from moemesh.parallel.dims import ParallelDims, layout_name
+from moemesh.runs.reader import RunReadError, load_run
+from moemesh.runs.steady import WARMUP_RECORDS, median, steady
 
 AXES = ("dp", "ep", "tp", "pp")
 OBJECTIVES = ("tokens_per_s", "step_s", "peak_memory")
@@ -94,12 +96,12 @@ class SearchSettings:
     top: int = 6
     include: tuple[Selector, ...] = ()
     exclude: tuple[Selector, ...] = ()
-    warmup_steps: int = 2
+    warmup_steps: int = WARMUP_RECORDS
     objective: str = "tokens_per_s"
 
 
 def settings(
-    *, top=6, include=(), exclude=(), warmup_steps=2, objective="tokens_per_s", steps: int | None = None
+    *, top=6, include=(), exclude=(), warmup_steps=WARMUP_RECORDS, objective="tokens_per_s", steps: int | None = None
 ) -> SearchSettings:
     """The sweeper's keys as given, checked: ConfigError (one line) on the first bad one.
     ``steps``: trainer.steps of the jobs (warm-up must leave steps to time)."""
@@ -187,11 +189,6 @@ class Measured:
         return self.error is None
 
 
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def finished(job_dir: Path, steps: int | None = None) -> bool:
     """A job that need not run again: summary.json exists, it was not stopped early and (when
     ``steps`` is given) it reached that step."""
@@ -216,31 +213,27 @@ def stopped_by(job_dir: Path, since: float = 0.0) -> list[str] | None:
         return None
 
 
-def measure(job_dir: Path, warmup_steps: int) -> Measured:
-    """The job's medians over its steps after the first ``warmup_steps`` (see the module doc)."""
+def measure(job_dir: Path, warmup_steps: int = WARMUP_RECORDS) -> Measured:
+    """The job's medians over its steady steps (``moemesh.runs.steady``: the logged steps after the
+    first ``warmup_steps``), peak memory and final loss (see the module doc)."""
     try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except OSError:
-        return Measured(error="no summary.json (the job did not finish)")
-    except ValueError as err:
-        return Measured(error=f"summary.json unreadable ({err})")
-    records = []
-    metrics = job_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-    timed = [r for r in records if r.get("step", 0) > warmup_steps and not r.get("skipped")]
+        run = load_run(job_dir)
+    except RunReadError as err:
+        missing = not (job_dir / "summary.json").exists()
+        return Measured(error="no summary.json (the job did not finish)" if missing else str(err))
+    timed = steady(run.records, start_step=run.summary.get("start_step", 0) or 0, warmup=0)[warmup_steps:]
     if not timed:
         return Measured(error=f"no step after the {warmup_steps} warm-up steps was logged")
     phase_keys = sorted({k for r in timed for k in r.get("time", {})})
-    phases = {k: _median(r["time"].get(k) for r in timed) for k in phase_keys}
+    phases = {k: median(r["time"].get(k) for r in timed) for k in phase_keys}
     shares = [r["time"]["a2a"] / r["time"]["step"] for r in timed if r.get("time", {}).get("step")]
-    peak = (summary.get("peak_memory_bytes") or {}).get("max")
+    peak = (run.summary.get("peak_memory_bytes") or {}).get("max")
     return Measured(
-        step_s=_median(r.get("step_s") for r in timed),
-        tokens_per_s=_median(r.get("tokens_per_s") for r in timed),
-        a2a_share=_median(shares),
+        step_s=median(r.get("step_s") for r in timed),
+        tokens_per_s=median(r.get("tokens_per_s") for r in timed),
+        a2a_share=median(shares),
         peak_memory_bytes=peak,
-        final_loss=summary.get("final_loss"),
+        final_loss=run.summary.get("final_loss"),
         phases={k: v for k, v in phases.items() if v is not None},
         timed_steps=len(timed),
     )

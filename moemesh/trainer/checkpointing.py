@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.fields import Sharding
 from moemesh.moe.param_count import param_specs
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
@@ -24,14 +25,17 @@ from moemesh.parallel.mesh import ParallelMesh
 class Checkpointer:
     """Saving and resuming this run's training state (see parallel.checkpoint)."""
 
-    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path):
+    def __init__(self, run: RunConfig, model, optimizer, mesh: ParallelMesh, root: Path, data=None):
+        """``data``: the run's ``moemesh.data.TokenData``, whose position each checkpoint records
+        (meta.json's "data") and a resume restores, checked against the data it now reads."""
         self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
+        self.data = data
         self.step_t = torch.zeros((), dtype=torch.int64)
         self.run_id = uuid.uuid4().hex  # this start's saves (pruning keeps them over any other run's)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
         self.fsdp_tp_mesh = None
-        if d.tp > 1 and run.parallel.sharding != "none":
+        if d.tp > 1 and run.parallel.sharding != Sharding.none:
             with warnings.catch_warnings():  # torch warns that slicing a flattened dim will change
                 warnings.simplefilter("ignore", UserWarning)
                 self.fsdp_tp_mesh = mesh.device_mesh["data", "tp"]
@@ -76,14 +80,12 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
+        meta = self.meta
+        if self.data is not None:
+            t = self.run.trainer
+            meta = {**meta, "data": self.data.position(step, global_batch=t.global_batch_size, seq_len=t.seq_len)}
         return checkpoint.save(
-            self.root,
-            step,
-            self._state(),
-            self.meta,
-            rank=self.mesh.rank,
-            keep=self.run.checkpoint.keep,
-            run_id=self.run_id,
+            self.root, step, self._state(), meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep, run_id=self.run_id
         )
 
     def resume(self, log) -> int:
@@ -114,6 +116,9 @@ class Checkpointer:
             checkpoint.set_optimizer_step(self.optimizer, step)
             torch.set_rng_state(state["rng.cpu"])
             log.message(f"moemesh: resumed from {path} (saved under {meta['layout']}) at step {step}")
+            if self.data is not None:
+                note = self.data.resume_at(step, meta.get("data"), seq_len=self.run.trainer.seq_len)
+                log.message(f"moemesh: {note}")
             return step
         raise checkpoint.CheckpointError(
             f"resume={self.run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: " + "; ".join(reasons)
@@ -144,6 +149,11 @@ class Checkpointer:
         ]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
+        position = meta.get("data")
+        if self.data is not None and position is not None and not self.run.data.resume_on_new_data:
+            why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
+            if why:
+                raise checkpoint.CheckpointError(f"{path}: {why}")
 
 
 def _cut(value) -> str:

@@ -1,14 +1,15 @@
-"""The training loop, top to bottom in the order things happen each step:
-LR -> micro-steps (forward, backward) -> gradient reduction -> clip -> optimizer
-step -> metrics all-reduce -> eval -> log -> checkpoint / stop.
+"""The training loop, in the order things happen: ``build_training`` sets up once and returns
+a ``TrainState``; ``train_step`` runs one optimizer step (LR -> micro-steps (forward,
+backward) -> gradient reduction -> clip -> optimizer step -> metrics all-reduce) and returns
+a ``StepResult``; the outer loop (``run_training``) evaluates, logs, checkpoints and stops.
 
 Host syncs of a step, each marked "host sync" where it happens: the gradient norm's
 finiteness (every step, where the host decides: on the CPU, and with
 trainer.on_nonfinite=skip; on CUDA with stop it is a device-side assert ordered before
-the update, no sync), the reduced metrics and the stop flag (every step), the gradient
-norm's value, the slowest rank's times and the bias ranges (logged steps), the
-validation loss (evaluation steps). Outside this file: the All-to-All's split sizes
-(moe/dispatcher.py, per MoE layer and micro-step), checkpoint saves and, on CUDA,
+the update, no sync; ``trainer.nonfinite``), the reduced metrics and the stop flag (every
+step), the gradient norm's value, the slowest rank's times and the bias ranges (logged
+steps), the validation loss (evaluation steps). Outside this file: the All-to-All's split
+sizes (moe/dispatcher.py, per MoE layer and micro-step), checkpoint saves and, on CUDA,
 PhaseTimer's phase edges (a synchronize at each phase's start and end). The clip
 (parallel/grads.py) stays on the device on CUDA; off CUDA it reads its scale (free there)
 to skip a no-op multiply.
@@ -18,84 +19,60 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import os
-import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import config_warnings, grad_accum_steps, micro_batch_size
+from moemesh.config.validate import batch_plan, config_warnings
+from moemesh.fields import Dtype
 from moemesh.kernels import get_ops
 from moemesh.launch import RankContext
 from moemesh.moe.config import is_moe_layer
+from moemesh.moe.layer import MoELayer
 from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import model_flops_per_token
 from moemesh.parallel.comm import CommMeter, all_reduce_
 from moemesh.parallel.dims import layout_name
 from moemesh.parallel.fsdp import reshard_all
-from moemesh.parallel.grads import clip_grads_, global_grad_norm
+from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
+from moemesh.runs.records import RunSummary, StepRecord
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
+from moemesh.trainer.host import machine, peak_memory_bytes, reset_peak, resident_bytes
 from moemesh.trainer.metrics import MetricsLogger, StepSample
+from moemesh.trainer.nonfinite import NonFinitePolicy
 from moemesh.trainer.optim import build_optimizer, lr_at
-from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, pipeline_schedule, shard_model
-from moemesh.trainer.records import RunSummary, StepRecord
-from moemesh.trainer.step_stats import RankTimes, StepShape, StepStats, bias_ranges, memory_report, step_record
+from moemesh.trainer.parallelize import (
+    ParamGroups,
+    Sharded,
+    build_model,
+    grad_reducer,
+    param_groups,
+    pipeline_schedule,
+    shard_model,
+)
+from moemesh.trainer.step_stats import (
+    RankTimes,
+    ReducedStats,
+    StepShape,
+    StepStats,
+    bias_ranges,
+    memory_report,
+    step_record,
+)
 
 
 def _autocast(run: RunConfig, device: torch.device):
     dtype = run.trainer.dtype
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    if dtype == Dtype.bf16 or (dtype == Dtype.auto and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _resident_bytes(device: torch.device) -> int:
-    """What the rank holds now: CUDA tensors, or the process's resident set on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _reset_peak(device: torch.device) -> None:
-    """Start the peak over again here, so it is the training's, not the imports' or the data's:
-    CUDA's allocator statistics; on Linux the process's VmHWM (``/proc/self/clear_refs``)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux: the lifetime peak below
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:  # VmHWM: the peak since _reset_peak
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _micro_start(i: int, *, micro: int, data_size: int, data_rank: int) -> int:
-    """First global sample of micro-step i on this data rank.
-
-    The global batch is cut into micro-steps first, then each micro-step over the data
-    ranks: micro-step i is the same set of samples on every layout with the same number
-    of micro-steps, so the load-balance statistics (reduced per micro-step) agree too.
-    """
-    return i * micro * data_size + data_rank * micro
 
 
 def _rank_batch(batch, micro_start, micro: int, accum: int):
@@ -136,42 +113,49 @@ def _any_rank(flag: bool, group, device) -> bool:
     return bool(t.item())  # host sync: the host decides whether to save and stop
 
 
-def _update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_device: bool | None = None) -> bool:
-    """Whether this step updates the weights: False for a non-finite gradient norm with
-    trainer.on_nonfinite=skip; with stop, the one-line FloatingPointError naming step and value
-    (on CUDA a device-side assert naming the step, below).
+@dataclass
+class TrainState:
+    """Everything a rank trains with, built once by ``build_training``."""
 
-    The norm is the same number on every rank (reduced gradients), so every rank decides
-    alike and none is left waiting in a collective.
+    run: RunConfig
+    ctx: RankContext
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    data: TokenData
+    log: MetricsLogger
+    ckpt: Checkpointer
+    meter: CommMeter  # the All-to-All's bytes and time, the experts' and attention core's time
+    groups: ParamGroups  # parameters by how their gradients reduce and count in the norm
+    reducer: GradReducer | None  # None under parallel.sharding: FSDP2 reduces in the backward
+    sharded: Sharded | None
+    pipe: Any  # the pipeline schedule, None without PP
+    micro: int  # sequences per forward on one data rank
+    accum: int  # micro-steps per optimizer step
+    micro_start: Callable[[int], int]  # micro-step i -> its first global sample on this data rank
+    shape: StepShape
+    local_moe: dict[int, MoELayer]  # this stage's MoE layers by their slot in the global statistics
+    nonfinite: NonFinitePolicy
+    start: int  # the first step to run (a resumed run's checkpoint step)
+    start_bytes: int  # what the rank held before the model: the memory report's baseline
 
-    Stop mode on CUDA (``on_device``, None: whether the norm is on CUDA) asks nothing of the
-    host: ``torch._assert_async`` puts the check on the stream before the clip and the
-    optimizer's kernels, so a non-finite norm fails there and the update never lands. The
-    error surfaces at the next sync (PhaseTimer's edge at the end of this phase) as a
-    device-side assert, which leaves the CUDA context unusable (the stop saves nothing
-    anyway) and whose message names the step but not the value: reading the value would be
-    the sync this avoids. Elsewhere the check is a host sync, kept on purpose: on the CPU
-    the assert would be one too, and skip needs the answer on the host to run
-    ``optimizer.step()`` or not (masking the update on the device instead, e.g. a zero
-    learning rate, would still step AdamW's moments and step count, so it is not a skip).
-    """
-    if on_device is None:
-        on_device = grad_norm.is_cuda
-    if on_device and on_nonfinite == "stop":
-        msg = (
-            f"non-finite gradient norm at step {step} (its value is not read back: that would be a host sync): "
-            "stopped before the update; trainer.on_nonfinite=skip skips such steps"
-        )
-        torch._assert_async(torch.isfinite(grad_norm), msg)  # no host sync: ordered on the device
-        return True
-    if bool(torch.isfinite(grad_norm)):  # host sync (every step; CPU, or skip mode): the decision above
-        return True
-    if on_nonfinite == "stop":
-        raise FloatingPointError(
-            f"non-finite gradient norm {float(grad_norm)} at step {step}: stopped before the update; "
-            f"the last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps)"
-        )
-    return False
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def mesh(self) -> ParallelMesh:
+        return self.ctx.mesh
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as the outer loop needs it."""
+
+    lr: float
+    grad_norm: torch.Tensor  # on the device: read (a host sync) only on logged steps
+    updated: bool  # False: skipped for a non-finite gradient norm (trainer.on_nonfinite=skip)
+    stats: ReducedStats  # the loss terms and per-layer statistics summed over every rank
+    times: RankTimes  # this rank's phase times and All-to-All bytes
 
 
 def train(run: RunConfig, ctx: RankContext) -> RunSummary:
@@ -182,7 +166,7 @@ def train(run: RunConfig, ctx: RankContext) -> RunSummary:
 
         tracker = WandbTracker(run, ctx.mesh.dims, ctx.output_dir)
     try:
-        summary = _train(run, ctx, tracker)
+        summary = run_training(build_training(run, ctx, tracker))
     except BaseException:
         if tracker is not None:
             tracker.finish(exit_code=1)
@@ -192,12 +176,14 @@ def train(run: RunConfig, ctx: RankContext) -> RunSummary:
     return summary
 
 
-def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
+def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState:
+    """The model laid out for this rank (``trainer.parallelize``), sharded, the optimizer, the
+    data, the logger and the checkpointer; resumed from a checkpoint when ``resume`` is set."""
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
     dims = mesh.dims
     torch.manual_seed(t.seed)
-    _reset_peak(device)
-    start_bytes = _resident_bytes(device)  # before the model: the memory report's baseline
+    reset_peak(device)
+    start_bytes = resident_bytes(device)  # before the model: the memory report's baseline
     meter = CommMeter(device)
     model = build_model(run, mesh, device, meter=meter)
     # Sharded modes: FSDP2 reduce-scatters each block's gradients during the backward;
@@ -205,9 +191,7 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
     # group them after it.)
     sharded = shard_model(run, mesh, model, device)
     groups = param_groups(model)
-    reducer = grad_reducer(groups, mesh) if sharded is None else None
     optimizer = build_optimizer(model, t)
-    data = TokenData(ctx.data_paths, seed=t.seed)
     log = MetricsLogger(
         ctx.output_dir,
         enabled=ctx.rank == 0,
@@ -216,13 +200,9 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         total_steps=t.steps,
         tracker=tracker,
     )
-    micro, accum = micro_batch_size(run), grad_accum_steps(run)
-    micro_start = functools.partial(_micro_start, micro=micro, data_size=dims.data_size, data_rank=mesh.data_rank)
+    plan = batch_plan(run)
+    micro, accum = plan.micro_batch_size, plan.micro_steps
     moe_layers = [l for l in range(m.num_layers) if is_moe_layer(m, l)]
-    # Where each of this stage's MoE layers goes in the global per-layer statistics.
-    local_moe = {moe_layers.index(l): moe for l, moe in model.stage_moe_layers().items()}
-    slots = list(local_moe)
-    pipe = pipeline_schedule(run, mesh, model, device, sharded.root if sharded else None)  # None without PP
     shape = StepShape(
         tokens=t.global_batch_size * t.seq_len,
         samples=t.global_batch_size,
@@ -239,8 +219,10 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
         f"kernels={get_ops(run.kernels.backend, device.type).name}"
     )
-
-    ckpt = Checkpointer(run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"))
+    data = TokenData(ctx.data_paths, seed=t.seed)  # reads ahead in a thread of its own (moemesh.data)
+    ckpt = Checkpointer(
+        run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"), data=data
+    )
     ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
     log.begin(start)
@@ -248,163 +230,200 @@ def _train(run: RunConfig, ctx: RankContext, tracker) -> RunSummary:
         log.message(f"moemesh: warning: {warning}")
     if tracker is not None and tracker.note:
         log.message(f"moemesh: {tracker.note}")
-    steps_run, skipped_in_a_row, final_val, stopped_by = 0, 0, None, None
-    record: StepRecord | dict = {}  # the last logged step's ({} until one is logged)
-    for step in range(start, t.steps):
-        t0 = time.perf_counter()
-        timer = PhaseTimer(device)
-        meter.reset()
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    return TrainState(
+        run=run,
+        ctx=ctx,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        log=log,
+        ckpt=ckpt,
+        meter=meter,
+        groups=groups,
+        reducer=grad_reducer(groups, mesh) if sharded is None else None,
+        sharded=sharded,
+        pipe=pipeline_schedule(run, mesh, model, device, sharded.root if sharded else None),
+        micro=micro,
+        accum=accum,
+        # The global batch is cut into micro-steps first, then over the data ranks (BatchPlan).
+        micro_start=functools.partial(plan.micro_start, data_rank=mesh.data_rank),
+        shape=shape,
+        # Where each of this stage's MoE layers goes in the global per-layer statistics.
+        local_moe={moe_layers.index(l): moe for l, moe in model.stage_moe_layers().items()},
+        nonfinite=NonFinitePolicy(t.on_nonfinite, t.max_skipped_steps),
+        start=start,
+        start_bytes=start_bytes,
+    )
 
-        # Forward and backward over this data rank's slice of the global batch. The loss terms
-        # and per-layer MoE statistics add up on the device until the all-reduce below (no
-        # host sync per micro-step).
-        stats = StepStats(len(moe_layers), m.num_experts, device)
-        batch = functools.partial(data.batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
-        if pipe is None:
-            for i in range(accum):
-                x, y = batch(start=micro_start(i), count=micro)
-                with timer.phase("forward"), _autocast(run, device):
-                    # Each MoE layer's weighted balance losses ride on its output: the backward
-                    # of the cross-entropy carries them too, scaled by the same 1/accum.
-                    out = model(x.to(device), y.to(device), loss_scale=1 / accum)
-                with timer.phase("backward"):
-                    (out.loss / accum).backward()
-                stats.add_loss(out.loss, tp=dims.tp)
-                stats.add_moe(out.moe_stats, slots)
+
+def train_step(state: TrainState, step: int) -> StepResult:
+    """One optimizer step: forward and backward over this data rank's slice of the global batch,
+    the gradient reduction, the clip and the update (unless the gradient norm is not finite),
+    then the step's statistics summed over every rank."""
+    s, t, dims = state, state.run.trainer, state.mesh.dims
+    t0 = time.perf_counter()
+    timer = PhaseTimer(s.device)
+    s.meter.reset()
+    lr = lr_at(step, t)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    # The loss terms and per-layer MoE statistics add up on the device until the all-reduce
+    # below (no host sync per micro-step).
+    stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device)
+    batch = functools.partial(s.data.micro_batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
+    slots = list(s.local_moe)
+    if s.pipe is None:
+        for i in range(s.accum):
+            with timer.phase("data"):  # read ahead by moemesh.data's thread: only the wait
+                b = batch(start=s.micro_start(i), count=s.micro)
+            with timer.phase("forward"), _autocast(s.run, s.device):
+                # Each MoE layer's weighted balance losses ride on its output: the backward
+                # of the cross-entropy carries them too, scaled by the same 1/accum.
+                x, y = b.inputs.to(s.device), b.targets.to(s.device)
+                out = s.model(x, y, loss_scale=1 / s.accum, **b.model_kwargs(s.device))
+            with timer.phase("backward"):
+                (out.loss / s.accum).backward()
+            stats.add_loss(out.loss, tp=dims.tp)
+            stats.add_moe(out.moe_stats, slots)
+    else:
+        with timer.phase("data"):
+            x, y = _rank_batch(batch, s.micro_start, s.micro, s.accum)  # the schedule cuts it into micro-batches
+        losses: list[torch.Tensor] = []
+        with timer.phase("pipeline"), _autocast(s.run, s.device):
+            _pipeline_step(s.pipe, s.model, x.to(s.device), y.to(s.device), losses)
+        if s.model.last:
+            stats.add_loss(torch.stack(losses).sum(), tp=dims.tp)
+        for micro_batch_stats in s.model.stage_records:
+            stats.add_moe(micro_batch_stats, slots)
+        s.model.stage_records.clear()
+
+    _reduce_gradients(s, timer)
+    with timer.phase("optimizer"):
+        g = s.groups
+        grad_norm = global_grad_norm(
+            replicated=g.replicated,
+            tp_sharded=g.tp_sharded,
+            expert=g.expert,
+            tp_group=s.mesh.tp_group,
+            ep_group=s.mesh.ep_group,
+            pp_group=s.mesh.pp_group,
+        )
+        updated = s.nonfinite.update_allowed(grad_norm, step)
+        if updated:
+            clip_grads_(s.model.parameters(), grad_norm, t.grad_clip)  # no host sync on CUDA
+            s.optimizer.step()
         else:
-            x, y = _rank_batch(batch, micro_start, micro, accum)  # the schedule cuts it into `accum` micro-batches
-            losses: list[torch.Tensor] = []
-            with timer.phase("pipeline"), _autocast(run, device):
-                _pipeline_step(pipe, model, x.to(device), y.to(device), losses)
-            if model.last:
-                stats.add_loss(torch.stack(losses).sum(), tp=dims.tp)
-            for micro_batch_stats in model.stage_records:
-                stats.add_moe(micro_batch_stats, slots)
-            model.stage_records.clear()
+            s.nonfinite.skipped(step, s.log.message)
+        s.optimizer.zero_grad(set_to_none=True)
 
-        if reducer is not None:
-            with timer.phase("grad_reduce"):
-                reducer.reduce()
-        else:  # sharded: the reduction ran inside the backward; report what it held the rank up
-            assert sharded is not None
-            waited = sharded.timer.collect()
-            inside = "pipeline" if pipe is not None else "backward"
-            timer.seconds[inside] = timer.seconds.get(inside, 0.0) - waited
-            timer.seconds["grad_reduce"] = waited
-        with timer.phase("optimizer"):
-            grad_norm = global_grad_norm(
-                replicated=groups.replicated,
-                tp_sharded=groups.tp_sharded,
-                expert=groups.expert,
-                tp_group=mesh.tp_group,
-                ep_group=mesh.ep_group,
-                pp_group=mesh.pp_group,
-            )
-            finite = _update_allowed(grad_norm, step, t.on_nonfinite)
-            if finite:
-                clip_grads_(model.parameters(), grad_norm, t.grad_clip)  # no host sync on CUDA
-                optimizer.step()
-                skipped_in_a_row = 0
-            else:
-                skipped_in_a_row += 1
-                log.message(
-                    f"moemesh: step {step}: non-finite gradient norm, update skipped "
-                    f"({skipped_in_a_row} in a row; trainer.max_skipped_steps={t.max_skipped_steps})"
-                )
-                if skipped_in_a_row >= t.max_skipped_steps:
-                    # The weights have not changed since the first of these steps, so the next
-                    # steps would most likely be skipped too: a run that only skips is not training.
-                    raise FloatingPointError(
-                        f"{skipped_in_a_row} steps in a row skipped for a non-finite gradient norm (steps "
-                        f"{step + 1 - skipped_in_a_row}..{step}, trainer.max_skipped_steps={t.max_skipped_steps}): "
-                        "stopped; the last good checkpoint is kept"
-                    )
-            optimizer.zero_grad(set_to_none=True)
+    # The loss terms and per-layer statistics summed over every rank: one flat tensor,
+    # all-reduced, then on the host (a host sync, every step).
+    reduced = stats.reduce(s.mesh.data_tp_group, s.mesh.pp_group, loss_norm=s.shape.loss_norm)
+    s.nonfinite.check_loss(reduced.loss, step)
+    # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
+    # (not on a skipped step: it changes no state).
+    if updated:
+        for slot, moe in s.local_moe.items():
+            moe.router.update_bias(reduced.counts_LE[slot])
+    times = RankTimes.measure(timer.seconds, s.meter.collect(), time.perf_counter() - t0)  # before eval
+    return StepResult(lr=lr, grad_norm=grad_norm, updated=updated, stats=reduced, times=times)
 
-        # The loss terms and per-layer statistics summed over every rank: one flat tensor,
-        # all-reduced, then on the host (a host sync, every step).
-        reduced = stats.reduce(mesh.data_tp_group, mesh.pp_group, loss_norm=shape.loss_norm)
-        if not math.isfinite(reduced.loss) and t.on_nonfinite == "stop":
-            raise FloatingPointError(f"non-finite training loss {reduced.loss} at step {step}")
-        # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
-        # (not on a skipped step: it changes no state).
-        if finite:
-            for slot, moe in local_moe.items():
-                moe.router.update_bias(reduced.counts_LE[slot])
-        step_s = time.perf_counter() - t0
+
+def _reduce_gradients(s: TrainState, timer: PhaseTimer) -> None:
+    """The gradient reduction: the reducer's all-reduces, or under parallel.sharding the time
+    FSDP2's reduce-scatters (run inside the backward) held the rank up, moved out of it."""
+    if s.reducer is not None:
+        with timer.phase("grad_reduce"):
+            s.reducer.reduce()
+        return
+    assert s.sharded is not None
+    waited = s.sharded.timer.collect()
+    inside = "pipeline" if s.pipe is not None else "backward"
+    timer.seconds[inside] = timer.seconds.get(inside, 0.0) - waited
+    timer.seconds["grad_reduce"] = waited
+
+
+def run_training(state: TrainState) -> RunSummary:
+    """The outer loop: a step, then evaluation, the log, a checkpoint or a stop."""
+    s, t = state, state.run.trainer
+    steps_run, final_val, stopped_by = 0, None, None
+    record: StepRecord | dict = {}  # the last logged step's ({} until one is logged)
+    for step in range(s.start, t.steps):
+        result = train_step(s, step)
         steps_run += 1
-        times = RankTimes.measure(timer.seconds, meter.collect(), step_s)  # before eval touches the meter
-
         last = step == t.steps - 1
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val = final_val = evaluate(model, data, run, mesh, device, micro_start, pipe)
-            if sharded is not None:
-                reshard_all(sharded.root)  # zero2 keeps an evaluated unit gathered
+            val = final_val = evaluate(s.model, s.data, s.run, s.mesh, s.device, s.micro_start, s.pipe)
+            if s.sharded is not None:
+                reshard_all(s.sharded.root)  # zero2 keeps an evaluated unit gathered
         if step % t.log_every == 0 or last or val is not None:
-            # Times and bytes: the slowest rank's (one small MAX all-reduce over the world).
-            slowest = times.max_over(mesh.world_group, device)
-            biases = {slot: moe.router.expert_bias_E for slot, moe in local_moe.items()}
-            record = step_record(
-                step=step + 1,
-                lr=lr,
-                grad_norm=float(grad_norm),  # host sync (logged steps): the value for the record
-                stats=reduced,
-                shape=shape,
-                times=slowest,
-                biases=bias_ranges(biases, len(moe_layers), mesh, device),
-            )
-            if val is not None:
-                record["val_loss"] = val
-            if not finite:
-                record["skipped"] = True
-            log.log(record)
-
+            record = _log_step(s, step, result, val)
         # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.
-        stop = _any_rank(ctx.stop_requested(), mesh.world_group, device) and not last
-        every = run.checkpoint.every
-        if (every and (step + 1) % every == 0) or (last and run.checkpoint.save_final) or stop:
-            path = ckpt.save(step + 1)
-            log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
+        stop = _any_rank(s.ctx.stop_requested(), s.mesh.world_group, s.device) and not last
+        every = s.run.checkpoint.every
+        if (every and (step + 1) % every == 0) or (last and s.run.checkpoint.save_final) or stop:
+            path = s.ckpt.save(step + 1)
+            s.log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
         if stop:
-            stopped_by = ctx.stop_signals() or ["a signal on another rank"]
-            ctx.on_stop()
-            log.message(
+            stopped_by = s.ctx.stop_signals() or ["a signal on another rank"]
+            s.ctx.on_stop()
+            s.log.message(
                 f"moemesh: stop requested ({', '.join(stopped_by)}); stopped after step {step + 1}; "
                 "resume with resume=auto (same run dir) or resume=<checkpoint dir>"
             )
             break
-
     summary = _summary(
-        run,
-        model,
-        optimizer,
-        mesh,
-        device,
+        s.run,
+        s.model,
+        s.optimizer,
+        s.mesh,
+        s.device,
         last_record=record,
         steps_run=steps_run,
         val_loss=final_val,
-        sample=log.sample,
-        start=start,
+        sample=s.log.sample,
+        start=s.start,
         stopped_by=stopped_by,
-        run_start_bytes=start_bytes,
+        run_start_bytes=s.start_bytes,
     )
-    log.write_summary(summary)
-    log.close()
+    s.log.write_summary(summary)
+    s.log.close()
+    s.data.close()
     return summary
+
+
+def _log_step(s: TrainState, step: int, result: StepResult, val: float | None) -> StepRecord:
+    """The step's record (metrics.jsonl, console, wandb): times and bytes are the slowest rank's
+    (one small MAX all-reduce over the world)."""
+    slowest = result.times.max_over(s.mesh.world_group, s.device)
+    biases = {slot: moe.router.expert_bias_E for slot, moe in s.local_moe.items()}
+    record = step_record(
+        step=step + 1,
+        lr=result.lr,
+        grad_norm=float(result.grad_norm),  # host sync (logged steps): the value for the record
+        stats=result.stats,
+        shape=s.shape,
+        times=slowest,
+        biases=bias_ranges(biases, len(s.shape.moe_layers), s.mesh, s.device),
+    )
+    if val is not None:
+        record["val_loss"] = val
+    if not result.updated:
+        record["skipped"] = True
+    s.log.log(record)
+    return record
 
 
 @torch.no_grad()
 def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_start, pipe=None) -> float:
     t = run.trainer
     model.eval()
-    micro, accum = micro_batch_size(run), grad_accum_steps(run)
+    plan = batch_plan(run)
+    micro, accum = plan.micro_batch_size, plan.micro_steps
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for b in range(t.eval_batches):
-        batch = functools.partial(data.batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
+        batch = functools.partial(data.micro_batch, "val", b, global_batch=t.global_batch_size, seq_len=t.seq_len)
         if pipe is not None:
             x, y = _rank_batch(batch, micro_start, micro, accum)
             losses: list[torch.Tensor] = []
@@ -415,37 +434,13 @@ def evaluate(model, data, run: RunConfig, mesh: ParallelMesh, device, micro_star
                 total += torch.stack(losses).sum().double()
             continue
         for i in range(accum):  # the training micro-batch size bounds eval memory too
-            x, y = batch(start=micro_start(i), count=micro)
+            mb = batch(start=micro_start(i), count=micro)
             with _autocast(run, device):
-                total += model(x.to(device), y.to(device)).loss.double()
+                total += model(mb.inputs.to(device), mb.targets.to(device), **mb.model_kwargs(device)).loss.double()
     model.train()
     all_reduce_(total, mesh.data_group)
     all_reduce_(total, mesh.pp_group)  # only the last stage holds losses
     return float(total) / (t.eval_batches * accum * mesh.dims.data_size)  # host sync (evaluation steps)
-
-
-def _machine(device: torch.device) -> dict:
-    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles)."""
-    import platform
-    import socket
-
-    if device.type == "cuda":
-        name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
-    else:
-        name, count = platform.processor() or platform.machine(), 1
-        try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
-            models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-            name = models[0] if models else name
-        except OSError:
-            pass
-    return {
-        "hostname": socket.gethostname(),
-        "device": name,
-        "count": count,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def _summary(
@@ -465,7 +460,7 @@ def _summary(
 ) -> RunSummary:
     dims = mesh.dims
     memory = memory_report(
-        model, optimizer, _peak_memory_bytes(device), mesh.world_group, device, start_bytes=run_start_bytes
+        model, optimizer, peak_memory_bytes(device), mesh.world_group, device, start_bytes=run_start_bytes
     )
     # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
     # step pays for warm-up. None: nothing logged (resumed at the end).
@@ -473,7 +468,7 @@ def _summary(
     step_s = medians["time.step"] if medians else None
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
-        "machine": _machine(device),
+        "machine": machine(device, mesh.world_group),
         "parallel": layout_name(dims),  # what ran, whatever the config called it
         "dp": dims.dp,
         "ep": dims.ep,

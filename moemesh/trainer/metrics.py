@@ -2,121 +2,21 @@
 live progress line, summary.json's medians and the one-screen end-of-run summary.
 
 The records come from ``trainer.step_stats.step_record``; their keys are the contract in
-``trainer.records``. Every rank feeds the same reduced records, so every rank computes the same
+``runs.records``. Every rank feeds the same reduced records, so every rank computes the same
 summary; only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import sys
 import time
-from array import array
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from moemesh.trainer.records import PHASES, RunSummary, StepRecord
-
-
-class StepSample:
-    """The numbers the summary's medians need, from a bounded, evenly spaced sample of the logged steps.
-
-    A record is kilobytes (per-layer load statistics); a week of steps is millions. This keeps
-    a handful of floats per kept step (one array per column), at most ``capacity`` steps: every
-    logged step until it is full, then every 2nd, 4th, ... (each time it fills, every other kept
-    step goes and the spacing doubles), so the sample always spans the whole run evenly.
-    Medians are exact up to ``capacity`` logged steps. Every rank is fed the same (reduced)
-    records in the same order, so every rank keeps the same sample and the same summary.
-    """
-
-    def __init__(self, capacity: int = 4096):
-        if capacity < 2:
-            raise ValueError(f"capacity={capacity} must be >= 2")
-        self.capacity = capacity
-        self.stride = 1  # steady record i (0: the one after warm-up) is kept iff i % stride == 0
-        self.seen = 0  # logged records with timings, the warm-up one included
-        self.names: tuple[str, ...] = ()
-        self.first: list[float] | None = None  # the warm-up step: the medians' source only when alone
-        self.columns: list[array] = []
-        self.last: Mapping[str, Any] = {}  # the last record (its load statistics end the summary)
-
-    def _values(self, r: Mapping[str, Any]) -> list[float]:
-        t = r["time"]
-        if not self.names:
-            self.names = (
-                *(f"time.{k}" for k in t),
-                "a2a_share",
-                "a2a_bytes_sent",
-                "samples_per_s",
-                "flops_per_s",
-                "mfu",
-            )
-            self.columns = [array("d") for _ in self.names]
-        mfu = r.get("mfu")
-        return [
-            *(t.get(k[5:], 0.0) for k in self.names[:-5]),
-            t["a2a"] / t["step"] if t["step"] else 0.0,
-            r["a2a"]["bytes_sent"],
-            r["samples_per_s"],
-            r["flops_per_s"],
-            math.nan if mfu is None else mfu,
-        ]
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        self.last = record
-        if "time" not in record:
-            return
-        index, self.seen = self.seen, self.seen + 1
-        if index == 0:
-            self.first = self._values(record)
-            return
-        steady = index - 1
-        if steady % self.stride:
-            return
-        if len(self.columns[0]) == self.capacity:  # full: keep every other step, twice the spacing
-            self.columns = [column[::2] for column in self.columns]
-            self.stride *= 2
-            if steady % self.stride:
-                return
-        for column, value in zip(self.columns, self._values(record)):
-            column.append(value)
-
-    def __len__(self) -> int:
-        """Steps the medians are taken over."""
-        return len(self.columns[0]) if self.columns and self.columns[0] else int(self.first is not None)
-
-    def medians(self) -> dict[str, float] | None:
-        if self.columns and self.columns[0]:
-            return {name: statistics.median(column) for name, column in zip(self.names, self.columns)}
-        return None if self.first is None else dict(zip(self.names, self.first))
-
-    def summary(self) -> dict:
-        """The summary's medians over the logged steps after the first (warm-up)."""
-        med = self.medians()
-        if med is None:
-            return {}
-        mfu = med["mfu"]
-        return {
-            "time_breakdown": {name[5:]: v for name, v in med.items() if name.startswith("time.")},
-            "a2a_share": med["a2a_share"],
-            "a2a_bytes_sent_per_step": med["a2a_bytes_sent"],
-            "median_samples_per_s": med["samples_per_s"],
-            "median_flops_per_s": med["flops_per_s"],
-            "mfu": None if math.isnan(mfu) else mfu,
-            "load_cv_final": {layer: v["cv"] for layer, v in self.last.get("load", {}).items()},
-            "median_over_steps": len(self),  # logged steps behind the medians (evenly sampled past capacity)
-        }
-
-
-def summarize_records(records: list[dict]) -> dict:
-    """Medians over the logged steps after the first (warm-up), for summary.json."""
-    sample = StepSample(capacity=max(2, len(records)))
-    for r in records:
-        sample.add(r)
-    return sample.summary()
+from moemesh.runs.records import PHASES, RunSummary, StepRecord
+from moemesh.runs.steady import StepSample
 
 
 def _mib(n) -> str:

@@ -2,7 +2,7 @@
 accumulated on the device over the micro-steps, reduced over the ranks and unpacked by name
 (``StepStats`` -> ``ReducedStats``), the slowest rank's phase times (``RankTimes``), the memory
 report, and ``step_record``, which turns them into the metrics.jsonl record
-(``trainer.records.StepRecord``).
+(``runs.records.StepRecord``).
 
 A function taking a group is a collective: every rank of the group calls it, in the same order.
 Each host sync is marked where it happens.
@@ -15,7 +15,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from moemesh.parallel.comm import all_reduce_
-from moemesh.trainer.records import PHASES, LoadRecord, StepRecord, TimeRecord
+from moemesh.runs.records import PHASES, LoadRecord, StepRecord, TimeRecord
 
 LOSS_TERMS = ("loss", "aux_loss", "z_loss", "seq_aux_loss")
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
@@ -167,6 +167,7 @@ class RankTimes:
     bytes_recv: float
     min_bytes: float
     ratio: float  # bytes_sent / min_bytes; 0 without an All-to-All
+    data: float = 0.0  # waiting for the micro-batches (last: callers that predate it name the rest)
 
     @classmethod
     def measure(cls, seconds: dict[str, float], comm: dict, step_s: float) -> RankTimes:
@@ -211,6 +212,7 @@ def step_record(
     flops_per_s = shape.flops_per_token * shape.tokens / step_s
     routed = float(stats.counts_LE.sum())
     time_: TimeRecord = {
+        "data": times.data,
         "forward": times.forward,
         "backward": times.backward,
         "pipeline": times.pipeline,

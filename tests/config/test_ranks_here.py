@@ -1,5 +1,5 @@
 """The host-memory check counts the ranks by launch.env's one rule (detect_launcher_env):
-train.py hands preflight the launcher's ranks on this machine, or None where it spawns them all."""
+train.py hands it the launcher's ranks on this machine, or None where it spawns them all."""
 
 import pytest
 
@@ -42,11 +42,14 @@ def test_train_passes_the_launchers_ranks_here(environ, expected, monkeypatch):
         monkeypatch.setenv(k, v)
     seen = {}
 
-    def fake_preflight(argv, config_name="config", *, ranks_here=None):
+    def fake_check(run, dims, *, ranks_here, host_bytes, device_type):
         seen["ranks_here"] = ranks_here
         raise _Seen
 
-    monkeypatch.setattr(train, "preflight", fake_preflight)
+    # The launcher's world size is not the default run's: only the ranks-here rule is under test.
+    monkeypatch.setattr(train, "_validate", lambda run, env: run.parallel.dims)
+    monkeypatch.setattr(train, "check_launcher", lambda run, env, dims: None)
+    monkeypatch.setattr(train, "check_fits_host", fake_check)
     with pytest.raises(_Seen):
         train._check_command([])
     assert seen["ranks_here"] == expected

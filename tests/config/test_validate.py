@@ -2,7 +2,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from moemesh.config.schema import register_schema, to_run_config
-from moemesh.config.validate import grad_accum_steps, micro_batch_size, validate_run
+from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
 from tests.helpers import tiny_run
 
@@ -78,10 +78,12 @@ def test_world_size_must_match_launcher():
 
 def test_micro_batch_and_accumulation():
     run = tiny_run(**{"parallel.data_parallel_size": 2, "trainer.global_batch_size": 16})
-    assert (micro_batch_size(run), grad_accum_steps(run)) == (8, 1)
+    plan = batch_plan(run)
+    assert (plan.micro_batch_size, plan.micro_steps) == (8, 1)
     run = tiny_run(**{"parallel.data_parallel_size": 2, "trainer.global_batch_size": 16, "trainer.micro_batch_size": 2})
     validate_run(run)
-    assert (micro_batch_size(run), grad_accum_steps(run)) == (2, 4)
+    plan = batch_plan(run)
+    assert (plan.micro_batch_size, plan.micro_steps) == (2, 4)
 
 
 def _compose(overrides):
@@ -223,11 +225,11 @@ def test_every_float_key_refuses_nan_and_inf():
 
 
 def test_seed_limits_are_the_generators_and_the_largest_seed_draws_batches():
-    from moemesh.trainer.data import DataPaths, TokenData
+    from moemesh.data import DataConfig, TokenData, prepare_data
 
     validate_run(tiny_run(**{"trainer.seed": 2**64 - 1}))
     validate_run(tiny_run(**{"trainer.seed": 0}))
-    paths = DataPaths("synthetic", None, None, 0.01, 256)
+    paths = prepare_data(DataConfig(name="s", kind="synthetic"), seq_len=8, vocab_size=256)
     for seed in (0, 2**64 - 1):  # the largest overflowed the data generator's seed before
         x, y = TokenData(paths, seed=seed).batch("train", 10**9, global_batch=4, seq_len=8, start=0, count=4)
         assert x.shape == (4, 8)
@@ -272,7 +274,7 @@ def test_a_name_that_is_not_the_layout_is_refused():
 
 
 def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
-    from moemesh.config.validate import check_fits_host
+    from moemesh.launch.checks import check_fits_host
 
     seed = to_run_config(_compose(["model=seed_4096"]))
     dims = validate_run(seed)  # valid: the planner plans it (scripts/plan.py validates, never sizes memory)
@@ -291,7 +293,7 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
 
 
 def test_memory_counts_the_ranks_on_this_machine():
-    from moemesh.config.validate import check_fits_host
+    from moemesh.launch.checks import check_fits_host
     from moemesh.moe.param_count import count_params
     from moemesh.parallel.dims import ParallelDims
 

@@ -178,7 +178,11 @@ def test_cluster_timeouts_and_output_access_are_checked():
     for key in ("cluster.hang_timeout_s", "cluster.rendezvous_timeout_s"):
         with pytest.raises(ConfigError, match=f"{key}=0: must be > 0 seconds"):
             check_launcher(tiny_run(**{key: 0}), None, ParallelDims())
-    with pytest.raises(ConfigError, match="cluster.output_access=public: valid: private, group, inherit"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cluster.output_access='public' is not one of private, group, inherit \(private: 0700/0600; group: "
+        r"group may read, 0750/0640; inherit: the shell's umask\)",
+    ):
         output_umask(tiny_run(**{"cluster.output_access": "public"}))
     assert [output_umask(tiny_run(**{"cluster.output_access": a})) for a in ("private", "group", "inherit")] == [
         0o077,

@@ -7,12 +7,12 @@ import torch.distributed as dist
 from moemesh.kernels import TORCH_OPS, TRITON_OPS
 from moemesh.kernels._triton import can_run_triton
 from moemesh.moe.config import ModelConfig
-from moemesh.moe.context import ParallelContext
 from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.moe.layer import MoELayer
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from tests.dist_utils import run_on_ranks
+from tests.helpers import laid_out
 
 pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
 
@@ -21,7 +21,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; a wrong expert or a lost row is off by
 
 def _layer(cfg, ep_group, stats_group, ops=TORCH_OPS):
     torch.manual_seed(0)
-    layer = MoELayer(cfg=cfg, parallel=ParallelContext(ep_group=ep_group, stats_group=stats_group, ops=ops))
+    layer = laid_out(MoELayer(cfg=cfg), ep_group=ep_group, stats_group=stats_group, ops=ops)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "experts" not in name:

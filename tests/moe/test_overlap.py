@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from moemesh.moe.config import ModelConfig
-from moemesh.moe.context import ParallelContext
 from moemesh.moe.layer import MoELayer
 from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
+from moemesh.trainer.parallelize import apply_ep, apply_instrumentation, apply_load_balance_group
 from tests.dist_utils import run_on_ranks
 
 pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
@@ -41,8 +41,10 @@ def _pair(cfg, pm, chunks):
     layers = []
     for n in (0, chunks):
         torch.manual_seed(0)
-        par = ParallelContext(ep_group=pm.ep_group, stats_group=pm.ep_group, overlap_chunks=n, meter=CommMeter())
-        layer = MoELayer(cfg=cfg, parallel=par)
+        layer = MoELayer(cfg=cfg)
+        apply_ep(layer, pm.ep_group, overlap_chunks=n)
+        apply_load_balance_group(layer, pm.ep_group)
+        apply_instrumentation(layer, CommMeter())
         with torch.no_grad():
             for name, p in layer.named_parameters():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name) + p.numel())) * 0.3)

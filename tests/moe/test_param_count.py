@@ -11,13 +11,14 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from moemesh.moe.config import ModelConfig
-from moemesh.moe.context import ParallelContext
 from moemesh.moe.model import Transformer
 from moemesh.moe.param_count import count_params, param_specs
 from moemesh.parallel.dims import MeshAxis, ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.parallel.pipeline import stage_layers
 from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD
+from moemesh.trainer.parallelize import apply_pp
+from tests.helpers import laid_out
 
 CFG = ModelConfig(
     name="t",
@@ -55,13 +56,15 @@ def _meta_model(dims: ParallelDims, rank: int, *, sequence_parallel: bool = Fals
     try:
         pm = build_mesh(dims, "cpu")
         with torch.device("meta"):
-            par = ParallelContext(
-                ep_group=pm.ep_group,
-                stats_group=pm.data_tp_group,
-                tp_group=pm.tp_group if dims.tp > 1 else None,
-                sequence_parallel=sequence_parallel,
-            )
-            return Transformer(CFG, parallel=par, layers=stage_layers(CFG.num_layers, dims.pp)[stage])
+            model = Transformer(CFG)
+        apply_pp(model, stage_layers(CFG.num_layers, dims.pp)[stage])
+        return laid_out(
+            model,
+            ep_group=pm.ep_group,
+            stats_group=pm.data_tp_group,
+            tp_group=pm.tp_group,
+            sequence_parallel=sequence_parallel,
+        )
     finally:
         dist.destroy_process_group()
 

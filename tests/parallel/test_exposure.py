@@ -76,7 +76,7 @@ def test_output_access_is_checked_before_anything_is_created(tmp_path):
     proc, run = _run(tmp_path, "cluster.output_access=world")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "moemesh: config error: cluster.output_access=world: valid: private, group, "
+        "moemesh: config error: cluster.output_access='world' is not one of private, group, "
         "inherit (private: 0700/0600; group: group may read, 0750/0640; inherit: the "
         "shell's umask)"
     )

@@ -1,5 +1,6 @@
-"""``comm.timed_region``: the routed experts' forward and backward time (time.experts), and
-nothing around them; values and gradients unchanged by the timing. One process, no ranks."""
+"""``comm.timed_region`` and its hook form ``comm.time_module``: the routed experts' forward and
+backward time (time.experts), and nothing around them; values and gradients unchanged by the
+timing. One process, no ranks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from moemesh.moe.experts import GroupedExperts
-from moemesh.parallel.comm import CommMeter, timed_region
+from moemesh.parallel.comm import CommMeter, time_module, timed_region
 
 
 class _Slow(torch.autograd.Function):
@@ -43,12 +44,37 @@ def test_the_region_times_its_forward_and_backward_and_nothing_around_it():
     assert meter.seconds["dispatch"] == meter.seconds["combine"] == 0.0
 
 
+class _SlowModule(torch.nn.Module):
+    def forward(self, x, scale):
+        return _Slow.apply(x, 0.05, 0.10) * scale
+
+
+def test_a_timed_module_times_its_calls_and_nothing_around_them():
+    """The hook form: the same window as timed_region, on every call (twice here), with the
+    module's extra arguments passed through."""
+    meter = CommMeter()
+    module = _SlowModule()
+    time_module(module, meter, "experts")
+    x = torch.randn(4, 3, requires_grad=True)
+    before = _Slow.apply(x, 0.15, 0.15)
+    y = module(module(before, 1.0), 0.5)
+    after = _Slow.apply(y, 0.15, 0.15)
+    forward_s = meter.seconds["experts"]
+    after.sum().backward()
+    total = meter.collect()["experts_s"]
+    assert 0.10 <= forward_s < 0.22, forward_s
+    assert 0.30 <= total < 0.50, total  # 2 x (0.05 + 0.10), not the 0.6 s around them
+    assert torch.equal(x.grad, torch.full_like(x, 8.0))  # 2 (before) x 2 x 2 x 0.5 x 2 (after)
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_timed_experts_compute_what_untimed_ones_do(grouped):
     torch.manual_seed(0)
-    kw = dict(num_local_experts=3, first_expert_id=0, hidden_size=8, ffn_size=16, use_grouped_mm=grouped)
-    plain, timed = GroupedExperts(**kw), GroupedExperts(**kw, meter=CommMeter())
+    plain, timed = (GroupedExperts(num_experts=3, hidden_size=8, ffn_size=16) for _ in range(2))
+    meter = CommMeter()
+    time_module(timed, meter, "experts")
     for m in (plain, timed):
+        m.use_grouped_mm = grouped
         m.init_weights(seed=1, prefix="layers.0.moe", std=0.1, out_std=0.05)
     counts = torch.tensor([5, 0, 7])
     x = torch.randn(12, 8)
@@ -60,7 +86,7 @@ def test_timed_experts_compute_what_untimed_ones_do(grouped):
         outs.append((y.detach(), xi.grad, [p.grad for p in m.parameters()]))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2], strict=True))
-    assert timed.meter.collect()["experts_s"] > 0
+    assert meter.collect()["experts_s"] > 0
 
 
 def test_no_meter_is_no_timing():

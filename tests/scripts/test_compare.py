@@ -154,8 +154,8 @@ def test_bad_path_exits_2_with_one_line(runs, tmp_path, name):
 
 # ---- fabricated runs: fast, one process ----
 
-from moemesh.trainer import records as contract  # noqa: E402  (the metrics.jsonl contract)
-from scripts import compare  # noqa: E402
+from moemesh.runs import compare  # noqa: E402
+from moemesh.runs import records as contract  # noqa: E402  (the metrics.jsonl contract)
 
 NEST = ("forward", "backward", "pipeline")  # the phases a2a runs inside
 
@@ -213,7 +213,7 @@ def _fake_run(d: Path, layout: str, *, losses, time=None, summary=None, model="t
 
 
 def _runs(*dirs) -> list:
-    runs = [compare.load(d) for d in dirs]
+    runs = [compare.load_run(d) for d in dirs]
     compare.assign_labels(runs)
     for r in runs:
         r.stats = compare.compute_stats(r)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import readme_numbers  # noqa: E402
+from scripts import readme_numbers  # noqa: E402
 
 
 def test_stale_numbers_are_named():
@@ -48,7 +47,7 @@ def test_final_losses_hold_within_the_band_on_another_cpu():
 
 @pytest.mark.slow
 def test_readme_numbers_hold():
-    recorded = readme_numbers.recorded_python(readme_numbers.README.read_text())
+    recorded = readme_numbers.recorded_python(readme_numbers.recorded_text())
     if recorded != platform.python_version():
         pytest.skip(
             f"README's numbers were measured with Python {recorded}; this is {platform.python_version()}, "

@@ -14,9 +14,10 @@ import torch
 
 from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
+from moemesh.runs.steady import StepSample, summarize_records
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
-from moemesh.trainer.metrics import MetricsLogger, StepSample, summarize_records
+from moemesh.trainer.metrics import MetricsLogger
 from moemesh.trainer.step_stats import RankTimes, ReducedStats, StepShape, stat_width, step_record
 from tests.helpers import tiny_run
 
@@ -142,8 +143,8 @@ def test_the_default_sample_holds_at_most_4096_steps_of_a_few_floats():
     for _ in range(1, 20_001):
         sample.add(record)
     columns = sample.columns
-    assert 2048 <= len(sample) <= 4096 and len(columns) == 16
-    assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 16 * 8  # 0.5 MiB at most, any run length
+    assert 2048 <= len(sample) <= 4096 and len(columns) == 17
+    assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 17 * 8  # 0.5 MiB at most, any run length
 
 
 def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_path):
@@ -212,3 +213,33 @@ def test_a_training_run_retains_little_per_step(tmp_path):
     assert summary["steps"] == steps and summary["median_over_steps"] == steps - 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == steps
     assert summary["median_tokens_per_s"] == pytest.approx(2 * 8 / summary["median_step_s"])
+
+
+def test_the_one_warm_up_rule_is_the_same_in_every_reader(tmp_path):
+    """summary.json's medians (StepSample, online), the run reader's (offline, from metrics.jsonl)
+    and the layout sweeper's measure() take the same steps: the last attempt's logged steps after
+    the first, skipped steps left out."""
+    from moemesh.planning.search import measure
+    from moemesh.runs.reader import load_run
+    from moemesh.runs.steady import WARMUP_RECORDS, steady
+
+    records = []
+    for i in range(1, 9):
+        r = _record(i, layers=1, experts=4)
+        r["time"]["step"] = r["step_s"] = float(i)
+        if i == 5:
+            r["skipped"] = True
+        records.append(r)
+    # A resumed attempt: steps 1-3 came from the first attempt, this one started at step 3.
+    sample = StepSample(warmup=WARMUP_RECORDS)
+    for r in records[3:]:
+        sample.add(r)
+    kept = [r["step"] for r in steady(records, start_step=3)]
+    assert kept == [6, 7, 8]  # 4 is the attempt's warm-up, 5 was skipped
+    assert sample.summary()["time_breakdown"]["step"] == 7.0 and len(sample) == 3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"start_step": 3, "final_loss": 2.0}))
+    run = load_run(tmp_path)
+    assert [r["step"] for r in run.steady] == kept
+    assert run.medians()["time_breakdown"]["step"] == 7.0
+    assert measure(tmp_path).step_s == 7.0 and measure(tmp_path).timed_steps == 3

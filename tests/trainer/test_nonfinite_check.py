@@ -8,24 +8,24 @@ import math
 import pytest
 import torch
 
-from moemesh.trainer.loop import _update_allowed
+from moemesh.trainer.nonfinite import update_allowed
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_device_ordered_stop_raises_with_the_step(bad):
     with pytest.raises(RuntimeError, match=r"non-finite gradient norm at step 17 .*stopped before the update"):
-        _update_allowed(torch.tensor(bad), 17, "stop", on_device=True)
+        update_allowed(torch.tensor(bad), 17, "stop", on_device=True)
 
 
 def test_device_ordered_stop_passes_a_finite_norm():
-    assert _update_allowed(torch.tensor(3.5), 17, "stop", on_device=True) is True
-    assert _update_allowed(torch.tensor(0.0), 17, "stop", on_device=True) is True
+    assert update_allowed(torch.tensor(3.5), 17, "stop", on_device=True) is True
+    assert update_allowed(torch.tensor(0.0), 17, "stop", on_device=True) is True
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_host_stop_names_step_and_value(bad):
     with pytest.raises(FloatingPointError) as err:
-        _update_allowed(torch.tensor(bad), 5, "stop")
+        update_allowed(torch.tensor(bad), 5, "stop")
     text = str(err.value)
     assert f"non-finite gradient norm {float(bad)} at step 5: stopped before the update" in text
     assert "\n" not in text
@@ -33,12 +33,12 @@ def test_host_stop_names_step_and_value(bad):
 
 def test_skip_decides_on_the_host_even_when_asked_for_the_device():
     # skip needs the answer on the host (optimizer.step() runs or not): never the assert.
-    assert _update_allowed(torch.tensor(math.nan), 5, "skip", on_device=True) is False
-    assert _update_allowed(torch.tensor(math.inf), 5, "skip") is False
-    assert _update_allowed(torch.tensor(2.0), 5, "skip") is True
-    assert _update_allowed(torch.tensor(2.0), 5, "stop") is True
+    assert update_allowed(torch.tensor(math.nan), 5, "skip", on_device=True) is False
+    assert update_allowed(torch.tensor(math.inf), 5, "skip") is False
+    assert update_allowed(torch.tensor(2.0), 5, "skip") is True
+    assert update_allowed(torch.tensor(2.0), 5, "stop") is True
 
 
 def test_cpu_norm_defaults_to_the_host_check():
     with pytest.raises(FloatingPointError):
-        _update_allowed(torch.tensor(math.nan), 3, "stop")  # on_device=None: a CPU tensor, the host check
+        update_allowed(torch.tensor(math.nan), 3, "stop")  # on_device=None: a CPU tensor, the host check

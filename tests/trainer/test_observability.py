@@ -17,9 +17,9 @@ from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.parallel.comm import CommMeter
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
+from moemesh.runs.records import TIME_KEYS, RunSummary, StepRecord, TimeRecord
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
-from moemesh.trainer.records import TIME_KEYS, RunSummary, StepRecord, TimeRecord
 from moemesh.trainer.step_stats import LayerStats, load_stats
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run

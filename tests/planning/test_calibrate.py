@@ -6,16 +6,13 @@ import dataclasses
 import random
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from _config import compose_run  # noqa: E402
-
+from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning import cost as plan  # noqa: E402
@@ -297,7 +294,7 @@ def _fake_sweep(tmp_path: Path, batch: int, extra: tuple[str, ...] = (), name: s
 
 
 def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, capsys):
-    import calibrate
+    from scripts import calibrate
 
     sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
     name = f"test-{tmp_path.name}"
@@ -339,12 +336,12 @@ def test_collectives_held_from_a_benchmark_are_written_with_the_fit(tmp_path, ca
     are written beside the fitted constants (a latency fitted next to a bandwidth needs it)."""
     import json
 
-    import calibrate
+    from scripts import calibrate
 
     results = []
     for kind, key in (("a2a", "a2a_intra"), ("all_reduce", "sync_intra")):
         for nbytes in (2**16, 2**20, 2**22):
-            import bench_comm
+            from scripts import bench_comm
 
             b, steps = bench_comm.planner_bytes_steps(kind, nbytes, 2)
             t = b / (TRUE.gbps[key] * 1e9) + steps * TRUE.latency_us[key] * 1e-6
@@ -374,8 +371,9 @@ def test_this_machines_calibration_is_what_its_sweeps_give():
     """conf/cluster/calibrated/cpu4.yaml is scripts/calibrate.py's fit to the two sweeps kept in
     benchmarks/data (README "Which layout should I use?"): refitting them gives the same constants,
     and the leave-one-out error README and RESULTS state."""
-    import calibrate
     import yaml
+
+    from scripts import calibrate
 
     jobs = calibrate.load_jobs([DATA / "b16", DATA / "b32"], ARGS)
     stages, phases = [j.stages for j in jobs], [j.phases for j in jobs]
@@ -406,7 +404,7 @@ def test_this_machines_calibration_composes_and_plans():
 
 
 def test_a_calibration_of_runs_that_used_one_sits_on_the_same_base():
-    import calibrate
+    from scripts import calibrate
 
     assert calibrate._base_of("calibrated/cpu4") == "local"
     assert calibrate._base_of("calibrated/no-such-file") == "local"
@@ -422,7 +420,7 @@ def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys)
     experts, sequences twice as long: more expert and attention FLOPs per token) is predicted.
     With a rate per computation type its steps come out as measured; one compute rate, fitted on
     the tiny model's mix, misprices them."""
-    import calibrate
+    from scripts import calibrate
 
     sweeps = [_fake_sweep(tmp_path, 16), _fake_sweep(tmp_path, 32)]
     other = ("model.top_k=4", "model.max_seq_len=256", "trainer.seq_len=256")
@@ -433,3 +431,48 @@ def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys)
     typed, one = (float(x) for x in re.findall(r"median step-time error ([\d.]+)%.* ([\d.]+)% with one", line)[0])
     assert typed < 0.1 and one > 2.0, line
     assert "checked: the planner with per-type rates picks" in text
+
+
+def test_two_link_classes_fit_a_two_node_sweep_that_one_link_cannot():
+    """Layouts of 4 ranks on 2 nodes of 2 (EP inside a node or across) and of 2 ranks on one node,
+    measured with an inter-node link 20x slower than the intra-node one: the planner's two link
+    classes recover both bandwidths and predict the left-out layouts whose All-to-All crosses
+    nodes; one link class for both (calibration.one_link) cannot."""
+    true = dataclasses.replace(
+        TRUE,
+        gbps={**TRUE.gbps, "a2a_inter": 0.025, "sync_inter": 0.025, "tp_inter": 0.01, "p2p_inter": 0.005},
+        latency_us={**TRUE.latency_us, "a2a_inter": 600.0, "sync_inter": 600.0, "tp_inter": 100.0, "p2p_inter": 400.0},
+    )
+    names, stages = [], []
+    for gpus, batch in ((4, 16), (4, 32), (4, 64), (2, 16), (2, 32)):
+        run = compose_run(
+            [
+                f"cluster.gpus={gpus}",
+                "cluster.gpus_per_node=2",
+                "trainer.device=cpu",
+                "trainer.micro_steps=2",
+                f"trainer.global_batch_size={batch}",
+            ]
+        )
+        valid, _ = plan.make_plan(run, gpus, ARGS)
+        names += [f"{plan.layout_name(p.dims)}@{gpus}x{batch}" for p in valid if p.dims.pp == 1]
+        stages += [p.terms for p in valid if p.dims.pp == 1]
+    rng = random.Random(1)
+    phases = []
+    for t in stages:
+        ph = {k: v * (1 + 0.01 * rng.gauss(0, 1)) for k, v in true.phases(t).items()}
+        phases.append({**ph, "step": sum(ph.values())})
+    inter = [i for i, t in enumerate(stages) if cal.crosses_nodes(t)]
+    assert len(inter) >= 5 and len(inter) < len(stages)  # ep4 (and tp2_ep2) cross; ep2_dp2 keeps EP inside
+    before = [PRIOR.step_s(t) for t in stages]
+    two = cal.leave_one_out(names, stages, phases, PRIOR, before)
+    one = cal.leave_one_out(names, [cal.one_link(t) for t in stages], phases, PRIOR, before)
+    err_two = statistics.median(two.errors_after[i] for i in inter)
+    err_one = statistics.median(one.errors_after[i] for i in inter)
+    assert err_two < 0.03 and err_one > 3 * err_two, (err_two, err_one)
+    fitted = cal.fit(stages, phases, PRIOR).constants
+    assert fitted.gbps["a2a_inter"] == pytest.approx(0.025, rel=0.1)
+    assert fitted.gbps["a2a_intra"] == pytest.approx(0.5, rel=0.1)
+    merged = cal.one_link(stages[inter[0]])
+    assert not any(k.endswith("_inter") for k in merged.comm)
+    assert sum(b for b, _ in merged.comm.values()) == pytest.approx(sum(b for b, _ in stages[inter[0]].comm.values()))

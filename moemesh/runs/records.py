@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-# The sequential phases of a step, as timed (time.<phase>; pipeline: the PP schedule's
-# forward and backward together).
-PHASES = ("forward", "backward", "pipeline", "grad_reduce", "optimizer")
+# The sequential phases of a step, as timed (time.<phase>; data: waiting for this rank's
+# micro-batches, read ahead by a thread; pipeline: the PP schedule's forward and backward together).
+PHASES = ("data", "forward", "backward", "pipeline", "grad_reduce", "optimizer")
 # The phases the All-to-All runs inside (its time is part of theirs, never added to them).
 A2A_PHASES = ("forward", "backward", "pipeline")
 # All-to-All seconds: both directions (a2a), then each.
@@ -27,6 +27,7 @@ COMPUTE_TIMES = ("experts", "attention_core")
 class TimeRecord(TypedDict):
     """``time`` in a record: seconds of the step, each the slowest rank's."""
 
+    data: float
     forward: float
     backward: float
     pipeline: float
@@ -98,7 +99,7 @@ class StepRecord(_StepRecord, total=False):
 
 
 class _RunSummary(TypedDict):
-    machine: dict  # hostname, device, count, cpus, python, torch
+    machine: dict  # hostname, hosts and rank_hosts (rank r ran on rank_hosts[r]), device, count, cpus, python, torch
     parallel: str  # the layout's name (parallel.dims.layout_name)
     dp: int
     ep: int

@@ -15,15 +15,12 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import plan  # noqa: E402
-from _config import compose_run  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.validate import validate_run  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
-from moemesh.moe.context import ParallelContext  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.moe.model import Transformer  # noqa: E402
 from moemesh.moe.param_count import param_specs  # noqa: E402
@@ -34,7 +31,10 @@ from moemesh.parallel.pipeline import stage_layers  # noqa: E402
 from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD  # noqa: E402
 from moemesh.planning import cost, memory  # noqa: E402
 from moemesh.planning.calibration import PlannerOptions  # noqa: E402
+from moemesh.trainer.parallelize import apply_pp  # noqa: E402
+from scripts import plan  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
+from tests.helpers import laid_out  # noqa: E402
 
 ARGS = PlannerOptions(mfu=0.4, peak_flops=1e12)
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "parallel").glob("*.yaml"))
@@ -101,14 +101,11 @@ def _local_bytes(run, dims: ParallelDims, mode: str) -> dict[str, dict[str, int]
         try:
             pm = build_mesh(dims, "cpu")
             with torch.device("meta"):
-                par = ParallelContext(
-                    ep_group=pm.ep_group,
-                    tp_group=pm.tp_group if dims.tp > 1 else None,
-                    sequence_parallel=run.parallel.sequence_parallel,
-                )
-                model = Transformer(
-                    run.model, parallel=par, layers=stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]]
-                )
+                model = Transformer(run.model)
+            apply_pp(model, stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]])
+            laid_out(
+                model, ep_group=pm.ep_group, tp_group=pm.tp_group, sequence_parallel=run.parallel.sequence_parallel
+            )
             experts = {n for n, p in model.named_parameters() if hasattr(p, EXPERT_SHARD)}
             if mode != "none":
                 _shard_as_specified(model, pm, dims, mode)
@@ -212,7 +209,7 @@ def _a2a_worker(rank, world):
     pm = build_mesh(ParallelDims(ep=2), "cpu")
     cfg = ModelConfig(name="t", hidden_size=16, num_experts=8, top_k=2, moe_ffn_hidden_size=8)
     meter = CommMeter()
-    layer = MoELayer(cfg=cfg, parallel=ParallelContext(ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter))
+    layer = laid_out(MoELayer(cfg=cfg), ep_group=pm.ep_group, stats_group=pm.ep_group, meter=meter)
     for prm in layer.parameters():
         torch.nn.init.normal_(prm, std=0.1)
     torch.nn.init.zeros_(layer.router.weight_ED)  # all ties: every token picks experts 0 and 1 (on rank 0)
@@ -530,13 +527,13 @@ def test_activation_estimate_matches_the_tensors_a_real_forward_saves():
 def _activation_worker(rank, world, ep, tp, sp):
     dims = ParallelDims(ep=ep, tp=tp)
     pm = build_mesh(dims, "cpu")
-    par = ParallelContext(
+    model = laid_out(
+        Transformer(ACT_CFG),
         ep_group=pm.ep_group,
-        tp_group=pm.tp_group if tp > 1 else None,
+        tp_group=pm.tp_group,
         sequence_parallel=sp,
         stats_group=pm.data_tp_group,
     )
-    model = Transformer(ACT_CFG, parallel=par)
     model.init_weights(0)
     g = torch.Generator().manual_seed(pm.coords[MeshAxis.EP])  # TP peers read the same tokens
     saved = _saved_bytes(model, torch.randint(0, ACT_CFG.vocab_size, (ACT_B, ACT_S), generator=g))
@@ -585,13 +582,13 @@ def test_tp_traffic_counts_all_reduces_for_dense_blocks_and_token_gathers_for_mo
     """Per micro-step, in units of (tp-1)/tp x T x D: a dense block 4 all-reduces (8 units); a MoE
     block 2 all-reduces for attention (4), 2 all-gathers of the routed tokens (2), and a shared
     expert's 2 all-reduces (4) (moe/layer.py: split_tokens_to_tp, gather_tokens_from_tp)."""
-    from moemesh.config.validate import grad_accum_steps, micro_batch_size
+    from moemesh.config.validate import batch_plan
 
     over = ["parallel=tp2_ep2", *SMALL_MODEL, "model.moe_every_k_layers=2", f"model.shared_expert_ffn_size={shared}"]
     run = compose_run(over)
     p = cost.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
     units = 2 * 8 + 2 * (6 + (4 if shared else 0))  # layers 0, 2 dense; 1, 3 MoE
-    accum, tokens = grad_accum_steps(run), micro_batch_size(run) * run.trainer.seq_len
+    accum, tokens = batch_plan(run).micro_steps, batch_plan(run).micro_tokens
     per_unit = 0.5 * tokens * run.model.hidden_size * cost.compute_bytes(run)  # (tp-1)/tp = 1/2
     assert p.terms.comm["tp_intra"] == pytest.approx((units * accum * per_unit, units * accum))
 
@@ -599,14 +596,14 @@ def test_tp_traffic_counts_all_reduces_for_dense_blocks_and_token_gathers_for_mo
 def test_a_pipeline_is_priced_at_its_slowest_stage():
     """Each stage has its own FLOPs (the last one holds the head): the plan's compute is the
     stage whose step is longest, not the model's FLOPs spread evenly over the ranks."""
-    from moemesh.config.validate import grad_accum_steps
+    from moemesh.config.validate import batch_plan
     from moemesh.moe.param_count import model_flops_per_token, stage_flops_per_token
 
     run = compose_run(["cluster.gpus=4", "trainer.device=cpu", "model.vocab_size=8192", *SMALL_MODEL])
     dims = ParallelDims(dp=2, pp=2)
     p = cost.plan_one(run, dims, ARGS)
     tokens, S = run.trainer.global_batch_size * run.trainer.seq_len, run.trainer.seq_len
-    accum = grad_accum_steps(cost.with_dims(run, dims))
+    accum = batch_plan(cost.with_dims(run, dims)).micro_steps
     stretch = (accum + 1) / accum
     last = stage_flops_per_token(run.model, S, 2, 1)
     assert last.total > stage_flops_per_token(run.model, S, 2, 0).total  # the head

@@ -1,0 +1,247 @@
+"""scripts/prepare_data.py: a corpus in any of the formats becomes shards a run reads; bad
+inputs are one line and exit 2; a killed prepare continues to the same bytes."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moemesh.data import DataConfig, TokenData, check_data, prepare_data
+from moemesh.data.format import META_NAME, read_meta
+from moemesh.errors import ConfigError
+from scripts.prepare_data import main as prepare_main
+from tests.data._corpus import documents, write_corpus, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tokenizer(bpe_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _prepare(capsys, *args) -> tuple[int, list[str]]:
+    rc = prepare_main([*map(str, args), "--no-progress"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    return rc, err
+
+
+def _saved_dataset(d: Path, texts: list[str]) -> Path:
+    """The layout datasets.save_to_disk writes: Arrow stream files listed in state.json."""
+    d.mkdir()
+    table = pa.table({"text": texts, "n": list(range(len(texts)))})
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=7):
+            w.write_batch(batch)
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (d / "dataset_info.json").write_text("{}")
+    return d
+
+
+def _tiny_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer.json made in a blink (for the checks that never tokenise)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "hello": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.slow  # end to end: worker processes, a 70,000-id BPE
+def test_every_format_becomes_uint32_shards_that_decode_to_the_documents(tmp_path, capsys, bpe_dir):
+    docs = documents(120)
+    jl = write_jsonl(tmp_path / "a.jsonl", docs[:60])
+    pq.write_table(pa.table({"text": docs[60:90]}), tmp_path / "b.parquet", row_group_size=8)
+    ds = _saved_dataset(tmp_path / "saved", docs[90:115])
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, d in enumerate(docs[115:]):
+        (txt / f"{i:02d}.txt").write_text(d)
+    out = tmp_path / "out"
+    rc, err = _prepare(
+        capsys,
+        "--tokenizer",
+        bpe_dir,
+        "--input",
+        jl,
+        tmp_path / "b.parquet",
+        ds,
+        txt,
+        "--out",
+        out,
+        "--shard-mb",
+        "0.004",
+        "--workers",
+        "2",
+    )
+    assert rc == 0, err
+    meta = read_meta(out)
+    raw = json.loads((out / META_NAME).read_text())
+    assert meta.dtype == "uint32" and meta.vocab_size == 70000 and meta.n_docs == 120 and len(meta.shards) > 4
+    assert raw["sources"][0]["sha256"] == hashlib.sha256(jl.read_bytes()).hexdigest()
+    assert [s["documents"] for s in raw["sources"]] == [60, 30, 25, 1, 1, 1, 1, 1]
+    assert raw["tokenizer"]["sha256"] == hashlib.sha256(_tokenizer(bpe_dir).to_str().encode()).hexdigest()
+    # Every document in order, its ids followed by EOS, where the document index says.
+    tok, eos = _tokenizer(bpe_dir), meta.eos_id
+    tokens = np.concatenate([np.fromfile(out / s.tokens_file, dtype="<u4") for s in meta.shards]).astype(np.int64)
+    want = np.concatenate([np.array([*tok.encode(d, add_special_tokens=False).ids, eos]) for d in docs])
+    assert np.array_equal(tokens, want) and tokens.max() > 65535
+    starts = np.concatenate(
+        [
+            np.fromfile(out / s.index_file, dtype="<u8")[:-1] + sum(x.n_tokens for x in meta.shards[:i])
+            for i, s in enumerate(meta.shards)
+        ]
+    )
+    assert np.array_equal(starts, np.concatenate([[0], np.cumsum([len(tok.encode(d).ids) + 1 for d in docs])[:-1]]))
+    # A run reads it: the vocab must fit, ids above 65,535 come back as written.
+    cfg = DataConfig(name="t", kind="tokens", path=str(out), val_fraction=0.05)
+    with pytest.raises(ConfigError, match=r"with 70,000 token ids, more than model.vocab_size=50,000 .* >= 70000$"):
+        check_data(cfg, seq_len=32, vocab_size=50000)
+    data = TokenData(prepare_data(cfg, seq_len=32, vocab_size=70000), seed=0)
+    x, _ = data.batch("train", 0, global_batch=64, seq_len=32, start=0, count=64)
+    assert x.max() > 65535 and set(x.flatten().tolist()) <= set(tokens.tolist())
+    # The same command again: nothing to do; another tokenizer into the same directory: refused.
+    rc, err = _prepare(
+        capsys,
+        "--tokenizer",
+        bpe_dir,
+        "--input",
+        jl,
+        tmp_path / "b.parquet",
+        ds,
+        txt,
+        "--out",
+        out,
+        "--shard-mb",
+        "0.004",
+    )
+    assert rc == 0 and "already prepared" in err[-1]
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    good = write_jsonl(tmp_path / "good.jsonl", ["hello hello"] * 3)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nokey.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nokey.parquet")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    cases = [
+        (["--input", tmp_path / "nokey.jsonl"], "--text-key=text: missing in"),
+        (["--input", tmp_path / "nokey.parquet"], "--text-key=text: no such column in"),
+        (["--input", tmp_path / "empty.jsonl"], "empty.jsonl: empty file (no documents)"),
+        (["--input", tmp_path / "nope.jsonl"], "no such file or directory"),
+        (["--input", tmp_path / "notes.csv"], "unknown format .csv"),
+        (["--input", good, "--workers", "0"], "--workers=0 must be >= 1"),
+        (["--input", good, "--eos-token", "<nope>"], "--eos-token=<nope> is not a special token"),
+    ]
+    for args, message in cases:
+        rc, err = _prepare(capsys, "--tokenizer", tok, *args, "--out", tmp_path / "o")
+        assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
+        assert err[0].startswith("prepare_data: error: ")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", good, "--out", tmp_path / "o")
+    assert rc == 2 and "holds files that are not a prepared corpus" in err[0]
+
+
+def test_a_corrupt_shard_is_one_line_before_any_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    out = write_corpus(tmp_path / "out", [[30] * 20, [30] * 20], vocab_size=70000)
+    cfg = DataConfig(name="t", kind="tokens", path=str(out), val_fraction=0.1)
+    prepare_data(cfg, seq_len=16, vocab_size=70000)  # verified: remembered by file identity
+    shard = out / "shard_000001.tok"
+    b = bytearray(shard.read_bytes())
+    b[5] ^= 1  # one flipped bit, same size: only the sha256 finds it
+    shard.write_bytes(bytes(b))
+    check_data(cfg, seq_len=16, vocab_size=70000)  # sizes only: passes
+    with pytest.raises(ConfigError, match=r"shard shard_000001.tok has sha256 \w+\.\.\., its metadata says"):
+        prepare_data(cfg, seq_len=16, vocab_size=70000)
+    shard.write_bytes(bytes(b[:-4]))  # truncated: every check finds it
+    with pytest.raises(ConfigError, match=r"shard_000001.tok is [\d,]+ bytes, its metadata says [\d,]+: corrupt"):
+        check_data(cfg, seq_len=16, vocab_size=70000)
+    (out / META_NAME).write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        check_data(cfg, seq_len=16, vocab_size=70000)
+    (out / META_NAME).unlink()
+    os.mkfifo(out / META_NAME)  # a FIFO would block a read forever: refused unread
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        check_data(cfg, seq_len=16, vocab_size=70000)
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / ".prepare").glob("piece_*.json"))) if (out / ".prepare").is_dir() else 0
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_continues_to_the_same_bytes(tmp_path, bpe_dir):
+    docs = documents(6000, seed=3)
+    inputs = [write_jsonl(tmp_path / f"{i}.jsonl", docs[i * 2000 : (i + 1) * 2000]) for i in range(3)]
+    args = ["--tokenizer", str(bpe_dir), "--input", *map(str, inputs), "--shard-mb", "0.02", "--no-progress"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *args]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _markers(tmp_path / "killed") < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed: give it more input"
+    os.killpg(proc.pid, signal.SIGKILL)  # the prepare and its workers, mid-way
+    proc.wait()
+    made = _markers(tmp_path / "killed")
+    assert 3 <= made and not (tmp_path / "killed" / META_NAME).exists()
+    again = subprocess.run([*cmd, "--out", str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    got, want = _shards(tmp_path / "killed"), _shards(tmp_path / "whole")
+    assert len(want) > 2 * made and got.keys() == want.keys() and got == want  # metadata included
+    assert not (tmp_path / "killed" / ".prepare").exists()
+
+
+@pytest.mark.slow
+def test_a_hub_name_offline_is_one_line_naming_it(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", documents(5))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "prepare_data.py"),
+            "--tokenizer",
+            "someorg/no-such-tokenizer",
+            "--input",
+            str(good),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("prepare_data: error: --tokenizer=someorg/no-such-tokenizer: not a local directory")
+
+
+@pytest.mark.slow  # a worker process finds it
+def test_a_missing_key_deep_in_a_file_is_one_line_from_the_worker(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    lines = [json.dumps({"text": "hello"})] * 50 + [json.dumps({"txt": "hello"})]
+    (tmp_path / "late.jsonl").write_text("\n".join(lines) + "\n")
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "late.jsonl", "--out", tmp_path / "o")
+    assert rc == 2 and len(err) == 1 and "--text-key=text: missing in" in err[0] and "its keys: ['txt']" in err[0], err
+    assert not (tmp_path / "o" / META_NAME).exists()
