@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moemesh.config.cli import needs_preflight, preflight
+from moemesh.config.cli import needs_preflight, preflight, refuse
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
@@ -49,8 +49,7 @@ OmegaConf.register_new_resolver(
 
 
 def _refuse(message: str) -> None:
-    print(f"moemesh: config error: {message}", file=sys.stderr)
-    sys.exit(2)
+    refuse(message)  # one line, exit 2, no environment variable's value (cli.hide_env)
 
 
 def _validate(run, env):

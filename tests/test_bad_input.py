@@ -112,6 +112,8 @@ CASES = [
         "hydra.sweep.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]",
     ),
     (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: cannot be created and written: [Errno 20 ENOTDIR]"),
+    # issue #27: a batch whose micro-batches cannot fit this machine (it was killed at 24 GB)
+    (["trainer.global_batch_size=2147483648"], "trainer.global_batch_size=2147483648 (a micro-batch of"),
 ]
 
 
@@ -270,3 +272,49 @@ def test_an_unusable_run_or_sweep_dir_as_a_shell_sees_it(tmp_path, argv):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "/proc/nope: cannot be created" in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- issue #27: no environment variable's value in a config error ---------------------------------
+
+SECRET = "AKIA-moemesh-test-Zq7xW3vR9"  # planted; it must appear in no output
+
+
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["trainer.steps=${oc.env:MOEMESH_TEST_SECRET}"], "trainer.steps=${oc.env:MOEMESH_TEST_SECRET}: expected"),
+        (["trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"], "trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"),
+        (["model.num_experts=x${oc.env:MOEMESH_TEST_SECRET}"], "model.num_experts=x${oc.env:MOEMESH_TEST_SECRET}"),
+        (["parallel=${oc.env:MOEMESH_TEST_SECRET}"], "parallel=${oc.env:MOEMESH_TEST_SECRET}: no such preset"),
+        (["data.path=${oc.env:MOEMESH_TEST_SECRET}"], "data.path=${oc.env:MOEMESH_TEST_SECRET} is ignored"),
+        (["hydra.run.dir=/proc/${oc.env:MOEMESH_TEST_SECRET}"], "hydra.run.dir=/proc/${oc.env:MOEMESH_TEST_SECRET}:"),
+    ],
+)
+def test_a_config_error_prints_the_interpolation_never_the_secret(argv, shown, tmp_path, monkeypatch, capsys):
+    """It printed the resolved value, twice ("trainer.steps=<secret> (${oc.env:...} resolves to
+    '<secret>')"); stderr goes into SLURM .err files and CI logs."""
+    monkeypatch.setenv("MOEMESH_TEST_SECRET", SECRET)
+    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and SECRET not in out + err and "AKIA" not in out + err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and shown in lines[0], err
+
+
+def test_hide_env_keeps_short_values_inside_other_words():
+    from moemesh.config.cli import hide_env
+
+    os.environ["MOEMESH_TEST_SHORT"] = "12"
+    try:
+        line = hide_env("trainer.steps=12: 12 must be <= 120", ["trainer.steps=${oc.env:MOEMESH_TEST_SHORT}"])
+    finally:
+        del os.environ["MOEMESH_TEST_SHORT"]
+    assert line == "trainer.steps=${oc.env:MOEMESH_TEST_SHORT}: ${oc.env:MOEMESH_TEST_SHORT} must be <= 120"
+
+
+@pytest.mark.slow
+def test_no_secret_in_anything_a_shell_sees(tmp_path):
+    """The same, as a shell runs it: every byte of stdout and stderr grepped."""
+    for arg in ("trainer.steps=${oc.env:MOEMESH_TEST_SECRET}", "trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"):
+        proc = _run(tmp_path, arg, env_extra={"MOEMESH_TEST_SECRET": SECRET})
+        assert proc.returncode == 2 and "${oc.env:MOEMESH_TEST_SECRET" in proc.stderr, proc.stderr
+        assert SECRET not in proc.stdout + proc.stderr

@@ -67,8 +67,9 @@ _USER_SET_MICRO = ("trainer.micro_steps", "trainer.micro_batch_size")
 
 
 def _refuse(message: str) -> None:
-    print(f"moemesh: config error: {message}", file=sys.stderr)
-    sys.exit(2)
+    from moemesh.config.cli import refuse
+
+    refuse(message)
 
 
 class _Tee(io.TextIOBase):

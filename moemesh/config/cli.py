@@ -210,8 +210,32 @@ def compose_run(overrides: list[str]) -> RunConfig:
 
 def refuse(err: ConfigError | str) -> NoReturn:
     """The one way a command line says a config mistake: one line on stderr, exit code 2."""
-    print(f"moemesh: config error: {err}", file=sys.stderr)
+    print(f"moemesh: config error: {hide_env(str(err))}", file=sys.stderr)
     raise SystemExit(2)
+
+
+_ENV_REF = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def hide_env(message: str, argv: list[str] | None = None) -> str:
+    """``message`` with the value of every environment variable that an ``${oc.env:NAME}`` of the
+    command line (``argv``, default sys.argv) or of a config file names replaced by that
+    interpolation's text: a config error may quote a value, and such a value may be a secret
+    (stderr ends in SLURM .err files and CI logs). A value of fewer than 4 characters is
+    replaced only where it stands alone, so that digits of the message stay."""
+    texts = list(sys.argv[1:] if argv is None else argv)
+    for f in sorted(CONF_DIR.rglob("*.yaml")):
+        with contextlib.suppress(OSError):
+            if f.is_file() and f.stat().st_size <= 1 << 20:
+                texts.append(f.read_text(errors="replace"))
+    names = {m.group(1) for t in texts for m in _ENV_REF.finditer(t)}
+    for name in sorted(names, key=lambda n: -len(os.environ.get(n, ""))):  # longest first: no partial leftovers
+        value = os.environ.get(name, "")
+        if not value.strip():
+            continue
+        pattern = re.escape(value) if len(value) >= 4 else rf"(?<![\w.]){re.escape(value)}(?![\w.])"
+        message = re.sub(pattern, f"${{oc.env:{name}}}", message)  # no backslash: taken as is
+    return message
 
 
 def parallel_presets() -> set[str]:
