@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,28 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def first_line(err) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_line(err, limit: int = 400) -> str:
+    """An error's message on one line: its first sentence, whole. A message whose first line ends
+    mid-sentence (torch wraps some) goes on over the next lines to the sentence's end; terminal
+    escapes are dropped. Only a sentence longer than ``limit`` characters is cut, with "...",
+    and at a word."""
+    lines = [" ".join(_ANSI.sub("", line).split()) for line in str(err).strip().splitlines()]
+    lines = [line for line in lines if line]
+    text = lines[0] if lines else ""
+    for more in lines[1:]:
+        if re.search(r"[.:;!?)]$", text) or len(text) > limit:
+            break
+        text = f"{text} {more}"
+    if len(text) <= limit:
+        return text
+    end = max(text.rfind(". ", 0, limit), text.rfind("; ", 0, limit))
+    if end > 0:
+        return text[: end + 1]
+    cut = text.rfind(" ", 0, limit - 3)
+    return text[: cut if cut > 0 else limit - 3] + "..."
 
 
 def _short(name) -> str:

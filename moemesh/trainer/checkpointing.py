@@ -150,6 +150,10 @@ class Checkpointer:
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
         position = meta.get("data")
+        if position is not None and self.data is not None:
+            problem = _position_problem(position)
+            if problem:
+                raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: 'data' {problem}")
         if self.data is not None and position is not None and not self.run.data.resume_on_new_data:
             why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
             if why:
@@ -160,3 +164,24 @@ def _cut(value) -> str:
     """A value from a checkpoint's meta.json, short enough for one line."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _position_problem(position) -> str | None:
+    """Why meta.json's data position (TokenData.position) is not what a resume reads, or None."""
+    if not isinstance(position, dict):
+        return "is not an object"
+    for key in ("samples", "step", "seq_len"):
+        if type(position.get(key)) is not int or position[key] < 0:
+            return f"has no '{key}' integer >= 0"
+    sources = position.get("sources")
+    if not isinstance(sources, list):
+        return "has no list of 'sources'"
+    for s in sources:
+        ints = ("windows", "samples", "epoch", "window_in_epoch")
+        if (
+            not isinstance(s, dict)
+            or not isinstance(s.get("name"), str)
+            or any(type(s.get(k)) is not int for k in ints)
+        ):
+            return "has a source that is not {name, windows, samples, epoch, window_in_epoch}"
+    return None

@@ -326,3 +326,59 @@ def test_a_damaged_shard_is_described_in_whole_sentences(good_checkpoints, tmp_p
     reason = line.split(f"cannot resume from step_000003: {shard}: ", 1)[1]
     assert reason.startswith("model.norm.weight: ") and "weights_only" not in line and "(1)" not in line, line
     assert line.endswith("; trying step_000002"), line
+
+
+def test_an_error_message_is_never_cut_mid_sentence():
+    """torch wraps some messages over lines; the first line alone ended mid-sentence."""
+    from moemesh.parallel.checkpoint_trust import first_line
+
+    wrapped = RuntimeError(
+        "Weights only load failed. This file can still be loaded, to do so you have two\n"
+        "options, \x1b[1mdo those steps only if you trust the source\x1b[0m.\n\t(1) Re-running ..."
+    )
+    assert first_line(wrapped) == (
+        "Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+        "steps only if you trust the source."
+    )
+    assert first_line(ValueError("one line\nsecond line")) == "one line second line"
+    assert first_line(OSError("a whole sentence.\nmore")) == "a whole sentence."
+    long = "First sentence. " + "word " * 200
+    assert first_line(long) == "First sentence."
+    assert first_line("x" * 1000).endswith("...") and len(first_line("x" * 1000)) == 400
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[1, 2], {"samples": "7", "step": 3, "seq_len": 32, "sources": []}, "SOURCES_NOT_A_LIST", "A_SOURCE_WITHOUT_NAME"],
+)
+def test_an_ill_typed_data_position_is_refused_and_resume_falls_back(bad, good_checkpoints, tmp_path):
+    """meta.json's "data" (where the data order stands) is read after the load to place the
+    reader: an ill-typed one crashed it there (a TypeError past the fallback)."""
+    from moemesh.trainer.data import TokenData, prepare_data
+
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = root / "step_000003"
+    meta = _meta(ckpt)
+    assert isinstance(meta.get("data"), dict)
+    if bad == "SOURCES_NOT_A_LIST":
+        bad = {**meta["data"], "sources": 5}
+    elif bad == "A_SOURCE_WITHOUT_NAME":
+        bad = {
+            **meta["data"],
+            "sources": [{k: v for k, v in s.items() if k != "name"} for s in meta["data"]["sources"]],
+        }
+    meta["data"] = bad
+    _set_meta(ckpt, meta)
+    run = kit.run_config()
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    cp = kit.checkpointer(root)
+    cp.data = TokenData(paths, seed=run.trainer.seed)
+    log = kit.Log()
+    try:
+        with _deadline(20):
+            step = cp.resume(log)
+    finally:
+        cp.data.close()
+    assert step == 2, log.lines
+    (line,) = log.warnings()
+    assert f"cannot resume from step_000003: {ckpt / 'meta.json'}: refused: 'data' " in line, line
