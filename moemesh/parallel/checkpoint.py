@@ -158,7 +158,10 @@ def owner_conflict(root: Path, fix: str = "hydra.run.dir=<new dir>, or checkpoin
     """Why a fresh run (no resume) may not save into ``root``: it holds complete checkpoints
     of an earlier run, which would outrank this run's saves at pruning and at resume=auto.
     ``fix``: the settings that start fresh elsewhere."""
-    kept = complete_checkpoints(Path(root))
+    try:
+        kept = complete_checkpoints(Path(root))
+    except OSError:  # unreadable: the write probe before the first step says so, in one line
+        return None
     if not kept:
         return None
     return (

@@ -99,3 +99,13 @@ def test_step_directories_are_ascii_digits_only(good_checkpoints, tmp_path):
     shutil.copytree(root / "step_000003", root / "step_\uff19")  # a fullwidth 9
     assert checkpoint.step_of(root / "step_\u0663") is None and checkpoint.step_of(root / "step_\uff19") is None
     assert [p.name for p in checkpoint.complete_checkpoints(root)][-1] == "step_000003"
+
+
+def test_an_unreadable_directory_is_left_to_the_write_probe(tmp_path, monkeypatch):
+    """owner_conflict runs in the CLI before anything starts: an OSError there was a traceback."""
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    assert checkpoint.owner_conflict(tmp_path) is None
