@@ -605,7 +605,9 @@ def fit_link(xs: list[tuple[float, float]], ts: list[float]) -> tuple[float, flo
 def bench_row_terms(row: dict) -> tuple[float, int]:
     """(bytes sent, message steps) the planner prices one timed collective at: the planner's own
     formulas (``cost.collective``) on the bytes that left the timed rank (``sent``; an All-to-All
-    keeps its own split, so it sends less than its buffer)."""
+    keeps its own split, so it sends less than its buffer; ValueError for one without it)."""
+    if row["kind"] == "a2a" and "sent" not in row:
+        raise ValueError("an a2a result without 'sent' (the bytes that left the timed rank): rerun bench_comm.py")
     return collective(row["kind"], row.get("sent", row["bytes"]), row["n"])
 
 

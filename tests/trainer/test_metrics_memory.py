@@ -130,9 +130,7 @@ def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp
         return r
 
     # A small sample, so that it is full within the test (the default's bound: the test below).
-    logger = MetricsLogger(
-        str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=400, sample_capacity=32
-    )
+    logger = MetricsLogger(str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=400, sample_capacity=32)
     growth = _traced_growth_per_1000(logger, make, 400, 150)
     assert growth < 16 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # it was about 57 MB
 
