@@ -167,6 +167,29 @@ def read_checkpoint_meta(path: Path) -> dict:
     return meta
 
 
+def _limits(cfg: ModelConfig, meta: dict):
+    """How large a training checkpoint of ``cfg`` may be (``checkpoint_trust.Limits``), stated
+    before its metadata is read: every parameter (each routed expert apart) and its two AdamW
+    moments in fp32, per-layer entries, the step, the RNG and the data position (64 allowed)."""
+    from moemesh.moe.param_count import param_specs
+    from moemesh.parallel.checkpoint_trust import Limits
+
+    specs = param_specs(cfg)
+    entries = sum(cfg.num_experts if s.expert else 1 for s in specs)
+    numel = sum(s.numel for s in specs)
+    world = meta.get("world")
+    if type(world) is not int or world < 1:
+        dims = [meta.get(k) for k in ("dp", "ep", "tp", "pp")]
+        world = 1
+        for d in dims:
+            world *= d if type(d) is int and d >= 1 else 1
+    return Limits(
+        keys=3 * entries + 2 * cfg.num_layers + 64,
+        world=world,
+        state_bytes=12 * numel + 4 * cfg.num_layers * cfg.num_experts + (1 << 20),
+    )
+
+
 def model_config(meta: dict, path: Path) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     saved = meta["model"]
@@ -270,7 +293,8 @@ def export_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from moemesh.parallel.checkpoint_trust import Planner, Reader, read_metadata
+    from moemesh.parallel.checkpoint import CheckpointError
+    from moemesh.parallel.checkpoint_trust import Planner, Reader, check_sizes, read_metadata
 
     t0 = time.perf_counter()
     meta = read_checkpoint_meta(path)
@@ -291,7 +315,13 @@ def export_checkpoint(
         raise ConfigError(f"--out={out}: exists and is not an empty directory")
     hf_config = export_config(cfg, family, source, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = read_metadata(path)
+    files = meta["files"]
+    try:
+        limits = _limits(cfg, meta)
+        check_sizes(path, files, limits)
+        metadata = read_metadata(path, limits, files)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint {path}: {err}") from None
     stored = metadata.state_dict_metadata
     layout = MIXTRAL_LAYOUT if family == "mixtral" else PROJ_LAYOUT
     shards = _Shards(out, max_shard_bytes)
@@ -305,7 +335,7 @@ def export_checkpoint(
             state[f"model.{key}"] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
         with warnings.catch_warnings():  # DCP's note that it assumes one process: it is one
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-            dcp.load(state, storage_reader=Reader(path, metadata), planner=Planner(path))
+            dcp.load(state, storage_reader=Reader(path, metadata, files), planner=Planner(path))
         for key, shape in group:
             t = state.pop(f"model.{key}")[: shape[0]]  # the vocabulary without TP's padding
             if cfg.rope_pairing == RopePairing.interleaved:
