@@ -15,7 +15,7 @@ from pathlib import Path
 from moemesh.config.batch import BatchPlan
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
-from moemesh.fields import DataKind, Sharding
+from moemesh.fields import DataKind, Recompute, Sharding
 from moemesh.parallel.dims import ParallelDims, layout_name
 
 
@@ -126,19 +126,34 @@ def _check_tensor_parallel(run: RunConfig, dims: ParallelDims) -> None:
 
 
 def _check_pipeline(run: RunConfig, dims: ParallelDims, plan: BatchPlan) -> None:
-    from moemesh.parallel.pipeline import PipelineSchedule, stage_layers
+    from moemesh.parallel.pipeline import Placement, microbatch_problem, stage_layers, traits
 
-    if run.model.num_layers < dims.pp:
+    placement = Placement.of(run.parallel)
+    stages, per_rank = placement.stages, placement.v
+    if run.model.num_layers < stages:
+        need = f"parallel.pipeline_parallel_size={dims.pp}"
+        if per_rank > 1:
+            need = f"the stages, parallel.pipeline_parallel_size x stages per rank = {dims.pp} x {per_rank} = {stages}"
+        raise ConfigError(f"model.num_layers={run.model.num_layers} must be >= {need} (every stage needs a layer)")
+    stage_layers(run.model.num_layers, stages, run.parallel.pipeline_split)
+    problem = microbatch_problem(placement.schedule, dims.pp, plan.micro_steps)
+    if problem:
+        raise ConfigError(problem)
+    split = traits(placement.schedule).split_backward
+    if split and run.parallel.sharding == Sharding.zero3:
         raise ConfigError(
-            f"model.num_layers={run.model.num_layers} must be >= parallel.pipeline_parallel_size={dims.pp} "
-            "(every stage needs a layer)"
+            f"parallel.pipeline_schedule={placement.schedule} with parallel.sharding=zero3: the schedule computes a "
+            "micro-batch's weight gradients after later micro-batches' forwards, and zero3 reshards each unit after "
+            "every forward, so the weights those gradients belong to are gone; use parallel.sharding=zero2 "
+            "(or gpipe, 1f1b, interleaved_1f1b)"
         )
-    stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
-    if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] and plan.micro_steps < dims.pp:
+    if split and run.trainer.activation_checkpointing != Recompute.none:
         raise ConfigError(
-            f"1F1B needs micro-batches >= parallel.pipeline_parallel_size={dims.pp}, got "
-            f"{plan.micro_steps} (trainer.micro_steps); set trainer.micro_steps >= {dims.pp} "
-            "or parallel.pipeline_schedule=gpipe"
+            f"parallel.pipeline_schedule={placement.schedule} with trainer.activation_checkpointing="
+            f"{run.trainer.activation_checkpointing}: torch runs a split backward's weight step as a "
+            "backward once per weight group, and checkpointing recomputes the block's forward for each (12 forwards "
+            "of an MoE block instead of 2, tests/parallel/test_split_backward.py); use "
+            "trainer.activation_checkpointing=none, or gpipe, 1f1b, interleaved_1f1b"
         )
 
 

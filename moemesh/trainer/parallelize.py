@@ -35,13 +35,13 @@ from moemesh.fields import Dtype, LoadBalanceScope, Sharding
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.layer import MoELayer
-from moemesh.moe.model import AttentionCore, Transformer
+from moemesh.moe.model import AttentionCore, Block, Transformer
 from moemesh.parallel.comm import CommMeter, time_module
-from moemesh.parallel.dims import MeshAxis
+from moemesh.parallel.dims import MeshAxis, padded_vocab
 from moemesh.parallel.fsdp import ExposedReduceTimer, apply_fsdp
 from moemesh.parallel.grads import GradReducer
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import build_schedule, stage_layers, stage_module_of
+from moemesh.parallel.pipeline import Placement, StageShapes, build_pipeline, stage_module
 from moemesh.parallel.recompute import apply_activation_checkpointing
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
 from moemesh.parallel.tp import vocab_parallel_cross_entropy
@@ -51,8 +51,10 @@ def _moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def apply_pp(model: Transformer, layers: range) -> None:
-    """Keep this pipeline stage's layers (global ids): all of them is a no-op."""
+def apply_pp(model: Transformer, layers) -> None:
+    """Keep this pipeline rank's layers (global ids: one stage's range, or with virtual stages the
+    union of the rank's stages): all of them is a no-op."""
+    layers = list(layers)
     if len(layers) < model.cfg.num_layers:
         model.keep_layers(layers)
 
@@ -111,11 +113,28 @@ def apply_ac(model: Transformer, mode: str) -> None:
     apply_activation_checkpointing(model.layers, mode)
 
 
-def stage_layer_ids(run: RunConfig, mesh: ParallelMesh) -> range:
-    """The global layer ids this rank's pipeline stage holds (all of them without PP)."""
+def stage_layer_ids(run: RunConfig, mesh: ParallelMesh) -> list[int]:
+    """The global layer ids this pipeline rank holds, over all its stages (every layer without PP)."""
     if mesh.dims.pp == 1:
-        return range(run.model.num_layers)
-    return stage_layers(run.model.num_layers, mesh.dims.pp, run.parallel.pipeline_split)[mesh.coords[MeshAxis.PP]]
+        return list(range(run.model.num_layers))
+    return Placement.of(run.parallel).rank_layers(run.model.num_layers, mesh.coords[MeshAxis.PP])
+
+
+def pipeline_stage_modules(run: RunConfig, mesh: ParallelMesh, model: Transformer) -> list[nn.Module]:
+    """One module per pipeline stage this rank runs, in stage order (none without PP). Each holds
+    the stage's blocks (and the embedding, or the final norm and head, where the stage has them),
+    shared with ``model``, and runs ``model.stage_forward`` over them (``parallel.pipeline``)."""
+    if mesh.dims.pp == 1:
+        return []
+    modules = []
+    for chunk in Placement.of(run.parallel).chunks(run.model.num_layers, mesh.coords[MeshAxis.PP]):
+        parts: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(l): model.layers[str(l)] for l in chunk})}
+        if chunk.start == 0:
+            parts["embed"] = model.embed  # type: ignore[assignment]
+        if chunk.stop == run.model.num_layers:
+            parts["norm"], parts["head"] = model.norm, model.head  # type: ignore[assignment]
+        modules.append(stage_module(functools.partial(model.stage_forward, layers=chunk), parts))
+    return modules
 
 
 def build_model(
@@ -147,33 +166,37 @@ def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class Sharded:
-    """What the sharded modes add: the FSDP root (the model, or with PP the stage module the
+    """What the sharded modes add: the FSDP roots (the model, or with PP each stage module the
     schedule calls) and the timer of the exposed gradient reduction."""
 
-    root: torch.nn.Module
+    roots: list[torch.nn.Module]
     timer: ExposedReduceTimer
 
 
-def shard_model(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device) -> Sharded | None:
+def shard_model(
+    run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stages: list[nn.Module] | None = None
+) -> Sharded | None:
     """Apply ``parallel.sharding`` (zero2 / zero3 on FSDP2; see ``parallel.fsdp``); None for none.
+    ``stages``: under PP, this rank's stage modules (``pipeline_stage_modules``), one root each.
 
     Under mixed precision (bf16 on CUDA) the gathered parameters are bf16 for compute; the
     sharded master weights, the gradient reduction and AdamW's state stay fp32.
     """
     if run.parallel.sharding == Sharding.none:
         return None
-    root = stage_module_of(model) if mesh.dims.pp > 1 else model
     timer = ExposedReduceTimer(device)
-    apply_fsdp(
-        root,
-        list(model.layers.values()),
-        mesh.shard_meshes(),
-        mode=run.parallel.sharding,
-        param_dtype=compute_dtype(run, device),
-        timer=timer,
-        force_sum=device.type != "cuda",
-    )
-    return Sharded(root, timer)
+    roots = stages or [model]
+    for root in roots:
+        apply_fsdp(
+            root,
+            [m for m in root.modules() if isinstance(m, Block)],
+            mesh.shard_meshes(),
+            mode=run.parallel.sharding,
+            param_dtype=compute_dtype(run, device),
+            timer=timer,
+            force_sum=device.type != "cuda",
+        )
+    return Sharded(roots, timer)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -223,22 +246,25 @@ def _stage_loss(logits, target, *, model: Transformer):
     )
 
 
-def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stage_module=None):
-    """This stage's pipeline schedule over the rank's micro-steps, or None without PP."""
+def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stages):
+    """This rank's pipeline schedule over its ``stages`` (``pipeline_stage_modules``) and
+    micro-steps, or None without PP."""
     if mesh.dims.pp == 1:
         return None
-    seq_len = run.trainer.seq_len
-    return build_schedule(
-        model,
-        schedule=run.parallel.pipeline_schedule,
+    seq_len, plan = run.trainer.seq_len, batch_plan(run)
+    return build_pipeline(
+        stages,
+        placement=Placement.of(run.parallel),
         pp_rank=mesh.coords[MeshAxis.PP],
-        pp_size=mesh.dims.pp,
         pp_group=mesh.pp_group,
         device=device,
-        n_microbatches=batch_plan(run).micro_steps,
-        micro_batch=batch_plan(run).micro_batch_size,
-        seq_len=seq_len,
-        hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
+        n_microbatches=plan.micro_steps,
+        shapes=StageShapes(
+            micro_batch=plan.micro_batch_size,
+            seq_len=seq_len,
+            hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
+            hidden_size=run.model.hidden_size,
+            vocab_shard=padded_vocab(run.model.vocab_size, mesh.dims.tp) // mesh.dims.tp,
+        ),
         loss_fn=functools.partial(_stage_loss, model=model),
-        stage_module=stage_module,
     )
