@@ -74,6 +74,8 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _check_data_source(run)
     _check_nodes(run, dims)
+    if run.model.limit_key is not None:
+        _check_routing_limit(run, dims)
     if dims.tp > 1:
         _check_tensor_parallel(run, dims)
     if run.parallel.sharding != Sharding.none and dims.data_size == 1:
@@ -120,6 +122,46 @@ def _check_nodes(run: RunConfig, dims: ParallelDims) -> None:
             f"cluster.nodes={nodes} but parallel={run.parallel.name} ({dims.world_size} ranks) takes {takes} node(s) "
             f"at cluster.gpus_per_node={per_node}: a job's nodes follow from its ranks; set "
             f"cluster.gpus_per_node={-(-dims.world_size // nodes)}, or another layout, or drop cluster.nodes"
+        )
+
+
+def routing_groups(run: RunConfig, dims: ParallelDims) -> tuple[int, int] | None:
+    """(groups, the most a token may reach) of the layout-keyed routing limit: the EP ranks
+    (model.max_ranks_per_token) or the nodes of an EP group (model.max_nodes_per_token, nodes of
+    cluster.gpus_per_node GPUs); None when neither is set. Checked by ``validate_run``."""
+    m = run.model
+    if m.max_ranks_per_token is not None:
+        return dims.ep, m.max_ranks_per_token
+    if m.max_nodes_per_token is not None:
+        return dims.ep_nodes(run.cluster.gpus_per_node) or 0, m.max_nodes_per_token
+    return None
+
+
+def _check_routing_limit(run: RunConfig, dims: ParallelDims) -> None:
+    """The EP-rank- or node-limited routing must limit something, the same way on every layout."""
+    m, key = run.model, run.model.limit_key
+    groups, limit = routing_groups(run, dims) or (0, 0)
+    what = "EP ranks" if key == "max_ranks_per_token" else "nodes"
+    if key == "max_nodes_per_token" and groups == 0:
+        raise ConfigError(
+            f"model.max_nodes_per_token={limit}: an EP group of parallel.expert_parallel_size={dims.ep} ranks, "
+            f"{dims.tp} apart (tp), does not split evenly over nodes of cluster.gpus_per_node="
+            f"{run.cluster.gpus_per_node}; use model.max_ranks_per_token, or a layout whose EP group does"
+        )
+    if limit >= groups:
+        degree = (
+            f"parallel.expert_parallel_size={dims.ep}" if what == "EP ranks" else f"{groups} node(s) in its EP group"
+        )
+        raise ConfigError(
+            f"model.{key}={limit} limits the {what} a token reaches, and this layout has {degree}: "
+            f"nothing to limit; set it below {groups} (and above 0), or null"
+            + (" (EP = 1: no All-to-All)" if dims.ep == 1 else "")
+        )
+    per_group = m.num_experts // groups
+    if limit * per_group < m.top_k:
+        raise ConfigError(
+            f"model.{key}={limit} x {per_group} experts per {what[:-1]} = {limit * per_group} experts must be >= "
+            f"model.top_k={m.top_k} (a token needs top_k experts within its {what})"
         )
 
 

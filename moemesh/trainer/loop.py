@@ -272,7 +272,7 @@ def train_step(state: TrainState, step: int) -> StepResult:
         group["lr"] = lr
     # The loss terms and per-layer MoE statistics add up on the device until the all-reduce
     # below (no host sync per micro-step).
-    stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device)
+    stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device, top_k=s.run.model.top_k)
     batch = functools.partial(s.data.micro_batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
     slots = list(s.local_moe)
     if s.pipe is None:

@@ -4,6 +4,7 @@
     apply_pp      this pipeline stage's layers (and the embedding / head if first / last)
     apply_tp      TP shards of attention, dense FFNs, embedding, head; MoE token split
     apply_ep      this EP rank's experts, the dispatcher's All-to-All group, overlap
+    apply_routing_limit   EP-rank- or node-limited routing (the experts' groups by layout)
     apply_load_balance_group   the group the balance statistics are reduced over
     apply_kernels the token-path kernels and the expert GEMMs
     materialize + init_weights   on the run's device, by (seed, global parameter name)
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import batch_plan
+from moemesh.config.validate import batch_plan, routing_groups
 from moemesh.fields import Dtype, LoadBalanceScope, Sharding
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
@@ -77,6 +78,18 @@ def apply_ep(model: nn.Module, ep_group, *, overlap_chunks: int = 0) -> None:
     the experts (``moe.overlap``)."""
     for moe in _moe_layers(model):
         moe.shard_experts(ep_group, overlap_chunks=overlap_chunks)
+
+
+def apply_routing_limit(model: nn.Module, groups: tuple[int, int] | None) -> None:
+    """EP-rank- or node-limited routing: each token's experts within at most ``groups[1]`` of
+    ``groups[0]`` runs of experts (``config.validate.routing_groups``: the EP ranks' or the nodes'
+    experts), the same on every layout with the same groups; None: no limit. Each token then
+    travels once per EP rank it reaches (moe/rank_dispatch.py; the pair-by-pair All-to-All where
+    comm.all_to_all_overlap is on), so the cap cuts the All-to-All's bytes too."""
+    if groups is None:
+        return
+    for moe in _moe_layers(model):
+        moe.limit_routing(*groups, by_rank=True)
 
 
 def apply_load_balance_group(model: nn.Module, stats_group) -> None:
@@ -147,6 +160,7 @@ def build_model(
     apply_pp(model, stage_layer_ids(run, mesh))
     apply_tp(model, mesh.tp_group, sequence_parallel=run.parallel.sequence_parallel)
     apply_ep(model, mesh.ep_group, overlap_chunks=comm.overlap_chunks if comm.all_to_all_overlap else 0)
+    apply_routing_limit(model, routing_groups(run, mesh.dims))
     apply_load_balance_group(
         model, mesh.data_tp_group if run.model.load_balance_scope == LoadBalanceScope["global"] else None
     )
