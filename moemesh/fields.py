@@ -155,6 +155,15 @@ class Recompute(enum.StrEnum):
     selective = "selective"
 
 
+class Compile(enum.StrEnum):
+    """trainer.compile (trainer/parallelize.py: apply_compile): none | blocks (torch.compile each
+    block's compute: norms, attention, dense FFN, router, shared expert); the All-to-All, the
+    routed experts, every other collective and the pipeline schedule stay outside."""
+
+    none = "none"
+    blocks = "blocks"
+
+
 class NonFinite(enum.StrEnum):
     """trainer.on_nonfinite (trainer/nonfinite.py): a non-finite loss or gradient norm stops the run
     or skips the step."""

@@ -27,6 +27,7 @@ from moemesh.errors import ConfigError
 from moemesh.fields import (
     SEED_MAX,
     CommBackend,
+    Compile,
     Device,
     Dtype,
     KernelBackend,
@@ -258,6 +259,10 @@ class TrainerConfig:
     # recompute replays their recorded outputs (moemesh/parallel/recompute.py).
     activation_checkpointing: Recompute = Recompute.none
     on_nonfinite: NonFinite = NonFinite.stop  # a non-finite loss or gradient norm: stop | skip (the step)
+    # torch.compile: none | blocks (each block's compute: norms, attention, dense FFN, router,
+    # shared expert); the All-to-All, the routed experts, every other collective and the pipeline
+    # schedule stay outside the compiled regions (trainer/parallelize.py: apply_compile).
+    compile: Compile = Compile.none
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
     # row; the weights do not change while steps are skipped, so more would rarely recover.
     max_skipped_steps: int = 10
@@ -269,6 +274,7 @@ class TrainerConfig:
             ("dtype", Dtype),
             ("activation_checkpointing", Recompute),
             ("on_nonfinite", NonFinite),
+            ("compile", Compile),
         ):
             fields.choice(self, p, name, cls)
         fields.positive(self, p, "steps", "global_batch_size", "seq_len", "eval_batches", "log_every")

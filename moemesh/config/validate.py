@@ -15,7 +15,7 @@ from pathlib import Path
 from moemesh.config.batch import BatchPlan
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
-from moemesh.fields import DataKind, Recompute, Sharding
+from moemesh.fields import Compile, DataKind, Recompute, Sharding
 from moemesh.parallel.dims import ParallelDims, layout_name
 
 
@@ -211,6 +211,13 @@ def _check_pipeline(run: RunConfig, dims: ParallelDims, plan: BatchPlan) -> None
             "backward once per weight group, and checkpointing recomputes the block's forward for each (12 forwards "
             "of an MoE block instead of 2, tests/parallel/test_split_backward.py); use "
             "trainer.activation_checkpointing=none, or gpipe, 1f1b, interleaved_1f1b"
+        )
+    if split and run.trainer.compile != Compile.none:
+        raise ConfigError(
+            f"parallel.pipeline_schedule={placement.schedule} splits each backward into input and weight "
+            f"gradients, and a compiled region's backward is one node that computes both (the weight step would "
+            f"run it again): trainer.compile={run.trainer.compile} needs gpipe, 1f1b or interleaved_1f1b "
+            "(or trainer.compile=none)"
         )
 
 

@@ -7,6 +7,7 @@
     apply_routing_limit   EP-rank- or node-limited routing (the experts' groups by layout)
     apply_load_balance_group   the group the balance statistics are reduced over
     apply_kernels the token-path kernels and the expert GEMMs
+    apply_compile torch.compile of each block's compute (trainer.compile)
     materialize + init_weights   on the run's device, by (seed, global parameter name)
     apply_instrumentation   timing hooks (experts, attention core) and the All-to-All meter
     apply_ac      activation checkpointing, per block
@@ -25,6 +26,7 @@ and initialisation is keyed by global names and global expert ids.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan, routing_groups
-from moemesh.fields import Dtype, LoadBalanceScope, Sharding
+from moemesh.fields import Compile, Dtype, LoadBalanceScope, Sharding
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.layer import MoELayer
@@ -121,6 +123,32 @@ def apply_instrumentation(model: nn.Module, meter: CommMeter | None) -> None:
             time_module(module, meter, "attention_core")
 
 
+def compiled_regions(model: Transformer) -> Iterator[nn.Module]:
+    """The modules ``trainer.compile=blocks`` compiles: in each block, the norms, the attention,
+    the dense FFN, the router and the shared expert. Their shapes are fixed by the micro-batch, so
+    nothing recompiles per step; the routed path (dispatch, the experts' data-dependent row counts,
+    combine) and every pipeline exchange run eagerly between them."""
+    for block in model.layers.values():
+        assert isinstance(block, Block)
+        yield from (block.attn_norm, block.attn, block.ffn_norm)
+        if block.ffn is not None:
+            yield block.ffn
+        if block.moe is not None:
+            yield block.moe.router
+            if block.moe.shared is not None:
+                yield block.moe.shared
+
+
+def apply_compile(model: Transformer, mode: str) -> None:
+    """``trainer.compile``: none, or ``blocks`` (``compiled_regions``, each compiled in place, so
+    parameter names, checkpoints and FSDP's roots do not change). Collectives inside a region (TP's
+    all-reduce) break its graph there and run eagerly."""
+    if mode == Compile.none:
+        return
+    for module in compiled_regions(model):
+        module.compile()
+
+
 def apply_ac(model: Transformer, mode: str) -> None:
     """Activation checkpointing per transformer block: none | full | selective."""
     apply_activation_checkpointing(model.layers, mode)
@@ -168,6 +196,7 @@ def build_model(
     materialize(model, device)
     model.init_weights(run.trainer.seed)
     apply_instrumentation(model, meter)
+    apply_compile(model, run.trainer.compile)
     apply_ac(model, run.trainer.activation_checkpointing)
     return model
 

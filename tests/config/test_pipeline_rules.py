@@ -55,6 +55,7 @@ def test_every_schedule_is_valid_with_its_default_stages(schedule):
             {"trainer.activation_checkpointing": "full"},
             "once per weight group"[:0] + "recomputes",
         ),
+        ("dualpipev", {"trainer.compile": "blocks"}, "trainer.compile=blocks needs gpipe, 1f1b or interleaved_1f1b"),
     ],
 )
 def test_schedule_rules_are_one_line(schedule, overrides, needle):
