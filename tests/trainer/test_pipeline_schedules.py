@@ -6,7 +6,8 @@ validation loss (the forward-only pass, ``parallel.pipeline.evaluate_pipeline``)
 
 On pp2_ep2 the schedules also carry the compositions they allow (``config.validate`` refuses the
 rest in one line): sharding (zero2; zero3 where the backward is not split), activation
-checkpointing (full, selective; where the backward is not split), and one TP layout with
+checkpointing (full, selective; where the backward is not split), trainer.compile=blocks (with
+interleaved_1f1b, zero2 and full recompute), and one TP layout with
 sequence parallelism under zbv, so a schedule that broke with one of them fails here.
 """
 
@@ -43,7 +44,7 @@ PP2_EP2 = {
         1,
         2,
         "interleaved_1f1b",
-        {"parallel.sharding": "zero2", "trainer.activation_checkpointing": "full"},
+        {"parallel.sharding": "zero2", "trainer.activation_checkpointing": "full", "trainer.compile": "blocks"},
     ),
     "pp2_ep2_interleaved_zero_bubble": (1, 2, 1, 2, "interleaved_zero_bubble", {}),
     "pp2_ep2_zbv_zero2": (1, 2, 1, 2, "zbv", {"parallel.sharding": "zero2"}),
