@@ -1,7 +1,8 @@
 """EP-rank-limited routing over a training run (4 gloo ranks): with model.max_ranks_per_token=2 on
 ep4 no token reaches more than 2 EP ranks in any step (the run's own metrics, a2a.fanout_max), and
 the All-to-All sends fewer bytes than unlimited routing, which does reach more; and the limit
-routes the same on every layout with the same EP degree (ep2_dp2 and pp2_ep2 train identically).
+routes the same on every layout with the same EP degree (ep2_dp2 and pp2_ep2 train identically,
+the latter with selective recompute).
 In the same spawn: the by-rank dispatch the limit uses (moe/rank_dispatch.py) computes what the
 pair-by-pair dispatcher computes (output, every gradient; dropless and with drops) and sends fewer
 bytes."""
@@ -36,6 +37,8 @@ def _cfg(name, dp, ep, pp, limit):
             "parallel.pipeline_parallel_size": pp,
             "model.top_k": 4,  # so that unlimited routing can reach more than 2 of 4 EP ranks
             "model.max_ranks_per_token": limit,
+            # pp2_ep2 also recomputes (selective): the by-rank dispatch's exchanges are replayed
+            "trainer.activation_checkpointing": "selective" if pp > 1 else "none",
             "trainer.micro_steps": 2,
             "trainer.steps": 3,
             "data.name": "stdlib",
