@@ -25,13 +25,14 @@ RUNS = {
     "ep4": (1, 4, 1, None),
     "ep2_dp2_m1": (2, 2, 1, 1),
     "pp2_ep2_m1": (1, 2, 2, 1),
+    "ep4_n1": (1, 4, 1, None),  # node-limited: 1 of 2 nodes of cluster.gpus_per_node=2
 }
 
 
 def _cfg(name, dp, ep, pp, limit):
     return tiny_run(
         **{
-            "parallel.name": name.removesuffix("_m2").removesuffix("_m1"),
+            "parallel.name": name.removesuffix("_m2").removesuffix("_m1").removesuffix("_n1"),
             "parallel.data_parallel_size": dp,
             "parallel.expert_parallel_size": ep,
             "parallel.pipeline_parallel_size": pp,
@@ -43,6 +44,7 @@ def _cfg(name, dp, ep, pp, limit):
             "trainer.steps": 3,
             "data.name": "stdlib",
             "data.kind": "stdlib",
+            **({"model.max_nodes_per_token": 1, "cluster.gpus_per_node": 2} if name.endswith("_n1") else {}),
         }
     )
 
@@ -112,6 +114,8 @@ def test_rank_limited_routing_caps_the_fanout_and_is_the_same_on_every_layout_of
     assert max(r["a2a"]["fanout_max"] for r in free) > 2  # the limit is doing something
     assert limited[0]["a2a"]["fanout_mean"] < free[0]["a2a"]["fanout_mean"]
     assert sum(r["a2a"]["bytes_sent"] for r in limited) < sum(r["a2a"]["bytes_sent"] for r in free)
+    # One node of two EP ranks: each token's experts on at most 2 ranks, those of one node.
+    assert all(r["a2a"]["fanout_max"] <= 2 for r in _read(tmp_path / "ep4_n1"))
     a, b = _read(tmp_path / "ep2_dp2_m1"), _read(tmp_path / "pp2_ep2_m1")
     for x, y in zip(a, b, strict=True):
         assert x["a2a"]["fanout_max"] == y["a2a"]["fanout_max"] == 1
