@@ -21,7 +21,6 @@ fp32 rounding. Every exchange is a ``comm`` collective, replayed under activatio
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from moemesh.parallel.comm import all_to_all_rows
 
@@ -64,10 +63,3 @@ def routed_by_rank(dispatcher, x_TD, topk_ids_TK, topk_weights_TK, experts) -> t
     out_MD = recv_MD.new_zeros(M, D).index_add(0, order // K, y_PD * w_MK.flatten()[order, None].to(y_PD.dtype))
     back_UD = all_to_all_rows(out_MD, recv, send, d.ep_group, d.meter, "combine")
     return x_TD.new_zeros(T, D).index_add(0, token_U, back_UD.to(x_TD.dtype))
-
-
-def rank_fanout_bytes(topk_ids_TK: torch.Tensor, e: int, ep_group) -> int:
-    """Rows this rank would send by rank, for tests: its (token, rank) pairs off this rank."""
-    R = dist.get_world_size(ep_group)
-    token_U, rank_U, _ = _pairs(topk_ids_TK, e, R)
-    return int((rank_U != dist.get_rank(ep_group)).sum())
