@@ -157,11 +157,13 @@ class Recompute(enum.StrEnum):
 
 class Compile(enum.StrEnum):
     """trainer.compile (trainer/parallelize.py: apply_compile): none | blocks (torch.compile each
-    block's compute: norms, attention, dense FFN, router, shared expert); the All-to-All, the
-    routed experts, every other collective and the pipeline schedule stay outside."""
+    block's compute: norms, attention, dense FFN, router, shared expert) | model (the whole
+    model's forward in one call, graph-broken around each MoE layer's routed path); the
+    All-to-All, the routed experts, every other collective and the pipeline stay outside."""
 
     none = "none"
     blocks = "blocks"
+    model = "model"
 
 
 class NonFinite(enum.StrEnum):

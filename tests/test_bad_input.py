@@ -62,7 +62,8 @@ CASES = [
     (["model.max_ranks_per_token=1"], "model.max_ranks_per_token=1 limits the EP ranks a token reaches"),
     (["parallel=ep2", "model.max_ranks_per_token=2"], "nothing to limit; set it below 2"),
     (["model.router_groups=3"], "model.router_groups=3 must divide model.num_experts=8"),
-    (["trainer.compile=model"], "trainer.compile='model' is not one of none, blocks"),
+    (["trainer.compile=all"], "trainer.compile='all' is not one of none, blocks, model"),
+    (["parallel=pp2", "trainer.compile=model"], "trainer.compile=model compiles the model's forward"),
     (
         ["parallel=pp2", "parallel.pipeline_schedule=zbv", "trainer.compile=blocks"],
         "trainer.compile=blocks needs gpipe, 1f1b or interleaved_1f1b",

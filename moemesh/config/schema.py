@@ -260,8 +260,9 @@ class TrainerConfig:
     activation_checkpointing: Recompute = Recompute.none
     on_nonfinite: NonFinite = NonFinite.stop  # a non-finite loss or gradient norm: stop | skip (the step)
     # torch.compile: none | blocks (each block's compute: norms, attention, dense FFN, router,
-    # shared expert); the All-to-All, the routed experts, every other collective and the pipeline
-    # schedule stay outside the compiled regions (trainer/parallelize.py: apply_compile).
+    # shared expert) | model (the whole forward; not with pp); the All-to-All, the routed experts,
+    # every other collective and the pipeline schedule stay outside the compiled regions
+    # (trainer/parallelize.py: apply_compile).
     compile: Compile = Compile.none
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
     # row; the weights do not change while steps are skipped, so more would rarely recover.

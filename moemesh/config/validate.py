@@ -212,6 +212,11 @@ def _check_pipeline(run: RunConfig, dims: ParallelDims, plan: BatchPlan) -> None
             "of an MoE block instead of 2, tests/parallel/test_split_backward.py); use "
             "trainer.activation_checkpointing=none, or gpipe, 1f1b, interleaved_1f1b"
         )
+    if run.trainer.compile == Compile.model:
+        raise ConfigError(
+            f"trainer.compile=model compiles the model's forward, which parallel.pipeline_parallel_size={dims.pp} "
+            "does not call (each pipeline stage runs its own part): use trainer.compile=blocks with pp"
+        )
     if split and run.trainer.compile != Compile.none:
         raise ConfigError(
             f"parallel.pipeline_schedule={placement.schedule} splits each backward into input and weight "

@@ -245,6 +245,9 @@ class MoELayer(nn.Module):
         )
         return out_BSD, stats
 
+    # Eager under torch.compile (trainer.compile=model): its row counts change every step with the
+    # routing, and its All-to-All needs host-side split sizes; the graph breaks around it.
+    @torch.compiler.disable
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
         """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert
         runs while the first rows are in flight: returns (out_TD, shared_TD or None)."""

@@ -140,12 +140,13 @@ def compiled_regions(model: Transformer) -> Iterator[nn.Module]:
 
 
 def apply_compile(model: Transformer, mode: str) -> None:
-    """``trainer.compile``: none, or ``blocks`` (``compiled_regions``, each compiled in place, so
-    parameter names, checkpoints and FSDP's roots do not change). Collectives inside a region (TP's
-    all-reduce) break its graph there and run eagerly."""
+    """``trainer.compile``: none; ``blocks`` (``compiled_regions``); or ``model`` (the whole
+    forward, graph-broken where each MoE layer's routed path runs eagerly: ``MoELayer._routed``).
+    Modules compile in place, so parameter names, checkpoints and FSDP's roots do not change.
+    Collectives inside a region (TP's all-reduce) break its graph there and run eagerly."""
     if mode == Compile.none:
         return
-    for module in compiled_regions(model):
+    for module in compiled_regions(model) if mode == Compile.blocks else [model]:
         module.compile()
 
 

@@ -56,6 +56,7 @@ def test_every_schedule_is_valid_with_its_default_stages(schedule):
             "once per weight group"[:0] + "recomputes",
         ),
         ("dualpipev", {"trainer.compile": "blocks"}, "trainer.compile=blocks needs gpipe, 1f1b or interleaved_1f1b"),
+        ("1f1b", {"trainer.compile": "model"}, "trainer.compile=model compiles the model's forward, which"),
     ],
 )
 def test_schedule_rules_are_one_line(schedule, overrides, needle):

@@ -1,7 +1,8 @@
-"""trainer.compile=blocks trains like eager: five steps on the CPU (inductor), the losses and the
-gradient norms equal to fp32 rounding, with and without activation checkpointing (full, selective); and nothing
-recompiles after the first step (the compiled regions' shapes are fixed by the micro-batch, the
-routed path with its data-dependent row counts runs eagerly between them).
+"""trainer.compile=blocks and =model train like eager: five steps on the CPU (inductor), the losses
+and the gradient norms equal to fp32 rounding, with and without activation checkpointing (full,
+selective); and nothing recompiles after the first step (the compiled regions' shapes are fixed
+by the micro-batch; the routed path with its data-dependent row counts runs eagerly between
+them).
 
 Bound: 1e-5 relative on the loss, 1e-4 on the gradient norm (its smallest gradients, where
 AdamW turns a rounding difference into a full-size update, weigh little in the norm). Inductor
@@ -39,16 +40,28 @@ def _losses(tmp_path, name, **overrides):
     return losses, norms, names, graphs
 
 
-def test_compiled_blocks_train_like_eager_and_do_not_recompile(tmp_path):
+def test_compiled_blocks_and_model_train_like_eager_and_do_not_recompile(tmp_path):
     torch._dynamo.reset()
-    for ac in ("none", "full", "selective"):
-        eager, n_eager, names_eager, _ = _losses(tmp_path, f"eager_{ac}", **{"trainer.activation_checkpointing": ac})
+    cases = [
+        ("blocks", "none"),
+        ("blocks", "full"),
+        ("blocks", "selective"),
+        ("model", "none"),
+        ("model", "full"),
+        ("model", "selective"),
+    ]
+    eager = {}
+    for mode, ac in cases:
+        if ac not in eager:
+            eager[ac] = _losses(tmp_path, f"eager_{ac}", **{"trainer.activation_checkpointing": ac})
+        losses, n_eager, names_eager, _ = eager[ac]
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled, n_comp, names, graphs = _losses(
-            tmp_path, f"compiled_{ac}", **{"trainer.compile": "blocks", "trainer.activation_checkpointing": ac}
+            tmp_path, f"{mode}_{ac}", **{"trainer.compile": mode, "trainer.activation_checkpointing": ac}
         )
         if ac == "none":
-            assert graphs[0] > 0  # something was compiled
+            assert graphs[0] > before  # something was compiled
         assert graphs[1:] == [graphs[0]] * 4, graphs  # no recompile after the first step
-        assert compiled == pytest.approx(eager, rel=1e-5), (ac, compiled, eager)
-        assert n_comp == pytest.approx(n_eager, rel=1e-4), (ac, n_comp, n_eager)  # the gradients' norm
+        assert compiled == pytest.approx(losses, rel=1e-5), (mode, ac, compiled, losses)
+        assert n_comp == pytest.approx(n_eager, rel=1e-4), (mode, ac, n_comp, n_eager)  # the gradients' norm
         assert names == names_eager  # parameter names unchanged (checkpoints, FSDP's roots)
