@@ -1,10 +1,16 @@
-"""Collective micro-benchmark: bandwidth and latency of what the planner costs, per group shape.
+"""Collective micro-benchmark: bandwidth and latency of what the planner costs, per group shape and link.
 
     python scripts/bench_comm.py --world 4 [--sizes 16K,256K,1M,4M] [--iters 10] [--out comm.json]
     python scripts/calibrate.py --calibrate-from comm.json --name cpu4-bench       # the planner's comm constants
 
-Spawns ``--world`` ranks on this machine (gloo on CPU, nccl with one GPU per rank) and times, for
-every group shape of that world, every group of the shape at once (as training runs them):
+    # across nodes: every rank started by a launcher (torchrun on each node, or srun); --world is its world
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=2 --master_addr=n1 --master_port=29500 \
+        scripts/bench_comm.py --out comm2x2.json                                    # (node_rank=1 on n2)
+
+Spawns ``--world`` ranks on this machine (gloo on CPU, nccl with one GPU per rank), or joins the
+launcher that started it (RANK, WORLD_SIZE, MASTER_ADDR set: rank 0 hosts the store on MASTER_ADDR's
+address, ``moemesh.launch.store``), and times, for every group shape of that world, every group of
+the shape at once (as training runs them):
 
 * ``a2a``: ``all_to_all_single`` with uneven splits (rank r sends (1 + (r + j) mod n) parts to peer j);
 * ``all_reduce``, ``reduce_scatter``, ``all_gather`` (a collective the backend lacks is skipped, said so);
@@ -17,6 +23,15 @@ rank's, the median over ``--repeats`` of ``--iters`` back-to-back calls. Per col
 steps (plan.py's docstring): a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps,
 reduce-scatter and all-gather (n-1)/n in n - 1, an All-to-All the bytes leaving the rank in n - 1,
 a send its bytes in 1. ``--out`` keeps the times and fits as JSON for ``scripts/calibrate.py``.
+
+Link classes. Each result carries the link its groups use: ``intra`` when every group of the shape
+lies inside one host (by the ranks' host names), ``inter`` when every group spans hosts (``mixed``
+otherwise, left out of the planner's constants). ``planner_constants`` fits ``<kind>_intra`` and
+``<kind>_inter`` apart, as ``cost.py`` prices a group by whether it crosses nodes. For a shape whose
+groups hold one rank per host (every byte a rank sends leaves its host), the table also gives the
+host's link rate: a rank's fitted bandwidth times the host's ranks sending at once (not for p2p,
+whose ping-pong pairs need not send in the same direction at once). That is the
+number to hold against a link's nominal rate (e.g. a ``tc tbf`` shaping, ``.ci/multinode/up.sh``).
 
 A 2-core CPU under gloo measures its memory copies and loopback TCP stack, not a network;
 numbers from this machine do not transfer to NVLink or InfiniBand.
@@ -121,7 +136,58 @@ def _make_op(kind: str, pg, members: list[int], me: int, numel: int, device):
     return ping_pong
 
 
-def _rank(rank: int, world: int, store: str, sizes: list[int], iters: int, repeats: int, out: str) -> None:
+def link_of(groups: list[list[int]], hosts: list[str]) -> str:
+    """intra: every group inside one host; inter: every group spans hosts; mixed otherwise."""
+    spans = {len({hosts[r] for r in g}) > 1 for g in groups}
+    return "mixed" if len(spans) > 1 else ("inter" if spans.pop() else "intra")
+
+
+def ranks_sending_across(groups: list[list[int]], hosts: list[str]) -> int:
+    """For groups of one rank per host (every byte a rank sends leaves its host): how many of a
+    host's ranks send at once, each over its host's link; 0 for other shapes."""
+    if any(len({hosts[r] for r in g}) != len(g) for g in groups):
+        return 0
+    return max(hosts.count(h) for h in set(hosts))
+
+
+def _join(rank: int, world: int, store: str | None, device, cuda: bool) -> None:
+    """Spawned ranks meet through a file; launched ones through MASTER_ADDR (rank 0 hosts the
+    store on that address only, unless torchrun's agent hosts it)."""
+    import torch.distributed as dist
+
+    backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=300)
+    if store is not None:
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        return
+    from moemesh.launch.store import job_store
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    tcp = job_store(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0,
+        timeout_s=300,
+        spans_nodes=local < world,
+    )
+    dist.init_process_group(backend, store=tcp, rank=rank, world_size=world, timeout=timeout)
+
+
+def _rank(
+    rank: int,
+    world: int,
+    store: str | None,
+    sizes: list[int],
+    iters: int,
+    repeats: int,
+    out: str,
+    kinds=KINDS,
+    leave=True,
+) -> None:
+    import socket
     import warnings
 
     import torch
@@ -129,20 +195,18 @@ def _rank(rank: int, world: int, store: str, sizes: list[int], iters: int, repea
 
     # torch 2.13 renames reduce_scatter_tensor / all_gather_into_tensor (*_single); the old names still work.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if store is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # spawned: one machine
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
+    _join(rank, world, store, device, cuda)
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
     results, skipped = [], {}
 
     def sync():
@@ -154,7 +218,8 @@ def _rank(rank: int, world: int, store: str, sizes: list[int], iters: int, repea
         mine = next(i for i, g in enumerate(groups) if rank in g)
         pg, members = handles[mine], groups[mine]
         n, me = len(members), members.index(rank)
-        for kind in KINDS:
+        link, across = link_of(groups, hosts), ranks_sending_across(groups, hosts)
+        for kind in kinds:
             if kind == "p2p" and n != 2:
                 continue
             for nbytes in sizes:
@@ -180,17 +245,31 @@ def _rank(rank: int, world: int, store: str, sizes: list[int], iters: int, repea
                     t = torch.tensor([(time.perf_counter() - t0) / iters], device=device)
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's
                     times.append(t.item() / (2 if kind == "p2p" else 1))
-                results.append({"kind": kind, "shape": shape, "n": n, "bytes": nbytes, "s": statistics.median(times)})
+                results.append(
+                    {
+                        "kind": kind,
+                        "shape": shape,
+                        "n": n,
+                        "bytes": nbytes,
+                        "s": statistics.median(times),
+                        "link": link,
+                        "ranks_sending_across": across,
+                    }
+                )
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"results": results, "skipped": skipped, "backend": "nccl" if cuda else "gloo"}, f)
+            json.dump(
+                {"results": results, "skipped": skipped, "backend": "nccl" if cuda else "gloo", "hosts": hosts}, f
+            )
     dist.destroy_process_group()
     sys.stdout.flush()
-    os._exit(0)  # as moemesh's ranks leave: no interpreter teardown after the group is gone
+    if leave or rank != 0:  # rank 0 of a launched job returns to report
+        os._exit(0)  # as moemesh's ranks leave: no interpreter teardown after the group is gone
 
 
 def fits(results: list[dict]) -> list[dict]:
-    """Per (kind, shape): GB/s and latency from the planner's bytes' and steps over the sizes."""
+    """Per (kind, shape): GB/s and latency from the planner's bytes' and steps over the sizes; its
+    link class, and for one-rank-per-host shapes the host's link rate (``link_gbps``)."""
     out = []
     keys = sorted({(r["kind"], r["shape"], r["n"]) for r in results})
     for kind, shape, n in keys:
@@ -198,7 +277,17 @@ def fits(results: list[dict]) -> list[dict]:
         if len(rows) < 2:
             continue
         gbps, lat = fit_line([planner_bytes_steps(kind, r["bytes"], n) for r in rows], [r["s"] for r in rows])
-        out.append({"kind": kind, "shape": shape, "n": n, "gbps": gbps, "latency_us": lat})
+        fit = {
+            "kind": kind,
+            "shape": shape,
+            "n": n,
+            "gbps": gbps,
+            "latency_us": lat,
+            "link": rows[0].get("link", "intra"),
+        }
+        if rows[0].get("ranks_sending_across") and kind != "p2p":  # a ping-pong's pairs alternate directions
+            fit["link_gbps"] = gbps * rows[0]["ranks_sending_across"]
+        out.append(fit)
     return out
 
 
@@ -215,29 +304,35 @@ PLANNER_KINDS = {
 }
 
 
-def planner_constants(data: dict, link: str = "intra") -> dict:
-    """``cluster.calibration``'s gbps and latency_us for the planner's kinds, each one line fitted
-    over every group shape and size of its collective (the shapes vary the steps apart from the
-    bytes). One machine: every group is inside a node, so the link class is ``intra``."""
+def planner_constants(data: dict) -> dict:
+    """``cluster.calibration``'s gbps and latency_us for the planner's kinds and link classes, each
+    one line fitted over every group shape and size of its collective on that link (the shapes vary
+    the steps apart from the bytes). One machine: every group is inside a node, ``intra`` only."""
     gbps, latency = {}, {}
-    for kind, collectives in PLANNER_KINDS.items():
-        rows = [r for r in data["results"] if r["kind"] in collectives]
-        if len(rows) < 2:
-            continue
-        bw, lat = fit_line([planner_bytes_steps(r["kind"], r["bytes"], r["n"]) for r in rows], [r["s"] for r in rows])
-        gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
+    for link in ("intra", "inter"):
+        for kind, collectives in PLANNER_KINDS.items():
+            rows = [r for r in data["results"] if r["kind"] in collectives and r.get("link", "intra") == link]
+            if len(rows) < 2:
+                continue
+            xs = [planner_bytes_steps(r["kind"], r["bytes"], r["n"]) for r in rows]
+            bw, lat = fit_line(xs, [r["s"] for r in rows])
+            gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
     return {"gbps": gbps, "latency_us": latency}
 
 
 def table(data: dict) -> str:
     sizes = sorted({r["bytes"] for r in data["results"]})
-    head = "| collective | group | " + " | ".join(f"{s / 2**10:,.0f} KiB µs" for s in sizes)
-    lines = [head + " | fitted GB/s | fitted latency µs |", "|" + "---|" * (len(sizes) + 4)]
+    head = "| collective | group | link | " + " | ".join(f"{s / 2**10:,.0f} KiB µs" for s in sizes)
+    lines = [head + " | fitted GB/s | fitted latency µs | host link GB/s |", "|" + "---|" * (len(sizes) + 6)]
     by = {(r["kind"], r["shape"], r["bytes"]): r["s"] for r in data["results"]}
     for f in data["fits"]:
         cells = [by.get((f["kind"], f["shape"], s)) for s in sizes]
         shown = " | ".join("-" if c is None else f"{c * 1e6:,.0f}" for c in cells)
-        lines.append(f"| {f['kind']} | {f['shape']} | {shown} | {f['gbps']:.3g} | {f['latency_us']:.3g} |")
+        host_link = f"{f['link_gbps']:.3g}" if "link_gbps" in f else "-"
+        lines.append(
+            f"| {f['kind']} | {f['shape']} | {f.get('link', 'intra')} | {shown} | {f['gbps']:.3g} | "
+            f"{f['latency_us']:.3g} | {host_link} |"
+        )
     for kind, why in data.get("skipped", {}).items():
         lines.append(f"\n{kind}: skipped, the backend refused it: {why}")
     return "\n".join(lines)
@@ -245,25 +340,35 @@ def table(data: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=4, help="ranks to spawn on this machine")
+    ap.add_argument("--world", type=int, default=4, help="ranks to spawn on this machine (under a launcher: its)")
     ap.add_argument("--sizes", default="16K,256K,1M,4M", help="message sizes in bytes (K, M, G suffixes)")
     ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
     ap.add_argument("--repeats", type=int, default=3, help="timings per size (the median is kept)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="the collectives to time (default: all)")
     ap.add_argument("--out", help="write the times and fits as JSON (for scripts/calibrate.py --calibrate-from)")
     a = ap.parse_args(argv)
     if a.world < 2:
         ap.error("--world must be at least 2")
     sizes = [parse_size(s) for s in a.sizes.split(",")]
-    import torch.multiprocessing as mp
-
+    kinds = tuple(a.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds {a.kinds}: valid: {','.join(KINDS)}")
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     with tempfile.TemporaryDirectory(prefix="moemesh-bench-comm-") as tmp:
         raw = os.path.join(tmp, "raw.json")
-        args = (a.world, os.path.join(tmp, "store"), sizes, a.iters, a.repeats, raw)
-        mp.start_processes(_rank, args=args, nprocs=a.world, start_method="spawn")
+        if launched:  # one rank of a launched job: this process; rank 0 goes on to report
+            world = int(os.environ["WORLD_SIZE"])
+            _rank(int(os.environ["RANK"]), world, None, sizes, a.iters, a.repeats, raw, kinds, leave=False)
+        else:
+            import torch.multiprocessing as mp
+
+            world = a.world
+            args = (world, os.path.join(tmp, "store"), sizes, a.iters, a.repeats, raw, kinds)
+            mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
         with open(raw) as f:
             data = json.load(f)
     data["fits"] = fits(data["results"])
-    data["world"] = a.world
+    data["world"] = world
     print(table(data))
     if a.out:
         with open(a.out, "w") as f:

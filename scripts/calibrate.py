@@ -154,6 +154,35 @@ def report(jobs: list[Job], loo: cal.LeaveOneOut, fitted: cal.Fit) -> str:
     return "\n".join(lines)
 
 
+def link_report(jobs: list[Job], two: cal.LeaveOneOut, one: cal.LeaveOneOut) -> str:
+    """Multi-node jobs: the leave-one-out step-time error with intra- and inter-node links priced
+    apart (the planner's model) against one link class for both (``calibration.one_link``)."""
+    inter = [i for i, j in enumerate(jobs) if cal.crosses_nodes(j.terms)]
+    lines = [
+        "",
+        "| layout | All-to-All crosses nodes | measured step s | two links (left out) s | error | one link s | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, j in enumerate(jobs):
+        m = two.measured_s[i]
+        lines.append(
+            f"| {j.name} | {'yes' if i in inter else 'no'} | {m:.4f} | {two.after_s[i]:.4f} | "
+            f"{two.errors_after[i]:.1%} | {one.after_s[i]:.4f} | {one.errors_after[i]:.1%} |"
+        )
+    lines.append(
+        f"\nleave-one-out step-time error, median over all {len(jobs)} jobs: two link classes "
+        f"{two.median_after:.1%}, one link class {one.median_after:.1%}"
+    )
+    if inter:
+        two_inter = statistics.median(two.errors_after[i] for i in inter)
+        one_inter = statistics.median(one.errors_after[i] for i in inter)
+        lines.append(
+            f"over the {len(inter)} jobs whose All-to-All crosses nodes: two link classes {two_inter:.1%}, "
+            f"one link class {one_inter:.1%}"
+        )
+    return "\n".join(lines)
+
+
 def write_cluster(
     name: str, jobs: list[Job], fitted: cal.Fit, loo: cal.LeaveOneOut, sources: list[Path], bench: dict | None = None
 ) -> Path:
@@ -300,6 +329,10 @@ def main(argv=None) -> None:
     fitted, _ = cal.fit_staged(stages, phases, prior, fixed)
     loo = cal.leave_one_out([j.name for j in jobs], stages, phases, prior, [j.before_s for j in jobs], fixed)
     print(report(jobs, loo, fitted))
+    if any(cal.crosses_nodes(t, kind) for j in jobs for t in j.stages for kind in cal.KINDS):
+        merged = [[cal.one_link(t) for t in j.stages] for j in jobs]
+        one = cal.leave_one_out([j.name for j in jobs], merged, phases, prior, [j.before_s for j in jobs], fixed)
+        print(link_report(jobs, loo, one))
     if args.check:
         try:
             checked = load_jobs(args.check, cal.PlannerOptions(args.mfu, args.peak_flops))

@@ -12,3 +12,13 @@ import pytest
 @pytest.fixture
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask():
+    """train.py sets the process umask (cluster.output_access); a test that runs it in-process
+    must not leave that to the tests after it (nor to the daemons a test starts)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)

@@ -6,6 +6,9 @@
 #         ACCOUNTING=0 bash up.sh   # without (sacct fails; submitit still works via result files)
 # Afterwards:  export SLURM_CONF=$BASE/etc/slurm.conf   (clients: sinfo/srun/sbatch/sacct/submitit)
 set -euo pipefail
+# Daemons that drop to their own users (munge, mysql) must read what this script creates,
+# whatever umask the caller has (a pytest process that ran train.py in-process has 077).
+umask 022
 BASE=${SLURM_BASE:-/tmp/moemesh-slurm}
 CPUS=${SLURM_CPUS:-8}            # advertised CPUs (> real cores => oversubscription for 4/8 tasks)
 ACCOUNTING=${ACCOUNTING:-1}

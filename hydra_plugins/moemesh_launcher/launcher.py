@@ -155,7 +155,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             executor = submitit.AutoExecutor(
                 folder=self.params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=alloc.max_timeouts
             )
-            executor.update_parameters(**alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT)))
+            executor.update_parameters(
+                **alloc.executor_parameters(name=job_name(jobs), python_path=str(REPO_ROOT), python=sys.executable)
+            )
             args = [
                 (full_overrides[j.index], "hydra.sweep.dir", j.index, f"job_id_for_{j.index}", Singleton.get_state())
                 for j in jobs

@@ -145,6 +145,10 @@ class ClusterConfig:
     launcher: Launcher = Launcher.local
     backend: CommBackend = CommBackend.auto  # auto: nccl with CUDA, gloo otherwise
     gpus_per_node: int = 8
+    # The nodes every job's layout must span (null: whatever its world size needs). Not a
+    # setting: a job's nodes follow from its ranks and gpus_per_node; this only states them,
+    # so a command that expects 2 nodes is refused when its layout would take another number.
+    nodes: int | None = None
     collective_timeout_s: int = 300
     preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time to save a checkpoint and stop
     # A rank whose heartbeat (a thread, beating while the process is scheduled at all, also
@@ -156,6 +160,11 @@ class ClusterConfig:
     # srun or mpirun markers) must all meet within this; else the variables are taken for
     # leftovers in the shell and the run is refused (a launcher's ranks keep collective_timeout_s).
     rendezvous_timeout_s: int = 30
+    # The network a multi-node run uses (e.g. ib0): gloo and NCCL talk and listen on it
+    # (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), and the job's store listens on MASTER_ADDR, which
+    # must be one of its addresses (cluster=slurm sets MASTER_ADDR to the first node's). null: the
+    # addresses the nodes' host names resolve to. Nothing listens on every address either way.
+    interface: str | None = None
     # Who may read what the run writes (run dir, logs, metrics, checkpoints): private (umask
     # 077: 0700/0600), group (umask 027: group may read), inherit (the shell's umask).
     output_access: OutputAccess = OutputAccess.private
@@ -175,6 +184,7 @@ class ClusterConfig:
         fields.choice(self, p, "backend", CommBackend)
         fields.choice(self, p, "output_access", OutputAccess)
         fields.positive(self, p, "gpus_per_node")
+        fields.positive_or_null(self, p, "nodes")
         fields.positive_or_null(self, p, "gpus")
         fields.number(self, p, "peak_flops", lambda v: v > 0, "a finite number > 0 (FLOP/s per device) or null")
         fields.greater_than_zero(self, p, "gpu_memory_gb", "intra_node_gbps", "inter_node_gbps")

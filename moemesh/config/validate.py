@@ -73,6 +73,7 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _check_data_source(run)
+    _check_nodes(run, dims)
     if dims.tp > 1:
         _check_tensor_parallel(run, dims)
     if run.parallel.sharding != Sharding.none and dims.data_size == 1:
@@ -105,6 +106,20 @@ def _check_data_source(run: RunConfig) -> None:
             f"data.document_mask=true with parallel.pipeline_parallel_size={pp}: the document ids would "
             "have to travel between pipeline stages with the activations, which the pipeline does not carry; "
             "use a layout without pp, or data.document_mask=false"
+        )
+
+
+def _check_nodes(run: RunConfig, dims: ParallelDims) -> None:
+    """``cluster.nodes``, when given, is the number of nodes the layout takes at gpus_per_node."""
+    nodes, per_node = run.cluster.nodes, run.cluster.gpus_per_node
+    if nodes is None:
+        return
+    takes = -(-dims.world_size // per_node)
+    if nodes != takes:
+        raise ConfigError(
+            f"cluster.nodes={nodes} but parallel={run.parallel.name} ({dims.world_size} ranks) takes {takes} node(s) "
+            f"at cluster.gpus_per_node={per_node}: a job's nodes follow from its ranks; set "
+            f"cluster.gpus_per_node={-(-dims.world_size // nodes)}, or another layout, or drop cluster.nodes"
         )
 
 

@@ -1,4 +1,4 @@
-"""Fused ops of the MoE token path, one file per op, each with a torch reference
+"""Fused ops of the MoE token path and the experts' SwiGLU, one file per op, each with a torch reference
 (also the CPU production path) and a Triton implementation (used on CUDA; tested
 on CPU under TRITON_INTERPRET=1).
 
@@ -19,6 +19,7 @@ from moemesh.kernels._triton import can_run_triton, triton_available
 from moemesh.kernels.gating import GatingOutput, gating_reference, gating_triton
 from moemesh.kernels.permute import permute_reference, permute_triton
 from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
+from moemesh.kernels.swiglu import swiglu_bwd_torch, swiglu_bwd_triton, swiglu_fwd_torch, swiglu_fwd_triton
 from moemesh.kernels.unpermute import unpermute_reference, unpermute_triton
 
 BACKENDS = tuple(b.value for b in KernelBackend)
@@ -31,10 +32,22 @@ class KernelOps:
     permute: Callable
     sort_chunks: Callable
     unpermute: Callable
+    swiglu_fwd: Callable  # (gate, up) -> h, no autograd (moe/experts.py owns the backward)
+    swiglu_bwd: Callable  # (dh, gate, up) -> (dgate, dup, h), no autograd
 
 
-TORCH_OPS = KernelOps("torch", gating_reference, permute_reference, sort_chunks_reference, unpermute_reference)
-TRITON_OPS = KernelOps("triton", gating_triton, permute_triton, sort_chunks_triton, unpermute_triton)
+TORCH_OPS = KernelOps(
+    "torch",
+    gating_reference,
+    permute_reference,
+    sort_chunks_reference,
+    unpermute_reference,
+    swiglu_fwd_torch,
+    swiglu_bwd_torch,
+)
+TRITON_OPS = KernelOps(
+    "triton", gating_triton, permute_triton, sort_chunks_triton, unpermute_triton, swiglu_fwd_triton, swiglu_bwd_triton
+)
 
 
 def resolve_backend(backend: str, device_type: str) -> str:

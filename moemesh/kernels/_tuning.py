@@ -22,6 +22,7 @@ TUNING: dict[str, dict[str, int]] = {
     "sort_chunks": {"block_m": 16, "block_d": 128, "num_warps": 4},
     "gather_sum": {"block_t": 16, "block_d": 128, "num_warps": 4},
     "unpermute_bwd": {"block_n": 16, "block_d": 128, "num_warps": 4},
+    "swiglu": {"block": 1024, "num_warps": 4},
 }
 
 

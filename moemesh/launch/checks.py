@@ -25,6 +25,7 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
         if getattr(run.cluster, key) <= 0:
             raise ConfigError(f"cluster.{key}={getattr(run.cluster, key)}: must be > 0 seconds")
     output_umask(run)
+    check_interface(run, env)
     stale = stale_launcher_env(env)
     if stale:
         raise ConfigError(stale)
@@ -55,6 +56,32 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
             f"parallel={run.parallel.name} needs {dims.world_size} ranks, one GPU each, but this machine has "
             f"{torch.cuda.device_count()} GPUs; launch across nodes (srun/torchrun) or set trainer.device=cpu"
         )
+
+
+# Where gloo and NCCL find the interface to use (cluster.interface sets both for a launched job).
+INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def check_interface(run: RunConfig, env: LauncherEnv | None, environ=os.environ) -> None:
+    """cluster.interface must exist on this node and agree with an interface already chosen
+    in the environment. Spawned ranks (no launcher) talk over loopback: not checked."""
+    name = run.cluster.interface
+    if name is None or env is None:
+        return
+    import socket
+
+    have = [n for _, n in socket.if_nameindex()]
+    if name not in have:
+        raise ConfigError(
+            f"cluster.interface={name}: no such network interface on {socket.gethostname()}; valid here: "
+            f"{', '.join(have)}"
+        )
+    for var in INTERFACE_VARS:
+        if environ.get(var, name) != name:
+            raise ConfigError(
+                f"cluster.interface={name} but {var}={environ[var]} is set: they choose the network two ways; "
+                f"unset {var} or set cluster.interface={environ[var]}"
+            )
 
 
 # What each cluster.output_access lets others do with the run's files: the process umask.

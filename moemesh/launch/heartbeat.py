@@ -8,12 +8,19 @@ Spawned ranks beat into files in the rendezvous directory (``beat_into_file``), 
 parent watches (``HangWatch``); under torchrun/srun/deepspeed each rank beats into the job's
 store and watches the next rank's beats (``PeerWatch``). Silence for
 ``cluster.hang_timeout_s`` names the rank and stops the job.
+
+A whole node lost (its processes killed, its link down) is told apart from one stopped rank:
+the rank that notices (a silent peer, or a collective that failed) reads every rank's beats
+twice, ``LOST_WINDOW`` apart; a host other than its own whose ranks all stopped, none of them
+having finished, is lost. One line names the host and its ranks; under SLURM the job is then
+requeued (``launch.slurm.requeue_job``) and resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import sys
 import threading
@@ -104,6 +111,23 @@ class HangWatch:
             raise Stalled(rank, stalled[rank], started=self.changed[rank] is not None)
 
 
+def lost_hosts(hosts: dict[int, str], stopped: set[int], done: set[int], me: str) -> dict[str, list[int]]:
+    """{host: its ranks} for every host other than ``me`` whose ranks all ``stopped`` beating
+    without one of them being ``done``. ``hosts``: each rank's "hostname, pid N"."""
+    by_host: dict[str, list[int]] = {}
+    for rank, where in sorted(hosts.items()):
+        by_host.setdefault(where.partition(", pid ")[0], []).append(rank)
+    return {
+        host: ranks
+        for host, ranks in by_host.items()
+        if host != me and all(r in stopped for r in ranks) and not any(r in done for r in ranks)
+    }
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
 class PeerWatch:
     """Under torchrun/srun/deepspeed: beat into the job's store and watch the next rank's
     beats (rank r watches r+1, so one rank reports a stalled one and the store sees O(world)
@@ -114,7 +138,13 @@ class PeerWatch:
 
     Two threads: one talks to the store; the other only reads the clock, because a call to a
     store whose host is stopped blocks for ever (measured: its timeout does not apply then).
+
+    Where the silent ranks are a whole other host (``lost_hosts``), the line names the host and
+    its ranks instead, and under SLURM the job is requeued (``node_lost``; a collective that
+    failed asks the same question through ``after_failure``).
     """
+
+    LOST_WINDOW = 2.5  # seconds between the two reads of every rank's beats (> 2 beat intervals)
 
     def __init__(self, run: RunConfig, rank: int, world_size: int, environ: Mapping[str, str] = os.environ):
         import socket
@@ -123,9 +153,11 @@ class PeerWatch:
         self.interval = beat_interval(self.timeout)
         self.rank, self.peer, self.world_size = rank, (rank + 1) % world_size, world_size
         self.where = f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
-        self.store_host = None if "TORCHELASTIC_RUN_ID" in environ else 0  # the rank whose process hosts the store
+        # The rank whose process hosts the store: rank 0, unless torchrun's agent hosts it.
+        agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "True"
+        self.store_host = None if "TORCHELASTIC_RUN_ID" in environ and agent_store else 0
         prefix = f"moemesh/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # torchrun's store outlives a restart
-        self.keys = {k: f"{prefix}/{k}/" for k in ("beat", "done", "host")}
+        self.keys = {k: f"{prefix}/{k}/" for k in ("beat", "done", "host", "lost")}
         self.store = dist.TCPStore(
             environ["MASTER_ADDR"],
             int(environ["MASTER_PORT"]),
@@ -162,6 +194,78 @@ class PeerWatch:
         except RuntimeError:
             pass
 
+    def _cache_hosts(self) -> None:
+        """Every rank's "hostname, pid N", cached once all have written theirs (one check a
+        beat until then): a lost host is named from the cache when the store is gone too."""
+        keys = [self.keys["host"] + str(r) for r in range(self.world_size)]
+        if len(self.hosts) < self.world_size and self.store.check(keys):
+            for r, value in enumerate(self.store.multi_get(keys)):
+                self.hosts[r] = value.decode(errors="replace")
+
+    def _stopped(self) -> tuple[set[int], set[int]] | None:
+        """(ranks whose beats did not move in LOST_WINDOW, ranks done), read from the store in a
+        thread of its own; None if the store did not answer within LOST_WINDOW + 5 s."""
+        found: list[tuple[set[int], set[int]]] = []
+        ranks = range(self.world_size)
+
+        def read() -> None:
+            try:
+                self._cache_hosts()
+                before = [self.store.add(self.keys["beat"] + str(r), 0) for r in ranks]
+                time.sleep(self.LOST_WINDOW)
+                after = [self.store.add(self.keys["beat"] + str(r), 0) for r in ranks]
+                done = {r for r in ranks if self.store.add(self.keys["done"] + str(r), 0)}
+            except RuntimeError:
+                return
+            found.append(({r for r in ranks if before[r] == after[r] and r != self.rank}, done))
+
+        reader = threading.Thread(target=read, name="moemesh-lost-host", daemon=True)
+        reader.start()
+        reader.join(self.LOST_WINDOW + 5)
+        return found[0] if found else None
+
+    def node_lost(self, why: str) -> bool:
+        """If a whole other host has stopped: print one line naming it and its ranks (the
+        first rank to see it does; under SLURM it also requeues the job), and return True. The
+        caller then exits. ``why``: what this rank saw first."""
+        if len(self.hosts) == self.world_size and all(
+            w.partition(", pid ")[0] == self.host for w in self.hosts.values()
+        ):
+            return False  # one host: no other to lose
+        seen = self._stopped()
+        if seen is None or len(self.hosts) < self.world_size:
+            return False
+        lost = lost_hosts(self.hosts, *seen, self.host)
+        if not lost:
+            return False
+        try:
+            first = self.store.add(self.keys["lost"], 1) == 1
+        except RuntimeError:
+            first = True
+        if first:
+            from moemesh.launch.slurm import requeue_job
+
+            hosts = "; ".join(f"host {h} lost: its {_ranks_text(r)} stopped" for h, r in lost.items())
+            print(
+                f"moemesh: {hosts} ({why}; none beat in {self.LOST_WINDOW:g} s, cluster.hang_timeout_s="
+                f"{self.timeout}): the host died or its link is down; rank {self.rank} ({self.host}) stops the "
+                f"job{requeue_job()}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
+
+    def after_failure(self, err: BaseException) -> None:
+        """This rank's training raised. If it is because a whole other host is gone (a
+        collective's peer vanished), say so in one line and exit 1; else return (the caller
+        re-raises)."""
+        if not isinstance(err, (RuntimeError, OSError)):
+            return
+        # gloo's messages start with its source location: "[.../pair.cc:553] Connection closed by peer ..."
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0])[:160]
+        if self.node_lost(f"{type(err).__name__}: {first}"):
+            os._exit(1)
+
     def _host(self, rank: int) -> str:
         """'hostname, pid N' of a rank, as it wrote it at its start (cached: the store may stop)."""
         if rank not in self.hosts:
@@ -173,7 +277,9 @@ class PeerWatch:
                 pass
         return self.hosts.get(rank, "host unknown")
 
-    def _stalled(self, rank: int, message: str) -> None:
+    def _stalled(self, rank: int, message: str, ask_store: bool = True) -> None:
+        if ask_store and self.node_lost(f"rank {rank}: {message}"):
+            os._exit(1)
         where = self.hosts.get(rank, "host unknown")
         self._kill_if_local(rank, where)
         print(
@@ -225,14 +331,37 @@ class PeerWatch:
                 self.answered = now
             if now - self.answered > self.timeout and not self.stop.is_set():
                 silent = f"the job's store at {self.where} did not answer for {now - self.answered:.0f} s"
+                if self.store_host is not None and self._store_host_elsewhere():
+                    self._store_host_lost(silent)
                 if self.store_host is not None:
-                    self._stalled(self.store_host, f"{silent} (rank {self.store_host} hosts it)")
+                    self._stalled(self.store_host, f"{silent} (rank {self.store_host} hosts it)", ask_store=False)
                 print(
                     f"moemesh: {silent} (cluster.hang_timeout_s={self.timeout}); rank {self.rank} stops the job",
                     file=sys.stderr,
                     flush=True,
                 )
                 os._exit(1)
+
+    def _store_host_elsewhere(self) -> bool:
+        where = self.hosts.get(self.store_host) if self.store_host is not None else None
+        return where is not None and len(self.hosts) == self.world_size and where.partition(", pid ")[0] != self.host
+
+    def _store_host_lost(self, silent: str) -> None:
+        """The store's host (rank 0's) stopped answering and it is another host: name it and its
+        ranks (from the cache: the store cannot be asked), try to requeue under SLURM, exit 1.
+        From here a dead store host and this host cut off look the same, so the line says both."""
+        from moemesh.launch.slurm import requeue_job
+
+        host = self.hosts[self.store_host].partition(", pid ")[0]  # type: ignore[index]
+        ranks = [r for r, w in sorted(self.hosts.items()) if w.partition(", pid ")[0] == host]
+        print(
+            f"moemesh: rank {self.rank} ({self.host}) lost the job's store: {silent} (cluster.hang_timeout_s="
+            f"{self.timeout}); it is rank {self.store_host}'s, on host {host} ({_ranks_text(ranks)}): {host} died or "
+            f"the link between {host} and {self.host} is down; rank {self.rank} stops the job{requeue_job()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
     def _beat_and_watch(self) -> None:
         beat, peer_beat = self.keys["beat"] + str(self.rank), self.keys["beat"] + str(self.peer)
@@ -250,6 +379,7 @@ class PeerWatch:
                 watching = watching and not self.store.check([peer_done])
                 for r in {r for r in (self.peer, self.store_host) if r is not None}:
                     self._host(r)
+                self._cache_hosts()
             except RuntimeError:  # refused: the store's host left; _watch_store judges
                 continue
             self.answered = time.monotonic()

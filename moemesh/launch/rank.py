@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.fields import CommBackend
-from moemesh.launch.checks import use_cuda
+from moemesh.launch.checks import INTERFACE_VARS, use_cuda
 from moemesh.launch.context import RankContext
 from moemesh.launch.heartbeat import PeerWatch
 from moemesh.launch.signals import install_stop_handlers
@@ -33,18 +33,25 @@ def _cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ)
     return max(1, usable // local_world_size)
 
 
-def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_dir, data_paths, worker, store=None):
-    """Run ``worker(run, ctx)`` as ``rank``; join the process group through ``init_method``
-    (``env://``, a spawned job's ``file://`` store, or None: a lone rank), or ``store``.
-    ``data_paths`` is passed through to the training function untouched."""
+def _device(run, local_rank: int, local_world_size: int) -> torch.device:
+    """This rank's device: a GPU by local rank, or the CPU with its share of the threads."""
     if use_cuda(run):
         # srun --gpus-per-task (or a bound CUDA_VISIBLE_DEVICES) may show each task one GPU.
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        threads = run.trainer.threads_per_rank or _cpu_threads(local_world_size)
-        torch.set_num_threads(threads)
+        return device
+    torch.set_num_threads(run.trainer.threads_per_rank or _cpu_threads(local_world_size))
+    return torch.device("cpu")
+
+
+def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_dir, data_paths, worker, store=None):
+    """Run ``worker(run, ctx)`` as ``rank``; join the process group through ``init_method``
+    (``env://``, a spawned job's ``file://`` store, or None: a lone rank), or ``store``.
+    ``data_paths`` is passed through to the training function untouched."""
+    device = _device(run, local_rank, local_world_size)
+    if init_method == "env://" and run.cluster.interface:  # checks.check_launcher: no other one was set
+        for var in INTERFACE_VARS:
+            os.environ[var] = run.cluster.interface
     backend = run.cluster.backend
     if backend == CommBackend.auto:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -87,6 +94,10 @@ def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_
         result = worker(run, ctx)
         finished = True
         return result
+    except Exception as err:
+        if watch is not None:
+            watch.after_failure(err)  # a whole other host gone: one line, exit 1
+        raise
     finally:
         if watch is not None:
             watch.finish(finished=finished)

@@ -1,5 +1,9 @@
 """Run the training function on every rank of this job: join the launcher's job
-(torchrun, srun, deepspeed), run the one rank here, or spawn the local ranks."""
+(torchrun, srun, deepspeed), run the one rank here, or spawn the local ranks.
+
+Where a rank of this job hosts the job's store (rank 0, unless torchrun's agent hosts it), it
+creates it itself, listening on MASTER_ADDR's address only (``launch.store``): torch's own
+env:// store would listen on every address of the node."""
 
 from __future__ import annotations
 
@@ -8,13 +12,12 @@ import os
 import time
 from collections.abc import Mapping
 
-import torch.distributed as dist
-
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
 from moemesh.launch.env import LauncherEnv, export_srun_env, launcher_markers, leftovers
 from moemesh.launch.rank import Worker, run_rank
 from moemesh.launch.spawn import spawn_ranks
+from moemesh.launch.store import job_store
 from moemesh.parallel.dims import ParallelDims
 
 
@@ -29,6 +32,8 @@ def run_ranks(run: RunConfig, dims: ParallelDims, env: LauncherEnv | None, outpu
         store = None
         if env.kind == "torchrun" and launcher_markers() is None:
             store = _unlaunched_store(run, env)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and env.world_size > 1:
+            store = _launched_store(run, env)
         return run_rank(
             run,
             dims,
@@ -63,14 +68,35 @@ def _unlaunched_store(run: RunConfig, env: LauncherEnv, environ: Mapping[str, st
         # Probed from Python: a TCPStore client that cannot connect prints pages of C++ retries.
         raise ConfigError(stale.format(what=f"rank 0 did not answer at {host}:{port}"))
     try:
-        store = dist.TCPStore(
-            host, port, env.world_size, env.rank == 0, timeout=datetime.timedelta(seconds=bound), wait_for_workers=True
+        store = job_store(
+            host,
+            port,
+            env.world_size,
+            is_master=env.rank == 0,
+            timeout_s=bound,
+            spans_nodes=env.local_world_size < env.world_size,
+            interface=run.cluster.interface,
         )
     except RuntimeError as err:  # DistStoreError: not every rank came; DistNetworkError: port taken
         first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(stale.format(what=f"the {env.world_size}-rank job did not form ({first})")) from None
     store.set_timeout(datetime.timedelta(seconds=run.cluster.collective_timeout_s))
     return store
+
+
+def _launched_store(run: RunConfig, env: LauncherEnv, environ: Mapping[str, str] = os.environ):
+    """The store of a launcher's job whose rank 0 hosts it (srun, deepspeed, mpirun, torchrun
+    with its agent's store turned off): on MASTER_ADDR's address only. The ranks wait for it as
+    long as for a collective (a large job's ranks may take minutes to start)."""
+    return job_store(
+        environ["MASTER_ADDR"],
+        int(environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=env.rank == 0,
+        timeout_s=run.cluster.collective_timeout_s,
+        spans_nodes=env.local_world_size < env.world_size,
+        interface=run.cluster.interface,
+    )
 
 
 def _reachable(host: str, port: int, within_s: float) -> bool:

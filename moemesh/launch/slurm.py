@@ -13,6 +13,9 @@ launcher in ``hydra_plugins/moemesh_launcher``; this module holds what it decide
     one job array, and a sweep that needs several allocations is split into one array per
     allocation (``cluster.slurm.mixed_allocations=split``) or rejected before anything is
     submitted (``reject``).
+  * **a lost node**: the rank that finds a whole other host gone (``launch.heartbeat``) asks
+    SLURM to requeue the job (``requeue_job``), as SLURM itself does on a node failure it
+    notices: the requeued attempt resumes from the last checkpoint once nodes are back.
   * the **requeue signal**: submitit asks SLURM for SIGUSR2 ``signal_delay_s`` before the
     time limit; the ranks turn it into a stop request, save at the next step boundary, and
     the launcher's task then lets submitit requeue the job, and the requeued attempt resumes
@@ -24,8 +27,10 @@ Nothing here imports torch: the launcher runs on login nodes.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +59,7 @@ class Allocation:
     max_timeouts: int = 3
     additional: tuple = field(default=())  # sorted (key, value) pairs
     setup: tuple = field(default=())
+    interface: str | None = None  # cluster.interface: MASTER_ADDR is the first node's address on it
 
     @property
     def world_size(self) -> int:
@@ -77,8 +83,11 @@ class Allocation:
             f" ({', '.join(extra)})" if extra else ""
         )
 
-    def executor_parameters(self, *, name: str, python_path: str | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``submitit.AutoExecutor.update_parameters``."""
+    def executor_parameters(
+        self, *, name: str, python_path: str | None = None, python: str = "python"
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``submitit.AutoExecutor.update_parameters``. ``python``: the
+        interpreter the batch script runs (it prints cluster.interface's address there)."""
         params: dict[str, Any] = {
             "name": name,
             "nodes": self.nodes,
@@ -107,6 +116,11 @@ class Allocation:
         # The submitting shell's environment reaches the job (sbatch --export=ALL): rank
         # variables left in it must not override the ones each task derives.
         setup = ["unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT", *self.setup]
+        if self.interface:
+            # The batch script runs on the first node, rank 0's: its address on the interface is
+            # where rank 0's store listens and every rank connects.
+            query = f"{shlex.quote(python)} -m moemesh.launch.store address {shlex.quote(self.interface)}"
+            setup.insert(1, f"MASTER_ADDR=$({query}) || exit 2; export MASTER_ADDR")
         if python_path:  # the tasks import this repository's packages wherever sbatch starts them
             setup.insert(0, f"export PYTHONPATH={python_path}${{PYTHONPATH:+:$PYTHONPATH}}")
         if setup:
@@ -142,6 +156,7 @@ def allocation_for(run: RunConfig, world_size: int) -> Allocation:
         max_timeouts=s.max_timeouts,
         additional=tuple(sorted((str(k), _sbatch_value(v)) for k, v in s.additional_parameters.items())),
         setup=tuple(s.setup),
+        interface=run.cluster.interface,
     )
 
 
@@ -261,3 +276,20 @@ def requeue_signal() -> signal.Signals:
     """The signal submitit asks SLURM to send before the time limit (SIGUSR2 unless overridden)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
     return getattr(signal, "SIG" + name.removeprefix("SIG"))
+
+
+def requeue_job(environ: Mapping[str, str] = os.environ, timeout_s: float = 15.0) -> str:
+    """After a lost node: requeue this SLURM batch job (``scontrol requeue``; SLURM refuses a job
+    submitted with --no-requeue, or an interactive one). Returns the clause the report line
+    ends with; "" outside a SLURM job step."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job or "SLURM_STEP_ID" not in environ:
+        return ""
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"; SLURM job {job} could not be requeued ({type(err).__name__}: {err})"
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[0]
+        return f"; SLURM job {job} was not requeued ({reason})"
+    return f"; SLURM job {job} requeued: it resumes from its last checkpoint"

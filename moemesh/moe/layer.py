@@ -200,8 +200,9 @@ class MoELayer(nn.Module):
             self.shared.shard(tp_group, sequence_parallel=sequence_parallel)
 
     def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
-        """The token-path kernels (gating, permute, chunk sort, unpermute) and the expert GEMMs."""
-        self.router.ops = self.dispatcher.ops = ops
+        """The token-path kernels (gating, permute, chunk sort, unpermute), the experts' SwiGLU and
+        their GEMMs."""
+        self.router.ops = self.dispatcher.ops = self.experts.ops = ops
         self.experts.use_grouped_mm = use_grouped_mm and grouped_mm_available()
 
     def forward(self, x_BSD: torch.Tensor, *, loss_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:

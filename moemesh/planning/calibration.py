@@ -40,6 +40,11 @@ reported as not measured.
 
 ``leave_one_out`` fits on all layouts but one and predicts the one left out: the step-time error
 a new layout can expect, before (the prior constants) and after calibration.
+
+Link classes. Every collective is priced on the link its group uses: ``intra`` (inside a node) or
+``inter`` (its group spans nodes), each kind with its own bandwidth and latency per class.
+``one_link`` folds a layout's inter-node traffic into the intra-node keys: the one-link model, to
+measure what telling the links apart buys on a multi-node sweep (``scripts/calibrate.py``).
 """
 
 from __future__ import annotations
@@ -153,6 +158,23 @@ class Constants:
 
     def step_s(self, t: Terms) -> float:
         return self.compute_s(t) + self.comm_s(t) + self.other_s(t)
+
+
+def one_link(t: Terms) -> Terms:
+    """``t`` as a one-link model prices it: each kind's inter-node bytes and steps added to its
+    intra-node ones, so one bandwidth and one latency per kind cover every link."""
+    comm: dict[str, tuple[float, float]] = {}
+    for key, (nbytes, steps) in t.comm.items():
+        merged = f"{key.rsplit('_', 1)[0]}_intra"
+        b, st = comm.get(merged, (0.0, 0.0))
+        comm[merged] = (b + nbytes, st + steps)
+    return dataclasses.replace(t, comm=comm)
+
+
+def crosses_nodes(t: Terms, kind: str = "a2a") -> bool:
+    """Whether the layout's ``kind`` collectives run over the inter-node link."""
+    nbytes, steps = t.comm.get(f"{kind}_inter", (0.0, 0.0))
+    return nbytes > 0 or steps > 0
 
 
 def prior_constants(flops_per_s: float, intra_gbps: float, inter_gbps: float, latency_us: float) -> Constants:

@@ -157,7 +157,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
                             w1 and w3 outputs, silu's output, their product
       MoE                   the router's input T D / s (with t > 1 and no SP a slice of the
                             norm output, which keeps all of it alive), logits and scores 2 Tr E; the experts'
-                            input rows N D; silu's output and the product 2 N Fe; the rows the
+                            input rows N D (the experts keep no more: silu and the product are
+                            recomputed in their backward, moe/experts.py); the rows the
                             unpermute weights N D; a shared expert's input (under SP its two
                             gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t
       expert_out            N (2 Fe + D): w1, w3 and w2 outputs
@@ -179,7 +180,7 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
         Tr = T // t
         N = Tr * m.top_k
         Fe, Fs = m.moe_ffn_hidden_size, m.shared_expert_ffn_size
-        rest += T * D // s + 2 * Tr * m.num_experts + N * D + 2 * N * Fe + N * D
+        rest += T * D // s + 2 * Tr * m.num_experts + N * D + N * D
         expert_out = N * (2 * Fe + D)
         if Fs:
             rest += (2 * T * D if sp else T * D if t > 1 else 0) + 4 * T * Fs // t

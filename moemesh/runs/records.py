@@ -99,7 +99,7 @@ class StepRecord(_StepRecord, total=False):
 
 
 class _RunSummary(TypedDict):
-    machine: dict  # hostname, device, count, cpus, python, torch
+    machine: dict  # hostname, hosts and rank_hosts (rank r ran on rank_hosts[r]), device, count, cpus, python, torch
     parallel: str  # the layout's name (parallel.dims.layout_name)
     dp: int
     ep: int

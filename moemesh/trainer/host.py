@@ -11,6 +11,8 @@ import socket
 
 import torch
 
+from moemesh.parallel.comm import group_size
+
 
 def resident_bytes(device: torch.device) -> int:
     """What the rank holds now: CUDA tensors, or the process's resident set on the CPU."""
@@ -60,14 +62,22 @@ def cpu_model() -> str:
         return name
 
 
-def machine(device: torch.device) -> dict:
-    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles)."""
+def machine(device: torch.device, world_group=None) -> dict:
+    """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles), and on
+    which hosts: every rank's host name, gathered over ``world_group`` (one collective)."""
     if device.type == "cuda":
         name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
     else:
         name, count = cpu_model(), 1
+    hostname = socket.gethostname()
+    rank_hosts: list = [hostname]
+    if group_size(world_group) > 1:
+        rank_hosts = [None] * group_size(world_group)
+        torch.distributed.all_gather_object(rank_hosts, hostname, group=world_group)
     return {
-        "hostname": socket.gethostname(),
+        "hostname": hostname,
+        "hosts": list(dict.fromkeys(rank_hosts)),  # every host of the run, in rank order
+        "rank_hosts": rank_hosts,  # rank r ran on rank_hosts[r]
         "device": name,
         "count": count,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

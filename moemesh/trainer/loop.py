@@ -475,7 +475,7 @@ def _summary(
     step_s = medians["time.step"] if medians else None
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
     return {
-        "machine": machine(device),
+        "machine": machine(device, mesh.world_group),
         "parallel": layout_name(dims),  # what ran, whatever the config called it
         "dp": dims.dp,
         "ep": dims.ep,

@@ -99,3 +99,16 @@ def test_batch_plan_refuses_what_does_not_divide(trainer, dims, needle):
     with pytest.raises(ConfigError) as err:
         BatchPlan.of(TrainerConfig(**trainer), dims)
     assert needle in str(err.value)
+
+
+def test_cluster_nodes_states_what_the_layout_takes():
+    from moemesh.config.validate import validate_run
+
+    run = tiny_run(**{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.nodes": 2})
+    with pytest.raises(ConfigError, match=r"cluster.nodes=2 but parallel=.* \(4 ranks\) takes 1 node\(s\) at "):
+        validate_run(run)
+    ok = tiny_run(
+        **{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.nodes": 2,
+           "cluster.gpus_per_node": 2}
+    )  # fmt: skip
+    assert validate_run(ok).world_size == 4

@@ -431,3 +431,48 @@ def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys)
     typed, one = (float(x) for x in re.findall(r"median step-time error ([\d.]+)%.* ([\d.]+)% with one", line)[0])
     assert typed < 0.1 and one > 2.0, line
     assert "checked: the planner with per-type rates picks" in text
+
+
+def test_two_link_classes_fit_a_two_node_sweep_that_one_link_cannot():
+    """Layouts of 4 ranks on 2 nodes of 2 (EP inside a node or across) and of 2 ranks on one node,
+    measured with an inter-node link 20x slower than the intra-node one: the planner's two link
+    classes recover both bandwidths and predict the left-out layouts whose All-to-All crosses
+    nodes; one link class for both (calibration.one_link) cannot."""
+    true = dataclasses.replace(
+        TRUE,
+        gbps={**TRUE.gbps, "a2a_inter": 0.025, "sync_inter": 0.025, "tp_inter": 0.01, "p2p_inter": 0.005},
+        latency_us={**TRUE.latency_us, "a2a_inter": 600.0, "sync_inter": 600.0, "tp_inter": 100.0, "p2p_inter": 400.0},
+    )
+    names, stages = [], []
+    for gpus, batch in ((4, 16), (4, 32), (4, 64), (2, 16), (2, 32)):
+        run = compose_run(
+            [
+                f"cluster.gpus={gpus}",
+                "cluster.gpus_per_node=2",
+                "trainer.device=cpu",
+                "trainer.micro_steps=2",
+                f"trainer.global_batch_size={batch}",
+            ]
+        )
+        valid, _ = plan.make_plan(run, gpus, ARGS)
+        names += [f"{plan.layout_name(p.dims)}@{gpus}x{batch}" for p in valid if p.dims.pp == 1]
+        stages += [p.terms for p in valid if p.dims.pp == 1]
+    rng = random.Random(1)
+    phases = []
+    for t in stages:
+        ph = {k: v * (1 + 0.01 * rng.gauss(0, 1)) for k, v in true.phases(t).items()}
+        phases.append({**ph, "step": sum(ph.values())})
+    inter = [i for i, t in enumerate(stages) if cal.crosses_nodes(t)]
+    assert len(inter) >= 5 and len(inter) < len(stages)  # ep4 (and tp2_ep2) cross; ep2_dp2 keeps EP inside
+    before = [PRIOR.step_s(t) for t in stages]
+    two = cal.leave_one_out(names, stages, phases, PRIOR, before)
+    one = cal.leave_one_out(names, [cal.one_link(t) for t in stages], phases, PRIOR, before)
+    err_two = statistics.median(two.errors_after[i] for i in inter)
+    err_one = statistics.median(one.errors_after[i] for i in inter)
+    assert err_two < 0.03 and err_one > 3 * err_two, (err_two, err_one)
+    fitted = cal.fit(stages, phases, PRIOR).constants
+    assert fitted.gbps["a2a_inter"] == pytest.approx(0.025, rel=0.1)
+    assert fitted.gbps["a2a_intra"] == pytest.approx(0.5, rel=0.1)
+    merged = cal.one_link(stages[inter[0]])
+    assert not any(k.endswith("_inter") for k in merged.comm)
+    assert sum(b for b, _ in merged.comm.values()) == pytest.approx(sum(b for b, _ in stages[inter[0]].comm.values()))

@@ -87,3 +87,31 @@ def test_two_ranks_time_every_collective(tmp_path):
     assert all(r["s"] > 0 and r["shape"] == "consecutive2" for r in data["results"])
     assert {f["kind"] for f in data["fits"]} == timed
     assert "| a2a | consecutive2 |" in proc.stdout
+
+
+def test_groups_are_classed_by_the_link_they_use():
+    hosts = ["n1", "n1", "n2", "n2"]
+    shapes = bench_comm.group_shapes(4)
+    assert bench_comm.link_of(shapes["consecutive2"], hosts) == "intra"  # EP/TP peers: one host
+    assert bench_comm.link_of(shapes["strided2"], hosts) == "inter"  # DP peers: across hosts
+    assert bench_comm.link_of(shapes["consecutive4"], hosts) == "inter"
+    assert bench_comm.link_of([[0, 1], [1, 2]], hosts) == "mixed"
+    # One rank per host in each strided pair: both of a host's ranks send over its link at once.
+    assert bench_comm.ranks_sending_across(shapes["strided2"], hosts) == 2
+    assert bench_comm.ranks_sending_across(shapes["consecutive4"], hosts) == 0
+
+
+def test_each_link_class_gets_its_own_constants():
+    rows = []
+    for link, shape, gbps, lat in (("intra", "consecutive2", 2.0, 50.0), ("inter", "strided2", 0.01, 400.0)):
+        for b in (2**14, 2**16, 2**18):
+            nbytes, steps = bench_comm.planner_bytes_steps("a2a", b, 2)
+            t = nbytes / (gbps * 1e9) + steps * lat * 1e-6
+            rows.append(
+                {"kind": "a2a", "n": 2, "bytes": b, "s": t, "shape": shape, "link": link, "ranks_sending_across": 2}
+            )
+    out = bench_comm.planner_constants({"results": rows})
+    assert out["gbps"]["a2a_intra"] == pytest.approx(2.0) and out["gbps"]["a2a_inter"] == pytest.approx(0.01)
+    assert out["latency_us"]["a2a_inter"] == pytest.approx(400.0)
+    (inter,) = [f for f in bench_comm.fits(rows) if f["link"] == "inter"]
+    assert inter["link_gbps"] == pytest.approx(0.02)  # two ranks of a host share its link

@@ -1,0 +1,133 @@
+"""The job's store listens on one address, never on all; a lost host is named from every rank's
+beats; a lost node requeues the SLURM job; cluster.interface is checked and reaches sbatch."""
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from moemesh.errors import ConfigError
+from moemesh.launch import store
+from moemesh.launch.checks import check_interface
+from moemesh.launch.env import LauncherEnv
+from moemesh.launch.heartbeat import lost_hosts
+from moemesh.launch.slurm import allocation_for, requeue_job
+from tests.helpers import tiny_run
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses of this machine's listening TCP sockets on ``port``."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            address, hexport = f[1].split(":")
+            if f[3] == "0A" and int(hexport, 16) == port:
+                out.append(address)
+    return out
+
+
+def test_the_store_listens_on_its_address_only():
+    """torch's TCPStore server listens on [::] for any host name; the job's store on 127.0.0.1."""
+    s = store.job_store("127.0.0.1", 0, 1, is_master=True, timeout_s=10, spans_nodes=False)
+    assert _listening(s.port) == ["0100007F"]  # 127.0.0.1, little-endian hex; nothing on [::] or 0.0.0.0
+    client = store.job_store("127.0.0.1", s.port, 1, is_master=False, timeout_s=10, spans_nodes=False)
+    client.set("k", "v")
+    assert s.get("k") == b"v"
+
+
+def test_addresses_the_other_nodes_cannot_reach_are_refused():
+    with pytest.raises(ConfigError, match=r"MASTER_ADDR=n1 resolves to 127.0.1.1 on rank 0's node, but the job spans"):
+        store.check_store_address("n1", "127.0.1.1", spans_nodes=True, interface=None)
+    store.check_store_address("localhost", "127.0.0.1", spans_nodes=False, interface=None)  # one node: fine
+    with pytest.raises(ConfigError, match=r"MASTER_ADDR=0.0.0.0: the store would listen on every address"):
+        store.check_store_address("0.0.0.0", "0.0.0.0", spans_nodes=False, interface=None)
+    with pytest.raises(ConfigError, match=r"not an address of cluster.interface=lo \(127.0.0.1"):
+        store.check_store_address("n1", "10.0.0.1", spans_nodes=True, interface="lo")
+    store.check_store_address("localhost", "127.0.0.1", spans_nodes=False, interface="lo")
+
+
+def test_a_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ConfigError, match=rf"rank 0 cannot listen on 127.0.0.1 port {port}: Address already in use"
+        ):
+            store.listen_on("127.0.0.1", port, spans_nodes=False)
+
+
+def test_interface_addresses_and_the_cli(capsys):
+    assert "127.0.0.1" in store.interface_addresses("lo")
+    assert store.interface_addresses("no-such-if0") == []
+    assert store.main(["address", "lo"]) == 0 and capsys.readouterr().out.strip() == "127.0.0.1"
+    assert store.main(["address", "no-such-if0"]) == 2
+    assert "cluster.interface=no-such-if0: no IPv4 address" in capsys.readouterr().err
+    assert store.main(["serve", "nonsense"]) == 2
+
+
+HOSTS = {0: "n1, pid 10", 1: "n1, pid 11", 2: "n2, pid 20", 3: "n2, pid 21"}
+
+
+@pytest.mark.parametrize(
+    "stopped, done, me, expected",
+    [
+        ({2, 3}, set(), "n1", {"n2": [2, 3]}),  # n2 gone
+        ({2}, set(), "n1", {}),  # one rank stopped (SIGSTOP, a debugger): not a host
+        ({2, 3}, {3}, "n1", {}),  # rank 3 finished: n2 is leaving, not lost
+        ({0, 1, 2, 3}, set(), "n1", {"n2": [2, 3]}),  # this host's own ranks never make it lost
+        ({0, 1}, set(), "n2", {"n1": [0, 1]}),
+    ],
+)
+def test_a_host_is_lost_when_all_its_ranks_stopped_and_none_finished(stopped, done, me, expected):
+    assert lost_hosts(HOSTS, stopped, done, me) == expected
+
+
+def _fake_scontrol(tmp_path, monkeypatch, body: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_lost_node_requeues_the_batch_job(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    _fake_scontrol(tmp_path, monkeypatch, f'echo "$@" >> {calls}')
+    env = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0"}
+    assert requeue_job(env) == "; SLURM job 42 requeued: it resumes from its last checkpoint"
+    assert calls.read_text() == "requeue 42\n"
+    assert requeue_job({}) == "" and requeue_job({"SLURM_JOB_ID": "42"}) == ""  # not a task of a job step
+    _fake_scontrol(
+        tmp_path, monkeypatch, 'echo "scontrol: error: Requested operation is presently disabled" >&2; exit 1'
+    )
+    assert (
+        requeue_job(env)
+        == "; SLURM job 42 was not requeued (scontrol: error: Requested operation is presently disabled)"
+    )
+
+
+def test_cluster_interface_is_checked_on_each_node_and_sets_master_addr_under_slurm(monkeypatch):
+    env = LauncherEnv(kind="srun", rank=0, world_size=4, local_rank=0, local_world_size=2)
+    run = tiny_run(**{"cluster.interface": "no-such-if0"})
+    with pytest.raises(
+        ConfigError, match=r"cluster.interface=no-such-if0: no such network interface on .*; valid here: .*lo"
+    ):
+        check_interface(run, env, {})
+    check_interface(run, None, {})  # spawned ranks talk over loopback: not checked
+    run = tiny_run(**{"cluster.interface": "lo"})
+    check_interface(run, env, {"GLOO_SOCKET_IFNAME": "lo"})
+    with pytest.raises(ConfigError, match=r"cluster.interface=lo but NCCL_SOCKET_IFNAME=ib0 is set"):
+        check_interface(run, env, {"NCCL_SOCKET_IFNAME": "ib0"})
+    slurm = tiny_run(**{"cluster.name": "slurm", "cluster.launcher": "slurm", "cluster.interface": "ib0"})
+    setup = allocation_for(slurm, 16).executor_parameters(name="t", python="/venv/bin/python")["slurm_setup"]
+    assert setup[:2] == [
+        "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT",
+        "MASTER_ADDR=$(/venv/bin/python -m moemesh.launch.store address ib0) || exit 2; export MASTER_ADDR",
+    ]
+    assert not any(
+        "MASTER_ADDR=$" in l for l in allocation_for(tiny_run(), 16).executor_parameters(name="t")["slurm_setup"]
+    )
