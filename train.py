@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moemesh.config.cli import needs_preflight, preflight
+from moemesh.config.cli import needs_preflight, preflight, refuse
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
@@ -49,8 +49,7 @@ OmegaConf.register_new_resolver(
 
 
 def _refuse(message: str) -> None:
-    print(f"moemesh: config error: {message}", file=sys.stderr)
-    sys.exit(2)
+    refuse(message)  # one line, exit 2, no environment variable's value (cli.hide_env)
 
 
 def _validate(run, env):
@@ -72,7 +71,7 @@ def _check_command(argv: list[str]) -> list[str]:
     """Compose and validate every job of this command; return argv, completed where a sweep
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
     env = detect_launcher_env()
-    command = preflight(argv)
+    command = preflight(argv, launched=env is not None)
     # Before Hydra creates the run directory: who may read what this command writes.
     set_output_umask([job.run for job in command.jobs])
     if env is not None and command.multirun and not os.environ.get(TASK_MARKER):

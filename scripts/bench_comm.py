@@ -20,17 +20,18 @@ Group shapes: for each divisor n > 1 of the world, groups of n consecutive ranks
 mesh axes, tp and ep) and, when n < world, of n strided ranks (dp). Each time is the slowest
 rank's, the median over ``--repeats`` of ``--iters`` back-to-back calls. Per collective and shape,
 ``t = bytes' / bandwidth + steps x latency`` is fitted over the sizes, with the planner's bytes' and
-steps (plan.py's docstring): a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps,
-reduce-scatter and all-gather (n-1)/n in n - 1, an All-to-All the bytes leaving the rank in n - 1,
-a send its bytes in 1. ``--out`` keeps the times and fits as JSON for ``scripts/calibrate.py``.
+steps, taken from the planner itself (``moemesh.planning.calibration.collective``; each result
+records the bytes that left the timed rank as ``sent``). ``--out`` keeps the times and fits as
+JSON for ``scripts/calibrate.py``.
 
 Link classes. Each result carries the link its groups use: ``intra`` when every group of the shape
 lies inside one host (by the ranks' host names), ``inter`` when every group spans hosts (``mixed``
-otherwise, left out of the planner's constants). ``planner_constants`` fits ``<kind>_intra`` and
-``<kind>_inter`` apart, as ``cost.py`` prices a group by whether it crosses nodes. For a shape whose
-groups hold one rank per host (every byte a rank sends leaves its host), the table also gives the
-host's link rate: a rank's fitted bandwidth times the host's ranks sending at once (not for p2p,
-whose ping-pong pairs need not send in the same direction at once). That is the
+otherwise, left out of the planner's constants). ``calibration.constants_from_bench`` fits
+``<kind>_intra`` and ``<kind>_inter`` apart, as ``cost.py`` prices a group by whether it crosses
+nodes. For a shape whose groups hold one rank per host (every byte a rank sends leaves its host),
+the table also gives the host's link rate: a rank's fitted bandwidth times the host's ranks
+sending at once (not for p2p, whose ping-pong pairs need not send in the same direction at
+once). That is the
 number to hold against a link's nominal rate (e.g. a ``tc tbf`` shaping, ``.ci/multinode/up.sh``).
 
 A 2-core CPU under gloo measures its memory copies and loopback TCP stack, not a network;
@@ -47,8 +48,11 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: moemesh without pip install
+
+from moemesh.planning.calibration import bench_row_terms, fit_link  # noqa: E402
 
 KINDS = ("a2a", "all_reduce", "reduce_scatter", "all_gather", "p2p")
 
@@ -72,35 +76,11 @@ def group_shapes(world: int) -> dict[str, list[list[int]]]:
     return shapes
 
 
-def planner_bytes_steps(kind: str, nbytes: int, n: int) -> tuple[float, float]:
-    """The bytes' and message steps the planner prices this collective of ``nbytes`` at."""
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
-    if kind in ("reduce_scatter", "all_gather"):
-        return (n - 1) / n * nbytes, n - 1
-    if kind == "a2a":
-        return nbytes - _splits(0, n, nbytes // 4)[0] * 4, n - 1  # what leaves rank 0
-    return nbytes, 1  # p2p
-
-
 def _splits(rank: int, n: int, numel: int) -> list[int]:
     """Uneven, symmetric splits (what r sends j equals what j sends r), summing to ``numel``."""
     weights = [1 + (rank + j) % n for j in range(n)]
     unit = numel // sum(weights)
     return [w * unit for w in weights]
-
-
-def fit_line(xs: list[tuple[float, float]], ts: list[float]) -> tuple[float, float]:
-    """Least squares ``t = b / bw + s x alpha`` with both >= 0: (GB/s, latency us)."""
-    a, t = np.array(xs, dtype=float), np.array(ts)
-    scale = np.linalg.norm(a, axis=0)
-    scale[scale == 0] = 1.0
-    inv_bw, alpha = np.linalg.lstsq(a / scale, t, rcond=None)[0] / scale
-    if inv_bw < 0:
-        inv_bw, alpha = 0.0, float(np.sum(a[:, 1] * t) / np.sum(a[:, 1] ** 2))
-    elif alpha < 0:
-        inv_bw, alpha = float(np.sum(a[:, 0] * t) / np.sum(a[:, 0] ** 2)), 0.0
-    return (1.0 / inv_bw / 1e9 if inv_bw > 0 else float("inf")), alpha * 1e6
 
 
 def _make_op(kind: str, pg, members: list[int], me: int, numel: int, device):
@@ -251,6 +231,7 @@ def _rank(
                         "shape": shape,
                         "n": n,
                         "bytes": nbytes,
+                        "sent": sent_bytes(kind, nbytes, n),
                         "s": statistics.median(times),
                         "link": link,
                         "ranks_sending_across": across,
@@ -267,6 +248,12 @@ def _rank(
         os._exit(0)  # as moemesh's ranks leave: no interpreter teardown after the group is gone
 
 
+def sent_bytes(kind: str, nbytes: int, n: int) -> int:
+    """The bytes that leave the timed rank (0) in one collective of an ``nbytes`` buffer: an
+    All-to-All keeps its own split; every other collective's buffer is the planner's ``nbytes``."""
+    return nbytes - _splits(0, n, nbytes // 4)[0] * 4 if kind == "a2a" else nbytes
+
+
 def fits(results: list[dict]) -> list[dict]:
     """Per (kind, shape): GB/s and latency from the planner's bytes' and steps over the sizes; its
     link class, and for one-rank-per-host shapes the host's link rate (``link_gbps``)."""
@@ -276,7 +263,7 @@ def fits(results: list[dict]) -> list[dict]:
         rows = [r for r in results if (r["kind"], r["shape"]) == (kind, shape)]
         if len(rows) < 2:
             continue
-        gbps, lat = fit_line([planner_bytes_steps(kind, r["bytes"], n) for r in rows], [r["s"] for r in rows])
+        gbps, lat = fit_link([bench_row_terms(r) for r in rows], [r["s"] for r in rows])
         fit = {
             "kind": kind,
             "shape": shape,
@@ -289,35 +276,6 @@ def fits(results: list[dict]) -> list[dict]:
             fit["link_gbps"] = gbps * rows[0]["ranks_sending_across"]
         out.append(fit)
     return out
-
-
-# The planner's collective kinds (moemesh/planning/calibration.py KINDS) and the collectives each
-# stands for. "sync" reduces gradients: a ring all-reduce under parallel.sharding=none, a
-# reduce-scatter under zero2 and zero3, fitted over both (each in the planner's bytes and steps for
-# it); "gather": zero2/zero3's weight all-gathers; "tp": TP's all-reduces.
-PLANNER_KINDS = {
-    "a2a": ("a2a",),
-    "sync": ("all_reduce", "reduce_scatter"),
-    "gather": ("all_gather",),
-    "tp": ("all_reduce",),
-    "p2p": ("p2p",),
-}
-
-
-def planner_constants(data: dict) -> dict:
-    """``cluster.calibration``'s gbps and latency_us for the planner's kinds and link classes, each
-    one line fitted over every group shape and size of its collective on that link (the shapes vary
-    the steps apart from the bytes). One machine: every group is inside a node, ``intra`` only."""
-    gbps, latency = {}, {}
-    for link in ("intra", "inter"):
-        for kind, collectives in PLANNER_KINDS.items():
-            rows = [r for r in data["results"] if r["kind"] in collectives and r.get("link", "intra") == link]
-            if len(rows) < 2:
-                continue
-            xs = [planner_bytes_steps(r["kind"], r["bytes"], r["n"]) for r in rows]
-            bw, lat = fit_line(xs, [r["s"] for r in rows])
-            gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
-    return {"gbps": gbps, "latency_us": latency}
 
 
 def table(data: dict) -> str:

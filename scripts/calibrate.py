@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -46,6 +45,7 @@ from moemesh.config.schema import CalibrationConfig  # noqa: E402
 from moemesh.parallel.dims import ParallelDims, layout_name  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning.cost import plan_one  # noqa: E402
+from moemesh.runs.reader import read_json  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
         path = sweep / "layouts.json"
         if not path.is_file():
             raise ValueError(f"{sweep}: no layouts.json (run a layout sweep: python train.py -m hydra/sweeper=layouts)")
-        record = json.loads(path.read_text())
+        record = read_json(path)
         for j in record["jobs"]:
             if j.get("error") or not j.get("phases"):
                 continue
@@ -270,9 +270,7 @@ def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: 
 
 def _bench(path: Path) -> tuple[dict, frozenset[str]]:
     """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit)."""
-    from scripts import bench_comm
-
-    fitted = bench_comm.planner_constants(json.loads(path.read_text()))
+    fitted = cal.constants_from_bench(read_json(path)["results"])
     # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not
     # go into YAML).
     fields = {part: {k: float(f"{float(v):.6g}") for k, v in fitted[part].items()} for part in ("gbps", "latency_us")}

@@ -6,7 +6,9 @@ case costs milliseconds; a few cases also run as real processes, for the exit co
 stderr as a shell sees them.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +105,15 @@ CASES = [
     (["-m", "parallel=dp4,ep4", "trainer.global_batch_size=6"], "nothing was run; 2 problem(s) in this sweep of 2"),
     (["-m", "trainer.lr=1e-3,abc"], "trainer.lr=abc: expected a number"),
     (["-m", "parallel=ep2", "data.path=/tmp/x.bin"], "data.path=/tmp/x.bin is ignored by data=stdlib"),
+    # issue #27: a run or sweep directory that cannot be created (a 12- or 22-line traceback)
+    (["hydra.run.dir=/proc/nope"], "hydra.run.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]"),
+    (
+        ["-m", "trainer.lr=1e-3,2e-3", "hydra.sweep.dir=/proc/nope"],
+        "hydra.sweep.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]",
+    ),
+    (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: cannot be created and written: [Errno 20 ENOTDIR]"),
+    # issue #27: a batch whose micro-batches cannot fit this machine (it was killed at 24 GB)
+    (["trainer.global_batch_size=2147483648"], "trainer.global_batch_size=2147483648 (a micro-batch of"),
 ]
 
 
@@ -169,3 +180,141 @@ def test_as_a_shell_sees_it(tmp_path, argv, needle):
 def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     proc = _run(tmp_path, "parallel.expert_paralel_size=2", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr
+
+
+# --- issue #27: ownership of a run directory, config files, directories ---------------------------
+
+
+def _cli(argv, cwd, monkeypatch, capsys):
+    """train.cli in this process, as the corpus runs it: (exit code, stdout, stderr)."""
+    import train
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    d = root / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"step": step, "files": {}}))
+    return d
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_one_line_and_touches_nothing(
+    multirun, tmp_path, monkeypatch, capsys
+):
+    """It saved, and pruning deleted each save at once in favour of the old run's higher steps."""
+    if multirun:
+        run_dir = tmp_path / "sweep"
+        _fake_checkpoint(run_dir / "1_single" / "checkpoints", 7)
+        argv = ["-m", "trainer.lr=1e-3,2e-3", f"hydra.sweep.dir={run_dir}"]
+    else:
+        run_dir = tmp_path / "run"
+        _fake_checkpoint(run_dir / "checkpoints", 7)
+        argv = [f"hydra.run.dir={run_dir}"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "already holds 1 checkpoint(s) of an earlier run (the newest: step_000007)" in lines[0]
+    assert "continue that run with resume=auto" in lines[0]
+    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in lines[0]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_same_command_with_resume_auto_passes_the_check(tmp_path, monkeypatch, capsys):
+    _fake_checkpoint(tmp_path / "run" / "checkpoints", 7)
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path / 'run'}", "resume=auto"])
+    ran = []
+    monkeypatch.setattr(train, "main", lambda: ran.append(True))
+    train.cli()
+    assert ran
+
+
+def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """It was refused safely (YAML's safe loader), as an 88-line traceback."""
+    import moemesh.config.cli as cli
+
+    conf = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(cli.CONF_DIR, conf)
+    marker = tmp_path_factory.mktemp("marker") / "pwned"
+    (conf / "cluster" / "calibrated" / "evil.yaml").write_text(
+        "defaults:\n  - /cluster/local@_here_\n  - _self_\nname: calibrated/evil\n"
+        f'calibration:\n  flops_per_s: !!python/object/apply:os.system ["touch {marker}"]\n'
+    )
+    monkeypatch.setattr(cli, "CONF_DIR", conf)
+    code, out, err = _cli(["cluster=calibrated/evil"], tmp_path, monkeypatch, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{conf / 'cluster' / 'calibrated' / 'evil.yaml'}, line 6: could not determine a constructor" in lines[0]
+    assert "no !!python tags" in lines[0]
+    assert not marker.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv", [["hydra.run.dir=/proc/nope"], ["-m", "trainer.lr=1e-3,2e-3", "hydra.sweep.dir=/proc/nope"]]
+)
+def test_an_unusable_run_or_sweep_dir_as_a_shell_sees_it(tmp_path, argv):
+    proc = _run(tmp_path, *argv)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "/proc/nope: cannot be created" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- issue #27: no environment variable's value in a config error ---------------------------------
+
+SECRET = "AKIA-moemesh-test-Zq7xW3vR9"  # planted; it must appear in no output
+
+
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["trainer.steps=${oc.env:MOEMESH_TEST_SECRET}"], "trainer.steps=${oc.env:MOEMESH_TEST_SECRET}: expected"),
+        (["trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"], "trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"),
+        (["model.num_experts=x${oc.env:MOEMESH_TEST_SECRET}"], "model.num_experts=x${oc.env:MOEMESH_TEST_SECRET}"),
+        (["parallel=${oc.env:MOEMESH_TEST_SECRET}"], "parallel=${oc.env:MOEMESH_TEST_SECRET}: no such preset"),
+        (["data.path=${oc.env:MOEMESH_TEST_SECRET}"], "data.path=${oc.env:MOEMESH_TEST_SECRET} is ignored"),
+        (["hydra.run.dir=/proc/${oc.env:MOEMESH_TEST_SECRET}"], "hydra.run.dir=/proc/${oc.env:MOEMESH_TEST_SECRET}:"),
+    ],
+)
+def test_a_config_error_prints_the_interpolation_never_the_secret(argv, shown, tmp_path, monkeypatch, capsys):
+    """It printed the resolved value, twice ("trainer.steps=<secret> (${oc.env:...} resolves to
+    '<secret>')"); stderr goes into SLURM .err files and CI logs."""
+    monkeypatch.setenv("MOEMESH_TEST_SECRET", SECRET)
+    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and SECRET not in out + err and "AKIA" not in out + err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and shown in lines[0], err
+
+
+def test_hide_env_keeps_short_values_inside_other_words():
+    from moemesh.config.cli import hide_env
+
+    os.environ["MOEMESH_TEST_SHORT"] = "12"
+    try:
+        line = hide_env("trainer.steps=12: 12 must be <= 120", ["trainer.steps=${oc.env:MOEMESH_TEST_SHORT}"])
+    finally:
+        del os.environ["MOEMESH_TEST_SHORT"]
+    assert line == "trainer.steps=${oc.env:MOEMESH_TEST_SHORT}: ${oc.env:MOEMESH_TEST_SHORT} must be <= 120"
+
+
+@pytest.mark.slow
+def test_no_secret_in_anything_a_shell_sees(tmp_path):
+    """The same, as a shell runs it: every byte of stdout and stderr grepped."""
+    for arg in ("trainer.steps=${oc.env:MOEMESH_TEST_SECRET}", "trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"):
+        proc = _run(tmp_path, arg, env_extra={"MOEMESH_TEST_SECRET": SECRET})
+        assert proc.returncode == 2 and "${oc.env:MOEMESH_TEST_SECRET" in proc.stderr, proc.stderr
+        assert SECRET not in proc.stdout + proc.stderr

@@ -244,3 +244,20 @@ def test_a_job_stopped_by_a_signal_stops_the_sweep(tmp_path, capsys):
         "moemesh: the sweep was stopped by SIGTERM during job #2 (dp4); run the same command again "
         "(same hydra.sweep.dir) to go on: finished jobs are not run again"
     )
+
+
+def test_a_job_stopped_after_saving_goes_on_from_its_checkpoint_when_the_sweep_runs_again(tmp_path):
+    """A fresh run into a directory that holds checkpoints is refused (issue #27): the sweep run
+    again ("to go on") resumes such a job instead of starting it afresh there."""
+    import json
+
+    from hydra_plugins.moemesh_layouts.sweeper import _continuing
+    from tests.helpers import tiny_run
+
+    run, job = tiny_run(), ["parallel.name=dp4", "trainer.steps=4"]
+    assert _continuing(job, tmp_path, run) == job  # nothing saved: a fresh start
+    ckpt = tmp_path / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "files": {}}))
+    assert _continuing(job, tmp_path, run) == [*job, "resume=auto"]
+    assert _continuing([*job, "resume=/elsewhere"], tmp_path, run) == [*job, "resume=/elsewhere"]

@@ -67,8 +67,9 @@ _USER_SET_MICRO = ("trainer.micro_steps", "trainer.micro_batch_size")
 
 
 def _refuse(message: str) -> None:
-    print(f"moemesh: config error: {message}", file=sys.stderr)
-    sys.exit(2)
+    from moemesh.config.cli import refuse
+
+    refuse(message)
 
 
 class _Tee(io.TextIOBase):
@@ -188,6 +189,7 @@ class LayoutSweeper(Sweeper):
                 print(f"moemesh: job #{i} ({names[i]}): finished before ({d / 'summary.json'}); not run again")
             else:
                 pending.append(i)
+                jobs[i] = _continuing(jobs[i], d, run)
         # The basic launcher runs jobs one after another in this process: one at a time, so a
         # failing job (its SystemExit) cannot end the sweep. Others (SLURM) get all at once.
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -312,6 +314,18 @@ def _draw_charts(sweep_dir: Path, out: Path) -> None:
         print(f"moemesh: charts not drawn: {why}", file=sys.stderr)
         return
     print(f"moemesh: charts in {out}/", flush=True)
+
+
+def _continuing(job: list[str], job_dir: Path, run) -> list[str]:
+    """A job that an earlier attempt of this sweep stopped after saving (a signal, a crash)
+    goes on from its checkpoint: a fresh run into a directory that holds checkpoints is
+    refused (moemesh.parallel.checkpoint.owner_conflict)."""
+    from moemesh.parallel.checkpoint import complete_checkpoints
+
+    root = Path(run.checkpoint.dir) if run.checkpoint.dir else job_dir / "checkpoints"
+    if run.resume is None and complete_checkpoints(root) and not any(o.startswith("resume=") for o in job):
+        return [*job, "resume=auto"]
+    return job
 
 
 def _one_line(reason: str) -> str:

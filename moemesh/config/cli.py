@@ -11,7 +11,9 @@ as usual, so a refused command leaves no run or sweep directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import re
 import sys
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from moemesh.config.schema import (
@@ -48,6 +52,10 @@ class Job:
     overrides: tuple[str, ...]  # this job's command-line overrides (a sweep: one value per key)
     run: RunConfig
     sweeper: str | None  # the hydra/sweeper choice, if the command names one
+    # (key, path) of the directory Hydra will create for it: hydra.run.dir, or under -m
+    # hydra.sweep.dir (and the job's own subdirectory); None where it cannot be known here
+    output: tuple[str, str] | None = None
+    job_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,11 @@ def _first_line(text: str) -> str:
 
 def explain(err: BaseException) -> str:
     """One line for a composition failure: the key, the value, what would be valid."""
+    if isinstance(err, yaml.YAMLError):  # a config file that is not plain YAML (a !!python tag, a syntax error)
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+        problem = getattr(err, "problem", None) or _first_line(str(err))
+        return f"{where}: {problem} (moemesh reads its configs as plain YAML: no !!python tags)"
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         hint = did_you_mean(choice, err.options)
@@ -138,7 +151,7 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return batch
 
 
-def preflight(argv: list[str], config_name: str = "config") -> Command:
+def preflight(argv: list[str], config_name: str = "config", *, launched: bool = False) -> Command:
     """Compose and type every job of this command; raise ConfigError on the first mistake."""
     args, unknown = _parse_argv(argv)
     if unknown:
@@ -151,8 +164,11 @@ def preflight(argv: list[str], config_name: str = "config") -> Command:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            for overrides in expand(args.overrides, args.multirun):
-                cfg = compose(name, overrides=overrides)
+            for i, overrides in enumerate(expand(args.overrides, args.multirun)):
+                cfg = compose(name, overrides=overrides, return_hydra_config=True)
+                output, job_dir = _output_dirs(cfg, args.multirun, i)
+                with open_dict(cfg):
+                    cfg.pop("hydra")
                 try:
                     run = to_run_config(cfg, full_error=full)
                 except ConfigError as err:
@@ -160,10 +176,10 @@ def preflight(argv: list[str], config_name: str = "config") -> Command:
                     unknown = "no such key" in str(err)  # composed, so a +key/++key added it
                     note = f" ({added[0]}: '+' cannot add keys to moemesh's config groups)" if added and unknown else ""
                     raise ConfigError(f"{err}{note}") from None
-                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper")))
+                jobs.append(Job(tuple(overrides), run, _choice(overrides, "hydra/sweeper"), output, job_dir))
     except ConfigError:
         raise
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         if full:
             raise
         raise ConfigError(explain(err)) from None
@@ -171,6 +187,7 @@ def preflight(argv: list[str], config_name: str = "config") -> Command:
         GlobalHydra.instance().clear()
     command = Command(multirun=args.multirun, jobs=jobs)
     check_jobs(command)
+    check_output_dirs(command, launched=launched)
     return command
 
 
@@ -185,7 +202,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
             return to_run_config(compose("config", overrides=list(overrides)))
     except ConfigError:
         raise
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigError(explain(err)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -193,8 +210,32 @@ def compose_run(overrides: list[str]) -> RunConfig:
 
 def refuse(err: ConfigError | str) -> NoReturn:
     """The one way a command line says a config mistake: one line on stderr, exit code 2."""
-    print(f"moemesh: config error: {err}", file=sys.stderr)
+    print(f"moemesh: config error: {hide_env(str(err))}", file=sys.stderr)
     raise SystemExit(2)
+
+
+_ENV_REF = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def hide_env(message: str, argv: list[str] | None = None) -> str:
+    """``message`` with the value of every environment variable that an ``${oc.env:NAME}`` of the
+    command line (``argv``, default sys.argv) or of a config file names replaced by that
+    interpolation's text: a config error may quote a value, and such a value may be a secret
+    (stderr ends in SLURM .err files and CI logs). A value of fewer than 4 characters is
+    replaced only where it stands alone, so that digits of the message stay."""
+    texts = list(sys.argv[1:] if argv is None else argv)
+    for f in sorted(CONF_DIR.rglob("*.yaml")):
+        with contextlib.suppress(OSError):
+            if f.is_file() and f.stat().st_size <= 1 << 20:
+                texts.append(f.read_text(errors="replace"))
+    names = {m.group(1) for t in texts for m in _ENV_REF.finditer(t)}
+    for name in sorted(names, key=lambda n: -len(os.environ.get(n, ""))):  # longest first: no partial leftovers
+        value = os.environ.get(name, "")
+        if not value.strip():
+            continue
+        pattern = re.escape(value) if len(value) >= 4 else rf"(?<![\w.]){re.escape(value)}(?![\w.])"
+        message = re.sub(pattern, f"${{oc.env:{name}}}", message)  # no backslash: taken as is
+    return message
 
 
 def parallel_presets() -> set[str]:
@@ -217,3 +258,94 @@ def check_jobs(command: Command) -> None:
                 raise
             verb = "submitted" if job.run.cluster.launcher == Launcher.slurm else "run"
             raise ConfigError(f"nothing was {verb}; job #{i} ({' '.join(job.overrides)}): {err}") from None
+
+
+# --- the directories the command will create -------------------------------------------------
+
+
+def _output_dirs(cfg, multirun: bool, index: int) -> tuple[tuple[str, str] | None, str | None]:
+    """(key, path) of the directory Hydra creates for this job (hydra.run.dir, or hydra.sweep.dir
+    under -m) and the job's own directory (a sweep's: ``hydra.sweep.subdir`` under it, job
+    number ``index``); None where the config cannot say before Hydra runs."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        root = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - a resolver only train.py registers, say: Hydra reports it later
+        return None, None
+    if not multirun:
+        return (key, root), root
+    try:
+        with open_dict(cfg):
+            cfg.hydra.job.num = index
+            cfg.hydra.job.id = index
+        return (key, root), str(Path(root) / str(cfg.hydra.sweep.subdir))
+    except Exception:  # noqa: BLE001 - as above
+        return (key, root), None
+
+
+def _errno_text(err: OSError) -> str:
+    name = errno.errorcode.get(err.errno or 0, "?")
+    return f"[Errno {err.errno} {name}] {err.strerror or os.strerror(err.errno or 0)}"
+
+
+def probe_dir(path: Path) -> str | None:
+    """Why ``path`` cannot be the directory of a run, or None: it is created (with its missing
+    parents) and a file written in it, then whatever this made is removed again."""
+    made: list[Path] = []
+    probe = None
+    try:
+        missing = []
+        p = path
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        if not path.is_dir():
+            return f"[Errno {errno.ENOTDIR} ENOTDIR] {os.strerror(errno.ENOTDIR)} (it exists and is not a directory)"
+        probe = path / f".moemesh-probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except OSError as err:
+        return _errno_text(err)
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return None
+
+
+def check_output_dirs(command: Command, *, launched: bool = False) -> None:
+    """Before Hydra creates anything: the command's run or sweep directory can be created and
+    written (a probe, removed again); and, where this process starts every rank (not
+    ``launched`` by torchrun/srun/deepspeed), no fresh run saves into a directory that holds
+    another run's checkpoints (under a launcher each rank's Checkpointer refuses it before
+    step 1 instead, once a requeued attempt has set its resume)."""
+    from moemesh.parallel.checkpoint import owner_conflict
+
+    seen = set()
+    for job in command.jobs:
+        if job.output is None or job.output in seen:
+            continue
+        seen.add(job.output)
+        key, path = job.output
+        problem = probe_dir(Path(path))
+        if problem:
+            raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
+    if launched:
+        return
+    for i, job in enumerate(command.jobs):
+        run, c = job.run, job.run.checkpoint
+        if run.resume is not None or not (c.every > 0 or c.save_final) or job.sweeper not in (None, "basic"):
+            continue  # resumes, never saves, or a sweeper that makes its own jobs (and resumes them)
+        if c.dir is None and job.job_dir is None:
+            continue
+        fix = f"{'hydra.sweep.dir' if command.multirun else 'hydra.run.dir'}=<new dir>, or checkpoint.dir=<new dir>"
+        conflict = owner_conflict(Path(c.dir) if c.dir else Path(str(job.job_dir)) / "checkpoints", fix)
+        if conflict:
+            where = f"job #{i} ({' '.join(job.overrides)}): " if command.multirun else ""
+            raise ConfigError(f"{where}{conflict}")

@@ -376,6 +376,8 @@ def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False
         value, _, target = m.groups()
         via = ""
         interp = re.search(r"While dereferencing interpolation '([^']*)'", msg)
+        if interp and "oc.env" in interp.group(1):  # an environment variable's value may be a secret
+            return f"{key}={interp.group(1)}: expected {_TYPE_NAMES.get(target, target)} (its value is not shown)"
         if interp:
             via = f" ({interp.group(1)} resolves to {value!r})"
         return f"{key}={value}{via}: expected {_TYPE_NAMES.get(target, target)}"

@@ -12,11 +12,14 @@ from pathlib import Path
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
-from moemesh.fields import CommBackend, Device, Launcher
+from moemesh.fields import CommBackend, Device, Dtype, Launcher, PipelineSchedule
 from moemesh.kernels import backend_problem
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
 from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.pipeline import stage_layers
+from moemesh.planning.memory import activation_bytes
 
 
 def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) -> None:
@@ -138,39 +141,74 @@ def state_bytes_per_param(device_type: str) -> int:
     return 16 if device_type == "cpu" else 4
 
 
+def host_activation_bytes(run: RunConfig, dims: ParallelDims, device_type: str) -> list[int]:
+    """Host bytes one rank of each stage needs for its micro-batches: on CPU the planner's
+    activations (moemesh.planning.memory.activation_bytes: every micro-batch in flight, fp32
+    unless trainer.dtype=bf16); on a GPU, whose activations live there, the micro-batch's token
+    ids (inputs and targets, int64) that the host reads before they move."""
+    t = run.trainer
+    plan = batch_plan(run)
+    T = plan.micro_batch_size * t.seq_len  # tokens per micro-batch per data rank
+    layers = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
+    if device_type != "cpu":
+        return [16 * T] * dims.pp
+    accum = plan.micro_steps
+    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] else accum
+    sp = run.parallel.sequence_parallel and dims.tp > 1
+    c = 2 if t.dtype == Dtype.bf16 else 4
+    ckpt = t.activation_checkpointing
+    return [16 * T + activation_bytes(run.model, r, T, dims, sp, ckpt, in_flight, c) for r in layers]
+
+
 def check_fits_host(
     run: RunConfig, dims: ParallelDims, *, ranks_here: int | None, host_bytes: int, device_type: str
 ) -> None:
-    """Refuse a model whose training state cannot fit this machine's memory (before a rank starts).
+    """Refuse a run whose training state and micro-batches cannot fit this machine's memory
+    (before a rank starts).
 
     ``ranks_here``: None when this process spawns every rank here; else the ranks a launcher
     starts on this machine (counted at the smallest stage's size: a lower bound, so a run that
-    might fit is never refused). Activations are not counted: this catches the impossible,
-    not the tight; scripts/plan.py sizes layouts for GPUs.
+    might fit is never refused). Activations are the planner's estimate (host_activation_bytes):
+    this catches the impossible, not the tight; scripts/plan.py sizes layouts for GPUs.
     """
     from moemesh.moe.param_count import count_params
 
     per_stage = [
         count_params(run.model, dims, stage=s, split=run.parallel.pipeline_split).total for s in range(dims.pp)
     ]
+    acts = host_activation_bytes(run, dims, device_type)
+    per_param = state_bytes_per_param(device_type)
     if ranks_here is None:
         params = sum(per_stage) * (dims.world_size // dims.pp)
+        act = sum(acts) * (dims.world_size // dims.pp)
         ranks = dims.world_size
     else:
-        params = min(per_stage) * ranks_here
+        smallest = min(range(dims.pp), key=lambda s: per_stage[s] * per_param + acts[s])
+        params, act = per_stage[smallest] * ranks_here, acts[smallest] * ranks_here
         ranks = ranks_here
-    per_param = state_bytes_per_param(device_type)
-    need = params * per_param
-    if need > host_bytes:
-        what = (
-            "weights, gradients and AdamW state"
-            if device_type == "cpu"
-            else "weights, built in host memory before they move to the GPU"
-        )
+    state = params * per_param
+    if state + act <= host_bytes:
+        return
+    what = (
+        "weights, gradients and AdamW state"
+        if device_type == "cpu"
+        else "weights, built in host memory before they move to the GPU"
+    )
+    if act > state:  # the batch is what does not fit
+        t = run.trainer
+        plan = batch_plan(run)
+        kind = "activations and token ids" if device_type == "cpu" else "token ids"
         raise ConfigError(
-            f"model={run.model.name} (hidden_size={run.model.hidden_size}, num_layers={run.model.num_layers}, "
-            f"num_experts={run.model.num_experts}) needs {need / 2**30:,.1f} GiB of this machine's memory for "
-            f"{what} ({params:,} parameters on its {ranks} rank(s) x {per_param} bytes), more than its "
-            f"{host_bytes / 2**30:,.1f} GiB; use a smaller model, or spread the layout over more machines "
-            "(scripts/plan.py sizes one)"
+            f"trainer.global_batch_size={t.global_batch_size} (a micro-batch of {plan.micro_batch_size:,} x "
+            f"{t.seq_len} tokens per data rank, {plan.micro_steps} micro-step(s)) needs {act / 2**30:,.1f} GiB of this "
+            f"machine's memory for its {kind} on {ranks} rank(s), plus {state / 2**30:,.1f} GiB for {what}, more than "
+            f"its {host_bytes / 2**30:,.1f} GiB; use a smaller trainer.global_batch_size or trainer.seq_len, or more "
+            "trainer.micro_steps (scripts/plan.py sizes a layout)"
         )
+    raise ConfigError(
+        f"model={run.model.name} (hidden_size={run.model.hidden_size}, num_layers={run.model.num_layers}, "
+        f"num_experts={run.model.num_experts}) needs {state / 2**30:,.1f} GiB of this machine's memory for "
+        f"{what} ({params:,} parameters on its {ranks} rank(s) x {per_param} bytes, plus "
+        f"{act / 2**30:,.1f} GiB for the micro-batches), more than its {host_bytes / 2**30:,.1f} GiB; use a "
+        "smaller model, or spread the layout over more machines (scripts/plan.py sizes one)"
+    )

@@ -266,7 +266,8 @@ def after_task(*, completed: bool, rank: int, received: Sequence[int], stopped_e
 def resume_setting(resume: str | None, restart_count: int, own_checkpoints: bool) -> str | None:
     """``resume`` for one attempt of a SLURM job: a requeued attempt (restart count > 0)
     resumes from its own directory's checkpoint when there is one; a first attempt keeps
-    the user's setting, so a reused sweep directory is never resumed by surprise."""
+    the user's setting, so a reused sweep directory is never resumed by surprise (and a fresh
+    run there is refused before step 1: parallel.checkpoint.owner_conflict)."""
     if restart_count > 0 and own_checkpoints:
         return "auto"
     return resume

@@ -8,8 +8,15 @@ A save is atomic: all ranks write ``step_N.tmp/``; then rank 0 writes ``meta.jso
 renames the directory. A directory without ``meta.json`` or with the ``.tmp`` suffix is
 never picked, and the previous checkpoint survives a crash or a failed save (whose
 ``.tmp`` is removed). Checkpoints are ordered by their step number, never by name (step
-999999 comes before step 1000000). The last ``keep`` complete checkpoints are kept. A
-model with a non-finite value is never saved.
+999999 comes before step 1000000); a checkpoint directory is ``step_`` and ASCII digits,
+a real directory (not a symlink) holding a regular ``meta.json``. A model with a
+non-finite value is never saved.
+
+Who owns a directory: each save records the run that wrote it (``run_id``, new at every
+start). A fresh run (no resume) is refused before its first step where checkpoints
+already are (``owner_conflict``), since its saves would mix with an earlier run's; and
+pruning keeps the last ``keep`` checkpoints preferring this run's own, so it never deletes
+one it wrote in favour of one it did not write (a stray ``step_999999999999`` included).
 
 The pieces: what is saved, keyed globally (``checkpoint_state``); how a checkpoint's files
 are read as data only and checked against their checksums (``checkpoint_trust``, which
@@ -22,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import errno as errno_names
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moemesh.parallel.checkpoint_files import FileRefused, read_file
 from moemesh.parallel.checkpoint_state import (
     entry_bytes,
     init_optimizer_state,
@@ -43,9 +53,12 @@ from moemesh.parallel.checkpoint_state import (
 from moemesh.parallel.checkpoint_trust import (
     METADATA,
     CheckpointError,
+    Limits,
     Planner,
     Reader,
     Writer,
+    check_against_state,
+    check_sizes,
     first_line,
     read_metadata,
     sha256,
@@ -61,6 +74,8 @@ __all__ = [
     "init_optimizer_state",
     "load",
     "nonfinite_keys",
+    "owner_conflict",
+    "read_meta",
     "preflight",
     "read_metadata",
     "remove_debris",
@@ -72,7 +87,9 @@ __all__ = [
 ]
 
 _DIR_PREFIX = "step_"
-_STEP_DIR = re.compile(r"step_(\d+)")
+_STEP_DIR = re.compile(r"step_([0-9]+)", re.ASCII)  # not \d: it matches any script's digits (step_٣)
+META_JSON_MAX = 1 << 20  # meta.json: ~1 KiB plus ~110 bytes per rank that saved (8,000 ranks: 0.9 MiB)
+MAX_WORLD = 1 << 20  # the most ranks a meta.json may say saved it
 
 
 def _all_gather(obj) -> list:
@@ -116,14 +133,42 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is(path: Path, kind) -> bool:
+    """``path`` is of ``kind`` (stat.S_ISDIR, S_ISREG) itself, not through a symlink."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first: ordered by step number."""
+    """Complete checkpoints under ``root``, oldest first: ordered by step number. Each is a
+    real directory ``step_N`` (ASCII digits) holding a regular file meta.json."""
     if not root.is_dir():
         return []
     steps = {
-        d: n for d in root.iterdir() if (n := step_of(d)) is not None and d.is_dir() and (d / "meta.json").is_file()
+        d: n
+        for d in root.iterdir()
+        if (n := step_of(d)) is not None and _is(d, stat.S_ISDIR) and _is(d / "meta.json", stat.S_ISREG)
     }
     return sorted(steps, key=steps.__getitem__)
+
+
+def owner_conflict(root: Path, fix: str = "hydra.run.dir=<new dir>, or checkpoint.dir=<new dir>") -> str | None:
+    """Why a fresh run (no resume) may not save into ``root``: it holds complete checkpoints
+    of an earlier run, which would outrank this run's saves at pruning and at resume=auto.
+    ``fix``: the settings that start fresh elsewhere."""
+    try:
+        kept = complete_checkpoints(Path(root))
+    except OSError:  # unreadable: the write probe before the first step says so, in one line
+        return None
+    if not kept:
+        return None
+    return (
+        f"{root} already holds {len(kept)} checkpoint(s) of an earlier run (the newest: {kept[-1].name}); "
+        "a fresh run there would mix its saves with them: continue that run with resume=auto, or start "
+        f"fresh in another directory ({fix})"
+    )
 
 
 def remove_debris(root: Path) -> list[Path]:
@@ -163,16 +208,19 @@ def _probe(directory: Path, rank: int) -> str | None:
     return None
 
 
-def preflight(root: Path, state: dict, *, rank: int, run_dir: Path | None = None) -> int:
-    """Before the first step, on every rank: remove ``.tmp`` debris (rank 0), check that
-    ``root`` (and rank 0's ``run_dir``) can be written and hold one more checkpoint. Raises
-    CheckpointError on every rank, one line naming the path, otherwise. Returns the
-    estimated bytes of one checkpoint (every key once, plus DCP's ~1.6 KB per entry)."""
+def preflight(root: Path, state: dict, *, rank: int, run_dir: Path | None = None, fresh: bool = False) -> int:
+    """Before the first step, on every rank: refuse a ``fresh`` run (no resume, and it saves)
+    into a directory that holds checkpoints (``owner_conflict``); remove ``.tmp`` debris
+    (rank 0), check that ``root`` (and rank 0's ``run_dir``) can be written and hold one
+    more checkpoint. Raises CheckpointError on every rank, one line naming the path,
+    otherwise. Returns the estimated bytes of one checkpoint (every key once, plus DCP's
+    ~1.6 KB per entry)."""
     sizes: dict = {}
     for part in _all_gather(entry_bytes(state)):
         sizes.update(part)
     need = sum(sizes.values()) + 4096 * len(sizes)
-    error = None
+    error = owner_conflict(root) if fresh and rank == 0 else None
+    _agree(error)
     if rank == 0 and root.is_dir():
         remove_debris(root)
     for directory, label in [(root, "checkpoint.dir")] + (
@@ -201,10 +249,12 @@ def _previous(root: Path) -> str:
     return f"the last checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
 
 
-def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int) -> Path:
+def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int, run_id: str | None = None) -> Path:
     """Save ``state`` as ``root/step_N`` (all ranks together). A non-finite value raises
     FloatingPointError and a failed write CheckpointError, on every rank, before anything
-    replaces the previous checkpoint; a failed save's ``.tmp`` is removed."""
+    replaces the previous checkpoint; a failed save's ``.tmp`` is removed. meta.json holds
+    ``meta``, the step, the run (``run_id``), the ranks that saved and every file's checksum;
+    then the last ``keep`` checkpoints are kept, this run's first (``_prune``)."""
     final = root / f"{_DIR_PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
     found = _all_gather(nonfinite_keys(state))
@@ -237,9 +287,9 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
         try:
             manifest = {name: h for _, part in parts for name, h in part.items()}
             manifest[METADATA] = sha256(tmp / METADATA)
-            (tmp / "meta.json").write_text(
-                json.dumps({**meta, "step": step, "saved_at": time.time(), "files": manifest}, indent=2)
-            )
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            record = {**meta, "step": step, "saved_at": time.time(), "run_id": run_id, "world": world}
+            (tmp / "meta.json").write_text(json.dumps({**record, "files": manifest}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except Exception as err:  # the others wait for rank 0's word below
@@ -250,11 +300,31 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         raise CheckpointError(f"cannot save the checkpoint after step {step}: {error}; {_previous(root)}")
-    if rank == 0:
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0 and keep > 0:
+        _prune(root, keep, run_id)
     _barrier()
     return final
+
+
+def _run_of(ckpt: Path) -> str | None:
+    """The run that wrote ``ckpt`` (meta.json's run_id), None if it cannot say."""
+    try:
+        meta = json.loads(read_file(ckpt, "meta.json", max_size=META_JSON_MAX))
+    except (OSError, ValueError, RecursionError):
+        return None
+    run = meta.get("run_id") if isinstance(meta, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def _prune(root: Path, keep: int, run_id: str | None) -> None:
+    """Keep ``keep`` complete checkpoints: this run's newest first, then the newest others;
+    delete the rest. A checkpoint this run wrote is never deleted while one it did not write
+    is kept, however high that one's step number."""
+    kept = complete_checkpoints(root)
+    mine = {p: run_id is not None and _run_of(p) == run_id for p in kept}
+    ranked = sorted(kept, key=lambda p: (mine[p], step_of(p)))  # the last `keep` stay
+    for old in ranked[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier():
@@ -262,27 +332,81 @@ def _barrier():
         dist.barrier()
 
 
-def load(path: Path, state: dict, check=None) -> dict:
+def _field_error(meta_file: Path, key: str, valid: str) -> CheckpointError:
+    return CheckpointError(f"{meta_file}: refused: '{key}' is missing or not {valid}")
+
+
+def read_meta(path: Path) -> dict:
+    """The checkpoint's meta.json, the fields a load relies on checked: ``step`` an int >= 1
+    (the directory's number, for a ``step_N`` directory), ``files`` a dict of
+    ``{"bytes": int >= 0, "sha256": 64 hex digits}``, ``run_id`` a str if present, ``world``
+    an int in [1, MAX_WORLD] if present. CheckpointError (one line) otherwise."""
+    meta_file = path / "meta.json"
+    try:
+        raw = read_file(path, "meta.json", max_size=META_JSON_MAX)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)") from None
+    except FileRefused as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{meta_file}: not JSON ({first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: refused: a JSON {type(meta).__name__}, not an object")
+    _check_meta_fields(path, meta)
+    return meta
+
+
+def _check_meta_fields(path: Path, meta: dict) -> None:
+    """read_meta's field checks (``world`` filled in for a checkpoint saved before it was recorded)."""
+    meta_file = path / "meta.json"
+    step = meta.get("step")
+    if type(step) is not int or step < 1:
+        raise _field_error(meta_file, "step", "an integer >= 1")
+    number = step_of(path)
+    if number is not None and number != step:
+        raise CheckpointError(f"{meta_file}: refused: its step {step} is not its directory's number {number}")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{meta_file}: no checksums ('files'), saved by an older moemesh: not loaded")
+    for name, want in files.items():
+        sha = want.get("sha256") if isinstance(want, dict) else None
+        size = want.get("bytes") if isinstance(want, dict) else None
+        if type(size) is not int or size < 0 or type(sha) is not str or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise _field_error(meta_file, f"files.{name[:80]}", '{"bytes": an integer >= 0, "sha256": 64 hex digits}')
+    if "run_id" in meta and meta["run_id"] is not None and type(meta["run_id"]) is not str:
+        raise _field_error(meta_file, "run_id", "a string")
+    if "world" not in meta:  # saved before moemesh recorded it: the degrees say as much
+        degrees = [meta.get(k) for k in ("dp", "ep", "tp", "pp")]
+        meta["world"] = math.prod(degrees) if all(type(d) is int and d >= 1 for d in degrees) else 1
+    world = meta["world"]
+    if type(world) is not int or not 1 <= world <= MAX_WORLD:
+        raise _field_error(meta_file, "world", f"an integer in [1, {MAX_WORLD}]")
+
+
+def load(path: Path, state: dict, check=None, *, expected: tuple[int, int] | None = None) -> dict:
     """Fill ``state`` in place from the checkpoint at ``path``; return its meta.json.
 
-    ``check(path, meta)`` may refuse it first. Every failure is a CheckpointError with one
-    line naming the file and the reason, raised on every rank together."""
+    ``check(path, meta)`` may refuse it first. ``expected``: (entries, bytes) of the whole
+    model's state, every stage's (this rank's state by default), which bound the sizes of
+    the checkpoint's files before any is read (``Limits``). Every failure is a
+    CheckpointError with one line naming the file and the reason, raised on every rank
+    together."""
     meta, metadata, error = None, None, None
     try:
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{meta_file}: not JSON ({err})") from None
-        files = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(files, dict):
-            raise CheckpointError(f"{meta_file}: no checksums ('files'), saved by an older moemesh: not loaded")
+        meta = read_meta(path)
+        files = meta["files"]
         if check is not None:
             check(path, meta)
+        keys, nbytes = expected or (0, 0)
+        limits = Limits(
+            keys=max(keys, len(state)), world=meta["world"], state_bytes=max(nbytes, sum(entry_bytes(state).values()))
+        )
+        check_sizes(path, files, limits)
         verify(path / METADATA, files)
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, limits, files)
+        check_against_state(metadata, state, path / METADATA)
         shards = sorted({info.relative_path for info in metadata.storage_data.values()})
         # Each shard checked once, by one rank (rank r takes every world-th one).
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -294,7 +418,7 @@ def load(path: Path, state: dict, check=None) -> dict:
     assert meta is not None and metadata is not None  # _agree raised otherwise
     try:
         with _single_process_quiet():
-            dcp.load(state, storage_reader=Reader(path, metadata), planner=Planner(path))
+            dcp.load(state, storage_reader=Reader(path, metadata, meta["files"]), planner=Planner(path))
     except (Exception, CheckpointException) as err:
         raise CheckpointError(describe(err, path)) from None
     return meta
@@ -305,7 +429,7 @@ def resolve(resume: str, default_root: Path) -> list[Path]:
     one checkpoint or a directory of them."""
     if resume == "auto":
         return list(reversed(complete_checkpoints(default_root)))
-    p = Path(resume).expanduser()
-    if (p / "meta.json").is_file():
+    p = Path(resume).expanduser().resolve()  # the path the user named may be a symlink; what is inside may not
+    if _is(p / "meta.json", stat.S_ISREG):
         return [p]
     return list(reversed(complete_checkpoints(p)))

@@ -556,3 +556,71 @@ def constants_line(cluster, options: PlannerOptions) -> str:
     rest = sorted(set(k.gbps) - set(cal.gbps))
     prior = f"; the rest ({', '.join(rest)}) from cluster.*_gbps and latency_us" if rest else ""
     return f"constants: calibrated ({cal.source or 'cluster.calibration'}): {', '.join(parts)}{prior}"
+
+
+# What scripts/bench_comm.py times, fitted into the planner's constants ------------------------------
+# The planner's collective kinds and the collectives each stands for. "sync" reduces gradients: a
+# ring all-reduce under parallel.sharding=none, a reduce-scatter under zero2 and zero3, fitted over
+# both (each in the planner's bytes and steps for it); "gather": zero2/zero3's weight all-gathers;
+# "tp": TP's all-reduces.
+BENCH_KINDS = {
+    "a2a": ("a2a",),
+    "sync": ("all_reduce", "reduce_scatter"),
+    "gather": ("all_gather",),
+    "tp": ("all_reduce",),
+    "p2p": ("p2p",),
+}
+
+
+def collective(kind: str, nbytes: float, n: int) -> tuple[float, int]:
+    """(bytes a rank sends, message steps) the planner prices one collective at, over ``n`` ranks:
+    a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps, a reduce-scatter or an
+    all-gather (n-1)/n in n - 1, an All-to-All the ``nbytes`` that leave the rank in n - 1, a
+    point-to-point send its bytes in 1. ``constants_from_bench`` fits scripts/bench_comm.py's times with these."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+    if kind in ("reduce_scatter", "all_gather"):
+        return (n - 1) / n * nbytes, n - 1
+    if kind == "a2a":
+        return nbytes, n - 1
+    if kind == "p2p":
+        return nbytes, 1
+    raise ValueError(f"collective {kind!r}: one of all_reduce, reduce_scatter, all_gather, a2a, p2p")
+
+
+def fit_link(xs: list[tuple[float, float]], ts: list[float]) -> tuple[float, float]:
+    """Least squares ``t = bytes / bw + steps x alpha`` with both >= 0, over (bytes, steps) rows:
+    (GB/s, latency us)."""
+    a, t = np.array(xs, dtype=float), np.array(ts)
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    inv_bw, alpha = np.linalg.lstsq(a / scale, t, rcond=None)[0] / scale
+    if inv_bw < 0:
+        inv_bw, alpha = 0.0, float(np.sum(a[:, 1] * t) / np.sum(a[:, 1] ** 2))
+    elif alpha < 0:
+        inv_bw, alpha = float(np.sum(a[:, 0] * t) / np.sum(a[:, 0] ** 2)), 0.0
+    return (1.0 / inv_bw / 1e9 if inv_bw > 0 else float("inf")), float(alpha) * 1e6
+
+
+def bench_row_terms(row: dict) -> tuple[float, int]:
+    """(bytes sent, message steps) the planner prices one timed collective at: the planner's own
+    formulas (``cost.collective``) on the bytes that left the timed rank (``sent``; an All-to-All
+    keeps its own split, so it sends less than its buffer; ValueError for one without it)."""
+    if row["kind"] == "a2a" and "sent" not in row:
+        raise ValueError("an a2a result without 'sent' (the bytes that left the timed rank): rerun bench_comm.py")
+    return collective(row["kind"], row.get("sent", row["bytes"]), row["n"])
+
+
+def constants_from_bench(results: list[dict]) -> dict[str, dict[str, float]]:
+    """``cluster.calibration``'s gbps and latency_us for the planner's kinds and link classes from a
+    scripts/bench_comm.py run: per kind and link, one line fitted over every group shape and size of
+    its collectives (the shapes vary the steps apart from the bytes)."""
+    gbps, latency = {}, {}
+    for link in LINKS:
+        for kind, collectives in BENCH_KINDS.items():
+            rows = [r for r in results if r["kind"] in collectives and r.get("link", "intra") == link]
+            if len(rows) < 2:
+                continue
+            bw, lat = fit_link([bench_row_terms(r) for r in rows], [r["s"] for r in rows])
+            gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
+    return {"gbps": gbps, "latency_us": latency}

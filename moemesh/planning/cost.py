@@ -28,7 +28,7 @@ from moemesh.moe.param_count import (
 )
 from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
 from moemesh.parallel.pipeline import stage_layers
-from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants
+from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants, collective
 from moemesh.planning.memory import (
     REDUCE_BYTES,
     activation_bytes,
@@ -114,22 +114,6 @@ def a2a_bytes(
     (ep-1)/ep of its T*K pairs leave (dispatch forward, combine backward) and as many
     arrive and go back (combine forward, dispatch backward)."""
     return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
-
-
-def collective(kind: str, nbytes: float, n: int) -> tuple[float, int]:
-    """(bytes a rank sends, message steps) the planner prices one collective at, over ``n`` ranks:
-    a ring all-reduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps, a reduce-scatter or an
-    all-gather (n-1)/n in n - 1, an All-to-All the ``nbytes`` that leave the rank in n - 1, a
-    point-to-point send its bytes in 1. ``scripts/bench_comm.py`` fits measured times with these."""
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
-    if kind in ("reduce_scatter", "all_gather"):
-        return (n - 1) / n * nbytes, n - 1
-    if kind == "a2a":
-        return nbytes, n - 1
-    if kind == "p2p":
-        return nbytes, 1
-    raise ValueError(f"collective {kind!r}: one of all_reduce, reduce_scatter, all_gather, a2a, p2p")
 
 
 @functools.cache  # the planner asks each split's groups several times

@@ -40,9 +40,10 @@ def _regular(path: Path, cap: int) -> int:
     return st.st_size
 
 
-def read_summary(run_dir: Path) -> dict:
-    path = Path(run_dir) / "summary.json"
-    _regular(path, MAX_SUMMARY_BYTES)
+def read_json(path: Path, cap: int = MAX_SUMMARY_BYTES) -> dict:
+    """A JSON object from a regular file of at most ``cap`` bytes; RunReadError otherwise."""
+    path = Path(path)
+    _regular(path, cap)
     try:
         value = json.loads(path.read_bytes())
     except ValueError as err:
@@ -50,6 +51,10 @@ def read_summary(run_dir: Path) -> dict:
     if not isinstance(value, dict):
         raise RunReadError(f"{path}: not a JSON object")
     return value
+
+
+def read_summary(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "summary.json")
 
 
 def read_records(run_dir: Path) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from moemesh.config.schema import RunConfig
 from moemesh.fields import Sharding
+from moemesh.moe.param_count import param_specs
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
 
@@ -29,6 +31,7 @@ class Checkpointer:
         self.run, self.model, self.optimizer, self.mesh, self.root = run, model, optimizer, mesh, root
         self.data = data
         self.step_t = torch.zeros((), dtype=torch.int64)
+        self.run_id = uuid.uuid4().hex  # this start's saves (pruning keeps them over any other run's)
         d = mesh.dims
         self.tp_mesh = mesh.device_mesh["tp"] if d.tp > 1 else None
         self.fsdp_tp_mesh = None
@@ -45,6 +48,16 @@ class Checkpointer:
             "pp": d.pp,
         }
 
+    def expected(self) -> tuple[int, int]:
+        """(entries, bytes) of the whole model's checkpoint (every stage's): each parameter (each
+        routed expert on its own) and its two AdamW moments in fp32, a bias per MoE layer, the
+        step and the RNG state (counted at 64 KiB)."""
+        m = self.run.model
+        specs = param_specs(m)
+        entries = sum(m.num_experts if s.expert else 1 for s in specs)
+        numel = sum(s.numel for s in specs)
+        return 3 * entries + m.num_layers + 2, 12 * numel + 4 * m.num_layers * m.num_experts + (64 << 10)
+
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
 
@@ -59,7 +72,11 @@ class Checkpointer:
             }
         )
         state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
-        return checkpoint.preflight(self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None)
+        c = self.run.checkpoint
+        fresh = self.run.resume is None and (c.every > 0 or c.save_final)  # a run that saves, from step 1
+        return checkpoint.preflight(
+            self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None, fresh=fresh
+        )
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
@@ -67,7 +84,9 @@ class Checkpointer:
         if self.data is not None:
             t = self.run.trainer
             meta = {**meta, "data": self.data.position(step, global_batch=t.global_batch_size, seq_len=t.seq_len)}
-        return checkpoint.save(self.root, step, self._state(), meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep)
+        return checkpoint.save(
+            self.root, step, self._state(), meta, rank=self.mesh.rank, keep=self.run.checkpoint.keep, run_id=self.run_id
+        )
 
     def resume(self, log) -> int:
         """Load the newest loadable checkpoint; fall back to older ones with a warning."""
@@ -83,7 +102,11 @@ class Checkpointer:
         for i, path in enumerate(candidates):
             state = self._state()
             try:
-                meta = checkpoint.load(path, state, check=self._check_meta)
+                meta = checkpoint.load(path, state, check=self._check_meta, expected=self.expected())
+                if int(self.step_t) != meta["step"]:  # what was loaded fills the model; the next load replaces it all
+                    raise checkpoint.CheckpointError(
+                        f"{path}: refused: its step tensor holds {int(self.step_t)}, its meta.json {meta['step']}"
+                    )
             except checkpoint.CheckpointError as err:  # refused, corrupt or mismatched: try the previous one
                 reasons.append(str(err))
                 then = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
@@ -102,12 +125,63 @@ class Checkpointer:
         )
 
     def _check_meta(self, path: Path, meta: dict) -> None:
-        saved, mine = meta.get("model") or {}, self.meta["model"]
-        diff = [f"model.{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v]
+        """Before a byte of tensors is read: the fields the trainer reads are there and typed
+        (a missing one is a refusal, so resume falls back), the step is one this run can train
+        from, and the model is this one."""
+        typed = {
+            "layout": isinstance(meta.get("layout"), str),
+            "model": isinstance(meta.get("model"), dict),
+            **{k: type(meta.get(k)) is int and meta[k] >= 1 for k in ("dp", "ep", "tp", "pp")},
+        }
+        bad = next((k for k, ok in typed.items() if not ok), None)
+        if bad is not None:
+            what = {"layout": "a string", "model": "an object"}.get(bad, "an integer >= 1")
+            raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: '{bad}' is missing or not {what}")
+        steps = self.run.trainer.steps
+        if meta["step"] > steps:  # read_meta checked it is an int >= 1
+            raise checkpoint.CheckpointError(
+                f"{path} was saved after step {meta['step']}, past trainer.steps={steps}: nothing would be trained "
+                "(raise trainer.steps to continue it)"
+            )
+        saved, mine = meta["model"], self.meta["model"]
+        diff = [
+            f"model.{k}={_cut(saved.get(k))} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v
+        ]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
         position = meta.get("data")
+        if position is not None and self.data is not None:
+            problem = _position_problem(position)
+            if problem:
+                raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: 'data' {problem}")
         if self.data is not None and position is not None and not self.run.data.resume_on_new_data:
             why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
             if why:
                 raise checkpoint.CheckpointError(f"{path}: {why}")
+
+
+def _cut(value) -> str:
+    """A value from a checkpoint's meta.json, short enough for one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _position_problem(position) -> str | None:
+    """Why meta.json's data position (TokenData.position) is not what a resume reads, or None."""
+    if not isinstance(position, dict):
+        return "is not an object"
+    for key in ("samples", "step", "seq_len"):
+        if type(position.get(key)) is not int or position[key] < 0:
+            return f"has no '{key}' integer >= 0"
+    sources = position.get("sources")
+    if not isinstance(sources, list):
+        return "has no list of 'sources'"
+    for s in sources:
+        ints = ("windows", "samples", "epoch", "window_in_epoch")
+        if (
+            not isinstance(s, dict)
+            or not isinstance(s.get("name"), str)
+            or any(type(s.get(k)) is not int for k in ints)
+        ):
+            return "has a source that is not {name, windows, samples, epoch, window_in_epoch}"
+    return None

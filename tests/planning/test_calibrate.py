@@ -341,11 +341,10 @@ def test_collectives_held_from_a_benchmark_are_written_with_the_fit(tmp_path, ca
     results = []
     for kind, key in (("a2a", "a2a_intra"), ("all_reduce", "sync_intra")):
         for nbytes in (2**16, 2**20, 2**22):
-            from scripts import bench_comm
-
-            b, steps = bench_comm.planner_bytes_steps(kind, nbytes, 2)
+            row = {"kind": kind, "n": 2, "bytes": nbytes, "sent": nbytes // 2 if kind == "a2a" else nbytes}
+            b, steps = cal.bench_row_terms(row)
             t = b / (TRUE.gbps[key] * 1e9) + steps * TRUE.latency_us[key] * 1e-6
-            results.append({"kind": kind, "n": 2, "bytes": nbytes, "s": t, "shape": "consecutive2"})
+            results.append({**row, "s": t, "shape": "consecutive2"})
     bench = tmp_path / "comm.json"
     bench.write_text(json.dumps({"results": results}))
     name = f"test-bench-{tmp_path.name}"

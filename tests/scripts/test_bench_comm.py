@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from moemesh.planning import calibration
+from scripts import bench_comm
+
 ROOT = Path(__file__).resolve().parents[2]
 
-from scripts import bench_comm  # noqa: E402
+
+def terms(kind: str, nbytes: int, n: int) -> tuple[float, int]:
+    """The planner's (bytes, steps) for a timed collective, as the fit reads a bench row."""
+    return calibration.bench_row_terms(
+        {"kind": kind, "bytes": nbytes, "n": n, "sent": bench_comm.sent_bytes(kind, nbytes, n)}
+    )
 
 
 def test_group_shapes_are_the_mesh_groups():
@@ -39,19 +47,26 @@ def test_splits_are_uneven_and_symmetric():
     ],
 )
 def test_planner_bytes_and_steps(kind, n, expected):
-    assert bench_comm.planner_bytes_steps(kind, 1_000_000, n) == pytest.approx(expected)
+    assert terms(kind, 1_000_000, n) == pytest.approx(expected)
 
 
-def test_fit_line_reads_bandwidth_and_latency_back():
+def test_a2a_is_priced_at_what_leaves_the_rank():
+    """rank 0's own split stays home: the planner's A2A bytes are the buffer less that split."""
+    n, nbytes = 4, 1_000_000
+    own = bench_comm._splits(0, n, nbytes // 4)[0] * 4
+    assert terms("a2a", nbytes, n) == pytest.approx((nbytes - own, n - 1))
+
+
+def test_fit_link_reads_bandwidth_and_latency_back():
     gbps, lat = 0.8, 150.0
-    xs = [bench_comm.planner_bytes_steps("all_reduce", b, n) for b in (2**14, 2**18, 2**20, 2**22) for n in (2, 4)]
+    xs = [terms("all_reduce", b, n) for b in (2**14, 2**18, 2**20, 2**22) for n in (2, 4)]
     ts = [b / (gbps * 1e9) + s * lat * 1e-6 for b, s in xs]
-    assert bench_comm.fit_line(xs, ts) == pytest.approx((gbps, lat), rel=1e-9)
+    assert calibration.fit_link(xs, ts) == pytest.approx((gbps, lat), rel=1e-9)
     results = [
         {"kind": "all_reduce", "n": n, "bytes": b, "s": t, "shape": f"c{n}"}
         for (b, n), t in zip([(b, n) for b in (2**14, 2**18, 2**20, 2**22) for n in (2, 4)], ts)
     ]
-    out = bench_comm.planner_constants({"results": results})
+    out = calibration.constants_from_bench(results)
     assert out["gbps"]["sync_intra"] == pytest.approx(gbps) and out["latency_us"]["tp_intra"] == pytest.approx(lat)
     assert "a2a_intra" not in out["gbps"]
 
@@ -64,10 +79,10 @@ def test_sync_is_fitted_over_every_weight_and_gradient_collective():
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
         slow = 2.0 if kind == "all_gather" else 1.0  # the gathers run at half the bandwidth here
         for b in (2**14, 2**18, 2**20, 2**22):
-            nbytes, steps = bench_comm.planner_bytes_steps(kind, b, 4)
+            nbytes, steps = terms(kind, b, 4)
             t = nbytes * slow / (gbps * 1e9) + steps * lat * 1e-6
             results.append({"kind": kind, "n": 4, "bytes": b, "s": t, "shape": "c4"})
-    out = bench_comm.planner_constants({"results": results})
+    out = calibration.constants_from_bench(results)
     assert out["gbps"]["tp_intra"] == pytest.approx(gbps)  # TP: the all-reduces alone
     assert gbps / 2 < out["gbps"]["sync_intra"] < gbps  # between the two, pulled by the gathers
 
@@ -85,6 +100,7 @@ def test_two_ranks_time_every_collective(tmp_path):
     assert {"a2a", "all_reduce", "p2p"} <= timed
     assert timed | set(data["skipped"]) == set(bench_comm.KINDS)
     assert all(r["s"] > 0 and r["shape"] == "consecutive2" for r in data["results"])
+    assert all(r["sent"] == bench_comm.sent_bytes(r["kind"], r["bytes"], 2) for r in data["results"])
     assert {f["kind"] for f in data["fits"]} == timed
     assert "| a2a | consecutive2 |" in proc.stdout
 
@@ -105,12 +121,21 @@ def test_each_link_class_gets_its_own_constants():
     rows = []
     for link, shape, gbps, lat in (("intra", "consecutive2", 2.0, 50.0), ("inter", "strided2", 0.01, 400.0)):
         for b in (2**14, 2**16, 2**18):
-            nbytes, steps = bench_comm.planner_bytes_steps("a2a", b, 2)
+            nbytes, steps = terms("a2a", b, 2)
             t = nbytes / (gbps * 1e9) + steps * lat * 1e-6
             rows.append(
-                {"kind": "a2a", "n": 2, "bytes": b, "s": t, "shape": shape, "link": link, "ranks_sending_across": 2}
+                {
+                    "kind": "a2a",
+                    "n": 2,
+                    "bytes": b,
+                    "sent": bench_comm.sent_bytes("a2a", b, 2),
+                    "s": t,
+                    "shape": shape,
+                    "link": link,
+                    "ranks_sending_across": 2,
+                }
             )
-    out = bench_comm.planner_constants({"results": rows})
+    out = calibration.constants_from_bench(rows)
     assert out["gbps"]["a2a_intra"] == pytest.approx(2.0) and out["gbps"]["a2a_inter"] == pytest.approx(0.01)
     assert out["latency_us"]["a2a_inter"] == pytest.approx(400.0)
     (inter,) = [f for f in bench_comm.fits(rows) if f["link"] == "inter"]

@@ -130,10 +130,8 @@ def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp
         return r
 
     # A small sample, so that it is full within the test (the default's bound: the test below).
-    logger = MetricsLogger(
-        str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=2_000, sample_capacity=256
-    )
-    growth = _traced_growth_per_1000(logger, make, 2_000, 500)
+    logger = MetricsLogger(str(tmp_path), enabled=False, console=False, jsonl=True, total_steps=400, sample_capacity=32)
+    growth = _traced_growth_per_1000(logger, make, 400, 150)
     assert growth < 16 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # it was about 57 MB
 
 
@@ -155,13 +153,16 @@ def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_pa
         r["step"] = i
         return r
 
-    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=6_000)
+    # A small sample, full within the test (the default's bound: the test above).
+    logger = MetricsLogger(
+        str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=1_500, sample_capacity=256
+    )
     logger.begin(0)
-    growth = _traced_growth_per_1000(logger, make, 6_000, 1_000)
+    growth = _traced_growth_per_1000(logger, make, 1_500, 500)
     logger.close()
     assert growth < 256 * 1024, f"{growth / 1024:.0f} KiB per 1,000 steps"  # the sample fills to its capacity
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 6_000 and json.loads(lines[-1])["step"] == 6_000
+    assert len(lines) == 1_500 and json.loads(lines[-1])["step"] == 1_500
 
 
 @pytest.mark.slow

@@ -1,0 +1,384 @@
+"""A checkpoint's files are what they claim (issue #27, "Files are what they claim").
+
+Each case tampers with the newest of three checkpoints as a disk, a bug or an attacker
+would: a file that is a FIFO, a device, a directory or a symlink (inside the checkpoint
+or leaving it), a size that is not the recorded one, a meta.json field missing or
+ill-typed, a step that is not the checkpoint's. Resume must refuse it in one warning line
+naming the file and the reason, within a second (a FIFO must not hang it: an alarm turns a
+hang into a failure), and fall back to the previous checkpoint. One process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from moemesh.parallel import checkpoint
+from tests.parallel import _checkpoint_kit as kit
+
+
+@pytest.fixture(scope="module")
+def good_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    kit.train_here(kit.run_config(), out)
+    return out / "checkpoints"
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    def hung(*_):
+        raise TimeoutError(f"still reading after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _resume(root: Path, **extra) -> tuple[int, list[str], float]:
+    log = kit.Log()
+    t0 = time.perf_counter()
+    with _deadline(20):
+        step = kit.checkpointer(root, **extra).resume(log)
+    return step, log.warnings(), time.perf_counter() - t0
+
+
+def _shard(ckpt: Path) -> Path:
+    (shard,) = ckpt.glob("*.distcp")
+    return shard
+
+
+def _meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def _set_meta(ckpt: Path, meta: dict) -> None:
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _symlink_outside(ckpt: Path) -> tuple[Path, str]:
+    shard = _shard(ckpt)
+    outside = ckpt.parent.parent / "elsewhere.distcp"
+    shutil.copyfile(shard, outside)  # the same bytes: its checksum matches meta.json's
+    shard.unlink()
+    shard.symlink_to(outside)
+    return shard, "a symbolic link, not a file of the checkpoint"
+
+
+def _symlink_dev_zero(ckpt: Path) -> tuple[Path, str]:
+    shard = _shard(ckpt)
+    shard.unlink()
+    shard.symlink_to("/dev/zero")
+    return shard, "a symbolic link, not a file of the checkpoint"
+
+
+def _fifo(name: str):
+    def tamper(ckpt: Path) -> tuple[Path, str]:
+        target = _shard(ckpt) if name == "shard" else ckpt / name
+        target.unlink()
+        os.mkfifo(target)
+        return target, "a FIFO, not a regular file"
+
+    return tamper
+
+
+def _directory(ckpt: Path) -> tuple[Path, str]:
+    shard = _shard(ckpt)
+    shard.unlink()
+    shard.mkdir()
+    return shard, "a directory, not a regular file"
+
+
+def _metadata_symlink(ckpt: Path) -> tuple[Path, str]:
+    md = ckpt / ".metadata"
+    shutil.copyfile(md, ckpt / "copy")
+    md.unlink()
+    md.symlink_to(ckpt / "copy")  # inside the checkpoint, and still not what meta.json lists
+    return md, "a symbolic link, not a file of the checkpoint"
+
+
+def _truncated(ckpt: Path) -> tuple[Path, str]:
+    shard = _shard(ckpt)
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    return shard, f"{size // 2} bytes, {size} when saved (truncated or changed): not read"
+
+
+def _grown(ckpt: Path) -> tuple[Path, str]:
+    """64 MiB appended (sparse: no disk used), its checksum resealed: refused by size, unread."""
+    shard = _shard(ckpt)
+    os.truncate(shard, shard.stat().st_size + (64 << 20))
+    kit.reseal(ckpt)
+    return ckpt, "its files take"
+
+
+TAMPERING = {
+    "a shard is a symlink to a copy outside the checkpoint": _symlink_outside,
+    "a shard is a symlink to /dev/zero": _symlink_dev_zero,
+    "a shard is a FIFO": _fifo("shard"),
+    "the .metadata is a FIFO": _fifo(".metadata"),
+    "the .metadata is a symlink to a copy beside it": _metadata_symlink,
+    "a shard is a directory": _directory,
+    "a shard is truncated": _truncated,
+    "a shard has grown by 64 MiB, resealed": _grown,
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_a_file_that_is_not_what_meta_json_says_is_refused_and_resume_falls_back(case, good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    path, why = TAMPERING[case](root / "step_000003")
+    step, warnings, elapsed = _resume(root)
+    assert step == 2, warnings
+    (line,) = warnings
+    assert f"cannot resume from step_000003: {path}" in line and why in line, line
+    assert elapsed < 5.0  # both loads together; the refusal itself is found before any shard is read
+
+
+def test_a_fifo_or_symlink_meta_json_or_checkpoint_dir_is_not_a_checkpoint(good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    (root / "step_000003" / "meta.json").unlink()
+    os.mkfifo(root / "step_000003" / "meta.json")
+    shutil.copytree(root / "step_000002", tmp_path / "elsewhere")
+    (root / "step_000004").symlink_to(tmp_path / "elsewhere")  # a checkpoint dir leaving the directory
+    (root / "step_000005").mkdir()
+    (root / "step_000005" / "meta.json").symlink_to(root / "step_000002" / "meta.json")
+    with _deadline(20):
+        assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_000001", "step_000002"]
+    step, warnings, _ = _resume(root)
+    assert step == 2 and not warnings
+
+
+def test_a_meta_json_larger_than_1_mib_is_refused_unread(good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    meta = _meta(root / "step_000003")
+    meta["padding"] = "x" * (1 << 20)
+    _set_meta(root / "step_000003", meta)
+    step, (line,), _ = _resume(root)
+    assert step == 2 and "meta.json: " in line and "more than the 1,048,576 it may have" in line, line
+
+
+def _drop(key):
+    def edit(meta):
+        del meta[key]
+
+    return edit
+
+
+def _put(key, value):
+    def edit(meta):
+        meta[key] = value
+
+    return edit
+
+
+META_EDITS = {
+    "no layout": (_drop("layout"), "'layout' is missing or not a string"),
+    "no model": (_drop("model"), "'model' is missing or not an object"),
+    "dp is a string": (_put("dp", "2"), "'dp' is missing or not an integer >= 1"),
+    "no step": (_drop("step"), "'step' is missing or not an integer >= 1"),
+    "step is a float": (_put("step", 3.0), "'step' is missing or not an integer >= 1"),
+    "step is -7": (_put("step", -7), "'step' is missing or not an integer >= 1"),
+    "step is not the directory's": (_put("step", 2), "its step 2 is not its directory's number 3"),
+    "a file's size is a string": (
+        lambda m: m["files"][".metadata"].update(bytes="12"),
+        "'files..metadata' is missing or not",
+    ),
+    "world is 0": (_put("world", 0), "'world' is missing or not an integer in [1, 1048576]"),
+    "a JSON list": (lambda m: None, "a JSON list, not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_EDITS))
+def test_a_missing_or_ill_typed_meta_json_field_is_refused_and_resume_falls_back(case, good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = root / "step_000003"
+    edit, why = META_EDITS[case]
+    meta = _meta(ckpt)
+    edit(meta)
+    _set_meta(ckpt, [meta] if case == "a JSON list" else meta)
+    step, warnings, _ = _resume(root)
+    assert step == 2, warnings
+    (line,) = warnings
+    assert f"cannot resume from step_000003: {ckpt / 'meta.json'}: refused: " in line and why in line, line
+
+
+def _set_step_tensor(ckpt: Path, value: int) -> None:
+    """Rewrite the step tensor's 8 bytes in its shard, then reseal, as an attacker could."""
+    shard, start, length = kit.tensor_bytes_range(ckpt, "trainer.step")
+    assert length == 8
+    raw = bytearray(shard.read_bytes())
+    raw[start : start + 8] = value.to_bytes(8, "little", signed=True)
+    shard.write_bytes(bytes(raw))
+    kit.reseal(ckpt)
+
+
+@pytest.mark.parametrize("value", [-7, 2, 2**62])
+def test_a_step_tensor_that_is_not_meta_jsons_step_is_refused(value, good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    _set_step_tensor(root / "step_000003", value)
+    step, warnings, _ = _resume(root)
+    assert step == 2, warnings
+    (line,) = warnings
+    assert f"{root / 'step_000003'}: refused: its step tensor holds {value}, its meta.json 3" in line, line
+
+
+def test_a_consistent_step_of_2_to_the_62_is_refused_in_one_line(good_checkpoints, tmp_path):
+    """Directory, meta.json and tensor agree on 2**62: rc 0 with no step trained before."""
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    big = 2**62
+    ckpt = root / f"step_{big}"
+    (root / "step_000003").rename(ckpt)
+    meta = _meta(ckpt)
+    meta["step"] = big
+    _set_meta(ckpt, meta)
+    _set_step_tensor(ckpt, big)
+    step, warnings, _ = _resume(root)
+    assert step == 2, warnings
+    (line,) = warnings
+    assert f"{ckpt} was saved after step {big}, past trainer.steps=3: nothing would be trained" in line, line
+
+
+# --- a shard entry that is not one tensor of its size ------------------------------------
+
+
+def _entry(name: str):
+    def tamper(ckpt: Path) -> tuple[str, str]:
+        key = "model.norm.weight"  # 32 fp32 values
+        good = kit.tensor_entry_zip(_tensor_pkl(32, 32), {"data/0": b"\0" * 128})
+        blobs = {
+            "its storage claims 10^12 elements": kit.tensor_entry_zip(_tensor_pkl(10**12, 32), {"data/0": b"\0" * 128}),
+            "its shape reaches past its storage": kit.tensor_entry_zip(_tensor_pkl(16, 32), {"data/0": b"\0" * 64}),
+            "its record is deflated": _deflated(good),
+            "it is not a zip": b"\0" * 4096,
+        }
+        kit.plant_entry(ckpt, key, blobs[name])
+        return key, {
+            "its storage claims 10^12 elements": "its storage record holds other than 1000000000000 elements",
+            "its shape reaches past its storage": "its shape reaches past its storage",
+            "its record is deflated": "is compressed",
+            "it is not a zip": "not a torch.save zip",
+        }[name]
+
+    return tamper
+
+
+def _tensor_pkl(numel: int, size: int) -> bytes:
+    """torch.save's data.pkl of a float32 vector: ``size`` elements viewed over ``numel``."""
+    g = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+    pid += b"\x8a\x08" + numel.to_bytes(8, "little") + b"tQ"
+    args = pid + b"K\x00" + b"\x8a\x08" + size.to_bytes(8, "little") + b"\x85K\x01\x85\x89"
+    return b"\x80\x02" + g + b"(" + args + b"ccollections\nOrderedDict\n)RtR."
+
+
+def _deflated(blob: bytes) -> bytes:
+    import io
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(blob)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "its storage claims 10^12 elements",
+        "its shape reaches past its storage",
+        "its record is deflated",
+        "it is not a zip",
+    ],
+)
+def test_a_shard_entry_that_is_not_one_tensor_of_its_size_is_refused(case, good_checkpoints, tmp_path):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    key, why = _entry(case)(root / "step_000003")
+    step, warnings, _ = _resume(root)
+    assert step == 2, warnings
+    (line,) = warnings
+    assert f"{root / 'step_000003' / 'evil.distcp'}: {key}: " in line and why in line, line
+
+
+def test_a_damaged_shard_is_described_in_whole_sentences(good_checkpoints, tmp_path):
+    """Garbage over a tensor entry's zip records, checksums resealed: the message was torch's
+    weights_only explanation, cut mid-sentence; now it is one line of moemesh's own."""
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = root / "step_000003"
+    shard, start, _ = kit.tensor_bytes_range(ckpt, "model.norm.weight")
+    raw = bytearray(shard.read_bytes())
+    raw[start - 700 : start] = b"\xa5" * 700  # the data.pkl and the headers before the values
+    shard.write_bytes(bytes(raw))
+    kit.reseal(ckpt)
+    step, (line,), _ = _resume(root)
+    assert step == 2
+    reason = line.split(f"cannot resume from step_000003: {shard}: ", 1)[1]
+    assert reason.startswith("model.norm.weight: ") and "weights_only" not in line and "(1)" not in line, line
+    assert line.endswith("; trying step_000002"), line
+
+
+def test_an_error_message_is_never_cut_mid_sentence():
+    """torch wraps some messages over lines; the first line alone ended mid-sentence."""
+    from moemesh.parallel.checkpoint_trust import first_line
+
+    wrapped = RuntimeError(
+        "Weights only load failed. This file can still be loaded, to do so you have two\n"
+        "options, \x1b[1mdo those steps only if you trust the source\x1b[0m.\n\t(1) Re-running ..."
+    )
+    assert first_line(wrapped) == (
+        "Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+        "steps only if you trust the source."
+    )
+    assert first_line(ValueError("one line\nsecond line")) == "one line second line"
+    assert first_line(OSError("a whole sentence.\nmore")) == "a whole sentence."
+    long = "First sentence. " + "word " * 200
+    assert first_line(long) == "First sentence."
+    assert first_line("x" * 1000).endswith("...") and len(first_line("x" * 1000)) == 400
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[1, 2], {"samples": "7", "step": 3, "seq_len": 32, "sources": []}, "SOURCES_NOT_A_LIST", "A_SOURCE_WITHOUT_NAME"],
+)
+def test_an_ill_typed_data_position_is_refused_and_resume_falls_back(bad, good_checkpoints, tmp_path):
+    """meta.json's "data" (where the data order stands) is read after the load to place the
+    reader: an ill-typed one crashed it there (a TypeError past the fallback)."""
+    from moemesh.trainer.data import TokenData, prepare_data
+
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = root / "step_000003"
+    meta = _meta(ckpt)
+    assert isinstance(meta.get("data"), dict)
+    if bad == "SOURCES_NOT_A_LIST":
+        bad = {**meta["data"], "sources": 5}
+    elif bad == "A_SOURCE_WITHOUT_NAME":
+        bad = {
+            **meta["data"],
+            "sources": [{k: v for k, v in s.items() if k != "name"} for s in meta["data"]["sources"]],
+        }
+    meta["data"] = bad
+    _set_meta(ckpt, meta)
+    run = kit.run_config()
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    cp = kit.checkpointer(root)
+    cp.data = TokenData(paths, seed=run.trainer.seed)
+    log = kit.Log()
+    try:
+        with _deadline(20):
+            step = cp.resume(log)
+    finally:
+        cp.data.close()
+    assert step == 2, log.lines
+    (line,) = log.warnings()
+    assert f"cannot resume from step_000003: {ckpt / 'meta.json'}: refused: 'data' " in line, line
