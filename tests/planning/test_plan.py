@@ -44,7 +44,7 @@ SMALL_MODEL = ["trainer.global_batch_size=32", "model.num_layers=4", "trainer.dt
 META = torch.device("meta")
 
 
-def _local_bytes(run, dims: ParallelDims, modes=MODES) -> dict[str, dict[str, dict[str, int]]]:
+def _local_bytes(run, dims: ParallelDims, modes=MODES, ranks=None) -> dict[str, dict[str, dict[str, int]]]:
     """Per mode, memory_per_rank's max over ranks, from every rank's model as training builds
     it (``trainer.parallelize.build_model``) and shards it (``shard_model``: moemesh.parallel.fsdp,
     FSDP2's ``fully_shard``), on the meta device under a fake process group (one process plays
@@ -52,7 +52,7 @@ def _local_bytes(run, dims: ParallelDims, modes=MODES) -> dict[str, dict[str, di
     ``none`` is a sharded mode's model before ``shard_model``. A gradient takes its
     parameter's local shape (FSDP2 reduce-scatters into the shard; the real runs below
     measure gradients after the backward); AdamW keeps exp_avg and exp_avg_sq of that
-    shape and a 4-byte float32 step per tensor."""
+    shape and a 4-byte float32 step per tensor. ``ranks``: only those (default: all)."""
     worst = {
         m: {k: {"expert": 0, "non_expert": 0} for k in ("param_bytes", "grad_bytes", "optimizer_bytes")} for m in modes
     }
@@ -68,7 +68,7 @@ def _local_bytes(run, dims: ParallelDims, modes=MODES) -> dict[str, dict[str, di
                 worst[mode][k][kind] = max(worst[mode][k][kind], v)
 
     sharded = [m for m in modes if m != "none"]
-    for rank in range(dims.world_size):
+    for rank in range(dims.world_size) if ranks is None else ranks:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
         try:
             pm = build_mesh(dims, "cpu")  # one mesh per rank, shared by the modes' models
@@ -95,28 +95,51 @@ SP = "parallel.sequence_parallel=true"
 LAYOUT_CASES = [(p, ()) for p in PRESETS] + [(p, (SP,)) for p in ("tp2_ep2_dp2", "pp2_tp2_ep2")]
 
 
+def _planned(p) -> dict[str, dict[str, int]]:
+    return {
+        "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
+        "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
+        "optimizer_bytes": {"expert": p.optim_expert, "non_expert": p.optim_non_expert},
+    }
+
+
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
 @pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
 def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(preset, extra):
     """The planner's parameter, gradient and optimizer bytes per rank are memory_per_rank's
     max over the ranks of the real model, built and sharded on the meta device by the
-    trainer's own code, in every sharding mode."""
+    trainer's own code: none and zero3 over every rank; zero2 (the same shards at rest, only
+    gathered for longer) built on rank 0 and equal to zero3 there, and over every rank in the
+    slow tier (the next test)."""
     base = compose_run([f"parallel={preset}", *SMALL_MODEL, *extra])
     dims = ParallelDims.from_config(base.parallel)
-    built = MODES if dims.data_size > 1 else ("none",)
-    real = _local_bytes(base, dims, built)
-    for mode in MODES:
-        p = cost.plan_one(_with_sharding(base, mode), dims, ARGS)
-        if mode not in built:  # refused before any rank starts: nothing to shard
+    if dims.data_size == 1:  # refused before any rank starts: nothing to shard
+        for mode in ("zero2", "zero3"):
+            p = cost.plan_one(_with_sharding(base, mode), dims, ARGS)
             assert p.problem is not None and "nothing to shard" in p.problem, mode
-            continue
+    built = ("none", "zero3") if dims.data_size > 1 else ("none",)
+    real = _local_bytes(base, dims, built)
+    if dims.data_size > 1:
+        rank0 = _local_bytes(base, dims, ("zero2", "zero3"), ranks=[0])
+        assert rank0["zero2"] == rank0["zero3"]
+        real["zero2"] = real["zero3"]
+    for mode, want in real.items():
+        p = cost.plan_one(_with_sharding(base, mode), dims, ARGS)
         assert p.problem is None, p.problem
-        planned = {
-            "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
-            "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
-            "optimizer_bytes": {"expert": p.optim_expert, "non_expert": p.optim_non_expert},
-        }
-        assert planned == real[mode], mode
+        assert _planned(p) == want, mode
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
+@pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
+def test_zero2_state_bytes_equal_the_real_sharded_model_on_every_rank(preset, extra):
+    base = _with_sharding(compose_run([f"parallel={preset}", *SMALL_MODEL, *extra]), "zero2")
+    dims = ParallelDims.from_config(base.parallel)
+    p = cost.plan_one(base, dims, ARGS)
+    if dims.data_size == 1:
+        assert p.problem is not None and "nothing to shard" in p.problem
+    else:
+        assert _planned(p) == _local_bytes(base, dims, ("zero2",))["zero2"]
 
 
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
