@@ -129,8 +129,20 @@ class Sharding(enum.StrEnum):
     zero3 = "zero3"
 
 
-# parallel.pipeline_schedule (parallel/pipeline.py).
-PipelineSchedule = enum.StrEnum("PipelineSchedule", [("1f1b", "1f1b"), ("gpipe", "gpipe")])
+# parallel.pipeline_schedule (parallel/pipeline.py: torch.distributed.pipelining's schedules): one
+# stage per rank (gpipe, 1f1b), several (interleaved_1f1b, interleaved_zero_bubble), two placed in a
+# V (zbv, dualpipev); the zero-bubble ones split each backward into input and weight gradients.
+PipelineSchedule = enum.StrEnum(
+    "PipelineSchedule",
+    [
+        ("1f1b", "1f1b"),
+        ("gpipe", "gpipe"),
+        ("interleaved_1f1b", "interleaved_1f1b"),
+        ("interleaved_zero_bubble", "interleaved_zero_bubble"),
+        ("zbv", "zbv"),
+        ("dualpipev", "dualpipev"),
+    ],
+)
 
 
 class Recompute(enum.StrEnum):
@@ -141,6 +153,17 @@ class Recompute(enum.StrEnum):
     none = "none"
     full = "full"
     selective = "selective"
+
+
+class Compile(enum.StrEnum):
+    """trainer.compile (trainer/parallelize.py: apply_compile): none | blocks (torch.compile each
+    block's compute: norms, attention, dense FFN, router, shared expert) | model (the whole
+    model's forward in one call, graph-broken around each MoE layer's routed path); the
+    All-to-All, the routed experts, every other collective and the pipeline stay outside."""
+
+    none = "none"
+    blocks = "blocks"
+    model = "model"
 
 
 class NonFinite(enum.StrEnum):
@@ -205,4 +228,5 @@ class DataKind(enum.StrEnum):
 # What each value of a choice means, where the names alone do not say (in its error line).
 NOTES: dict[type, str] = {
     OutputAccess: "private: 0700/0600; group: group may read, 0750/0640; inherit: the shell's umask",
+    PipelineSchedule: "docs/layouts.md#pipeline-schedules: what each needs of micro-steps and stages per rank",
 }

@@ -60,6 +60,16 @@ CASES = [
         "trainer.micro_steps=2 and trainer.micro_batch_size=2 disagree",
     ),
     (["parallel=pp2", "trainer.micro_steps=1"], "1F1B needs micro-batches >= parallel.pipeline_parallel_size=2"),
+    # routing and compilation (#31)
+    (["model.max_ranks_per_token=1"], "model.max_ranks_per_token=1 limits the EP ranks a token reaches"),
+    (["parallel=ep2", "model.max_ranks_per_token=2"], "nothing to limit; set it below 2"),
+    (["model.router_groups=3"], "model.router_groups=3 must divide model.num_experts=8"),
+    (["trainer.compile=all"], "trainer.compile='all' is not one of none, blocks, model"),
+    (["parallel=pp2", "trainer.compile=model"], "trainer.compile=model compiles the model's forward"),
+    (
+        ["parallel=pp2", "parallel.pipeline_schedule=zbv", "trainer.compile=blocks"],
+        "trainer.compile=blocks needs gpipe, 1f1b or interleaved_1f1b",
+    ),
     (["model.top_k=9"], "model.top_k=9 must be between 1 and model.num_experts=8"),
     (["model.hidden_size=30"], "model.hidden_size=30 must be divisible by model.num_heads=4"),
     (["trainer.seq_len=4096"], "trainer.seq_len=4096 must be <= model.max_seq_len"),

@@ -46,7 +46,7 @@ from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
 from moemesh.fields import Device
 from moemesh.planning import search
-from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command, with_dims
+from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command, with_dims, with_schedule
 from moemesh.runs.steady import WARMUP_RECORDS
 
 
@@ -59,6 +59,9 @@ class LayoutSweeperConf:
     warmup_steps: int = WARMUP_RECORDS  # logged steps left out of the timing medians (moemesh.runs.steady)
     objective: str = "tokens_per_s"  # tokens_per_s | step_s | peak_memory
     charts: bool = True  # moemesh.runs.compare's charts into <sweep dir>/compare/
+    # Pipeline schedules to try on each split with pp > 1 (e.g. [1f1b,interleaved_1f1b,zbv]): each
+    # is a candidate of its own, ranked by the planner with its bubble; []: the run's schedule.
+    schedules: list[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="layouts", node=LayoutSweeperConf, provider="moemesh")
@@ -91,9 +94,23 @@ class _Tee(io.TextIOBase):
 
 class LayoutSweeper(Sweeper):
     def __init__(
-        self, top=6, include=(), exclude=(), warmup_steps=WARMUP_RECORDS, objective="tokens_per_s", charts=True
+        self,
+        top=6,
+        include=(),
+        exclude=(),
+        warmup_steps=WARMUP_RECORDS,
+        objective="tokens_per_s",
+        charts=True,
+        schedules=(),
     ):
-        self.keys = dict(top=top, include=include, exclude=exclude, warmup_steps=warmup_steps, objective=objective)
+        self.keys = dict(
+            top=top,
+            include=include,
+            exclude=exclude,
+            warmup_steps=warmup_steps,
+            objective=objective,
+            schedules=schedules,
+        )
         self.charts = charts
         self.config: Any = None
         self.launcher: Any = None
@@ -132,7 +149,7 @@ class LayoutSweeper(Sweeper):
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             planned = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, device=device))
-        valid, invalid = make_plan(planned, gpus)
+        valid, invalid = make_plan(planned, gpus, schedules=s.schedules)
         unknown = search.unknown_names(valid, s)
         if unknown:
             names = ", ".join(search.layout_name(p.dims) for p in valid)
@@ -152,9 +169,9 @@ class LayoutSweeper(Sweeper):
             count = dataclasses.replace(planned.trainer, micro_steps=int(held[0].split("=")[1]))
             planned = dataclasses.replace(planned, trainer=count)
             for c in choice.chosen:
-                p = plan_one(planned, c.dims)
+                p = plan_one(with_schedule(planned, c.schedule), c.dims)
                 c.predicted_step_s, c.predicted_bytes = p.step_s, p.total_bytes
-        jobs = [[*train_command(run, own, c.dims)[2:], *held] for c in choice.chosen]
+        jobs = [[*train_command(run, own, c.dims, c.schedule)[2:], *held] for c in choice.chosen]
         self.planned_device = planned.trainer.device
         return run, s, choice, jobs, own + held
 
@@ -175,7 +192,7 @@ class LayoutSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        names = [c.name for c in choice.chosen]
+        names = [c.label for c in choice.chosen]
         print(
             f"moemesh: layout sweep of cluster.gpus={run.cluster.gpus}: {', '.join(names)} "
             f"(the planner's best {len(names)} of {len(names) + len(choice.cut) + len(choice.filtered)} fitting; "
@@ -273,8 +290,8 @@ class LayoutSweeper(Sweeper):
         if best is None:
             lines.append("no job finished: nothing to rank")
         else:
-            cmd = shlex.join(train_command(run, own, best.candidate.dims))
-            lines.append(f"winner by {s.objective}: {best.candidate.name}; train with it:")
+            cmd = shlex.join(train_command(run, own, best.candidate.dims, best.candidate.schedule))
+            lines.append(f"winner by {s.objective}: {best.candidate.label}; train with it:")
             lines.append(f"  {cmd}")
         text = "\n".join(lines)
         print("\n" + text, flush=True)
@@ -282,6 +299,7 @@ class LayoutSweeper(Sweeper):
         record = [
             {
                 "layout": r.candidate.name,
+                "schedule": r.candidate.schedule,
                 "dir": str(d),
                 "overrides": overrides,
                 "dims": dataclasses.asdict(r.candidate.dims),

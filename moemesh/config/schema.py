@@ -27,6 +27,7 @@ from moemesh.errors import ConfigError
 from moemesh.fields import (
     SEED_MAX,
     CommBackend,
+    Compile,
     Device,
     Dtype,
     KernelBackend,
@@ -39,6 +40,7 @@ from moemesh.fields import (
 )
 from moemesh.moe.config import ModelConfig
 from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.pipeline import stages_problem
 
 
 @dataclass
@@ -62,8 +64,12 @@ class ParallelConfig:
     # TP only: shard the residual stream (norms, dropout-free adds) over the sequence,
     # with reduce-scatter / all-gather in place of the all-reduces around attention and MLP.
     sequence_parallel: bool = False
-    # PP only: 1f1b | gpipe; layers per stage (null: balanced by layer count).
+    # PP only: 1f1b | gpipe | interleaved_1f1b | interleaved_zero_bubble | zbv | dualpipev
+    # (torch.distributed.pipelining's; docs/layouts.md); stages per rank (virtual stages; null:
+    # the schedule's own, 1 for gpipe and 1f1b, else 2); layers per stage, pp x stages per rank
+    # of them (null: balanced by layer count).
     pipeline_schedule: PipelineSchedule = PipelineSchedule["1f1b"]
+    pp_stages_per_rank: int | None = None
     pipeline_split: list[int] | None = None
     # How much training state each rank keeps (FSDP2 over the ranks that hold the same
     # weights): none (whole parameters, gradients, AdamW state) | zero2 (gradients and
@@ -79,6 +85,10 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.pipeline_split={list(self.pipeline_split)} needs parallel.pipeline_parallel_size > 1"
             )
+        fields.positive_or_null(self, "parallel.", "pp_stages_per_rank")
+        problem = stages_problem(self.pipeline_schedule, self.pp_stages_per_rank)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def dims(self) -> ParallelDims:
@@ -249,6 +259,11 @@ class TrainerConfig:
     # recompute replays their recorded outputs (moemesh/parallel/recompute.py).
     activation_checkpointing: Recompute = Recompute.none
     on_nonfinite: NonFinite = NonFinite.stop  # a non-finite loss or gradient norm: stop | skip (the step)
+    # torch.compile: none | blocks (each block's compute: norms, attention, dense FFN, router,
+    # shared expert) | model (the whole forward; not with pp); the All-to-All, the routed experts,
+    # every other collective and the pipeline schedule stay outside the compiled regions
+    # (trainer/parallelize.py: apply_compile).
+    compile: Compile = Compile.none
     # on_nonfinite=skip: stop (FloatingPointError, exit 1) after this many skipped steps in a
     # row; the weights do not change while steps are skipped, so more would rarely recover.
     max_skipped_steps: int = 10
@@ -260,6 +275,7 @@ class TrainerConfig:
             ("dtype", Dtype),
             ("activation_checkpointing", Recompute),
             ("on_nonfinite", NonFinite),
+            ("compile", Compile),
         ):
             fields.choice(self, p, name, cls)
         fields.positive(self, p, "steps", "global_batch_size", "seq_len", "eval_batches", "log_every")

@@ -15,7 +15,7 @@ from pathlib import Path
 from moemesh.config.batch import BatchPlan
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
-from moemesh.fields import DataKind, Sharding
+from moemesh.fields import Compile, DataKind, Recompute, Sharding
 from moemesh.parallel.dims import ParallelDims, layout_name
 
 
@@ -74,6 +74,8 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         raise ConfigError(f"trainer.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _check_data_source(run)
     _check_nodes(run, dims)
+    if run.model.limit_key is not None:
+        _check_routing_limit(run, dims)
     if dims.tp > 1:
         _check_tensor_parallel(run, dims)
     if run.parallel.sharding != Sharding.none and dims.data_size == 1:
@@ -123,6 +125,46 @@ def _check_nodes(run: RunConfig, dims: ParallelDims) -> None:
         )
 
 
+def routing_groups(run: RunConfig, dims: ParallelDims) -> tuple[int, int] | None:
+    """(groups, the most a token may reach) of the layout-keyed routing limit: the EP ranks
+    (model.max_ranks_per_token) or the nodes of an EP group (model.max_nodes_per_token, nodes of
+    cluster.gpus_per_node GPUs); None when neither is set. Checked by ``validate_run``."""
+    m = run.model
+    if m.max_ranks_per_token is not None:
+        return dims.ep, m.max_ranks_per_token
+    if m.max_nodes_per_token is not None:
+        return dims.ep_nodes(run.cluster.gpus_per_node) or 0, m.max_nodes_per_token
+    return None
+
+
+def _check_routing_limit(run: RunConfig, dims: ParallelDims) -> None:
+    """The EP-rank- or node-limited routing must limit something, the same way on every layout."""
+    m, key = run.model, run.model.limit_key
+    groups, limit = routing_groups(run, dims) or (0, 0)
+    what = "EP ranks" if key == "max_ranks_per_token" else "nodes"
+    if key == "max_nodes_per_token" and groups == 0:
+        raise ConfigError(
+            f"model.max_nodes_per_token={limit}: an EP group of parallel.expert_parallel_size={dims.ep} ranks, "
+            f"{dims.tp} apart (tp), does not split evenly over nodes of cluster.gpus_per_node="
+            f"{run.cluster.gpus_per_node}; use model.max_ranks_per_token, or a layout whose EP group does"
+        )
+    if limit >= groups:
+        degree = (
+            f"parallel.expert_parallel_size={dims.ep}" if what == "EP ranks" else f"{groups} node(s) in its EP group"
+        )
+        raise ConfigError(
+            f"model.{key}={limit} limits the {what} a token reaches, and this layout has {degree}: "
+            f"nothing to limit; set it below {groups} (and above 0), or null"
+            + (" (EP = 1: no All-to-All)" if dims.ep == 1 else "")
+        )
+    per_group = m.num_experts // groups
+    if limit * per_group < m.top_k:
+        raise ConfigError(
+            f"model.{key}={limit} x {per_group} experts per {what[:-1]} = {limit * per_group} experts must be >= "
+            f"model.top_k={m.top_k} (a token needs top_k experts within its {what})"
+        )
+
+
 def _check_tensor_parallel(run: RunConfig, dims: ParallelDims) -> None:
     m = run.model
     for key, value in (
@@ -141,19 +183,46 @@ def _check_tensor_parallel(run: RunConfig, dims: ParallelDims) -> None:
 
 
 def _check_pipeline(run: RunConfig, dims: ParallelDims, plan: BatchPlan) -> None:
-    from moemesh.parallel.pipeline import PipelineSchedule, stage_layers
+    from moemesh.parallel.pipeline import Placement, microbatch_problem, stage_layers, traits
 
-    if run.model.num_layers < dims.pp:
+    placement = Placement.of(run.parallel)
+    stages, per_rank = placement.stages, placement.v
+    if run.model.num_layers < stages:
+        need = f"parallel.pipeline_parallel_size={dims.pp}"
+        if per_rank > 1:
+            need = f"the stages, parallel.pipeline_parallel_size x stages per rank = {dims.pp} x {per_rank} = {stages}"
+        raise ConfigError(f"model.num_layers={run.model.num_layers} must be >= {need} (every stage needs a layer)")
+    stage_layers(run.model.num_layers, stages, run.parallel.pipeline_split)
+    problem = microbatch_problem(placement.schedule, dims.pp, plan.micro_steps)
+    if problem:
+        raise ConfigError(problem)
+    split = traits(placement.schedule).split_backward
+    if split and run.parallel.sharding == Sharding.zero3:
         raise ConfigError(
-            f"model.num_layers={run.model.num_layers} must be >= parallel.pipeline_parallel_size={dims.pp} "
-            "(every stage needs a layer)"
+            f"parallel.pipeline_schedule={placement.schedule} with parallel.sharding=zero3: the schedule computes a "
+            "micro-batch's weight gradients after later micro-batches' forwards, and zero3 reshards each unit after "
+            "every forward, so the weights those gradients belong to are gone; use parallel.sharding=zero2 "
+            "(or gpipe, 1f1b, interleaved_1f1b)"
         )
-    stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
-    if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] and plan.micro_steps < dims.pp:
+    if split and run.trainer.activation_checkpointing != Recompute.none:
         raise ConfigError(
-            f"1F1B needs micro-batches >= parallel.pipeline_parallel_size={dims.pp}, got "
-            f"{plan.micro_steps} (trainer.micro_steps); set trainer.micro_steps >= {dims.pp} "
-            "or parallel.pipeline_schedule=gpipe"
+            f"parallel.pipeline_schedule={placement.schedule} with trainer.activation_checkpointing="
+            f"{run.trainer.activation_checkpointing}: torch runs a split backward's weight step as a "
+            "backward once per weight group, and checkpointing recomputes the block's forward for each (12 forwards "
+            "of an MoE block instead of 2, tests/parallel/test_split_backward.py); use "
+            "trainer.activation_checkpointing=none, or gpipe, 1f1b, interleaved_1f1b"
+        )
+    if run.trainer.compile == Compile.model:
+        raise ConfigError(
+            f"trainer.compile=model compiles the model's forward, which parallel.pipeline_parallel_size={dims.pp} "
+            "does not call (each pipeline stage runs its own part): use trainer.compile=blocks with pp"
+        )
+    if split and run.trainer.compile != Compile.none:
+        raise ConfigError(
+            f"parallel.pipeline_schedule={placement.schedule} splits each backward into input and weight "
+            f"gradients, and a compiled region's backward is one node that computes both (the weight step would "
+            f"run it again): trainer.compile={run.trainer.compile} needs gpipe, 1f1b or interleaved_1f1b "
+            "(or trainer.compile=none)"
         )
 
 

@@ -14,6 +14,14 @@ Tie-breaking: among equal selection keys the lower expert id wins, in every
 backend (the reference gets it from a stable descending sort; the kernel takes
 the minimum index among the row's maxima).
 
+Group-limited routing (DeepSeek-V3; also the EP-rank- and node-limited routing, whose groups
+are the experts of one EP rank or one node): the E experts form ``n_groups`` runs of E/G; a
+token may pick only from its ``topk_groups`` best groups, a group scored by the sum of its two
+highest scores (+ bias when there is one; the one highest when a group has one expert). The
+groups are chosen first (``group_limited_mask``, plain torch for both backends: a few ops on
+[T, G]); the top-k then runs on the masked selection key, in the kernel as in the reference.
+``scale`` (the routed scaling factor) multiplies the weights after renormalisation.
+
 Layers: ``_gating_fwd_kernel`` / ``_gating_bwd_kernel`` (Triton), ``_launch_*``
 (allocation), ``moemesh::fused_gating`` and ``moemesh::fused_gating_backward``
 (torch.library custom ops with fake implementations, autograd registered on the
@@ -49,6 +57,34 @@ class GatingOutput:
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
+def _bincount(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(ids, minlength=n)`` for ids < n, with a static shape (torch.compile)."""
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+@torch.no_grad()
+def group_limited_mask(
+    logits_TE: torch.Tensor,
+    *,
+    score_func: str,
+    expert_bias_E: torch.Tensor | None,
+    n_groups: int,
+    topk_groups: int,
+) -> torch.Tensor:
+    """[T, E] bool: the experts in each token's ``topk_groups`` best of ``n_groups`` groups (module
+    doc). Ties between groups go to the lower group id (a stable sort), as between experts."""
+    T, E = logits_TE.shape
+    logits_TE = logits_TE.float()
+    scores_TE = torch.softmax(logits_TE, -1) if score_func == ScoreFunc.softmax else torch.sigmoid(logits_TE)
+    if expert_bias_E is not None:
+        scores_TE = scores_TE + expert_bias_E.float()
+    per_group = E // n_groups
+    group_score_TG = scores_TE.view(T, n_groups, per_group).topk(min(2, per_group), dim=-1).values.sum(-1)
+    best_TG = torch.sort(group_score_TG, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+    allowed_TG = torch.zeros(T, n_groups, dtype=torch.bool, device=logits_TE.device).scatter_(1, best_TG, True)
+    return allowed_TG.repeat_interleave(per_group, dim=1)
+
+
 def gating_reference(
     logits_TE: torch.Tensor,
     *,
@@ -56,6 +92,9 @@ def gating_reference(
     renormalize: bool,
     score_func: str = "softmax",
     expert_bias_E: torch.Tensor | None = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    scale: float = 1.0,
 ) -> GatingOutput:
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
@@ -65,15 +104,22 @@ def gating_reference(
     else:
         scores_TE = torch.sigmoid(logits_TE)
     key_TE = logits_TE if expert_bias_E is None else scores_TE + expert_bias_E.float()
+    if n_groups > 1:
+        allowed_TE = group_limited_mask(
+            logits_TE, score_func=score_func, expert_bias_E=expert_bias_E, n_groups=n_groups, topk_groups=topk_groups
+        )
+        key_TE = key_TE.masked_fill(~allowed_TE, float("-inf"))
     # Stable descending sort: ties keep ascending expert id, so the lower id wins.
     topk_ids_TK = torch.sort(key_TE.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
     if renormalize:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
+    if scale != 1.0:
+        topk_weights_TK = topk_weights_TK * scale
     return GatingOutput(
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK,
-        counts_E=torch.bincount(topk_ids_TK.flatten(), minlength=E),
+        counts_E=_bincount(topk_ids_TK.flatten(), E),
         score_sum_E=scores_TE.sum(dim=0),
         lse_T=lse_T,
     )
@@ -85,6 +131,7 @@ if triton is not None:
     def _gating_fwd_kernel(
         logits_ptr,
         bias_ptr,
+        allowed_ptr,
         ids_ptr,
         weights_ptr,
         lse_ptr,
@@ -93,8 +140,10 @@ if triton is not None:
         T,
         E,
         stride_lt,
+        scale,
         K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
         SIGMOID: tl.constexpr,
         RENORM: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -125,6 +174,9 @@ if triton is not None:
             key = tl.where(mask, p + b[None, :], -float("inf"))
         else:
             key = x
+        if HAS_MASK:  # group-limited routing: experts outside the token's groups cannot win
+            allowed = tl.load(allowed_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0)
+            key = tl.where(allowed != 0, key, -float("inf"))
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
         w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
@@ -139,6 +191,7 @@ if triton is not None:
             key = tl.where(hit, -float("inf"), key)
         if RENORM:
             w = w / tl.where(rmask, tl.sum(w, axis=1), 1.0)[:, None]
+        w = w * scale
         kmask = rmask[:, None] & (ks[None, :] < K)
         tl.store(ids_ptr + rows[:, None] * K + ks[None, :], ids.to(tl.int64), mask=kmask)
         tl.store(weights_ptr + rows[:, None] * K + ks[None, :], w, mask=kmask)
@@ -230,9 +283,20 @@ def _check_fwd(logits_TE, bias_E, top_k):
         check(bias_E.shape == (E,), f"fused_gating: expert bias must be [E={E}], got {tuple(bias_E.shape)}")
 
 
-def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, *, params: Mapping[str, int] | None = None):
+def _launch_fwd(
+    logits_TE,
+    bias_E,
+    top_k,
+    renormalize,
+    sigmoid,
+    allowed_TE=None,
+    scale: float = 1.0,
+    *,
+    params: Mapping[str, int] | None = None,
+):
     T, E = logits_TE.shape
     bias_E = bias_E.contiguous() if bias_E is not None else None
+    allowed_TE = allowed_TE.to(torch.int8).contiguous() if allowed_TE is not None else None
     logits_TE = logits_TE.contiguous()
     dev = logits_TE.device
     BLOCK_T, BLOCK_E, warps = _blocks("gating_fwd", E, params)
@@ -246,6 +310,7 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, *, params: Mappi
         _gating_fwd_kernel[(grid,)](
             logits_TE,
             bias_E if bias_E is not None else logits_TE,
+            allowed_TE if allowed_TE is not None else logits_TE,
             ids,
             weights,
             lse,
@@ -254,8 +319,10 @@ def _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, *, params: Mappi
             T,
             E,
             logits_TE.stride(0),
+            float(scale),
             K=top_k,
             HAS_BIAS=bias_E is not None,
+            HAS_MASK=allowed_TE is not None,
             SIGMOID=sigmoid,
             RENORM=renormalize,
             BLOCK_T=BLOCK_T,
@@ -302,14 +369,14 @@ if triton is not None:
     @torch.library.custom_op(
         "moemesh::fused_gating",
         mutates_args=(),
-        schema="(Tensor logits, Tensor? bias, int top_k, bool renormalize, bool sigmoid)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        schema="(Tensor logits, Tensor? bias, int top_k, bool renormalize, bool sigmoid, Tensor? allowed=None,"
+        " float scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
-    def _gating_op(logits_TE, bias_E, top_k, renormalize, sigmoid):
-        return _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
+    def _gating_op(logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE=None, scale=1.0):
+        return _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE, scale)
 
     @_gating_op.register_fake
-    def _gating_fake(logits_TE, bias_E, top_k, renormalize, sigmoid):
+    def _gating_fake(logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE=None, scale=1.0):
         T, E = logits_TE.shape
         new = logits_TE.new_empty
         return (
@@ -334,20 +401,22 @@ if triton is not None:
         return torch.empty_like(logits_TE, memory_format=torch.contiguous_format)
 
     def _gating_setup(ctx, inputs, output):
-        logits_TE, _bias, _k, ctx.renormalize, ctx.sigmoid = inputs
+        logits_TE, _bias, _k, ctx.renormalize, ctx.sigmoid, *rest = inputs
+        ctx.scale = rest[1] if len(rest) > 1 else 1.0
         ctx.save_for_backward(logits_TE, output[0])
 
     def _gating_grad(ctx, g_weights, g_ssum, g_lse, backward_fn):
         logits_TE, ids = ctx.saved_tensors
         T, E = logits_TE.shape
         zeros = lambda *shape: logits_TE.new_zeros(shape, dtype=torch.float32)  # noqa: E731
-        g_weights = zeros(T, ids.shape[1]) if g_weights is None else g_weights.float()
+        # The weights are scale x the (renormalised) scores: the kernel's gradient, scaled.
+        g_weights = zeros(T, ids.shape[1]) if g_weights is None else g_weights.float() * ctx.scale
         g_ssum = zeros(E) if g_ssum is None else g_ssum.float()
         g_lse = zeros(T) if g_lse is None else g_lse.float()
         return backward_fn(logits_TE, ids, g_weights, g_ssum, g_lse, ctx.renormalize, ctx.sigmoid)
 
     def _gating_backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
-        return _gating_grad(ctx, g_weights, g_ssum, g_lse, _gating_bwd_op), None, None, None, None
+        return _gating_grad(ctx, g_weights, g_ssum, g_lse, _gating_bwd_op), None, None, None, None, None, None
 
     _gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
 
@@ -355,15 +424,15 @@ if triton is not None:
         """The eager path: the same launchers without the custom op's dispatch (see _triton.pick)."""
 
         @staticmethod
-        def forward(ctx, logits_TE, bias_E, top_k, renormalize, sigmoid):
-            out = _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid)
-            _gating_setup(ctx, (logits_TE, bias_E, top_k, renormalize, sigmoid), out)
+        def forward(ctx, logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE=None, scale=1.0):
+            out = _launch_fwd(logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE, scale)
+            _gating_setup(ctx, (logits_TE, bias_E, top_k, renormalize, sigmoid, allowed_TE, scale), out)
             ctx.mark_non_differentiable(out[0], out[2])
             return out
 
         @staticmethod
         def backward(ctx, _g_ids, g_weights, _g_counts, g_ssum, g_lse):
-            return _gating_grad(ctx, g_weights, g_ssum, g_lse, _launch_bwd), None, None, None, None
+            return _gating_grad(ctx, g_weights, g_ssum, g_lse, _launch_bwd), None, None, None, None, None, None
 
 
 def gating_triton(
@@ -373,10 +442,20 @@ def gating_triton(
     renormalize: bool,
     score_func: str = "softmax",
     expert_bias_E: torch.Tensor | None = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    scale: float = 1.0,
 ) -> GatingOutput:
     check(score_func in SCORE_FUNCS, f"fused_gating: score_func={score_func!r} is not one of {SCORE_FUNCS}")
     bias = None if expert_bias_E is None else expert_bias_E.detach().float()
     _check_fwd(logits_TE, bias, top_k)
+    allowed = None
+    if n_groups > 1:
+        allowed = group_limited_mask(
+            logits_TE.detach(), score_func=score_func, expert_bias_E=bias, n_groups=n_groups, topk_groups=topk_groups
+        )
     op = pick(_gating_op, _FusedGating.apply)
-    ids, weights, counts, ssum, lse = op(logits_TE, bias, top_k, renormalize, score_func == ScoreFunc.sigmoid)
+    ids, weights, counts, ssum, lse = op(
+        logits_TE, bias, top_k, renormalize, score_func == ScoreFunc.sigmoid, allowed, float(scale)
+    )
     return GatingOutput(topk_ids_TK=ids, topk_weights_TK=weights, counts_E=counts, score_sum_E=ssum, lse_T=lse)

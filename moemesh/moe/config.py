@@ -43,6 +43,16 @@ class ModelConfig:
     capacity_factor: float | None = None  # None: dropless
     seq_aux_loss_factor: float = 0.0  # DeepSeek-V3 sequence-wise balance loss; 0: off
     expert_bias_update_rate: float = 0.0  # aux-loss-free balancing (selection bias); 0: off
+    # Routing of current models (moemesh/kernels/gating.py; docs/routing.md), all off by default.
+    # DeepSeek-V3 group-limited top-k: the experts in router_groups runs of E/groups, a token picks
+    # from its router_topk_groups best groups (a group scored by its two highest scores).
+    router_groups: int = 1  # 1: no groups
+    router_topk_groups: int | None = None  # null: every group
+    routed_scaling_factor: float = 1.0  # multiplies the top-k weights (after renormalisation)
+    # A token's experts on at most this many EP ranks (groups: each EP rank's experts) or nodes
+    # (groups: the EP ranks on one node of cluster.gpus_per_node GPUs); null: no limit.
+    max_ranks_per_token: int | None = None
+    max_nodes_per_token: int | None = None
     max_seq_len: int = 128
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -83,6 +93,7 @@ class ModelConfig:
             )
         fields.finite_floats(self, p)
         self._check_shape()
+        self._check_routing()
 
     def _check_shape(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -105,6 +116,37 @@ class ModelConfig:
                 f"model.num_layers={self.num_layers} must be divisible by "
                 f"model.moe_every_k_layers={self.moe_every_k_layers} (an MoE layer every k layers)"
             )
+
+    def _check_routing(self) -> None:
+        p, E, G = "model.", self.num_experts, self.router_groups
+        fields.positive(self, p, "router_groups")
+        fields.positive_or_null(self, p, "router_topk_groups", "max_ranks_per_token", "max_nodes_per_token")
+        fields.number(self, p, "routed_scaling_factor", lambda v: v > 0, "a finite number > 0 (1: off)")
+        if E % G:
+            raise ConfigError(f"model.router_groups={G} must divide model.num_experts={E} (experts per group)")
+        topk = G if self.router_topk_groups is None else self.router_topk_groups
+        if topk > G:
+            raise ConfigError(f"model.router_topk_groups={topk} must be <= model.router_groups={G}")
+        if topk * (E // G) < self.top_k:
+            raise ConfigError(
+                f"model.router_topk_groups x experts per group = {topk} x {E // G} = {topk * E // G} experts "
+                f"must be >= model.top_k={self.top_k} (a token needs top_k experts to pick from)"
+            )
+        limits = [k for k in ("max_ranks_per_token", "max_nodes_per_token") if getattr(self, k) is not None]
+        if G > 1:
+            limits.insert(0, "router_groups")
+        if len(limits) > 1:
+            raise ConfigError(
+                f"model.{limits[0]} and model.{limits[1]} both limit the experts a token may reach (each its own "
+                "groups): set one"
+            )
+
+    @property
+    def limit_key(self) -> str | None:
+        """The layout-keyed routing limit that is set, if any: max_ranks_per_token or max_nodes_per_token."""
+        if self.max_ranks_per_token is not None:
+            return "max_ranks_per_token"
+        return "max_nodes_per_token" if self.max_nodes_per_token is not None else None
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:

@@ -52,6 +52,19 @@ class AllToAllDispatcher:
         rows_ND, row_map_N, counts_E = self.ops.permute(x_TD, topk_ids_TK, self.num_experts)
         return rows_ND, row_map_N, rearrange(counts_E, "(r e) -> r e", r=self.ep_size)
 
+    @torch.no_grad()
+    def fanout(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """[K + 1]: this rank's tokens by how many EP ranks their kept (token, k) pairs reach (a
+        dropped pair, id -1, reaches none): the All-to-All fan-out that rank-limited routing caps."""
+        K = topk_ids_TK.shape[1]
+        rank_TK = torch.sort(torch.div(topk_ids_TK, self.num_local_experts, rounding_mode="floor"), dim=1).values
+        first = torch.full_like(rank_TK[:, :1], -2)
+        new_TK = (rank_TK >= 0) & (rank_TK != torch.cat([first, rank_TK[:, :-1]], dim=1))
+        reached_T = new_TK.sum(1)
+        return torch.zeros(K + 1, dtype=torch.int64, device=reached_T.device).index_add_(
+            0, reached_T, torch.ones_like(reached_T)
+        )
+
     def exchange_counts(self, counts_R: torch.Tensor) -> torch.Tensor:
         """Send row ``r`` of ``counts_R`` [R, ...] to EP rank r; receive [R, ...] (row r from rank r)."""
         return all_to_all_counts(counts_R, self.ep_group)

@@ -25,6 +25,7 @@ from moemesh.moe.config import ModelConfig
 from moemesh.moe.dispatcher import AllToAllDispatcher
 from moemesh.moe.experts import GroupedExperts, grouped_mm_available
 from moemesh.moe.overlap import overlapped_moe
+from moemesh.moe.rank_dispatch import routed_by_rank
 from moemesh.moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
 from moemesh.parallel.comm import group_size
 from moemesh.parallel.tp import (
@@ -48,6 +49,7 @@ class MoEStats:
     counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
     entropy_sum: torch.Tensor  # sum over this rank's tokens of the router entropy (nats)
     score_sum_E: torch.Tensor  # sum of router scores per expert on this rank
+    fanout_K1: torch.Tensor | None = None  # tokens by the EP ranks their kept pairs reach (0..K)
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -163,6 +165,7 @@ class MoELayer(nn.Module):
         self.stats_group = None
         self.tp_group, self.sp, self.tp = None, False, 1
         self.overlap_chunks = 0  # All-to-All overlap: chunks pipelined with the experts; 0: off
+        self.by_rank = False  # dispatch once per (token, EP rank): limit_routing
         self.router = Router(
             hidden_size=cfg.hidden_size,
             num_experts=cfg.num_experts,
@@ -170,6 +173,9 @@ class MoELayer(nn.Module):
             renormalize=cfg.renormalize,
             score_func=cfg.score_func,
             bias_update_rate=cfg.expert_bias_update_rate,
+            n_groups=cfg.router_groups,
+            topk_groups=cfg.router_topk_groups,
+            scale=cfg.routed_scaling_factor,
         )
         self.dispatcher = AllToAllDispatcher(num_experts=cfg.num_experts)
         self.experts = GroupedExperts(
@@ -188,6 +194,13 @@ class MoELayer(nn.Module):
         self.experts.shard(dist.get_rank(ep_group), n)
         self.dispatcher.set_group(ep_group)
         self.overlap_chunks = overlap_chunks
+
+    def limit_routing(self, n_groups: int, topk_groups: int, *, by_rank: bool) -> None:
+        """Layout-keyed routing limit: each token's experts in at most ``topk_groups`` of
+        ``n_groups`` runs of experts (an EP rank's or a node's). ``by_rank``: send each token once
+        per EP rank it reaches (moe/rank_dispatch.py), so the cap cuts the All-to-All's bytes."""
+        self.router.limit_groups(n_groups, topk_groups)
+        self.by_rank = by_rank
 
     def shard_tokens(self, tp_group, *, sequence_parallel: bool = False) -> None:
         """Tensor parallelism: TP peers route disjoint token slices (or, with sequence
@@ -228,13 +241,20 @@ class MoELayer(nn.Module):
             counts_E=gate.counts_E.detach(),
             score_sum_E=gate.score_sum_E.detach(),
             entropy_sum=entropy_sum(logits_TE),
+            fanout_K1=self.dispatcher.fanout(topk_ids_TK),
         )
         return out_BSD, stats
 
+    # Eager under torch.compile (trainer.compile=model): its row counts change every step with the
+    # routing, and its All-to-All needs host-side split sizes; the graph breaks around it.
+    @torch.compiler.disable
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
         """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert
         runs while the first rows are in flight: returns (out_TD, shared_TD or None)."""
         rows_TD = x_TD.to(routed_dtype(x_TD))
+        if self.by_rank and self.dispatcher.ep_size > 1 and not self.overlap_chunks:
+            out_TD = routed_by_rank(self.dispatcher, rows_TD, topk_ids_TK, topk_weights_TK, self.experts)
+            return out_TD.to(x_TD.dtype), None
         if self.overlap_chunks:
             out_TD, shared_TD = overlapped_moe(
                 self.dispatcher,

@@ -14,6 +14,7 @@ timing) is applied from outside by ``trainer.parallelize`` through the ``shard*`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -173,18 +174,19 @@ class Transformer(nn.Module):
         self.norm = _norm(cfg)
         # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
-        self.stage_records: list[list[MoEStats]] = []  # pipeline stages: MoE stats per microbatch
+        self.stage_records: list[dict[int, MoEStats]] = []  # pipeline: MoE stats per stage call, by layer
         cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def keep_layers(self, layers: range) -> None:
-        """Become one pipeline stage: keep the layers ``layers`` (global ids, contiguous), the
-        embedding only if the stage is the first, the final norm and the head only if it is
-        the last."""
-        for l in [l for l in self.layers if int(l) not in layers]:
+    def keep_layers(self, layers: Iterable[int]) -> None:
+        """Become one pipeline rank: keep the layers ``layers`` (global ids; with virtual stages
+        several runs of them), the embedding only if layer 0 is among them, the final norm and
+        the head only if the last layer is."""
+        keep = set(layers)
+        for l in [l for l in self.layers if int(l) not in keep]:
             del self.layers[l]
-        self.first, self.last = layers.start == 0, layers.stop == self.cfg.num_layers
+        self.first, self.last = 0 in keep, self.cfg.num_layers - 1 in keep
         if not self.first:
             self.embed = None
         if not self.last:
@@ -282,18 +284,24 @@ class Transformer(nn.Module):
                 stats.append(s)
         return x
 
-    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One pipeline stage: tokens or hidden states in, hidden states or logits out.
+    def stage_forward(self, x: torch.Tensor, layers: range | None = None) -> torch.Tensor:
+        """One pipeline stage, layers ``layers`` (default: every layer held): tokens or hidden
+        states in, hidden states or logits out (the embedding runs if the stage starts at layer
+        0, the head if it ends at the last).
 
         The schedule backpropagates each micro-batch's loss with gradient 1 and scales
         the gradients afterwards, so the MoE layers' attached losses take scale 1; their
-        statistics go to ``stage_records`` for the metrics.
+        statistics go to ``stage_records`` (by global layer id) for the metrics.
         """
-        x = self._embed(x) if self.first else x
-        stats: list[MoEStats] = []
-        x = self._blocks(x, stats, loss_scale=1.0)
+        ids = [int(l) for l in self.layers] if layers is None else list(layers)
+        x = self._embed(x) if ids and ids[0] == 0 else x
+        stats: dict[int, MoEStats] = {}
+        for l in ids:
+            x, s = self.layers[str(l)](x, self.rope_cos, self.rope_sin, loss_scale=1.0)
+            if s is not None:
+                stats[l] = s
         self.stage_records.append(stats)
-        return self._logits(x) if self.last else x
+        return self._logits(x) if ids and ids[-1] == self.cfg.num_layers - 1 else x
 
     def forward(
         self,

@@ -20,6 +20,7 @@ Sharding (zero2, zero3), as training builds it:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import NamedTuple
@@ -77,18 +78,25 @@ class Flops(NamedTuple):
 
 
 def stage_flops_per_token(
-    cfg: ModelConfig, seq_len: int, pp: int = 1, stage: int = 0, split: list[int] | None = None
+    cfg: ModelConfig,
+    seq_len: int,
+    pp: int = 1,
+    stage: int = 0,
+    split: list[int] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
 ) -> Flops:
     """``model_flops_per_token``'s count for pipeline stage ``stage`` of ``pp`` (its blocks; the
-    head on the last stage), with its parts: the routed experts' (6 x their top-k of E
-    parameters) and the attention core's (12 x blocks x hidden x sequence). The stages add up to
-    the model's count."""
+    head on the last stage; ``layers``: the layers a pipeline rank holds instead, with virtual
+    stages), with its parts: the routed experts' (6 x their top-k of E parameters) and the
+    attention core's (12 x blocks x hidden x sequence). The stages add up to the model's count."""
     from moemesh.parallel.pipeline import stage_layers
 
-    specs = param_specs(cfg, ParallelDims(pp=pp), stage=stage, split=split)
+    held = list(stage_layers(cfg.num_layers, pp, split)[stage]) if layers is None else list(layers)
+    specs = param_specs(cfg, ParallelDims(pp=pp), layers=held)
     expert = sum(s.numel for s in specs if s.expert) * cfg.top_k / cfg.num_experts
     dense = sum(s.numel for s in specs if not s.expert and s.name != "embed.weight")
-    core = 12 * len(stage_layers(cfg.num_layers, pp, split)[stage]) * cfg.hidden_size * seq_len
+    core = 12 * len(held) * cfg.hidden_size * seq_len
     return Flops(6 * (dense + expert) + core, 6 * expert, core)
 
 
@@ -99,16 +107,19 @@ def param_specs(
     stage: int = 0,
     split: list[int] | None = None,
     sequence_parallel: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> list[ParamSpec]:
     """Every parameter on one rank of pipeline stage ``stage``, in the model's order
-    (every rank of a stage holds the same shapes)."""
+    (every rank of a stage holds the same shapes). ``layers``: the layers a pipeline rank holds
+    instead (with virtual stages, several runs of them; ``parallel.pipeline.Placement``); the
+    embedding comes with layer 0, the final norm and the head with the last layer."""
     from moemesh.parallel.pipeline import stage_layers
 
     dims = ParallelDims() if dims is None else dims
     D, t = cfg.hidden_size, dims.tp
     sp = sequence_parallel and t > 1
     Dh = D // cfg.num_heads
-    layers = stage_layers(cfg.num_layers, dims.pp, split)[stage]
+    layers = sorted(stage_layers(cfg.num_layers, dims.pp, split)[stage] if layers is None else layers)
     specs: list[ParamSpec] = []
 
     def add(name, shape, *, tp_dim=None, expert=False, data_tp=False, layer=None):
@@ -123,7 +134,7 @@ def param_specs(
         add(f"{prefix}.w2.weight", (D, ffn // t), tp_dim=1, layer=layer)
 
     vocab_rows = padded_vocab(cfg.vocab_size, t) // t
-    if layers.start == 0:
+    if 0 in layers:
         add("embed.weight", (vocab_rows, D), tp_dim=0)
     for l in layers:
         p = f"layers.{l}"
@@ -143,7 +154,7 @@ def param_specs(
         add(f"{p}.moe.experts.w2_eFD", (e, Fe, D), expert=True, layer=l)
         if cfg.shared_expert_ffn_size:
             swiglu(f"{p}.moe.shared", cfg.shared_expert_ffn_size, l)
-    if layers.stop == cfg.num_layers:
+    if cfg.num_layers - 1 in layers:
         norm("norm.weight", None)
         add("head.weight", (vocab_rows, D), tp_dim=0)
     return specs

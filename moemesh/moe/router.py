@@ -33,7 +33,10 @@ class RouterLosses:
 class Router(nn.Module):
     """Logits -> fused gating. With ``bias_update_rate`` > 0 it keeps an expert bias that
     shifts the selection only (aux-loss-free balancing, DeepSeek-V3): after each step,
-    ``update_bias`` moves each expert's bias by the rate toward the mean load."""
+    ``update_bias`` moves each expert's bias by the rate toward the mean load. ``n_groups`` /
+    ``topk_groups``: group-limited routing (a token picks from its best groups of experts);
+    ``limit_groups`` sets groups from the layout (EP ranks or nodes); ``scale`` multiplies the
+    weights (the routed scaling factor)."""
 
     expert_bias_E: torch.Tensor | None  # a buffer; None unless bias_update_rate > 0
 
@@ -46,9 +49,13 @@ class Router(nn.Module):
         renormalize: bool,
         score_func: str = "softmax",
         bias_update_rate: float = 0.0,
+        n_groups: int = 1,
+        topk_groups: int | None = None,
+        scale: float = 1.0,
     ):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.n_groups, self.topk_groups, self.scale = n_groups, topk_groups or n_groups, scale
         self.score_func = score_func
         self.ops: KernelOps = TORCH_OPS  # the gating kernel (trainer.parallelize.apply_kernels)
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size))
@@ -67,8 +74,16 @@ class Router(nn.Module):
             renormalize=self.renormalize,
             score_func=self.score_func,
             expert_bias_E=self.expert_bias_E,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            scale=self.scale,
         )
         return gate, logits_TE
+
+    def limit_groups(self, n_groups: int, topk_groups: int) -> None:
+        """Route each token to experts in at most ``topk_groups`` of ``n_groups`` runs of experts
+        (the EP ranks' or the nodes': ``trainer.parallelize.apply_routing_limit``)."""
+        self.n_groups, self.topk_groups = n_groups, topk_groups
 
     @torch.no_grad()
     def update_bias(self, global_counts_E: torch.Tensor) -> None:

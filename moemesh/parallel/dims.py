@@ -130,5 +130,15 @@ class ParallelDims:
                 return g
         raise AssertionError("every rank is in one group per axis")
 
+    def ep_nodes(self, gpus_per_node: int) -> int | None:
+        """The nodes one EP group spans, each holding the same number of its ranks (an EP group is
+        ep x tp consecutive ranks, its members tp apart); None where they do not split evenly."""
+        if gpus_per_node % self.tp:
+            return None
+        per_node = gpus_per_node // self.tp  # EP ranks of one group on a node
+        if per_node >= self.ep:
+            return 1 if gpus_per_node % (self.ep * self.tp) == 0 else None
+        return self.ep // per_node if self.ep % per_node == 0 else None
+
     def describe(self) -> str:
         return f"dp{self.dp}·ep{self.ep}·tp{self.tp}·pp{self.pp} = {self.world_size} ranks"

@@ -27,7 +27,7 @@ from moemesh.moe.param_count import (
     uneven_non_leading_shard,
 )
 from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
-from moemesh.parallel.pipeline import stage_layers
+from moemesh.parallel.pipeline import Placement, stages_per_rank
 from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants, collective
 from moemesh.planning.memory import (
     REDUCE_BYTES,
@@ -36,6 +36,7 @@ from moemesh.planning.memory import (
     stage_state,
     transient_bytes,
 )
+from moemesh.planning.schedules import bubble_fraction, in_flight_stages
 
 # The seed's two scenarios for 16 GPUs (presets ep2_dp8, ep8_dp2): always shown when valid.
 SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
@@ -45,6 +46,7 @@ SEED_SPLITS = (ParallelDims(dp=8, ep=2), ParallelDims(dp=2, ep=8))
 class Plan:
     dims: ParallelDims
     problem: str | None = None  # why the split is invalid
+    schedule: str | None = None  # the pipeline schedule priced (pp > 1; the run's or a swept one)
     param_expert: int = 0
     param_non_expert: int = 0
     grad_expert: int = 0
@@ -177,8 +179,16 @@ def with_dims(run: RunConfig, dims: ParallelDims) -> RunConfig:
     return dataclasses.replace(run, parallel=parallel)
 
 
+def with_schedule(run: RunConfig, schedule: str | None) -> RunConfig:
+    """``run`` under pipeline schedule ``schedule`` (None: as it is)."""
+    if schedule is None:
+        return run
+    parallel = dataclasses.replace(run.parallel, pipeline_schedule=PipelineSchedule(schedule))
+    return dataclasses.replace(run, parallel=parallel)
+
+
 def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None = None) -> Plan:
-    p = Plan(dims)
+    p = Plan(dims, schedule=str(run.parallel.pipeline_schedule) if dims.pp > 1 else None)
     candidate = with_dims(run, dims)
     try:
         validate_run(candidate)
@@ -192,8 +202,12 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     plan = batch_plan(candidate)
     micro, accum = plan.micro_batch_size, plan.micro_steps
     T = micro * t.seq_len  # tokens per micro-batch per data rank
-    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] else accum
-    all_specs = [param_specs(m, dims, stage=s, sequence_parallel=sp) for s in range(dims.pp)]
+    schedule = run.parallel.pipeline_schedule
+    placement = Placement(schedule, dims.pp, stages_per_rank(schedule, run.parallel.pp_stages_per_rank))
+    in_flight = in_flight_stages(schedule, dims.pp, placement.v, accum)
+    # What each pipeline rank holds: its stages' layers (balanced by layer count), one rank per entry.
+    rank_layers = [placement.rank_layers(m.num_layers, r) for r in range(dims.pp)]
+    all_specs = [param_specs(m, dims, layers=rank_layers[s], sequence_parallel=sp) for s in range(dims.pp)]
     if sharding != Sharding.none:
         bad = next((b for b in (uneven_non_leading_shard(sp_, dims) for sp_ in all_specs) if b), None)
         if bad is not None:
@@ -206,8 +220,7 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     def stage_memory(stage: int):
         specs = all_specs[stage]
         state = stage_state(specs, dims, sharding)
-        layers = stage_layers(m.num_layers, dims.pp)[stage]
-        act = activation_bytes(m, layers, T, dims, sp, ckpt, in_flight, cb)
+        act = activation_bytes(m, rank_layers[stage], T, dims, sp, ckpt, in_flight, cb)
         trans = transient_bytes(specs, sharding, ckpt, cb)
         total = sum(state.params) + sum(state.grads) + sum(state.optim) + trans + act
         return total, state, trans, act
@@ -220,13 +233,13 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     p.param_expert, p.param_non_expert = state.params
     p.grad_expert, p.grad_non_expert = state.grads
     p.optim_expert, p.optim_non_expert = state.optim
-    p.bubble = (dims.pp - 1) / (accum + dims.pp - 1)
+    p.bubble = bubble_fraction(schedule, dims.pp, placement.v, accum)
     k = cluster_constants(run.cluster, options or PlannerOptions())
     gpn = c.gpus_per_node
 
     def stage_work(stage: int) -> _StageWork:
         specs = all_specs[stage]
-        layers = stage_layers(m.num_layers, dims.pp)[stage]
+        layers = rank_layers[stage]
         moe = sum(1 for l in layers if is_moe_layer(m, l))
         D, K = m.hidden_size, m.top_k
         T_gpu = T // dims.tp  # TP peers route disjoint slices
@@ -238,8 +251,8 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         # share its tokens), plus what checkpointing repeats, stretched by the pipeline bubble.
         per_rank = t.global_batch_size * t.seq_len * dims.pp / dims.world_size
         stretch = 1 / (1 - p.bubble)
-        flops = Flops(*(f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, stage)))
-        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, dims.pp, stage)))
+        flops = Flops(*(f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, layers=layers)))
+        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, dims.pp, layers=layers)))
         # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
         # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
         comm: dict[str, tuple[float, float]] = {}
@@ -263,8 +276,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
             ring = (dims.tp - 1) / dims.tp
             add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
         if dims.pp > 1:
-            p2p_bytes = 2 * accum * T * D * cb // (dims.tp if sp else 1)
-            add("p2p", (MeshAxis.PP,), p2p_bytes, 2 * accum)
+            # Each of the rank's stages sends its activations on and its input gradients back.
+            sends = 2 * accum * placement.v
+            add("p2p", (MeshAxis.PP,), sends * T * D * cb // (dims.tp if sp else 1), sends)
         group_axes = {
             "data": (MeshAxis.DP, MeshAxis.EP),
             "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
@@ -334,9 +348,17 @@ def compute_bytes(run: RunConfig) -> int:
     return 2 if dtype == Dtype.bf16 or (dtype == Dtype.auto and device != Device.cpu) else 4
 
 
-def make_plan(run: RunConfig, gpus: int, options: PlannerOptions | None = None) -> tuple[list[Plan], list[Plan]]:
-    """(valid splits ranked: fitting ones by step time, then the rest; invalid ones)."""
-    plans = [plan_one(run, d, options) for d in splits(gpus)]
+def make_plan(
+    run: RunConfig, gpus: int, options: PlannerOptions | None = None, schedules: tuple[str, ...] = ()
+) -> tuple[list[Plan], list[Plan]]:
+    """(valid splits ranked: fitting ones by step time, then the rest; invalid ones). With
+    ``schedules``, each split with pp > 1 is planned once per schedule (a pipeline schedule is
+    then a dimension of the search, as the layout sweeper's ``hydra.sweeper.schedules``)."""
+    plans = [
+        plan_one(with_schedule(run, s), d, options)
+        for d in splits(gpus)
+        for s in (schedules if schedules and d.pp > 1 else (None,))
+    ]
     valid = [p for p in plans if p.problem is None]
     valid.sort(key=lambda p: (not p.fits, p.step_s, p.memory))
     return valid, [p for p in plans if p.problem is not None]
@@ -353,14 +375,16 @@ SPLIT_KEYS = (
 )
 
 
-def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> list[str]:
+def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims, schedule: str | None = None) -> list[str]:
     """``python train.py`` for ``dims`` with the user's other overrides: composes to what was planned.
 
     ``parallel.name`` is required (the group's name is MISSING without a preset); the default
     preset, or the user's ``parallel=...``, supplies the other parallel keys (schedule, sequence
-    parallel). The plan balances pipeline stages by layer count, so a pipeline split is reset.
+    parallel) unless ``schedule`` names the pipeline schedule. The plan balances pipeline stages by
+    layer count, so a pipeline split is reset.
     """
-    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SPLIT_KEYS]
+    keys = SPLIT_KEYS + (("parallel.pipeline_schedule",) if schedule is not None else ())
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
     split = [
         f"parallel.name={layout_name(dims)}",
         f"parallel.data_parallel_size={dims.dp}",
@@ -370,4 +394,6 @@ def train_command(run: RunConfig, overrides: list[str], dims: ParallelDims) -> l
     ]
     if run.parallel.pipeline_split is not None:
         split.append("parallel.pipeline_split=null")
+    if schedule is not None:
+        split.append(f"parallel.pipeline_schedule={schedule}")
     return ["python", "train.py", *split, *own]

@@ -39,6 +39,7 @@ Per GPU, rank 0 of its shard groups (it holds the largest chunk of every sharded
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moemesh.fields import Recompute, Sharding
@@ -197,30 +198,33 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
 
 
 def activation_bytes(
-    m: ModelConfig, layers: range, T: int, dims: ParallelDims, sp: bool, ckpt: str, in_flight: int, c: int
+    m: ModelConfig, layers: Sequence[int], T: int, dims: ParallelDims, sp: bool, ckpt: str, in_flight: float, c: int
 ) -> int:
-    """The stage's activations: each micro-batch in flight keeps every block's ``kept`` part;
-    with checkpointing one block at a time is recomputed for its backward; the last stage
-    also holds one micro-batch's final norm (its input, normalised input and output, 3 T D)
-    and the fp32 log-softmax of the logits its loss saves (T V / t, 4 bytes)."""
+    """A pipeline rank's activations (``layers``: every layer it holds): ``in_flight`` micro-batches
+    of all of them (``in_flight_stages``) keep every block's ``kept`` part; with checkpointing one
+    block at a time is recomputed for its backward; the rank with the last layer also holds one
+    micro-batch's final norm (its input, normalised input and output, 3 T D) and the fp32
+    log-softmax of the logits its loss saves (T V / t, 4 bytes)."""
     acts = [block_activations(m, l, T, dims, sp) for l in layers]
-    kept = sum(a.kept(ckpt) for a in acts) * in_flight
+    kept = int(sum(a.kept(ckpt) for a in acts) * in_flight)
     recompute = max((a.recomputed(ckpt) for a in acts), default=0)
     head = 0
-    if layers.stop == m.num_layers:
+    if m.num_layers - 1 in layers:
         head = 3 * T * m.hidden_size * c + T * padded_vocab(m.vocab_size, dims.tp) // dims.tp * 4
     return (kept + recompute) * c + head
 
 
-def recompute_flops_per_token(m: ModelConfig, seq_len: int, ckpt: str, pp: int = 1, stage: int = 0) -> Flops:
+def recompute_flops_per_token(
+    m: ModelConfig, seq_len: int, ckpt: str, pp: int = 1, stage: int = 0, *, layers: Sequence[int] | None = None
+) -> Flops:
     """Forward FLOPs activation checkpointing repeats, per token of the global batch, in the blocks
-    of pipeline stage ``stage`` of ``pp``, with the routed experts' and the attention core's parts:
-    2 x the blocks' active parameters (full; selective leaves out the routed experts, whose outputs
-    it keeps) + full's 4 x blocks x hidden x sequence for the attention core (a third of PaLM's 12,
-    which selective keeps too)."""
+    of pipeline stage ``stage`` of ``pp`` (or of ``layers``, a pipeline rank's), with the routed
+    experts' and the attention core's parts: 2 x the blocks' active parameters (full; selective
+    leaves out the routed experts, whose outputs it keeps) + full's 4 x blocks x hidden x sequence
+    for the attention core (a third of PaLM's 12, which selective keeps too)."""
     if ckpt == Recompute.none:
         return Flops(0.0, 0.0, 0.0)
-    specs = [s for s in param_specs(m, ParallelDims(pp=pp), stage=stage) if s.layer is not None]
+    specs = [s for s in param_specs(m, ParallelDims(pp=pp), stage=stage, layers=layers) if s.layer is not None]
     dense = sum(s.numel for s in specs if not s.expert)
     if ckpt == Recompute.selective:
         return Flops(2.0 * dense, 0.0, 0.0)

@@ -12,6 +12,10 @@ Choice of candidates (``choose``), from the planner's ranking (``cost.make_plan`
    axes dp ep tp pp; operators == != >= <= > <), all of which must hold;
 4. keep the first ``top`` (0: all).
 
+With ``schedules`` (pipeline schedules, ``hydra.sweeper.schedules``) each split with pp > 1 is a
+candidate once per schedule, ranked among the others by its own predicted step time (its bubble
+and messages, ``planning/schedules.py``); ``top`` counts these candidates.
+
 Reading a run (``measure``): the medians over its steady steps by the one rule of
 ``moemesh.runs.steady`` (the logged steps after the first ``warmup_steps``, default
 ``WARMUP_RECORDS``: step time, tokens/s, All-to-All share of the step and each phase), peak
@@ -26,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemesh.errors import ConfigError
+from moemesh.fields import PipelineSchedule, choice_error
 from moemesh.parallel.dims import ParallelDims, layout_name
+from moemesh.parallel.pipeline import SCHEDULES
 from moemesh.runs.reader import RunReadError, load_run
 from moemesh.runs.steady import WARMUP_RECORDS, median, steady
 
@@ -98,10 +104,18 @@ class SearchSettings:
     exclude: tuple[Selector, ...] = ()
     warmup_steps: int = WARMUP_RECORDS
     objective: str = "tokens_per_s"
+    schedules: tuple[str, ...] = ()  # pipeline schedules to try on each split with pp > 1
 
 
 def settings(
-    *, top=6, include=(), exclude=(), warmup_steps=WARMUP_RECORDS, objective="tokens_per_s", steps: int | None = None
+    *,
+    top=6,
+    include=(),
+    exclude=(),
+    warmup_steps=WARMUP_RECORDS,
+    objective="tokens_per_s",
+    schedules=(),
+    steps: int | None = None,
 ) -> SearchSettings:
     """The sweeper's keys as given, checked: ConfigError (one line) on the first bad one.
     ``steps``: trainer.steps of the jobs (warm-up must leave steps to time)."""
@@ -121,7 +135,18 @@ def settings(
     for key, value in as_list.items():
         items = [value] if isinstance(value, str) else list(value or ())
         parsed[key] = tuple(parse_selector(v, f"hydra.sweeper.{key}") for v in items)
-    return SearchSettings(top, parsed["include"], parsed["exclude"], warmup_steps, objective)
+    return SearchSettings(top, parsed["include"], parsed["exclude"], warmup_steps, objective, _schedules(schedules))
+
+
+def _schedules(value) -> tuple[str, ...]:
+    """``hydra.sweeper.schedules`` checked: each one of torch's pipeline schedules, once."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    for item in items:
+        if item not in SCHEDULES:
+            raise ConfigError(choice_error("hydra.sweeper.schedules", item, PipelineSchedule))
+    if len(set(items)) != len(items):
+        raise ConfigError(f"hydra.sweeper.schedules={items}: a schedule is listed twice")
+    return tuple(str(i) for i in items)
 
 
 @dataclass
@@ -130,10 +155,16 @@ class Candidate:
     predicted_step_s: float
     predicted_bytes: int  # the planner's per-GPU total (what `fits` compares)
     planner_rank: int  # 1-based among the fitting valid splits, as plan.py prints them
+    schedule: str | None = None  # the pipeline schedule, when the sweep tries several
 
     @property
     def name(self) -> str:
         return layout_name(self.dims)
+
+    @property
+    def label(self) -> str:
+        """The layout, and its schedule when the sweep tries several: ``pp4 zbv``."""
+        return self.name if self.schedule is None else f"{self.name} {self.schedule}"
 
 
 @dataclass
@@ -153,12 +184,16 @@ def choose(valid, search: SearchSettings) -> Choice:
     for rank, p in enumerate(fitting, 1):
         wanted = not search.include or any(s.matches(p.dims) for s in search.include)
         if wanted and not any(s.matches(p.dims) for s in search.exclude):
-            kept.append(Candidate(p.dims, p.step_s, p.total_bytes, rank))
+            kept.append(
+                Candidate(
+                    p.dims, p.step_s, p.total_bytes, rank, getattr(p, "schedule", None) if search.schedules else None
+                )
+            )
         else:
             choice.filtered.append(layout_name(p.dims))
     cut = len(kept) if search.top == 0 else search.top
     choice.chosen, rest = kept[:cut], kept[cut:]
-    choice.cut = [c.name for c in rest]
+    choice.cut = [c.label for c in rest]
     return choice
 
 
@@ -299,7 +334,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         m = r.measured
         lines.append(
-            f"| {r.candidate.name} | {r.candidate.predicted_step_s:.4g} | {_f(m.step_s, '.4f')} | "
+            f"| {r.candidate.label} | {r.candidate.predicted_step_s:.4g} | {_f(m.step_s, '.4f')} | "
             f"{_f(m.tokens_per_s, ',.0f')} | {_f(m.a2a_share, '.1f', 100)} | "
             f"{_f(m.peak_memory_bytes, ',.0f', 1 / 2**20)} | {_f(m.final_loss, '.4f')} | "
             f"{_f(r.measured_rank, 'd')} | {_f(r.predicted_rank, 'd')} | {m.error or ''} |"

@@ -44,13 +44,20 @@ class TimeRecord(TypedDict):
 TIME_KEYS: tuple[str, ...] = tuple(TimeRecord.__annotations__)  # (*PHASES, *A2A_TIMES, *COMPUTE_TIMES, "step")
 
 
-class A2ARecord(TypedDict):
-    """``a2a`` in a record: All-to-All bytes of one step, the busiest rank's."""
-
+class _A2ARecord(TypedDict):
     bytes_sent: int
     bytes_recv: int
     min_bytes: int  # what a dropless exchange of the same routing must send
     ratio: float | None  # bytes_sent / min_bytes; None without an All-to-All
+
+
+class A2ARecord(_A2ARecord, total=False):
+    """``a2a`` in a record: All-to-All bytes of one step, the busiest rank's, and the fan-out
+    behind them: over every token of the global batch and every MoE layer, the EP ranks its kept
+    (token, k) pairs reach (1 without EP; at most model.max_ranks_per_token when that is set)."""
+
+    fanout_mean: float
+    fanout_max: int
 
 
 class _LoadRecord(TypedDict):
@@ -70,6 +77,8 @@ class LoadRecord(_LoadRecord, total=False):
 
     seq_aux_loss: float  # only when the sequence-wise balance loss is on
     expert_bias_range: list[float]  # [min, max]; only with aux-loss-free balancing
+    fanout_mean: float  # EP ranks a token's kept pairs reach in this layer, mean over tokens
+    fanout_max: int  # and the most any token reached
 
 
 class _StepRecord(TypedDict):

@@ -41,6 +41,7 @@ from moemesh.parallel.dims import layout_name
 from moemesh.parallel.fsdp import reshard_all
 from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
+from moemesh.parallel.pipeline import evaluate_pipeline
 from moemesh.runs.records import RunSummary, StepRecord
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
@@ -55,6 +56,7 @@ from moemesh.trainer.parallelize import (
     grad_reducer,
     param_groups,
     pipeline_schedule,
+    pipeline_stage_modules,
     shard_model,
 )
 from moemesh.trainer.step_stats import (
@@ -86,7 +88,7 @@ def _pipeline_step(pipe, model: Transformer, x, y, losses, *, train: bool = True
     """One schedule pass: the first stage feeds tokens, the last gets targets and losses."""
     args = (x,) if model.first else ()
     kwargs = {"target": y, "losses": losses} if model.last else {}
-    (pipe.step if train else pipe.eval)(*args, **kwargs)
+    (pipe.step if train else functools.partial(evaluate_pipeline, pipe))(*args, **kwargs)
 
 
 class PhaseTimer:
@@ -193,7 +195,8 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
     # Sharded modes: FSDP2 reduce-scatters each block's gradients during the backward;
     # otherwise the reducer all-reduces them after it. (Sharding replaces the parameters:
     # group them after it.)
-    sharded = shard_model(run, mesh, model, device)
+    stages = pipeline_stage_modules(run, mesh, model)  # under PP: one module per stage this rank runs
+    sharded = shard_model(run, mesh, model, device, stages)
     groups = param_groups(model)
     optimizer = build_optimizer(model, t)
     log = MetricsLogger(
@@ -246,7 +249,7 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         groups=groups,
         reducer=grad_reducer(groups, mesh) if sharded is None else None,
         sharded=sharded,
-        pipe=pipeline_schedule(run, mesh, model, device, sharded.root if sharded else None),
+        pipe=pipeline_schedule(run, mesh, model, device, stages),
         micro=micro,
         accum=accum,
         # The global batch is cut into micro-steps first, then over the data ranks (BatchPlan).
@@ -273,7 +276,7 @@ def train_step(state: TrainState, step: int) -> StepResult:
         group["lr"] = lr
     # The loss terms and per-layer MoE statistics add up on the device until the all-reduce
     # below (no host sync per micro-step).
-    stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device)
+    stats = StepStats(len(s.shape.moe_layers), s.shape.num_experts, s.device, top_k=s.run.model.top_k)
     batch = functools.partial(s.data.micro_batch, "train", step, global_batch=t.global_batch_size, seq_len=t.seq_len)
     slots = list(s.local_moe)
     if s.pipe is None:
@@ -297,8 +300,8 @@ def train_step(state: TrainState, step: int) -> StepResult:
             _pipeline_step(s.pipe, s.model, x.to(s.device), y.to(s.device), losses)
         if s.model.last:
             stats.add_loss(torch.stack(losses).sum(), tp=dims.tp)
-        for micro_batch_stats in s.model.stage_records:
-            stats.add_moe(micro_batch_stats, slots)
+        for record in s.model.stage_records:  # one per stage call: {global layer: its MoE statistics}
+            stats.add_moe(list(record.values()), [s.shape.moe_layers.index(l) for l in record])
         s.model.stage_records.clear()
 
     _reduce_gradients(s, timer)
@@ -360,8 +363,8 @@ def run_training(state: TrainState) -> RunSummary:
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
             val = final_val = evaluate(s.model, s.data, s.run, s.mesh, s.device, s.micro_start, s.pipe)
-            if s.sharded is not None:
-                reshard_all(s.sharded.root)  # zero2 keeps an evaluated unit gathered
+            for root in s.sharded.roots if s.sharded is not None else ():
+                reshard_all(root)  # zero2 keeps an evaluated unit gathered
         if step % t.log_every == 0 or last or val is not None:
             record = _log_step(s, step, result, val)
         # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.

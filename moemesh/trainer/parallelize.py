@@ -4,8 +4,10 @@
     apply_pp      this pipeline stage's layers (and the embedding / head if first / last)
     apply_tp      TP shards of attention, dense FFNs, embedding, head; MoE token split
     apply_ep      this EP rank's experts, the dispatcher's All-to-All group, overlap
+    apply_routing_limit   EP-rank- or node-limited routing (the experts' groups by layout)
     apply_load_balance_group   the group the balance statistics are reduced over
     apply_kernels the token-path kernels and the expert GEMMs
+    apply_compile torch.compile of each block's compute (trainer.compile)
     materialize + init_weights   on the run's device, by (seed, global parameter name)
     apply_instrumentation   timing hooks (experts, attention core) and the All-to-All meter
     apply_ac      activation checkpointing, per block
@@ -24,24 +26,25 @@ and initialisation is keyed by global names and global expert ids.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from moemesh.config.schema import RunConfig
-from moemesh.config.validate import batch_plan
-from moemesh.fields import Dtype, LoadBalanceScope, Sharding
+from moemesh.config.validate import batch_plan, routing_groups
+from moemesh.fields import Compile, Dtype, LoadBalanceScope, Sharding
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.layer import MoELayer
-from moemesh.moe.model import AttentionCore, Transformer
+from moemesh.moe.model import AttentionCore, Block, Transformer
 from moemesh.parallel.comm import CommMeter, time_module
-from moemesh.parallel.dims import MeshAxis
+from moemesh.parallel.dims import MeshAxis, padded_vocab
 from moemesh.parallel.fsdp import ExposedReduceTimer, apply_fsdp
 from moemesh.parallel.grads import GradReducer
 from moemesh.parallel.mesh import ParallelMesh
-from moemesh.parallel.pipeline import build_schedule, stage_layers, stage_module_of
+from moemesh.parallel.pipeline import Placement, StageShapes, build_pipeline, stage_module
 from moemesh.parallel.recompute import apply_activation_checkpointing
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD, expert_first_id
 from moemesh.parallel.tp import vocab_parallel_cross_entropy
@@ -51,8 +54,10 @@ def _moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def apply_pp(model: Transformer, layers: range) -> None:
-    """Keep this pipeline stage's layers (global ids): all of them is a no-op."""
+def apply_pp(model: Transformer, layers) -> None:
+    """Keep this pipeline rank's layers (global ids: one stage's range, or with virtual stages the
+    union of the rank's stages): all of them is a no-op."""
+    layers = list(layers)
     if len(layers) < model.cfg.num_layers:
         model.keep_layers(layers)
 
@@ -75,6 +80,18 @@ def apply_ep(model: nn.Module, ep_group, *, overlap_chunks: int = 0) -> None:
     the experts (``moe.overlap``)."""
     for moe in _moe_layers(model):
         moe.shard_experts(ep_group, overlap_chunks=overlap_chunks)
+
+
+def apply_routing_limit(model: nn.Module, groups: tuple[int, int] | None) -> None:
+    """EP-rank- or node-limited routing: each token's experts within at most ``groups[1]`` of
+    ``groups[0]`` runs of experts (``config.validate.routing_groups``: the EP ranks' or the nodes'
+    experts), the same on every layout with the same groups; None: no limit. Each token then
+    travels once per EP rank it reaches (moe/rank_dispatch.py; the pair-by-pair All-to-All where
+    comm.all_to_all_overlap is on), so the cap cuts the All-to-All's bytes too."""
+    if groups is None:
+        return
+    for moe in _moe_layers(model):
+        moe.limit_routing(*groups, by_rank=True)
 
 
 def apply_load_balance_group(model: nn.Module, stats_group) -> None:
@@ -106,16 +123,60 @@ def apply_instrumentation(model: nn.Module, meter: CommMeter | None) -> None:
             time_module(module, meter, "attention_core")
 
 
+def compiled_regions(model: Transformer) -> Iterator[nn.Module]:
+    """The modules ``trainer.compile=blocks`` compiles: in each block, the norms, the attention,
+    the dense FFN, the router and the shared expert. Their shapes are fixed by the micro-batch, so
+    nothing recompiles per step; the routed path (dispatch, the experts' data-dependent row counts,
+    combine) and every pipeline exchange run eagerly between them."""
+    for block in model.layers.values():
+        assert isinstance(block, Block)
+        yield from (block.attn_norm, block.attn, block.ffn_norm)
+        if block.ffn is not None:
+            yield block.ffn
+        if block.moe is not None:
+            yield block.moe.router
+            if block.moe.shared is not None:
+                yield block.moe.shared
+
+
+def apply_compile(model: Transformer, mode: str) -> None:
+    """``trainer.compile``: none; ``blocks`` (``compiled_regions``); or ``model`` (the whole
+    forward, graph-broken where each MoE layer's routed path runs eagerly: ``MoELayer._routed``).
+    Modules compile in place, so parameter names, checkpoints and FSDP's roots do not change.
+    Collectives inside a region (TP's all-reduce) break its graph there and run eagerly."""
+    if mode == Compile.none:
+        return
+    for module in compiled_regions(model) if mode == Compile.blocks else [model]:
+        module.compile()
+
+
 def apply_ac(model: Transformer, mode: str) -> None:
     """Activation checkpointing per transformer block: none | full | selective."""
     apply_activation_checkpointing(model.layers, mode)
 
 
-def stage_layer_ids(run: RunConfig, mesh: ParallelMesh) -> range:
-    """The global layer ids this rank's pipeline stage holds (all of them without PP)."""
+def stage_layer_ids(run: RunConfig, mesh: ParallelMesh) -> list[int]:
+    """The global layer ids this pipeline rank holds, over all its stages (every layer without PP)."""
     if mesh.dims.pp == 1:
-        return range(run.model.num_layers)
-    return stage_layers(run.model.num_layers, mesh.dims.pp, run.parallel.pipeline_split)[mesh.coords[MeshAxis.PP]]
+        return list(range(run.model.num_layers))
+    return Placement.of(run.parallel).rank_layers(run.model.num_layers, mesh.coords[MeshAxis.PP])
+
+
+def pipeline_stage_modules(run: RunConfig, mesh: ParallelMesh, model: Transformer) -> list[nn.Module]:
+    """One module per pipeline stage this rank runs, in stage order (none without PP). Each holds
+    the stage's blocks (and the embedding, or the final norm and head, where the stage has them),
+    shared with ``model``, and runs ``model.stage_forward`` over them (``parallel.pipeline``)."""
+    if mesh.dims.pp == 1:
+        return []
+    modules = []
+    for chunk in Placement.of(run.parallel).chunks(run.model.num_layers, mesh.coords[MeshAxis.PP]):
+        parts: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(l): model.layers[str(l)] for l in chunk})}
+        if chunk.start == 0:
+            parts["embed"] = model.embed  # type: ignore[assignment]
+        if chunk.stop == run.model.num_layers:
+            parts["norm"], parts["head"] = model.norm, model.head  # type: ignore[assignment]
+        modules.append(stage_module(functools.partial(model.stage_forward, layers=chunk), parts))
+    return modules
 
 
 def build_model(
@@ -128,6 +189,7 @@ def build_model(
     apply_pp(model, stage_layer_ids(run, mesh))
     apply_tp(model, mesh.tp_group, sequence_parallel=run.parallel.sequence_parallel)
     apply_ep(model, mesh.ep_group, overlap_chunks=comm.overlap_chunks if comm.all_to_all_overlap else 0)
+    apply_routing_limit(model, routing_groups(run, mesh.dims))
     apply_load_balance_group(
         model, mesh.data_tp_group if run.model.load_balance_scope == LoadBalanceScope["global"] else None
     )
@@ -136,6 +198,7 @@ def build_model(
     if device.type != "meta":  # on the meta device (the planner's tests) there is nothing to draw
         model.init_weights(run.trainer.seed)
     apply_instrumentation(model, meter)
+    apply_compile(model, run.trainer.compile)
     apply_ac(model, run.trainer.activation_checkpointing)
     return model
 
@@ -148,33 +211,37 @@ def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class Sharded:
-    """What the sharded modes add: the FSDP root (the model, or with PP the stage module the
+    """What the sharded modes add: the FSDP roots (the model, or with PP each stage module the
     schedule calls) and the timer of the exposed gradient reduction."""
 
-    root: torch.nn.Module
+    roots: list[torch.nn.Module]
     timer: ExposedReduceTimer
 
 
-def shard_model(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device) -> Sharded | None:
+def shard_model(
+    run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stages: list[nn.Module] | None = None
+) -> Sharded | None:
     """Apply ``parallel.sharding`` (zero2 / zero3 on FSDP2; see ``parallel.fsdp``); None for none.
+    ``stages``: under PP, this rank's stage modules (``pipeline_stage_modules``), one root each.
 
     Under mixed precision (bf16 on CUDA) the gathered parameters are bf16 for compute; the
     sharded master weights, the gradient reduction and AdamW's state stay fp32.
     """
     if run.parallel.sharding == Sharding.none:
         return None
-    root = stage_module_of(model) if mesh.dims.pp > 1 else model
     timer = ExposedReduceTimer(device)
-    apply_fsdp(
-        root,
-        list(model.layers.values()),
-        mesh.shard_meshes(),
-        mode=run.parallel.sharding,
-        param_dtype=compute_dtype(run, device),
-        timer=timer,
-        force_sum=device.type != "cuda",
-    )
-    return Sharded(root, timer)
+    roots = stages or [model]
+    for root in roots:
+        apply_fsdp(
+            root,
+            [m for m in root.modules() if isinstance(m, Block)],
+            mesh.shard_meshes(),
+            mode=run.parallel.sharding,
+            param_dtype=compute_dtype(run, device),
+            timer=timer,
+            force_sum=device.type != "cuda",
+        )
+    return Sharded(roots, timer)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -224,22 +291,25 @@ def _stage_loss(logits, target, *, model: Transformer):
     )
 
 
-def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stage_module=None):
-    """This stage's pipeline schedule over the rank's micro-steps, or None without PP."""
+def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, device: torch.device, stages):
+    """This rank's pipeline schedule over its ``stages`` (``pipeline_stage_modules``) and
+    micro-steps, or None without PP."""
     if mesh.dims.pp == 1:
         return None
-    seq_len = run.trainer.seq_len
-    return build_schedule(
-        model,
-        schedule=run.parallel.pipeline_schedule,
+    seq_len, plan = run.trainer.seq_len, batch_plan(run)
+    return build_pipeline(
+        stages,
+        placement=Placement.of(run.parallel),
         pp_rank=mesh.coords[MeshAxis.PP],
-        pp_size=mesh.dims.pp,
         pp_group=mesh.pp_group,
         device=device,
-        n_microbatches=batch_plan(run).micro_steps,
-        micro_batch=batch_plan(run).micro_batch_size,
-        seq_len=seq_len,
-        hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
+        n_microbatches=plan.micro_steps,
+        shapes=StageShapes(
+            micro_batch=plan.micro_batch_size,
+            seq_len=seq_len,
+            hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
+            hidden_size=run.model.hidden_size,
+            vocab_shard=padded_vocab(run.model.vocab_size, mesh.dims.tp) // mesh.dims.tp,
+        ),
         loss_fn=functools.partial(_stage_loss, model=model),
-        stage_module=stage_module,
     )

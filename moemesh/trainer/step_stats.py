@@ -20,12 +20,12 @@ from moemesh.runs.records import PHASES, LoadRecord, StepRecord, TimeRecord
 
 LOSS_TERMS = ("loss", "aux_loss", "z_loss", "seq_aux_loss")
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
-# expert [E], then these.
+# expert [E], then these, then (when the top-k is given) tokens by the EP ranks they reach [K + 1].
 _TAIL = ("dropped", "aux_loss", "z_loss", "seq_aux_loss", "entropy_sum")
 
 
-def stat_width(num_experts: int) -> int:
-    return 2 * num_experts + len(_TAIL)
+def stat_width(num_experts: int, top_k: int = 0) -> int:
+    return 2 * num_experts + len(_TAIL) + (top_k + 1 if top_k else 0)
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,14 @@ class LayerStats:
     z_loss: float
     seq_aux_loss: float
     entropy_sum: float  # router entropy summed over tokens (nats)
+    fanout_K1: torch.Tensor | None = None  # tokens by the EP ranks their pairs reach (0..K)
 
     @classmethod
     def unpack(cls, row: torch.Tensor, num_experts: int) -> LayerStats:
-        E = num_experts
-        return cls(row[:E], row[E : 2 * E], **dict(zip(_TAIL, row[2 * E :].tolist())))
+        E, n = num_experts, len(_TAIL)
+        fanout = row[2 * E + n :]
+        tail = dict(zip(_TAIL, row[2 * E : 2 * E + n].tolist()))
+        return cls(row[:E], row[E : 2 * E], **tail, fanout_K1=fanout if fanout.numel() else None)
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,12 @@ class StepStats:
     tensor for the all-reduce and unpacked into a ``ReducedStats`` here, in one place.
     """
 
-    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device):
-        self.num_experts = num_experts
+    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device, top_k: int = 0):
+        self.num_experts, self.top_k = num_experts, top_k
         self.loss_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # LOSS_TERMS order
         # One row per MoE layer of the whole model (global order): LayerStats.unpack's layout.
-        self.layer_sums = torch.zeros(num_moe_layers, stat_width(num_experts), dtype=torch.float64, device=device)
+        width = stat_width(num_experts, top_k)
+        self.layer_sums = torch.zeros(num_moe_layers, width, dtype=torch.float64, device=device)
 
     def add_loss(self, loss: torch.Tensor, tp: int) -> None:
         """Cross-entropy of this rank's micro-batch(es). TP peers hold the same cross-entropy
@@ -98,7 +102,11 @@ class StepStats:
                 [s.dropped.to(l.aux_loss), l.aux_loss.detach(), l.z_loss.detach(), seq, s.entropy_sum.to(l.aux_loss)]
             )
             self.loss_sums[1:4] += tail[1:4].double()
-            self.layer_sums[slot] += torch.cat([s.counts_E.double(), s.score_sum_E.double(), tail.double()])
+            parts = [s.counts_E.double(), s.score_sum_E.double(), tail.double()]
+            if self.top_k:
+                none = torch.zeros(self.top_k + 1, dtype=torch.float64, device=self.layer_sums.device)
+                parts.append(s.fanout_K1.double() if s.fanout_K1 is not None else none)
+            self.layer_sums[slot] += torch.cat(parts)
 
     def reduce(self, data_tp_group, pp_group, *, loss_norm: int) -> ReducedStats:
         """Sum over the data ranks and TP peers, then over the pipeline stages (each holds its
@@ -113,6 +121,15 @@ class StepStats:
         return ReducedStats(
             **dict(zip(LOSS_TERMS, losses)), rows=flat[n:].view(len(self.layer_sums), -1), num_experts=self.num_experts
         )
+
+
+def fanout(hist_K1: torch.Tensor) -> tuple[float, int]:
+    """(mean, max) EP ranks a token's kept pairs reach, from the tokens counted by that number."""
+    h = hist_K1.double()
+    reached = torch.arange(len(h), dtype=torch.float64)
+    total = float(h.sum())
+    hit = (h > 0).nonzero()
+    return (float((h * reached).sum()) / total if total else 0.0), (int(hit.max()) if len(hit) else 0)
 
 
 def load_stats(s: LayerStats, tokens: int, norm: float, bias_range=None) -> LoadRecord:
@@ -132,6 +149,8 @@ def load_stats(s: LayerStats, tokens: int, norm: float, bias_range=None) -> Load
     }
     if s.seq_aux_loss:
         out["seq_aux_loss"] = s.seq_aux_loss / norm
+    if s.fanout_K1 is not None:
+        out["fanout_mean"], out["fanout_max"] = fanout(s.fanout_K1)
     if bias_range is not None:
         out["expert_bias_range"] = bias_range
     return out
@@ -252,6 +271,9 @@ def step_record(
     for j, layer in enumerate(shape.moe_layers):
         bias = None if biases is None else biases[j]
         record["load"][f"layer{layer}"] = load_stats(stats.layer(j), shape.tokens, shape.loss_norm, bias)
+    hists = [h for h in (stats.layer(j).fanout_K1 for j in range(len(shape.moe_layers))) if h is not None]
+    if hists:  # over every MoE layer's tokens: beside the bytes the fan-out makes
+        record["a2a"]["fanout_mean"], record["a2a"]["fanout_max"] = fanout(torch.stack(hists).sum(0))
     return record
 
 
