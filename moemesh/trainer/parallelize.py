@@ -195,7 +195,8 @@ def build_model(
     )
     apply_kernels(model, get_ops(run.kernels.backend, device.type))
     materialize(model, device)
-    model.init_weights(run.trainer.seed)
+    if device.type != "meta":  # on the meta device (the planner's tests) there is nothing to draw
+        model.init_weights(run.trainer.seed)
     apply_instrumentation(model, meter)
     apply_compile(model, run.trainer.compile)
     apply_ac(model, run.trainer.activation_checkpointing)
