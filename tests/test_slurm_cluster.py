@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SMALL as TRAIN_CLI_SMALL
+from tests.same_math import assert_same_run, read_metrics
 
 pytestmark = pytest.mark.slow  # submits jobs to a real SLURM
 
@@ -110,10 +111,10 @@ def test_sweep_runs_every_job_grouped_by_allocation_and_layouts_agree(tmp_path):
     assert len(ids) == 3
     assert ids[0].split("_")[0] == ids[1].split("_")[0] and "_" in ids[0]  # one array for the 2-rank jobs
     assert ids[2].split("_")[0] != ids[0].split("_")[0]
-    reference = _losses(sweep / "0_ep2")
+    reference = read_metrics(sweep / "0_ep2")
     assert len(reference) == 3
     for sub, world in (("1_dp2", 2), ("2_ep2_dp2", 4)):
-        assert _losses(sweep / sub) == pytest.approx(reference, rel=1e-5)  # same math in every layout
+        assert_same_run(reference, read_metrics(sweep / sub), sub, min_steps=2)  # same math in every layout
         assert json.loads((sweep / sub / "summary.json").read_text())["world_size"] == world
 
 

@@ -58,6 +58,10 @@ def mark_sequence_parallel(norm: nn.RMSNorm) -> None:
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None):
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":  # shapes only (a model built on the meta device): nothing to compute
+        shape = (seq_len, head_dim // 2)
+        return torch.empty(shape, device=device), torch.empty(shape, device=device)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles_SDh2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles_SDh2.cos(), angles_SDh2.sin()

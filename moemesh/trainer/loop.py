@@ -21,7 +21,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from moemesh.trainer.step_stats import (
     StepShape,
     StepStats,
     bias_ranges,
+    grad_bytes,
     memory_report,
     step_record,
 )
@@ -142,6 +143,9 @@ class TrainState:
     nonfinite: NonFinitePolicy
     start: int  # the first step to run (a resumed run's checkpoint step)
     start_bytes: int  # what the rank held before the model: the memory report's baseline
+    # The most gradient bytes [expert, non-expert] this rank held after a step's backward and
+    # reduction (its FSDP shards in the sharded modes): the memory report's, measured.
+    grad_bytes: list[int] = field(default_factory=lambda: [0, 0])
 
     @property
     def device(self) -> torch.device:
@@ -323,6 +327,7 @@ def train_step(state: TrainState, step: int) -> StepResult:
             s.optimizer.step()
         else:
             s.nonfinite.skipped(step, s.log.message)
+        s.grad_bytes = [max(a, b) for a, b in zip(s.grad_bytes, grad_bytes(s.model))]
         s.optimizer.zero_grad(set_to_none=True)
 
     # The loss terms and per-layer statistics summed over every rank: one flat tensor,
@@ -398,6 +403,7 @@ def run_training(state: TrainState) -> RunSummary:
         start=s.start,
         stopped_by=stopped_by,
         run_start_bytes=s.start_bytes,
+        grads=s.grad_bytes,
     )
     s.log.write_summary(summary)
     s.log.close()
@@ -469,10 +475,11 @@ def _summary(
     start,
     stopped_by,
     run_start_bytes: int = 0,
+    grads: list[int] | None = None,
 ) -> RunSummary:
     dims = mesh.dims
     memory = memory_report(
-        model, optimizer, peak_memory_bytes(device), mesh.world_group, device, start_bytes=run_start_bytes
+        model, optimizer, peak_memory_bytes(device), mesh.world_group, device, start_bytes=run_start_bytes, grads=grads
     )
     # Step times as logged (the slowest rank's), so every rank's summary agrees; the first
     # step pays for warm-up. None: nothing logged (resumed at the end).

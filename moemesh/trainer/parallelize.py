@@ -202,9 +202,11 @@ def build_model(
     )
     apply_kernels(model, get_ops(run.kernels.backend, device.type))
     materialize(model, device)
-    if run.model.hf_path is None:
+    # On the meta device (the planner's tests) there is nothing to draw. With model.hf_path the
+    # parameters are read from the checkpoint once sharded (load_hf_weights): only the buffers here.
+    if device.type != "meta" and run.model.hf_path is None:
         model.init_weights(run.trainer.seed)
-    else:  # the parameters are read from the checkpoint once sharded (load_hf_weights)
+    elif device.type != "meta":
         model.init_buffers()
     apply_instrumentation(model, meter)
     apply_compile(model, run.trainer.compile)

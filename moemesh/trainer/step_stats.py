@@ -10,6 +10,7 @@ Each host sync is marked where it happens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import astuple, dataclass
 
 import torch
@@ -282,21 +283,33 @@ def local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def memory_report(model, optimizer, peak_bytes: int, group, device, start_bytes: int = 0) -> dict:
-    """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective):
-    what each rank holds at rest (its shards in the sharded modes), and the peak (also
-    less ``start_bytes``, what the rank held before training)."""
+def _split(model, sizes) -> list[int]:
+    """[(param, bytes)] -> [expert bytes, non-expert bytes]."""
     expert_ids = {id(p) for p in model.expert_parameters()}
+    e = sum(b for p, b in sizes if id(p) in expert_ids)
+    return [e, sum(b for _, b in sizes) - e]
 
-    def split(sizes):  # [(param, bytes)] -> (expert, non-expert)
-        e = sum(b for p, b in sizes if id(p) in expert_ids)
-        return [e, sum(b for _, b in sizes) - e]
 
+def grad_bytes(model) -> list[int]:
+    """[expert, non-expert] bytes of the gradients this rank holds now: read after the
+    backward and the reduction, before ``zero_grad`` frees them. In the sharded modes FSDP2
+    keeps each gradient's shard (a DTensor) and frees the whole one after its reduce-scatter;
+    a mode that kept whole gradients would show here. Shapes only: no host sync."""
+    return _split(model, [(p, local_bytes(p.grad)) for p in model.parameters() if p.grad is not None])
+
+
+def memory_report(
+    model, optimizer, peak_bytes: int, group, device, start_bytes: int = 0, grads: list[int] | None = None
+) -> dict:
+    """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective):
+    what each rank holds at rest (its shards in the sharded modes), the gradients measured
+    during training (``grads``: the largest ``grad_bytes`` seen after a backward; [0, 0]
+    when no step ran), and the peak (also less ``start_bytes``, what the rank held before
+    training)."""
+    split = functools.partial(_split, model)
     params = list(model.parameters())
     param_b = split([(p, local_bytes(p)) for p in params])
-    # Gradients exist from backward to zero_grad(set_to_none=True), one per trainable parameter,
-    # shaped (and sharded) as the parameter.
-    grad_b = split([(p, local_bytes(p) if p.requires_grad else 0) for p in params])
+    grad_b = list(grads) if grads is not None else [0, 0]
     optim_b = split(
         [(p, sum(local_bytes(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))) for p in params]
     )

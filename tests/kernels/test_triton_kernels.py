@@ -213,7 +213,7 @@ def test_moe_layer_triton_equals_torch():
         torch.testing.assert_close(res[1][2][name], grad, **GRAD, msg=lambda m, n=name: f"{n}: {m}")
 
 
-hypothesis = pytest.importorskip("hypothesis")
+# hypothesis is a test requirement (requirements-dev.txt): a missing one fails here, never skips.
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

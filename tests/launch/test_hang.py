@@ -185,6 +185,8 @@ def test_a_stopped_srun_rank_0_which_hosts_the_store_is_named(tmp_path):
     """Under srun rank 0 hosts the job's store, and a call to a stopped store blocks for ever:
     rank 1's clock-only thread names rank 0 once the store has been silent for the bound."""
     if not os.environ.get("SLURM_CONF") or not shutil.which("srun"):
+        if os.environ.get("MOEMESH_REQUIRE_SLURM") == "1":
+            pytest.fail("MOEMESH_REQUIRE_SLURM=1 but no SLURM here (SLURM_CONF unset or no srun)")
         pytest.skip("no SLURM here (bash .ci/slurm/up.sh starts a local one; .ci/run does)")
     proc = _start(
         tmp_path,

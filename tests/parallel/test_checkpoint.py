@@ -17,6 +17,7 @@ from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run, train_single
+from tests.same_math import assert_same_run
 
 STEPS = 10
 
@@ -107,9 +108,7 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     for name in ("ep4", "single"):
         resumed = _read(tmp_path / name)
         assert sorted(resumed) == list(range(6, STEPS + 1))  # metrics count completed steps: 6..10
-        for step, r in resumed.items():
-            for key in ("loss", "aux_loss", "grad_norm"):
-                assert r[key] == pytest.approx(whole[step][key], rel=1e-5), (name, step, key)
+        assert_same_run([whole[s] for s in sorted(resumed)], [resumed[s] for s in sorted(resumed)], name, min_steps=3)
 
 
 def _tiny_checkpoint(tmp_path, step=3):

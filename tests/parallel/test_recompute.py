@@ -176,6 +176,11 @@ def _activation_bytes(run, mode, batch):
     return held, meter.peak
 
 
+# The planner's activation estimate against the bytes measured, per block, relative: 2x the worst
+# measured (Intel Xeon, 2026-12-05): 4.8% in one process; on 4 ranks ep2_dp2 without
+# checkpointing 7.4% (2 threads) and 9.1% (OMP_NUM_THREADS=1: its routing, hence its ranks'
+# loads, differ), tp2_ep2 and tp2_ep2_sp 3.4%, every checkpointed mode under 3.1%.
+ACT_REL = 0.18
 # Activations dominate: 4 layers, 1024 tokens of width 32 per micro-batch.
 ACT_RUN = dict(
     **{"model.num_layers": 4, "model.max_seq_len": 512, "trainer.seq_len": 512, "model.moe_every_k_layers": 2}
@@ -295,43 +300,51 @@ def _planned_and_measured(model, run, dims, x, mode):
     return rows
 
 
-def check_planner_activations(model, run, dims, x, mode, label, rel=0.25):
+def _rel(planned: float, measured: float) -> float:
+    return abs(planned - measured) / measured
+
+
+def check_planner_activations(model, run, dims, x, mode, label, rel=ACT_REL) -> float:
     """The planner's per-block estimate (moemesh/planning/memory.py) within ``rel`` of the bytes
     measured, averaged over the ranks: the planner assumes uniform routing, under which every
     rank receives as many rows as it sends; a real rank receives more or fewer (its experts'
-    load), the mean over the ranks as many."""
+    load), the mean over the ranks as many. Returns the worst relative difference."""
     import torch.distributed as dist
 
     rows = torch.tensor(_planned_and_measured(model, run, dims, x, mode), dtype=torch.float64)
     dist.all_reduce(rows)
+    worst = 0.0
     for l, (planned, measured) in enumerate((rows / dist.get_world_size()).tolist()):
-        assert planned == pytest.approx(measured, rel=rel), (label, mode, l, planned, measured)
+        assert _rel(planned, measured) <= rel, (label, mode, l, planned, measured)
+        worst = max(worst, _rel(planned, measured))
+    return worst
 
 
-def test_planner_activation_estimate_within_25_percent():
+def test_planner_activation_estimate_within_its_measured_margin():
     """One process: each block's kept bytes under every mode, and what checkpointing frees
-    (none - full over all blocks), within 25% of the planner's estimate."""
+    (none - full over all blocks), within ``ACT_REL`` of the planner's estimate."""
     from moemesh.parallel.dims import ParallelDims
 
     run = tiny_run(**ACT_RUN)
     diff = {}
+    worst = 0.0
     for mode in MODES:
         model = _model(run, mode)
         x = model._embed(_tokens(run, 2)).detach().requires_grad_(True)
         rows = _planned_and_measured(model, run, ParallelDims(), x, mode)
         for l, (planned, measured) in enumerate(rows):
-            assert planned == pytest.approx(measured, rel=0.25), (mode, l, planned, measured)
+            assert _rel(planned, measured) <= ACT_REL, (mode, l, planned, measured)
+            worst = max(worst, _rel(planned, measured))
         diff[mode] = [sum(col) for col in zip(*rows)]
     planned_freed = diff["none"][0] - diff["full"][0]
     measured_freed = diff["none"][1] - diff["full"][1]
-    assert planned_freed == pytest.approx(measured_freed, rel=0.25)
+    assert _rel(planned_freed, measured_freed) <= ACT_REL, (planned_freed, measured_freed)
+    print(f"per block: worst {worst:.2%}; freed by full: {_rel(planned_freed, measured_freed):.2%}")
 
 
-# Layouts whose per-block estimate the planner gets within 25%. With sequence parallelism it
-# does not yet: each column-parallel linear all-gathers its own copy of the sequence (wq, wk,
-# wv, and w1, w3 of the dense FFN), 5 gathers of T x D per dense block where the planner
-# counts 2; add "tp2_ep2_sp" here once it does.
-PLANNED_LAYOUTS = {name: RANK_LAYOUTS[name] for name in ("ep2_dp2", "tp2_ep2")}
+# Every rank layout's per-block estimate, sequence parallelism included (the planner counts
+# each column-parallel linear's own gather of the sequence).
+PLANNED_LAYOUTS = {name: RANK_LAYOUTS[name] for name in ("ep2_dp2", "tp2_ep2", "tp2_ep2_sp")}
 
 
 def _planner_worker(rank, world):
@@ -347,7 +360,9 @@ def _planner_worker(rank, world):
             run = _layout_run(name, *spec, mode=mode, **ACT_RUN)
             model = build_model(run, mesh, torch.device("cpu"))
             x = model._embed(_tokens(run, 2, seed=rank // tp)).detach().requires_grad_(True)
-            check_planner_activations(model, run, dims, x, mode, name)
+            worst = check_planner_activations(model, run, dims, x, mode, name)
+            if rank == 0:
+                print(f"{name} {mode}: per block within {worst:.2%}")
 
 
 @pytest.mark.slow

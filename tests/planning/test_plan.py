@@ -27,11 +27,10 @@ from moemesh.moe.param_count import param_specs  # noqa: E402
 from moemesh.parallel.comm import CommMeter  # noqa: E402
 from moemesh.parallel.dims import MeshAxis, ParallelDims, layout_name  # noqa: E402
 from moemesh.parallel.mesh import build_mesh  # noqa: E402
-from moemesh.parallel.pipeline import stage_layers  # noqa: E402
-from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD  # noqa: E402
+from moemesh.parallel.tags import expert_first_id  # noqa: E402
 from moemesh.planning import cost, memory  # noqa: E402
 from moemesh.planning.calibration import PlannerOptions  # noqa: E402
-from moemesh.trainer.parallelize import apply_pp  # noqa: E402
+from moemesh.trainer.parallelize import build_model, shard_model  # noqa: E402
 from scripts import plan  # noqa: E402
 from tests.dist_utils import run_on_ranks  # noqa: E402
 from tests.helpers import laid_out  # noqa: E402
@@ -42,84 +41,53 @@ MODES = ("none", "zero2", "zero3")
 SMALL_MODEL = ["trainer.global_batch_size=32", "model.num_layers=4", "trainer.dtype=fp32"]
 
 
-def _shard_as_specified(model: Transformer, pm, dims: ParallelDims, mode: str) -> None:
-    """FSDP2 units and placements as training builds them (moemesh/moe/param_count.py's
-    docstring): one unit per block over the data group; inside it, the routed experts over
-    the expert-data group and, with TP, the dp x ep x tp parameters over that group; the
-    root over the data group.
-
-    SWAP POINT: once moemesh/parallel/fsdp.py lands, replace this body with the trainer's
-    own call (``apply_fsdp(model, list(model.layers.values()), pm.shard_meshes(), mode=mode)``
-    or whatever parallelize.shard_model calls), so the test reads what training builds.
-    """
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
-
-    m = pm.device_mesh
-    data = m["data"]
-    expert = m["dp", "tp"]._flatten("expert_data") if dims.tp > 1 else m["dp"]
-    data_tp = m["dp", "ep", "tp"]._flatten("data_tp") if dims.tp > 1 else None
-
-    def unit(module, mesh):
-        k = mesh.size()
-
-        def placement(p):
-            if p.ndim < 2:
-                return Shard(0)
-            if hasattr(p, EXPERT_SHARD):
-                return Shard(0 if p.shape[0] % k == 0 else 1)
-            tag = getattr(p, TP_SHARD, None)
-            return Shard(1 if dims.tp > 1 and tag is not None and tag[0] == 0 else 0)
-
-        fully_shard(module, mesh=mesh, reshard_after_forward=mode == "zero3", shard_placement_fn=placement)
-
-    def inner_units(modules):
-        for module in modules:
-            own = list(module.parameters(recurse=False))
-            if own and all(hasattr(p, EXPERT_SHARD) for p in own):
-                unit(module, expert)
-            elif data_tp is not None and own and all(getattr(p, GRAD_GROUP, "data") == "data_tp" for p in own):
-                unit(module, data_tp)
-
-    blocks = list(model.layers.values())
-    for block in blocks:
-        inner_units(block.modules())
-        unit(block, data)
-    in_blocks = {id(m) for b in blocks for m in b.modules()}
-    inner_units([m for m in model.modules() if id(m) not in in_blocks and m is not model])  # the final norm under SP
-    unit(model, data)
+META = torch.device("meta")
 
 
-def _local_bytes(run, dims: ParallelDims, mode: str) -> dict[str, dict[str, int]]:
-    """memory_per_rank's max over ranks, from the real model of every rank on the meta device,
-    sharded as training shards it: {param_bytes, grad_bytes, optimizer_bytes} x {expert,
-    non_expert}. Gradients take the local shape of their parameter; AdamW keeps exp_avg and
-    exp_avg_sq of that shape and a 4-byte float32 step per tensor (moemesh/trainer/step_stats.py)."""
-    worst = {k: {"expert": 0, "non_expert": 0} for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
-    for rank in range(dims.world_size):
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
-        try:
-            pm = build_mesh(dims, "cpu")
-            with torch.device("meta"):
-                model = Transformer(run.model)
-            apply_pp(model, stage_layers(run.model.num_layers, dims.pp)[pm.coords[MeshAxis.PP]])
-            laid_out(
-                model, ep_group=pm.ep_group, tp_group=pm.tp_group, sequence_parallel=run.parallel.sequence_parallel
-            )
-            experts = {n for n, p in model.named_parameters() if hasattr(p, EXPERT_SHARD)}
-            if mode != "none":
-                _shard_as_specified(model, pm, dims, mode)
-            sizes = {"expert": [], "non_expert": []}
-            for n, p in model.named_parameters():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                sizes["expert" if n in experts else "non_expert"].append(local.numel() * local.element_size())
-        finally:
-            dist.destroy_process_group()
+def _local_bytes(run, dims: ParallelDims, modes=MODES, ranks=None) -> dict[str, dict[str, dict[str, int]]]:
+    """Per mode, memory_per_rank's max over ranks, from every rank's model as training builds
+    it (``trainer.parallelize.build_model``) and shards it (``shard_model``: moemesh.parallel.fsdp,
+    FSDP2's ``fully_shard``), on the meta device under a fake process group (one process plays
+    each rank in turn): {param_bytes, grad_bytes, optimizer_bytes} x {expert, non_expert}.
+    ``none`` is a sharded mode's model before ``shard_model``. A gradient takes its
+    parameter's local shape (FSDP2 reduce-scatters into the shard; the real runs below
+    measure gradients after the backward); AdamW keeps exp_avg and exp_avg_sq of that
+    shape and a 4-byte float32 step per tensor. ``ranks``: only those (default: all)."""
+    worst = {
+        m: {k: {"expert": 0, "non_expert": 0} for k in ("param_bytes", "grad_bytes", "optimizer_bytes")} for m in modes
+    }
+
+    def add(mode, model, experts):
+        sizes: dict[str, list[int]] = {"expert": [], "non_expert": []}
+        for n, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            sizes["expert" if n in experts else "non_expert"].append(local.numel() * local.element_size())
         for kind, b in sizes.items():
             mine = {"param_bytes": sum(b), "grad_bytes": sum(b), "optimizer_bytes": sum(2 * x + 4 for x in b)}
             for k, v in mine.items():
-                worst[k][kind] = max(worst[k][kind], v)
+                worst[mode][k][kind] = max(worst[mode][k][kind], v)
+
+    sharded = [m for m in modes if m != "none"]
+    for rank in range(dims.world_size) if ranks is None else ranks:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+        try:
+            pm = build_mesh(dims, "cpu")  # one mesh per rank, shared by the modes' models
+            for i, mode in enumerate(sharded or ["none"]):
+                run = _with_sharding(run, mode)
+                model = build_model(run, pm, META)
+                experts = {n for n, p in model.named_parameters() if expert_first_id(p) is not None}
+                if i == 0 and "none" in modes:
+                    add("none", model, experts)
+                if mode != "none":
+                    assert shard_model(run, pm, model, META) is not None
+                    add(mode, model, experts)
+        finally:
+            dist.destroy_process_group()
     return worst
+
+
+def _with_sharding(run, mode: str):
+    return dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, sharding=mode))
 
 
 # Every preset, and the TP presets with sequence parallelism (its norms shard over dp x ep x tp).
@@ -141,28 +109,51 @@ OPTIONS = (
 LAYOUT_CASES += [("ep2_dp2", OPTIONS), ("tp2_ep2_dp2", (*OPTIONS, SP)), ("pp2_tp2_ep2", OPTIONS[:-1])]
 
 
-@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
-# zero2 keeps the same shards at rest as zero3 (they differ only in when they gather): the
-# slow tier checks it, the fast tier none and zero3.
-@pytest.mark.parametrize("mode", [m if m != "zero2" else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
-@pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
-def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(preset, extra, mode):
-    """The planner's parameter, gradient and optimizer bytes per rank are memory_per_rank's
-    max over the ranks of the real model, built and sharded on the meta device."""
-    run = compose_run([f"parallel={preset}", f"parallel.sharding={mode}", *SMALL_MODEL, *extra])
-    dims = ParallelDims.from_config(run.parallel)
-    p = cost.plan_one(run, dims, ARGS)
-    if mode != "none" and dims.data_size == 1:  # refused before any rank starts: nothing to shard
-        assert p.problem is not None and "nothing to shard" in p.problem
-        return
-    assert p.problem is None, p.problem
-    real = _local_bytes(run, dims, mode)
-    planned = {
+def _planned(p) -> dict[str, dict[str, int]]:
+    return {
         "param_bytes": {"expert": p.param_expert, "non_expert": p.param_non_expert},
         "grad_bytes": {"expert": p.grad_expert, "non_expert": p.grad_non_expert},
         "optimizer_bytes": {"expert": p.optim_expert, "non_expert": p.optim_non_expert},
     }
-    assert planned == real
+
+
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
+@pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
+def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(preset, extra):
+    """The planner's parameter, gradient and optimizer bytes per rank are memory_per_rank's
+    max over the ranks of the real model, built and sharded on the meta device by the
+    trainer's own code: none and zero3 over every rank; zero2 (the same shards at rest, only
+    gathered for longer) built on rank 0 and equal to zero3 there, and over every rank in the
+    slow tier (the next test)."""
+    base = compose_run([f"parallel={preset}", *SMALL_MODEL, *extra])
+    dims = ParallelDims.from_config(base.parallel)
+    if dims.data_size == 1:  # refused before any rank starts: nothing to shard
+        for mode in ("zero2", "zero3"):
+            p = cost.plan_one(_with_sharding(base, mode), dims, ARGS)
+            assert p.problem is not None and "nothing to shard" in p.problem, mode
+    built = ("none", "zero3") if dims.data_size > 1 else ("none",)
+    real = _local_bytes(base, dims, built)
+    if dims.data_size > 1:
+        rank0 = _local_bytes(base, dims, ("zero2", "zero3"), ranks=[0])
+        assert rank0["zero2"] == rank0["zero3"]
+        real["zero2"] = real["zero3"]
+    for mode, want in real.items():
+        p = cost.plan_one(_with_sharding(base, mode), dims, ARGS)
+        assert p.problem is None, p.problem
+        assert _planned(p) == want, mode
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
+@pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
+def test_zero2_state_bytes_equal_the_real_sharded_model_on_every_rank(preset, extra):
+    base = _with_sharding(compose_run([f"parallel={preset}", *SMALL_MODEL, *extra]), "zero2")
+    dims = ParallelDims.from_config(base.parallel)
+    p = cost.plan_one(base, dims, ARGS)
+    if dims.data_size == 1:
+        assert p.problem is not None and "nothing to shard" in p.problem
+    else:
+        assert _planned(p) == _local_bytes(base, dims, ("zero2",))["zero2"]
 
 
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
@@ -175,7 +166,7 @@ def test_a_split_fsdp2_cannot_shard_is_refused_as_fully_shard_refuses_it():
     p = cost.plan_one(run, dims, ARGS)
     assert p.problem is not None and "layers.0.moe.experts.w1_eDF [6, 18, 256]" in p.problem and "FSDP2" in p.problem
     with pytest.raises(NotImplementedError, match="uneven sharding on dim 1"):
-        _local_bytes(run, dims, "zero3")
+        _local_bytes(run, dims, ("zero3",))
 
 
 def test_sharding_divides_the_state_by_the_groups_exactly():
@@ -388,7 +379,11 @@ def test_the_command_for_every_row_composes_into_its_split():
     run = compose_run(over)
     valid, _ = cost.make_plan(run, 16, SEED_ARGS)
     assert len(valid) > 20
-    for p in valid:
+    # One row per pattern of axes above 1 (a compose costs ~0.15 s; the command is built alike
+    # for every row of a pattern).
+    patterns = {tuple(p.dims.size(a) > 1 for a in ("dp", "ep", "tp", "pp")): p for p in reversed(valid)}
+    assert len(patterns) >= 8
+    for p in patterns.values():
         argv = cost.train_command(run, over, p.dims)
         assert argv[:2] == ["python", "train.py"]
         got = compose_run(argv[2:])

@@ -16,6 +16,7 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.trainer.data import prepare_data
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
+from tests.same_math import assert_same_run
 
 pytestmark = pytest.mark.slow  # spawns gloo ranks
 
@@ -117,8 +118,10 @@ def test_rank_limited_routing_caps_the_fanout_and_is_the_same_on_every_layout_of
     # One node of two EP ranks: each token's experts on at most 2 ranks, those of one node.
     assert all(r["a2a"]["fanout_max"] <= 2 for r in _read(tmp_path / "ep4_n1"))
     a, b = _read(tmp_path / "ep2_dp2_m1"), _read(tmp_path / "pp2_ep2_m1")
-    for x, y in zip(a, b, strict=True):
-        assert x["a2a"]["fanout_max"] == y["a2a"]["fanout_max"] == 1
+    # Two layouts: per step while routing is identical, stopping at a rounding flip (same_math).
+    n = assert_same_run(a, b, "pp2_ep2_m1", min_steps=2, keys=("loss", "aux_loss", "grad_norm"))
+    assert all(r["a2a"]["fanout_max"] == 1 for r in a + b)
+    for x, y in zip(a[:n], b[:n], strict=True):
         for key in ("loss", "aux_loss", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
         for layer, stats in x["load"].items():
