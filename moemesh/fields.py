@@ -107,6 +107,25 @@ class ScoreFunc(enum.StrEnum):
     sigmoid = "sigmoid"
 
 
+class QKNorm(enum.StrEnum):
+    """model.qk_norm (moe/model.py): RMSNorm of the queries and keys before RoPE: none, per head
+    (over each head's Dh, one weight [Dh] shared by the heads: Qwen3), or over the whole
+    projection (every head at once, one weight [H*Dh] and [G*Dh]: OLMoE)."""
+
+    none = "none"
+    head = "head"
+    full = "full"
+
+
+class RopePairing(enum.StrEnum):
+    """model.rope_pairing (moe/model.py): which dimensions of a head RoPE rotates together:
+    interleaved pairs (2i, 2i+1), moemesh's default, or the two halves (i, i + Dh/2), the
+    Llama family's (every Hugging Face model moemesh imports)."""
+
+    interleaved = "interleaved"
+    half = "half"
+
+
 # model.load_balance_scope (moe/router.py): "global" reduces the balance statistics over the data
 # group (every layout optimises the same loss), "local" keeps them per rank and micro-batch.
 LoadBalanceScope = enum.StrEnum("LoadBalanceScope", [("global", "global"), ("local", "local")])

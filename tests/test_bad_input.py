@@ -28,7 +28,10 @@ CASES = [
     (["++parallel.bogus_key=1"], "parallel.bogus_key: no such key"),
     (["parallel=does_not_exist"], "parallel=does_not_exist: no such preset (valid: dp2, dp4"),
     (["parallel=ep3"], "parallel=ep3: no such preset; did you mean"),
-    (["model=nope"], "model=nope: no such preset (valid: seed_4096, small, tiny)"),
+    (
+        ["model=nope"],
+        "model=nope: no such preset (valid: hf, mixtral_8x7b, olmoe_1b_7b, qwen3_30b_a3b, seed_4096, small, tiny)",
+    ),
     (["trainer.lr=abc"], "trainer.lr=abc: expected a number"),
     (["trainer.steps=1.5"], "trainer.steps=1.5: expected an integer"),
     (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),

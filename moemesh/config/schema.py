@@ -431,8 +431,44 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
     except OmegaConfBaseException as err:
+        cause = _config_error_inside(err)
+        if cause is not None:  # raised by the ${hf:...} resolver: its own line, not OmegaConf's wrapping
+            raise cause from None
         if full_error:
             raise
         raise ConfigError(explain_omegaconf(err)) from None
     assert isinstance(run, RunConfig), type(run)
+    if run.model.hf_path is not None:  # overrides and tensors against the checkpoint, before anything starts
+        from moemesh.interop.hf import check_checkpoint, check_model
+
+        check_model(run.model)
+        check_checkpoint(run.model)
     return run
+
+
+def _config_error_inside(err: BaseException) -> ConfigError | None:
+    """The ConfigError a resolver raised, which OmegaConf wraps (as cause or context, maybe twice)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None or isinstance(seen, ConfigError):
+            return seen
+    return None
+
+
+def _hf_field(key: str, *, _root_: Any) -> Any:
+    """``${hf:<key>}`` (conf/model/hf.yaml): model field ``key`` read from ``model.hf_path``'s
+    config.json when the command is composed (moemesh/interop/hf/families.py), so that validation,
+    the planner and the host-memory check see the real shapes."""
+    model = _root_.model
+    path = OmegaConf.select(model, "hf_path", throw_on_missing=False)
+    if path is None or OmegaConf.is_missing(model, "hf_path"):
+        raise ConfigError("model.hf_path: missing a value; model=hf reads the model from it (a checkpoint directory)")
+    upcycle = OmegaConf.to_container(model.upcycle, resolve=True) if "upcycle" in model else {}
+    assert isinstance(upcycle, dict)
+    from moemesh.interop.hf import checkpoint_fields
+
+    return checkpoint_fields(str(path), tuple(sorted(upcycle.items())))[key]
+
+
+OmegaConf.register_new_resolver("hf", _hf_field, replace=True)

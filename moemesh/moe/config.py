@@ -9,16 +9,50 @@ layout or the trainer live in ``moemesh.config.validate``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moemesh import fields
 from moemesh.errors import ConfigError
-from moemesh.fields import LoadBalanceScope, ScoreFunc
+from moemesh.fields import LoadBalanceScope, QKNorm, RopePairing, ScoreFunc
 
 # Below this, an expert takes under a tenth of its even share of the routed (token, expert)
 # pairs: over 90% of them are dropped even when routing is perfectly balanced, and the MoE
 # layers are mostly skipped (their output is zero for a dropped pair).
 CAPACITY_FACTOR_MIN = 0.1
+
+
+@dataclass
+class UpcycleConfig:
+    """Sparse upcycling (``model.hf_path`` naming a dense checkpoint; moemesh/interop/hf/names.py, docs/hf.md):
+    every FFN becomes an MoE layer of ``num_experts`` experts made from it, ``top_k`` of them
+    routed per token (renormalised), so that the MoE computes the dense model at step 0."""
+
+    num_experts: int = 0  # 0: off (an MoE checkpoint is loaded as it is)
+    top_k: int = 2
+    # 1: every expert a copy of the dense FFN. g > 1: fine-grained, expert i is part (i mod g) of
+    # the FFN's g equal parts of hidden units, its down projection scaled by g; num_experts and
+    # top_k must be multiples of g. The routers start with one random row per copy (shared by its
+    # g parts), so the top-k picks whole copies and the MoE still equals the dense FFN at step 0.
+    granularity: int = 1
+    router_init_std: float = 0.02  # the router rows' N(0, std), drawn by (trainer.seed, global name)
+
+    def __post_init__(self) -> None:
+        p = "model.upcycle."
+        fields.non_negative(self, p, "num_experts")
+        fields.positive(self, p, "top_k", "granularity")
+        fields.number(self, p, "router_init_std", lambda v: v > 0, "a finite number > 0")
+        if not self.num_experts:
+            return
+        g = self.granularity
+        if self.num_experts % g or self.top_k % g:
+            raise ConfigError(
+                f"model.upcycle.num_experts={self.num_experts} and model.upcycle.top_k={self.top_k} must be "
+                f"multiples of model.upcycle.granularity={g} (each token takes whole copies of the FFN: its g parts)"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"model.upcycle.top_k={self.top_k} must be between 1 and model.upcycle.num_experts={self.num_experts}"
+            )
 
 
 @dataclass
@@ -29,15 +63,31 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
+    head_dim: int | None = None  # null: hidden_size / num_heads (Qwen3 sets its own)
     ffn_hidden_size: int = 512  # dense (non-MoE) SwiGLU FFN
     moe_ffn_hidden_size: int = 256  # one routed expert's SwiGLU FFN
     num_experts: int = 8
     top_k: int = 2
-    moe_every_k_layers: int = 1  # layer l (0-based) is MoE iff (l + 1) % k == 0
+    # Layer l (0-based) is MoE iff (l + 1) % moe_every_k_layers == 0, l >= first_k_dense_layers
+    # and l is not in dense_layers (Qwen2-MoE's decoder_sparse_step and mlp_only_layers); the
+    # others have a dense FFN of ffn_hidden_size.
+    moe_every_k_layers: int = 1
+    first_k_dense_layers: int = 0
+    dense_layers: list[int] = field(default_factory=list)
     shared_expert_ffn_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # scale the shared expert's output by sigmoid(x . w), w [D] (Qwen2-MoE)
+    qk_norm: QKNorm = QKNorm.none  # none | head (Qwen3) | full (OLMoE): RMSNorm of q and k before RoPE
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    tie_embeddings: bool = False  # the output head is the embedding matrix
+    pad_token_id: int | None = None  # its embedding row gets no gradient (transformers' padding_idx); null: none
+    rope_pairing: RopePairing = RopePairing.interleaved  # interleaved | half (the Llama family's)
     score_func: ScoreFunc = ScoreFunc.softmax
-    renormalize: bool = True  # renormalise the top-k weights to sum to 1
-    aux_loss_factor: float = 0.01  # Switch/GShard load-balance loss E * sum_i f_i P_i
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1 (transformers' norm_topk_prob)
+    # Switch/GShard load-balance loss E * sum_i f_i P_i per MoE layer, summed over layers, with
+    # f_i = the fraction of the T*K routed pairs sent to expert i. transformers' is K times this
+    # per layer (its f_i divides by T) and pools the layers into one loss (about their mean):
+    # router_aux_loss_coef c there is aux_loss_factor = c * K / (MoE layers) here (docs/hf.md).
+    aux_loss_factor: float = 0.01
     z_loss_factor: float = 0.001  # router z-loss mean(logsumexp(logits)^2)
     load_balance_scope: LoadBalanceScope = LoadBalanceScope["global"]
     capacity_factor: float | None = None  # None: dropless
@@ -57,11 +107,20 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # A Hugging Face checkpoint directory (config.json + safetensors): model=hf reads the shapes
+    # from its config.json when the command is composed and the weights instead of initialising
+    # (moemesh/interop/hf; docs/hf.md). null: initialise from trainer.seed.
+    hf_path: str | None = None
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self) -> None:
         p = "model."
         fields.choice(self, p, "score_func", ScoreFunc)
         fields.choice(self, p, "load_balance_scope", LoadBalanceScope)
+        fields.choice(self, p, "qk_norm", QKNorm)
+        fields.choice(self, p, "rope_pairing", RopePairing)
+        if isinstance(self.upcycle, dict):  # built from a plain dict (a checkpoint's meta.json)
+            self.upcycle = UpcycleConfig(**self.upcycle)
         fields.positive(
             self,
             p,
@@ -76,7 +135,13 @@ class ModelConfig:
             "moe_every_k_layers",
             "max_seq_len",
         )
-        fields.non_negative(self, p, "shared_expert_ffn_size")
+        fields.non_negative(self, p, "shared_expert_ffn_size", "first_k_dense_layers")
+        fields.positive_or_null(self, p, "head_dim")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(
+                f"model.pad_token_id={self.pad_token_id} must be a token id in [0, model.vocab_size={self.vocab_size}) "
+                "or null"
+            )
         fields.number(self, p, "init_std", lambda v: v > 0, "a finite number > 0 (the weights' standard deviation)")
         fields.number(self, p, "rope_theta", lambda v: v > 0, "a finite number > 0 (the rotary base, usually 10000)")
         fields.number(
@@ -96,14 +161,15 @@ class ModelConfig:
         self._check_routing()
 
     def _check_shape(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(
-                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads} "
+                "(or set model.head_dim)"
             )
-        if (self.hidden_size // self.num_heads) % 2:
+        if head_dim(self) % 2:
+            how = "model.head_dim" if self.head_dim else f"model.hidden_size/model.num_heads = {self.hidden_size}/"
             raise ConfigError(
-                f"model.hidden_size/model.num_heads = {self.hidden_size}/{self.num_heads} = "
-                f"{self.hidden_size // self.num_heads} must be even (rotary embedding)"
+                f"{how}{'' if self.head_dim else self.num_heads} = {head_dim(self)} must be even (rotary embedding)"
             )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
@@ -115,6 +181,25 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_layers={self.num_layers} must be divisible by "
                 f"model.moe_every_k_layers={self.moe_every_k_layers} (an MoE layer every k layers)"
+            )
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        bad = [l for l in self.dense_layers if not 0 <= l < self.num_layers]
+        if bad:
+            raise ConfigError(
+                f"model.dense_layers={list(self.dense_layers)}: layer {bad[0]} is not one of the model's "
+                f"0..{self.num_layers - 1}"
+            )
+        if not any(is_moe_layer(self, l) for l in range(self.num_layers)):
+            raise ConfigError(
+                f"model.first_k_dense_layers={self.first_k_dense_layers}, model.dense_layers={list(self.dense_layers)} "
+                f"and model.moe_every_k_layers={self.moe_every_k_layers} leave no MoE layer among the "
+                f"{self.num_layers}: an MoE model needs one"
+            )
+        if self.shared_expert_gate and not self.shared_expert_ffn_size:
+            raise ConfigError(
+                "model.shared_expert_gate=true needs a shared expert: set model.shared_expert_ffn_size > 0"
             )
 
     def _check_routing(self) -> None:
@@ -150,8 +235,23 @@ class ModelConfig:
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """Whether layer ``layer`` (0-based, global) has an MoE FFN: every ``moe_every_k_layers``-th layer.
+    """Whether layer ``layer`` (0-based, global) has an MoE FFN: every ``moe_every_k_layers``-th layer,
+    past the first ``first_k_dense_layers`` and not listed in ``dense_layers``.
 
     A function, not a method: the config also arrives as an OmegaConf node.
     """
-    return (layer + 1) % cfg.moe_every_k_layers == 0
+    return (
+        (layer + 1) % cfg.moe_every_k_layers == 0
+        and layer >= cfg.first_k_dense_layers
+        and layer not in cfg.dense_layers
+    )
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    """Dh, one attention head's width: ``model.head_dim``, or hidden_size / num_heads when null."""
+    return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+# Fields that say where the weights came from, not what the model is: a checkpoint saved after an
+# import resumes whatever they are now (trainer/checkpointing.py compares every other field).
+ORIGIN_FIELDS = ("name", "hf_path", "upcycle")

@@ -182,6 +182,8 @@ class MoELayer(nn.Module):
             num_experts=cfg.num_experts, hidden_size=cfg.hidden_size, ffn_size=cfg.moe_ffn_hidden_size
         )
         self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_ffn_size) if cfg.shared_expert_ffn_size else None
+        # Qwen2-MoE's gate: the shared expert's output times sigmoid(x . w), w [1, D].
+        self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         # TP peers route different token slices, so these gradients are partial over tp.
         setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
 
@@ -211,6 +213,8 @@ class MoELayer(nn.Module):
         self.tp_group, self.sp, self.tp = tp_group, sequence_parallel, t
         if self.shared is not None:
             self.shared.shard(tp_group, sequence_parallel=sequence_parallel)
+        if self.shared_gate is not None and sequence_parallel:  # each TP rank gates its own sequence shard
+            setattr(self.shared_gate.weight, GRAD_GROUP, "data_tp")
 
     def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
         """The token-path kernels (gating, permute, chunk sort, unpermute), the experts' SwiGLU and
@@ -226,8 +230,7 @@ class MoELayer(nn.Module):
         gate, logits_TE = self.router(x_TD)  # 1. gate
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
-        shared_mlp = self.shared
-        shared = (lambda: shared_mlp(x_BSD).reshape(-1, D)) if shared_mlp is not None else None
+        shared = (lambda: self._shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
         # 2.-6. dispatch -> experts -> combine
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
@@ -244,6 +247,15 @@ class MoELayer(nn.Module):
             fanout_K1=self.dispatcher.fanout(topk_ids_TK),
         )
         return out_BSD, stats
+
+    def _shared(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output, gated if the layer has a gate."""
+        assert self.shared is not None
+        y_BSD = self.shared(x_BSD)
+        if self.shared_gate is not None:
+            # Called as a module: under sharding with SP it is an FSDP unit, gathered by the call's hooks.
+            y_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * y_BSD
+        return y_BSD
 
     # Eager under torch.compile (trainer.compile=model): its row counts change every step with the
     # routing, and its All-to-All needs host-side split sizes; the graph breaks around it.

@@ -1,8 +1,13 @@
 """A decoder-only transformer with an MoE FFN every k layers.
 
 Shape letters: B batch, S sequence, D model dim, H heads, G kv heads, Dh head
-dim, V vocab. Layer l (0-based) has an MoE FFN iff ``moe.config.is_moe_layer``,
-a dense SwiGLU otherwise.
+dim (``moe.config.head_dim``), V vocab. Layer l (0-based) has an MoE FFN iff
+``moe.config.is_moe_layer``, a dense SwiGLU otherwise.
+
+The options the released families need are ordinary options here (moemesh/interop/hf maps a
+checkpoint's config.json onto them): q/k/v biases, qk-norm per head or over the projection,
+RoPE on interleaved pairs or on halves, an explicit head dim, a gated shared expert, tied
+embeddings, dense layers among the MoE ones.
 
 The constructors take the model config only and build the model as one process holds
 it: global shapes, every layer and expert, no process group. The layout (which layers a
@@ -23,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.fields import QKNorm, RopePairing
+from moemesh.moe.config import ModelConfig, head_dim, is_moe_layer
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.init import normal_
 from moemesh.moe.layer import MoELayer, MoEStats, SwiGLU
@@ -35,6 +41,8 @@ from moemesh.parallel.tp import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tp,
+    reduce_from_tp,
     vocab_parallel_cross_entropy,
 )
 
@@ -69,12 +77,81 @@ def document_mask(documents_BS: torch.Tensor) -> torch.Tensor:
     return (same_BSS & causal_SS).unsqueeze(1)
 
 
-def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2):
-    x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+def apply_rope(x_BHSDh, cos_SDh2, sin_SDh2, pairing: RopePairing = RopePairing.interleaved):
+    """Rotate each pair of a head's dims by its position's angles: the pairs (2i, 2i+1)
+    (interleaved) or (i, i + Dh/2) (half, the Llama family's ``rotate_half``). The two are
+    the same rotation of differently ordered dims, so only q and k's weight rows tell them apart."""
     S = x_BHSDh.shape[-2]
     cos, sin = cos_SDh2[:S], sin_SDh2[:S]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    if pairing == RopePairing.half:
+        x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x_BHSDh)
+
+
+def half_pairing_order(head_dim: int) -> list[int]:
+    """A head's dims reordered so that RoPE on halves rotates what RoPE on interleaved pairs
+    rotated: new dim i is old dim 2i, new dim i + Dh/2 is old dim 2i + 1. Reordering q's and k's
+    rows (and their biases and qk-norm weights) this way turns an interleaved model into the
+    same function with ``rope_pairing=half`` (q . k is unchanged by a common permutation)."""
+    return list(range(0, head_dim, 2)) + list(range(1, head_dim, 2))
+
+
+def _tp_part(v: torch.Tensor, rank: int, t: int) -> torch.Tensor:
+    """This TP rank's part of a vector over all heads (chunk ``rank`` of ``t`` along the last dim)."""
+    return v if t == 1 else v.chunk(t, dim=-1)[rank]
+
+
+class QKVBias(nn.Module):
+    """The q, k and v projections' biases ([H*Dh], [G*Dh], [G*Dh]). Kept whole on every TP rank
+    (they are tiny) and sliced to the rank's heads in the forward, so their gradients are
+    partial over tp (GRAD_GROUP data_tp) and no 1-D tensor is split by both TP and FSDP."""
+
+    def __init__(self, q: int, kv: int):
+        super().__init__()
+        self.q = nn.Parameter(torch.empty(q))
+        self.k = nn.Parameter(torch.empty(kv))
+        self.v = nn.Parameter(torch.empty(kv))
+        for p in self.parameters():
+            setattr(p, GRAD_GROUP, "data_tp")
+
+    def forward(self, rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This TP rank's parts. A forward, not a plain method: under sharding the module is an
+        FSDP unit of its own, whose parameters are gathered by the hooks a call runs."""
+        return _tp_part(self.q, rank, t), _tp_part(self.k, rank, t), _tp_part(self.v, rank, t)
+
+
+class QKNormLayer(nn.Module):
+    """RMSNorm of the queries (or keys) before RoPE, with weight ``[width]``:
+      * per head (``width`` = Dh, Qwen3): each head normalised over its own Dh dims;
+      * over the projection (``width`` = heads x Dh, OLMoE): all heads at once. Under TP a rank
+        holds some heads: the mean square sums the TP ranks' parts (one all-reduce of [B, S, 1]),
+        and the weight, kept whole, is sliced to the rank's heads.
+    The weight's gradient is partial over tp either way (GRAD_GROUP data_tp)."""
+
+    def __init__(self, width: int, *, eps: float, per_head: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width))
+        setattr(self.weight, GRAD_GROUP, "data_tp")
+        self.eps, self.per_head = eps, per_head
+        self.tp_group, self.tp_rank, self.tp = None, 0, 1
+
+    def shard(self, tp_group) -> None:
+        self.tp_group, self.tp_rank, self.tp = tp_group, dist.get_rank(tp_group), group_size(tp_group)
+
+    def forward(self, x):
+        """x: [..., Dh] per head; [B, S, this rank's heads x Dh] over the projection."""
+        if self.per_head:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        xf = x.float()
+        sq_BS1 = xf.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:  # the heads of the other TP ranks: forward and backward both sum over tp
+            sq_BS1 = reduce_from_tp(copy_to_tp(sq_BS1, self.tp_group), self.tp_group)
+        normed = xf * torch.rsqrt(sq_BS1 / self.weight.shape[0] + self.eps)
+        return _tp_part(self.weight, self.tp_rank, self.tp) * normed.type_as(x)
 
 
 class AttentionCore(nn.Module):
@@ -92,14 +169,27 @@ class AttentionCore(nn.Module):
 class Attention(nn.Module):
     """Causal attention; ``shard`` (TP) keeps H/t query heads and G/t kv heads on each rank."""
 
+    qkv_bias: QKVBias | None
+    q_norm: QKNormLayer | None
+    k_norm: QKNormLayer | None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.H, self.G = cfg.num_heads, cfg.num_kv_heads  # heads on this rank
-        self.Dh = cfg.hidden_size // cfg.num_heads
-        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.Dh)
-        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh)
-        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * self.Dh)
-        self.wo = RowParallelLinear(cfg.num_heads * self.Dh, cfg.hidden_size)
+        self.Dh = Dh = head_dim(cfg)
+        self.tp_rank, self.tp = 0, 1
+        self.pairing = RopePairing(cfg.rope_pairing)
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * Dh)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * Dh)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * Dh)
+        self.wo = RowParallelLinear(cfg.num_heads * Dh, cfg.hidden_size)
+        self.qkv_bias = QKVBias(cfg.num_heads * Dh, cfg.num_kv_heads * Dh) if cfg.qkv_bias else None
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm != QKNorm.none:
+            per_head = cfg.qk_norm == QKNorm.head
+            q_width, k_width = (Dh, Dh) if per_head else (cfg.num_heads * Dh, cfg.num_kv_heads * Dh)
+            self.q_norm = QKNormLayer(q_width, eps=cfg.norm_eps, per_head=per_head)
+            self.k_norm = QKNormLayer(k_width, eps=cfg.norm_eps, per_head=per_head)
         self.core = AttentionCore()
 
     def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
@@ -108,14 +198,33 @@ class Attention(nn.Module):
             return
         for linear in (self.wq, self.wk, self.wv, self.wo):
             linear.shard(tp_group, sequence_parallel=sequence_parallel)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.shard(tp_group)
         self.H, self.G = self.H // t, self.G // t
+        self.tp_rank, self.tp = dist.get_rank(tp_group), t
+
+    def _qkv(self, x_BSD):
+        """q, k, v [B, S, heads x Dh] of this rank's heads, biased and (over the projection) normalised."""
+        # With SP the column-parallel projections gather the sequence: S is the full length here.
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qkv_bias is not None:
+            bq, bk, bv = self.qkv_bias(self.tp_rank, self.tp)
+            q, k, v = q + bq, k + bk, v + bv
+        if self.q_norm is not None and not self.q_norm.per_head:
+            assert self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x_BSD, cos, sin, mask_B1SS=None):
-        # With SP the column-parallel projections gather the sequence: S is the full length here.
-        q = rearrange(self.wq(x_BSD), "b s (h d) -> b h s d", h=self.H)
-        k = rearrange(self.wk(x_BSD), "b s (g d) -> b g s d", g=self.G)
-        v = rearrange(self.wv(x_BSD), "b s (g d) -> b g s d", g=self.G)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x_BSD)
+        q = rearrange(q, "b s (h d) -> b h s d", h=self.H)
+        k = rearrange(k, "b s (g d) -> b g s d", g=self.G)
+        v = rearrange(v, "b s (g d) -> b g s d", g=self.G)
+        if self.q_norm is not None and self.q_norm.per_head:
+            assert self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, self.pairing), apply_rope(k, cos, sin, self.pairing)
         return self.wo(rearrange(self.core(q, k, v, mask_B1SS), "b h s d -> b s (h d)"))
 
 
@@ -155,7 +264,8 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    # A pipeline stage holds the embedding only if first, the final norm and head only if last.
+    # A pipeline stage holds the embedding only if first, the final norm and head only if last;
+    # with tied embeddings there is no head: the last stage keeps the embedding as its head.
     embed: VocabParallelEmbedding | None
     norm: nn.RMSNorm | None
     head: ColumnParallelLinear | None
@@ -169,13 +279,13 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp_group, self.sp = None, False  # set by apply_tp
         self.first = self.last = True  # holds the embedding / the final norm and head
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleDict({str(l): Block(cfg, l) for l in range(cfg.num_layers)})
         self.norm = _norm(cfg)
         # The output head is column-parallel over the (padded) vocabulary: logits stay sharded.
-        self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
+        self.head = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
         self.stage_records: list[dict[int, MoEStats]] = []  # pipeline: MoE stats per stage call, by layer
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.max_seq_len, head_dim(cfg), cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -187,10 +297,22 @@ class Transformer(nn.Module):
         for l in [l for l in self.layers if int(l) not in keep]:
             del self.layers[l]
         self.first, self.last = 0 in keep, self.cfg.num_layers - 1 in keep
-        if not self.first:
+        if not self.first and not (self.last and self.cfg.tie_embeddings):
             self.embed = None
         if not self.last:
             self.norm = self.head = None
+
+    @property
+    def tied_copy(self) -> bool:
+        """This stage holds the tied embedding only as its head: another stage (the first) holds
+        it too, and the two copies' gradients are summed (``trainer.parallelize.tied_embedding_sync``)."""
+        return bool(self.cfg.tie_embeddings) and self.last and not self.first
+
+    def vocab_rows(self) -> int:
+        """The logits' last dim on this rank: the (padded) vocabulary's rows this TP rank holds."""
+        head = self.head if self.head is not None else self.embed
+        assert head is not None, "only the last pipeline stage computes logits"
+        return head.weight.shape[0]
 
     def shard(self, tp_group, *, sequence_parallel: bool = False) -> None:
         """Tensor parallelism over ``tp_group``: the embedding, the head, attention, the dense
@@ -237,13 +359,15 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, GroupedExperts):
                 module.init_weights(seed=seed, prefix=name.removesuffix(".experts"), std=std, out_std=out_std)
-            elif isinstance(module, nn.RMSNorm):
+            elif isinstance(module, (nn.RMSNorm, QKNormLayer)):
                 module.weight.fill_(1.0)
-            elif isinstance(module, Router) and module.expert_bias_E is not None:
-                module.expert_bias_E.zero_()
+            elif isinstance(module, QKVBias):
+                for p in module.parameters():
+                    p.zero_()
+        self.init_buffers()
         t, rank = group_size(self.tp_group), (dist.get_rank(self.tp_group) if self.tp_group is not None else 0)
         for name, p in self.named_parameters():
-            if ".experts." in f".{name}" or name.endswith("norm.weight"):
+            if ".experts." in f".{name}" or name.endswith("norm.weight") or ".qkv_bias." in name:
                 continue
             is_out = name.endswith("wo.weight") or name.endswith("w2.weight")
             std_p = out_std if is_out else std
@@ -263,8 +387,16 @@ class Transformer(nn.Module):
                 full = torch.cat([full, torch.zeros(pad_shape)], dim=dim)
             with torch.no_grad():
                 p.copy_(full.chunk(t, dim=dim)[rank])
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The buffers, which no checkpoint holds: the RoPE tables and zero expert biases (a model
+        whose parameters are loaded, not initialised, still needs these)."""
+        for module in self.modules():
+            if isinstance(module, Router) and module.expert_bias_E is not None:
+                module.expert_bias_E.zero_()
         self.rope_cos, self.rope_sin = rope_tables(
-            self.cfg.max_seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, self.rope_cos.device
+            self.cfg.max_seq_len, head_dim(self.cfg), self.cfg.rope_theta, self.rope_cos.device
         )
 
     def _embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -272,9 +404,13 @@ class Transformer(nn.Module):
         return self.embed(tokens_BS)
 
     def _logits(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """The final norm and the head: [B, S, V_pad/t], the vocabulary stays sharded."""
-        assert self.norm is not None and self.head is not None, "only the last pipeline stage holds the head"
-        return self.head(self.norm(x_BSD))
+        """The final norm and the head (or the tied embedding): [B, S, V_pad/t], the vocabulary
+        stays sharded."""
+        assert self.norm is not None, "only the last pipeline stage holds the head"
+        if self.head is not None:
+            return self.head(self.norm(x_BSD))
+        assert self.embed is not None
+        return self.embed.project(self.norm(x_BSD))
 
     def _blocks(self, x, stats: list[MoEStats], loss_scale: float, documents_BS=None):
         mask = None if documents_BS is None else document_mask(documents_BS)  # once for every layer

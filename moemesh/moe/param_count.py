@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from math import prod
 from typing import NamedTuple
 
-from moemesh.moe.config import ModelConfig, is_moe_layer
+from moemesh.fields import QKNorm
+from moemesh.moe.config import ModelConfig, head_dim, is_moe_layer
 from moemesh.parallel import tags
 from moemesh.parallel.dims import ParallelDims, padded_vocab
 
@@ -62,11 +63,18 @@ class ParamSpec:
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (without the input embedding, with
-    top-k of E experts) + 12 x layers x hidden x sequence for attention (PaLM's count)."""
+    """Training FLOPs per token: 6 x active parameters (without the input embedding's lookup, with
+    top-k of E experts; a tied embedding counts once, as the head) + 12 x layers x H x Dh x
+    sequence for attention (PaLM's count, with the attention width H x Dh)."""
     full = count_params(cfg)
-    active = full.non_expert - cfg.vocab_size * cfg.hidden_size + full.expert * cfg.top_k / cfg.num_experts
-    return 6 * active + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+    lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
+    active = full.non_expert - lookup + full.expert * cfg.top_k / cfg.num_experts
+    return 6 * active + 12 * cfg.num_layers * attention_width(cfg) * seq_len
+
+
+def attention_width(cfg: ModelConfig) -> int:
+    """H x Dh: the width q k^T and the attention-weighted v run at (hidden_size unless head_dim says otherwise)."""
+    return cfg.num_heads * head_dim(cfg)
 
 
 class Flops(NamedTuple):
@@ -95,8 +103,10 @@ def stage_flops_per_token(
     held = list(stage_layers(cfg.num_layers, pp, split)[stage]) if layers is None else list(layers)
     specs = param_specs(cfg, ParallelDims(pp=pp), layers=held)
     expert = sum(s.numel for s in specs if s.expert) * cfg.top_k / cfg.num_experts
-    dense = sum(s.numel for s in specs if not s.expert and s.name != "embed.weight")
-    core = 12 * len(held) * cfg.hidden_size * seq_len
+    # The embedding is a lookup (no FLOPs) unless it is also the head, on the rank of the last layer.
+    as_head = cfg.tie_embeddings and cfg.num_layers - 1 in held
+    dense = sum(s.numel for s in specs if not s.expert and (s.name != "embed.weight" or as_head))
+    core = 12 * len(held) * attention_width(cfg) * seq_len
     return Flops(6 * (dense + expert) + core, 6 * expert, core)
 
 
@@ -118,8 +128,8 @@ def param_specs(
     dims = ParallelDims() if dims is None else dims
     D, t = cfg.hidden_size, dims.tp
     sp = sequence_parallel and t > 1
-    Dh = D // cfg.num_heads
     layers = sorted(stage_layers(cfg.num_layers, dims.pp, split)[stage] if layers is None else layers)
+    last = cfg.num_layers - 1 in layers
     specs: list[ParamSpec] = []
 
     def add(name, shape, *, tp_dim=None, expert=False, data_tp=False, layer=None):
@@ -134,15 +144,12 @@ def param_specs(
         add(f"{prefix}.w2.weight", (D, ffn // t), tp_dim=1, layer=layer)
 
     vocab_rows = padded_vocab(cfg.vocab_size, t) // t
-    if 0 in layers:
+    if 0 in layers or (cfg.tie_embeddings and last):  # tied: the last layer's rank holds the head
         add("embed.weight", (vocab_rows, D), tp_dim=0)
     for l in layers:
         p = f"layers.{l}"
         norm(f"{p}.attn_norm.weight", l)
-        add(f"{p}.attn.wq.weight", (cfg.num_heads * Dh // t, D), tp_dim=0, layer=l)
-        add(f"{p}.attn.wk.weight", (cfg.num_kv_heads * Dh // t, D), tp_dim=0, layer=l)
-        add(f"{p}.attn.wv.weight", (cfg.num_kv_heads * Dh // t, D), tp_dim=0, layer=l)
-        add(f"{p}.attn.wo.weight", (D, cfg.num_heads * Dh // t), tp_dim=1, layer=l)
+        _attention_specs(add, cfg, p, l, t)
         norm(f"{p}.ffn_norm.weight", l)
         if not is_moe_layer(cfg, l):
             swiglu(f"{p}.ffn", cfg.ffn_hidden_size, l)
@@ -154,10 +161,29 @@ def param_specs(
         add(f"{p}.moe.experts.w2_eFD", (e, Fe, D), expert=True, layer=l)
         if cfg.shared_expert_ffn_size:
             swiglu(f"{p}.moe.shared", cfg.shared_expert_ffn_size, l)
-    if cfg.num_layers - 1 in layers:
+        if cfg.shared_expert_gate:
+            add(f"{p}.moe.shared_gate.weight", (1, D), data_tp=sp, layer=l)
+    if last:
         norm("norm.weight", None)
-        add("head.weight", (vocab_rows, D), tp_dim=0)
+        if not cfg.tie_embeddings:
+            add("head.weight", (vocab_rows, D), tp_dim=0)
     return specs
+
+
+def _attention_specs(add, cfg: ModelConfig, p: str, l: int, t: int) -> None:
+    """One block's attention parameters, after its norm (moe/model.py: Attention)."""
+    D, Dh, H, G = cfg.hidden_size, head_dim(cfg), cfg.num_heads, cfg.num_kv_heads
+    add(f"{p}.attn.wq.weight", (H * Dh // t, D), tp_dim=0, layer=l)
+    add(f"{p}.attn.wk.weight", (G * Dh // t, D), tp_dim=0, layer=l)
+    add(f"{p}.attn.wv.weight", (G * Dh // t, D), tp_dim=0, layer=l)
+    add(f"{p}.attn.wo.weight", (D, H * Dh // t), tp_dim=1, layer=l)
+    if cfg.qkv_bias:  # whole on every TP rank, sliced in the forward (moe/model.py: QKVBias)
+        for name, n in (("q", H * Dh), ("k", G * Dh), ("v", G * Dh)):
+            add(f"{p}.attn.qkv_bias.{name}", (n,), data_tp=True, layer=l)
+    if cfg.qk_norm != QKNorm.none:
+        per_head = cfg.qk_norm == QKNorm.head
+        add(f"{p}.attn.q_norm.weight", (Dh if per_head else H * Dh,), data_tp=True, layer=l)
+        add(f"{p}.attn.k_norm.weight", (Dh if per_head else G * Dh,), data_tp=True, layer=l)
 
 
 def count_params(

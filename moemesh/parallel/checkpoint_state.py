@@ -93,6 +93,16 @@ def _entries(key: str, tensor: torch.Tensor, param, tp_mesh, fsdp_tp_mesh=None) 
     return {key: tensor}
 
 
+def parameter_entries(model, tp_mesh=None, fsdp_tp_mesh=None) -> dict:
+    """This rank's parameters under their global keys (no ``model.`` prefix): views of the live
+    tensors, experts one by one, TP and FSDP shards as DTensors of the logical tensor. What a
+    checkpoint stores, and what an import (``moemesh.interop.hf``) fills."""
+    state: dict = {}
+    for name, p in model.named_parameters():
+        state.update(_entries(name, p.data, p, tp_mesh, fsdp_tp_mesh))
+    return state
+
+
 def training_state(model, optimizer, step_tensor: torch.Tensor, tp_mesh=None, fsdp_tp_mesh=None) -> dict:
     """Views of the live tensors under global keys (a load writes through them).
 

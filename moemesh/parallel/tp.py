@@ -262,10 +262,11 @@ class VocabParallelEmbedding(nn.Module):
 
     Built whole ([V, D]); ``shard(tp_group)`` keeps this rank's rows of the padded vocabulary."""
 
-    def __init__(self, vocab_size: int, dim: int):
+    def __init__(self, vocab_size: int, dim: int, *, padding_idx: int | None = None):
         super().__init__()
         self.tp_group, self.sp = None, False
         self.vocab_size = vocab_size
+        self.padding_idx = padding_idx  # this token's row gets no gradient from the lookup (global id)
         self.rows, self.first = vocab_size, 0
         self.weight = _mark_sharded(nn.Parameter(torch.empty(vocab_size, dim)), 0, vocab_size)
 
@@ -280,11 +281,23 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids_BS):
         if group_size(self.tp_group) == 1:
-            return F.embedding(ids_BS, self.weight)
+            return F.embedding(ids_BS, self.weight, padding_idx=self.padding_idx)
         local = ids_BS - self.first
         outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        pad = self.padding_idx
+        pad = pad - self.first if pad is not None and 0 <= pad - self.first < self.rows else None
+        # (Row 0 stands in for the ids outside this shard: their output is masked, their gradient
+        # is masked too, so it does not matter whether row 0 is the padding row.)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight, padding_idx=pad).masked_fill(
+            outside.unsqueeze(-1), 0.0
+        )
         return sp_reduce_scatter(x, self.tp_group, 1) if self.sp else reduce_from_tp(x, self.tp_group)
+
+    def project(self, x):
+        """The same matrix as a column-parallel output head (tied embeddings): logits over this
+        rank's rows of the padded vocabulary, [..., V_pad/t]."""
+        x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+        return F.linear(x, self.weight)
 
 
 class _VocabParallelCE(torch.autograd.Function):

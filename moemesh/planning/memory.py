@@ -42,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moemesh.fields import Recompute, Sharding
-from moemesh.moe.config import ModelConfig, is_moe_layer
-from moemesh.moe.param_count import Flops, ParamSpec, local_numel, param_specs
+from moemesh.fields import QKNorm, Recompute, Sharding
+from moemesh.moe.config import ModelConfig, head_dim, is_moe_layer
+from moemesh.moe.param_count import Flops, ParamSpec, attention_width, local_numel, param_specs
 from moemesh.parallel.dims import ParallelDims, padded_vocab
 
 # Bytes per element of the training state, in every mode and precision (see the docstring).
@@ -144,16 +144,21 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
     """One block's stored activations for a micro-batch of T tokens per data rank.
 
     t = tp; s = t with sequence parallelism, else 1 (the residual stream's split);
-    Tr = T / t tokens this rank routes, N = Tr K routed rows (uniform routing; (ep-1)/ep of
-    them cross the All-to-All). Per part, counting the tensors autograd saves (checked
-    against the saved tensors of a real CPU forward in tests/scripts/test_plan.py):
+    Dq = H Dh and Dkv = G Dh the attention widths (Dh = model.head_dim, hidden_size / H by
+    default); Tr = T / t tokens this rank routes, N = Tr K routed rows (uniform routing; (ep-1)/ep
+    of them cross the All-to-All). Per part, counting the tensors autograd saves (checked
+    against the saved tensors of a real CPU forward in tests/planning/test_plan.py):
       block_input           T D / s (the residual; the attention norm's input)
       norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
                             mid-block residual) T D / s
       attention             its input: the norm output T D, or under SP each of q, k, v's own
-                            sequence gather, 3 T D; q, k, v after RoPE (T D + 2 T Dkv) / t; the
-                            output projection's input T D / t
-      attention_out         T D / t
+                            sequence gather, 3 T D; q, k, v after RoPE (Dq + 2 Dkv) T / t; the
+                            output projection's input Dq T / t. qk-norm (either kind): q's and k's
+                            projections and normalised values 2 (Dq + Dkv) T / t, and their
+                            inverse RMS, (H + G) T / t per head or 2 T over the projection (whose
+                            summed squares are all-reduced over tp: 2 T more collective outputs).
+                            Biases store nothing.
+      attention_out         Dq T / t
       dense FFN             its input T D (under SP w1's and w3's gathers, 2 T D); 4 T F / t:
                             w1 and w3 outputs, silu's output, their product
       MoE                   the router's input T D / s (with t > 1 and no SP a slice of the
@@ -161,7 +166,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
                             input rows N D (the experts keep no more: silu and the product are
                             recomputed in their backward, moe/experts.py); the rows the
                             unpermute weights N D; a shared expert's input (under SP its two
-                            gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t
+                            gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t;
+                            its gate's sigmoid and the ungated output (D + 1) T / s
       expert_out            N (2 Fe + D): w1, w3 and w2 outputs
       collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
                             t > 1: each sequence gather's or all-reduce's output T D (SP: 3 for
@@ -170,11 +176,10 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
     """
     D, t = m.hidden_size, dims.tp
     s = t if sp else 1
-    Dkv = m.num_kv_heads * (D // m.num_heads)
     block_input = T * D // s
-    attention_out = T * D // t
     norms = 2 * T * D // s + T * D // s
-    rest = norms + (3 if sp else 1) * T * D + (T * D + 2 * T * Dkv) // t + T * D // t
+    attention_out, attention, collectives = _attention_activations(m, T, t, sp)
+    rest = norms + attention
     full_outs, scattered = (3, 1) if sp else (1, 0)  # TP collectives' outputs: T D and T D / t each
     expert_out = 0
     if is_moe_layer(m, layer):
@@ -185,16 +190,33 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
         expert_out = N * (2 * Fe + D)
         if Fs:
             rest += (2 * T * D if sp else T * D if t > 1 else 0) + 4 * T * Fs // t
+            rest += (D + 1) * T // s if m.shared_expert_gate else 0
             full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
         if not sp:
             full_outs += 1  # the routed tokens gathered back over tp
+        if dims.ep > 1:
+            collectives += 2 * N * D
     else:
         rest += (2 if sp else 1) * T * D + 4 * T * m.ffn_hidden_size // t
         full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
-    collectives = full_outs * T * D + scattered * T * D // t if t > 1 else 0
-    if is_moe_layer(m, layer) and dims.ep > 1:
-        collectives += 2 * N * D
+    collectives += full_outs * T * D + scattered * T * D // t if t > 1 else 0
     return BlockActivations(block_input, attention_out, expert_out, rest, collectives)
+
+
+def _attention_activations(m: ModelConfig, T: int, t: int, sp: bool) -> tuple[int, int, int]:
+    """Attention's (output kept by selective checkpointing, the rest, collective outputs beyond
+    the projections' gathers and reductions): block_activations' "attention" and "attention_out"."""
+    Dh = head_dim(m)
+    H, G = m.num_heads, m.num_kv_heads
+    Dq, Dkv = H * Dh, G * Dh
+    rest = (3 if sp else 1) * T * m.hidden_size + (T * Dq + 2 * T * Dkv) // t + T * Dq // t
+    collectives = 0
+    if m.qk_norm == QKNorm.head:
+        rest += 2 * T * (Dq + Dkv) // t + T * (H + G) // t
+    elif m.qk_norm == QKNorm.full:
+        rest += 2 * T * (Dq + Dkv) // t + 2 * T
+        collectives += 2 * T if t > 1 else 0
+    return T * Dq // t, rest, collectives
 
 
 def activation_bytes(
@@ -229,5 +251,5 @@ def recompute_flops_per_token(
     if ckpt == Recompute.selective:
         return Flops(2.0 * dense, 0.0, 0.0)
     experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
-    core = 4.0 * len({s.layer for s in specs}) * m.hidden_size * seq_len
+    core = 4.0 * len({s.layer for s in specs}) * attention_width(m) * seq_len
     return Flops(2.0 * dense + experts + core, experts, core)

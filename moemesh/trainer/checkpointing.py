@@ -17,9 +17,13 @@ import torch
 
 from moemesh.config.schema import RunConfig
 from moemesh.fields import Sharding
+from moemesh.moe.config import ORIGIN_FIELDS, ModelConfig
 from moemesh.moe.param_count import param_specs
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
+
+# A checkpoint saved before a model field existed holds the field's default.
+_DEFAULTS = dataclasses.asdict(ModelConfig())
 
 
 class Checkpointer:
@@ -47,6 +51,10 @@ class Checkpointer:
             "tp": d.tp,
             "pp": d.pp,
         }
+        if run.model.hf_path is not None:  # where the weights came from, for scripts/export_hf.py
+            from moemesh.interop.hf.families import origin_meta
+
+            self.meta["hf"] = origin_meta(run.model)
 
     def expected(self) -> tuple[int, int]:
         """(entries, bytes) of the whole model's checkpoint (every stage's): each parameter (each
@@ -145,7 +153,9 @@ class Checkpointer:
             )
         saved, mine = meta["model"], self.meta["model"]
         diff = [
-            f"model.{k}={_cut(saved.get(k))} (now {v!r})" for k, v in mine.items() if k != "name" and saved.get(k) != v
+            f"model.{k}={_cut(saved.get(k))} (now {v!r})"
+            for k, v in mine.items()
+            if k not in ORIGIN_FIELDS and saved.get(k, _DEFAULTS.get(k)) != v
         ]
         if diff:
             raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")

@@ -54,10 +54,12 @@ from moemesh.trainer.parallelize import (
     Sharded,
     build_model,
     grad_reducer,
+    load_hf_weights,
     param_groups,
     pipeline_schedule,
     pipeline_stage_modules,
     shard_model,
+    tied_embedding_sync,
 )
 from moemesh.trainer.step_stats import (
     RankTimes,
@@ -130,6 +132,7 @@ class TrainState:
     meter: CommMeter  # the All-to-All's bytes and time, the experts' and attention core's time
     groups: ParamGroups  # parameters by how their gradients reduce and count in the norm
     reducer: GradReducer | None  # None under parallel.sharding: FSDP2 reduces in the backward
+    tied: Callable[[], None] | None  # tied embeddings under PP: the first and last stages' gradients summed
     sharded: Sharded | None
     pipe: Any  # the pipeline schedule, None without PP
     micro: int  # sequences per forward on one data rank
@@ -232,6 +235,8 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
     )
     ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
+    if m.hf_path is not None and start == 0:  # a released model: its weights in place of the init
+        log.message(load_hf_weights(run, model, ckpt.tp_mesh, ckpt.fsdp_tp_mesh))
     log.begin(start)
     for warning in config_warnings(run):
         log.message(f"moemesh: warning: {warning}")
@@ -248,6 +253,7 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         meter=meter,
         groups=groups,
         reducer=grad_reducer(groups, mesh) if sharded is None else None,
+        tied=tied_embedding_sync(model, mesh),
         sharded=sharded,
         pipe=pipeline_schedule(run, mesh, model, device, stages),
         micro=micro,
@@ -343,12 +349,15 @@ def _reduce_gradients(s: TrainState, timer: PhaseTimer) -> None:
     if s.reducer is not None:
         with timer.phase("grad_reduce"):
             s.reducer.reduce()
-        return
-    assert s.sharded is not None
-    waited = s.sharded.timer.collect()
-    inside = "pipeline" if s.pipe is not None else "backward"
-    timer.seconds[inside] = timer.seconds.get(inside, 0.0) - waited
-    timer.seconds["grad_reduce"] = waited
+    else:
+        assert s.sharded is not None
+        waited = s.sharded.timer.collect()
+        inside = "pipeline" if s.pipe is not None else "backward"
+        timer.seconds[inside] = timer.seconds.get(inside, 0.0) - waited
+        timer.seconds["grad_reduce"] = waited
+    if s.tied is not None:
+        with timer.phase("grad_reduce"):
+            s.tied()
 
 
 def run_training(state: TrainState) -> RunSummary:

@@ -8,7 +8,9 @@
     apply_load_balance_group   the group the balance statistics are reduced over
     apply_kernels the token-path kernels and the expert GEMMs
     apply_compile torch.compile of each block's compute (trainer.compile)
-    materialize + init_weights   on the run's device, by (seed, global parameter name)
+    materialize + init_weights   on the run's device, by (seed, global parameter name); with
+                  model.hf_path only the buffers: the trainer reads the weights after apply_fsdp
+                  (``load_hf_weights``), each rank its own boxes
     apply_instrumentation   timing hooks (experts, attention core) and the All-to-All meter
     apply_ac      activation checkpointing, per block
     apply_fsdp    (shard_model) zero2 / zero3, after the optimizer's parameters exist
@@ -26,7 +28,7 @@ and initialisation is keyed by global names and global expert ids.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -169,9 +171,14 @@ def pipeline_stage_modules(run: RunConfig, mesh: ParallelMesh, model: Transforme
     if mesh.dims.pp == 1:
         return []
     modules = []
-    for chunk in Placement.of(run.parallel).chunks(run.model.num_layers, mesh.coords[MeshAxis.PP]):
+    chunks = Placement.of(run.parallel).chunks(run.model.num_layers, mesh.coords[MeshAxis.PP])
+    held_first = any(c.start == 0 for c in chunks)
+    for chunk in chunks:
         parts: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(l): model.layers[str(l)] for l in chunk})}
-        if chunk.start == 0:
+        # A tied embedding is also the last stage's head: a part of that stage (whose gradients the
+        # schedule scales) unless this rank's first stage already holds it (scaled once per rank).
+        tied_head = run.model.tie_embeddings and chunk.stop == run.model.num_layers and not held_first
+        if chunk.start == 0 or tied_head:
             parts["embed"] = model.embed  # type: ignore[assignment]
         if chunk.stop == run.model.num_layers:
             parts["norm"], parts["head"] = model.norm, model.head  # type: ignore[assignment]
@@ -195,8 +202,12 @@ def build_model(
     )
     apply_kernels(model, get_ops(run.kernels.backend, device.type))
     materialize(model, device)
-    if device.type != "meta":  # on the meta device (the planner's tests) there is nothing to draw
+    # On the meta device (the planner's tests) there is nothing to draw. With model.hf_path the
+    # parameters are read from the checkpoint once sharded (load_hf_weights): only the buffers here.
+    if device.type != "meta" and run.model.hf_path is None:
         model.init_weights(run.trainer.seed)
+    elif device.type != "meta":
+        model.init_buffers()
     apply_instrumentation(model, meter)
     apply_compile(model, run.trainer.compile)
     apply_ac(model, run.trainer.activation_checkpointing)
@@ -271,10 +282,75 @@ def param_groups(model: Transformer) -> ParamGroups:
     rest = [p for p in params if expert_first_id(p) is None]
     data_tp = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data_tp"]
     data = [p for p in rest if getattr(p, GRAD_GROUP, "data") == "data"]
-    tp_sharded = [p for p in rest if getattr(p, TP_SHARD, None) is not None and model.tp_group is not None]
+    # The grad norm counts a tied embedding once: on the first stage, not as the last stage's head.
+    counted = [p for p in rest if not (model.tied_copy and model.embed is not None and p is model.embed.weight)]
+    tp_sharded = [p for p in counted if getattr(p, TP_SHARD, None) is not None and model.tp_group is not None]
     sharded_ids = {id(p) for p in tp_sharded}
-    replicated = [p for p in rest if id(p) not in sharded_ids]
+    replicated = [p for p in counted if id(p) not in sharded_ids]
     return ParamGroups(data, data_tp, expert, tp_sharded, replicated)
+
+
+def tied_embedding_sync(model: Transformer, mesh: ParallelMesh) -> Callable[[], None] | None:
+    """With tied embeddings under PP the first stage (the lookup) and the last (the head) each hold
+    the matrix: after the backward and the reduction each adds the other's gradient (one exchange
+    between the two stages' ranks of the same dp, ep, tp coordinates), so both copies take the same
+    step. None where there is nothing to sum (no tie, no PP, a middle stage, or, with a V-shaped
+    schedule's virtual stages, one rank holding both the first and the last layer: one matrix)."""
+    if not model.cfg.tie_embeddings or mesh.dims.pp == 1 or not (model.first or model.last):
+        return None
+    if model.first and model.last:
+        return None
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(mesh.pp_group)
+    peer = ranks[-1] if model.first else ranks[0]
+    assert model.embed is not None
+
+    def sync() -> None:
+        assert model.embed is not None
+        grad = model.embed.weight.grad
+        assert grad is not None
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        theirs = torch.empty_like(local)
+        ops = [dist.P2POp(dist.isend, local.contiguous(), peer), dist.P2POp(dist.irecv, theirs, peer)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        local.add_(theirs)
+
+    return sync
+
+
+def load_hf_weights(run: RunConfig, model: Transformer, tp_mesh=None, fsdp_tp_mesh=None) -> str:
+    """Fill the (laid-out, sharded) model from ``model.hf_path``, each rank its own boxes
+    (``moemesh.interop.hf.load``); a failure on any rank is raised on every rank. Returns a line
+    for the log."""
+    import torch.distributed as dist
+
+    from moemesh.interop.hf.load import load_weights
+    from moemesh.parallel.checkpoint import CheckpointError
+
+    stats, error = None, None
+    try:
+        stats = load_weights(model, run.model, seed=run.trainer.seed, tp_mesh=tp_mesh, fsdp_tp_mesh=fsdp_tp_mesh)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+        error = f"model.hf_path={run.model.hf_path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise CheckpointError(first)
+    assert stats is not None
+    return (
+        f"moemesh: read {run.model.hf_path} ({run.model.name}): {stats.tensors} tensors, "
+        f"{stats.bytes_read / 2**20:,.1f} MiB on rank 0 in {stats.seconds:.1f} s"
+        + (
+            f", upcycled to {run.model.num_experts} experts top-{run.model.top_k}"
+            if run.model.upcycle.num_experts
+            else ""
+        )
+    )
 
 
 def grad_reducer(groups: ParamGroups, mesh: ParallelMesh) -> GradReducer:

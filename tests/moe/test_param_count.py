@@ -5,6 +5,8 @@ Each layout's model is built on the meta device for every rank, under a fake
 process group (one process plays each rank in turn).
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,6 +36,23 @@ CFG = ModelConfig(
     moe_every_k_layers=2,
     shared_expert_ffn_size=32,
 )
+# Every option the released families need (moemesh/interop/hf), in two models: a head dim of its
+# own, qk-norm over the projection, q/k/v biases, a gated shared expert, tied embeddings, RoPE on
+# halves, a dense layer among the MoE ones; qk-norm per head, the first layers dense.
+OPTIONS_A = dataclasses.replace(
+    CFG,
+    name="options_a",
+    head_dim=16,
+    qk_norm="full",
+    qkv_bias=True,
+    shared_expert_gate=True,
+    tie_embeddings=True,
+    rope_pairing="half",
+    moe_every_k_layers=1,
+    dense_layers=[1],
+)
+OPTIONS_B = dataclasses.replace(CFG, name="options_b", qk_norm="head", moe_every_k_layers=1, first_k_dense_layers=1)
+CONFIGS = {"base": CFG, "options_a": OPTIONS_A, "options_b": OPTIONS_B}
 LAYOUTS = {  # dp, ep, tp, pp
     "single": (1, 1, 1, 1),
     "ep2": (1, 2, 1, 1),
@@ -49,15 +68,15 @@ LAYOUTS = {  # dp, ep, tp, pp
 }
 
 
-def _meta_model(dims: ParallelDims, rank: int, *, sequence_parallel: bool = False) -> Transformer:
+def _meta_model(dims: ParallelDims, rank: int, *, sequence_parallel: bool = False, cfg=CFG) -> Transformer:
     """``rank``'s model of the layout, on the meta device."""
     stage = dims.coords(rank)[MeshAxis.PP]
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
     try:
         pm = build_mesh(dims, "cpu")
         with torch.device("meta"):
-            model = Transformer(CFG)
-        apply_pp(model, stage_layers(CFG.num_layers, dims.pp)[stage])
+            model = Transformer(cfg)
+        apply_pp(model, stage_layers(cfg.num_layers, dims.pp)[stage])
         return laid_out(
             model,
             ep_group=pm.ep_group,
@@ -69,15 +88,17 @@ def _meta_model(dims: ParallelDims, rank: int, *, sequence_parallel: bool = Fals
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_per_rank_parameters_are_the_expected_share(name):
+def test_per_rank_parameters_are_the_expected_share(name, config):
+    CFG = CONFIGS[config]
     dp, ep, tp, pp = LAYOUTS[name]
     dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
     full = count_params(CFG)
     stages = [count_params(CFG, dims, stage=s) for s in range(pp)]
     for rank in range(dims.world_size):
         expected = stages[dims.coords(rank)[MeshAxis.PP]]
-        model = _meta_model(dims, rank)
+        model = _meta_model(dims, rank, cfg=CFG)
         expert = sum(p.numel() for p in model.expert_parameters())
         sharded = sum(p.numel() for p in model.non_expert_parameters() if getattr(p, TP_SHARD, None) is not None)
         replicated = sum(p.numel() for p in model.non_expert_parameters() if getattr(p, TP_SHARD, None) is None)
@@ -85,15 +106,24 @@ def test_per_rank_parameters_are_the_expected_share(name):
     # The split itself: experts by EP (and layers by PP), the TP-sharded part by TP (vocab padded
     # to a multiple of tp), replicated norms and routers by layer.
     assert sum(s.expert for s in stages) * ep == full.expert
+    # A tied embedding is held by the first and the last stage (the lookup and the head).
+    tied_copy = CFG.vocab_size * CFG.hidden_size if CFG.tie_embeddings and pp > 1 else 0
     assert sum(s.replicated for s in stages) == full.replicated
     pad = (-CFG.vocab_size) % tp
-    assert sum(s.tp_sharded for s in stages) * tp == full.tp_sharded + 2 * pad * CFG.hidden_size
+    vocab_tensors = 1 if CFG.tie_embeddings else 2
+    assert sum(
+        s.tp_sharded for s in stages
+    ) * tp == full.tp_sharded + vocab_tensors * pad * CFG.hidden_size + tied_copy + (
+        pad * CFG.hidden_size if tied_copy else 0
+    )
 
 
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("sp", [False, True])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_param_specs_are_the_real_parameters_with_their_tags(name, sp):
+def test_param_specs_are_the_real_parameters_with_their_tags(name, sp, config):
     """Names, order, shapes and the three tags of every parameter, on the first rank of each stage."""
+    CFG = CONFIGS[config]
     dp, ep, tp, pp = LAYOUTS[name]
     dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
     for stage in range(pp):
@@ -106,7 +136,7 @@ def test_param_specs_are_the_real_parameters_with_their_tags(name, sp):
                 (getattr(p, TP_SHARD, None) or (None,))[0],
                 getattr(p, GRAD_GROUP, "data") == "data_tp",
             )
-            for n, p in _meta_model(dims, rank, sequence_parallel=sp).named_parameters()
+            for n, p in _meta_model(dims, rank, sequence_parallel=sp, cfg=CFG).named_parameters()
         ]
         specs = param_specs(CFG, dims, stage=stage, sequence_parallel=sp)
         assert [(s.name, s.shape, s.expert, s.tp_dim, s.data_tp) for s in specs] == real

@@ -93,6 +93,20 @@ def _with_sharding(run, mode: str):
 # Every preset, and the TP presets with sequence parallelism (its norms shard over dp x ep x tp).
 SP = "parallel.sequence_parallel=true"
 LAYOUT_CASES = [(p, ()) for p in PRESETS] + [(p, (SP,)) for p in ("tp2_ep2_dp2", "pp2_tp2_ep2")]
+# The released families' options (moemesh/interop/hf): their parameters sharded as training shards them.
+OPTIONS = (
+    "model.head_dim=48",
+    "model.qk_norm=full",
+    "model.qkv_bias=true",
+    "model.shared_expert_ffn_size=64",
+    "model.shared_expert_gate=true",
+    "model.tie_embeddings=true",
+    "model.rope_pairing=half",
+    "model.dense_layers=[1]",
+)
+# (Under pp2 without the dense layer: the test takes each category's max over ranks, which is the
+# busiest stage's only when one stage is the busiest in every category.)
+LAYOUT_CASES += [("ep2_dp2", OPTIONS), ("tp2_ep2_dp2", (*OPTIONS, SP)), ("pp2_tp2_ep2", OPTIONS[:-1])]
 
 
 def _planned(p) -> dict[str, dict[str, int]]:
@@ -506,16 +520,29 @@ def _saved_bytes(model: Transformer, tokens) -> dict[str, int]:
     return out
 
 
-def test_activation_estimate_matches_the_tensors_a_real_forward_saves():
+# The released families' options: qk-norm of either kind, a head dim of its own, q/k/v biases, a
+# gated shared expert, tied embeddings, RoPE on halves.
+ACT_OPTIONS = {
+    "base": {},
+    "qk_full_bias_gate_tied": dict(
+        qk_norm="full", qkv_bias=True, shared_expert_ffn_size=64, shared_expert_gate=True, tie_embeddings=True
+    ),
+    "qk_head_dim_half": dict(qk_norm="head", head_dim=48, rope_pairing="half"),
+}
+
+
+@pytest.mark.parametrize("options", ACT_OPTIONS)
+def test_activation_estimate_matches_the_tensors_a_real_forward_saves(options):
     """CPU, fp32, one process: per block and in all, against block_activations and activation_bytes."""
-    model = Transformer(ACT_CFG)
+    cfg = dataclasses.replace(ACT_CFG, **ACT_OPTIONS[options])
+    model = Transformer(cfg)
     model.init_weights(0)
-    saved = _saved_bytes(model, torch.randint(0, ACT_CFG.vocab_size, (ACT_B, ACT_S)))
+    saved = _saved_bytes(model, torch.randint(0, cfg.vocab_size, (ACT_B, ACT_S)))
     dims = ParallelDims()
     for name in model.layers:
-        planned = memory.block_activations(ACT_CFG, int(name), ACT_B * ACT_S, dims, False).total * 4
+        planned = memory.block_activations(cfg, int(name), ACT_B * ACT_S, dims, False).total * 4
         assert planned == pytest.approx(saved[name], rel=0.03), name
-    planned = memory.activation_bytes(ACT_CFG, range(2), ACT_B * ACT_S, dims, False, "none", 1, 4)
+    planned = memory.activation_bytes(cfg, range(2), ACT_B * ACT_S, dims, False, "none", 1, 4)
     assert planned == pytest.approx(sum(saved.values()), rel=0.03)
 
 

@@ -1,0 +1,1 @@
+"""Other frameworks' formats, in and out (``interop.hf``: Hugging Face checkpoints)."""

@@ -1,0 +1,362 @@
+"""A moemesh checkpoint (saved on any layout) as a Hugging Face model directory.
+
+The checkpoint is read as data (``parallel.checkpoint_trust``: checksums, weights-only
+metadata) and its tensors consolidated by DCP into one process, a layer at a time, each
+under its global key; each is written as the transformers tensor ``names`` maps it to, in the
+per-expert layout ``save_pretrained`` writes for the family, into safetensors files of at most
+``max_shard_bytes`` (with model.safetensors.index.json when there are several). config.json
+is written by transformers' config class for the family: the source's config (token ids,
+context length) with the model's shapes; the tokenizer files are copied from the source
+directory when it had them. A model trained with RoPE on interleaved pairs (moemesh's default)
+is written with q's and k's rows reordered for the halves transformers rotates
+(``moe.model.half_pairing_order``): the same function. What the family cannot express is
+refused in one line (a sigmoid router, a selection bias, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moemesh.errors import ConfigError
+from moemesh.fields import QKNorm, RopePairing, ScoreFunc
+from moemesh.interop.hf.families import MOE_FAMILIES, source_family
+from moemesh.interop.hf.files import INDEX, SINGLE, read_json, tokenizer_files
+from moemesh.interop.hf.names import MIXTRAL_LAYOUT, PROJ_LAYOUT, Ref, hf_ref, moemesh_keys
+from moemesh.moe.config import ModelConfig, head_dim, is_moe_layer
+from moemesh.moe.model import half_pairing_order
+
+MAX_META_BYTES = 64 << 20
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Carried from a dense source's config into its upcycled MoE's (a same-family export keeps all).
+_CARRIED = ("bos_token_id", "eos_token_id", "max_position_embeddings", "initializer_range", "use_cache")
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    family: str
+    tensors: int
+    bytes_written: int
+    files: int
+    seconds: float
+    tokenizer_files: int
+
+
+def infer_family(cfg: ModelConfig) -> str:
+    """The family a model trained from scratch is written as: the one whose options it uses."""
+    if cfg.qk_norm == QKNorm.full:
+        return "olmoe"
+    if cfg.qk_norm == QKNorm.head:
+        return "qwen3_moe"
+    all_moe = all(is_moe_layer(cfg, l) for l in range(cfg.num_layers))
+    if cfg.shared_expert_ffn_size or cfg.qkv_bias or not all_moe or not cfg.renormalize:
+        return "qwen2_moe"
+    return "mixtral"
+
+
+def _refuse(family: str, what: str) -> ConfigError:
+    return ConfigError(f"export as {family}: {what}, which transformers' {family} cannot express")
+
+
+def check_exportable(cfg: ModelConfig, family: str) -> None:
+    """One line if ``family`` cannot hold what ``cfg`` computes."""
+    all_moe = all(is_moe_layer(cfg, l) for l in range(cfg.num_layers))
+    norm = {"olmoe": QKNorm.full, "qwen3_moe": QKNorm.head}.get(family, QKNorm.none)
+    shared = bool(cfg.shared_expert_ffn_size)
+    own_head_dim = head_dim(cfg) * cfg.num_heads != cfg.hidden_size
+    problems = [
+        (cfg.score_func != ScoreFunc.softmax, f"model.score_func={cfg.score_func}"),
+        (cfg.expert_bias_update_rate > 0, "model.expert_bias_update_rate > 0 (a selection bias on the router)"),
+        (cfg.qk_norm != norm, f"model.qk_norm={cfg.qk_norm}"),
+        (cfg.qkv_bias and family != "qwen2_moe", "model.qkv_bias=true"),
+        (family in ("mixtral", "olmoe") and not all_moe, "dense layers among the MoE ones"),
+        (family != "qwen2_moe" and shared, "a shared expert"),
+        (family == "qwen2_moe" and shared != bool(cfg.shared_expert_gate), "a shared expert without its sigmoid gate"),
+        (family == "mixtral" and not cfg.renormalize, "model.renormalize=false"),
+        (family in ("olmoe", "qwen2_moe") and own_head_dim, f"model.head_dim={cfg.head_dim} (not hidden_size / heads)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise _refuse(family, what)
+
+
+def export_config(cfg: ModelConfig, family: str, origin: dict | None, dtype: str) -> Any:
+    """transformers' config object for ``family`` with the model's shapes (over the source's config)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base: dict = {}
+    if origin is not None:
+        base = dict(origin) if origin.get("model_type") == family else {k: origin[k] for k in _CARRIED if k in origin}
+    for key in ("auto_map", "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path"):
+        base.pop(key, None)
+    moe_layers = sum(1 for l in range(cfg.num_layers) if is_moe_layer(cfg, l))
+    fields: dict = {
+        "model_type": family,
+        "architectures": [ARCHITECTURES[family]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "num_experts_per_tok": cfg.top_k,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.pad_token_id,
+        "max_position_embeddings": base.get("max_position_embeddings", cfg.max_seq_len),
+        # moemesh's balance loss per layer is transformers' / top_k, which pools the layers.
+        "router_aux_loss_coef": cfg.aux_loss_factor * moe_layers / cfg.top_k,
+        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+    }
+    if family == "mixtral":
+        fields |= {"num_local_experts": cfg.num_experts, "intermediate_size": cfg.moe_ffn_hidden_size}
+        fields |= {"head_dim": head_dim(cfg), "sliding_window": None}
+    elif family == "olmoe":
+        fields |= {"num_experts": cfg.num_experts, "intermediate_size": cfg.moe_ffn_hidden_size}
+        fields |= {"norm_topk_prob": cfg.renormalize, "clip_qkv": None, "attention_bias": False}
+    else:
+        dense = sorted({l for l in range(cfg.num_layers) if (l + 1) % cfg.moe_every_k_layers == 0} - _moe_set(cfg))
+        fields |= {"num_experts": cfg.num_experts, "moe_intermediate_size": cfg.moe_ffn_hidden_size}
+        fields |= {"intermediate_size": cfg.ffn_hidden_size, "norm_topk_prob": cfg.renormalize}
+        fields |= {"decoder_sparse_step": cfg.moe_every_k_layers, "mlp_only_layers": dense}
+        fields |= {"use_sliding_window": False}
+        if family == "qwen2_moe":
+            fields |= {"shared_expert_intermediate_size": cfg.shared_expert_ffn_size, "qkv_bias": cfg.qkv_bias}
+        else:
+            fields |= {"head_dim": head_dim(cfg), "attention_bias": False}
+    base.pop("rope_theta", None)
+    base.pop("rope_scaling", None)
+    return CONFIG_MAPPING[family].from_dict({**base, **fields})
+
+
+def _moe_set(cfg: ModelConfig) -> set[int]:
+    return {l for l in range(cfg.num_layers) if is_moe_layer(cfg, l)}
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """meta.json of a moemesh checkpoint (bounded), its files checked against their checksums."""
+    from moemesh.parallel.checkpoint import CheckpointError
+    from moemesh.parallel.checkpoint_trust import METADATA, verify
+
+    meta = read_json(path / "meta.json", "checkpoint", MAX_META_BYTES)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"checkpoint {path}: meta.json has no files or model: not a moemesh checkpoint")
+    try:
+        for name in sorted(files):
+            if name != METADATA:
+                verify(path / name, files)
+        verify(path / METADATA, files)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint {path}: {err}") from None
+    return meta
+
+
+def _limits(cfg: ModelConfig, meta: dict):
+    """How large a training checkpoint of ``cfg`` may be (``checkpoint_trust.Limits``), stated
+    before its metadata is read: every parameter (each routed expert apart) and its two AdamW
+    moments in fp32, per-layer entries, the step, the RNG and the data position (64 allowed)."""
+    from moemesh.moe.param_count import param_specs
+    from moemesh.parallel.checkpoint_trust import Limits
+
+    specs = param_specs(cfg)
+    entries = sum(cfg.num_experts if s.expert else 1 for s in specs)
+    numel = sum(s.numel for s in specs)
+    world = meta.get("world")
+    if type(world) is not int or world < 1:
+        dims = [meta.get(k) for k in ("dp", "ep", "tp", "pp")]
+        world = 1
+        for d in dims:
+            world *= d if type(d) is int and d >= 1 else 1
+    return Limits(
+        keys=3 * entries + 2 * cfg.num_layers + 64,
+        world=world,
+        state_bytes=12 * numel + 4 * cfg.num_layers * cfg.num_experts + (1 << 20),
+    )
+
+
+def model_config(meta: dict, path: Path) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = meta["model"]
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise ConfigError(f"checkpoint {path}: meta.json's model has {unknown[0]}, which this moemesh does not know")
+    return ModelConfig(**saved)
+
+
+class _Shards:
+    """safetensors files of at most ``limit`` bytes, written as tensors arrive."""
+
+    def __init__(self, out: Path, limit: int):
+        self.out, self.limit = out, limit
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size, self.written = 0, 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.buffer and self.size + n > self.limit:
+            self.flush()
+        self.buffer[name] = t.contiguous()
+        self.size += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        tmp = self.out / f".part-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(tmp), metadata={"format": "pt"})
+        self.files.append((tmp, list(self.buffer)))
+        self.written += self.size
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> int:
+        import json
+
+        self.flush()
+        n = len(self.files)
+        for i, (tmp, names) in enumerate(self.files):
+            final = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.rename(self.out / final)
+            self.weight_map |= {name: final for name in names}
+        if n > 1:
+            index = {"metadata": {"total_size": self.written}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.out / INDEX).write_text(json.dumps(index, indent=2))
+        return n
+
+
+def _rope_rows(cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
+    """q's and k's rows (and their biases, qk-norm weights) reordered for RoPE on halves."""
+    Dh = head_dim(cfg)
+    order = torch.tensor(half_pairing_order(Dh))
+    if key.endswith(("attn.wq.weight", "attn.wk.weight", "qkv_bias.q", "qkv_bias.k")) or (
+        key.endswith(("q_norm.weight", "k_norm.weight"))
+    ):
+        heads = t.shape[0] // Dh
+        rows = (torch.arange(heads)[:, None] * Dh + order).flatten()
+        return t[rows]
+    return t
+
+
+def _groups(cfg: ModelConfig) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The model's tensors a layer at a time (top-level ones first and last)."""
+    keys = moemesh_keys(cfg)
+    by_layer: dict[int, list] = {}
+    top: list = []
+    for key, shape in keys:
+        if key.startswith("layers."):
+            by_layer.setdefault(int(key.split(".")[1]), []).append((key, shape))
+        else:
+            top.append((key, shape))
+    return [top] + [by_layer[l] for l in sorted(by_layer)]
+
+
+def _zero_shared(cfg: ModelConfig, family: str) -> dict[str, tuple[int, ...]]:
+    """transformers' Qwen2-MoE always has a gated shared expert: an empty one where moemesh has none."""
+    if family != "qwen2_moe" or cfg.shared_expert_ffn_size:
+        return {}
+    D = cfg.hidden_size
+    out: dict[str, tuple[int, ...]] = {}
+    for l in sorted(_moe_set(cfg)):
+        p = f"model.layers.{l}.mlp.shared_expert"
+        out |= {f"{p}.gate_proj.weight": (0, D), f"{p}.up_proj.weight": (0, D), f"{p}.down_proj.weight": (D, 0)}
+        out[f"model.layers.{l}.mlp.shared_expert_gate.weight"] = (1, D)
+    return out
+
+
+def export_checkpoint(
+    path: Path,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    tokenizer: Path | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> ExportStats:
+    """Write the checkpoint at ``path`` as a transformers model directory ``out`` (new or empty)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from moemesh.parallel.checkpoint import CheckpointError
+    from moemesh.parallel.checkpoint_trust import Planner, Reader, check_sizes, read_metadata
+
+    t0 = time.perf_counter()
+    meta = read_checkpoint_meta(path)
+    cfg = model_config(meta, path)
+    origin = meta.get("hf") if isinstance(meta.get("hf"), dict) else None
+    source = origin.get("config") if origin and isinstance(origin.get("config"), dict) else None
+    family = (
+        source_family(source)
+        if source and source.get("model_type") in (*MOE_FAMILIES, "llama", "qwen2", "qwen3")
+        else infer_family(cfg)
+    )
+    check_exportable(cfg, family)
+    if dtype == "auto":
+        dtype = _CONFIG_DTYPES.get(str((source or {}).get("dtype") or (source or {}).get("torch_dtype")), "fp32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype} is not one of auto, {', '.join(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out={out}: exists and is not an empty directory")
+    hf_config = export_config(cfg, family, source, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    files = meta["files"]
+    try:
+        limits = _limits(cfg, meta)
+        check_sizes(path, files, limits)
+        metadata = read_metadata(path, limits, files)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint {path}: {err}") from None
+    stored = metadata.state_dict_metadata
+    layout = MIXTRAL_LAYOUT if family == "mixtral" else PROJ_LAYOUT
+    shards = _Shards(out, max_shard_bytes)
+    n = 0
+    for group in _groups(cfg):
+        state = {}
+        for key, _ in group:
+            entry = stored.get(f"model.{key}")
+            if not isinstance(entry, TensorStorageMetadata):
+                raise ConfigError(f"checkpoint {path}: no tensor model.{key} (saved by another model?)")
+            state[f"model.{key}"] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        with warnings.catch_warnings():  # DCP's note that it assumes one process: it is one
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, storage_reader=Reader(path, metadata, files), planner=Planner(path))
+        for key, shape in group:
+            t = state.pop(f"model.{key}")[: shape[0]]  # the vocabulary without TP's padding
+            if cfg.rope_pairing == RopePairing.interleaved:
+                t = _rope_rows(cfg, key, t)
+            ref = hf_ref(cfg, key, layout)
+            assert isinstance(ref, Ref) and ref.rows is None and ref.expert is None, (key, ref)
+            t = t.to(DTYPES[dtype])  # cast while contiguous, then transpose the (smaller) result
+            shards.add(ref.name, t.t().contiguous() if ref.transpose else t)
+            n += 1
+    for name, shape in _zero_shared(cfg, family).items():
+        shards.add(name, torch.zeros(shape, dtype=DTYPES[dtype]))
+    files = shards.finish()
+    hf_config.save_pretrained(str(out))
+    copied = _copy_tokenizer(tokenizer or (Path(origin["source"]) if origin and origin.get("source") else None), out)
+    return ExportStats(family, n, shards.written, files, time.perf_counter() - t0, copied)
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> int:
+    if source is None or not source.is_dir():
+        return 0
+    found = tokenizer_files(source)
+    for f in found:
+        shutil.copyfile(f, out / f.name)
+    return len(found)

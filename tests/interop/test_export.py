@@ -1,0 +1,236 @@
+"""Export: a moemesh checkpoint, saved on any layout, as a directory transformers loads.
+
+Import then export gives bitwise the source's tensors (fp32 and bf16 sources); a model moemesh
+trained from scratch (RoPE on interleaved pairs) or upcycled is written as the family that holds
+its options and computes the same logits in transformers; a checkpoint trained on ep2_dp2 or on
+tp2_ep2 under zero3 exports to the logits moemesh computes after resuming it on one process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.mesh import single_rank_mesh
+from moemesh.trainer.data import prepare_data
+from moemesh.trainer.loop import build_training
+from scripts import export_hf
+from tests.dist_utils import run_on_ranks
+from tests.helpers import cpu_context, tiny_run, train_rank
+from tests.interop._hf_models import FAMILIES, hf_run, load_hf, save_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _saved_at_step_0(run, root: Path, x: torch.Tensor | None = None):
+    """The run built (an import reads its checkpoint) and saved before any step; with ``x``,
+    also moemesh's logits of it."""
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    (root / "run").mkdir(parents=True)
+    state = build_training(run, cpu_context(0, single_rank_mesh(), root / "run", paths))
+    try:
+        if x is None:
+            return state.ckpt.save(0)
+        with torch.no_grad():
+            logits = state.model(x, return_logits=True).logits
+        return state.ckpt.save(0), logits
+    finally:
+        state.data.close()
+
+
+def _logits(run, checkpoint: Path, x: torch.Tensor, root: Path) -> torch.Tensor:
+    """moemesh's logits of ``x`` after resuming ``checkpoint`` on one process."""
+    import dataclasses
+
+    run = dataclasses.replace(run, resume=str(checkpoint), parallel=dataclasses.replace(run.parallel, name="single"))
+    run = dataclasses.replace(
+        run,
+        parallel=dataclasses.replace(
+            run.parallel,
+            data_parallel_size=1,
+            expert_parallel_size=1,
+            tensor_parallel_size=1,
+            pipeline_parallel_size=1,
+            sharding="none",
+            sequence_parallel=False,
+        ),
+    )
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    root.mkdir(parents=True)
+    state = build_training(run, cpu_context(0, single_rank_mesh(), root, paths))
+    try:
+        with torch.no_grad():
+            return state.model(x, return_logits=True).logits
+    finally:
+        state.data.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_then_export_gives_the_sources_tensors_bitwise(tmp_path, family):
+    src = save_tiny(family, tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    ckpt = _saved_at_step_0(hf_run(src), tmp_path)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(load_hf(tmp_path / "out")(x).logits, load_hf(src)(x).logits)
+
+
+def test_a_bf16_source_round_trips_bitwise_and_shards_like_save_pretrained(tmp_path):
+    """bf16 weights are held as fp32 (exact) and written back as bf16; small files get an index."""
+    src = save_tiny("qwen3_moe", tmp_path / "src", dtype=torch.bfloat16)
+    ckpt = _saved_at_step_0(hf_run(src), tmp_path)
+    out = tmp_path / "out"
+    assert export_hf.main([str(ckpt), "--out", str(out), "--max-shard-gb", "0.00005"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    b = {k: v for f in files for k, v in load_file(out / f).items()}
+    a = load_file(src / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(load_hf(out, torch.bfloat16)(x).logits, load_hf(src, torch.bfloat16)(x).logits)
+
+
+SCRATCH = {  # a model moemesh initialised (RoPE on interleaved pairs), and the family it becomes
+    "mixtral": {},
+    "qwen3_moe": {"model.qk_norm": "head", "model.head_dim": 24, "model.tie_embeddings": True},
+    "olmoe": {"model.qk_norm": "full", "model.renormalize": False},
+    "qwen2_moe": {
+        "model.qkv_bias": True,
+        "model.shared_expert_ffn_size": 16,
+        "model.shared_expert_gate": True,
+        "model.first_k_dense_layers": 1,
+        "model.num_layers": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("family", SCRATCH)
+def test_a_model_trained_from_scratch_exports_to_the_same_logits(tmp_path, family):
+    run = tiny_run(
+        **{
+            "model.vocab_size": 96,
+            "model.num_experts": 4,
+            "model.max_seq_len": 32,
+            "model.pad_token_id": 0,
+            **SCRATCH[family],
+        }
+    )
+    x = torch.randint(0, 96, (2, 16))
+    ckpt, want = _saved_at_step_0(run, tmp_path, x)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == family and config["dtype"] == "float32"
+    with torch.no_grad():
+        got = load_hf(tmp_path / "out")(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+# transformers' Qwen2-MoE always builds a shared expert: the upcycled Qwen2 gets an empty one.
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize(("dense", "family"), [("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")])
+def test_an_upcycled_model_exports_as_its_moe_family(tmp_path, dense, family):
+    src = save_tiny(dense, tmp_path / "src")
+    run = hf_run(src, **{"model.upcycle.num_experts": 4, "model.upcycle.top_k": 2})
+    ckpt = _saved_at_step_0(run, tmp_path)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == family
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():  # at step 0 it is still the dense model
+        torch.testing.assert_close(load_hf(tmp_path / "out")(x).logits, load_hf(src)(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setup", "says"),
+    [
+        ("sigmoid", "export as mixtral: model.score_func=sigmoid, which transformers' mixtral cannot express"),
+        ("not_empty", "exists and is not an empty directory"),
+        ("nothing", "no complete checkpoint"),
+    ],
+)
+def test_export_mistakes_are_one_line_exit_2(tmp_path, capsys, setup, says):
+    run = tiny_run(**({"model.score_func": "sigmoid"} if setup == "sigmoid" else {}))
+    ckpt = _saved_at_step_0(run, tmp_path) if setup != "nothing" else tmp_path
+    out = tmp_path / "out"
+    if setup == "not_empty":
+        out.mkdir()
+        (out / "x").write_text("x")
+    assert export_hf.main([str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+
+
+# Trained on these layouts, then exported: (dp, ep, tp, pp, sharding)
+TRAINED = {"ep2_dp2": ("qwen2_moe", (2, 2, 1, 1, "none")), "tp2_ep2": ("olmoe", (1, 2, 2, 1, "zero3"))}
+
+
+def _run(src, name, dp, ep, tp, pp, sharding):
+    return hf_run(
+        src,
+        **{
+            "parallel.name": name,
+            "parallel.data_parallel_size": dp,
+            "parallel.expert_parallel_size": ep,
+            "parallel.tensor_parallel_size": tp,
+            "parallel.pipeline_parallel_size": pp,
+            "parallel.sharding": sharding,
+            "trainer.steps": 3,
+            "trainer.lr": 1e-2,
+            "checkpoint.save_final": True,
+        },
+    )
+
+
+def _train_worker(rank, world, root, paths):
+    for name, (family, spec) in TRAINED.items():
+        out = Path(root) / name
+        out.mkdir(exist_ok=True)
+        train_rank(_run(Path(root) / family, name, *spec), rank, ParallelDims(*spec[:4]), out, paths)
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_layout_exports_to_what_moemesh_computes(tmp_path):
+    """3 steps on ep2_dp2 (Qwen2-MoE) and on tp2_ep2 under zero3 (OLMoE), 4 ranks; each checkpoint
+    resumes on one process and exports; transformers' logits of the export equal moemesh's."""
+    for family, _ in TRAINED.values():
+        save_tiny(family, tmp_path / family)
+    run0 = _run(tmp_path / "qwen2_moe", "ep2_dp2", 2, 2, 1, 1, "none")
+    paths = prepare_data(run0.data, seq_len=run0.trainer.seq_len, vocab_size=run0.model.vocab_size)
+    run_on_ranks(_train_worker, 4, str(tmp_path), paths)
+    x = torch.randint(0, 96, (2, 16))
+    for name, (family, spec) in TRAINED.items():
+        ckpt_root = tmp_path / name / "checkpoints"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "export_hf.py"),
+                str(ckpt_root),
+                "--out",
+                str(tmp_path / f"{name}_hf"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"as {family}" in proc.stdout
+        want = _logits(_run(tmp_path / family, name, *spec), ckpt_root / "step_000003", x, tmp_path / f"{name}_single")
+        with torch.no_grad():
+            got = load_hf(tmp_path / f"{name}_hf")(x).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        before = load_hf(tmp_path / family)(x).logits
+        assert not torch.allclose(got, before, atol=1e-4)  # it trained

@@ -1,0 +1,167 @@
+"""What an import refuses, each in one line before anything starts (exit 2): pickle weights,
+code the checkpoint asks to run, an architecture moemesh cannot build or whose shape key is
+missing, a tensor missing or of the wrong shape, an override of the checkpoint's architecture,
+oversized or non-regular files. Nothing from the checkpoint directory is ever executed."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.interop._hf_models import save_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return save_tiny("mixtral", tmp_path_factory.mktemp("hf") / "mixtral")
+
+
+def _copy(good: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in good.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _drop_tensor(d: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickled(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02 not unpickled")
+
+
+def _huge_header(d: Path) -> None:
+    with open(d / "model.safetensors", "r+b") as f:
+        f.write(struct.pack("<Q", 1 << 40))
+
+
+def _fifo_config(d: Path) -> None:
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+
+
+REMOTE = {"model_type": "evil_moe", "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
+# (how to break the good checkpoint, extra overrides, what the one line says)
+CASES = {
+    "pickle": (_pickled, [], "its weights are pickle files (pytorch_model.bin), which can run code when loaded"),
+    "remote_code": (lambda d: _edit_config(d, **REMOTE), [], "asks for trust_remote_code: moemesh never runs code"),
+    "unsupported": (
+        lambda d: _edit_config(d, model_type="deepseek_v3"),
+        [],
+        "model_type='deepseek_v3' is not supported",
+    ),
+    "missing_key": (lambda d: _edit_config(d, num_experts_per_tok=None), [], "has no num_experts_per_tok, so moemesh"),
+    "no_model_type": (lambda d: _edit_config(d, model_type=None), [], "has no model_type"),
+    "activation": (lambda d: _edit_config(d, hidden_act="gelu"), [], "hidden_act='gelu' is not supported"),
+    "rope_scaling": (
+        lambda d: _edit_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+        [],
+        "rope_parameters.rope_type='linear' is not supported",
+    ),
+    "window": (lambda d: _edit_config(d, sliding_window=8), [], "sliding_window=8 is not supported"),
+    "shape": (
+        lambda d: _edit_config(d, intermediate_size=40),
+        [],
+        "tensor model.layers.0.block_sparse_moe.experts.0.w1.weight is [48, 32] in model.safetensors, "
+        "but config.json's shapes need [40, 32]",
+    ),
+    "missing_tensor": (
+        lambda d: _drop_tensor(d, "model.layers.1.self_attn.k_proj.weight"),
+        [],
+        "the checkpoint has no tensor model.layers.1.self_attn.k_proj.weight (moemesh's layers.1.attn.wk.weight",
+    ),
+    "huge_config": (
+        lambda d: (d / "config.json").write_text(" " * (2 << 20) + "{}"),
+        [],
+        "is 2,097,154 bytes, more than the 1,048,576 allowed",
+    ),
+    "huge_header": (_huge_header, [], "a safetensors header of 1,099,511,627,776 bytes"),
+    "fifo": (_fifo_config, [], "config.json is not a regular file"),
+    "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
+    "no_path": (lambda d: None, ["model.hf_path=???"], "model.hf_path: missing a value"),
+    "dense_not_upcycled": (
+        lambda d: _edit_config(d, model_type="llama"),
+        [],
+        "a dense llama model; set model.upcycle.num_experts",
+    ),
+    "not_a_dir": (
+        lambda d: None,
+        ["model.hf_path=/nonexistent/ckpt"],
+        "model.hf_path=/nonexistent/ckpt: not a directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_starts(case, good, tmp_path, monkeypatch, capsys):
+    import train
+
+    breaker, extra, needle = CASES[case]
+    d = _copy(good, tmp_path / "ckpt")
+    breaker(d)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["train.py", "model=hf", f"model.hf_path={d}", "trainer.seq_len=16", *extra])
+    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{case} passed the checks and would have run"))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
+    assert needle in lines[0] and "resolving interpolation" not in lines[0], lines[0]
+    assert list(work.iterdir()) == []
+
+
+def test_code_in_the_checkpoint_directory_is_never_run(good, tmp_path):
+    """A supported model_type whose config also names remote code, and a modeling file that would
+    leave a mark if imported: the import reads transformers' own config class and the weights."""
+    from moemesh.parallel.mesh import single_rank_mesh
+    from tests.interop._hf_models import hf_run
+    from tests.interop._layouts import check_layout
+
+    d = _copy(good, tmp_path / "ckpt")
+    mark = tmp_path / "ran"
+    (d / "modeling_evil.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    (d / "configuration_evil.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    _edit_config(d, auto_map={"AutoConfig": "configuration_evil.C", "AutoModelForCausalLM": "modeling_evil.M"})
+    check_layout(hf_run(d), 0, single_rank_mesh(), tmp_path / "run", hf_dir=good)
+    assert not mark.exists()
+
+
+@pytest.mark.slow
+def test_as_a_shell_sees_it(good, tmp_path):
+    d = _copy(good, tmp_path / "ckpt")
+    _pickled(d)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model=hf", f"model.hf_path={d}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "pickle files" in lines[0], proc.stderr
