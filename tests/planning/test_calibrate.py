@@ -2,6 +2,7 @@
 own model generates (with noise), stays put when a layout is left out, keeps the prior for what no
 layout exercises; the planner prices its steps with the calibrated constants and says which it used."""
 
+import copy
 import dataclasses
 import random
 import re
@@ -18,6 +19,28 @@ from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning import cost as plan  # noqa: E402
 
 ARGS = cal.PlannerOptions()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _each_job_composed_once():
+    """calibrate.py composes every job of a sweep (about 0.1 s each); the tests here load the same
+    sweeps' jobs again and again. Each override list is composed once, and each caller gets a copy."""
+    from scripts import calibrate
+
+    composed: dict[tuple[str, ...], object] = {}
+
+    def compose_once(overrides):
+        key = tuple(overrides)
+        if key not in composed:
+            composed[key] = compose_run(list(key))
+        return copy.deepcopy(composed[key])
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(calibrate, "compose_run", compose_once)
+    yield
+    patch.undo()
+
+
 # Magnitudes like this 2-core CPU's under gloo (scripts/calibrate.py on a real sweep): GFLOP/s,
 # sub-GB/s collectives with latencies of hundreds of microseconds.
 TRUE = cal.Constants(
