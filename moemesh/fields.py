@@ -148,6 +148,16 @@ class Sharding(enum.StrEnum):
     zero3 = "zero3"
 
 
+class SharedExpertOverlap(enum.StrEnum):
+    """parallel.comm_optimization.shared_expert_overlap (moe/overlap.py), with all_to_all_overlap on:
+    the shared expert runs while the first dispatch is in flight (dispatch), while the last
+    combine is (combine), or after the combine (none)."""
+
+    none = "none"
+    dispatch = "dispatch"
+    combine = "combine"
+
+
 # parallel.pipeline_schedule (parallel/pipeline.py: torch.distributed.pipelining's schedules): one
 # stage per rank (gpipe, 1f1b), several (interleaved_1f1b, interleaved_zero_bubble), two placed in a
 # V (zbv, dualpipev); the zero-bubble ones split each backward into input and weight gradients.

@@ -79,6 +79,10 @@ CASES = [
     (["kernels.backend=cuda"], "kernels.backend='cuda' is not one of auto, triton, torch"),
     (["trainer.on_nonfinite=maybe"], "trainer.on_nonfinite='maybe' is not one of stop, skip"),
     (["parallel.comm_optimization.overlap_chunks=0"], "parallel.comm_optimization.overlap_chunks=0 must be >= 1"),
+    (
+        ["parallel.comm_optimization.shared_expert_overlap=last"],
+        "parallel.comm_optimization.shared_expert_overlap='last' is not one of none, dispatch, combine",
+    ),
     (["parallel.pipeline_split=[1,3]"], "needs parallel.pipeline_parallel_size > 1"),
     (["cluster=torchrun"], "cluster.launcher=torchrun but this process has no torchrun environment"),
     (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no complete checkpoint there"),

@@ -37,6 +37,7 @@ from moemesh.fields import (
     PipelineSchedule,
     Recompute,
     Sharding,
+    SharedExpertOverlap,
 )
 from moemesh.moe.config import ModelConfig
 from moemesh.parallel.dims import ParallelDims
@@ -48,8 +49,12 @@ class CommOptimizationConfig:
     # The seed's flag: pipeline each MoE layer's All-to-All with the expert compute.
     all_to_all_overlap: bool = False
     overlap_chunks: int = 2  # token chunks per MoE layer when overlapping
+    # With the overlap on, the exchange the shared expert hides: the last chunk's combine
+    # (combine), the first chunk's dispatch (dispatch), or none (computed after the combine).
+    shared_expert_overlap: SharedExpertOverlap = SharedExpertOverlap.combine
 
     def __post_init__(self) -> None:
+        fields.choice(self, "parallel.comm_optimization.", "shared_expert_overlap", SharedExpertOverlap)
         if self.overlap_chunks < 1:
             raise ConfigError(f"parallel.comm_optimization.overlap_chunks={self.overlap_chunks} must be >= 1")
 

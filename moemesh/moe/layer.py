@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moemesh.fields import SharedExpertOverlap
 from moemesh.kernels import KernelOps
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.dispatcher import AllToAllDispatcher
@@ -165,6 +166,7 @@ class MoELayer(nn.Module):
         self.stats_group = None
         self.tp_group, self.sp, self.tp = None, False, 1
         self.overlap_chunks = 0  # All-to-All overlap: chunks pipelined with the experts; 0: off
+        self.shared_overlap = SharedExpertOverlap.combine  # with it on, the exchange the shared expert hides
         self.by_rank = False  # dispatch once per (token, EP rank): limit_routing
         self.router = Router(
             hidden_size=cfg.hidden_size,
@@ -187,15 +189,23 @@ class MoELayer(nn.Module):
         # TP peers route different token slices, so these gradients are partial over tp.
         setattr(self.router.weight_ED, GRAD_GROUP, "data_tp")
 
-    def shard_experts(self, ep_group, *, overlap_chunks: int = 0) -> None:
+    def shard_experts(
+        self,
+        ep_group,
+        *,
+        overlap_chunks: int = 0,
+        shared_overlap: SharedExpertOverlap = SharedExpertOverlap.combine,
+    ) -> None:
         """Expert parallelism: keep this EP rank's experts; route over ``ep_group``; with
-        ``overlap_chunks`` > 0 pipeline the All-to-All with the experts in that many chunks."""
+        ``overlap_chunks`` > 0 pipeline the All-to-All with the experts in that many chunks, and
+        run the shared expert while the exchange ``shared_overlap`` names is in flight."""
         n = group_size(ep_group)
         if n == 1:
             return
         self.experts.shard(dist.get_rank(ep_group), n)
         self.dispatcher.set_group(ep_group)
         self.overlap_chunks = overlap_chunks
+        self.shared_overlap = SharedExpertOverlap(shared_overlap)
 
     def limit_routing(self, n_groups: int, topk_groups: int, *, by_rank: bool) -> None:
         """Layout-keyed routing limit: each token's experts in at most ``topk_groups`` of
@@ -262,7 +272,7 @@ class MoELayer(nn.Module):
     @torch.compiler.disable
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
         """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert
-        runs while the first rows are in flight: returns (out_TD, shared_TD or None)."""
+        runs while an exchange is in flight (``shared_overlap``): returns (out_TD, shared_TD or None)."""
         rows_TD = x_TD.to(routed_dtype(x_TD))
         if self.by_rank and self.dispatcher.ep_size > 1 and not self.overlap_chunks:
             out_TD = routed_by_rank(self.dispatcher, rows_TD, topk_ids_TK, topk_weights_TK, self.experts)
@@ -276,6 +286,7 @@ class MoELayer(nn.Module):
                 self.experts,
                 chunks=self.overlap_chunks,
                 shared=shared,
+                shared_at=self.shared_overlap,
             )
             return out_TD.to(x_TD.dtype), shared_TD
         rows_MD, meta = self.dispatcher.dispatch(rows_TD, topk_ids_TK)

@@ -5,13 +5,18 @@ Shape letters: T tokens, D model dim, K top-k, N routed rows, M received rows, R
 The tokens are cut into ``chunks`` contiguous chunks. All chunks' per-expert counts go
 in one small exchange; then every chunk's rows are sent with an asynchronous
 All-to-All, and the experts compute chunk i while the rows of chunks i+1.. are still
-in flight (and the shared expert runs while the first dispatch is in flight). Each
-chunk's combine is sent back asynchronously as soon as its experts finish.
+in flight. Each chunk's combine is sent back asynchronously as soon as its experts
+finish. The shared expert (``shared_at``) runs after the last chunk's combine is launched,
+while it is in flight ("combine"), or after the first dispatches are launched ("dispatch"):
+either way it hides an exchange that no routed compute covers (the last combine has
+nothing after it, the first dispatch nothing before it). With one chunk this is the plain
+path with the shared expert overlapped, bitwise the same numbers.
 
 Backward overlaps too, through the autograd engine: an exchange is two autograd
 nodes, ``_Start`` (launch) and ``_Wait``. In backward, ``_Wait`` launches the reverse
 exchange and ``_Start`` waits for it; the engine runs ready nodes created later
-first, so the expert backward of the next chunk runs between them.
+first, so the expert backward of the next chunk runs between them; the shared expert's
+backward, created between an exchange's two nodes, runs between them too.
 
 Same math: every row meets the same expert weights as without chunking; only the
 order of additions into the expert weight gradients changes (by chunk), so results
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moemesh.fields import SharedExpertOverlap
 from moemesh.parallel.comm import replayable
 
 
@@ -110,11 +116,22 @@ def _exchange_start(x, in_splits, out_splits, group, meter, kind):
     return _Start.apply(x, h), h
 
 
-def overlapped_moe(dispatcher, x_TD, topk_ids_TK, topk_weights_TK, experts, *, chunks: int, shared=None):
+def overlapped_moe(
+    dispatcher,
+    x_TD,
+    topk_ids_TK,
+    topk_weights_TK,
+    experts,
+    *,
+    chunks: int,
+    shared=None,
+    shared_at: SharedExpertOverlap = SharedExpertOverlap.combine,
+):
     """The dispatcher's dispatch -> experts -> combine, chunked and overlapped.
 
     ``experts(rows, tokens_per_expert)`` computes the local experts; ``shared()`` (optional)
-    the shared expert's output for all T tokens. Returns (out_TD, shared_out or None).
+    the shared expert's output for all T tokens, run while the exchange ``shared_at`` names
+    is in flight ("none": not run here). Returns (out_TD, shared_out or None).
     """
     d = dispatcher
     T = x_TD.shape[0]
@@ -134,13 +151,18 @@ def overlapped_moe(dispatcher, x_TD, topk_ids_TK, topk_weights_TK, experts, *, c
         send, recv = counts_Re.sum(1).tolist(), recv_Re.sum(1).tolist()  # host sync: split sizes
         buf, h = _exchange_start(rows, send, recv, d.ep_group, d.meter, "dispatch")
         launched.append((buf, h, recv_Re, send, recv))
-    shared_out = shared() if shared is not None else None  # while the dispatches are in flight
+    run_shared = shared if shared_at != SharedExpertOverlap.none else None
+    shared_out = None
+    if run_shared is not None and shared_at == SharedExpertOverlap.dispatch:
+        shared_out = run_shared()  # while the dispatches are in flight
     combines = []
     for buf, h, recv_Re, send, recv in launched:
         received = _Wait.apply(buf, h)
         y = experts(d.to_expert_major(received, recv_Re), recv_Re.sum(0))
         back, hc = _exchange_start(d.to_rank_major(y, recv_Re), recv, send, d.ep_group, d.meter, "combine")
         combines.append((back, hc))
+    if run_shared is not None and shared_at == SharedExpertOverlap.combine:
+        shared_out = run_shared()  # while the last combine (and any other unwaited one) is in flight
     outs = [
         d.unpermute(_Wait.apply(back, hc), row_map, topk_weights_TK[lo:hi])
         for (lo, hi), (_, row_map, _), (back, hc) in zip(spans, permuted, combines)

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan, routing_groups
-from moemesh.fields import Compile, Dtype, LoadBalanceScope, Sharding
+from moemesh.fields import Compile, Dtype, LoadBalanceScope, Sharding, SharedExpertOverlap
 from moemesh.kernels import KernelOps, get_ops
 from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.layer import MoELayer
@@ -76,12 +76,18 @@ def apply_tp(model: nn.Module, tp_group, *, sequence_parallel: bool = False) -> 
         moe.shard_tokens(tp_group, sequence_parallel=sequence_parallel)
 
 
-def apply_ep(model: nn.Module, ep_group, *, overlap_chunks: int = 0) -> None:
+def apply_ep(
+    model: nn.Module,
+    ep_group,
+    *,
+    overlap_chunks: int = 0,
+    shared_overlap: SharedExpertOverlap = SharedExpertOverlap.combine,
+) -> None:
     """Expert parallelism over ``ep_group``: each MoE layer keeps this EP rank's run of
     experts and routes over the group; ``overlap_chunks`` > 0 pipelines the All-to-All with
-    the experts (``moe.overlap``)."""
+    the experts (``moe.overlap``), the shared expert hiding the exchange ``shared_overlap`` names."""
     for moe in _moe_layers(model):
-        moe.shard_experts(ep_group, overlap_chunks=overlap_chunks)
+        moe.shard_experts(ep_group, overlap_chunks=overlap_chunks, shared_overlap=shared_overlap)
 
 
 def apply_routing_limit(model: nn.Module, groups: tuple[int, int] | None) -> None:
@@ -195,7 +201,12 @@ def build_model(
         model = Transformer(run.model)
     apply_pp(model, stage_layer_ids(run, mesh))
     apply_tp(model, mesh.tp_group, sequence_parallel=run.parallel.sequence_parallel)
-    apply_ep(model, mesh.ep_group, overlap_chunks=comm.overlap_chunks if comm.all_to_all_overlap else 0)
+    apply_ep(
+        model,
+        mesh.ep_group,
+        overlap_chunks=comm.overlap_chunks if comm.all_to_all_overlap else 0,
+        shared_overlap=comm.shared_expert_overlap,
+    )
     apply_routing_limit(model, routing_groups(run, mesh.dims))
     apply_load_balance_group(
         model, mesh.data_tp_group if run.model.load_balance_scope == LoadBalanceScope["global"] else None

@@ -8,11 +8,16 @@ rows). So the forward output differs too, by rounding only. The bound below is w
 rounding allows: each of the three chained GEMMs (w1/w3, w2, the combine's weighted sum)
 of inner length n may move a result by n*u relative to the magnitude it sums (u = 2**-24,
 fp32), twice (two orders): 2*3*n*u of the output's scale, element by element.
+
+The shared expert runs while the first dispatch, or the last combine, is in flight, or after
+the combine (``shared_expert_overlap``): each placement gives the plain path's numbers, and a
+hook on the shared expert checks from the meter which exchanges had been waited for when it ran.
 """
 
 import pytest
 import torch
 
+from moemesh.fields import SharedExpertOverlap
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.layer import MoELayer
 from moemesh.parallel.comm import CommMeter
@@ -37,12 +42,26 @@ def _close_in_norm(a, b, name, tol):
     assert float((a - b).norm()) <= tol * float(b.norm()) + 1e-12, (name, float((a - b).norm()), float(b.norm()))
 
 
-def _pair(cfg, pm, chunks):
+PLACEMENTS = tuple(SharedExpertOverlap)
+
+
+def _waited_when_shared_ran(layer, seen):
+    """Record, as the shared expert starts, whether any dispatch / combine wait had run."""
+    meter = layer.dispatcher.meter
+
+    def before(mod, args):
+        seen.append((meter.seconds["dispatch"] > 0, meter.seconds["combine"] > 0))
+
+    layer.shared.register_forward_pre_hook(before)
+
+
+def _layers(cfg, pm, chunks):
+    """The plain path, then the overlapped one with the shared expert at each placement."""
     layers = []
-    for n in (0, chunks):
+    for n, at in ((0, SharedExpertOverlap.combine), *((chunks, at) for at in PLACEMENTS)):
         torch.manual_seed(0)
         layer = MoELayer(cfg=cfg)
-        apply_ep(layer, pm.ep_group, overlap_chunks=n)
+        apply_ep(layer, pm.ep_group, overlap_chunks=n, shared_overlap=at)
         apply_load_balance_group(layer, pm.ep_group)
         apply_instrumentation(layer, CommMeter())
         with torch.no_grad():
@@ -64,23 +83,32 @@ def _check(rank, world, ep, chunks, capacity):
         capacity_factor=capacity,
         aux_loss_factor=1.0,
     )
-    plain, overlapped = _pair(cfg, pm, chunks)
+    plain, *overlapped = _layers(cfg, pm, chunks)
     x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(rank))
     g = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(100 + rank))
-    results = []
-    for layer in (plain, overlapped):
+    results, seen = [], []
+    for layer in overlapped:
+        _waited_when_shared_ran(layer, seen)
+    for layer in (plain, *overlapped):
         xi = x.clone().requires_grad_()
         out, st = layer(xi)
         (out * g).sum().backward()  # and the layer's weighted balance losses, attached to out
         results.append((out, xi.grad, {n: p.grad for n, p in layer.named_parameters()}, layer.dispatcher.meter))
-    (o0, x0, g0, m0), (o1, x1, g1, m1) = results
-    if chunks == 1:  # the same reductions in the same order: bitwise
+    # (dispatch waited, combine waited) as the shared expert started, per placement.
+    assert seen == [(True, True), (False, False), (True, False)], (PLACEMENTS, seen)
+    for at, result in zip(PLACEMENTS, results[1:]):
+        _equal_to_plain(results[0], result, cfg, (ep, chunks, capacity, at))
+
+
+def _equal_to_plain(plain, overlapped, cfg, case):
+    (o0, x0, g0, m0), (o1, x1, g1, m1) = plain, overlapped
+    if case[1] == 1:  # one chunk: the same reductions in the same order: bitwise
         assert torch.equal(o1, o0) and torch.equal(x1, x0)
         assert all(torch.equal(g1[n], g0[n]) for n in g0), [n for n in g0 if not torch.equal(g1[n], g0[n])]
     tol = _rounding_tol(max(cfg.hidden_size, cfg.moe_ffn_hidden_size))
     scale = float(o0.abs().max())
     worst = float((o1 - o0).abs().max())
-    assert worst <= tol * scale, (ep, chunks, capacity, worst, tol * scale)
+    assert worst <= tol * scale, (case, worst, tol * scale)
     _close_in_norm(x1, x0, "input", tol)
     for name in g0:
         _close_in_norm(g1[name], g0[name], name, tol)
