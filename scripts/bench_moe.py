@@ -91,7 +91,7 @@ def moemesh_impl(cfg: ModelConfig, w: Weights, device, *, grouped: bool, backend
         layer.experts.w3_eDF.copy_(w.w3)
         layer.experts.w2_eFD.copy_(w.w2)
     layer = layer.to(device)
-    name = f"moemesh, {'grouped_mm' if grouped else 'per-expert loop'}" + (f", {backend}" if backend != "torch" else "")
+    name = f"moemesh, {'grouped_mm' if grouped else 'per-expert loop'}, {backend} kernels"
     return Impl(name, lambda x: layer(x.unsqueeze(0))[0].squeeze(0))
 
 
@@ -204,13 +204,17 @@ def _args(argv):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each implementation once per round)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-peers", action="store_true", help="moemesh's rows only")
+    p.add_argument(
+        "--kernels",
+        default=None,
+        help="moemesh's token-path kernel backends to time side by side, comma-separated (auto, triton, "
+        "torch); default torch on CPU, triton,torch on CUDA",
+    )
     return p.parse_args(argv)
 
 
-def _implementations(cfg: ModelConfig, w: Weights, device, peers: bool) -> list[Impl]:
-    impls = [moemesh_impl(cfg, w, device, grouped=True, backend="torch")]
-    if device == "cuda":
-        impls.append(moemesh_impl(cfg, w, device, grouped=True, backend="triton"))
+def _implementations(cfg: ModelConfig, w: Weights, device, peers: bool, backends: list[str]) -> list[Impl]:
+    impls = [moemesh_impl(cfg, w, device, grouped=True, backend=b) for b in backends]
     impls.append(moemesh_impl(cfg, w, device, grouped=False, backend="torch"))
     if peers:
         ds = deepspeed_impl(cfg, w, device)
@@ -249,10 +253,16 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense) ->
 
 def main(argv=None) -> None:
     a = _args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    backends = (a.kernels or ("triton,torch" if cuda else "torch")).split(",")
+    for b in backends:
+        try:
+            get_ops(b, device)
+        except ValueError as err:  # a backend that does not exist, or cannot run here: one line
+            sys.exit(f"bench_moe: {err}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     pick = lambda c, g: g if cuda else c  # noqa: E731
     T, D, Fh = a.tokens or pick(4096, 16384), a.hidden or pick(512, 2048), a.ffn or 1024
     E, K = a.experts or pick(8, 64), a.top_k or pick(2, 8)
@@ -277,7 +287,7 @@ def main(argv=None) -> None:
     ref_out = reference(xr, w, K)
     ref_out.backward(g.double().cpu())
     ref_out, ref_grad = ref_out.detach().to(device), xr.grad.to(device)
-    impls = _implementations(cfg, w, device, peers=not a.no_peers)
+    impls = _implementations(cfg, w, device, peers=not a.no_peers, backends=backends)
     for impl in impls:
         if not cuda:  # bf16 autocast on CUDA is not fp32: checked against its own tolerance there
             check(impl, x, g, ref_out, ref_grad)

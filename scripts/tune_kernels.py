@@ -39,6 +39,7 @@ CANDIDATES = {
     "sort_chunks": {"block_m": [4, 8, 16, 32, 64], "block_d": [64, 128, 256, 512], "num_warps": [2, 4, 8]},
     "gather_sum": {"block_t": [2, 4, 8, 16, 32], "block_d": [64, 128, 256, 512], "num_warps": [2, 4, 8]},
     "unpermute_bwd": {"block_n": [4, 8, 16, 32, 64], "block_d": [64, 128, 256, 512], "num_warps": [2, 4, 8]},
+    "swiglu": {"block": [256, 512, 1024, 2048, 4096], "num_warps": [2, 4, 8]},
 }
 # Kernels whose float outputs may change in the last bits with the blocking (a sum's order).
 REORDERED = {"gating_fwd", "gating_bwd", "unpermute_bwd"}
@@ -49,6 +50,7 @@ def _workloads(T, E, K, D, dtype, device):
     from moemesh.kernels.gating import _launch_bwd, _launch_fwd
     from moemesh.kernels.permute import _launch as permute_launch
     from moemesh.kernels.sort_chunks import _launch as sort_launch
+    from moemesh.kernels.swiglu import swiglu_backward, swiglu_forward
     from moemesh.kernels.unpermute import _unpermute_backward_launch, gather_sum
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -60,6 +62,8 @@ def _workloads(T, E, K, D, dtype, device):
     counts_Re = counts_E.view(R, E // R)
     w = torch.rand(T, K, generator=g).to(device)
     g_out, g_w, g_s, g_l = rnd(T, D, dt=dtype), rnd(T, K), rnd(E), rnd(T)
+    # The experts' SwiGLU on every routed row, FFN width 2 D (one table entry for both passes).
+    gate, up, dh = (rnd(T * K, 2 * D, dt=dtype) for _ in range(3))
     return {
         "gating_fwd": lambda params: _launch_fwd(logits, None, K, True, False, params=params),
         "gating_bwd": lambda params: (_launch_bwd(logits, ids, g_w, g_s, g_l, True, False, params=params),),
@@ -67,6 +71,10 @@ def _workloads(T, E, K, D, dtype, device):
         "sort_chunks": lambda params: (sort_launch(rows, counts_Re, params=params),),
         "gather_sum": lambda params: (gather_sum(rows, row_map, w, T, K, params=params),),
         "unpermute_bwd": lambda params: _unpermute_backward_launch(g_out, rows, row_map, w, params=params),
+        "swiglu": lambda params: (
+            swiglu_forward(gate, up, params=params),
+            *swiglu_backward(dh, gate, up, params=params),
+        ),
     }
 
 

@@ -73,7 +73,10 @@ def _children():
                 with open(f"/proc/{pid}/stat") as f:
                     is_child = f.read().rsplit(")", 1)[1].split()[1] == me
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    helper = b"resource_tracker" in f.read()  # multiprocessing's own, not a rank
+                    cmdline = f.read()
+                # multiprocessing's own helpers, not ranks: its resource tracker, and the forkserver
+                # that tests/dist_utils.py starts once for the whole session
+                helper = b"resource_tracker" in cmdline or b"multiprocessing.forkserver" in cmdline
                 if is_child and not helper:
                     kids.append(int(pid))
             except OSError:
