@@ -74,6 +74,7 @@ def test_a_family_imports_on_every_layout_as_transformers_computes_it(tmp_path, 
     run_on_ranks(_layouts_worker, 4, str(tmp_path), [str(dirs[0])] * 3 + [str(dirs[1])])
 
 
+@pytest.mark.slow  # end to end (a script, or a fresh interpreter): a few seconds
 def test_the_model_and_the_planner_import_without_transformers():
     """transformers and safetensors are needed only where a command names model.hf_path or exports."""
     code = (

@@ -316,6 +316,7 @@ def _fake_sweep(tmp_path: Path, batch: int, extra: tuple[str, ...] = (), name: s
     return sweep
 
 
+@pytest.mark.slow  # end to end (a script, or a fresh interpreter): a few seconds
 def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, capsys):
     from scripts import calibrate
 
@@ -389,6 +390,7 @@ def test_collectives_held_from_a_benchmark_are_written_with_the_fit(tmp_path, ca
 DATA = ROOT / "benchmarks" / "data" / "layouts4_2026-12-02"  # README's two sweeps, as they ran
 
 
+@pytest.mark.slow  # end to end (a script, or a fresh interpreter): a few seconds
 def test_this_machines_calibration_is_what_its_sweeps_give():
     """conf/cluster/calibrated/cpu4.yaml is scripts/calibrate.py's fit to the two sweeps kept in
     benchmarks/data (README "Which layout should I use?"): refitting them gives the same constants,
