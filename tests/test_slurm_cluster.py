@@ -204,7 +204,10 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     restores the original limit for the second attempt.
     """
     sweep = tmp_path / "sweep"
-    steps = 1500  # ~45 s of training here: more than the <= 30 s until SLURM's next limit check
+    # The signal comes at slurmctld's next limit check, <= 30 s after the limit is lowered; the
+    # job must still be training then on any CPU (1,500 steps once ended first: ~18 ms a step on
+    # a Xeon). 3,000 steps is >= 54 s at that rate; the resumed attempt runs what is left.
+    steps = 3000
     proc = subprocess.Popen(
         _cmd(
             sweep,
@@ -236,7 +239,8 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
 
         deadline = time.time() + 120  # the next limit check (<= 30 s), a save, the requeue
         while not ("Restarts=1" in (info := _scontrol_job(job)) and "JobState=PENDING" in info):
-            assert proc.poll() is None and time.time() < deadline, f"job was not requeued:\n{info}"
+            assert proc.poll() is None, f"the job ended before SLURM's signal (trainer.steps={steps}):\n{info}"
+            assert time.time() < deadline, f"job was not requeued:\n{info}"
             time.sleep(0.5)
         _release_requeued(job, "TimeLimit=10")
         out, err = proc.communicate(timeout=300)

@@ -168,6 +168,13 @@ class PeerWatch:
         self.host = socket.gethostname()
         self.store.set(self.keys["host"] + str(rank), f"{self.host}, pid {os.getpid()}")
         self.hosts: dict[int, str] = {}
+        try:  # every rank writes its host as it starts: cache them now, while the store surely answers
+            self.store.wait(
+                [self.keys["host"] + str(r) for r in range(world_size)], datetime.timedelta(seconds=self.timeout)
+            )
+            self._cache_hosts()
+        except RuntimeError:  # a rank late or gone: the beats retry the cache, and judge that rank
+            pass
         self.answered = time.monotonic()  # the last time the store answered a whole round
         self.stop = threading.Event()
         self.threads = [
@@ -238,6 +245,7 @@ class PeerWatch:
         lost = lost_hosts(self.hosts, *seen, self.host)
         if not lost:
             return False
+        survivors = self.world_size - sum(len(r) for r in lost.values())
         try:
             first = self.store.add(self.keys["lost"], 1) == 1
         except RuntimeError:
@@ -253,7 +261,22 @@ class PeerWatch:
                 file=sys.stderr,
                 flush=True,
             )
+        self._await_survivors(survivors)
         return True
+
+    def _await_survivors(self, survivors: int) -> None:
+        """Wait (at most LOST_WINDOW + 10 s) until every rank on a live host has counted itself
+        in: the rank that hosts the store (rank 0 under srun) must not exit and take the store
+        with it while another survivor is still reading the beats -- that one would find no
+        store, no lost host, and print its own failure as a second line."""
+        deadline = time.monotonic() + self.LOST_WINDOW + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add(self.keys["lost"], 0) >= survivors:
+                    return
+            except RuntimeError:
+                return
+            time.sleep(0.1)
 
     def after_failure(self, err: BaseException) -> None:
         """This rank's training raised. If it is because a whole other host is gone (a
@@ -262,7 +285,9 @@ class PeerWatch:
         if not isinstance(err, (RuntimeError, OSError)):
             return
         # gloo's messages start with its source location: "[.../pair.cc:553] Connection closed by peer ..."
-        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0])[:160]
+        # and go on with advice ("This is typically caused by ... GLHF!"): its first sentence is the fact.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0])
+        first = first.split(". ")[0][:160]
         if self.node_lost(f"{type(err).__name__}: {first}"):
             os._exit(1)
 

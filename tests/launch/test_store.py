@@ -1,9 +1,13 @@
 """The job's store listens on one address, never on all; a lost host is named from every rank's
 beats; a lost node requeues the SLURM job; cluster.interface is checked and reaches sbatch."""
 
+import datetime
+import gc
 import os
 import socket
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from moemesh.errors import ConfigError
 from moemesh.launch import store
 from moemesh.launch.checks import check_interface
 from moemesh.launch.env import LauncherEnv
-from moemesh.launch.heartbeat import lost_hosts
+from moemesh.launch.heartbeat import PeerWatch, lost_hosts
 from moemesh.launch.slurm import allocation_for, requeue_job
 from tests.helpers import tiny_run
 
@@ -131,3 +135,69 @@ def test_cluster_interface_is_checked_on_each_node_and_sets_master_addr_under_sl
     assert not any(
         "MASTER_ADDR=$" in l for l in allocation_for(tiny_run(), 16).executor_parameters(name="t")["slurm_setup"]
     )
+
+
+def test_the_rank_hosting_the_store_waits_for_the_other_survivors(capsys, monkeypatch):
+    """Host n2 (ranks 2, 3) is lost; ranks 0 and 1 on n1 both see it. Rank 0 hosts the store and
+    exits once it has reported: it must not take the store away while rank 1 is still reading
+    the beats, or rank 1 finds no store and prints its own error as a second line."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # in rank 0's process
+    watches = []
+    for rank in (0, 1):
+        w = object.__new__(PeerWatch)
+        w.rank, w.world_size, w.timeout, w.host, w.hosts = rank, 4, 10, "n1", {}
+        w.LOST_WINDOW = 0.3
+        w.keys = {k: f"t/{k}/" for k in ("beat", "done", "host", "lost")}
+        w.store = dist.TCPStore(
+            "127.0.0.1", server.port, is_master=False, timeout=datetime.timedelta(seconds=10), wait_for_workers=False
+        )
+        watches.append(w)
+    for r, host in enumerate(["n1", "n1", "n2", "n2"]):
+        server.set(f"t/host/{r}", f"{host}, pid {100 + r}")
+    result: dict[int, bool] = {}
+
+    def rank1() -> None:
+        time.sleep(0.2)  # rank 1 sees the loss a little later
+        result[1] = watches[1].node_lost("rank 1's error")
+
+    t = threading.Thread(target=rank1)
+    t.start()
+    result[0] = watches[0].node_lost("rank 0's error")
+    del server  # rank 0 exits at once, and the store with it
+    gc.collect()
+    t.join(30)
+    assert result == {0: True, 1: True}
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("moemesh:")]
+    assert len(lines) == 1 and lines[0].startswith("moemesh: host n2 lost: its ranks 2, 3 stopped (rank 0's error"), (
+        lines
+    )
+
+
+def test_every_rank_caches_all_hosts_as_its_watch_starts(monkeypatch):
+    """A host lost a second after the start, before any beat: a cut-off rank must still name the
+    store's host and its ranks, so the watch caches every rank's host when it starts."""
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    environ = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master.port)}
+    run = tiny_run(**{"cluster.hang_timeout_s": 30})
+    watches: dict[int, PeerWatch] = {}
+
+    def start(rank: int) -> None:
+        watches[rank] = PeerWatch(run, rank, 2, environ)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        me = socket.gethostname()
+        for w in watches.values():
+            assert sorted(w.hosts) == [0, 1] and all(h.startswith(f"{me}, pid ") for h in w.hosts.values())
+    finally:
+        for w in watches.values():
+            w.stop.set()
