@@ -121,3 +121,37 @@ def laid_out(
     apply_kernels(module, ops or TORCH_OPS, use_grouped_mm=use_grouped_mm)
     apply_instrumentation(module, meter)
     return module
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def refused_cli(argv, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """train.py's cli() in this process, as a shell in ``cwd`` would run it (no launcher variables,
+    no HYDRA_FULL_ERROR), with training itself replaced by a failure: what is checked must be
+    refused before it. Returns (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    import train
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def config_error_line(code, err: str) -> str:
+    """The one line of a refusal: exit 2, one non-blank line on stderr, "moemesh: config error: ..."."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
+    assert "Traceback" not in err
+    return lines[0]

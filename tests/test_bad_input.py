@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import config_error_line, refused_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
@@ -137,22 +139,8 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(argv, needle, tmp_path, monkeypatch, capsys):
-    import train
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
-    with pytest.raises(SystemExit) as exit_:
-        train.cli()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert exit_.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in err
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    assert needle in config_error_line(code, err)
     assert list(tmp_path.iterdir()) == []  # no outputs/ or multirun/ directory
 
 
@@ -202,22 +190,6 @@ def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
 # --- issue #27: ownership of a run directory, config files, directories ---------------------------
 
 
-def _cli(argv, cwd, monkeypatch, capsys):
-    """train.cli in this process, as the corpus runs it: (exit code, stdout, stderr)."""
-    import train
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
-    with pytest.raises(SystemExit) as exit_:
-        train.cli()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
-
-
 def _fake_checkpoint(root: Path, step: int) -> Path:
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
@@ -239,12 +211,11 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_one_line_and_touches_n
         _fake_checkpoint(run_dir / "checkpoints", 7)
         argv = [f"hydra.run.dir={run_dir}"]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert "already holds 1 checkpoint(s) of an earlier run (the newest: step_000007)" in lines[0]
-    assert "continue that run with resume=auto" in lines[0]
-    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in lines[0]
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert "already holds 1 checkpoint(s) of an earlier run (the newest: step_000007)" in line
+    assert "continue that run with resume=auto" in line
+    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in line
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
@@ -272,11 +243,10 @@ def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp
         f'calibration:\n  flops_per_s: !!python/object/apply:os.system ["touch {marker}"]\n'
     )
     monkeypatch.setattr(cli, "CONF_DIR", conf)
-    code, out, err = _cli(["cluster=calibrated/evil"], tmp_path, monkeypatch, capsys)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"{conf / 'cluster' / 'calibrated' / 'evil.yaml'}, line 6: could not determine a constructor" in lines[0]
-    assert "no !!python tags" in lines[0]
+    code, _, err = refused_cli(["cluster=calibrated/evil"], tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{conf / 'cluster' / 'calibrated' / 'evil.yaml'}, line 6: could not determine a constructor" in line
+    assert "no !!python tags" in line
     assert not marker.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -311,10 +281,9 @@ def test_a_config_error_prints_the_interpolation_never_the_secret(argv, shown, t
     """It printed the resolved value, twice ("trainer.steps=<secret> (${oc.env:...} resolves to
     '<secret>')"); stderr goes into SLURM .err files and CI logs."""
     monkeypatch.setenv("MOEMESH_TEST_SECRET", SECRET)
-    code, out, err = _cli(argv, tmp_path, monkeypatch, capsys)
-    assert code == 2 and SECRET not in out + err and "AKIA" not in out + err, err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and shown in lines[0], err
+    code, out, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    assert SECRET not in out + err and "AKIA" not in out + err, err
+    assert shown in config_error_line(code, err)
 
 
 def test_hide_env_keeps_short_values_inside_other_words():

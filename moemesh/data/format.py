@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moemesh.errors import ConfigError
+from moemesh.untrusted import read_bounded, regular_file
 
 META_NAME = "moemesh-data.json"
 FORMAT = "moemesh-tokens"
@@ -96,29 +96,6 @@ class CorpusMeta:
     @property
     def tokenizer_name(self) -> str:
         return str(self.tokenizer.get("name", "?"))
-
-
-def regular_file(path: Path, what: str) -> os.stat_result:
-    """stat() of ``path`` if it is a regular file (a FIFO or device could block a read forever)."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise ConfigError(f"{what}: {path}: {err.strerror or err}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{what}: {path} is not a regular file")
-    return st
-
-
-def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of a regular file no larger than ``limit`` (checked before reading)."""
-    st = regular_file(path, what)
-    if st.st_size > limit:
-        raise ConfigError(f"{what}: {path} is {st.st_size:,} bytes, more than the {limit:,} allowed")
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ConfigError(f"{what}: {path} grew past {limit:,} bytes while read")
-    return data
 
 
 def _int(meta: dict, key: str, where: str, lo: int = 0, hi: int = 2**63 - 1) -> int:

@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moemesh.data.format import read_bounded, regular_file
 from moemesh.errors import ConfigError
+from moemesh.untrusted import read_bounded, regular_file
 
 JSONL = (".jsonl", ".json", ".ndjson")
 TEXT = (".txt", ".md", ".text")

@@ -37,7 +37,6 @@ from moemesh.data.format import (
     atomic_write,
     dtype_for,
     meta_json,
-    read_bounded,
     sha256_file,
     shard_names,
     write_shard,
@@ -45,6 +44,7 @@ from moemesh.data.format import (
 from moemesh.data.inputs import Input, check_text_key, documents, find_inputs, plan_pieces
 from moemesh.data.tokenizer import TokenizerInfo, load_tokenizer
 from moemesh.errors import ConfigError
+from moemesh.untrusted import read_bounded
 
 PLAN_VERSION = 1
 ENCODE_BATCH = 512  # documents per encode_batch call

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moemesh.data.format import regular_file
 from moemesh.errors import ConfigError
+from moemesh.untrusted import regular_file
 
 MAX_TOKENIZER_BYTES = 1 << 30  # every file of a tokenizer directory together, checked before loading
 

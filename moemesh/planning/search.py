@@ -24,7 +24,6 @@ memory and final loss from summary.json. A job directory without summary.json is
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from moemesh.errors import ConfigError
 from moemesh.fields import PipelineSchedule, choice_error
 from moemesh.parallel.dims import ParallelDims, layout_name
 from moemesh.parallel.pipeline import SCHEDULES
-from moemesh.runs.reader import RunReadError, load_run
+from moemesh.runs.reader import RunReadError, load_run, read_json
 from moemesh.runs.steady import WARMUP_RECORDS, median, steady
 
 AXES = ("dp", "ep", "tp", "pp")
@@ -228,8 +227,8 @@ def finished(job_dir: Path, steps: int | None = None) -> bool:
     """A job that need not run again: summary.json exists, it was not stopped early and (when
     ``steps`` is given) it reached that step."""
     try:
-        s = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        s = read_json(job_dir / "summary.json")
+    except RunReadError:
         return False
     if s.get("stopped_by_signal"):
         return False
@@ -243,8 +242,8 @@ def stopped_by(job_dir: Path, since: float = 0.0) -> list[str] | None:
     try:
         if path.stat().st_mtime < since:
             return None
-        return json.loads(path.read_text()).get("stopped_by_signal") or None
-    except (OSError, ValueError):
+        return read_json(path).get("stopped_by_signal") or None
+    except (OSError, RunReadError):
         return None
 
 

@@ -1,21 +1,21 @@
 """Run and sweep directories, read as untrusted files: a run directory holds summary.json and
 metrics.jsonl (``python train.py``); a sweep directory (``-m``) holds one run directory per job.
 
-Every read is bounded before it is parsed: a summary of at most ``MAX_SUMMARY_BYTES``, a
-metrics.jsonl of at most ``MAX_METRICS_BYTES`` read line by line, each line at most
-``MAX_LINE_BYTES``; regular files only. A line cut short (a killed run's last) is skipped.
+Every read is bounded before it is parsed (``moemesh.untrusted``): a summary of at most
+``MAX_SUMMARY_BYTES``, a metrics.jsonl of at most ``MAX_METRICS_BYTES`` read line by line, each
+line at most ``MAX_LINE_BYTES``; regular files only. A line cut short (a killed run's last) is
+skipped.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moemesh.runs.steady import steady, summarize_records
+from moemesh.untrusted import bounded_size, read_json_object
 
 MAX_SUMMARY_BYTES = 16 << 20
 MAX_METRICS_BYTES = 1 << 30  # about 50k steps of a 16-layer, 64-expert model's records
@@ -26,31 +26,9 @@ class RunReadError(ValueError):
     """A run directory that cannot be read: one line naming the file and why."""
 
 
-def _regular(path: Path, cap: int) -> int:
-    """The size of ``path``, a regular file (symlinks are followed: runs are the user's own
-    directories) of at most ``cap`` bytes; RunReadError otherwise."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise RunReadError(f"{path}: {err.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RunReadError(f"{path}: not a regular file")
-    if st.st_size > cap:
-        raise RunReadError(f"{path}: {st.st_size:,} bytes, more than the {cap:,} this reader takes")
-    return st.st_size
-
-
 def read_json(path: Path, cap: int = MAX_SUMMARY_BYTES) -> dict:
     """A JSON object from a regular file of at most ``cap`` bytes; RunReadError otherwise."""
-    path = Path(path)
-    _regular(path, cap)
-    try:
-        value = json.loads(path.read_bytes())
-    except ValueError as err:
-        raise RunReadError(f"{path}: unreadable JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise RunReadError(f"{path}: not a JSON object")
-    return value
+    return read_json_object(Path(path), cap, error=RunReadError)
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -62,7 +40,7 @@ def read_records(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    _regular(path, MAX_METRICS_BYTES)
+    bounded_size(path, MAX_METRICS_BYTES, error=RunReadError)
     records = []
     with open(path, "rb") as f:
         for n, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import config_error_line, refused_cli
 from tests.interop._hf_models import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,23 +117,16 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_starts(case, good, tmp_path, monkeypatch, capsys):
-    import train
-
     breaker, extra, needle = CASES[case]
     d = _copy(good, tmp_path / "ckpt")
     breaker(d)
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(sys, "argv", ["train.py", "model=hf", f"model.hf_path={d}", "trainer.seq_len=16", *extra])
-    monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{case} passed the checks and would have run"))
-    with pytest.raises(SystemExit) as exit_:
-        train.cli()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert exit_.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
-    assert needle in lines[0] and "resolving interpolation" not in lines[0], lines[0]
+    code, _, err = refused_cli(
+        ["model=hf", f"model.hf_path={d}", "trainer.seq_len=16", *extra], work, monkeypatch, capsys
+    )
+    line = config_error_line(code, err)
+    assert needle in line and "resolving interpolation" not in line, line
     assert list(work.iterdir()) == []
 
 

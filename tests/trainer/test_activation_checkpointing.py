@@ -126,9 +126,14 @@ open(sys.argv[2] + "/train_peak_rss", "w").write(str(hwm))
 )
 def test_checkpointed_run_has_a_lower_peak(tmp_path):
     """The training's peak RSS (the process's VmHWM, reset just before training; one fresh
-    process per mode) drops by at least half of what the planner says checkpointing frees.
-    Measured: none 598-600 MB, full 508-510 MB, selective 531 MB (planner: 68 MB freed by
-    full; RSS also keeps what the allocator has not returned, so it drops somewhat more)."""
+    process per mode) drops by about what the planner says checkpointing frees.
+
+    glibc's malloc raises its mmap threshold after large frees, and then keeps freed blocks in
+    its heap: RSS measured that way varied by 30 MB between runs of one mode, and one CI run saw
+    a drop of 29.5 MB against a planned 61 MB. With a fixed threshold every large tensor is
+    mapped and unmapped, and RSS follows what is alive: measured (Intel Xeon, 3 runs) none
+    544.7-544.9 MB, full 472.8-473.1 MB, a drop of 72 MB for the planner's 61 MB."""
+    import os
     import subprocess
     import sys
 
@@ -141,7 +146,9 @@ def test_checkpointed_run_has_a_lower_peak(tmp_path):
     for mode in ("none", "full"):
         out = tmp_path / mode
         out.mkdir()
-        subprocess.run([sys.executable, "-c", _PEAK_RUN, mode, str(out), str(root)], check=True, capture_output=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # fixed: no heap kept for large tensors
+        cmd = [sys.executable, "-c", _PEAK_RUN, mode, str(out), str(root)]
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["peak_memory_bytes"]["kind"] == "cpu_peak_rss"
         # Not summary.json's peak (getrusage's, over the process's life): in one fresh-clone
@@ -150,4 +157,4 @@ def test_checkpointed_run_has_a_lower_peak(tmp_path):
     model = tiny_run(**{"model.num_layers": 4, "model.max_seq_len": 1024, "model.moe_every_k_layers": 2}).model
     planned = {m: activation_bytes(model, range(4), 8 * 1024, ParallelDims(), False, m, 1, 4) for m in ("none", "full")}
     freed = planned["none"] - planned["full"]
-    assert peak["none"] - peak["full"] > freed / 2, (peak, freed)
+    assert 0.75 * freed < peak["none"] - peak["full"] < 1.5 * freed, (peak, freed)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from moemesh.data.format import read_bounded, regular_file
 from moemesh.errors import ConfigError
+from moemesh.untrusted import read_json_object, regular_file
 
 MAX_CONFIG_BYTES = 1 << 20  # config.json, generation_config.json (a few KB in practice)
 MAX_INDEX_BYTES = 64 << 20  # model.safetensors.index.json (about 100 B per tensor)
@@ -52,15 +52,8 @@ class TensorInfo:
 
 
 def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict:
-    """A JSON object from a regular file of at most ``limit`` bytes."""
-    raw = read_bounded(path, limit, what)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what}: {path} is not JSON ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} holds a {type(data).__name__}, not a JSON object")
-    return data
+    """A JSON object from a regular file of at most ``limit`` bytes (a config.json: 1 MiB)."""
+    return read_json_object(path, limit, what)
 
 
 def checkpoint_dir(path: str, what: str = "model.hf_path") -> Path:

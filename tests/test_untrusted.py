@@ -1,0 +1,63 @@
+"""The one bounded reader of files the project did not write: a FIFO or a device is refused
+before a read could block, a file over its limit before a byte is read, and each caller's
+own error type carries the one-line message."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from moemesh.errors import ConfigError
+from moemesh.runs.reader import RunReadError, read_json
+from moemesh.untrusted import bounded_size, read_bounded, read_json_object, regular_file
+
+
+def test_a_fifo_and_a_device_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # a read of it would block for ever: no writer
+    with pytest.raises(ConfigError, match=r"^model.hf_path: .*config.json is not a regular file$"):
+        read_json_object(fifo, 1 << 20, "model.hf_path")
+    zero = tmp_path / "summary.json"
+    zero.symlink_to("/dev/zero")  # a read of it never ends
+    with pytest.raises(RunReadError, match=r"summary.json is not a regular file$"):
+        read_json(zero)
+    with pytest.raises(ConfigError, match=r"^x: .*: No such file or directory$"):
+        regular_file(tmp_path / "missing", "x")
+
+
+def test_a_file_over_its_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    big = tmp_path / "meta.json"
+    big.write_bytes(b"{" + b" " * 100 + b"}")
+    opened = []
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or pytest.fail("read"))
+    with pytest.raises(ConfigError, match=r"^--out=d: .*meta.json is 102 bytes, more than the 101 allowed$"):
+        read_bounded(big, 101, "--out=d")
+    assert not opened
+    monkeypatch.undo()
+    assert bounded_size(big, 102) == 102 and read_bounded(big, 102) == big.read_bytes()
+
+
+def test_a_file_that_grows_while_read_is_refused(tmp_path, monkeypatch):
+    import moemesh.untrusted as u
+
+    f = tmp_path / "state.json"
+    f.write_bytes(b'{"a": 1}')
+    monkeypatch.setattr(u, "bounded_size", lambda *a, **k: 2)  # stat saw 2 bytes; then it grew
+    with pytest.raises(ConfigError, match=r"state.json grew past 4 bytes while read$"):
+        u.read_bounded(f, 4, "--input=d")
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"[1, 2]", r"holds a list, not a JSON object$"),
+        (b"{nope", r"is not JSON \(Expecting"),
+        (b"\xff\xfe", "is not JSON"),
+    ],
+)
+def test_json_that_is_not_an_object_is_one_line(tmp_path, raw, message):
+    p = Path(tmp_path / "config.json")
+    p.write_bytes(raw)
+    with pytest.raises(ConfigError, match=message) as err:
+        read_json_object(p, 1 << 20, "model.hf_path")
+    assert "\n" not in str(err.value)
