@@ -312,6 +312,10 @@ def main(argv=None) -> None:
     if not set(kinds) <= set(KINDS):
         ap.error(f"--kinds {a.kinds}: valid: {','.join(KINDS)}")
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if launched and int(os.environ["RANK"]) != 0:  # writes no results and leaves by os._exit: no directory
+        _rank(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, sizes, a.iters, a.repeats, os.devnull, kinds
+        )
     with tempfile.TemporaryDirectory(prefix="moemesh-bench-comm-") as tmp:
         raw = os.path.join(tmp, "raw.json")
         if launched:  # one rank of a launched job: this process; rank 0 goes on to report

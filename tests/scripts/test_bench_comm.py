@@ -105,6 +105,25 @@ def test_two_ranks_time_every_collective(tmp_path):
     assert "| a2a | consecutive2 |" in proc.stdout
 
 
+@pytest.mark.slow
+def test_under_torchrun_every_rank_leaves_nothing_behind(tmp_path):
+    """Launched (torchrun), each rank is this script; a rank other than 0 leaves by os._exit,
+    so it must not hold a temporary directory it cannot remove (it left one per run)."""
+    import os
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "scripts" / "bench_comm.py"), "--sizes", "4K,16K", "--iters", "1", "--repeats", "1"]
+    proc = subprocess.run(
+        [*cmd, "--kinds", "all_reduce"], env={**env, "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| all_reduce | consecutive2 |" in proc.stdout
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("moemesh-bench-comm-")] == []
+
+
 def test_groups_are_classed_by_the_link_they_use():
     hosts = ["n1", "n1", "n2", "n2"]
     shapes = bench_comm.group_shapes(4)
