@@ -59,8 +59,10 @@ def read_json_object(path: Path, limit: int, what: str = "", error: type[Excepti
     raw = read_bounded(path, limit, what, error)
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise error(f"{_where(path, what)} is not JSON ({str(err).splitlines()[0]})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: [[[[... nested deep
+        raise error(
+            f"{_where(path, what)} is not JSON ({(str(err).splitlines() or [type(err).__name__])[0]})"
+        ) from None
     if not isinstance(data, dict):
         raise error(f"{_where(path, what)} holds a {type(data).__name__}, not a JSON object")
     return data

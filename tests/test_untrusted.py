@@ -53,6 +53,7 @@ def test_a_file_that_grows_while_read_is_refused(tmp_path, monkeypatch):
         (b"[1, 2]", r"holds a list, not a JSON object$"),
         (b"{nope", r"is not JSON \(Expecting"),
         (b"\xff\xfe", "is not JSON"),
+        (b"[" * 200_000, "is not JSON"),  # nesting deep enough to exhaust the parser's recursion
     ],
 )
 def test_json_that_is_not_an_object_is_one_line(tmp_path, raw, message):
