@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import sys
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +291,22 @@ def _errno_text(err: OSError) -> str:
 
 def probe_dir(path: Path) -> str | None:
     """Why ``path`` cannot be the directory of a run, or None: it is created (with its missing
-    parents) and a file written in it, then whatever this made is removed again."""
+    parents) and a file written in it, then whatever this made is removed again. Each rank of
+    a torchrun/srun launch probes the same directory at the same moment, so a directory
+    another rank made first is not an error, and ENOENT (another rank removed what it had
+    made, under this probe) is asked again a few times: a path that takes no new entries
+    (/proc/x) answers ENOENT every time."""
+    problem = None
+    for _ in range(5):
+        problem, raced = _probe_once(path)
+        if not raced:
+            break
+        time.sleep(0.01)
+    return problem
+
+
+def _probe_once(path: Path) -> tuple[str | None, bool]:
+    """(why not, or None; whether the answer was ENOENT, which a concurrent prober can cause)."""
     made: list[Path] = []
     probe = None
     try:
@@ -300,23 +316,31 @@ def probe_dir(path: Path) -> str | None:
             missing.append(p)
             p = p.parent
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue  # made by another rank between the look and the mkdir: not ours to remove
             made.append(d)
         if not path.is_dir():
-            return f"[Errno {errno.ENOTDIR} ENOTDIR] {os.strerror(errno.ENOTDIR)} (it exists and is not a directory)"
+            if not path.exists() and not path.is_symlink():
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            return (
+                f"[Errno {errno.ENOTDIR} ENOTDIR] {os.strerror(errno.ENOTDIR)} (it exists and is not a directory)",
+                False,
+            )
         probe = path / f".moemesh-probe-{os.getpid()}"
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
     except OSError as err:
-        return _errno_text(err)
+        return _errno_text(err), err.errno == errno.ENOENT
     finally:
         if probe is not None:
             with contextlib.suppress(OSError):
                 probe.unlink()
         for d in reversed(made):
             with contextlib.suppress(OSError):
-                d.rmdir()
-    return None
+                d.rmdir()  # fails (and stays) where another rank's probe is inside it
+    return None, False
 
 
 def check_output_dirs(command: Command, *, launched: bool = False) -> None:
