@@ -313,13 +313,18 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         _resume_requeued_attempt(config, run_dir)
         if rank == 0:  # summary.json must describe this attempt
             (run_dir / "summary.json").unlink(missing_ok=True)
-        ret = run_job(
-            hydra_context=self.hydra_context,
-            task_function=self.task_function,
-            config=config,
-            job_dir_key=job_dir_key,
-            job_subdir_key="hydra.sweep.subdir",
-        )
+        try:
+            ret = run_job(
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=config,
+                job_dir_key=job_dir_key,
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        except SystemExit as end:  # train.py's own one-line refusals and stops (its reason is logged)
+            if end.code not in (None, 0):
+                _leave_failure_for_submitit(f"moemesh: rank {rank} exited with status {end.code}")
+            raise
 
         action = after_task(
             completed=ret.status == JobStatus.COMPLETED,
@@ -331,7 +336,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         if action == "fail":
             err = ret._return_value
             first = (str(err).strip().splitlines() or [""])[0]
-            print(f"moemesh: error: rank {rank} failed: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
+            line = f"moemesh: error: rank {rank} failed: {type(err).__name__}: {first}"
+            print(line, file=sys.stderr, flush=True)
+            _leave_failure_for_submitit(line)
             sys.exit(1)
         if action == "interrupted":
             print(
@@ -391,6 +398,22 @@ def _varying(all_overrides: Sequence[Sequence[str]], overrides: Sequence[str]) -
         return shown
     common = set.intersection(*(set(o) for o in all_overrides))
     return [o for o in shown if o not in common] or shown
+
+
+def _leave_failure_for_submitit(line: str) -> None:
+    """submitit's record of a task that failed: ("error", text) as the task's result file,
+    which submitit itself writes only when the task raises. This task exits through
+    sys.exit to keep its log to one line, so it writes the record itself: without it the
+    launcher's results() waits 15 s (submitit's allowance for a slow shared filesystem) for a
+    file that never comes, on every failed job."""
+    import submitit
+
+    try:
+        path = submitit.JobEnvironment().paths.result_pickle
+        with submitit.core.utils.temporary_save_path(path) as tmp:
+            submitit.core.utils.cloudpickle_dump(("error", line), tmp)
+    except Exception:  # noqa: BLE001 - the record only saves time; the exit code still fails the job
+        pass
 
 
 def _first_moemesh_line(handle: Any, err: Exception) -> str:

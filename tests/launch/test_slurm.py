@@ -327,3 +327,23 @@ def test_a_stop_request_saves_and_stops_unless_the_run_is_already_done(tmp_path,
     assert flag.stopped_early is stops_early and summary["steps"] == 1
     assert summary["stopped_by_signal"] == (["SIGUSR2"] if stops_early else None)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == ["step_000001"]
+
+
+def test_a_failed_task_leaves_submitits_error_record_for_the_launcher(tmp_path, monkeypatch):
+    """A task that fails exits through sys.exit (one line in its log, no traceback), so submitit
+    writes no result for it; the task writes submitit's ("error", text) record itself. Without
+    it the launcher's results() waited 15 s per failed job for a file that never came."""
+    import submitit
+
+    from hydra_plugins.moemesh_launcher.launcher import _leave_failure_for_submitit
+
+    env = {"SUBMITIT_FOLDER": str(tmp_path), "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77"}
+    env |= {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    line = "moemesh: error: rank 0 failed: CheckpointError: checkpoint.dir cannot be written"
+    _leave_failure_for_submitit(line)
+    # What the launcher's results() reads for task 0 (the part that waited), without a cluster:
+    task0 = submitit.SlurmJob(tmp_path, "77", tasks=(0, 1))._sub_jobs[0]
+    assert task0.paths.result_pickle == tmp_path / "77_0_result.pkl"
+    assert task0._get_outcome_and_result() == ("error", line)
