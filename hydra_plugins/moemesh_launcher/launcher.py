@@ -351,6 +351,11 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
         if action == "requeue" and callable(submitit_handler):
             # Every rank has saved; submitit pickles checkpoint(), requeues the job and exits.
             log.info("moemesh: stopped by %s before the time limit: requeueing", requeue_sig.name)
+            # The requeue cancels this job step, and SLURM's SIGTERM to the step could reach
+            # submitit's `scontrol requeue` child before it returned: the job was requeued, but
+            # the task ended in a CalledProcessError traceback instead of "Requeued job". Nothing
+            # is left to save: SIGTERM is ignored from here, by the child too (it inherits that).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             submitit_handler(requeue_sig, None)
         return ret
 
