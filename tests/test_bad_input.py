@@ -137,6 +137,7 @@ CASES = [
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(argv, needle, tmp_path, monkeypatch, capsys):
     code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
@@ -166,6 +167,7 @@ def _run(tmp_path, *argv, env_extra=None):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -182,6 +184,7 @@ def test_as_a_shell_sees_it(tmp_path, argv, needle):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     proc = _run(tmp_path, "parallel.expert_paralel_size=2", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "expert_paralel_size" in proc.stderr
@@ -251,6 +254,7 @@ def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.parametrize(
     "argv", [["hydra.run.dir=/proc/nope"], ["-m", "trainer.lr=1e-3,2e-3", "hydra.sweep.dir=/proc/nope"]]
 )
@@ -298,6 +302,7 @@ def test_hide_env_keeps_short_values_inside_other_words():
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_no_secret_in_anything_a_shell_sees(tmp_path):
     """The same, as a shell runs it: every byte of stdout and stderr grepped."""
     for arg in ("trainer.steps=${oc.env:MOEMESH_TEST_SECRET}", "trainer.lr=${oc.env:MOEMESH_TEST_SECRET,0.001}"):

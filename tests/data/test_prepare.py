@@ -64,6 +64,7 @@ def _tiny_tokenizer(path: Path) -> Path:
 
 
 @pytest.mark.slow  # end to end: worker processes, a 70,000-id BPE
+@pytest.mark.shares_cores
 def test_every_format_becomes_uint32_shards_that_decode_to_the_documents(tmp_path, capsys, bpe_dir):
     docs = documents(120)
     jl = write_jsonl(tmp_path / "a.jsonl", docs[:60])
@@ -189,6 +190,7 @@ def _markers(out: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_killed_prepare_continues_to_the_same_bytes(tmp_path, bpe_dir):
     docs = documents(6000, seed=3)
     inputs = [write_jsonl(tmp_path / f"{i}.jsonl", docs[i * 2000 : (i + 1) * 2000]) for i in range(3)]
@@ -213,6 +215,7 @@ def test_a_killed_prepare_continues_to_the_same_bytes(tmp_path, bpe_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_hub_name_offline_is_one_line_naming_it(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", documents(5))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -238,6 +241,7 @@ def test_a_hub_name_offline_is_one_line_naming_it(tmp_path):
 
 
 @pytest.mark.slow  # a worker process finds it
+@pytest.mark.shares_cores
 def test_a_missing_key_deep_in_a_file_is_one_line_from_the_worker(tmp_path, capsys):
     tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
     lines = [json.dumps({"text": "hello"})] * 50 + [json.dumps({"txt": "hello"})]

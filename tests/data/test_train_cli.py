@@ -13,7 +13,7 @@ from tests.data._corpus import write_corpus
 from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # train.py in a subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.shares_cores]  # train.py in a subprocess
 
 
 def _train(tmp_path, *overrides):

@@ -147,6 +147,7 @@ def test_code_in_the_checkpoint_directory_is_never_run(good, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_as_a_shell_sees_it(good, tmp_path):
     d = _copy(good, tmp_path / "ckpt")
     _pickled(d)

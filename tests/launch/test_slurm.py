@@ -146,6 +146,7 @@ def test_only_a_requeued_attempt_with_its_own_checkpoint_resumes():
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     a4, a16 = allocation_for(_slurm_run(), 4), allocation_for(_slurm_run(), 16)
     jobs = [
@@ -232,6 +233,7 @@ def _fake_sbatch(tmp_path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
     proc = _cli(
@@ -253,6 +255,7 @@ def test_invalid_job_rejects_the_whole_sweep_before_sbatch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
     bin_dir = _fake_sbatch(tmp_path)
     proc = _cli(
@@ -269,6 +272,7 @@ def test_mixed_sweep_with_reject_never_calls_sbatch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
     no_slurm_path = os.pathsep.join(
         p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists()
@@ -282,6 +286,7 @@ def test_without_sbatch_or_outside_slurm_the_error_says_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_sweep_started_inside_srun_tasks_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_LOCALID="0")

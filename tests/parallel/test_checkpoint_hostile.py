@@ -66,7 +66,9 @@ def test_each_hostile_pickle_does_its_damage_under_plain_pickle(name):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.slow) if n == "dict key N tuples deep" else n  # a subprocess imports torch
+        pytest.param(n, marks=[pytest.mark.slow, pytest.mark.shares_cores])
+        if n == "dict key N tuples deep"
+        else n  # a subprocess imports torch
         for n in kit.TORCH_DAMAGED
     ],
 )

@@ -109,6 +109,7 @@ def test_a_full_disk_is_refused_before_the_first_step_with_the_space_needed(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_train_py_says_an_unusable_checkpoint_dir_in_one_line_before_starting(tmp_path, repo_root):
     proc = subprocess.run(
         [

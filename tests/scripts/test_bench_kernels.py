@@ -12,7 +12,7 @@ import pytest
 
 from tests.scripts._interpreted import needs_triton, run_interpreted
 
-pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end under the interpreter
+pytestmark = [pytest.mark.slow, pytest.mark.shares_cores]  # runs the benchmark scripts end to end under the interpreter
 
 
 @needs_triton

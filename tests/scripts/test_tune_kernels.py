@@ -26,6 +26,7 @@ def test_descent_finds_the_fastest_correct_candidate_and_refuses_wrong_ones():
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @needs_triton
 def test_tune_script_runs_under_the_interpreter(repo_root):
     out = run_interpreted(

@@ -28,6 +28,7 @@ def _file_with_one_bad_token(path: Path, n: int = 5_000_000, bad: int = 300) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_bad_token_mid_file_is_one_line_exit_2_before_training(tmp_path):
     path = _file_with_one_bad_token(tmp_path / "train.bin")
     env = {**os.environ, "MOEMESH_CACHE": str(tmp_path / "cache")}

@@ -166,6 +166,7 @@ def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_training_run_retains_little_per_step(tmp_path):
     """The loop itself, tiny model, every step logged: Python memory retained from step 200 to
     600, per 1,000 steps (it was several MB: one record per step on every rank)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # runs train.py end to end
+pytestmark = [pytest.mark.slow, pytest.mark.shares_cores]  # runs train.py end to end
 
 from tests.helpers import SMALL  # noqa: E402
 

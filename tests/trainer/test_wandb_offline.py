@@ -68,6 +68,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_key_without_network_logs_offline_with_one_note_and_finishes_quickly(tmp_path):
     # No network, on any machine: the server is a local port nothing listens on (and no proxy).
     env = _wandb_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}")
@@ -84,6 +85,7 @@ def test_a_key_without_network_logs_offline_with_one_note_and_finishes_quickly(t
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_malformed_key_is_one_note_at_start_and_the_run_goes_on(tmp_path):
     proc, _ = _train(tmp_path, _wandb_env(tmp_path, WANDB_API_KEY="not-a-key"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,6 +124,7 @@ def silent_server():
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_server_that_never_answers_costs_the_init_timeout_then_offline(tmp_path, monkeypatch, silent_server):
     # WANDB_SERVICE is wandb's own: the address of this process's wandb service, which the
     # fallback's teardown replaces. Restoring an old value would point later subprocesses
