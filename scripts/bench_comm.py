@@ -12,7 +12,11 @@ launcher that started it (RANK, WORLD_SIZE, MASTER_ADDR set: rank 0 hosts the st
 address, ``moemesh.launch.store``), and times, for every group shape of that world, every group of
 the shape at once (as training runs them):
 
-* ``a2a``: ``all_to_all_single`` with uneven splits (rank r sends (1 + (r + j) mod n) parts to peer j);
+* ``a2a``: the dispatcher's All-to-All of rows (``moemesh.parallel.comm.exchange_rows``: torch's
+  ``all_to_all_single``, or on gloo its receives posted before its sends) with uneven splits (rank
+  r sends (1 + (r + j) mod n) parts to peer j);
+* ``a2a_torch`` (only when asked for): torch's ``all_to_all_single`` on the same buffers, the
+  reference for ``a2a`` in the same run; left out of the planner's constants;
 * ``all_reduce``, ``reduce_scatter``, ``all_gather`` (a collective the backend lacks is skipped, said so);
 * ``p2p``: a send and its receive between the two ranks of a pair (one way: half a round trip).
 
@@ -54,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from moemesh.planning.calibration import bench_row_terms, fit_link  # noqa: E402
 
-KINDS = ("a2a", "all_reduce", "reduce_scatter", "all_gather", "p2p")
+KINDS = ("a2a", "all_reduce", "reduce_scatter", "all_gather", "p2p")  # the default --kinds
+REFERENCES = {"a2a_torch": "a2a"}  # timed only when asked for; priced as the kind they stand beside
 
 
 def parse_size(text: str) -> int:
@@ -88,12 +93,16 @@ def _make_op(kind: str, pg, members: list[int], me: int, numel: int, device):
     import torch
     import torch.distributed as dist
 
+    from moemesh.parallel.comm import exchange_rows
+
     n = len(members)
-    if kind == "a2a":
+    if kind in ("a2a", "a2a_torch"):
         splits = _splits(me, n, numel)
         x = torch.ones(sum(splits), device=device)
         y = torch.empty_like(x)
-        return lambda: dist.all_to_all_single(y, x, splits, splits, group=pg)
+        if kind == "a2a_torch":
+            return lambda: dist.all_to_all_single(y, x, splits, splits, group=pg)
+        return lambda: exchange_rows(y, x, splits, splits, pg)
     if kind == "all_reduce":
         x = torch.ones(numel, device=device)
         return lambda: dist.all_reduce(x, group=pg)
@@ -251,7 +260,7 @@ def _rank(
 def sent_bytes(kind: str, nbytes: int, n: int) -> int:
     """The bytes that leave the timed rank (0) in one collective of an ``nbytes`` buffer: an
     All-to-All keeps its own split; every other collective's buffer is the planner's ``nbytes``."""
-    return nbytes - _splits(0, n, nbytes // 4)[0] * 4 if kind == "a2a" else nbytes
+    return nbytes - _splits(0, n, nbytes // 4)[0] * 4 if REFERENCES.get(kind, kind) == "a2a" else nbytes
 
 
 def fits(results: list[dict]) -> list[dict]:
@@ -263,7 +272,8 @@ def fits(results: list[dict]) -> list[dict]:
         rows = [r for r in results if (r["kind"], r["shape"]) == (kind, shape)]
         if len(rows) < 2:
             continue
-        gbps, lat = fit_link([bench_row_terms(r) for r in rows], [r["s"] for r in rows])
+        priced = [bench_row_terms({**r, "kind": REFERENCES.get(kind, kind)}) for r in rows]
+        gbps, lat = fit_link(priced, [r["s"] for r in rows])
         fit = {
             "kind": kind,
             "shape": shape,
@@ -309,8 +319,8 @@ def main(argv=None) -> None:
         ap.error("--world must be at least 2")
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     kinds = tuple(a.kinds.split(","))
-    if not set(kinds) <= set(KINDS):
-        ap.error(f"--kinds {a.kinds}: valid: {','.join(KINDS)}")
+    if not set(kinds) <= set(KINDS) | set(REFERENCES):
+        ap.error(f"--kinds {a.kinds}: valid: {','.join((*KINDS, *REFERENCES))}")
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if launched and int(os.environ["RANK"]) != 0:  # writes no results and leaves by os._exit: no directory
         _rank(

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.fields import SharedExpertOverlap
-from moemesh.parallel.comm import replayable
+from moemesh.parallel.comm import exchange_rows, replayable
 
 
 class _Handle:
@@ -48,10 +48,7 @@ def _row_bytes(x: torch.Tensor) -> int:
 
 def _launch(x, in_splits, out_splits, group):
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    work = dist.all_to_all_single(
-        out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits, group=group, async_op=True
-    )
-    return out, work
+    return out, exchange_rows(out, x, out_splits, in_splits, group, async_op=True)
 
 
 def _launch_forward(x, h: _Handle):

@@ -110,7 +110,56 @@ def _check_dispatcher(rank, world, ep, K, route):
         assert int(meta.tokens_per_expert_e.sum()) == 0  # experts with zero tokens
 
 
+def _check_exchange(rank, world):
+    """exchange_rows against all_to_all_single: uneven splits with zeros, several exchanges in
+    flight at once (each its own tag). Across hosts (two "hosts" here, by host name) every
+    receive is posted before any send; on one host it is torch's collective."""
+    from unittest import mock
+
+    from moemesh.parallel import comm
+
+    gen = torch.Generator().manual_seed(11)
+    splits = torch.randint(0, 4, (world, world), generator=gen).tolist()  # splits[i][j]: rows i sends j
+    splits[0][1] = splits[1][0] = 0
+    ins, outs = splits[rank], [splits[j][rank] for j in range(world)]
+    xs = [torch.randn(sum(ins), 3, generator=torch.Generator().manual_seed(rank * 10 + k)) for k in range(3)]
+    expected = []
+    for x in xs:
+        y = x.new_empty(sum(outs), 3)
+        dist.all_to_all_single(y, x, outs, ins)
+        expected.append(y)
+    one_host = dist.new_group(list(range(world)))  # a second group of the same ranks, on one host
+    for group, host in ((None, f"h{rank % 2}"), (one_host, "h")):
+        calls = []
+        real = {name: getattr(dist, name) for name in ("isend", "irecv")}
+        spies = {
+            name: lambda *a, _n=name, _calls=calls, _real=real, **k: _calls.append(_n) or _real[_n](*a, **k)
+            for name in real
+        }
+        with (
+            mock.patch.object(dist, "isend", spies["isend"]),
+            mock.patch.object(dist, "irecv", spies["irecv"]),
+            mock.patch.object(comm.socket, "gethostname", lambda _host=host: _host),
+        ):
+            got = [x.new_empty(sum(outs), 3) for x in xs]
+            works = [comm.exchange_rows(y, x, outs, ins, group, async_op=True) for y, x in zip(got, xs)]
+        for work in reversed(works):
+            work.wait()
+        for y, e in zip(got, expected):
+            assert torch.equal(y, e)
+        if group is not None:
+            assert calls == []  # one host: all_to_all_single
+            continue
+        per_exchange = len(calls) // len(xs)
+        peers = [j for j in range(world) if j != rank]
+        assert per_exchange == sum(1 for j in peers if outs[j]) + sum(1 for j in peers if ins[j])
+        for k in range(len(xs)):
+            one = calls[k * per_exchange : (k + 1) * per_exchange]
+            assert one == sorted(one, key=lambda c: c != "irecv"), one  # receives first
+
+
 def _all_checks(rank, world):
+    _check_exchange(rank, world)
     for ep in (2, 4):
         for shared in (False, True):
             _check_layer(rank, world, ep, shared)

@@ -91,14 +91,23 @@ def test_sync_is_fitted_over_every_weight_and_gradient_collective():
 def test_two_ranks_time_every_collective(tmp_path):
     out = tmp_path / "comm.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_comm.py"), "--world", "2", "--sizes", "4K,64K"]
+    kinds = ",".join((*bench_comm.KINDS, "a2a_torch"))  # every kind, and the a2a's reference when asked for
     proc = subprocess.run(
-        [*cmd, "--iters", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300
+        [*cmd, "--iters", "2", "--repeats", "1", "--kinds", kinds, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     timed = {r["kind"] for r in data["results"]}
-    assert {"a2a", "all_reduce", "p2p"} <= timed
-    assert timed | set(data["skipped"]) == set(bench_comm.KINDS)
+    assert {"a2a", "a2a_torch", "all_reduce", "p2p"} <= timed
+    assert timed | set(data["skipped"]) == {*bench_comm.KINDS, "a2a_torch"}
+    # The reference is priced as the a2a it stands beside, and stays out of the planner's constants.
+    assert {r["sent"] for r in data["results"] if r["kind"] == "a2a_torch"} == {
+        r["sent"] for r in data["results"] if r["kind"] == "a2a"
+    }
+    assert not [k for k in calibration.constants_from_bench(data["results"])["gbps"] if "torch" in k]
     assert all(r["s"] > 0 and r["shape"] == "consecutive2" for r in data["results"])
     assert all(r["sent"] == bench_comm.sent_bytes(r["kind"], r["bytes"], 2) for r in data["results"])
     assert {f["kind"] for f in data["fits"]} == timed
