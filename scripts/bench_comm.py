@@ -196,6 +196,9 @@ def _rank(
     _join(rank, world, store, device, cuda)
     hosts: list = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
+    from moemesh.parallel.comm import set_rank_hosts
+
+    set_rank_hosts(hosts)  # as build_mesh does: a2a's groups across hosts post their receives first
     results, skipped = [], {}
 
     def sync():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -215,20 +214,29 @@ class PeerWork:
 
 
 _next_tag: dict = {}  # process group -> the tag of its next exchange_rows on gloo
-_crosses_hosts: dict = {}  # process group -> whether its ranks are on more than one host (gloo only)
+_crosses_hosts: dict = {}  # process group -> whether its ranks are on more than one host
+_rank_hosts: list | None = None  # global rank -> its host's name, once set_rank_hosts was given them
+
+
+def set_rank_hosts(hosts: list | None) -> None:
+    """Where every global rank runs (``parallel.mesh.build_mesh`` gathers the host names once, at
+    start): on gloo, ``exchange_rows`` posts its receives first for groups that span hosts. None
+    (the default): every exchange is torch's ``all_to_all_single``."""
+    global _rank_hosts
+    _rank_hosts = list(hosts) if hosts else None
+    _crosses_hosts.clear()
 
 
 def _receives_first(group) -> bool:
-    """Whether ``exchange_rows`` posts its receives first on ``group``: gloo, across hosts. The
-    first call on a group gathers its ranks' host names (once, every rank of the group at once,
-    as for any collective); the answer is the group's, so all its ranks take the same path."""
-    if dist.get_backend(group) != "gloo":
+    """Whether ``exchange_rows`` posts its receives first on ``group``: gloo, across hosts. Decided
+    from the host names ``set_rank_hosts`` was given, for the whole group, so all its ranks take
+    the same path; no collective of its own."""
+    if _rank_hosts is None or dist.get_backend(group) != "gloo":
         return False
     crosses = _crosses_hosts.get(group)
     if crosses is None:
-        hosts: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        crosses = _crosses_hosts[group] = len(set(hosts)) > 1
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        crosses = _crosses_hosts[group] = len({_rank_hosts[r] for r in ranks}) > 1
     return crosses
 
 
@@ -255,7 +263,8 @@ def exchange_rows(
     running at once. Across a link shaped to 200 Mbit/s (two hosts, benchmarks/RESULTS.md) that
     held 4-8 MiB exchanges to 55-62% of the link's rate in most calls; with the receives first
     they reach 90-93% in every call. Inside one host (loopback) the turns cost little, and
-    torch's collective keeps its lower latency on oversubscribed cores. Each such exchange on a
+    torch's collective keeps its lower latency on oversubscribed cores. Which groups span hosts
+    is known from ``set_rank_hosts``; without it, every group is taken for one host's. Each such exchange on a
     group has its own tag (the group's count of exchanges so far, the same on every rank, as
     collectives are called in the same order), so exchanges in flight at once never match each
     other's messages."""

@@ -6,11 +6,13 @@ For a single rank no process group exists and every group is ``None``.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
+from moemesh.parallel.comm import set_rank_hosts
 from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims
 
 
@@ -85,6 +87,10 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
 
     if dims.world_size == 1 and not dist.is_initialized():
         return single_rank_mesh()
+    # Every rank's host, once: gloo exchanges rows across hosts with their receives first.
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    set_rank_hosts(hosts)
     mesh = init_device_mesh(device_type, dims.shape(), mesh_dim_names=tuple(a.value for a in MESH_AXES))
     data = mesh[MeshAxis.DP.value, MeshAxis.EP.value]._flatten("data")
     rank = dist.get_rank()

@@ -30,9 +30,14 @@ def _layer(cfg, ep_group, stats_group, ops=TORCH_OPS):
     return layer
 
 
-def _check_layer(rank, world, ep, shared, ops=TORCH_OPS):
+def _check_layer(rank, world, ep, shared, ops=TORCH_OPS, hosts=None):
     dims = ParallelDims(dp=world // ep, ep=ep)
     pm = build_mesh(dims, "cpu")
+    if hosts:  # where the ranks "run": EP groups across hosts exchange with receives first
+        from moemesh.parallel import comm
+
+        comm.set_rank_hosts(hosts)
+        assert comm._receives_first(pm.ep_group)
     ep_ranks = dist.get_process_group_ranks(pm.ep_group)
     cfg = ModelConfig(
         name="t",
@@ -112,8 +117,9 @@ def _check_dispatcher(rank, world, ep, K, route):
 
 def _check_exchange(rank, world):
     """exchange_rows against all_to_all_single: uneven splits with zeros, several exchanges in
-    flight at once (each its own tag). Across hosts (two "hosts" here, by host name) every
-    receive is posted before any send; on one host it is torch's collective."""
+    flight at once (each its own tag). Across hosts (two "hosts" here, by the names given to
+    set_rank_hosts) every receive is posted before any send; on one host it is torch's
+    collective."""
     from unittest import mock
 
     from moemesh.parallel import comm
@@ -128,8 +134,9 @@ def _check_exchange(rank, world):
         y = x.new_empty(sum(outs), 3)
         dist.all_to_all_single(y, x, outs, ins)
         expected.append(y)
-    one_host = dist.new_group(list(range(world)))  # a second group of the same ranks, on one host
-    for group, host in ((None, f"h{rank % 2}"), (one_host, "h")):
+    ranks = list(range(world))
+    for group, hosts in ((None, [f"h{r % 2}" for r in ranks]), (dist.new_group(ranks), ["h"] * world)):
+        comm.set_rank_hosts(hosts)
         calls = []
         real = {name: getattr(dist, name) for name in ("isend", "irecv")}
         spies = {
@@ -139,7 +146,6 @@ def _check_exchange(rank, world):
         with (
             mock.patch.object(dist, "isend", spies["isend"]),
             mock.patch.object(dist, "irecv", spies["irecv"]),
-            mock.patch.object(comm.socket, "gethostname", lambda _host=host: _host),
         ):
             got = [x.new_empty(sum(outs), 3) for x in xs]
             works = [comm.exchange_rows(y, x, outs, ins, group, async_op=True) for y, x in zip(got, xs)]
@@ -160,6 +166,7 @@ def _check_exchange(rank, world):
 
 def _all_checks(rank, world):
     _check_exchange(rank, world)
+    _check_layer(rank, world, 4, True, hosts=["n1", "n1", "n2", "n2"])
     for ep in (2, 4):
         for shared in (False, True):
             _check_layer(rank, world, ep, shared)
