@@ -264,10 +264,10 @@ def exchange_rows(
     held 4-8 MiB exchanges to 55-62% of the link's rate in most calls; with the receives first
     they reach 90-93% in every call. Inside one host (loopback) the turns cost little, and
     torch's collective keeps its lower latency on oversubscribed cores. Which groups span hosts
-    is known from ``set_rank_hosts``; without it, every group is taken for one host's. Each such exchange on a
-    group has its own tag (the group's count of exchanges so far, the same on every rank, as
-    collectives are called in the same order), so exchanges in flight at once never match each
-    other's messages."""
+    is known from ``set_rank_hosts``; without it, every group is taken for one host's. Each
+    such exchange on a group has its own tag (the group's count of exchanges so far, the same on
+    every rank, as collectives are called in the same order), so exchanges in flight at once
+    never match each other's messages."""
     x = x.contiguous()
     if not _receives_first(group):
         return dist.all_to_all_single(

@@ -87,9 +87,12 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
 
     if dims.world_size == 1 and not dist.is_initialized():
         return single_rank_mesh()
-    # Every rank's host, once: gloo exchanges rows across hosts with their receives first.
-    hosts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
+    # Every rank's host, once: gloo exchanges rows across hosts with their receives first
+    # (parallel/comm.py:exchange_rows); other backends keep their own All-to-All.
+    hosts: list | None = None
+    if dist.get_backend() == "gloo":
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
     set_rank_hosts(hosts)
     mesh = init_device_mesh(device_type, dims.shape(), mesh_dim_names=tuple(a.value for a in MESH_AXES))
     data = mesh[MeshAxis.DP.value, MeshAxis.EP.value]._flatten("data")
