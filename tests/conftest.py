@@ -21,7 +21,7 @@ SOLO = "solo"
 
 
 def _mode(config) -> str:
-    """ "fast", "full" or "" (one process), for the run pytest was started with."""
+    """The run's mode: "fast", "full" or "" (one process), from how pytest was started."""
     if hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ:
         return ""  # a worker: its -n is unset too, and it must not start workers of its own
     if getattr(config.option, "numprocesses", 0) is not None or not config.pluginmanager.hasplugin("xdist"):
@@ -36,7 +36,7 @@ def _mode(config) -> str:
     return ""
 
 
-def _fast_tier_workers(config, mode: str | None = None) -> int:
+def _workers(config, mode: str | None = None) -> int:
     """How many workers README's two commands get (0: one process)."""
     if not (mode if mode is not None else _mode(config)):
         return 0
@@ -51,7 +51,7 @@ def pytest_cmdline_main(config):
     """Runs before pytest-xdist reads -n (a conftest's tryfirst hook is called before an
     installed plugin's): README's two commands get their workers here."""
     mode = _mode(config)
-    workers = _fast_tier_workers(config, mode)
+    workers = _workers(config, mode)
     if workers <= 1:
         return
     config.option.numprocesses = workers
@@ -79,7 +79,8 @@ def pytest_configure_node(node):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """On a worker of the full suite, before xdist names the groups: the slow tests that do not
-    share the cores in group SOLO, last; the shares_cores ones first (the longest work first)."""
+    share the cores in group SOLO, last; the shares_cores ones first, so that the fast tests are
+    what the two workers finish on before the group starts."""
     if not getattr(config, "workerinput", {}).get("moemesh_solo"):
         return
     config.option.loadgroup = True

@@ -32,30 +32,30 @@ def test_readmes_two_commands_get_a_worker_per_core_and_nothing_else_does(monkey
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     monkeypatch.delenv("MOEMESH_TEST_WORKERS", raising=False)
     cores = min(2, len(os.sched_getaffinity(0)))
-    assert conftest._fast_tier_workers(_config()) == cores
-    assert conftest._fast_tier_workers(_config(markexpr="  not   slow ")) == cores
-    assert conftest._fast_tier_workers(_config(named=True)) == cores  # -m "not slow" tests/moe
-    assert conftest._fast_tier_workers(_config(markexpr="")) == cores  # the full suite
-    assert conftest._fast_tier_workers(_config(markexpr="", named=True)) == 0  # pytest tests/launch: one process
-    assert conftest._fast_tier_workers(_config(markexpr="slow")) == 0
-    assert conftest._fast_tier_workers(_config(numprocesses=0)) == 0  # -n 0
-    assert conftest._fast_tier_workers(_config(xdist=False)) == 0  # -p no:xdist, or not installed
-    assert conftest._fast_tier_workers(_config(collectonly=True)) == 0
+    assert conftest._workers(_config()) == cores
+    assert conftest._workers(_config(markexpr="  not   slow ")) == cores
+    assert conftest._workers(_config(named=True)) == cores  # -m "not slow" tests/moe
+    assert conftest._workers(_config(markexpr="")) == cores  # the full suite
+    assert conftest._workers(_config(markexpr="", named=True)) == 0  # pytest tests/launch: one process
+    assert conftest._workers(_config(markexpr="slow")) == 0
+    assert conftest._workers(_config(numprocesses=0)) == 0  # -n 0
+    assert conftest._workers(_config(xdist=False)) == 0  # -p no:xdist, or not installed
+    assert conftest._workers(_config(collectonly=True)) == 0
     worker = _config()
     worker.workerinput = {}
-    assert conftest._fast_tier_workers(worker) == 0  # a worker never starts workers of its own
+    assert conftest._workers(worker) == 0  # a worker never starts workers of its own
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
-    assert conftest._fast_tier_workers(_config()) == 0
+    assert conftest._workers(_config()) == 0
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
     monkeypatch.setenv("MOEMESH_TEST_WORKERS", "3")
-    assert conftest._fast_tier_workers(_config()) == 3
+    assert conftest._workers(_config()) == 3
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("markexpr", ["not slow", ""])
 def test_the_hook_sets_n_only_when_it_gives_workers(monkeypatch, workers, markexpr):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    monkeypatch.setattr(conftest, "_fast_tier_workers", lambda config, mode=None: workers)
+    monkeypatch.setattr(conftest, "_workers", lambda config, mode=None: workers)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "7")  # a user's own setting is kept (and this test's env restored)
     config = _config(markexpr=markexpr)
