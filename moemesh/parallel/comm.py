@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -229,23 +230,16 @@ def set_rank_hosts(hosts: list | None) -> None:
 
 def _receives_first(group) -> bool:
     """Whether ``exchange_rows`` posts its receives first on ``group``: gloo, across hosts. Decided
-    from the host names ``set_rank_hosts`` was given, for the whole group, so all its ranks take
-    the same path; no collective of its own."""
-    if _rank_hosts is None or dist.get_backend(group) != "gloo":
+    once per group from the host names ``set_rank_hosts`` was given, for the whole group, so all
+    its ranks take the same path; no collective of its own."""
+    if _rank_hosts is None:
         return False
     crosses = _crosses_hosts.get(group)
     if crosses is None:
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        crosses = _crosses_hosts[group] = len({_rank_hosts[r] for r in ranks}) > 1
+        crosses = dist.get_backend(group) == "gloo" and len({_rank_hosts[r] for r in ranks}) > 1
+        _crosses_hosts[group] = crosses
     return crosses
-
-
-def _offsets(splits: list[int]) -> list[int]:
-    out, at = [], 0
-    for n in splits:
-        out.append(at)
-        at += n
-    return out
 
 
 def exchange_rows(
@@ -276,7 +270,7 @@ def exchange_rows(
     me, n = dist.get_rank(group), len(in_splits)
     tag = _next_tag.get(group, 0)
     _next_tag[group] = (tag + 1) % (1 << 24)
-    at_in, at_out = _offsets(in_splits), _offsets(out_splits)
+    at_in, at_out = list(accumulate(in_splits, initial=0)), list(accumulate(out_splits, initial=0))
     works = []
     for i in range(1, n):
         src = (me - i) % n
