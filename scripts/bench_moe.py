@@ -84,8 +84,10 @@ def reference(x: torch.Tensor, w: Weights, top_k: int) -> torch.Tensor:
 
 
 def moemesh_impl(
-    cfg: ModelConfig, w: Weights, device, *, grouped: bool, backend: str, inductor_swiglu: bool = False
+    cfg: ModelConfig, w: Weights, device, *, grouped: bool | None, backend: str, inductor_swiglu: bool = False
 ) -> Impl:
+    """moemesh's layer; ``grouped``: the experts' GEMM path (None: the default for the device,
+    named in the row)."""
     layer = MoELayer(cfg=cfg)
     ops = get_ops(backend, device)
     if inductor_swiglu:
@@ -104,7 +106,8 @@ def moemesh_impl(
         layer.experts.w3_eDF.copy_(w.w3)
         layer.experts.w2_eFD.copy_(w.w2)
     layer = layer.to(device)
-    name = f"moemesh, {'grouped_mm' if grouped else 'per-expert loop'}, {backend} kernels"
+    path = "grouped_mm" if (device != "cpu" if grouped is None else grouped) else "per-expert loop"
+    name = f"moemesh, {path}{' (default)' if grouped is None else ''}, {backend} kernels"
     name += ", SwiGLU compiled (inductor)" if inductor_swiglu else ""
     return Impl(name, lambda x: layer(x.unsqueeze(0))[0].squeeze(0))
 
@@ -228,10 +231,11 @@ def _args(argv):
 
 
 def _implementations(cfg: ModelConfig, w: Weights, device, peers: bool, backends: list[str]) -> list[Impl]:
-    impls = [moemesh_impl(cfg, w, device, grouped=True, backend=b) for b in backends]
+    impls = [moemesh_impl(cfg, w, device, grouped=None, backend=b) for b in backends]
     if device == "cpu" and "torch" in backends:
-        impls.append(moemesh_impl(cfg, w, device, grouped=True, backend="torch", inductor_swiglu=True))
-    impls.append(moemesh_impl(cfg, w, device, grouped=False, backend="torch"))
+        impls.append(moemesh_impl(cfg, w, device, grouped=None, backend="torch", inductor_swiglu=True))
+    # the other expert GEMM path: on a CPU the GPU's grouped GEMMs, on a GPU the per-expert loop
+    impls.append(moemesh_impl(cfg, w, device, grouped=device == "cpu", backend="torch"))
     if peers:
         ds = deepspeed_impl(cfg, w, device)
         impls += ([ds] if ds is not None else []) + transformers_impls(cfg, w, device)

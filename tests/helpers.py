@@ -100,7 +100,7 @@ def laid_out(
     sequence_parallel=False,
     stats_group=None,
     ops=None,
-    use_grouped_mm=True,
+    use_grouped_mm=None,
     overlap_chunks=0,
     meter=None,
 ):

@@ -24,7 +24,7 @@ from moemesh.fields import SharedExpertOverlap
 from moemesh.kernels import KernelOps
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.dispatcher import AllToAllDispatcher
-from moemesh.moe.experts import GroupedExperts, grouped_mm_available
+from moemesh.moe.experts import GroupedExperts
 from moemesh.moe.overlap import overlapped_moe
 from moemesh.moe.rank_dispatch import routed_by_rank
 from moemesh.moe.router import Router, RouterLosses, entropy_sum, router_losses, sequence_aux_loss
@@ -226,11 +226,11 @@ class MoELayer(nn.Module):
         if self.shared_gate is not None and sequence_parallel:  # each TP rank gates its own sequence shard
             setattr(self.shared_gate.weight, GRAD_GROUP, "data_tp")
 
-    def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
+    def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool | None = None) -> None:
         """The token-path kernels (gating, permute, chunk sort, unpermute), the experts' SwiGLU and
-        their GEMMs."""
+        their GEMMs (``GroupedExperts.use_grouped_mm``; None: by device)."""
         self.router.ops = self.dispatcher.ops = self.experts.ops = ops
-        self.experts.use_grouped_mm = use_grouped_mm and grouped_mm_available()
+        self.experts.use_grouped_mm = use_grouped_mm
 
     def forward(self, x_BSD: torch.Tensor, *, loss_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
         """``loss_scale``: the factor the caller's backward applies to the loss (1/accum

@@ -4,7 +4,9 @@
 the outputs of its collectives; the backward recomputes the rest of the block from
 them. ``selective`` also keeps the results of the operators in ``SELECTIVE_SAVE``: the
 attention output and the routed experts' matmul outputs (the attention core costs
-O(S^2) FLOPs for T x D values kept; the expert GEMMs are the MoE layer's FLOPs); the
+O(S^2) FLOPs for T x D values kept; the expert GEMMs are the MoE layer's FLOPs; the
+per-expert loop, which runs no grouped GEMM, keeps the same through
+``kept_under_selective``); the
 norms, RoPE, projections, dense FFN, router and token permutations are recomputed.
 
 Neither repeats a collective: the block's forward runs under ``comm.recording`` and
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,12 +83,42 @@ def _detached(out):
     return tree_map_only(torch.Tensor, lambda t: t.detach(), out)
 
 
-class _Keep(TorchDispatchMode):
+_active = threading.local()  # the innermost selective _Keep or _Reuse of this thread
+
+
+def kept_under_selective(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, kept as a ``SELECTIVE_SAVE`` operator's output is: under ``selective``
+    its forward keeps the result and its recompute returns that instead of calling ``fn``;
+    anywhere else, just the call. For a region of the model's own compute that is not one
+    operator (the experts' per-expert GEMM loop on a CPU, ``moe/experts.py``); ``fn`` must
+    run no collective and no ``SELECTIVE_SAVE`` operator."""
+    mode = getattr(_active, "mode", None)
+    return fn(*args) if mode is None else mode.call(fn, args)
+
+
+class _Selective(TorchDispatchMode):
+    """What _Keep and _Reuse share: being the thread's active one between enter and exit."""
+
+    def __enter__(self):
+        self._outer, _active.mode = getattr(_active, "mode", None), self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active.mode = self._outer
+        return super().__exit__(*exc)
+
+
+class _Keep(_Selective):
     """selective's forward: keep each ``SELECTIVE_SAVE`` operator's output."""
 
     def __init__(self, kept: SelectiveOutputs):
         super().__init__()
         self.kept = kept
+
+    def call(self, fn, args):
+        out = fn(*args)
+        self.kept.outputs.append((fn, _detached(out)))
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -95,7 +128,7 @@ class _Keep(TorchDispatchMode):
         return out
 
 
-class _Reuse(TorchDispatchMode):
+class _Reuse(_Selective):
     """selective's recompute: each ``SELECTIVE_SAVE`` operator returns the kept output."""
 
     def __init__(self, kept: SelectiveOutputs):
@@ -107,14 +140,20 @@ class _Reuse(TorchDispatchMode):
         self.cursor = 0  # a retained graph recomputes again, from the first
         return super().__enter__()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in SELECTIVE_SAVE:
-            return func(*args, **(kwargs or {}))
+    def _next(self, func):
         assert self.cursor < len(self.kept.outputs), f"{func}: the recompute ran more kept operators than the forward"
         op, out = self.kept.outputs[self.cursor]
         assert op is func, f"recompute ran {func} where the forward ran {op}"
         self.cursor += 1
         return _detached(out)
+
+    def call(self, fn, args):
+        return self._next(fn)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in SELECTIVE_SAVE:
+            return func(*args, **(kwargs or {}))
+        return self._next(func)
 
 
 class _Contexts:

@@ -109,9 +109,10 @@ def apply_load_balance_group(model: nn.Module, stats_group) -> None:
         moe.stats_group = stats_group
 
 
-def apply_kernels(model: nn.Module, ops: KernelOps, *, use_grouped_mm: bool = True) -> None:
+def apply_kernels(model: nn.Module, ops: KernelOps, *, use_grouped_mm: bool | None = None) -> None:
     """The token-path kernels (Triton or the torch reference) and the expert GEMMs
-    (``torch._grouped_mm``, or a per-expert loop)."""
+    (``torch._grouped_mm``, or a per-expert loop; None: the grouped GEMMs on a GPU, the loop
+    on a CPU, where it is faster: ``moe/experts.py``)."""
     for moe in _moe_layers(model):
         moe.set_kernels(ops, use_grouped_mm=use_grouped_mm)
 

@@ -1,8 +1,9 @@
 """The routed experts (moe/experts.py): SwiGLU and the down projection in one autograd node that
 keeps gate and up only. Outputs and every gradient equal the formula written with autograd
 (F.silu(x w1) * (x w3)) w2, per expert, to fp32 rounding, on the grouped GEMMs and on the
-per-expert loop, with empty experts and ragged counts; the tensors kept for the backward drop
-from D + 4F to D + 2F per routed row, as planning/memory.py counts them."""
+per-expert loop (a CPU's default), with empty experts, ragged counts and frozen parts; the
+tensors kept for the backward drop from D + 4F to D + 2F per routed row, as planning/memory.py
+counts them; the loop allocates nothing of all rows by F."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 COUNTS = [5, 0, 12, 3, 0, 7]
 
 
-def _experts(grouped: bool, D=16, Fh=24):
+def _experts(grouped: bool | None, D=16, Fh=24):
     torch.manual_seed(0)
     e = GroupedExperts(num_experts=len(COUNTS), hidden_size=D, ffn_size=Fh)
     e.init_weights(seed=1, prefix="layers.0.moe", std=0.2, out_std=0.2)
@@ -48,8 +49,9 @@ def test_outputs_and_every_gradient_equal_the_autograd_formula(grouped):
         torch.testing.assert_close(got, want, **TOL)
 
 
-def test_an_expanded_gradient_and_no_rows_at_all():
-    e = _experts(True)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_an_expanded_gradient_and_no_rows_at_all(grouped):
+    e = _experts(grouped)
     x = torch.randn(sum(COUNTS), 16, requires_grad=True)
     e(x, torch.tensor(COUNTS)).sum().backward()  # y.sum(): a stride-0 gradient
     assert torch.isfinite(x.grad).all() and e.w2_eFD.grad[1].abs().sum() == 0  # expert 1 has no rows
@@ -87,3 +89,138 @@ def test_kept_tensors_per_routed_row_drop_from_d_plus_4f_to_d_plus_2f(grouped):
     assert fused == D + 2 * Fh  # x, gate, up
     assert before == D + 4 * Fh  # x, gate, silu(gate), up, h
     assert fused / before <= 2 / 3
+
+
+def test_a_cpu_takes_the_per_expert_loop_by_default(monkeypatch):
+    """As built and as the trainer's apply_kernels leaves it: the loop on a CPU, never
+    torch._grouped_mm."""
+    from moemesh.kernels import TORCH_OPS
+    from moemesh.moe.config import ModelConfig
+    from moemesh.moe.layer import MoELayer
+    from moemesh.trainer.parallelize import apply_kernels
+
+    layer = MoELayer(
+        cfg=ModelConfig(name="t", hidden_size=16, moe_ffn_hidden_size=24, num_experts=len(COUNTS), top_k=2)
+    )
+    apply_kernels(layer, TORCH_OPS)
+    e = GroupedExperts(num_experts=len(COUNTS), hidden_size=16, ffn_size=24)
+    e.init_weights(seed=1, prefix="layers.0.moe", std=0.2, out_std=0.2)
+    assert e.use_grouped_mm is None and layer.experts.use_grouped_mm is None
+
+    def no_grouped(*a, **k):
+        raise AssertionError("torch._grouped_mm called on a CPU by default")
+
+    monkeypatch.setattr(torch, "_grouped_mm", no_grouped)
+    x = torch.randn(sum(COUNTS), 16, requires_grad=True)
+    e(x, torch.tensor(COUNTS)).sum().backward()
+    assert x.grad is not None and e.w1_eDF.grad is not None
+
+
+def test_the_loop_allocates_nothing_of_all_rows_by_f():
+    """Every [M, F] temporary is one expert's rows: no op of the forward or the backward makes a
+    tensor of M x F (or F x M) values, which a CPU would serve with fresh, faulting pages."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    D, Fh = 16, 40  # F > D, and M x F apart from every other size here
+    e = _experts(False, D, Fh)
+    M = sum(COUNTS)
+    shapes: list[tuple[int, ...]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+            return out
+
+    x = torch.randn(M, D, requires_grad=True)
+    with Record():
+        e(x, torch.tensor(COUNTS)).backward(torch.randn(M, D))
+    assert (max(COUNTS), Fh) in shapes  # the per-expert temporaries were seen
+    assert (M, Fh) not in shapes and (Fh, M) not in shapes, sorted(set(shapes))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("frozen", ["input", "weights", "w2"])
+def test_gradients_when_part_is_frozen(grouped, frozen):
+    """The backward computes only what is asked for, and that equals the autograd formula."""
+    e = _experts(grouped)
+    x = torch.randn(sum(COUNTS), 16, requires_grad=frozen != "input")
+    frozen_params = {"input": [], "weights": list(e.parameters()), "w2": [e.w2_eFD]}[frozen]
+    for p in frozen_params:
+        p.requires_grad_(False)
+    dy = torch.randn(sum(COUNTS), 16)
+    got, want = [], []
+    for out, run in ((got, lambda: e(x, torch.tensor(COUNTS))), (want, lambda: _autograd_formula(e, x, COUNTS))):
+        e.zero_grad(set_to_none=True)
+        x.grad = None
+        run().backward(dy)
+        out += [x.grad, *(p.grad for p in e.parameters())]
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, **TOL)
+
+
+def test_a_split_backward_runs_each_gemm_in_the_pass_that_needs_it():
+    """The zero-bubble schedules' split backward (torch's stage_backward_input, then
+    stage_backward_weight) through the loop's one autograd node: the input pass computes no
+    weight gradient, the weight pass no input gradient, and together they equal one backward."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    D, Fh = 16, 40
+    e = _experts(False, D, Fh)
+    M = sum(COUNTS)
+    x0, dy = torch.randn(M, D), torch.randn(M, D)
+    x = x0.clone().requires_grad_()
+    e(x, torch.tensor(COUNTS)).backward(dy)
+    want = [x.grad, *(p.grad.clone() for p in e.parameters())]
+    e.zero_grad(set_to_none=True)
+
+    class Products(TorchDispatchMode):
+        """The output shape of every matrix product."""
+
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_, torch.ops.aten.addmm):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    xi = x.detach().requires_grad_()
+    y = e(xi, torch.tensor(COUNTS))
+    params = list(e.parameters())
+    with Products() as first:
+        (dx,), groups = stage_backward_input([y], [dy], [xi], iter(params))
+    with Products() as second:
+        stage_backward_weight(iter(params), groups)
+    weight_shapes = {(D, Fh), (Fh, D)}  # (an expert without rows runs its products with no rows)
+    assert not weight_shapes & set(first.shapes)  # no weight gradient in the input pass
+    assert sum(s in weight_shapes for s in second.shapes) == 3 * len(COUNTS)  # dw1, dw3, dw2 once each
+    assert sorted(s for s in second.shapes if s not in weight_shapes) == sorted((n, Fh) for n in COUNTS)  # dh only
+    for got, ref in zip([dx, *(p.grad for p in params)], want, strict=True):
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_paths_compute_in_the_rows_dtype_under_autocast(dtype):
+    """Under bf16 autocast (trainer.dtype=bf16 on a CPU) the experts compute in their rows'
+    dtype on either path, and the two paths agree."""
+    x = torch.randn(sum(COUNTS), 16, dtype=dtype)
+    dy = torch.randn(sum(COUNTS), 16, dtype=dtype)
+    results = []
+    for grouped in (True, False):
+        e = _experts(grouped)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = e(xi, torch.tensor(COUNTS))
+        y.backward(dy)
+        assert y.dtype == xi.grad.dtype == dtype
+        results.append([y.detach(), xi.grad, *(p.grad for p in e.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **(TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))

@@ -79,8 +79,10 @@ def test_bench_moe_times_each_kernel_backend(repo_root):
         "--kernels",
         "triton,torch",
     )
-    labels = ("grouped_mm, triton kernels", "grouped_mm, torch kernels", "per-expert loop, torch kernels")
-    for label in (*labels, "grouped_mm, torch kernels, SwiGLU compiled (inductor)"):
+    # on a CPU the default expert path is the per-expert loop; grouped_mm (a GPU's) is its own row
+    default = "per-expert loop (default)"
+    labels = (f"{default}, triton kernels", f"{default}, torch kernels", "grouped_mm, torch kernels")
+    for label in (*labels, f"{default}, torch kernels, SwiGLU compiled (inductor)"):
         row = next((line for line in out.stdout.splitlines() if line.startswith(f"| moemesh, {label} |")), None)
         assert row is not None and "not timed" not in row, out.stdout  # checked against float64, then timed
     bad = subprocess.run(
