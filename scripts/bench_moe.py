@@ -13,7 +13,13 @@ Ideal: the expert FLOPs (forward 3 GEMMs of 2 N D F for N = T K routed rows, bac
 that: 6 N D F and 18 N D F) divided by the best dense ``F.linear`` rate this process measures
 for the experts' GEMM shapes (N/E and N rows; D -> F and F -> D), in the same rounds. What an
 implementation spends above it is routing, permutation, the SwiGLU pointwise work, the
-combine, autograd and GEMM inefficiency.
+combine, autograd and GEMM inefficiency. The last column counts the pages this process touches
+for the first time during one fwd+bwd (minor faults, median over the rounds): on a CPU each is
+a fresh allocation the kernel maps and zeroes, a cost the GEMM that fills it pays.
+
+moemesh's rows: the device's default expert path (on a CPU the per-expert loop, on a GPU the
+grouped GEMMs; ``moe/experts.py``), on a CPU the same with its SwiGLU compiled by inductor,
+and the other path.
 
 Peers, each when installed: DeepSpeed's MoE layer (ep_size=1, drop_tokens=False, the second
 expert chosen without sampling), transformers' Mixtral sparse block (``eager`` and
@@ -26,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -64,6 +71,7 @@ class Impl:
     name: str
     run: Callable[[torch.Tensor], torch.Tensor]  # x [T, D] -> out [T, D], differentiable
     times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwd+bwd": []})
+    faults: list[int] = field(default_factory=list)  # pages first touched per fwd+bwd (minor faults)
     error: str | None = None
 
 
@@ -264,11 +272,19 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense) ->
         for impl in timed:
             for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 sync()
-                t0 = time.perf_counter()
+                f0, t0 = _minor_faults(), time.perf_counter()
                 fn(impl)
                 sync()
                 impl.times[what].append(time.perf_counter() - t0)
+                if what == "fwd+bwd":
+                    impl.faults.append(_minor_faults() - f0)
     return max(rates)
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far: each is a page touched for the first time (a
+    fresh allocation the kernel must map and zero)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(argv=None) -> None:
@@ -322,17 +338,20 @@ def main(argv=None) -> None:
         f"ideal: expert FLOPs at the best dense F.linear rate {rate / 1e9:.1f} GFLOP/s "
         f"({N // E} and {N} rows): fwd {ideal['fwd'] * 1e3:.1f} ms, fwd+bwd {ideal['fwd+bwd'] * 1e3:.1f} ms\n"
     )
-    print("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) |")
-    print("|---|---:|---:|")
+    print("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) | new pages per fwd+bwd |")
+    print("|---|---:|---:|---:|")
     for impl in impls:
         if impl.error:
-            print(f"| {impl.name} | not timed: {impl.error} | |")
+            print(f"| {impl.name} | not timed: {impl.error} | | |")
             continue
         cells = []
         for what in ("fwd", "fwd+bwd"):
             r = [t / ideal[what] for t in impl.times[what]]
             cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})")
-        print(f"| {impl.name} | {cells[0]} | {cells[1]} |")
+        pages = int(statistics.median(impl.faults))
+        print(
+            f"| {impl.name} | {cells[0]} | {cells[1]} | {pages:,} ({pages * resource.getpagesize() / 2**20:.0f} MiB) |"
+        )
 
 
 def _cpu_model() -> str:
