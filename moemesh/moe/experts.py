@@ -67,10 +67,11 @@ def _wanted(ctx) -> tuple[bool, ...]:
     pipeline schedules: torch's ``stage_backward_input``, then ``stage_backward_weight``) asks
     for the input's gradient and the weights' in separate passes, each through the same node;
     computing both in each would double the node's GEMMs."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)  # what register_multi_grad_hook uses
     out = []
     for needed, node in zip(ctx.needs_input_grad, ctx.grad_nodes, strict=False):
         try:
-            out.append(needed and node is not None and torch._C._will_engine_execute_node(node))
+            out.append(needed and node is not None and (will_run is None or will_run(node)))
         except RuntimeError:  # autograd.grad with a leaf among its inputs: torch cannot tell
             out.append(needed)
     return tuple(out)
