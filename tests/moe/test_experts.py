@@ -3,7 +3,8 @@ keeps gate and up only. Outputs and every gradient equal the formula written wit
 (F.silu(x w1) * (x w3)) w2, per expert, to fp32 rounding, on the grouped GEMMs and on the
 per-expert loop (a CPU's default), with empty experts, ragged counts and frozen parts; the
 tensors kept for the backward drop from D + 4F to D + 2F per routed row, as planning/memory.py
-counts them; the loop allocates nothing of all rows by F."""
+counts them; the loop allocates nothing of all rows by F, runs each GEMM once under a split
+backward, and keeps its results under selective checkpointing."""
 
 import pytest
 import torch
@@ -224,3 +225,27 @@ def test_both_paths_compute_in_the_rows_dtype_under_autocast(dtype):
         results.append([y.detach(), xi.grad, *(p.grad for p in e.parameters())])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **(TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+
+
+@pytest.mark.parametrize(("mode", "loops"), [("selective", 1), ("full", 2)])
+def test_selective_checkpointing_keeps_what_the_loop_computed(monkeypatch, mode, loops):
+    """Under selective activation checkpointing the loop's results (y, gate, up) are kept, as the
+    grouped GEMMs' are: the backward's recompute runs no expert GEMM again; under full it does.
+    Gradients equal an unchecked run's."""
+    from moemesh.moe import experts as module
+    from moemesh.parallel.recompute import checkpoint_module
+
+    x, dy = torch.randn(sum(COUNTS), 16), torch.randn(sum(COUNTS), 16)
+    want = _experts(False)
+    xw = x.clone().requires_grad_()
+    want(xw, torch.tensor(COUNTS)).backward(dy)
+
+    runs, loop = [], module._loop_forward
+    monkeypatch.setattr(module, "_loop_forward", lambda *a: runs.append(1) or loop(*a))
+    e = _experts(False)
+    checkpoint_module(e, mode)
+    xi = x.clone().requires_grad_()
+    e(xi, torch.tensor(COUNTS)).backward(dy)
+    assert len(runs) == loops
+    for got, ref in zip([xi.grad, *(p.grad for p in e.parameters())], [xw.grad, *(p.grad for p in want.parameters())]):
+        torch.testing.assert_close(got, ref, **TOL)
