@@ -58,7 +58,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _grad_nodes(*tensors: torch.Tensor) -> tuple:
     """The autograd node each input's gradient flows into (None for one without a gradient):
-    a backward asks ``_wanted`` which of them this backward pass will run."""
+    a backward asks ``_wanted`` which of them this backward pass will run. Under
+    ``torch.inference_mode`` no backward follows (and a leaf's node cannot be reached)."""
+    if torch.is_inference_mode_enabled():
+        return (None,) * len(tensors)
     return tuple(get_gradient_edge(t).node if t.requires_grad else None for t in tensors)
 
 
@@ -239,4 +242,6 @@ class GroupedExperts(nn.Module):
             gate_MF, up_MF = _grouped_mm(x_MD, w1, offs_e), _grouped_mm(x_MD, w3, offs_e)
             return _SwiGLUDown.apply(gate_MF, up_MF, w2, offs_e, self.ops)
         counts = tokens_per_expert_e.tolist()  # host sync: the loop's bounds
+        # every row must be some expert's: rows past the counts would be left unwritten
+        assert sum(counts) == x_MD.shape[0], (sum(counts), x_MD.shape[0])
         return _ExpertLoop.apply(x_MD, w1, w3, w2, counts, self.ops)

@@ -91,7 +91,9 @@ def kept_under_selective(fn: Callable[..., Any], *args: Any) -> Any:
     its forward keeps the result and its recompute returns that instead of calling ``fn``;
     anywhere else, just the call. For a region of the model's own compute that is not one
     operator (the experts' per-expert GEMM loop on a CPU, ``moe/experts.py``); ``fn`` must
-    run no collective and no ``SELECTIVE_SAVE`` operator."""
+    run no collective and no ``SELECTIVE_SAVE`` operator, and be the same object in the forward
+    and the recompute (a module-level function, not a closure made per call): the recompute
+    matches kept results by it."""
     mode = getattr(_active, "mode", None)
     return fn(*args) if mode is None else mode.call(fn, args)
 
@@ -116,6 +118,7 @@ class _Keep(_Selective):
         self.kept = kept
 
     def call(self, fn, args):
+        assert not collective_in_progress(), f"{fn} inside a collective: a replay would skip it"
         out = fn(*args)
         self.kept.outputs.append((fn, _detached(out)))
         return out

@@ -249,3 +249,15 @@ def test_selective_checkpointing_keeps_what_the_loop_computed(monkeypatch, mode,
     assert len(runs) == loops
     for got, ref in zip([xi.grad, *(p.grad for p in e.parameters())], [xw.grad, *(p.grad for p in want.parameters())]):
         torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_inference_mode_runs_both_paths(grouped):
+    """Evaluation under torch.inference_mode (no backward can follow) gives what no_grad gives."""
+    e = _experts(grouped)
+    x, counts = torch.randn(sum(COUNTS), 16), torch.tensor(COUNTS)
+    with torch.no_grad():
+        want = e(x, counts)
+    with torch.inference_mode():
+        got = e(x, counts)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
