@@ -28,6 +28,8 @@ schedules' split backward runs each GEMM once.
 
 from __future__ import annotations
 
+from itertools import accumulate, pairwise
+
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
@@ -157,10 +159,7 @@ def _loop_backward(dy_MD, x_MD, w1_eDF, w3_eDF, w2_eFD, kept, counts, ops, wante
 def _spans(counts: list[int]):
     """(start, end) of each expert's rows. An expert without rows has an empty span: its
     products have inner length 0, so its weight gradients come out zero."""
-    start = 0
-    for n in counts:
-        yield start, start + n
-        start += n
+    return pairwise(accumulate(counts, initial=0))
 
 
 class _SwiGLUDown(torch.autograd.Function):
