@@ -228,6 +228,12 @@ def set_rank_hosts(hosts: list | None) -> None:
     _crosses_hosts.clear()
 
 
+def rank_hosts() -> list | None:
+    """Every global rank's host name as ``set_rank_hosts`` was given them (None: not gathered,
+    as on NCCL or a single rank)."""
+    return None if _rank_hosts is None else list(_rank_hosts)
+
+
 def _receives_first(group) -> bool:
     """Whether ``exchange_rows`` posts its receives first on ``group``: gloo, across hosts. Decided
     once per group from the host names ``set_rank_hosts`` was given, for the whole group, so all

@@ -11,6 +11,7 @@ import socket
 
 import torch
 
+from moemesh.parallel import comm
 from moemesh.parallel.comm import group_size
 
 
@@ -64,15 +65,20 @@ def cpu_model() -> str:
 
 def machine(device: torch.device, world_group=None) -> dict:
     """Where the run ran, for charts that compare runs (scripts/compare.py's subtitles), and on
-    which hosts: every rank's host name, gathered over ``world_group`` (one collective)."""
+    which hosts: every rank's host name, as ``build_mesh`` gathered them at start (gloo), or
+    gathered here over ``world_group`` (one collective)."""
     if device.type == "cuda":
         name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
     else:
         name, count = cpu_model(), 1
     hostname = socket.gethostname()
     rank_hosts: list = [hostname]
-    if group_size(world_group) > 1:
-        rank_hosts = [None] * group_size(world_group)
+    world = group_size(world_group)
+    gathered = comm.rank_hosts()
+    if world > 1 and gathered is not None and len(gathered) == world:
+        rank_hosts = gathered
+    elif world > 1:
+        rank_hosts = [None] * world
         torch.distributed.all_gather_object(rank_hosts, hostname, group=world_group)
     return {
         "hostname": hostname,
