@@ -41,9 +41,15 @@ STDLIB_SHARD_BYTES = 4 << 20  # stdlib files per shard: about 4 MiB (8-10 shards
 
 
 def _stdlib_files() -> list[Path]:
+    """The stdlib's .py files, outside site-packages and caches, in path order. A walk that does
+    not enter the skipped directories: every run lists them (the corpus's cache key), and
+    ``rglob`` over all 13,000 entries took 0.4 s of each ``train.py``'s start."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    files = []
+    for where, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        files += [Path(where, n) for n in names if n.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

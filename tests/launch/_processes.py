@@ -18,7 +18,20 @@ def wait_for_steps(tmp_path, n, proc, timeout=120):
 
 
 def ranks_of(pid):
-    """The rank processes a launcher ``pid`` started: its children, less multiprocessing's resource tracker."""
+    """The rank processes a launcher ``pid`` started: its children, less multiprocessing's resource
+    tracker; where a child is the fork server bare ``train.py`` starts, the ranks are its children."""
+    ranks = []
+    for kid, cmd in _children(pid):
+        if b"resource_tracker" in cmd:
+            continue
+        if b"multiprocessing.forkserver" in cmd:
+            ranks += [k for k, _ in _children(kid)]
+        else:
+            ranks.append(kid)
+    return sorted(ranks)
+
+
+def _children(pid):
     kids = []
     for p in os.listdir("/proc"):
         if p.isdigit():
@@ -27,6 +40,6 @@ def ranks_of(pid):
                 cmd = Path(f"/proc/{p}/cmdline").read_bytes()
             except OSError:
                 continue
-            if stat.rsplit(")", 1)[1].split()[1] == str(pid) and b"resource_tracker" not in cmd:
-                kids.append(int(p))
-    return sorted(kids)
+            if stat.rsplit(")", 1)[1].split()[1] == str(pid):
+                kids.append((int(p), cmd))
+    return kids

@@ -185,7 +185,7 @@ def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_p
     ranks = ranks_of(proc.pid)
     proc.kill()
     proc.communicate(timeout=30)
-    deadline = time.monotonic() + 60  # its ranks get SIGINT from the kernel (PDEATHSIG), save and leave
+    deadline = time.monotonic() + 60  # its ranks see it gone, get SIGINT, save and leave
     while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(Path(f"/proc/{r}").exists() for r in ranks)
@@ -202,15 +202,15 @@ def test_a_sigkilled_launchers_rendezvous_dir_is_removed_by_the_next_start(tmp_p
 
 
 def test_ranks_of_a_launcher_sigkilled_while_they_start_do_not_train_on(tmp_path):
-    """The kernel's SIGINT on the launcher's death (PDEATHSIG) is set only once a rank runs, after
-    it imports torch; a launcher SIGKILLed before that sends nothing. Such ranks must notice
-    their launcher is gone and leave, not train on as orphans."""
+    """A launcher SIGKILLed while its ranks start (forked, not yet joined): each rank must notice
+    its launcher is gone and leave at once, not train on as an orphan, nor wait out the
+    rendezvous for a peer that has left (spawn._watch_launcher)."""
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
     deadline = time.monotonic() + 60
     while len(ranks := ranks_of(proc.pid)) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
-    proc.kill()  # the ranks exist and are still importing torch
+    proc.kill()  # the ranks exist and are still starting
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 60
     while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:

@@ -1,7 +1,9 @@
 """Launch: environment detection, and a failing rank never leaves the others hanging."""
 
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -64,24 +66,44 @@ def test_second_ctrl_c_stops_a_lone_process_at_once():
         signal.signal(signal.SIGINT, previous)
 
 
-def _children():
-    me = str(os.getpid())
-    kids = []
+def _processes_of_this_test():
+    """Every process below this one but multiprocessing's own helpers (its resource tracker, and
+    a fork server: the one tests/dist_utils.py keeps for the session, or the one run_ranks starts
+    and stops). Ranks forked by a server are its children: they count."""
+    parent, cmdline = {}, {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    is_child = f.read().rsplit(")", 1)[1].split()[1] == me
+                    parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                # multiprocessing's own helpers, not ranks: its resource tracker, and the forkserver
-                # that tests/dist_utils.py starts once for the whole session
-                helper = b"resource_tracker" in cmdline or b"multiprocessing.forkserver" in cmdline
-                if is_child and not helper:
-                    kids.append(int(pid))
+                    cmdline[int(pid)] = f.read()
             except OSError:
                 pass
-    return kids
+    me, found = os.getpid(), []
+    for pid in parent:
+        chain, p = [], pid
+        while p in parent and p != me and len(chain) < 64:
+            chain.append(p)
+            p = parent[p]
+        if p != me:
+            continue
+        helper = b"resource_tracker" in cmdline.get(pid, b"") or b"multiprocessing.forkserver" in cmdline.get(pid, b"")
+        if not (helper and len(chain) == 1):  # a helper is this process's own child
+            found.append(pid)
+    return found
+
+
+def _report_environment(run, ctx):
+    report = {"mark": os.environ.get("MOEMESH_TEST_MARK"), "cwd": os.getcwd(), "parent": os.getppid()}
+    report["imported_before_the_fork"] = _IMPORTED_BY != os.getpid()
+    Path(ctx.output_dir, f"rank{ctx.rank}.json").write_text(json.dumps(report))
+    return {}
+
+
+# The process that imported this module: in a rank forked from a server that had imported it
+# (with torch and the rank's code) before the fork, the server; in a spawned rank, the rank.
+_IMPORTED_BY = os.getpid()
 
 
 def _fail_on_rank_1(run, ctx):
@@ -96,14 +118,14 @@ def test_failing_rank_stops_every_rank(tmp_path, capsys):
     run = tiny_run(**{"parallel.data_parallel_size": 4, "cluster.collective_timeout_s": 600})
     # Children an earlier test in this process left on purpose (wandb's service lives as long as
     # the process that started it) are not this job's.
-    before = set(_children())
+    before = set(_processes_of_this_test())
     start = time.monotonic()
     with pytest.raises(SystemExit) as exc:
         run_ranks(run, ParallelDims(dp=4), None, str(tmp_path), None, _fail_on_rank_1)
     assert exc.value.code == 1
     assert time.monotonic() - start < 60  # far below the collective timeout: no hang
     assert "rank 1 failed: RuntimeError: boom on rank 1" in capsys.readouterr().err
-    assert set(_children()) - before == set()
+    assert set(_processes_of_this_test()) - before == set()
 
 
 @pytest.mark.slow
@@ -195,3 +217,23 @@ def test_cluster_timeouts_and_output_access_are_checked():
         0o027,
         None,
     ]
+
+
+@pytest.mark.slow
+def test_ranks_fork_from_a_server_with_the_launchers_environment_and_leave_nothing(tmp_path, monkeypatch):
+    """Bare train.py's ranks fork from multiprocessing's fork server (torch imported once, before
+    the fork), yet each has the environment and directory of its launcher at the launch, even
+    in a process that launches twice; and no process is left behind."""
+    run = tiny_run(**{"parallel.data_parallel_size": 2})
+    before = set(_processes_of_this_test())
+    for mark in ("first", "second"):
+        (tmp_path / mark).mkdir()
+        monkeypatch.setenv("MOEMESH_TEST_MARK", mark)
+        monkeypatch.chdir(tmp_path / mark)
+        run_ranks(run, ParallelDims(dp=2), None, str(tmp_path / mark), None, _report_environment)
+        for rank in (0, 1):
+            report = json.loads((tmp_path / mark / f"rank{rank}.json").read_text())
+            assert report["mark"] == mark and report["cwd"] == str(tmp_path / mark)
+            assert report["parent"] != os.getpid()  # forked by the server, not by this process
+            assert report["imported_before_the_fork"] is True
+        assert set(_processes_of_this_test()) - before == set()
