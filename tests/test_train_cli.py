@@ -32,7 +32,6 @@ def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, tim
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores  # one process, train.py in a subprocess, no clock
 def test_default_model_learns_and_writes_outputs(tmp_path):
     proc, out = _train(tmp_path, "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=2")
     assert proc.returncode == 0, proc.stderr

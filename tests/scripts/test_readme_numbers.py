@@ -46,7 +46,6 @@ def test_final_losses_hold_within_the_band_on_another_cpu():
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores  # one train.py process, no clock; its final losses are checked in a band
 def test_readme_numbers_hold():
     recorded = readme_numbers.recorded_python(readme_numbers.recorded_text())
     if recorded != platform.python_version():
