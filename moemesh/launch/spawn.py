@@ -66,14 +66,14 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
     ctx = None
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in STOP_SIGNALS}
     try:
-        # The ranks start with the stop signals blocked (the mask survives spawn's fork and
-        # exec): a terminal's Ctrl-C that reaches a rank while it imports stays pending until
-        # the rank has its handlers (_spawned_rank) instead of killing it with a
-        # KeyboardInterrupt. The resource tracker starts first: starting it unblocks SIGINT
-        # and SIGTERM in this process.
+        # The ranks start with the stop signals blocked: the fork server starts below, inside
+        # the mask, which survives its exec and the forks of the ranks. A terminal's Ctrl-C that
+        # reaches a rank while it starts stays pending until the rank has its handlers
+        # (_spawned_rank) instead of killing it with a KeyboardInterrupt; the server itself
+        # ignores SIGINT and keeps SIGTERM blocked. The resource tracker starts first: starting
+        # it unblocks SIGINT and SIGTERM in this process. The server imports this module and
+        # the training function's before it forks a rank.
         resource_tracker.ensure_running()
-        # The fork server starts here, inside the mask, so it and every rank it forks have the
-        # stop signals blocked too; it imports this module and the training function's first.
         multiprocessing.set_forkserver_preload(_preload(worker))
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
