@@ -21,17 +21,23 @@ def ranks_of(pid):
     """The rank processes a launcher ``pid`` started: its children, less multiprocessing's resource
     tracker; where a child is the fork server bare ``train.py`` starts, the ranks are its children."""
     ranks = []
-    for kid, cmd in _children(pid):
+    for kid, cmd in children(pid):
         if b"resource_tracker" in cmd:
             continue
         if b"multiprocessing.forkserver" in cmd:
-            ranks += [k for k, _ in _children(kid)]
+            ranks += [k for k, _ in children(kid)]
         else:
             ranks.append(kid)
     return sorted(ranks)
 
 
-def _children(pid):
+def descendants(pid):
+    """Every process below ``pid``: its children, theirs, and so on."""
+    return [p for kid, _ in children(pid) for p in (kid, *descendants(kid))]
+
+
+def children(pid):
+    """``(pid, cmdline)`` of each child of ``pid``."""
     kids = []
     for p in os.listdir("/proc"):
         if p.isdigit():

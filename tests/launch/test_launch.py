@@ -14,6 +14,7 @@ from moemesh.launch.run import run_ranks
 from moemesh.launch.signals import install_stop_handlers
 from moemesh.parallel.dims import ParallelDims
 from tests.helpers import tiny_run
+from tests.launch._processes import children, descendants
 
 
 @pytest.mark.slow
@@ -70,27 +71,11 @@ def _processes_of_this_test():
     """Every process below this one but multiprocessing's own helpers (its resource tracker, and
     a fork server: the one tests/dist_utils.py keeps for the session, or the one run_ranks starts
     and stops). Ranks forked by a server are its children: they count."""
-    parent, cmdline = {}, {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline[int(pid)] = f.read()
-            except OSError:
-                pass
-    me, found = os.getpid(), []
-    for pid in parent:
-        chain, p = [], pid
-        while p in parent and p != me and len(chain) < 64:
-            chain.append(p)
-            p = parent[p]
-        if p != me:
-            continue
-        helper = b"resource_tracker" in cmdline.get(pid, b"") or b"multiprocessing.forkserver" in cmdline.get(pid, b"")
-        if not (helper and len(chain) == 1):  # a helper is this process's own child
-            found.append(pid)
+    found = []
+    for kid, cmd in children(os.getpid()):
+        if not (b"resource_tracker" in cmd or b"multiprocessing.forkserver" in cmd):
+            found.append(kid)
+        found += descendants(kid)
     return found
 
 
