@@ -31,14 +31,16 @@ from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
 from moemesh.fields import Launcher
-from moemesh.launch.checks import check_fits_host, check_launcher, device_type, host_memory_bytes, set_output_umask
+from moemesh.launch import forkserver
+from moemesh.launch.access import set_output_umask
 from moemesh.launch.env import detect_launcher_env, launcher_rank, leftover_hint, strip_local_rank_args
-from moemesh.launch.run import run_ranks
 from moemesh.launch.signals import install_stop_handlers
 from moemesh.launch.slurm import TASK_MARKER
-from moemesh.parallel.checkpoint import CheckpointError
-from moemesh.trainer.data import check_data, prepare_data
-from moemesh.trainer.loop import train
+
+# Nothing above imports torch: a command that spawns ranks here starts their fork server first
+# (_start_rank_server), and the server imports torch and the trainer while this process does,
+# in the functions below that need them. TRAINER is the module of the training function.
+TRAINER = "moemesh.trainer.loop"
 
 register_schema()
 # Under torchrun/srun every rank runs Hydra: only rank 0 gets the dated run directory,
@@ -67,6 +69,32 @@ def _validate(run, env):
         raise ConfigError(f"{err}{leftover_hint(env)}") from None
 
 
+def _start_rank_server(command, env) -> None:
+    """If a job of this command spawns ranks on this machine (bare train.py, more than one rank),
+    start their fork server now, once the jobs are composed and their arithmetic holds: it
+    imports torch and the trainer while this process does the same and runs the checks that
+    need them. A command refused after this stops it (forkserver.session, in cli)."""
+    if env is not None:
+        return
+    for job in command.jobs:
+        if job.run.cluster.launcher != Launcher.local:
+            continue
+        try:
+            world_size = validate_run(job.run, None).world_size
+        except ConfigError:
+            return  # refused below, with every job's problem
+        if world_size > 1:
+            if forkserver.early(TRAINER):
+                # Until the ranks exist (spawn_ranks takes SIGTERM over), SIGTERM ends this
+                # process through the session's cleanup, which stops the server, not around it.
+                signal.signal(signal.SIGTERM, _terminated)
+            return
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _check_command(argv: list[str]) -> list[str]:
     """Compose and validate every job of this command; return argv, completed where a sweep
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
@@ -82,6 +110,10 @@ def _check_command(argv: list[str]) -> list[str]:
             "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks, "
             "or submit them with python train.py -m cluster=slurm ..."
         )
+    _start_rank_server(command, env)
+    from moemesh.launch.checks import check_fits_host, check_launcher, device_type, host_memory_bytes
+    from moemesh.trainer.data import check_data
+
     problems = []
     common = set.intersection(*(set(job.overrides) for job in command.jobs)) if len(command.jobs) > 1 else set()
     host = None
@@ -153,6 +185,12 @@ def _resume_line(argv: list[str], output_dir: str) -> str:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from moemesh.launch.checks import check_launcher
+    from moemesh.launch.run import run_ranks
+    from moemesh.parallel.checkpoint import CheckpointError
+    from moemesh.trainer.data import prepare_data
+    from moemesh.trainer.loop import train
+
     env = detect_launcher_env()
     if env is not None:
         # This process is one rank: a preemption or time-limit signal during start-up must
@@ -219,13 +257,15 @@ def cli() -> None:
     except ConfigError as err:
         _refuse(str(err))
     try:
-        if needs_preflight(argv):
-            try:
-                argv = _check_command(argv)
-            except ConfigError as err:
-                _refuse(str(err))
-        sys.argv = [sys.argv[0], *argv]
-        main()
+        # A fork server started for this command's ranks ends with it, however it ends.
+        with forkserver.session():
+            if needs_preflight(argv):
+                try:
+                    argv = _check_command(argv)
+                except ConfigError as err:
+                    _refuse(str(err))
+            sys.argv = [sys.argv[0], *argv]
+            main()
     except KeyboardInterrupt:
         print("moemesh: SIGINT: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)

@@ -9,8 +9,12 @@ Each commit is checked out into its own temporary git worktree; the command runs
 (``python <script> args``) alternately, before/after, ``--rounds`` times, so both
 sides see the same machine load. ``{out}`` in an argument becomes a fresh directory
 per run; ``--json FILE:KEY`` reads KEY from {out}/FILE, ``--regex`` takes group 1 of
-the first match in stdout+stderr. Prints each side's median and the after/before
-ratio. Used to hold refactors to "not slower" (benchmarks/RESULTS.md).
+the first match in stdout+stderr, ``--wall`` the command's own wall-clock seconds (its
+start-up included: what a user waits for). Prints each side's median and the
+after/before ratio. Used to hold refactors to "not slower" (benchmarks/RESULTS.md).
+
+    python scripts/ab_bench.py --before fe178ec --wall --rounds 5 \
+        -- train.py parallel=dp2 trainer.steps=3 'hydra.run.dir={out}'
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +40,14 @@ def _worktree(ref: str, where: Path) -> Path:
 def _measure(tree: Path, command: list[str], out: Path, a) -> float:
     out.mkdir(parents=True)
     args = [c.replace("{out}", str(out)) for c in command]
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, *args], cwd=tree, capture_output=True, text=True)
+    wall_s = time.monotonic() - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         sys.exit(f"ab_bench: {' '.join(args)} failed in {tree} (exit {proc.returncode}): {tail}")
+    if a.wall:
+        return wall_s
     if a.json:
         file, key = a.json.rsplit(":", 1)
         return float(json.loads((out / file).read_text())[key])
@@ -56,6 +65,7 @@ def main(argv=None) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--json", help="FILE:KEY read from the run's {out} directory")
     what.add_argument("--regex", help="a regex whose group 1 is the number, searched in the output")
+    what.add_argument("--wall", action="store_true", help="the command's wall-clock seconds, start-up included")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py args... (run with this Python)")
     a = p.parse_args(argv)
     command = a.command[1:] if a.command[:1] == ["--"] else a.command

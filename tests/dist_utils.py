@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# Ranks fork from one server process that has imported torch once per test session, instead of
-# each spawned rank importing it again (about 2 s of CPU each; most of a small 4-rank test). A
-# forked rank starts with the server's environment and directory, so _entry sets the caller's.
-multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "tests.dist_utils"])
+# Ranks fork from one server process that has imported torch once, instead of each spawned rank
+# importing it again (about 2 s of CPU each; most of a small 4-rank test). A forked rank starts
+# with the server's environment and directory, so _entry sets the caller's. The preload list is
+# set before each use: moemesh's launcher (launch/forkserver.py) sets its own, and stops its
+# server, when a test in this process launches ranks through it.
+PRELOAD = ["torch", "torch.distributed", "tests.dist_utils"]
 
 
 def _entry(rank, world, store_dir, fn, args, environ, cwd):
@@ -47,6 +49,7 @@ def _entry(rank, world, store_dir, fn, args, environ, cwd):
 def run_on_ranks(fn, world: int, *args) -> None:
     """``fn(rank, world, *args)`` on ``world`` spawned ranks; re-raises the first failure."""
     store_dir = tempfile.mkdtemp(prefix="moemesh-test-")
+    multiprocessing.set_forkserver_preload(PRELOAD)
     try:
         mp.start_processes(
             _entry,

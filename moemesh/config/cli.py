@@ -349,8 +349,6 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
     ``launched`` by torchrun/srun/deepspeed), no fresh run saves into a directory that holds
     another run's checkpoints (under a launcher each rank's Checkpointer refuses it before
     step 1 instead, once a requeued attempt has set its resume)."""
-    from moemesh.parallel.checkpoint import owner_conflict
-
     seen = set()
     for job in command.jobs:
         if job.output is None or job.output in seen:
@@ -368,8 +366,13 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
             continue  # resumes, never saves, or a sweeper that makes its own jobs (and resumes them)
         if c.dir is None and job.job_dir is None:
             continue
+        root = Path(c.dir) if c.dir else Path(str(job.job_dir)) / "checkpoints"
+        if not root.exists():
+            continue  # nothing saved there yet (no torch import: train.py starts the fork server before it)
+        from moemesh.parallel.checkpoint import owner_conflict
+
         fix = f"{'hydra.sweep.dir' if command.multirun else 'hydra.run.dir'}=<new dir>, or checkpoint.dir=<new dir>"
-        conflict = owner_conflict(Path(c.dir) if c.dir else Path(str(job.job_dir)) / "checkpoints", fix)
+        conflict = owner_conflict(root, fix)
         if conflict:
             where = f"job #{i} ({' '.join(job.overrides)}): " if command.multirun else ""
             raise ConfigError(f"{where}{conflict}")

@@ -4,8 +4,6 @@ the run's files get the access it asks for."""
 
 from __future__ import annotations
 
-import functools
-import operator
 import os
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
 from moemesh.fields import CommBackend, Device, Dtype, Launcher, PipelineSchedule
 from moemesh.kernels import backend_problem
+from moemesh.launch.access import output_umask
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.pipeline import stage_layers
@@ -85,31 +84,6 @@ def check_interface(run: RunConfig, env: LauncherEnv | None, environ=os.environ)
                 f"cluster.interface={name} but {var}={environ[var]} is set: they choose the network two ways; "
                 f"unset {var} or set cluster.interface={environ[var]}"
             )
-
-
-# What each cluster.output_access lets others do with the run's files: the process umask.
-OUTPUT_UMASKS = {"private": 0o077, "group": 0o027, "inherit": None}
-
-
-def output_umask(run: RunConfig) -> int | None:
-    access = run.cluster.output_access
-    if access not in OUTPUT_UMASKS:
-        raise ConfigError(
-            f"cluster.output_access={access}: valid: {', '.join(OUTPUT_UMASKS)} (private: 0700/0600; "
-            "group: group may read, 0750/0640; inherit: the shell's umask)"
-        )
-    return OUTPUT_UMASKS[access]
-
-
-def set_output_umask(runs) -> None:
-    """Set the process umask before Hydra creates the run directory: checkpoints, metrics
-    and logs may hold data or paths others must not read. Several runs (a sweep): the most
-    private of them. Ranks inherit it (spawn, and torchrun's/srun's ranks run this too)."""
-    masks = [output_umask(run) for run in runs]
-    if all(m is None for m in masks):
-        return
-    current = os.umask(0)
-    os.umask(functools.reduce(operator.or_, (current if m is None else m for m in masks)))
 
 
 def use_cuda(run: RunConfig) -> bool:

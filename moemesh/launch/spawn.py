@@ -6,18 +6,17 @@ terminated and the parent exits 1 naming the rank that failed first; a rank whos
 stops is named and every rank stopped; a stop signal reaches every rank, which saves after
 its step; a directory left by a launcher that was SIGKILLed is removed by a later start.
 
-The ranks fork from multiprocessing's fork server, which this launcher starts and which imports
-torch and the training code once, instead of each rank importing them again after a spawn
-(about 2 s of CPU a rank: on a 2-core machine most of a small 4-rank run's start). The server
-has run nothing but those imports (no Python thread, no CUDA context, no OpenMP pool), which is
-what makes forking it safe where forking the launcher would not be. The launcher stops and reaps
-it once the ranks are done. A rank's parent is then the server, not the launcher: each rank
-watches the launcher itself (``_watch_launcher``) and stops, as after a signal, when it dies.
+The ranks fork from multiprocessing's fork server, which imports torch and the training code
+once, instead of each rank importing them again after a spawn (about 2 s of CPU a rank: on a
+2-core machine most of a small 4-rank run's start); ``launch/forkserver.py`` starts it, early
+where train.py can, and stops it. The server has run nothing but those imports (no Python
+thread, no CUDA context, no OpenMP pool), which is what makes forking it safe where forking the
+launcher would not be. A rank's parent is then the server, not the launcher: each rank watches
+the launcher itself (``_watch_launcher``) and stops, as after a signal, when it dies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from moemesh.launch import forkserver
 from moemesh.launch.heartbeat import HangWatch, Stalled, beat_interval, beat_into_file
 from moemesh.launch.rank import run_rank
 from moemesh.launch.signals import STOP_SIGNALS, install_stop_handlers
@@ -52,8 +52,6 @@ RENDEZVOUS_PREFIX = "moemesh-rdzv-"
 
 
 def spawn_ranks(run, dims, output_dir, data_paths, worker):
-    from multiprocessing import resource_tracker
-
     import torch.multiprocessing as mp
 
     remove_abandoned_rendezvous(Path(tempfile.gettempdir()))
@@ -66,36 +64,32 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
     ctx = None
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in STOP_SIGNALS}
     try:
-        # The ranks start with the stop signals blocked: the fork server starts below, inside
-        # the mask, which survives its exec and the forks of the ranks. A terminal's Ctrl-C that
-        # reaches a rank while it starts stays pending until the rank has its handlers
-        # (_spawned_rank) instead of killing it with a KeyboardInterrupt; the server itself
-        # ignores SIGINT and keeps SIGTERM blocked. The resource tracker starts first: starting
-        # it unblocks SIGINT and SIGTERM in this process. The server imports this module and
-        # the training function's before it forks a rank.
-        resource_tracker.ensure_running()
-        multiprocessing.set_forkserver_preload(_preload(worker))
+        # The ranks start with the stop signals blocked: the fork server starts inside that mask,
+        # which survives its exec and the forks of the ranks (launch/forkserver.py, where train.py
+        # may have started it already). A terminal's Ctrl-C that reaches a rank while it starts
+        # stays pending until the rank has its handlers (_spawned_rank) instead of killing it with
+        # a KeyboardInterrupt. The mask below covers a server that died since and is restarted.
+        forkserver.start(worker.__module__)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            environ = dict(os.environ)  # the ranks' (the server's gets PYTHONPATH)
-            with _server_imports(worker):
-                ctx = mp.start_processes(
-                    _spawned_rank,
-                    args=(
-                        run,
-                        dims,
-                        f"file://{rendezvous}/store",
-                        output_dir,
-                        data_paths,
-                        worker,
-                        os.getpid(),
-                        environ,
-                        os.getcwd(),
-                    ),
-                    nprocs=dims.world_size,
-                    join=False,
-                    start_method="forkserver",
-                )
+            ctx = mp.start_processes(
+                _spawned_rank,
+                args=(
+                    run,
+                    dims,
+                    f"file://{rendezvous}/store",
+                    output_dir,
+                    data_paths,
+                    worker,
+                    os.getpid(),
+                    dict(os.environ),
+                    os.getcwd(),
+                    _umask(),
+                ),
+                nprocs=dims.world_size,
+                join=False,
+                start_method="forkserver",
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = HangWatch(rendezvous, dims.world_size, run.cluster.hang_timeout_s)
@@ -142,52 +136,14 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
             signal.signal(sig, handler)
         shutil.rmtree(rendezvous, ignore_errors=True)
         if ctx is not None:
-            _stop_fork_server(ctx.processes)
+            forkserver.release(ctx.processes)
     return None
 
 
-def _preload(worker) -> list[str]:
-    """What the fork server imports before it forks a rank: this module (torch, the rank's
-    life) and the training function's (the trainer, FSDP, DCP). Never ``__main__``: the server
-    would run the launching script again."""
-    return [__name__, *([worker.__module__] if worker.__module__ not in (__name__, "__main__") else [])]
-
-
-@contextlib.contextmanager
-def _server_imports(worker):
-    """The preloaded modules' directories on PYTHONPATH while the fork server starts: it does not
-    take this process's ``sys.path`` (Python 3.11 ignores the path multiprocessing hands it), and
-    moemesh need not be installed. (A preload the server cannot import is skipped silently, and
-    each rank imports it after the fork.) The ranks get this process's own environment back."""
-    roots: list[str] = []
-    for name in _preload(worker):
-        top = sys.modules[name.split(".")[0]]  # a package: the directory above it; a module: its own
-        where = [os.path.dirname(os.path.abspath(d)) for d in getattr(top, "__path__", [])]
-        for root in where or [os.path.dirname(os.path.abspath(top.__file__ or "."))]:
-            if root not in roots:
-                roots.append(root)
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*roots, *([before] if before else [])])
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
-
-
-def _stop_fork_server(processes) -> None:
-    """Stop the fork server and reap it once every rank has exited, so that no process of this
-    launcher outlives it; a process that spawns ranks again (a test) gets a new one. The server
-    leaves by itself when the launcher and every rank have closed their end of its pipe; while a
-    rank lives, stopping it would wait for that rank, so it is left to leave then. ``_stop`` is
-    the standard library's own (Python 3.8-3.13); without it the server leaves by itself."""
-    from multiprocessing import forkserver
-
-    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
-    if stop is not None and not any(p.is_alive() for p in processes):
-        stop()
+def _umask() -> int:
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _watch_launcher(local_rank: int, launcher_pid: int, joined: threading.Event) -> None:
@@ -302,14 +258,18 @@ def _root_cause(rendezvous: str, err) -> str:
     return f"rank {rank} failed: {message} (the other ranks were stopped)"
 
 
-def _spawned_rank(local_rank, run, dims, init_method, output_dir, data_paths, worker, launcher_pid, environ, cwd):
+def _spawned_rank(
+    local_rank, run, dims, init_method, output_dir, data_paths, worker, launcher_pid, environ, cwd, umask
+):
     joined = threading.Event()  # set once every rank has joined: the training function runs
     _watch_launcher(local_rank, launcher_pid, joined)
-    # The server's environment and directory are the launcher's when it started; a server that
-    # was already running (one process launching twice) may have others: the launcher's win.
+    # The server's environment, directory and umask are the launcher's when it started; a server
+    # kept for a sweep's next job, or started before the launcher's last checks, may have others:
+    # the launcher's at this launch win.
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
+    os.umask(umask)
     # This rank started with the stop signals blocked (spawn_ranks): install the handlers, then
     # let through any signal that arrived while it was starting; it becomes a stop request.
     install_stop_handlers()

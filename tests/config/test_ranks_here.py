@@ -48,8 +48,9 @@ def test_train_passes_the_launchers_ranks_here(environ, expected, monkeypatch):
 
     # The launcher's world size is not the default run's: only the ranks-here rule is under test.
     monkeypatch.setattr(train, "_validate", lambda run, env: run.parallel.dims)
-    monkeypatch.setattr(train, "check_launcher", lambda run, env, dims: None)
-    monkeypatch.setattr(train, "check_fits_host", fake_check)
+    # _check_command imports these where it uses them (train.py imports no torch at its top).
+    monkeypatch.setattr("moemesh.launch.checks.check_launcher", lambda run, env, dims: None)
+    monkeypatch.setattr("moemesh.launch.checks.check_fits_host", fake_check)
     with pytest.raises(_Seen):
         train._check_command([])
     assert seen["ranks_here"] == expected

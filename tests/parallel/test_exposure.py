@@ -72,6 +72,41 @@ def test_output_access_group_lets_the_group_read(tmp_path):
         assert mode & 0o007 == 0, (name, oct(mode))
 
 
+def test_each_job_of_a_sweep_writes_with_its_own_access(tmp_path):
+    """The jobs' ranks fork from one server, started under the sweep's most private umask: each
+    launch gives its ranks the umask of its own job (rank 1 writes its own checkpoint shard).
+    Hydra creates every job's directory and .hydra/ under that umask, before the job starts."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            f"hydra.sweep.dir={sweep}",
+            *SMALL,
+            "trainer.steps=2",
+            "parallel=dp2",
+            "cluster.output_access=private,group",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        umask=0o022,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (private,) = sweep.glob("0_*")
+    (group,) = sweep.glob("1_*")
+    assert {n: oct(m) for n, m in _modes(private).items() if m & 0o077} == {}
+    modes = {n: m for n, m in _modes(group).items() if n not in ("run dir", ".hydra/config.yaml", "train.log")}
+    assert sum(name.startswith("checkpoint __") for name in modes) == 2
+    for name, mode in modes.items():
+        is_dir = name in ("checkpoints", "checkpoint dir")
+        assert mode & 0o070 == (0o050 if is_dir else 0o040), (name, oct(mode))
+
+
 def test_output_access_is_checked_before_anything_is_created(tmp_path):
     proc, run = _run(tmp_path, "cluster.output_access=world")
     assert proc.returncode == 2
