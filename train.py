@@ -256,6 +256,7 @@ def cli() -> None:
         argv = strip_local_rank_args(sys.argv[1:])
     except ConfigError as err:
         _refuse(str(err))
+    sigterm = signal.getsignal(signal.SIGTERM)  # _start_rank_server may replace it
     try:
         # A fork server started for this command's ranks ends with it, however it ends.
         with forkserver.session():
@@ -269,6 +270,9 @@ def cli() -> None:
     except KeyboardInterrupt:
         print("moemesh: SIGINT: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _terminated and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)  # ours only: a caller in this process (a test) gets its own back
 
 
 if __name__ == "__main__":

@@ -111,3 +111,17 @@ def test_sigterm_before_the_ranks_exist_stops_the_server_too(tmp_path):
     assert len(seen["starts"]) == 1 and seen["starts"][0]["torch_before"] is False
     assert seen["left"] == [] and seen["after"] is None
     assert not (tmp_path / "run").exists()  # before Hydra made the run directory
+
+
+@pytest.mark.slow
+def test_in_process_cli_leaves_the_callers_sigterm_handler_and_no_server(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from moemesh.launch import forkserver
+    from tests.helpers import refused_cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = refused_cli(["parallel=dp2", "trainer.device=cuda"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "trainer.device=cuda but no CUDA device is available" in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert forkserver._pid() is None
