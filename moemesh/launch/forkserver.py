@@ -8,8 +8,9 @@ imports torch itself: the two imports run side by side, and a launch on a machin
 free cores is seconds shorter. Nothing here imports torch.
 
 The server is a helper, not a rank: it creates no directory and runs nothing but imports. A
-command refused after it started (a check that needs torch, a file that is gone) kills and
-reaps it before the one-line error (``stop``); it never outlives the launcher (``session``).
+command refused after it started (a check that needs torch, a file that is gone) prints its
+one line, then kills and reaps it before it exits (``session``, ``stop``): it never outlives
+the launcher.
 One ``session`` keeps it for every job of a local sweep; outside a session (a test calling
 ``spawn_ranks``), each launch starts and stops its own. ``_stop``/``_forkserver_pid`` are the
 standard library's own (Python 3.8-3.13); without them the server leaves by itself once the
