@@ -17,13 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "SLURM_PROCID")
 
 
-def _run(tmp_path, *overrides):
+def _run(tmp_path, *overrides, where=None):
+    """train.py with the small model for 2 steps, from a shell with a common umask (0755
+    directories, 0644 files); ``where`` replaces hydra.run.dir=<tmp_path>/run (a sweep's dir)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
-            f"hydra.run.dir={tmp_path / 'run'}",
+            *(where or [f"hydra.run.dir={tmp_path / 'run'}"]),
             *SMALL,
             "trainer.steps=2",
             *overrides,
@@ -34,7 +36,7 @@ def _run(tmp_path, *overrides):
         text=True,
         timeout=240,
         umask=0o022,
-    )  # a common shell umask: 0755 directories, 0644 files
+    )
     return proc, tmp_path / "run"
 
 
@@ -76,25 +78,9 @@ def test_each_job_of_a_sweep_writes_with_its_own_access(tmp_path):
     """The jobs' ranks fork from one server, started under the sweep's most private umask: each
     launch gives its ranks the umask of its own job (rank 1 writes its own checkpoint shard).
     Hydra creates every job's directory and .hydra/ under that umask, before the job starts."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            f"hydra.sweep.dir={sweep}",
-            *SMALL,
-            "trainer.steps=2",
-            "parallel=dp2",
-            "cluster.output_access=private,group",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        umask=0o022,
+    proc, _ = _run(
+        tmp_path, "parallel=dp2", "cluster.output_access=private,group", where=["-m", f"hydra.sweep.dir={sweep}"]
     )
     assert proc.returncode == 0, proc.stderr
     (private,) = sweep.glob("0_*")
