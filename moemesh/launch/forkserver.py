@@ -137,18 +137,12 @@ def _server_imports(modules):
     each rank imports it after the fork.) Found without importing them."""
     roots: list[str] = []
     for name in modules:
-        top = name.split(".")[0]
-        module = sys.modules.get(top)
-        if module is not None:
-            where = list(getattr(module, "__path__", []) or [])
-            origin = getattr(module, "__file__", None)
-        else:
-            spec = importlib.util.find_spec(top)
-            where = list(spec.submodule_search_locations or []) if spec else []
-            origin = spec.origin if spec else None
+        spec = importlib.util.find_spec(name.split(".")[0])  # an imported one's own spec, else found
+        where = list(spec.submodule_search_locations or []) if spec else []
+        origin = spec.origin if spec else None
         # a package: the directory above it; a module: its own
         found = [os.path.dirname(os.path.abspath(d)) for d in where] or (
-            [os.path.dirname(os.path.abspath(origin))] if origin else []
+            [os.path.dirname(os.path.abspath(origin))] if origin and spec and spec.has_location else []
         )
         for root in found:
             if root not in roots:
