@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moemesh.config.cli import needs_preflight, preflight, refuse
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
-from moemesh.errors import ConfigError
+from moemesh.errors import CheckpointError, ConfigError
 from moemesh.fields import Launcher
 from moemesh.launch import forkserver
 from moemesh.launch.access import set_output_umask
@@ -39,8 +39,10 @@ from moemesh.launch.slurm import TASK_MARKER
 
 # Nothing above imports torch: a command that spawns ranks here starts their fork server first
 # (_start_rank_server), and the server imports torch and the trainer while this process does,
-# in the functions below that need them. TRAINER is the module of the training function.
+# in the functions below that need them. TRAIN names the training function: a launcher that
+# spawns the ranks never imports its module (the server does), nor DCP.
 TRAINER = "moemesh.trainer.loop"
+TRAIN = f"{TRAINER}:train"
 
 register_schema()
 # Under torchrun/srun every rank runs Hydra: only rank 0 gets the dated run directory,
@@ -187,9 +189,7 @@ def _resume_line(argv: list[str], output_dir: str) -> str:
 def main(cfg: DictConfig) -> float | None:
     from moemesh.launch.checks import check_launcher
     from moemesh.launch.run import run_ranks
-    from moemesh.parallel.checkpoint import CheckpointError
     from moemesh.trainer.data import prepare_data
-    from moemesh.trainer.loop import train
 
     env = detect_launcher_env()
     if env is not None:
@@ -214,7 +214,7 @@ def main(cfg: DictConfig) -> float | None:
         group = "/".join(Path(hc.sweep.dir).parts[-2:])
         run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, group=group))
     try:
-        summary = run_ranks(run, dims, env, output_dir, data_paths, train)
+        summary = run_ranks(run, dims, env, output_dir, data_paths, TRAIN)
     except ConfigError as err:  # launcher variables that no job answered (launch.run._unlaunched_store)
         _remove_if_untouched(Path(output_dir))
         _refuse(str(err))

@@ -5,6 +5,7 @@ heartbeat watch, the mesh, the stop handlers, then the training function with a
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -20,7 +21,22 @@ from moemesh.launch.signals import install_stop_handlers
 from moemesh.parallel.mesh import build_mesh
 
 # The training function: ``worker(run, ctx)`` on every rank; rank 0's result (a summary) is returned.
-Worker = Callable[..., dict]
+# Given as the function, or by name, "package.module:function": imported where it runs, so a
+# launcher that only spawns the ranks (their fork server preloads the module) never imports it.
+Worker = Callable[..., dict] | str
+
+
+def worker_module(worker: Worker) -> str:
+    """The module that defines ``worker``."""
+    return worker.partition(":")[0] if isinstance(worker, str) else worker.__module__
+
+
+def resolve_worker(worker: Worker) -> Callable[..., dict]:
+    """The function ``worker`` names (itself if it is one)."""
+    if not isinstance(worker, str):
+        return worker
+    module, _, name = worker.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ) -> int:
@@ -48,6 +64,7 @@ def run_rank(run, dims, rank, local_rank, local_world_size, init_method, output_
     """Run ``worker(run, ctx)`` as ``rank``; join the process group through ``init_method``
     (``env://``, a spawned job's ``file://`` store, or None: a lone rank), or ``store``.
     ``data_paths`` is passed through to the training function untouched."""
+    worker = resolve_worker(worker)
     device = _device(run, local_rank, local_world_size)
     if init_method == "env://" and run.cluster.interface:  # checks.check_launcher: no other one was set
         for var in INTERFACE_VARS:

@@ -24,7 +24,8 @@ from moemesh.parallel.dims import ParallelDims
 def run_ranks(run: RunConfig, dims: ParallelDims, env: LauncherEnv | None, output_dir: str, data_paths, worker: Worker):
     """Run ``worker(run, ctx)`` on every rank of this job; return rank 0's result where it is here.
 
-    ``worker`` is the training function (train.py passes ``trainer.loop.train``); ``data_paths``
+    ``worker`` is the training function or its name (train.py passes "moemesh.trainer.loop:train",
+    which a launcher that spawns the ranks never imports); ``data_paths``
     reaches it as ``ctx.data_paths``, untouched."""
     if env is not None:
         if env.kind == "srun":

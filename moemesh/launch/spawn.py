@@ -32,7 +32,7 @@ import torch
 
 from moemesh.launch import forkserver
 from moemesh.launch.heartbeat import HangWatch, Stalled, beat_interval, beat_into_file
-from moemesh.launch.rank import run_rank
+from moemesh.launch.rank import resolve_worker, run_rank, worker_module
 from moemesh.launch.signals import STOP_SIGNALS, install_stop_handlers
 
 
@@ -69,7 +69,7 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
         # may have started it already). A terminal's Ctrl-C that reaches a rank while it starts
         # stays pending until the rank has its handlers (_spawned_rank) instead of killing it with
         # a KeyboardInterrupt. The mask below covers a server that died since and is restarted.
-        forkserver.start(worker.__module__)
+        forkserver.start(worker_module(worker))
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             ctx = mp.start_processes(
@@ -278,10 +278,11 @@ def _spawned_rank(
     beat_into_file(Path(rendezvous, f"beat{local_rank}"), beat_interval(run.cluster.hang_timeout_s))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # spawned ranks talk over loopback only
     try:
+        train = resolve_worker(worker)  # the fork server imported its module
 
         def joined_worker(run, ctx):
             joined.set()
-            return worker(run, ctx)
+            return train(run, ctx)
 
         run_rank(run, dims, local_rank, local_rank, dims.world_size, init_method, output_dir, data_paths, joined_worker)
     except BaseException as e:

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from moemesh.errors import CheckpointError
 from moemesh.parallel import checkpoint_pickle as cp
 from moemesh.parallel.checkpoint_files import FileRefused, open_regular, read_exactly, sha256_of
 
@@ -58,10 +59,6 @@ METADATA = ".metadata"  # DCP's file name for its metadata
 _METADATA_PROTOCOL = cp.PROTOCOL  # the only pickle protocol moemesh writes and reads
 _ITEM_OVERHEAD = 64 << 10  # a torch.save zip around one tensor: its records, names and padding (~1.5 KiB)
 _DATA_PKL_MAX = 16 << 10  # one tensor's data.pkl (~150 bytes)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

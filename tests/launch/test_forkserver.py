@@ -47,7 +47,9 @@ try:
 except SystemExit as e:
     code = e.code
 left = [s["pid"] for s in starts if os.path.exists(f"/proc/{{s['pid']}}")]
-print("WATCHED " + json.dumps({{"code": code, "starts": starts, "left": left, "after": forkserver._pid()}}))
+imported = [m for m in ("moemesh.trainer.loop", "torch.distributed.checkpoint") if m in sys.modules]
+seen = {{"code": code, "starts": starts, "left": left, "after": forkserver._pid(), "imported": imported}}
+print("WATCHED " + json.dumps(seen))
 """
 
 
@@ -77,6 +79,8 @@ def test_a_local_sweep_has_one_server_started_before_torch_and_reaped_at_the_end
     assert starts[0]["torch_before"] is False and starts[0]["module"] == "moemesh.trainer.loop"
     assert len({s["pid"] for s in starts}) == 1 and starts[0]["pid"] is not None  # the one server
     assert seen["left"] == [] and seen["after"] is None  # stopped and reaped when the command ended
+    # The launcher named the training function: only the server imported it (and DCP, with it).
+    assert seen["imported"] == [], seen["imported"]
     for job in ("0_dp2", "1_ep2"):
         assert json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["steps"] == 2
 
@@ -98,6 +102,7 @@ def test_a_command_refused_after_the_server_started_leaves_no_process(tmp_path):
 def test_no_server_for_a_single_rank_or_a_refused_layout(tmp_path):
     seen, proc = _watched(tmp_path, "trainer.steps=1", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
     assert seen["code"] == 0 and seen["starts"] == [], proc.stderr[-3000:]
+    assert "moemesh.trainer.loop" in seen["imported"]  # one rank trains in this process
     seen, proc = _watched(tmp_path, "parallel=dp2", "trainer.global_batch_size=3", f"hydra.run.dir={tmp_path / 'r2'}")
     assert seen["code"] == 2 and seen["starts"] == [], proc.stderr  # its arithmetic fails first
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from moemesh.errors import ConfigError
 from moemesh.launch.env import detect_launcher_env, strip_local_rank_args
+from moemesh.launch.rank import resolve_worker, worker_module
 from moemesh.launch.run import run_ranks
 from moemesh.launch.signals import install_stop_handlers
 from moemesh.parallel.dims import ParallelDims
@@ -45,6 +46,14 @@ def test_local_rank_arguments_of_deepspeed_and_torch_launch_are_accepted():
         strip_local_rank_args(["--local_rank=0", *args], {"LOCAL_RANK": "1"})
     with pytest.raises(ConfigError, match="--local-rank=x: expected a non-negative integer"):
         strip_local_rank_args(["--local-rank=x"], {})
+
+
+def test_the_training_function_is_given_itself_or_by_name():
+    from moemesh.trainer.loop import train
+
+    assert resolve_worker("moemesh.trainer.loop:train") is train
+    assert resolve_worker(train) is train
+    assert worker_module("moemesh.trainer.loop:train") == worker_module(train) == "moemesh.trainer.loop"
 
 
 def test_second_ctrl_c_stops_a_lone_process_at_once():
