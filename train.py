@@ -14,6 +14,7 @@ and checked (``conf.cli.preflight``): a mistake is one line on stderr and exit c
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -71,26 +72,33 @@ def _validate(run, env):
         raise ConfigError(f"{err}{leftover_hint(env)}") from None
 
 
-def _start_rank_server(command, env) -> None:
-    """If a job of this command spawns ranks on this machine (bare train.py, more than one rank),
-    start their fork server now, once the jobs are composed and their arithmetic holds: it
-    imports torch and the trainer while this process does the same and runs the checks that
-    need them. A command refused after this stops it (forkserver.session, in cli)."""
+def _local_world_sizes(command, env) -> list[int]:
+    """The world size of each job of this command that trains on this machine without a launcher
+    (bare train.py, cluster.launcher=local); none under one. Empty if a job's arithmetic fails."""
     if env is not None:
-        return
+        return []
+    sizes = []
     for job in command.jobs:
         if job.run.cluster.launcher != Launcher.local:
             continue
         try:
-            world_size = validate_run(job.run, None).world_size
+            sizes.append(validate_run(job.run, None).world_size)
         except ConfigError:
-            return  # refused below, with every job's problem
-        if world_size > 1:
-            if forkserver.early(TRAINER):
-                # Until the ranks exist (spawn_ranks takes SIGTERM over), SIGTERM ends this
-                # process through the session's cleanup, which stops the server, not around it.
-                signal.signal(signal.SIGTERM, _terminated)
-            return
+            return []  # refused below, with every job's problem
+    return sizes
+
+
+def _start_rank_server(sizes: list[int]) -> bool:
+    """If a job of this command spawns ranks on this machine (more than one rank), start their
+    fork server now, once the jobs are composed and their arithmetic holds: it imports torch and
+    the trainer while this process does the same and runs the checks that need them. A command
+    refused after this stops it (forkserver.session, in cli). Returns whether it started."""
+    if not any(n > 1 for n in sizes) or not forkserver.early(TRAINER):
+        return False
+    # Until the ranks exist (spawn_ranks takes SIGTERM over), SIGTERM ends this process through
+    # the session's cleanup, which stops the server, not around it.
+    signal.signal(signal.SIGTERM, _terminated)
+    return True
 
 
 def _terminated(signum, frame):
@@ -112,7 +120,8 @@ def _check_command(argv: list[str]) -> list[str]:
             "start sweeps from a plain shell (python train.py -m ...), which spawns each job's ranks, "
             "or submit them with python train.py -m cluster=slurm ..."
         )
-    _start_rank_server(command, env)
+    sizes = _local_world_sizes(command, env)
+    started = _start_rank_server(sizes)
     from moemesh.launch.checks import check_fits_host, check_launcher, device_type, host_memory_bytes
     from moemesh.trainer.data import check_data
 
@@ -146,37 +155,46 @@ def _check_command(argv: list[str]) -> list[str]:
             f"nothing was {verb}; {len(problems)} problem(s) in this sweep of {len(command.jobs)} "
             "job(s): " + " | ".join(problems)
         )
-    if command.multirun and len(command.jobs) > 1:
-        counts = {job.run.parallel.name: batch_plan(job.run).micro_steps for job in command.jobs}
-        if len(set(counts.values())) > 1:
-            # The balance loss is computed per micro-step: different counts, different objectives.
-            chosen = any(
-                o.split("=", 1)[0].lstrip("+") in ("trainer.micro_steps", "trainer.micro_batch_size")
-                for job in command.jobs
-                for o in job.overrides
-            )
-            unset = all(
-                j.run.trainer.micro_steps is None and j.run.trainer.micro_batch_size is None for j in command.jobs
-            )
-            if unset and not chosen:
-                # Held equal by default: every layout takes the largest count any of them needs.
-                held = [*argv, f"trainer.micro_steps={max(counts.values())}"]
-                try:
-                    held = _check_command(held)
-                except ConfigError:
-                    pass  # the global batch does not divide: say so below instead
-                else:
-                    print(
-                        f"moemesh: every layout of this sweep takes {max(counts.values())} micro-steps per optimizer "
-                        f"step (trainer.micro_steps), so all optimise the same objective"
-                    )
-                    return held
-            shown = ", ".join(f"{name}: {n}" for name, n in counts.items())
-            print(
-                f"moemesh: warning: this sweep mixes micro-step counts ({shown}), so its layouts optimise "
-                "different balance losses; set trainer.micro_steps=N to compare like with like",
-                file=sys.stderr,
-            )
+    if started and 1 in sizes:
+        # A job of this sweep trains in this process: import the trainer now, while the server
+        # imports it too, not later on its own (a spawning job never imports it here).
+        importlib.import_module(TRAINER)
+    return _held_micro_steps(argv, command)
+
+
+def _held_micro_steps(argv: list[str], command) -> list[str]:
+    """A sweep whose layouts would take different micro-step counts: argv with the largest held for
+    all (one objective), unless the user chose a count; a warning where none divides."""
+    if not (command.multirun and len(command.jobs) > 1):
+        return argv
+    counts = {job.run.parallel.name: batch_plan(job.run).micro_steps for job in command.jobs}
+    if len(set(counts.values())) > 1:
+        # The balance loss is computed per micro-step: different counts, different objectives.
+        chosen = any(
+            o.split("=", 1)[0].lstrip("+") in ("trainer.micro_steps", "trainer.micro_batch_size")
+            for job in command.jobs
+            for o in job.overrides
+        )
+        unset = all(j.run.trainer.micro_steps is None and j.run.trainer.micro_batch_size is None for j in command.jobs)
+        if unset and not chosen:
+            # Held equal by default: every layout takes the largest count any of them needs.
+            held = [*argv, f"trainer.micro_steps={max(counts.values())}"]
+            try:
+                held = _check_command(held)
+            except ConfigError:
+                pass  # the global batch does not divide: say so below instead
+            else:
+                print(
+                    f"moemesh: every layout of this sweep takes {max(counts.values())} micro-steps per optimizer "
+                    f"step (trainer.micro_steps), so all optimise the same objective"
+                )
+                return held
+        shown = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        print(
+            f"moemesh: warning: this sweep mixes micro-step counts ({shown}), so its layouts optimise "
+            "different balance losses; set trainer.micro_steps=N to compare like with like",
+            file=sys.stderr,
+        )
     return argv
 
 
