@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -204,16 +205,18 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     restores the original limit for the second attempt.
     """
     sweep = tmp_path / "sweep"
-    # The signal comes at slurmctld's next limit check, <= 30 s after the limit is lowered; the
-    # job must still be training then on any CPU (1,500 steps once ended first: ~18 ms a step on
-    # a Xeon). 3,000 steps is >= 54 s at that rate; the resumed attempt runs what is left.
-    steps = 3000
+    # slurmctld checks limits every 30 s and sends the signal at the first check at which the job's
+    # end is at most signal_delay_s + 30 s away (send_job_warn_signal): the lowered limit ends
+    # 60-120 s from now, so the signal comes at the next check, <= 30 s after the limit is lowered.
+    # The job must still be training then: 2,400 steps is 43 s at a Xeon's ~18 ms a step (1,500
+    # once ended first), 58 s at an EPYC's ~24 ms; a CPU under ~14 ms a step would need more.
+    # Both attempts together run the 2,400 steps, so every step more is this test's time.
+    steps = 2400
     proc = subprocess.Popen(
         _cmd(
             sweep,
             "parallel=dp2",
             f"trainer.steps={steps}",
-            "cluster.slurm.signal_delay_s=90",
             "cluster.slurm.max_timeouts=2",
             "checkpoint.every=0",
             "logger.console=true",
@@ -236,12 +239,14 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
         ran_s = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.strip().split(":"))))
         limit = math.ceil((ran_s + 60) / 60)  # minutes: the limit now ends 60-120 s from now
         subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], check=True, timeout=30)
+        lowered, lowered_at = time.monotonic(), len(metrics.read_text().splitlines())
 
         deadline = time.time() + 120  # the next limit check (<= 30 s), a save, the requeue
         while not ("Restarts=1" in (info := _scontrol_job(job)) and "JobState=PENDING" in info):
             assert proc.poll() is None, f"the job ended before SLURM's signal (trainer.steps={steps}):\n{info}"
             assert time.time() < deadline, f"job was not requeued:\n{info}"
             time.sleep(0.5)
+        signalled_s = time.monotonic() - lowered
         _release_requeued(job, "TimeLimit=10")
         out, err = proc.communicate(timeout=300)
     finally:
@@ -256,6 +261,11 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     resumed = re.search(r"resumed from \S+step_(\d+) .* at step (\d+)", log)
     assert stopped and resumed, log[-3000:]
     assert "Requeued job" in log and 0 < int(stopped.group(1)) == int(resumed.group(2)) < steps
+    first = [json.loads(l)["step_s"] for l in metrics.read_text().splitlines()[: int(stopped.group(1))]]
+    print(
+        f"\nSLURM time limit: lowered at step {lowered_at}, stopped after step {stopped.group(1)} of {steps}, "
+        f"requeued {signalled_s:.1f} s after the limit was lowered; {statistics.median(first) * 1000:.0f} ms a step"
+    )
     summary = json.loads((sweep / "0_dp2" / "summary.json").read_text())
     assert summary["start_step"] == int(stopped.group(1)) and summary["stopped_by_signal"] is None
     # One continuous record over both attempts.
