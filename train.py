@@ -41,7 +41,7 @@ from moemesh.launch.slurm import TASK_MARKER
 # Nothing above imports torch: a command that spawns ranks here starts their fork server first
 # (_start_rank_server), and the server imports torch and the trainer while this process does,
 # in the functions below that need them. TRAIN names the training function: a launcher that
-# spawns the ranks never imports its module (the server does), nor DCP.
+# spawns the ranks never imports its module (the server does), nor, on a fresh run, DCP.
 TRAINER = "moemesh.trainer.loop"
 TRAIN = f"{TRAINER}:train"
 

@@ -11,7 +11,8 @@
   slurm      SLURM policy for the ``cluster=slurm`` launcher plugin (allocations, requeue)
   context    ``RankContext``, what the training function receives
 
-Launch takes the training function as an argument and never imports the trainer. This
+Launch takes the training function from its caller, as the function or by name (imported by
+name where a rank runs it), and never names the trainer itself. This
 ``__init__`` imports only ``RankContext`` (no torch), so the login-node side (env, signals,
 slurm) stays light.
 """

@@ -35,7 +35,9 @@ def resolve_worker(worker: Worker) -> Callable[..., dict]:
     """The function ``worker`` names (itself if it is one)."""
     if not isinstance(worker, str):
         return worker
-    module, _, name = worker.partition(":")
+    module, sep, name = worker.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"the training function {worker!r}: expected 'package.module:function'")
     return getattr(importlib.import_module(module), name)
 
 

@@ -54,6 +54,8 @@ def test_the_training_function_is_given_itself_or_by_name():
     assert resolve_worker("moemesh.trainer.loop:train") is train
     assert resolve_worker(train) is train
     assert worker_module("moemesh.trainer.loop:train") == worker_module(train) == "moemesh.trainer.loop"
+    with pytest.raises(ValueError, match="expected 'package.module:function'"):
+        resolve_worker("moemesh.trainer.loop.train")
 
 
 def test_second_ctrl_c_stops_a_lone_process_at_once():
