@@ -446,7 +446,9 @@ def test_torchrun_with_a_bound_rendezvous_on_two_hosts_ends_when_a_host_is_kille
         store.wait(timeout=30)
         subprocess.run(c.on("n2", "slurmd"), env=c.env(), timeout=60)  # n2 is back for the tests after this
     assert procs[0].returncode != 0
-    assert lost_s < HANG_S + MARGIN_S, lost_s
+    # A kill is seen at once (a collective's peer is gone), not by silence: the ranks on n1 end
+    # without waiting hang_timeout_s, either of them (one may wait in a collective for the other).
+    assert lost_s < HANG_S, lost_s
     lines = [l for l in err.splitlines() if l.startswith("moemesh:")]
     assert len(lines) == 1 and lines[0].startswith("moemesh: host n2 lost: its ranks 2, 3 stopped ("), err[-3000:]
     _wait("nothing of the run left on n1", lambda: not c.run_pids("n1"), 10)

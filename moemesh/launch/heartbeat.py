@@ -13,7 +13,10 @@ A whole node lost (its processes killed, its link down) is told apart from one s
 the rank that notices (a silent peer, or a collective that failed) reads every rank's beats
 twice, ``LOST_WINDOW`` apart; a host other than its own whose ranks all stopped, none of them
 having finished, is lost. One line names the host and its ranks; under SLURM the job is then
-requeued (``launch.slurm.requeue_job``) and resumes from its last checkpoint.
+requeued (``launch.slurm.requeue_job``) and resumes from its last checkpoint. Every surviving
+rank counts itself in before any leaves (the store's host must outlive the others' reads); a
+survivor that waits in a collective for the rank that spoke counts itself in from its watch
+thread once the loss is announced in the store, so neither waits for the other.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ class PeerWatch:
         agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "True"
         self.store_host = None if "TORCHELASTIC_RUN_ID" in environ and agent_store else 0
         prefix = f"moemesh/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # torchrun's store outlives a restart
-        self.keys = {k: f"{prefix}/{k}/" for k in ("beat", "done", "host", "lost")}
+        self.keys = {k: f"{prefix}/{k}/" for k in ("beat", "done", "host", "lost", "ended")}
         self.store = dist.TCPStore(
             environ["MASTER_ADDR"],
             int(environ["MASTER_PORT"]),
@@ -176,6 +179,8 @@ class PeerWatch:
         except RuntimeError:  # a rank late or gone: the beats retry the cache, and judge that rank
             pass
         self.answered = time.monotonic()  # the last time the store answered a whole round
+        self.counted = False  # counted among the survivors of a lost host (once: _count_in)
+        self.count_lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=self._beat_and_watch, name="moemesh-peer-watch", daemon=True),
@@ -246,21 +251,50 @@ class PeerWatch:
         if not lost:
             return False
         survivors = self.world_size - sum(len(r) for r in lost.values())
-        try:
-            first = self.store.add(self.keys["lost"], 1) == 1
-        except RuntimeError:
-            first = True
-        if first:
-            from moemesh.launch.slurm import requeue_job
+        if self._count_in():
+            try:
+                first = self.store.add(self.keys["lost"], 1) == 1
+            except RuntimeError:
+                first = True
+            if first:
+                from moemesh.launch.slurm import requeue_job
 
-            hosts = "; ".join(f"host {h} lost: its {_ranks_text(r)} stopped" for h, r in lost.items())
-            print(
-                f"moemesh: {hosts} ({why}; none beat in {self.LOST_WINDOW:g} s, cluster.hang_timeout_s="
-                f"{self.timeout}): the host died or its link is down; rank {self.rank} ({self.host}) stops the "
-                f"job{requeue_job()}",
-                file=sys.stderr,
-                flush=True,
-            )
+                hosts = "; ".join(f"host {h} lost: its {_ranks_text(r)} stopped" for h, r in lost.items())
+                print(
+                    f"moemesh: {hosts} ({why}; none beat in {self.LOST_WINDOW:g} s, cluster.hang_timeout_s="
+                    f"{self.timeout}): the host died or its link is down; rank {self.rank} ({self.host}) stops the "
+                    f"job{requeue_job()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:  # said: the survivors that wait in a collective count themselves in (end_if_announced)
+                    self.store.set(self.keys["ended"], str(survivors))
+                except RuntimeError:
+                    pass
+        self._await_survivors(survivors)
+        return True
+
+    def _count_in(self) -> bool:
+        """Claim this rank's one count among the survivors (False if it was claimed already: by
+        node_lost on one thread, or end_if_announced on the watch thread)."""
+        with self.count_lock:
+            claimed, self.counted = not self.counted, True
+        return claimed
+
+    def end_if_announced(self) -> bool:
+        """Another rank has named a lost host and stops the job (its one line is out). This rank
+        may never learn it on its own: it can wait in a collective for that very rank, which
+        waits for this one to count itself in (_await_survivors). So the watch thread counts it
+        in, waits for the other survivors, and returns True: the caller exits 1, quietly."""
+        try:
+            if not self.store.check([self.keys["ended"]]):
+                return False
+            survivors = int(self.store.get(self.keys["ended"]))
+            if not self._count_in():
+                return False  # node_lost has counted this rank in, and exits it
+            self.store.add(self.keys["lost"], 1)
+        except (RuntimeError, ValueError):
+            return False
         self._await_survivors(survivors)
         return True
 
@@ -398,6 +432,8 @@ class PeerWatch:
                 return
             if resumed:
                 changed = now
+            if self.end_if_announced():
+                os._exit(1)
             try:
                 self.store.add(beat, 1)  # beats on after the peer is done: rank - 1 watches this one
                 value = self.store.add(peer_beat, 0) if watching else None

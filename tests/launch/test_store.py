@@ -137,6 +137,60 @@ def test_cluster_interface_is_checked_on_each_node_and_sets_master_addr_under_sl
     )
 
 
+def _n1_watches(server) -> list[PeerWatch]:
+    """The watches of ranks 0 and 1, on host n1 of a 4-rank job on n1 and n2, as they are once
+    every rank's host is in the store (built without their threads)."""
+    import torch.distributed as dist
+
+    watches = []
+    for rank in (0, 1):
+        w = object.__new__(PeerWatch)
+        w.rank, w.world_size, w.timeout, w.host, w.hosts = rank, 4, 10, "n1", {}
+        w.LOST_WINDOW = 0.3
+        w.keys = {k: f"t/{k}/" for k in ("beat", "done", "host", "lost", "ended")}
+        w.counted, w.count_lock = False, threading.Lock()
+        w.store = dist.TCPStore(
+            "127.0.0.1", server.port, is_master=False, timeout=datetime.timedelta(seconds=10), wait_for_workers=False
+        )
+        watches.append(w)
+    for r, host in enumerate(["n1", "n1", "n2", "n2"]):
+        server.set(f"t/host/{r}", f"{host}, pid {100 + r}")
+    return watches
+
+
+def test_a_survivor_blocked_on_the_rank_that_spoke_counts_in_from_its_watch(capsys, monkeypatch):
+    """Host n2 is lost. Rank 1 sees it (a collective with rank 3 failed), says so and waits for
+    every survivor to count in. Rank 0 waits in a collective for rank 1 and sees nothing: its
+    watch thread counts it in once rank 1 has announced the loss, so neither waits for the other
+    until the deadline (LOST_WINDOW + 10 s), and rank 0 says nothing more."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    watches = _n1_watches(server)
+    assert not watches[0].end_if_announced()  # nothing announced yet
+    result: dict[str, float] = {}
+
+    def rank1() -> None:
+        t0 = time.monotonic()
+        assert watches[1].node_lost("rank 1's error")
+        result["rank 1 left after"] = time.monotonic() - t0
+
+    t = threading.Thread(target=rank1)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not watches[0].end_if_announced():  # rank 0's watch thread, one tick after another
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t.join(30)
+    assert result["rank 1 left after"] < watches[1].LOST_WINDOW + 3, result  # not the 10 s more of the deadline
+    assert int(server.add("t/lost/", 0)) == 2  # each survivor counted once
+    assert not watches[1].end_if_announced()  # the speaker's own watch thread: counted already, stays
+    assert int(server.add("t/lost/", 0)) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("moemesh:")]
+    assert len(lines) == 1 and lines[0].startswith("moemesh: host n2 lost: its ranks 2, 3 stopped (rank 1's error")
+
+
 def test_the_rank_hosting_the_store_waits_for_the_other_survivors(capsys, monkeypatch):
     """Host n2 (ranks 2, 3) is lost; ranks 0 and 1 on n1 both see it. Rank 0 hosts the store and
     exits once it has reported: it must not take the store away while rank 1 is still reading
@@ -145,18 +199,7 @@ def test_the_rank_hosting_the_store_waits_for_the_other_survivors(capsys, monkey
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # in rank 0's process
-    watches = []
-    for rank in (0, 1):
-        w = object.__new__(PeerWatch)
-        w.rank, w.world_size, w.timeout, w.host, w.hosts = rank, 4, 10, "n1", {}
-        w.LOST_WINDOW = 0.3
-        w.keys = {k: f"t/{k}/" for k in ("beat", "done", "host", "lost")}
-        w.store = dist.TCPStore(
-            "127.0.0.1", server.port, is_master=False, timeout=datetime.timedelta(seconds=10), wait_for_workers=False
-        )
-        watches.append(w)
-    for r, host in enumerate(["n1", "n1", "n2", "n2"]):
-        server.set(f"t/host/{r}", f"{host}, pid {100 + r}")
+    watches = _n1_watches(server)
     result: dict[int, bool] = {}
 
     def rank1() -> None:
