@@ -141,4 +141,5 @@ class ParallelDims:
         return self.ep // per_node if self.ep % per_node == 0 else None
 
     def describe(self) -> str:
-        return f"dp{self.dp}·ep{self.ep}·tp{self.tp}·pp{self.pp} = {self.world_size} ranks"
+        ranks = "rank" if self.world_size == 1 else "ranks"
+        return f"dp{self.dp}·ep{self.ep}·tp{self.tp}·pp{self.pp} = {self.world_size} {ranks}"

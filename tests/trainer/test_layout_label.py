@@ -17,7 +17,7 @@ def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):
     summary = train_single(run, tmp_path, paths)
     assert summary["parallel"] == "single"
     assert json.loads((tmp_path / "summary.json").read_text())["parallel"] == "single"
-    assert "moemesh: single (dp1·ep1·tp1·pp1 = 1 ranks)" in capsys.readouterr().out
+    assert "moemesh: single (dp1·ep1·tp1·pp1 = 1 rank)" in capsys.readouterr().out
 
 
 def test_wandb_names_the_run_and_its_layout_column_by_the_degrees(tmp_path, monkeypatch):
