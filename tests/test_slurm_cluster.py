@@ -194,6 +194,40 @@ def _release_requeued(job: str, *more: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *more], check=True, timeout=30)
 
 
+# Seconds of training a time-limit job must have left when its limit is lowered: the next limit
+# check (<= 30 s) and the save after its signal.
+LEFT_S = 40
+
+
+def _start_time_limit_job(sweep: Path, steps: int):
+    """Submit the time-limit test's job and wait until it has trained 12 steps: (sweep, proc, job id)."""
+    proc = subprocess.Popen(
+        _cmd(
+            sweep,
+            "parallel=dp2",
+            f"trainer.steps={steps}",
+            "cluster.slurm.max_timeouts=2",
+            "checkpoint.every=0",
+            "logger.console=true",
+        ),
+        cwd=sweep.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = sweep / "0_dp2" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 12):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        return sweep, proc, next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+    except BaseException:
+        proc.kill()
+        raise
+
+
 def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     """SLURM's own limit machinery: warning signal, our save, submitit's requeue, resume=auto.
 
@@ -204,37 +238,27 @@ def test_job_over_its_time_limit_is_requeued_and_resumes(tmp_path):
     SLURM holds a requeued job for 121 s, so the test releases it (StartTime=now) and
     restores the original limit for the second attempt.
     """
-    sweep = tmp_path / "sweep"
     # slurmctld checks limits every 30 s and sends the signal at the first check at which the job's
     # end is at most signal_delay_s + 30 s away (send_job_warn_signal): the lowered limit ends
     # 60-120 s from now, so the signal comes at the next check, <= 30 s after the limit is lowered.
-    # The job must still be training then: 2,400 steps is 43 s at a Xeon's ~18 ms a step (1,500
-    # once ended first), 58 s at an EPYC's ~24 ms; a CPU under ~14 ms a step would need more.
-    # Both attempts together run the 2,400 steps, so every step more is this test's time.
+    # The job must still be training then: 2,400 steps is 43 s at a Xeon's ~18 ms a step, 58 s at an
+    # EPYC's ~24 ms. On a CPU fast enough to finish them within LEFT_S of the lowering, the job is
+    # cancelled at once and started again with the steps that last that long at its measured pace.
+    # Both attempts together run the steps, so every step more is this test's time.
     steps = 2400
-    proc = subprocess.Popen(
-        _cmd(
-            sweep,
-            "parallel=dp2",
-            f"trainer.steps={steps}",
-            "cluster.slurm.max_timeouts=2",
-            "checkpoint.every=0",
-            "logger.console=true",
-        ),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    job = None
+    sweep, proc, job = _start_time_limit_job(tmp_path / "sweep", steps)
     try:
         metrics = sweep / "0_dp2" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.5)
-        job = next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+        records = metrics.read_text().splitlines()
+        pace = statistics.median(json.loads(l)["step_s"] for l in records[6:])  # past the first, slower steps
+        needed = len(records) + math.ceil(LEFT_S / pace)
+        if needed > steps:
+            print(f"\nSLURM time limit: {pace * 1000:.0f} ms a step; starting again with {needed} steps")
+            subprocess.run(["scancel", job], timeout=30)
+            proc.wait(timeout=60)
+            steps = needed
+            sweep, proc, job = _start_time_limit_job(tmp_path / "sweep_again", steps)
+            metrics = sweep / "0_dp2" / "metrics.jsonl"
         elapsed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%M"], capture_output=True, text=True).stdout
         ran_s = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.strip().split(":"))))
         limit = math.ceil((ran_s + 60) / 60)  # minutes: the limit now ends 60-120 s from now
