@@ -32,6 +32,7 @@ def _train(*args, timeout=600):
 # mistake stops train.py with one line before a directory exists: a key Hydra's schema refuses, a
 # value the search refuses, a layout that is no split of cluster.gpus, a swept key.
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.parametrize(
     ("override", "message"),
     [

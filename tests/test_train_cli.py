@@ -90,6 +90,7 @@ def test_spawned_and_torchrun_ranks_match_single(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.parametrize(
     "overrides, needle",
     [
@@ -112,6 +113,7 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, overrides
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_launcher_world_size_mismatch_exits_2(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
     proc = subprocess.run(

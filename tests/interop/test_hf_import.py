@@ -75,6 +75,7 @@ def test_a_family_imports_on_every_layout_as_transformers_computes_it(tmp_path, 
 
 
 @pytest.mark.slow  # end to end (a script, or a fresh interpreter): a few seconds
+@pytest.mark.shares_cores
 def test_the_model_and_the_planner_import_without_transformers():
     """transformers and safetensors are needed only where a command names model.hf_path or exports."""
     code = (

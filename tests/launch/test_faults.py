@@ -79,6 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     assert f"resumed from {ckpt}" in out and f"at step {step}" in out
 
 
+@pytest.mark.shares_cores
 def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
     proc = _start(tmp_path, "trainer.steps=100000")
     wait_for_steps(tmp_path, 2, proc)
@@ -90,6 +91,7 @@ def test_sigusr1_on_a_single_process_saves_and_stops(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGUSR1"]
 
 
+@pytest.mark.shares_cores
 def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
     proc = _start(tmp_path, "trainer.steps=20", "trainer.lr=1e30", "trainer.warmup_steps=0", "checkpoint.every=1")
     out, err = proc.communicate(timeout=120)
@@ -101,6 +103,7 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkp
     assert kept and json.loads((kept[-1] / "meta.json").read_text())["step"] >= 1
 
 
+@pytest.mark.shares_cores
 def test_skip_mode_skips_non_finite_steps(tmp_path):
     proc = _start(tmp_path, "trainer.steps=4", "trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.on_nonfinite=skip")
     out, err = proc.communicate(timeout=120)

@@ -80,6 +80,7 @@ def _refused(tmp_path, extra_env, *overrides, within_s):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_stale_rank_0_variables_are_refused_after_the_short_rendezvous(tmp_path):
     env = {
         "RANK": "0",
@@ -97,6 +98,7 @@ def test_stale_rank_0_variables_are_refused_after_the_short_rendezvous(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_stale_rank_1_variables_are_refused_when_rank_0_does_not_answer(tmp_path):
     port = _free_port()
     env = {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -106,12 +108,14 @@ def test_stale_rank_1_variables_are_refused_when_rank_0_does_not_answer(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_stale_variables_without_master_port_are_refused_before_anything_starts(tmp_path):
     line = _refused(tmp_path, {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost"}, within_s=30)
     assert "MASTER_PORT is not" in line and "unset RANK WORLD_SIZE MASTER_ADDR" in line
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_stale_world_size_says_what_to_unset(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     line = _refused(tmp_path, env, within_s=30)
@@ -120,6 +124,7 @@ def test_a_stale_world_size_says_what_to_unset(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_shell_inside_an_interactive_srun_step_is_refused_at_once(tmp_path):
     """salloc's interactive step or `srun -n4 --pty bash`: the shell carries SLURM_PROCID=0,
     SLURM_NTASKS=4 and a step id, but no srun task will join it."""

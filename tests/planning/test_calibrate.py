@@ -391,6 +391,7 @@ DATA = ROOT / "benchmarks" / "data" / "layouts4_2026-12-02"  # README's two swee
 
 
 @pytest.mark.slow  # end to end (a script, or a fresh interpreter): a few seconds
+@pytest.mark.shares_cores
 def test_this_machines_calibration_is_what_its_sweeps_give():
     """conf/cluster/calibrated/cpu4.yaml is scripts/calibrate.py's fit to the two sweeps kept in
     benchmarks/data (README "Which layout should I use?"): refitting them gives the same constants,

@@ -144,6 +144,7 @@ def test_state_bytes_equal_the_real_sharded_model_for_every_preset_and_mode(pres
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim")
 @pytest.mark.parametrize(("preset", "extra"), LAYOUT_CASES)
 def test_zero2_state_bytes_equal_the_real_sharded_model_on_every_rank(preset, extra):

@@ -121,6 +121,7 @@ open(sys.argv[2] + "/train_peak_rss", "w").write(str(hwm))
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
 )
