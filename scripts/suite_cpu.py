@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest  # requirements-dev.txt: a test tool, as the suite it measures
+
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -35,20 +37,13 @@ def _busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _HZ
 
 
-try:
-    import pytest
-except ImportError:  # the report needs no pytest
-    pytest = None  # type: ignore[assignment]
-
-if pytest is not None:
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(item, nextitem):
-        t0, b0 = time.monotonic(), _busy_s()
-        yield
-        record = {"id": item.nodeid, "wall": round(time.monotonic() - t0, 2), "busy": round(_busy_s() - b0, 2)}
-        with _out().open("a") as f:
-            f.write(json.dumps(record) + "\n")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0, b0 = time.monotonic(), _busy_s()
+    yield
+    record = {"id": item.nodeid, "wall": round(time.monotonic() - t0, 2), "busy": round(_busy_s() - b0, 2)}
+    with _out().open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def report(path: Path, cores: int, top: int) -> list[str]:
