@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moemesh.config.cli import needs_preflight, preflight, refuse
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
-from moemesh.errors import CheckpointError, ConfigError
+from moemesh.errors import CheckpointError, ConfigError, RanksFailed
 from moemesh.fields import Launcher
 from moemesh.launch import forkserver
 from moemesh.launch.access import set_output_umask
@@ -198,6 +198,12 @@ def _held_micro_steps(argv: list[str], command) -> list[str]:
     return argv
 
 
+# The jobs of a local sweep (run in this process, one after another), and those that failed:
+# (job directory, reason). cli() names the failed ones once the sweep has ended.
+_SWEEP_JOBS: list[str] = []
+_SWEEP_FAILED: list[tuple[str, str]] = []
+
+
 def _resume_line(argv: list[str], output_dir: str) -> str:
     kept = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir="))]
     return shlex.join(["python", "train.py", *kept, f"hydra.run.dir={output_dir}", "resume=auto"])
@@ -216,6 +222,11 @@ def main(cfg: DictConfig) -> float | None:
         install_stop_handlers()
     hc = HydraConfig.get()
     output_dir = hc.runtime.output_dir
+    # A local sweep runs its jobs here one after another: one job's failure is that job's, and
+    # the sweep goes on (under SLURM, or torchrun, this process is a job's own).
+    local_sweep = hc.mode == RunMode.MULTIRUN and str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
+    if local_sweep:
+        _SWEEP_JOBS.append(Path(output_dir).name)
     try:
         run = to_run_config(cfg)
         set_output_umask([run])  # this job's (a sweep's may differ)
@@ -236,8 +247,16 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:  # launcher variables that no job answered (launch.run._unlaunched_store)
         _remove_if_untouched(Path(output_dir))
         _refuse(str(err))
-    except (FloatingPointError, CheckpointError) as err:  # training stopped for a reason it can name
-        print(f"moemesh: {type(err).__name__}: {err}", file=sys.stderr)
+    except (FloatingPointError, CheckpointError, RanksFailed) as err:  # training stopped for a reason it can name
+        if isinstance(err, RanksFailed):
+            reason = err.reason  # the launcher printed it
+        else:
+            reason = f"{type(err).__name__}: {err}"
+            print(f"moemesh: {reason}", file=sys.stderr)
+        if local_sweep:  # the sweep goes on; the directory stays, a job without a summary
+            _SWEEP_FAILED.append((Path(output_dir).name, reason))
+            return None
+        _remove_if_untouched(Path(output_dir))  # a refused resume trained nothing
         sys.exit(1)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
         summary = json.loads((Path(output_dir) / "summary.json").read_text())
@@ -285,6 +304,13 @@ def cli() -> None:
                     _refuse(str(err))
             sys.argv = [sys.argv[0], *argv]
             main()
+        if _SWEEP_FAILED:
+            failed = "; ".join(f"{job}: {reason}" for job, reason in _SWEEP_FAILED)
+            print(
+                f"moemesh: {len(_SWEEP_FAILED)} of {len(_SWEEP_JOBS)} sweep jobs failed (the others ran): {failed}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
     except KeyboardInterrupt:
         print("moemesh: SIGINT: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)

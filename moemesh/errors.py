@@ -8,3 +8,13 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read or trusted: one line naming the file and why."""
+
+
+class RanksFailed(SystemExit):
+    """The spawned ranks failed or hung, and the launcher has printed why in one line
+    (``reason``). Exits 1, as SystemExit(1) does; one job of a local sweep turns it into that
+    job's failure so the sweep goes on (train.py)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(1)
+        self.reason = reason

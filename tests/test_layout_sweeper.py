@@ -94,9 +94,10 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
     # Job #1 crashes: its rank 0 cannot create metrics.jsonl (a directory is in the way).
     (sweep / f"1_{names[1]}" / "metrics.jsonl").mkdir(parents=True)
     proc = _train(*SWEEP, "hydra.sweeper.top=4", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the table ranks the rest
     jobs = _check_table_against_runs(sweep, names, failed={names[1]})
     assert f"job #1 ({names[1]}) failed: " in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"moemesh: 1 of 4 jobs failed: #1 ({names[1]}); ")
     reason = jobs[names[1]]["error"]
     assert "\n" not in reason and ("metrics.jsonl" in reason or "IsADirectory" in reason), reason
     # The printed table is layouts.md's; the winner's command trains the winner with the same overrides.
@@ -130,7 +131,8 @@ def test_four_rank_sweep_tables_its_runs_survives_a_crash_and_resumes(tmp_path):
 def test_sweep_through_the_slurm_launcher(tmp_path):
     """cluster=slurm: the same sweeper submits each layout as a SLURM job (one task per rank)
     through hydra_plugins/moemesh_launcher, then tables what the jobs wrote. One job crashes: the
-    launcher exits non-zero after both ran; the crash is that job's row, and the sweep ranks the other."""
+    launcher exits non-zero after both ran; the crash is that job's row, the sweep ranks the other,
+    and exits 1."""
     import os
 
     if not os.environ.get("SLURM_CONF"):
@@ -161,7 +163,7 @@ def test_sweep_through_the_slurm_launcher(tmp_path):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stdout.count(": SLURM job ") == 2
     table = json.loads((sweep / "layouts.json").read_text())
     ok, crashed = table["jobs"]

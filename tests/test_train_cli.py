@@ -142,6 +142,36 @@ def test_a_sweep_holds_micro_steps_equal_or_says_it_mixes_them(monkeypatch, caps
 
 
 @pytest.mark.slow
+def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path):
+    """Job 0's ranks fail (rank 0 cannot create metrics.jsonl: a directory is in the way); job 1
+    still runs, and the command ends naming the failed job in one line, exit 1."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0_dp2" / "metrics.jsonl").mkdir(parents=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "parallel=dp2,single",
+            "trainer.steps=2",
+            f"hydra.sweep.dir={sweep}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads((sweep / "1_single" / "summary.json").read_text())["steps"] == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "moemesh: 1 of 2 sweep jobs failed (the others ran): 0_dp2: rank 0 failed: IsADirectoryError"
+    )
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
     proc = subprocess.run(
         [

@@ -235,6 +235,15 @@ class LayoutSweeper(Sweeper):
             measured.append(m)
         rows = search.rank_rows(choice.chosen, measured, s.objective)
         self._report(rows, run, own, s, sweep_dir, dirs, jobs)
+        if reasons:  # the table ranks the others; a script running the sweep must see it is short
+            failed = ", ".join(f"#{i} ({names[i]})" for i in sorted(reasons))
+            print(
+                f"moemesh: {len(reasons)} of {len(dirs)} jobs failed: {failed}; {sweep_dir / 'layouts.md'} ranks the "
+                "others; run the same command again to retry the failed ones",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1)
         return rows
 
     @staticmethod
@@ -279,7 +288,10 @@ class LayoutSweeper(Sweeper):
         for i in batch:
             mine = [l for l in tee.lines if f"job #{i} " in l] if len(batch) > 1 else tee.lines
             errors = [l for l in mine if not l.startswith(("moemesh: every layout", "moemesh: job #"))]
-            if (failure and not finished(i)) or i in reasons:
+            # A job that ended without its summary failed, whether the launcher said so (a
+            # failed return, an exit) or not: train.py returns from a local sweep's failed job,
+            # so the sweep goes on, and names it at the end.
+            if not finished(i) or i in reasons:
                 reasons[i] = _one_line(errors[-1] if errors else reasons.get(i) or failure or "failed")
         return reasons
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from moemesh.errors import RanksFailed
 from moemesh.launch import forkserver
 from moemesh.launch.heartbeat import HangWatch, Stalled, beat_interval, beat_into_file
 from moemesh.launch.rank import resolve_worker, run_rank, worker_module
@@ -102,8 +103,9 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
             # ProcessContext.join has already terminated the other ranks. The rank it names
             # is the first it noticed, often a peer whose collective broke: report the root
             # cause, the rank that failed earliest (or was killed).
-            print(f"moemesh: {_root_cause(rendezvous, e)}", file=sys.stderr)
-            raise SystemExit(1) from None
+            reason = _root_cause(rendezvous, e)
+            print(f"moemesh: {reason}", file=sys.stderr)
+            raise RanksFailed(reason) from None
         except Stalled as hung:
             # Its peers wait in a collective for it: nothing can be saved. SIGKILL reaches a
             # stopped process too.
@@ -113,14 +115,14 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
                 if hung.started
                 else f"it never started beating ({hung.silent_s:.0f} s) while the others ran"
             )
-            print(
-                f"moemesh: rank {hung.rank} (pid {ctx.processes[hung.rank].pid}) stopped responding: {what} "
+            reason = (
+                f"rank {hung.rank} (pid {ctx.processes[hung.rank].pid}) stopped responding: {what} "
                 f"(cluster.hang_timeout_s="
                 f"{run.cluster.hang_timeout_s}); it was stopped (SIGSTOP, a debugger) or is frozen; every rank "
-                "was stopped without saving (the last checkpoint is kept)",
-                file=sys.stderr,
+                "was stopped without saving (the last checkpoint is kept)"
             )
-            raise SystemExit(1) from None
+            print(f"moemesh: {reason}", file=sys.stderr)
+            raise RanksFailed(reason) from None
         except _Terminated as stop:
             # Preemption or Ctrl-C: pass the signal on; the ranks save a checkpoint after
             # their current step and exit. Whoever is still running after the grace period
