@@ -71,9 +71,26 @@ def run_name(summary: dict, fallback: str) -> str:
 
 
 def assign_labels(runs: list[Run]) -> None:
+    """Each run's label: its name (``run_name``); runs that share one add what tells them apart:
+    the command-line overrides that differ between them (a sweep over ``trainer.lr``), else the
+    shortest end of their paths that differs (``0_ep4`` of two sweeps: ``a/0_ep4``, ``b/0_ep4``)."""
     names = [run_name(r.summary, r.dir.name) for r in runs]
-    for run, name in zip(runs, names):
-        run.label = name if names.count(name) == 1 else f"{name} ({run.dir.name})"
+    for name in set(names):
+        group = [r for r, n in zip(runs, names) if n == name]
+        if len(group) == 1:
+            group[0].label = name
+            continue
+        overrides = [{o for o in r.overrides() if not o.startswith(("hydra.", "parallel="))} for r in group]
+        shared = set.intersection(*overrides)
+        tags = [", ".join(sorted(o - shared)) for o in overrides]
+        if len(set(tags)) < len(group) or not all(tags):
+            parts = [r.dir.resolve().parts for r in group]
+            depth = next(
+                (k for k in range(1, max(map(len, parts)) + 1) if len({p[-k:] for p in parts}) == len(group)), None
+            )
+            tags = ["/".join(p[-depth:]) if depth else f"#{i}" for i, p in enumerate(parts)]
+        for r, tag in zip(group, tags):
+            r.label = f"{name} ({tag})"
 
 
 def steady(run: Run, key: str) -> list:
@@ -585,21 +602,42 @@ def main(argv=None) -> None:
         help=f"loss curves closer than this on every common step are reported as coinciding (default {COINCIDE_TOL:g})",
     )
     a = p.parse_args(argv)
+    unfinished: list[Path] = []
+    runs, left_out = [], []
     try:
-        runs = [load_run(d) for d in expand(a.paths)]
+        for d in expand(a.paths, unfinished):
+            try:
+                runs.append(load_run(d))
+            except ValueError as err:  # one unreadable run: the others are still compared
+                left_out.append(f"{d}: left out: {err}")
     except ValueError as err:
         print(f"compare.py: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    left_out += [
+        f"{d}: left out: no summary.json, the job failed or has not finished (see its train.log)" for d in unfinished
+    ]
+    if not runs:
+        print(f"compare.py: no run could be read: {'; '.join(left_out)}", file=sys.stderr)
+        raise SystemExit(2)
     assign_labels(runs)
     for run in runs:
         run.stats = compute_stats(run)
     first_is_sweep = not (a.paths[0] / "summary.json").is_file()
     out = a.out or (a.paths[0] / "compare" if first_is_sweep else Path("compare"))
-    out.mkdir(parents=True, exist_ok=True)
     md = table(runs)
-    notes = scaled_notes(runs) + [f"loss: {n}" for n in coincidence_notes(coinciding_losses(runs, a.coincide_tol))]
+    notes = [
+        *left_out,
+        *run_notes(runs),
+        *scaled_notes(runs),
+        *(f"loss: {n}" for n in coincidence_notes(coinciding_losses(runs, a.coincide_tol))),
+    ]
     context = chart_subtitle(runs)
-    (out / "compare.md").write_text(md + NOTES + "".join(f"\n{n}\n" for n in [context, *notes]))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(md + NOTES + "".join(f"\n{n}\n" for n in [context, *notes]))
+    except OSError as err:
+        print(f"compare.py: --out {out}: cannot write there: {err.strerror or err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(md)
     print(context)
     for note in notes:
@@ -607,3 +645,23 @@ def main(argv=None) -> None:
     for note in write_charts(runs, out, a.coincide_tol):
         print(note)
     print(f"wrote {out / 'compare.md'} and charts to {out}/")
+
+
+def run_notes(runs: list[Run]) -> list[str]:
+    """What a reader must know about a run before comparing it: a run a signal stopped (its
+    losses and medians are a shorter run's) and lines of metrics.jsonl that were not records."""
+    notes = []
+    for r in runs:
+        stopped = r.summary.get("stopped_by_signal")
+        if stopped:
+            done = (r.summary.get("start_step") or 0) + (r.summary.get("steps") or 0)
+            notes.append(
+                f"{r.label}: stopped by {'/'.join(stopped)} after step {done}, not finished: its final loss and "
+                "medians are those of a shorter run"
+            )
+        if r.skipped_lines:
+            first = ", ".join(map(str, r.skipped_lines[:5])) + (", ..." if len(r.skipped_lines) > 5 else "")
+            notes.append(
+                f"{r.label}: {len(r.skipped_lines)} line(s) of metrics.jsonl not a JSON record, skipped (line {first})"
+            )
+    return notes

@@ -3,19 +3,26 @@ metrics.jsonl (``python train.py``); a sweep directory (``-m``) holds one run di
 
 Every read is bounded before it is parsed (``moemesh.untrusted``): a summary of at most
 ``MAX_SUMMARY_BYTES``, a metrics.jsonl of at most ``MAX_METRICS_BYTES`` read line by line, each
-line at most ``MAX_LINE_BYTES``; regular files only. A line cut short (a killed run's last) is
-skipped.
+line at most ``MAX_LINE_BYTES``; regular files only. A line that is not a JSON object (a killed
+run's last, cut short) is skipped and counted. What is read is then held to the contract's types
+(``runs.records``, ``conform``): a value of the wrong type (a string where a number belongs, a
+NaN) is dropped, as if the run had not recorded it, so no reader meets it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moemesh.runs.records import RunSummary, StepRecord
 from moemesh.runs.steady import steady, summarize_records
-from moemesh.untrusted import bounded_size, read_json_object
+from moemesh.untrusted import bounded_size, read_bounded, read_json_object
 
 MAX_SUMMARY_BYTES = 16 << 20
 MAX_METRICS_BYTES = 1 << 30  # about 50k steps of a 16-layer, 64-expert model's records
@@ -31,12 +38,71 @@ def read_json(path: Path, cap: int = MAX_SUMMARY_BYTES) -> dict:
     return read_json_object(Path(path), cap, error=RunReadError)
 
 
+_MISSING = object()
+
+
+def conform(value: Any, kind: Any) -> Any:
+    """``value`` held to the type ``kind`` (an annotation of ``runs.records``): a number must be
+    a finite int or float (not a bool), a string a str, a TypedDict a dict whose known keys are
+    conformed and whose unknown keys are kept; a list or dict of a type has its wrong elements
+    dropped. Returns ``_MISSING`` for a value that cannot be one of ``kind``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return _conform_union(value, args)
+    if typing.is_typeddict(kind):
+        return _conform_typeddict(value, kind)
+    if kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return value if ok and (kind is float or float(value).is_integer()) else _MISSING
+    if kind in (str, bool):
+        return value if isinstance(value, kind) else _MISSING
+    if origin is list:
+        if not isinstance(value, list):
+            return _MISSING
+        return [v for v in (conform(x, args[0]) for x in value) if v is not _MISSING]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return _MISSING
+        return {k: v for k, x in value.items() if isinstance(k, str) and (v := conform(x, args[1])) is not _MISSING}
+    if kind is dict:
+        return value if isinstance(value, dict) else _MISSING
+    return value
+
+
+def _conform_union(value: Any, options: tuple) -> Any:
+    if value is None:
+        return None if type(None) in options else _MISSING
+    for option in options:
+        if option is not type(None) and (kept := conform(value, option)) is not _MISSING:
+            return kept
+    return _MISSING
+
+
+def _conform_typeddict(value: Any, kind: Any) -> Any:
+    if not isinstance(value, dict):
+        return _MISSING
+    hints = _hints(kind)
+    out = {}
+    for k, x in value.items():
+        v = conform(x, hints[k]) if k in hints else x
+        if v is not _MISSING:
+            out[k] = v
+    return out
+
+
+@functools.cache
+def _hints(kind) -> dict:
+    return typing.get_type_hints(kind)
+
+
 def read_summary(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "summary.json")
+    """summary.json, held to ``RunSummary``'s types."""
+    return conform(read_json(Path(run_dir) / "summary.json"), RunSummary)
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl's records, in order ([] without the file)."""
+def read_records(run_dir: Path, skipped: list[int] | None = None) -> list[dict]:
+    """metrics.jsonl's records, in order, each held to ``StepRecord``'s types ([] without the
+    file). The numbers of lines that are not a JSON object are appended to ``skipped``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -51,10 +117,15 @@ def read_records(run_dir: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except ValueError:
-                continue  # a line cut short when a run was killed
+                record = None  # a line cut short when a run was killed, or not JSON at all
             if isinstance(record, dict):
-                records.append(record)
+                records.append(conform(record, StepRecord))
+            elif skipped is not None:
+                skipped.append(n)
     return records
+
+
+MAX_OVERRIDES_BYTES = 1 << 20
 
 
 @dataclass
@@ -66,6 +137,7 @@ class Run:
     records: list[dict]
     label: str = ""
     stats: dict = field(default_factory=dict)
+    skipped_lines: list[int] = field(default_factory=list)  # metrics.jsonl lines that were not records
 
     @property
     def steady(self) -> list[dict]:
@@ -77,11 +149,24 @@ class Run:
         metrics.jsonl by the same rule ({} without a timed record)."""
         return summarize_records(self.steady, warmup=0)
 
+    def overrides(self) -> list[str]:
+        """The command-line overrides the run was started with (Hydra's .hydra/overrides.yaml,
+        at most MAX_OVERRIDES_BYTES); [] where it has none or they cannot be read."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(read_bounded(self.dir / ".hydra" / "overrides.yaml", MAX_OVERRIDES_BYTES))
+        except (ValueError, OSError, yaml.YAMLError):
+            return []
+        return [x for x in data if isinstance(x, str)] if isinstance(data, list) else []
+
 
 def load_run(run_dir: Path, *, require_summary: bool = True) -> Run:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir) if require_summary or (run_dir / "summary.json").exists() else {}
-    return Run(run_dir, summary, read_records(run_dir))
+    skipped: list[int] = []
+    records = read_records(run_dir, skipped)
+    return Run(run_dir, summary, records, skipped_lines=skipped)
 
 
 def _job_order(d: Path):
@@ -89,20 +174,30 @@ def _job_order(d: Path):
     return (0, int(head), d.name) if head.isdigit() else (1, 0, d.name)
 
 
-def expand(paths: list[Path]) -> list[Path]:
+def _is_job(d: Path) -> bool:
+    """A directory a run wrote into: Hydra's .hydra/, train.log or metrics.jsonl."""
+    return any((d / name).exists() for name in (".hydra", "train.log", "metrics.jsonl"))
+
+
+def expand(paths: list[Path], unfinished: list[Path] | None = None) -> list[Path]:
     """Run directories named by ``paths``: a run directory (it holds summary.json) itself, a sweep
     directory its subdirectories that hold one, in job order; ValueError naming the first path
-    that holds none."""
+    that holds none. A sweep's job directories without a summary.json (a job that failed, or
+    has not finished) are appended to ``unfinished``."""
     runs = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise ValueError(f"{p}: no such directory")
-        found = (
-            [p]
-            if (p / "summary.json").is_file()
-            else sorted((d for d in p.iterdir() if (d / "summary.json").is_file()), key=_job_order)
-        )
+        if (p / "summary.json").is_file():
+            runs.append(p)
+            continue
+        subdirs = sorted((d for d in p.iterdir() if d.is_dir() and not d.is_symlink()), key=_job_order)
+        found = [d for d in subdirs if (d / "summary.json").is_file()]
+        left = [d for d in subdirs if d not in found and _is_job(d)]
         if not found:
-            raise ValueError(f"{p}: no summary.json in it or in its direct subdirectories")
+            jobs = f" ({len(left)} job directories without one: failed or unfinished)" if left else ""
+            raise ValueError(f"{p}: no summary.json in it or in its direct subdirectories{jobs}")
+        if unfinished is not None:
+            unfinished += left
         runs += found
     return runs

@@ -108,7 +108,9 @@ class StepRecord(_StepRecord, total=False):
 
 
 class _RunSummary(TypedDict):
-    machine: dict  # hostname, hosts and rank_hosts (rank r ran on rank_hosts[r]), device, count, cpus, python, torch
+    # hostname, hosts and rank_hosts (rank r ran on rank_hosts[r]), device, count, cpus, python,
+    # torch (a string in older runs)
+    machine: dict | str
     parallel: str  # the layout's name (parallel.dims.layout_name)
     dp: int
     ep: int

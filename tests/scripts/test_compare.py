@@ -413,3 +413,61 @@ def test_run_name_tells_modes_of_one_layout_apart():
     )
     assert compare.run_name({"parallel": "ep4"}, "d") == "ep4"  # summaries from before these keys
     assert compare.run_name({}, "run-dir") == "run-dir"
+
+
+def test_values_of_the_wrong_type_are_dropped_and_bad_lines_counted(tmp_path, capsys):
+    """summary.json and metrics.jsonl are untrusted: a string where a number belongs is read as
+    not recorded (the median comes from the records instead), a line that is not a JSON object is
+    skipped and counted, and the comparison still runs."""
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS, summary={"median_tokens_per_s": "fast", "dp": "x"})
+    with open(a / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "loss": "abc", "step_s": true}\nnot json\n[1, 2]\n')
+    runs = _runs(a)
+    assert "median_tokens_per_s" not in runs[0].summary and runs[0].records[-1] == {"step": 40}
+    assert runs[0].stats["tps"] == pytest.approx(2560) and runs[0].skipped_lines == [42, 43]
+    compare.main([str(a), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert _rows(out)["ep2"]["tokens/s"] == "2,560" and _rows(out)["ep2"]["dp/ep/tp/pp"] == "?/1/1/1"
+    assert "ep2: 2 line(s) of metrics.jsonl not a JSON record, skipped (line 42, 43)" in out
+
+
+def test_a_sweeps_failed_and_unreadable_jobs_are_named_and_the_rest_compared(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "0_ep2", "ep2", losses=LOSS)
+    (sweep / "1_dp2" / ".hydra").mkdir(parents=True)  # failed: no summary.json
+    (sweep / "1_dp2" / "train.log").write_text("")
+    _fake_run(sweep / "2_ep4", "ep4", losses=LOSS)
+    (sweep / "2_ep4" / "summary.json").write_text("{cut")
+    stopped = {"stopped_by_signal": ["SIGTERM"], "start_step": 0, "steps": 12}
+    _fake_run(sweep / "3_ep2_dp2", "ep2_dp2", losses=LOSS[:12], summary=stopped)
+    (sweep / "multirun.yaml").write_text("")
+    compare.main([str(sweep)])
+    out = capsys.readouterr().out
+    assert list(_rows(out)) == ["ep2", "ep2_dp2"]
+    assert f"{sweep / '1_dp2'}: left out: no summary.json, the job failed or has not finished" in out
+    assert f"{sweep / '2_ep4'}: left out: " in out and "not JSON" in out
+    assert "ep2_dp2: stopped by SIGTERM after step 12, not finished" in out
+    assert "compare: left out" not in out  # its own output directory is not a job
+
+
+def test_runs_of_one_name_are_told_apart_by_the_overrides_that_differ(tmp_path):
+    dirs = []
+    for i, lr in enumerate(("1e-3", "3e-3")):
+        d = _fake_run(tmp_path / f"{i}_ep2", "ep2", losses=LOSS)
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(f"- parallel=ep2\n- trainer.steps=40\n- trainer.lr={lr}\n")
+        dirs.append(d)
+    same = _fake_run(tmp_path / "x" / "0_ep2", "ep2", losses=LOSS)  # no overrides: its path tells it apart
+    assert [r.label for r in _runs(*dirs)] == ["ep2 (trainer.lr=1e-3)", "ep2 (trainer.lr=3e-3)"]
+    assert [r.label for r in _runs(dirs[0], same)] == [f"ep2 ({tmp_path.name}/0_ep2)", "ep2 (x/0_ep2)"]
+
+
+def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(a), "--out", str(tmp_path / "file" / "cmp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"compare.py: --out {tmp_path / 'file' / 'cmp'}")
+    )
