@@ -256,10 +256,22 @@ def verify_shards(meta: CorpusMeta, key: str = "data.path", cache_dir: str | Non
     return hashed
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o077  # unknown: private, as before
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (a temp file in the same directory, renamed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600: a corpus is as readable as the shell makes files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -13,6 +13,7 @@ Every read is bounded: a line, a text file, the JSON beside a saved dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,12 @@ def _units(inp: Input, i: int, shard_bytes: int) -> list[Unit]:
     if inp.kind == "parquet":
         import pyarrow.parquet as pq
 
-        meta = pq.ParquetFile(inp.path).metadata
-        sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+        with _arrow_errors(inp):
+            meta = pq.ParquetFile(inp.path).metadata
+            sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
         return [Unit(i, g, g + 1, max(1, s)) for g, s in enumerate(sizes)]
-    batches = _arrow_batches(inp.path)
+    with _arrow_errors(inp):
+        batches = _arrow_batches(inp.path)
     per = max(1, inp.size // max(1, batches))
     return [Unit(i, k, k + 1, per) for k in range(batches)]
 
@@ -167,13 +170,23 @@ def check_text_key(inp: Input, key: str) -> None:
 # --- reading documents ----------------------------------------------------------------------------
 
 
+def _skip_started_line(f, a: int, b: int) -> None:
+    """Seek to the first line that starts at or after ``a``: the line under way at ``a`` belongs
+    to the previous unit. Skipped in bounded pieces (one line may be the whole file)."""
+    f.seek(a - 1)
+    if f.read(1) == b"\n":
+        return
+    while f.tell() < b:
+        rest = f.readline(MAX_LINE + 1)
+        if not rest or rest.endswith(b"\n"):
+            return
+
+
 def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
     """Documents of the lines that start in [a, b)."""
     with open(inp.path, "rb") as f:
         if a > 0:
-            f.seek(a - 1)
-            if f.read(1) != b"\n":
-                f.readline()  # the line that started before a belongs to the previous unit
+            _skip_started_line(f, a, b)
         while f.tell() < b:
             pos = f.tell()
             line = f.readline(MAX_LINE + 1)
@@ -195,9 +208,33 @@ def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
                 raise ConfigError(
                     f"--text-key={key}: {inp.given} at byte {pos:,} holds a {type(text).__name__}, not text"
                 )
-            yield text
+            yield _valid_unicode(text)
             if first_only:
                 return
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (JSON's "\\ud800", common in scraped text, which no
+    UTF-8 string holds) replaced by U+FFFD, as a text file's invalid bytes are."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+@contextlib.contextmanager
+def _arrow_errors(inp: Input):
+    """A parquet or Arrow file that pyarrow cannot read (not one, cut short) is one line."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(f"--input={inp.given}: not a readable {inp.kind} file ({first})") from None
 
 
 def _table_texts(table, inp: Input, key: str):
@@ -210,11 +247,22 @@ def _table_texts(table, inp: Input, key: str):
 
 
 def documents(inp: Input, a: int, b: int, key: str, first_only: bool = False):
+    if inp.kind in ("parquet", "arrow"):
+        with _arrow_errors(inp):
+            yield from _arrow_documents(inp, a, key, first_only)
+    else:
+        yield from _text_documents(inp, a, b, key, first_only)
+
+
+def _text_documents(inp: Input, a: int, b: int, key: str, first_only: bool):
     if inp.kind == "jsonl":
         yield from _jsonl(inp, a, b, key, first_only)
     elif inp.kind == "text":
         yield read_bounded(Path(inp.path), MAX_TEXT_FILE, f"--input={inp.given}").decode("utf-8", errors="replace")
-    elif inp.kind == "parquet":
+
+
+def _arrow_documents(inp: Input, a: int, key: str, first_only: bool):
+    if inp.kind == "parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(inp.path)

@@ -46,7 +46,7 @@ from moemesh.data.tokenizer import TokenizerInfo, load_tokenizer
 from moemesh.errors import ConfigError
 from moemesh.untrusted import read_bounded
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: special tokens' text inside a document is encoded as text
 ENCODE_BATCH = 512  # documents per encode_batch call
 
 
@@ -69,7 +69,11 @@ def _init_worker(backend_json: str, parent: int) -> None:
         os._exit(1)
     from tokenizers import Tokenizer
 
-    _WORKER["tok"] = Tokenizer.from_str(backend_json)
+    tok = Tokenizer.from_str(backend_json)
+    # A special token's text inside a document ("<|endoftext|>" in a web page) is text, not the
+    # special id: only the separator prepare puts between documents is EOS.
+    tok.encode_special_tokens = True
+    _WORKER["tok"] = tok
 
 
 def encodedocuments(tok, texts: list[str], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +157,8 @@ def _shard_ok(out: Path, index: int) -> ShardMeta | None:
 
 def _refuse_other(out: Path, plan: dict) -> None:
     """An output directory holding another tokenizer's (or other inputs') shards is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out={out} is a file, not a directory; name a new or prepared directory")
     for name in (META_NAME, ".prepare/plan.json"):
         p = out / name
         if not p.exists():
@@ -195,8 +201,8 @@ def prepare(
     """Tokenise ``inputs`` into ``out`` (see the module docstring); returns ``out``."""
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
-    if not shard_mb > 0:
-        raise ConfigError(f"--shard-mb={shard_mb} must be > 0")
+    if not 0 < shard_mb < 2**40:
+        raise ConfigError(f"--shard-mb={shard_mb} must be a number of MiB > 0, e.g. 64")
     shard_bytes = max(1, int(shard_mb * 2**20))
     info = load_tokenizer(tokenizer, eos_token=eos_token)
     found = find_inputs(inputs, split)

@@ -121,6 +121,9 @@ def load_tokenizer(spec: str, *, eos_token: str | None = None) -> TokenizerInfo:
         raise ConfigError(
             f"--tokenizer={spec} has no EOS (or separator) token to put between documents; name one with --eos-token"
         )
+    # Ids need not be contiguous (a WordLevel vocabulary with gaps): the size the model needs,
+    # and the shards' dtype, is one past the largest id.
+    vocab = max(vocab, 1 + max(backend.get_vocab(with_added_tokens=True).values(), default=-1))
     backend_json = backend.to_str()
     return TokenizerInfo(
         name=spec if not path.exists() else str(path.resolve()),

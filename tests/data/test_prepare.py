@@ -142,7 +142,11 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "nokey.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nokey.parquet")
     (tmp_path / "notes.csv").write_text("a,b\n")
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "afile").write_text("")
     cases = [
+        (["--input", tmp_path / "cut.parquet"], "cut.parquet: not a readable parquet file ("),
+        (["--input", good, "--shard-mb", "inf"], "--shard-mb=inf must be a number of MiB > 0"),
         (["--input", tmp_path / "nokey.jsonl"], "--text-key=text: missing in"),
         (["--input", tmp_path / "nokey.parquet"], "--text-key=text: no such column in"),
         (["--input", tmp_path / "empty.jsonl"], "empty.jsonl: empty file (no documents)"),
@@ -155,6 +159,8 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
         rc, err = _prepare(capsys, "--tokenizer", tok, *args, "--out", tmp_path / "o")
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
         assert err[0].startswith("prepare_data: error: ")
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", good, "--out", tmp_path / "afile")
+    assert rc == 2 and len(err) == 1 and "afile is a file, not a directory" in err[0], err
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "mine.txt").write_text("keep me")
     rc, err = _prepare(capsys, "--tokenizer", tok, "--input", good, "--out", tmp_path / "o")
@@ -249,3 +255,35 @@ def test_a_missing_key_deep_in_a_file_is_one_line_from_the_worker(tmp_path, caps
     rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "late.jsonl", "--out", tmp_path / "o")
     assert rc == 2 and len(err) == 1 and "--text-key=text: missing in" in err[0] and "its keys: ['txt']" in err[0], err
     assert not (tmp_path / "o" / META_NAME).exists()
+
+
+def test_a_documents_text_stays_text_and_the_files_follow_the_umask(tmp_path, capsys):
+    """A special token's text inside a document is not the special id (only the separator
+    between documents is EOS); a lone surrogate in a JSON string is U+FFFD, not a crash; the
+    shards are as readable as the umask makes files (mkstemp alone would leave them 0600)."""
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")  # <|endoftext|> 0, [UNK] 1, hello 2
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"text": "hello <|endoftext|> hello"}) + "\n" + '{"text": "hello \\ud800 hello"}\n'
+    )
+    old = os.umask(0o022)
+    try:
+        rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "in.jsonl", "--out", tmp_path / "o")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    ids = np.fromfile(tmp_path / "o" / "shard_000000.tok", dtype=np.uint16).tolist()
+    assert ids == [2, 1, 1, 1, 2, 0, 2, 1, 2, 0]  # "<|", "endoftext", "|>" and U+FFFD: unknown words
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_vocabulary_with_gaps_is_sized_by_its_largest_id(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from moemesh.data.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "a": 2, "b": 70000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).vocab_size == 70001
