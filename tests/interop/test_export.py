@@ -8,6 +8,7 @@ tp2_ep2 under zero3 exports to the logits moemesh computes after resuming it on 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moemesh.errors import ConfigError
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import single_rank_mesh
 from moemesh.trainer.data import prepare_data
@@ -171,6 +173,25 @@ def test_export_mistakes_are_one_line_exit_2(tmp_path, capsys, setup, says):
     assert export_hf.main([str(ckpt), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"model.routed_scaling_factor": 2.5}, "model.routed_scaling_factor=2.5"),
+        ({"model.router_groups": 2, "model.router_topk_groups": 1}, "group-limited routing (model.router_groups=2"),
+        ({"model.max_ranks_per_token": 1}, "model.max_ranks_per_token=1"),
+        ({"model.max_nodes_per_token": 1}, "model.max_nodes_per_token=1"),
+    ],
+)
+def test_routing_transformers_does_not_do_is_refused(overrides, says):
+    """Each of these changes which experts a token reaches, or its weights: an exported model
+    would compute another function (a routed_scaling_factor of 2.5 moved the logits by 0.014)."""
+    from moemesh.interop.hf.export import check_exportable
+
+    with pytest.raises(ConfigError, match="export as mixtral: " + re.escape(says)):
+        check_exportable(tiny_run(**overrides).model, "mixtral")
+    check_exportable(tiny_run(**{"model.router_groups": 2}).model, "mixtral")  # groups, every one picked: plain top-k
 
 
 # Trained on these layouts, then exported: (dp, ep, tp, pp, sharding)

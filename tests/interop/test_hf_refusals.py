@@ -99,6 +99,22 @@ CASES = {
         "is 2,097,154 bytes, more than the 1,048,576 allowed",
     ),
     "huge_header": (_huge_header, [], "a safetensors header of 1,099,511,627,776 bytes"),
+    "bytes_after_tensors": (
+        lambda d: (d / "model.safetensors").open("ab").write(b"\0" * 64),
+        [],
+        "model.safetensors: its tensors end at byte",
+    ),
+    # Shapes no checkpoint holds: refused at the first missing tensor, never a list of 3 * 10^8 keys.
+    "many_experts": (
+        lambda d: _edit_config(d, num_local_experts=10**8),
+        [],
+        "but config.json's shapes need [100000000, 32] for moemesh's layers.0.moe.router.weight_ED",
+    ),
+    "many_layers": (
+        lambda d: _edit_config(d, num_hidden_layers=10**7),
+        [],
+        "config.json's num_hidden_layers=10000000 needs more tensors than the checkpoint's",
+    ),
     "fifo": (_fifo_config, [], "config.json is not a regular file"),
     "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
     "no_path": (lambda d: None, ["model.hf_path=???"], "model.hf_path: missing a value"),

@@ -31,6 +31,11 @@ def check_checkpoint(cfg: ModelConfig, what: str = "model.hf_path") -> int:
     assert cfg.hf_path is not None
     d = Path(cfg.hf_path).expanduser()
     index = tensor_index(d, what)
+    if cfg.num_layers > len(index):  # each layer has a tensor of its own: refused before any list of them
+        raise ConfigError(
+            f"{what}: config.json's num_hidden_layers={cfg.num_layers} needs more tensors than the checkpoint's "
+            f"{len(index):,}"
+        )
     layout = detect_layout(index, cfg, dense_source=cfg.upcycle.num_experts > 0)
     n = 0
     for key, shape in moemesh_keys(cfg):

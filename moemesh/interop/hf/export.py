@@ -88,6 +88,15 @@ def check_exportable(cfg: ModelConfig, family: str) -> None:
         (family == "qwen2_moe" and shared != bool(cfg.shared_expert_gate), "a shared expert without its sigmoid gate"),
         (family == "mixtral" and not cfg.renormalize, "model.renormalize=false"),
         (family in ("olmoe", "qwen2_moe") and own_head_dim, f"model.head_dim={cfg.head_dim} (not hidden_size / heads)"),
+        # Routing transformers' blocks do not do: the exported model would route otherwise.
+        (cfg.routed_scaling_factor != 1.0, f"model.routed_scaling_factor={cfg.routed_scaling_factor}"),
+        (
+            cfg.router_groups > 1 and cfg.router_topk_groups not in (None, cfg.router_groups),
+            f"group-limited routing (model.router_groups={cfg.router_groups}, "
+            f"model.router_topk_groups={cfg.router_topk_groups})",
+        ),
+        (cfg.max_ranks_per_token is not None, f"model.max_ranks_per_token={cfg.max_ranks_per_token}"),
+        (cfg.max_nodes_per_token is not None, f"model.max_nodes_per_token={cfg.max_nodes_per_token}"),
     ]
     for bad, what in problems:
         if bad:
@@ -257,7 +266,7 @@ def _rope_rows(cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
 
 def _groups(cfg: ModelConfig) -> list[list[tuple[str, tuple[int, ...]]]]:
     """The model's tensors a layer at a time (top-level ones first and last)."""
-    keys = moemesh_keys(cfg)
+    keys = list(moemesh_keys(cfg))
     by_layer: dict[int, list] = {}
     top: list = []
     for key, shape in keys:

@@ -111,16 +111,34 @@ def read_header(path: Path, what: str) -> tuple[dict[str, tuple[str, tuple[int, 
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{what}: {path}: its safetensors header is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ConfigError(f"{what}: {path}: its safetensors header is not JSON (or nested too deeply)") from None
     if not isinstance(header, dict):
         raise ConfigError(f"{what}: {path}: its safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ConfigError(f"{what}: {path}: its safetensors __metadata__ is not a map of strings to strings")
     data_bytes = st.st_size - 8 - n
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
         tensors[name] = _tensor_entry(name, entry, data_bytes, path, what)
-    return tensors, meta if isinstance(meta, dict) else {}
+        spans.append((*entry["data_offsets"], name))
+    # As safetensors itself requires (its loader would refuse the file later, in every rank): the
+    # tensors tile the data from 0 to its end, no overlap, no gap, nothing after.
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise ConfigError(
+                f"{what}: {path}: tensor {name!r} starts at byte {begin:,} of the data, not at {end:,}: "
+                "tensors overlap or leave a gap; a damaged safetensors file"
+            )
+        end = stop
+    if end != data_bytes:
+        raise ConfigError(
+            f"{what}: {path}: its tensors end at byte {end:,} of the data, but the file holds {data_bytes:,}: "
+            "a damaged safetensors file"
+        )
+    return tensors, meta
 
 
 def _tensor_entry(name: str, entry: object, data_bytes: int, path: Path, what: str) -> tuple[str, tuple[int, ...]]:

@@ -19,6 +19,7 @@ An export writes the per-expert layout ``save_pretrained`` writes for the family
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from moemesh.moe.config import ModelConfig, is_moe_layer
@@ -156,18 +157,17 @@ def hf_ref(cfg: ModelConfig, key: str, layout: Layout) -> Ref | Generated:
     return Ref(f"model.layers.{layer}.{_BLOCK[rest]}")
 
 
-def moemesh_keys(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+def moemesh_keys(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every tensor of the whole model under its global key with its logical shape (experts one
-    by one; the vocabulary unpadded): what a checkpoint must hold, and what an export writes."""
+    by one; the vocabulary unpadded): what a checkpoint must hold, and what an export writes.
+    Lazy: a check stops at the first tensor missing, however many experts a config names."""
     from moemesh.moe.param_count import param_specs
 
-    out = []
     for spec in param_specs(cfg):
         if spec.expert:
-            out += [(f"{spec.name}[{i}]", spec.shape[1:]) for i in range(spec.shape[0])]
+            yield from ((f"{spec.name}[{i}]", spec.shape[1:]) for i in range(spec.shape[0]))
         else:
-            out.append((spec.name, spec.shape))
-    return out
+            yield spec.name, spec.shape
 
 
 def selected_shape(ref: Ref, full: tuple[int, ...]) -> tuple[int, ...] | None:
