@@ -157,6 +157,17 @@ def _png(valid: list[Plan], path: str, top: int) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _end_if_nothing_runs(valid: list, invalid: list, gpus: int) -> None:
+    """No split can run: one line naming the commonest reason, exit 1 (a script that plans sees it)."""
+    if valid:
+        return
+    from collections import Counter
+
+    reason, n = Counter(p.problem for p in invalid).most_common(1)[0] if invalid else ("no split considered", 0)
+    print(f"moemesh: no split of {gpus} GPUs can run this config ({n} of {len(invalid)}: {reason})", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     gone = gone_flag(argv)
@@ -210,7 +221,8 @@ def main(argv=None) -> None:
         f"NVLink {run.cluster.intra_node_gbps:g} GB/s, network {run.cluster.inter_node_gbps:g} GB/s, "
         f"compute {'bf16' if compute_bytes(run) == 2 else 'fp32'} (trainer.dtype={run.trainer.dtype}), "
         f"parallel.sharding={run.parallel.sharding}, "
-        f"trainer.activation_checkpointing={run.trainer.activation_checkpointing}"
+        f"trainer.activation_checkpointing={run.trainer.activation_checkpointing}, "
+        f"trainer.global_batch_size={run.trainer.global_batch_size} x trainer.seq_len={run.trainer.seq_len} tokens"
     )
     print(constants_line(run.cluster, options))
     print(
@@ -228,6 +240,7 @@ def main(argv=None) -> None:
         for p in invalid[:8]:
             d = p.dims
             print(f"  dp{d.dp} ep{d.ep} tp{d.tp} pp{d.pp}: {p.problem}")
+    _end_if_nothing_runs(valid, invalid, gpus)
     if args.png:
         _png(valid, args.png, args.top)
         print(f"wrote {args.png}")

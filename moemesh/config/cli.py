@@ -101,6 +101,12 @@ def explain(err: BaseException) -> str:
             key = f"{listed.group(1)}[*].{key}"
         return explain_omegaconf(cause, overriding="Could not override" in str(err), key=key)
     text = _first_line(str(err))
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'$", text)
+    if ambiguous:  # Hydra's second line says what to do; one line must say it
+        return (
+            f"{ambiguous.group(1)}: a comma makes a sweep: add -m to run one job per value, "
+            "or write a list as key=[a,b]"
+        )
     if text.startswith("LexerNoViableAltException: "):  # a character the override grammar has no token for
         override = text.split(": ", 1)[1]
         return (

@@ -17,3 +17,12 @@ def test_an_unquoted_special_character_says_to_quote_it():
     # Quoted, the same value composes.
     command = preflight(["-m", "hydra/sweeper=layouts", "cluster.gpus=4", 'hydra.sweeper.include=["ep>=2"]'])
     assert command.multirun and len(command.jobs) == 1
+
+
+def test_a_comma_without_m_says_it_makes_a_sweep():
+    register_schema()
+    with pytest.raises(ConfigError) as err:
+        preflight(["trainer.lr=1e-3,2e-3"])
+    assert str(err.value) == (
+        "trainer.lr=1e-3,2e-3: a comma makes a sweep: add -m to run one job per value, or write a list as key=[a,b]"
+    )

@@ -425,6 +425,16 @@ def test_command_option_prints_the_rows_command_and_the_table_prints_the_best(ca
     assert exit_.value.code == 2 and f"the plan has {len(valid)} rows" in capsys.readouterr().err
 
 
+def test_a_plan_where_no_split_can_run_ends_in_one_line_and_exit_1(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(["cluster.gpus=3"])  # tiny: 8 experts, 4 heads, a global batch of 16
+    out, err = capsys.readouterr()
+    assert (
+        exit_.value.code == 1 and "0 valid splits" in out and "trainer.global_batch_size=16 x trainer.seq_len=" in out
+    )
+    assert len(err.strip().splitlines()) == 1 and err.startswith("moemesh: no split of 3 GPUs can run this config (")
+
+
 def test_the_modes_are_the_training_keys_and_the_command_carries_them(capsys):
     """Sharding and checkpointing come from the config keys train.py reads; the command repeats them."""
     over = [*SEED, "parallel.sharding=zero3", "trainer.activation_checkpointing=full"]
