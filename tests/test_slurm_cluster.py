@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SMALL as TRAIN_CLI_SMALL
+from tests.launch._processes import wait_for_steps
 from tests.same_math import assert_same_run, read_metrics
 
 pytestmark = pytest.mark.slow  # submits jobs to a real SLURM
@@ -217,11 +218,7 @@ def _start_time_limit_job(sweep: Path, steps: int):
         text=True,
     )
     try:
-        metrics = sweep / "0_dp2" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 12):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.5)
+        wait_for_steps(None, 12, proc, timeout=180, metrics=sweep / "0_dp2" / "metrics.jsonl")
         return sweep, proc, next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
     except BaseException:
         proc.kill()

@@ -5,16 +5,17 @@ import time
 from pathlib import Path
 
 
-def wait_for_steps(tmp_path, n, proc, timeout=120):
-    """Wait until train.py's run under ``tmp_path`` has logged ``n`` steps (``proc`` still alive)."""
-    metrics = tmp_path / "run" / "metrics.jsonl"
+def wait_for_steps(tmp_path, n, proc, timeout=120, *, metrics=None):
+    """Wait until train.py's run under ``tmp_path`` (or the run writing ``metrics``) has logged ``n``
+    steps, ``proc`` still alive."""
+    metrics = metrics or tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    raise AssertionError("training did not start")
+    raise AssertionError(f"training did not log {n} steps in {timeout} s")
 
 
 def ranks_of(pid):
