@@ -6,8 +6,9 @@ optimizer are filled in place. Keys never depend on the saving rank:
   * routed experts one by one under their global expert id,
     ``model.layers.3.moe.experts.w1_eDF[17]``, so EP=2 saves load into EP=4 or a single
     process with each expert where it belongs (experts are found by their EXPERT_SHARD tag);
-  * tensor-parallel shards as DTensors over the tp axis of the logical (padded) tensor,
-    so any TP degree reads the rows it owns (found by their TP_SHARD tag);
+  * tensor-parallel shards as DTensors over the tp axis of the logical tensor (a vocabulary
+    without its padding to a multiple of tp), so any TP degree reads the rows it owns (found
+    by their TP_SHARD tag);
   * pipeline stages only hold their layers' keys; any split finds its own;
   * in the sharded modes (parallel.sharding, FSDP2) a parameter is a DTensor shard of
     what the rank would hold in ``none``; it is described under the same global keys
@@ -24,12 +25,23 @@ import torch
 from moemesh.parallel.tags import TP_SHARD, expert_first_id
 
 
+def _real_rows(local: torch.Tensor, dim: int, logical: int, tp_rank: int) -> torch.Tensor:
+    """The part of a TP shard that holds the logical tensor. A vocabulary padded to a multiple of
+    tp ends in zero rows on the last ranks; no checkpoint stores them, so one saved under tp=2
+    (97 rows, padded to 98) loads under tp=1 (97) and back. Rank r holds rows [r*n, (r+1)*n) of
+    the padded tensor, n = ceil(logical / tp): the chunks DTensor's Shard gives the logical one."""
+    n = local.shape[dim]
+    real = max(0, min(n, logical - tp_rank * n))
+    return local if real == n else local.narrow(dim, 0, real)
+
+
 def _tp_dtensor(local: torch.Tensor, param, tp_mesh) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Shard
 
-    dim, _ = getattr(param, TP_SHARD)
+    dim, logical = getattr(param, TP_SHARD)
     shape = list(local.shape)
-    shape[dim] *= tp_mesh.size()
+    shape[dim] = logical
+    local = _real_rows(local, dim, logical, tp_mesh.get_local_rank())
     return DTensor.from_local(
         local,
         tp_mesh,
@@ -65,10 +77,11 @@ def _sharded_entries(key: str, tensor, param, tp_mesh, fsdp_tp_mesh) -> dict:
             for j in range(tensor.shape[0])
         }
     if tp_mesh is not None and getattr(param, TP_SHARD, None) is not None:
-        tp_dim, _ = getattr(param, TP_SHARD)
+        tp_dim, logical = getattr(param, TP_SHARD)
         assert d != tp_dim, (key, d)  # parallel.fsdp shards a TP-split dim 0 along dim 1
         shape = list(tensor.shape)
-        shape[tp_dim] *= tp_mesh.size()
+        shape[tp_dim] = logical
+        local = _real_rows(local, tp_dim, logical, tp_mesh.get_local_rank())
         return {
             key: DTensor.from_local(
                 local,

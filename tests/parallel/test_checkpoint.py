@@ -66,6 +66,40 @@ def _four_ranks(rank, world, root, paths):
         data_paths=paths,
     )
     train(_cfg("ep4", 1, 4, resume=str(out / "checkpoints" / "step_000005")), ctx)
+    # A vocabulary TP pads: 97 rows over tp2 are 49 + 48 and a zero row, which no checkpoint holds.
+    out97 = Path(root) / "tp2_dp2_v97"
+    out97.mkdir(exist_ok=True)
+    ctx = RankContext(
+        rank=rank,
+        local_rank=rank,
+        device=torch.device("cpu"),
+        mesh=build_mesh(ParallelDims(dp=2, tp=2), "cpu"),
+        output_dir=str(out97),
+        data_paths=_v97_data(),
+    )
+    train(_v97("tp2_dp2", dp=2, tp=2), ctx)
+
+
+def _v97_data():
+    run = _v97("single")
+    return prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+
+
+def _v97(name, dp=1, tp=1, **extra):
+    return _cfg(
+        name,
+        dp,
+        1,
+        **{
+            "parallel.tensor_parallel_size": tp,
+            "model.vocab_size": 97,
+            "data.name": "synthetic",
+            "data.kind": "synthetic",
+            "trainer.steps": 4,
+            "checkpoint.every": 2,
+            **extra,
+        },
+    )
 
 
 @pytest.mark.slow
@@ -109,6 +143,24 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         resumed = _read(tmp_path / name)
         assert sorted(resumed) == list(range(6, STEPS + 1))  # metrics count completed steps: 6..10
         assert_same_run([whole[s] for s in sorted(resumed)], [resumed[s] for s in sorted(resumed)], name, min_steps=3)
+
+    # The padded vocabulary's checkpoint (tp2_dp2, 97 rows) resumes under single, without padding.
+    (tmp_path / "single_v97").mkdir()
+    ckpt97 = tmp_path / "tp2_dp2_v97" / "checkpoints" / "step_000002"
+    train(
+        _v97("single", resume=str(ckpt97)),
+        RankContext(
+            rank=0,
+            local_rank=0,
+            device=torch.device("cpu"),
+            mesh=single_rank_mesh(),
+            output_dir=str(tmp_path / "single_v97"),
+            data_paths=_v97_data(),
+        ),
+    )
+    whole, resumed = _read(tmp_path / "tp2_dp2_v97"), _read(tmp_path / "single_v97")
+    assert sorted(resumed) == [3, 4]
+    assert_same_run([whole[3], whole[4]], [resumed[3], resumed[4]], "single from tp2_dp2, vocab 97", min_steps=2)
 
 
 def _tiny_checkpoint(tmp_path, step=3):
