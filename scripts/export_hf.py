@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         found = resolve(args.checkpoint, Path(args.checkpoint))
         if not found:
             raise ConfigError(f"{args.checkpoint}: no complete checkpoint (a step_NNNNNN directory with meta.json)")
-        if args.max_shard_gb <= 0:
-            raise ConfigError(f"--max-shard-gb={args.max_shard_gb} must be > 0")
+        if not 0 < args.max_shard_gb <= 1e6:
+            raise ConfigError(f"--max-shard-gb={args.max_shard_gb} must be a size in GB > 0, e.g. 5")
+        if args.tokenizer and not Path(args.tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer={args.tokenizer}: not a directory (one that holds tokenizer.json ...)")
         stats = export_checkpoint(
             found[0],
             Path(args.out),
@@ -51,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moemesh: export error: {err}", file=sys.stderr)
         return 2
-    tok = f", {stats.tokenizer_files} tokenizer files" if stats.tokenizer_files else ", no tokenizer files"
+    except OSError as err:  # --out cannot be made or written
+        print(f"moemesh: export error: --out={args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    tok = (
+        f", {stats.tokenizer_files} tokenizer files"
+        if stats.tokenizer_files
+        else ", no tokenizer files (--tokenizer DIR copies them; AutoTokenizer needs them)"
+    )
     print(
         f"moemesh: exported {found[0]} as {stats.family}: {stats.tensors} tensors, "
         f"{stats.bytes_written / 2**20:,.1f} MiB in {stats.files} file(s){tok}, {stats.seconds:.1f} s -> {args.out}"

@@ -175,6 +175,31 @@ def test_export_mistakes_are_one_line_exit_2(tmp_path, capsys, setup, says):
     assert len(err) == 1 and says in err[0], err
 
 
+def test_export_flags_and_a_tampered_meta_are_one_line_exit_2(tmp_path, capsys):
+    ckpt = _saved_at_step_0(tiny_run(), tmp_path)
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--max-shard-gb", "nan"], "--max-shard-gb=nan must be a size in GB > 0"),
+        (["--max-shard-gb", "inf"], "--max-shard-gb=inf must be a size in GB > 0"),
+        (["--tokenizer", str(tmp_path / "nope")], "--tokenizer=" + str(tmp_path / "nope") + ": not a directory"),
+        (["--out", str(tmp_path / "file" / "out")], "--out=" + str(tmp_path / "file" / "out")),
+    ]
+    for extra, says in cases:
+        argv = [str(ckpt), "--out", str(tmp_path / "out"), *extra]
+        assert export_hf.main(argv) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (extra, err)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for change, says in (
+        ({"moe_ffn_hidden_size": 12}, "tensor model.layers.0.moe.experts.w1_eDF[0] is [32, 48], but the model"),
+        ({"num_layers": "2"}, "meta.json's model is not a valid model config"),
+    ):
+        (ckpt / "meta.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
+        assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 2, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (change, err)
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [

@@ -99,6 +99,13 @@ CASES = {
         "is 2,097,154 bytes, more than the 1,048,576 allowed",
     ),
     "huge_header": (_huge_header, [], "a safetensors header of 1,099,511,627,776 bytes"),
+    "sparse_step_0": (
+        lambda d: _edit_config(
+            d, model_type="qwen2_moe", num_experts=4, moe_intermediate_size=48, decoder_sparse_step=0
+        ),
+        [],
+        "config.json's decoder_sparse_step=0 must be an integer >= 1",
+    ),
     "bytes_after_tensors": (
         lambda d: (d / "model.safetensors").open("ab").write(b"\0" * 64),
         [],
@@ -117,6 +124,7 @@ CASES = {
     ),
     "fifo": (_fifo_config, [], "config.json is not a regular file"),
     "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
+    "no_model_hf": (lambda d: None, ["model=tiny"], "architecture keys are not its config.json's (model."),
     "no_path": (lambda d: None, ["model.hf_path=???"], "model.hf_path: missing a value"),
     "dense_not_upcycled": (
         lambda d: _edit_config(d, model_type="llama"),

@@ -205,7 +205,12 @@ def model_config(meta: dict, path: Path) -> ModelConfig:
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise ConfigError(f"checkpoint {path}: meta.json's model has {unknown[0]}, which this moemesh does not know")
-    return ModelConfig(**saved)
+    try:
+        return ModelConfig(**saved)
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint {path}: meta.json's {err}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # a value of the wrong type
+        raise ConfigError(f"checkpoint {path}: meta.json's model is not a valid model config ({err})") from None
 
 
 class _Shards:
@@ -300,7 +305,6 @@ def export_checkpoint(
 ) -> ExportStats:
     """Write the checkpoint at ``path`` as a transformers model directory ``out`` (new or empty)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from moemesh.parallel.checkpoint import CheckpointError
     from moemesh.parallel.checkpoint_trust import Planner, Reader, check_sizes, read_metadata
@@ -322,7 +326,11 @@ def export_checkpoint(
         raise ConfigError(f"--dtype={dtype} is not one of auto, {', '.join(DTYPES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out={out}: exists and is not an empty directory")
-    hf_config = export_config(cfg, family, source, dtype)
+    try:
+        hf_config = export_config(cfg, family, source, dtype)
+    except (TypeError, ValueError, KeyError) as err:  # the source config meta.json carries, refused by transformers
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"checkpoint {path}: meta.json's hf.config makes no {family} config: {first}") from None
     out.mkdir(parents=True, exist_ok=True)
     files = meta["files"]
     try:
@@ -337,10 +345,8 @@ def export_checkpoint(
     n = 0
     for group in _groups(cfg):
         state = {}
-        for key, _ in group:
-            entry = stored.get(f"model.{key}")
-            if not isinstance(entry, TensorStorageMetadata):
-                raise ConfigError(f"checkpoint {path}: no tensor model.{key} (saved by another model?)")
+        for key, shape in group:
+            entry = _stored(stored, key, shape, path)
             state[f"model.{key}"] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
         with warnings.catch_warnings():  # DCP's note that it assumes one process: it is one
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -362,10 +368,30 @@ def export_checkpoint(
     return ExportStats(family, n, shards.written, files, time.perf_counter() - t0, copied)
 
 
+def _stored(stored: dict, key: str, shape: tuple[int, ...], path: Path) -> Any:
+    """The checkpoint's entry for ``key``, a tensor of the shape the model needs (the vocabulary
+    may carry TP's padding in a checkpoint saved before it was left out); ConfigError otherwise."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entry = stored.get(f"model.{key}")
+    if not isinstance(entry, TensorStorageMetadata):
+        raise ConfigError(f"checkpoint {path}: no tensor model.{key} (saved by another model?)")
+    size = tuple(entry.size)
+    padded = key in ("embed.weight", "head.weight") and size[0] >= shape[0]
+    if size[1:] != tuple(shape[1:]) or not (size[0] == shape[0] or padded):
+        raise ConfigError(
+            f"checkpoint {path}: tensor model.{key} is {list(size)}, but the model its meta.json names "
+            f"needs {list(shape)}"
+        )
+    return entry
+
+
 def _copy_tokenizer(source: Path | None, out: Path) -> int:
+    """Copy the tokenizer files (and generation_config.json) of ``source``; how many of them are
+    the tokenizer's (AutoTokenizer loads the export when there is one)."""
     if source is None or not source.is_dir():
         return 0
     found = tokenizer_files(source)
     for f in found:
         shutil.copyfile(f, out / f.name)
-    return len(found)
+    return sum(f.name != "generation_config.json" for f in found)

@@ -136,7 +136,10 @@ def _moe(hf: Any, model_type: str, what: str) -> tuple[dict, dict]:
     arch["shared_expert_ffn_size"] = shared
     arch["shared_expert_gate"] = bool(shared)
     L = hf.num_hidden_layers
-    if L % chosen["moe_every_k_layers"]:
+    step = chosen["moe_every_k_layers"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ConfigError(f"{what}: config.json's decoder_sparse_step={step!r} must be an integer >= 1")
+    if L % step:
         raise ConfigError(
             f"{what}: config.json's decoder_sparse_step={chosen['moe_every_k_layers']} does not divide "
             f"num_hidden_layers={L}, which moemesh's model.moe_every_k_layers requires"
@@ -226,13 +229,20 @@ def check_model(cfg: Any) -> None:
     ``max_seq_len`` stays inside any sliding window."""
     upcycle = tuple(sorted(vars(cfg.upcycle).items()))
     arch, _, model_type, hf = _resolved(str(cfg.hf_path), upcycle)
-    for key, value in arch.items():
-        given = getattr(cfg, key)
-        if not _same(given, value):
-            raise ConfigError(
-                f"model.{key}={given}: model.hf_path's config.json says {value!r}, and model=hf takes the "
-                "architecture from the checkpoint (drop the override)"
-            )
+    differ = [(key, getattr(cfg, key), value) for key, value in arch.items() if not _same(getattr(cfg, key), value)]
+    if len(differ) >= 3:  # not an override or two: another preset's whole architecture
+        key, given, value = differ[0]
+        raise ConfigError(
+            f"model.hf_path is set, but {len(differ)} architecture keys are not its config.json's "
+            f"(model.{key}={given}, config.json says {value!r}): add model=hf, which takes the architecture "
+            "from the checkpoint"
+        )
+    if differ:
+        key, given, value = differ[0]
+        raise ConfigError(
+            f"model.{key}={given}: model.hf_path's config.json says {value!r}, and model=hf takes the "
+            "architecture from the checkpoint (drop the override)"
+        )
     _check_window(hf, model_type, cfg.max_seq_len, "model.hf_path")
 
 

@@ -162,6 +162,8 @@ def tensor_index(d: Path, what: str = "model.hf_path") -> dict[str, TensorInfo]:
     for name in weight_files(d, what):
         tensors, _ = read_header(d / name, what)
         for key, (dtype, shape) in tensors.items():
+            if key in out:  # which copy is meant? transformers takes the index's; refuse, not guess
+                raise ConfigError(f"{what}: tensor {key} is in both {out[key].file} and {name}: a damaged checkpoint")
             out[key] = TensorInfo(name, dtype, shape)
     return out
 
