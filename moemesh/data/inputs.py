@@ -70,6 +70,17 @@ def _arrow_files(d: Path, split: str) -> list[Path]:
     return files
 
 
+# What a dataset directory holds beside its data (a hub download's card and metadata), which a
+# directory input leaves out, as it does hidden files and directories.
+NOT_DATA = ("readme", "license", "dataset_infos", "dataset_info", "dataset_dict", "state")
+
+
+def _is_data(f: Path, root: Path) -> bool:
+    rel = f.relative_to(root)
+    hidden = any(part.startswith(".") for part in rel.parts)
+    return f.is_file() and not hidden and f.stem.lower() not in NOT_DATA and _kind(f) is not None
+
+
 def _kind(p: Path) -> str | None:
     suffix = p.suffix.lower()
     return "jsonl" if suffix in JSONL else "text" if suffix in TEXT else "parquet" if suffix in PARQUET else None
@@ -91,7 +102,7 @@ def find_inputs(given: list[str], split: str = "train") -> list[Input]:
                 for f in _arrow_files(p, split):
                     add(f, "arrow", f"{g}/{f.name}")
                 continue
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+            files = sorted(f for f in p.rglob("*") if _is_data(f, p))
             if not files:
                 raise ConfigError(f"--input={g}: a directory with no .jsonl, .json, .txt, .md or .parquet file")
             for f in files:

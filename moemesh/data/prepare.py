@@ -266,15 +266,21 @@ def prepare(
 
 def _sources(found: list[Input], markers: list[dict], hashes: list[str], text_key: str) -> list[dict]:
     """Each input's entry of the metadata (path, bytes, sha256, documents, tokens), summed over the
-    pieces' markers; ConfigError for an input without a document."""
+    pieces' markers. An input without a document is a warning (it adds nothing; refusing it only
+    now, after the others were tokenised, would lose that work); a corpus without one, an error."""
     per_input = [[0, 0] for _ in found]
     for m in markers:
         for i, (docs, toks) in m["inputs"].items():
             per_input[int(i)][0] += docs
             per_input[int(i)][1] += toks
-    for inp, (docs, _) in zip(found, per_input):
-        if docs == 0:
-            raise ConfigError(f"--input={inp.given}: no documents (every {text_key!r} is empty, or no lines)")
+    empty = [inp.given for inp, (docs, _) in zip(found, per_input) if docs == 0]
+    if len(empty) == len(found):
+        raise ConfigError(f"--input={empty[0]}: no documents (every {text_key!r} is empty, or no lines)")
+    for given in empty:
+        print(
+            f"prepare_data: warning: --input={given}: no documents (every {text_key!r} is empty); it adds nothing",
+            file=sys.stderr,
+        )
     return [
         {"path": inp.given, "bytes": inp.size, "sha256": hashes[i], "documents": d, "tokens": t}
         for i, (inp, (d, t)) in enumerate(zip(found, per_input))

@@ -215,6 +215,8 @@ def _tokens_metas(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> list[tup
                 f"{first_key}={first.path} by {first.tokenizer_name} (sha256 {first.tokenizer_id[:12]}): the same "
                 "ids would mean different text; prepare every source with one tokenizer"
             )
+    if cfg.val_path:
+        _check_held_out(metas)
     hold = 0.0 if cfg.val_path else cfg.val_fraction
     for key, meta, weight in metas:
         train, val = _tokens_streams(meta.path, hold if weight else 0.0, 0)
@@ -228,6 +230,21 @@ def _tokens_metas(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> list[tup
                 "; raise data.val_fraction, or set data.val_path to a prepared validation directory",
             )
     return metas
+
+
+def _check_held_out(metas: list[tuple[str, CorpusMeta, float]]) -> None:
+    """data.val_path shares no shard with a training source (a copy of it, or the same input
+    prepared again): validation would measure the training data."""
+    *train, (_, val, _) = metas
+    held = {s.tokens_sha256 for s in val.shards}
+    for key, meta, _ in train:
+        shared = [s.tokens_file for s in meta.shards if s.tokens_sha256 in held]
+        if shared:
+            raise ConfigError(
+                f"data.val_path={val.path} holds the same tokens as {key}={meta.path} ({shared[0]}, by sha256): "
+                "validation would measure the training data; prepare a held-out corpus, or drop data.val_path "
+                "to hold out data.val_fraction of each source"
+            )
 
 
 def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:

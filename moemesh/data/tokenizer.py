@@ -43,12 +43,24 @@ class TokenizerInfo:
         return {"name": self.name, "sha256": self.sha256, "class": self.cls, "files": self.files}
 
 
+# A model directory holds the tokenizer beside the weights; no tokenizer reads these.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+
+
 def _dir_files(d: Path) -> dict:
-    files = sorted(p for p in d.iterdir() if p.is_file())
+    """sha256 of each file of tokenizer directory ``d`` (its identity), weights left out."""
+    files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
     total = sum(regular_file(p, "--tokenizer").st_size for p in files)
     if total > MAX_TOKENIZER_BYTES:
-        raise ConfigError(f"--tokenizer={d}: its files hold {total:,} bytes, more than {MAX_TOKENIZER_BYTES:,}")
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        raise ConfigError(
+            f"--tokenizer={d}: its files hold {total:,} bytes, more than {MAX_TOKENIZER_BYTES:,}; "
+            "name its tokenizer.json, or a directory of the tokenizer's files alone"
+        )
+    out = {}
+    for p in files:
+        with open(p, "rb") as f:
+            out[p.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def _one_line(err: BaseException) -> str:

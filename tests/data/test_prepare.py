@@ -4,6 +4,7 @@ inputs are one line and exit 2; a killed prepare continues to the same bytes."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,3 +288,57 @@ def test_a_vocabulary_with_gaps_is_sized_by_its_largest_id(tmp_path):
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(str(tmp_path / "tokenizer.json")).vocab_size == 70001
+
+
+def test_a_directory_input_leaves_out_a_datasets_card_and_hidden_files(tmp_path):
+    from moemesh.data.inputs import find_inputs
+
+    d = tmp_path / "download"
+    (d / "data").mkdir(parents=True)
+    (d / ".cache").mkdir()
+    for f in ("README.md", "dataset_infos.json", "LICENSE.txt", ".cache/x.jsonl", "data/.part.jsonl"):
+        (d / f).write_text("{}\n")
+    write_jsonl(d / "data" / "train-0.jsonl", ["hello"])
+    write_jsonl(d / "data" / "train-1.jsonl", ["hello"])
+    assert [i.given for i in find_inputs([str(d)])] == [f"{d}/data/train-0.jsonl", f"{d}/data/train-1.jsonl"]
+
+
+def test_a_tokenizer_beside_its_models_weights_is_read_without_them(tmp_path):
+    from moemesh.data.tokenizer import load_tokenizer
+
+    d = tmp_path / "model"
+    d.mkdir()
+    _tiny_tokenizer(d / "tokenizer.json")
+    bare = load_tokenizer(str(d / "tokenizer.json"))
+    (d / "model.safetensors").write_bytes(b"\0" * (1 << 20))
+    from moemesh.data import tokenizer
+
+    files = tokenizer._dir_files(d)
+    assert sorted(files) == ["tokenizer.json"] and bare.vocab_size == 3
+
+
+def test_an_input_without_documents_beside_others_is_a_warning(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["hello hello"] * 3)
+    write_jsonl(tmp_path / "in" / "b.jsonl", [""])
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and err == [
+        f"prepare_data: warning: --input={tmp_path / 'in' / 'b.jsonl'}: no documents "
+        "(every 'text' is empty); it adds nothing"
+    ], err
+    meta = json.loads((tmp_path / "o" / META_NAME).read_text())
+    assert [s["documents"] for s in meta["sources"]] == [3, 0]
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "in" / "b.jsonl", "--out", tmp_path / "o2")
+    assert rc == 2 and len(err) == 1 and "b.jsonl: no documents" in err[0], err
+
+
+def test_a_validation_corpus_that_shares_a_shard_with_training_is_refused(tmp_path):
+    train = write_corpus(tmp_path / "train", [[40, 40]], vocab_size=1000)
+    held = write_corpus(tmp_path / "held", [[40, 40]], vocab_size=1000, start=500)
+    cfg = DataConfig(name="t", kind="tokens", path=str(train), val_path=str(held))
+    check_data(cfg, seq_len=16, vocab_size=1000)
+    shutil.copytree(train, tmp_path / "copy")
+    cfg = DataConfig(name="t", kind="tokens", path=str(train), val_path=str(tmp_path / "copy"))
+    with pytest.raises(ConfigError, match=r"data.val_path=.*copy holds the same tokens as data.path=.*train \(shard_"):
+        check_data(cfg, seq_len=16, vocab_size=1000)
