@@ -276,8 +276,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
-    """A refused run leaves no directory: remove it if it holds only Hydra's own files."""
+    """A refused run leaves no directory: remove it if it holds only Hydra's own files (and the
+    checkpoint directory, still empty)."""
     try:
+        ckpts = run_dir / "checkpoints"
+        if ckpts.is_dir() and not ckpts.is_symlink() and not any(ckpts.iterdir()):
+            ckpts.rmdir()
         if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
             import shutil
 

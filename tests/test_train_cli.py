@@ -172,6 +172,16 @@ def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
+def test_a_refused_resume_leaves_no_run_directory(tmp_path):
+    proc, first = _train(tmp_path / "a", "trainer.steps=1", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    proc, out = _train(tmp_path / "b", "trainer.steps=2", "data=synthetic", f"resume={first / 'checkpoints'}", *SMALL)
+    assert proc.returncode == 1 and "it was trained on other data" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
     proc = subprocess.run(
         [
