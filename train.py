@@ -301,11 +301,11 @@ def cli() -> None:
     try:
         # A fork server started for this command's ranks ends with it, however it ends.
         with forkserver.session():
-            if needs_preflight(argv):
-                try:
+            try:
+                if needs_preflight(argv):
                     argv = _check_command(argv)
-                except ConfigError as err:
-                    _refuse(str(err))
+            except ConfigError as err:
+                _refuse(str(err))
             sys.argv = [sys.argv[0], *argv]
             main()
         if _SWEEP_FAILED:

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: moemesh without pip install
 
 from moemesh.config.cli import compose_run, refuse  # noqa: E402
+from moemesh.config.validate import validate_run  # noqa: E402
 from moemesh.errors import ConfigError  # noqa: E402
 from moemesh.parallel.dims import MeshAxis, ParallelDims  # noqa: E402
 
@@ -81,22 +82,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         run = compose_run(args.overrides)
-        dims = ParallelDims.from_config(run.parallel)
+        # The checks train.py makes: a layout it would refuse is refused here, in its words.
+        dims = validate_run(run)
         from moemesh.parallel.pipeline import stage_layers
 
-        dims.validate()
-        if run.model.num_experts % dims.ep:
-            raise ConfigError(
-                f"model.num_experts={run.model.num_experts} must be divisible by "
-                f"parallel.expert_parallel_size={dims.ep}"
-            )
+        stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
     except ConfigError as err:
         refuse(err)
-    stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
     print(describe(dims, run.model.num_experts, stages))
     if args.dot:
-        with open(args.dot, "w") as f:
-            f.write(to_dot(dims, run.model.num_experts))
+        try:
+            with open(args.dot, "w") as f:
+                f.write(to_dot(dims, run.model.num_experts))
+        except OSError as err:
+            refuse(f"--dot {args.dot}: cannot write it: {err.strerror or err}")
         print(f"\nwrote {args.dot}")
 
 

@@ -136,6 +136,15 @@ def gone_flag(argv: list[str]) -> str | None:
     return None
 
 
+def _write_png(valid: list[Plan], path: str, top: int) -> None:
+    try:
+        _png(valid, path, top)
+    except OSError as err:
+        print(f"moemesh: --png {path}: cannot write it: {err.strerror or err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {path}")
+
+
 def _png(valid: list[Plan], path: str, top: int) -> None:
     import matplotlib
 
@@ -242,8 +251,7 @@ def main(argv=None) -> None:
             print(f"  dp{d.dp} ep{d.ep} tp{d.tp} pp{d.pp}: {p.problem}")
     _end_if_nothing_runs(valid, invalid, gpus)
     if args.png:
-        _png(valid, args.png, args.top)
-        print(f"wrote {args.png}")
+        _write_png(valid, args.png, args.top)
 
 
 if __name__ == "__main__":

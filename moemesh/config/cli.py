@@ -124,8 +124,12 @@ def _parse_argv(argv: list[str]):
 
 
 def needs_preflight(argv: list[str]) -> bool:
-    """Commands that only print (--help, --cfg, --info, completion) go straight to Hydra."""
+    """Commands that only print (--help, --cfg, --info, completion) go straight to Hydra, but
+    not with -m, which Hydra refuses with a traceback: one line here instead."""
     args, _ = _parse_argv(argv)
+    printing = next((flag for flag, on in (("--cfg", args.cfg), ("--info", args.info)) if on), None)
+    if args.multirun and printing:
+        raise ConfigError(f"{printing} prints one job's config, not a sweep's: drop -m (one value per key)")
     return not (
         args.help
         or args.hydra_help

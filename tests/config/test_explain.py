@@ -26,3 +26,11 @@ def test_a_comma_without_m_says_it_makes_a_sweep():
     assert str(err.value) == (
         "trainer.lr=1e-3,2e-3: a comma makes a sweep: add -m to run one job per value, or write a list as key=[a,b]"
     )
+
+
+def test_printing_a_sweeps_config_is_one_line():
+    from moemesh.config.cli import needs_preflight
+
+    with pytest.raises(ConfigError, match=r"^--cfg prints one job's config, not a sweep's: drop -m"):
+        needs_preflight(["-m", "parallel=ep2,dp2", "--cfg", "job"])
+    assert not needs_preflight(["parallel=ep2", "--cfg", "job"])

@@ -435,6 +435,15 @@ def test_a_plan_where_no_split_can_run_ends_in_one_line_and_exit_1(capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("moemesh: no split of 3 GPUs can run this config (")
 
 
+def test_a_png_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(["cluster.gpus=4", "--png", str(tmp_path / "no" / "p.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err == [
+        f"moemesh: --png {tmp_path / 'no' / 'p.png'}: cannot write it: No such file or directory"
+    ]
+
+
 def test_the_modes_are_the_training_keys_and_the_command_carries_them(capsys):
     """Sharding and checkpointing come from the config keys train.py reads; the command repeats them."""
     over = [*SEED, "parallel.sharding=zero3", "trainer.activation_checkpointing=full"]

@@ -35,3 +35,13 @@ def test_mesh_shows_all_four_axes():
     assert "  13   1  1  0  1          2  0..3  2..3" in p.stdout  # pp 1 holds layers 2..3
     assert "tp groups (8 x 2 ranks)" in p.stdout and "{0,1} {2,3}" in p.stdout
     assert "pp groups (8 x 2 ranks)" in p.stdout and "{0,8} {1,9}" in p.stdout
+
+
+def test_mesh_refuses_as_train_py_does_in_one_line(tmp_path):
+    for args, says in (
+        (["parallel=pp4", "model.num_layers=2"], "model.num_layers=2 must be >= parallel.pipeline_parallel_size=4"),
+        (["parallel=ep2", "--dot", str(tmp_path / "no" / "m.dot")], f"--dot {tmp_path / 'no' / 'm.dot'}: cannot write"),
+    ):
+        p = _mesh(*args)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and says in err[0], (args, p.stderr)
