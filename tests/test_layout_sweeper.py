@@ -40,6 +40,7 @@ def _train(*args, timeout=600):
         ("hydra.sweeper.objective=mfu", "hydra.sweeper.objective=mfu: expected one of tokens_per_s, step_s"),
         ("hydra.sweeper.include=[ep8]", "ep8: not a valid split of cluster.gpus=4 for this model (valid: "),
         ("parallel.expert_parallel_size=1,2", "hydra/sweeper=layouts chooses the layouts itself"),
+        ("parallel=ep4", "parallel=ep4: hydra/sweeper=layouts chooses each job's layout itself; to measure only"),
     ],
 )
 def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, override, message):

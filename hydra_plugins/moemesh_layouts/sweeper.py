@@ -135,6 +135,12 @@ class LayoutSweeper(Sweeper):
                 f"{swept[0]}: hydra/sweeper=layouts chooses the layouts itself; give every other key one value "
                 "(sweep other keys with separate commands)"
             )
+        fixed = [o.input_line for o in parsed if o.key_or_group in ("parallel", *SPLIT_KEYS)]
+        if fixed:  # each job's layout would replace it: say so rather than ignore it
+            _refuse(
+                f"{fixed[0]}: hydra/sweeper=layouts chooses each job's layout itself; to measure only some, "
+                """name them: 'hydra.sweeper.include=[ep4]' or 'hydra.sweeper.include=["ep>=2&pp==1"]'"""
+            )
         run = to_run_config(OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
         try:
             s = search.settings(**{k: _plain(v) for k, v in self.keys.items()}, steps=run.trainer.steps)
