@@ -245,12 +245,13 @@ NOTES = (
 
 
 def scaled_notes(runs: list[Run]) -> list[str]:
-    """One line per run whose measured phases add up to more than its step."""
+    """One line per run whose measured phases add up to more than its step (by more than the
+    0.05% that a percentage with one decimal would show as 100.0%)."""
     return [
         f"{r.label}: the phases (each the slowest rank's median) add up to {100 * b.phase_sum_share:.1f}% of the "
         f"step, more than the step itself; scaled by {b.scale:.3f} so that they make 100% (other 0%)"
         for r in runs
-        if (b := r.stats["breakdown"]) and b.scaled
+        if (b := r.stats["breakdown"]) and b.phase_sum_share >= 1.0005
     ]
 
 

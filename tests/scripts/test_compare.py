@@ -471,3 +471,9 @@ def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert (
         exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"compare.py: --out {tmp_path / 'file' / 'cmp'}")
     )
+
+
+def test_phases_a_hair_over_the_step_are_scaled_without_a_note(tmp_path):
+    hair = {**OVER, "forward": 0.3, "backward": 0.4, "grad_reduce": 0.2, "optimizer": 0.1002}  # 100.02%
+    runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS, time=hair))
+    assert runs[0].stats["breakdown"].scaled and compare.scaled_notes(runs) == []
