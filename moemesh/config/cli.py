@@ -88,8 +88,12 @@ def explain(err: BaseException) -> str:
         return f"{where}: {problem} (moemesh reads its configs as plain YAML: no !!python tags)"
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
-        hint = did_you_mean(choice, err.options)
-        return f"{group}={choice}: no such preset{hint} (valid: {', '.join(err.options)})"
+        # Hydra lists the top group's presets even for a subdirectory (cluster=calibrated/x): list that one's.
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if "/" in group else err.options
+        hint = did_you_mean(choice, options)
+        top, _, sub = group.partition("/")
+        given = f"{top}={sub}/{choice}" if sub else f"{group}={choice}"
+        return f"{given}: no such preset{hint} (valid: {', '.join(options) or 'none yet'})"
     cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
     if isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or getattr(cause, "key", "") or ""

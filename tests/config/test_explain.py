@@ -34,3 +34,12 @@ def test_printing_a_sweeps_config_is_one_line():
     with pytest.raises(ConfigError, match=r"^--cfg prints one job's config, not a sweep's: drop -m"):
         needs_preflight(["-m", "parallel=ep2,dp2", "--cfg", "job"])
     assert not needs_preflight(["parallel=ep2", "--cfg", "job"])
+
+
+def test_a_missing_preset_in_a_subgroup_lists_that_subgroups_presets():
+    register_schema()
+    with pytest.raises(ConfigError) as err:
+        preflight(["cluster=calibrated/cpu5"])
+    message = str(err.value)  # (valid: the calibrated presets, cpu4 among them; not local, slurm, torchrun)
+    assert message.startswith("cluster=calibrated/cpu5: no such preset; did you mean cpu4? (valid: ")
+    assert "cpu4" in message.split("(valid: ")[1] and "local" not in message
