@@ -99,6 +99,11 @@ CASES = {
         "is 2,097,154 bytes, more than the 1,048,576 allowed",
     ),
     "huge_header": (_huge_header, [], "a safetensors header of 1,099,511,627,776 bytes"),
+    "wrong_type": (
+        lambda d: _edit_config(d, hidden_size="abc"),
+        [],
+        "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: 'abc')",
+    ),
     "sparse_step_0": (
         lambda d: _edit_config(
             d, model_type="qwen2_moe", num_experts=4, moe_intermediate_size=48, decoder_sparse_step=0

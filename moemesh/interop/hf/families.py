@@ -61,7 +61,9 @@ def read_config(d: Path, what: str = "model.hf_path") -> tuple[dict, Any]:
     try:
         hf = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in raw.items() if k != "auto_map"})
     except Exception as err:  # transformers' own validation of the values
-        raise ConfigError(f"{what}: {d / 'config.json'}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        # transformers' text may take several lines (a field's name, then what it expected): join them.
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+        raise ConfigError(f"{what}: {d / 'config.json'}: {type(err).__name__}: {text}") from None
     return raw, hf
 
 
