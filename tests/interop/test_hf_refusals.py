@@ -48,6 +48,15 @@ def _drop_tensor(d: Path, name: str) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def _fp8_tensor(d: Path, name: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def _pickled(d: Path) -> None:
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02 not unpickled")
@@ -99,6 +108,11 @@ CASES = {
         "is 2,097,154 bytes, more than the 1,048,576 allowed",
     ),
     "huge_header": (_huge_header, [], "a safetensors header of 1,099,511,627,776 bytes"),
+    "fp8": (
+        lambda d: _fp8_tensor(d, "model.layers.0.self_attn.q_proj.weight"),
+        [],
+        "tensor 'model.layers.0.self_attn.q_proj.weight' is F8_E4M3, which moemesh does not read (valid: F64, F32",
+    ),
     "wrong_type": (
         lambda d: _edit_config(d, hidden_size="abc"),
         [],

@@ -57,13 +57,18 @@ def read_config(d: Path, what: str = "model.hf_path") -> tuple[dict, Any]:
                 "so moemesh cannot tell the architecture's shape"
             )
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # lazily: transformers imports torch
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings (a rope_scaling it rewrites) would make a refusal two lines
     try:
         hf = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in raw.items() if k != "auto_map"})
     except Exception as err:  # transformers' own validation of the values
         # transformers' text may take several lines (a field's name, then what it expected): join them.
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
         raise ConfigError(f"{what}: {d / 'config.json'}: {type(err).__name__}: {text}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return raw, hf
 
 

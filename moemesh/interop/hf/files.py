@@ -148,6 +148,12 @@ def _tensor_entry(name: str, entry: object, data_bytes: int, path: Path, what: s
     ok = ok and isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
     ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
     if not ok:
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(dtype, str) and dtype not in DTYPE_BYTES:
+            raise ConfigError(
+                f"{what}: {path}: tensor {name!r} is {dtype}, which moemesh does not read "
+                f"(valid: {', '.join(DTYPE_BYTES)}; convert an fp8 checkpoint to bf16 first)"
+            )
         raise ConfigError(f"{what}: {path}: tensor {name!r} has no valid dtype, shape and data_offsets")
     assert isinstance(entry, dict) and isinstance(shape, list) and isinstance(offsets, list)
     begin, end = offsets
