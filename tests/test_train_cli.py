@@ -53,6 +53,7 @@ def test_default_model_learns_and_writes_outputs(tmp_path):
     # train.log holds what the run printed: the banner, progress lines, the summary.
     log = (out / "train.log").read_text()
     assert "moemesh: single" in log and "step    60/60" in log and "moemesh run summary" in log
+    assert "run summary: single (dp1·ep1·tp1·pp1 = 1 rank), model=" in log  # one rank, not "1 ranks"
 
 
 @pytest.mark.slow

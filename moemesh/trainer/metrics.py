@@ -28,7 +28,7 @@ def format_summary(s: Mapping[str, Any]) -> str:
     m = s.get("memory_per_rank", {})
     lines = [
         f"── moemesh run summary: {s['parallel']} (dp{s['dp']}·ep{s['ep']}·tp{s['tp']}·pp{s['pp']} = "
-        f"{s['world_size']} ranks), model={s['model']}, {s['steps']} steps",
+        f"{s['world_size']} rank{'s' if s['world_size'] != 1 else ''}), model={s['model']}, {s['steps']} steps",
         f"loss {s['final_loss']:.4f}" + (f", validation {s['final_val_loss']:.4f}" if s.get("final_val_loss") else ""),
         f"throughput  {s['median_tokens_per_s']:,.0f} tokens/s, {s.get('median_samples_per_s') or 0:,.1f} samples/s, "
         f"step {s['median_step_s'] * 1e3:,.1f} ms" + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") else ""),
