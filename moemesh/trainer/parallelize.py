@@ -220,6 +220,11 @@ def build_model(
         model.init_weights(run.trainer.seed)
     elif device.type != "meta":
         model.init_buffers()
+        # The import writes every row a checkpoint holds; the rows that pad a TP-sharded vocabulary
+        # to a multiple of tp it never writes, and to_empty left them as whatever memory held.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
     apply_instrumentation(model, meter)
     apply_compile(model, run.trainer.compile)
     apply_ac(model, run.trainer.activation_checkpointing)

@@ -89,6 +89,27 @@ def assert_matches(cfg, entries: dict, hf_tensors: dict, what: str, *, rtol: flo
     return n
 
 
+def assert_tp_padding_zero(model, tp_mesh) -> int:
+    """The rows that pad a TP-sharded vocabulary to a multiple of tp hold zeros in the live
+    parameters (no checkpoint or import writes them: they must start so). Returns how many
+    parameters had such rows on this rank."""
+    from moemesh.parallel.checkpoint_state import _real_rows
+    from moemesh.parallel.tags import TP_SHARD
+
+    n = 0
+    for name, p in model.named_parameters():
+        tag = getattr(p, TP_SHARD, None)
+        if tag is None or tp_mesh is None:
+            continue
+        dim, logical = tag
+        local = p.data.to_local() if hasattr(p.data, "to_local") else p.data
+        real = _real_rows(local, dim, logical, tp_mesh.get_local_rank()).shape[dim]
+        pad = local.narrow(dim, real, local.shape[dim] - real)
+        assert not pad.any(), f"{name}: {pad.shape[dim]} padding rows are not zero"
+        n += pad.numel() > 0
+    return n
+
+
 def grad_entries(model, tp_mesh=None, fsdp_tp_mesh=None) -> dict:
     """This rank's gradients under the global keys its parameters have (checkpoint_state's)."""
     from moemesh.parallel.checkpoint_state import _entries

@@ -34,7 +34,8 @@ FAMILIES = {
         norm_topk_prob=False,
         router_aux_loss_coef=0.001,
     ),
-    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, head_dim=16, norm_topk_prob=True),
+    # 97 tokens: tp2 pads the vocabulary with a row that no checkpoint holds and the import must zero.
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, head_dim=16, norm_topk_prob=True, vocab_size=97),
 }
 DENSE = {
     "llama": dict(tie_word_embeddings=False),

@@ -17,7 +17,7 @@ from moemesh.parallel.dims import MeshAxis
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import build_training, train_step
 from tests.helpers import cpu_context
-from tests.interop._compare import assert_matches, grad_entries, hf_step, moe_layer_count
+from tests.interop._compare import assert_matches, assert_tp_padding_zero, grad_entries, hf_step, moe_layer_count
 from tests.interop._hf_models import load_hf
 
 
@@ -57,6 +57,7 @@ def check_layout(run, rank: int, mesh, out_dir: Path, *, hf_dir: Path) -> dict:
         hf = load_hf(hf_dir)
         params = {n: p.detach() for n, p in hf.named_parameters()}
         weights = assert_matches(cfg, parameter_entries(state.model, ckpt.tp_mesh, ckpt.fsdp_tp_mesh), params, "weight")
+        assert_tp_padding_zero(state.model, ckpt.tp_mesh)
         x, y = state.data.batch(
             "train", 0, global_batch=t.global_batch_size, seq_len=t.seq_len, start=0, count=t.global_batch_size
         )
