@@ -248,16 +248,13 @@ def main(cfg: DictConfig) -> float | None:
         _remove_if_untouched(Path(output_dir))
         _refuse(str(err))
     except (FloatingPointError, CheckpointError, RanksFailed) as err:  # training stopped for a reason it can name
-        if isinstance(err, RanksFailed):
-            reason = err.reason  # the launcher printed it
-        else:
-            reason = f"{type(err).__name__}: {err}"
-            print(f"moemesh: {reason}", file=sys.stderr)
-        if local_sweep:  # the sweep goes on; the directory stays, a job without a summary
-            _SWEEP_FAILED.append((Path(output_dir).name, reason))
-            return None
-        _remove_if_untouched(Path(output_dir))  # a refused resume trained nothing
-        sys.exit(1)
+        return _job_failed(err, Path(output_dir), local_sweep)
+    except Exception as err:
+        if not (local_sweep and dims.world_size == 1):
+            raise
+        # A one-rank job trains in this process: in a sweep its failure is the job's, as a spawned
+        # rank's is (one line; the traceback goes to its train.log), and the sweep goes on.
+        return _job_failed(err, Path(output_dir), local_sweep)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
         summary = json.loads((Path(output_dir) / "summary.json").read_text())
     stopped = (summary or {}).get("stopped_by_signal")
@@ -273,6 +270,41 @@ def main(cfg: DictConfig) -> float | None:
         name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"
         sys.exit(128 + int(getattr(signal, name, signal.SIGTERM)))
     return None if summary is None else summary.get("final_loss")
+
+
+def _job_failed(err: BaseException, run_dir: Path, local_sweep: bool) -> None:
+    """A job that stopped for a reason it can name: in a local sweep, record it (cli() names it at
+    the end) and return, so the sweep goes on; otherwise exit 1."""
+    if isinstance(err, RanksFailed):
+        reason = err.reason  # the launcher printed it
+    elif isinstance(err, (FloatingPointError, CheckpointError)):
+        reason = f"{type(err).__name__}: {err}"
+        print(f"moemesh: {reason}", file=sys.stderr)
+    else:
+        reason = f"rank 0 failed: {type(err).__name__}: {_first_line(err)}"
+        print(f"moemesh: {reason}", file=sys.stderr)
+        _append_traceback(run_dir)
+    if local_sweep:  # the directory stays: a job without a summary, as compare.py lists it
+        _SWEEP_FAILED.append((run_dir.name, reason))
+        return None
+    if isinstance(err, CheckpointError) and launcher_rank() == 0:  # a refused resume trained nothing
+        _remove_if_untouched(run_dir)
+    sys.exit(1)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _append_traceback(run_dir: Path) -> None:
+    """The exception being handled, as a traceback at the end of the job's train.log."""
+    import traceback
+
+    try:
+        with open(run_dir / "train.log", "a") as log:
+            traceback.print_exc(file=log)
+    except OSError:
+        pass
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
@@ -307,6 +339,8 @@ def cli() -> None:
             except ConfigError as err:
                 _refuse(str(err))
             sys.argv = [sys.argv[0], *argv]
+            _SWEEP_JOBS.clear()
+            _SWEEP_FAILED.clear()
             main()
         if _SWEEP_FAILED:
             failed = "; ".join(f"{job}: {reason}" for job, reason in _SWEEP_FAILED)

@@ -275,6 +275,8 @@ class LayoutSweeper(Sweeper):
         """Run these jobs; {job index: one-line reason} for those that failed. A launcher that
         fails the whole batch (SLURM's exits non-zero when any job failed) fails only the jobs
         that did not finish (``finished(index)``)."""
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
         tee = _Tee(sys.stderr)
         reasons: dict[int, str] = {}
         failure = None
@@ -294,10 +296,11 @@ class LayoutSweeper(Sweeper):
         for i in batch:
             mine = [l for l in tee.lines if f"job #{i} " in l] if len(batch) > 1 else tee.lines
             errors = [l for l in mine if not l.startswith(("moemesh: every layout", "moemesh: job #"))]
-            # A job that ended without its summary failed, whether the launcher said so (a
-            # failed return, an exit) or not: train.py returns from a local sweep's failed job,
-            # so the sweep goes on, and names it at the end.
-            if not finished(i) or i in reasons:
+            # A job that ran here and ended without its summary failed, whether the launcher said
+            # so or not: train.py returns from a local sweep's failed job so the sweep goes on.
+            # (A SLURM job without one may only be queued: cluster.slurm.wait=false.)
+            ended_here = isinstance(self.launcher, BasicLauncher) or failure is not None
+            if (ended_here and not finished(i)) or i in reasons:
                 reasons[i] = _one_line(errors[-1] if errors else reasons.get(i) or failure or "failed")
         return reasons
 
