@@ -365,6 +365,11 @@ def run_training(state: TrainState) -> RunSummary:
     s, t = state, state.run.trainer
     steps_run, final_val, stopped_by = 0, None, None
     record: StepRecord | dict = {}  # the last logged step's ({} until one is logged)
+    if s.start >= t.steps:  # resumed at or past the end: say so, rather than finish silently
+        s.log.message(
+            f"moemesh: the checkpoint is at step {s.start} and trainer.steps={t.steps}: nothing left to train "
+            f"(raise trainer.steps to train on)"
+        )
     for step in range(s.start, t.steps):
         result = train_step(s, step)
         steps_run += 1

@@ -125,6 +125,8 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         ),
     )
     assert not (tmp_path / "single" / "metrics.jsonl").read_text().strip()  # ... is already at step 10
+    said = "the checkpoint is at step 10 and trainer.steps=10: nothing left to train"
+    assert said in (tmp_path / "single" / "train.log").read_text()
     shutil.rmtree(tmp_path / "single")
     (tmp_path / "single").mkdir()
     train(
