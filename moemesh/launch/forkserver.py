@@ -57,6 +57,7 @@ def start(worker_module: str) -> None:
     if _started is not None and _started == (_pid(), wanted) and _running():
         return
     stop()
+    _short_socket_dir()
     resource_tracker.ensure_running()
     multiprocessing.set_forkserver_preload(list(wanted))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -66,6 +67,29 @@ def start(worker_module: str) -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _started = (_pid(), wanted)
+
+
+# The server listens on a socket in the process's multiprocessing directory, made under TMPDIR
+# as <TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX: 32 bytes past TMPDIR, and an AF_UNIX path holds
+# at most 107.
+_SOCKET_DIR_ROOM = 107 - 32
+
+
+def _short_socket_dir() -> None:
+    """Under a long TMPDIR (a job-private one on a cluster, a test's) the server could not listen
+    (OSError: AF_UNIX path too long): make this process's multiprocessing directory under /tmp
+    instead. multiprocessing keeps the first one it makes, and removes it at exit."""
+    import tempfile
+    from multiprocessing import util
+
+    if len(tempfile.gettempdir()) <= _SOCKET_DIR_ROOM or not os.path.isdir("/tmp"):
+        return
+    saved = tempfile.tempdir
+    tempfile.tempdir = "/tmp"
+    try:
+        util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
 
 
 def stop(processes=()) -> None:

@@ -130,3 +130,23 @@ def test_in_process_cli_leaves_the_callers_sigterm_handler_and_no_server(tmp_pat
     assert code == 2 and "trainer.device=cuda but no CUDA device is available" in err
     assert signal.getsignal(signal.SIGTERM) is before
     assert forkserver._pid() is None
+
+
+def test_under_a_long_tmpdir_the_servers_socket_goes_under_tmp(tmp_path):
+    """<TMPDIR>/pymp-X/listener-X must fit an AF_UNIX path (107 bytes): under a 95-character
+    TMPDIR the server could not listen, and a bare multi-rank launch failed with a traceback."""
+    long = tmp_path / ("x" * max(1, 95 - len(str(tmp_path)) - 1))
+    long.mkdir()
+    code = (
+        "from multiprocessing import util\n"
+        "from moemesh.launch import forkserver\n"
+        "forkserver._short_socket_dir()\n"
+        "from multiprocessing import forkserver as f\n"
+        "f.ensure_running()\n"  # listens: this is what failed
+        "print(util.get_temp_dir())\n"
+    )
+    env = {**os.environ, "TMPDIR": str(long), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    made = Path(proc.stdout.strip())
+    assert made.parent == Path("/tmp") and made.name.startswith("pymp-") and not made.exists()  # removed at exit
