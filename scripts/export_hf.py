@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moemesh: export error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # --out cannot be made or written
-        print(f"moemesh: export error: --out={args.out}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # --out cannot be made or written, or a file cannot be read
+        out = not err.filename or str(err.filename).startswith(str(args.out))
+        where = f"--out={args.out}" if out else err.filename
+        print(f"moemesh: export error: {where}: {err.strerror or err}", file=sys.stderr)
         return 2
     tok = (
         f", {stats.tokenizer_files} tokenizer files"

@@ -89,10 +89,11 @@ def explain(err: BaseException) -> str:
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         # Hydra lists the top group's presets even for a subdirectory (cluster=calibrated/x): list that one's.
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if "/" in group else err.options
+        sub_dir = "/" in group and (CONF_DIR / group).is_dir()  # not Hydra's own hydra/sweeper
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if sub_dir else err.options
         hint = did_you_mean(choice, options)
         top, _, sub = group.partition("/")
-        given = f"{top}={sub}/{choice}" if sub else f"{group}={choice}"
+        given = f"{top}={sub}/{choice}" if sub_dir else f"{group}={choice}"
         return f"{given}: no such preset{hint} (valid: {', '.join(options) or 'none yet'})"
     cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
     if isinstance(cause, OmegaConfBaseException):

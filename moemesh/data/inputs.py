@@ -70,15 +70,18 @@ def _arrow_files(d: Path, split: str) -> list[Path]:
     return files
 
 
-# What a dataset directory holds beside its data (a hub download's card and metadata), which a
-# directory input leaves out, as it does hidden files and directories.
+# What a dataset directory holds at its top beside its data (a hub download's card and metadata),
+# which a directory input leaves out, as it does hidden files and directories.
 NOT_DATA = ("readme", "license", "dataset_infos", "dataset_info", "dataset_dict", "state")
 
 
 def _is_data(f: Path, root: Path) -> bool:
+    """A data file of directory input ``root``: not hidden, and not the dataset's card or metadata
+    at its top (a README.md deeper down, in a corpus of repositories, is a document)."""
     rel = f.relative_to(root)
     hidden = any(part.startswith(".") for part in rel.parts)
-    return f.is_file() and not hidden and f.stem.lower() not in NOT_DATA and _kind(f) is not None
+    card = len(rel.parts) == 1 and f.stem.lower() in NOT_DATA
+    return f.is_file() and not hidden and not card and _kind(f) is not None
 
 
 def _kind(p: Path) -> str | None:

@@ -52,14 +52,20 @@ def conform(value: Any, kind: Any) -> Any:
     if typing.is_typeddict(kind):
         return _conform_typeddict(value, kind)
     if kind in (int, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return value if ok and (kind is float or float(value).is_integer()) else _MISSING
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _MISSING
+        try:  # an int of 400 digits is no float: OverflowError
+            ok = math.isfinite(value) and (kind is float or float(value).is_integer())
+        except OverflowError:
+            return _MISSING
+        return value if ok else _MISSING
     if kind in (str, bool):
         return value if isinstance(value, kind) else _MISSING
-    if origin is list:
+    if origin is list:  # all or nothing: a list with one element dropped would shift the others
         if not isinstance(value, list):
             return _MISSING
-        return [v for v in (conform(x, args[0]) for x in value) if v is not _MISSING]
+        kept = [conform(x, args[0]) for x in value]
+        return _MISSING if any(v is _MISSING for v in kept) else kept
     if origin is dict:
         if not isinstance(value, dict):
             return _MISSING
@@ -156,7 +162,7 @@ class Run:
 
         try:
             data = yaml.safe_load(read_bounded(self.dir / ".hydra" / "overrides.yaml", MAX_OVERRIDES_BYTES))
-        except (ValueError, OSError, yaml.YAMLError):
+        except (ValueError, OSError, RecursionError, yaml.YAMLError):
             return []
         return [x for x in data if isinstance(x, str)] if isinstance(data, list) else []
 
@@ -191,7 +197,7 @@ def expand(paths: list[Path], unfinished: list[Path] | None = None) -> list[Path
         if (p / "summary.json").is_file():
             runs.append(p)
             continue
-        subdirs = sorted((d for d in p.iterdir() if d.is_dir() and not d.is_symlink()), key=_job_order)
+        subdirs = sorted((d for d in p.iterdir() if d.is_dir()), key=_job_order)
         found = [d for d in subdirs if (d / "summary.json").is_file()]
         left = [d for d in subdirs if d not in found and _is_job(d)]
         if not found:

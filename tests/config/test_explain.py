@@ -43,3 +43,6 @@ def test_a_missing_preset_in_a_subgroup_lists_that_subgroups_presets():
     message = str(err.value)  # (valid: the calibrated presets, cpu4 among them; not local, slurm, torchrun)
     assert message.startswith("cluster=calibrated/cpu5: no such preset; did you mean cpu4? (valid: ")
     assert "cpu4" in message.split("(valid: ")[1] and "local" not in message
+    with pytest.raises(ConfigError) as err:  # Hydra's own groups keep Hydra's list
+        preflight(["hydra/sweeper=nope"])
+    assert str(err.value).startswith("hydra/sweeper=nope: no such preset") and "layouts" in str(err.value)

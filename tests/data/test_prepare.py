@@ -300,7 +300,12 @@ def test_a_directory_input_leaves_out_a_datasets_card_and_hidden_files(tmp_path)
         (d / f).write_text("{}\n")
     write_jsonl(d / "data" / "train-0.jsonl", ["hello"])
     write_jsonl(d / "data" / "train-1.jsonl", ["hello"])
-    assert [i.given for i in find_inputs([str(d)])] == [f"{d}/data/train-0.jsonl", f"{d}/data/train-1.jsonl"]
+    (d / "data" / "README.md").write_text("a document of a corpus of repositories")  # below the top: data
+    assert [i.given for i in find_inputs([str(d)])] == [
+        f"{d}/data/README.md",
+        f"{d}/data/train-0.jsonl",
+        f"{d}/data/train-1.jsonl",
+    ]
 
 
 def test_a_tokenizer_beside_its_models_weights_is_read_without_them(tmp_path):

@@ -150,9 +150,10 @@ def _tensor_entry(name: str, entry: object, data_bytes: int, path: Path, what: s
     if not ok:
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if isinstance(dtype, str) and dtype not in DTYPE_BYTES:
+            fp8 = "; convert an fp8 checkpoint to bf16 first" if dtype.startswith("F8") else ""
             raise ConfigError(
                 f"{what}: {path}: tensor {name!r} is {dtype}, which moemesh does not read "
-                f"(valid: {', '.join(DTYPE_BYTES)}; convert an fp8 checkpoint to bf16 first)"
+                f"(valid: {', '.join(DTYPE_BYTES)}{fp8})"
             )
         raise ConfigError(f"{what}: {path}: tensor {name!r} has no valid dtype, shape and data_offsets")
     assert isinstance(entry, dict) and isinstance(shape, list) and isinstance(offsets, list)
