@@ -477,3 +477,18 @@ def test_phases_a_hair_over_the_step_are_scaled_without_a_note(tmp_path):
     hair = {**OVER, "forward": 0.3, "backward": 0.4, "grad_reduce": 0.2, "optimizer": 0.1002}  # 100.02%
     runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS, time=hair))
     assert runs[0].stats["breakdown"].scaled and compare.scaled_notes(runs) == []
+
+
+def test_conform_drops_a_mistyped_list_whole_and_a_huge_int():
+    from moemesh.runs.reader import conform
+    from moemesh.runs.records import StepRecord
+
+    record = {"step": 3, "loss": 10**400, "load": {"layer0": {"tokens_per_expert": [4, "x", 6], "cv": 0.5}}}
+    assert conform(record, StepRecord) == {"step": 3, "load": {"layer0": {"cv": 0.5}}}
+
+
+def test_a_sweep_of_symlinked_runs_is_read(tmp_path):
+    a = _fake_run(tmp_path / "runs" / "a", "ep2", losses=LOSS)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "0_ep2").symlink_to(a)
+    assert compare.expand([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0_ep2"]
