@@ -31,6 +31,17 @@ def _train(tmp_path, *overrides, launcher=(sys.executable,), env_extra=None, tim
     return proc, out
 
 
+def _sweep(tmp_path, *overrides):
+    """``train.py -m`` of the small model with ``overrides``, run in ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *overrides, *SMALL],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 def test_default_model_learns_and_writes_outputs(tmp_path):
     proc, out = _train(tmp_path, "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=2")
@@ -150,21 +161,7 @@ def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path
     sweep = tmp_path / "sweep"
     (sweep / "0_dp2" / "metrics.jsonl").mkdir(parents=True)
     (sweep / "1_single" / "metrics.jsonl").mkdir(parents=True)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "parallel=dp2,single,single",
-            "trainer.steps=2",
-            f"hydra.sweep.dir={sweep}",
-            *SMALL,
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _sweep(tmp_path, "parallel=dp2,single,single", "trainer.steps=2", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stderr
     assert json.loads((sweep / "2_single" / "summary.json").read_text())["steps"] == 2
     last = proc.stderr.strip().splitlines()[-1]
@@ -188,21 +185,7 @@ def test_a_refused_resume_leaves_no_run_directory(tmp_path):
 
 @pytest.mark.slow
 def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "parallel=single,pp2",
-            "trainer.steps=3",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            *SMALL,
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _sweep(tmp_path, "parallel=single,pp2", "trainer.steps=3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr
     single, pp2 = (read_metrics(tmp_path / "sweep" / d) for d in ("0_single", "1_pp2"))
     assert_same_run(single, pp2, "pp2", min_steps=2)

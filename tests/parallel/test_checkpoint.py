@@ -37,6 +37,12 @@ def _cfg(name, dp, ep, **extra):
     )
 
 
+def _ctx(rank, mesh, output_dir, data_paths) -> RankContext:
+    return RankContext(
+        rank=rank, local_rank=rank, device=torch.device("cpu"), mesh=mesh, output_dir=output_dir, data_paths=data_paths
+    )
+
+
 def _read(d):
     return {r["step"]: r for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())}
 
@@ -45,38 +51,17 @@ def _four_ranks(rank, world, root, paths):
     # 10 uninterrupted steps under ep2_dp2, saving after 5 and 10 ...
     out = Path(root) / "ep2_dp2"
     out.mkdir(exist_ok=True)
-    ctx = RankContext(
-        rank=rank,
-        local_rank=rank,
-        device=torch.device("cpu"),
-        mesh=build_mesh(ParallelDims(dp=2, ep=2), "cpu"),
-        output_dir=str(out),
-        data_paths=paths,
-    )
+    ctx = _ctx(rank, build_mesh(ParallelDims(dp=2, ep=2), "cpu"), str(out), paths)
     train(_cfg("ep2_dp2", 2, 2), ctx)
     # ... then resume the step-5 checkpoint under ep4.
     out4 = Path(root) / "ep4"
     out4.mkdir(exist_ok=True)
-    ctx = RankContext(
-        rank=rank,
-        local_rank=rank,
-        device=torch.device("cpu"),
-        mesh=build_mesh(ParallelDims(ep=4), "cpu"),
-        output_dir=str(out4),
-        data_paths=paths,
-    )
+    ctx = _ctx(rank, build_mesh(ParallelDims(ep=4), "cpu"), str(out4), paths)
     train(_cfg("ep4", 1, 4, resume=str(out / "checkpoints" / "step_000005")), ctx)
     # A vocabulary TP pads: 97 rows over tp2 are 49 + 48 and a zero row, which no checkpoint holds.
     out97 = Path(root) / "tp2_dp2_v97"
     out97.mkdir(exist_ok=True)
-    ctx = RankContext(
-        rank=rank,
-        local_rank=rank,
-        device=torch.device("cpu"),
-        mesh=build_mesh(ParallelDims(dp=2, tp=2), "cpu"),
-        output_dir=str(out97),
-        data_paths=_v97_data(),
-    )
+    ctx = _ctx(rank, build_mesh(ParallelDims(dp=2, tp=2), "cpu"), str(out97), _v97_data())
     train(_v97("tp2_dp2", dp=2, tp=2), ctx)
 
 
@@ -115,14 +100,7 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     (tmp_path / "single").mkdir()
     train(
         _cfg("single", 1, 1, resume=str(ckpts)),  # a directory: the newest inside (step 10) ...
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path / "single"),
-            data_paths=paths,
-        ),
+        _ctx(0, single_rank_mesh(), str(tmp_path / "single"), paths),
     )
     assert not (tmp_path / "single" / "metrics.jsonl").read_text().strip()  # ... is already at step 10
     said = "the checkpoint is at step 10 and trainer.steps=10: nothing left to train"
@@ -131,14 +109,7 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     (tmp_path / "single").mkdir()
     train(
         _cfg("single", 1, 1, resume=str(ckpts / "step_000005")),
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path / "single"),
-            data_paths=paths,
-        ),
+        _ctx(0, single_rank_mesh(), str(tmp_path / "single"), paths),
     )
     whole = _read(tmp_path / "ep2_dp2")
     for name in ("ep4", "single"):
@@ -151,14 +122,7 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     ckpt97 = tmp_path / "tp2_dp2_v97" / "checkpoints" / "step_000002"
     train(
         _v97("single", resume=str(ckpt97)),
-        RankContext(
-            rank=0,
-            local_rank=0,
-            device=torch.device("cpu"),
-            mesh=single_rank_mesh(),
-            output_dir=str(tmp_path / "single_v97"),
-            data_paths=_v97_data(),
-        ),
+        _ctx(0, single_rank_mesh(), str(tmp_path / "single_v97"), _v97_data()),
     )
     whole, resumed = _read(tmp_path / "tp2_dp2_v97"), _read(tmp_path / "single_v97")
     assert sorted(resumed) == [3, 4]
