@@ -204,9 +204,14 @@ _SWEEP_JOBS: list[str] = []
 _SWEEP_FAILED: list[tuple[str, str]] = []
 
 
-def _resume_line(argv: list[str], output_dir: str) -> str:
-    kept = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir="))]
-    return shlex.join(["python", "train.py", *kept, f"hydra.run.dir={output_dir}", "resume=auto"])
+def _resume_line(argv: list[str], output_dir: str, job_overrides: list[str] | None = None) -> str:
+    """The command that continues a run a signal stopped. A sweep's job (``job_overrides``, its
+    own overrides) continues as a single run in its directory: ``-m`` would ignore
+    ``hydra.run.dir`` and start the whole sweep again in a new one."""
+    given = argv if job_overrides is None else job_overrides
+    kept = [a for a in given if a not in ("-m", "--multirun") and not a.startswith(("resume=", "hydra.run.dir="))]
+    line = shlex.join(["python", "train.py", *kept, f"hydra.run.dir={output_dir}", "resume=auto"])
+    return line if job_overrides is None else f"{line} (the sweep's later jobs did not start)"
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -264,7 +269,7 @@ def main(cfg: DictConfig) -> float | None:
         steps = summary.get("start_step", 0) + summary.get("steps", 0)
         print(
             f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
-            f"{_resume_line(sys.argv[1:], output_dir)}",
+            f"{_resume_line(sys.argv[1:], output_dir, list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None)}",
             file=sys.stderr,
         )
         name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"

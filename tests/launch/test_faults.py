@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -101,6 +102,38 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkp
     assert "Traceback" not in err
     kept = checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert kept and json.loads((kept[-1] / "meta.json").read_text())["step"] >= 1
+
+
+def test_a_sweep_job_stopped_by_a_signal_says_how_to_resume_that_job(tmp_path):
+    """``-m`` ignores ``hydra.run.dir``: the line names the job's own overrides as a single run in
+    its directory, and that command continues it."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", "trainer.lr=1e-3,2e-3", "trainer.steps=100000"]
+        + [f"hydra.sweep.dir={sweep}", *SMALL],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_steps(tmp_path, 2, proc, metrics=sweep / "0_single" / "metrics.jsonl")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    line = _stop_line(err)
+    assert line.endswith("resume=auto (the sweep's later jobs did not start)"), line
+    command = line.split("resume with: ", 1)[1].rsplit(" (", 1)[0]
+    argv = shlex.split(command)
+    assert "-m" not in argv and "trainer.lr=0.001" in argv  # the job's value, as Hydra gives it
+    assert f"hydra.run.dir={sweep / '0_single'}" in argv
+    assert not (sweep / "1_single").exists()
+    steps = json.loads((sweep / "0_single" / "summary.json").read_text())["steps"]
+    argv[argv.index("trainer.steps=100000")] = f"trainer.steps={steps + 1}"
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *argv[2:]], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {steps}" in resumed.stdout
 
 
 @pytest.mark.shares_cores
