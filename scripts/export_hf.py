@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if stats.tokenizer_files
         else ", no tokenizer files (--tokenizer DIR copies them; AutoTokenizer needs them)"
     )
+    for note in stats.notes:
+        print(f"moemesh: note: {note}", file=sys.stderr)
     print(
         f"moemesh: exported {found[0]} as {stats.family}: {stats.tensors} tensors, "
         f"{stats.bytes_written / 2**20:,.1f} MiB in {stats.files} file(s){tok}, {stats.seconds:.1f} s -> {args.out}"

@@ -30,13 +30,16 @@ from tests.interop._hf_models import FAMILIES, hf_run, load_hf, save_tiny
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _saved_at_step_0(run, root: Path, x: torch.Tensor | None = None):
+def _saved_at_step_0(run, root: Path, x: torch.Tensor | None = None, edit=None):
     """The run built (an import reads its checkpoint) and saved before any step; with ``x``,
-    also moemesh's logits of it."""
+    also moemesh's logits of it; ``edit(model)`` changes its weights first."""
     paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     (root / "run").mkdir(parents=True)
     state = build_training(run, cpu_context(0, single_rank_mesh(), root / "run", paths))
     try:
+        if edit is not None:
+            with torch.no_grad():
+                edit(state.model)
         if x is None:
             return state.ckpt.save(0)
         with torch.no_grad():
@@ -198,6 +201,46 @@ def test_export_flags_and_a_tampered_meta_are_one_line_exit_2(tmp_path, capsys):
         assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 2, change
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], (change, err)
+
+
+def test_values_a_dtype_cannot_hold_are_refused_and_leave_no_directory(tmp_path, capsys):
+    """fp16 tops out at 65,504: a weight beyond it would be written as inf. Refused in one line
+    naming the tensor, and the half-written directory is removed; bf16 holds it."""
+
+    def big(model):
+        model.layers["1"].attn.wo.weight[0, 0] = 1e5
+
+    ckpt = _saved_at_step_0(tiny_run(), tmp_path / "big", edit=big)
+    out = tmp_path / "out"
+    assert export_hf.main([str(ckpt), "--out", str(out), "--dtype", "fp16", "--max-shard-gb", "1e-6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.search(
+        r"--dtype=fp16: model\.layers\.1\.self_attn\.o_proj\.weight has values up to 1e\+05, beyond", err[0]
+    )
+    assert "write bf16 or fp32 instead" in err[0] and not out.exists()  # its earlier shards were written, then removed
+    out.mkdir()  # an empty directory the user made stays, empty
+    assert export_hf.main([str(ckpt), "--out", str(out), "--dtype", "fp16"]) == 2 and list(out.iterdir()) == []
+    capsys.readouterr()
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+
+    # inf or nan in the checkpoint itself: the saver refuses to write them (checkpoints.md), so
+    # only a file from elsewhere holds them, and its message says so rather than blaming --dtype.
+    from moemesh.interop.hf.export import _not_finite
+
+    t = torch.tensor([1.0, float("nan")])
+    says = _not_finite(ckpt, "layers.0.attn.wq.weight", "model.layers.0.self_attn.q_proj.weight", t, "bf16")
+    assert says == (
+        f"checkpoint {ckpt}: layers.0.attn.wq.weight holds inf or nan values; "
+        "export a checkpoint from before they appeared"
+    )
+
+
+def test_a_capacity_factor_is_named_as_left_out(tmp_path, capsys):
+    ckpt = _saved_at_step_0(tiny_run(**{"model.capacity_factor": 1.25}), tmp_path)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moemesh: note: model.capacity_factor=1.25 is not exported"), err
 
 
 @pytest.mark.parametrize(

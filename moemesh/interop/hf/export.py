@@ -54,6 +54,7 @@ class ExportStats:
     files: int
     seconds: float
     tokenizer_files: int
+    notes: tuple[str, ...] = ()  # what the export leaves out, for the user to know
 
 
 def infer_family(cfg: ModelConfig) -> str:
@@ -304,11 +305,6 @@ def export_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
 ) -> ExportStats:
     """Write the checkpoint at ``path`` as a transformers model directory ``out`` (new or empty)."""
-    import torch.distributed.checkpoint as dcp
-
-    from moemesh.parallel.checkpoint import CheckpointError
-    from moemesh.parallel.checkpoint_trust import Planner, Reader, check_sizes, read_metadata
-
     t0 = time.perf_counter()
     meta = read_checkpoint_meta(path)
     cfg = model_config(meta, path)
@@ -331,7 +327,38 @@ def export_checkpoint(
     except (TypeError, ValueError, KeyError) as err:  # the source config meta.json carries, refused by transformers
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"checkpoint {path}: meta.json's hf.config makes no {family} config: {first}") from None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0)
+    except BaseException:  # a refusal, a full disk, Ctrl-C: no half-written model directory stays
+        try:
+            _remove_written(out, created)
+        except OSError:
+            pass  # the export's own error is the one to report
+        raise
+
+
+def _remove_written(out: Path, created: bool) -> None:
+    """Empty ``out`` (it was empty or absent when the export began) and remove it if the export made it."""
+    import shutil
+
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if created:
+        out.rmdir()
+
+
+def _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0) -> ExportStats:
+    """The body of export_checkpoint, once ``out`` exists: the tensors, config and tokenizer."""
+    import torch.distributed.checkpoint as dcp
+
+    from moemesh.parallel.checkpoint import CheckpointError
+    from moemesh.parallel.checkpoint_trust import Planner, Reader, check_sizes, read_metadata
+
     files = meta["files"]
     try:
         limits = _limits(cfg, meta)
@@ -357,7 +384,10 @@ def export_checkpoint(
                 t = _rope_rows(cfg, key, t)
             ref = hf_ref(cfg, key, layout)
             assert isinstance(ref, Ref) and ref.rows is None and ref.expert is None, (key, ref)
-            t = t.to(DTYPES[dtype])  # cast while contiguous, then transpose the (smaller) result
+            cast = t.to(DTYPES[dtype])  # cast while contiguous, then transpose the (smaller) result
+            if not torch.isfinite(cast).all():
+                raise ConfigError(_not_finite(path, key, ref.name, t, dtype))
+            t = cast
             shards.add(ref.name, t.t().contiguous() if ref.transpose else t)
             n += 1
     for name, shape in _zero_shared(cfg, family).items():
@@ -365,7 +395,24 @@ def export_checkpoint(
     files = shards.finish()
     hf_config.save_pretrained(str(out))
     copied = _copy_tokenizer(tokenizer or (Path(origin["source"]) if origin and origin.get("source") else None), out)
-    return ExportStats(family, n, shards.written, files, time.perf_counter() - t0, copied)
+    notes: tuple[str, ...] = ()
+    if cfg.capacity_factor is not None:
+        notes = (
+            f"model.capacity_factor={cfg.capacity_factor} is not exported: transformers' {family} block "
+            "routes every token (dropless), so it computes what this model does only where the run dropped none",
+        )
+    return ExportStats(family, n, shards.written, files, time.perf_counter() - t0, copied, notes)
+
+
+def _not_finite(path: Path, key: str, name: str, t: torch.Tensor, dtype: str) -> str:
+    """Why a tensor cannot be written: inf/nan in the checkpoint, or values beyond ``dtype``'s range."""
+    if not torch.isfinite(t).all():
+        return f"checkpoint {path}: {key} holds inf or nan values; export a checkpoint from before they appeared"
+    top = float(t.abs().max())
+    return (
+        f"--dtype={dtype}: {name} has values up to {top:.4g}, beyond {dtype}'s largest "
+        f"({torch.finfo(DTYPES[dtype]).max:.4g}); write bf16 or fp32 instead"
+    )
 
 
 def _stored(stored: dict, key: str, shape: tuple[int, ...], path: Path) -> Any:
