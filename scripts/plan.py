@@ -177,6 +177,14 @@ def _end_if_nothing_runs(valid: list, invalid: list, gpus: int) -> None:
     raise SystemExit(1)
 
 
+def _params(n: int) -> str:
+    """A parameter count as people say it: 46.70B, 1.35M, 12.3K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     gone = gone_flag(argv)
@@ -225,7 +233,7 @@ def main(argv=None) -> None:
         return
     m = run.model
     print(
-        f"plan: model={m.name} ({count_params(m).total / 1e9:.2f}B params, {m.num_experts} experts top-{m.top_k}), "
+        f"plan: model={m.name} ({_params(count_params(m).total)} params, {m.num_experts} experts top-{m.top_k}), "
         f"{gpus} GPUs ({run.cluster.gpus_per_node}/node, {run.cluster.gpu_memory_gb:g} GB), "
         f"NVLink {run.cluster.intra_node_gbps:g} GB/s, network {run.cluster.inter_node_gbps:g} GB/s, "
         f"compute {'bf16' if compute_bytes(run) == 2 else 'fp32'} (trainer.dtype={run.trainer.dtype}), "

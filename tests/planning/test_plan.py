@@ -432,6 +432,7 @@ def test_a_plan_where_no_split_can_run_ends_in_one_line_and_exit_1(capsys):
     assert (
         exit_.value.code == 1 and "0 valid splits" in out and "trainer.global_batch_size=16 x trainer.seq_len=" in out
     )
+    assert "plan: model=tiny (3.48M params, 8 experts top-2)" in out  # not "0.00B"
     assert len(err.strip().splitlines()) == 1 and err.startswith("moemesh: no split of 3 GPUs can run this config (")
 
 
