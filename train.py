@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moemesh.config.cli import needs_preflight, preflight, refuse
+from moemesh.config.cli import needs_preflight, preflight, refuse, repeated_keys
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import CheckpointError, ConfigError, RanksFailed
@@ -110,6 +110,9 @@ def _check_command(argv: list[str]) -> list[str]:
     needs it (one micro-step count for all its layouts). Exits 2 with one line on a mistake."""
     env = detect_launcher_env()
     command = preflight(argv, launched=env is not None)
+    if launcher_rank() == 0:
+        for warning in repeated_keys(argv):
+            print(f"moemesh: warning: {warning}", file=sys.stderr)
     # Before Hydra creates the run directory: who may read what this command writes.
     set_output_umask([job.run for job in command.jobs])
     if env is not None and command.multirun and not os.environ.get(TASK_MARKER):
@@ -267,9 +270,10 @@ def main(cfg: DictConfig) -> float | None:
         # Saved, not finished: exit non-zero, so no script mistakes this run for a complete one.
         # (A SLURM task leaves this to the launcher plugin, which requeues on the time limit.)
         steps = summary.get("start_step", 0) + summary.get("steps", 0)
+        job = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
         print(
             f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
-            f"{_resume_line(sys.argv[1:], output_dir, list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None)}",
+            f"{_resume_line(sys.argv[1:], output_dir, job)}",
             file=sys.stderr,
         )
         name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"

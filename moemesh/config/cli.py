@@ -155,6 +155,21 @@ def _choice(overrides: list[str], group: str) -> str | None:
     return None
 
 
+def repeated_keys(overrides: list[str]) -> list[str]:
+    """A warning for each key the command line sets more than once to different values: Hydra
+    takes the last without a word, which in a long command is rarely what was meant."""
+    given: dict[str, list[str]] = {}
+    for o in overrides:
+        if "=" in o and not o.startswith("~"):
+            key, _, value = o.lstrip("+").partition("=")
+            given.setdefault(key, []).append(value)
+    return [
+        f"{key} is given {len(values)} times ({', '.join(values)}): the last, {key}={values[-1]}, is used"
+        for key, values in given.items()
+        if len(set(values)) > 1
+    ]
+
+
 def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The jobs a command runs: one, or the cartesian product of a sweep's values."""
     if not multirun:

@@ -46,3 +46,14 @@ def test_a_missing_preset_in_a_subgroup_lists_that_subgroups_presets():
     with pytest.raises(ConfigError) as err:  # Hydra's own groups keep Hydra's list
         preflight(["hydra/sweeper=nope"])
     assert str(err.value).startswith("hydra/sweeper=nope: no such preset") and "layouts" in str(err.value)
+
+
+def test_a_key_given_twice_with_different_values_is_named_with_the_one_used():
+    from moemesh.config.cli import repeated_keys
+
+    argv = ["-m", "parallel=dp2", "trainer.lr=1e-3", "parallel=ep2,dp2", "++trainer.lr=2e-3", "trainer.steps=5"]
+    assert repeated_keys(argv) == [
+        "parallel is given 2 times (dp2, ep2,dp2): the last, parallel=ep2,dp2, is used",
+        "trainer.lr is given 2 times (1e-3, 2e-3): the last, trainer.lr=2e-3, is used",
+    ]
+    assert repeated_keys(["trainer.lr=1e-3", "trainer.lr=1e-3", "~logger.tags"]) == []  # the same value twice: no doubt
