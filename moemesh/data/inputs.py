@@ -217,7 +217,7 @@ def _jsonl(inp: Input, a: int, b: int, key: str, first_only: bool = False):
             if not isinstance(obj, dict) or key not in obj:
                 keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
                 raise ConfigError(f"--text-key={key}: missing in {inp.given} at byte {pos:,}; its keys: {keys}")
-            text = obj[key]
+            text = "" if obj[key] is None else obj[key]  # null: no text, as a parquet null (skipped)
             if not isinstance(text, str):
                 raise ConfigError(
                     f"--text-key={key}: {inp.given} at byte {pos:,} holds a {type(text).__name__}, not text"

@@ -258,6 +258,22 @@ def test_a_missing_key_deep_in_a_file_is_one_line_from_the_worker(tmp_path, caps
     assert not (tmp_path / "o" / META_NAME).exists()
 
 
+def test_a_null_text_is_an_empty_document_in_jsonl_as_in_parquet_and_a_number_is_refused(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": "hello"}\n{"text": null}\n{"text": "hello hello"}\n')
+    pq.write_table(pa.table({"text": ["hello", None, "hello"]}), tmp_path / "in" / "b.parquet")
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and err == [], err
+    meta = json.loads((tmp_path / "o" / META_NAME).read_text())
+    assert [s["documents"] for s in meta["sources"]] == [2, 2]
+    (tmp_path / "n.jsonl").write_text('{"text": "hello"}\n{"text": 7}\n')
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    for name, says in (("n.jsonl", "n.jsonl at byte 18 holds a int, not text"), ("n.parquet", "holds int values")):
+        rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / name, "--out", tmp_path / f"o-{name}")
+        assert rc == 2 and len(err) == 1 and says in err[0], (name, err)
+
+
 def test_a_documents_text_stays_text_and_the_files_follow_the_umask(tmp_path, capsys):
     """A special token's text inside a document is not the special id (only the separator
     between documents is EOS); a lone surrogate in a JSON string is U+FFFD, not a crash; the
