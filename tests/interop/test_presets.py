@@ -46,3 +46,22 @@ def test_the_planner_plans_mixtral_on_16_gpus(capsys):
     assert plan.main(["model=mixtral_8x7b", "cluster.gpus=16"]) in (0, None)
     out = capsys.readouterr().out
     assert "model=mixtral_8x7b (46.70B params, 8 experts top-2), 16 GPUs" in out and "| yes |" in out
+
+
+def test_a_model_in_the_hubs_cache_is_named_by_its_repository(tmp_path):
+    snapshot = (
+        tmp_path
+        / "hub"
+        / "models--mistralai--Mixtral-8x7B-v0.1"
+        / "snapshots"
+        / "41bd4c9e7e4fb318ca40e721131d4933966c2cc1"
+    )
+    snapshot.mkdir(parents=True)
+    shutil.copy(PUBLISHED / "mixtral_8x7b.json", snapshot / "config.json")
+    raw, hf = read_config(snapshot)
+    assert model_fields(snapshot, raw, hf, {})[1]["name"] == "mistralai/Mixtral-8x7B-v0.1"
+    (tmp_path / "mine").symlink_to(snapshot)  # a link to the snapshot: still the repository's name
+    assert model_fields(tmp_path / "mine", raw, hf, {})[1]["name"] == "mistralai/Mixtral-8x7B-v0.1"
+    plain = tmp_path / "Mixtral-local"
+    shutil.copytree(snapshot, plain)
+    assert model_fields(plain, raw, hf, {})[1]["name"] == "Mixtral-local"

@@ -198,11 +198,22 @@ def model_fields(d: Path, raw: dict, hf: Any, upcycle: dict, what: str = "model.
                 f"({model_type}); upcycling starts from a dense {'/'.join(DENSE_FAMILIES)} model"
             )
         part, chosen = _moe(hf, model_type, what)
-    chosen["name"] = d.resolve().name
+    chosen["name"] = model_name(d)
     pad = raw.get("pad_token_id")
     chosen["pad_token_id"] = pad if isinstance(pad, int) and 0 <= pad < hf.vocab_size else None
     chosen["max_seq_len"] = int(getattr(hf, "max_position_embeddings", 4096))
     return {**arch, **part}, chosen
+
+
+def model_name(d: Path) -> str:
+    """The model's name for logs and dashboards: its directory's, or in the hub's cache
+    (``models--mistralai--Mixtral-8x7B-v0.1/snapshots/<commit>``) the repository's,
+    ``mistralai/Mixtral-8x7B-v0.1``, not the commit hash."""
+    path = d.resolve()
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and len(repo) > len("models--"):
+        return repo[len("models--") :].replace("--", "/")
+    return path.name
 
 
 def _same(given: object, value: object) -> bool:
