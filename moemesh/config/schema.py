@@ -442,6 +442,8 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         cfg.pop("hydra", None)
         merged = OmegaConf.merge(_schema(), cfg)  # a new config: the cached schema is not changed
         run = OmegaConf.to_object(merged)  # typed as any container; a structured config gives its dataclass
+    except ConfigError as err:  # a field's check (__post_init__)
+        raise _from_config_json(err, cfg) from None
     except OmegaConfBaseException as err:
         cause = _config_error_inside(err)
         if cause is not None:  # raised by the ${hf:...} resolver: its own line, not OmegaConf's wrapping
@@ -456,6 +458,21 @@ def to_run_config(cfg: Any, *, full_error: bool = False) -> RunConfig:
         check_model(run.model)
         check_checkpoint(run.model)
     return run
+
+
+def _from_config_json(err: ConfigError, cfg: Any) -> ConfigError:
+    """``err``, saying so where the value it names came from model.hf_path's config.json: the
+    user never wrote ``model.num_layers=0``, the checkpoint's num_hidden_layers did."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    found = re.match(r"model\.(\w+)=(\S+)", str(err))
+    if not (isinstance(model, dict) and model.get("hf_path") and found):
+        return err
+    from moemesh.interop.hf.families import read_from_config
+
+    upcycle = model.get("upcycle")
+    upcycle_items = tuple(sorted(upcycle.items())) if isinstance(upcycle, dict) else ()
+    source = read_from_config(str(model["hf_path"]), found.group(1), model.get(found.group(1)), upcycle_items)
+    return ConfigError(f"{err} (read from {source})") if source else err
 
 
 def _config_error_inside(err: BaseException) -> ConfigError | None:

@@ -141,6 +141,17 @@ CASES = {
         [],
         "config.json's num_hidden_layers=10000000 needs more tensors than the checkpoint's",
     ),
+    # A field's check names the moemesh key, and where its value came from: the user never wrote it.
+    "zero_layers": (
+        lambda d: _edit_config(d, num_hidden_layers=0),
+        [],
+        "model.num_layers=0 must be a positive integer (read from ",  # the path, then:
+    ),
+    "top_k_over_experts": (
+        lambda d: _edit_config(d, num_experts_per_tok=9),
+        [],
+        "config.json's num_experts_per_tok)",
+    ),
     "fifo": (_fifo_config, [], "config.json is not a regular file"),
     "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
     "no_model_hf": (lambda d: None, ["model=tiny"], "architecture keys are not its config.json's (model."),
@@ -155,6 +166,8 @@ CASES = {
         ["model.hf_path=/nonexistent/ckpt"],
         "model.hf_path=/nonexistent/ckpt: not a directory",
     ),
+    # An override's own mistake is the override's: no "(read from ...)".
+    "own_mistake": (lambda d: None, ["model.max_seq_len=0"], "model.max_seq_len=0 must be a positive integer"),
 }
 
 
@@ -170,6 +183,7 @@ def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_starts(case, good, tmp_
     )
     line = config_error_line(code, err)
     assert needle in line and "resolving interpolation" not in line, line
+    assert ("(read from " in line) == (case in ("zero_layers", "top_k_over_experts")), line
     assert list(work.iterdir()) == []
 
 

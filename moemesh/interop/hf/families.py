@@ -205,6 +205,38 @@ def model_fields(d: Path, raw: dict, hf: Any, upcycle: dict, what: str = "model.
     return {**arch, **part}, chosen
 
 
+# The config.json key each model field is read from, for a message about a value found there.
+_CONFIG_KEY = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "ffn_hidden_size": "intermediate_size",
+    "top_k": "num_experts_per_tok",
+    "num_experts": "num_local_experts or num_experts",
+    "moe_ffn_hidden_size": "moe_intermediate_size or intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+}
+
+
+def read_from_config(path: str, key: str, value: object, upcycle: tuple = ()) -> str | None:
+    """Where model field ``key``'s ``value`` came from, if from checkpoint ``path``'s
+    config.json (not an override): "<path>/config.json's num_hidden_layers"; else None."""
+    if key not in _CONFIG_KEY:
+        return None
+    try:
+        fields = checkpoint_fields(path, upcycle)
+    except ConfigError:
+        return None
+    if key not in fields or not _same(value, fields[key]):
+        return None
+    return f"{checkpoint_dir(path) / 'config.json'}'s {_CONFIG_KEY[key]}"
+
+
 def model_name(d: Path) -> str:
     """The model's name for logs and dashboards: its directory's, or in the hub's cache
     (``models--mistralai--Mixtral-8x7B-v0.1/snapshots/<commit>``) the repository's,
