@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moemesh.config.cli import needs_preflight, preflight, refuse, repeated_keys
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
-from moemesh.errors import CheckpointError, ConfigError, RanksFailed
+from moemesh.errors import CheckpointError, ConfigError, RanksFailed, first_line
 from moemesh.fields import Launcher
 from moemesh.launch import forkserver
 from moemesh.launch.access import set_output_umask
@@ -290,7 +290,7 @@ def _job_failed(err: BaseException, run_dir: Path, local_sweep: bool) -> None:
         reason = f"{type(err).__name__}: {err}"
         print(f"moemesh: {reason}", file=sys.stderr)
     else:
-        reason = f"rank 0 failed: {type(err).__name__}: {_first_line(err)}"
+        reason = f"rank 0 failed: {type(err).__name__}: {first_line(str(err))}"
         print(f"moemesh: {reason}", file=sys.stderr)
         _append_traceback(run_dir)
     if local_sweep:  # the directory stays: a job without a summary, as compare.py lists it
@@ -299,10 +299,6 @@ def _job_failed(err: BaseException, run_dir: Path, local_sweep: bool) -> None:
     if isinstance(err, CheckpointError) and launcher_rank() == 0:  # a refused resume trained nothing
         _remove_if_untouched(run_dir)
     sys.exit(1)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _append_traceback(run_dir: Path) -> None:

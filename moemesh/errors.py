@@ -18,3 +18,12 @@ class RanksFailed(SystemExit):
     def __init__(self, reason: str) -> None:
         super().__init__(1)
         self.reason = reason
+
+
+def first_line(err: BaseException | str) -> str:
+    """The first line of an error's message, stripped, for a one-line report; an exception with
+    no message gives its type's name."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return lines[0]
+    return type(err).__name__ if isinstance(err, BaseException) else ""

@@ -42,7 +42,7 @@ from moemesh.config.schema import (
     to_run_config,
 )
 from moemesh.config.validate import check_layout_name, validate_run
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, first_line
 from moemesh.fields import Launcher
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the YAML groups Hydra composes
@@ -75,16 +75,12 @@ def _unknown_item_key(target: str, key: str) -> str:
     return f"{target}: an item has no key {key}{did_you_mean(key, valid)} (valid keys of an item: {', '.join(valid)})"
 
 
-def _first_line(text: str) -> str:
-    return (str(text).strip().splitlines() or [""])[0]
-
-
 def explain(err: BaseException) -> str:
     """One line for a composition failure: the key, the value, what would be valid."""
     if isinstance(err, yaml.YAMLError):  # a config file that is not plain YAML (a !!python tag, a syntax error)
         mark = getattr(err, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
-        problem = getattr(err, "problem", None) or _first_line(str(err))
+        problem = getattr(err, "problem", None) or first_line(str(err))
         return f"{where}: {problem} (moemesh reads its configs as plain YAML: no !!python tags)"
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
@@ -101,11 +97,11 @@ def explain(err: BaseException) -> str:
         listed = re.search(r"(?:Could not override '|Error merging override )([\w.]+)", str(err))
         if listed and key and not key.startswith(listed.group(1)) and listed.group(1) in schema_keys():
             # A key inside the items of a list (data.sources=[{...}]): OmegaConf names only the item's key.
-            if re.match(r"Key '.*' not in '", _first_line(cause.msg or str(cause))):
+            if re.match(r"Key '.*' not in '", first_line(cause.msg or str(cause))):
                 return _unknown_item_key(listed.group(1), key)
             key = f"{listed.group(1)}[*].{key}"
         return explain_omegaconf(cause, overriding="Could not override" in str(err), key=key)
-    text = _first_line(str(err))
+    text = first_line(str(err))
     ambiguous = re.match(r"Ambiguous value for argument '(.*)'$", text)
     if ambiguous:  # Hydra's second line says what to do; one line must say it
         return (

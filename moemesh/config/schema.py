@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moemesh import fields
 from moemesh.data.config import DataConfig
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, first_line
 from moemesh.fields import (
     SEED_MAX,
     CommBackend,
@@ -369,10 +369,6 @@ def _unknown_key(key: str) -> str:
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
-def _first_line(text: str) -> str:
-    return (str(text).strip().splitlines() or [""])[0]
-
-
 def _choice_types(cls: type = RunConfig, prefix: str = "") -> dict[str, type]:
     """Every choice key of the schema and its StrEnum, e.g. {"parallel.sharding": Sharding}."""
     out: dict[str, type] = {}
@@ -390,7 +386,7 @@ def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False
     to name, when the caller knows it better than OmegaConf (an item of a list)."""
     if key is None:
         key = cause.full_key or getattr(cause, "key", "") or ""
-    msg = _first_line(cause.msg or str(cause))
+    msg = first_line(cause.msg or str(cause))
     if re.match(r"Key '.*' not in '", msg) or overriding:
         return _unknown_key(key)
     m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, first_line
 from moemesh.untrusted import read_bounded, regular_file
 
 JSONL = (".jsonl", ".json", ".ndjson")
@@ -247,7 +247,7 @@ def _arrow_errors(inp: Input):
     try:
         yield
     except (pa.ArrowException, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err)[:160]
         raise ConfigError(f"--input={inp.given}: not a readable {inp.kind} file ({first})") from None
 
 

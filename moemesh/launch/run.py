@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from moemesh.config.schema import RunConfig
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, first_line
 from moemesh.launch.env import LauncherEnv, export_srun_env, launcher_markers, leftovers
 from moemesh.launch.rank import Worker, run_rank
 from moemesh.launch.spawn import spawn_ranks
@@ -79,7 +79,7 @@ def _unlaunched_store(run: RunConfig, env: LauncherEnv, environ: Mapping[str, st
             interface=run.cluster.interface,
         )
     except RuntimeError as err:  # DistStoreError: not every rank came; DistNetworkError: port taken
-        first = (str(err).strip().splitlines() or [""])[0]
+        first = first_line(str(err))
         raise ConfigError(stale.format(what=f"the {env.world_size}-rank job did not form ({first})")) from None
     store.set_timeout(datetime.timedelta(seconds=run.cluster.collective_timeout_s))
     return store

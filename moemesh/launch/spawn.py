@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from moemesh.errors import RanksFailed
+from moemesh.errors import RanksFailed, first_line
 from moemesh.launch import forkserver
 from moemesh.launch.heartbeat import HangWatch, Stalled, beat_interval, beat_into_file
 from moemesh.launch.rank import resolve_worker, run_rank, worker_module
@@ -288,9 +288,9 @@ def _spawned_rank(
 
         run_rank(run, dims, local_rank, local_rank, dims.world_size, init_method, output_dir, data_paths, joined_worker)
     except BaseException as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(str(e))
         Path(rendezvous, f"rank{local_rank}.err").write_text(
-            f"{time.time()}\t{local_rank}\t{type(e).__name__}: {first_line}"
+            f"{time.time()}\t{local_rank}\t{type(e).__name__}: {first}"
         )
         raise
     # The rank's work is done and written, and its process group destroyed. Leave without

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from moemesh.config.schema import RunConfig
+from moemesh.errors import first_line
 from moemesh.parallel.dims import layout_name
 
 _SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
@@ -98,10 +99,6 @@ def key_problem() -> str | None:
     return f"WANDB_API_KEY is not a valid key ({problem.rstrip('.')})" if problem else None
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def flat_config(run: RunConfig, dims) -> dict:
     """The resolved config, flattened to dotted keys, without secrets, plus the layout columns."""
     out: dict = {}
@@ -166,7 +163,7 @@ class WandbTracker:
                         **args,
                     )
                 except Exception as err:  # noqa: BLE001 - a refused key, a timeout, a server error: all mean offline
-                    why = _first_line(err)
+                    why = first_line(err)
                     wandb.teardown()  # the failed attempt still holds this run id in wandb's service
             if wandb_run is None:
                 offline = Path(output_dir) / "wandb"

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, first_line
 from moemesh.fields import QKNorm, RopePairing, ScoreFunc
 from moemesh.interop.hf.families import MOE_FAMILIES, source_family
 from moemesh.interop.hf.files import INDEX, SINGLE, read_json, tokenizer_files
@@ -325,7 +325,7 @@ def export_checkpoint(
     try:
         hf_config = export_config(cfg, family, source, dtype)
     except (TypeError, ValueError, KeyError) as err:  # the source config meta.json carries, refused by transformers
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"checkpoint {path}: meta.json's hf.config makes no {family} config: {first}") from None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
