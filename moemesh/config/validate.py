@@ -94,6 +94,14 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         )
     if run.parallel.sharding != Sharding.none:
         _check_shardable(run, dims)
+    overlap = run.parallel.comm_optimization
+    routed = plan.micro_tokens // dims.tp  # the tokens one rank routes per forward (TP peers split them)
+    if overlap.all_to_all_overlap and overlap.overlap_chunks > routed:
+        raise ConfigError(
+            f"parallel.comm_optimization.overlap_chunks={overlap.overlap_chunks} must be <= the {routed} tokens "
+            f"each rank routes per forward (micro_batch_size*trainer.seq_len/tp = {plan.micro_batch_size}*"
+            f"{t.seq_len}/{dims.tp}); every chunk beyond them is an empty All-to-All. 2 to 4 chunks is usual"
+        )
     return dims
 
 
