@@ -102,7 +102,14 @@ CASES = [
     (["trainer.min_lr=nan"], "trainer.min_lr=nan must be a finite number >= 0"),
     (["trainer.max_skipped_steps=0"], "trainer.max_skipped_steps=0 must be a positive integer"),
     # a model that cannot fit this machine (it was a traceback allocating the weights)
-    (["model.hidden_size=1048576"], "model=tiny (hidden_size=1048576, num_layers=4, num_experts=8) needs "),
+    (["model.hidden_size=1048576"], "model=tiny (model.hidden_size=1,048,576, model.num_layers=4) needs "),
+    (["model.vocab_size=1000000000"], "model=tiny (most of it: model.vocab_size=1,000,000,000, model.hidden_size"),
+    # an overlap past a rank's tokens: empty All-to-Alls by the thousand (no step finished in 120 s)
+    (
+        ["parallel=ep2", "parallel.comm_optimization.all_to_all_overlap=true"]
+        + ["parallel.comm_optimization.overlap_chunks=100000"],
+        "parallel.comm_optimization.overlap_chunks=100000 must be <= the 1024 tokens each rank routes per forward",
+    ),
     # interpolations that cannot resolve
     (["trainer.steps=${trainer.steps}"], "trainer.steps: Recursive interpolation detected"),
     (["trainer.lr=${oc.env:HOME}"], "trainer.lr="),

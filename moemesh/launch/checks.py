@@ -4,6 +4,7 @@ the run's files get the access it asks for."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from moemesh.fields import CommBackend, Device, Dtype, Launcher, PipelineSchedul
 from moemesh.kernels import backend_problem
 from moemesh.launch.access import output_umask
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
+from moemesh.moe.config import head_dim
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.pipeline import stage_layers
 from moemesh.planning.memory import activation_bytes
@@ -161,14 +163,24 @@ def check_fits_host(
         params, act = per_stage[smallest] * ranks_here, acts[smallest] * ranks_here
         ranks = ranks_here
     state = params * per_param
-    if state + act <= host_bytes:
+    # Each rank's rotary tables, cos and sin for every position to model.max_seq_len (fp32, and
+    # their angles while they are built): a long max_seq_len is not in the weights' count.
+    rope = 3 * run.model.max_seq_len * (head_dim(run.model) // 2) * 4 * ranks
+    if state + rope + act <= host_bytes:
         return
     what = (
         "weights, gradients and AdamW state"
         if device_type == "cpu"
         else "weights, built in host memory before they move to the GPU"
     )
-    if act > state:  # the batch is what does not fit
+    if rope > max(state, act):
+        raise ConfigError(
+            f"model.max_seq_len={run.model.max_seq_len:,} needs {rope / 2**30:,.1f} GiB of this machine's memory for "
+            f"the rotary tables on {ranks} rank(s) (every position, fp32), plus {(state + act) / 2**30:,.1f} GiB for "
+            f"the {what} and micro-batches, more than its {host_bytes / 2**30:,.1f} GiB; set model.max_seq_len to "
+            f"the longest sequence you train or evaluate on (trainer.seq_len={run.trainer.seq_len})"
+        )
+    if act > state and state + rope <= host_bytes:  # the batch is what does not fit
         t = run.trainer
         plan = batch_plan(run)
         kind = "activations and token ids" if device_type == "cpu" else "token ids"
@@ -180,9 +192,34 @@ def check_fits_host(
             "trainer.micro_steps (scripts/plan.py sizes a layout)"
         )
     raise ConfigError(
-        f"model={run.model.name} (hidden_size={run.model.hidden_size}, num_layers={run.model.num_layers}, "
-        f"num_experts={run.model.num_experts}) needs {state / 2**30:,.1f} GiB of this machine's memory for "
+        f"model={run.model.name} ({_largest_part(run)}) needs {state / 2**30:,.1f} GiB of this machine's memory for "
         f"{what} ({params:,} parameters on its {ranks} rank(s) x {per_param} bytes, plus "
         f"{act / 2**30:,.1f} GiB for the micro-batches), more than its {host_bytes / 2**30:,.1f} GiB; use a "
         "smaller model, or spread the layout over more machines (scripts/plan.py sizes one)"
     )
+
+
+def _largest_part(run: RunConfig) -> str:
+    """The keys that size the model's largest part, for a message that says what to make smaller."""
+    from moemesh.moe.param_count import param_specs
+
+    m = run.model
+    parts = {
+        f"model.vocab_size={m.vocab_size:,}, model.hidden_size={m.hidden_size:,}": ("embed.", "head."),
+        f"model.num_experts={m.num_experts}, model.moe_ffn_hidden_size={m.moe_ffn_hidden_size:,}": (".experts.",),
+        f"model.shared_expert_ffn_size={m.shared_expert_ffn_size:,}": (".shared.",),
+        f"model.ffn_hidden_size={m.ffn_hidden_size:,}": (".ffn.",),
+    }
+    sizes = dict.fromkeys(parts, 0)
+    rest = 0
+    for spec in param_specs(m):
+        n = math.prod(spec.shape)
+        key = next((k for k, marks in parts.items() if any(mark in f".{spec.name}" for mark in marks)), None)
+        if key is None:
+            rest += n
+        else:
+            sizes[key] += n
+    key, n = max(sizes.items(), key=lambda kv: kv[1])
+    if n < rest:
+        return f"model.hidden_size={m.hidden_size:,}, model.num_layers={m.num_layers}"
+    return f"most of it: {key}"

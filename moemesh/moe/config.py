@@ -19,6 +19,7 @@ from moemesh.fields import LoadBalanceScope, QKNorm, RopePairing, ScoreFunc
 # pairs: over 90% of them are dropped even when routing is perfectly balanced, and the MoE
 # layers are mostly skipped (their output is zero for a dropped pair).
 CAPACITY_FACTOR_MIN = 0.1
+MAX_SEQ_LEN = 1 << 24  # fp32 holds every integer position up to it
 
 
 @dataclass
@@ -135,6 +136,11 @@ class ModelConfig:
             "moe_every_k_layers",
             "max_seq_len",
         )
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ConfigError(
+                f"model.max_seq_len={self.max_seq_len} must be <= {MAX_SEQ_LEN:,} (2^24): the rotary positions are "
+                "fp32, exact only up to it, and their tables are built for every position on every rank"
+            )
         fields.non_negative(self, p, "shared_expert_ffn_size", "first_k_dense_layers")
         fields.positive_or_null(self, p, "head_dim")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:

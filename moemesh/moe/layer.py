@@ -102,6 +102,8 @@ def drop_over_capacity(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
     if cfg.capacity_factor is None:
         return topk_ids_TK, torch.zeros((), dtype=torch.int64, device=topk_ids_TK.device)
     T, K, E = topk_ids_TK.shape[0], topk_ids_TK.shape[1], cfg.num_experts
+    if cfg.capacity_factor * K >= E:  # a capacity of T or more: nothing can drop (and 1e308 * T * K overflows)
+        return topk_ids_TK, torch.zeros((), dtype=torch.int64, device=topk_ids_TK.device)
     return capacity_drop(topk_ids_TK, topk_weights_TK, E, math.ceil(cfg.capacity_factor * T * K / E))
 
 

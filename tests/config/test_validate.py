@@ -282,7 +282,9 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
         check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cpu")
     msg = str(err.value)
     assert (
-        msg.startswith("model=seed_4096 (hidden_size=4096, num_layers=32, num_experts=64) needs 402.0 GiB")
+        msg.startswith(
+            "model=seed_4096 (most of it: model.num_experts=64, model.moe_ffn_hidden_size=1,792) needs 402.0 GiB"
+        )
         and "more than its 128.0 GiB" in msg
         and "\n" not in msg
     )
@@ -290,6 +292,34 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_starts():
     check_fits_host(seed, dims, ranks_here=None, host_bytes=128 * 2**30, device_type="cuda")
     tiny = tiny_run()
     check_fits_host(tiny, validate_run(tiny), ranks_here=None, host_bytes=2**30, device_type="cpu")
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        # weights alone past the machine: the model is named, by the keys of its largest part,
+        # even where the micro-batches would need more still (no batch size could fix it)
+        ("model.vocab_size=1000000000", "model=tiny (most of it: model.vocab_size=1,000,000,000, model.hidden_size"),
+        ("model.shared_expert_ffn_size=1000000000", "model=tiny (most of it: model.shared_expert_ffn_size=1,000,"),
+        ("model.moe_ffn_hidden_size=1000000000", "(most of it: model.num_experts=8, model.moe_ffn_hidden_size=1,0"),
+        ("model.ffn_hidden_size=300000000", "(most of it: model.ffn_hidden_size=300,000,000)"),
+        # the rotary tables of every position, on every rank
+        ("model.max_seq_len=16777216", "model.max_seq_len=16,777,216 needs 12.0 GiB of this machine's memory for the"),
+    ],
+)
+def test_what_does_not_fit_is_named_by_its_key(override, says):
+    from moemesh.launch.checks import check_fits_host
+
+    one_head = ["model.num_heads=1", "model.num_kv_heads=1"]  # head_dim 128: 64 rotary columns
+    run = to_run_config(_compose([override, "model.first_k_dense_layers=1", *one_head]))
+    with pytest.raises(ConfigError) as err:
+        check_fits_host(run, validate_run(run), ranks_here=None, host_bytes=8 * 2**30, device_type="cpu")
+    assert says in str(err.value) and "trainer.global_batch_size" not in str(err.value).split("needs")[0]
+
+
+def test_max_seq_len_past_fp32_positions_is_refused():
+    with pytest.raises(ConfigError, match=r"model.max_seq_len=16777217 must be <= 16,777,216 \(2\^24\)"):
+        to_run_config(_compose(["model.max_seq_len=16777217"]))
 
 
 def test_memory_counts_the_ranks_on_this_machine():

@@ -44,6 +44,25 @@ def test_capacity_drops_lowest_weight_overflow():
     assert kept.flatten().tolist() == [-1, 0, 0, 1] and int(dropped) == 1
 
 
+@pytest.mark.parametrize("factor", [4.0, 7.5, 1e308])
+def test_a_capacity_of_every_token_drops_nothing_and_a_huge_factor_does_not_overflow(factor):
+    """capacity_factor * top_k >= num_experts gives each expert room for every token: nothing can
+    drop. 1e308 * T * K was an OverflowError (inf to int) at step 0."""
+    from moemesh.moe.config import ModelConfig
+    from moemesh.moe.layer import drop_over_capacity
+
+    torch.manual_seed(0)
+    E, K, T = 8, 2, 64
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K)
+    cfg = ModelConfig(name="t", hidden_size=16, num_experts=E, top_k=K, moe_ffn_hidden_size=8, capacity_factor=factor)
+    kept, dropped = drop_over_capacity(ids, w, cfg)
+    assert torch.equal(kept, ids) and int(dropped) == 0
+    if factor < 1e300:  # the same as the capacity formula gives
+        reference, ref_dropped = capacity_drop(ids, w, E, math.ceil(factor * T * K / E))
+        assert torch.equal(kept, reference) and int(ref_dropped) == 0
+
+
 def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
     from moemesh.moe.config import ModelConfig
     from moemesh.moe.layer import MoELayer
