@@ -260,6 +260,35 @@ def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp
     assert not marker.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("group", "text", "says"),
+    [
+        ("parallel/mine", "name: ep2\nexpert_paralel_size: 2\n", "parallel.expert_paralel_size: no such key; did you"),
+        ("parallel/mine", "name: ep2\nsharding: zero4\n", "parallel.sharding='zero4' is not one of none, zero2, zero3"),
+        (
+            "cluster/calibrated/mine",
+            "defaults:\n  - /cluster/local@_here_\n  - _self_\ncalibration:\n  flops_per_sec: 5e9\n",
+            "cluster.calibration.flops_per_sec: no such key; did you mean cluster.calibration.flops_per_s?",
+        ),
+    ],
+)
+def test_a_mistake_inside_a_group_file_names_the_file_and_the_key(
+    group, text, says, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
+    """Hydra's first line named only the file ("In 'parallel/mine': ConfigKeyError raised while
+    composing config:"): the key was on a line the one-line report dropped."""
+    import moemesh.config.cli as cli
+
+    conf = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(cli.CONF_DIR, conf)
+    (conf / f"{group}.yaml").write_text(text)
+    monkeypatch.setattr(cli, "CONF_DIR", conf)
+    code, _, err = refused_cli([f"{group.split('/')[0]}={group.split('/', 1)[1]}"], tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{conf / group}.yaml: {says}" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 @pytest.mark.shares_cores
 @pytest.mark.parametrize(

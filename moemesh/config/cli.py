@@ -91,6 +91,12 @@ def explain(err: BaseException) -> str:
         top, _, sub = group.partition("/")
         given = f"{top}={sub}/{choice}" if sub_dir else f"{group}={choice}"
         return f"{given}: no such preset{hint} (valid: {', '.join(options) or 'none yet'})"
+    inside = re.match(r"In '([\w/.-]+)': \w+ raised while composing config", first_line(str(err)))
+    if inside and isinstance(err.__context__, OmegaConfBaseException):
+        # A key or value inside a group's YAML file (conf/parallel/x.yaml): Hydra's first line
+        # names only the file; OmegaConf's error, the key, is the exception it was handling.
+        found = err.__context__
+        return f"{CONF_DIR / inside.group(1)}.yaml: {explain_omegaconf(found, key=found.full_key or '')}"
     cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ is not None else err
     if isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or getattr(cause, "key", "") or ""
