@@ -124,7 +124,29 @@ def describe(err: BaseException, path: Path | None = None) -> str:
         )
     if isinstance(err, CheckpointError):
         return first_line(err)
+    found = _in_chain(err, OSError)
+    if isinstance(found, OSError) and found.errno:  # a full disk inside torch's zip writer: a RuntimeError
+        return describe(found, path)
     return f"{type(err).__name__}: {first_line(err)}"
+
+
+def _in_chain(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` among ``err``'s causes and contexts, or inside a DCP
+    CheckpointException's failures (torch's writers turn an OSError or a KeyboardInterrupt into a
+    RuntimeError that only names the zip position)."""
+    if isinstance(err, CheckpointException):
+        for failure in err.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            found = inner if isinstance(inner, kind) else _in_chain(inner, kind)
+            if found is not None:
+                return found
+        return None
+    seen: BaseException | None = err
+    for _ in range(16):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None or isinstance(seen, kind):
+            return seen
+    return None
 
 
 def step_of(path: Path) -> int | None:
@@ -280,6 +302,9 @@ def save(root: Path, step: int, state: dict, meta: dict, *, rank: int, keep: int
             dcp.save(state, storage_writer=writer)
         files = {name: sha256(tmp / name) for name in sorted(writer.written)}
     except (Exception, CheckpointException) as err:
+        interrupt = _in_chain(err, KeyboardInterrupt)
+        if interrupt is not None:  # a second Ctrl-C while saving: stop at once, as it does during a step
+            raise interrupt from None
         error = describe(err, tmp)
     parts = _all_gather((error, files))
     error = next((e for e, _ in parts if e), None)

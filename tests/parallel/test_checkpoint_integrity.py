@@ -165,6 +165,55 @@ def test_a_failed_save_is_one_line_with_the_errno_and_keeps_the_previous_checkpo
     assert [p.name for p in checkpoint.complete_checkpoints(root)][-1] == "step_000003"
 
 
+@contextlib.contextmanager
+def _writes_fail_midway(monkeypatch, make_error):
+    """DCP's shard files open, then a write fails part-way (a disk that fills while saving, a
+    Ctrl-C): torch's zip writer turns it into a RuntimeError that names only a zip position."""
+    real = dcp_fs.FileSystem.create_stream
+
+    class Failing:
+        def __init__(self, stream):
+            self.stream, self.calls = stream, 0
+
+        def __getattr__(self, name):  # everything but write: the real file's
+            return getattr(self.stream, name)
+
+        def write(self, b):
+            self.calls += 1
+            if self.calls > 2:
+                raise make_error()
+            return self.stream.write(b)
+
+    @contextlib.contextmanager
+    def failing(self, path, mode):
+        with real(self, path, mode) as stream:
+            yield Failing(stream) if "w" in mode and str(path).endswith(".distcp") else stream
+
+    monkeypatch.setattr(dcp_fs.FileSystem, "create_stream", failing)
+    yield
+
+
+def test_a_disk_that_fills_part_way_through_a_save_is_named(good_checkpoints, tmp_path, monkeypatch):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = kit.checkpointer(root)
+    assert ckpt.resume(kit.Log()) == 3
+    full = lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # noqa: E731
+    with _writes_fail_midway(monkeypatch, full), pytest.raises(checkpoint.CheckpointError) as err:
+        ckpt.save(4)
+    line = str(err.value)
+    assert "[Errno 28 ENOSPC] No space left on device" in line and "unexpected pos" not in line, line
+    assert [p.name for p in checkpoint.complete_checkpoints(root)][-1] == "step_000003"
+
+
+def test_a_second_ctrl_c_while_saving_stops_at_once_not_as_a_failed_save(good_checkpoints, tmp_path, monkeypatch):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = kit.checkpointer(root)
+    assert ckpt.resume(kit.Log()) == 3
+    with _writes_fail_midway(monkeypatch, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        ckpt.save(4)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)][-1] == "step_000003"
+
+
 def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_checkpoints, tmp_path):
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     (root / "step_000009.tmp").mkdir()
