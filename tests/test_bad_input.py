@@ -229,6 +229,46 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_one_line_and_touches_n
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_fresh_run_into_a_run_directory_with_records_is_one_line_and_touches_nothing(
+    multirun, tmp_path, monkeypatch, capsys
+):
+    """A run that saved no checkpoint (checkpoint.dir elsewhere, save_final=false) left its
+    metrics.jsonl and summary.json: a fresh run into that directory rewrote both."""
+    run_dir = tmp_path / "sweep" / "0_single" if multirun else tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n')
+    argv = ["-m", "trainer.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun else []
+    argv = argv or [f"hydra.run.dir={run_dir}"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{run_dir} holds another run's metrics.jsonl, which a fresh run would overwrite" in line
+    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in line
+    assert line.startswith("moemesh: config error: job #0 (") == multirun
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_rewind_into_a_directory_with_newer_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):
+    """Resumed from step 2 beside step 6, the run's own resume line (resume=auto) took step 6:
+    the rewound trajectory was lost without a word. Elsewhere (checkpoint.dir), it runs."""
+    root = tmp_path / "run" / "checkpoints"
+    older = _fake_checkpoint(root, 2)
+    _fake_checkpoint(root, 6)
+    argv = [f"hydra.run.dir={tmp_path / 'run'}", f"resume={older}"]
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"resume={older} is step 2, but {root} holds step_000006, newer" in line
+    assert "checkpoint.dir=<new dir>" in line
+    import train
+
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv, f"checkpoint.dir={tmp_path / 'rewound'}"])
+    ran = []
+    monkeypatch.setattr(train, "main", lambda: ran.append(True))
+    train.cli()
+    assert ran
+
+
 def test_the_same_command_with_resume_auto_passes_the_check(tmp_path, monkeypatch, capsys):
     _fake_checkpoint(tmp_path / "run" / "checkpoints", 7)
     import train

@@ -393,6 +393,7 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
     if launched:
         return
     for i, job in enumerate(command.jobs):
+        where = f"job #{i} ({' '.join(job.overrides)}): " if command.multirun else ""
         run, c = job.run, job.run.checkpoint
         if run.resume is not None or not (c.every > 0 or c.save_final) or job.sweeper not in (None, "basic"):
             continue  # resumes, never saves, or a sweeper that makes its own jobs (and resumes them)
@@ -406,5 +407,44 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
         fix = f"{'hydra.sweep.dir' if command.multirun else 'hydra.run.dir'}=<new dir>, or checkpoint.dir=<new dir>"
         conflict = owner_conflict(root, fix)
         if conflict:
-            where = f"job #{i} ({' '.join(job.overrides)}): " if command.multirun else ""
             raise ConfigError(f"{where}{conflict}")
+    for i, job in enumerate(command.jobs):
+        problem = _overwrites_a_run(job, command.multirun)
+        if problem:
+            raise ConfigError(f"job #{i} ({' '.join(job.overrides)}): {problem}" if command.multirun else problem)
+
+
+def _overwrites_a_run(job: Job, multirun: bool) -> str | None:
+    """What a job would lose by starting where another run's records are: a fresh run rewrites
+    its run directory's metrics.jsonl and summary.json; a run resumed from an older checkpoint
+    saves beside newer ones, which resume=auto (a requeue, the printed resume line) would take."""
+    if job.job_dir is None or job.sweeper not in (None, "basic"):
+        return None
+    run, run_dir = job.run, Path(str(job.job_dir))
+    given = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if run.resume is None:
+        records = [name for name in ("metrics.jsonl", "summary.json") if (run_dir / name).is_file()]
+        if records and any((run_dir / name).stat().st_size for name in records):
+            return (
+                f"{run_dir} holds another run's {' and '.join(records)}, which a fresh run would overwrite; "
+                f"use {given}=<new dir>, or resume=auto to continue that run"
+            )
+        return None
+    if run.resume == "auto":
+        return None
+    c = run.checkpoint
+    root = Path(c.dir) if c.dir else run_dir / "checkpoints"
+    if not root.is_dir() or not (c.every > 0 or c.save_final):
+        return None
+    from moemesh.parallel.checkpoint import complete_checkpoints, resolve, step_of
+
+    chosen = resolve(run.resume, Path(run.resume))
+    step = step_of(chosen[0]) if chosen else None
+    newer = [p for p in complete_checkpoints(root) if step is not None and (step_of(p) or 0) > step]
+    if newer:
+        return (
+            f"resume={run.resume} is step {step}, but {root} holds {newer[-1].name}, newer: this run would save "
+            f"beside it, and resume=auto (a requeue, a stopped run's resume line) would take it instead; save "
+            f"this run elsewhere with checkpoint.dir=<new dir> (or move the newer checkpoints away)"
+        )
+    return None

@@ -329,7 +329,10 @@ def test_memory_counts_the_ranks_on_this_machine():
 
     run = tiny_run(**{"parallel.name": "ep2_dp2", "parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2})
     dims = ParallelDims(dp=2, ep=2)
-    one = count_params(run.model, dims).total * 16 + host_activation_bytes(run, dims, "cpu")[0]
+    from moemesh.moe.config import head_dim
+
+    rope = 3 * run.model.max_seq_len * (head_dim(run.model) // 2) * 4  # cos, sin and their angles, fp32
+    one = count_params(run.model, dims).total * 16 + host_activation_bytes(run, dims, "cpu")[0] + rope
     check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one, device_type="cpu")
     with pytest.raises(ConfigError, match="on its 4 rank"):  # spawned here: all four
         check_fits_host(run, dims, ranks_here=None, host_bytes=4 * one - 1, device_type="cpu")
