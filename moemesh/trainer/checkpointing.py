@@ -176,13 +176,16 @@ def _cut(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_MAX_COUNT = 1 << 62  # past any real count of samples or windows; 10^30 overflowed the reader's int64
+
+
 def _position_problem(position) -> str | None:
     """Why meta.json's data position (TokenData.position) is not what a resume reads, or None."""
     if not isinstance(position, dict):
         return "is not an object"
     for key in ("samples", "step", "seq_len"):
-        if type(position.get(key)) is not int or position[key] < 0:
-            return f"has no '{key}' integer >= 0"
+        if type(position.get(key)) is not int or not 0 <= position[key] < _MAX_COUNT:
+            return f"has no '{key}' integer in [0, 2^62)"
     sources = position.get("sources")
     if not isinstance(sources, list):
         return "has no list of 'sources'"
@@ -191,7 +194,7 @@ def _position_problem(position) -> str | None:
         if (
             not isinstance(s, dict)
             or not isinstance(s.get("name"), str)
-            or any(type(s.get(k)) is not int for k in ints)
+            or any(type(s.get(k)) is not int or not 0 <= s[k] < _MAX_COUNT for k in ints)
         ):
             return "has a source that is not {name, windows, samples, epoch, window_in_epoch}"
     return None

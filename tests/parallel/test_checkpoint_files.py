@@ -349,7 +349,14 @@ def test_an_error_message_is_never_cut_mid_sentence():
 
 @pytest.mark.parametrize(
     "bad",
-    [[1, 2], {"samples": "7", "step": 3, "seq_len": 32, "sources": []}, "SOURCES_NOT_A_LIST", "A_SOURCE_WITHOUT_NAME"],
+    [
+        [1, 2],
+        {"samples": "7", "step": 3, "seq_len": 32, "sources": []},
+        "SOURCES_NOT_A_LIST",
+        "A_SOURCE_WITHOUT_NAME",
+        "HUGE_COUNTS",  # 10^30 samples passed the type check and overflowed the reader (a traceback)
+        "NEGATIVE_EPOCH",
+    ],
 )
 def test_an_ill_typed_data_position_is_refused_and_resume_falls_back(bad, good_checkpoints, tmp_path):
     """meta.json's "data" (where the data order stands) is read after the load to place the
@@ -362,6 +369,14 @@ def test_an_ill_typed_data_position_is_refused_and_resume_falls_back(bad, good_c
     assert isinstance(meta.get("data"), dict)
     if bad == "SOURCES_NOT_A_LIST":
         bad = {**meta["data"], "sources": 5}
+    elif bad == "HUGE_COUNTS":
+        bad = {
+            **meta["data"],
+            "samples": 10**30,
+            "sources": [{**s, "samples": 10**30, "epoch": 10**30} for s in meta["data"]["sources"]],
+        }
+    elif bad == "NEGATIVE_EPOCH":
+        bad = {**meta["data"], "sources": [{**s, "epoch": -1} for s in meta["data"]["sources"]]}
     elif bad == "A_SOURCE_WITHOUT_NAME":
         bad = {
             **meta["data"],
