@@ -269,6 +269,13 @@ def test_a_rewind_into_a_directory_with_newer_checkpoints_is_one_line(tmp_path, 
     assert ran
 
 
+def test_a_run_directory_given_as_resume_points_to_its_checkpoints(tmp_path, monkeypatch, capsys):
+    _fake_checkpoint(tmp_path / "old" / "checkpoints", 7)
+    argv = [f"hydra.run.dir={tmp_path / 'run'}", f"resume={tmp_path / 'old'}"]
+    line = config_error_line(*refused_cli(argv, tmp_path, monkeypatch, capsys)[::2])
+    assert line.endswith(f"valid: null, auto, such a path; did you mean resume={tmp_path / 'old' / 'checkpoints'}?")
+
+
 def test_the_same_command_with_resume_auto_passes_the_check(tmp_path, monkeypatch, capsys):
     _fake_checkpoint(tmp_path / "run" / "checkpoints", 7)
     import train

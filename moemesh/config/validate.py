@@ -60,9 +60,11 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         from moemesh.parallel.checkpoint import resolve
 
         if not resolve(run.resume, Path(run.resume)):
+            inside = Path(run.resume) / "checkpoints"  # a run directory named instead of its checkpoints
+            hint = f"; did you mean resume={inside}?" if resolve(str(inside), inside) else ""
             raise ConfigError(
                 f"resume={run.resume}: no complete checkpoint there (a step_NNNNNN directory with "
-                "meta.json, or a directory of them); valid: null, auto, such a path"
+                f"meta.json, or a directory of them); valid: null, auto, such a path{hint}"
             )
     dims = run.parallel.dims
     dims.validate(launcher_world_size)
