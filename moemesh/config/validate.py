@@ -162,10 +162,19 @@ def _check_routing_limit(run: RunConfig, dims: ParallelDims) -> None:
         degree = (
             f"parallel.expert_parallel_size={dims.ep}" if what == "EP ranks" else f"{groups} node(s) in its EP group"
         )
+        if groups <= 1:  # no value limits one group: the layout must have several
+            fix = (
+                "a layout with parallel.expert_parallel_size > 1 (EP = 1: no All-to-All)"
+                if what == "EP ranks"
+                else f"an EP group over several nodes (cluster.gpus_per_node < {dims.ep * dims.tp})"
+            )
+            raise ConfigError(
+                f"model.{key}={limit} limits the {what} a token reaches, and this layout has {degree}: "
+                f"nothing to limit; it needs {fix}, or set it to null"
+            )
         raise ConfigError(
             f"model.{key}={limit} limits the {what} a token reaches, and this layout has {degree}: "
             f"nothing to limit; set it below {groups} (and above 0), or null"
-            + (" (EP = 1: no All-to-All)" if dims.ep == 1 else "")
         )
     per_group = m.num_experts // groups
     if limit * per_group < m.top_k:

@@ -124,10 +124,15 @@ def test_rank_and_node_limits_take_their_groups_from_the_layout():
 @pytest.mark.parametrize(
     ("overrides", "dims", "needle"),
     [
-        ({"model.max_ranks_per_token": 1}, {}, "limits the EP ranks a token reaches, and this layout has parallel."),
+        # one group: no value below it exists, so the fix is the layout (it said "set it below 1")
+        ({"model.max_ranks_per_token": 1}, {}, "nothing to limit; it needs a layout with parallel.expert_parallel_s"),
         ({"model.max_ranks_per_token": 2}, {"ep": 2}, "nothing to limit; set it below 2"),
         ({"model.max_ranks_per_token": 1, "model.top_k": 4}, {"ep": 4}, "1 x 2 experts per EP rank = 2 experts"),
-        ({"model.max_nodes_per_token": 1, "cluster.gpus_per_node": 8}, {"ep": 4}, "1 node(s) in its EP group"),
+        (
+            {"model.max_nodes_per_token": 1, "cluster.gpus_per_node": 8},
+            {"ep": 4},
+            "1 node(s) in its EP group: nothing to limit; it needs an EP group over several nodes (cluster.gpus_per_n",
+        ),
         ({"model.max_nodes_per_token": 1, "cluster.gpus_per_node": 3}, {"ep": 4}, "does not split evenly over nodes"),
     ],
 )
