@@ -104,6 +104,13 @@ CASES = [
     # a model that cannot fit this machine (it was a traceback allocating the weights)
     (["model.hidden_size=1048576"], "model=tiny (model.hidden_size=1,048,576, model.num_layers=4) needs "),
     (["model.vocab_size=1000000000"], "model=tiny (most of it: model.vocab_size=1,000,000,000, model.hidden_size"),
+    # FSDP2's uneven split of a non-expert tensor: the hint is its dim, not the experts per rank
+    (
+        ["parallel=tp2_ep2_dp2", "parallel.sharding=zero3", "model.num_experts=6", "model.hidden_size=126"]
+        + ["model.head_dim=32"],
+        "embed.weight [256, 126] would be split along dim 1 (126) over 4 ranks unevenly, which FSDP2 refuses; use "
+        "parallel.sharding=none or a layout where it divides (its dim 1 (126) divisible by the 4 ranks that shard",
+    ),
     # an overlap past a rank's tokens: empty All-to-Alls by the thousand (no step finished in 120 s)
     (
         ["parallel=ep2", "parallel.comm_optimization.all_to_all_overlap=true"]

@@ -261,8 +261,13 @@ def _check_shardable(run: RunConfig, dims: ParallelDims) -> None:
         bad = uneven_non_leading_shard(specs, dims)
         if bad is not None:
             dim, k = shard_dim(bad, dims), shard_group_size(bad, dims)
+            fix = (
+                "experts per rank = model.num_experts/ep divisible by dp*tp"
+                if bad.expert
+                else f"its dim {dim} ({bad.shape[dim]}) divisible by the {k} ranks that shard it, dp*ep"
+            )
             raise ConfigError(
                 f"parallel.sharding={run.parallel.sharding}: {bad.name} {list(bad.shape)} would be split along dim "
                 f"{dim} ({bad.shape[dim]}) over {k} ranks unevenly, which FSDP2 refuses; use parallel.sharding=none "
-                f"or a layout where it divides (experts per rank = model.num_experts/ep divisible by dp*tp)"
+                f"or a layout where it divides ({fix})"
             )
