@@ -108,7 +108,7 @@ CASES = [
     (
         ["parallel=tp2_ep2_dp2", "parallel.sharding=zero3", "model.num_experts=6", "model.hidden_size=126"]
         + ["model.head_dim=32"],
-        "embed.weight [256, 126] would be split along dim 1 (126) over 4 ranks unevenly, which FSDP2 refuses; use "
+        "embed.weight [128, 126] would be split along dim 1 (126) over 4 ranks unevenly, which FSDP2 refuses; use "
         "parallel.sharding=none or a layout where it divides (its dim 1 (126) divisible by the 4 ranks that shard",
     ),
     # an overlap past a rank's tokens: empty All-to-Alls by the thousand (no step finished in 120 s)
