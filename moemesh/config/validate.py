@@ -15,7 +15,7 @@ from pathlib import Path
 from moemesh.config.batch import BatchPlan
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
-from moemesh.fields import Compile, DataKind, Recompute, Sharding
+from moemesh.fields import Compile, DataKind, PipelineSchedule, Recompute, Sharding
 from moemesh.parallel.dims import ParallelDims, layout_name
 
 
@@ -29,6 +29,26 @@ def config_warnings(run: RunConfig) -> list[str]:
             f"(token, expert) pairs, so about {1 - cf:.0%} or more of them are dropped even when routing is "
             "perfectly balanced (see dropped_fraction in metrics.jsonl; null: dropless)"
         )
+    p = run.parallel
+    ignored = [
+        (p.sequence_parallel and p.tensor_parallel_size == 1, "parallel.sequence_parallel=true", "tp = 1"),
+        (
+            p.comm_optimization.all_to_all_overlap and p.expert_parallel_size == 1,
+            "parallel.comm_optimization.all_to_all_overlap=true",
+            "ep = 1: no All-to-All to overlap",
+        ),
+        (
+            p.pipeline_schedule != PipelineSchedule["1f1b"] and p.pipeline_parallel_size == 1,
+            f"parallel.pipeline_schedule={p.pipeline_schedule}",
+            "pp = 1: no pipeline",
+        ),
+        (
+            run.model.upcycle.num_experts > 0 and run.model.hf_path is None,
+            f"model.upcycle.num_experts={run.model.upcycle.num_experts}",
+            "upcycling reads a dense model.hf_path, and none is set",
+        ),
+    ]
+    out += [f"{key} has no effect on this run ({why})" for unused, key, why in ignored if unused]
     return out
 
 

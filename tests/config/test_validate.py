@@ -244,6 +244,25 @@ def test_capacity_factor_below_one_warns_with_the_fraction_dropped():
     validate_run(tiny_run(**{"model.capacity_factor": 0.1}))  # the floor itself is allowed
 
 
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"parallel.sequence_parallel": True}, "parallel.sequence_parallel=true has no effect on this run (tp = 1)"),
+        (
+            {"parallel.comm_optimization.all_to_all_overlap": True},
+            "parallel.comm_optimization.all_to_all_overlap=true has no effect on this run (ep = 1: no All-to-All",
+        ),
+        ({"parallel.pipeline_schedule": "zbv"}, "parallel.pipeline_schedule=zbv has no effect on this run (pp = 1"),
+        ({"model.upcycle.num_experts": 4}, "model.upcycle.num_experts=4 has no effect on this run (upcycling reads"),
+    ],
+)
+def test_a_setting_this_layout_ignores_is_a_warning(overrides, says):
+    from moemesh.config.validate import config_warnings
+
+    (line,) = config_warnings(tiny_run(**overrides))  # one line, and the run still starts
+    assert line.startswith(says) and "\n" not in line
+
+
 # --- the layout's name ---
 
 
