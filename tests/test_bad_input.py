@@ -35,6 +35,10 @@ CASES = [
         "model=nope: no such preset (valid: hf, mixtral_8x7b, olmoe_1b_7b, qwen3_30b_a3b, seed_4096, small, tiny)",
     ),
     (["trainer.lr=abc"], "trainer.lr=abc: expected a number"),
+    # a value of the wrong shape: OmegaConf's wording named types, not what to type
+    (["parallel.pipeline_split=3"], "parallel.pipeline_split: expected a list in brackets (parallel.pipeline_split=[."),
+    (["model.renormalize=maybe"], "model.renormalize=maybe: expected true or false"),
+    (["kernels=torch"], "kernels=torch: kernels is a group of keys (backend), not a value; set one: kernels.backend"),
     (["trainer.steps=1.5"], "trainer.steps=1.5: expected an integer"),
     (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),
     (["foo=1"], "foo: no such key"),

@@ -406,11 +406,51 @@ def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False
             return fields.choice_error(str(key), value, cls)
         valid = [v.strip() for v in m.group(2).split(",")]
         return f"{key}={value!r} is not one of {', '.join(valid)}{did_you_mean(value, valid)}"
+    shape = _shape_mistake(key, msg)
+    if shape:
+        return shape
     if "is not Optional" in msg:
         return f"{key}: cannot be null"
     if "missing mandatory value" in msg:
         return f"{key}: missing a value (a config group's preset may have been removed)"
     return f"{key}: {msg}" if key else msg
+
+
+def _shape_mistake(key: str, msg: str) -> str | None:
+    """A value of the wrong shape: a scalar for a list, a word for a bool, a value for a group."""
+    if re.search(r"is not a ListConfig, list or tuple|Cannot merge DictConfig with ListConfig", msg):
+        return f"{key}: expected a list in brackets ({key}=[...], comma-separated)"
+    m = re.search(r"Value '(.*)' is not a valid bool", msg)
+    if m:
+        return f"{key}={m.group(1)}: expected true or false"
+    m = re.search(r"Invalid type assigned: (\w+) is not a subclass of (\w+)\. value: (.*)$", msg)
+    if m:  # a group's whole node given a plain value (kernels=torch for kernels.backend=torch)
+        node = _node_types().get(m.group(2))
+        leaves = [f.name for f in dataclasses.fields(node)] if node is not None else []
+        example = f"{key}.{leaves[0]}={m.group(3)}" if len(leaves) == 1 else f"{key}.<key>=..."
+        shown = f" ({', '.join(leaves[:6])}{', ...' if len(leaves) > 6 else ''})" if leaves else ""
+        return f"{key}={m.group(3)}: {key} is a group of keys{shown}, not a value; set one: {example}"
+    return None
+
+
+@functools.cache
+def _node_types() -> dict[str, type]:
+    """The schema's dataclasses by name (KernelsConfig -> its class), for a message that lists a
+    node's keys."""
+    found: dict[str, type] = {}
+
+    def walk(cls: type) -> None:
+        if not dataclasses.is_dataclass(cls) or cls.__name__ in found:
+            return
+        found[cls.__name__] = cls
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            for t in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
+                if isinstance(t, type):
+                    walk(t)
+
+    walk(RunConfig)
+    return found
 
 
 def register_schema() -> None:
