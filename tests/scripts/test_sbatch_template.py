@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SRUN = """#!/bin/bash
 for a in "$@"; do case $a in hydra.run.dir=*) dir=${a#hydra.run.dir=};; esac; done
 mkdir -p "$dir"
+printf '%s\n' "$@" > "$dir/srun-args"
 [ -n "$STUB_SIGNAL" ] && printf '{"stopped_by_signal": "%s"}' "$STUB_SIGNAL" > "$dir/summary.json"
 exit "$STUB_EXIT"
 """
 
 
-def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False):
+def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False, args=(), restart_count=0):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text(SRUN)
@@ -43,9 +44,10 @@ def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False
         "MOEMESH_RUN_DIR": str(run_dir),
         "STUB_EXIT": str(exit_code),
         "STUB_SIGNAL": signal,
+        "SLURM_RESTART_COUNT": str(restart_count),
     }
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "parallel=dp2"],
+        ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "parallel=dp2", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -72,3 +74,25 @@ def test_anything_else_is_not_requeued_and_keeps_its_exit_code(tmp_path, code, s
 def test_an_earlier_attempts_summary_does_not_requeue_a_crash(tmp_path):
     proc, requeued = _run(tmp_path, 1, stale_summary=True)
     assert proc.returncode == 1 and requeued == "", proc.stderr
+
+
+def _resume_args(tmp_path) -> list[str]:
+    return [a for a in (tmp_path / "run" / "srun-args").read_text().splitlines() if a.startswith("resume=")]
+
+
+@pytest.mark.parametrize(
+    ("restart_count", "own_checkpoint", "last"),
+    [(0, True, "/old/step_5"), (1, False, "/old/step_5"), (1, True, "auto")],
+)
+def test_a_requeued_attempt_resumes_its_own_checkpoint_not_the_one_given_at_submission(
+    tmp_path, restart_count, own_checkpoint, last
+):
+    # Before: resume=auto came first, so resume=/old/step_5 won on every attempt and each requeue
+    # restarted the run from step 5.
+    if own_checkpoint:
+        step = tmp_path / "run" / "checkpoints" / "step_000010"
+        step.mkdir(parents=True)
+        (step / "meta.json").write_text("{}")
+    proc, _ = _run(tmp_path, 0, args=["resume=/old/step_5"], restart_count=restart_count)
+    assert proc.returncode == 0, proc.stderr
+    assert _resume_args(tmp_path)[-1] == f"resume={last}"  # Hydra: the last override wins
