@@ -110,9 +110,13 @@ class Allocation:
             if getattr(self, key):
                 params[f"slurm_{key}"] = getattr(self, key)
         # --requeue: a node failure or preemption puts the job back in the queue, and it resumes.
-        # A flag set to false is left out (requeue=false turns requeueing off).
-        extra = {"requeue": True, **dict(self.additional)}
-        params["slurm_additional_parameters"] = {k: v for k, v in extra.items() if v is not False}
+        # requeue=false is --no-requeue: leaving --requeue out is not enough, SLURM's default
+        # (JobRequeue=1) requeues a batch job anyway. Any other flag set to false is left out.
+        extra = dict(self.additional)
+        on, off = extra.pop("requeue", True), extra.pop("no-requeue", False)
+        requeue = on is not False and off is not True
+        extra = {k: v for k, v in extra.items() if v is not False}
+        params["slurm_additional_parameters"] = {"requeue": True, **extra} if requeue else {"no-requeue": True, **extra}
         # The submitting shell's environment reaches the job (sbatch --export=ALL): rank
         # variables left in it must not override the ones each task derives.
         setup = ["unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT", *self.setup]
@@ -154,10 +158,42 @@ def allocation_for(run: RunConfig, world_size: int) -> Allocation:
         mem_gb=s.mem_gb,
         signal_delay_s=s.signal_delay_s,
         max_timeouts=s.max_timeouts,
-        additional=tuple(sorted((str(k), _sbatch_value(v)) for k, v in s.additional_parameters.items())),
+        additional=_additional(s.additional_parameters),
         setup=tuple(s.setup),
         interface=run.cluster.interface,
     )
+
+
+# sbatch options moemesh sets itself (as sbatch spells them), and where each comes from. One in
+# cluster.slurm.additional_parameters would override the derived allocation behind the
+# launcher's back (--ntasks-per-node=1 for an 8-rank layout: every rank but one missing).
+DERIVED_OPTIONS = {
+    **dict.fromkeys(
+        ("nodes", "ntasks", "ntasks-per-node", "gpus", "gpus-per-node", "gpus-per-task"),
+        "it follows the layout: choose the layout (parallel=...) and cluster.gpus_per_node",
+    ),
+    "time": "set cluster.slurm.time_min instead",
+    "signal": "set cluster.slurm.signal_delay_s instead",
+    "cpus-per-task": "set cluster.slurm.cpus_per_task instead",
+    "mem": "set cluster.slurm.mem_gb instead",
+    **{key: f"set cluster.slurm.{key} instead" for key in ("partition", "account", "qos", "constraint")},
+    **dict.fromkeys(("job-name", "output", "error", "open-mode", "array", "wckey"), "the launcher needs its own"),
+}
+
+
+def _additional(parameters: Mapping[str, Any]) -> tuple:
+    """cluster.slurm.additional_parameters as sorted (option, value) pairs, option spelled as sbatch
+    does (mail_type: mail-type); ConfigError for an option moemesh derives itself."""
+    pairs = {}
+    for key, value in parameters.items():
+        option = str(key).replace("_", "-")
+        if option in DERIVED_OPTIONS:
+            raise ConfigError(
+                f"cluster.slurm.additional_parameters.{key}={value}: moemesh sets --{option} itself; "
+                f"{DERIVED_OPTIONS[option]}"
+            )
+        pairs[option] = _sbatch_value(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _sbatch_value(value):

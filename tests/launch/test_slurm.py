@@ -107,9 +107,30 @@ def test_sbatch_flags_cpus_lists_and_switching_requeue_off(tmp_path):
     params = allocation_for(run, 8).executor_parameters(name="train")
     assert "--cpus-per-task=6" in params["slurm_srun_args"]  # srun (22.05+) does not inherit it
     assert params["cpus_per_task"] == 6
-    assert params["slurm_additional_parameters"] == {"nodelist": "n1,n2"}  # false flags are left out
+    # requeue=false is --no-requeue: without it SLURM's JobRequeue=1 requeues the job anyway.
+    # Other false flags are left out.
+    assert params["slurm_additional_parameters"] == {"no-requeue": True, "nodelist": "n1,n2"}
+    on = allocation_for(_slurm_run(**{"cluster.slurm.additional_parameters": {"mail_type": "END"}}), 8)
+    assert on.executor_parameters(name="t")["slurm_additional_parameters"] == {"requeue": True, "mail-type": "END"}
     with pytest.raises(ConfigError, match="additional_parameters"):
         allocation_for(_slurm_run(**{"cluster.slurm.additional_parameters": {"x": {"y": 1}}}), 8)
+
+
+@pytest.mark.parametrize(
+    "key, needle",
+    [
+        ("ntasks_per_node", "moemesh sets --ntasks-per-node itself; it follows the layout: choose the layout"),
+        ("nodes", "--nodes itself; it follows the layout"),
+        ("time", "--time itself; set cluster.slurm.time_min instead"),
+        ("cpus-per-task", "--cpus-per-task itself; set cluster.slurm.cpus_per_task instead"),
+        ("signal", "set cluster.slurm.signal_delay_s instead"),
+    ],
+)
+def test_an_additional_parameter_may_not_override_a_derived_option(key, needle):
+    # Before: it was merged over the derived allocation (--ntasks-per-node=1 for a 2-rank layout).
+    with pytest.raises(ConfigError, match=f"cluster.slurm.additional_parameters.{key}=1: ") as err:
+        allocation_for(_slurm_run(**{"cluster.slurm.additional_parameters": {key: 1}}), 2)
+    assert needle in str(err.value)
 
 
 @pytest.mark.parametrize(
