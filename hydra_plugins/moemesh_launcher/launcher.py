@@ -310,7 +310,8 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             job.num = job_num
         run_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
         rank = launcher_rank()  # the rule train.py uses: this task's SLURM_PROCID
-        _resume_requeued_attempt(config, run_dir)
+        checkpoints = (Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints").absolute()
+        _resume_requeued_attempt(config, checkpoints)
         if rank == 0:  # summary.json must describe this attempt
             (run_dir / "summary.json").unlink(missing_ok=True)
         try:
@@ -341,30 +342,55 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
             _leave_failure_for_submitit(line)
             sys.exit(1)
         if action == "interrupted":
-            print(
-                f"moemesh: rank {rank} saved and stopped for {'/'.join(stop.names())}: not finished "
-                "(a preempted job is requeued by SLURM and resumes)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(_interrupted_line(rank, stop.names(), checkpoints), file=sys.stderr, flush=True)
             sys.exit(128 + stop.received[0])
         if action == "requeue" and callable(submitit_handler):
-            # Every rank has saved; submitit pickles checkpoint(), requeues the job and exits.
-            log.info("moemesh: stopped by %s before the time limit: requeueing", requeue_sig.name)
             # The requeue cancels this job step, and SLURM's SIGTERM to the step could reach
             # submitit's `scontrol requeue` child before it returned: the job was requeued, but
             # the task ended in a CalledProcessError traceback instead of "Requeued job". Nothing
             # is left to save: SIGTERM is ignored from here, by the child too (it inherits that).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            submitit_handler(requeue_sig, None)
+            _requeue(submitit_handler, requeue_sig, checkpoints, config.cluster.slurm.max_timeouts)
         return ret
 
 
-def _resume_requeued_attempt(config, run_dir: Path) -> None:
+def _interrupted_line(rank: int, signals: Sequence[str], checkpoints: Path) -> str:
+    """A rank saved and stopped for a signal other than the time-limit one (SIGTERM: scancel,
+    or preemption). The task cannot tell which: a preempted job SLURM requeues resumes by itself,
+    a cancelled one is not requeued."""
+    return (
+        f"moemesh: rank {rank} saved and stopped for {'/'.join(signals)}: not finished; a job SLURM "
+        f"requeues (preemption) resumes by itself, a cancelled one is not requeued: continue it with "
+        f"resume={checkpoints}"
+    )
+
+
+def _requeue(handler, sig: signal.Signals, checkpoints: Path, max_timeouts: int) -> None:
+    """Task 0 after the time-limit stop, every rank saved: submitit's handler pickles
+    checkpoint(), requeues the job and exits; once cluster.slurm.max_timeouts requeues are used
+    up it raises instead, and the task ends with one line saying how to continue."""
+    import submitit
+
+    try:
+        handler(sig, None)
+    except submitit.core.utils.UncompletedJobError as err:
+        why = str(err).split("because:", 1)[-1].strip(" .") or "submitit refused"
+        line = (
+            f"moemesh: stopped by {sig.name} before the time limit and saved, not requeued: {why} "
+            f"(cluster.slurm.max_timeouts={max_timeouts}); continue with resume={checkpoints}"
+        )
+        print(line, file=sys.stderr, flush=True)
+        _leave_failure_for_submitit(line)
+        sys.exit(1)
+    except SystemExit:  # requeued: submitit exits the task
+        log.info("moemesh: stopped by %s before the time limit, every rank saved: requeued", sig.name)
+        raise
+
+
+def _resume_requeued_attempt(config, ckpt_dir: Path) -> None:
     from moemesh.launch.slurm import resume_setting
     from moemesh.parallel.checkpoint import resolve
 
-    ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
     own = ckpt_dir.is_dir() and bool(resolve("auto", ckpt_dir))
     resume = resume_setting(config.get("resume"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), own)
     if resume != config.get("resume"):

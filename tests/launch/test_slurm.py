@@ -373,3 +373,38 @@ def test_a_failed_task_leaves_submitits_error_record_for_the_launcher(tmp_path, 
     task0 = submitit.SlurmJob(tmp_path, "77", tasks=(0, 1))._sub_jobs[0]
     assert task0.paths.result_pickle == tmp_path / "77_0_result.pkl"
     assert task0._get_outcome_and_result() == ("error", line)
+
+
+def test_a_task_out_of_timeouts_ends_in_one_line_naming_its_checkpoints(tmp_path, capsys, caplog):
+    """Before: the task logged "requeueing", then submitit's UncompletedJobError ended it in a
+    traceback, and the submitter's hint said resume=<run dir>/checkpoints."""
+    import submitit
+
+    from hydra_plugins.moemesh_launcher.launcher import _requeue
+
+    def out_of_timeouts(signum, frame):
+        raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as end:
+        _requeue(out_of_timeouts, signal.SIGUSR2, tmp_path / "checkpoints", 3)
+    assert end.value.code == 1 and "requeued" not in caplog.text
+    assert capsys.readouterr().err == (
+        "moemesh: stopped by SIGUSR2 before the time limit and saved, not requeued: timed-out too many "
+        f"times (cluster.slurm.max_timeouts=3); continue with resume={tmp_path}/checkpoints\n"
+    )
+
+    def requeued(signum, frame):
+        sys.exit(-1)  # submitit: requeued, then exits the task
+
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as end:
+        _requeue(requeued, signal.SIGUSR2, tmp_path / "checkpoints", 3)
+    assert end.value.code == -1 and "every rank saved: requeued" in caplog.text
+
+
+def test_a_task_stopped_by_sigterm_says_a_cancelled_job_is_not_requeued(tmp_path):
+    # Before: "(a preempted job is requeued by SLURM and resumes)", also after a plain scancel.
+    from hydra_plugins.moemesh_launcher.launcher import _interrupted_line
+
+    line = _interrupted_line(0, ["SIGTERM"], tmp_path / "checkpoints")
+    assert line.startswith("moemesh: rank 0 saved and stopped for SIGTERM: not finished")
+    assert "a cancelled one is not requeued" in line and line.endswith(f"resume={tmp_path}/checkpoints")
