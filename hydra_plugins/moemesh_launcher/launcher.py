@@ -113,9 +113,9 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                     )
                 validate_slurm(run)
                 dims = validate_run(run)
-                jobs.append(
-                    (SweepJob(index, shown, allocation_for(run, dims.world_size), run.parallel.name), list(overrides))
-                )
+                alloc = allocation_for(run, dims.world_size)
+                sweep_job = SweepJob(index, shown, alloc, run.parallel.name, filter_overrides(list(overrides)))
+                jobs.append((sweep_job, list(overrides)))
                 runs.append((index, run))
             except ConfigError as err:
                 problems.append(f"job #{index} ({' '.join(shown)}): {err}")

@@ -235,6 +235,8 @@ class SweepJob:
     overrides: Sequence[str]  # the job's overrides, as the user would type them
     allocation: Allocation
     layout: str = ""  # parallel.name, for the SLURM job name
+    # every override of the job, the sweep's common ones too: a command that reruns it (overrides if empty)
+    all_overrides: Sequence[str] = ()
 
 
 def job_name(jobs: Sequence[SweepJob]) -> str:
@@ -267,15 +269,16 @@ def mixed_allocation_error(groups: dict[Allocation, list[SweepJob]], command: st
 
 
 def _swept_command(jobs: Sequence[SweepJob]) -> str:
-    """The overrides of these jobs folded back into one sweep: k=a,b where they differ."""
+    """Every override of these jobs folded back into one sweep (k=a,b where they differ), the
+    sweep's common ones (cluster=slurm, trainer.steps=...) too, quoted for a shell."""
     keys: dict[str, list[str]] = {}
     for job in jobs:
-        for item in job.overrides:
+        for item in job.all_overrides or job.overrides:
             key, _, value = item.partition("=")
             values = keys.setdefault(key, [])
             if value not in values:
                 values.append(value)
-    return " ".join(f"{k}={','.join(v)}" for k, v in keys.items())
+    return " ".join(shlex.quote(f"{k}={','.join(v)}") for k, v in keys.items())
 
 
 def after_task(*, completed: bool, rank: int, received: Sequence[int], stopped_early: bool, requeue_sig: int) -> str:

@@ -185,6 +185,17 @@ def test_groups_keep_sweep_order_and_the_rejection_says_how_to_split():
     assert "16 ranks = 2 nodes x 8 tasks" in message and "4 ranks = 1 node x 4 tasks" in message
     assert "python train.py -m cluster=slurm parallel=ep8_dp2,ep2_dp8" in message
     assert "python train.py -m cluster=slurm parallel=ep4" in message and "\n" not in message
+    # The suggested commands keep the overrides every job shares (before: only the varying
+    # ones, so pasting them trained locally without cluster=slurm), quoted for a shell.
+    common = ["cluster=slurm", "trainer.steps=30", "cluster.slurm.setup=[module load cuda]"]
+    jobs = [
+        SweepJob(i, [p], a, "", [*common, p]) for i, (p, a) in enumerate([("parallel=ep2", a4), ("parallel=dp2", a16)])
+    ]
+    message = mixed_allocation_error(group_jobs(jobs))
+    assert (
+        "python train.py -m cluster=slurm trainer.steps=30 'cluster.slurm.setup=[module load cuda]' parallel=ep2  and"
+        in message
+    )
     # Any sbatch setting splits too, e.g. two time limits.
     longer = allocation_for(_slurm_run(**{"cluster.slurm.time_min": 120}), 16)
     assert len(group_jobs([SweepJob(0, [], a16), SweepJob(1, [], longer)])) == 2
