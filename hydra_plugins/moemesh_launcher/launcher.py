@@ -188,21 +188,40 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
                 JobReturn(overrides=full_overrides[i], status=JobStatus.COMPLETED, _return_value=h.job_id)
                 for i, (_, h) in sorted(handles.items())
             ]
-        failures = self._watch(handles)
-        returns = []
-        for index, (job, handle) in sorted(handles.items()):
-            if index in failures:
-                continue
-            try:
-                ret = handle.results()[0]
-            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as err:
-                failures[index] = (
-                    f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
-                    f"{_first_moemesh_line(handle, err)}"
-                )
-                continue
-            returns.append(ret)
-            print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {_outcome(ret)}", flush=True)
+        return self._wait(handles)
+
+    def _wait(self, handles: dict) -> list[JobReturn]:
+        """Until every job has ended: each job's outcome in one line, the failed ones last (exit 1).
+        Ctrl-C stops the waiting, not the jobs (exit 130)."""
+        import submitit
+
+        failures: dict[int, str] = {}
+        returns: list[JobReturn] = []
+        collected: set[int] = set()
+        try:
+            failures = self._watch(handles)
+            for index, (job, handle) in sorted(handles.items()):
+                if index in failures:
+                    continue
+                try:
+                    ret = handle.results()[0]
+                except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as err:
+                    failures[index] = (
+                        f"job #{index} ({' '.join(job.overrides)}), SLURM job {handle.job_id}: "
+                        f"{_first_moemesh_line(handle, err)}"
+                    )
+                    continue
+                returns.append(ret)
+                collected.add(index)
+                print(f"moemesh: job #{index} ({' '.join(job.overrides)}): {_outcome(ret)}", flush=True)
+        except KeyboardInterrupt:
+            # Ctrl-C stops the waiting, not the jobs: say so here, before train.py's handler
+            # would report a stopped training run.
+            ended = set(failures) | collected
+            print(
+                _stopped_waiting([h.job_id for i, (_, h) in sorted(handles.items()) if i not in ended]), file=sys.stderr
+            )
+            sys.exit(130)
         for _, line in sorted(failures.items()):
             print(f"moemesh: failed: {line}", file=sys.stderr)
         if failures:
@@ -396,6 +415,33 @@ def _resume_requeued_attempt(config, ckpt_dir: Path) -> None:
     if resume != config.get("resume"):
         with open_dict(config):
             config.resume = resume
+
+
+def _stopped_waiting(job_ids: Sequence[str], timeout_s: float = 10.0) -> str:
+    """The line for a Ctrl-C while the submitter waits: the jobs go on; which of ``job_ids`` are
+    still in the queue (all of them if squeue cannot say) and how to stop them."""
+    import subprocess
+
+    queued = list(job_ids)
+    if queued:
+        try:
+            out = subprocess.run(
+                ["squeue", "-h", "-r", "-j", ",".join(queued), "-o", "%i"],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            if out.returncode == 0 or "Invalid job id" in out.stderr:  # -r: one line per array task
+                in_queue = {line.strip() for line in out.stdout.splitlines()}
+                queued = [j for j in queued if j in in_queue]
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # squeue cannot say: name them all
+    if not queued:
+        return "moemesh: stopped waiting (Ctrl-C); no job of this sweep is still queued or running"
+    return (
+        f"moemesh: stopped waiting (Ctrl-C); the SLURM jobs go on: {', '.join(queued)} still queued or running "
+        f"(follow with squeue -j {','.join(queued)}; stop them with scancel {' '.join(queued)})"
+    )
 
 
 def _partition_nodes(partition: str):

@@ -419,3 +419,31 @@ def test_a_task_stopped_by_sigterm_says_a_cancelled_job_is_not_requeued(tmp_path
     line = _interrupted_line(0, ["SIGTERM"], tmp_path / "checkpoints")
     assert line.startswith("moemesh: rank 0 saved and stopped for SIGTERM: not finished")
     assert "a cancelled one is not requeued" in line and line.endswith(f"resume={tmp_path}/checkpoints")
+
+
+def test_ctrl_c_while_waiting_stops_the_waiting_and_names_the_jobs(tmp_path, monkeypatch, capsys):
+    """Before: the KeyboardInterrupt reached train.py, which said "SIGINT: stopped at once,
+    nothing saved since the last checkpoint" while the jobs stayed queued."""
+    from types import SimpleNamespace
+
+    from hydra_plugins.moemesh_launcher import launcher
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 12_1\necho 13\n")  # 12_0 has ended
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def interrupted(handles):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher.MoemeshSlurmLauncher, "_watch", staticmethod(interrupted))
+    handles = {i: (SweepJob(i, [], None), SimpleNamespace(job_id=j)) for i, j in enumerate(["12_0", "12_1", "13"])}
+    monkeypatch.setattr(launcher.MoemeshSlurmLauncher, "__init__", lambda self: None)
+    with pytest.raises(SystemExit) as end:
+        launcher.MoemeshSlurmLauncher()._wait(handles)
+    assert end.value.code == 130
+    assert capsys.readouterr().err == (
+        "moemesh: stopped waiting (Ctrl-C); the SLURM jobs go on: 12_1, 13 still queued or running "
+        "(follow with squeue -j 12_1,13; stop them with scancel 12_1 13)\n"
+    )
