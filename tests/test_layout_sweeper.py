@@ -265,3 +265,40 @@ def test_a_job_stopped_after_saving_goes_on_from_its_checkpoint_when_the_sweep_r
     (ckpt / "meta.json").write_text(json.dumps({"step": 2, "files": {}}))
     assert _continuing(job, tmp_path, run) == [*job, "resume=auto"]
     assert _continuing([*job, "resume=/elsewhere"], tmp_path, run) == [*job, "resume=/elsewhere"]
+
+
+def test_layouts_that_cannot_run_at_the_held_micro_steps_are_left_out_for_the_next_ones(capsys):
+    """The documented 16-rank sweep (default model, global_batch_size=16): the planner's best six
+    need 2 or 4 micro-steps, the sweep holds 4 for all, and at 4 a dp8 layout breaks
+    "global_batch_size=16 must be divisible by ... 32". Before, those jobs went to the launcher,
+    which (SLURM) refused the whole batch. Now they are left out with a note, and the next
+    runnable layouts the planner ranks take their places."""
+    import dataclasses
+
+    from hydra_plugins.moemesh_layouts.sweeper import _keep_runnable
+    from moemesh.config.validate import batch_plan, validate_run
+    from moemesh.errors import ConfigError
+    from moemesh.planning.cost import with_dims
+
+    run = compose_run(["cluster.gpus=16", "trainer.steps=30", "trainer.device=cpu"])
+    valid, _ = make_plan(run, 16)
+    s = search.settings(top=6, steps=30)
+    choice, ranked = search.choose(valid, s), search.choose(valid, dataclasses.replace(s, top=0)).chosen
+    held = max(batch_plan(with_dims(run, c.dims)).micro_steps for c in choice.chosen)
+    at_held = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, micro_steps=held))
+
+    def runs(c) -> bool:
+        try:
+            validate_run(with_dims(at_held, c.dims))
+        except ConfigError:
+            return False
+        return True
+
+    broken = [c.label for c in choice.chosen if not runs(c)]
+    assert broken, "the case this test is about: a chosen layout the held count breaks"
+    _keep_runnable(choice, ranked, run, held, s.top)
+    assert len(choice.chosen) == 6 and all(runs(c) for c in choice.chosen)
+    assert not set(broken) & {c.label for c in choice.chosen} and set(broken) <= set(choice.filtered)
+    note = capsys.readouterr().out.strip()
+    assert note.startswith(f"moemesh: left out {', '.join(broken)}: they cannot run at the sweep's")
+    assert f"trainer.micro_steps={held}" in note and "\n" not in note

@@ -11,7 +11,8 @@ whatever launcher the command selects (the basic one, ``cluster=slurm``'s) runs 
 Every job gets the ordinary overrides of the command plus its split as explicit degrees and a
 generated ``parallel.name`` (no preset file needed), and one micro-step count for all layouts
 (the largest any of them needs), unless the command sets ``trainer.micro_steps`` or
-``trainer.micro_batch_size`` itself. A job whose directory already holds a finished
+``trainer.micro_batch_size`` itself; a chosen layout that cannot run at that count is left out
+for the next runnable one the planner ranks. A job whose directory already holds a finished
 summary.json is not run again (restart a sweep with the same ``hydra.sweep.dir``). A job that
 fails is a row with its one-line reason, and the sweep goes on. After the runs: one table
 (also ``layouts.md`` and ``layouts.json`` in the sweep directory), the winner by
@@ -174,6 +175,8 @@ class LayoutSweeper(Sweeper):
         if held:  # price what will run: every layout at the held count
             count = dataclasses.replace(planned.trainer, micro_steps=int(held[0].split("=")[1]))
             planned = dataclasses.replace(planned, trainer=count)
+            ranked = search.choose(valid, dataclasses.replace(s, top=0)).chosen  # all, in the planner's order
+            _keep_runnable(choice, ranked, run, count.micro_steps, s.top)
             for c in choice.chosen:
                 p = plan_one(with_schedule(planned, c.schedule), c.dims)
                 c.predicted_step_s, c.predicted_bytes = p.step_s, p.total_bytes
@@ -365,6 +368,46 @@ def _continuing(job: list[str], job_dir: Path, run) -> list[str]:
     if run.resume is None and complete_checkpoints(root) and not any(o.startswith("resume=") for o in job):
         return [*job, "resume=auto"]
     return job
+
+
+def _keep_runnable(choice, ranked: list, run, micro_steps: int, top: int) -> None:
+    """The held micro-step count can break a chosen layout's batch arithmetic (global_batch_size
+    must be divisible by micro_steps*dp*ep): each launcher would refuse it (SLURM's the whole
+    batch). Leave such layouts out, with a note, and take the next runnable ones the planner
+    ranks in their place (``top``; 0: all). Only layouts that are valid at their own count and
+    not at the held one are left out: any other refusal stays the job's own."""
+    from moemesh.config.validate import validate_run
+
+    held = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, micro_steps=micro_steps))
+
+    def refusal(r, c) -> str | None:
+        try:
+            validate_run(with_dims(with_schedule(r, c.schedule), c.dims))
+        except ConfigError as err:
+            return str(err)
+        return None
+
+    kept, dropped = [], []
+    for c in ranked:
+        if top and len(kept) == top:
+            break
+        why = refusal(held, c)
+        if why is not None and refusal(run, c) is None:
+            dropped.append((c, why))
+        elif c in choice.chosen or why is None:  # a chosen one keeps its own refusal for its row
+            kept.append(c)
+    if not dropped:
+        return
+    choice.chosen = kept
+    taken = {c.label for c in kept} | {c.label for c, _ in dropped}
+    choice.cut = [c.label for c in ranked if c.label not in taken]
+    choice.filtered += [c.label for c, _ in dropped]
+    print(
+        f"moemesh: left out {', '.join(c.label for c, _ in dropped)}: they cannot run at the sweep's "
+        f"trainer.micro_steps={micro_steps} (one count for every layout): {dropped[0][1]}; set "
+        "trainer.micro_steps or trainer.micro_batch_size to choose another",
+        flush=True,
+    )
 
 
 def _one_line(reason: str) -> str:
