@@ -410,7 +410,7 @@ def run_training(state: TrainState) -> RunSummary:
         run_start_bytes=s.start_bytes,
         grads=s.grad_bytes,
     )
-    s.log.write_summary(summary)
+    summary = s.log.write_summary(summary)  # a run resumed at its end keeps the summary it had
     s.log.close()
     s.data.close()
     return summary

@@ -8,13 +8,15 @@ summary; only rank 0 writes files and prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
+from moemesh.runs.reader import RunReadError, read_summary
 from moemesh.runs.records import PHASES, RunSummary, StepRecord
 from moemesh.runs.steady import StepSample
 
@@ -166,13 +168,26 @@ class MetricsLogger:
             self._log.write(text + "\n")
             self._log.flush()
 
-    def write_summary(self, summary: RunSummary) -> None:
-        if self.enabled:
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            if self.tracker is not None:
-                self.tracker.summary(summary)
-            if summary.get("steps"):
-                self.message(format_summary(summary))
+    def write_summary(self, summary: RunSummary) -> RunSummary:
+        """Write summary.json (rank 0) and return it. An attempt that ran no step (resumed at the
+        end: "nothing left to train") has no numbers of its own: it keeps the summary.json of the
+        attempt that trained, clearing only its ``stopped_by_signal`` (the run is complete now);
+        without a readable one, it writes its own."""
+        if not self.enabled:
+            return summary
+        path = self.dir / "summary.json"
+        trained = bool(summary.get("steps"))
+        if not trained and path.exists():
+            with contextlib.suppress(RunReadError):
+                kept = read_summary(self.dir)
+                if kept.get("steps"):
+                    summary = cast(RunSummary, {**kept, "stopped_by_signal": None})
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.summary(summary)
+        if trained:
+            self.message(format_summary(summary))
+        return summary
 
     def close(self) -> None:
         if self._file is not None:

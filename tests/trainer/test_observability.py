@@ -157,6 +157,26 @@ def test_metrics_are_identical_on_every_rank(tmp_path):
     assert 0 < summary["a2a_share"] < 1
 
 
+def test_a_run_resumed_at_its_end_keeps_its_summary(tmp_path):
+    """Resumed with nothing left to train, a finished run's summary.json stayed only in name: it
+    was rewritten with 0 steps and every number null, and compare.py showed dashes. Now the
+    attempt that trained nothing keeps the summary, clearing only a signal's stop (the run is
+    complete), and returns it."""
+    from tests.helpers import train_single
+
+    run = tiny_run(**{"trainer.steps": 2, "checkpoint.save_final": True})
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    first = train_single(run, tmp_path, paths)
+    assert first["steps"] == 2 and first["final_loss"] is not None
+    summary_json = tmp_path / "summary.json"
+    written = json.loads(summary_json.read_text())
+    stopped = {**written, "stopped_by_signal": ["SIGTERM"]}  # as if a signal had stopped the last attempt
+    summary_json.write_text(json.dumps(stopped))
+    again = train_single(dataclasses.replace(run, resume="auto"), tmp_path, paths)
+    assert "nothing left to train" in (tmp_path / "train.log").read_text()
+    assert json.loads(summary_json.read_text()) == {**written, "stopped_by_signal": None} == again
+
+
 def _wandb_records(run_dir: Path):
     from wandb.proto import wandb_internal_pb2 as pb
 
