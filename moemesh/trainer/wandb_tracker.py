@@ -31,7 +31,27 @@ from moemesh.config.schema import RunConfig
 from moemesh.errors import first_line
 from moemesh.parallel.dims import layout_name
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+# A config key that names a credential, word by word (snake_case, kebab-case or camelCase), so
+# that hyperparameters with such a word inside (model.pad_token_id, model.max_ranks_per_token)
+# are logged: a part that is a secret's word, or "key"/"token" alone or after a word that makes
+# it one (api_key, auth_token, hf_token, private_key). Only free-form dicts (e.g.
+# cluster.slurm.additional_parameters) can hold such a key; the schema has none.
+_SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials"})
+_SECRET_WORDS |= {"apikey", "authtoken", "accesstoken"}
+_KEY_WORDS = frozenset({"key", "token", "auth"})
+_KEY_OWNERS = frozenset({"api", "access", "auth", "bearer", "hf", "wandb", "github", "gh", "private", "refresh"})
+_KEY_OWNERS |= {"session", "secret", "client", "oauth", "personal", "slack"}
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether the dotted config key ``key`` names a credential (its value is never logged)."""
+    for part in key.split("."):
+        words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", part).lower().replace("-", "_").split("_")
+        if part.lower() in _KEY_WORDS or _SECRET_WORDS.intersection(words):
+            return True
+        if any(w in _KEY_WORDS and prev in _KEY_OWNERS for prev, w in zip(words, words[1:])):
+            return True
+    return False
 
 
 def has_credentials() -> bool:
@@ -107,7 +127,7 @@ def flat_config(run: RunConfig, dims) -> dict:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
-        elif not _SECRET.search(prefix):
+        elif not is_secret_key(prefix):
             out[prefix] = value
 
     walk("", asdict(run))

@@ -250,6 +250,41 @@ def test_offline_wandb_run_has_layout_columns_group_and_metrics(tmp_path):
     assert not [f for f in run_dir.rglob("*") if f.is_file() and b"sk-do-not-log" in f.read_bytes()]
 
 
+def _leaves(value, prefix=""):
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _leaves(v, f"{prefix}.{key}" if prefix else key)]
+    return [prefix]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel=ep4", "model.max_ranks_per_token=2"],
+        ["parallel=pp2_tp2_ep2_dp2", "model=olmoe_1b_7b", "model.max_nodes_per_token=1"],
+        ["parallel=ep2", "cluster=slurm", "data=stdlib", "logger=wandb"],
+    ],
+)
+def test_wandb_config_keeps_every_config_key_and_drops_credentials(overrides):
+    """The secret filter matched "token" anywhere, so model.max_ranks_per_token, max_nodes_per_token
+    and pad_token_id never reached the dashboard. Now only a key whose words name a credential
+    is left out: every key of a composed config is logged; an api_key or password that a free-form
+    dict (sbatch's additional_parameters) holds is not."""
+    from moemesh.config.cli import compose_run
+    from moemesh.trainer.wandb_tracker import flat_config
+
+    run = compose_run(overrides)
+    dims = ParallelDims.from_config(run.parallel)
+    every = _leaves(dataclasses.asdict(run))
+    assert {"model.max_ranks_per_token", "model.max_nodes_per_token", "model.pad_token_id"} <= set(every)
+    assert set(every) <= set(flat_config(run, dims))
+    credentials = {"api_key": "k", "hfToken": "t", "password": "p", "auth-token": "a", "secret": "s"}
+    slurm = dataclasses.replace(run.cluster.slurm, additional_parameters={**credentials, "comment": "kept"})
+    run = dataclasses.replace(run, cluster=dataclasses.replace(run.cluster, slurm=slurm))
+    config = flat_config(run, dims)
+    assert config["cluster.slurm.additional_parameters.comment"] == "kept"
+    assert not [k for k in config if k.split(".")[-1] in credentials]
+
+
 def test_wandb_run_continues_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from moemesh.parallel.dims import ParallelDims
