@@ -168,14 +168,20 @@ class StepResult:
 
 
 def train(run: RunConfig, ctx: RankContext) -> RunSummary:
-    """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit."""
+    """Train on this rank; rank 0 also owns the experiment tracker, finished on every exit. The
+    tracker starts once the run knows whether it resumed: a resumed run continues its wandb run,
+    a fresh one in the same directory starts another."""
+    state = build_training(run, ctx)
     tracker = None
-    if ctx.rank == 0 and run.logger.wandb:
-        from moemesh.trainer.wandb_tracker import WandbTracker
-
-        tracker = WandbTracker(run, ctx.mesh.dims, ctx.output_dir)
     try:
-        summary = run_training(build_training(run, ctx, tracker))
+        if ctx.rank == 0 and run.logger.wandb:
+            from moemesh.trainer.wandb_tracker import WandbTracker
+
+            tracker = WandbTracker(run, ctx.mesh.dims, ctx.output_dir, resumed=state.start > 0)
+            state.log.tracker = tracker
+            if tracker.note:
+                state.log.message(f"moemesh: {tracker.note}")
+        summary = run_training(state)
     except BaseException:
         if tracker is not None:
             tracker.finish(exit_code=1)
@@ -185,7 +191,7 @@ def train(run: RunConfig, ctx: RankContext) -> RunSummary:
     return summary
 
 
-def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState:
+def build_training(run: RunConfig, ctx: RankContext) -> TrainState:
     """The model laid out for this rank (``trainer.parallelize``), sharded, the optimizer, the
     data, the logger and the checkpointer; resumed from a checkpoint when ``resume`` is set."""
     t, m, mesh, device = run.trainer, run.model, ctx.mesh, ctx.device
@@ -208,7 +214,6 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
         console=run.logger.console,
         jsonl=run.logger.jsonl,
         total_steps=t.steps,
-        tracker=tracker,
     )
     plan = batch_plan(run)
     micro, accum = plan.micro_batch_size, plan.micro_steps
@@ -240,8 +245,6 @@ def build_training(run: RunConfig, ctx: RankContext, tracker=None) -> TrainState
     log.begin(start)
     for warning in config_warnings(run):
         log.message(f"moemesh: warning: {warning}")
-    if tracker is not None and tracker.note:
-        log.message(f"moemesh: {tracker.note}")
     return TrainState(
         run=run,
         ctx=ctx,

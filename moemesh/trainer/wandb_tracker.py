@@ -30,6 +30,7 @@ import numpy as np
 from moemesh.config.schema import RunConfig
 from moemesh.errors import first_line
 from moemesh.parallel.dims import layout_name
+from moemesh.untrusted import read_bounded
 
 # A config key that names a credential, word by word (snake_case, kebab-case or camelCase), so
 # that hyperparameters with such a word inside (model.pad_token_id, model.max_ranks_per_token)
@@ -148,18 +149,30 @@ def _scalars(record: dict, prefix: str = "") -> dict:
     return out
 
 
+def _recorded_id(id_file: Path) -> str | None:
+    """The wandb run id an earlier attempt recorded in ``id_file``: None without one, or where it
+    is not one this tracker writes (8 hex digits; the file is read as untrusted)."""
+    try:
+        text = read_bounded(id_file, 64, error=ValueError).decode("ascii", "replace").strip()
+    except ValueError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{8}", text) else None
+
+
 class WandbTracker:
-    def __init__(self, run: RunConfig, dims, output_dir: str):
+    def __init__(self, run: RunConfig, dims, output_dir: str, *, resumed: bool = False):
         import wandb
 
         self.wandb = wandb
         self.note: str | None = None  # one line for the run's log when it fell back to offline
         lg = run.logger
         mode = os.environ.get("WANDB_MODE") or ("online" if has_credentials() else "offline")
-        # One wandb run per run directory: an attempt that resumes there (a requeued SLURM
-        # job) continues the same wandb run instead of starting a second one.
+        # An attempt that resumed from a checkpoint in its run directory (a requeued SLURM job)
+        # continues the wandb run recorded there instead of starting a second one; a fresh run
+        # gets a new id, even in a directory an earlier run used.
         id_file = Path(output_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        run_id = _recorded_id(id_file) if resumed else None
+        run_id = run_id or secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         args: dict[str, Any] = dict(  # wandb.init's keywords, common to both starts
             id=run_id,

@@ -285,22 +285,30 @@ def test_wandb_config_keeps_every_config_key_and_drops_credentials(overrides):
     assert not [k for k in config if k.split(".")[-1] in credentials]
 
 
-def test_wandb_run_continues_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
+def test_wandb_run_continues_only_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
+    """A requeued job that resumes from its checkpoint continues the wandb run recorded in its
+    directory. A fresh run in a used directory reused that id too, and its results overwrote the
+    earlier run's in wandb; now it starts a run of its own."""
     pytest.importorskip("wandb")
-    from moemesh.parallel.dims import ParallelDims
-    from moemesh.trainer.wandb_tracker import WandbTracker
-    from tests.helpers import tiny_run
+    from tests.helpers import train_single
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run = tiny_run(**{"logger.wandb": True})
-    dims = ParallelDims.from_config(run.parallel)
+    run = tiny_run(**{"logger.wandb": True, "trainer.steps": 2})
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    id_file = tmp_path / "wandb_run_id"
     ids = []
-    for _attempt in range(2):  # e.g. a SLURM job, requeued: same run directory, same wandb run
-        tracker = WandbTracker(run, dims, str(tmp_path))
-        ids.append(tracker.run.id)
-        tracker.finish()
-    elsewhere = tmp_path / "other_run"
-    elsewhere.mkdir()
-    tracker = WandbTracker(run, dims, str(elsewhere))
+    unsaved = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, save_final=False))
+    longer = dataclasses.replace(run.trainer, steps=3)
+    for attempt in (unsaved, run, dataclasses.replace(run, resume="auto", trainer=longer)):
+        train_single(attempt, tmp_path, paths)
+        ids.append(id_file.read_text().strip())
+    fresh, again, resumed = ids
+    assert fresh != again  # the second fresh run: a wandb run of its own
+    assert resumed == again  # resumed from the second run's checkpoint: its wandb run, continued
+    assert {d.name.rsplit("-", 1)[1] for d in tmp_path.glob("wandb/offline-run-*")} == {fresh, again}
+    id_file.write_text("../../not-an-id\n")  # read as untrusted: not an id, so a new one
+    from moemesh.trainer.wandb_tracker import WandbTracker
+
+    tracker = WandbTracker(run, ParallelDims.from_config(run.parallel), str(tmp_path), resumed=True)
     tracker.finish()
-    assert ids[0] == ids[1] and tracker.run.id != ids[0]
+    assert tracker.run.id not in ids and len(tracker.run.id) == 8
