@@ -149,6 +149,9 @@ CASES = [
         "hydra.sweep.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]",
     ),
     (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: cannot be created and written: [Errno 20 ENOTDIR]"),
+    # wandb names wandb.init would refuse on rank 0 once the ranks run (a traceback, exit 1)
+    (["logger=wandb", "logger.project=a/b"], "logger.project='a/b' cannot hold / (wandb refuses any of / \\ # ? % :)"),
+    (["parallel=ep2", "logger=wandb", "logger.entity=team:x"], "logger.entity='team:x' cannot hold :"),
     # issue #27: a batch whose micro-batches cannot fit this machine (it was killed at 24 GB)
     (["trainer.global_batch_size=2147483648"], "trainer.global_batch_size=2147483648 (a micro-batch of"),
 ]
@@ -161,6 +164,24 @@ def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(argv, needle, tmp_path,
     code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
     assert needle in config_error_line(code, err)
     assert list(tmp_path.iterdir()) == []  # no outputs/ or multirun/ directory
+
+
+@pytest.mark.parametrize(
+    "var, value, needle",
+    [
+        ("WANDB_MODE", "bogus", "WANDB_MODE='bogus' is not one of online, offline, shared, disabled, dryrun, run"),
+        ("WANDB_PROJECT", "team/p", "WANDB_PROJECT='team/p' cannot hold / (wandb refuses any of"),
+    ],
+)
+def test_a_wandb_setting_wandb_would_refuse_is_one_line_before_anything_starts(
+    var, value, needle, tmp_path, monkeypatch, capsys
+):
+    """WANDB_MODE=bogus was a pydantic traceback from wandb.init on rank 0; now the logger's
+    own check refuses it, as it does logger.project and logger.entity."""
+    monkeypatch.setenv(var, value)
+    code, _, err = refused_cli(["parallel=ep2", "logger=wandb"], tmp_path, monkeypatch, capsys)
+    assert needle in config_error_line(code, err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_there_are_at_least_30_cases():

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -216,14 +217,33 @@ class ClusterConfig:
         fields.finite_floats(self, p)
 
 
+# What wandb 0.31 accepts, checked here so that a mistake is one line before anything starts,
+# not a traceback from wandb.init on rank 0 once the ranks run: a project name (wandb's
+# Settings.validate_project; the entity is the same URL path's first part, so the same rule),
+# and WANDB_MODE (Settings.mode's values).
+WANDB_NAME_CHARS = "/\\#?%:"
+WANDB_NAME_MAX = 128
+WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
+WANDB_DEFAULT_PROJECT = "moemesh"
+
+
+def _wandb_name_problem(value: str) -> str | None:
+    bad = sorted({c for c in value if c in WANDB_NAME_CHARS})
+    if bad:
+        return f"cannot hold {' '.join(bad)} (wandb refuses any of {' '.join(WANDB_NAME_CHARS)})"
+    if not value.strip() or len(value) > WANDB_NAME_MAX:
+        return f"must be 1 to {WANDB_NAME_MAX} characters, not all blank"
+    return None
+
+
 @dataclass
 class LoggerConfig:
     name: str = MISSING
     console: bool = True
     jsonl: bool = True
     wandb: bool = False  # a wandb run from rank 0 (offline unless credentials are present)
-    project: str = "moemesh"
-    entity: str | None = None
+    project: str | None = None  # null: WANDB_PROJECT if set, else "moemesh"
+    entity: str | None = None  # null: WANDB_ENTITY if set, else the key's default entity
     group: str | None = None  # null: the sweep directory's name under -m, else none
     job_type: str = "train"
     # wandb online: seconds to reach the server at start; then the run logs offline (one note),
@@ -232,6 +252,24 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         fields.number(self, "logger.", "init_timeout_s", lambda v: v > 0, "a finite number of seconds > 0")
+        for name in ("project", "entity"):
+            value = getattr(self, name)
+            if value is not None and (problem := _wandb_name_problem(value)):
+                raise ConfigError(f"logger.{name}={value!r} {problem}")
+        if self.wandb:  # what wandb will read from the environment, checked before anything starts
+            env = os.environ
+            mode = env.get("WANDB_MODE")
+            if mode and mode not in WANDB_MODES:
+                raise ConfigError(f"WANDB_MODE={mode!r} is not one of {', '.join(WANDB_MODES)} (logger=wandb)")
+            for name, var in (("project", "WANDB_PROJECT"), ("entity", "WANDB_ENTITY")):
+                value = env.get(var)
+                if getattr(self, name) is None and value and (problem := _wandb_name_problem(value)):
+                    raise ConfigError(f"{var}={value!r} {problem} (logger.{name} is null: wandb reads {var})")
+
+    @property
+    def wandb_project(self) -> str:
+        """The project a wandb run goes to: logger.project, else WANDB_PROJECT, else "moemesh"."""
+        return self.project or os.environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT
 
 
 @dataclass

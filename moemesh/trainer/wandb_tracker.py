@@ -177,7 +177,7 @@ class WandbTracker:
         args: dict[str, Any] = dict(  # wandb.init's keywords, common to both starts
             id=run_id,
             resume="allow",
-            project=lg.project,
+            project=lg.wandb_project,
             entity=lg.entity,
             group=lg.group,
             job_type=lg.job_type,

@@ -285,6 +285,25 @@ def test_wandb_config_keeps_every_config_key_and_drops_credentials(overrides):
     assert not [k for k in config if k.split(".")[-1] in credentials]
 
 
+@pytest.mark.parametrize(
+    "project, env, expected", [(None, None, "moemesh"), (None, "from-env", "from-env"), ("given", "from-env", "given")]
+)
+def test_wandb_project_is_the_config_s_else_wandb_project_else_moemesh(tmp_path, monkeypatch, project, env, expected):
+    """logger.project was always "moemesh", so WANDB_PROJECT was never read."""
+    pytest.importorskip("wandb")
+    from moemesh.trainer.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    if env is None:
+        monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_PROJECT", env)
+    run = tiny_run(**{"logger.wandb": True, "logger.project": project})
+    tracker = WandbTracker(run, ParallelDims.from_config(run.parallel), str(tmp_path))
+    tracker.finish()
+    assert tracker.run.project == expected
+
+
 def test_wandb_run_continues_only_when_a_run_resumes_in_its_directory(tmp_path, monkeypatch):
     """A requeued job that resumes from its checkpoint continues the wandb run recorded in its
     directory. A fresh run in a used directory reused that id too, and its results overwrote the
