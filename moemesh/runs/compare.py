@@ -324,31 +324,25 @@ def loss_curve(run: Run) -> dict[int, float]:
 def coinciding_losses(runs: list[Run], tol: float = COINCIDE_TOL) -> list[tuple[list[str], float, int]]:
     """Groups of runs whose loss curves coincide: (labels, max |Δ| within the group over the
     steps all of them logged, how many such steps). Two runs coincide when they share at
-    least one logged step and differ by less than `tol` on every shared step; a group is
-    a connected set of such pairs."""
+    least one logged step and differ by less than `tol` on every shared step; in a group every
+    two runs coincide (a run joins the first group, in run order, whose every member it
+    coincides with), so no two runs of a group differ by `tol` or more."""
     curves = [(r.label, loss_curve(r)) for r in runs]
     curves = [(label, c) for label, c in curves if c]
 
-    def max_diff(a: dict, b: dict) -> tuple[float, int]:
+    def close(a: dict, b: dict) -> bool:
         common = a.keys() & b.keys()
-        return (max(abs(a[s] - b[s]) for s in common) if common else math.inf), len(common)
+        return bool(common) and max(abs(a[s] - b[s]) for s in common) < tol
 
-    parent = list(range(len(curves)))
-
-    def root(i):
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for i in range(len(curves)):
-        for j in range(i + 1, len(curves)):
-            if max_diff(curves[i][1], curves[j][1])[0] < tol:
-                parent[root(j)] = root(i)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(curves)):
-        groups.setdefault(root(i), []).append(i)
+    groups: list[list[int]] = []
+    for i, (_, curve) in enumerate(curves):
+        home = next((g for g in groups if all(close(curves[j][1], curve) for j in g)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
     out = []
-    for members in groups.values():
+    for members in groups:
         if len(members) < 2:
             continue
         common = set.intersection(*(set(curves[i][1]) for i in members))

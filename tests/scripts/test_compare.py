@@ -385,6 +385,19 @@ def test_coinciding_loss_curves_are_named_on_the_chart_and_stdout(tmp_path, caps
     assert note in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+def test_a_chain_of_close_curves_is_no_group(tmp_path):
+    """Runs were grouped by chains of close pairs: a, b, c each 0.6e-4 from the next were one
+    group "coinciding" with a max |Δ| of 1.2e-4, over the 1e-4 tolerance (on benchmarks/data's
+    b16 sweep, six runs at 0.0002). In a group every two runs are within the tolerance now."""
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
+    b = _fake_run(tmp_path / "b", "dp2", losses=[x + 0.6e-4 for x in LOSS])
+    c = _fake_run(tmp_path / "c", "ep4", losses=[x + 1.2e-4 for x in LOSS])
+    d = _fake_run(tmp_path / "d", "tp2", losses=[x + 1.25e-4 for x in LOSS])
+    groups = compare.coinciding_losses(_runs(a, b, c, d))
+    assert [labels for labels, _, _ in groups] == [["ep2", "dp2"], ["ep4", "tp2"]]
+    assert all(diff < compare.COINCIDE_TOL for _, diff, _ in groups)
+
+
 def test_different_loss_curves_do_not_coincide(tmp_path):
     import matplotlib.pyplot as plt
 
