@@ -107,6 +107,36 @@ class StepRecord(_StepRecord, total=False):
     skipped: bool  # True on a step whose update was skipped (trainer.on_nonfinite=skip)
 
 
+class MinMax(TypedDict):
+    """A number over the ranks: its least and its most."""
+
+    min: int
+    max: int
+
+
+class PeakBytes(MinMax, total=False):
+    """``peak_memory_bytes``: the peak over the ranks, and how it was measured."""
+
+    kind: str  # cuda_max_allocated | cpu_peak_rss
+
+
+class SplitBytes(TypedDict):
+    """Bytes per rank, expert and non-expert, over the ranks."""
+
+    expert: MinMax
+    non_expert: MinMax
+
+
+class MemoryRecord(TypedDict):
+    """``memory_per_rank`` in summary.json (trainer.step_stats.memory_report)."""
+
+    param_bytes: SplitBytes
+    grad_bytes: SplitBytes
+    optimizer_bytes: SplitBytes
+    peak_bytes: MinMax
+    peak_above_start_bytes: MinMax
+
+
 class _RunSummary(TypedDict):
     # hostname, hosts and rank_hosts (rank r ran on rank_hosts[r]), device, count, cpus, python,
     # torch (a string in older runs)
@@ -125,10 +155,9 @@ class _RunSummary(TypedDict):
     final_val_loss: float | None
     median_tokens_per_s: float | None  # None: no step logged
     median_step_s: float | None
-    peak_memory_bytes: dict  # min, max over ranks; kind
-    param_bytes_per_rank: dict
-    # {param,grad,optimizer}_bytes: {expert, non_expert}: {min, max}; peak_bytes, peak_above_start_bytes
-    memory_per_rank: dict
+    peak_memory_bytes: PeakBytes
+    param_bytes_per_rank: SplitBytes
+    memory_per_rank: MemoryRecord
     start_step: int
     stopped_by_signal: list[str] | None
 

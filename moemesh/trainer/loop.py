@@ -42,7 +42,7 @@ from moemesh.parallel.fsdp import reshard_all
 from moemesh.parallel.grads import GradReducer, clip_grads_, global_grad_norm
 from moemesh.parallel.mesh import ParallelMesh
 from moemesh.parallel.pipeline import evaluate_pipeline
-from moemesh.runs.records import RunSummary, StepRecord
+from moemesh.runs.records import PeakBytes, RunSummary, StepRecord
 from moemesh.trainer.checkpointing import Checkpointer
 from moemesh.trainer.data import TokenData
 from moemesh.trainer.host import machine, peak_memory_bytes, reset_peak, resident_bytes
@@ -510,10 +510,9 @@ def _summary(
         "final_val_loss": val_loss,
         "median_tokens_per_s": tokens_per_step / step_s if step_s else None,
         "median_step_s": step_s,
-        "peak_memory_bytes": {
-            **memory["peak_bytes"],
-            "kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
-        },
+        "peak_memory_bytes": PeakBytes(
+            **memory["peak_bytes"], kind="cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        ),
         "param_bytes_per_rank": memory["param_bytes"],
         "memory_per_rank": memory,
         **sample.summary(),

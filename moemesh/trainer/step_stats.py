@@ -16,7 +16,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from moemesh.parallel.comm import all_reduce_
-from moemesh.runs.records import PHASES, LoadRecord, StepRecord, TimeRecord
+from moemesh.runs.records import PHASES, LoadRecord, MemoryRecord, MinMax, SplitBytes, StepRecord, TimeRecord
 
 LOSS_TERMS = ("loss", "aux_loss", "z_loss", "seq_aux_loss")
 # Per MoE layer, the statistics vector: routed pairs per expert [E], score sums per
@@ -300,7 +300,7 @@ def grad_bytes(model) -> list[int]:
 
 def memory_report(
     model, optimizer, peak_bytes: int, group, device, start_bytes: int = 0, grads: list[int] | None = None
-) -> dict:
+) -> MemoryRecord:
     """Bytes per rank, expert / non-expert, as min and max over all ranks (one collective):
     what each rank holds at rest (its shards in the sharded modes), the gradients measured
     during training (``grads``: the largest ``grad_bytes`` seen after a backward; [0, 0]
@@ -320,12 +320,15 @@ def memory_report(
     all_reduce_(both, group, op=torch.distributed.ReduceOp.MAX)
     n = local.numel()
     hi, lo = both[:n].tolist(), (-both[n:]).tolist()
-    mm = lambda i: {"min": int(lo[i]), "max": int(hi[i])}  # noqa: E731
-    report: dict[str, dict] = {}
-    for k, name in enumerate(("param_bytes", "grad_bytes", "optimizer_bytes")):
-        report[name] = {"expert": mm(2 * k), "non_expert": mm(2 * k + 1)}
-    report["peak_bytes"] = mm(6)
-    # The peak less what the rank held before building the model (on the CPU the process's
-    # interpreter, torch and process groups; 0 on CUDA, whose peak counts tensors only).
-    report["peak_above_start_bytes"] = mm(7)
+    mm = lambda i: MinMax(min=int(lo[i]), max=int(hi[i]))  # noqa: E731
+    split_mm = lambda k: SplitBytes(expert=mm(2 * k), non_expert=mm(2 * k + 1))  # noqa: E731
+    report = MemoryRecord(
+        param_bytes=split_mm(0),
+        grad_bytes=split_mm(1),
+        optimizer_bytes=split_mm(2),
+        peak_bytes=mm(6),
+        # The peak less what the rank held before building the model (on the CPU the process's
+        # interpreter, torch and process groups; 0 on CUDA, whose peak counts tensors only).
+        peak_above_start_bytes=mm(7),
+    )
     return report

@@ -500,6 +500,32 @@ def test_conform_drops_a_mistyped_list_whole_and_a_huge_int():
     assert conform(record, StepRecord) == {"step": 3, "load": {"layer0": {"cv": 0.5}}}
 
 
+def test_memory_values_of_the_wrong_shape_are_dropped(tmp_path, capsys):
+    """memory_per_rank was typed a plain dict, so a list inside it reached compare.py, which
+    crashed (AttributeError: 'list' object has no attribute 'get'). Its parts are typed now:
+    a wrongly shaped one is read as not recorded and the comparison runs."""
+    split = {"expert": {"min": 3 * 2**20, "max": 3 * 2**20}, "non_expert": {"min": 2**20, "max": 2**20}}
+    memory = {
+        "param_bytes": [1, 2],
+        "grad_bytes": split,
+        "optimizer_bytes": {"expert": "x", "non_expert": split["non_expert"]},
+    }
+    memory |= {"peak_bytes": {"min": 1, "max": "big"}, "peak_above_start_bytes": 7}
+    bad = {"memory_per_rank": memory, "param_bytes_per_rank": split, "peak_memory_bytes": {"max": 2**21, "kind": 5}}
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS, summary=bad)
+    (run,) = _runs(a)
+    assert run.summary["memory_per_rank"] == {
+        "grad_bytes": split,
+        "optimizer_bytes": {"non_expert": split["non_expert"]},
+        "peak_bytes": {"min": 1},
+    }
+    assert run.summary["peak_memory_bytes"] == {"max": 2**21}
+    assert compare.max_bytes(run.summary, "param_bytes", "expert") == 3 * 2**20  # the older key's
+    assert compare.max_bytes(run.summary, "optimizer_bytes", "expert") is None
+    compare.main([str(a), "--out", str(tmp_path / "cmp")])
+    assert "ep2" in _rows(capsys.readouterr().out)
+
+
 def test_a_sweep_of_symlinked_runs_is_read(tmp_path):
     a = _fake_run(tmp_path / "runs" / "a", "ep2", losses=LOSS)
     (tmp_path / "sweep").mkdir()
