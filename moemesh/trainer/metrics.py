@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -106,16 +107,19 @@ class MetricsLogger:
         if not self._jsonl or self._file is not None:
             return
         path = self.dir / "metrics.jsonl"
-        kept = []
-        if start_step > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", start_step + 1) <= start_step:
-                        kept.append(line + "\n")
-                except json.JSONDecodeError:  # a line cut short when the last attempt was killed
-                    continue
-        self._file = open(path, "w")
-        self._file.writelines(kept)
+        if start_step > 0 and path.is_file():
+            # Streamed into a new file, then swapped in: a long run's history is never held in
+            # memory whole, and a kill in the middle leaves the old file as it was.
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            with open(path, "rb") as old, open(tmp, "wb") as new:
+                for line in _lines(old):
+                    step = _step_of(line)
+                    if step is not None and step <= start_step:
+                        new.write(line.rstrip(b"\n") + b"\n")
+            os.replace(tmp, path)
+            self._file = open(path, "a")
+        else:
+            self._file = open(path, "w")
 
     def log(self, record: StepRecord) -> None:
         self.sample.add(record)  # on every rank: the summary is the same everywhere
@@ -196,3 +200,30 @@ class MetricsLogger:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+_MAX_RECORD = 1 << 20  # one metrics.jsonl line: a record is a few KiB; a longer line is not ours
+
+
+def _lines(f):
+    """``f``'s lines, each at most _MAX_RECORD bytes; a longer one is skipped in bounded pieces."""
+    while True:
+        line = f.readline(_MAX_RECORD + 1)
+        if not line:
+            return
+        if len(line) > _MAX_RECORD and not line.endswith(b"\n"):
+            while (more := f.readline(_MAX_RECORD)) and not more.endswith(b"\n"):
+                pass
+            continue
+        yield line
+
+
+def _step_of(line: bytes) -> int | None:
+    """The ``step`` of a metrics.jsonl record, or None for a line that is not one (a line cut short
+    when the last attempt was killed, another writer's text)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None

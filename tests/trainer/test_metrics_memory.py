@@ -172,6 +172,29 @@ def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_pa
     assert len(lines) == 1_500 and json.loads(lines[-1])["step"] == 1_500
 
 
+def test_a_resume_keeps_the_earlier_steps_records_streaming_them_not_reading_the_file_whole(tmp_path):
+    """A requeued run's metrics.jsonl held every step before; it was read whole into memory (800 MB
+    of history took 2 GB). It is streamed now, and what is not a record of an earlier step (a later
+    step, a line cut short, a list, a 2 MiB line) is left out."""
+    path = tmp_path / "metrics.jsonl"
+    pad = "p" * 100
+    lines = [json.dumps({"step": i, "loss": 5.0 - i / 1e5, "pad": pad}) for i in range(1, 100_001)]
+    junk = ["[1, 2]", '{"step": "7"}', "x" * (8 << 20), '{"step": 150, "loss": 1.']
+    path.write_text("\n".join(lines[:100] + junk + lines[100:]) + "\n")
+    size = path.stat().st_size
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=200_000)
+    tracemalloc.start()
+    logger.begin(60_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    logger.close()
+    kept = path.read_text().splitlines()
+    assert kept == lines[:60_000]
+    # A few of the 1 MiB pieces the long line is skipped in, not the file (28 MiB) or that line (8 MiB).
+    assert peak < 6 << 20 and size > 4 * peak, (peak, size)
+    assert not list(tmp_path.glob(".metrics.jsonl.tmp"))
+
+
 @pytest.mark.slow
 @pytest.mark.shares_cores
 def test_a_training_run_retains_little_per_step(tmp_path):
