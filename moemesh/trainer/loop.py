@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,10 +113,15 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _any_rank(flag: bool, group, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def _stop_signal(ctx, group, device) -> int:
+    """The largest stop signal's number any rank received (0: none), so that every rank stops after
+    the same step and names a signal another rank got (the exit code is 128 + it)."""
+    mine = max((int(getattr(signal, name, signal.SIGTERM)) for name in ctx.stop_signals()), default=0)
+    if ctx.stop_requested() and not mine:
+        mine = int(signal.SIGTERM)
+    t = torch.tensor([float(mine)], device=device)
     all_reduce_(t, group, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())  # host sync: the host decides whether to save and stop
+    return int(t.item())  # host sync: the host decides whether to save and stop
 
 
 @dataclass
@@ -385,13 +391,14 @@ def run_training(state: TrainState) -> RunSummary:
         if step % t.log_every == 0 or last or val is not None:
             record = _log_step(s, step, result, val)
         # Preemption: SIGTERM/SIGUSR1 on any rank stops every rank after this step, with a save.
-        stop = _any_rank(s.ctx.stop_requested(), s.mesh.world_group, s.device) and not last
+        got = _stop_signal(s.ctx, s.mesh.world_group, s.device)
+        stop = got > 0 and not last
         every = s.run.checkpoint.every
         if (every and (step + 1) % every == 0) or (last and s.run.checkpoint.save_final) or stop:
             path = s.ckpt.save(step + 1)
             s.log.message(f"moemesh: checkpoint after step {step + 1}: {path}")
         if stop:
-            stopped_by = s.ctx.stop_signals() or ["a signal on another rank"]
+            stopped_by = s.ctx.stop_signals() or [signal.Signals(got).name]  # another rank's
             s.ctx.on_stop()
             s.log.message(
                 f"moemesh: stop requested ({', '.join(stopped_by)}); stopped after step {step + 1}; "

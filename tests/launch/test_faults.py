@@ -166,6 +166,20 @@ def test_ctrl_c_on_spawned_ranks_saves_like_sigterm_and_says_how_to_resume(tmp_p
     )  # no rank left running
 
 
+def test_a_signal_on_one_rank_stops_all_and_is_named_by_rank_0(tmp_path):
+    """SIGUSR1 to rank 1 only: every rank saves and stops; rank 0 names the signal it did not get
+    (it said "a signal on another rank") and the exit code is 128 + SIGUSR1, not + SIGTERM."""
+    proc = _start(tmp_path, "parallel=ep2", "trainer.steps=100000")
+    wait_for_steps(tmp_path, 2, proc)
+    ranks = ranks_of(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGUSR1)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert "stopped by SIGUSR1 after step" in _stop_line(err)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by_signal"] == ["SIGUSR1"]
+
+
 def test_ctrl_c_sent_to_the_launcher_alone_reaches_its_ranks(tmp_path):
     proc = _start(tmp_path, "parallel=dp2", "trainer.steps=100000")
     wait_for_steps(tmp_path, 2, proc)
