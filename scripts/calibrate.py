@@ -2,8 +2,8 @@
 
     python train.py -m hydra/sweeper=layouts cluster.gpus=4 trainer.steps=30 hydra.sweeper.top=0 \\
         hydra.sweep.dir=multirun/layouts4
-    python scripts/calibrate.py multirun/layouts4 [more sweep dirs] --name cpu4
-    python scripts/plan.py cluster=calibrated/cpu4 cluster.gpus=4        # plans with the fitted constants
+    python scripts/calibrate.py multirun/layouts4 [more sweep dirs] --name mycpu
+    python scripts/plan.py cluster=calibrated/mycpu cluster.gpus=4       # plans with the fitted constants
 
 Each finished job of the sweeps (``layouts.json``, written by the layout sweeper) is planned again
 with the planner (``moemesh.planning.cost.plan_one``: FLOPs, bytes and message steps of each collective kind); the
@@ -19,7 +19,8 @@ times. Then:
   fitted on;
 * the fitted constants (from all jobs) are written to ``conf/cluster/calibrated/<name>.yaml``, a
   cluster config on top of the jobs' own (``cluster=calibrated/<name>``), with the errors and the
-  sweeps it came from in its header.
+  sweeps it came from in its header. ``--name``: letters, digits, _ and -; a file that exists (the
+  shipped cpu4) is replaced only with ``--force``.
 
 Bandwidth and latency of one collective kind separate only when message sizes and counts vary
 independently across the jobs: sweeps at more than one batch size or rank count help. Collectives
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import statistics
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -250,9 +253,25 @@ def check_report(checked: list[Job], fitted: cal.Fit, one_rate: cal.Fit) -> str:
     return "\n".join(lines)
 
 
-def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:
-    """conf/cluster/calibrated/<name>.yaml: the base cluster config with these calibration fields."""
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def output_path(name: str, force: bool) -> Path:
+    """conf/cluster/calibrated/<name>.yaml for ``--name``: ValueError for a name that is not one file
+    name of letters, digits, _ and - (``../local`` would write over conf/cluster/local.yaml), or for
+    a file that exists unless ``force`` (a shipped preset such as cpu4 is replaced only on request)."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: letters, digits, _ and - only (it names conf/cluster/calibrated/NAME.yaml)")
     out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    if out.exists() and not force:
+        raise ValueError(f"--name {name}: {out.relative_to(ROOT)} exists; --force replaces it, or choose another name")
+    return out
+
+
+def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: list[str]) -> Path:
+    """conf/cluster/calibrated/<name>.yaml: the base cluster config with these calibration fields
+    (main refused an existing file unless --force before any work)."""
+    out = output_path(name, force=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     body = {"name": f"calibrated/{name}", "calibration": {"source": ", ".join(map(str, sources)), **fields}}
     header = [
@@ -278,10 +297,18 @@ def _bench(path: Path) -> tuple[dict, frozenset[str]]:
     return fields, frozenset(names)
 
 
-def main(argv=None) -> None:
+def _refuse(err: Exception, what: str = "") -> NoReturn:
+    print(f"calibrate.py: {what}{err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _arguments(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="*", type=Path, help="layout sweep directories (hydra/sweeper=layouts)")
-    ap.add_argument("--name", help="write conf/cluster/calibrated/NAME.yaml (default: only report)")
+    ap.add_argument(
+        "--name", help="write conf/cluster/calibrated/NAME.yaml (letters, digits, _ and -; default: only report)"
+    )
+    ap.add_argument("--force", action="store_true", help="replace conf/cluster/calibrated/NAME.yaml if it exists")
     ap.add_argument(
         "--check",
         nargs="+",
@@ -303,6 +330,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not args.sweeps and not args.calibrate_from:
         ap.error("give layout sweep directories, --calibrate-from BENCH_JSON, or both")
+    if args.name is not None:
+        try:  # before any work: a name that cannot be written is refused at once
+            output_path(args.name, args.force)
+        except ValueError as err:
+            _refuse(err)
+    return args
+
+
+def main(argv=None) -> None:
+    args = _arguments(argv)
     bench, fixed = _bench(args.calibrate_from) if args.calibrate_from else ({}, frozenset())
     if not args.sweeps:
         print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))

@@ -501,3 +501,46 @@ def test_two_link_classes_fit_a_two_node_sweep_that_one_link_cannot():
     merged = cal.one_link(stages[inter[0]])
     assert not any(k.endswith("_inter") for k in merged.comm)
     assert sum(b for b, _ in merged.comm.values()) == pytest.approx(sum(b for b, _ in stages[inter[0]].comm.values()))
+
+
+COMM4 = DATA / "comm4.json"  # scripts/bench_comm.py's output: --calibrate-from alone writes in a blink
+
+
+@pytest.mark.parametrize("name", ["../local", "../../../../tmp/x", "a b", "", "x.yaml"])
+def test_a_name_that_is_not_one_plain_file_name_is_refused_before_anything_is_written(name, capsys):
+    from scripts import calibrate
+
+    path = ROOT / "conf" / "cluster" / "local.yaml"
+    local = path.read_text()
+    try:
+        with pytest.raises(SystemExit) as e:
+            calibrate.main(["--calibrate-from", str(COMM4), "--name", name])
+        assert path.read_text() == local
+    finally:  # without the check "../local" writes over it
+        path.write_text(local)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert err.startswith(f"calibrate.py: --name {name!r}: letters, digits, _ and - only"), err
+
+
+def test_an_existing_calibration_is_replaced_only_with_force(tmp_path, capsys):
+    from scripts import calibrate
+
+    shipped = (ROOT / "conf" / "cluster" / "calibrated" / "cpu4.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--calibrate-from", str(COMM4), "--name", "cpu4"])
+    assert e.value.code == 2
+    assert "--name cpu4: conf/cluster/calibrated/cpu4.yaml exists; --force replaces it" in capsys.readouterr().err
+    assert (ROOT / "conf" / "cluster" / "calibrated" / "cpu4.yaml").read_text() == shipped
+    name = f"test-force-{tmp_path.name}"
+    out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    try:
+        calibrate.main(["--calibrate-from", str(COMM4), "--name", name])
+        out.write_text("# edited\n")
+        with pytest.raises(SystemExit):
+            calibrate.main(["--calibrate-from", str(COMM4), "--name", name])
+        assert out.read_text() == "# edited\n"
+        calibrate.main(["--calibrate-from", str(COMM4), "--name", name, "--force"])
+        assert "gbps:" in out.read_text()
+    finally:
+        out.unlink(missing_ok=True)
