@@ -93,6 +93,28 @@ def finite_floats(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name}={value} must be a finite number")
 
 
+# The planner's collective kinds and link classes (planning/calibration.py prices them):
+# cluster.calibration.gbps and latency_us are keyed "<kind>_<link>".
+COLLECTIVE_KINDS = ("a2a", "sync", "gather", "tp", "p2p")
+LINKS = ("intra", "inter")
+COLLECTIVE_KEYS = tuple(f"{k}_{l}" for k in COLLECTIVE_KINDS for l in LINKS)
+
+
+def per_collective(obj: Any, prefix: str, name: str, ok: Callable[[float], bool], valid: str) -> None:
+    """A dict field keyed by COLLECTIVE_KEYS: each key one of them (the closest named), each value
+    finite and ``ok``."""
+    for key, value in getattr(obj, name).items():
+        if key not in COLLECTIVE_KEYS:
+            close = difflib.get_close_matches(str(key), COLLECTIVE_KEYS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"{prefix}{name}.{key} is no collective: keys are <kind>_<link>, kind "
+                f"{' | '.join(COLLECTIVE_KINDS)}, link {' | '.join(LINKS)}{hint}"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{prefix}{name}.{key}={value} must be {valid}")
+
+
 # ---- the choices the config offers (each implemented where its comment says) ----------------
 # OmegaConf refuses any other value when Hydra composes (it looks members up by name, so a
 # member's name is its value; "1f1b" and "global" are no Python names, hence the functional

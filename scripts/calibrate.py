@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # the repository: moemesh without pip install
 
 from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
+from moemesh.errors import ConfigError  # noqa: E402
 from moemesh.parallel.dims import ParallelDims, layout_name  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning.cost import plan_one  # noqa: E402
@@ -272,8 +273,12 @@ def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: 
     """conf/cluster/calibrated/<name>.yaml: the base cluster config with these calibration fields
     (main refused an existing file unless --force before any work)."""
     out = output_path(name, force=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     body = {"name": f"calibrated/{name}", "calibration": {"source": ", ".join(map(str, sources)), **fields}}
+    try:  # what plan.py would refuse (an infinite bandwidth, a negative latency) is not written
+        CalibrationConfig(**body["calibration"])
+    except ConfigError as err:
+        raise ValueError(f"--name {name}: nothing written: the constants are not a valid calibration: {err}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
     header = [
         f"# Planner constants fitted by scripts/calibrate.py from {', '.join(map(str, sources))}.",
         *note,
@@ -288,13 +293,25 @@ def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: 
 
 
 def _bench(path: Path) -> tuple[dict, frozenset[str]]:
-    """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit)."""
+    """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit);
+    ValueError naming --calibrate-from for a file that cannot be read."""
     fitted = cal.constants_from_bench(read_json(path)["results"])
     # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not
     # go into YAML).
     fields = {part: {k: float(f"{float(v):.6g}") for k, v in fitted[part].items()} for part in ("gbps", "latency_us")}
     names = {f"gbps.{k}" for k in fields["gbps"]} | {f"latency_us.{k}" for k in fields["latency_us"]}
     return fields, frozenset(names)
+
+
+def _collectives_only(args: argparse.Namespace, bench: dict) -> None:
+    """--calibrate-from without sweeps: the benchmark's collectives, written alone with --name."""
+    print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))
+    print("  latency: " + ", ".join(f"{k} {v:.4g} us" for k, v in bench["latency_us"].items()))
+    if args.name:
+        fields = {"flops_per_s": None, **{key: None for _, key in cal.TYPED.values()}, **bench}
+        fields |= {"optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
+        path = write_fields(args.name, "local", fields, [args.calibrate_from], ["# Collectives only (no runs)."])
+        print(f"wrote {path.relative_to(ROOT)}")
 
 
 def _refuse(err: Exception, what: str = "") -> NoReturn:
@@ -340,21 +357,14 @@ def _arguments(argv) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = _arguments(argv)
-    bench, fixed = _bench(args.calibrate_from) if args.calibrate_from else ({}, frozenset())
-    if not args.sweeps:
-        print(f"from {args.calibrate_from}: " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in bench["gbps"].items()))
-        print("  latency: " + ", ".join(f"{k} {v:.4g} us" for k, v in bench["latency_us"].items()))
-        if args.name:
-            fields = {"flops_per_s": None, **{key: None for _, key in cal.TYPED.values()}, **bench}
-            fields |= {"optimizer_s_per_gb": 0.0, "step_overhead_s": 0.0}
-            path = write_fields(args.name, "local", fields, [args.calibrate_from], ["# Collectives only (no runs)."])
-            print(f"wrote {path.relative_to(ROOT)}")
-        return
     try:
+        bench, fixed = _bench(args.calibrate_from) if args.calibrate_from else ({}, frozenset())
+        if not args.sweeps:
+            _collectives_only(args, bench)
+            return
         jobs = load_jobs(args.sweeps, cal.PlannerOptions(args.mfu, args.peak_flops))
     except ValueError as err:
-        print(f"calibrate.py: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _refuse(err)
     stages, phases = [j.stages for j in jobs], [j.phases for j in jobs]
     prior = jobs[0].prior
     if bench:
@@ -372,8 +382,7 @@ def main(argv=None) -> None:
         try:
             checked = load_jobs(args.check, cal.PlannerOptions(args.mfu, args.peak_flops))
         except ValueError as err:
-            print(f"calibrate.py: --check: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _refuse(err, "--check: ")
         one_rate, _ = cal.fit_staged(stages, [cal.folded(p) for p in phases], prior, fixed)
         print(check_report(checked, fitted, one_rate))
     if bench:
@@ -384,8 +393,7 @@ def main(argv=None) -> None:
                 args.name, jobs, fitted, loo, [*args.sweeps, *([args.calibrate_from] if bench else [])], bench
             )
         except ValueError as err:
-            print(f"calibrate.py: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _refuse(err)
         print(f"wrote {path.relative_to(ROOT)}: python scripts/plan.py cluster=calibrated/{args.name} ...")
 
 

@@ -137,7 +137,8 @@ class CalibrationConfig:
     ``conf/cluster/calibrated/<name>.yaml``); unset ones keep the priors of ClusterConfig.
     Keys of ``gbps`` and ``latency_us``: ``<kind>_<link>``, kind a2a | sync (gradients over the
     data and expert groups: all-reduce, or zero2/zero3's reduce-scatter) | gather (zero2/zero3's
-    weight all-gathers) | tp | p2p, link intra | inter (node)."""
+    weight all-gathers) | tp | p2p, link intra | inter (node) (``fields.COLLECTIVE_KEYS``). Rates and
+    bandwidths are > 0, latencies and the optimizer and overhead terms >= 0, bubble_factor in [0, 1]."""
 
     source: str | None = None  # what they were fitted from
     flops_per_s: float | None = None  # achieved training FLOP/s per device (replaces peak x --mfu)
@@ -150,7 +151,14 @@ class CalibrationConfig:
     bubble_factor: float | None = None  # share of the pipeline bubble that costs time (null: 1, idle devices)
 
     def __post_init__(self) -> None:
-        fields.finite_floats(self, "cluster.calibration.")
+        p = "cluster.calibration."
+        fields.finite_floats(self, p)
+        for name in ("flops_per_s", "expert_flops_per_s", "attention_core_flops_per_s"):
+            fields.number(self, p, name, lambda v: v > 0, "a finite number > 0 (FLOP/s per device) or null")
+        fields.at_least_zero(self, p, "optimizer_s_per_gb", "step_overhead_s")
+        fields.number(self, p, "bubble_factor", lambda v: 0 <= v <= 1, "between 0 and 1 (1: idle devices) or null")
+        fields.per_collective(self, p, "gbps", lambda v: v > 0, "a finite number > 0 (GB/s)")
+        fields.per_collective(self, p, "latency_us", lambda v: v >= 0, "a finite number >= 0 (microseconds)")
 
 
 @dataclass

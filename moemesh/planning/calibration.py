@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moemesh.fields import COLLECTIVE_KINDS, LINKS
+
 
 @dataclass(frozen=True)
 class PlannerOptions:
@@ -67,8 +69,7 @@ class PlannerOptions:
     peak_flops: float = 989e12
 
 
-KINDS = ("a2a", "sync", "gather", "tp", "p2p")  # the collective kinds the planner costs
-LINKS = ("intra", "inter")
+KINDS = COLLECTIVE_KINDS  # the collective kinds the planner costs
 # Computations timed apart (time.<kind>, runs/records.py COMPUTE_TIMES), each priced at a rate of
 # its own: the Terms field with its FLOPs, the Constants (and cluster.calibration) key of its rate.
 TYPED = {

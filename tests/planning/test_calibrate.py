@@ -544,3 +544,54 @@ def test_an_existing_calibration_is_replaced_only_with_force(tmp_path, capsys):
         assert "gbps:" in out.read_text()
     finally:
         out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("cluster.calibration.flops_per_s=0", "cluster.calibration.flops_per_s=0.0 must be a finite number > 0"),
+        ("cluster.calibration.expert_flops_per_s=-5e9", "expert_flops_per_s=-5000000000.0 must be a finite number > 0"),
+        ("cluster.calibration.optimizer_s_per_gb=-1", "optimizer_s_per_gb=-1.0 must be a finite number >= 0"),
+        ("cluster.calibration.step_overhead_s=-0.1", "step_overhead_s=-0.1 must be a finite number >= 0"),
+        ("cluster.calibration.bubble_factor=7", "bubble_factor=7.0 must be between 0 and 1"),
+        ("cluster.calibration.bubble_factor=-1", "bubble_factor=-1.0 must be between 0 and 1"),
+        ("+cluster.calibration.gbps.a2a_intra=0", "cluster.calibration.gbps.a2a_intra=0.0 must be a finite number > 0"),
+        ("+cluster.calibration.gbps.a2a_intra=-2", "gbps.a2a_intra=-2.0 must be a finite number > 0"),
+        ("+cluster.calibration.latency_us.tp_inter=-3", "latency_us.tp_inter=-3.0 must be a finite number >= 0"),
+        ("+cluster.calibration.gbps.a2a_itnra=1", "gbps.a2a_itnra is no collective: keys are <kind>_<link>"),
+        ("+cluster.calibration.latency_us.a2a=1", "latency_us.a2a is no collective"),
+    ],
+)
+def test_impossible_planner_constants_are_refused_in_one_line(override, needle):
+    """A rate of 0 fell back to the prior, a negative one priced negative steps that ranked first,
+    a bandwidth of 0 divided by zero, a misspelled collective was ignored."""
+    from moemesh.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_run(["cluster.gpus=4", override])
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    if "itnra" in override:
+        assert str(err.value).endswith("did you mean a2a_intra?")
+
+
+def test_constants_a_plan_would_refuse_are_not_written(tmp_path, capsys):
+    """A benchmark whose larger message was timed faster fits an infinite bandwidth: calibrate.py
+    says so in one line, exit 2, and writes nothing."""
+    import json
+
+    from scripts import calibrate
+
+    rows = [{"kind": "a2a", "n": 2, "bytes": b, "sent": b, "s": s} for b, s in ((2**16, 2e-3), (2**22, 1e-3))]
+    bench = tmp_path / "comm.json"
+    bench.write_text(json.dumps({"results": rows}))
+    name = f"test-inf-{tmp_path.name}"
+    out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    try:
+        with pytest.raises(SystemExit) as e:
+            calibrate.main(["--calibrate-from", str(bench), "--name", name])
+        assert not out.exists()
+    finally:
+        out.unlink(missing_ok=True)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert f"--name {name}: nothing written" in err and "gbps.a2a_intra=inf must be a finite number > 0" in err
