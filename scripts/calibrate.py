@@ -35,8 +35,9 @@ import dataclasses
 import re
 import statistics
 import sys
+import typing
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypedDict
 
 import yaml
 
@@ -45,11 +46,12 @@ sys.path.insert(0, str(ROOT))  # the repository: moemesh without pip install
 
 from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
-from moemesh.errors import ConfigError  # noqa: E402
+from moemesh.errors import ConfigError, first_line  # noqa: E402
 from moemesh.parallel.dims import ParallelDims, layout_name  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning.cost import plan_one  # noqa: E402
-from moemesh.runs.reader import read_json  # noqa: E402
+from moemesh.runs.reader import MAX_OVERRIDES_BYTES, conform, read_json  # noqa: E402
+from moemesh.untrusted import read_bounded  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -64,23 +66,112 @@ class Job:
     sweep: str = ""
 
 
+class _LayoutJob(TypedDict, total=False):
+    """A job of layouts.json (the layout sweeper writes it) as calibrate.py reads it."""
+
+    dir: str
+    overrides: list[str]
+    dims: dict[str, int]
+    phases: dict[str, float | None]  # a run's median time.* (None: a phase it did not time)
+
+
+class _BenchRow(TypedDict, total=False):
+    """A result of scripts/bench_comm.py --out."""
+
+    kind: str
+    n: int
+    bytes: float
+    sent: float  # the bytes that left the timed rank (an All-to-All's own split)
+    s: float
+    link: str
+
+
+def _wrong_types(value, kind) -> list[str]:
+    """The keys of dict ``value`` that do not hold the type ``kind`` gives them (runs.reader.conform's
+    rules: finite numbers, no bools), or ["the whole"] where it is no dict."""
+    if not isinstance(value, dict):
+        return ["the whole"]
+    kept = conform(value, kind)
+    hints = typing.get_type_hints(kind)
+    return [k for k in value if k in hints and (k not in kept or kept[k] != value[k])]
+
+
+def _job_problem(j) -> str | None:
+    """Why a finished job of layouts.json cannot be calibrated on, or None."""
+    wrong = _wrong_types(j, _LayoutJob)
+    if wrong:
+        return f"{', '.join(wrong)} of the wrong type (dir a string, dims whole numbers, phases finite seconds)"
+    missing = [k for k in ("dir", "dims") if k not in j]
+    if missing:
+        return f"no {' or '.join(missing)}"
+    axes = [f.name for f in dataclasses.fields(ParallelDims)]
+    if set(j["dims"]) - set(axes):
+        return f"dims {j['dims']}: keys are {', '.join(axes)}"
+    try:
+        ParallelDims(**j["dims"])
+    except ValueError as err:
+        return f"dims {j['dims']}: {first_line(err)}"
+    negative = [f"{k}={v}" for k, v in j["phases"].items() if v is not None and v < 0]
+    if negative:
+        return f"negative phase times ({', '.join(negative)})"
+    return None
+
+
+def _overrides(job_dir: Path, j: dict) -> list[str]:
+    """The job's overrides: its .hydra/overrides.yaml (bounded), else layouts.json's; ValueError naming
+    a file that cannot be read as a list of strings."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        if "overrides" not in j:
+            raise ValueError(f"no {path} and no overrides in layouts.json")
+        return j["overrides"]
+    try:
+        data = yaml.safe_load(read_bounded(path, MAX_OVERRIDES_BYTES, error=ValueError))
+    except (yaml.YAMLError, RecursionError) as err:  # a !!python/object tag: ConstructorError
+        raise ValueError(f"{path} is not plain YAML ({first_line(err)})") from None
+    if not isinstance(data, list) or not all(isinstance(o, str) for o in data):
+        raise ValueError(f"{path} holds no list of overrides (strings)")
+    return data
+
+
+def _sweep_jobs(sweep: Path) -> tuple[list[tuple[int, dict]], str]:
+    """layouts.json's finished jobs that can be calibrated on, with their index (each other one is
+    named on stderr and skipped), and the device they ran on; ValueError for a file without a list of jobs."""
+    path = sweep / "layouts.json"
+    if not path.is_file():
+        raise ValueError(f"{sweep}: no layouts.json (run a layout sweep: python train.py -m hydra/sweeper=layouts)")
+    record = read_json(path)
+    jobs, device = record.get("jobs"), record.get("device", "cpu")
+    if not isinstance(jobs, list) or not isinstance(device, str):
+        raise ValueError(f"{path}: no list of jobs and device name (the layout sweeper writes them)")
+    kept = []
+    for i, j in enumerate(jobs):
+        if isinstance(j, dict) and (j.get("error") or not j.get("phases")):
+            continue  # failed or unfinished
+        problem = "not a JSON object" if not isinstance(j, dict) else _job_problem(j)
+        if problem:
+            print(f"calibrate.py: {path}: job {i}: {problem}; skipped", file=sys.stderr)
+        else:
+            kept.append((i, j))
+    return kept, device
+
+
 def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
-    """Every finished job of these sweeps, planned again; ValueError naming what is missing."""
+    """Every finished job of these sweeps, planned again; ValueError naming what is missing. A job
+    whose record or overrides cannot be read is named on stderr and skipped."""
     jobs = []
     for sweep in sweeps:
-        path = sweep / "layouts.json"
-        if not path.is_file():
-            raise ValueError(f"{sweep}: no layouts.json (run a layout sweep: python train.py -m hydra/sweeper=layouts)")
-        record = read_json(path)
-        for j in record["jobs"]:
-            if j.get("error") or not j.get("phases"):
-                continue
+        records, device = _sweep_jobs(sweep)
+        for i, j in records:
             job_dir = Path(j["dir"])
             if not job_dir.is_dir():  # the sweep directory was moved or copied: its own subdirectory
                 job_dir = sweep / job_dir.name
-            overrides_file = job_dir / ".hydra" / "overrides.yaml"
-            overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else j["overrides"]
-            run = compose_run([*overrides, f"trainer.device={record.get('device', 'cpu')}"])
+            try:
+                overrides, phases = _overrides(job_dir, j), _phases(j["phases"], job_dir)
+            except ValueError as err:
+                print(f"calibrate.py: {sweep / 'layouts.json'}: job {i}: {err}; skipped", file=sys.stderr)
+                continue
+            run = compose_run([*overrides, f"trainer.device={device}"])
             uncalibrated = dataclasses.replace(
                 run, cluster=dataclasses.replace(run.cluster, calibration=CalibrationConfig())
             )
@@ -93,7 +184,7 @@ def load_jobs(sweeps: list[Path], options: cal.PlannerOptions) -> list[Job]:
                     f"{layout_name(dims)}" + (f" ({sweep.name})" if len(sweeps) > 1 else ""),
                     p.terms,
                     p.stage_terms,
-                    _phases(j["phases"], job_dir),
+                    phases,
                     p.step_s,
                     cal.cluster_constants(uncalibrated.cluster, options),
                     run.cluster.name,
@@ -294,8 +385,24 @@ def write_fields(name: str, base: str, fields: dict, sources: list[Path], note: 
 
 def _bench(path: Path) -> tuple[dict, frozenset[str]]:
     """scripts/bench_comm.py's output as calibration fields, and their names (fixed in a fit);
-    ValueError naming --calibrate-from for a file that cannot be read."""
-    fitted = cal.constants_from_bench(read_json(path)["results"])
+    ValueError naming --calibrate-from for a file that cannot be read or a result that is no timing."""
+    try:
+        results = read_json(path).get("results")
+    except ValueError as err:
+        raise ValueError(f"--calibrate-from: {err}") from None
+    if not isinstance(results, list):
+        raise ValueError(f"--calibrate-from {path}: no list of results (scripts/bench_comm.py --out writes one)")
+    for i, row in enumerate(results):
+        wrong = [f"{k} of the wrong type" for k in _wrong_types(row, _BenchRow)]
+        if not wrong and not all(k in row for k in ("kind", "n", "bytes", "s")):
+            wrong = ["kind, n, bytes or s missing"]
+        if not wrong and not (row["n"] >= 1 and row["bytes"] >= 0 and row.get("sent", 0) >= 0 and row["s"] > 0):
+            wrong = [f"n={row['n']}, bytes={row['bytes']}, sent={row.get('sent')}, s={row['s']} out of range"]
+        if not wrong and row.get("link", "intra") not in cal.LINKS:
+            wrong = [f"link={row['link']!r} (intra or inter)"]
+        if wrong:
+            raise ValueError(f"--calibrate-from {path}: results[{i}] is no timing ({', '.join(wrong)})")
+    fitted = cal.constants_from_bench(results)
     # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not
     # go into YAML).
     fields = {part: {k: float(f"{float(v):.6g}") for k, v in fitted[part].items()} for part in ("gbps", "latency_us")}

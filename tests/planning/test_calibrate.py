@@ -595,3 +595,107 @@ def test_constants_a_plan_would_refuse_are_not_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert f"--name {name}: nothing written" in err and "gbps.a2a_intra=inf must be a finite number > 0" in err
+
+
+def _mended(sweep: Path, mend) -> Path:
+    """``sweep`` with ``mend`` applied to its layouts.json record (a dict), in place."""
+    import json
+
+    path = sweep / "layouts.json"
+    record = json.loads(path.read_text())
+    mend(record)
+    path.write_text(json.dumps(record))
+    return sweep
+
+
+def _set(*keys_value):
+    """A mend that sets record[k0][k1]...[kn] = value."""
+
+    def mend(record):
+        *keys, last, value = keys_value
+        for k in keys:
+            record = record[k]
+        record[last] = value
+
+    return mend
+
+
+@pytest.mark.parametrize(
+    ("mend", "hydra_overrides", "needle"),
+    [
+        (lambda r: r["jobs"][0].pop("dir"), None, "no dir"),
+        (_set("jobs", 0, "dims", "zz", 1), None, "keys are dp, ep, tp, pp"),
+        (_set("jobs", 0, "dims", "dp4"), None, "dims of the wrong type"),
+        (_set("jobs", 0, "dims", "dp", 0), None, "parallel.data_parallel_size=0 must be a positive integer"),
+        (_set("jobs", 0, "phases", "forward", "1"), None, "phases of the wrong type"),
+        (_set("jobs", 0, "phases", "step", float("nan")), None, "phases of the wrong type"),
+        (_set("jobs", 0, "phases", "optimizer", -1.0), None, "negative phase times (optimizer=-1.0)"),
+        (None, "- 5\n", "overrides.yaml holds no list of overrides (strings)"),
+        (None, "null\n", "overrides.yaml holds no list of overrides (strings)"),
+        (None, "- !!python/object:os.system {}\n", "overrides.yaml is not plain YAML (could not determine a"),
+        (None, "BIG", "overrides.yaml is 1,048,579 bytes, more than the 1,048,576 allowed"),
+    ],
+)
+def test_a_job_whose_record_cannot_be_read_is_named_and_skipped(tmp_path, capsys, mend, hydra_overrides, needle):
+    """Each of these was a traceback (or, for a NaN step, a fit that printed "max nan%" and wrote)."""
+    from scripts import calibrate
+
+    sweep = _fake_sweep(tmp_path, 16)
+    if mend:
+        _mended(sweep, mend)
+    if hydra_overrides:
+        if hydra_overrides == "BIG":  # past runs.reader.MAX_OVERRIDES_BYTES
+            hydra_overrides = "- " + "x" * (1 << 20) + "\n"
+        first = sorted(sweep.glob("0_*"))[0]
+        (first / ".hydra" / "overrides.yaml").write_text(hydra_overrides)
+    good = len(calibrate.load_jobs([_fake_sweep(tmp_path, 16, name="good")], ARGS))
+    capsys.readouterr()
+    jobs = calibrate.load_jobs([sweep], ARGS)
+    err = capsys.readouterr().err.strip()
+    assert len(jobs) == good - 1
+    assert err.startswith(f"calibrate.py: {sweep / 'layouts.json'}: job 0: ") and err.endswith("; skipped"), err
+    assert needle in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("mend", "needle"),
+    [
+        (lambda r: r.pop("jobs"), "layouts.json: no list of jobs and device name"),
+        (_set("jobs", "abc"), "layouts.json: no list of jobs and device name"),
+        (_set("jobs", [1, 2]), "0 finished job(s) in"),
+    ],
+)
+def test_a_sweep_without_usable_jobs_ends_in_one_line_and_exit_2(tmp_path, capsys, mend, needle):
+    from scripts import calibrate
+
+    sweep = _mended(_fake_sweep(tmp_path, 16), mend)
+    with pytest.raises(SystemExit) as e:
+        calibrate.main([str(sweep)])
+    assert e.value.code == 2 and needle in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (None, "--calibrate-from: {path}: No such file or directory"),
+        ("[]", "holds a list, not a JSON object"),
+        ("{}", "--calibrate-from {path}: no list of results"),
+        ('{"results": "abc"}', "--calibrate-from {path}: no list of results"),
+        ('{"results": [5]}', "results[0] is no timing (the whole of the wrong type)"),
+        ('{"results": [{"kind": "a2a", "n": 2, "bytes": 8, "s": "x"}]}', "results[0] is no timing (s of the wrong"),
+        ('{"results": [{"kind": "a2a", "n": 2, "bytes": 8}]}', "results[0] is no timing (kind, n, bytes or s missing)"),
+        ('{"results": [{"kind": "a2a", "n": 2, "bytes": 8, "s": -0.1}]}', "s=-0.1 out of range"),
+        ('{"results": [{"kind": "a2a", "n": 2, "bytes": 8, "s": NaN}]}', "s of the wrong type"),
+        ('{"results": [{"kind": "a2a", "n": 2, "bytes": 8, "s": 1, "link": "x"}]}', "link='x' (intra or inter)"),
+    ],
+)
+def test_a_benchmark_file_that_is_no_timings_ends_in_one_line_and_exit_2(tmp_path, capsys, text, needle):
+    from scripts import calibrate
+
+    path = tmp_path / "comm.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--calibrate-from", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and needle.format(path=path) in err, err
