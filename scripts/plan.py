@@ -185,8 +185,9 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _arguments(argv: list[str]) -> tuple[argparse.Namespace, PlannerOptions]:
+    """The command line, and the planner's priors from it; exit 2 in one line for a gone flag or
+    a prior that prices no step."""
     gone = gone_flag(argv)
     if gone:
         print(gone, file=sys.stderr)
@@ -195,7 +196,9 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed_4096 cluster.gpus=16")
-    ap.add_argument("--mfu", type=float, default=PlannerOptions.mfu, help="model FLOP utilisation assumed for compute")
+    ap.add_argument(
+        "--mfu", type=float, default=PlannerOptions.mfu, help="model FLOP utilisation assumed for compute, in (0, 1]"
+    )
     ap.add_argument(
         "--peak-flops", type=float, default=PlannerOptions.peak_flops, help="per GPU, when cluster.peak_flops is unset"
     )
@@ -203,6 +206,15 @@ def main(argv=None) -> None:
     ap.add_argument("--command", type=int, metavar="N", help="print only row N's train.py command")
     ap.add_argument("--png", metavar="FILE")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    try:
+        return args, PlannerOptions(mfu=args.mfu, peak_flops=args.peak_flops)
+    except ValueError as err:
+        print(f"moemesh: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv=None) -> None:
+    args, options = _arguments(sys.argv[1:] if argv is None else list(argv))
     try:
         run = compose_run(args.overrides)
     except ConfigError as err:
@@ -214,7 +226,6 @@ def main(argv=None) -> None:
         )
         raise SystemExit(2)
     t0 = time.perf_counter()
-    options = PlannerOptions(mfu=args.mfu, peak_flops=args.peak_flops)
     valid, invalid = make_plan(run, gpus, options)
     if args.command is not None:
         if not 1 <= args.command <= len(valid):

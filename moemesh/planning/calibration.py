@@ -68,6 +68,14 @@ class PlannerOptions:
     mfu: float = 0.4
     peak_flops: float = 989e12
 
+    def __post_init__(self) -> None:
+        # A rate of 0 divided by zero, a negative one priced negative steps that ranked first,
+        # NaN ranked first too: ValueError naming the flag.
+        if not (math.isfinite(self.mfu) and 0 < self.mfu <= 1):
+            raise ValueError(f"--mfu {self.mfu}: must be a number in (0, 1] (a share of the peak FLOP/s)")
+        if not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ValueError(f"--peak-flops {self.peak_flops}: must be a finite number > 0 (FLOP/s per GPU)")
+
 
 KINDS = COLLECTIVE_KINDS  # the collective kinds the planner costs
 # Computations timed apart (time.<kind>, runs/records.py COMPUTE_TIMES), each priced at a rate of

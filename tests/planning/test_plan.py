@@ -445,6 +445,27 @@ def test_a_png_that_cannot_be_written_is_one_line(tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "valid"),
+    [
+        ("--mfu", "0", "a number in (0, 1]"),
+        ("--mfu", "-0.5", "a number in (0, 1]"),
+        ("--mfu", "nan", "a number in (0, 1]"),
+        ("--mfu", "1.5", "a number in (0, 1]"),
+        ("--peak-flops", "0", "a finite number > 0"),
+        ("--peak-flops", "-1e15", "a finite number > 0"),
+        ("--peak-flops", "nan", "a finite number > 0"),
+    ],
+)
+def test_a_compute_prior_that_prices_no_step_is_one_line_and_exit_2(flag, value, valid, capsys):
+    """0 divided by zero; a negative or NaN rate priced steps that ranked first."""
+    with pytest.raises(SystemExit) as exit_:
+        plan.main([*SEED, f"{flag}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert err.startswith(f"moemesh: {flag} {float(value)}: must be {valid}"), err
+
+
 def test_the_modes_are_the_training_keys_and_the_command_carries_them(capsys):
     """Sharding and checkpointing come from the config keys train.py reads; the command repeats them."""
     over = [*SEED, "parallel.sharding=zero3", "trainer.activation_checkpointing=full"]
