@@ -221,12 +221,12 @@ def main(argv=None) -> None:
         refuse(err)
     gpus = run.cluster.gpus
     if not gpus or gpus < 1:
-        print(
-            "moemesh: config error: cluster.gpus must be set to a positive count, e.g. cluster.gpus=16", file=sys.stderr
-        )
-        raise SystemExit(2)
+        refuse("cluster.gpus must be set to a positive count, e.g. cluster.gpus=16")
     t0 = time.perf_counter()
-    valid, invalid = make_plan(run, gpus, options)
+    try:
+        valid, invalid = make_plan(run, gpus, options)
+    except ConfigError as err:  # more GPUs than the planner splits (cost.MAX_GPUS)
+        refuse(err)
     if args.command is not None:
         if not 1 <= args.command <= len(valid):
             print(

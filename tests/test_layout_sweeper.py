@@ -52,6 +52,17 @@ def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, override, me
     assert not sweep.exists()
 
 
+@pytest.mark.slow
+def test_more_gpus_than_the_planner_splits_is_one_line(tmp_path):
+    """cluster.gpus=2^40 scanned every integer up to it (killed at 40 s): now refused at once."""
+    sweep = tmp_path / "sweep"
+    proc = _train("-m", "hydra/sweeper=layouts", "cluster.gpus=1099511627776", f"hydra.sweep.dir={sweep}", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "moemesh: config error: cluster.gpus=1099511627776 is more than the planner splits (1,048,576, 2^20)"
+    ], proc.stderr
+    assert not sweep.exists()
+
+
 def _expected_order(top: int) -> list[str]:
     run = compose_run([*SMALL, "cluster.gpus=4", "trainer.device=cpu"])
     valid, _ = make_plan(run, 4)

@@ -47,7 +47,7 @@ from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
 from moemesh.fields import Device
 from moemesh.planning import search
-from moemesh.planning.cost import SPLIT_KEYS, make_plan, plan_one, train_command, with_dims, with_schedule
+from moemesh.planning.cost import SPLIT_KEYS, check_gpus, make_plan, plan_one, train_command, with_dims, with_schedule
 from moemesh.runs.steady import WARMUP_RECORDS
 
 
@@ -145,6 +145,7 @@ class LayoutSweeper(Sweeper):
         run = to_run_config(OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
         try:
             s = search.settings(**{k: _plain(v) for k, v in self.keys.items()}, steps=run.trainer.steps)
+            check_gpus(run.cluster.gpus or 0)  # no more than the planner splits (cost.MAX_GPUS)
         except ConfigError as err:
             _refuse(str(err))
         gpus = run.cluster.gpus

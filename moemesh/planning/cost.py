@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from dataclasses import dataclass
 
 from moemesh.config.schema import RunConfig
@@ -98,15 +97,36 @@ class _StageWork:
     recompute: Flops  # what activation checkpointing adds to the work (before the bubble's stretch)
 
 
+# The most GPUs the planner splits: beyond any cluster built (the largest train on ~10^5), and
+# planned in about a second (a count of 2^20 has 1,771 splits; time grows with the splits).
+MAX_GPUS = 1 << 20
+
+
+def check_gpus(gpus: int) -> None:
+    """ConfigError naming cluster.gpus for a count the planner does not split."""
+    if gpus > MAX_GPUS:
+        raise ConfigError(f"cluster.gpus={gpus} is more than the planner splits ({MAX_GPUS:,}, 2^20)")
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending (trial division up to sqrt(n))."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
 def splits(gpus: int):
-    """Every (dp, ep, tp, pp) whose product is ``gpus``."""
-    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
-    for pp in divisors:
-        for tp in divisors:
-            for ep in divisors:
-                rest, rem = divmod(gpus, pp * tp * ep)
-                if rem == 0 and rest >= 1:
-                    yield ParallelDims(dp=rest, ep=ep, tp=tp, pp=pp)
+    """Every (dp, ep, tp, pp) whose product is ``gpus``: pp, then tp, then ep ascending."""
+    for pp in divisors(gpus):
+        for tp in divisors(gpus // pp):
+            for ep in divisors(gpus // (pp * tp)):
+                yield ParallelDims(dp=gpus // (pp * tp * ep), ep=ep, tp=tp, pp=pp)
 
 
 def a2a_bytes(
@@ -121,10 +141,11 @@ def a2a_bytes(
 @functools.cache  # the planner asks each split's groups several times
 def _crosses(dims: ParallelDims, axes, gpus_per_node: int) -> bool:
     """Whether the group along ``axes`` that holds rank 0 spans nodes (groups are translates
-    of each other under the rank order, so one answers for all)."""
-    ranges = [range(dims.size(a)) if a in axes else range(1) for a in MESH_AXES]
-    group = [dims.rank_of(dict(zip(MESH_AXES, c, strict=True))) for c in itertools.product(*ranges)]
-    return len({r // gpus_per_node for r in group}) > 1
+    of each other under the rank order, so one answers for all). Rank 0 sits on node 0, and a
+    rank grows with each coordinate (row-major), so the group spans nodes exactly when its
+    highest rank, every axis of the group at its last index, is off node 0."""
+    last = {a: dims.size(a) - 1 if a in axes else 0 for a in MESH_AXES}
+    return dims.rank_of(last) >= gpus_per_node
 
 
 def _sync_cost(
@@ -351,9 +372,11 @@ def compute_bytes(run: RunConfig) -> int:
 def make_plan(
     run: RunConfig, gpus: int, options: PlannerOptions | None = None, schedules: tuple[str, ...] = ()
 ) -> tuple[list[Plan], list[Plan]]:
-    """(valid splits ranked: fitting ones by step time, then the rest; invalid ones). With
+    """(valid splits ranked: fitting ones by step time, then the rest; invalid ones); ConfigError
+    for more than MAX_GPUS. With
     ``schedules``, each split with pp > 1 is planned once per schedule (a pipeline schedule is
     then a dimension of the search, as the layout sweeper's ``hydra.sweeper.schedules``)."""
+    check_gpus(gpus)
     plans = [
         plan_one(with_schedule(run, s), d, options)
         for d in splits(gpus)

@@ -303,6 +303,61 @@ def test_a_1024_gpu_plan_with_256_experts_takes_under_2_seconds():
     assert time.perf_counter() - t0 < 30
 
 
+def test_splits_are_every_ordered_factorisation_in_the_planners_order():
+    """Divisors by trial division up to the square root: the same splits, in the same order, as
+    scanning every integer up to the count (which took minutes at 2^40)."""
+    for gpus in (1, 7, 12, 16, 36, 720, 1024):
+        brute = (
+            [
+                ParallelDims(dp=gpus // (pp * tp * ep), ep=ep, tp=tp, pp=pp)
+                for pp in range(1, gpus + 1)
+                for tp in range(1, gpus + 1)
+                for ep in range(1, gpus + 1)
+                if gpus % (pp * tp * ep) == 0
+            ]
+            if gpus <= 36
+            else None
+        )
+        got = list(cost.splits(gpus))
+        assert all(d.world_size == gpus for d in got) and len(set(got)) == len(got)
+        assert [(d.pp, d.tp, d.ep) for d in got] == sorted((d.pp, d.tp, d.ep) for d in got)
+        if brute is not None:
+            assert got == brute
+    assert len(list(cost.splits(1 << 20))) == 1771  # C(23, 3): 20 factors of 2 over 4 axes
+
+
+def test_groups_cross_nodes_exactly_when_their_highest_rank_is_off_the_first():
+    """_crosses reads the group's highest rank instead of listing the group (65,536 GPUs took 22 s)."""
+    import itertools
+
+    from moemesh.parallel.dims import MESH_AXES
+
+    for dims in cost.splits(16):
+        for n in range(1, 5):
+            for axes in itertools.combinations(MESH_AXES, n):
+                group = {r for g in dims.groups(axes) if 0 in g for r in g}
+                for per_node in (1, 2, 4, 8, 16):
+                    assert cost._crosses(dims, axes, per_node) == (len({r // per_node for r in group}) > 1)
+
+
+@pytest.mark.parametrize("gpus", ["1048577", "1099511627776", "99999999999999999999"])
+def test_more_gpus_than_the_planner_splits_is_one_line_and_exit_2(gpus, capsys):
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(["model=seed_4096", f"cluster.gpus={gpus}"])
+    assert exit_.value.code == 2 and time.perf_counter() - t0 < 10
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moemesh: config error: cluster.gpus={gpus} is more than the planner splits (1,048,576, 2^20)"
+    ]
+
+
+def test_a_plan_at_the_cap_takes_seconds_not_minutes(capsys):
+    t0 = time.perf_counter()
+    plan.main(["model=seed_4096", "cluster.gpus=1048576", "trainer.global_batch_size=1048576", "--top", "1"])
+    assert "168 valid splits" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < 10  # 0.4 s here; 65,536 GPUs took 22 s before
+
+
 # README's seed scenario; SEED_MODES picks a sharding mode and a checkpointing setting.
 SEED = [
     "model=seed_4096",
