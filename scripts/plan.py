@@ -3,7 +3,8 @@
     python scripts/plan.py model=seed_4096 cluster.gpus=16
     python scripts/plan.py model=seed_4096 cluster.gpus=16 parallel.sharding=zero3 trainer.activation_checkpointing=full
     python scripts/plan.py model=seed_4096 cluster.gpus=16 cluster.gpus_per_node=4 cluster.inter_node_gbps=25
-    python scripts/plan.py model=seed_4096 cluster.gpus=1024 model.num_experts=256 --top 20 --png plan.png
+    python scripts/plan.py model=seed_4096 cluster.gpus=1024 model.num_experts=256 trainer.global_batch_size=4096 \\
+        --top 20 --png plan.png
     python scripts/plan.py model=seed_4096 cluster.gpus=16 --command 3   # row 3's train.py command
 
 Every option that changes what a rank holds is the training config's own key, so the plan
@@ -72,6 +73,7 @@ says which constants it used.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import time
@@ -167,14 +169,30 @@ def _png(valid: list[Plan], path: str, top: int) -> None:
 
 
 def _end_if_nothing_runs(valid: list, invalid: list, gpus: int) -> None:
-    """No split can run: one line naming the commonest reason, exit 1 (a script that plans sees it)."""
+    """No split can run: one line naming the commonest reason, exit 1 (a script that plans sees it).
+    Reasons are counted by the key their message starts with (each split's numbers differ: every
+    ``trainer.global_batch_size=16 must be divisible by ...`` names its own), one shown as example."""
     if valid:
         return
     from collections import Counter
 
-    reason, n = Counter(p.problem for p in invalid).most_common(1)[0] if invalid else ("no split considered", 0)
-    print(f"moemesh: no split of {gpus} GPUs can run this config ({n} of {len(invalid)}: {reason})", file=sys.stderr)
+    if not invalid:
+        print(f"moemesh: no split of {gpus} GPUs can run this config (no split considered)", file=sys.stderr)
+        raise SystemExit(1)
+    kinds = Counter(_reason_kind(p.problem) for p in invalid)
+    kind, n = kinds.most_common(1)[0]
+    example = next(p.problem for p in invalid if _reason_kind(p.problem) == kind)
+    print(
+        f"moemesh: no split of {gpus} GPUs can run this config ({n} of {len(invalid)} on {kind}, e.g. {example})",
+        file=sys.stderr,
+    )
     raise SystemExit(1)
+
+
+def _reason_kind(problem: str) -> str:
+    """What a split's problem is about: the key its message starts with (``model.num_kv_heads=8 must
+    be ...``: model.num_kv_heads)."""
+    return re.split(r"[=\s:]", problem, maxsplit=1)[0] or problem
 
 
 def _params(n: int) -> str:

@@ -491,6 +491,29 @@ def test_a_plan_where_no_split_can_run_ends_in_one_line_and_exit_1(capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("moemesh: no split of 3 GPUs can run this config (")
 
 
+def test_no_split_names_the_reason_most_splits_share_though_their_numbers_differ(capsys):
+    """198 of 286 splits fail on trainer.global_batch_size, each message with its own arithmetic;
+    counting exact strings named num_kv_heads (28 of 286)."""
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(["model=seed_4096", "cluster.gpus=1024", "model.num_experts=256", "--top", "1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and "\n" not in err
+    assert err.startswith(
+        "moemesh: no split of 1024 GPUs can run this config (198 of 286 on trainer.global_batch_size, "
+        "e.g. trainer.global_batch_size=16 must be divisible by"
+    ), err
+
+
+def test_the_docstrings_commands_plan(tmp_path, capsys, monkeypatch):
+    """Each example at the top of scripts/plan.py plans (the 1,024-GPU one needed a batch to split)."""
+    monkeypatch.chdir(tmp_path)  # --png plan.png lands here
+    commands = [l.strip() for l in plan.__doc__.replace("\\\n", "").splitlines() if "scripts/plan.py" in l]
+    assert len(commands) == 5
+    for command in commands:
+        plan.main(shlex.split(command.split("#")[0])[2:])
+    assert (tmp_path / "plan.png").is_file()
+
+
 def test_a_png_that_cannot_be_written_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         plan.main(["cluster.gpus=4", "--png", str(tmp_path / "no" / "p.png")])
