@@ -165,7 +165,7 @@ def _png(valid: list[Plan], path: str, top: int) -> None:
     ax.set_xlabel("estimated step time (s)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def _end_if_nothing_runs(valid: list, invalid: list, gpus: int) -> None:
@@ -222,8 +222,11 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, PlannerOptions]:
     )
     ap.add_argument("--top", type=int, default=25, help="rows shown (0: all); the seed's scenarios always are")
     ap.add_argument("--command", type=int, metavar="N", help="print only row N's train.py command")
-    ap.add_argument("--png", metavar="FILE")
+    ap.add_argument("--png", metavar="FILE", help="a bar chart of the rows shown, to FILE (ending in .png)")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    if args.png is not None and not args.png.lower().endswith(".png"):  # matplotlib would add or guess one
+        print(f"moemesh: --png {args.png}: name a .png file, e.g. --png plan.png", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return args, PlannerOptions(mfu=args.mfu, peak_flops=args.peak_flops)
     except ValueError as err:

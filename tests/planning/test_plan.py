@@ -544,6 +544,25 @@ def test_a_compute_prior_that_prices_no_step_is_one_line_and_exit_2(flag, value,
     assert err.startswith(f"moemesh: {flag} {float(value)}: must be {valid}"), err
 
 
+@pytest.mark.parametrize("name", ["plan.txt", "plan", ".", "plan.png/"])
+def test_a_png_not_named_png_is_refused_before_planning(tmp_path, capsys, monkeypatch, name):
+    """matplotlib wrote "plan" as plan.png (and a directory as DIR.png) while plan.py said "wrote
+    plan", and "plan.txt" was a ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(["cluster.gpus=4", "--png", name])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "" and list(tmp_path.iterdir()) == []
+    assert err.strip().splitlines() == [f"moemesh: --png {name}: name a .png file, e.g. --png plan.png"]
+
+
+def test_the_png_is_written_where_it_says(tmp_path, capsys):
+    path = tmp_path / "Plan.PNG"
+    plan.main(["cluster.gpus=4", "--png", str(path)])
+    assert capsys.readouterr().out.strip().endswith(f"wrote {path}")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["Plan.PNG"]
+
+
 def test_the_modes_are_the_training_keys_and_the_command_carries_them(capsys):
     """Sharding and checkpointing come from the config keys train.py reads; the command repeats them."""
     over = [*SEED, "parallel.sharding=zero3", "trainer.activation_checkpointing=full"]
