@@ -275,10 +275,27 @@ def test_a_fresh_run_into_a_run_directory_with_records_is_one_line_and_touches_n
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
     line = config_error_line(code, err)
-    assert f"{run_dir} holds another run's metrics.jsonl, which a fresh run would overwrite" in line
+    assert f"{run_dir} holds another run's metrics.jsonl, which this run would overwrite" in line
+    assert "resume=auto" not in line  # no checkpoint there to continue: resume=auto would overwrite them too
     assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in line
     assert line.startswith("moemesh: config error: job #0 (") == multirun
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("resume", ["auto", "elsewhere"])
+def test_a_resume_that_would_start_or_mix_records_beside_another_runs_is_one_line(
+    resume, tmp_path, monkeypatch, capsys
+):
+    """resume=auto with no checkpoint to continue starts fresh, and a checkpoint from another run
+    appends its steps after the first run's: either way the directory's records are lost or mixed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n')
+    given = "auto" if resume == "auto" else str(_fake_checkpoint(tmp_path / "other" / "checkpoints", 7))
+    code, _, err = refused_cli([f"hydra.run.dir={run_dir}", f"resume={given}"], tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    says = "which this run would overwrite" if resume == "auto" else "continues another run's checkpoint"
+    assert f"{run_dir} holds another run's metrics.jsonl" in line and says in line, line
 
 
 def test_a_rewind_into_a_directory_with_newer_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):

@@ -415,36 +415,46 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
 
 
 def _overwrites_a_run(job: Job, multirun: bool) -> str | None:
-    """What a job would lose by starting where another run's records are: a fresh run rewrites
-    its run directory's metrics.jsonl and summary.json; a run resumed from an older checkpoint
-    saves beside newer ones, which resume=auto (a requeue, the printed resume line) would take."""
+    """What a job would lose by starting where another run's records are: a run that starts its
+    records anew (fresh, or resume=auto with nothing to resume there) rewrites the run directory's
+    metrics.jsonl and summary.json, and one resumed from a checkpoint elsewhere mixes its records
+    with them; a run resumed from an older checkpoint saves beside newer ones, which resume=auto
+    (a requeue, the printed resume line) would take."""
     if job.job_dir is None or job.sweeper not in (None, "basic"):
         return None
-    run, run_dir = job.run, Path(str(job.job_dir))
+    run, run_dir, c = job.run, Path(str(job.job_dir)), job.run.checkpoint
     given = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if run.resume is None:
-        records = [name for name in ("metrics.jsonl", "summary.json") if (run_dir / name).is_file()]
-        if records and any((run_dir / name).stat().st_size for name in records):
-            return (
-                f"{run_dir} holds another run's {' and '.join(records)}, which a fresh run would overwrite; "
-                f"use {given}=<new dir>, or resume=auto to continue that run"
-            )
-        return None
-    if run.resume == "auto":
-        return None
-    c = run.checkpoint
     root = Path(c.dir) if c.dir else run_dir / "checkpoints"
-    if not root.is_dir() or not (c.every > 0 or c.save_final):
+    records = [name for name in ("metrics.jsonl", "summary.json") if _nonempty_file(run_dir / name)]
+    if not records and run.resume in (None, "auto"):
         return None
-    from moemesh.parallel.checkpoint import complete_checkpoints, resolve, step_of
+    from moemesh.parallel.checkpoint import complete_checkpoints, resolve, step_of  # torch: only when needed
 
-    chosen = resolve(run.resume, Path(run.resume))
+    own = complete_checkpoints(root)
+    chosen = resolve(run.resume, Path(run.resume)) if run.resume not in (None, "auto") else []
+    if records:
+        held = f"{run_dir} holds another run's {' and '.join(records)}"
+        if run.resume is None or (run.resume == "auto" and not own):
+            more = ", or resume=auto to continue that run" if own else ""
+            return f"{held}, which this run would overwrite; use {given}=<new dir>{more}"
+        if chosen and chosen[0].parent.resolve() != root.resolve():
+            return (
+                f"{held}: resume={run.resume} continues another run's checkpoint, whose records would mix with "
+                f"them; use {given}=<new dir>"
+            )
     step = step_of(chosen[0]) if chosen else None
-    newer = [p for p in complete_checkpoints(root) if step is not None and (step_of(p) or 0) > step]
-    if newer:
+    newer = [p for p in own if step is not None and (step_of(p) or 0) > step]
+    if newer and (c.every > 0 or c.save_final):
         return (
             f"resume={run.resume} is step {step}, but {root} holds {newer[-1].name}, newer: this run would save "
             f"beside it, and resume=auto (a requeue, a stopped run's resume line) would take it instead; save "
             f"this run elsewhere with checkpoint.dir=<new dir> (or move the newer checkpoints away)"
         )
     return None
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
