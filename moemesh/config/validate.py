@@ -118,7 +118,7 @@ def validate_run(run: RunConfig, launcher_world_size: int | None = None) -> Para
         _check_shardable(run, dims)
     overlap = run.parallel.comm_optimization
     routed = plan.micro_tokens // dims.tp  # the tokens one rank routes per forward (TP peers split them)
-    if overlap.all_to_all_overlap and overlap.overlap_chunks > routed:
+    if overlap.all_to_all_overlap and dims.ep > 1 and overlap.overlap_chunks > routed:  # ep 1: ignored (a warning)
         raise ConfigError(
             f"parallel.comm_optimization.overlap_chunks={overlap.overlap_chunks} must be <= the {routed} tokens "
             f"each rank routes per forward (micro_batch_size*trainer.seq_len/tp = {plan.micro_batch_size}*"

@@ -180,21 +180,24 @@ def check_fits_host(
             f"the {what} and micro-batches, more than its {host_bytes / 2**30:,.1f} GiB; set model.max_seq_len to "
             f"the longest sequence you train or evaluate on (trainer.seq_len={run.trainer.seq_len})"
         )
+    # The tables are named where they count, so that the parts printed add up to more than the host.
+    tables = f" and {rope / 2**30:,.1f} GiB for the rotary tables" if rope >= 2**30 / 20 else ""
     if act > state and state + rope <= host_bytes:  # the batch is what does not fit
         t = run.trainer
         plan = batch_plan(run)
         kind = "activations and token ids" if device_type == "cpu" else "token ids"
         raise ConfigError(
             f"trainer.global_batch_size={t.global_batch_size} (a micro-batch of {plan.micro_batch_size:,} x "
-            f"{t.seq_len} tokens per data rank, {plan.micro_steps} micro-step(s)) needs {act / 2**30:,.1f} GiB of this "
-            f"machine's memory for its {kind} on {ranks} rank(s), plus {state / 2**30:,.1f} GiB for {what}, more than "
-            f"its {host_bytes / 2**30:,.1f} GiB; use a smaller trainer.global_batch_size or trainer.seq_len, or more "
+            f"{t.seq_len} tokens per data rank, {plan.micro_steps} micro-step(s)) needs {act / 2**30:,.1f} GiB of "
+            f"this machine's memory for its {kind} on {ranks} rank(s), plus {state / 2**30:,.1f} GiB for {what}"
+            f"{tables}, more than its {host_bytes / 2**30:,.1f} GiB; use a smaller trainer.global_batch_size or "
+            "trainer.seq_len, or more "
             "trainer.micro_steps (scripts/plan.py sizes a layout)"
         )
     raise ConfigError(
         f"model={run.model.name} ({_largest_part(run)}) needs {state / 2**30:,.1f} GiB of this machine's memory for "
         f"{what} ({params:,} parameters on its {ranks} rank(s) x {per_param} bytes, plus "
-        f"{act / 2**30:,.1f} GiB for the micro-batches), more than its {host_bytes / 2**30:,.1f} GiB; use a "
+        f"{act / 2**30:,.1f} GiB for the micro-batches{tables}), more than its {host_bytes / 2**30:,.1f} GiB; use a "
         "smaller model, or spread the layout over more machines (scripts/plan.py sizes one)"
     )
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -338,6 +340,24 @@ def test_what_does_not_fit_is_named_by_its_key(override, says):
     assert says in str(err.value) and "trainer.global_batch_size" not in str(err.value).split("needs")[0]
 
 
+def test_the_parts_a_refusal_prints_add_up_to_more_than_the_host():
+    """The rotary tables counted in the check but left out of the message made it say "needs 14.0
+    GiB ... plus 1.0 GiB ..., more than its 16.0 GiB"."""
+    from moemesh.launch.checks import check_fits_host, host_activation_bytes
+    from moemesh.moe.config import head_dim
+    from moemesh.moe.param_count import count_params
+
+    run = tiny_run(**{"model.max_seq_len": 4_000_000, "trainer.global_batch_size": 4096})
+    dims = validate_run(run)
+    state = count_params(run.model, dims).total * 16
+    act, rope = host_activation_bytes(run, dims, "cpu")[0], 3 * 4_000_000 * (head_dim(run.model) // 2) * 4
+    assert act > state and rope < act  # the batch is blamed
+    with pytest.raises(ConfigError) as err:
+        check_fits_host(run, dims, ranks_here=None, host_bytes=state + act + rope - 1, device_type="cpu")
+    gib = [float(x.replace(",", "")) for x in re.findall(r"([\d,]+\.\d) GiB", str(err.value))]
+    assert "GiB for the rotary tables" in str(err.value) and sum(gib[:-1]) > gib[-1] - 0.15, str(err.value)
+
+
 def test_max_seq_len_past_fp32_positions_is_refused():
     with pytest.raises(ConfigError, match=r"model.max_seq_len=16777217 must be <= 16,777,216 \(2\^24\)"):
         to_run_config(_compose(["model.max_seq_len=16777217"]))
@@ -395,3 +415,13 @@ def test_integers_with_underscores_are_read_as_python_reads_them():
     for bad in ("3__0", "_30", "30_"):
         with pytest.raises(ConfigError, match=f"trainer.steps={bad}: expected an integer"):
             _run([f"trainer.steps={bad}"])
+
+
+def test_overlap_chunks_are_checked_only_where_the_overlap_runs():
+    """ep 1 has no All-to-All: the overlap is ignored there (a warning), so its chunk count is
+    not refused (a layout sweep setting the overlap for every job would fail its ep 1 jobs)."""
+    over = {"parallel.comm_optimization.all_to_all_overlap": True, "parallel.comm_optimization.overlap_chunks": 10**5}
+    validate_run(tiny_run(**over))
+    ep2 = {"parallel.name": "ep2", "parallel.expert_parallel_size": 2}
+    with pytest.raises(ConfigError, match=r"overlap_chunks=100000 must be <= the \d+ tokens each rank routes"):
+        validate_run(tiny_run(**over, **ep2))
