@@ -217,6 +217,15 @@ def _resume_line(argv: list[str], output_dir: str, job_overrides: list[str] | No
     return line if job_overrides is None else f"{line} (the sweep's later jobs did not start)"
 
 
+def _stop_message(stopped: list, steps: int, argv: list[str], output_dir: str, job, sweeper: str | None) -> str:
+    """The line a run a signal stopped ends with. A job of another sweeper than Hydra's basic one
+    (the layout search) gets no resume line: that sweeper says how to go on, the same command again."""
+    line = f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved"
+    if sweeper is not None and not sweeper.endswith(".BasicSweeper"):
+        return line
+    return f"{line}; resume with: {_resume_line(argv, output_dir, job)}"
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from moemesh.launch.checks import check_launcher
@@ -271,11 +280,8 @@ def main(cfg: DictConfig) -> float | None:
         # (A SLURM task leaves this to the launcher plugin, which requeues on the time limit.)
         steps = summary.get("start_step", 0) + summary.get("steps", 0)
         job = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
-        print(
-            f"moemesh: stopped by {'/'.join(stopped)} after step {steps}; checkpoint saved; resume with: "
-            f"{_resume_line(sys.argv[1:], output_dir, job)}",
-            file=sys.stderr,
-        )
+        sweeper = str(hc.sweeper.get("_target_", "")) if job is not None else None
+        print(_stop_message(stopped, steps, sys.argv[1:], output_dir, job, sweeper), file=sys.stderr)
         name = stopped[0] if stopped[0].startswith("SIG") else "SIGTERM"
         sys.exit(128 + int(getattr(signal, name, signal.SIGTERM)))
     return None if summary is None else summary.get("final_loss")

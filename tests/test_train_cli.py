@@ -189,3 +189,19 @@ def test_held_micro_steps_make_pp2_and_single_optimise_the_same_loss(tmp_path):
     assert proc.returncode == 0, proc.stderr
     single, pp2 = (read_metrics(tmp_path / "sweep" / d) for d in ("0_single", "1_pp2"))
     assert_same_run(single, pp2, "pp2", min_steps=2)
+
+
+def test_a_stopped_layout_sweep_job_leaves_the_resume_line_to_its_sweeper():
+    """The layout search prints "run the same command again"; a single-run resume line beside it
+    would give two different ways to go on. A basic sweep's job and a single run keep theirs."""
+    import train
+
+    basic = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    layouts = "hydra_plugins.moemesh_layouts.sweeper.LayoutSweeper"
+    job = ["parallel=dp2", "trainer.steps=50"]
+    line = train._stop_message(["SIGTERM"], 7, ["-m", *job], "/m/0_dp2", job, layouts)
+    assert line == "moemesh: stopped by SIGTERM after step 7; checkpoint saved"
+    line = train._stop_message(["SIGTERM"], 7, ["-m", *job], "/m/0_dp2", job, basic)
+    assert line.endswith("hydra.run.dir=/m/0_dp2 resume=auto (the sweep's later jobs did not start)")
+    line = train._stop_message(["SIGINT"], 7, job, "/r", None, None)
+    assert line.endswith("resume with: python train.py parallel=dp2 trainer.steps=50 hydra.run.dir=/r resume=auto")
