@@ -14,6 +14,7 @@ offline and says so in one line (``note``), which the loop prints.
 
 from __future__ import annotations
 
+import functools
 import netrc
 import os
 import re
@@ -32,27 +33,26 @@ from moemesh.errors import first_line
 from moemesh.parallel.dims import layout_name
 from moemesh.untrusted import read_bounded
 
-# A config key that names a credential, word by word (snake_case, kebab-case or camelCase), so
-# that hyperparameters with such a word inside (model.pad_token_id, model.max_ranks_per_token)
-# are logged: a part that is a secret's word, or "key"/"token" alone or after a word that makes
-# it one (api_key, auth_token, hf_token, private_key). Only free-form dicts (e.g.
-# cluster.slurm.additional_parameters) can hold such a key; the schema has none.
-_SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials"})
-_SECRET_WORDS |= {"apikey", "authtoken", "accesstoken"}
-_KEY_WORDS = frozenset({"key", "token", "auth"})
-_KEY_OWNERS = frozenset({"api", "access", "auth", "bearer", "hf", "wandb", "github", "gh", "private", "refresh"})
-_KEY_OWNERS |= {"session", "secret", "client", "oauth", "personal", "slack"}
+# Every key the schema defines is a setting and is logged (model.pad_token_id and
+# model.max_ranks_per_token hold "token" and are hyperparameters). A key the schema does not
+# define sits in a free-form dict (cluster.slurm.additional_parameters) and is left out when any
+# part of it looks like a credential's name: that test is broad, since such a dict can hold
+# anything (apitoken, secretkey, bot_token, mypassword).
+_CREDENTIAL = re.compile(r"key|token|secret|passw|passphrase|credential|auth|bearer|cookie", re.IGNORECASE)
 
 
 def is_secret_key(key: str) -> bool:
-    """Whether the dotted config key ``key`` names a credential (its value is never logged)."""
-    for part in key.split("."):
-        words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", part).lower().replace("-", "_").split("_")
-        if part.lower() in _KEY_WORDS or _SECRET_WORDS.intersection(words):
-            return True
-        if any(w in _KEY_WORDS and prev in _KEY_OWNERS for prev, w in zip(words, words[1:])):
-            return True
-    return False
+    """Whether the dotted config key ``key`` may name a credential (its value is never logged)."""
+    if key in _schema_keys():
+        return False
+    return any(_CREDENTIAL.search(part) for part in key.split("."))
+
+
+@functools.cache
+def _schema_keys() -> frozenset[str]:
+    from moemesh.config.schema import schema_keys
+
+    return frozenset(schema_keys())
 
 
 def has_credentials() -> bool:

@@ -278,6 +278,7 @@ def test_wandb_config_keeps_every_config_key_and_drops_credentials(overrides):
     assert {"model.max_ranks_per_token", "model.max_nodes_per_token", "model.pad_token_id"} <= set(every)
     assert set(every) <= set(flat_config(run, dims))
     credentials = {"api_key": "k", "hfToken": "t", "password": "p", "auth-token": "a", "secret": "s"}
+    credentials |= {"secretkey": "k", "apitoken": "t", "mypassword": "p", "bot_token": "t", "id_token": "t"}
     slurm = dataclasses.replace(run.cluster.slurm, additional_parameters={**credentials, "comment": "kept"})
     run = dataclasses.replace(run, cluster=dataclasses.replace(run.cluster, slurm=slurm))
     config = flat_config(run, dims)
