@@ -211,6 +211,10 @@ def test_values_a_dtype_cannot_hold_are_refused_and_leave_no_directory(tmp_path,
         model.layers["1"].attn.wo.weight[0, 0] = 1e5
 
     ckpt = _saved_at_step_0(tiny_run(), tmp_path / "big", edit=big)
+    nested = tmp_path / "new" / "a" / "out"  # its parents are made for it, and removed with it
+    assert export_hf.main([str(ckpt), "--out", str(nested), "--dtype", "fp16", "--max-shard-gb", "1e-6"]) == 2
+    assert not (tmp_path / "new").exists()
+    capsys.readouterr()
     out = tmp_path / "out"
     assert export_hf.main([str(ckpt), "--out", str(out), "--dtype", "fp16", "--max-shard-gb", "1e-6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -228,6 +232,8 @@ def test_values_a_dtype_cannot_hold_are_refused_and_leave_no_directory(tmp_path,
     # only a file from elsewhere holds them, and its message says so rather than blaming --dtype.
     from moemesh.interop.hf.export import _not_finite
 
+    says = _not_finite(ckpt, "k", "model.embed_tokens.weight", torch.tensor([1e5]), "fp16", "auto")
+    assert says.startswith("--dtype=auto (fp16, the source config's): model.embed_tokens.weight has values up to")
     t = torch.tensor([1.0, float("nan")])
     says = _not_finite(ckpt, "layers.0.attn.wq.weight", "model.layers.0.self_attn.q_proj.weight", t, "bf16")
     assert says == (

@@ -316,6 +316,7 @@ def export_checkpoint(
         else infer_family(cfg)
     )
     check_exportable(cfg, family)
+    given = dtype
     if dtype == "auto":
         dtype = _CONFIG_DTYPES.get(str((source or {}).get("dtype") or (source or {}).get("torch_dtype")), "fp32")
     if dtype not in DTYPES:
@@ -327,20 +328,21 @@ def export_checkpoint(
     except (TypeError, ValueError, KeyError) as err:  # the source config meta.json carries, refused by transformers
         first = first_line(err)
         raise ConfigError(f"checkpoint {path}: meta.json's hf.config makes no {family} config: {first}") from None
-    created = not out.exists()
+    made = [d for d in (out, *out.parents) if not d.exists()]  # the directories this export creates
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0)
+        return _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0, given)
     except BaseException:  # a refusal, a full disk, Ctrl-C: no half-written model directory stays
         try:
-            _remove_written(out, created)
+            _remove_written(out, made)
         except OSError:
             pass  # the export's own error is the one to report
         raise
 
 
-def _remove_written(out: Path, created: bool) -> None:
-    """Empty ``out`` (it was empty or absent when the export began) and remove it if the export made it."""
+def _remove_written(out: Path, made: list[Path]) -> None:
+    """Empty ``out`` (it was empty or absent when the export began) and remove the directories
+    the export made for it (``made``: ``out`` and its missing parents, innermost first)."""
     import shutil
 
     for child in out.iterdir():
@@ -348,11 +350,13 @@ def _remove_written(out: Path, created: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
-    if created:
-        out.rmdir()
+    for d in made:
+        d.rmdir()
 
 
-def _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0) -> ExportStats:
+def _write(
+    path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, max_shard_bytes, t0, given
+) -> ExportStats:
     """The body of export_checkpoint, once ``out`` exists: the tensors, config and tokenizer."""
     import torch.distributed.checkpoint as dcp
 
@@ -386,7 +390,7 @@ def _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, ma
             assert isinstance(ref, Ref) and ref.rows is None and ref.expert is None, (key, ref)
             cast = t.to(DTYPES[dtype])  # cast while contiguous, then transpose the (smaller) result
             if not torch.isfinite(cast).all():
-                raise ConfigError(_not_finite(path, key, ref.name, t, dtype))
+                raise ConfigError(_not_finite(path, key, ref.name, t, dtype, given))
             t = cast
             shards.add(ref.name, t.t().contiguous() if ref.transpose else t)
             n += 1
@@ -404,13 +408,15 @@ def _write(path, out, cfg, meta, family, origin, hf_config, dtype, tokenizer, ma
     return ExportStats(family, n, shards.written, files, time.perf_counter() - t0, copied, notes)
 
 
-def _not_finite(path: Path, key: str, name: str, t: torch.Tensor, dtype: str) -> str:
-    """Why a tensor cannot be written: inf/nan in the checkpoint, or values beyond ``dtype``'s range."""
+def _not_finite(path: Path, key: str, name: str, t: torch.Tensor, dtype: str, given: str = "") -> str:
+    """Why a tensor cannot be written: inf/nan in the checkpoint, or values beyond ``dtype``'s range
+    (``given``: the --dtype typed, auto when the source's config chose ``dtype``)."""
     if not torch.isfinite(t).all():
         return f"checkpoint {path}: {key} holds inf or nan values; export a checkpoint from before they appeared"
     top = float(t.abs().max())
+    flag = f"--dtype=auto ({dtype}, the source config's)" if given == "auto" else f"--dtype={dtype}"
     return (
-        f"--dtype={dtype}: {name} has values up to {top:.4g}, beyond {dtype}'s largest "
+        f"{flag}: {name} has values up to {top:.4g}, beyond {dtype}'s largest "
         f"({torch.finfo(DTYPES[dtype]).max:.4g}); write bf16 or fp32 instead"
     )
 
