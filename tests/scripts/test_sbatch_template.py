@@ -96,3 +96,21 @@ def test_a_requeued_attempt_resumes_its_own_checkpoint_not_the_one_given_at_subm
     proc, _ = _run(tmp_path, 0, args=["resume=/old/step_5"], restart_count=restart_count)
     assert proc.returncode == 0, proc.stderr
     assert _resume_args(tmp_path)[-1] == f"resume={last}"  # Hydra: the last override wins
+
+
+@pytest.mark.parametrize("restart_count", [0, 1])
+def test_no_key_is_given_twice_and_plus_spellings_count(tmp_path, restart_count):
+    """A key the user gives (resume=, cluster=mysite) was given again by the template: Hydra's
+    last-wins rule held, with a "given 2 times" warning on every submission. And ++checkpoint.dir=
+    was not read, so a requeue looked for its checkpoint in the wrong place."""
+    ckpt = tmp_path / "ckpts" / "step_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    user = ["cluster=mysite", "resume=/old/step_5", f"++checkpoint.dir={tmp_path / 'ckpts'}"]
+    proc, _ = _run(tmp_path, 0, args=user, restart_count=restart_count)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "run" / "srun-args").read_text().splitlines()
+    keys = [a.lstrip("+").split("=")[0] for a in args if "=" in a]
+    assert len(keys) == len(set(keys)), args
+    assert "cluster=mysite" in args and "cluster=slurm" not in args
+    assert _resume_args(tmp_path) == (["resume=auto"] if restart_count else ["resume=/old/step_5"])
