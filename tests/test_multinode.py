@@ -354,6 +354,12 @@ def test_slurm_job_on_two_hosts_survives_a_host_whose_link_goes_down(cluster, re
     _slurm_fault(cluster, reference, tmp_path, "link")
 
 
+def _with(base: list[str], extra) -> list[str]:
+    """``base`` with ``extra``'s keys replaced, not given twice (train.py warns about a repeated key)."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [*(b for b in base if b.split("=", 1)[0] not in keys), *extra]
+
+
 def _torchrun(c: Cluster, host: str, node_rank: int, rendezvous: list[str], run_dir: Path, *extra, env=None):
     cmd = c.on(
         host,
@@ -366,8 +372,7 @@ def _torchrun(c: Cluster, host: str, node_rank: int, rendezvous: list[str], run_
         "cluster=torchrun",
         f"cluster.interface={c.iface}",
         f"hydra.run.dir={run_dir}",
-        *RUN,
-        *extra,
+        *_with(RUN, extra),
     )
     return subprocess.Popen(
         cmd,
