@@ -289,6 +289,8 @@ def _launches(params):
     }
 
 
+@pytest.mark.slow  # one process, seconds: the fast tier keeps its 90 s bound
+@pytest.mark.shares_cores
 def test_kernels_match_reference_with_small_blocks():
     """Launch parameters are arguments: small blocks give the table's results (which the tests
     above hold to the references), exactly where nothing is summed in another order."""

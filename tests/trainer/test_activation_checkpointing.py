@@ -53,6 +53,8 @@ def _assert_same_run(ref, got, label, a2a=True):
             assert b["a2a"] == a["a2a"], (label, a["step"])
 
 
+@pytest.mark.slow  # one process, seconds: the fast tier keeps its 90 s bound
+@pytest.mark.shares_cores
 def test_single_process_modes_train_identically(tmp_path):
     paths = prepare_data(_cfg().data, seq_len=32, vocab_size=_cfg().model.vocab_size)
     torch.set_num_threads(2)

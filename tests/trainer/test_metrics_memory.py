@@ -125,6 +125,8 @@ def _traced_growth_per_1000(logger, make, n, first):
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # one process, seconds: the fast tier keeps its 90 s bound
+@pytest.mark.shares_cores
 def test_a_rank_without_the_file_keeps_bounded_memory_for_seed_model_records(tmp_path):
     """Ranks other than 0 write nothing; they kept every record. Seed model: 16 MoE layers, 64
     experts."""
