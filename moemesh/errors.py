@@ -27,3 +27,14 @@ def first_line(err: BaseException | str) -> str:
     if lines:
         return lines[0]
     return type(err).__name__ if isinstance(err, BaseException) else ""
+
+
+def cause_of(err: BaseException, kind: type[BaseException], depth: int = 16) -> BaseException | None:
+    """The first exception of ``kind`` among ``err``'s causes and contexts (not ``err`` itself),
+    followed at most ``depth`` links: libraries wrap the error that says what happened."""
+    seen: BaseException | None = err
+    for _ in range(depth):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None or isinstance(seen, kind):
+            return seen
+    return None

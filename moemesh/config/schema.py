@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moemesh import fields
 from moemesh.data.config import DataConfig
-from moemesh.errors import ConfigError, first_line
+from moemesh.errors import ConfigError, cause_of, first_line
 from moemesh.fields import (
     SEED_MAX,
     CommBackend,
@@ -559,12 +559,8 @@ def _from_config_json(err: ConfigError, cfg: Any) -> ConfigError:
 
 def _config_error_inside(err: BaseException) -> ConfigError | None:
     """The ConfigError a resolver raised, which OmegaConf wraps (as cause or context, maybe twice)."""
-    seen: BaseException | None = err
-    for _ in range(8):
-        seen = seen.__cause__ or seen.__context__ if seen is not None else None
-        if seen is None or isinstance(seen, ConfigError):
-            return seen
-    return None
+    found = cause_of(err, ConfigError, depth=8)
+    return found if isinstance(found, ConfigError) else None
 
 
 def _hf_field(key: str, *, _root_: Any) -> Any:

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moemesh.errors import cause_of
 from moemesh.parallel.checkpoint_files import FileRefused, read_file
 from moemesh.parallel.checkpoint_state import (
     entry_bytes,
@@ -141,12 +142,7 @@ def _in_chain(err: BaseException, kind: type[BaseException]) -> BaseException | 
             if found is not None:
                 return found
         return None
-    seen: BaseException | None = err
-    for _ in range(16):
-        seen = seen.__cause__ or seen.__context__ if seen is not None else None
-        if seen is None or isinstance(seen, kind):
-            return seen
-    return None
+    return cause_of(err, kind)
 
 
 def step_of(path: Path) -> int | None:
