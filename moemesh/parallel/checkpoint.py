@@ -262,6 +262,31 @@ def preflight(root: Path, state: dict, *, rank: int, run_dir: Path | None = None
     return need
 
 
+def space_warning(root: Path, need: int, *, keep: int, saves: int) -> str | None:
+    """A warning when ``root``'s disk holds the one checkpoint ``preflight`` checked but not
+    what this run's ``saves`` need at their peak: a save writes ``step_N.tmp`` beside the
+    ``keep`` kept ones (``keep=0`` keeps all) and prunes only after it, so at the last save
+    the directory holds min(keep, existing + saves - 1) + 1 checkpoints. None when they fit
+    (or the run saves at most once). ``need`` is one checkpoint's bytes."""
+    existing = len(complete_checkpoints(root)) if root.is_dir() else 0
+    held = existing + saves - 1
+    peak = (min(keep, held) if keep else held) + 1
+    more = peak - existing
+    if saves <= 1 or more <= 1:
+        return None
+    free = shutil.disk_usage(root if root.is_dir() else root.parent).free
+    if free >= more * need:
+        return None
+    fits = free // need + existing - 1  # the largest keep whose peak fits
+    remedy = f"set checkpoint.keep={fits} or free" if fits >= 1 else "free"
+    return (
+        f"checkpoint.dir {root}: {free / 2**20:.1f} MiB free holds one checkpoint of about "
+        f"{need / 2**20:.1f} MiB, but checkpoint.keep={keep} with {saves} saves needs {more} more at once "
+        f"({more * need / 2**20:.1f} MiB, the one being written included): a save after the disk fills "
+        f"fails with ENOSPC and keeps the last checkpoint; {remedy} {(more * need - free) / 2**20:.1f} MiB"
+    )
+
+
 def _previous(root: Path) -> str:
     kept = complete_checkpoints(root)
     return f"the last checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"

@@ -69,10 +69,12 @@ class Checkpointer:
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
 
-    def preflight(self, run_dir=None) -> int:
+    def preflight(self, run_dir=None) -> str | None:
         """Before the first step: the checkpoint directory (and the run directory) can be
         written and has room for one checkpoint; half-written ones are removed. A
-        CheckpointError naming the path otherwise. Returns one checkpoint's estimated bytes."""
+        CheckpointError naming the path otherwise. Returns a warning (or None) when the disk
+        holds one checkpoint but not the ``checkpoint.keep`` + 1 that the run's later saves
+        need at once (``checkpoint.space_warning``)."""
         # AdamW creates its moments at the first step: count them as the parameters' twins.
         moments = types.SimpleNamespace(
             state={
@@ -82,9 +84,12 @@ class Checkpointer:
         state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
         c = self.run.checkpoint
         fresh = self.run.resume is None and (c.every > 0 or c.save_final)  # a run that saves, from step 1
-        return checkpoint.preflight(
+        need = checkpoint.preflight(
             self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None, fresh=fresh
         )
+        steps = self.run.trainer.steps
+        saves = (steps // c.every if c.every else 0) + int(c.save_final and not (c.every and steps % c.every == 0))
+        return checkpoint.space_warning(self.root, need, keep=c.keep, saves=saves) if self.mesh.rank == 0 else None
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)

@@ -214,6 +214,49 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_not_as_a_failed_save(good_ch
     assert [p.name for p in checkpoint.complete_checkpoints(root)][-1] == "step_000003"
 
 
+def _peak_of_saves(existing: int, saves: int, keep: int) -> int:
+    """Checkpoints on disk at once, counted by saving and pruning as checkpoint.save does."""
+    on_disk, peak = existing, existing
+    for _ in range(saves):
+        peak = max(peak, on_disk + 1)  # the .tmp beside the kept ones
+        on_disk = min(on_disk + 1, keep) if keep else on_disk + 1
+    return peak
+
+
+@pytest.mark.parametrize(
+    "existing,saves,keep", [(0, 10, 3), (0, 2, 3), (0, 1, 3), (2, 5, 3), (3, 5, 3), (0, 6, 0), (1, 4, 1), (4, 3, 2)]
+)
+def test_the_space_warning_counts_the_checkpoints_a_run_holds_at_once(tmp_path, monkeypatch, existing, saves, keep):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    for step in range(1, existing + 1):
+        (root / f"step_{step:06d}").mkdir()
+    monkeypatch.setattr(checkpoint, "complete_checkpoints", lambda r: sorted(r.iterdir()))
+    more = _peak_of_saves(existing, saves, keep) - existing
+    need, real = 2**20, shutil.disk_usage
+    for room, warned in [(more * need, False), (more * need - 1, more > 1)]:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p, room=room: real(p)._replace(free=room))
+        line = checkpoint.space_warning(root, need, keep=keep, saves=saves)
+        assert (line is not None) == warned, (room, line)
+    if more > 1:
+        assert f"checkpoint.keep={keep} with {saves} saves needs {more} more at once" in line
+
+
+def test_a_disk_that_holds_one_checkpoint_but_not_keep_plus_one_is_warned_before_the_first_step(tmp_path, monkeypatch):
+    ckpt = kit.checkpointer(tmp_path / "ckpt", **{"trainer.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3})
+    sizes, sized = [], checkpoint.preflight
+    monkeypatch.setattr(checkpoint, "preflight", lambda *a, **k: sizes.append(sized(*a, **k)) or sizes[-1])
+    assert ckpt.preflight(tmp_path) is None  # this disk holds them
+    need, real = sizes[0], shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=int(2.5 * need)))
+    line = ckpt.preflight(tmp_path)
+    # Three saves with keep=3: the third is written beside two kept ones, three at once.
+    assert line and "checkpoint.keep=3 with 3 saves needs 3 more at once" in line, line
+    assert "set checkpoint.keep=1 or free" in line, line
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=int(4 * need)))
+    assert ckpt.preflight(tmp_path) is None
+
+
 def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_checkpoints, tmp_path):
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     (root / "step_000009.tmp").mkdir()
