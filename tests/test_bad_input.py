@@ -43,6 +43,10 @@ CASES = [
     (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),
     (["foo=1"], "foo: no such key"),
     (["+foo=1"], "foo: no such key"),
+    # the group itself is no guess for a key in it; a same-named key in another group is
+    (["+model.foo=1"], "model.foo: no such key; model has 40 keys: `python train.py --cfg job --package model`"),
+    (["trainer.capacity_factor=2"], "trainer.capacity_factor: no such key; did you mean model.capacity_factor?"),
+    (["checkpoint.foo=1"], "checkpoint.foo: no such key; valid keys here: every, keep, save_final, dir"),
     (["trainer.steps=${oc.env:HOME}"], "trainer.steps="),
     (["a=b=c"], "cannot parse the override"),
     (["data.kind=null"], "data.kind: cannot be null"),

@@ -403,12 +403,27 @@ def did_you_mean(word: str, candidates) -> str:
 
 
 def _unknown_key(key: str) -> str:
+    """``key: no such key`` and the likeliest meant key: a sibling of a close name
+    (``trainer.stpes``), else a key of a close name elsewhere (``trainer.capacity_factor`` is
+    ``model.capacity_factor``), else the keys of its group when they are few enough to read."""
     keys = schema_keys()
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] if parent else [k for k in keys if "." not in k]
-    hint = did_you_mean(key, siblings) or did_you_mean(key, keys)
-    if not hint and siblings:
-        hint = f"; valid keys here: {', '.join(s.rsplit('.', 1)[-1] for s in siblings)}"
+    parent, _, name = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    by_name = {k.rpartition(".")[2]: k for k in siblings}
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.6)
+    if not close:  # the same name in another group: the last part alone, never an ancestor of key
+        elsewhere = [k for k in keys if not key.startswith(k + ".") and k != key]
+        names: dict[str, str] = {}
+        for k in elsewhere:
+            names.setdefault(k.rpartition(".")[2], k)
+        close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
+        hint = f"; did you mean {names[close[0]]}?" if close else ""
+    else:
+        hint = f"; did you mean {by_name[close[0]]}?"
+    if not hint and siblings and len(siblings) <= 12:
+        hint = f"; valid keys here: {', '.join(by_name)}"
+    elif not hint and siblings:
+        hint = f"; {parent} has {len(siblings)} keys: `python train.py --cfg job --package {parent}` lists them"
     return f"{key}: no such key{hint}"
 
 
