@@ -38,6 +38,9 @@ CASES = [
     # a value of the wrong shape: OmegaConf's wording named types, not what to type
     (["parallel.pipeline_split=3"], "parallel.pipeline_split: expected a list in brackets (parallel.pipeline_split=[."),
     (["model.renormalize=maybe"], "model.renormalize=maybe: expected true or false"),
+    # OmegaConf takes any number for a bool: 2 was silently true
+    (["parallel=tp2", "parallel.sequence_parallel=2"], "parallel.sequence_parallel=2: expected true or false"),
+    (["-m", "checkpoint.save_final=true,-1"], "checkpoint.save_final=-1: expected true or false"),
     (["kernels=torch"], "kernels=torch: kernels is a group of keys (backend), not a value; set one: kernels.backend"),
     (["trainer.steps=1.5"], "trainer.steps=1.5: expected an integer"),
     (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),

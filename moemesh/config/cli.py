@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moemesh.config.schema import (
     RunConfig,
+    bool_value_error,
     did_you_mean,
     explain_omegaconf,
     register_schema,
@@ -184,6 +185,15 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return batch
 
 
+def _check_bools(overrides: list[str]) -> None:
+    """A number other than 0/1 for a true-or-false key, which OmegaConf would take as true."""
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_delete():
+            error = bool_value_error(o.key_or_group.lstrip("+"), o.value())
+            if error:
+                raise ConfigError(error)
+
+
 def preflight(argv: list[str], config_name: str = "config", *, launched: bool = False) -> Command:
     """Compose and type every job of this command; raise ConfigError on the first mistake."""
     args, unknown = _parse_argv(argv)
@@ -198,6 +208,7 @@ def preflight(argv: list[str], config_name: str = "config", *, launched: bool = 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             for i, overrides in enumerate(expand(args.overrides, args.multirun)):
+                _check_bools(overrides)
                 cfg = compose(name, overrides=overrides, return_hydra_config=True)
                 output, job_dir = _output_dirs(cfg, args.multirun, i)
                 with open_dict(cfg):

@@ -441,6 +441,26 @@ def _choice_types(cls: type = RunConfig, prefix: str = "") -> dict[str, type]:
     return out
 
 
+@functools.cache
+def bool_keys(cls: type = RunConfig, prefix: str = "") -> frozenset[str]:
+    """Every true-or-false key of the schema, e.g. ``parallel.sequence_parallel``."""
+    out: set[str] = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if hint is bool:
+            out.add(f"{prefix}{name}")
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= bool_keys(hint, f"{prefix}{name}.")
+    return frozenset(out)
+
+
+def bool_value_error(key: str, value: Any) -> str | None:
+    """OmegaConf takes any number for a bool (``sequence_parallel=2`` became true); a number
+    other than 0 or 1 is refused here, one line."""
+    if key in bool_keys() and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+        return f"{key}={value}: expected true or false"
+    return None
+
+
 def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False, key: str | None = None) -> str:
     """One line for OmegaConf's refusal of a value or key: the key, the value, what would be valid.
     ``overriding``: Hydra's "Could not override" (a key the schema lacks); ``key``: the dotted key
