@@ -227,7 +227,14 @@ class WandbTracker:
         self.run.log(data, step=record["step"])
 
     def summary(self, summary: dict) -> None:
+        """The run's numbers, and whether it ran to its end: a run a signal stopped (a SLURM
+        requeue, a time limit) says which in ``stopped_by_signal`` (empty when it finished) and
+        is marked preempting, so the dashboard does not show it as finished."""
         self.run.summary.update(_scalars(summary))
+        stopped = summary.get("stopped_by_signal") or []
+        self.run.summary["stopped_by_signal"] = ", ".join(stopped)
+        if stopped:
+            self.run.mark_preempting()
         rows = [
             [layer, e, n, st["mean_score"][e]]
             for layer, st in self._last_load.items()

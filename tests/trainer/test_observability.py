@@ -333,3 +333,22 @@ def test_wandb_run_continues_only_when_a_run_resumes_in_its_directory(tmp_path, 
     tracker = WandbTracker(run, ParallelDims.from_config(run.parallel), str(tmp_path), resumed=True)
     tracker.finish()
     assert tracker.run.id not in ids and len(tracker.run.id) == 8
+
+
+@pytest.mark.parametrize("stopped", [["SIGUSR2"], None])
+def test_a_signal_stopped_run_says_so_in_wandb_and_is_marked_preempting(tmp_path, monkeypatch, stopped):
+    """The summary kept only numbers, so a run a signal stopped (requeued, to resume) looked
+    finished on the dashboard: its stopped_by_signal list was dropped."""
+    pytest.importorskip("wandb")
+    from moemesh.trainer.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tiny_run(**{"logger.wandb": True})
+    tracker = WandbTracker(run, ParallelDims.from_config(run.parallel), str(tmp_path))
+    marked = []
+    monkeypatch.setattr(tracker.run, "mark_preempting", lambda: marked.append(True))
+    tracker.summary({"steps": 7, "final_loss": 2.5, "stopped_by_signal": stopped})
+    assert tracker.run.summary["stopped_by_signal"] == ("SIGUSR2" if stopped else "")
+    assert tracker.run.summary["steps"] == 7
+    assert marked == ([True] if stopped else [])
+    tracker.finish()
