@@ -43,6 +43,13 @@ CASES = [
     (["-m", "checkpoint.save_final=true,-1"], "checkpoint.save_final=-1: expected true or false"),
     (["kernels=torch"], "kernels=torch: kernels is a group of keys (backend), not a value; set one: kernels.backend"),
     (["trainer.steps=1.5"], "trainer.steps=1.5: expected an integer"),
+    # a time key says its unit, and sbatch's clock format is converted
+    (
+        ["cluster=slurm", "cluster.slurm.time_min=01:30:00"],
+        "cluster.slurm.time_min=01:30:00: expected a whole number of minutes (cluster.slurm.time_min=90 for 01:30:00)",
+    ),
+    (["cluster.collective_timeout_s=5m"], "cluster.collective_timeout_s=5m: expected a whole number of seconds"),
+    (["cluster.calibration.flops_per_s=fast"], "cluster.calibration.flops_per_s=fast: expected a number"),
     (["trainer.stpes=10"], "trainer.stpes: no such key; did you mean trainer.steps?"),
     (["foo=1"], "foo: no such key"),
     (["+foo=1"], "foo: no such key"),

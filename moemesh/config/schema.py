@@ -461,6 +461,23 @@ def bool_value_error(key: str, value: Any) -> str | None:
     return None
 
 
+_UNITS = {"_min": "minutes", "_s": "seconds", "_us": "microseconds", "_bytes": "bytes"}
+
+
+def _unit_hint(key: str, value: str, target: str) -> str:
+    """What a number key counts, from its suffix (``time_min``: minutes), and sbatch's
+    [D-]HH:MM:SS given to a minutes key converted (``time_min=01:30:00`` is ``time_min=90``)."""
+    unit = next((u for suffix, u in _UNITS.items() if key.endswith(suffix)), None)
+    if unit is None or key.endswith("_per_s"):  # a rate, not a time
+        return _TYPE_NAMES.get(target, target)
+    kind = "a whole number" if target == "Integer" else "a number"
+    clock = re.fullmatch(r"(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})", value.strip())
+    if clock and unit == "minutes":
+        days, h, m, sec = (int(x or 0) for x in clock.groups())
+        return f"{kind} of {unit} ({key}={days * 1440 + h * 60 + m + (sec > 0)} for {value})"
+    return f"{kind} of {unit}"
+
+
 def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False, key: str | None = None) -> str:
     """One line for OmegaConf's refusal of a value or key: the key, the value, what would be valid.
     ``overriding``: Hydra's "Could not override" (a key the schema lacks); ``key``: the dotted key
@@ -479,7 +496,7 @@ def explain_omegaconf(cause: OmegaConfBaseException, *, overriding: bool = False
             return f"{key}={interp.group(1)}: expected {_TYPE_NAMES.get(target, target)} (its value is not shown)"
         if interp:
             via = f" ({interp.group(1)} resolves to {value!r})"
-        return f"{key}={value}{via}: expected {_TYPE_NAMES.get(target, target)}"
+        return f"{key}={value}{via}: expected {_unit_hint(str(key), value, target)}"
     m = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
     if m:  # a choice (a StrEnum field) given another value
         value, cls = m.group(1), _choice_types().get(str(key))
