@@ -134,7 +134,13 @@ def _check_command(argv: list[str]) -> list[str]:
     for i, job in enumerate(command.jobs):
         try:
             dims = _validate(job.run, env)
-            if job.run.cluster.launcher != Launcher.slurm or not command.multirun:  # it trains on this machine
+            if job.run.cluster.launcher == Launcher.slurm and command.multirun:
+                # What the SLURM launcher checks, found before Hydra makes the sweep directory.
+                from moemesh.launch.slurm import allocation_for, validate_slurm
+
+                validate_slurm(job.run)
+                allocation_for(job.run, dims.world_size)
+            else:  # it trains on this machine
                 check_launcher(job.run, env, dims)
                 # The ranks this machine will hold: all of them when this process spawns them, else
                 # the launcher's ranks here (LOCAL_WORLD_SIZE, SLURM's tasks on this node).

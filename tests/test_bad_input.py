@@ -168,6 +168,12 @@ CASES = [
     (["parallel=ep2", "logger=wandb", "logger.entity=team:x"], "logger.entity='team:x' cannot hold :"),
     # issue #27: a batch whose micro-batches cannot fit this machine (it was killed at 24 GB)
     (["trainer.global_batch_size=2147483648"], "trainer.global_batch_size=2147483648 (a micro-batch of"),
+    # the SLURM launcher's checks, made before Hydra writes the sweep's multirun.yaml
+    (["-m", "cluster=slurm", "cluster.slurm.time_min=0"], "cluster.slurm.time_min=0 must be a positive number of"),
+    (
+        ["-m", "cluster=slurm", "parallel=ep2,dp2", "+cluster.slurm.additional_parameters.ntasks_per_node=1"],
+        "moemesh sets --ntasks-per-node itself",
+    ),
 ]
 
 
