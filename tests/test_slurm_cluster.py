@@ -159,6 +159,21 @@ def test_job_slurm_refuses_or_can_never_start_fails_in_one_line(tmp_path):
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh:") and "is given 2 times" not in l]
     assert line.startswith("moemesh: sbatch refused job #0 (2 ranks = 1 node x 2 tasks")
     assert "cluster.slurm.request_gpus=false" in line
+    # Two tasks of more than half the node's CPUs each: sbatch takes it, and it stays PENDING
+    # (PartitionConfig) on one node forever; it was waited on, now it is cancelled.
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    proc, _ = _submit(
+        tmp_path / "c", "parallel=ep2", "trainer.steps=3", f"cluster.slurm.cpus_per_task={node_cpus // 2 + 1}"
+    )
+    assert proc.returncode == 1
+    needs = 2 * (node_cpus // 2 + 1)
+    assert (
+        f"can never start (PartitionConfig: it needs {needs} CPUs on a node (its tasks per node x "
+        f"cluster.slurm.cpus_per_task) and partition debug's nodes have at most {node_cpus})" in proc.stderr
+    ), proc.stderr
+    assert not subprocess.run(
+        ["squeue", "-h", "-j", _job_ids(proc.stdout)[0]], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _scontrol_job(job: str) -> str:

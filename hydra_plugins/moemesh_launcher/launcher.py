@@ -231,37 +231,28 @@ class MoemeshSlurmLauncher(BaseSubmititLauncher):
     @staticmethod
     def _watch(handles: dict) -> dict[int, str]:
         """Until every job has left the queue: print each job's state when it changes, and
-        cancel a job SLURM can never start (more nodes than its partition has, an invalid
-        account or QOS). Returns {job index: failure line} for those. Polls squeue every
-        2 s at first, slowing to once a minute after 20 minutes."""
+        cancel a job SLURM can never start (``_never_starts``). Returns {job index: failure line}
+        for those. Polls squeue every 2 s at first, slowing to once a minute after 20 minutes."""
         import subprocess
         import time
 
-        shown, failures, partition_nodes = {}, {}, {}
+        shown, failures, partitions = {}, {}, {}
         waiting, started = dict(handles), time.monotonic()
         while waiting:
             ids = ",".join(h.job_id for _, h in waiting.values())
             out = subprocess.run(
-                ["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r|%P|%D"], capture_output=True, text=True, timeout=60
+                ["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r|%P|%D|%c"], capture_output=True, text=True, timeout=60
             )
             if out.returncode != 0 and "Invalid job id" not in out.stderr:
                 time.sleep(10)  # the controller is busy or restarting: ask again
                 continue
-            queue = {f[0]: f[1:] for f in (l.split("|") for l in out.stdout.splitlines()) if len(f) == 5}
+            queue = {f[0]: f[1:] for f in (l.split("|") for l in out.stdout.splitlines()) if len(f) == 6}
             for index, (job, handle) in list(waiting.items()):
-                state, reason, partition, nodes = queue.get(handle.job_id, ("", "", "", ""))
+                state, reason, partition, nodes, cpus = queue.get(handle.job_id, ("", "", "", "", ""))
                 if not state:  # left the queue: finished, failed or cancelled; results() says which
                     del waiting[index]
                     continue
-                never = None
-                if state == "PENDING" and reason in ("InvalidAccount", "InvalidQOS"):
-                    never = f"{reason}: check cluster.slurm.account / cluster.slurm.qos"
-                elif state == "PENDING" and reason in ("PartitionConfig", "PartitionNodeLimit") and nodes.isdigit():
-                    if partition not in partition_nodes:
-                        partition_nodes[partition] = _partition_nodes(partition)
-                    have = partition_nodes[partition]
-                    if have is not None and int(nodes) > have:
-                        never = f"{reason}: it needs {nodes} nodes and partition {partition} has {have}"
+                never = _never_starts(state, reason, partition, nodes, cpus, partitions)
                 if never:
                     subprocess.run(["scancel", handle.job_id], capture_output=True, timeout=60)
                     failures[index] = (
@@ -444,13 +435,44 @@ def _stopped_waiting(job_ids: Sequence[str], timeout_s: float = 10.0) -> str:
     )
 
 
-def _partition_nodes(partition: str):
-    """How many nodes a partition has in all (any state), or None if sinfo cannot say."""
+def _never_starts(state: str, reason: str, partition: str, nodes: str, cpus: str, partitions: dict) -> str | None:
+    """Why a queued job can never start (an invalid account or QOS; more nodes than its
+    partition has; more CPUs on a node than its largest node has), or None. ``partitions``
+    caches ``_partition_size`` by name."""
+    if state != "PENDING":
+        return None
+    if reason in ("InvalidAccount", "InvalidQOS"):
+        return f"{reason}: check cluster.slurm.account / cluster.slurm.qos"
+    if reason not in ("PartitionConfig", "PartitionNodeLimit") or not nodes.isdigit():
+        return None
+    if partition not in partitions:
+        partitions[partition] = _partition_size(partition)
+    have = partitions[partition]
+    if have is not None and int(nodes) > have[0]:
+        return f"{reason}: it needs {nodes} nodes and partition {partition} has {have[0]}"
+    if have is not None and cpus.isdigit() and int(cpus) > have[1]:
+        return (
+            f"{reason}: it needs {cpus} CPUs on a node (its tasks per node x cluster.slurm.cpus_per_task) "
+            f"and partition {partition}'s nodes have at most {have[1]}"
+        )
+    return None
+
+
+def _partition_size(partition: str) -> tuple[int, int] | None:
+    """(nodes in all, in any state; CPUs of its largest node) of a partition, or None if sinfo
+    cannot say."""
     import subprocess
 
-    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D"], capture_output=True, text=True, timeout=60)
-    counts = [int(x) for x in out.stdout.split() if x.isdigit()]
-    return sum(counts) if out.returncode == 0 and counts else None
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D|%c"], capture_output=True, text=True, timeout=60)
+    rows = [line.split("|") for line in out.stdout.split()]
+    groups = [
+        (int(n), int(c.rstrip("+")))
+        for n, c in (r for r in rows if len(r) == 2)
+        if n.isdigit() and c.rstrip("+").isdigit()
+    ]
+    if out.returncode != 0 or not groups:
+        return None
+    return sum(n for n, _ in groups), max(c for _, c in groups)
 
 
 def _outcome(ret: JobReturn) -> str:
