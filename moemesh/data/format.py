@@ -248,12 +248,35 @@ def verify_shards(meta: CorpusMeta, key: str = "data.path", cache_dir: str | Non
                     f"{key}={meta.path}: shard {name} has sha256 {got[:16]}..., its metadata says {want[:16]}...: "
                     "corrupt; prepare the corpus again"
                 )
+            if name == s.index_file:
+                _check_offsets(p, s, f"{key}={meta.path}")
             try:
                 memo_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(memo, ident.encode())
             except OSError:  # a read-only cache: hashed again next time
                 pass
     return hashed
+
+
+def _check_offsets(path: Path, shard: ShardMeta, where: str, chunk: int = 1 << 22) -> None:
+    """A shard's document index as the reader relies on it: 0 first, the shard's token count
+    last, never decreasing (its sha256 matching the metadata says only that the two agree).
+    Read in chunks of ``chunk`` offsets, once per file identity with the hash."""
+    offsets = np.memmap(path, dtype=INDEX_DTYPE, mode="r", shape=(shard.n_docs + 1,))
+    if int(offsets[0]) != 0 or int(offsets[-1]) != shard.n_tokens:
+        raise ConfigError(
+            f"{where}: shard {path.name} starts at offset {int(offsets[0])} and ends at {int(offsets[-1])}, "
+            f"not 0 and its {shard.n_tokens} tokens: corrupt; prepare the corpus again"
+        )
+    for a in range(0, shard.n_docs, chunk):
+        piece = np.asarray(offsets[a : a + chunk + 1])
+        bad = np.flatnonzero(piece[1:] < piece[:-1])
+        if bad.size:
+            d = a + int(bad[0])
+            raise ConfigError(
+                f"{where}: shard {path.name}: document {d + 1} starts at {int(piece[bad[0] + 1])}, before "
+                f"document {d} ({int(piece[bad[0]])}): the offsets must not decrease; corrupt, prepare the corpus again"
+            )
 
 
 def _umask() -> int:

@@ -192,6 +192,38 @@ def test_a_corrupt_shard_is_one_line_before_any_rank(tmp_path, monkeypatch):
         check_data(cfg, seq_len=16, vocab_size=70000)
 
 
+def _reseal_index(out: Path, offsets: list[int]) -> None:
+    """Rewrite shard 1's document index and its sha256 in the metadata, as whoever writes the
+    directory can: the hash then agrees, so only the offsets themselves can be checked."""
+    idx = out / "shard_000001.idx"
+    raw = np.asarray(offsets, dtype=np.uint64).tobytes()
+    assert len(raw) == idx.stat().st_size
+    idx.write_bytes(raw)
+    meta = json.loads((out / META_NAME).read_text())
+    (entry,) = [s for s in meta["shards"] if s["index_file"] == idx.name]
+    entry["index_sha256"] = hashlib.sha256(raw).hexdigest()
+    (out / META_NAME).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "offsets, message",
+    [
+        ([0, 30, 20, 40], r"shard_000001.idx: document 2 starts at 20, before document 1 \(30\): the offsets must"),
+        ([0, 20, 40, 50], r"shard_000001.idx starts at offset 0 and ends at 50, not 0 and its 40 tokens"),
+        ([5, 20, 30, 40], r"shard_000001.idx starts at offset 5 and ends at 40, not 0 and its 40 tokens"),
+    ],
+)
+def test_a_document_index_out_of_order_is_refused_though_its_hash_agrees(tmp_path, monkeypatch, offsets, message):
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    out = write_corpus(tmp_path / "out", [[10, 10], [20, 10, 10]], vocab_size=70000)
+    meta = json.loads((out / META_NAME).read_text())
+    assert [(s["documents"], s["tokens"]) for s in meta["shards"] if s["index_file"] == "shard_000001.idx"] == [(3, 40)]
+    _reseal_index(out, offsets)
+    cfg = DataConfig(name="t", kind="tokens", path=str(out), val_fraction=0.1)
+    with pytest.raises(ConfigError, match=message):
+        prepare_data(cfg, seq_len=16, vocab_size=70000)
+
+
 def _markers(out: Path) -> int:
     return len(list((out / ".prepare").glob("piece_*.json"))) if (out / ".prepare").is_dir() else 0
 
