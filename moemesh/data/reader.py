@@ -60,10 +60,15 @@ class DataSpec:
     prefetch_steps: int = 1
     resume_on_new_data: bool = False
 
-    def fingerprint(self, *, seed: int, seq_len: int) -> str:
-        """What decides the order of the training windows: sources, weights, split, seed, seq_len."""
+    def fingerprint(self, *, seed: int, seq_len: int, legacy: bool = False) -> str:
+        """What decides the order of the training windows: sources, the mixture's samples per
+        block (so weights 1, 1 and 0.5, 0.5 are the same order), split, seed, seq_len.
+        ``legacy``: as checkpoints before 2026-12-06 recorded it, with the weights as given."""
+        shares = (
+            [s.weight for s in self.sources] if legacy else list(Mixture.of([s.weight for s in self.sources]).counts)
+        )
         what = {
-            "sources": [[s.fingerprint, s.weight] for s in self.sources],
+            "sources": [[s.fingerprint, w] for s, w in zip(self.sources, shares)],
             # What is held out decides what trains.
             "val_fraction": None if self.val is not None else self.val_fraction,
             "seed": seed,
@@ -327,8 +332,8 @@ class TokenData:
         """None if a checkpoint's position fits this data; else why not (one line)."""
         if not isinstance(position, dict) or not isinstance(position.get("samples"), int):
             return "its data position is malformed"
-        mine = self.spec.fingerprint(seed=self.seed, seq_len=seq_len)
-        if position.get("fingerprint") == mine:
+        mine = [self.spec.fingerprint(seed=self.seed, seq_len=seq_len, legacy=old) for old in (False, True)]
+        if position.get("fingerprint") in mine:
             return None
         then = ", ".join(f"{s.get('name')}" for s in position.get("sources", []) if isinstance(s, dict))
         now = ", ".join(s.name for s in self.spec.sources)

@@ -127,6 +127,29 @@ def test_a_mixture_of_prepared_directories_reads_each_by_weight(tmp_path, monkey
     assert pos["sources"][0]["epoch"] >= 1  # a small source goes round again, in a new order
 
 
+def test_weights_that_draw_the_same_order_resume_and_other_weights_do_not(tmp_path, monkeypatch):
+    """Weights 0.7/0.3 and 7/3 draw the same samples, but the fingerprint held the weights as
+    given: the rescaled mixture was refused as "other data". It holds the samples per block now;
+    a checkpoint's fingerprint of the old form is still accepted."""
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    a = write_corpus(tmp_path / "a", [[40] * 20], vocab_size=VOCAB, start=0)
+    b = write_corpus(tmp_path / "b", [[40] * 20], vocab_size=VOCAB, start=500_000)
+
+    def mixture(wa, wb):
+        cfg = DataConfig(name="t", kind="tokens", sources=[DataSourceConfig(str(a), wa), DataSourceConfig(str(b), wb)])
+        return TokenData(prepare_data(cfg, seq_len=SEQ, vocab_size=VOCAB), seed=1)
+
+    first, rescaled, other = mixture(0.7, 0.3), mixture(7, 3), mixture(0.6, 0.4)
+    pos = first.position(5, global_batch=8, seq_len=SEQ)
+    assert rescaled.check_position(pos, seq_len=SEQ) is None
+    assert "trained on other data" in other.check_position(pos, seq_len=SEQ)
+    legacy = {**pos, "fingerprint": first.spec.fingerprint(seed=1, seq_len=SEQ, legacy=True)}
+    assert first.check_position(legacy, seq_len=SEQ) is None  # a checkpoint saved before the change
+    rescaled.resume_at(5, pos, seq_len=SEQ)
+    kw = dict(global_batch=8, seq_len=SEQ, start=0, count=8)
+    assert torch.equal(rescaled.batch("train", 5, **kw)[0], first.batch("train", 5, **kw)[0])
+
+
 def test_a_position_resumes_the_same_batches_also_with_another_global_batch(corpus):
     a = _data(corpus)
     run = [a.batch("train", s, global_batch=8, seq_len=SEQ, start=0, count=8)[0] for s in range(10)]
