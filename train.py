@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moemesh.config.cli import needs_preflight, preflight, refuse, repeated_keys
 from moemesh.config.schema import register_schema, to_run_config
 from moemesh.config.validate import batch_plan, validate_run
-from moemesh.errors import CheckpointError, ConfigError, RanksFailed, first_line
+from moemesh.errors import CheckpointError, ConfigError, DataError, RanksFailed, first_line
 from moemesh.fields import Launcher
 from moemesh.launch import forkserver
 from moemesh.launch.access import set_output_umask
@@ -270,7 +270,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:  # launcher variables that no job answered (launch.run._unlaunched_store)
         _remove_if_untouched(Path(output_dir))
         _refuse(str(err))
-    except (FloatingPointError, CheckpointError, RanksFailed) as err:  # training stopped for a reason it can name
+    except (FloatingPointError, CheckpointError, DataError, RanksFailed) as err:  # a reason it can name
         return _job_failed(err, Path(output_dir), local_sweep)
     except Exception as err:
         if not (local_sweep and dims.world_size == 1):
@@ -298,7 +298,7 @@ def _job_failed(err: BaseException, run_dir: Path, local_sweep: bool) -> None:
     the end) and return, so the sweep goes on; otherwise exit 1."""
     if isinstance(err, RanksFailed):
         reason = err.reason  # the launcher printed it
-    elif isinstance(err, (FloatingPointError, CheckpointError)):
+    elif isinstance(err, (FloatingPointError, CheckpointError, DataError)):
         reason = f"{type(err).__name__}: {err}"
         print(f"moemesh: {reason}", file=sys.stderr)
     else:

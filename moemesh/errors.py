@@ -10,6 +10,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read or trusted: one line naming the file and why."""
 
 
+class DataError(RuntimeError):
+    """Training data that turns out unusable as it is read (a token id past the vocabulary, in
+    a corpus whose metadata said otherwise): one line naming the source and why."""
+
+
 class RanksFailed(SystemExit):
     """The spawned ranks failed or hung, and the launcher has printed why in one line
     (``reason``). Exits 1, as SystemExit(1) does; one job of a local sweep turns it into that

@@ -31,6 +31,7 @@ import torch
 
 from moemesh.data.format import DTYPES, INDEX_DTYPE, read_meta
 from moemesh.data.sampler import Mixture, WindowOrder
+from moemesh.errors import DataError
 
 SPLITS = {"train": 0, "val": 1}
 SYNTHETIC_TOKENS = 1 << 20
@@ -267,8 +268,11 @@ class TokenData:
                 docs.append(stream.documents(w * seq_len, seq_len))
         window_CS = torch.from_numpy(np.stack(rows))
         if window_CS.numel() and int(window_CS.max()) >= self.vocab_size:
-            raise ValueError(
-                f"token id {int(window_CS.max())} in the {split} data >= model.vocab_size={self.vocab_size}"
+            row = int(window_CS.max(dim=1).values.argmax())
+            raise DataError(
+                f"token id {int(window_CS.max())} in the {split} data of {self.names[split][int(source[row])]} "
+                f">= model.vocab_size={self.vocab_size}: its metadata's vocabulary does not hold its tokens; "
+                "prepare it again (scripts/prepare_data.py)"
             )
         documents = torch.from_numpy(np.stack(docs)) if docs else None
         return Batch(window_CS[:, :-1], window_CS[:, 1:], documents)

@@ -59,6 +59,51 @@ def test_a_bad_token_mid_file_is_one_line_exit_2_before_training(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
 
 
+def _corpus_past_its_vocabulary(tmp_path: Path) -> Path:
+    """A prepared directory whose metadata says vocab_size 512 and whose tokens reach 9,000:
+    every check before the start reads the metadata, so only the reader finds the ids."""
+    import json
+
+    from tests.data._corpus import write_corpus
+
+    out = write_corpus(tmp_path / "corpus", [[200] * 40], vocab_size=70000, start=1000)
+    meta = json.loads((out / "moemesh-data.json").read_text())
+    meta["vocab_size"] = 512
+    (out / "moemesh-data.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.shares_cores
+def test_an_id_past_the_vocabulary_found_while_reading_is_one_line_exit_1(tmp_path):
+    """A one-rank run trains in train.py's own process, where the reader's ValueError was a
+    Hydra traceback; it is a DataError now, one line naming the source, as on spawned ranks."""
+    out = _corpus_past_its_vocabulary(tmp_path)
+    env = {**os.environ, "MOEMESH_CACHE": str(tmp_path / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "data=tokens",
+            f"data.path={out}",
+            "model.vocab_size=512",
+            "trainer.steps=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: DataError")]
+    assert f"in the train data of {out} >= model.vocab_size=512" in line and "prepare it again" in line
+
+
 def test_every_token_is_checked_once_and_remembered_by_file_identity(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
     path = _file_with_one_bad_token(tmp_path / "train.bin", bad=299)
