@@ -454,11 +454,12 @@ def _arguments(argv) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not args.sweeps and not args.calibrate_from:
         ap.error("give layout sweep directories, --calibrate-from BENCH_JSON, or both")
-    if args.name is not None:
-        try:  # before any work: a name that cannot be written is refused at once
+    try:  # before any work: a name that cannot be written, or a prior no plan takes, at once
+        cal.PlannerOptions(args.mfu, args.peak_flops)
+        if args.name is not None:
             output_path(args.name, args.force)
-        except ValueError as err:
-            _refuse(err)
+    except ValueError as err:
+        _refuse(err)
     return args
 
 

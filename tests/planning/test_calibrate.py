@@ -523,6 +523,19 @@ def test_a_name_that_is_not_one_plain_file_name_is_refused_before_anything_is_wr
     assert err.startswith(f"calibrate.py: --name {name!r}: letters, digits, _ and - only"), err
 
 
+@pytest.mark.parametrize("flag, value", [("--mfu", "0"), ("--mfu", "nan"), ("--peak-flops", "-1")])
+def test_a_prior_no_plan_takes_is_refused_whatever_else_is_given(flag, value, tmp_path, capsys):
+    """With --calibrate-from alone the priors were never read, so --mfu 0 passed without a word."""
+    from scripts import calibrate
+
+    name = f"test-prior-{tmp_path.name}"
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--calibrate-from", str(COMM4), "--name", name, flag, value])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith(f"calibrate.py: {flag} "), err
+    assert not (ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml").exists()
+
+
 def test_an_existing_calibration_is_replaced_only_with_force(tmp_path, capsys):
     from scripts import calibrate
 
