@@ -279,7 +279,7 @@ def _check_offsets(path: Path, shard: ShardMeta, where: str, chunk: int = 1 << 2
             )
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """This process's umask, read without changing it (Linux: /proc/self/status)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -294,7 +294,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (a temp file in the same directory, renamed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600: a corpus is as readable as the shell makes files
+        os.fchmod(
+            fd, 0o666 & ~process_umask()
+        )  # mkstemp's file is 0600: a corpus is as readable as the shell makes files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -203,6 +203,47 @@ def test_export_flags_and_a_tampered_meta_are_one_line_exit_2(tmp_path, capsys):
         assert len(err) == 1 and says in err[0], (change, err)
 
 
+def _word_tokenizer(d: Path, words: int) -> Path:
+    """A tokenizer directory whose tokenizer.json has ``words`` ids."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    d.mkdir()
+    Tokenizer(WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0")).save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_before_writing(tmp_path, capsys):
+    """It was copied without a word; transformers then failed with an IndexError at the first
+    token past the embedding."""
+    ckpt = _saved_at_step_0(tiny_run(), tmp_path)
+    vocab = tiny_run().model.vocab_size
+    big = _word_tokenizer(tmp_path / "big", vocab + 1)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer", str(big)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and f"has {vocab + 1:,} token ids, more than the checkpoint's model.vocab_size={vocab:,}" in err[0]
+    )
+    assert not (tmp_path / "out").exists()
+    fits = _word_tokenizer(tmp_path / "fits", vocab)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer", str(fits)]) == 0
+
+
+def test_the_exported_weights_are_as_readable_as_the_config(tmp_path, capsys):
+    """safetensors writes its files 0600: a serving account that could read config.json could
+    not read the weights. They follow the umask, as every other exported file does."""
+    ckpt = _saved_at_step_0(tiny_run(), tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out"), "--max-shard-gb", "1e-5"]) == 0
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
+    assert len([n for n in modes if n.endswith(".safetensors")]) > 1
+    assert set(modes.values()) == {0o644}, modes
+
+
 def test_values_a_dtype_cannot_hold_are_refused_and_leave_no_directory(tmp_path, capsys):
     """fp16 tops out at 65,504: a weight beyond it would be written as inf. Refused in one line
     naming the tensor, and the half-written directory is removed; bf16 holds it."""

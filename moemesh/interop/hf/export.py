@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moemesh.data.format import process_umask
 from moemesh.errors import ConfigError, first_line
 from moemesh.fields import QKNorm, RopePairing, ScoreFunc
 from moemesh.interop.hf.families import MOE_FAMILIES, source_family
@@ -247,8 +248,10 @@ class _Shards:
 
         self.flush()
         n = len(self.files)
+        mode = 0o666 & ~process_umask()  # safetensors writes 0600: the weights as readable as the config
         for i, (tmp, names) in enumerate(self.files):
             final = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.chmod(mode)
             tmp.rename(self.out / final)
             self.weight_map |= {name: final for name in names}
         if n > 1:
@@ -323,6 +326,8 @@ def export_checkpoint(
         raise ConfigError(f"--dtype={dtype} is not one of auto, {', '.join(DTYPES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out={out}: exists and is not an empty directory")
+    if tokenizer is not None:
+        _check_tokenizer_fits(tokenizer, cfg.vocab_size)
     try:
         hf_config = export_config(cfg, family, source, dtype)
     except (TypeError, ValueError, KeyError) as err:  # the source config meta.json carries, refused by transformers
@@ -437,6 +442,28 @@ def _stored(stored: dict, key: str, shape: tuple[int, ...], path: Path) -> Any:
             f"needs {list(shape)}"
         )
     return entry
+
+
+def _check_tokenizer_fits(source: Path, vocab_size: int) -> None:
+    """--tokenizer's ids must all be rows of the model's embedding (transformers would index past
+    it at the first such token). Read from its tokenizer.json (size-bounded) when it has one."""
+    found = [f for f in tokenizer_files(source) if f.name == "tokenizer.json"]
+    if not found:
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(found[0]))
+    except Exception as err:  # noqa: BLE001 - any parse failure is the file's
+        raise ConfigError(
+            f"--tokenizer={source}: tokenizer.json is not one the tokenizers library reads: {first_line(err)}"
+        ) from None
+    ids = 1 + max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if ids > vocab_size:
+        raise ConfigError(
+            f"--tokenizer={source} has {ids:,} token ids, more than the checkpoint's model.vocab_size={vocab_size:,} "
+            "embeds: export with the tokenizer the model was trained with"
+        )
 
 
 def _copy_tokenizer(source: Path | None, out: Path) -> int:
