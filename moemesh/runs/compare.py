@@ -70,6 +70,19 @@ def run_name(summary: dict, fallback: str) -> str:
     return f"{name} {'+'.join(modes)}" if modes else name
 
 
+def _effective(overrides) -> set[str]:
+    """The overrides a run was given, as it used them: a key given twice counts with its last
+    value (Hydra's rule), Hydra's own and the parallel preset left out."""
+    last: dict[str, str] = {}
+    for o in overrides:
+        if o.startswith(("hydra.", "parallel=")) or "=" not in o:
+            continue
+        key = o.split("=", 1)[0].lstrip("+")
+        last.pop(key, None)  # keep the order of the last occurrence
+        last[key] = o
+    return set(last.values())
+
+
 def assign_labels(runs: list[Run]) -> None:
     """Each run's label: its name (``run_name``); runs that share one add what tells them apart:
     the command-line overrides that differ between them (a sweep over ``trainer.lr``), else the
@@ -80,7 +93,7 @@ def assign_labels(runs: list[Run]) -> None:
         if len(group) == 1:
             group[0].label = name
             continue
-        overrides = [{o for o in r.overrides() if not o.startswith(("hydra.", "parallel="))} for r in group]
+        overrides = [_effective(r.overrides()) for r in group]
         shared = set.intersection(*overrides)
         tags = [", ".join(sorted(o - shared)) for o in overrides]
         if len(set(tags)) < len(group) or not all(tags):

@@ -475,6 +475,18 @@ def test_runs_of_one_name_are_told_apart_by_the_overrides_that_differ(tmp_path):
     assert [r.label for r in _runs(dirs[0], same)] == [f"ep2 ({tmp_path.name}/0_ep2)", "ep2 (x/0_ep2)"]
 
 
+def test_a_key_given_twice_labels_the_run_by_the_value_it_used(tmp_path):
+    """`trainer.lr=1e-3 ... trainer.lr=2e-3` trains at 2e-3 (Hydra takes the last); the label
+    showed both values, so a reader saw 1e-3 for a run trained at 2e-3."""
+    dirs = []
+    for i, given in enumerate(("- trainer.lr=1e-3\n- trainer.lr=2e-3\n", "- trainer.lr=1e-3\n")):
+        d = _fake_run(tmp_path / f"{i}_ep2", "ep2", losses=LOSS)
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(f"- parallel=ep2\n{given}")
+        dirs.append(d)
+    assert [r.label for r in _runs(*dirs)] == ["ep2 (trainer.lr=2e-3)", "ep2 (trainer.lr=1e-3)"]
+
+
 def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
     (tmp_path / "file").write_text("")
