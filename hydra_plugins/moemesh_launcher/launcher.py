@@ -515,6 +515,20 @@ def _leave_failure_for_submitit(line: str) -> None:
         pass
 
 
+def _killed_task(lines: Sequence[str]) -> str | None:
+    """The rank srun saw end by a signal of its own ("srun: error: node3: task 1: Killed",
+    "... Segmentation fault", "... Out Of Memory"), as one line; None when every task exited
+    or was terminated by srun itself (``--kill-on-bad-exit`` ends the others with SIGTERM)."""
+    import re
+
+    for line in lines:
+        m = re.match(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)$", line.strip())
+        if m and not m.group(3).startswith(("Terminated", "Exited with exit code")):
+            node, tasks, how = m.groups()
+            return f"moemesh: rank {tasks} on {node} ended: {how} (srun); the other ranks were stopped"
+    return None
+
+
 def _first_moemesh_line(handle: Any, err: Exception) -> str:
     """The job's own one-line reason (the first 'moemesh:' line in its tasks' stderr, where
     moemesh writes only errors and stops), else what submitit says, on one line."""
@@ -524,7 +538,10 @@ def _first_moemesh_line(handle: Any, err: Exception) -> str:
         lines = []
     ours = [l for l in lines if l.startswith("moemesh:")]
     text = str(err)
-    if ours:
+    died = _killed_task(lines)
+    if died:  # a rank a signal ended (SIGKILL, the OOM killer): its peers' errors only say they lost it
+        reason = died
+    elif ours:
         reason = ours[0]
     elif "not requeued because" in text:  # submitit's own limit: cluster.slurm.max_timeouts
         why = text.split("not requeued because", 1)[1].strip().splitlines()[0].strip(" :.")

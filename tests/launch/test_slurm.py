@@ -447,3 +447,31 @@ def test_ctrl_c_while_waiting_stops_the_waiting_and_names_the_jobs(tmp_path, mon
         "moemesh: stopped waiting (Ctrl-C); the SLURM jobs go on: 12_1, 13 still queued or running "
         "(follow with squeue -j 12_1,13; stop them with scancel 12_1 13)\n"
     )
+
+
+class _Handle:
+    """What the launcher reads of a failed submitit job: every task's stderr and its log folder."""
+
+    def __init__(self, text: str, folder: Path):
+        self.text, self.paths = text, type("P", (), {"stderr": folder / "9_0_log.err"})()
+
+    def stderr(self):
+        return self.text
+
+
+def test_a_rank_a_signal_killed_is_named_not_the_survivor_that_lost_it(tmp_path):
+    """Under srun, a rank killed with SIGKILL (or by the OOM killer) left its peers' gloo error
+    as the job's reason: "rank 0 failed: ... Connection reset by peer" blamed a survivor. srun's
+    own line names the task that died; it is the reason now."""
+    from hydra_plugins.moemesh_launcher.launcher import _first_moemesh_line
+
+    survivor = "moemesh: error: rank 0 failed: RuntimeError: [pair.cc:537] Read error: Connection reset by peer"
+    killed = (
+        f"{survivor}\nsrun: error: vm: task 1: Killed\nsrun: launch/slurm: _step_signal: Terminating StepId=9.0\n"
+        "srun: error: vm: task 0: Terminated\n"
+    )
+    line = _first_moemesh_line(_Handle(killed, tmp_path), RuntimeError("failed"))
+    assert line == f"moemesh: rank 1 on vm ended: Killed (srun); the other ranks were stopped (logs: {tmp_path})"
+    # A rank that raised exits with a code: its own line stays the reason.
+    raised = f"{survivor}\nsrun: error: vm: task 0: Exited with exit code 1\nsrun: error: vm: task 1: Terminated\n"
+    assert _first_moemesh_line(_Handle(raised, tmp_path), RuntimeError("failed")).startswith(survivor)
