@@ -41,6 +41,32 @@ from moemesh.untrusted import read_bounded
 _CREDENTIAL = re.compile(r"key|token|secret|passw|passphrase|credential|auth|bearer|cookie", re.IGNORECASE)
 
 
+# A value may hold a credential whatever its key (a cluster.slurm.setup line
+# "export HF_TOKEN=hf_..."): an assignment to a credential-like name keeps its name and loses
+# its value, and tokens of the well-known forms are replaced wherever they stand.
+_ASSIGNED = re.compile(
+    r"\b((?:[A-Za-z0-9]+[_-])*(?:API_?KEY|SECRET_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?))"
+    r"(\s*[=:]\s*)"
+    r"(\"[^\"]*\"|'[^']*'|\S+)",
+    re.IGNORECASE,
+)
+_TOKEN_FORMS = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|glpat-[A-Za-z0-9_-]{20,})"
+)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """``value`` with what looks like a credential replaced (strings, and lists of them)."""
+    if isinstance(value, str):
+        value = _ASSIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", value)
+        return _TOKEN_FORMS.sub(REDACTED, value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
 def is_secret_key(key: str) -> bool:
     """Whether the dotted config key ``key`` may name a credential (its value is never logged)."""
     if key in _schema_keys():
@@ -129,7 +155,7 @@ def flat_config(run: RunConfig, dims) -> dict:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         elif not is_secret_key(prefix):
-            out[prefix] = value
+            out[prefix] = redact(value)
 
     walk("", asdict(run))
     out.update(dp=dims.dp, ep=dims.ep, tp=dims.tp, pp=dims.pp, world_size=dims.world_size, layout=layout_name(dims))

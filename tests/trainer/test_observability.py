@@ -286,6 +286,31 @@ def test_wandb_config_keeps_every_config_key_and_drops_credentials(overrides):
     assert not [k for k in config if k.split(".")[-1] in credentials]
 
 
+def test_a_credential_inside_a_logged_value_is_redacted_and_settings_are_not():
+    """The filter read key names only: a cluster.slurm.setup line "export HF_TOKEN=hf_..." went to
+    the dashboard whole. An assignment to a credential-like name, and tokens of well-known forms,
+    are replaced in every logged string; the shipped presets' values are unchanged."""
+    from moemesh.config.cli import compose_run
+    from moemesh.trainer.wandb_tracker import REDACTED, flat_config
+
+    run = compose_run(["parallel=ep2", "cluster=slurm", "data=stdlib", "logger=wandb"])
+    dims = ParallelDims.from_config(run.parallel)
+    assert REDACTED not in json.dumps(flat_config(run, dims), default=str)  # nothing of a preset is touched
+    setup = [
+        "module load cuda/12.4",
+        "export HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz012",
+        "echo sk-abcdefghijklmnop1234",
+    ]
+    slurm = dataclasses.replace(
+        run.cluster.slurm, setup=setup, additional_parameters={"comment": "WANDB_API_KEY=0123456789abcdef"}
+    )
+    run = dataclasses.replace(run, cluster=dataclasses.replace(run.cluster, slurm=slurm))
+    config = flat_config(run, dims)
+    assert config["cluster.slurm.setup"] == ["module load cuda/12.4", f"export HF_TOKEN={REDACTED}", f"echo {REDACTED}"]
+    assert config["cluster.slurm.additional_parameters.comment"] == f"WANDB_API_KEY={REDACTED}"
+    assert "hf_abcdef" not in json.dumps(config, default=str)
+
+
 @pytest.mark.parametrize(
     "project, env, expected", [(None, None, "moemesh"), (None, "from-env", "from-env"), ("given", "from-env", "given")]
 )
