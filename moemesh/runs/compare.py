@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moemesh.runs.reader import Run, expand, load_run
+from moemesh.runs.reader import Run, expand, jobs_never_started, load_run
 from moemesh.runs.records import A2A_PHASES, PHASES
 from moemesh.runs.steady import median
 
@@ -599,6 +599,22 @@ def write_charts(runs: list[Run], out: Path, tol: float = COINCIDE_TOL) -> list[
     return notes
 
 
+def never_started_notes(paths: list[Path]) -> list[str]:
+    """A note for each sweep directory whose later jobs left no directory (a sweep a signal
+    stopped, or one still running): they are missing from the comparison, not failed."""
+    notes = []
+    for p in paths:
+        found = jobs_never_started(p) if not (p / "summary.json").is_file() else None
+        if found and found[1]:
+            total, missing = found
+            shown = ", ".join(f"#{i}" for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
+            notes.append(
+                f"{p}: {len(missing)} of its {total} jobs never started ({shown}): no directory, so not compared; "
+                "a sweep a signal stopped printed the command that runs them"
+            )
+    return notes
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="run directories and/or sweep directories")
@@ -624,6 +640,7 @@ def main(argv=None) -> None:
     left_out += [
         f"{d}: left out: no summary.json, the job failed or has not finished (see its train.log)" for d in unfinished
     ]
+    left_out += never_started_notes(a.paths)
     if not runs:
         print(f"compare.py: no run could be read: {'; '.join(left_out)}", file=sys.stderr)
         raise SystemExit(2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,6 +184,67 @@ def _job_order(d: Path):
 def _is_job(d: Path) -> bool:
     """A directory a run wrote into: Hydra's .hydra/, train.log or metrics.jsonl."""
     return any((d / name).exists() for name in (".hydra", "train.log", "metrics.jsonl"))
+
+
+MAX_MULTIRUN_BYTES = 4 << 20
+
+
+def _values(value: str) -> int | None:
+    """How many values a basic sweep override's value gives: 1 for a plain value, N for N
+    top-level comma-separated ones, len(range(...)) and choice's arguments; None for what this
+    reader does not take apart (glob, interval, quoting it cannot close)."""
+    value = value.strip()
+    m = re.fullmatch(r"range\(\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?(?:,\s*(-?\d+)\s*)?\)", value)
+    if m:
+        a, b, step = m.groups()
+        bounds = (int(a), int(b)) if b is not None else (0, int(a))
+        return len(range(*bounds, int(step) if step else 1)) if step != "0" else None
+    m = re.fullmatch(r"choice\((.*)\)", value, re.DOTALL)
+    if m:
+        value = m.group(1)
+    elif re.match(r"\w+\(", value):
+        return None
+    depth, quote, count = 0, "", 1
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            count += 1
+    return None if quote or depth else count
+
+
+def jobs_never_started(sweep: Path) -> tuple[int, list[int]] | None:
+    """(jobs a basic sweep was to run, the numbers of those that left no directory), from its
+    multirun.yaml (read bounded, as untrusted): a sweep stopped by a signal never starts its later
+    jobs. None where it cannot be told (no multirun.yaml, another sweeper, a value it cannot count)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(read_bounded(sweep / "multirun.yaml", MAX_MULTIRUN_BYTES))
+        hydra = cfg["hydra"]
+        if not str(hydra["sweeper"]["_target_"]).endswith(".BasicSweeper"):
+            return None
+        task = hydra["overrides"]["task"]
+    except (ValueError, OSError, RecursionError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    total = 1
+    for override in task if isinstance(task, list) else []:
+        if not isinstance(override, str) or "=" not in override:
+            continue
+        n = _values(override.split("=", 1)[1])
+        if n is None:
+            return None
+        total *= n
+    if total > 1 << 20:
+        return None
+    seen = {int(d.name.split("_")[0]) for d in sweep.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()}
+    return total, [i for i in range(total) if i not in seen]
 
 
 def expand(paths: list[Path], unfinished: list[Path] | None = None) -> list[Path]:

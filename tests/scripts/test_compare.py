@@ -487,6 +487,39 @@ def test_a_key_given_twice_labels_the_run_by_the_value_it_used(tmp_path):
     assert [r.label for r in _runs(*dirs)] == ["ep2 (trainer.lr=2e-3)", "ep2 (trainer.lr=1e-3)"]
 
 
+def _multirun(sweep: Path, task: list[str], sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    import yaml
+
+    cfg = {"hydra": {"sweeper": {"_target_": sweeper}, "overrides": {"task": task}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_jobs_a_stopped_sweep_never_started_are_named(tmp_path, capsys):
+    """A sweep a signal stopped after its first jobs never starts the others: they left no
+    directory, so compare.py said nothing of them and the table looked like the whole sweep."""
+    from moemesh.runs.reader import jobs_never_started
+
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "0_ep2", "ep2", losses=LOSS)
+    _fake_run(sweep / "1_dp2", "dp2", losses=LOSS)
+    _multirun(sweep, ["parallel=ep2,dp2,ep4", "trainer.lr=1e-3,'2e-3'", "data.sources=[{path: a, weight: 1}]"])
+    assert jobs_never_started(sweep) == (6, [2, 3, 4, 5])
+    compare.main([str(sweep), "--out", str(tmp_path / "cmp")])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"{sweep}: 4 of its 6 jobs never started (#2, #3, #4, #5): no directory, so not compared" in md
+    # range() and choice() count as Hydra counts them; what it cannot count, and other sweepers, say nothing
+    for task, want in [
+        (["trainer.seed=range(0,3)", "parallel=choice(ep2,dp2)"], (6, [2, 3, 4, 5])),
+        (["trainer.seed=range(2)"], (2, [])),
+        (["trainer.lr=interval(0,1)"], None),
+        (["trainer.lr='1,2"], None),
+    ]:
+        _multirun(sweep, task)
+        assert jobs_never_started(sweep) == want, task
+    _multirun(sweep, ["parallel=ep2,dp2,ep4"], sweeper="hydra_plugins.moemesh_layouts.sweeper.LayoutSweeper")
+    assert jobs_never_started(sweep) is None
+
+
 def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
     (tmp_path / "file").write_text("")
