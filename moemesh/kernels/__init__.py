@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from moemesh.fields import KernelBackend
 from moemesh.kernels._triton import can_run_triton, triton_available
-from moemesh.kernels.gating import GatingOutput, gating_reference, gating_triton
+from moemesh.kernels.gating import MAX_TRITON_EXPERTS, GatingOutput, gating_reference, gating_triton
 from moemesh.kernels.permute import permute_reference, permute_triton
 from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
 from moemesh.kernels.swiglu import swiglu_bwd_torch, swiglu_bwd_triton, swiglu_fwd_torch, swiglu_fwd_triton
@@ -50,18 +50,27 @@ TRITON_OPS = KernelOps(
 )
 
 
-def resolve_backend(backend: str, device_type: str) -> str:
-    """auto: triton on CUDA (when triton imports), torch elsewhere."""
+def resolve_backend(backend: str, device_type: str, num_experts: int | None = None) -> str:
+    """auto: triton on CUDA (when triton imports and the model's ``num_experts`` fits the
+    gating kernel's tile), torch elsewhere."""
     if backend == "auto":
-        return "triton" if device_type == "cuda" and triton_available() else "torch"
+        fits = num_experts is None or num_experts <= MAX_TRITON_EXPERTS
+        return "triton" if device_type == "cuda" and triton_available() and fits else "torch"
     return backend
 
 
-def backend_problem(backend: str, device_type: str) -> str | None:
-    """Why ``backend`` cannot run on ``device_type`` (None if it can)."""
+def backend_problem(backend: str, device_type: str, num_experts: int | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device_type`` for a model of ``num_experts`` experts
+    (None if it can)."""
     if backend not in BACKENDS:
         return f"is not one of {', '.join(BACKENDS)}"
-    if resolve_backend(backend, device_type) == "triton" and not can_run_triton(device_type):
+    resolved = resolve_backend(backend, device_type, num_experts)
+    if resolved == "triton" and num_experts is not None and num_experts > MAX_TRITON_EXPERTS:
+        return (
+            f"cannot route model.num_experts={num_experts}: the Triton gating kernel holds at most "
+            f"{MAX_TRITON_EXPERTS} experts; valid for this model: auto (the torch backend here), torch"
+        )
+    if resolved == "triton" and not can_run_triton(device_type):
         if not triton_available():
             return "needs the triton package (pip install triton==3.9.0); valid here: auto, torch"
         return (
@@ -71,15 +80,18 @@ def backend_problem(backend: str, device_type: str) -> str | None:
     return None
 
 
-def get_ops(backend: str, device_type: str) -> KernelOps:
-    problem = backend_problem(backend, device_type)
+def get_ops(backend: str, device_type: str, num_experts: int | None = None) -> KernelOps:
+    """The ops of ``backend`` on ``device_type``; ``num_experts`` (the model's, all of them:
+    gating sees every expert) makes auto fall back to torch where Triton's gating cannot."""
+    problem = backend_problem(backend, device_type, num_experts)
     if problem:
         raise ValueError(f"kernels.backend={backend!r} {problem}")
-    return TRITON_OPS if resolve_backend(backend, device_type) == "triton" else TORCH_OPS
+    return TRITON_OPS if resolve_backend(backend, device_type, num_experts) == "triton" else TORCH_OPS
 
 
 __all__ = [
     "BACKENDS",
+    "MAX_TRITON_EXPERTS",
     "GatingOutput",
     "KernelBackend",
     "KernelOps",

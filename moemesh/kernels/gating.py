@@ -55,6 +55,9 @@ class GatingOutput:
 
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+# The Triton kernels hold a row's E logits in one tile: more experts than this cannot use them
+# (kernels.backend=triton is refused for such a model, auto falls back to the torch reference).
+MAX_TRITON_EXPERTS = 1024
 
 
 def _bincount(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -278,7 +281,7 @@ def _check_fwd(logits_TE, bias_E, top_k):
     )
     T, E = logits_TE.shape
     check(1 <= top_k <= E, f"fused_gating: top_k={top_k} must be in 1..E={E}")
-    check(E <= 1024, f"fused_gating: E={E} > 1024 does not fit one tile")
+    check(E <= MAX_TRITON_EXPERTS, f"fused_gating: E={E} > {MAX_TRITON_EXPERTS} does not fit one tile")
     if bias_E is not None:
         check(bias_E.shape == (E,), f"fused_gating: expert bias must be [E={E}], got {tuple(bias_E.shape)}")
 

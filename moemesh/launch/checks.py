@@ -50,7 +50,7 @@ def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) 
         )
     if run.trainer.device == Device.cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is available; valid here: auto, cpu")
-    problem = backend_problem(run.kernels.backend, "cuda" if use_cuda(run) else "cpu")
+    problem = backend_problem(run.kernels.backend, "cuda" if use_cuda(run) else "cpu", run.model.num_experts)
     if problem:
         raise ConfigError(f"kernels.backend={run.kernels.backend} {problem}")
     if run.cluster.backend == CommBackend.nccl and not use_cuda(run):

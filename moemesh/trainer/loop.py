@@ -238,7 +238,7 @@ def build_training(run: RunConfig, ctx: RankContext) -> TrainState:
         f"moemesh: {layout_name(dims)} ({dims.describe()}), model={m.name}, "
         f"{sum(p.numel() for p in model.parameters()):,} params on rank 0, "
         f"global batch {t.global_batch_size} x {t.seq_len} tokens, micro batch {micro} x {accum} accumulation, "
-        f"kernels={get_ops(run.kernels.backend, device.type).name}"
+        f"kernels={get_ops(run.kernels.backend, device.type, m.num_experts).name}"
     )
     data = TokenData(ctx.data_paths, seed=t.seed)  # reads ahead in a thread of its own (moemesh.data)
     ckpt = Checkpointer(

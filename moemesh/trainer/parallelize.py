@@ -212,7 +212,7 @@ def build_model(
     apply_load_balance_group(
         model, mesh.data_tp_group if run.model.load_balance_scope == LoadBalanceScope["global"] else None
     )
-    apply_kernels(model, get_ops(run.kernels.backend, device.type))
+    apply_kernels(model, get_ops(run.kernels.backend, device.type, run.model.num_experts))
     materialize(model, device)
     # On the meta device (the planner's tests) there is nothing to draw. With model.hf_path the
     # parameters are read from the checkpoint once sharded (load_hf_weights): only the buffers here.
