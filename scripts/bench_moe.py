@@ -1,17 +1,24 @@
 """The MoE layer against the ideal time of its expert GEMMs, and against its peers, side by side.
 
     python scripts/bench_moe.py [--tokens 4096 --hidden 512 --ffn 1024 --experts 8 --top-k 2] [--rounds 5]
+                                [--dtype fp32|bf16]
 
 One process, one problem: T tokens of width D routed top-K over E SwiGLU experts of width F,
 exact and dropless (every routed row computed). Every implementation gets the same weights
-and the same input, and is checked against a float64 reference of that problem (output and
-input gradient) before it is timed; one that routes or computes differently is reported and
-not timed. Rows are timed interleaved over ``--rounds`` rounds (every implementation once per
-round, in turn), and each ratio is printed as the median over the rounds with its range.
+and the same input, and is checked against a float64 reference of that problem, computed on
+the same device (output, input gradient and the router's and experts' weight gradients),
+before it is timed; one that raises, routes or computes differently is dropped with a one-line
+note and the others still run. The tolerance depends on ``--dtype``: fp32 (default on a CPU)
+agrees to rounding, bf16 autocast (default on CUDA; on a CPU too where asked) to bf16's
+rounding and the near-ties it routes differently (``TOL``). Each check line, then each
+round's times, are printed as soon as they are known. Rows are timed interleaved over
+``--rounds`` rounds (every implementation once per round, in turn), and each ratio is printed
+as the median over the rounds with its range.
 
 Ideal: the expert FLOPs (forward 3 GEMMs of 2 N D F for N = T K routed rows, backward twice
-that: 6 N D F and 18 N D F) divided by the best dense ``F.linear`` rate this process measures
-for the experts' GEMM shapes (N/E and N rows; D -> F and F -> D), in the same rounds. What an
+that: 6 N D F and 18 N D F; ``ideal_seconds``) divided by the best dense ``F.linear`` rate this
+process measures for the experts' GEMM shapes (N/E and N rows; D -> F and F -> D), in the
+layer's compute dtype (bf16 under bf16 autocast), in the same rounds. What an
 implementation spends above it is routing, permutation, the SwiGLU pointwise work, the
 combine, autograd and GEMM inefficiency. The last column counts the pages this process touches
 for the first time during one fwd+bwd (minor faults, median over the rounds): on a CPU each is
@@ -36,6 +43,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +54,25 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from moemesh.errors import ConfigError  # noqa: E402
 from moemesh.kernels import get_ops  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.trainer.parallelize import apply_kernels  # noqa: E402
 
-# fp32 against fp64: a correct layer agrees to rounding (measured ~1e-7 relative); a wrong
-# routing decision or a dropped row is off by O(1).
-TOL = 1e-4
+# The check against the float64 reference, by the dtype the layer computes in: (tolerance, how
+# the error is measured).
+# fp32: a correct layer agrees to rounding (measured ~1e-7 of the largest entry); a wrong
+# routing decision or a dropped row is off by O(1) in its entries.
+# bf16 autocast: 8 bits of mantissa leave a layer that routes in fp32 (moemesh) ~6e-3 off in
+# norm; one that routes on bf16 logits (DeepSpeed, Mixtral) also flips the near-ties float64
+# decides otherwise, 3e-2 to 9e-2 off (measured with CPU autocast, T=256-512, E=16 K=4 and
+# E=64 K=8, the CUDA default's E and K). The norm is used there (a flipped near-tie moves a few
+# entries by O(1)), with room for that: a missing gradient is off by 1, a wrong routing rule or
+# a dropped quarter of the rows by O(1) too; finer errors are the fp32 check's to find.
+TOL = {torch.float32: (1e-4, "max"), torch.bfloat16: (0.25, "norm")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GRADS = ("router", "w1", "w3", "w2")  # the weight gradients checked, in moemesh's layout (Weights)
 
 
 @dataclass
@@ -69,10 +88,23 @@ class Weights:
 @dataclass
 class Impl:
     name: str
-    run: Callable[[torch.Tensor], torch.Tensor]  # x [T, D] -> out [T, D], differentiable
+    run: Callable[[torch.Tensor], torch.Tensor] | None  # x [T, D] -> out [T, D], differentiable
+    module: nn.Module | None = None  # holds the weights: their gradients are cleared before the check
+    # the weights' gradients in moemesh's layout (Weights' shapes), keyed by GRADS; None: not computed
+    grads: Callable[[], dict[str, torch.Tensor | None]] | None = None
     times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwd+bwd": []})
     faults: list[int] = field(default_factory=list)  # pages first touched per fwd+bwd (minor faults)
     error: str | None = None
+    worst: float = 0.0  # the largest error the check measured (under TOL's measure)
+
+
+@dataclass
+class Reference:
+    """The float64 reference's output and gradients, on the benchmark's device."""
+
+    out: torch.Tensor
+    x_grad: torch.Tensor
+    w_grads: dict[str, torch.Tensor]
 
 
 def reference(x: torch.Tensor, w: Weights, top_k: int) -> torch.Tensor:
@@ -91,13 +123,35 @@ def reference(x: torch.Tensor, w: Weights, top_k: int) -> torch.Tensor:
     return out
 
 
+def reference_grads(x: torch.Tensor, g: torch.Tensor, w: Weights, top_k: int) -> Reference:
+    """``reference``'s output and the gradients of <out, g>, in float64 on ``x``'s device (on
+    CUDA the GPU's: never the CPU at the large CUDA shape)."""
+    xr = x.detach().double().requires_grad_()
+    w64 = Weights(*(t.detach().to(x.device, torch.float64).requires_grad_() for t in dataclasses.astuple(w)))
+    out = reference(xr, w64, top_k)
+    out.backward(g.double())
+    assert xr.grad is not None
+    return Reference(
+        out.detach(),
+        xr.grad,
+        {k: getattr(w64, k).grad for k in GRADS},  # type: ignore[misc]
+    )
+
+
+def ideal_seconds(tokens: int, top_k: int, D: int, Fh: int, rate: float) -> dict[str, float]:
+    """The expert GEMMs' time at ``rate`` FLOP/s: N = tokens x top_k routed rows, each through
+    3 GEMMs of 2 D F FLOPs forward (6 N D F), twice that backward (dX and dW: 18 N D F)."""
+    N = tokens * top_k
+    return {"fwd": 6 * N * D * Fh / rate, "fwd+bwd": 18 * N * D * Fh / rate}
+
+
 def moemesh_impl(
     cfg: ModelConfig, w: Weights, device, *, grouped: bool | None, backend: str, inductor_swiglu: bool = False
 ) -> Impl:
     """moemesh's layer; ``grouped``: the experts' GEMM path (None: the default for the device,
     named in the row)."""
     layer = MoELayer(cfg=cfg)
-    ops = get_ops(backend, device)
+    ops = get_ops(backend, device, cfg.num_experts)
     if inductor_swiglu:
         # The CPU fusion route: the torch backend's SwiGLU forward and backward primitives
         # compiled by inductor (one loop each way instead of 2 and 5 passes); the rest eager.
@@ -114,10 +168,23 @@ def moemesh_impl(
         layer.experts.w3_eDF.copy_(w.w3)
         layer.experts.w2_eFD.copy_(w.w2)
     layer = layer.to(device)
+    name = moemesh_name(device, grouped=grouped, backend=backend, inductor_swiglu=inductor_swiglu)
+
+    def grads():
+        return {
+            "router": layer.router.weight_ED.grad,
+            "w1": layer.experts.w1_eDF.grad,
+            "w3": layer.experts.w3_eDF.grad,
+            "w2": layer.experts.w2_eFD.grad,
+        }
+
+    return Impl(name, lambda x: layer(x.unsqueeze(0))[0].squeeze(0), layer, grads)
+
+
+def moemesh_name(device, *, grouped: bool | None, backend: str, inductor_swiglu: bool = False) -> str:
     path = "grouped_mm" if (device != "cpu" if grouped is None else grouped) else "per-expert loop"
     name = f"moemesh, {path}{' (default)' if grouped is None else ''}, {backend} kernels"
-    name += ", SwiGLU compiled (inductor)" if inductor_swiglu else ""
-    return Impl(name, lambda x: layer(x.unsqueeze(0))[0].squeeze(0))
+    return name + (", SwiGLU compiled (inductor)" if inductor_swiglu else "")
 
 
 class _SwiGLUExpert(nn.Module):
@@ -160,7 +227,16 @@ def deepspeed_impl(cfg: ModelConfig, w: Weights, device) -> Impl | None:
             expert.w3.weight.copy_(w.w3[e].t())
             expert.w2.weight.copy_(w.w2[e].t())
     moe = moe.to(device)
-    return Impl("DeepSpeed 0.19 MoE, ep_size=1, no drop", lambda x: moe(x.unsqueeze(0))[0].squeeze(0))
+    experts = moe.deepspeed_moe.experts.deepspeed_experts
+
+    def grads():
+        def stacked(name):  # nn.Linear keeps [out, in]: moemesh's [in, out] per expert
+            gs = [getattr(e, name).weight.grad for e in experts]
+            return None if any(gr is None for gr in gs) else torch.stack([gr.t() for gr in gs])
+
+        return {"router": moe.deepspeed_moe.gate.wg.weight.grad, **{k: stacked(k) for k in ("w1", "w3", "w2")}}
+
+    return Impl("DeepSpeed 0.19 MoE, ep_size=1, no drop", lambda x: moe(x.unsqueeze(0))[0].squeeze(0), moe, grads)
 
 
 def transformers_impls(cfg: ModelConfig, w: Weights, device) -> list[Impl]:
@@ -182,32 +258,83 @@ def transformers_impls(cfg: ModelConfig, w: Weights, device) -> list[Impl]:
             block.experts.gate_up_proj.copy_(torch.cat([w.w1, w.w3], dim=2).transpose(1, 2))
             block.experts.down_proj.copy_(w.w2.transpose(1, 2))
         block = block.to(device)
-        out.append(Impl(f"transformers Mixtral block, {how}", lambda x, b=block: b(x.unsqueeze(0)).squeeze(0)))
+
+        def grads(b=block):
+            gu, down = b.experts.gate_up_proj.grad, b.experts.down_proj.grad  # [E, 2F, D], [E, D, F]
+            return {
+                "router": b.gate.weight.grad,
+                "w1": None if gu is None else gu[:, :Fh].transpose(1, 2),
+                "w3": None if gu is None else gu[:, Fh:].transpose(1, 2),
+                "w2": None if down is None else down.transpose(1, 2),
+            }
+
+        run = lambda x, b=block: b(x.unsqueeze(0)).squeeze(0)  # noqa: E731
+        out.append(Impl(f"transformers Mixtral block, {how}", run, block, grads))
     return out
 
 
-def check(impl: Impl, x: torch.Tensor, g: torch.Tensor, ref_out: torch.Tensor, ref_grad: torch.Tensor) -> None:
-    """Output and input gradient against the float64 reference; sets ``impl.error`` otherwise."""
-    xi = x.detach().clone().requires_grad_()
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type, its message's first line, where it was raised."""
+    lines = str(err).strip().splitlines()
+    where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    at = f" (at {Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:160]}{at}"
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor, measure: str) -> float:
+    """max: the largest difference over the largest entry; norm: the norms' ratio."""
+    diff = got.detach().to(want.dtype) - want
+    if measure == "max":
+        return float(diff.abs().max() / want.abs().max())
+    return float(diff.norm() / want.norm())
+
+
+def check(impl: Impl, x: torch.Tensor, g: torch.Tensor, ref: Reference, autocast, dtype: torch.dtype) -> None:
+    """One fwd+bwd under ``autocast``: the output, the input gradient and the weights'
+    gradients against the float64 reference at ``dtype``'s tolerance (``TOL``); sets
+    ``impl.error`` (one line) if it raises or differs, else ``impl.worst``."""
+    tol, measure = TOL[dtype]
     try:
-        out = impl.run(xi)
+        assert impl.run is not None and impl.module is not None and impl.grads is not None
+        impl.module.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_()
+        with autocast:
+            out = impl.run(xi)
         out.float().backward(g)
-    except Exception as err:  # a peer that cannot run this problem: said, not timed
-        impl.error = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        return
-    for what, got, want in (("output", out, ref_out), ("input gradient", xi.grad, ref_grad)):
-        rel = float((got.detach().double() - want).abs().max() / want.abs().max())
-        if not rel <= TOL:
-            impl.error = f"{what} differs from the float64 reference by {rel:.1e} (relative to its largest entry)"
-            return
+        got = {"output": out, "input gradient": xi.grad, **{f"{k} weight gradient": v for k, v in impl.grads().items()}}
+        want = {"output": ref.out, "input gradient": ref.x_grad}
+        want.update({f"{k} weight gradient": ref.w_grads[k] for k in GRADS})
+        for what, expected in want.items():
+            have = got.get(what)
+            if have is None:
+                impl.error = f"computes no {what}"
+                return
+            if have.shape != expected.shape:
+                impl.error = f"{what} has shape {tuple(have.shape)}, not {tuple(expected.shape)}"
+                return
+            rel = rel_error(have, expected, measure)
+            impl.worst = max(impl.worst, rel)
+            if not rel <= tol:
+                impl.error = (
+                    f"{what} differs from the float64 reference by {rel:.1e} "
+                    f"({'of its largest entry' if measure == 'max' else 'in norm'}; {tol:.0e} allowed)"
+                )
+                return
+    except Exception as err:  # a peer that cannot run this problem: said, dropped, the others run
+        impl.error = _one_line(err)
+    finally:
+        if impl.module is not None:
+            impl.module.zero_grad(set_to_none=True)
 
 
-def dense_rate(D: int, Fh: int, rows: list[int], device, sync) -> float:
-    """The best FLOP/s of F.linear over the experts' GEMM shapes: ``rows`` x D -> F and F -> D."""
+def dense_rate(D: int, Fh: int, rows: list[int], device, sync, dtype: torch.dtype = torch.float32) -> float:
+    """The best FLOP/s of F.linear over the experts' GEMM shapes: ``rows`` x D -> F and F -> D,
+    in ``dtype`` (the layer's compute dtype: bf16 under bf16 autocast, as its GEMMs run)."""
     best = 0.0
     for n in rows:
         for a, b in ((D, Fh), (Fh, D)):
-            x, wt = torch.randn(n, a, device=device), torch.randn(b, a, device=device)
+            x = torch.randn(n, a, device=device, dtype=dtype)
+            wt = torch.randn(b, a, device=device, dtype=dtype)
             F.linear(x, wt)
             sync()
             t0 = time.perf_counter()
@@ -219,8 +346,18 @@ def dense_rate(D: int, Fh: int, rows: list[int], device, sync) -> float:
     return best
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own: usage, then the message)
+        _refuse(message)
+
+
+def _refuse(message: str):
+    print(f"bench_moe: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=None, help="default 4096 on CPU, 16384 on CUDA")
     p.add_argument("--hidden", type=int, default=None, help="default 512 on CPU, 2048 on CUDA")
     p.add_argument("--ffn", type=int, default=None, help="default 1024 on CPU and CUDA")
@@ -228,6 +365,12 @@ def _args(argv):
     p.add_argument("--top-k", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each implementation once per round)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="fp32, or bf16 autocast (the layer's and the dense rate's); default fp32 on CPU, bf16 on CUDA",
+    )
     p.add_argument("--no-peers", action="store_true", help="moemesh's rows only")
     p.add_argument(
         "--kernels",
@@ -235,23 +378,53 @@ def _args(argv):
         help="moemesh's token-path kernel backends to time side by side, comma-separated (auto, triton, "
         "torch); default torch on CPU, triton,torch on CUDA",
     )
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag in ("tokens", "hidden", "ffn", "experts", "top_k", "rounds", "threads"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            _refuse(f"--{flag.replace('_', '-')}={value} must be a positive integer")
+    if a.top_k is not None and a.experts is not None and a.top_k > a.experts:
+        _refuse(f"--top-k={a.top_k} must be in 1..--experts={a.experts}")
+    return a
 
 
 def _implementations(cfg: ModelConfig, w: Weights, device, peers: bool, backends: list[str]) -> list[Impl]:
-    impls = [moemesh_impl(cfg, w, device, grouped=None, backend=b) for b in backends]
+    """Every implementation, each built on the same weights; one whose construction raises is
+    an ``Impl`` with its error (reported, not timed)."""
+    impls: list[Impl] = []
+
+    def add(name: str, build: Callable[[], Impl | list[Impl] | None]) -> None:
+        try:
+            made = build()
+        except Exception as err:
+            impls.append(Impl(name, None, error=f"could not be built: {_one_line(err)}"))
+            return
+        impls.extend([] if made is None else made if isinstance(made, list) else [made])
+
+    for b in backends:
+        add(
+            moemesh_name(device, grouped=None, backend=b),
+            lambda b=b: moemesh_impl(cfg, w, device, grouped=None, backend=b),
+        )
     if device == "cpu" and "torch" in backends:
-        impls.append(moemesh_impl(cfg, w, device, grouped=None, backend="torch", inductor_swiglu=True))
+        name = moemesh_name(device, grouped=None, backend="torch", inductor_swiglu=True)
+        add(name, lambda: moemesh_impl(cfg, w, device, grouped=None, backend="torch", inductor_swiglu=True))
     # the other expert GEMM path: on a CPU the GPU's grouped GEMMs, on a GPU the per-expert loop
-    impls.append(moemesh_impl(cfg, w, device, grouped=device == "cpu", backend="torch"))
+    other = device == "cpu"
+    add(
+        moemesh_name(device, grouped=other, backend="torch"),
+        lambda: moemesh_impl(cfg, w, device, grouped=other, backend="torch"),
+    )
     if peers:
-        ds = deepspeed_impl(cfg, w, device)
-        impls += ([ds] if ds is not None else []) + transformers_impls(cfg, w, device)
+        add("DeepSpeed MoE", lambda: deepspeed_impl(cfg, w, device))
+        add("transformers Mixtral block", lambda: transformers_impls(cfg, w, device))
     return impls
 
 
-def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense) -> float:
-    """Every implementation's fwd and fwd+bwd, once per round, in turn; the best dense rate."""
+def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense, say=print) -> float:
+    """Every implementation's fwd and fwd+bwd, once per round, in turn; the best dense rate.
+    One that raises is dropped with a one-line note (``impl.error``), the others go on; each
+    round's times are printed (``say``) as soon as the round ends."""
 
     def fwd(impl):
         with autocast:
@@ -263,21 +436,38 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense) ->
             out = impl.run(xi)
         out.float().backward(g)
 
-    timed = [i for i in impls if i.error is None]
-    for impl in timed:  # warm-up (allocator, Triton compile)
-        fwd_bwd(impl)
+    def drop(impl, err):
+        impl.error = f"raised while timed: {_one_line(err)}"
+        say(f"[{impls.index(impl) + 1}] {impl.name}: dropped, {impl.error}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    for impl in [i for i in impls if i.error is None]:  # warm-up (allocator, Triton compile)
+        try:
+            fwd_bwd(impl)
+        except Exception as err:
+            drop(impl, err)
     rates = []
-    for _ in range(rounds):
+    for r in range(rounds):
         rates.append(dense())
-        for impl in timed:
-            for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                sync()
-                f0, t0 = _minor_faults(), time.perf_counter()
-                fn(impl)
-                sync()
-                impl.times[what].append(time.perf_counter() - t0)
-                if what == "fwd+bwd":
-                    impl.faults.append(_minor_faults() - f0)
+        cells = []
+        for impl in [i for i in impls if i.error is None]:
+            try:
+                for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    sync()
+                    f0, t0 = _minor_faults(), time.perf_counter()
+                    fn(impl)
+                    sync()
+                    impl.times[what].append(time.perf_counter() - t0)
+                    if what == "fwd+bwd":
+                        impl.faults.append(_minor_faults() - f0)
+            except Exception as err:
+                drop(impl, err)
+                continue
+            cells.append(
+                f"[{impls.index(impl) + 1}] {impl.times['fwd'][-1] * 1e3:.2f} / {impl.times['fwd+bwd'][-1] * 1e3:.2f}"
+            )
+        say(f"round {r + 1}/{rounds}: dense {rates[-1] / 1e9:.1f} GFLOP/s; fwd / fwd+bwd ms: {', '.join(cells)}")
     return max(rates)
 
 
@@ -291,20 +481,38 @@ def main(argv=None) -> None:
     a = _args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    dtype = DTYPES[a.dtype or ("bf16" if cuda else "fp32")]
+    pick = lambda c, g: g if cuda else c  # noqa: E731
+    T, D, Fh = _given(a.tokens, pick(4096, 16384)), _given(a.hidden, pick(512, 2048)), _given(a.ffn, 1024)
+    E, K = _given(a.experts, pick(8, 64)), _given(a.top_k, pick(2, 8))
+    if K > E:
+        _refuse(f"--top-k={K} must be in 1..--experts={E}")
     backends = (a.kernels or ("triton,torch" if cuda else "torch")).split(",")
     for b in backends:
         try:
-            get_ops(b, device)
+            get_ops(b, device, E)
         except ValueError as err:  # a backend that does not exist, or cannot run here: one line
-            sys.exit(f"bench_moe: {err}")
+            _refuse(str(err))
+    try:
+        # No balance losses attached: the peers' forward computes none either (DeepSpeed's aux
+        # loss is returned beside the output, unused here).
+        cfg = ModelConfig(
+            name="bench", hidden_size=D, moe_ffn_hidden_size=Fh, num_experts=E, top_k=K,
+            aux_loss_factor=0.0, z_loss_factor=0.0,
+        )  # fmt: skip
+    except ConfigError as err:  # a shape the model refuses: its one line
+        _refuse(str(err))
     if a.threads:
         torch.set_num_threads(a.threads)
-    pick = lambda c, g: g if cuda else c  # noqa: E731
-    T, D, Fh = a.tokens or pick(4096, 16384), a.hidden or pick(512, 2048), a.ffn or 1024
-    E, K = a.experts or pick(8, 64), a.top_k or pick(2, 8)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    say = lambda *line: print(*line, flush=True)  # noqa: E731  (each result as soon as it is known)
     N = T * K
+    where = torch.cuda.get_device_name() if cuda else _cpu_model()
+    threads = "" if cuda else f", {torch.get_num_threads()} threads"
+    say(f"bench_moe — {where}, torch {torch.__version__}{threads}, {a.dtype or ('bf16' if cuda else 'fp32')}"
+        f"{' autocast' if dtype != torch.float32 else ''}")  # fmt: skip
+    say(f"T={T} D={D} F={Fh} E={E} K={K}: {N} routed rows, exact and dropless; {a.rounds} interleaved rounds")
     torch.manual_seed(0)
     w = Weights(
         torch.randn(E, D) * 0.05,
@@ -312,46 +520,45 @@ def main(argv=None) -> None:
         torch.randn(E, D, Fh) * 0.05,
         torch.randn(E, Fh, D) * 0.05,
     )
-    # No balance losses attached: the peers' forward computes none either (DeepSpeed's aux
-    # loss is returned beside the output, unused here).
-    cfg = ModelConfig(
-        name="bench", hidden_size=D, moe_ffn_hidden_size=Fh, num_experts=E, top_k=K,
-        aux_loss_factor=0.0, z_loss_factor=0.0,
-    )  # fmt: skip
     x, g = torch.randn(T, D, device=device), torch.randn(T, D, device=device)
-    xr = x.double().cpu().requires_grad_()
-    ref_out = reference(xr, w, K)
-    ref_out.backward(g.double().cpu())
-    ref_out, ref_grad = ref_out.detach().to(device), xr.grad.to(device)
+    ref = reference_grads(x, g, w, K)  # float64 on the device itself
     impls = _implementations(cfg, w, device, peers=not a.no_peers, backends=backends)
-    for impl in impls:
-        if not cuda:  # bf16 autocast on CUDA is not fp32: checked against its own tolerance there
-            check(impl, x, g, ref_out, ref_grad)
-    rate = _time_rounds(impls, x, g, a.rounds, autocast, sync, lambda: dense_rate(D, Fh, [N // E, N], device, sync))
-    ideal = {"fwd": 6 * N * D * Fh / rate, "fwd+bwd": 18 * N * D * Fh / rate}
-
-    where = torch.cuda.get_device_name() if cuda else _cpu_model()
-    threads = "" if cuda else f", {torch.get_num_threads()} threads"
-    print(f"bench_moe — {where}, torch {torch.__version__}{threads}, {'bf16 autocast' if cuda else 'fp32'}")
-    print(f"T={T} D={D} F={Fh} E={E} K={K}: {N} routed rows, exact and dropless; {a.rounds} interleaved rounds")
-    print(
-        f"ideal: expert FLOPs at the best dense F.linear rate {rate / 1e9:.1f} GFLOP/s "
+    tol, measure = TOL[dtype]
+    say(f"checked against float64 on {device} (output, input and weight gradients; {measure} error ≤ {tol:.0e}):")
+    for i, impl in enumerate(impls, 1):
+        if impl.error is None:
+            check(impl, x, g, ref, autocast, dtype)
+        say(f"[{i}] {impl.name}: " + (f"dropped, {impl.error}" if impl.error else f"ok, worst {impl.worst:.1e}"))
+    del ref
+    if cuda:
+        torch.cuda.empty_cache()
+    dense = lambda: dense_rate(D, Fh, [N // E, N], device, sync, dtype)  # noqa: E731
+    rate = _time_rounds(impls, x, g, a.rounds, autocast, sync, dense, say)
+    ideal = ideal_seconds(T, K, D, Fh, rate)
+    say(
+        f"\nideal: expert FLOPs at the best dense F.linear rate ({dtype_name(dtype)}) {rate / 1e9:.1f} GFLOP/s "
         f"({N // E} and {N} rows): fwd {ideal['fwd'] * 1e3:.1f} ms, fwd+bwd {ideal['fwd+bwd'] * 1e3:.1f} ms\n"
     )
-    print("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) | new pages per fwd+bwd |")
-    print("|---|---:|---:|---:|")
+    say("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) | new pages per fwd+bwd |")
+    say("|---|---:|---:|---:|")
     for impl in impls:
         if impl.error:
-            print(f"| {impl.name} | not timed: {impl.error} | | |")
+            say(f"| {impl.name} | not timed: {impl.error} | | |")
             continue
         cells = []
         for what in ("fwd", "fwd+bwd"):
             r = [t / ideal[what] for t in impl.times[what]]
             cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})")
         pages = int(statistics.median(impl.faults))
-        print(
-            f"| {impl.name} | {cells[0]} | {cells[1]} | {pages:,} ({pages * resource.getpagesize() / 2**20:.0f} MiB) |"
-        )
+        say(f"| {impl.name} | {cells[0]} | {cells[1]} | {pages:,} ({pages * resource.getpagesize() / 2**20:.0f} MiB) |")
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def _cpu_model() -> str:
