@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check (kernels issue): on a CUDA machine, run the
-# Triton kernel tests compiled (not interpreted), the ops under torch.compile, and
-# the kernel and MoE-layer benchmarks. Installs nothing beyond the requirements; its
+# Triton kernel tests compiled (not interpreted: gating, permute, sort_chunks,
+# unpermute and the experts' SwiGLU), the ops under torch.compile, and the kernel
+# and MoE-layer benchmarks (one GPU: no NCCL, no training run, no MFU). Installs nothing beyond the requirements; its
 # sections' time limits add up to under 5 minutes.
 #
 # The GPU machine (see the device tool's KINDS.md) has torch, triton, numpy, PyYAML,
@@ -43,8 +44,10 @@ $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout 60"  # one
 
 if [ $has_hydra = 1 ]; then
   section "kernel tests, compiled on CUDA (and the ops under torch.compile)"
+  # test_swiglu.py first: a few small shapes and two kernels, seconds; if the section's limit
+  # cuts the longer files, its results are already printed.
   timeout 140 $PY -m pytest -v --tb=short -p no:cacheprovider $timeout_flag \
-    tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py || status=1
+    tests/kernels/test_swiglu.py tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py || status=1
 fi
 
 section "bench_kernels"

@@ -7,6 +7,7 @@ from spending its device time on a broken script. The timings are not checked.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,17 @@ def test_bench_moe_times_each_kernel_backend(repo_root):
         timeout=120,
     )
     assert bad.returncode != 0 and "kernels.backend='cuda' is not one of auto, triton, torch" in bad.stderr
+
+
+def test_gpu_check_runs_every_compiled_kernel_test_file(repo_root):
+    """Every tests/kernels/ file whose kernels compile on a GPU (it asks whether Triton can
+    run) is in scripts/gpu_check.sh's test list: the only place they run compiled."""
+    root = Path(repo_root)
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    compiled = sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "tests" / "kernels").glob("test_*.py")
+        if "can_run_triton" in p.read_text() or "interpreting" in p.read_text()
+    )
+    assert "tests/kernels/test_swiglu.py" in compiled
+    assert [f for f in compiled if f not in script] == []
