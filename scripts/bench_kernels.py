@@ -54,20 +54,28 @@ def _time_cuda(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
 
 
+def sort_chunks_ranks(E: int) -> int | None:
+    """R, the EP ranks sort_chunks' counts [R, E/R] are cut into: the most up to 8 that leave
+    each rank at least 2 experts. With one rank or one expert per rank the rank-major order
+    is already expert-major and the op returns its input (timing a no-op); None where E
+    allows no such split (E < 4 or prime)."""
+    return next((R for R in range(min(8, E // 2), 1, -1) if E % R == 0), None)
+
+
 def _cases(T, E, K, D, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = torch.randn(T, E, generator=g).to(device)
     x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
     w = torch.rand(T, K, generator=g).to(device)
-    R = 8 if E % 8 == 0 else 1
-    counts = torch.bincount(ids.flatten().cpu(), minlength=E).view(R, E // R).to(device)
+    R = sort_chunks_ranks(E)
+    counts = torch.bincount(ids.flatten().cpu(), minlength=E).view(R or 1, E // (R or 1)).to(device)
     N = T * K
     rows = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
     _, row_map, _ = TORCH_OPS.permute(x, ids, E)
     es = x.element_size()
     # Bytes each op must move, forward.
-    return {
+    cases = {
         "gating": (lambda ops: ops.gating(logits, top_k=K, renormalize=True), T * E * 4 + T * K * 12 + T * 4),
         "permute": (lambda ops: ops.permute(x, ids, E), N * 8 + 2 * N * D * es + N * 8),
         "sort_chunks": (lambda ops: ops.sort_chunks(rows, counts), 2 * N * D * es),
@@ -77,6 +85,16 @@ def _cases(T, E, K, D, dtype, device):
             (T * E * 4 + T * K * 12 + T * 4) + (N * 16 + 2 * N * D * es) + (N * D * es + N * 12 + T * D * es),
         ),
     }
+    if R is None:  # no split that permutes: the row would time a copy-free no-op
+        del cases["sort_chunks"]
+    return cases
+
+
+def _sort_chunks_note(E: int) -> str:
+    R = sort_chunks_ranks(E)
+    if R is None:
+        return f"sort_chunks: not timed, E={E} has no split into 2+ ranks of 2+ experts (the order would not change)"
+    return f"sort_chunks: {R} ranks x {E // R} experts, rank-major to expert-major"
 
 
 def _chain(ops, logits, x, K, E):
@@ -172,6 +190,7 @@ def main(argv=None) -> None:
     peak = _peak(name, a.peak_gbps) if cuda else a.peak_gbps
     print(f"moemesh bench_kernels — {name}, torch {torch.__version__}, T={T} E={E} K={K} D={D} {dtype}", flush=True)
     cases = _cases(T, E, K, D, dtype, device)
+    print(_sort_chunks_note(E), flush=True)
     if not ((cuda and can_run_triton("cuda")) or smoke):
         print("(CPU: the torch reference, which is the production path here)")
         print("| op | ms | GB/s |\n|---|---|---|")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.scripts._interpreted import needs_triton, run_interpreted
 
@@ -108,3 +109,23 @@ def test_gpu_check_runs_every_compiled_kernel_test_file(repo_root):
     )
     assert "tests/kernels/test_swiglu.py" in compiled
     assert [f for f in compiled if f not in script] == []
+
+
+@pytest.mark.parametrize(("E", "ranks"), [(64, 8), (16, 8), (8, 4), (12, 6), (6, 3), (4, 2), (7, None), (3, None)])
+def test_sort_chunks_row_times_a_real_permutation(E, ranks):
+    """With one rank or one expert per rank sort_chunks returns its input: the row would
+    time a no-op (it reported 9,000 GB/s at E=8). The counts it times must permute rows."""
+    from moemesh.kernels import TORCH_OPS
+    from scripts import bench_kernels
+
+    assert bench_kernels.sort_chunks_ranks(E) == ranks
+    cases = bench_kernels._cases(64, E, 2, 4, torch.float32, "cpu")
+    if ranks is None:
+        assert "sort_chunks" not in cases
+        assert bench_kernels._sort_chunks_note(E).startswith(f"sort_chunks: not timed, E={E} has no split")
+        return
+    rows = torch.arange(64 * 2, dtype=torch.float32)[:, None].repeat(1, 4)
+    counts = torch.full((ranks, E // ranks), 2 * 64 // E if 2 * 64 % E == 0 else 1)
+    counts[0, 0] += 64 * 2 - int(counts.sum())
+    assert not torch.equal(TORCH_OPS.sort_chunks(rows, counts), rows)
+    assert "sort_chunks" in cases
