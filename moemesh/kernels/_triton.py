@@ -36,6 +36,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (max(int(n), 1) - 1).bit_length())
 
 
+# The floating dtypes the kernels load and store (they compute in fp32 inside); anything else
+# (float64, integers) is refused in one line rather than computed in fp32 and rounded.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(what: str, name: str, t: torch.Tensor) -> None:
+    check(t.dtype in FLOAT_DTYPES, f"{what}: {name} dtype {t.dtype} is not fp32/fp16/bf16")
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)

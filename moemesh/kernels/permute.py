@@ -114,7 +114,15 @@ def _launch(x_TD, topk_ids_TK, num_experts, *, params: Mapping[str, int] | None 
     expert_start = torch.cumsum(totals, 0) - totals
     base = expert_start[None, :] + torch.cumsum(hist, 0) - hist  # first slot of block b for key e
     counts_E = totals[:E]
-    n = int(counts_E.sum())  # host sync (the dispatcher syncs for its split sizes anyway)
+    # An id outside [0, E) other than -1 (dropped) would be dropped silently (== E) or send the
+    # scatter kernel out of bounds (> E): counted here, read in the sync the launcher makes anyway.
+    outside = ((ids < -1) | (ids >= E)).sum()
+    n, n_outside = torch.stack((counts_E.sum(), outside)).tolist()  # host sync (the dispatcher syncs anyway)
+    if n_outside:
+        bad = ids[(ids < -1) | (ids >= E)]
+        raise ValueError(
+            f"permute: expert ids must be in [0, E={E}) or -1 (dropped); {n_outside} are not, e.g. {int(bad[0])}"
+        )
     rows = torch.empty(n, D, dtype=x_TD.dtype, device=dev)
     row_map = torch.empty(n, dtype=torch.int64, device=dev)
     if NP > 0:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from moemesh.kernels._triton import check, pick, tl, triton
+from moemesh.kernels._triton import check, check_float, pick, tl, triton
 from moemesh.kernels._tuning import launch_params
 
 
@@ -82,6 +82,7 @@ if triton is not None:
 
 def _check_pair(what: str, a: torch.Tensor, b: torch.Tensor) -> None:
     check(a.dim() == 2, f"{what}: tensors must be [M, F], got {tuple(a.shape)}")
+    check_float(what, "tensor", a)
     check(a.shape == b.shape, f"{what}: shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
     check(a.dtype == b.dtype, f"{what}: dtypes differ: {a.dtype} and {b.dtype}")
     check(a.device == b.device, f"{what}: devices differ: {a.device} and {b.device}")

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
-from moemesh.kernels._triton import check, next_pow2, pick, tl, triton
+from moemesh.kernels._triton import check, check_float, next_pow2, pick, tl, triton
 from moemesh.kernels._tuning import launch_params
 
 
@@ -248,4 +248,6 @@ def unpermute_triton(rows_ND: torch.Tensor, row_map_N: torch.Tensor, topk_weight
         f"unpermute: row_map must be [N={rows_ND.shape[0]}], got {tuple(row_map_N.shape)}",
     )
     check(topk_weights_TK.dim() == 2, f"unpermute: weights must be [T, K], got {tuple(topk_weights_TK.shape)}")
+    check_float("unpermute", "rows", rows_ND)
+    check_float("unpermute", "weights", topk_weights_TK)
     return pick(_unpermute_op, _Unpermute.apply)(rows_ND, row_map_N, topk_weights_TK)

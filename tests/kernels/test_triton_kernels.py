@@ -308,3 +308,109 @@ def test_kernels_match_reference_with_small_blocks():
     assert TUNING == before
     with pytest.raises(KeyError, match="unknown launch parameters"):
         _launches({**SMALL_BLOCKS, "permute": dict(block_m=8)})
+
+
+def _int(*values):
+    return torch.tensor(values, dtype=torch.int64, device=DEVICE)
+
+
+_X, _W = _randn(3, 4), torch.full((3, 2), 0.5, device=DEVICE)
+REFUSALS = {  # what each checking launcher refuses, and its one line
+    "gating top_k 0": (
+        lambda: gating_triton(_randn(3, 4), top_k=0, renormalize=True),
+        "fused_gating: top_k=0 must be in 1..E=4",
+    ),
+    "gating top_k > E": (
+        lambda: gating_triton(_randn(3, 4), top_k=5, renormalize=True),
+        "fused_gating: top_k=5 must be in 1..E=4",
+    ),
+    "gating E > 1024": (
+        lambda: gating_triton(_randn(2, 1040), top_k=2, renormalize=True),
+        "fused_gating: E=1040 > 1024 does not fit one tile",
+    ),
+    "gating dtype": (
+        lambda: gating_triton(_randn(3, 4).double(), top_k=2, renormalize=True),
+        "fused_gating: logits dtype torch.float64 is not fp32/fp16/bf16",
+    ),
+    "gating bias shape": (
+        lambda: gating_triton(_randn(3, 4), top_k=2, renormalize=True, expert_bias_E=_randn(3)),
+        "fused_gating: expert bias must be [E=4], got (3,)",
+    ),
+    "gating logits shape": (
+        lambda: gating_triton(_randn(4), top_k=1, renormalize=True),
+        "fused_gating: logits must be [T, E], got (4,)",
+    ),
+    "permute x shape": (lambda: permute_triton(_randn(4), _int(0, 1), 4), "permute: x must be [T, D], got (4,)"),
+    "permute ids shape": (
+        lambda: permute_triton(_X, _int(0, 1).view(1, 2), 4),
+        "permute: ids must be [T=3, K], got (1, 2)",
+    ),
+    "permute ids dtype": (
+        lambda: permute_triton(_X, _W, 4),
+        "permute: ids dtype torch.float32 is not int",
+    ),
+    "permute id == E": (
+        lambda: permute_triton(_X, _int(0, 1, 2, 3, -1, 4).view(3, 2), 4),
+        "permute: expert ids must be in [0, E=4) or -1 (dropped); 1 are not, e.g. 4",
+    ),
+    "permute id > E": (
+        lambda: permute_triton(_X, _int(0, 9, 2, 3, 1, 7).view(3, 2), 4),
+        "permute: expert ids must be in [0, E=4) or -1 (dropped); 2 are not, e.g. 9",
+    ),
+    "permute id < -1": (
+        lambda: permute_triton(_X, _int(0, 1, -2, 3, 1, 2).view(3, 2), 4),
+        "permute: expert ids must be in [0, E=4) or -1 (dropped); 1 are not, e.g. -2",
+    ),
+    "sort_chunks rows shape": (
+        lambda: sort_chunks_triton(_randn(4), _int(1, 1, 1, 1).view(2, 2)),
+        "sort_chunks: rows must be [M, D], got (4,)",
+    ),
+    "sort_chunks counts shape": (
+        lambda: sort_chunks_triton(_randn(4, 2), _int(1, 1, 1, 1)),
+        "sort_chunks: counts must be [R, e], got (4,)",
+    ),
+    "unpermute rows shape": (
+        lambda: unpermute_triton(_randn(6), _int(0, 1, 2, 3, 4, 5), _W),
+        "unpermute: rows must be [N, D], got (6,)",
+    ),
+    "unpermute row_map shape": (
+        lambda: unpermute_triton(_randn(6, 4), _int(0, 1, 2), _W),
+        "unpermute: row_map must be [N=6], got (3,)",
+    ),
+    "unpermute weights shape": (
+        lambda: unpermute_triton(_randn(6, 4), _int(0, 1, 2, 3, 4, 5), _W.view(-1)),
+        "unpermute: weights must be [T, K], got (6,)",
+    ),
+    "unpermute rows float64": (
+        lambda: unpermute_triton(_randn(6, 4).double(), _int(0, 1, 2, 3, 4, 5), _W),
+        "unpermute: rows dtype torch.float64 is not fp32/fp16/bf16",
+    ),
+    "unpermute rows int": (
+        lambda: unpermute_triton(_int(*range(24)).view(6, 4), _int(0, 1, 2, 3, 4, 5), _W),
+        "unpermute: rows dtype torch.int64 is not fp32/fp16/bf16",
+    ),
+    "unpermute weights float64": (
+        lambda: unpermute_triton(_randn(6, 4), _int(0, 1, 2, 3, 4, 5), _W.double()),
+        "unpermute: weights dtype torch.float64 is not fp32/fp16/bf16",
+    ),
+    "swiglu float64": (
+        lambda: TRITON_OPS.swiglu_fwd(_randn(3, 4).double(), _randn(3, 4).double()),
+        "swiglu: tensor dtype torch.float64 is not fp32/fp16/bf16",
+    ),
+    "swiglu int": (
+        lambda: TRITON_OPS.swiglu_fwd(_int(*range(12)).view(3, 4), _int(*range(12)).view(3, 4)),
+        "swiglu: tensor dtype torch.int64 is not fp32/fp16/bf16",
+    ),
+    "swiglu backward float64": (
+        lambda: TRITON_OPS.swiglu_bwd(_randn(3, 4).double(), _randn(3, 4).double(), _randn(3, 4).double()),
+        "swiglu: tensor dtype torch.float64 is not fp32/fp16/bf16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_the_checking_launchers_refuse_bad_input_in_one_line(case):
+    call, message = REFUSALS[case]
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message
