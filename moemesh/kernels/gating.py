@@ -9,7 +9,9 @@ Scores are softmax (default) or sigmoid of the logits. Selection:
     monotonic, so this is the top-k of the scores, decided on exact inputs rather
     than on rounded exponentials that may differ between backends);
   * with a bias (aux-loss-free balancing), on score + bias; the bias never
-    enters the weights.
+    enters the weights. The score is a rounded exponential each backend computes
+    its own way (reference exp(x - lse), kernel exp(x - m) / s), so two keys
+    within a rounding error of each other may be ordered differently.
 Tie-breaking: among equal selection keys the lower expert id wins, in every
 backend (the reference gets it from a stable descending sort; the kernel takes
 the minimum index among the row's maxima).
