@@ -145,6 +145,7 @@ def apply_fsdp(
     param_dtype: torch.dtype | None = None,
     timer: ExposedReduceTimer | None = None,
     force_sum: bool = False,
+    ignored: set[nn.Parameter] | None = None,
 ) -> None:
     """Shard ``root`` in place: one unit per block (its experts and, with TP, its
     dp x ep x tp parameters in units of their own), then the root for what is left.
@@ -152,7 +153,7 @@ def apply_fsdp(
     ``param_dtype``: the compute dtype of gathered parameters (bf16 on CUDA); master
     weights, gradient reduction and optimizer state stay fp32. ``force_sum``: reduce with
     SUM and divide afterwards (gloo has no pre-multiplied sum, which NCCL uses for the
-    divide factor).
+    divide factor). ``ignored``: parameters of ``root`` left to another root that shares them.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -166,7 +167,7 @@ def apply_fsdp(
         shard.inner_units(block, [])
         shard(block, meshes.data)
     shard.inner_units(root, blocks)
-    shard(root, meshes.data)
+    shard(root, meshes.data, ignored=ignored)
     for name, p in root.named_parameters():
         for key, value in tags[name].items():
             setattr(p, key, value)
@@ -185,7 +186,7 @@ class _UnitSharder:
         self.meshes, self.mode, self.mp, self.force_sum = meshes, mode, mp, force_sum
         self.units: list[nn.Module] = []
 
-    def __call__(self, module: nn.Module, mesh) -> None:
+    def __call__(self, module: nn.Module, mesh, ignored: set[nn.Parameter] | None = None) -> None:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Shard
 
@@ -196,6 +197,7 @@ class _UnitSharder:
             reshard_after_forward=self.mode == Sharding.zero3,
             shard_placement_fn=lambda p: Shard(param_shard_dim(p, tp_size=tp, group_size=n)),
             mp_policy=self.mp,
+            ignored_params=ignored or None,
         )
         module.set_gradient_divide_factor(float(self.meshes.data_size))  # type: ignore[operator]
         # Not on a one-rank mesh: there FSDP (torch 2.13) divides the gradient by the factor

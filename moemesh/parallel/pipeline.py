@@ -154,19 +154,24 @@ class Placement:
 _STAGE_MODULE: list[type] = []
 
 
-def stage_module(run_stage, parts: dict) -> Any:
+def stage_module(run_stage, parts: dict, shared: tuple[str, ...] = ()) -> Any:
     """What ``PipelineStage`` calls for one stage: ``run_stage(x)`` (the model's ``stage_forward``
     for the stage's layers), holding ``parts`` (name -> module: the stage's blocks as a ModuleDict
     under "layers", the embedding / final norm / head where the stage has them) as its children, so
-    that its parameters are the stage's own, under the model's names."""
+    that its parameters are the stage's own, under the model's names.
+
+    ``shared``: names of parameters this stage uses (its backward computes their gradients) that
+    another stage of the same rank also holds and whose backward runs later, which alone scales
+    them by the micro-batches and reduces them (FSDP): a V's tied embedding on its last stage."""
     import torch.nn as nn
 
     if not _STAGE_MODULE:
 
         class StageModule(nn.Module):
-            def __init__(self, run_stage, parts):
+            def __init__(self, run_stage, parts, shared):
                 super().__init__()
                 self.run_stage = run_stage
+                self.shared = tuple(shared)
                 for name, module in parts.items():
                     self.add_module(name, module)
 
@@ -174,7 +179,43 @@ def stage_module(run_stage, parts: dict) -> Any:
                 return self.run_stage(x)
 
         _STAGE_MODULE.append(StageModule)
-    return _STAGE_MODULE[0](run_stage, parts)
+    return _STAGE_MODULE[0](run_stage, parts, shared)
+
+
+_PIPELINE_STAGE: list[type] = []
+
+
+def _pipeline_stage_class() -> type:
+    """torch's ``PipelineStage``, scaling a stage's gradients by the micro-batches except those of
+    its module's ``shared`` parameters (``stage_module``), which another stage scales once they
+    are whole: scaled by both, a V's tied embedding would be divided twice."""
+    if not _PIPELINE_STAGE:
+        from torch.distributed.pipelining import PipelineStage
+
+        class SharedAwareStage(PipelineStage):
+            def scale_grads(self, grad_scale_factor: int) -> None:
+                shared = set(getattr(self.submod, "shared", ()))
+                if grad_scale_factor != 1:
+                    for name, p in self.submod.named_parameters():
+                        if p.grad is not None and name not in shared:
+                            p.grad.div_(grad_scale_factor)
+
+        _PIPELINE_STAGE.append(SharedAwareStage)
+    return _PIPELINE_STAGE[0]
+
+
+def _check_shared_order(pipe, stages: list, rank: int) -> None:
+    """A stage's ``shared`` parameters are scaled and reduced by the rank's first stage, which must
+    therefore finish its backward (REDUCE_GRAD) after every other stage of the rank (true of torch
+    2.13's V schedules: its backward depends on theirs). Checked on the schedule's own order."""
+    if not any(getattr(st.submod, "shared", ()) for st in stages):
+        return
+    from torch.distributed.pipelining.schedules import _ComputationType
+
+    order = [a for a in pipe.pipeline_order_with_comms[rank] if a is not None]
+    done = [a.stage_index for a in order if a.computation_type == _ComputationType.REDUCE_GRAD]
+    if not done or done[-1] != 0:
+        raise RuntimeError(f"stage 0 must finish its backward last to scale a shared parameter; order: {done}")
 
 
 @dataclass(frozen=True)
@@ -203,8 +244,8 @@ def build_pipeline(
     ``placement.chunks``, in order)."""
     import torch
     import torch.distributed.pipelining as pipelining
-    from torch.distributed.pipelining import PipelineStage
 
+    PipelineStage = _pipeline_stage_class()
     ids = stage_ids(placement.schedule, placement.pp, placement.v, pp_rank)
     assert len(ids) == len(modules), (ids, len(modules))
     n, z = placement.stages, shapes
@@ -234,7 +275,9 @@ def build_pipeline(
         )
     t = traits(placement.schedule)
     cls = getattr(pipelining, t.torch_class)
-    return cls(stages if t.multi else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    pipe = cls(stages if t.multi else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    _check_shared_order(pipe, stages, pp_rank)
+    return pipe
 
 
 def evaluate_pipeline(pipe, *args, **kwargs) -> None:

@@ -182,14 +182,19 @@ def pipeline_stage_modules(run: RunConfig, mesh: ParallelMesh, model: Transforme
     held_first = any(c.start == 0 for c in chunks)
     for chunk in chunks:
         parts: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(l): model.layers[str(l)] for l in chunk})}
-        # A tied embedding is also the last stage's head: a part of that stage (whose gradients the
-        # schedule scales) unless this rank's first stage already holds it (scaled once per rank).
-        tied_head = run.model.tie_embeddings and chunk.stop == run.model.num_layers and not held_first
+        # A tied embedding is also the last stage's head, so a part of that stage: a split backward's
+        # weight step computes gradients for its stage's own parameters only, and would drop the
+        # head's share. Where this rank's first stage holds it too (a V), that stage, whose
+        # backward runs last, scales and reduces its gradient: the last stage leaves it ``shared``.
+        tied_head = run.model.tie_embeddings and chunk.stop == run.model.num_layers
+        shared: tuple[str, ...] = ()
         if chunk.start == 0 or tied_head:
             parts["embed"] = model.embed  # type: ignore[assignment]
+            if chunk.start != 0 and held_first:
+                shared = ("embed.weight",)
         if chunk.stop == run.model.num_layers:
             parts["norm"], parts["head"] = model.norm, model.head  # type: ignore[assignment]
-        modules.append(stage_module(functools.partial(model.stage_forward, layers=chunk), parts))
+        modules.append(stage_module(functools.partial(model.stage_forward, layers=chunk), parts, shared=shared))
     return modules
 
 
@@ -260,6 +265,7 @@ def shard_model(
     timer = ExposedReduceTimer(device)
     roots = stages or [model]
     for root in roots:
+        named = dict(root.named_parameters(remove_duplicate=False))
         apply_fsdp(
             root,
             [m for m in root.modules() if isinstance(m, Block)],
@@ -268,6 +274,8 @@ def shard_model(
             param_dtype=compute_dtype(run, device),
             timer=timer,
             force_sum=device.type != "cuda",
+            # a parameter another stage of this rank shards (a V's tied embedding, as the head)
+            ignored={named[n] for n in getattr(root, "shared", ())},
         )
     return Sharded(roots, timer)
 

@@ -9,6 +9,9 @@ rest in one line): sharding (zero2; zero3 where the backward is not split), acti
 checkpointing (full, selective; where the backward is not split), trainer.compile=blocks (with
 interleaved_1f1b, zero2 and full recompute), and one TP layout with
 sequence parallelism under zbv, so a schedule that broke with one of them fails here.
+
+Tied embeddings on pp2: zbv and dualpipev (rank 0 holds the first and the last stage, the lookup
+and the head of one matrix; zero2 too) and 1f1b (two copies on two ranks) against a tied single.
 """
 
 import json
@@ -121,3 +124,26 @@ def test_every_schedule_on_pp2_ep2_with_sharding_and_recompute_trains_like_singl
         got = _read(root / name)
         _assert_same_run(ref, got, name)
         assert (got[-1]["a2a"]["bytes_sent"] > 0) == (ep > 1), name  # the All-to-All ran inside the stages
+
+
+TIED = {"model.tie_embeddings": True}
+# V schedules put the first and the last stage on rank 0: the tied embedding is the lookup of one
+# and the head of the other, and the split backward's weight step must still count the head.
+PP2_TIED = {
+    "pp2_zbv_tied": (1, 1, 1, 2, "zbv", TIED),
+    "pp2_dualpipev_tied": (1, 1, 1, 2, "dualpipev", TIED),
+    "pp2_zbv_zero2_tied": (1, 1, 1, 2, "zbv", {**TIED, "parallel.sharding": "zero2"}),
+    "pp2_1f1b_tied": (1, 1, 1, 2, "1f1b", TIED),  # the two copies on two ranks, summed after
+}
+
+
+def test_tied_embeddings_under_v_schedules_train_like_single(tmp_path):
+    run = _cfg("single", extra=TIED)
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    (tmp_path / "single").mkdir()
+    torch.set_num_threads(2)
+    train_single(run, tmp_path / "single", paths)
+    ref = _read(tmp_path / "single")
+    run_on_ranks(_worker, 2, str(tmp_path), paths, PP2_TIED)
+    for name in PP2_TIED:
+        _assert_same_run(ref, _read(tmp_path / name), name)
