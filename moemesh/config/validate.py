@@ -269,15 +269,11 @@ def _check_shardable(run: RunConfig, dims: ParallelDims) -> None:
     """FSDP2 splits a parameter along a dim other than 0 only evenly (parallel/fsdp.py picks
     dim 1 for experts that do not divide over their group, and for TP's dim-0 shards)."""
     from moemesh.moe.param_count import param_specs, shard_dim, shard_group_size, uneven_non_leading_shard
+    from moemesh.parallel.pipeline import Placement
 
-    for stage in range(dims.pp):
-        specs = param_specs(
-            run.model,
-            dims,
-            stage=stage,
-            split=run.parallel.pipeline_split,
-            sequence_parallel=run.parallel.sequence_parallel,
-        )
+    # Each pipeline rank's layers, over all its stages (virtual ones too), as the trainer holds them.
+    for layers in Placement.of(run.parallel).layers_by_rank(run.model.num_layers):
+        specs = param_specs(run.model, dims, layers=layers, sequence_parallel=run.parallel.sequence_parallel)
         bad = uneven_non_leading_shard(specs, dims)
         if bad is not None:
             dim, k = shard_dim(bad, dims), shard_group_size(bad, dims)

@@ -19,7 +19,7 @@ from moemesh.launch.access import output_umask
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
 from moemesh.moe.config import head_dim
 from moemesh.parallel.dims import ParallelDims
-from moemesh.parallel.pipeline import stage_layers
+from moemesh.parallel.pipeline import Placement
 from moemesh.planning.memory import activation_bytes
 
 
@@ -118,14 +118,15 @@ def state_bytes_per_param(device_type: str) -> int:
 
 
 def host_activation_bytes(run: RunConfig, dims: ParallelDims, device_type: str) -> list[int]:
-    """Host bytes one rank of each stage needs for its micro-batches: on CPU the planner's
-    activations (moemesh.planning.memory.activation_bytes: every micro-batch in flight, fp32
-    unless trainer.dtype=bf16); on a GPU, whose activations live there, the micro-batch's token
-    ids (inputs and targets, int64) that the host reads before they move."""
+    """Host bytes one rank of each pipeline rank's position needs for its micro-batches (for the
+    layers of all its stages: ``Placement.layers_by_rank``): on CPU the planner's activations
+    (moemesh.planning.memory.activation_bytes: every micro-batch in flight, fp32 unless
+    trainer.dtype=bf16); on a GPU, whose activations live there, the micro-batch's token ids
+    (inputs and targets, int64) that the host reads before they move."""
     t = run.trainer
     plan = batch_plan(run)
     T = plan.micro_batch_size * t.seq_len  # tokens per micro-batch per data rank
-    layers = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
+    layers = Placement.of(run.parallel).layers_by_rank(run.model.num_layers)
     if device_type != "cpu":
         return [16 * T] * dims.pp
     accum = plan.micro_steps
@@ -134,6 +135,16 @@ def host_activation_bytes(run: RunConfig, dims: ParallelDims, device_type: str) 
     c = 2 if t.dtype == Dtype.bf16 else 4
     ckpt = t.activation_checkpointing
     return [16 * T + activation_bytes(run.model, r, T, dims, sp, ckpt, in_flight, c) for r in layers]
+
+
+def host_param_counts(run: RunConfig, dims: ParallelDims) -> list[int]:
+    """Parameters one rank of each pipeline rank's position holds: the layers of all its stages
+    (virtual ones included) as the trainer lays them out (``Placement.layers_by_rank``), with the
+    embedding where it holds layer 0 and the head where it holds the last (both on a V's rank 0)."""
+    from moemesh.moe.param_count import count_params
+
+    placement = Placement.of(run.parallel)
+    return [count_params(run.model, dims, layers=l).total for l in placement.layers_by_rank(run.model.num_layers)]
 
 
 def check_fits_host(
@@ -147,11 +158,7 @@ def check_fits_host(
     might fit is never refused). Activations are the planner's estimate (host_activation_bytes):
     this catches the impossible, not the tight; scripts/plan.py sizes layouts for GPUs.
     """
-    from moemesh.moe.param_count import count_params
-
-    per_stage = [
-        count_params(run.model, dims, stage=s, split=run.parallel.pipeline_split).total for s in range(dims.pp)
-    ]
+    per_stage = host_param_counts(run, dims)
     acts = host_activation_bytes(run, dims, device_type)
     per_param = state_bytes_per_param(device_type)
     if ranks_here is None:

@@ -187,10 +187,16 @@ def _attention_specs(add, cfg: ModelConfig, p: str, l: int, t: int) -> None:
 
 
 def count_params(
-    cfg: ModelConfig, dims: ParallelDims | None = None, *, stage: int = 0, split: list[int] | None = None
+    cfg: ModelConfig,
+    dims: ParallelDims | None = None,
+    *,
+    stage: int = 0,
+    split: list[int] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> ParamCount:
-    """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts)."""
-    specs = param_specs(cfg, dims, stage=stage, split=split)
+    """Parameters on one rank of pipeline stage ``stage`` (every rank of a stage holds the same counts;
+    ``layers``: the layers a pipeline rank holds instead, as in ``param_specs``)."""
+    specs = param_specs(cfg, dims, stage=stage, split=split, layers=layers)
     expert = sum(s.numel for s in specs if s.expert)
     tp_sharded = sum(s.numel for s in specs if not s.expert and s.tp_dim is not None)
     replicated = sum(s.numel for s in specs if not s.expert and s.tp_dim is None)

@@ -147,6 +147,11 @@ class Placement:
         """Every layer rank ``rank`` holds (ascending)."""
         return sorted(l for chunk in self.chunks(num_layers, rank) for l in chunk)
 
+    def layers_by_rank(self, num_layers: int) -> list[list[int]]:
+        """``rank_layers`` of every pipeline rank, in rank order: what each rank's memory holds (a
+        V's rank 0: the first and the last stage, so the embedding and the head)."""
+        return [self.rank_layers(num_layers, r) for r in range(self.pp)]
+
 
 # ---- the schedule, on torch ----------------------------------------------------------------
 

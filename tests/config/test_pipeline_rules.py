@@ -73,3 +73,83 @@ def test_a_split_lists_layers_per_stage_of_every_rank():
     # Rank 0 runs stages 0 and 2 (layers 0-1 and 3), rank 1 stages 1 and 3 (layers 2 and 4).
     assert Placement.of(ok.parallel).chunks(5, 0) == [range(0, 2), range(3, 4)]
     assert Placement.of(ok.parallel).rank_layers(5, 1) == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "overrides"),
+    [
+        ("interleaved_1f1b", {}),
+        ("interleaved_zero_bubble", {}),
+        # zero2's check of uneven shards (config.validate._check_shardable) too
+        (
+            "zbv",
+            {
+                "parallel.name": "pp2_ep2",
+                "parallel.expert_parallel_size": 2,
+                "parallel.sharding": "zero2",
+            },
+        ),
+        ("dualpipev", {}),
+    ],
+)
+def test_a_split_of_virtual_stages_passes_every_check_before_the_ranks(schedule, overrides):
+    """docs/layouts.md's split (pp x stages per rank entries) was refused by the host-memory check
+    and zero2's shard check, which cut the layers into pp stages: "must list 2 positive layer counts"."""
+    from moemesh.launch.checks import check_fits_host
+
+    run = _run(schedule, **{"parallel.pipeline_split": [1, 1, 1, 1], **overrides})
+    dims = validate_run(run)
+    check_fits_host(run, dims, ranks_here=None, host_bytes=2**40, device_type="cpu")
+    check_fits_host(run, dims, ranks_here=1, host_bytes=2**40, device_type="cuda")
+
+
+@pytest.mark.parametrize(("schedule", "holds_head"), [("1f1b", 1), ("interleaved_1f1b", 1), ("zbv", 0)])
+def test_the_host_estimate_follows_the_placement(schedule, holds_head):
+    """Each pipeline rank's parameters and activations are those of the layers it holds: rank 0 of
+    a V holds layers 0 and 3, so the embedding and the head (the loop's rank 1 holds the head)."""
+    from moemesh.launch.checks import host_activation_bytes, host_param_counts
+    from moemesh.moe.param_count import count_params
+
+    run = _run(schedule)
+    dims = validate_run(run)
+    layers = Placement.of(run.parallel).layers_by_rank(4)
+    assert layers == {"1f1b": [[0, 1], [2, 3]], "interleaved_1f1b": [[0, 2], [1, 3]], "zbv": [[0, 3], [1, 2]]}[schedule]
+    counts = host_param_counts(run, dims)
+    assert counts == [count_params(run.model, dims, layers=l).total for l in layers]
+    m = run.model  # every layer the same MoE block: the ranks differ by the embedding, norm and head
+    embed = head = m.vocab_size * m.hidden_size
+    rest = embed if holds_head else 0  # the loop's rank 0 keeps the embedding; a V's rank 1 nothing
+    assert counts[holds_head] - counts[1 - holds_head] == (0 if holds_head else embed) + head + m.hidden_size - rest
+    acts = host_activation_bytes(run, dims, "cpu")
+    assert acts[holds_head] > acts[1 - holds_head]  # the last layer's rank keeps the logits
+
+
+@pytest.mark.slow  # spawns two ranks through train.py
+def test_train_py_trains_with_a_split_of_virtual_stages(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    argv = ["parallel=pp2", "parallel.pipeline_schedule=interleaved_1f1b", "parallel.pipeline_split=[1,1,1,1]"]
+    steps = [
+        "trainer.steps=2",
+        "trainer.eval_every=0",
+        "checkpoint.save_final=false",
+        "logger.console=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), *argv, *steps],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
