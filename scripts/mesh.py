@@ -29,15 +29,23 @@ GROUPS = {
 }
 
 
-def describe(dims: ParallelDims, num_experts: int, stages: list[range] | None = None) -> str:
+def layer_span(chunks: list[range] | None) -> str:
+    """The layers a pipeline rank holds, stage by stage in the order it runs them: "2..3" (one
+    stage), "0,2" (interleaved), "0..1,6..7" (a V's rank 0); "all" without PP."""
+    if not chunks:
+        return "all"
+    return ",".join(f"{c.start}..{c.stop - 1}" if len(c) > 1 else str(c.start) for c in chunks)
+
+
+def describe(dims: ParallelDims, num_experts: int, stages: list[list[range]] | None = None) -> str:
+    """``stages``: per pipeline rank, the layer ranges of its stages (``Placement.chunks``)."""
     lines = [f"mesh {dims.describe()}  (axes outermost first: pp, dp, ep, tp)", ""]
     e = num_experts // dims.ep
     lines.append(f"{'rank':>4}  {'pp':>2} {'dp':>2} {'ep':>2} {'tp':>2}  data_rank  experts  layers")
     for r in range(dims.world_size):
         c = dims.coords(r)
         first = c[MeshAxis.EP] * e
-        layers = stages[c[MeshAxis.PP]] if stages else None
-        span = f"{layers.start}..{layers.stop - 1}" if layers else "all"
+        span = layer_span(stages[c[MeshAxis.PP]] if stages else None)
         lines.append(
             f"{r:>4}  {c[MeshAxis.PP]:>2} {c[MeshAxis.DP]:>2} {c[MeshAxis.EP]:>2} {c[MeshAxis.TP]:>2}  "
             f"{dims.data_rank(r):>9}  {first}..{first + e - 1}  {span}"
@@ -84,9 +92,12 @@ def main(argv=None) -> None:
         run = compose_run(args.overrides)
         # The checks train.py makes: a layout it would refuse is refused here, in its words.
         dims = validate_run(run)
-        from moemesh.parallel.pipeline import stage_layers
+        from moemesh.parallel.pipeline import Placement
 
-        stages = stage_layers(run.model.num_layers, dims.pp, run.parallel.pipeline_split)
+        # The stages each pipeline rank runs, as the trainer places them (interleaved: rank r holds
+        # stages r, r + pp, ...; a V: r and 2 pp - 1 - r), not a contiguous run of layers.
+        placement = Placement.of(run.parallel)
+        stages = [placement.chunks(run.model.num_layers, r) for r in range(dims.pp)]
     except ConfigError as err:
         refuse(err)
     print(describe(dims, run.model.num_experts, stages))

@@ -45,3 +45,19 @@ def test_mesh_refuses_as_train_py_does_in_one_line(tmp_path):
         p = _mesh(*args)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(err) == 1 and says in err[0], (args, p.stderr)
+
+
+def test_mesh_shows_the_layers_each_rank_holds_under_virtual_stages():
+    """Printed as contiguous runs (0..1, 2..3) before, while the trainer places interleaved stages
+    in a loop (rank 0: stages 0 and 2) and a V's in a V (rank 0: stages 0 and 3)."""
+    for schedule, ranks in (
+        ("interleaved_1f1b", ("   0   0  0  0  0          0  0..7  0,2", "   1   1  0  0  0          0  0..7  1,3")),
+        ("zbv", ("   0   0  0  0  0          0  0..7  0,3", "   1   1  0  0  0          0  0..7  1,2")),
+        ("1f1b", ("   0   0  0  0  0          0  0..7  0..1", "   1   1  0  0  0          0  0..7  2..3")),
+    ):
+        p = _mesh("parallel=pp2", f"parallel.pipeline_schedule={schedule}")
+        assert p.returncode == 0, p.stderr
+        for line in ranks:
+            assert line in p.stdout.splitlines(), (schedule, p.stdout)
+    p = _mesh("parallel=pp2", "parallel.pipeline_schedule=dualpipev", "model.num_layers=8", "trainer.micro_steps=4")
+    assert "   0   0  0  0  0          0  0..7  0..1,6..7" in p.stdout.splitlines(), p.stdout
