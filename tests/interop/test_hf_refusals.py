@@ -161,6 +161,18 @@ CASES = {
         [],
         "a dense llama model; set model.upcycle.num_experts",
     ),
+    # model.upcycle's own rules before the checkpoint's: a granularity of 0 divided by zero while
+    # resolving, and -1 experts read as "not upcycling"
+    "upcycle_granularity_zero": (
+        lambda d: _edit_config(d, model_type="llama"),
+        ["model.upcycle.num_experts=4", "model.upcycle.granularity=0"],
+        "model.upcycle.granularity=0 must be a positive integer",
+    ),
+    "upcycle_negative_experts": (
+        lambda d: _edit_config(d, model_type="llama"),
+        ["model.upcycle.num_experts=-1"],
+        "model.upcycle.num_experts=-1 must be >= 0",
+    ),
     "not_a_dir": (
         lambda d: None,
         ["model.hf_path=/nonexistent/ckpt"],

@@ -159,6 +159,18 @@ def _moe(hf: Any, model_type: str, what: str) -> tuple[dict, dict]:
     return arch, chosen
 
 
+def _check_upcycle(upcycle: dict) -> None:
+    """``model.upcycle``'s own rules (``UpcycleConfig``), before any is used here: a granularity of 0
+    divided the FFN's size (a ZeroDivisionError while resolving), and a negative count of experts
+    read as "not upcycling"."""
+    from dataclasses import fields
+
+    from moemesh.moe.config import UpcycleConfig
+
+    known = {f.name for f in fields(UpcycleConfig)}
+    UpcycleConfig(**{k: v for k, v in upcycle.items() if k in known})
+
+
 def _upcycled(hf: Any, upcycle: dict, what: str) -> tuple[dict, dict]:
     E, K, g = int(upcycle.get("num_experts", 0)), int(upcycle.get("top_k", 2)), int(upcycle.get("granularity", 1))
     if hf.intermediate_size % g:
@@ -181,6 +193,7 @@ def model_fields(d: Path, raw: dict, hf: Any, upcycle: dict, what: str = "model.
     """ModelConfig fields from a checkpoint: (architecture, whose override is refused unless equal;
     chosen, the defaults of fields a command may set otherwise)."""
     model_type = raw["model_type"]
+    _check_upcycle(upcycle)
     _check_unsupported(hf, model_type, what)
     arch = _attention(hf, raw, model_type)
     upcycling = int(upcycle.get("num_experts", 0) or 0) > 0
