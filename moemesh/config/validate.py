@@ -16,6 +16,7 @@ from moemesh.config.batch import BatchPlan
 from moemesh.config.schema import RunConfig
 from moemesh.errors import ConfigError
 from moemesh.fields import Compile, DataKind, PipelineSchedule, Recompute, Sharding
+from moemesh.moe.config import is_moe_layer
 from moemesh.parallel.dims import ParallelDims, layout_name
 
 
@@ -206,10 +207,12 @@ def _check_routing_limit(run: RunConfig, dims: ParallelDims) -> None:
 
 def _check_tensor_parallel(run: RunConfig, dims: ParallelDims) -> None:
     m = run.model
+    # The dense FFN's hidden units are split over TP only where a layer has a dense FFN.
+    dense = any(not is_moe_layer(m, l) for l in range(m.num_layers))
     for key, value in (
         ("model.num_heads", m.num_heads),
         ("model.num_kv_heads", m.num_kv_heads),
-        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        *((("model.ffn_hidden_size", m.ffn_hidden_size),) if dense else ()),
         ("model.shared_expert_ffn_size", m.shared_expert_ffn_size),
     ):
         if value % dims.tp:

@@ -71,6 +71,17 @@ def test_invalid_configs_name_keys_and_values(overrides, needle):
     assert "\n" not in str(err.value)
 
 
+def test_the_dense_ffn_is_split_over_tp_only_where_a_layer_has_one():
+    """model.ffn_hidden_size=63 under tp2 was refused though every layer is MoE (tiny_run's model):
+    no dense FFN is built, so nothing is split."""
+    tp2 = {"parallel.name": "tp2", "parallel.tensor_parallel_size": 2, "model.ffn_hidden_size": 63}
+    validate_run(tiny_run(**tp2))
+    with pytest.raises(
+        ConfigError, match="model.ffn_hidden_size=63 must be divisible by parallel.tensor_parallel_size=2"
+    ):
+        validate_run(tiny_run(**tp2, **{"model.first_k_dense_layers": 1}))
+
+
 def test_world_size_must_match_launcher():
     run = tiny_run(**{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2})
     assert validate_run(run, launcher_world_size=4).world_size == 4
