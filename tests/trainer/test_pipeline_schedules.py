@@ -11,7 +11,7 @@ interleaved_1f1b, zero2 and full recompute), and one TP layout with
 sequence parallelism under zbv, so a schedule that broke with one of them fails here.
 
 Tied embeddings on pp2: zbv and dualpipev (rank 0 holds the first and the last stage, the lookup
-and the head of one matrix; zero2 too) and 1f1b (two copies on two ranks) against a tied single.
+and the head of one matrix; zbv with zero2 on pp2_ep2) and 1f1b (two copies on two ranks) against a tied single.
 """
 
 import json
@@ -132,9 +132,10 @@ TIED = {"model.tie_embeddings": True}
 PP2_TIED = {
     "pp2_zbv_tied": (1, 1, 1, 2, "zbv", TIED),
     "pp2_dualpipev_tied": (1, 1, 1, 2, "dualpipev", TIED),
-    "pp2_zbv_zero2_tied": (1, 1, 1, 2, "zbv", {**TIED, "parallel.sharding": "zero2"}),
     "pp2_1f1b_tied": (1, 1, 1, 2, "1f1b", TIED),  # the two copies on two ranks, summed after
 }
+# zero2: the last stage's FSDP root leaves the matrix to the first stage's, which reduces it whole
+PP2_EP2_TIED = {"pp2_ep2_zbv_zero2_tied": (1, 2, 1, 2, "zbv", {**TIED, "parallel.sharding": "zero2"})}
 
 
 def test_tied_embeddings_under_v_schedules_train_like_single(tmp_path):
@@ -145,5 +146,6 @@ def test_tied_embeddings_under_v_schedules_train_like_single(tmp_path):
     train_single(run, tmp_path / "single", paths)
     ref = _read(tmp_path / "single")
     run_on_ranks(_worker, 2, str(tmp_path), paths, PP2_TIED)
-    for name in PP2_TIED:
+    run_on_ranks(_worker, 4, str(tmp_path), paths, PP2_EP2_TIED)
+    for name in {**PP2_TIED, **PP2_EP2_TIED}:
         _assert_same_run(ref, _read(tmp_path / name), name)
