@@ -139,7 +139,10 @@ class Placement:
         return self.pp * self.v
 
     def chunks(self, num_layers: int, rank: int) -> list[range]:
-        """The layer ranges of rank ``rank``'s stages, in stage order."""
+        """The layer ranges of rank ``rank``'s stages, in stage order (without a pipeline, pp 1,
+        one range of every layer, whatever the schedule's stages per rank would be)."""
+        if self.pp == 1:
+            return [range(num_layers)]
         layers = stage_layers(num_layers, self.stages, list(self.split) if self.split is not None else None)
         return [layers[s] for s in stage_ids(self.schedule, self.pp, self.v, rank)]
 

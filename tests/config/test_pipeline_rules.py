@@ -103,6 +103,26 @@ def test_a_split_of_virtual_stages_passes_every_check_before_the_ranks(schedule,
     check_fits_host(run, dims, ranks_here=1, host_bytes=2**40, device_type="cuda")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel=single", "parallel.pipeline_schedule=zbv", "model.num_layers=1"],
+        ["parallel=single", "parallel.pipeline_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=3"],
+        ["parallel=ep2_dp2", "parallel.pipeline_schedule=zbv", "model.num_layers=1", "parallel.sharding=zero2"],
+    ],
+)
+def test_without_a_pipeline_a_schedule_s_stages_per_rank_cut_nothing(overrides):
+    """At pp 1 the placement took the schedule's stages per rank (2 for zbv) and the host and zero2
+    checks refused a one-layer model with "pipeline_split=[1, 0] must list 2 positive layer counts"."""
+    from moemesh.config.cli import compose_run
+    from moemesh.launch.checks import check_fits_host
+
+    run = compose_run(overrides)
+    dims = validate_run(run)
+    check_fits_host(run, dims, ranks_here=None, host_bytes=2**40, device_type="cpu")
+    assert Placement.of(run.parallel).layers_by_rank(run.model.num_layers) == [list(range(run.model.num_layers))]
+
+
 @pytest.mark.parametrize(("schedule", "holds_head"), [("1f1b", 1), ("interleaved_1f1b", 1), ("zbv", 0)])
 def test_the_host_estimate_follows_the_placement(schedule, holds_head):
     """Each pipeline rank's parameters and activations are those of the layers it holds: rank 0 of
