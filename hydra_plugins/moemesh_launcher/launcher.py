@@ -450,7 +450,7 @@ def _never_starts(state: str, reason: str, partition: str, nodes: str, cpus: str
     have = partitions[partition]
     if have is not None and int(nodes) > have[0]:
         return f"{reason}: it needs {nodes} nodes and partition {partition} has {have[0]}"
-    if have is not None and cpus.isdigit() and int(cpus) > have[1]:
+    if have is not None and have[1] is not None and cpus.isdigit() and int(cpus) > have[1]:
         return (
             f"{reason}: it needs {cpus} CPUs on a node (its tasks per node x cluster.slurm.cpus_per_task) "
             f"and partition {partition}'s nodes have at most {have[1]}"
@@ -458,21 +458,23 @@ def _never_starts(state: str, reason: str, partition: str, nodes: str, cpus: str
     return None
 
 
-def _partition_size(partition: str) -> tuple[int, int] | None:
-    """(nodes in all, in any state; CPUs of its largest node) of a partition, or None if sinfo
-    cannot say."""
+def _partition_size(partition: str) -> tuple[int, int | None] | None:
+    """(nodes in all, in any state; CPUs of its largest node, None if sinfo cannot say) of a
+    partition, or None if sinfo cannot say."""
     import subprocess
 
-    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D|%c"], capture_output=True, text=True, timeout=60)
+    # --exact: one line per distinct node configuration; without it, nodes of different CPU counts
+    # in one state are one line whose count is their least followed by "+".
+    out = subprocess.run(
+        ["sinfo", "-h", "-e", "-p", partition, "-o", "%D|%c"], capture_output=True, text=True, timeout=60
+    )
     rows = [line.split("|") for line in out.stdout.split()]
-    groups = [
-        (int(n), int(c.rstrip("+")))
-        for n, c in (r for r in rows if len(r) == 2)
-        if n.isdigit() and c.rstrip("+").isdigit()
-    ]
+    groups = [(int(n), c) for n, c in (r for r in rows if len(r) == 2) if n.isdigit()]
     if out.returncode != 0 or not groups:
         return None
-    return sum(n for n, _ in groups), max(c for _, c in groups)
+    # a CPU count this cannot read (e.g. "32+"): no CPU verdict rather than a wrong one
+    cpus = max(int(c) for _, c in groups) if all(c.isdigit() for _, c in groups) else None
+    return sum(n for n, _ in groups), cpus
 
 
 def _outcome(ret: JobReturn) -> str:

@@ -475,3 +475,31 @@ def test_a_rank_a_signal_killed_is_named_not_the_survivor_that_lost_it(tmp_path)
     # A rank that raised exits with a code: its own line stays the reason.
     raised = f"{survivor}\nsrun: error: vm: task 0: Exited with exit code 1\nsrun: error: vm: task 1: Terminated\n"
     assert _first_moemesh_line(_Handle(raised, tmp_path), RuntimeError("failed")).startswith(survivor)
+
+
+@pytest.mark.parametrize(
+    "sinfo, size, verdict",
+    [
+        ("1|8\n", (1, 8), "it needs 10 CPUs on a node"),
+        ("2|8\n1|64\n", (3, 64), None),  # a larger node exists: the job may wait for it
+        ("3|32+\n", (3, None), None),  # sinfo could not give one count: no CPU verdict, not a wrong one
+    ],
+)
+def test_the_cpus_of_the_largest_node_are_read_exactly(monkeypatch, sinfo, size, verdict):
+    """Without --exact, sinfo prints nodes of different CPU counts in one state as their least count
+    and "+": taken as the largest, a job that fits a bigger node would have been cancelled."""
+    import subprocess as sp
+
+    from hydra_plugins.moemesh_launcher import launcher
+
+    calls = []
+
+    def fake(argv, **kw):
+        calls.append(argv)
+        return sp.CompletedProcess(argv, 0, stdout=sinfo, stderr="")
+
+    monkeypatch.setattr(sp, "run", fake)
+    assert launcher._partition_size("gpu") == size
+    assert "-e" in calls[0]
+    line = launcher._never_starts("PENDING", "PartitionConfig", "gpu", "1", "10", {})
+    assert (line is None) if verdict is None else (verdict in line), line
