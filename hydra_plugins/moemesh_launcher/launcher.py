@@ -517,17 +517,22 @@ def _leave_failure_for_submitit(line: str) -> None:
         pass
 
 
+# What srun says of a task a signal of its own ended (not srun's SIGTERM to the others, not an
+# abort that follows a lost peer): the rank that died first, which its peers' errors only lost.
+_KILLED = ("Killed", "Out Of Memory", "Segmentation fault", "Bus error")
+
+
 def _killed_task(lines: Sequence[str]) -> str | None:
-    """The rank srun saw end by a signal of its own ("srun: error: node3: task 1: Killed",
-    "... Segmentation fault", "... Out Of Memory"), as one line; None when every task exited
-    or was terminated by srun itself (``--kill-on-bad-exit`` ends the others with SIGTERM)."""
+    """The one rank srun saw end by SIGKILL, the OOM killer or a memory fault ("srun: error:
+    node3: task 1: Killed"), as one line; None otherwise, and where srun names several tasks at
+    once ("tasks 0-3: Killed": SLURM ended them all, e.g. past its KillWait)."""
     import re
 
     for line in lines:
-        m = re.match(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)$", line.strip())
-        if m and not m.group(3).startswith(("Terminated", "Exited with exit code")):
-            node, tasks, how = m.groups()
-            return f"moemesh: rank {tasks} on {node} ended: {how} (srun); the other ranks were stopped"
+        m = re.match(r"srun: error: (\S+): task (\d+): (.+)$", line.strip())
+        if m and m.group(3).startswith(_KILLED):
+            node, task, how = m.groups()
+            return f"moemesh: rank {task} on {node} ended: {how} (srun); the other ranks were stopped"
     return None
 
 
@@ -541,7 +546,7 @@ def _first_moemesh_line(handle: Any, err: Exception) -> str:
     ours = [l for l in lines if l.startswith("moemesh:")]
     text = str(err)
     died = _killed_task(lines)
-    if died:  # a rank a signal ended (SIGKILL, the OOM killer): its peers' errors only say they lost it
+    if died:  # one rank a signal ended (SIGKILL, the OOM killer): its peers' errors only say they lost it
         reason = died
     elif ours:
         reason = ours[0]

@@ -472,9 +472,14 @@ def test_a_rank_a_signal_killed_is_named_not_the_survivor_that_lost_it(tmp_path)
     )
     line = _first_moemesh_line(_Handle(killed, tmp_path), RuntimeError("failed"))
     assert line == f"moemesh: rank 1 on vm ended: Killed (srun); the other ranks were stopped (logs: {tmp_path})"
-    # A rank that raised exits with a code: its own line stays the reason.
-    raised = f"{survivor}\nsrun: error: vm: task 0: Exited with exit code 1\nsrun: error: vm: task 1: Terminated\n"
-    assert _first_moemesh_line(_Handle(raised, tmp_path), RuntimeError("failed")).startswith(survivor)
+    # A rank that raised exits with a code, a peer aborts after losing it, or SLURM kills every task
+    # at once (past its KillWait): the job's own line stays the reason.
+    for tail in (
+        "srun: error: vm: task 0: Exited with exit code 1\nsrun: error: vm: task 1: Terminated\n",
+        "srun: error: vm: task 1: Aborted\nsrun: error: vm: task 0: Exited with exit code 1\n",
+        "srun: error: vm: tasks 0-1: Killed\n",
+    ):
+        assert _first_moemesh_line(_Handle(f"{survivor}\n{tail}", tmp_path), RuntimeError("x")).startswith(survivor)
 
 
 @pytest.mark.parametrize(
