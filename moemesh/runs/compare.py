@@ -601,7 +601,7 @@ def write_charts(runs: list[Run], out: Path, tol: float = COINCIDE_TOL) -> list[
 
 def never_started_notes(paths: list[Path]) -> list[str]:
     """A note for each sweep directory whose later jobs left no directory (a sweep a signal
-    stopped, or one still running): they are missing from the comparison, not failed."""
+    stopped, or a SLURM sweep whose jobs are still queued): missing from the comparison, not failed."""
     notes = []
     for p in paths:
         found = jobs_never_started(p) if not (p / "summary.json").is_file() else None
@@ -609,8 +609,8 @@ def never_started_notes(paths: list[Path]) -> list[str]:
             total, missing = found
             shown = ", ".join(f"#{i}" for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
             notes.append(
-                f"{p}: {len(missing)} of its {total} jobs never started ({shown}): no directory, so not compared; "
-                "a sweep a signal stopped printed the command that runs them"
+                f"{p}: {len(missing)} of its {total} jobs left no directory ({shown}), so are not compared: "
+                "still queued, or the sweep was stopped (its stop line gives the command that runs them)"
             )
     return notes
 

@@ -222,7 +222,8 @@ def _values(value: str) -> int | None:
 def jobs_never_started(sweep: Path) -> tuple[int, list[int]] | None:
     """(jobs a basic sweep was to run, the numbers of those that left no directory), from its
     multirun.yaml (read bounded, as untrusted): a sweep stopped by a signal never starts its later
-    jobs. None where it cannot be told (no multirun.yaml, another sweeper, a value it cannot count)."""
+    jobs, and a SLURM sweep's queued ones have none yet. None where it cannot be told (no
+    multirun.yaml, another sweeper, job directories not named by number, a value it cannot count)."""
     import yaml
 
     try:
@@ -230,6 +231,8 @@ def jobs_never_started(sweep: Path) -> tuple[int, list[int]] | None:
         hydra = cfg["hydra"]
         if not str(hydra["sweeper"]["_target_"]).endswith(".BasicSweeper"):
             return None
+        if not str(hydra["sweep"]["subdir"]).startswith("${hydra.job.num}"):
+            return None  # job directories not named by their number first: nothing to match
         task = hydra["overrides"]["task"]
     except (ValueError, OSError, RecursionError, yaml.YAMLError, KeyError, TypeError):
         return None

@@ -487,10 +487,21 @@ def test_a_key_given_twice_labels_the_run_by_the_value_it_used(tmp_path):
     assert [r.label for r in _runs(*dirs)] == ["ep2 (trainer.lr=2e-3)", "ep2 (trainer.lr=1e-3)"]
 
 
-def _multirun(sweep: Path, task: list[str], sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+def _multirun(
+    sweep: Path,
+    task: list[str],
+    sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    subdir: str = "${hydra.job.num}_${parallel.name}",
+):
     import yaml
 
-    cfg = {"hydra": {"sweeper": {"_target_": sweeper}, "overrides": {"task": task}}}
+    cfg = {
+        "hydra": {
+            "sweeper": {"_target_": sweeper},
+            "sweep": {"subdir": subdir},
+            "overrides": {"task": task},
+        }
+    }
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -506,7 +517,7 @@ def test_jobs_a_stopped_sweep_never_started_are_named(tmp_path, capsys):
     assert jobs_never_started(sweep) == (6, [2, 3, 4, 5])
     compare.main([str(sweep), "--out", str(tmp_path / "cmp")])
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert f"{sweep}: 4 of its 6 jobs never started (#2, #3, #4, #5): no directory, so not compared" in md
+    assert f"{sweep}: 4 of its 6 jobs left no directory (#2, #3, #4, #5), so are not compared: still queued" in md
     # range() and choice() count as Hydra counts them; what it cannot count, and other sweepers, say nothing
     for task, want in [
         (["trainer.seed=range(0,3)", "parallel=choice(ep2,dp2)"], (6, [2, 3, 4, 5])),
@@ -517,6 +528,8 @@ def test_jobs_a_stopped_sweep_never_started_are_named(tmp_path, capsys):
         _multirun(sweep, task)
         assert jobs_never_started(sweep) == want, task
     _multirun(sweep, ["parallel=ep2,dp2,ep4"], sweeper="hydra_plugins.moemesh_layouts.sweeper.LayoutSweeper")
+    assert jobs_never_started(sweep) is None
+    _multirun(sweep, ["parallel=ep2,dp2,ep4"], subdir="${parallel.name}_${hydra.job.num}")  # not by number first
     assert jobs_never_started(sweep) is None
 
 
