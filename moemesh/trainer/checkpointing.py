@@ -69,12 +69,11 @@ class Checkpointer:
     def _state(self):
         return checkpoint.training_state(self.model, self.optimizer, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
 
-    def preflight(self, run_dir=None) -> str | None:
+    def preflight(self, run_dir=None) -> int:
         """Before the first step: the checkpoint directory (and the run directory) can be
         written and has room for one checkpoint; half-written ones are removed. A
-        CheckpointError naming the path otherwise. Returns a warning (or None) when the disk
-        holds one checkpoint but not the ``checkpoint.keep`` + 1 that the run's later saves
-        need at once (``checkpoint.space_warning``)."""
+        CheckpointError naming the path otherwise. Returns one checkpoint's estimated bytes
+        (``space_warning`` takes them once the run knows where it starts)."""
         # AdamW creates its moments at the first step: count them as the parameters' twins.
         moments = types.SimpleNamespace(
             state={
@@ -84,12 +83,20 @@ class Checkpointer:
         state = checkpoint.training_state(self.model, moments, self.step_t, self.tp_mesh, self.fsdp_tp_mesh)
         c = self.run.checkpoint
         fresh = self.run.resume is None and (c.every > 0 or c.save_final)  # a run that saves, from step 1
-        need = checkpoint.preflight(
+        return checkpoint.preflight(
             self.root, state, rank=self.mesh.rank, run_dir=Path(run_dir) if run_dir else None, fresh=fresh
         )
-        steps = self.run.trainer.steps
-        saves = (steps // c.every if c.every else 0) + int(c.save_final and not (c.every and steps % c.every == 0))
-        return checkpoint.space_warning(self.root, need, keep=c.keep, saves=saves) if self.mesh.rank == 0 else None
+
+    def space_warning(self, need: int, start: int) -> str | None:
+        """On rank 0, a warning (or None) when the disk holds one checkpoint of ``need`` bytes but
+        not the ``checkpoint.keep`` + 1 that the saves after step ``start`` need at once
+        (``checkpoint.space_warning``)."""
+        if self.mesh.rank != 0:
+            return None
+        c, steps = self.run.checkpoint, self.run.trainer.steps
+        periodic = (steps // c.every - start // c.every) if c.every else 0
+        saves = periodic + int(c.save_final and start < steps and not (c.every and steps % c.every == 0))
+        return checkpoint.space_warning(self.root, need, keep=c.keep, saves=saves)
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)

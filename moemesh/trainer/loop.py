@@ -244,8 +244,9 @@ def build_training(run: RunConfig, ctx: RankContext) -> TrainState:
     ckpt = Checkpointer(
         run, model, optimizer, mesh, Path(run.checkpoint.dir or Path(ctx.output_dir) / "checkpoints"), data=data
     )
-    space = ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
+    need = ckpt.preflight(ctx.output_dir)  # writable, room for one checkpoint: found now, not at the first save
     start = ckpt.resume(log) if run.resume else 0
+    space = ckpt.space_warning(need, start)  # room for the saves still to come, checkpoint.keep of them at once
     if m.hf_path is not None and start == 0:  # a released model: its weights in place of the init
         log.message(load_hf_weights(run, model, ckpt.tp_mesh, ckpt.fsdp_tp_mesh))
     log.begin(start)

@@ -244,17 +244,17 @@ def test_the_space_warning_counts_the_checkpoints_a_run_holds_at_once(tmp_path, 
 
 def test_a_disk_that_holds_one_checkpoint_but_not_keep_plus_one_is_warned_before_the_first_step(tmp_path, monkeypatch):
     ckpt = kit.checkpointer(tmp_path / "ckpt", **{"trainer.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3})
-    sizes, sized = [], checkpoint.preflight
-    monkeypatch.setattr(checkpoint, "preflight", lambda *a, **k: sizes.append(sized(*a, **k)) or sizes[-1])
-    assert ckpt.preflight(tmp_path) is None  # this disk holds them
-    need, real = sizes[0], shutil.disk_usage
+    need, real = ckpt.preflight(tmp_path), shutil.disk_usage
+    assert ckpt.space_warning(need, 0) is None  # this disk holds them
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=int(2.5 * need)))
-    line = ckpt.preflight(tmp_path)
+    line = ckpt.space_warning(need, 0)
     # Three saves with keep=3: the third is written beside two kept ones, three at once.
     assert line and "checkpoint.keep=3 with 3 saves needs 3 more at once" in line, line
     assert "set checkpoint.keep=1 or free" in line, line
+    # Resumed after step 4: one save is left (step 6), beside the ones already there.
+    assert ckpt.space_warning(need, 4) is None
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=int(4 * need)))
-    assert ckpt.preflight(tmp_path) is None
+    assert ckpt.space_warning(need, 0) is None
 
 
 def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_checkpoints, tmp_path):
