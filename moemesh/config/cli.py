@@ -242,6 +242,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
     register_schema()
     GlobalHydra.instance().clear()
     try:
+        _check_bools(list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             return to_run_config(compose("config", overrides=list(overrides)))
     except ConfigError:

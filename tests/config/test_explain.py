@@ -57,3 +57,12 @@ def test_a_key_given_twice_with_different_values_is_named_with_the_one_used():
         "trainer.lr is given 2 times (1e-3, 2e-3): the last, trainer.lr=2e-3, is used",
     ]
     assert repeated_keys(["trainer.lr=1e-3", "trainer.lr=1e-3", "~logger.tags"]) == []  # the same value twice: no doubt
+
+
+def test_the_scripts_compose_refuses_a_number_for_a_bool_as_train_py_does():
+    """plan.py, mesh.py and calibrate.py compose with compose_run, which took sequence_parallel=2 as
+    true while train.py refused it."""
+    from moemesh.config.cli import compose_run
+
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=2: expected true or false"):
+        compose_run(["parallel=tp2", "parallel.sequence_parallel=2"])

@@ -309,6 +309,10 @@ def test_a_credential_inside_a_logged_value_is_redacted_and_settings_are_not():
     assert config["cluster.slurm.setup"] == ["module load cuda/12.4", f"export HF_TOKEN={REDACTED}", f"echo {REDACTED}"]
     assert config["cluster.slurm.additional_parameters.comment"] == f"WANDB_API_KEY={REDACTED}"
     assert "hf_abcdef" not in json.dumps(config, default=str)
+    from moemesh.trainer.wandb_tracker import redact
+
+    path = "/ckpt/hf_Mixtral8x7BInstructv01abcdefgh"  # a path, not a token: kept
+    assert redact(path) == path and redact(f"model.hf_path={path}") == f"model.hf_path={path}"
 
 
 @pytest.mark.parametrize(
