@@ -440,6 +440,8 @@ def test_only_optimizer_and_overhead_calibrated_is_still_said_to_be_calibrated()
     assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (")
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_the_rates_per_computation_type_carry_to_another_model(tmp_path, capsys):
     """--check: sweeps of the tiny model calibrate; a sweep of a model with another mix (top-4 of 8
     experts, sequences twice as long: more expert and attention FLOPs per token) is predicted.

@@ -422,6 +422,8 @@ def test_rows_cut_are_counted_and_the_seed_scenarios_are_shown_beyond_the_cut(to
         assert len(_rows(plan.table(valid, everything))) == len(valid)
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_the_command_for_every_row_composes_into_its_split():
     """The user's other overrides are kept, including a parallel preset's schedule; the degrees,
     the name and the (reset) pipeline split are the row's; a user's own degrees are dropped."""
@@ -589,6 +591,8 @@ def test_an_old_what_if_flag_fails_in_one_line_naming_its_config_key(flag, key, 
     assert err.startswith(f"moemesh: {flag.split('=')[0]} is gone") and key in err
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_modes_order_memory_and_step_time_as_they_should():
     """Per split: zero2 and zero3 keep the same sharded state at rest, less than none, and
     zero3 gathers less at a time than zero2; each checkpointing setting keeps fewer

@@ -2,9 +2,13 @@
 
 import re
 
+import pytest
+
 from scripts import ab_bench
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_wall_times_each_side_start_up_included(capsys):
     ab_bench.main(
         ["--before", "HEAD", "--after", "HEAD", "--wall", "--rounds", "2", "--", "-c", "import time; time.sleep(0.3)"]

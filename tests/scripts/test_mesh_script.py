@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,6 +49,8 @@ def test_mesh_refuses_as_train_py_does_in_one_line(tmp_path):
         assert p.returncode == 2 and len(err) == 1 and says in err[0], (args, p.stderr)
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_mesh_shows_the_layers_each_rank_holds_under_virtual_stages():
     """Printed as contiguous runs (0..1, 2..3) before, while the trainer places interleaved stages
     in a loop (rank 0: stages 0 and 2) and a V's in a V (rank 0: stages 0 and 3)."""

@@ -20,6 +20,8 @@ def test_summary_and_start_line_name_the_degrees_that_ran(tmp_path, capsys):
     assert "moemesh: single (dp1·ep1·tp1·pp1 = 1 rank)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_wandb_names_the_run_and_its_layout_column_by_the_degrees(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from moemesh.trainer.wandb_tracker import WandbTracker, flat_config

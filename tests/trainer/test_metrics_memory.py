@@ -154,6 +154,8 @@ def test_the_default_sample_holds_at_most_4096_steps_of_a_few_floats():
     assert sum(c.buffer_info()[1] * c.itemsize for c in columns) <= 4096 * 17 * 8  # 0.5 MiB at most, any run length
 
 
+@pytest.mark.slow  # seconds of one process: shares the cores with the slow tier
+@pytest.mark.shares_cores
 def test_rank_0_streams_every_record_to_the_file_and_keeps_bounded_memory(tmp_path):
     template = _record(1, layers=4, experts=8)
 
