@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import os
 import re
+import stat
 import sys
 import time
 import typing
@@ -366,8 +367,12 @@ def _probe_once(path: Path) -> tuple[str | None, bool]:
                 continue  # made by another rank between the look and the mkdir: not ours to remove
             made.append(d)
         if not path.is_dir():
-            if not path.exists() and not path.is_symlink():
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            try:  # one look: another rank may remove and make it again between two
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
+            if stat.S_ISDIR(mode):  # made again by another rank after is_dir() looked: ask again
+                return _errno_text(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))), True
             return (
                 f"[Errno {errno.ENOTDIR} ENOTDIR] {os.strerror(errno.ENOTDIR)} (it exists and is not a directory)",
                 False,
