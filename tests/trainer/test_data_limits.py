@@ -27,28 +27,25 @@ def _file_with_one_bad_token(path: Path, n: int = 5_000_000, bad: int = 300) -> 
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.shares_cores
-def test_a_bad_token_mid_file_is_one_line_exit_2_before_training(tmp_path):
-    path = _file_with_one_bad_token(tmp_path / "train.bin")
+def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py`` with ``overrides`` into ``tmp_path/run``, its cache under tmp_path."""
     env = {**os.environ, "MOEMESH_CACHE": str(tmp_path / "cache")}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "data=memmap",
-            f"data.path={path}",
-            "trainer.steps=2000",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            *SMALL,
-        ],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}", *SMALL],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.shares_cores
+def test_a_bad_token_mid_file_is_one_line_exit_2_before_training(tmp_path):
+    path = _file_with_one_bad_token(tmp_path / "train.bin")
+    proc = _train(tmp_path, "data=memmap", f"data.path={path}", "trainer.steps=2000")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -79,25 +76,7 @@ def test_an_id_past_the_vocabulary_found_while_reading_is_one_line_exit_1(tmp_pa
     """A one-rank run trains in train.py's own process, where the reader's ValueError was a
     Hydra traceback; it is a DataError now, one line naming the source, as on spawned ranks."""
     out = _corpus_past_its_vocabulary(tmp_path)
-    env = {**os.environ, "MOEMESH_CACHE": str(tmp_path / "cache")}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "data=tokens",
-            f"data.path={out}",
-            "model.vocab_size=512",
-            "trainer.steps=2",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            *SMALL,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = _train(tmp_path, "data=tokens", f"data.path={out}", "model.vocab_size=512", "trainer.steps=2")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: DataError")]
