@@ -4,7 +4,10 @@ statistics of the load-balance losses, in one pass over the logits.
 Shapes: logits_TE [T, E] -> topk_ids_TK (int64), topk_weights_TK (fp32) [T, K];
 counts_E (int64) and score_sum_E (fp32) [E]; lse_T (fp32) [T].
 
-Scores are softmax (default) or sigmoid of the logits. Selection:
+Scores are softmax (default) or sigmoid of the logits. The aux loss's statistic ``score_sum_E``
+sums each token's scores normalised to 1 over the experts, as Megatron-Core's aux losses and
+DeepSeek-V3's sequence-wise loss do: softmax's already are; raw sigmoid scores are not, and a
+balance loss on them would also pull every logit down, whatever the balance. Selection:
   * without an expert bias, on the logits themselves (both score functions are
     monotonic, so this is the top-k of the scores, decided on exact inputs rather
     than on rounded exponentials that may differ between backends);
@@ -52,7 +55,9 @@ class GatingOutput:
     topk_ids_TK: torch.Tensor  # int64, expert ids in selection order
     topk_weights_TK: torch.Tensor  # fp32 gate weights (renormalised if asked)
     counts_E: torch.Tensor  # int64 (token, k) pairs routed to each expert
-    score_sum_E: torch.Tensor  # fp32 sum over tokens of the scores (for the aux loss)
+    # fp32 sum over tokens of the scores normalised per token (for the aux loss): softmax's
+    # as they are, sigmoid's divided by their sum over the experts (module doc)
+    score_sum_E: torch.Tensor
     lse_T: torch.Tensor  # fp32 logsumexp of the logits (for the z-loss)
 
 
@@ -90,6 +95,15 @@ def group_limited_mask(
     return allowed_TG.repeat_interleave(per_group, dim=1)
 
 
+# A row's sigmoid scores sum to 0 only where every logit is below about -104 (fp32 underflow);
+# the floor keeps that row's normalised scores 0 there, not NaN.
+_SUM_FLOOR = 1e-20
+
+
+def _row_sum(scores_TE: torch.Tensor) -> torch.Tensor:
+    return scores_TE.sum(-1, keepdim=True).clamp_min(_SUM_FLOOR)
+
+
 def gating_reference(
     logits_TE: torch.Tensor,
     *,
@@ -121,11 +135,12 @@ def gating_reference(
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
     if scale != 1.0:
         topk_weights_TK = topk_weights_TK * scale
+    aux_TE = scores_TE if score_func == ScoreFunc.softmax else scores_TE / _row_sum(scores_TE)
     return GatingOutput(
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK,
         counts_E=_bincount(topk_ids_TK.flatten(), E),
-        score_sum_E=scores_TE.sum(dim=0),
+        score_sum_E=aux_TE.sum(dim=0),
         lse_T=lse_T,
     )
 
@@ -204,6 +219,8 @@ if triton is not None:
         # Per-block partial sums, reduced afterwards: deterministic, no float atomics.
         chosen = tl.where(rmask[:, None], chosen, 0)
         tl.store(counts_part_ptr + pid * E + cols, tl.sum(chosen, axis=0), mask=cmask)
+        if SIGMOID:  # the aux loss's scores: normalised over the experts (floor: _SUM_FLOOR)
+            p = p / tl.maximum(tl.sum(p, axis=1), 1e-20)[:, None]
         tl.store(ssum_part_ptr + pid * E + cols, tl.sum(p, axis=0), mask=cmask)
 
     @triton.jit
@@ -241,7 +258,12 @@ if triton is not None:
             p = q
         # Gradient with respect to the scores p: the score sums, then the top-k weights.
         gp = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        gp += tl.load(gssum_ptr + cols, mask=cmask, other=0.0)[None, :]
+        gss = tl.where(mask, tl.load(gssum_ptr + cols, mask=cmask, other=0.0)[None, :], 0.0)
+        if SIGMOID:  # the sums are of n = p / sum(p): dn_i/dp_j = (delta_ij - n_i) / sum(p)
+            psum = tl.maximum(tl.sum(p, axis=1), 1e-20)
+            gp += (gss - tl.sum(gss * p, axis=1)[:, None] / psum[:, None]) / psum[:, None]
+        else:
+            gp += gss
         wsum = tl.zeros([BLOCK_T], dtype=tl.float32)
         gdotw = tl.zeros([BLOCK_T], dtype=tl.float32)
         if RENORM:

@@ -37,6 +37,34 @@ def test_aux_loss_gradient_reaches_router_probabilities():
     assert logits.grad.abs().sum() > 0
 
 
+def test_sigmoid_aux_loss_uses_scores_normalised_per_token():
+    """Megatron-Core's rule: with sigmoid scores the balance loss sees each token's scores
+    divided by their sum over the experts. On raw sigmoids the loss under perfect balance would
+    be the mean score sum, which falls as every logit falls: a pull on the router unrelated to
+    balance."""
+    E, T = 4, 8
+    ids = torch.arange(T).remainder(E).view(T, 1)  # perfect balance: f_i = 1/E
+
+    def aux(logits):
+        g = fused_gating(logits, top_k=1, renormalize=False, score_func="sigmoid")
+        g = type(g)(ids, g.topk_weights_TK, torch.bincount(ids.flatten(), minlength=E), g.score_sum_E, g.lse_T)
+        return g, router_losses(g, stats_group=None).aux_loss
+
+    for level in (-3.0, 0.0, 3.0):  # every logit equal: uniform scores once normalised
+        g, loss = aux(torch.full((T, E), level))
+        torch.testing.assert_close(g.score_sum_E, torch.full((E,), T / E))
+        assert abs(float(loss) - 1.0) < 1e-6
+    # Under perfect balance the loss is 1 whatever the logits: no gradient at all.
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    g, loss = aux(logits)
+    assert abs(float(loss) - 1.0) < 1e-6
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().max() < 1e-6
+    # Every logit far below 0 (fp32 sigmoid underflows to 0): 0 scores, not NaN.
+    g = fused_gating(torch.full((2, E), -200.0), top_k=1, renormalize=False, score_func="sigmoid")
+    assert torch.equal(g.score_sum_E, torch.zeros(E))
+
+
 def test_capacity_drops_lowest_weight_overflow():
     ids = torch.tensor([[0], [0], [0], [1]])
     w = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
