@@ -436,8 +436,8 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense, sa
             out = impl.run(xi)
         out.float().backward(g)
 
-    def drop(impl, err):
-        impl.error = f"raised while timed: {_one_line(err)}"
+    def drop(impl, err, when="while timed"):
+        impl.error = f"raised {when}: {_one_line(err)}"
         say(f"[{impls.index(impl) + 1}] {impl.name}: dropped, {impl.error}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -446,7 +446,7 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense, sa
         try:
             fwd_bwd(impl)
         except Exception as err:
-            drop(impl, err)
+            drop(impl, err, "in its warm-up")
     rates = []
     for r in range(rounds):
         rates.append(dense())

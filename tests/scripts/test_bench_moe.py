@@ -143,9 +143,9 @@ def test_a_failing_implementation_is_dropped_and_the_others_run(monkeypatch, cap
     assert lines[0].endswith(", bf16 autocast")
     assert "[1] raises: dropped, RuntimeError: no kernel for this shape (at test_bench_moe.py:" in out
     assert "[2] moemesh, per-expert loop (default), auto kernels: ok, worst " in out
-    for i, name in ((4, "fails in the warm-up"), (6, "fails when timed")):
+    for i, name, when in ((4, "fails in the warm-up", "in its warm-up"), (6, "fails when timed", "while timed")):
         assert f"[{i}] {name}: ok, worst" in out
-        assert f"[{i}] {name}: dropped, raised while timed: OutOfMemoryError: CUDA out of memory." in out
+        assert f"[{i}] {name}: dropped, raised {when}: OutOfMemoryError: CUDA out of memory." in out
     assert "[5] wrong output: dropped, output differs from the float64 reference by 1.0e+00 (in norm; 2e-01" in out
     # the check's lines come before the rounds, each round's line before the table
     first_round = next(i for i, line in enumerate(lines) if line.startswith("round 1/1: dense "))
