@@ -13,7 +13,7 @@ import torch
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan
 from moemesh.errors import ConfigError
-from moemesh.fields import CommBackend, Device, Dtype, Launcher, PipelineSchedule
+from moemesh.fields import CommBackend, Device, Dtype, Launcher
 from moemesh.kernels import backend_problem
 from moemesh.launch.access import output_umask
 from moemesh.launch.env import LauncherEnv, stale_launcher_env
@@ -21,6 +21,7 @@ from moemesh.moe.config import head_dim
 from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.pipeline import Placement
 from moemesh.planning.memory import activation_bytes
+from moemesh.planning.schedules import in_flight_stages
 
 
 def check_launcher(run: RunConfig, env: LauncherEnv | None, dims: ParallelDims) -> None:
@@ -120,17 +121,18 @@ def state_bytes_per_param(device_type: str) -> int:
 def host_activation_bytes(run: RunConfig, dims: ParallelDims, device_type: str) -> list[int]:
     """Host bytes one rank of each pipeline rank's position needs for its micro-batches (for the
     layers of all its stages: ``Placement.layers_by_rank``): on CPU the planner's activations
-    (moemesh.planning.memory.activation_bytes: every micro-batch in flight, fp32 unless
-    trainer.dtype=bf16); on a GPU, whose activations live there, the micro-batch's token ids
-    (inputs and targets, int64) that the host reads before they move."""
+    (moemesh.planning.memory.activation_bytes, for the micro-batches the schedule holds at its
+    peak: ``in_flight_stages``, one without a pipeline; fp32 unless trainer.dtype=bf16); on a
+    GPU, whose activations live there, the micro-batch's token ids (inputs and targets, int64)
+    that the host reads before they move."""
     t = run.trainer
     plan = batch_plan(run)
     T = plan.micro_batch_size * t.seq_len  # tokens per micro-batch per data rank
-    layers = Placement.of(run.parallel).layers_by_rank(run.model.num_layers)
+    placement = Placement.of(run.parallel)
+    layers = placement.layers_by_rank(run.model.num_layers)
     if device_type != "cpu":
         return [16 * T] * dims.pp
-    accum = plan.micro_steps
-    in_flight = min(dims.pp, accum) if run.parallel.pipeline_schedule == PipelineSchedule["1f1b"] else accum
+    in_flight = in_flight_stages(run.parallel.pipeline_schedule, dims.pp, placement.v, plan.micro_steps)
     sp = run.parallel.sequence_parallel and dims.tp > 1
     c = 2 if t.dtype == Dtype.bf16 else 4
     ckpt = t.activation_checkpointing

@@ -173,3 +173,35 @@ def test_train_py_trains_with_a_split_of_virtual_stages(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+
+
+def test_the_host_estimate_holds_the_micro_batches_the_schedule_keeps():
+    """Gradient accumulation without a pipeline keeps one micro-batch's activations whatever
+    ``pipeline_schedule`` says; a pipeline keeps its schedule's peak (the planner's
+    ``in_flight_stages``: about pp micro-batches on the busiest rank), not every micro-step but
+    under GPipe. It counted every micro-step for every schedule but 1F1B, and a check meant to
+    refuse only the impossible refused runs that fit."""
+    from moemesh.launch.checks import host_activation_bytes
+
+    def acts(schedule, pp, micro_steps):
+        run = tiny_run(
+            **{
+                "parallel.name": f"pp{pp}",
+                "parallel.pipeline_parallel_size": pp,
+                "parallel.pipeline_schedule": schedule,
+                "model.num_layers": 4,
+                "trainer.micro_batch_size": 2,  # the same tokens per micro-batch in every run
+                "trainer.global_batch_size": 2 * micro_steps,
+            }
+        )
+        return host_activation_bytes(run, validate_run(run), "cpu")
+
+    schedules = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+    no_pipeline = {acts(s, 1, 8)[0] for s in schedules}
+    assert no_pipeline == {acts("1f1b", 1, 1)[0]}  # one micro-batch at a time, 8 or 1 of them
+    for s in schedules:
+        fewer, more = acts(s, 2, 4), acts(s, 2, 8)
+        if s == "gpipe":  # every forward before any backward
+            assert all(m > f for m, f in zip(more, fewer, strict=True)), s
+        else:  # the peak is reached by 4 micro-steps already
+            assert more == fewer, s
