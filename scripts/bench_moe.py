@@ -28,6 +28,13 @@ moemesh's rows: the device's default expert path (on a CPU the per-expert loop, 
 grouped GEMMs; ``moe/experts.py``), on a CPU the same with its SwiGLU compiled by inductor,
 and the other path.
 
+``--profile``: after the table, each timed row's forward+backward is run ``PROFILE_ITERS`` more
+times under torch.profiler, and its time split into the GEMMs (with their rate in place: the
+expert FLOPs over the GEMMs' own time, against the best dense rate the ideal takes), pointwise
+work (the SwiGLU, the weighting), the token path (gather, scatter, sort, copies) and the rest
+(autograd, routing logic, fused kernels). It tells which part keeps a row above its ideal on a
+given machine: GEMMs slower in place than alone, or the work around them.
+
 Peers, each when installed: DeepSpeed's MoE layer (ep_size=1, drop_tokens=False, the second
 expert chosen without sampling), transformers' Mixtral sparse block (``eager`` and
 ``grouped_mm`` experts). On CUDA the layer runs under bf16 autocast at a larger default shape.
@@ -372,6 +379,7 @@ def _args(argv):
         help="fp32, or bf16 autocast (the layer's and the dense rate's); default fp32 on CPU, bf16 on CUDA",
     )
     p.add_argument("--no-peers", action="store_true", help="moemesh's rows only")
+    p.add_argument("--profile", action="store_true", help="split each row's time (module doc)")
     p.add_argument(
         "--kernels",
         default=None,
@@ -471,6 +479,105 @@ def _time_rounds(impls: list[Impl], x, g, rounds: int, autocast, sync, dense, sa
     return max(rates)
 
 
+PROFILE_ITERS = 3
+# Each aten op by what it does (self times: an op's children are counted where they belong).
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"})
+POINTWISE_OPS = frozenset(
+    "aten::" + op
+    for op in (
+        "silu silu_ silu_backward sigmoid sigmoid_backward mul mul_ add add_ sub sub_ div div_ neg exp "
+        "addcmul addcmul_ where clamp clamp_min sum softmax _softmax _softmax_backward_data "
+        "_log_softmax logsumexp"
+    ).split()
+)
+TOKEN_OPS = frozenset(
+    "aten::" + op
+    for op in (
+        "index_select index index_put_ index_add index_add_ scatter scatter_ scatter_add scatter_add_ "
+        "gather sort argsort topk cumsum bincount nonzero repeat_interleave fill_ zero_ copy_ cat "
+        "embedding_dense_backward _index_put_impl_"
+    ).split()
+)
+PARTS = ("GEMMs", "pointwise", "token path", "other")
+
+
+def time_split(self_times: dict[str, float]) -> dict[str, float]:
+    """Seconds per part (``PARTS``) from each op's self time (op name -> seconds)."""
+    out = dict.fromkeys(PARTS, 0.0)
+    for name, t in self_times.items():
+        part = (
+            "GEMMs"
+            if name in GEMM_OPS
+            else "pointwise"
+            if name in POINTWISE_OPS
+            else "token path"
+            if name in TOKEN_OPS
+            else "other"
+        )
+        out[part] += t
+    return out
+
+
+def profile_row(impl: Impl, x, g, autocast, sync, cuda: bool) -> dict[str, float]:
+    """``impl``'s forward+backward, ``PROFILE_ITERS`` times under torch.profiler: seconds per
+    iteration of each part (``time_split``), on the device that runs the ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def fwd_bwd():
+        xi = x.detach().requires_grad_()
+        with autocast:
+            out = impl.run(xi)
+        out.float().backward(g)
+
+    fwd_bwd()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_ITERS):
+            fwd_bwd()
+        sync()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    times = {e.key: getattr(e, key) / 1e6 / PROFILE_ITERS for e in prof.key_averages()}  # from µs
+    return time_split(times)
+
+
+def _print_table(impls: list[Impl], ideal: dict[str, float], say) -> None:
+    """Each row's times over the ideal (median and range over the rounds), and its new pages."""
+    say("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) | new pages per fwd+bwd |")
+    say("|---|---:|---:|---:|")
+    for impl in impls:
+        if impl.error:
+            say(f"| {impl.name} | not timed: {impl.error} | | |")
+            continue
+        cells = []
+        for what in ("fwd", "fwd+bwd"):
+            r = [t / ideal[what] for t in impl.times[what]]
+            cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})")
+        pages = int(statistics.median(impl.faults))
+        say(f"| {impl.name} | {cells[0]} | {cells[1]} | {pages:,} ({pages * resource.getpagesize() / 2**20:.0f} MiB) |")
+
+
+def _print_profiles(impls: list[Impl], x, g, autocast, sync, cuda: bool, *, flops: float, rate: float, say) -> None:
+    """``--profile``'s lines: each timed row's parts, and its GEMMs' rate in place (the expert
+    ``flops`` over their time) against the best dense ``rate``."""
+    say(f"\nwhere each row's fwd+bwd goes (torch profiler, {PROFILE_ITERS} iterations, self times per iteration):")
+    for i, impl in enumerate(impls, 1):
+        if impl.error:
+            continue
+        try:
+            split = profile_row(impl, x, g, autocast, sync, cuda)
+        except Exception as err:
+            say(f"[{i}] {impl.name}: not profiled, {_one_line(err)}")
+            continue
+        total = sum(split.values())
+        in_place = flops / split["GEMMs"] if split["GEMMs"] else 0.0
+        parts = ", ".join(f"{p} {100 * t / total:.0f} %" for p, t in split.items())
+        say(
+            f"[{i}] {impl.name}: {total * 1e3:.1f} ms; {parts}; the GEMMs at {in_place / 1e9:.1f} GFLOP/s in "
+            f"place ({in_place / rate:.2f} of the best dense rate)"
+        )
+
+
 def _minor_faults() -> int:
     """This process's minor page faults so far: each is a page touched for the first time (a
     fresh allocation the kernel must map and zero)."""
@@ -539,18 +646,9 @@ def main(argv=None) -> None:
         f"\nideal: expert FLOPs at the best dense F.linear rate ({dtype_name(dtype)}) {rate / 1e9:.1f} GFLOP/s "
         f"({N // E} and {N} rows): fwd {ideal['fwd'] * 1e3:.1f} ms, fwd+bwd {ideal['fwd+bwd'] * 1e3:.1f} ms\n"
     )
-    say("| implementation | fwd ÷ ideal (median, range) | fwd+bwd ÷ ideal (median, range) | new pages per fwd+bwd |")
-    say("|---|---:|---:|---:|")
-    for impl in impls:
-        if impl.error:
-            say(f"| {impl.name} | not timed: {impl.error} | | |")
-            continue
-        cells = []
-        for what in ("fwd", "fwd+bwd"):
-            r = [t / ideal[what] for t in impl.times[what]]
-            cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})")
-        pages = int(statistics.median(impl.faults))
-        say(f"| {impl.name} | {cells[0]} | {cells[1]} | {pages:,} ({pages * resource.getpagesize() / 2**20:.0f} MiB) |")
+    _print_table(impls, ideal, say)
+    if a.profile:
+        _print_profiles(impls, x, g, autocast, sync, cuda, flops=ideal["fwd+bwd"] * rate, rate=rate, say=say)
 
 
 def _given(value: int | None, default: int) -> int:

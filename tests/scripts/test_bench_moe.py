@@ -179,3 +179,27 @@ def test_bad_arguments_are_one_line_exit_2(argv, message, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_moe: ") and message in err, err
+
+
+def test_profile_splits_each_rows_time(monkeypatch, capsys):
+    """--profile: a line per timed row, its parts adding up to the whole, the GEMMs' rate in place."""
+    assert bench_moe.time_split({"aten::mm": 3.0, "aten::addmm_": 1.0, "aten::silu": 0.5, "aten::sort": 0.25}) == {
+        "GEMMs": 4.0,
+        "pointwise": 0.5,
+        "token path": 0.25,
+        "other": 0.0,
+    }
+    assert bench_moe.time_split({"_ExpertLoopBackward": 2.0})["other"] == 2.0
+    build = bench_moe._implementations  # without the compiled row: seconds of inductor, not needed here
+    monkeypatch.setattr(
+        bench_moe, "_implementations", lambda *a, **k: [i for i in build(*a, **k) if "inductor" not in i.name]
+    )
+    bench_moe.main([*map(str, SMALL), "--profile"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[") and " ms; GEMMs " in line]
+    assert len(lines) == 2, out  # the default and the other path
+    for line in lines:
+        parts = line.split("; ")[1].split(", ")
+        assert [p.rsplit(" ", 2)[0] for p in parts] == list(bench_moe.PARTS)
+        assert abs(sum(int(p.rsplit(" ", 2)[1]) for p in parts) - 100) <= 2  # rounded percentages
+        assert " GFLOP/s in place (" in line and "of the best dense rate)" in line
