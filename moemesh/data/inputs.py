@@ -2,7 +2,7 @@
 
 - ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object a line, ``--text-key`` its text;
 - ``.txt`` / ``.md`` / ``.text``: the whole file is one document;
-- ``.parquet``: the ``--text-key`` column, row group by row group;
+- ``.parquet``: the ``--text-key`` column, row group by row group (each read in batches of rows);
 - a directory saved by ``datasets.save_to_disk`` (``state.json`` and Arrow stream files; a
   ``DatasetDict``: a split of it), read with pyarrow.
 
@@ -25,7 +25,8 @@ JSONL = (".jsonl", ".json", ".ndjson")
 TEXT = (".txt", ".md", ".text")
 PARQUET = (".parquet",)
 MAX_TEXT_FILE = 256 << 20  # a .txt file is one document: bounded, since it is read whole
-MAX_LINE = 64 << 20  # one jsonl line (one document)
+MAX_LINE = 64 << 20  # one jsonl line (one document), or one parquet value
+PARQUET_BATCH_ROWS = 64  # rows of a parquet row group read at once
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,23 @@ def _table_texts(table, inp: Input, key: str):
         yield text or ""
 
 
+def _batch_texts(batch, inp: Input, key: str, where: str):
+    """The texts of a record batch of one column (``key``), each value bounded as a jsonl line is
+    before any becomes a Python string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = batch.column(0)
+    if batch.num_rows and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        longest = pc.max(pc.binary_length(column)).as_py()
+        if longest is not None and longest > MAX_LINE:
+            raise ConfigError(
+                f"--input={inp.given}: a {key!r} value in {where} is {longest:,} bytes, more than {MAX_LINE:,} "
+                "(one document, as a jsonl line); split it"
+            )
+    yield from _table_texts(pa.Table.from_batches([batch]), inp, key)
+
+
 def documents(inp: Input, a: int, b: int, key: str, first_only: bool = False):
     if inp.kind in ("parquet", "arrow"):
         with _arrow_errors(inp):
@@ -286,7 +304,10 @@ def _arrow_documents(inp: Input, a: int, key: str, first_only: bool):
             )
         if first_only:
             return
-        yield from _table_texts(pf.read_row_group(a, columns=[key]), inp, key)
+        # Streamed in batches of rows: a row group can hold gigabytes of text, and a value is
+        # bounded as a jsonl line is, so a batch holds at most PARQUET_BATCH_ROWS x MAX_LINE.
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[a], columns=[key]):
+            yield from _batch_texts(batch, inp, key, f"row group {a}")
     else:
         import pyarrow as pa
 
@@ -300,5 +321,5 @@ def _arrow_documents(inp: Input, a: int, key: str, first_only: bool):
                 return
             for k, batch in enumerate(reader):
                 if k == a:
-                    yield from _table_texts(pa.Table.from_batches([batch]), inp, key)
+                    yield from _batch_texts(batch.select([key]), inp, key, f"record batch {a}")
                     return

@@ -395,3 +395,30 @@ def test_a_validation_corpus_that_shares_a_shard_with_training_is_refused(tmp_pa
     cfg = DataConfig(name="t", kind="tokens", path=str(train), val_path=str(tmp_path / "copy"))
     with pytest.raises(ConfigError, match=r"data.val_path=.*copy holds the same tokens as data.path=.*train \(shard_"):
         check_data(cfg, seq_len=16, vocab_size=1000)
+
+
+def test_a_parquet_row_group_and_an_arrow_batch_are_read_in_bounded_pieces(tmp_path, monkeypatch):
+    """A row group can hold gigabytes of text: it is read in batches of rows (never whole with
+    read_row_group), in order, and a value longer than a jsonl line may be is refused in one line
+    before it becomes a Python string, in parquet and in a saved dataset."""
+    from moemesh.data import inputs
+
+    texts = [f"doc {i} " + "x" * (i % 7) for i in range(50)]
+    pq.write_table(pa.table({"text": texts, "n": list(range(50))}), tmp_path / "a.parquet", row_group_size=50)
+
+    def whole(*_a, **_k):
+        raise AssertionError("read_row_group reads a whole row group")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", whole)
+    monkeypatch.setattr(inputs, "PARQUET_BATCH_ROWS", 8)
+    (parquet,) = inputs.find_inputs([str(tmp_path / "a.parquet")])
+    assert list(inputs.documents(parquet, 0, 1, "text")) == texts
+    saved = _saved_dataset(tmp_path / "saved", texts)  # record batches of 7 rows
+    (arrow,) = inputs.find_inputs([str(saved)])
+    assert list(inputs.documents(arrow, 1, 2, "text")) == texts[7:14]
+    monkeypatch.setattr(inputs, "MAX_LINE", 9)
+    # the longest of the first batch: "doc 6 xxxxxx" (12 bytes); of rows 7-13: "doc 13 xxxxxx"
+    for inp, a, where, n in ((parquet, 0, "row group 0", 12), (arrow, 1, "record batch 1", 13)):
+        with pytest.raises(ConfigError) as err:
+            list(inputs.documents(inp, a, a + 1, "text"))
+        assert f"a 'text' value in {where} is {n} bytes, more than 9 (one document, as a jsonl line)" in str(err.value)
