@@ -482,6 +482,14 @@ def main(argv=None) -> None:
     fitted, _ = cal.fit_staged(stages, phases, prior, fixed)
     loo = cal.leave_one_out([j.name for j in jobs], stages, phases, prior, [j.before_s for j in jobs], fixed)
     print(report(jobs, loo, fitted))
+    fitted_n = sum(1 for v in fitted.measured.values() if v)
+    if len(jobs) < fitted_n:
+        print(
+            f"calibrate.py: warning: {fitted_n} constants fitted to {len(jobs)} job(s); with fewer jobs than "
+            "constants a fit can match these runs and misprice other layouts: the leave-one-out errors above "
+            "are the only check (sweep more layouts to tighten it)",
+            file=sys.stderr,
+        )
     if any(cal.crosses_nodes(t, kind) for j in jobs for t in j.stages for kind in cal.KINDS):
         merged = [[cal.one_link(t) for t in j.stages] for j in jobs]
         one = cal.leave_one_out([j.name for j in jobs], merged, phases, prior, [j.before_s for j in jobs], fixed)

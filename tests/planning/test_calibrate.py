@@ -325,7 +325,8 @@ def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, cap
     out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
     try:
         calibrate.main([*map(str, sweeps), "--name", name])
-        text = capsys.readouterr().out
+        text, err = capsys.readouterr()
+        assert "warning" not in err, err  # more jobs than constants
         assert "leave-one-out step-time error: median 100% uncalibrated, 0.0% calibrated" in text
         assert f"wrote conf/cluster/calibrated/{name}.yaml" in text
         run = compose_run([f"cluster=calibrated/{name}", "cluster.gpus=4", "trainer.device=cpu"])
@@ -334,6 +335,22 @@ def test_calibrate_script_fits_a_sweep_and_writes_a_cluster_config(tmp_path, cap
         assert cal.constants_line(run.cluster, ARGS).startswith("constants: calibrated (")
     finally:
         out.unlink(missing_ok=True)
+
+
+def test_fewer_jobs_than_fitted_constants_are_warned_about(tmp_path, capsys):
+    import json
+
+    from scripts import calibrate
+
+    sweep = _fake_sweep(tmp_path, 16)
+    listing = json.loads((sweep / "layouts.json").read_text())
+    listing["jobs"] = listing["jobs"][:3]
+    (sweep / "layouts.json").write_text(json.dumps(listing))
+    calibrate.main([str(sweep)])
+    out, err = capsys.readouterr()
+    assert "3 jobs" in out
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and " constants fitted to 3 job(s); with fewer jobs than constants" in warning[0], err
 
 
 @pytest.mark.parametrize(("mode", "ratio"), [("zero2", 1), ("zero3", 2)])
