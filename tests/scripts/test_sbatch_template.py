@@ -98,6 +98,19 @@ def test_a_requeued_attempt_resumes_its_own_checkpoint_not_the_one_given_at_subm
     assert _resume_args(tmp_path)[-1] == f"resume={last}"  # Hydra: the last override wins
 
 
+@pytest.mark.parametrize(("name", "resumes"), [("step_000010", True), ("step_10x", False), ("step_1.tmp", False)])
+def test_a_requeue_takes_only_what_the_trainer_calls_a_checkpoint(tmp_path, name, resumes):
+    """The trainer's checkpoint directories are step_ and ASCII digits; a directory the glob
+    step_[0-9]* also matches (a half-written step_1.tmp, step_10x) is not one, and a requeued
+    attempt must keep the submission's resume= rather than resume=auto from it."""
+    step = tmp_path / "run" / "checkpoints" / name
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    proc, _ = _run(tmp_path, 0, args=["resume=/old/step_5"], restart_count=1)
+    assert proc.returncode == 0, proc.stderr
+    assert _resume_args(tmp_path)[-1] == ("resume=auto" if resumes else "resume=/old/step_5")
+
+
 @pytest.mark.parametrize("restart_count", [0, 1])
 def test_no_key_is_given_twice_and_plus_spellings_count(tmp_path, restart_count):
     """A key the user gives (resume=, cluster=mysite) was given again by the template: Hydra's
