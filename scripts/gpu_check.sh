@@ -48,6 +48,10 @@ if [ $has_hydra = 1 ]; then
   # cuts the longer files, its results are already printed.
   timeout 140 $PY -m pytest -v --tb=short -p no:cacheprovider $timeout_flag \
     tests/kernels/test_swiglu.py tests/kernels/test_triton_kernels.py tests/kernels/test_compile.py || status=1
+  # group-limited and scaled gating, compiled (its gpu-marked cases; DeepSeek-V3's router where
+  # transformers is installed)
+  timeout 40 $PY -m pytest -v --tb=short -p no:cacheprovider $timeout_flag -m gpu \
+    tests/moe/test_routing_options.py || status=1
 fi
 
 section "bench_kernels"

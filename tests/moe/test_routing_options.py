@@ -12,7 +12,7 @@ import torch
 from moemesh.config.validate import routing_groups, validate_run
 from moemesh.errors import ConfigError
 from moemesh.kernels import TORCH_OPS, TRITON_OPS
-from moemesh.kernels._triton import can_run_triton
+from moemesh.kernels._triton import can_run_triton, interpreting
 from moemesh.kernels.gating import gating_reference, gating_triton
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.dispatcher import AllToAllDispatcher
@@ -20,10 +20,19 @@ from moemesh.moe.router import Router
 from moemesh.parallel.dims import ParallelDims
 from tests.helpers import tiny_run
 
-BACKENDS = [TORCH_OPS] + ([TRITON_OPS] if can_run_triton("cpu") else [])
+# The Triton kernel runs interpreted on this CPU (TRITON_INTERPRET=1, tests/conftest.py) and
+# compiled on a GPU with TRITON_INTERPRET=0, where its cases carry the gpu marker (`-m gpu`).
+DEVICE = "cpu" if interpreting() else "cuda"
+TRITON_HERE = can_run_triton(DEVICE)
+GPU = [pytest.mark.gpu] if DEVICE == "cuda" else []
+on_gpu_marked = pytest.mark.gpu if DEVICE == "cuda" else (lambda f: f)
+BACKENDS = [pytest.param(TORCH_OPS, id="torch")] + (
+    [pytest.param(TRITON_OPS, id="triton", marks=GPU)] if TRITON_HERE else []
+)
 
 
 def _hf_router(E=16, K=4, groups=4, topk_groups=2, scale=2.5, D=32):
+    pytest.importorskip("transformers")  # a GPU check's machine may not have it
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
@@ -44,7 +53,7 @@ def _hf_router(E=16, K=4, groups=4, topk_groups=2, scale=2.5, D=32):
     return router
 
 
-@pytest.mark.parametrize("ops", BACKENDS, ids=lambda o: o.name)
+@pytest.mark.parametrize("ops", BACKENDS)
 @pytest.mark.parametrize(("groups", "topk_groups", "scale"), [(4, 2, 2.5), (8, 3, 1.0), (1, 1, 1.8)])
 def test_group_limited_routing_and_scaling_match_deepseek_v3(ops, groups, topk_groups, scale):
     E, K, D, T = 16, 4, 32, 37
@@ -66,7 +75,11 @@ def test_group_limited_routing_and_scaling_match_deepseek_v3(ops, groups, topk_g
         ours.expert_bias_E.copy_(hf.e_score_correction_bias)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     _, hf_weights, hf_ids = hf(x)
-    gate, _ = ours(x)
+    device = DEVICE if ops is TRITON_OPS else "cpu"
+    gate, _ = ours.to(device)(x.to(device))
+    gate = type(gate)(
+        *(t.cpu() for t in (gate.topk_ids_TK, gate.topk_weights_TK, gate.counts_E, gate.score_sum_E, gate.lse_T))
+    )
     # transformers' top-k is unsorted: compare each token's (id, weight) pairs by id.
     hf_order, our_order = hf_ids.argsort(dim=1), gate.topk_ids_TK.argsort(dim=1)
     assert torch.equal(hf_ids.gather(1, hf_order), gate.topk_ids_TK.gather(1, our_order))
@@ -78,25 +91,28 @@ def test_group_limited_routing_and_scaling_match_deepseek_v3(ops, groups, topk_g
         assert max(reached) <= topk_groups
 
 
-@pytest.mark.skipif(not can_run_triton("cpu"), reason="Triton cannot run here")
+@pytest.mark.skipif(not TRITON_HERE, reason=f"Triton cannot run on {DEVICE} here")
 @pytest.mark.parametrize(("score", "bias"), [("softmax", False), ("sigmoid", True)])
+@on_gpu_marked
 def test_the_kernel_and_the_reference_agree_with_groups_and_scale(score, bias):
     """The same ids, weights, statistics and logit gradients (the kernel takes the reference's
     group mask; its weights and their gradient carry the scale)."""
     T, E, K = 29, 32, 6
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(T, E, generator=gen)
-    b = torch.randn(E, generator=gen) * 0.1 if bias else None
-    g_w = torch.randn(T, K, generator=gen)
+    logits = torch.randn(T, E, generator=gen).to(DEVICE)
+    b = (torch.randn(E, generator=gen) * 0.1).to(DEVICE) if bias else None
+    g_w = torch.randn(T, K, generator=gen).to(DEVICE)
+    g_s = torch.randn(E, generator=gen).to(DEVICE)  # not all ones: the normalised sigmoid sums to T
     outs = []
     for fn in (gating_reference, gating_triton):
         x = logits.clone().requires_grad_()
         g = fn(x, top_k=K, renormalize=True, score_func=score, expert_bias_E=b, n_groups=8, topk_groups=3, scale=1.7)
-        ((g.topk_weights_TK * g_w).sum() + g.lse_T.square().sum() + g.score_sum_E.sum()).backward()
+        ((g.topk_weights_TK * g_w).sum() + g.lse_T.square().sum() + (g.score_sum_E * g_s).sum()).backward()
         outs.append((g, x.grad))
     (ref, dref), (got, dgot) = outs
     assert torch.equal(got.topk_ids_TK, ref.topk_ids_TK) and torch.equal(got.counts_E, ref.counts_E)
     torch.testing.assert_close(got.topk_weights_TK, ref.topk_weights_TK, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.score_sum_E, ref.score_sum_E, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dgot, dref, rtol=1e-4, atol=1e-5)
 
 

@@ -5,6 +5,7 @@ forward+backward) otherwise runs only on a GPU; this keeps the first GPU session
 from spending its device time on a broken script. The timings are not checked.
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,15 +100,15 @@ def test_bench_moe_times_each_kernel_backend(repo_root):
 
 def test_gpu_check_runs_every_compiled_kernel_test_file(repo_root):
     """Every tests/kernels/ file whose kernels compile on a GPU (it asks whether Triton can
-    run) is in scripts/gpu_check.sh's test list: the only place they run compiled."""
+    run), and any other test file that picks its device by whether Triton is interpreted, is in
+    scripts/gpu_check.sh's test list: the only place they run compiled."""
     root = Path(repo_root)
     script = (root / "scripts" / "gpu_check.sh").read_text()
-    compiled = sorted(
-        p.relative_to(root).as_posix()
-        for p in (root / "tests" / "kernels").glob("test_*.py")
-        if "can_run_triton" in p.read_text() or "interpreting" in p.read_text()
-    )
-    assert "tests/kernels/test_swiglu.py" in compiled
+    kernels = [p for p in (root / "tests" / "kernels").glob("test_*.py") if "can_run_triton" in p.read_text()]
+    picks = re.compile(r"from moemesh\.kernels\._triton import [^\n]*\binterpreting\b")
+    elsewhere = [p for p in (root / "tests").rglob("test_*.py") if picks.search(p.read_text())]
+    compiled = sorted({p.relative_to(root).as_posix() for p in (*kernels, *elsewhere)})
+    assert "tests/kernels/test_swiglu.py" in compiled and "tests/moe/test_routing_options.py" in compiled
     assert [f for f in compiled if f not in script] == []
 
 
