@@ -267,6 +267,7 @@ def _batch_texts(batch, inp: Input, key: str, where: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    batch.validate(full=True)  # offsets within the buffers: a crafted memory-mapped file reads out of bounds
     column = batch.column(0)
     if batch.num_rows and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         longest = pc.max(pc.binary_length(column)).as_py()

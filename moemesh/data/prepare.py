@@ -23,6 +23,8 @@ import os
 import shutil
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -313,14 +315,33 @@ def _run(
     )
     hashes: dict[int, str] = {}
     ctx = multiprocessing.get_context("spawn")
+    # An executor, not a multiprocessing.Pool: a worker that dies (the OOM killer, a crash in a
+    # native reader) breaks the executor and every pending result raises, where a Pool waits on
+    # its lost task forever.
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(info.backend_json, os.getpid())
+    )
     try:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(info.backend_json, os.getpid())) as pool:
-            pending_hashes = pool.imap_unordered(_hash_input, [(i, inp.path) for i, inp in enumerate(inputs)])
-            for done in pool.imap_unordered(_piece, todo):
-                bar.update(done["bytes"])
-            for i, h in pending_hashes:
-                hashes[i] = h
-                bar.update(inputs[i].size)
+        pending_hashes = [pool.submit(_hash_input, (i, inp.path)) for i, inp in enumerate(inputs)]
+        for done in as_completed([pool.submit(_piece, task) for task in todo]):
+            bar.update(done.result()["bytes"])
+        for future in pending_hashes:
+            i, h = future.result()
+            hashes[i] = h
+            bar.update(inputs[i].size)
+    except BaseException as err:
+        # An error (a bad input, Ctrl-C) ends the run now, as a Pool's exit did: the workers are
+        # stopped, not waited on through the pieces they hold (the executor has no terminate).
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        if isinstance(err, BrokenProcessPool):
+            raise ConfigError(
+                "a prepare worker died (killed, out of memory, or a crash reading an input); the shards it had "
+                "not finished were not kept: rerun the same command to continue, with fewer --workers if memory "
+                "ran out"
+            ) from None
+        raise
     finally:
         bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
     return hashes

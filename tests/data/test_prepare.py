@@ -255,6 +255,35 @@ def test_a_killed_prepare_continues_to_the_same_bytes(tmp_path, bpe_dir):
 
 @pytest.mark.slow
 @pytest.mark.shares_cores
+def test_a_worker_that_dies_is_one_line_not_a_hang(tmp_path, bpe_dir):
+    """The OOM killer (or a native reader's crash) ends one worker: a multiprocessing.Pool waited
+    on its task forever. The prepare now stops in one line, exit 2, and the rerun continues."""
+    docs = documents(6000, seed=3)
+    inputs = [write_jsonl(tmp_path / f"{i}.jsonl", docs[i * 2000 : (i + 1) * 2000]) for i in range(3)]
+    args = ["--tokenizer", str(bpe_dir), "--input", *map(str, inputs), "--shard-mb", "0.02", "--no-progress"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *args, "--workers", "2"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "o")], start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _markers(tmp_path / "o") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before a worker could be killed: give it more input"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert workers, children
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [l for l in err.decode().splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "a prepare worker died" in lines[0], lines
+    again = subprocess.run([*cmd, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_hub_name_offline_is_one_line_naming_it(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", documents(5))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -422,3 +451,20 @@ def test_a_parquet_row_group_and_an_arrow_batch_are_read_in_bounded_pieces(tmp_p
         with pytest.raises(ConfigError) as err:
             list(inputs.documents(inp, a, a + 1, "text"))
         assert f"a 'text' value in {where} is {n} bytes, more than 9 (one document, as a jsonl line)" in str(err.value)
+
+
+def test_a_crafted_arrow_batch_is_refused_before_it_is_read(tmp_path):
+    """A saved dataset's string offsets pointing past the data buffer: reading the texts read out
+    of bounds (SIGBUS in a worker, measured); the batch is validated first and refused in one line."""
+    from moemesh.data import inputs
+
+    d = _saved_dataset(tmp_path / "saved", ["hello", "hello", "hello"])
+    f = d / "data-00000-of-00001.arrow"
+    good = np.array([0, 5, 10, 15], dtype="<i4").tobytes()  # the text column's offsets
+    raw = f.read_bytes()
+    assert raw.count(good) == 1
+    f.write_bytes(raw.replace(good, np.array([0, 5, 10, 50_000_000], dtype="<i4").tobytes()))
+    (arrow,) = inputs.find_inputs([str(d)])
+    with pytest.raises(ConfigError) as err:
+        list(inputs.documents(arrow, 0, 1, "text"))
+    assert "not a readable arrow file (" in str(err.value) and "\n" not in str(err.value)
