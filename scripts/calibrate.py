@@ -51,7 +51,7 @@ from moemesh.parallel.dims import ParallelDims, layout_name  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning.cost import plan_one  # noqa: E402
 from moemesh.runs.reader import MAX_OVERRIDES_BYTES, conform, read_json  # noqa: E402
-from moemesh.untrusted import read_bounded  # noqa: E402
+from moemesh.untrusted import read_bounded, yaml_without_aliases  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ def _overrides(job_dir: Path, j: dict) -> list[str]:
             raise ValueError(f"no {path} and no overrides in layouts.json")
         return j["overrides"]
     try:
-        data = yaml.safe_load(read_bounded(path, MAX_OVERRIDES_BYTES, error=ValueError))
+        data = yaml_without_aliases(read_bounded(path, MAX_OVERRIDES_BYTES, error=ValueError))
     except (yaml.YAMLError, RecursionError) as err:  # a !!python/object tag: ConstructorError
         raise ValueError(f"{path} is not plain YAML ({first_line(err)})") from None
     if not isinstance(data, list) or not all(isinstance(o, str) for o in data):
@@ -306,7 +306,7 @@ def _base_of(name: str) -> str:
     path = ROOT / "conf" / "cluster" / f"{name}.yaml"
     try:
         defaults = yaml.safe_load(path.read_text()).get("defaults") or []
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, yaml.YAMLError):
         return "local"
     bases = [d.split("@", 1)[0].removeprefix("/cluster/") for d in defaults if isinstance(d, str) and "@" in d]
     return bases[0] if bases else "local"

@@ -62,3 +62,38 @@ def test_json_that_is_not_an_object_is_one_line(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message) as err:
         read_json_object(p, 1 << 20, "model.hf_path")
     assert "\n" not in str(err.value)
+
+
+def test_yaml_without_aliases_refuses_an_alias_and_reads_the_rest():
+    import yaml
+
+    from moemesh.untrusted import yaml_without_aliases
+
+    assert yaml_without_aliases(b"- a=1\n- b: [1, 2]\n") == ["a=1", {"b": [1, 2]}]
+    with pytest.raises(yaml.YAMLError, match="an alias"):
+        yaml_without_aliases("a: &x [1, 2]\nb: *x\n")
+    with pytest.raises(yaml.YAMLError):  # still safe: no Python objects
+        yaml_without_aliases("!!python/object/apply:os.system [echo]\n")
+
+
+def test_metrics_records_keep_what_the_schema_knows_and_skip_deep_nesting(tmp_path):
+    """An unknown key's list or object is dropped (a 64 MiB file of [[],[],...] held 1.6 GB), an
+    unknown number kept (a newer trainer's); a line nested 100,000 deep is skipped, not a
+    RecursionError traceback."""
+    import json
+
+    from moemesh.runs.reader import read_records
+
+    lines = [
+        json.dumps({"step": 1, "loss": 2.5, "new_metric": 0.5, "junk": [[]] * 1000, "blob": {"a": [1]}}),
+        "[" * 100_000,
+        json.dumps({"step": 2, "loss": 2.4, "load": {"layer0": {"cv": 0.1}}}),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    skipped: list[int] = []
+    records = read_records(tmp_path, skipped)
+    assert records == [
+        {"step": 1, "loss": 2.5, "new_metric": 0.5},
+        {"step": 2, "loss": 2.4, "load": {"layer0": {"cv": 0.1}}},
+    ]
+    assert skipped == [2]

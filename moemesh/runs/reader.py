@@ -23,7 +23,7 @@ from typing import Any
 
 from moemesh.runs.records import RunSummary, StepRecord
 from moemesh.runs.steady import steady, summarize_records
-from moemesh.untrusted import bounded_size, read_bounded, read_json_object
+from moemesh.untrusted import bounded_size, read_bounded, read_json_object, yaml_without_aliases
 
 MAX_SUMMARY_BYTES = 16 << 20
 MAX_METRICS_BYTES = 1 << 30  # about 50k steps of a 16-layer, 64-expert model's records
@@ -123,13 +123,21 @@ def read_records(run_dir: Path, skipped: list[int] | None = None) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested deep
                 record = None  # a line cut short when a run was killed, or not JSON at all
             if isinstance(record, dict):
-                records.append(conform(record, StepRecord))
+                records.append(_known_or_scalar(conform(record, StepRecord)))
             elif skipped is not None:
                 skipped.append(n)
     return records
+
+
+def _known_or_scalar(record: dict) -> dict:
+    """A record's known keys, and its unknown ones whose value is a plain scalar (a newer
+    trainer's number): an unknown list or object is dropped, so what a long metrics.jsonl keeps
+    in memory follows StepRecord, not whatever a line holds ([[],[],...] costs 20x its bytes)."""
+    known = _hints(StepRecord)
+    return {k: v for k, v in record.items() if k in known or v is None or isinstance(v, (str, int, float, bool))}
 
 
 MAX_OVERRIDES_BYTES = 1 << 20
@@ -162,7 +170,7 @@ class Run:
         import yaml
 
         try:
-            data = yaml.safe_load(read_bounded(self.dir / ".hydra" / "overrides.yaml", MAX_OVERRIDES_BYTES))
+            data = yaml_without_aliases(read_bounded(self.dir / ".hydra" / "overrides.yaml", MAX_OVERRIDES_BYTES))
         except (ValueError, OSError, RecursionError, yaml.YAMLError):
             return []
         return [x for x in data if isinstance(x, str)] if isinstance(data, list) else []
@@ -178,7 +186,7 @@ def load_run(run_dir: Path, *, require_summary: bool = True) -> Run:
 
 def _job_order(d: Path):
     head = d.name.split("_")[0]
-    return (0, int(head), d.name) if head.isdigit() else (1, 0, d.name)
+    return (0, int(head), d.name) if head.isascii() and head.isdigit() else (1, 0, d.name)
 
 
 def _is_job(d: Path) -> bool:
@@ -227,7 +235,7 @@ def jobs_never_started(sweep: Path) -> tuple[int, list[int]] | None:
     import yaml
 
     try:
-        cfg = yaml.safe_load(read_bounded(sweep / "multirun.yaml", MAX_MULTIRUN_BYTES))
+        cfg = yaml_without_aliases(read_bounded(sweep / "multirun.yaml", MAX_MULTIRUN_BYTES))
         hydra = cfg["hydra"]
         if not str(hydra["sweeper"]["_target_"]).endswith(".BasicSweeper"):
             return None
@@ -246,7 +254,8 @@ def jobs_never_started(sweep: Path) -> tuple[int, list[int]] | None:
         total *= n
     if total > 1 << 20:
         return None
-    seen = {int(d.name.split("_")[0]) for d in sweep.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()}
+    heads = (d.name.split("_")[0] for d in sweep.iterdir() if d.is_dir())
+    seen = {int(h) for h in heads if h.isascii() and h.isdigit()}  # "²".isdigit(), and int() refuses it
     return total, [i for i in range(total) if i not in seen]
 
 
