@@ -152,7 +152,8 @@ def _moe(hf: Any, model_type: str, what: str) -> tuple[dict, dict]:
             f"num_hidden_layers={L}, which moemesh's model.moe_every_k_layers requires"
         )
     k = chosen["moe_every_k_layers"]
-    moe_layers = sum(1 for l in range(L) if (l + 1) % k == 0 and l not in chosen["dense_layers"])
+    # counted, not looped: config.json's num_hidden_layers is untrusted (10^12 hung a loop here)
+    moe_layers = L // k - sum(1 for l in set(chosen["dense_layers"]) if 0 <= l < L and (l + 1) % k == 0)
     # transformers' balance loss is K x moemesh's per layer and pools the layers (about their mean).
     coef = float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
     chosen["aux_loss_factor"] = coef * K / max(moe_layers, 1)
