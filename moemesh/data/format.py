@@ -35,8 +35,10 @@ META_NAME = "moemesh-data.json"
 FORMAT = "moemesh-tokens"
 VERSION = 1
 # The metadata of a 100 GB corpus is about a megabyte (a shard is ~300 bytes of JSON, a source
-# file ~200): this bound leaves room for a million source files and refuses anything stranger.
-MAX_META_BYTES = 256 * 2**20
+# file ~200): this bound leaves room for 300,000 source files and refuses anything stranger.
+# Parsed JSON can take ~27x its bytes (a file of [[],[],...]), so the bound is also the memory a
+# hostile file can cost before its fields are checked: ~1.7 GB here (7 GB at 256 MiB, before).
+MAX_META_BYTES = 64 * 2**20
 _SHARD = re.compile(r"shard_(\d{6})\.(tok|idx)")
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 INDEX_DTYPE: np.dtype = np.dtype("<u8")

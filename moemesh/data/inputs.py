@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moemesh.errors import ConfigError, first_line
-from moemesh.untrusted import read_bounded, regular_file
+from moemesh.untrusted import read_bounded, read_json_object, regular_file
 
 JSONL = (".jsonl", ".json", ".ndjson")
 TEXT = (".txt", ".md", ".text")
@@ -54,14 +54,14 @@ def _arrow_files(d: Path, split: str) -> list[Path]:
     if (d / "dataset_dict.json").is_file():
         sub = d / split
         if not sub.is_dir():
-            raw = read_bounded(d / "dataset_dict.json", 1 << 20, f"--input={d}")
-            splits = json.loads(raw).get("splits", [])
-            raise ConfigError(f"--input={d}: a DatasetDict without split {split!r}; --split is one of {splits}")
+            splits = read_json_object(d / "dataset_dict.json", 1 << 20, f"--input={d}").get("splits")
+            listed = [x for x in splits if isinstance(x, str)][:20] if isinstance(splits, list) else []
+            raise ConfigError(f"--input={d}: a DatasetDict without split {split!r}; --split is one of {listed}")
         d = sub
-    raw = read_bounded(d / "state.json", 16 << 20, f"--input={d}")
+    state = read_json_object(d / "state.json", 16 << 20, f"--input={d}")
     try:
-        names = [f["filename"] for f in json.loads(raw)["_data_files"]]
-    except (ValueError, KeyError, TypeError) as err:
+        names = [f["filename"] for f in state["_data_files"]]
+    except (KeyError, TypeError) as err:
         raise ConfigError(f"--input={d}/state.json: no _data_files list ({err})") from None
     files = []
     for name in names:

@@ -46,7 +46,7 @@ from moemesh.data.format import (
 from moemesh.data.inputs import Input, check_text_key, documents, find_inputs, plan_pieces
 from moemesh.data.tokenizer import TokenizerInfo, load_tokenizer
 from moemesh.errors import ConfigError
-from moemesh.untrusted import read_bounded
+from moemesh.untrusted import read_json_object
 
 PLAN_VERSION = 2  # 2: special tokens' text inside a document is encoded as text
 ENCODE_BATCH = 512  # documents per encode_batch call
@@ -142,11 +142,11 @@ def _shard_ok(out: Path, index: int) -> ShardMeta | None:
     """Piece ``index``'s shard, if a marker says it is complete and the files agree (size, sha256)."""
     marker = out / ".prepare" / f"piece_{index:06d}.json"
     try:
-        s = json.loads(read_bounded(marker, 1 << 20, "marker"))["shard"]
+        s = read_json_object(marker, 1 << 20, "marker")["shard"]
         shard = ShardMeta(
             s["tokens_file"], s["index_file"], s["tokens"], s["documents"], s["tokens_sha256"], s["index_sha256"]
         )
-    except (ConfigError, ValueError, KeyError, TypeError):
+    except (ConfigError, KeyError, TypeError):
         return None
     if (shard.tokens_file, shard.index_file) != shard_names(index):
         return None
@@ -166,12 +166,13 @@ def _refuse_other(out: Path, plan: dict) -> None:
         if not p.exists():
             continue
         try:
-            other = json.loads(read_bounded(p, MAX_META_BYTES, f"--out={out}"))
-        except ValueError:
+            other = read_json_object(p, MAX_META_BYTES, f"--out={out}")
+        except ConfigError:
             raise ConfigError(
-                f"--out={out}: {name} is not JSON: not a directory of this tool's; use another --out"
+                f"--out={out}: {name} is not a JSON object: not a directory of this tool's; use another --out"
             ) from None
-        tok = (other.get("tokenizer") or {}) if isinstance(other, dict) else {}
+        tok = other.get("tokenizer")
+        tok = tok if isinstance(tok, dict) else {}
         if tok.get("sha256") != plan["tokenizer"]["sha256"]:
             raise ConfigError(
                 f"--out={out} holds shards of another tokenizer ({tok.get('name')}, sha256 "
@@ -224,7 +225,7 @@ def prepare(
     root = Path(out).expanduser()
     _refuse_other(root, plan)
     if (root / META_NAME).exists():
-        meta = json.loads(read_bounded(root / META_NAME, MAX_META_BYTES, f"--out={out}"))
+        meta = read_json_object(root / META_NAME, MAX_META_BYTES, f"--out={out}")
         if meta.get("prepared_from") == _identity(plan):
             print(f"prepare_data: {out} is already prepared from these inputs; nothing to do", file=sys.stderr)
             return root

@@ -468,3 +468,29 @@ def test_a_crafted_arrow_batch_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(ConfigError) as err:
         list(inputs.documents(arrow, 0, 1, "text"))
     assert "not a readable arrow file (" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_saved_datasets_or_an_outs_json_that_is_wrong_is_one_line(tmp_path, capsys):
+    """dataset_dict.json, state.json and --out's metadata are read as untrusted JSON objects: not
+    JSON, the wrong type or nested 100,000 deep was a JSONDecodeError, AttributeError or
+    RecursionError traceback; each is one line, exit 2."""
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"text": "hello"}\n')
+    cases = []
+    for i, (name, raw) in enumerate(
+        [("dataset_dict.json", "not json"), ("dataset_dict.json", '["train"]'), ("state.json", "[" * 100_000)]
+    ):
+        d = _saved_dataset(tmp_path / f"saved{i}", ["hello"])
+        if name == "dataset_dict.json":
+            (d / "state.json").unlink()
+        (d / name).write_text(raw)
+        cases.append((["--input", d, "--out", tmp_path / f"o{i}"], name))
+    for i, raw in enumerate(['{"tokenizer": "x"}', "[" * 100_000]):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        (out / META_NAME).write_text(raw)
+        cases.append((["--input", good, "--out", out], "--out="))
+    for args, says in cases:
+        rc, err = _prepare(capsys, "--tokenizer", tok, *args)
+        assert rc == 2 and len(err) == 1 and says in err[0], (args, err)
