@@ -32,7 +32,7 @@ from moemesh.errors import ConfigError
 from moemesh.fields import PipelineSchedule, choice_error
 from moemesh.parallel.dims import ParallelDims, layout_name
 from moemesh.parallel.pipeline import SCHEDULES
-from moemesh.runs.reader import RunReadError, load_run, read_json
+from moemesh.runs.reader import RunReadError, load_run, read_summary
 from moemesh.runs.steady import WARMUP_RECORDS, median, steady
 
 AXES = ("dp", "ep", "tp", "pp")
@@ -227,7 +227,7 @@ def finished(job_dir: Path, steps: int | None = None) -> bool:
     """A job that need not run again: summary.json exists, it was not stopped early and (when
     ``steps`` is given) it reached that step."""
     try:
-        s = read_json(job_dir / "summary.json")
+        s = read_summary(job_dir)  # held to RunSummary's types: "steps": "10" is not a number
     except RunReadError:
         return False
     if s.get("stopped_by_signal"):
@@ -242,7 +242,7 @@ def stopped_by(job_dir: Path, since: float = 0.0) -> list[str] | None:
     try:
         if path.stat().st_mtime < since:
             return None
-        return read_json(path).get("stopped_by_signal") or None
+        return read_summary(job_dir).get("stopped_by_signal") or None  # a list of names, as conformed
     except (OSError, RunReadError):
         return None
 

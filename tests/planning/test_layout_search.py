@@ -146,6 +146,13 @@ def test_measure_failed_and_finished(tmp_path):
     assert "no step after the 3 warm-up steps" in search.measure(d, 3).error
     stopped = _job(tmp_path, "2_ep4", [(1.0, 1.0, 0.0)] * 3, stopped_by_signal=["SIGTERM"])
     assert not search.finished(stopped, steps=3)
+    assert search.stopped_by(stopped) == ["SIGTERM"] and search.stopped_by(d) is None
+    # summary.json is untrusted: a count written as text ("steps": "10") was int + str, a TypeError
+    import json
+
+    s = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**s, "steps": "10", "stopped_by_signal": "SIGTERM"}))
+    assert not search.finished(d, steps=3) and search.stopped_by(d) is None
 
 
 @pytest.mark.parametrize(
