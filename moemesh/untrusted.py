@@ -18,6 +18,8 @@ import os
 import stat
 from pathlib import Path
 
+import yaml
+
 from moemesh.errors import ConfigError
 
 
@@ -68,17 +70,19 @@ def read_json_object(path: Path, limit: int, what: str = "", error: type[Excepti
     return data
 
 
+class YamlAliasError(yaml.composer.ComposerError):
+    """``yaml_without_aliases`` met an alias (its ``problem_mark`` says where)."""
+
+
+class _NoAliases(yaml.SafeLoader):
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise YamlAliasError(None, None, "an alias (*name) is not read here", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def yaml_without_aliases(raw: bytes | str):
     """YAML from a file this project did not write, parsed safely (``yaml.safe_load``'s types)
     and without aliases: a few hundred bytes of nested ``&a [*b, *b, ...]`` expand to 10^12
-    nodes in whatever walks the result. An alias raises ``yaml.YAMLError``."""
-    import yaml
-
-    class NoAliases(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(None, None, "an alias (*name) is not read here", mark)
-            return super().compose_node(parent, index)
-
-    return yaml.load(raw, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+    nodes in whatever walks the result. An alias raises ``YamlAliasError``, a ``yaml.YAMLError``."""
+    return yaml.load(raw, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)

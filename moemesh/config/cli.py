@@ -195,6 +195,34 @@ def _check_bools(overrides: list[str]) -> None:
                 raise ConfigError(error)
 
 
+MAX_PRESET_BYTES = 1 << 20
+
+
+def _check_presets(overrides: list[str]) -> None:
+    """A calibrated cluster preset is written by scripts/calibrate.py and copied between clusters:
+    read it as untrusted (bounded, no YAML aliases, which composing would expand: 600 bytes of
+    nested aliases hung it) before Hydra composes it."""
+    from moemesh.untrusted import YamlAliasError, read_bounded, yaml_without_aliases
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        value = o.value()
+        if o.is_delete() or o.key_or_group.lstrip("+") != "cluster" or not isinstance(value, str):
+            continue
+        path = CONF_DIR / "cluster" / f"{value}.yaml"
+        if not value.startswith("calibrated/") or not path.is_file():
+            continue  # the project's own presets; a missing one is Hydra's to name
+        try:
+            yaml_without_aliases(read_bounded(path, MAX_PRESET_BYTES, f"cluster={value}"))
+        except YamlAliasError as err:
+            line = err.problem_mark.line + 1 if err.problem_mark else "?"
+            raise ConfigError(
+                f"cluster={value}: {path}, line {line}: {err.problem}, a calibrated preset has none; write it "
+                "again with scripts/calibrate.py --name ... --force"
+            ) from None
+        except (yaml.YAMLError, RecursionError):
+            continue  # any other mistake is Hydra's to meet, and explain()'s to name
+
+
 def preflight(argv: list[str], config_name: str = "config", *, launched: bool = False) -> Command:
     """Compose and type every job of this command; raise ConfigError on the first mistake."""
     args, unknown = _parse_argv(argv)
@@ -210,6 +238,7 @@ def preflight(argv: list[str], config_name: str = "config", *, launched: bool = 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             for i, overrides in enumerate(expand(args.overrides, args.multirun)):
                 _check_bools(overrides)
+                _check_presets(overrides)
                 cfg = compose(name, overrides=overrides, return_hydra_config=True)
                 output, job_dir = _output_dirs(cfg, args.multirun, i)
                 with open_dict(cfg):
@@ -244,6 +273,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
     GlobalHydra.instance().clear()
     try:
         _check_bools(list(overrides))
+        _check_presets(list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             return to_run_config(compose("config", overrides=list(overrides)))
     except ConfigError:

@@ -731,3 +731,28 @@ def test_a_benchmark_file_that_is_no_timings_ends_in_one_line_and_exit_2(tmp_pat
         calibrate.main(["--calibrate-from", str(path)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and needle.format(path=path) in err, err
+
+
+def test_a_calibrated_preset_with_yaml_aliases_is_refused_before_composing(tmp_path):
+    """A preset copied from another cluster is untrusted: 600 bytes of nested aliases hung the
+    composition (OmegaConf expands them); it is refused in one line first, by train.py's
+    preflight and by the scripts' compose_run alike."""
+    from moemesh.config.cli import preflight
+    from moemesh.errors import ConfigError
+
+    name = f"test-bomb-{tmp_path.name}"
+    path = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    path.write_text("defaults:\n  - /cluster/local@_here_\n  - _self_\n" + "\n".join(levels) + "\n")
+    try:
+        for compose in (
+            lambda: compose_run([f"cluster=calibrated/{name}"]),
+            lambda: preflight([f"cluster=calibrated/{name}"]),
+        ):
+            with pytest.raises(ConfigError) as err:
+                compose()
+            msg = str(err.value)
+            assert msg.startswith(f"cluster=calibrated/{name}: ") and "an alias" in msg and "\n" not in msg, msg
+    finally:
+        path.unlink(missing_ok=True)
