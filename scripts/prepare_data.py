@@ -27,7 +27,9 @@ from moemesh.errors import ConfigError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a directory, a tokenizer.json, or a hub name")
-    ap.add_argument("--input", required=True, nargs="+", help="files or directories, in this order")
+    ap.add_argument(
+        "--input", required=True, nargs="+", action="extend", help="files or directories, in this order (repeatable)"
+    )
     ap.add_argument("--out", required=True, help="the directory to write (created)")
     ap.add_argument("--text-key", default="text", help="the text field of jsonl lines, parquet and datasets columns")
     ap.add_argument("--workers", type=int, default=1, help="processes, one core each")

@@ -189,6 +189,24 @@ def _refuse_other(out: Path, plan: dict) -> None:
             raise ConfigError(f"--out={out} exists and holds files that are not a prepared corpus; use another --out")
 
 
+def _check_options(inputs: list[str], out: str, workers: int, shard_mb: float) -> None:
+    """The command's options, before a tokenizer is loaded or a file made."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= workers <= 4 * cpus:
+        raise ConfigError(
+            f"--workers={workers} must be 1 to {4 * cpus} (processes, one core each; this machine has {cpus})"
+        )
+    if not out or not str(out).strip():
+        raise ConfigError("--out is empty; give the directory to write")
+    if any(not str(i).strip() for i in inputs):
+        raise ConfigError("--input holds an empty path; give files or directories")
+    if len(set(inputs)) < len(inputs):
+        twice = next(i for i in inputs if inputs.count(i) > 1)
+        raise ConfigError(f"--input={twice} is given twice; each input is tokenised once")
+    if not 0 < shard_mb < 2**40:
+        raise ConfigError(f"--shard-mb={shard_mb} must be a number of MiB > 0, e.g. 64")
+
+
 def prepare(
     *,
     tokenizer: str,
@@ -202,10 +220,7 @@ def prepare(
     progress: bool = True,
 ) -> Path:
     """Tokenise ``inputs`` into ``out`` (see the module docstring); returns ``out``."""
-    if workers < 1:
-        raise ConfigError(f"--workers={workers} must be >= 1")
-    if not 0 < shard_mb < 2**40:
-        raise ConfigError(f"--shard-mb={shard_mb} must be a number of MiB > 0, e.g. 64")
+    _check_options(inputs, out, workers, shard_mb)
     shard_bytes = max(1, int(shard_mb * 2**20))
     info = load_tokenizer(tokenizer, eos_token=eos_token)
     found = find_inputs(inputs, split)
@@ -231,7 +246,10 @@ def prepare(
             return root
         raise ConfigError(f"--out={out} holds a corpus prepared from other inputs or options; use another --out")
     work = root / ".prepare"
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, a read-only or missing mount
+        raise ConfigError(f"--out={out}: cannot make {work}: {err.strerror or err}") from None
     lock = open(work / "lock", "w")  # noqa: SIM115 (held for the whole prepare)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -153,7 +153,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
         (["--input", tmp_path / "empty.jsonl"], "empty.jsonl: empty file (no documents)"),
         (["--input", tmp_path / "nope.jsonl"], "no such file or directory"),
         (["--input", tmp_path / "notes.csv"], "unknown format .csv"),
-        (["--input", good, "--workers", "0"], "--workers=0 must be >= 1"),
+        (["--input", good, "--workers", "0"], "--workers=0 must be 1 to "),
         (["--input", good, "--eos-token", "<nope>"], "--eos-token=<nope> is not a special token"),
     ]
     for args, message in cases:
@@ -494,3 +494,26 @@ def test_a_saved_datasets_or_an_outs_json_that_is_wrong_is_one_line(tmp_path, ca
     for args, says in cases:
         rc, err = _prepare(capsys, "--tokenizer", tok, *args)
         assert rc == 2 and len(err) == 1 and says in err[0], (args, err)
+
+
+def test_inputs_given_twice_or_in_two_flags_and_impossible_options(tmp_path, capsys):
+    """--input a --input b prepared only b (argparse's last flag won) and --input a a tokenised a
+    twice; --workers 10^12 and an --out under a file were tracebacks that left files behind."""
+    tok = _tiny_tokenizer(tmp_path / "tokenizer.json")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"text": "hello"}\n')
+    b.write_text('{"text": "hello hello"}\n')
+    rc, err = _prepare(capsys, "--tokenizer", tok, "--input", a, "--input", b, "--out", tmp_path / "two")
+    assert rc == 0 and err == [], err
+    assert [s["path"] for s in json.loads((tmp_path / "two" / META_NAME).read_text())["sources"]] == [str(a), str(b)]
+    for args, says in [
+        (["--input", a, a, "--out", tmp_path / "o1"], f"--input={a} is given twice"),
+        (
+            ["--input", a, "--workers", "1000000000000", "--out", tmp_path / "o2"],
+            "--workers=1000000000000 must be 1 to",
+        ),
+        (["--input", a, "--out", a / "sub"], f"--out={a / 'sub'}: cannot make"),
+    ]:
+        rc, err = _prepare(capsys, "--tokenizer", tok, *args)
+        assert rc == 2 and len(err) == 1 and says in err[0], (args, err)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
