@@ -101,7 +101,10 @@ def main(argv=None) -> None:
     except ConfigError as err:
         refuse(err)
     print(describe(dims, run.model.num_experts, stages))
-    if args.dot:
+    if args.dot is not None:
+        dot = Path(args.dot)
+        if not args.dot.strip() or (dot.exists() and not dot.is_file()):  # a FIFO: open() would block
+            refuse(f"--dot {args.dot!r}: not a file it can write; give a new or regular file's path")
         try:
             with open(args.dot, "w") as f:
                 f.write(to_dot(dims, run.model.num_experts))

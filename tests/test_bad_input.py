@@ -461,3 +461,13 @@ def test_no_secret_in_anything_a_shell_sees(tmp_path):
         proc = _run(tmp_path, arg, env_extra={"MOEMESH_TEST_SECRET": SECRET})
         assert proc.returncode == 2 and "${oc.env:MOEMESH_TEST_SECRET" in proc.stderr, proc.stderr
         assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["hydra.run.dir="], ["-m", "hydra.sweep.dir=", "trainer.lr=1e-3,2e-3"]])
+def test_an_empty_output_directory_is_refused_not_the_current_one(argv, tmp_path, monkeypatch, capsys):
+    """hydra.run.dir= trained into the current directory (the repository, from its root): .hydra/,
+    checkpoints/, metrics.jsonl among the sources."""
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    key = "hydra.sweep.dir" if "-m" in argv else "hydra.run.dir"
+    assert f"{key} is empty; give the directory the run writes" in config_error_line(code, err)
+    assert list(tmp_path.iterdir()) == []

@@ -348,6 +348,8 @@ def _output_dirs(cfg, multirun: bool, index: int) -> tuple[tuple[str, str] | Non
         root = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     except Exception:  # noqa: BLE001 - a resolver only train.py registers, say: Hydra reports it later
         return None, None
+    if not root.strip():  # Hydra would take "" as the current directory: a run written into the repo
+        raise ConfigError(f"{key} is empty; give the directory the run writes (or leave it out for outputs/...)")
     if not multirun:
         return (key, root), root
     try:

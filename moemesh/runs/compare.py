@@ -615,13 +615,35 @@ def never_started_notes(paths: list[Path]) -> list[str]:
     return notes
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own prints the usage first)
+        print(f"compare.py: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():  # Path("") is the current directory
+        raise argparse.ArgumentTypeError("an empty path; give a directory")
+    return Path(text)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. {COINCIDE_TOL:g}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0, e.g. {COINCIDE_TOL:g}")
+    return value
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", type=Path, help="run directories and/or sweep directories")
-    p.add_argument("--out", type=Path, help="output directory (default: see above)")
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=_path, help="run directories and/or sweep directories")
+    p.add_argument("--out", type=_path, help="output directory (default: see above)")
     p.add_argument(
         "--coincide-tol",
-        type=float,
+        type=_tolerance,
         default=COINCIDE_TOL,
         help=f"loss curves closer than this on every common step are reported as coinciding (default {COINCIDE_TOL:g})",
     )

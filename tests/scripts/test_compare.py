@@ -554,6 +554,26 @@ def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        (["--out", ""], "argument --out: an empty path; give a directory"),  # Path("") wrote into the cwd
+        (["--coincide-tol", "nan"], "argument --coincide-tol: nan must be a finite number >= 0"),
+        (["--coincide-tol", "-1"], "argument --coincide-tol: -1 must be a finite number >= 0"),
+        (["--coincide-tol", "x"], "argument --coincide-tol: 'x' is not a number"),
+        (["--nope"], "unrecognized arguments: --nope"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(tmp_path, capsys, monkeypatch, flag, says):
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(a), *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"compare.py: {says}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
 def test_phases_a_hair_over_the_step_are_scaled_without_a_note(tmp_path):
     hair = {**OVER, "forward": 0.3, "backward": 0.4, "grad_reduce": 0.2, "optimizer": 0.1002}  # 100.02%
     runs = _runs(_fake_run(tmp_path / "a", "ep2", losses=LOSS, time=hair))

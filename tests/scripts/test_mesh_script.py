@@ -40,9 +40,15 @@ def test_mesh_shows_all_four_axes():
 
 
 def test_mesh_refuses_as_train_py_does_in_one_line(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
     for args, says in (
         (["parallel=pp4", "model.num_layers=2"], "model.num_layers=2 must be >= parallel.pipeline_parallel_size=4"),
         (["parallel=ep2", "--dot", str(tmp_path / "no" / "m.dot")], f"--dot {tmp_path / 'no' / 'm.dot'}: cannot write"),
+        (["parallel=ep2", "--dot", str(fifo)], f"--dot '{fifo}': not a file it can write"),  # open() blocked
+        (["parallel=ep2", "--dot", ""], "--dot '': not a file it can write"),
     ):
         p = _mesh(*args)
         err = p.stderr.strip().splitlines()
