@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: "per worker"
 os.environ["RAYON_NUM_THREADS"] = "1"
@@ -113,7 +114,7 @@ def _train(out: Path, steps: int, *extra: str) -> dict:
         f"hydra.run.dir={out}",
         *extra,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = run_child(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"train.py failed: {proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())

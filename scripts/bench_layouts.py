@@ -14,12 +14,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # scripts._child without pip install
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 
 def main(argv=None) -> None:
@@ -41,7 +44,7 @@ def main(argv=None) -> None:
                 f"hydra.run.dir={out}",
                 *a.overrides,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+            proc = run_child(cmd, capture_output=True, text=True, cwd=tmp)
             if proc.returncode != 0:
                 sys.exit(f"{layout} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             s = json.loads((out / "summary.json").read_text())

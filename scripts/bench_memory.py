@@ -21,12 +21,16 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # scripts._child without pip install
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
+
 MODES = ("none", "zero2", "zero3")
 CHECKPOINTING = ("none", "full", "selective")
 # A model whose activations outweigh its state: 4 layers of width 128, 1,024-token sequences.
@@ -59,7 +63,7 @@ def run_one(layout: str, mode: str, ckpt: str, steps: int, extra: list[str], out
         *extra,
         f"hydra.run.dir={out}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = run_child(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         raise SystemExit(f"bench_memory: {mode} x {ckpt} failed: {' '.join(tail)}")

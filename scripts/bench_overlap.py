@@ -25,12 +25,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # scripts._child without pip install
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 
 def _run(tmp: Path, name: str, layout: str, steps: int, overlap: bool, chunks: int, overrides, extra=()) -> dict:
@@ -48,7 +51,7 @@ def _run(tmp: Path, name: str, layout: str, steps: int, overlap: bool, chunks: i
         *extra,
         *overrides,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    proc = run_child(cmd, capture_output=True, text=True, cwd=tmp)
     if proc.returncode:
         sys.exit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads((out / "summary.json").read_text())

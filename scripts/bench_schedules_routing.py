@@ -26,13 +26,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository: moemesh without pip install
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
 PP4 = ["parallel=pp4", "trainer.micro_steps=8", "model.num_layers=8", "trainer.global_batch_size=32"]
@@ -49,7 +50,7 @@ def _train(tmp: Path, name: str, args: list[str]) -> tuple[dict, list[dict]]:
         f"hydra.run.dir={out}",
         *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    proc = run_child(cmd, capture_output=True, text=True, cwd=tmp)
     if proc.returncode:
         sys.exit(f"{name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -29,12 +29,16 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # scripts._child without pip install
+
+from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
+
 README = ROOT / "README.md"
 # Where the marked spans live: README, the docs pages and the results.
 DOCS = [README, ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -46,7 +50,7 @@ SPAN = re.compile(r"<!-- numbers:(?P<name>[a-z0-9_]+) -->(?P<body>.*?)<!-- /numb
 
 def _train(run_dir: Path, *overrides: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID")}
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
         cwd=run_dir.parent,
         env=env,
