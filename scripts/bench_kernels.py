@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from moemesh.kernels import TORCH_OPS, TRITON_OPS  # noqa: E402
 from moemesh.kernels._triton import can_run_triton  # noqa: E402
+from scripts._args import Parser, positive_float, positive_int  # noqa: E402
 
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L4": 300.0}
 
@@ -164,12 +165,12 @@ def _triton_table(cases, timer, peak, fwd_bwd, compile_backend) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--peak-gbps", type=float, default=None)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=positive_int, default=None, help="default 16384 on CUDA, 2048 on CPU")
+    p.add_argument("--experts", type=positive_int, default=64)
+    p.add_argument("--top-k", type=positive_int, default=8)
+    p.add_argument("--hidden", type=positive_int, default=None, help="default 4096 on CUDA, 512 on CPU")
+    p.add_argument("--peak-gbps", type=positive_float, default=None)
     p.add_argument(
         "--interpret-smoke",
         action="store_true",
@@ -177,13 +178,15 @@ def main(argv=None) -> None:
         "each: a test of the script, not a measurement",
     )
     a = p.parse_args(argv)
+    if a.top_k > a.experts:
+        p.error(f"--top-k={a.top_k} must be at most --experts={a.experts}")
     cuda = torch.cuda.is_available()
     smoke = a.interpret_smoke and not cuda
     if smoke and not can_run_triton("cpu"):
         sys.exit("--interpret-smoke: set TRITON_INTERPRET=1 before starting (and pip install triton)")
     device = "cuda" if cuda else "cpu"
-    T = a.tokens or (16384 if cuda else 2048)
-    D = a.hidden or (4096 if cuda else 512)
+    T = a.tokens if a.tokens is not None else (16384 if cuda else 2048)
+    D = a.hidden if a.hidden is not None else (4096 if cuda else 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     E, K = a.experts, a.top_k
     name = torch.cuda.get_device_name() if cuda else "CPU"

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository: moemesh without pip install
 
+from scripts._args import Parser, positive_int  # noqa: E402
 from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
@@ -135,19 +136,19 @@ def compile_(tmp: Path, steps: int, rounds: int, overrides: list[str]) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("schedules", "routing", "compile"))
-    p.add_argument("--steps", type=int)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, help="default: 12 schedules, 300 routing, 30 compile")
+    p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     with tempfile.TemporaryDirectory(prefix="moemesh-i31-") as tmp:
         if a.what == "schedules":
-            schedules(Path(tmp), a.steps or 12, a.rounds, a.overrides)
+            schedules(Path(tmp), 12 if a.steps is None else a.steps, a.rounds, a.overrides)
         elif a.what == "routing":
-            routing(Path(tmp), a.steps or 300, a.overrides)
+            routing(Path(tmp), 300 if a.steps is None else a.steps, a.overrides)
         else:
-            compile_(Path(tmp), a.steps or 30, a.rounds, a.overrides)
+            compile_(Path(tmp), 30 if a.steps is None else a.steps, a.rounds, a.overrides)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""scripts/_args.py: the scripts' shared argument types and one-line parser. A 0 was swapped for
+the default (`--steps 0` trained 300 steps on 4 ranks; `--tokens 0` printed T=2048, exit 0) and
+a negative size was a traceback."""
+
+import pytest
+
+from scripts import bench_kernels, bench_schedules_routing
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "says"),
+    [
+        (bench_schedules_routing.main, ["routing", "--steps", "0"], "argument --steps: 0 must be a positive integer"),
+        (bench_schedules_routing.main, ["schedules", "--rounds", "-1"], "argument --rounds: -1 must be a positive"),
+        (bench_kernels.main, ["--tokens", "0"], "argument --tokens: 0 must be a positive integer"),
+        (bench_kernels.main, ["--hidden", "x"], "argument --hidden: 'x' is not a whole number"),
+        (bench_kernels.main, ["--top-k", "100"], "--top-k=100 must be at most --experts=64"),
+        (bench_kernels.main, ["--peak-gbps", "inf"], "argument --peak-gbps: inf must be a finite number > 0"),
+    ],
+)
+def test_a_value_a_run_cannot_use_is_one_line_exit_2(main, argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and says in err[0], err
