@@ -10,11 +10,11 @@ import sys
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, its errors on one line: "<prog>: <message>", exit 2 (argparse's own
+    """argparse's parser, its errors on one line: "<prog>: error: <message>", exit 2 (argparse's own
     prints the usage block first)."""
 
     def error(self, message):
-        print(f"{self.prog}: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

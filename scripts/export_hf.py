@@ -18,10 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moemesh.errors import ConfigError  # noqa: E402
+from scripts._args import Parser  # noqa: E402  (errors on one line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint (step_NNNNNN with meta.json) or a directory of them")
     p.add_argument("--out", required=True, help="the model directory to write (new or empty)")
     p.add_argument("--dtype", default="auto", help="auto (the source's, else fp32) | bf16 | fp16 | fp32")

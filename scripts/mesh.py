@@ -19,6 +19,7 @@ from moemesh.config.cli import compose_run, refuse  # noqa: E402
 from moemesh.config.validate import validate_run  # noqa: E402
 from moemesh.errors import ConfigError  # noqa: E402
 from moemesh.parallel.dims import MeshAxis, ParallelDims  # noqa: E402
+from scripts._args import Parser  # noqa: E402  (errors on one line)
 
 GROUPS = {
     "ep": ((MeshAxis.EP,), "All-to-All of routed tokens"),
@@ -84,7 +85,7 @@ def to_dot(dims: ParallelDims, num_experts: int) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dot", metavar="FILE", help="also write a Graphviz drawing of the mesh")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel=ep2_dp4")
     args = parser.parse_args(argv)

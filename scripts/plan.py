@@ -86,6 +86,7 @@ from moemesh.errors import ConfigError  # noqa: E402
 from moemesh.moe.param_count import count_params  # noqa: E402
 from moemesh.planning.calibration import PlannerOptions, constants_line  # noqa: E402
 from moemesh.planning.cost import SEED_SPLITS, Plan, compute_bytes, make_plan, train_command  # noqa: E402
+from scripts._args import Parser  # noqa: E402  (errors on one line)
 
 # The planner options that became config keys: each old flag fails, naming its key.
 GONE_FLAGS = {
@@ -210,9 +211,7 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, PlannerOptions]:
     if gone:
         print(gone, file=sys.stderr)
         raise SystemExit(2)
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed_4096 cluster.gpus=16")
     ap.add_argument(
         "--mfu", type=float, default=PlannerOptions.mfu, help="model FLOP utilisation assumed for compute, in (0, 1]"

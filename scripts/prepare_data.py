@@ -12,7 +12,6 @@ Exit codes: 0 done, 2 a bad argument or input (one line on stderr), 1 anything e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,10 +21,11 @@ if str(ROOT) not in sys.path:
 
 from moemesh.data.prepare import prepare  # noqa: E402
 from moemesh.errors import ConfigError  # noqa: E402
+from scripts._args import Parser  # noqa: E402  (errors on one line)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a directory, a tokenizer.json, or a hub name")
     ap.add_argument(
         "--input", required=True, nargs="+", action="extend", help="files or directories, in this order (repeatable)"

@@ -23,3 +23,15 @@ def test_a_value_a_run_cannot_use_is_one_line_exit_2(main, argv, says, capsys):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize("script", ["prepare_data", "plan", "mesh", "export_hf"])
+def test_the_user_facing_scripts_say_an_argument_mistake_in_one_line(script, capsys):
+    """argparse printed its usage block (2-5 lines) before the mistake."""
+    import importlib
+
+    module = importlib.import_module(f"scripts.{script}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--no-such-flag"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and ": error: " in err[0], err  # prog: error: ...
