@@ -186,9 +186,16 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return batch
 
 
-def _check_bools(overrides: list[str]) -> None:
+def _check_overrides(overrides: list[str]) -> None:
+    """What composing would take wrongly or hang on, before it runs (overrides parsed once)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    _check_bools(parsed)
+    _check_presets(parsed)
+
+
+def _check_bools(parsed: list) -> None:
     """A number other than 0/1 for a true-or-false key, which OmegaConf would take as true."""
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parsed:
         if not o.is_delete():
             error = bool_value_error(o.key_or_group.lstrip("+"), o.value())
             if error:
@@ -198,13 +205,13 @@ def _check_bools(overrides: list[str]) -> None:
 MAX_PRESET_BYTES = 1 << 20
 
 
-def _check_presets(overrides: list[str]) -> None:
+def _check_presets(parsed: list) -> None:
     """A calibrated cluster preset is written by scripts/calibrate.py and copied between clusters:
     read it as untrusted (bounded, no YAML aliases, which composing would expand: 600 bytes of
     nested aliases hung it) before Hydra composes it."""
     from moemesh.untrusted import YamlAliasError, read_bounded, yaml_without_aliases
 
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parsed:
         value = o.value()
         if o.is_delete() or o.key_or_group.lstrip("+") != "cluster" or not isinstance(value, str):
             continue
@@ -237,8 +244,7 @@ def preflight(argv: list[str], config_name: str = "config", *, launched: bool = 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             for i, overrides in enumerate(expand(args.overrides, args.multirun)):
-                _check_bools(overrides)
-                _check_presets(overrides)
+                _check_overrides(overrides)
                 cfg = compose(name, overrides=overrides, return_hydra_config=True)
                 output, job_dir = _output_dirs(cfg, args.multirun, i)
                 with open_dict(cfg):
@@ -272,8 +278,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
     register_schema()
     GlobalHydra.instance().clear()
     try:
-        _check_bools(list(overrides))
-        _check_presets(list(overrides))
+        _check_overrides(list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             return to_run_config(compose("config", overrides=list(overrides)))
     except ConfigError:
