@@ -155,3 +155,11 @@ def config_error_line(code, err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("moemesh: config error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def yaml_alias_bomb(levels: int = 12) -> str:
+    """YAML lines a0 .. a<levels-1>, each a list of ten aliases of the one before: a few hundred
+    bytes that expand to 10^levels values in whatever walks them (the last anchor: a<levels-1>)."""
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from moemesh.config.cli import compose_run  # noqa: E402
 from moemesh.config.schema import CalibrationConfig  # noqa: E402
 from moemesh.planning import calibration as cal  # noqa: E402
 from moemesh.planning import cost as plan  # noqa: E402
+from tests.helpers import yaml_alias_bomb  # noqa: E402
 
 ARGS = cal.PlannerOptions()
 
@@ -742,9 +743,7 @@ def test_a_calibrated_preset_with_yaml_aliases_is_refused_before_composing(tmp_p
 
     name = f"test-bomb-{tmp_path.name}"
     path = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
-    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
-    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
-    path.write_text("defaults:\n  - /cluster/local@_here_\n  - _self_\n" + "\n".join(levels) + "\n")
+    path.write_text("defaults:\n  - /cluster/local@_here_\n  - _self_\n" + yaml_alias_bomb())
     try:
         for compose in (
             lambda: compose_run([f"cluster=calibrated/{name}"]),

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from tests.helpers import SMALL  # noqa: E402
+from tests.helpers import SMALL, yaml_alias_bomb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHARTS = ("throughput.png", "step_breakdown.png", "memory.png", "a2a_share.png", "load_cv.png", "loss.png")
@@ -533,9 +533,7 @@ def test_jobs_a_stopped_sweep_never_started_are_named(tmp_path, capsys):
     assert jobs_never_started(sweep) is None
     # A YAML alias bomb (784 bytes that str() expanded to 10^12 nodes: compare hung at 1.5 GB and
     # growing) is not read; a directory named by a digit int() refuses ("²") is not a job number.
-    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
-    bomb = "\n".join(levels) + "\nhydra: {sweeper: {_target_: *a11}, sweep: {subdir: x}, overrides: {task: []}}\n"
+    bomb = yaml_alias_bomb() + "hydra: {sweeper: {_target_: *a11}, sweep: {subdir: x}, overrides: {task: []}}\n"
     (sweep / "multirun.yaml").write_text(bomb)
     assert jobs_never_started(sweep) is None
     _multirun(sweep, ["parallel=ep2,dp2,ep4"])
