@@ -308,7 +308,8 @@ def _job_failed(err: BaseException, run_dir: Path, local_sweep: bool) -> None:
     if local_sweep:  # the directory stays: a job without a summary, as compare.py lists it
         _SWEEP_FAILED.append((run_dir.name, reason))
         return None
-    if isinstance(err, CheckpointError) and launcher_rank() == 0:  # a refused resume trained nothing
+    refused = isinstance(err, CheckpointError) or (isinstance(err, RanksFailed) and err.kind == "CheckpointError")
+    if refused and launcher_rank() == 0:  # a checkpoint refused before step 1 (a resume): nothing trained
         _remove_if_untouched(run_dir)
     sys.exit(1)
 

@@ -18,11 +18,14 @@ class DataError(RuntimeError):
 class RanksFailed(SystemExit):
     """The spawned ranks failed or hung, and the launcher has printed why in one line
     (``reason``). Exits 1, as SystemExit(1) does; one job of a local sweep turns it into that
-    job's failure so the sweep goes on (train.py)."""
+    job's failure so the sweep goes on (train.py). ``kind``: the type name of the exception
+    the earliest failed rank raised (``CheckpointError``), None when no rank raised one (a rank
+    killed, hung or exited)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str | None = None) -> None:
         super().__init__(1)
         self.reason = reason
+        self.kind = kind
 
 
 def first_line(err: BaseException | str) -> str:

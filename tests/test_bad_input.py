@@ -163,6 +163,9 @@ CASES = [
         "hydra.sweep.dir=/proc/nope: cannot be created and written: [Errno 2 ENOENT]",
     ),
     (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: cannot be created and written: [Errno 20 ENOTDIR]"),
+    # found by the ranks once the model was built (exit 1, a run directory left behind)
+    (["checkpoint.dir=/dev/null"], "checkpoint.dir=/dev/null: cannot be created and written: [Errno 20 ENOTDIR]"),
+    (["parallel=ep2", "checkpoint.dir=/dev/null/c"], "checkpoint.dir=/dev/null/c: cannot be created and written"),
     # wandb names wandb.init would refuse on rank 0 once the ranks run (a traceback, exit 1)
     (["logger=wandb", "logger.project=a/b"], "logger.project='a/b' cannot hold / (wandb refuses any of / \\ # ? % :)"),
     (["parallel=ep2", "logger=wandb", "logger.entity=team:x"], "logger.entity='team:x' cannot hold :"),

@@ -176,11 +176,21 @@ def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path
 @pytest.mark.slow
 @pytest.mark.shares_cores
 def test_a_refused_resume_leaves_no_run_directory(tmp_path):
+    """In this process (one rank) and from spawned ranks, whose launcher learns the reason from
+    the rank that failed."""
     proc, first = _train(tmp_path / "a", "trainer.steps=1", *SMALL)
     assert proc.returncode == 0, proc.stderr
-    proc, out = _train(tmp_path / "b", "trainer.steps=2", "data=synthetic", f"resume={first / 'checkpoints'}", *SMALL)
-    assert proc.returncode == 1 and "it was trained on other data" in proc.stderr, proc.stderr
-    assert not out.exists()
+    for layout in ("single", "ep2"):
+        proc, out = _train(
+            tmp_path / layout,
+            "trainer.steps=2",
+            "data=synthetic",
+            f"resume={first / 'checkpoints'}",
+            f"parallel={layout}",
+            *SMALL,
+        )
+        assert proc.returncode == 1 and "it was trained on other data" in proc.stderr, proc.stderr
+        assert not out.exists(), layout
 
 
 @pytest.mark.slow

@@ -429,21 +429,32 @@ def _probe_once(path: Path) -> tuple[str | None, bool]:
     return None, False
 
 
-def check_output_dirs(command: Command, *, launched: bool = False) -> None:
-    """Before Hydra creates anything: the command's run or sweep directory can be created and
-    written (a probe, removed again); and, where this process starts every rank (not
-    ``launched`` by torchrun/srun/deepspeed), no fresh run saves into a directory that holds
-    another run's checkpoints (under a launcher each rank's Checkpointer refuses it before
-    step 1 instead, once a requeued attempt has set its resume)."""
-    seen = set()
+def _probe_outputs(command: Command) -> None:
+    """check_output_dirs' probes. A checkpoint.dir that cannot be written is found here, not by
+    the ranks once the model is built."""
+    probed = set()
     for job in command.jobs:
-        if job.output is None or job.output in seen:
-            continue
-        seen.add(job.output)
-        key, path = job.output
-        problem = probe_dir(Path(path))
-        if problem:
-            raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
+        c = job.run.checkpoint
+        targets = [job.output] if job.output is not None else []
+        if c.dir is not None and (c.every > 0 or c.save_final):
+            targets.append(("checkpoint.dir", c.dir))
+        for key, path in targets:
+            if (key, path) in probed:
+                continue
+            probed.add((key, path))
+            problem = probe_dir(Path(path))
+            if problem:
+                raise ConfigError(f"{key}={path}: cannot be created and written: {problem}")
+
+
+def check_output_dirs(command: Command, *, launched: bool = False) -> None:
+    """Before Hydra creates anything: the command's run or sweep directory, and a job's own
+    checkpoint.dir where it saves, can be created and written (a probe, removed again); and,
+    where this process starts every rank (not ``launched`` by torchrun/srun/deepspeed), no
+    fresh run saves into a directory that holds another run's checkpoints (under a launcher
+    each rank's Checkpointer refuses it before step 1 instead, once a requeued attempt has set
+    its resume)."""
+    _probe_outputs(command)
     if launched:
         return
     for i, job in enumerate(command.jobs):

@@ -103,9 +103,9 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
             # ProcessContext.join has already terminated the other ranks. The rank it names
             # is the first it noticed, often a peer whose collective broke: report the root
             # cause, the rank that failed earliest (or was killed).
-            reason = _root_cause(rendezvous, e)
+            reason, kind = _root_cause(rendezvous, e)
             print(f"moemesh: {reason}", file=sys.stderr)
-            raise RanksFailed(reason) from None
+            raise RanksFailed(reason, kind) from None
         except Stalled as hung:
             # Its peers wait in a collective for it: nothing can be saved. SIGKILL reaches a
             # stopped process too.
@@ -242,7 +242,9 @@ def _graceful_stop(ctx, grace_s: float, signum: int):
     return None  # every rank saved and wrote the summary; train.py reports the stop
 
 
-def _root_cause(rendezvous: str, err) -> str:
+def _root_cause(rendezvous: str, err) -> tuple[str, str | None]:
+    """The line that says why the ranks failed, and the type name of the exception the earliest
+    failed rank raised (None when none did: a rank killed by a signal or exited)."""
     failures = []
     for f in Path(rendezvous).glob("rank*.err"):
         try:
@@ -253,11 +255,12 @@ def _root_cause(rendezvous: str, err) -> str:
     if isinstance(err, torch.multiprocessing.ProcessExitedException) and err.signal_name:
         oom = " (on Linux, the kernel's out-of-memory killer sends it: see dmesg)"
         oom = oom if err.signal_name == "SIGKILL" else ""
-        return f"rank {err.error_index} was killed by {err.signal_name}{oom}; the other ranks were stopped"
+        return f"rank {err.error_index} was killed by {err.signal_name}{oom}; the other ranks were stopped", None
     if not failures:
-        return f"rank {err.error_index} exited with code {getattr(err, 'exit_code', 1)}"
+        return f"rank {err.error_index} exited with code {getattr(err, 'exit_code', 1)}", None
     _, rank, message = min(failures)
-    return f"rank {rank} failed: {message} (the other ranks were stopped)"
+    kind = message.split(":", 1)[0] if ":" in message else None
+    return f"rank {rank} failed: {message} (the other ranks were stopped)", kind
 
 
 def _spawned_rank(
