@@ -331,19 +331,19 @@ def train_step(state: TrainState, step: int) -> StepResult:
             ep_group=s.mesh.ep_group,
             pp_group=s.mesh.pp_group,
         )
-        updated = s.nonfinite.update_allowed(grad_norm, step)
+        updated = s.nonfinite.update_allowed(grad_norm, step + 1)
         if updated:
             clip_grads_(s.model.parameters(), grad_norm, t.grad_clip)  # no host sync on CUDA
             s.optimizer.step()
         else:
-            s.nonfinite.skipped(step, s.log.message)
+            s.nonfinite.skipped(step + 1, s.log.message)
         s.grad_bytes = [max(a, b) for a, b in zip(s.grad_bytes, grad_bytes(s.model))]
         s.optimizer.zero_grad(set_to_none=True)
 
     # The loss terms and per-layer statistics summed over every rank: one flat tensor,
     # all-reduced, then on the host (a host sync, every step).
     reduced = stats.reduce(s.mesh.data_tp_group, s.mesh.pp_group, loss_norm=s.shape.loss_norm)
-    s.nonfinite.check_loss(reduced.loss, step)
+    s.nonfinite.check_loss(reduced.loss, step + 1)
     # Aux-loss-free balancing: every rank moves its layers' biases by the same global counts
     # (not on a skipped step: it changes no state).
     if updated:
@@ -387,6 +387,7 @@ def run_training(state: TrainState) -> RunSummary:
         val = None
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
             val = final_val = evaluate(s.model, s.data, s.run, s.mesh, s.device, s.micro_start, s.pipe)
+            s.nonfinite.check_val_loss(val, step + 1)
             for root in s.sharded.roots if s.sharded is not None else ():
                 reshard_all(root)  # zero2 keeps an evaluated unit gathered
         if step % t.log_every == 0 or last or val is not None:

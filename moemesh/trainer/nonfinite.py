@@ -54,8 +54,8 @@ def update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_
 
 
 class NonFinitePolicy:
-    """The policy of one run: ``update_allowed`` per step, ``skipped`` after a skipped one,
-    ``check_loss`` once the step's loss is reduced."""
+    """Steps are numbered as the log numbers them (the first is step 1). The policy of one run: ``update_allowed`` per step, ``skipped`` after a skipped one,
+    ``check_loss`` once the step's loss is reduced, ``check_val_loss`` after an evaluation."""
 
     def __init__(self, mode: str, max_skipped_steps: int):
         self.mode, self.max_skipped = mode, max_skipped_steps
@@ -87,3 +87,13 @@ class NonFinitePolicy:
     def check_loss(self, loss: float, step: int) -> None:
         if not math.isfinite(loss) and self.mode == NonFinite.stop:
             raise FloatingPointError(f"non-finite training loss {loss} at step {step}")
+
+    def check_val_loss(self, loss: float, step: int) -> None:
+        """After an evaluation (the same number on every rank): a non-finite validation loss
+        means the last update made the weights non-finite, which the next step's training loss
+        would find, unless this was the last step and a checkpoint of them came next."""
+        if not math.isfinite(loss) and self.mode == NonFinite.stop:
+            raise FloatingPointError(
+                f"non-finite validation loss {loss} after step {step}: its update made the weights non-finite; "
+                "stopped before saving them (the last good checkpoint is kept; a lower trainer.lr may help)"
+            )

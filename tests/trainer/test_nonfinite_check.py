@@ -42,3 +42,12 @@ def test_skip_decides_on_the_host_even_when_asked_for_the_device():
 def test_cpu_norm_defaults_to_the_host_check():
     with pytest.raises(FloatingPointError):
         update_allowed(torch.tensor(math.nan), 3, "stop")  # on_device=None: a CPU tensor, the host check
+
+
+def test_a_non_finite_validation_loss_stops_a_stop_mode_run_and_not_a_skip_mode_one():
+    from moemesh.trainer.nonfinite import NonFinitePolicy
+
+    with pytest.raises(FloatingPointError, match=r"^non-finite validation loss nan after step 4: .*before saving"):
+        NonFinitePolicy("stop", 10).check_val_loss(math.nan, 4)
+    NonFinitePolicy("stop", 10).check_val_loss(2.5, 4)
+    NonFinitePolicy("skip", 10).check_val_loss(math.inf, 4)  # skip: the next steps skip, then stop

@@ -17,12 +17,14 @@ from tests.helpers import SMALL  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 # lr 1e30: the first update makes the weights huge, every later gradient norm is non-finite.
 DIVERGES = ["trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.on_nonfinite=skip"]
+# lr 1e12, stop (the default): the first update makes the weights non-finite.
+BREAKS = ["trainer.lr=1e12", "trainer.warmup_steps=0"]
 
 
-def _train(tmp_path, *overrides):
+def _train(tmp_path, *overrides, diverges=DIVERGES):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *DIVERGES, *overrides],
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *diverges, *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -52,3 +54,27 @@ def test_a_run_with_fewer_skips_than_the_limit_still_finishes(tmp_path):
     proc = _train(tmp_path, "trainer.steps=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "update skipped (1 in a row; trainer.max_skipped_steps=10)" in proc.stdout
+
+
+def test_stop_mode_names_the_step_as_the_log_does_and_saves_no_non_finite_weights(tmp_path):
+    """With one step, only the final evaluation sees what the update did: it ended exit 0 with
+    "val nan" and a checkpoint of non-finite weights. With more, the step the message names is
+    the log's (it said the step before)."""
+    for name in ("one", "three"):
+        (tmp_path / name).mkdir()
+    one = _train(tmp_path / "one", "trainer.steps=1", diverges=BREAKS)
+    assert one.returncode == 1, one.stderr[-2000:]
+    assert (
+        one.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "moemesh: FloatingPointError: non-finite validation loss nan after step 1: its update made the weights "
+            "non-finite; stopped before saving them"
+        )
+    )
+    assert not list((tmp_path / "one" / "run").glob("checkpoints/step_*"))
+    three = _train(tmp_path / "three", "trainer.steps=3", diverges=BREAKS)
+    assert three.returncode == 1, three.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "three" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    assert "non-finite gradient norm nan at step 2: stopped before the update" in three.stderr
