@@ -20,6 +20,7 @@ import numpy as np
 
 from moemesh.data.config import DataConfig
 from moemesh.data.format import (
+    META_NAME,
     CorpusMeta,
     ShardMeta,
     check_shard_sizes,
@@ -113,7 +114,17 @@ def build_stdlib_corpus(cache: str | None) -> Path:
 def _check_token_file(key: str, path: str, min_tokens: int) -> None:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"{key}={path}: no such file (expected a uint16 token .bin file)")
+        what = "no such file"
+        if p.is_dir():
+            prepared = (p / META_NAME).is_file()
+            what = (
+                f"a directory prepared by scripts/prepare_data.py: use data=tokens data.path={path}"
+                if prepared
+                else "a directory"
+            )
+        elif p.exists():
+            what = "not a regular file (a FIFO, socket or device)"
+        raise ConfigError(f"{key}={path}: {what} (data=memmap reads one uint16 token .bin file)")
     n = p.stat().st_size // 2
     if n < min_tokens:
         raise ConfigError(f"{key}={path} holds {n} tokens; need at least seq_len+1 = {min_tokens}")

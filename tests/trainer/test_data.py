@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,23 @@ def test_memmap_too_short_or_missing_is_reported(tmp_path):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=300)
     with pytest.raises(ConfigError, match="no such file"):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(tmp_path / "nope.bin")), seq_len=16, vocab_size=300)
+
+
+def test_memmap_path_that_is_not_a_file_says_what_it_is(tmp_path):
+    """A directory or a FIFO was "no such file"; a prepared directory names data=tokens."""
+    prepared = tmp_path / "corpus"
+    prepared.mkdir()
+    (prepared / "moemesh-data.json").write_text("{}")
+    os.mkfifo(tmp_path / "fifo")
+    cases = {
+        tmp_path: "a directory (data=memmap reads one uint16 token .bin file)",
+        prepared: f"a directory prepared by scripts/prepare_data.py: use data=tokens data.path={prepared} (",
+        tmp_path / "fifo": "not a regular file (a FIFO, socket or device)",
+    }
+    for path, says in cases.items():
+        with pytest.raises(ConfigError) as err:
+            prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=300)
+        assert str(err.value).startswith(f"data.path={path}: {says}"), str(err.value)
 
 
 def test_stdlib_corpus_is_bytes_of_python_sources():
