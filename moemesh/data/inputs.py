@@ -92,12 +92,19 @@ def _kind(p: Path) -> str | None:
 
 def find_inputs(given: list[str], split: str = "train") -> list[Input]:
     out: list[Input] = []
+    seen: dict[str, str] = {}  # resolved file -> the label it came in under
 
     def add(p: Path, kind: str, label: str):
         st = regular_file(p, f"--input={label}")
         if st.st_size == 0:
             raise ConfigError(f"--input={label}: empty file (no documents)")
-        out.append(Input(str(p.resolve()), kind, st.st_size, st.st_mtime_ns, label))
+        real = str(p.resolve())
+        if real in seen:  # a.jsonl and ./a.jsonl, a directory and a file inside it, a symlink
+            raise ConfigError(
+                f"--input={label} is the file {seen[real]} already names ({real}); each input is tokenised once"
+            )
+        seen[real] = label
+        out.append(Input(real, kind, st.st_size, st.st_mtime_ns, label))
 
     for g in given:
         p = Path(g).expanduser()

@@ -503,11 +503,19 @@ def test_inputs_given_twice_or_in_two_flags_and_impossible_options(tmp_path, cap
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"text": "hello"}\n')
     b.write_text('{"text": "hello hello"}\n')
+    d_a = tmp_path / "d" / "a.jsonl"
+    d_a.parent.mkdir()
+    d_a.write_text('{"text": "hello"}\n')
     rc, err = _prepare(capsys, "--tokenizer", tok, "--input", a, "--input", b, "--out", tmp_path / "two")
     assert rc == 0 and err == [], err
     assert [s["path"] for s in json.loads((tmp_path / "two" / META_NAME).read_text())["sources"]] == [str(a), str(b)]
     for args, says in [
         (["--input", a, a, "--out", tmp_path / "o1"], f"--input={a} is given twice"),
+        (  # the same file under two spellings, or in a directory given beside it
+            ["--input", a, f"{tmp_path}/./a.jsonl", "--out", tmp_path / "o1"],
+            f"--input={tmp_path}/./a.jsonl is the file {a} already names ({a.resolve()})",
+        ),
+        (["--input", tmp_path / "d", d_a, "--out", tmp_path / "o1"], f"--input={d_a} is the file {d_a} already names"),
         (
             ["--input", a, "--workers", "1000000000000", "--out", tmp_path / "o2"],
             "--workers=1000000000000 must be 1 to",
