@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the model directory to write (new or empty)")
     p.add_argument("--dtype", default="auto", help="auto (the source's, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--tokenizer", default=None, help="copy the tokenizer files from this directory")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="the largest safetensors file, in GB")
+    p.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="the largest safetensors file, in GB (> 0, <= 1e6; default 5)"
+    )
     return p.parse_args(argv)
 
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             raise ConfigError(f"{args.checkpoint}: no complete checkpoint (a step_NNNNNN directory with meta.json)")
         if not 0 < args.max_shard_gb <= 1e6:
-            raise ConfigError(f"--max-shard-gb={args.max_shard_gb} must be a size in GB > 0, e.g. 5")
+            raise ConfigError(f"--max-shard-gb={args.max_shard_gb} must be a size in GB, > 0 and <= 1e6, e.g. 5")
         if args.tokenizer and not Path(args.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer={args.tokenizer}: not a directory (one that holds tokenizer.json ...)")
         stats = export_checkpoint(

@@ -182,9 +182,11 @@ def test_export_flags_and_a_tampered_meta_are_one_line_exit_2(tmp_path, capsys):
     ckpt = _saved_at_step_0(tiny_run(), tmp_path)
     (tmp_path / "file").write_text("")
     cases = [
-        (["--max-shard-gb", "nan"], "--max-shard-gb=nan must be a size in GB > 0"),
-        (["--max-shard-gb", "inf"], "--max-shard-gb=inf must be a size in GB > 0"),
+        (["--max-shard-gb", "nan"], "--max-shard-gb=nan must be a size in GB, > 0 and <= 1e6"),
+        (["--max-shard-gb", "inf"], "--max-shard-gb=inf must be a size in GB, > 0 and <= 1e6"),
         (["--tokenizer", str(tmp_path / "nope")], "--tokenizer=" + str(tmp_path / "nope") + ": not a directory"),
+        # asked for, and none would come: it exported with a note, exit 0
+        (["--tokenizer", str(tmp_path)], f"--tokenizer={tmp_path}: holds no tokenizer file (tokenizer.json, "),
         (["--out", str(tmp_path / "file" / "out")], "--out=" + str(tmp_path / "file" / "out")),
     ]
     for extra, says in cases:

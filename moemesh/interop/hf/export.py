@@ -29,7 +29,14 @@ from moemesh.data.format import process_umask
 from moemesh.errors import ConfigError, first_line
 from moemesh.fields import QKNorm, RopePairing, ScoreFunc
 from moemesh.interop.hf.families import MOE_FAMILIES, source_family
-from moemesh.interop.hf.files import INDEX, SINGLE, read_json, tokenizer_files
+from moemesh.interop.hf.files import (
+    INDEX,
+    MAX_TOKENIZER_FILE_BYTES,
+    SINGLE,
+    TOKENIZER_FILES,
+    read_json,
+    tokenizer_files,
+)
 from moemesh.interop.hf.names import MIXTRAL_LAYOUT, PROJ_LAYOUT, Ref, hf_ref, moemesh_keys
 from moemesh.moe.config import ModelConfig, head_dim, is_moe_layer
 from moemesh.moe.model import half_pairing_order
@@ -446,8 +453,16 @@ def _stored(stored: dict, key: str, shape: tuple[int, ...], path: Path) -> Any:
 
 def _check_tokenizer_fits(source: Path, vocab_size: int) -> None:
     """--tokenizer's ids must all be rows of the model's embedding (transformers would index past
-    it at the first such token). Read from its tokenizer.json (size-bounded) when it has one."""
-    found = [f for f in tokenizer_files(source) if f.name == "tokenizer.json"]
+    it at the first such token). Read from its tokenizer.json (size-bounded) when it has one. A
+    directory with no tokenizer file is refused: the user asked for one, and would get none."""
+    held = [f for f in tokenizer_files(source) if f.name != "generation_config.json"]
+    if not held:
+        names = ", ".join(n for n in TOKENIZER_FILES if n != "generation_config.json")
+        raise ConfigError(
+            f"--tokenizer={source}: holds no tokenizer file ({names}, each at most "
+            f"{MAX_TOKENIZER_FILE_BYTES >> 20} MiB); give the directory tokenizer.save_pretrained() wrote"
+        )
+    found = [f for f in held if f.name == "tokenizer.json"]
     if not found:
         return
     from tokenizers import Tokenizer
