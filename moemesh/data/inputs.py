@@ -91,20 +91,10 @@ def _kind(p: Path) -> str | None:
 
 
 def find_inputs(given: list[str], split: str = "train") -> list[Input]:
-    out: list[Input] = []
-    seen: dict[str, str] = {}  # resolved file -> the label it came in under
+    out: dict[str, Input] = {}  # by resolved path: a file named twice is refused
 
     def add(p: Path, kind: str, label: str):
-        st = regular_file(p, f"--input={label}")
-        if st.st_size == 0:
-            raise ConfigError(f"--input={label}: empty file (no documents)")
-        real = str(p.resolve())
-        if real in seen:  # a.jsonl and ./a.jsonl, a directory and a file inside it, a symlink
-            raise ConfigError(
-                f"--input={label} is the file {seen[real]} already names ({real}); each input is tokenised once"
-            )
-        seen[real] = label
-        out.append(Input(real, kind, st.st_size, st.st_mtime_ns, label))
+        _add_input(out, p, kind, label)
 
     for g in given:
         p = Path(g).expanduser()
@@ -130,7 +120,19 @@ def find_inputs(given: list[str], split: str = "train") -> list[Input]:
             raise ConfigError(f"--input={g}: no such file or directory")
     if not out:
         raise ConfigError("--input: no input files")
-    return out
+    return list(out.values())
+
+
+def _add_input(found: dict[str, Input], p: Path, kind: str, label: str) -> None:
+    st = regular_file(p, f"--input={label}")
+    if st.st_size == 0:
+        raise ConfigError(f"--input={label}: empty file (no documents)")
+    real = str(p.resolve())
+    if real in found:  # a.jsonl and ./a.jsonl, a directory and a file inside it, a symlink
+        raise ConfigError(
+            f"--input={label} is the file {found[real].given} already names ({real}); each input is tokenised once"
+        )
+    found[real] = Input(real, kind, st.st_size, st.st_mtime_ns, label)
 
 
 def _units(inp: Input, i: int, shard_bytes: int) -> list[Unit]:

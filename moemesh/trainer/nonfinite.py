@@ -54,8 +54,9 @@ def update_allowed(grad_norm: torch.Tensor, step: int, on_nonfinite: str, *, on_
 
 
 class NonFinitePolicy:
-    """Steps are numbered as the log numbers them (the first is step 1). The policy of one run: ``update_allowed`` per step, ``skipped`` after a skipped one,
-    ``check_loss`` once the step's loss is reduced, ``check_val_loss`` after an evaluation."""
+    """The policy of one run: ``update_allowed`` per step, ``skipped`` after a skipped one,
+    ``check_loss`` once the step's loss is reduced, ``check_val_loss`` after an evaluation.
+    Steps are numbered as the log numbers them (the first is step 1)."""
 
     def __init__(self, mode: str, max_skipped_steps: int):
         self.mode, self.max_skipped = mode, max_skipped_steps
