@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 
 
 def _worktree(ref: str, where: Path) -> Path:
@@ -58,10 +62,10 @@ def _measure(tree: Path, command: list[str], out: Path, a) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="git ref of the reference side")
     p.add_argument("--after", default="HEAD", help="git ref of the measured side (default HEAD)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--json", help="FILE:KEY read from the run's {out} directory")
     what.add_argument("--regex", help="a regex whose group 1 is the number, searched in the output")

@@ -57,6 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: moemesh without pip install
 
 from moemesh.planning.calibration import bench_row_terms, fit_link  # noqa: E402
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 
 KINDS = ("a2a", "all_reduce", "reduce_scatter", "all_gather", "p2p")  # the default --kinds
 REFERENCES = {"a2a_torch": "a2a"}  # timed only when asked for; priced as the kind they stand beside
@@ -310,11 +311,13 @@ def table(data: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=4, help="ranks to spawn on this machine (under a launcher: its)")
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--world", type=positive_int, default=4, help="ranks to spawn on this machine (under a launcher: its)"
+    )
     ap.add_argument("--sizes", default="16K,256K,1M,4M", help="message sizes in bytes (K, M, G suffixes)")
-    ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
-    ap.add_argument("--repeats", type=int, default=3, help="timings per size (the median is kept)")
+    ap.add_argument("--iters", type=positive_int, default=10, help="back-to-back calls per timing")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timings per size (the median is kept)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="the collectives to time (default: all)")
     ap.add_argument("--out", help="write the times and fits as JSON (for scripts/calibrate.py --calibrate-from)")
     a = ap.parse_args(argv)

@@ -19,7 +19,6 @@ documents of 5-80 of those words.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 from scripts._child import run as run_child  # noqa: E402  (stopping the script stops train.py)
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: "per worker"
@@ -175,14 +175,18 @@ def bench_mask_long(seq: int, rounds: int, reps: int = 5) -> list[float]:
     return [step(False) / step(True) for _ in range(rounds)]  # = masked tokens/s over plain
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--docs", type=int, default=40000, help="documents in the prepare corpus")
-    ap.add_argument("--steps", type=int, default=40, help="training steps per run (the median skips the first)")
-    ap.add_argument("--batches", type=int, default=2000, help="global batches the loader reads per round")
-    ap.add_argument("--mask-seq", type=int, default=1024, help="sequence length of the long-sequence mask cost")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--docs", type=positive_int, default=40000, help="documents in the prepare corpus")
+    ap.add_argument(
+        "--steps", type=positive_int, default=40, help="training steps per run (the median skips the first)"
+    )
+    ap.add_argument("--batches", type=positive_int, default=2000, help="global batches the loader reads per round")
+    ap.add_argument(
+        "--mask-seq", type=positive_int, default=1024, help="sequence length of the long-sequence mask cost"
+    )
+    args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="moemesh-bench-data-"))
     try:
         p = bench_prepare(work, args.docs, args.rounds)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 
 SHAPE = dict(
     vocab_size=32000,
@@ -171,9 +172,9 @@ def _spread(xs: list[float]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "moemesh-bench-hf"))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp

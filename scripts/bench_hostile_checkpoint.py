@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts._args import Parser, non_negative_float, positive_float, positive_int  # noqa: E402
+
 CHILD = r"""
 import io, json, re, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -174,10 +176,12 @@ def _cpu() -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=float, default=1e9, help="bytes the hostile pickles ask for (default 10^9)")
-    p.add_argument("--torch-n", type=float, default=1e7, help="N for torch's weights-only unpickler (0: skip)")
-    p.add_argument("--repeats", type=int, default=3)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=positive_float, default=1e9, help="bytes the hostile pickles ask for (default 10^9)")
+    p.add_argument(
+        "--torch-n", type=non_negative_float, default=1e7, help="N for torch's weights-only unpickler (0: skip)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--out", type=Path, help="also write the table here")
     a = p.parse_args(argv)
     from tests.parallel import _checkpoint_kit as kit

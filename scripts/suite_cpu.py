@@ -15,13 +15,17 @@ solo group: its wall time less what its busy time adds to two saturated workers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest  # requirements-dev.txt: a test tool, as the suite it measures
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 
 _HZ = os.sysconf("SC_CLK_TCK")
 
@@ -62,10 +66,10 @@ def report(path: Path, cores: int, top: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", type=Path, default=_out())
-    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--cores", type=positive_int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--top", type=positive_int, default=40)
     args = parser.parse_args(argv)
     if not args.path.is_file():
         raise SystemExit(f"suite_cpu: {args.path}: no such file; run pytest with -p scripts.suite_cpu first")

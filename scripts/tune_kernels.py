@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from moemesh.kernels._triton import can_run_triton  # noqa: E402
 from moemesh.kernels._tuning import TUNING  # noqa: E402
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 from scripts.bench_kernels import _time_cpu, _time_cuda  # noqa: E402
 
 CANDIDATES = {
@@ -126,12 +127,12 @@ def tune(workloads, timer, candidates=CANDIDATES, passes=2, table=TUNING) -> dic
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--passes", type=int, default=2)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=positive_int, default=16384)
+    p.add_argument("--experts", type=positive_int, default=64)
+    p.add_argument("--top-k", type=positive_int, default=8)
+    p.add_argument("--hidden", type=positive_int, default=4096)
+    p.add_argument("--passes", type=positive_int, default=2)
     p.add_argument(
         "--interpret-smoke",
         action="store_true",

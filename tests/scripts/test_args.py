@@ -25,6 +25,31 @@ def test_a_value_a_run_cannot_use_is_one_line_exit_2(main, argv, says, capsys):
     assert exit_.value.code == 2 and len(err) == 1 and says in err[0], err
 
 
+@pytest.mark.parametrize(
+    ("script", "argv", "says"),
+    [
+        ("bench_comm", ["--iters", "0"], "argument --iters: 0 must be a positive integer"),
+        ("bench_comm", ["--world", "-2"], "argument --world: -2 must be a positive integer"),
+        ("suite_cpu", ["--top", "-1"], "argument --top: -1 must be a positive integer"),
+        ("bench_hostile_checkpoint", ["--torch-n", "-1"], "argument --torch-n: -1 must be a finite number >= 0"),
+        ("bench_hostile_checkpoint", ["--n", "nan"], "argument --n: nan must be a finite number > 0"),
+        ("ab_bench", ["--before", "HEAD", "--rounds", "0"], "argument --rounds: 0 must be a positive integer"),
+        ("bench_hf", ["--rounds", "0"], "argument --rounds: 0 must be a positive integer"),
+        ("bench_data", ["--docs", "0"], "argument --docs: 0 must be a positive integer"),
+        ("tune_kernels", ["--tokens", "0"], "argument --tokens: 0 must be a positive integer"),
+    ],
+)
+def test_the_developer_scripts_refuse_a_count_they_cannot_use_in_one_line(script, argv, says, capsys):
+    """0 or a negative count was a traceback after argparse's usage block, or a run of nothing."""
+    import importlib
+
+    module = importlib.import_module(f"scripts.{script}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and f": error: {says}" in err[0], err
+
+
 @pytest.mark.parametrize("script", ["prepare_data", "plan", "mesh", "export_hf"])
 def test_the_user_facing_scripts_say_an_argument_mistake_in_one_line(script, capsys):
     """argparse printed its usage block (2-5 lines) before the mistake."""
