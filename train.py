@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import shlex
 import signal
@@ -279,7 +278,9 @@ def main(cfg: DictConfig) -> float | None:
         # rank's is (one line; the traceback goes to its train.log), and the sweep goes on.
         return _job_failed(err, Path(output_dir), local_sweep)
     if summary is None and launcher_rank() == 0:  # spawned ranks: read rank 0's summary back
-        summary = json.loads((Path(output_dir) / "summary.json").read_text())
+        from moemesh.runs.reader import read_json  # size-bounded, a JSON object
+
+        summary = read_json(Path(output_dir) / "summary.json")
     stopped = (summary or {}).get("stopped_by_signal")
     if stopped and not os.environ.get(TASK_MARKER) and launcher_rank() == 0:
         # Saved, not finished: exit non-zero, so no script mistakes this run for a complete one.

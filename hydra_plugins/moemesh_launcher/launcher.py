@@ -27,7 +27,6 @@ module is the Hydra/submitit glue: Hydra and submitit are imported here, never i
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -480,8 +479,10 @@ def _partition_size(partition: str) -> tuple[int, int | None] | None:
 def _outcome(ret: JobReturn) -> str:
     """One line from the job's summary.json: loss, steps, how it ended, where it wrote."""
     try:
+        from moemesh.runs.reader import read_json  # size-bounded, a JSON object
+
         run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json")
     except Exception:  # noqa: BLE001 - a job without a summary still has a status
         return f"status {ret.status.name}"
     steps = summary.get("start_step", 0) + summary.get("steps", 0)

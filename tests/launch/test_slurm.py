@@ -508,3 +508,18 @@ def test_the_cpus_of_the_largest_node_are_read_exactly(monkeypatch, sinfo, size,
     assert "-e" in calls[0]
     line = launcher._never_starts("PENDING", "PartitionConfig", "gpu", "1", "10", {})
     assert (line is None) if verdict is None else (verdict in line), line
+
+
+def test_a_jobs_outcome_line_reads_a_bounded_summary(tmp_path):
+    """The launcher's line per finished job read summary.json whole, whatever its size."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.moemesh_launcher.launcher import _outcome
+
+    ret = JobReturn(hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}}))
+    ret.status = JobStatus.COMPLETED
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 3, "final_loss": 2.5}))
+    assert _outcome(ret) == f"3 steps, final loss 2.5000 -> {tmp_path}"
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 3, "pad": "x" * (17 << 20)}))
+    assert _outcome(ret) == "status COMPLETED"

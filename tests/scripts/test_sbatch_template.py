@@ -18,11 +18,16 @@ for a in "$@"; do case $a in hydra.run.dir=*) dir=${a#hydra.run.dir=};; esac; do
 mkdir -p "$dir"
 printf '%s\n' "$@" > "$dir/srun-args"
 [ -n "$STUB_SIGNAL" ] && printf '{"stopped_by_signal": "%s"}' "$STUB_SIGNAL" > "$dir/summary.json"
+if [ -n "$STUB_PAD_MB" ]; then  # a stopped run's summary, padded to this size
+  printf '{"stopped_by_signal": "SIGUSR2", "pad": "' > "$dir/summary.json"
+  head -c "${STUB_PAD_MB}M" /dev/zero | tr -c x x >> "$dir/summary.json"
+  printf '"}' >> "$dir/summary.json"
+fi
 exit "$STUB_EXIT"
 """
 
 
-def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False, args=(), restart_count=0):
+def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False, args=(), restart_count=0, pad_mb=""):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text(SRUN)
@@ -44,6 +49,7 @@ def _run(tmp_path, exit_code: int, signal: str = "", stale_summary: bool = False
         "MOEMESH_RUN_DIR": str(run_dir),
         "STUB_EXIT": str(exit_code),
         "STUB_SIGNAL": signal,
+        "STUB_PAD_MB": str(pad_mb),
         "SLURM_RESTART_COUNT": str(restart_count),
     }
     proc = subprocess.run(
@@ -69,6 +75,15 @@ def test_a_run_stopped_by_the_time_limit_signal_is_requeued_whatever_srun_report
 def test_anything_else_is_not_requeued_and_keeps_its_exit_code(tmp_path, code, signal):
     proc, requeued = _run(tmp_path, code, signal=signal)
     assert proc.returncode == code and requeued == "", proc.stderr
+
+
+def test_the_requeue_check_reads_a_bounded_summary(tmp_path):
+    """It read summary.json whole, whatever its size: one past 16 MiB is not read (no requeue)."""
+    proc, requeued = _run(tmp_path, 143, pad_mb=1)
+    assert requeued == "requeue 77\n", proc.stderr
+    (tmp_path / "big").mkdir()
+    proc, requeued = _run(tmp_path / "big", 143, pad_mb=17)
+    assert proc.returncode == 143 and requeued == "", proc.stderr
 
 
 def test_an_earlier_attempts_summary_does_not_requeue_a_crash(tmp_path):
