@@ -66,6 +66,7 @@ from moemesh.kernels import get_ops  # noqa: E402
 from moemesh.moe.config import ModelConfig  # noqa: E402
 from moemesh.moe.layer import MoELayer  # noqa: E402
 from moemesh.trainer.parallelize import apply_kernels  # noqa: E402
+from scripts._args import Parser, positive_int  # noqa: E402  (errors on one line)
 
 # The check against the float64 reference, by the dtype the layer computes in: (tolerance, how
 # the error is measured).
@@ -353,25 +354,26 @@ def dense_rate(D: int, Fh: int, rows: list[int], device, sync, dtype: torch.dtyp
     return best
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own: usage, then the message)
-        _refuse(message)
+PROG = "bench_moe.py"
 
 
 def _refuse(message: str):
-    print(f"bench_moe: {message}", file=sys.stderr)
+    """A mistake found after parsing: one line, as the parser says its own."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def _args(argv):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=None, help="default 4096 on CPU, 16384 on CUDA")
-    p.add_argument("--hidden", type=int, default=None, help="default 512 on CPU, 2048 on CUDA")
-    p.add_argument("--ffn", type=int, default=None, help="default 1024 on CPU and CUDA")
-    p.add_argument("--experts", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
-    p.add_argument("--top-k", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each implementation once per round)")
-    p.add_argument("--threads", type=int, default=None)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=positive_int, default=None, help="default 4096 on CPU, 16384 on CUDA")
+    p.add_argument("--hidden", type=positive_int, default=None, help="default 512 on CPU, 2048 on CUDA")
+    p.add_argument("--ffn", type=positive_int, default=None, help="default 1024 on CPU and CUDA")
+    p.add_argument("--experts", type=positive_int, default=None, help="default 8 on CPU, 64 on CUDA")
+    p.add_argument("--top-k", type=positive_int, default=None, help="default 2 on CPU, 8 on CUDA")
+    p.add_argument(
+        "--rounds", type=positive_int, default=5, help="interleaved rounds (each implementation once per round)"
+    )
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
@@ -387,10 +389,6 @@ def _args(argv):
         "torch); default torch on CPU, triton,torch on CUDA",
     )
     a = p.parse_args(argv)
-    for flag in ("tokens", "hidden", "ffn", "experts", "top_k", "rounds", "threads"):
-        value = getattr(a, flag)
-        if value is not None and value < 1:
-            _refuse(f"--{flag.replace('_', '-')}={value} must be a positive integer")
     if a.top_k is not None and a.experts is not None and a.top_k > a.experts:
         _refuse(f"--top-k={a.top_k} must be in 1..--experts={a.experts}")
     return a

@@ -163,12 +163,12 @@ def test_a_failing_implementation_is_dropped_and_the_others_run(monkeypatch, cap
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--rounds", "0"], "--rounds=0 must be a positive integer"),
-        (["--tokens", "0"], "--tokens=0 must be a positive integer"),
-        (["--experts", "-1"], "--experts=-1 must be a positive integer"),
+        (["--rounds", "0"], "argument --rounds: 0 must be a positive integer"),
+        (["--tokens", "0"], "argument --tokens: 0 must be a positive integer"),
+        (["--experts", "-1"], "argument --experts: -1 must be a positive integer"),
         (["--top-k", "9", "--experts", "8"], "--top-k=9 must be in 1..--experts=8"),
         (["--top-k", "9"], "--top-k=9 must be in 1..--experts=8"),  # the CPU default E
-        (["--rounds", "many"], "argument --rounds: invalid int value: 'many'"),
+        (["--rounds", "many"], "argument --rounds: 'many' is not a whole number"),
         (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (["--kernels", "cuda"], "kernels.backend='cuda' is not one of auto, triton, torch"),
     ],
@@ -178,7 +178,7 @@ def test_bad_arguments_are_one_line_exit_2(argv, message, capsys):
         bench_moe.main(argv)
     assert done.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("bench_moe: ") and message in err, err
+    assert err.count("\n") == 1 and err.startswith("bench_moe.py: error: ") and message in err, err
 
 
 def test_profile_splits_each_rows_time(monkeypatch, capsys):
