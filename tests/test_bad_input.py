@@ -59,6 +59,10 @@ CASES = [
     (["checkpoint.foo=1"], "checkpoint.foo: no such key; valid keys here: every, keep, save_final, dir"),
     (["trainer.steps=${oc.env:HOME}"], "trainer.steps="),
     (["a=b=c"], "cannot parse the override"),
+    # Hydra's and OmegaConf's words before: "Error parsing override", "does not support deletion"
+    (["trainer.steps"], "trainer.steps: an override is key=value (e.g. trainer.steps=100)"),
+    (["~trainer.steps"], "~trainer.steps: moemesh's config keys cannot be removed; set a value instead"),
+    (["~model"], "~model: a config group cannot be removed; choose one of its presets (model=<preset>)"),
     (["data.kind=null"], "data.kind: cannot be null"),
     (["model.num_experts=[1,2]"], "model.num_experts=[1, 2]: expected an integer"),
     (["--bogus-flag"], "unrecognized argument --bogus-flag"),

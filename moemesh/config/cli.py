@@ -188,9 +188,27 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 def _check_overrides(overrides: list[str]) -> None:
     """What composing would take wrongly or hang on, before it runs (overrides parsed once)."""
+    for text in overrides:
+        if "=" not in text and not text.startswith("~"):  # Hydra's words: "Error parsing override"
+            raise ConfigError(
+                f"{text}: an override is key=value (e.g. trainer.steps=100); python train.py --help lists the keys"
+            )
     parsed = OverridesParser.create().parse_overrides(overrides)
+    _check_deletes(parsed)
     _check_bools(parsed)
     _check_presets(parsed)
+
+
+def _check_deletes(parsed: list) -> None:
+    """``~key``: every moemesh key is backed by the schema, which cannot lose one (OmegaConf's words:
+    "TrainerConfig (DictConfig) does not support deletion"); Hydra's own keys are Hydra's."""
+    for o in parsed:
+        key = o.key_or_group
+        if not o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if "." not in key and (CONF_DIR / key).is_dir():
+            raise ConfigError(f"~{key}: a config group cannot be removed; choose one of its presets ({key}=<preset>)")
+        raise ConfigError(f"~{key}: moemesh's config keys cannot be removed; set a value instead ({key}=...)")
 
 
 def _check_bools(parsed: list) -> None:
