@@ -57,7 +57,7 @@ def test_sigmoid_aux_loss_uses_scores_normalised_per_token():
     # Under perfect balance the loss is 1 whatever the logits: no gradient at all.
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).requires_grad_()
     g, loss = aux(logits)
-    assert abs(float(loss) - 1.0) < 1e-6
+    assert abs(loss.item() - 1.0) < 1e-6
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().max() < 1e-6
     # Every logit far below 0 (fp32 sigmoid underflows to 0): 0 scores, not NaN.
