@@ -17,6 +17,7 @@ the launcher itself (``_watch_launcher``) and stops, as after a signal, when it 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -94,6 +95,11 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = HangWatch(rendezvous, dims.world_size, run.cluster.hang_timeout_s)
+        # When a rank fails, join() stops the others with a warning line per rank ("Terminating
+        # process N via signal SIGTERM"); the reason line below says so once.
+        torch_spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = torch_spawn_log.level
+        torch_spawn_log.setLevel(logging.ERROR)
         try:
             while not ctx.join(timeout=watch.interval):
                 if pending:
@@ -133,6 +139,8 @@ def spawn_ranks(run, dims, output_dir, data_paths, worker):
                 _stop_all(ctx.processes, timeout=0, kill=True)
                 print("moemesh: SIGINT again: every rank was stopped without saving", file=sys.stderr)
                 raise SystemExit(130) from None
+        finally:
+            torch_spawn_log.setLevel(level)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
