@@ -152,6 +152,10 @@ def _check_command(argv: list[str]) -> list[str]:
                     device_type=device_type(job.run),
                 )
             check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
+            if job.run.resume not in (None, "auto"):  # a checkpoint of another model, or past the steps
+                from moemesh.trainer.checkpointing import check_resume
+
+                check_resume(job.run)
         except ConfigError as err:
             if not command.multirun:
                 raise

@@ -192,6 +192,12 @@ def test_a_refused_resume_leaves_no_run_directory(tmp_path):
         )
         assert proc.returncode == 1 and "it was trained on other data" in proc.stderr, proc.stderr
         assert not out.exists(), layout
+    # What meta.json says is asked before any rank starts: exit 2
+    proc, out = _train(
+        tmp_path / "other", f"resume={first / 'checkpoints'}", "parallel=ep2", *SMALL, "model.num_layers=3"
+    )
+    assert proc.returncode == 2 and not out.exists(), proc.stderr
+    assert proc.stderr.strip().endswith("was saved for another model: model.num_layers=2 (now 3)"), proc.stderr
 
 
 @pytest.mark.slow

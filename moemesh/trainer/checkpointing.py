@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moemesh.config.schema import RunConfig
+from moemesh.errors import ConfigError
 from moemesh.fields import Sharding
 from moemesh.moe.config import ORIGIN_FIELDS, ModelConfig
 from moemesh.moe.param_count import param_specs
@@ -148,29 +149,9 @@ class Checkpointer:
         """Before a byte of tensors is read: the fields the trainer reads are there and typed
         (a missing one is a refusal, so resume falls back), the step is one this run can train
         from, and the model is this one."""
-        typed = {
-            "layout": isinstance(meta.get("layout"), str),
-            "model": isinstance(meta.get("model"), dict),
-            **{k: type(meta.get(k)) is int and meta[k] >= 1 for k in ("dp", "ep", "tp", "pp")},
-        }
-        bad = next((k for k, ok in typed.items() if not ok), None)
-        if bad is not None:
-            what = {"layout": "a string", "model": "an object"}.get(bad, "an integer >= 1")
-            raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: '{bad}' is missing or not {what}")
-        steps = self.run.trainer.steps
-        if meta["step"] > steps:  # read_meta checked it is an int >= 1
-            raise checkpoint.CheckpointError(
-                f"{path} was saved after step {meta['step']}, past trainer.steps={steps}: nothing would be trained "
-                "(raise trainer.steps to continue it)"
-            )
-        saved, mine = meta["model"], self.meta["model"]
-        diff = [
-            f"model.{k}={_cut(saved.get(k))} (now {v!r})"
-            for k, v in mine.items()
-            if k not in ORIGIN_FIELDS and saved.get(k, _DEFAULTS.get(k)) != v
-        ]
-        if diff:
-            raise checkpoint.CheckpointError(f"{path} was saved for another model: {', '.join(diff)}")
+        problem = meta_problem(self.run, path, meta)
+        if problem:
+            raise checkpoint.CheckpointError(problem)
         position = meta.get("data")
         if position is not None and self.data is not None:
             problem = _position_problem(position)
@@ -180,6 +161,59 @@ class Checkpointer:
             why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
             if why:
                 raise checkpoint.CheckpointError(f"{path}: {why}")
+
+
+def meta_problem(run: RunConfig, path: Path, meta: dict) -> str | None:
+    """Why ``run`` cannot resume from the checkpoint at ``path`` by what its meta.json says
+    (``read_meta`` checked the rest), or None: the fields the trainer reads are there and typed,
+    the step is one this run can train from, and the model is this one. The ranks ask before
+    a byte of tensors is read; train.py asks before any rank starts (``check_resume``)."""
+    typed = {
+        "layout": isinstance(meta.get("layout"), str),
+        "model": isinstance(meta.get("model"), dict),
+        **{k: type(meta.get(k)) is int and meta[k] >= 1 for k in ("dp", "ep", "tp", "pp")},
+    }
+    bad = next((k for k, ok in typed.items() if not ok), None)
+    if bad is not None:
+        what = {"layout": "a string", "model": "an object"}.get(bad, "an integer >= 1")
+        return f"{path / 'meta.json'}: refused: '{bad}' is missing or not {what}"
+    steps = run.trainer.steps
+    if meta["step"] > steps:  # read_meta checked it is an int >= 1
+        return (
+            f"{path} was saved after step {meta['step']}, past trainer.steps={steps}: nothing would be trained "
+            "(raise trainer.steps to continue it)"
+        )
+    saved, mine = meta["model"], dataclasses.asdict(run.model)
+    diff = [
+        f"model.{k}={_cut(saved.get(k))} (now {v!r})"
+        for k, v in mine.items()
+        if k not in ORIGIN_FIELDS and saved.get(k, _DEFAULTS.get(k)) != v
+    ]
+    if diff:
+        return f"{path} was saved for another model: {', '.join(diff)}"
+    return None
+
+
+def check_resume(run: RunConfig) -> None:
+    """Before any rank starts, for ``resume=<path>``: at least one of the checkpoints there has a
+    meta.json this run could resume from (``meta_problem``); ConfigError, one line, otherwise.
+    What needs the tensors or the data (checksums, shapes, the data position) the ranks check."""
+    if run.resume in (None, "auto"):
+        return  # auto: whatever the run's own directory holds, a fresh start if nothing
+    candidates = checkpoint.resolve(run.resume, Path(run.resume))
+    reasons = []
+    for path in candidates:
+        try:
+            problem = meta_problem(run, path, checkpoint.read_meta(path))
+        except checkpoint.CheckpointError as err:
+            problem = str(err)
+        if problem is None:
+            return
+        reasons.append(problem)
+    if reasons:
+        raise ConfigError(
+            f"resume={run.resume}: none of {len(candidates)} checkpoint(s) could be loaded: " + "; ".join(reasons)
+        )
 
 
 def _cut(value) -> str:

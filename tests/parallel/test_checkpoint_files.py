@@ -397,3 +397,30 @@ def test_an_ill_typed_data_position_is_refused_and_resume_falls_back(bad, good_c
     assert step == 2, log.lines
     (line,) = log.warnings()
     assert f"cannot resume from step_000003: {ckpt / 'meta.json'}: refused: 'data' " in line, line
+
+
+def test_a_resume_none_of_whose_checkpoints_could_serve_is_refused_before_any_rank(good_checkpoints, tmp_path):
+    """train.py asks what meta.json says before it starts the ranks (exit 2, nothing made), as the
+    ranks ask before reading tensors (exit 1, after the model was built): one candidate that
+    passes is enough, since the ranks fall back to older ones."""
+    from moemesh.errors import ConfigError
+    from moemesh.trainer.checkpointing import check_resume
+
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    check_resume(kit.run_config(resume=str(root)))
+    check_resume(kit.run_config(resume="auto"))  # the run's own directory: the ranks' to look in
+    check_resume(kit.run_config(resume=str(root), **{"trainer.steps": 2}))  # step 3 is past, 1 and 2 are not
+    with pytest.raises(ConfigError) as err:
+        check_resume(kit.run_config(resume=str(root / "step_000003"), **{"model.hidden_size": 64}))
+    assert str(err.value).startswith(
+        f"resume={root / 'step_000003'}: none of 1 checkpoint(s) could be loaded: {root / 'step_000003'} was saved "
+        "for another model: model.hidden_size=32 (now 64)"
+    ), err.value
+    (root / "step_000001" / "meta.json").write_text("[]")
+    with pytest.raises(ConfigError) as err:
+        check_resume(kit.run_config(resume=str(root), **{"trainer.steps": 1}))
+    reasons = str(err.value).split(": none of 3 checkpoint(s) could be loaded: ")[1].split("; ")
+    assert [r.split(" ")[0] for r in reasons] == [str(root / f"step_00000{n}") for n in (3, 2)] + [
+        str(root / "step_000001" / "meta.json:")
+    ], reasons
+    assert "past trainer.steps=1" in reasons[1] and "a JSON list, not an object" in reasons[2], reasons
