@@ -1,7 +1,7 @@
 """A/B one command between two commits of this repository, interleaved, in one run.
 
-    python scripts/ab_bench.py --before 68fa2a8 [--after HEAD] [--rounds 3] \\
-        --regex 'grouped_mm\\):\\s+([\\d.]+) ms' -- scripts/bench_moe.py --repeats 5
+    python scripts/ab_bench.py --before 68fa2a8 [--after HEAD] [--rounds 3] --regex 'step ([\\d.]+) ms' \\
+        -- train.py trainer.steps=30 trainer.eval_every=0 checkpoint.save_final=false 'hydra.run.dir={out}'
     python scripts/ab_bench.py --before 68fa2a8 --json summary.json:median_tokens_per_s \\
         -- train.py trainer.steps=30 trainer.eval_every=0 checkpoint.save_final=false 'hydra.run.dir={out}'
 
