@@ -48,6 +48,7 @@ from moemesh.parallel.checkpoint_state import (
     entry_bytes,
     init_optimizer_state,
     nonfinite_keys,
+    optimizer_step,
     set_optimizer_step,
     training_state,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "init_optimizer_state",
     "load",
     "nonfinite_keys",
+    "optimizer_step",
     "owner_conflict",
     "read_meta",
     "preflight",

@@ -147,6 +147,11 @@ def init_optimizer_state(optimizer) -> None:
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def optimizer_step(optimizer) -> int:
+    """AdamW's update count: the trainer's step less the steps it skipped (0 before the first)."""
+    return max((int(st["step"]) for st in optimizer.state.values() if "step" in st), default=0)
+
+
 def set_optimizer_step(optimizer, step: int) -> None:
     for st in optimizer.state.values():
         if "step" in st:

@@ -101,7 +101,9 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         self.step_t.fill_(step)
-        meta = self.meta
+        # AdamW's own count: behind the trainer's step by the steps skipped for a non-finite gradient
+        # norm (trainer.on_nonfinite=skip); its bias correction continues from it on resume.
+        meta = {**self.meta, "optimizer_step": checkpoint.optimizer_step(self.optimizer)}
         if self.data is not None:
             t = self.run.trainer
             meta = {**meta, "data": self.data.position(step, global_batch=t.global_batch_size, seq_len=t.seq_len)}
@@ -134,7 +136,7 @@ class Checkpointer:
                 log.message(f"moemesh: warning: cannot resume from {path.name}: {err}{then}")
                 continue
             step = int(self.step_t)
-            checkpoint.set_optimizer_step(self.optimizer, step)
+            checkpoint.set_optimizer_step(self.optimizer, meta.get("optimizer_step", step))  # older: none skipped
             torch.set_rng_state(state["rng.cpu"])
             log.message(f"moemesh: resumed from {path} (saved under {meta['layout']}) at step {step}")
             if self.data is not None:
@@ -183,6 +185,9 @@ def meta_problem(run: RunConfig, path: Path, meta: dict) -> str | None:
             f"{path} was saved after step {meta['step']}, past trainer.steps={steps}: nothing would be trained "
             "(raise trainer.steps to continue it)"
         )
+    opt_step = meta.get("optimizer_step", meta["step"])
+    if type(opt_step) is not int or not 0 <= opt_step <= meta["step"]:
+        return f"{path / 'meta.json'}: refused: 'optimizer_step' is not an integer in [0, step {meta['step']}]"
     saved, mine = meta["model"], dataclasses.asdict(run.model)
     diff = [
         f"model.{k}={_cut(saved.get(k))} (now {v!r})"

@@ -424,3 +424,23 @@ def test_a_resume_none_of_whose_checkpoints_could_serve_is_refused_before_any_ra
         str(root / "step_000001" / "meta.json:")
     ], reasons
     assert "past trainer.steps=1" in reasons[1] and "a JSON list, not an object" in reasons[2], reasons
+
+
+def test_a_resume_continues_adamws_own_count_after_skipped_steps(tmp_path):
+    """A step skipped for a non-finite gradient norm (trainer.on_nonfinite=skip) does not advance
+    AdamW; a resume set its count to the trainer's step, so the resumed run's bias correction
+    was not the uninterrupted run's. meta.json records AdamW's own count now."""
+    ck = kit.checkpointer(tmp_path / "checkpoints")
+    sum(p.sum() for p in ck.model.parameters()).backward()
+    ck.optimizer.step()  # step 1 updates; step 2 is skipped (no optimizer.step())
+    path = ck.save(2)
+    assert _meta(path)["optimizer_step"] == 1
+    again = kit.checkpointer(tmp_path / "checkpoints")
+    assert again.resume(kit.Log()) == 2
+    counts = {float(st["step"]) for st in again.optimizer.state.values()}
+    assert counts == {1.0}, counts
+    meta = _meta(path)
+    meta["optimizer_step"] = 3  # more updates than steps: refused, and nothing older to fall back to
+    _set_meta(path, meta)
+    with pytest.raises(checkpoint.CheckpointError, match=r"'optimizer_step' is not an integer in \[0, step 2\]"):
+        kit.checkpointer(tmp_path / "checkpoints").resume(kit.Log())
