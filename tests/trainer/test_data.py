@@ -74,3 +74,36 @@ def test_token_ids_beyond_the_vocab_are_rejected(tmp_path):
     np.full(5000, 300, dtype=np.uint16).tofile(path)
     with pytest.raises(ConfigError, match="holds token id 300 >= model.vocab_size=256"):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=256)
+
+
+def test_a_stream_whose_length_is_a_multiple_of_seq_len_has_no_window_past_its_end():
+    """A window is seq_len + 1 tokens (inputs and the shifted targets), windows seq_len apart."""
+    from moemesh.data.reader import Segment, Stream
+
+    for n, windows in ((64, 3), (65, 4), (16, 0), (17, 1)):
+        stream = Stream([Segment(np.arange(n), 0, n, None, 0)])
+        assert stream.windows(16) == windows, n
+        for w in range(windows):
+            assert len(stream.read(w * 16, 17)) == 17, (n, w)
+
+
+def test_resume_on_new_data_reads_the_new_data_from_its_first_window(tmp_path):
+    """data.resume_on_new_data=true: a checkpoint's position from other data is set aside and the
+    step after it reads this data's first samples, as the message says."""
+    tokens = (np.arange(5000) % 300).astype(np.uint16)
+    tokens.tofile(tmp_path / "a.bin")
+    np.roll(tokens, 7).tofile(tmp_path / "b.bin")
+    spec = {
+        k: prepare_data(DataConfig(name="m", kind="memmap", path=str(tmp_path / k)), seq_len=16, vocab_size=300)
+        for k in ("a.bin", "b.bin")
+    }
+    old = TokenData(spec["a.bin"], seed=1)
+    position = old.position(10, global_batch=8, seq_len=16)
+    new = TokenData(spec["b.bin"], seed=1)
+    assert new.resume_at(10, position, seq_len=16) == "new data: reading it from its first window"
+    fresh = TokenData(spec["b.bin"], seed=1)
+    x, _ = new.batch("train", 10, global_batch=8, seq_len=16, start=0, count=8)
+    first, _ = fresh.batch("train", 0, global_batch=8, seq_len=16, start=0, count=8)
+    assert torch.equal(x, first)
+    for data in (old, new, fresh):
+        data.close()
