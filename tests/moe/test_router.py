@@ -147,3 +147,50 @@ def test_router_entropy():
 
     assert float(entropy_sum(torch.zeros(3, 4))) == pytest.approx(3 * math.log(4), rel=1e-6)
     assert float(entropy_sum(torch.tensor([[100.0, 0.0]]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sequence_aux_loss_counts_k_pairs_per_token_and_normalises_sigmoid_scores():
+    """f_i divides by K (top-2's pairs are twice the tokens) and P_i takes each token's scores
+    normalised to sum 1, as softmax's do: a balanced top-2 sequence scores 1, and so do sigmoid
+    scores that are all equal, whatever their level (raw sigmoid(3) would give 1.9)."""
+    from moemesh.moe.router import sequence_aux_loss
+
+    ids = torch.tensor([[0, 1], [2, 3]])  # one sequence of 2 tokens, E=4, K=2: every expert once
+    loss = sequence_aux_loss(
+        torch.zeros(2, 4), ids, torch.tensor([0, 0]), num_seqs=1, seq_len=2, score_func="softmax", tp_group=None
+    )
+    assert loss.item() == pytest.approx(1.0)
+    loss = sequence_aux_loss(
+        torch.full((2, 2), 3.0),
+        torch.tensor([[0], [1]]),
+        torch.tensor([0, 0]),
+        num_seqs=1,
+        seq_len=2,
+        score_func="sigmoid",
+        tp_group=None,
+    )
+    assert loss.item() == pytest.approx(1.0)
+
+
+def test_sequence_aux_loss_of_tp_peers_sums_to_the_whole_sequences(monkeypatch):
+    """Under TP each peer holds part of every sequence: the counts are summed over the peers
+    (the all-reduce, replayed here by hand) and the peers' losses add up to the loss of the
+    whole sequences; without the sum each peer's f would count only its own tokens."""
+    from moemesh.moe import router
+
+    torch.manual_seed(0)
+    T, E, K, S = 8, 4, 2, 4  # 2 sequences of 4 tokens; peer 0 holds tokens 0-1 and 4-5
+    logits = torch.randn(T, E)
+    ids = torch.topk(logits, K).indices
+    seq = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    kw = dict(num_seqs=2, seq_len=S, score_func="softmax")
+    whole = router.sequence_aux_loss(logits, ids, seq, tp_group=None, **kw)
+    peers = [torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7])]
+    counts = []
+    monkeypatch.setattr(router, "all_reduced", lambda t, group: counts.append(t) or t)
+    for p in peers:
+        router.sequence_aux_loss(logits[p], ids[p], seq[p], tp_group="tp", **kw)
+    total = counts[0] + counts[1]
+    monkeypatch.setattr(router, "all_reduced", lambda t, group: total)
+    parts = [router.sequence_aux_loss(logits[p], ids[p], seq[p], tp_group="tp", **kw) for p in peers]
+    torch.testing.assert_close(parts[0] + parts[1], whole)
