@@ -194,3 +194,27 @@ def test_sequence_aux_loss_of_tp_peers_sums_to_the_whole_sequences(monkeypatch):
     monkeypatch.setattr(router, "all_reduced", lambda t, group: total)
     parts = [router.sequence_aux_loss(logits[p], ids[p], seq[p], tp_group="tp", **kw) for p in peers]
     torch.testing.assert_close(parts[0] + parts[1], whole)
+
+
+def test_a_fractional_capacity_rounds_up():
+    """capacity = ceil(capacity_factor * T * K / E): 1.1 * 10 * 1 / 2 = 5.5 gives each expert 6
+    slots, so 6 of expert 0's 7 pairs stay (int() would keep 5)."""
+    from moemesh.moe.config import ModelConfig
+    from moemesh.moe.layer import drop_over_capacity
+
+    ids = torch.tensor([[0]] * 7 + [[1]] * 3)
+    w = torch.linspace(0.1, 1.0, 10)[:, None]
+    cfg = ModelConfig(name="t", hidden_size=16, num_experts=2, top_k=1, moe_ffn_hidden_size=8, capacity_factor=1.1)
+    kept, dropped = drop_over_capacity(ids, w, cfg)
+    assert int(dropped) == 1 and kept[0, 0] == -1  # the lowest weight of expert 0 drops
+
+
+def test_a_dropped_pair_is_sent_to_no_rank():
+    """Rank-dispatch sends a token once per EP rank it reaches; a pair dropped by capacity (-1)
+    reaches none (it went to rank 0, bytes for nothing, before the sentinel rank)."""
+    from moemesh.moe.rank_dispatch import _pairs
+
+    ids = torch.tensor([[0, -1], [-1, -1], [3, 2]])  # e=2 experts per rank, R=2 ranks
+    token_U, rank_U, sent_R = _pairs(ids, 2, 2)
+    assert list(zip(rank_U.tolist(), token_U.tolist())) == [(0, 0), (1, 2)]
+    assert sent_R.tolist() == [1, 1]
