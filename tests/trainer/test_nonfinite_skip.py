@@ -78,3 +78,15 @@ def test_stop_mode_names_the_step_as_the_log_does_and_saves_no_non_finite_weight
     records = [json.loads(line) for line in (tmp_path / "three" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
     assert "non-finite gradient norm nan at step 2: stopped before the update" in three.stderr
+
+
+def test_a_skipped_step_leaves_the_expert_biases_as_they_were(tmp_path):
+    """Aux-loss-free balancing moves each layer's bias by the step's counts after the update; a
+    skipped step changes no state, so its logged bias range is the step before's."""
+    proc = _train(tmp_path, "trainer.steps=4", "model.expert_bias_update_rate=0.01")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not records[0].get("skipped") and all(r.get("skipped") for r in records[1:]), records
+    ranges = [{n: layer["expert_bias_range"] for n, layer in r["load"].items()} for r in records]
+    assert any(v != [0.0, 0.0] for v in ranges[0].values())  # step 1 moved them
+    assert all(r == ranges[0] for r in ranges[1:]), ranges
