@@ -195,3 +195,24 @@ def test_document_numbers_follow_the_index(corpus):
     for x, d in zip(b.inputs.tolist(), b.documents.tolist()):
         for j in range(1, SEQ):
             assert (d[j] != d[j - 1]) == (x[j] in starts)
+
+
+def test_the_slots_left_over_go_to_the_largest_remainders():
+    """Weights 1:1:1 give 1365.33 each of 4096: one slot is left, and it goes to the first source
+    (ties: the earlier). 0.5:0.3:0.2 give 2048, 1228.8, 819.2: the one slot left goes to source 1
+    (remainder .8), not to the smallest remainder."""
+    assert Mixture.of([1, 1, 1]).counts == (1366, 1365, 1365)
+    assert Mixture.of([0.5, 0.3, 0.2]).counts == (2048, 1229, 819)
+
+
+def test_the_held_out_cut_takes_the_fewest_whole_documents_that_hold_the_fraction():
+    """Documents of 10 tokens at 0, 10, ..., 90: 15 % of 100 tokens is 15, so the last two
+    documents (from 80) are held out; 10 % is exactly the last one; a cut is always a
+    document's start."""
+    from moemesh.data.reader import held_out_cut
+
+    offsets = np.arange(0, 100, 10, dtype=np.uint64)
+    assert held_out_cut(offsets, 100, 0.15) == 80
+    assert held_out_cut(offsets, 100, 0.10) == 90
+    assert held_out_cut(offsets, 100, 0.101) == 80  # 10.1 tokens: one document is not enough
+    assert held_out_cut(offsets, 100, 0.0) == 100
