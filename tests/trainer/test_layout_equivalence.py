@@ -54,6 +54,9 @@ def _cfg(name, dp, ep, tp, pp, sp, schedule, micro, steps=STEPS):
             "trainer.micro_batch_size": micro,
             "trainer.steps": steps,
             "model.shared_expert_ffn_size": 16,
+            # DeepSeek-V3's sequence-wise loss too: its counts are summed over TP peers, its
+            # sequences cut by SP and spread over data ranks and micro-steps
+            "model.seq_aux_loss_factor": 0.01,
             "data.name": "stdlib",
             "data.kind": "stdlib",
             "checkpoint.save_final": False,
