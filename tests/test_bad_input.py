@@ -260,9 +260,17 @@ def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
 
 
 def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A step_N directory whose meta.json the default run would resume from (no tensors: what is
+    checked before any rank starts reads only meta.json)."""
+    import dataclasses
+
+    from moemesh.config.cli import compose_run
+
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"step": step, "files": {}}))
+    model = dataclasses.asdict(compose_run([]).model)
+    meta = {"step": step, "files": {}, "layout": "single", "dp": 1, "ep": 1, "tp": 1, "pp": 1, "model": model}
+    (d / "meta.json").write_text(json.dumps(meta))
     return d
 
 
