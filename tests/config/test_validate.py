@@ -436,3 +436,43 @@ def test_overlap_chunks_are_checked_only_where_the_overlap_runs():
     ep2 = {"parallel.name": "ep2", "parallel.expert_parallel_size": 2}
     with pytest.raises(ConfigError, match=r"overlap_chunks=100000 must be <= the \d+ tokens each rank routes"):
         validate_run(tiny_run(**over, **ep2))
+
+
+def _layout(**keys):
+    dims = {"dp": "data_parallel_size", "ep": "expert_parallel_size", "tp": "tensor_parallel_size"}
+    return {f"parallel.{dims[k]}": v for k, v in keys.items()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        # a routing limit whose experts are exactly top_k fits; one fewer does not
+        ({**_layout(ep=4), "model.max_ranks_per_token": 1}, None),  # 1 rank x 2 experts = top_k 2
+        ({**_layout(ep=4), "model.max_ranks_per_token": 1, "model.top_k": 3}, "experts must be >= model.top_k=3"),
+        # TP peers route disjoint token slices: the micro-batch's tokens must divide by tp
+        ({**_layout(dp=1, tp=2), "trainer.seq_len": 31, "trainer.micro_batch_size": 1}, "(TP peers route disjoint"),
+        ({**_layout(dp=1, tp=2), "trainer.seq_len": 31, "trainer.micro_batch_size": 2}, None),
+        ({**_layout(tp=2), "model.shared_expert_ffn_size": 3}, "model.shared_expert_ffn_size=3 must be divisible"),
+        # as many overlap chunks as routed tokens is allowed; one more is an empty All-to-All
+        (
+            {**_layout(ep=2), "trainer.micro_batch_size": 1, "trainer.seq_len": 8,
+             "parallel.comm_optimization.all_to_all_overlap": True, "parallel.comm_optimization.overlap_chunks": 8},
+            None,
+        ),
+        (
+            {**_layout(ep=2), "trainer.micro_batch_size": 1, "trainer.seq_len": 8,
+             "parallel.comm_optimization.all_to_all_overlap": True, "parallel.comm_optimization.overlap_chunks": 9},
+            "overlap_chunks=9 must be <= the 8 tokens",
+        ),
+    ],
+)  # fmt: skip
+def test_the_rules_between_groups_at_their_boundaries(overrides, refused):
+    """Each rule accepts the config at its edge and refuses the one past it (a rule removed, or
+    < for <=, passed every other test)."""
+    run = tiny_run(**overrides)
+    if refused is None:
+        validate_run(run)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_run(run)
+    assert refused in str(err.value), err.value
