@@ -4,6 +4,7 @@ final loss before)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,20 +65,18 @@ def test_stop_mode_names_the_step_as_the_log_does_and_saves_no_non_finite_weight
         (tmp_path / name).mkdir()
     one = _train(tmp_path / "one", "trainer.steps=1", diverges=BREAKS)
     assert one.returncode == 1, one.stderr[-2000:]
-    assert (
-        one.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            "moemesh: FloatingPointError: non-finite validation loss nan after step 1: its update made the weights "
-            "non-finite; stopped before saving them"
-        )
-    )
+    last = one.stderr.strip().splitlines()[-1]  # nan or inf: which one depends on the CPU's sums
+    assert re.match(
+        r"moemesh: FloatingPointError: non-finite validation loss (nan|inf) after step 1: its update made the "
+        r"weights non-finite; stopped before saving them",
+        last,
+    ), last
     assert not list((tmp_path / "one" / "run").glob("checkpoints/step_*"))
     three = _train(tmp_path / "three", "trainer.steps=3", diverges=BREAKS)
     assert three.returncode == 1, three.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "three" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
-    assert "non-finite gradient norm nan at step 2: stopped before the update" in three.stderr
+    assert re.search(r"non-finite gradient norm (nan|inf) at step 2: stopped before the update", three.stderr)
 
 
 def test_a_skipped_step_leaves_the_expert_biases_as_they_were(tmp_path):
