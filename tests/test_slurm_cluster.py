@@ -181,26 +181,28 @@ def _scontrol_job(job: str) -> str:
 
 
 def test_a_rank_that_raises_fails_the_job_with_its_reason(tmp_path):
-    # A checkpoint dir under /proc cannot be created on any rank (ENOENT, even as root); the
-    # checkpoint pre-flight raises before the first step. The task must exit non-zero (srun
-    # then stops any rank still waiting in a collective) and SLURM must record the job as
-    # FAILED, not COMPLETED, with the rank's one-line reason.
-    proc, _ = _submit(
-        tmp_path,
-        "parallel=dp2",
-        "trainer.steps=3",
-        "checkpoint.every=1",
-        "checkpoint.dir=/proc/moemesh-no-such-dir",
-        timeout=180,
-    )
+    # The job's metrics.jsonl is a directory: rank 0 raises when it opens it, after the ranks
+    # started (what the submitter checks cannot see it: no records there). The task must exit
+    # non-zero (srun then stops any rank still waiting in a collective) and SLURM must record
+    # the job as FAILED, not COMPLETED, with the rank's one-line reason. (An unwritable
+    # checkpoint.dir served here until the submitter refused it before submitting.)
+    (tmp_path / "sweep" / "0_dp2" / "metrics.jsonl").mkdir(parents=True)
+    proc, _ = _submit(tmp_path, "parallel=dp2", "trainer.steps=3", timeout=180)
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: failed:")]
-    assert re.search(
-        r"CheckpointError: checkpoint.dir cannot be written: /proc/moemesh-no-such-dir: "
-        r"\[Errno 2 ENOENT\]",
-        line,
-    ), line
+    assert re.search(r"IsADirectoryError: \[Errno 21\] Is a directory: .*metrics\.jsonl", line), line
     assert _sacct(_job_ids(proc.stdout)[0]).get("state") == "FAILED"
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_submitting(tmp_path):
+    proc, sweep = _submit(tmp_path, "parallel=dp2", "checkpoint.dir=/proc/moemesh-no-such-dir", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("moemesh: config error: checkpoint.dir=/proc/moemesh-no-such-dir: cannot be created and written")
+    )
+    assert "SLURM job" not in proc.stdout and not sweep.exists()
 
 
 def _release_requeued(job: str, *more: str) -> None:
