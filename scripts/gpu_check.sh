@@ -52,6 +52,9 @@ if [ $has_hydra = 1 ]; then
   # transformers is installed)
   timeout 40 $PY -m pytest -v --tb=short -p no:cacheprovider $timeout_flag -m gpu \
     tests/moe/test_routing_options.py || status=1
+  # the planner's bf16 activation estimate against what autocast saves on this GPU (-s: its numbers)
+  timeout 30 $PY -m pytest -v -s --tb=short -p no:cacheprovider $timeout_flag -m gpu \
+    tests/planning/test_plan.py || status=1
 fi
 
 section "bench_kernels"

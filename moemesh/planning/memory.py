@@ -87,6 +87,11 @@ def _block_numel(specs: list[ParamSpec]) -> dict[int | None, int]:
 
 def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_bytes: int) -> int:
     """Gathered weights and gradients alive at the peak, beyond the state at rest (docstring)."""
+    return sum(transient_parts(specs, sharding, ckpt, compute_bytes))
+
+
+def transient_parts(specs: list[ParamSpec], sharding: str, ckpt: str, compute_bytes: int) -> tuple[int, int]:
+    """transient_bytes' two parts: (gathered or cast weights, gradients in flight)."""
     c = compute_bytes
     g = REDUCE_BYTES + (c if c != REDUCE_BYTES else 0)  # bf16 grads + their fp32 cast for the reduction
     blocks = _block_numel(specs)
@@ -94,17 +99,17 @@ def transient_bytes(specs: list[ParamSpec], sharding: str, ckpt: str, compute_by
     largest = max(blocks.values(), default=0)
     if sharding == Sharding.none:
         if c == 4:
-            return 0
+            return 0, 0
         cast = sum(
             s.numel
             for s in specs
             if not s.expert and len(s.shape) > 1 and not s.name.startswith("embed.") and ".router." not in s.name
         )
         saved_experts = sum(s.numel for s in specs if s.expert) if ckpt == Recompute.none else 0
-        return c * (cast + saved_experts)
+        return c * (cast + saved_experts), 0
     if sharding == Sharding.zero2:
-        return c * (root + sum(blocks.values())) + g * largest
-    return c * (root + 2 * largest) + g * max(largest, root)
+        return c * (root + sum(blocks.values())), g * largest
+    return c * (root + 2 * largest), g * max(largest, root)
 
 
 @dataclass(frozen=True)

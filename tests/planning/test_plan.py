@@ -226,6 +226,114 @@ def _a2a_worker(rank, world):
     assert measured == cost.a2a_bytes(tokens=10, top_k=2, hidden=16, dtype_bytes=4, ep=2), (rank, measured)
 
 
+# The All-to-All layouts of the presets: ep alone, with tp (each TP rank routes its own slice of
+# the tokens), and with sequence parallelism (each TP rank holds a slice of the sequence).
+A2A_LAYOUTS = (["parallel=ep2_dp2"], ["parallel=tp2_ep2"], ["parallel=tp2_ep2", "parallel.sequence_parallel=true"])
+
+
+def _plan_a2a_worker(rank, world):
+    from moemesh.config.validate import batch_plan
+
+    for layout in A2A_LAYOUTS:
+        run = compose_run([*layout, *SMALL_MODEL])
+        dims = ParallelDims.from_config(run.parallel)
+        mesh = build_mesh(dims, "cpu")
+        meter = CommMeter()
+        model = build_model(run, mesh, torch.device("cpu"), meter)
+        model.init_weights(0)
+        for name, prm in model.named_parameters():
+            if ".router." in name:  # all ties: every token picks experts 0 and 1 (on EP rank 0)
+                torch.nn.init.zeros_(prm)
+        plan = batch_plan(run)
+        g = torch.Generator().manual_seed(mesh.coords[MeshAxis.EP] + 10 * mesh.coords[MeshAxis.DP])
+        tokens = torch.randint(0, run.model.vocab_size, (plan.micro_batch_size, run.trainer.seq_len), generator=g)
+        model(tokens, tokens).loss.backward()
+        per_step = meter.collect()["bytes_sent"] * plan.micro_steps
+        planned = cost.plan_one(run, dims, ARGS).a2a_bytes
+        assert per_step == planned, (layout, rank, per_step, planned)
+
+
+@pytest.mark.slow
+def test_the_plans_all_to_all_bytes_equal_a_real_step_of_each_layout():
+    """The plan's All-to-All bytes per rank and step (cost.plan_one: tokens per TP rank, MoE
+    layers, micro-steps) equal what a real micro-step of the model as training builds it sends,
+    times the micro-steps, on 4 ranks for each layout; tied routing sends exactly the
+    uniform-routing volume (see the next test)."""
+    run_on_ranks(_plan_a2a_worker, 4)
+
+
+# FSDP2 layouts: the whole stage gathered (zero2), units gathered one at a time with a prefetch
+# (zero3), and zero3 with the experts split over EP.
+GATHER_LAYOUTS = (
+    ["parallel=dp2", "parallel.sharding=zero2"],
+    ["parallel=dp2", "parallel.sharding=zero3"],
+    ["parallel=ep2", "parallel.sharding=zero3"],
+)
+
+
+def _peak_gathered(model, tokens) -> int:
+    """The most bytes of whole parameters FSDP2 holds at once through one forward and backward:
+    each unit's (FSDPParam._orig_size: torch 2.13's name) from its unshard (the all-gather's
+    output is allocated) to the reshard that frees it."""
+    from unittest import mock
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    gathered: dict[int, int] = {}
+    peak = 0
+    unshard, reshard = FSDPParamGroup.unshard, FSDPParamGroup.reshard
+
+    def on_unshard(group, *args, **kwargs):
+        nonlocal peak
+        gathered[id(group)] = sum(p._orig_size.numel() for p in group.fsdp_params) * 4
+        peak = max(peak, sum(gathered.values()))
+        return unshard(group, *args, **kwargs)
+
+    def on_reshard(group, *args, **kwargs):
+        out = reshard(group, *args, **kwargs)
+        if not group.is_unsharded:  # zero2 keeps a unit gathered at the end of its forward
+            gathered.pop(id(group), None)
+        return out
+
+    with (
+        mock.patch.object(FSDPParamGroup, "unshard", on_unshard),
+        mock.patch.object(FSDPParamGroup, "reshard", on_reshard),
+    ):
+        model(tokens, tokens).loss.backward()
+    return peak
+
+
+def _gathered_worker(rank, world):
+    from moemesh.config.validate import batch_plan
+
+    for layout in GATHER_LAYOUTS:
+        run = compose_run([*layout, *SMALL_MODEL])
+        dims = ParallelDims.from_config(run.parallel)
+        mesh = build_mesh(dims, "cpu")
+        model = build_model(run, mesh, torch.device("cpu"))
+        shard_model(run, mesh, model, torch.device("cpu"))
+        tokens = torch.randint(0, run.model.vocab_size, (batch_plan(run).micro_batch_size, run.trainer.seq_len))
+        peak = _peak_gathered(model, tokens)
+        specs = param_specs(run.model, dims)
+        weights, _ = memory.transient_parts(specs, run.parallel.sharding, "none", 4)
+        blocks = memory._block_numel(specs)
+        one_block = 4 * (blocks.pop(None) + max(blocks.values()))
+        if run.parallel.sharding == "zero2":
+            assert peak == weights, (layout, rank, peak, weights)  # the whole stage
+        else:  # more than one block (backward prefetches the next unit), never above the plan
+            assert one_block < peak <= weights, (layout, rank, one_block, peak, weights)
+
+
+@pytest.mark.slow
+def test_the_gathered_weights_planned_cover_what_fsdp_gathers():
+    """The planner's gathered weights (transient_parts) against the bytes FSDP2 holds gathered
+    at once through a real forward and backward on 2 ranks: zero2's whole stage exactly; zero3's
+    peak, on the CPU in the backward (the root, a block with its experts' unit, and the next
+    block's own unit prefetched), above one block and within the planner's root + two blocks
+    (which also covers a GPU's forward, whose next all-gather overlaps the current block)."""
+    run_on_ranks(_gathered_worker, 2)
+
+
 @pytest.mark.slow
 def test_all_to_all_bytes_equal_a_real_dropless_run():
     """With this routing each rank sends exactly the uniform-routing volume: rank 1's pairs
@@ -639,24 +747,42 @@ ACT_CFG = ModelConfig(
 ACT_B, ACT_S = 2, 256
 
 
+def _weight_copy(t: torch.Tensor, params: set[int]) -> bool:
+    """Whether ``t`` is autocast's bf16 copy of a parameter (through the views, t() or reshape,
+    to the cast): the transient that transient_bytes counts, not an activation."""
+    fn = t.grad_fn
+    for _ in range(4):
+        if t.dtype != torch.bfloat16 or fn is None or not fn.next_functions or fn.next_functions[0][0] is None:
+            return False
+        fn = fn.next_functions[0][0]
+        if hasattr(fn, "variable"):
+            return id(fn.variable) in params
+    return False
+
+
 def _saved_bytes(model: Transformer, tokens) -> dict[str, int]:
-    """Bytes of the distinct storages (not parameters or buffers) autograd saves for backward
-    in one forward, by where they were saved: each block's name, and "head" after the last."""
+    """Bytes of the distinct storages (not parameters, buffers or autocast's copies of the
+    weights) autograd saves for backward in one forward, by where they were saved: each block's
+    name, and "head" after the last."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    params = {id(p) for p in model.parameters()}
     where: list[str] = ["embed"]
     saved: dict[int, tuple[str, int]] = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in own and ptr not in saved:
+        if ptr not in own and ptr not in saved and not _weight_copy(t, params):
             saved[ptr] = (where[0], t.untyped_storage().nbytes())
         return t
 
+    hooks = []
     for name, block in model.layers.items():
-        block.register_forward_pre_hook(lambda m, a, name=name: where.__setitem__(0, name))
-        block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "head"))
+        hooks.append(block.register_forward_pre_hook(lambda m, a, name=name: where.__setitem__(0, name)))
+        hooks.append(block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "head")))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens, tokens)
+    for h in hooks:
+        h.remove()
     out: dict[str, int] = {}
     for w, n in saved.values():
         out[w] = out.get(w, 0) + n
@@ -724,15 +850,8 @@ def test_autocast_keeps_the_bf16_weight_copies_the_planner_counts_for_none():
     copies: dict[int, int] = {}
 
     def pack(t):
-        fn = t.grad_fn
-        for _ in range(4):  # through the views (t(), reshape) to the cast of a parameter
-            if fn is None or not fn.next_functions or fn.next_functions[0][0] is None:
-                break
-            fn = fn.next_functions[0][0]
-            if hasattr(fn, "variable"):
-                if id(fn.variable) in params and t.dtype == torch.bfloat16:
-                    copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                break
+        if _weight_copy(t, params):
+            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     tokens = torch.randint(0, ACT_CFG.vocab_size, (2, 64))
@@ -740,6 +859,47 @@ def test_autocast_keeps_the_bf16_weight_copies_the_planner_counts_for_none():
         model(tokens, tokens)
     assert sum(copies.values()) == memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 2)
     assert memory.transient_bytes(param_specs(ACT_CFG), "none", "none", 4) == 0  # fp32: no copies
+
+
+def test_the_loss_keeps_an_fp32_log_softmax_of_the_logits_in_bf16_too():
+    """The last rank's head term (activation_bytes beyond its blocks) against the bytes the head
+    saves, in fp32 and under bf16 autocast: the loss keeps the log-softmax of the logits in fp32
+    either way (T V x 4 bytes, the bulk of the head at a real vocabulary's size). Within 5%: the
+    final norm, which computes in fp32, is counted at the compute dtype's width."""
+    cfg = dataclasses.replace(ACT_CFG, vocab_size=4096)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    tokens = torch.randint(0, cfg.vocab_size, (ACT_B, ACT_S))
+    T, last, dims = ACT_B * ACT_S, cfg.num_layers - 1, ParallelDims()
+    for c, bf16 in ((4, False), (2, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            saved = _saved_bytes(model, tokens)["head"]
+        blocks = memory.block_activations(cfg, last, T, dims, False).total * c
+        planned = memory.activation_bytes(cfg, [last], T, dims, False, "none", 1, c) - blocks
+        assert planned == pytest.approx(saved, rel=0.05), (c, planned, saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_the_bf16_block_estimate_against_what_a_gpu_saves():
+    """Each block's bytes saved under bf16 autocast on a GPU (parallel.sharding=none; the weight
+    copies aside) against block_activations at 2 bytes an element, within the fp32 checks' 18%.
+    Not yet run (no GPU lent): on the CPU, autocast saves 30-40% more per block of this model
+    than counted (the residual stream, the norms and the router's input stay fp32), where a GPU's
+    fused RMSNorm saves only its input and inverse RMS; this measures which way a GPU goes."""
+    model = Transformer(ACT_CFG).cuda()
+    model.init_weights(0)
+    tokens = torch.randint(0, ACT_CFG.vocab_size, (ACT_B, ACT_S), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        saved = _saved_bytes(model, tokens)
+    T = ACT_B * ACT_S
+    rows = {
+        n: (memory.block_activations(ACT_CFG, int(n), T, ParallelDims(), False).total * 2, saved[n])
+        for n in model.layers
+    }
+    print("block: (planned, saved) bytes", rows)
+    for name, (planned, measured) in rows.items():
+        assert planned == pytest.approx(measured, rel=0.18), (name, planned, measured)
 
 
 @pytest.mark.parametrize("shared", [0, 16])
