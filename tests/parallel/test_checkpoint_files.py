@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moemesh.parallel import checkpoint
 from tests.parallel import _checkpoint_kit as kit
@@ -444,3 +445,22 @@ def test_a_resume_continues_adamws_own_count_after_skipped_steps(tmp_path):
     _set_meta(path, meta)
     with pytest.raises(checkpoint.CheckpointError, match=r"'optimizer_step' is not an integer in \[0, step 2\]"):
         kit.checkpointer(tmp_path / "checkpoints").resume(kit.Log())
+
+
+def test_a_resume_restores_the_random_state_the_run_saved_with(tmp_path):
+    """Nothing in training draws random numbers today, but whatever comes to (dropout, sampled
+    routing noise) must continue the uninterrupted run's stream: the CPU generator's state at the
+    save is the state after the resume, whatever the process drew before it."""
+    ck = kit.checkpointer(tmp_path / "checkpoints")
+    sum(p.sum() for p in ck.model.parameters()).backward()
+    ck.optimizer.step()
+    torch.manual_seed(1234)
+    torch.rand(7)
+    saved_state = torch.get_rng_state()
+    ck.save(1)
+    uninterrupted = torch.rand(5)
+    torch.manual_seed(99)  # a new process seeds and draws on its own before resuming
+    torch.rand(3)
+    assert kit.checkpointer(tmp_path / "checkpoints").resume(kit.Log()) == 1
+    assert torch.equal(torch.get_rng_state(), saved_state)
+    assert torch.equal(torch.rand(5), uninterrupted)
