@@ -259,6 +259,10 @@ def main(cfg: DictConfig) -> float | None:
         dims = _validate(run, env)
         check_launcher(run, env, dims)
         data_paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+        if run.resume not in (None, "auto"):  # its data position, now that the data is known
+            from moemesh.trainer.checkpointing import check_resume
+
+            check_resume(run, data_paths)
     except ConfigError as err:
         # Checked before Hydra ran too; what only shows here (a file removed since) leaves
         # nothing behind either.

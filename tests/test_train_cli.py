@@ -178,21 +178,32 @@ def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path
 @pytest.mark.shares_cores
 def test_a_refused_resume_leaves_no_run_directory(tmp_path):
     """In this process (one rank) and from spawned ranks, whose launcher learns the reason from
-    the rank that failed."""
+    the rank that failed: a tensor file that changed since the save, which only the ranks read.
+    What meta.json says (another model, another corpus) is asked before any rank starts."""
     proc, first = _train(tmp_path / "a", "trainer.steps=1", *SMALL)
     assert proc.returncode == 0, proc.stderr
+    # Another corpus (data=synthetic): train.py knows the data before the ranks start, exit 2
+    proc, out = _train(
+        tmp_path / "data",
+        "trainer.steps=2",
+        "data=synthetic",
+        f"resume={first / 'checkpoints'}",
+        "parallel=ep2",
+        *SMALL,
+    )
+    assert proc.returncode == 2 and not out.exists(), proc.stderr
+    assert "it was trained on other data" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    (ckpt,) = (first / "checkpoints").glob("step_*")
+    tensors = max(ckpt.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    body = bytearray(tensors.read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(body))
     for layout in ("single", "ep2"):
         proc, out = _train(
-            tmp_path / layout,
-            "trainer.steps=2",
-            "data=synthetic",
-            f"resume={first / 'checkpoints'}",
-            f"parallel={layout}",
-            *SMALL,
+            tmp_path / layout, "trainer.steps=2", f"resume={first / 'checkpoints'}", f"parallel={layout}", *SMALL
         )
-        assert proc.returncode == 1 and "it was trained on other data" in proc.stderr, proc.stderr
+        assert proc.returncode == 1 and "(the file changed since it was saved)" in proc.stderr, proc.stderr
         assert not out.exists(), layout
-    # What meta.json says is asked before any rank starts: exit 2
     proc, out = _train(
         tmp_path / "other", f"resume={first / 'checkpoints'}", "parallel=ep2", *SMALL, "model.num_layers=3"
     )

@@ -77,6 +77,22 @@ class DataSpec:
         }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
+    def position_problem(self, position: dict, *, seed: int, seq_len: int) -> str | None:
+        """None if a checkpoint's data position (``TokenData.position``) fits this data read with
+        ``seed`` and ``seq_len``; else why not (one line)."""
+        if not isinstance(position, dict) or not isinstance(position.get("samples"), int):
+            return "its data position is malformed"
+        mine = [self.fingerprint(seed=seed, seq_len=seq_len, legacy=old) for old in (False, True)]
+        if position.get("fingerprint") in mine:
+            return None
+        then = ", ".join(f"{s.get('name')}" for s in position.get("sources", []) if isinstance(s, dict))
+        now = ", ".join(s.name for s in self.sources)
+        return (
+            f"it was trained on other data (sources {then or '?'}, seq_len {position.get('seq_len')}; now {now}, "
+            f"seq_len {seq_len}, or another seed, mixture or split): its position means nothing here; "
+            "data.resume_on_new_data=true resumes the model and starts this data at its first window"
+        )
+
 
 @dataclass
 class Segment:
@@ -334,18 +350,7 @@ class TokenData:
 
     def check_position(self, position: dict, *, seq_len: int) -> str | None:
         """None if a checkpoint's position fits this data; else why not (one line)."""
-        if not isinstance(position, dict) or not isinstance(position.get("samples"), int):
-            return "its data position is malformed"
-        mine = [self.spec.fingerprint(seed=self.seed, seq_len=seq_len, legacy=old) for old in (False, True)]
-        if position.get("fingerprint") in mine:
-            return None
-        then = ", ".join(f"{s.get('name')}" for s in position.get("sources", []) if isinstance(s, dict))
-        now = ", ".join(s.name for s in self.spec.sources)
-        return (
-            f"it was trained on other data (sources {then or '?'}, seq_len {position.get('seq_len')}; now {now}, "
-            f"seq_len {seq_len}, or another seed, mixture or split): its position means nothing here; "
-            "data.resume_on_new_data=true resumes the model and starts this data at its first window"
-        )
+        return self.spec.position_problem(position, seed=self.seed, seq_len=seq_len)
 
     def resume_at(self, step: int, position: dict | None, *, seq_len: int) -> str:
         """Continue after ``step`` from a checkpoint's position (None: a checkpoint from before

@@ -11,7 +11,7 @@ import types
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from moemesh.moe.config import ORIGIN_FIELDS, ModelConfig
 from moemesh.moe.param_count import param_specs
 from moemesh.parallel import checkpoint
 from moemesh.parallel.mesh import ParallelMesh
+
+if TYPE_CHECKING:
+    from moemesh.data import DataSpec
 
 # A checkpoint saved before a model field existed holds the field's default.
 _DEFAULTS = dataclasses.asdict(ModelConfig())
@@ -152,17 +155,10 @@ class Checkpointer:
         (a missing one is a refusal, so resume falls back), the step is one this run can train
         from, and the model is this one."""
         problem = meta_problem(self.run, path, meta)
+        if problem is None and self.data is not None:
+            problem = data_problem(self.run, path, meta, self.data.spec)
         if problem:
             raise checkpoint.CheckpointError(problem)
-        position = meta.get("data")
-        if position is not None and self.data is not None:
-            problem = _position_problem(position)
-            if problem:
-                raise checkpoint.CheckpointError(f"{path / 'meta.json'}: refused: 'data' {problem}")
-        if self.data is not None and position is not None and not self.run.data.resume_on_new_data:
-            why = self.data.check_position(position, seq_len=self.run.trainer.seq_len)
-            if why:
-                raise checkpoint.CheckpointError(f"{path}: {why}")
 
 
 def meta_problem(run: RunConfig, path: Path, meta: dict) -> str | None:
@@ -199,17 +195,38 @@ def meta_problem(run: RunConfig, path: Path, meta: dict) -> str | None:
     return None
 
 
-def check_resume(run: RunConfig) -> None:
+def data_problem(run: RunConfig, path: Path, meta: dict, spec: DataSpec) -> str | None:
+    """Why ``run``, reading ``spec``, cannot continue the data position the checkpoint at ``path``
+    records (a malformed one; another corpus, mixture, split, seed or seq_len, unless
+    data.resume_on_new_data), or None. None too for a checkpoint from before positions were kept."""
+    position = meta.get("data")
+    if position is None:
+        return None
+    problem = _position_problem(position)
+    if problem:
+        return f"{path / 'meta.json'}: refused: 'data' {problem}"
+    if run.data.resume_on_new_data:
+        return None
+    why = spec.position_problem(position, seed=run.trainer.seed, seq_len=run.trainer.seq_len)
+    return f"{path}: {why}" if why else None
+
+
+def check_resume(run: RunConfig, spec: DataSpec | None = None) -> None:
     """Before any rank starts, for ``resume=<path>``: at least one of the checkpoints there has a
-    meta.json this run could resume from (``meta_problem``); ConfigError, one line, otherwise.
-    What needs the tensors or the data (checksums, shapes, the data position) the ranks check."""
+    meta.json this run could resume from (``meta_problem``) and, given the prepared data's
+    ``spec`` (train.py, once the data is prepared), a data position it can continue
+    (``data_problem``); ConfigError, one line, otherwise. What needs the tensors (checksums,
+    shapes) the ranks check."""
     if run.resume in (None, "auto"):
         return  # auto: whatever the run's own directory holds, a fresh start if nothing
     candidates = checkpoint.resolve(run.resume, Path(run.resume))
     reasons = []
     for path in candidates:
         try:
-            problem = meta_problem(run, path, checkpoint.read_meta(path))
+            meta = checkpoint.read_meta(path)
+            problem = meta_problem(run, path, meta)
+            if problem is None and spec is not None:
+                problem = data_problem(run, path, meta, spec)
         except checkpoint.CheckpointError as err:
             problem = str(err)
         if problem is None:
