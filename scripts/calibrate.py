@@ -402,7 +402,20 @@ def _bench(path: Path) -> tuple[dict, frozenset[str]]:
             wrong = [f"link={row['link']!r} (intra or inter)"]
         if wrong:
             raise ValueError(f"--calibrate-from {path}: results[{i}] is no timing ({', '.join(wrong)})")
-    fitted = cal.constants_from_bench(results)
+    fitted, unresolved = cal.constants_from_bench(results)
+    why = "the larger messages took no longer than the smaller (no bandwidth to fit)"
+    if unresolved and not fitted["gbps"]:
+        raise ValueError(
+            f"--calibrate-from {path}: nothing to fit: {', '.join(unresolved)}: {why}; rerun "
+            "scripts/bench_comm.py with larger --sizes or more --repeats"
+        )
+    if unresolved:
+        print(
+            f"calibrate.py: warning: --calibrate-from {path}: {', '.join(unresolved)}: {why}, so these keep the "
+            "prior's bandwidth and latency; rerun scripts/bench_comm.py with larger --sizes or more --repeats "
+            "to measure them",
+            file=sys.stderr,
+        )
     # Plain floats at 6 significant digits, as the fitted constants are written (numpy's would not
     # go into YAML).
     fields = {part: {k: float(f"{float(v):.6g}") for k, v in fitted[part].items()} for part in ("gbps", "latency_us")}

@@ -620,16 +620,21 @@ def bench_row_terms(row: dict) -> tuple[float, int]:
     return collective(row["kind"], row.get("sent", row["bytes"]), row["n"])
 
 
-def constants_from_bench(results: list[dict]) -> dict[str, dict[str, float]]:
+def constants_from_bench(results: list[dict]) -> tuple[dict[str, dict[str, float]], list[str]]:
     """``cluster.calibration``'s gbps and latency_us for the planner's kinds and link classes from a
     scripts/bench_comm.py run: per kind and link, one line fitted over every group shape and size of
-    its collectives (the shapes vary the steps apart from the bytes)."""
-    gbps, latency = {}, {}
+    its collectives (the shapes vary the steps apart from the bytes); and the kinds left out because
+    their larger messages took no longer (no bandwidth to fit: an infinite one, whose latency-only
+    line would misprice the prior's bytes), which keep the prior's constants."""
+    gbps, latency, unresolved = {}, {}, []
     for link in LINKS:
         for kind, collectives in BENCH_KINDS.items():
             rows = [r for r in results if r["kind"] in collectives and r.get("link", "intra") == link]
             if len(rows) < 2:
                 continue
             bw, lat = fit_link([bench_row_terms(r) for r in rows], [r["s"] for r in rows])
+            if math.isinf(bw):
+                unresolved.append(f"{kind}_{link}")
+                continue
             gbps[f"{kind}_{link}"], latency[f"{kind}_{link}"] = bw, lat
-    return {"gbps": gbps, "latency_us": latency}
+    return {"gbps": gbps, "latency_us": latency}, unresolved

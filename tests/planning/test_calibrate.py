@@ -607,19 +607,29 @@ def test_impossible_planner_constants_are_refused_in_one_line(override, needle):
         assert str(err.value).endswith("did you mean a2a_intra?")
 
 
-def test_constants_a_plan_would_refuse_are_not_written(tmp_path, capsys):
-    """A benchmark whose larger message was timed faster fits an infinite bandwidth: calibrate.py
-    says so in one line, exit 2, and writes nothing."""
+def test_a_kind_whose_larger_messages_ran_faster_keeps_the_prior(tmp_path, capsys):
+    """A benchmark whose larger message was timed faster fits no bandwidth (an infinite one, which a
+    plan would refuse): that kind is left out with a one-line warning and keeps the prior's
+    constants, the others are written; when no kind is left, one line, exit 2, nothing written."""
     import json
 
     from scripts import calibrate
 
-    rows = [{"kind": "a2a", "n": 2, "bytes": b, "sent": b, "s": s} for b, s in ((2**16, 2e-3), (2**22, 1e-3))]
+    faster = [{"kind": "a2a", "n": 2, "bytes": b, "sent": b, "s": s} for b, s in ((2**16, 2e-3), (2**22, 1e-3))]
+    slower = [{"kind": "all_gather", "n": 2, "bytes": b, "s": s} for b, s in ((2**16, 1e-3), (2**22, 9e-3))]
     bench = tmp_path / "comm.json"
-    bench.write_text(json.dumps({"results": rows}))
     name = f"test-inf-{tmp_path.name}"
     out = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
     try:
+        bench.write_text(json.dumps({"results": faster + slower}))
+        calibrate.main(["--calibrate-from", str(bench), "--name", name])
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"calibrate.py: warning: --calibrate-from {bench}: a2a_intra: "), err
+        assert "keep the prior's bandwidth and latency" in err
+        run = compose_run([f"cluster=calibrated/{name}"])  # a config the plan composes
+        assert set(run.cluster.calibration.gbps) == {"gather_intra"} == set(run.cluster.calibration.latency_us)
+        out.unlink()
+        bench.write_text(json.dumps({"results": faster}))
         with pytest.raises(SystemExit) as e:
             calibrate.main(["--calibrate-from", str(bench), "--name", name])
         assert not out.exists()
@@ -627,7 +637,7 @@ def test_constants_a_plan_would_refuse_are_not_written(tmp_path, capsys):
         out.unlink(missing_ok=True)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
-    assert f"--name {name}: nothing written" in err and "gbps.a2a_intra=inf must be a finite number > 0" in err
+    assert err.startswith(f"calibrate.py: --calibrate-from {bench}: nothing to fit: a2a_intra: the larger"), err
 
 
 def _mended(sweep: Path, mend) -> Path:
