@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check (kernels issue): on a CUDA machine, run the
 # Triton kernel tests compiled (not interpreted: gating, permute, sort_chunks,
-# unpermute and the experts' SwiGLU), the ops under torch.compile, and the kernel
-# and MoE-layer benchmarks (one GPU: no NCCL, no training run, no MFU). Installs nothing beyond the requirements; its
-# sections' time limits add up to under 5 minutes.
+# unpermute and the experts' SwiGLU), the ops under torch.compile, the planner's bf16
+# activation estimate against what autocast saves there, and the kernel and MoE-layer
+# benchmarks (one GPU: no NCCL, no training run, no MFU). Installs nothing beyond the
+# requirements; its sections' time limits add up to 6 minutes.
 #
 # The GPU machine (see the device tool's KINDS.md) has torch, triton, numpy, PyYAML,
 # pytest and hypothesis but not hydra-core/omegaconf, and cannot reach a package index.
