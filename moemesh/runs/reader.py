@@ -47,25 +47,22 @@ def conform(value: Any, kind: Any) -> Any:
     a finite int or float (not a bool), a string a str, a TypedDict a dict whose known keys are
     conformed and whose unknown keys are kept; a list or dict of a type has its wrong elements
     dropped. Returns ``_MISSING`` for a value that cannot be one of ``kind``."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    origin, args, typed = _shape(kind)
     if origin in (typing.Union, types.UnionType):
         return _conform_union(value, args)
-    if typing.is_typeddict(kind):
+    if typed:
         return _conform_typeddict(value, kind)
     if kind in (int, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return _MISSING
-        try:  # an int of 400 digits is no float: OverflowError
-            ok = math.isfinite(value) and (kind is float or float(value).is_integer())
-        except OverflowError:
-            return _MISSING
-        return value if ok else _MISSING
+        return value if _number(value, kind) else _MISSING
     if kind in (str, bool):
         return value if isinstance(value, kind) else _MISSING
     if origin is list:  # all or nothing: a list with one element dropped would shift the others
         if not isinstance(value, list):
             return _MISSING
-        kept = [conform(x, args[0]) for x in value]
+        item = args[0]
+        if item in (int, float):  # a record's per-expert lists: most of what it holds
+            return value if all(_number(x, item) for x in value) else _MISSING
+        kept = [conform(x, item) for x in value]
         return _MISSING if any(v is _MISSING for v in kept) else kept
     if origin is dict:
         if not isinstance(value, dict):
@@ -74,6 +71,23 @@ def conform(value: Any, kind: Any) -> Any:
     if kind is dict:
         return value if isinstance(value, dict) else _MISSING
     return value
+
+
+@functools.cache
+def _shape(kind) -> tuple[Any, tuple, bool]:
+    """What ``conform`` asks of an annotation, once per annotation (a long run's records ask it
+    hundreds of times a line)."""
+    return typing.get_origin(kind), typing.get_args(kind), typing.is_typeddict(kind)
+
+
+def _number(value: Any, kind: type) -> bool:
+    """A finite int or float (not a bool); for ``int``, one whose value is whole."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:  # an int of 400 digits is no float: OverflowError
+        return math.isfinite(value) and (kind is float or float(value).is_integer())
+    except OverflowError:
+        return False
 
 
 def _conform_union(value: Any, options: tuple) -> Any:

@@ -585,6 +585,16 @@ def test_conform_drops_a_mistyped_list_whole_and_a_huge_int():
     record = {"step": 3, "loss": 10**400, "load": {"layer0": {"tokens_per_expert": [4, "x", 6], "cv": 0.5}}}
     assert conform(record, StepRecord) == {"step": 3, "load": {"layer0": {"cv": 0.5}}}
 
+    # A list of numbers is all or nothing: a bool, a fraction among counts, a nan or a huge int drops it.
+    def load(**layer):
+        return conform({"load": {"layer0": layer}}, StepRecord)["load"]["layer0"]
+
+    for bad in ([4, True, 6], [4, 5.5], [4, 10**400]):
+        assert load(tokens_per_expert=bad) == {}, bad
+    assert load(mean_score=[0.5, float("nan")]) == {}
+    good = {"tokens_per_expert": [4, 5.0, 6], "mean_score": [0.5, 1]}  # a whole float counts; an int is a float
+    assert load(**good) == good
+
 
 def test_memory_values_of_the_wrong_shape_are_dropped(tmp_path, capsys):
     """memory_per_rank was typed a plain dict, so a list inside it reached compare.py, which
