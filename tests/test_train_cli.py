@@ -193,6 +193,16 @@ def test_a_refused_resume_leaves_no_run_directory(tmp_path):
     )
     assert proc.returncode == 2 and not out.exists(), proc.stderr
     assert "it was trained on other data" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    proc, out = _train(  # unless asked to resume the model on new data
+        tmp_path / "new",
+        "trainer.steps=2",
+        "data=synthetic",
+        "data.resume_on_new_data=true",
+        f"resume={first / 'checkpoints'}",
+        *SMALL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "new data: reading it from its first window" in (out / "train.log").read_text()
     (ckpt,) = (first / "checkpoints").glob("step_*")
     tensors = max(ckpt.glob("*.distcp"), key=lambda f: f.stat().st_size)
     body = bytearray(tensors.read_bytes())
