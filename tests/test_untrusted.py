@@ -97,3 +97,22 @@ def test_metrics_records_keep_what_the_schema_knows_and_skip_deep_nesting(tmp_pa
         {"step": 2, "loss": 2.4, "load": {"layer0": {"cv": 0.1}}},
     ]
     assert skipped == [2]
+
+
+def test_only_the_last_records_load_statistics_are_kept(tmp_path):
+    """A record's per-layer load lists are most of its bytes (16 layers x 64 experts: 1.9 GB held for
+    a 413 MB file of 20,000 steps); only the final load is read, so only the last record that has
+    one keeps it (89 MB for the same file)."""
+    import json
+
+    from moemesh.runs.compare import final_load_cv
+    from moemesh.runs.reader import load_run
+
+    def load(cv):
+        return {"layer1": {"tokens_per_expert": [3, 5], "cv": cv}}
+
+    lines = [{"step": 1, "load": load(0.5)}, {"step": 2, "load": load(0.25)}, {"step": 3, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = load_run(tmp_path, require_summary=False)
+    assert run.records == [{"step": 1}, {"step": 2, "load": load(0.25)}, {"step": 3, "loss": 2.0}]
+    assert final_load_cv(run) == {1: 0.25}

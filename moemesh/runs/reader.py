@@ -123,12 +123,15 @@ def read_summary(run_dir: Path) -> dict:
 
 def read_records(run_dir: Path, skipped: list[int] | None = None) -> list[dict]:
     """metrics.jsonl's records, in order, each held to ``StepRecord``'s types ([] without the
-    file). The numbers of lines that are not a JSON object are appended to ``skipped``."""
+    file). The numbers of lines that are not a JSON object are appended to ``skipped``. Only the
+    last record with per-layer load statistics keeps them (what is read of them: the final load),
+    so what a long run holds in memory is its scalars, not a list per expert and layer a step."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     bounded_size(path, MAX_METRICS_BYTES, error=RunReadError)
-    records = []
+    records: list[dict] = []
+    with_load: dict | None = None
     with open(path, "rb") as f:
         for n, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
             if len(line) > MAX_LINE_BYTES:
@@ -140,7 +143,12 @@ def read_records(run_dir: Path, skipped: list[int] | None = None) -> list[dict]:
             except (ValueError, RecursionError):  # RecursionError: [[[[... nested deep
                 record = None  # a line cut short when a run was killed, or not JSON at all
             if isinstance(record, dict):
-                records.append(_known_or_scalar(conform(record, StepRecord)))
+                kept = _known_or_scalar(conform(record, StepRecord))
+                if kept.get("load"):
+                    if with_load is not None:
+                        del with_load["load"]
+                    with_load = kept
+                records.append(kept)
             elif skipped is not None:
                 skipped.append(n)
     return records
