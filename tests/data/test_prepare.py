@@ -525,3 +525,40 @@ def test_inputs_given_twice_or_in_two_flags_and_impossible_options(tmp_path, cap
         rc, err = _prepare(capsys, "--tokenizer", tok, *args)
         assert rc == 2 and len(err) == 1 and says in err[0], (args, err)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_every_jsonl_document_is_read_once_whatever_the_unit_boundaries(tmp_path):
+    """Units are byte ranges of --shard-mb: a line belongs to the unit it starts in, also where a
+    boundary falls exactly on a line's first byte or on its newline."""
+    from moemesh.data.inputs import _units, documents, find_inputs
+
+    docs = [f"doc{i} " + "x" * (i % 5) for i in range(12)]
+    (inp,) = find_inputs([str(write_jsonl(tmp_path / "a.jsonl", docs))])
+    for shard_bytes in range(1, inp.size + 2):
+        got = [t for u in _units(inp, 0, shard_bytes) for t in documents(inp, u.a, u.b, "text")]
+        assert got == docs, shard_bytes
+
+
+def test_a_piece_marker_naming_another_shards_files_is_not_kept(tmp_path):
+    from moemesh.data.prepare import _shard_ok
+
+    out = write_corpus(tmp_path / "out", [[3, 4]], vocab_size=1000)
+    (shard,) = json.loads((out / META_NAME).read_text())["shards"]
+    (out / ".prepare").mkdir()
+    for i in (0, 1):
+        (out / ".prepare" / f"piece_{i:06d}.json").write_text(json.dumps({"shard": shard, "inputs": {}}))
+    assert _shard_ok(out, 0) is not None
+    assert _shard_ok(out, 1) is None  # shard 0's files, complete as they are, are not piece 1's shard
+
+
+def test_an_unfinished_prepare_of_other_options_is_not_continued(tmp_path):
+    from moemesh.data.prepare import _refuse_other
+
+    tok = {"name": "t", "sha256": "a" * 64}
+    plan = {"version": 2, "tokenizer": tok, "shard_bytes": 1 << 20, "pieces": 3}
+    out = tmp_path / "out"
+    (out / ".prepare").mkdir(parents=True)
+    (out / ".prepare" / "plan.json").write_text(json.dumps(plan))
+    _refuse_other(out, plan)  # the same plan: continued
+    with pytest.raises(ConfigError, match="holds an unfinished prepare of other inputs or options"):
+        _refuse_other(out, {**plan, "shard_bytes": 2 << 20})

@@ -66,3 +66,15 @@ def test_sort_chunks_rank_major_to_expert_major_and_back():
     expert_major = sort_chunks(rows, counts)
     assert [tuple(map(int, row)) for row in expert_major] == sorted(labels, key=lambda rj: (rj[1], rj[0]))
     assert torch.equal(sort_chunks(expert_major, counts.t()), rows)
+
+
+def test_gating_ties_prefer_lower_expert_id_at_a_realistic_expert_count():
+    """64 and 256 experts (DeepSeek-V3's count): torch's unstable CPU sort keeps the order of ties
+    only for short rows, so a short row cannot tell a stable sort from an unstable one."""
+    for E in (64, 256):
+        logits = torch.zeros(3, E)
+        logits[:, ::3] = 1.0  # E/3 tied best experts, the rest tied below them
+        ids = fused_gating(logits, top_k=8, renormalize=True).topk_ids_TK
+        assert ids.tolist() == [list(range(0, 24, 3))] * 3, E
+        ids = fused_gating(torch.zeros(2, E), top_k=6, renormalize=True).topk_ids_TK
+        assert ids.tolist() == [list(range(6))] * 2, E

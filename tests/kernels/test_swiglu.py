@@ -96,3 +96,5 @@ def test_bad_shapes_are_refused_by_the_launchers():
         swiglu_forward(a, b)
     with pytest.raises(ValueError, match=r"must be \[M, F\]"):
         swiglu_forward(torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match=r"swiglu: dtypes differ: torch.float32 and torch.bfloat16"):
+        swiglu_forward(torch.randn(3, 4), torch.randn(3, 4).bfloat16())

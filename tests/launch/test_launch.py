@@ -233,3 +233,132 @@ def test_ranks_fork_from_a_server_with_the_launchers_environment_and_leave_nothi
             assert report["parent"] != os.getpid()  # forked by the server, not by this process
             assert report["imported_before_the_fork"] is True
         assert set(_processes_of_this_test()) - before == set()
+
+
+def test_hang_watch_blames_the_rank_silent_longest_when_several_are(tmp_path):
+    """Two ranks silent past the timeout at one poll (the launcher was slow to look): the one
+    that stopped first is named, not the later one it may have blocked."""
+    from moemesh.launch.heartbeat import HangWatch, Stalled
+
+    watch = HangWatch(str(tmp_path), 3, timeout_s=0.5)
+    for r in range(3):
+        (tmp_path / f"beat{r}").write_text(f"{100 + r} 1\n")
+    watch.check([True] * 3)
+    watch.changed[1] -= 2.0  # rank 1 last beat 2 s ago, rank 2 1 s ago
+    watch.changed[2] -= 1.0
+    (tmp_path / "beat0").write_text("100 2\n")
+    with pytest.raises(Stalled) as hung:
+        watch.check([True] * 3)
+    assert hung.value.rank == 1 and hung.value.started and hung.value.silent_s >= 2.0
+
+
+def test_hang_watch_forgets_the_silence_while_the_launcher_itself_was_stopped(tmp_path):
+    """Ctrl-Z stops the launcher and its ranks together: every clock the watch holds is then
+    stale by the time it was stopped; that silence names nobody."""
+    from moemesh.launch.heartbeat import HangWatch
+
+    watch = HangWatch(str(tmp_path), 2, timeout_s=0.5)
+    for r in range(2):
+        (tmp_path / f"beat{r}").write_text(f"{100 + r} 1\n")
+    watch.check([True, True])
+    # 60 s pass with this process stopped: nothing it recorded moved, the files did not change.
+    watch.polled -= 60
+    watch.started -= 60
+    watch.first_beat -= 60
+    watch.changed = [c - 60 for c in watch.changed]
+    watch.check([True, True])  # no Stalled: the clocks start again
+
+
+def test_a_rank_that_exits_non_zero_after_a_stop_signal_fails_the_launch(capsys):
+    """Every rank left within the grace period, but one with a non-zero code (its save failed):
+    the launcher must not report the stop as a clean save."""
+    import signal
+
+    from moemesh.launch.spawn import _graceful_stop
+
+    class _Gone:
+        def __init__(self, code):
+            self.exitcode, self.pid = code, -1
+
+        def is_alive(self):
+            return False
+
+        def join(self, timeout=None):
+            pass
+
+    class _Ctx:
+        processes = [_Gone(0), _Gone(1)]
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as exc:
+            _graceful_stop(_Ctx(), 1.0, signal.SIGTERM)
+        assert exc.value.code == 1
+        assert "moemesh: SIGTERM: ranks exited with codes [0, 1]" in capsys.readouterr().err
+        _Ctx.processes = [_Gone(0), _Gone(0)]
+        assert _graceful_stop(_Ctx(), 1.0, signal.SIGTERM) is None
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_a_signal_received_twice_is_one_stop_request_named_once():
+    import signal
+
+    from moemesh.launch.signals import StopFlag
+
+    flag = StopFlag()
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        flag.set(s, None)
+    assert flag.names() == ["SIGINT", "SIGTERM"]
+
+
+def test_a_lone_process_saves_on_its_first_ctrl_c_after_a_sigterm():
+    """SIGTERM (a save is under way), then one Ctrl-C: still a save; only a second Ctrl-C stops it."""
+    import signal
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
+    flag = install_stop_handlers(second_interrupt_exits=True)
+    try:
+        flag.received.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C after a SIGTERM stopped the process without a save")
+        assert flag.names() == ["SIGTERM", "SIGINT"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        flag.received.clear()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_ranks_beat_often_enough_for_the_lost_host_window_at_any_timeout():
+    """The lost-host check reads every beat twice LOST_WINDOW apart: a live rank must beat at
+    least twice in that window, however long cluster.hang_timeout_s is."""
+    from moemesh.launch.heartbeat import PeerWatch, beat_interval
+
+    for timeout in (0.5, 10, 300, 3600):
+        assert beat_interval(timeout) <= min(timeout / 10, PeerWatch.LOST_WINDOW / 2), timeout
+
+
+def test_the_earliest_failed_rank_and_its_exception_type_are_the_root_cause(tmp_path):
+    """train.py removes an untouched run directory when the ranks' failure was a refused
+    checkpoint: that needs the exception type of the rank that failed first."""
+    from types import SimpleNamespace
+
+    from moemesh.launch.spawn import _root_cause
+
+    (tmp_path / "rank3.err").write_text("20.0\t3\tRuntimeError: Connection closed by peer")
+    (tmp_path / "rank1.err").write_text("10.0\t1\tCheckpointError: checkpoint of another run: refused")
+    (tmp_path / "rank2.err").write_text("15.0\t2")  # cut short while it was written
+    reason, kind = _root_cause(str(tmp_path), SimpleNamespace(error_index=3))
+    assert (reason, kind) == (
+        "rank 1 failed: CheckpointError: checkpoint of another run: refused (the other ranks were stopped)",
+        "CheckpointError",
+    )

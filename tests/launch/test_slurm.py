@@ -523,3 +523,17 @@ def test_a_jobs_outcome_line_reads_a_bounded_summary(tmp_path):
     assert _outcome(ret) == f"3 steps, final loss 2.5000 -> {tmp_path}"
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 3, "pad": "x" * (17 << 20)}))
     assert _outcome(ret) == "status COMPLETED"
+
+
+def test_no_requeue_given_as_a_flag_switches_requeue_off():
+    """additional_parameters.no_requeue=true (sbatch's own spelling) must not become --requeue."""
+    run = _slurm_run(**{"cluster.slurm.additional_parameters": {"no_requeue": True}})
+    params = allocation_for(run, 8).executor_parameters(name="t")
+    assert params["slurm_additional_parameters"] == {"no-requeue": True}
+
+
+def test_a_job_without_a_layout_name_is_named_as_a_sweep():
+    from moemesh.launch.slurm import job_name
+
+    a = allocation_for(_slurm_run(), 8)
+    assert job_name([SweepJob(0, [], a)]) == "moemesh-sweep"  # never "moemesh-"

@@ -244,3 +244,46 @@ def test_every_rank_caches_all_hosts_as_its_watch_starts(monkeypatch):
     finally:
         for w in watches.values():
             w.stop.set()
+
+
+def test_the_address_cli_prints_only_an_ipv4_address(monkeypatch, capsys):
+    """The SLURM batch script exports what it prints as MASTER_ADDR: an interface with only an
+    IPv6 address is refused, and an IPv4 one is printed though an IPv6 one comes first."""
+    monkeypatch.setattr(store, "interface_addresses", lambda name: ["fd00::2"])
+    assert store.main(["address", "ib0"]) == 2
+    assert "cluster.interface=ib0: no IPv4 address" in capsys.readouterr().err
+    monkeypatch.setattr(store, "interface_addresses", lambda name: ["fd00::2", "10.0.0.7"])
+    assert store.main(["address", "ib0"]) == 0 and capsys.readouterr().out.strip() == "10.0.0.7"
+
+
+def test_serve_takes_a_bracketed_ipv6_endpoint_apart(monkeypatch):
+    seen = []
+
+    def listen_on(host, port, **kw):
+        seen.append((host, port))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(store, "listen_on", listen_on)
+    assert store.main(["serve", "[fd00::2]:29400"]) == 2
+    assert store.main(["serve", "10.0.0.1:29401"]) == 2
+    assert seen == [("fd00::2", 29400), ("10.0.0.1", 29401)]
+
+
+def test_a_stalled_ranks_pid_on_this_host_is_killed_only_if_it_is_of_this_job():
+    """The pid a rank wrote may belong, by now, to another job's rank on this host (the same
+    RANK, another MASTER_PORT): that process is not this job's to kill."""
+    import subprocess
+    import sys
+
+    other_job = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "SLURM_STEP_ID")}
+    other_job.update(RANK="1", MASTER_PORT="1", TORCHELASTIC_RUN_ID="another-job")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=other_job)
+    try:
+        w = object.__new__(PeerWatch)
+        w.host = socket.gethostname()
+        w._kill_if_local(1, f"{w.host}, pid {proc.pid}")
+        time.sleep(0.2)
+        assert proc.poll() is None  # still running
+    finally:
+        proc.kill()
+        proc.wait()

@@ -627,3 +627,57 @@ def test_a_sweep_of_symlinked_runs_is_read(tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "0_ep2").symlink_to(a)
     assert compare.expand([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0_ep2"]
+
+
+def test_a_sweeps_value_counts_take_a_range_step():
+    from moemesh.runs.reader import _values
+
+    assert [_values(v) for v in ("range(0,10,2)", "range(10,0,-3)", "range(5)", "a,b")] == [5, 4, 5, 2]
+
+
+def test_an_integer_field_is_refused_a_fraction():
+    from moemesh.runs.reader import _MISSING, conform
+
+    assert conform(1.5, int) is _MISSING and conform(2.0, int) == 2.0 and conform(3, int) == 3
+    assert conform({"step": 2.5, "loss": 1.5}, contract.StepRecord) == {"loss": 1.5}
+
+
+def test_a_sweep_expands_in_job_number_order_and_names_only_job_directories(tmp_path):
+    from moemesh.runs.reader import expand
+
+    sweep = tmp_path / "sweep"
+    for n in (10, 2, 1):
+        _fake_run(sweep / f"{n}_ep2", "ep2", losses=LOSS)
+    (sweep / "3_dp2" / ".hydra").mkdir(parents=True)  # a job that failed: no summary.json
+    (sweep / "cmp").mkdir()  # an output directory, not a job
+    unfinished = []
+    assert [d.name for d in expand([sweep], unfinished)] == ["1_ep2", "2_ep2", "10_ep2"]
+    assert [d.name for d in unfinished] == ["3_dp2"]
+
+
+def test_curves_exactly_tol_apart_do_not_coincide(tmp_path):
+    from moemesh.runs.reader import load_run
+
+    a = load_run(_fake_run(tmp_path / "a", "ep2", losses=[2.0, 1.5]))
+    b = load_run(_fake_run(tmp_path / "b", "dp2", losses=[2.5, 1.5]))
+    a.label, b.label = "a", "b"
+    assert compare.coinciding_losses([a, b], tol=0.5) == []  # "closer than tol": 0.5 is not
+    assert compare.coinciding_losses([a, b], tol=0.75)[0][:2] == (["a", "b"], 0.5)
+    same = load_run(_fake_run(tmp_path / "c", "dp2", losses=[2.0, 1.5]))
+    same.label = "c"
+    assert compare.coinciding_losses([a, same], tol=0.0) == []  # --coincide-tol 0: nothing coincides
+
+
+def test_an_appended_override_counts_as_the_key_it_sets():
+    assert compare._effective(["+trainer.x=1", "trainer.x=2", "hydra.run.dir=d", "parallel=ep2"]) == {"trainer.x=2"}
+
+
+def test_exactly_eight_jobs_never_started_are_all_named(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "0_ep2", "ep2", losses=LOSS)
+    _multirun(sweep, ["trainer.seed=range(9)"])
+    (note,) = compare.never_started_notes([sweep])
+    assert "8 of its 9 jobs left no directory (#1, #2, #3, #4, #5, #6, #7, #8), so" in note
+    _multirun(sweep, ["trainer.seed=range(10)"])
+    (note,) = compare.never_started_notes([sweep])
+    assert "(#1, #2, #3, #4, #5, #6, #7, #8, ...)" in note

@@ -107,3 +107,13 @@ def test_resume_on_new_data_reads_the_new_data_from_its_first_window(tmp_path):
     assert torch.equal(x, first)
     for data in (old, new, fresh):
         data.close()
+
+
+def test_a_token_id_equal_to_the_vocab_size_is_rejected(tmp_path):
+    path = tmp_path / "t.bin"
+    np.full(5000, 255, dtype=np.uint16).tofile(path)
+    prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=256)  # ids < 256
+    path = tmp_path / "u.bin"
+    np.full(5000, 256, dtype=np.uint16).tofile(path)
+    with pytest.raises(ConfigError, match="holds token id 256 >= model.vocab_size=256"):
+        prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=256)

@@ -279,3 +279,21 @@ def test_the_one_warm_up_rule_is_the_same_in_every_reader(tmp_path):
     assert [r["step"] for r in run.steady] == kept
     assert run.medians()["time_breakdown"]["step"] == 7.0
     assert measure(tmp_path).step_s == 7.0 and measure(tmp_path).timed_steps == 3
+
+
+def test_an_odd_capacity_still_keeps_evenly_spaced_steps():
+    """After halving, the step that filled the sample is kept only on the doubled spacing."""
+    sample = StepSample(capacity=5, warmup=0)
+    for i in range(40):
+        sample.add(
+            {
+                "step": i + 1,
+                "time": {"step": float(i), "a2a": 0.0},
+                "a2a": {"bytes_sent": 0},
+                "samples_per_s": 1.0,
+                "flops_per_s": 1.0,
+                "mfu": None,
+            }
+        )
+    kept = [int(v) for v in sample.columns[0]]
+    assert kept == list(range(0, kept[-1] + 1, sample.stride)), (kept, sample.stride)
