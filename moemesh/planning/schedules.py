@@ -20,8 +20,10 @@ a micro-batch is held from its forward to its weight gradients):
 Each is the value of torch's own action order (torch 2.13, ``_calculate_single_rank_operations``)
 run with those times: ``tests/planning/test_schedules.py`` builds every schedule's order and
 checks these for m >= p (m >= 2p for the V ones, m a multiple of p for the interleaved ones), the
-regime the formulas hold in. Below it (fewer micro-batches than the pipeline needs to fill) the
-planner takes 1F1B's bubble, which bounds every schedule's from above there.
+regime the formulas hold in. Outside it (fewer micro-batches than the pipeline needs to fill, or
+an interleaved schedule's m not a multiple of p, which torch runs) the planner takes 1F1B's
+bubble and GPipe's m micro-batches held, which bound every schedule's from above there
+(interleaved_1f1b at p = 4, v = 2 holds all 7 of m = 7, where its formula says 5.5).
 
 What this leaves out: unequal F, I, W (attention's core has no weights, so its W is 0: the
 zero-bubble schedules' real bubble is larger), the point-to-point latency between stages (priced
@@ -66,6 +68,8 @@ def in_flight_stages(schedule: str, pp: int, v: int, m: int) -> float:
     if pp == 1:
         return 1.0
     s = PipelineSchedule(schedule)
+    if not _in_regime(s, pp, m):
+        return float(m)  # every micro-batch: the bound (module doc)
     peak = {
         PipelineSchedule["gpipe"]: float(m),
         PipelineSchedule["interleaved_1f1b"]: pp + (pp - 1) / v,

@@ -123,6 +123,25 @@ def test_with_too_few_micro_batches_the_bubble_is_bounded_by_1f1bs():
             assert bubble <= bubble_fraction(schedule, pp, v, m) + 1e-9, (schedule, pp, v, m)
 
 
+def test_every_micro_batch_count_torch_runs_is_held_within_the_planned_activations():
+    """Inside the formulas' regime and outside it (an interleaved schedule's m not a multiple of p
+    ran 7 micro-batches at p = 4, v = 2 where 5.5 were planned; fewer than the pipeline fills): the
+    peak of torch's order is never above in_flight_stages, nor is its bubble above the planned one."""
+    for schedule in SCHEDULES:
+        for pp in (2, 3, 4):
+            for v in (traits(schedule).stages_per_rank,) if traits(schedule).stages_per_rank else (1, 2, 3):
+                for m in range(1, 3 * pp + 2):
+                    if microbatch_problem(schedule, pp, m):
+                        continue
+                    try:
+                        order = torch_order(schedule, pp, v, m)
+                    except ValueError:  # a relation torch checks that the trainer refuses elsewhere
+                        continue
+                    bubble, peak = simulate(order, pp, v, m)
+                    assert peak <= in_flight_stages(schedule, pp, v, m) + 1e-9, (schedule, pp, v, m, peak)
+                    assert bubble <= bubble_fraction(schedule, pp, v, m) + 0.006, (schedule, pp, v, m, bubble)
+
+
 def test_no_pipeline_no_bubble():
     assert bubble_fraction("gpipe", 1, 1, 8) == 0.0 and in_flight_stages("gpipe", 1, 1, 8) == 1.0
 
