@@ -218,3 +218,33 @@ def test_a_dropped_pair_is_sent_to_no_rank():
     token_U, rank_U, sent_R = _pairs(ids, 2, 2)
     assert list(zip(rank_U.tolist(), token_U.tolist())) == [(0, 0), (1, 2)]
     assert sent_R.tolist() == [1, 1]
+
+
+def test_rank_dispatch_counts_every_byte_a_row_carries(monkeypatch):
+    """The dropless minimum prices a sent row at what its dispatch exchanges carry: the row, its K
+    local expert ids and its K weights (one rank: the exchanges are the identity, recorded here)."""
+    from types import SimpleNamespace
+
+    from moemesh.moe import rank_dispatch
+
+    carried, priced = {}, []
+
+    def exchange(t, send, recv, group, meter, kind):
+        if kind == "dispatch":
+            carried[len(carried)] = t[0].numel() * t.element_size()
+        return t
+
+    monkeypatch.setattr(rank_dispatch, "all_to_all_rows", exchange)
+    d = SimpleNamespace(
+        ep_size=1,
+        num_local_experts=4,
+        ep_group=None,
+        meter=None,
+        exchange_counts=lambda counts: counts,
+        count_dropless_minimum=lambda send, recv, row_bytes: priced.append(row_bytes),
+    )
+    x = torch.randn(3, 6)
+    ids, w = torch.tensor([[0, 2], [1, -1], [3, 0]]), torch.full((3, 2), 0.5)
+    out = rank_dispatch.routed_by_rank(d, x, ids, w, lambda rows, counts: rows)
+    assert priced == [sum(carried.values())] and len(carried) == 3
+    assert torch.allclose(out, x * torch.tensor([[1.0], [0.5], [1.0]]))

@@ -1,4 +1,4 @@
-from moemesh.parallel.dims import MeshAxis, ParallelDims
+from moemesh.parallel.dims import MeshAxis, ParallelDims, padded_vocab
 
 
 def test_seed_layout_dp4_ep2():
@@ -26,3 +26,15 @@ def test_coords_round_trip_with_all_axes():
     # tp innermost, pp outermost
     assert d.groups(MeshAxis.TP)[0] == [0, 1]
     assert d.groups(MeshAxis.PP)[0] == [0, 12]
+
+
+def test_padded_vocab_rounds_up_to_the_tp_degree():
+    assert padded_vocab(50257, 4) == 50260 and padded_vocab(8, 4) == 8 and padded_vocab(7, 1) == 7
+
+
+def test_ep_nodes_only_where_the_group_splits_evenly():
+    assert ParallelDims(ep=2).ep_nodes(8) == 1
+    assert ParallelDims(ep=8, tp=2).ep_nodes(8) == 2  # 4 EP ranks of the group per node
+    assert ParallelDims(ep=3).ep_nodes(4) is None  # groups of 3 straddle nodes of 4
+    assert ParallelDims(ep=3).ep_nodes(2) is None  # 3 ranks over nodes of 2
+    assert ParallelDims(ep=2, tp=2).ep_nodes(3) is None  # tp peers split across nodes

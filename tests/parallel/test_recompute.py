@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from moemesh.moe.model import Block, Transformer
 from moemesh.parallel.comm import CollectiveTape, all_reduce_, is_replaying, recording, replayable, replaying
-from moemesh.parallel.recompute import MODES, apply_activation_checkpointing, checkpointed_modules
+from moemesh.parallel.recompute import MODES, apply_activation_checkpointing, checkpoint_module, checkpointed_modules
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 
@@ -369,3 +369,14 @@ def _planner_worker(rank, world):
 def test_planner_activation_estimate_on_ep_and_tp_layouts():
     """4 ranks: with the All-to-All and TP collectives' kept outputs, per block and mode."""
     run_on_ranks(_planner_worker, 4)
+
+
+def test_checkpointing_a_block_twice_wraps_it_once():
+    """A second call (another mode) changes the mode, not the class: one checkpoint around the forward."""
+    model = Transformer(tiny_run().model)
+    block = next(iter(model.layers.values()))
+    checkpoint_module(block, "full")
+    cls = type(block)
+    checkpoint_module(block, "selective")
+    assert type(block) is cls and cls.__bases__[1] is Block
+    assert block.activation_checkpointing == "selective"

@@ -189,3 +189,21 @@ def test_planning_is_torch_free():
     code += "import moemesh.planning.cost, moemesh.planning.search, moemesh.planning.calibration; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_resumed_job_is_finished_by_its_last_step(tmp_path):
+    d = _job(tmp_path, "0_ep4", [(1.0, 1.0, 0.0)] * 2, start_step=2)  # steps 3 and 4 of a resumed run
+    assert search.finished(d, steps=4) and not search.finished(d, steps=5)
+
+
+@pytest.mark.parametrize(("objective", "best"), [("tokens_per_s", "ep2_dp2"), ("peak_memory", "dp4")])
+def test_the_winner_has_the_best_measured_rank(objective, best):
+    """Ties (peak_memory: dp4 and pp4) go to the earlier job."""
+    cands = [search.Candidate(ParallelDims(dp=4), 1.0, 30, 1), search.Candidate(ParallelDims(ep=2, dp=2), 2.0, 20, 2)]
+    cands.append(search.Candidate(ParallelDims(pp=4), 3.0, 10, 3))
+    measured = [
+        search.Measured(step_s=0.5, tokens_per_s=200.0, peak_memory_bytes=5),
+        search.Measured(step_s=0.4, tokens_per_s=250.0, peak_memory_bytes=9),
+        search.Measured(step_s=0.9, tokens_per_s=110.0, peak_memory_bytes=5),
+    ]
+    assert search.winner(search.rank_rows(cands, measured, objective)).candidate.name == best

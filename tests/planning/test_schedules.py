@@ -6,7 +6,14 @@ backward and weight backward of a stage (1/v of that with v stages per rank)."""
 import pytest
 import torch.distributed.pipelining.schedules as S
 
-from moemesh.parallel.pipeline import Placement, microbatch_problem, stage_ids, traits
+from moemesh.parallel.pipeline import (
+    Placement,
+    microbatch_problem,
+    stage_ids,
+    stage_layers,
+    stages_problem,
+    traits,
+)
 from moemesh.planning.schedules import bubble_fraction, in_flight_stages
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
@@ -186,3 +193,19 @@ def test_microbatch_rules_are_torchs():
         except ValueError:
             torch_ok = False
         assert (microbatch_problem("dualpipev", 4, m) is None) == torch_ok, m
+
+
+def test_with_fewer_micro_batches_than_ranks_a_rank_holds_at_most_all_of_them():
+    """A step of m micro-batches never holds more than m, however deep the schedule's warm-up."""
+    for schedule, pp, v, m in (("interleaved_1f1b", 4, 2, 2), ("interleaved_1f1b", 4, 2, 3), ("gpipe", 4, 1, 2)):
+        _, peak = simulate(torch_order(schedule, pp, v, m), pp, v, m)
+        assert peak <= in_flight_stages(schedule, pp, v, m) <= m, (schedule, pp, v, m)
+
+
+def test_uneven_layers_go_to_the_earlier_stages():
+    assert [list(r) for r in stage_layers(10, 4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+
+
+def test_a_schedules_own_stages_per_rank_is_no_problem():
+    assert stages_problem("1f1b", 1) is None and stages_problem("zbv", 2) is None
+    assert stages_problem("1f1b", 2) is not None and stages_problem("zbv", 3) is not None

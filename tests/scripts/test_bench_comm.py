@@ -2,6 +2,7 @@
 steps back, and a real 2-rank run (slow) times every collective gloo has."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,15 @@ def test_each_link_class_gets_its_own_constants():
     assert out["latency_us"]["a2a_inter"] == pytest.approx(400.0)
     (inter,) = [f for f in bench_comm.fits(rows) if f["link"] == "inter"]
     assert inter["link_gbps"] == pytest.approx(0.02)  # two ranks of a host share its link
+
+
+def test_fit_link_without_a_bandwidth_fits_latency_through_the_origin():
+    """Times that fall as bytes grow: no bandwidth (inf), and alpha = sum(steps t) / sum(steps^2)."""
+    bw, lat = calibration.fit_link([(2.0, 1), (1.0, 2)], [1.0, 3.0])
+    assert math.isinf(bw) and lat == pytest.approx(1.4e6, rel=1e-12)
+
+
+def test_one_collective_is_too_few_to_fit_a_line():
+    results = [{"kind": "all_reduce", "n": 2, "bytes": 2**20, "s": 1e-3, "shape": "c2"}]
+    out, unresolved = calibration.constants_from_bench(results)
+    assert out == {"gbps": {}, "latency_us": {}} and unresolved == []

@@ -38,3 +38,19 @@ def test_without_them_machine_gathers_its_own(monkeypatch, three_ranks):
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
     m = host.machine(torch.device("cpu"), world_group="world")
     assert calls == ["world"] and m["rank_hosts"] == ["a", "b", "b"] and m["hosts"] == ["a", "b"]
+
+
+def test_hosts_are_listed_in_rank_order(monkeypatch, three_ranks):
+    comm.set_rank_hosts(["n2", "n2", "n1"])
+    m = host.machine(torch.device("cpu"), world_group=object())
+    assert m["hosts"] == ["n2", "n1"]
+
+
+def test_hosts_of_another_world_are_gathered_again(monkeypatch, three_ranks):
+    comm.set_rank_hosts(["x", "y"])  # two ranks' names: not this three-rank world's
+    monkeypatch.setattr(
+        torch.distributed,
+        "all_gather_object",
+        lambda out, obj, group=None: out.__setitem__(slice(None), ["a", "b", "c"]),
+    )
+    assert host.machine(torch.device("cpu"), world_group="world")["rank_hosts"] == ["a", "b", "c"]

@@ -297,3 +297,9 @@ def test_an_odd_capacity_still_keeps_evenly_spaced_steps():
         )
     kept = [int(v) for v in sample.columns[0]]
     assert kept == list(range(0, kept[-1] + 1, sample.stride)), (kept, sample.stride)
+
+
+def test_durations_print_as_hours_minutes_seconds():
+    from moemesh.trainer.metrics import _fmt_duration
+
+    assert _fmt_duration(3725) == "1:02:05" and _fmt_duration(59) == "0:00:59" and _fmt_duration(-3) == "0:00:00"

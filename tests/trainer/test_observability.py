@@ -20,7 +20,7 @@ from moemesh.parallel.mesh import build_mesh
 from moemesh.runs.records import TIME_KEYS, RunSummary, StepRecord, TimeRecord
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import train
-from moemesh.trainer.step_stats import LayerStats, load_stats
+from moemesh.trainer.step_stats import LayerStats, RankTimes, ReducedStats, StepShape, fanout, load_stats, step_record
 from tests.dist_utils import run_on_ranks
 from tests.helpers import tiny_run
 
@@ -381,3 +381,27 @@ def test_a_signal_stopped_run_says_so_in_wandb_and_is_marked_preempting(tmp_path
     assert tracker.run.summary["steps"] == 7
     assert marked == ([True] if stopped else [])
     tracker.finish()
+
+
+def test_fanout_mean_and_max_of_a_known_histogram():
+    # 3 tokens reach 1 rank, 1 token reaches 2; no token reaches 3
+    assert fanout(torch.tensor([0.0, 3.0, 1.0, 0.0])) == (1.25, 2)
+    assert fanout(torch.zeros(3)) == (0.0, 0)
+
+
+def test_mfu_is_per_device():
+    """1000 FLOPs in 1 s over 2 devices of 1000 FLOP/s peak each: 50%."""
+    stats = ReducedStats(loss=1.0, aux_loss=0.0, z_loss=0.0, seq_aux_loss=0.0, rows=torch.zeros(0, 13), num_experts=4)
+    shape = StepShape(
+        tokens=100,
+        samples=1,
+        num_experts=4,
+        moe_layers=[],
+        flops_per_token=10.0,
+        peak_flops=1000.0,
+        world_size=2,
+        loss_norm=1,
+    )
+    times = RankTimes(*([0.0] * 9), step=1.0, bytes_sent=0, bytes_recv=0, min_bytes=0, ratio=0.0)
+    rec = step_record(step=1, lr=0.1, grad_norm=1.0, stats=stats, shape=shape, times=times, biases=None)
+    assert rec["mfu"] == 0.5 and rec["tokens_per_s"] == 100.0 and rec["flops_per_s"] == 1000.0

@@ -221,3 +221,27 @@ def _mixed_precision_worker(rank, world):
 @pytest.mark.slow
 def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_and_grads():
     run_on_ranks(_mixed_precision_worker, 2)
+
+
+@pytest.mark.parametrize(("mode", "reshard"), [("zero2", False), ("zero3", True)])
+def test_only_zero3_reshards_after_the_forward(mode, reshard):
+    """zero2 keeps each unit gathered from its forward to its backward; zero3 frees it between.
+    One process of a fake two-rank dp group, on the meta device: FSDP2's units as built."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moemesh.moe.model import Transformer
+    from moemesh.parallel.fsdp import apply_fsdp
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        pm = build_mesh(ParallelDims(dp=2), "cpu")
+        with torch.device("meta"):
+            model = Transformer(tiny_run().model)
+        apply_fsdp(model, list(model.layers.values()), pm.shard_meshes(), mode=mode)
+        units = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+        # torch 2.13: a unit that reshards after its forward has a post-forward mesh
+        after = [m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None for m in units]
+        assert len(units) > len(model.layers) and after == [reshard] * len(units)
+    finally:
+        dist.destroy_process_group()
