@@ -476,3 +476,32 @@ def test_the_rules_between_groups_at_their_boundaries(overrides, refused):
     with pytest.raises(ConfigError) as err:
         validate_run(run)
     assert refused in str(err.value), err.value
+
+
+def test_a_pipeline_s_ranks_are_counted_stage_by_stage():
+    """With ranks_here the check counts each rank at the smallest stage's size (a lower bound):
+    a machine that holds the smallest stage is never refused for the largest. Spawned here,
+    each stage's rank is counted once."""
+    from moemesh.launch.checks import check_fits_host, host_activation_bytes, host_param_counts
+    from moemesh.moe.config import head_dim
+
+    run = tiny_run(
+        **{
+            "parallel.name": "pp2",
+            "parallel.pipeline_parallel_size": 2,
+            "parallel.pipeline_split": [3, 1],
+            "model.num_layers": 4,
+            "trainer.micro_steps": 4,
+        }
+    )
+    dims = validate_run(run)
+    sizes = [p * 16 + a for p, a in zip(host_param_counts(run, dims), host_activation_bytes(run, dims, "cpu"))]
+    assert min(sizes) < max(sizes), sizes
+    rope = 3 * run.model.max_seq_len * (head_dim(run.model) // 2) * 4
+    check_fits_host(run, dims, ranks_here=1, host_bytes=min(sizes) + rope, device_type="cpu")
+    with pytest.raises(ConfigError, match="on its 1 rank"):
+        check_fits_host(run, dims, ranks_here=1, host_bytes=min(sizes) + rope - 1, device_type="cpu")
+    # spawned here: one rank per stage, each stage counted once
+    check_fits_host(run, dims, ranks_here=None, host_bytes=sum(sizes) + 2 * rope, device_type="cpu")
+    with pytest.raises(ConfigError, match="on its 2 rank"):
+        check_fits_host(run, dims, ranks_here=None, host_bytes=sum(sizes) + 2 * rope - 1, device_type="cpu")

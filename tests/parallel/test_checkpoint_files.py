@@ -464,3 +464,45 @@ def test_a_resume_restores_the_random_state_the_run_saved_with(tmp_path):
     assert kit.checkpointer(tmp_path / "checkpoints").resume(kit.Log()) == 1
     assert torch.equal(torch.get_rng_state(), saved_state)
     assert torch.equal(torch.rand(5), uninterrupted)
+
+
+def test_open_regular_takes_one_name_of_the_directory_and_at_most_max_size_bytes(tmp_path):
+    from moemesh.parallel.checkpoint_files import FileRefused, open_regular, read_file
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f").write_bytes(b"x" * 10)
+    with pytest.raises(FileRefused, match="not a file name of the checkpoint's directory"):
+        open_regular(tmp_path, "sub/f")
+    assert read_file(tmp_path / "sub", "f", max_size=10) == b"x" * 10
+    with pytest.raises(FileRefused, match="10 bytes, more than the 9 it may have"):
+        read_file(tmp_path / "sub", "f", max_size=9)
+
+
+def test_a_vocabulary_padded_for_tp_is_saved_without_its_padding_rows():
+    from moemesh.parallel.checkpoint_state import _real_rows
+
+    local = torch.zeros(49, 3)  # 97 rows over tp=2: 49 each, the last rank's final row padding
+    assert _real_rows(local, 0, 97, 0).shape[0] == 49
+    assert _real_rows(local, 0, 97, 1).shape[0] == 48
+    assert _real_rows(torch.zeros(25, 3), 0, 97, 3).shape[0] == 22  # tp=4: 25+25+25+22
+
+
+def test_a_checkpoint_holds_both_adamw_moments_and_only_persistent_buffers(tmp_path):
+    from moemesh.parallel.checkpoint_state import parameter_entries, training_state
+
+    ck = kit.checkpointer(tmp_path / "checkpoints")
+    sum(p.sum() for p in ck.model.parameters()).backward()
+    ck.optimizer.step()
+    state = training_state(ck.model, ck.optimizer, torch.zeros((), dtype=torch.int64))
+    params = parameter_entries(ck.model)  # experts one by one: key[i] -> optim.key.exp_avg[i]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        keys = {
+            k.replace(".exp_avg_sq", ".M").replace(".exp_avg", ".M")
+            for k in state
+            if k.endswith(moment) or f".{moment}[" in k
+        }
+        want = {f"optim.{k}.M" if "[" not in k else "optim.{}.M[{}".format(*k.split("[")) for k in params}
+        assert keys == want, (moment, want ^ keys)
+    persistent = {f"model.{k}" for k in ck.model.state_dict()}
+    transient = {f"model.{k}" for k, _ in ck.model.named_buffers()} - persistent  # the rotary tables
+    assert transient and not transient & set(state), transient & set(state)

@@ -243,6 +243,17 @@ def test_a_malformed_pickle_is_refused_at_once(case):
     assert "\n" not in str(err.value) and peak < 1_000_000 and elapsed < 0.1, (str(err.value), peak, elapsed)
 
 
+def test_what_a_pickle_builds_is_bounded_by_max_bytes():
+    import pickle
+
+    from moemesh.parallel import checkpoint_pickle
+
+    raw = pickle.dumps({"a": list(range(1000))}, protocol=2)
+    assert checkpoint_pickle.loads(raw, checkpoint_pickle.METADATA_GLOBALS, max_bytes=10**6) == pickle.loads(raw)
+    with pytest.raises(checkpoint_pickle.Refused, match="builds more than 10,000 bytes of objects"):
+        checkpoint_pickle.loads(raw, checkpoint_pickle.METADATA_GLOBALS, max_bytes=10_000)
+
+
 def test_a_metadata_field_that_holds_itself_is_refused_without_recursing(good_checkpoints, tmp_path):
     import pickle
 

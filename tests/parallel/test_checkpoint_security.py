@@ -373,3 +373,65 @@ def test_on_four_ranks_a_fresh_run_is_refused_and_hostile_files_cost_nothing(tmp
     assert f"{root / 'step_000004' / '.metadata'}: refused, not plain DCP metadata" in warnings[0]
     assert f"{fifo}: a FIFO, not a regular file" in warnings[1], warnings[1]
     assert f"{zero}: a symbolic link, not a file of the checkpoint" in warnings[2], warnings[2]
+
+
+def _widen_a_chunk(md, ckpt):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    entry = md.state_dict_metadata["model.norm.weight"]
+    (c,) = entry.chunks
+    entry.chunks = [ChunkStorageMetadata(offsets=c.offsets, sizes=torch.Size([n + 1 for n in c.sizes]))]
+
+
+def _past_the_end(md, ckpt):
+    info = next(v for i, v in md.storage_data.items() if i.fqn == "model.norm.weight")
+    info.offset = (ckpt / info.relative_path).stat().st_size - 1  # starts inside the file, ends past it
+
+
+def _retype(md, ckpt):
+    md.state_dict_metadata["model.norm.weight"].properties.dtype = torch.float64
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (_widen_a_chunk, "'model.norm.weight' has a chunk outside its tensor"),
+        (_past_the_end, "'model.norm.weight' is stored past the end of"),
+        (_retype, "refused: model.norm.weight is torch.float64 ["),
+    ],
+)
+def test_a_metadata_that_disagrees_with_its_tensors_or_files_is_refused_before_a_shard_is_read(
+    edit, reason, good_checkpoints, tmp_path
+):
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    ckpt = root / "step_000003"
+    md = pickle.loads((ckpt / ".metadata").read_bytes())
+    edit(md, ckpt)
+    kit.plant_metadata(ckpt, pickle.dumps(md, protocol=2))
+    log = kit.Log()
+    assert kit.checkpointer(root).resume(log) == 2
+    (line,) = log.warnings()
+    assert f"{ckpt / '.metadata'}: " in line and reason in line, line
+
+
+def test_a_metadata_one_byte_over_the_models_limit_is_refused_unread(good_checkpoints, tmp_path):
+    """meta.json's size for .metadata is checked against the model's limit before a byte is read."""
+    import json
+    import re
+
+    root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
+    meta_json = root / "step_000003" / "meta.json"
+
+    def refusal(size: int) -> str:
+        meta = json.loads(meta_json.read_text())
+        meta["files"][".metadata"]["bytes"] = size
+        meta_json.write_text(json.dumps(meta))
+        log = kit.Log()
+        assert kit.checkpointer(root).resume(log) == 2
+        (line,) = log.warnings()
+        assert f"{root / 'step_000003' / '.metadata'}: {size:,} bytes, more than the " in line, line
+        assert "that the metadata of" in line, line
+        return line
+
+    limit = int(re.search(r"more than the ([\d,]+) that", refusal(10**9))[1].replace(",", ""))
+    refusal(limit + 1)
