@@ -55,6 +55,13 @@ def checkpointer(root: Path, **extra) -> Checkpointer:
     return Checkpointer(run, model, build_optimizer(model, run.trainer), single_rank_mesh(), root)
 
 
+def take_a_step(ck: Checkpointer) -> None:
+    """One AdamW step on the sum of the weights: the optimizer then holds both moments (AdamW
+    makes its state lazily, and a checkpoint without it would not load into a stepped run)."""
+    sum(p.sum() for p in ck.model.parameters()).backward()
+    ck.optimizer.step()
+
+
 def files_of(ckpt: Path) -> dict:
     return {
         p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}

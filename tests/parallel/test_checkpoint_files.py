@@ -432,8 +432,7 @@ def test_a_resume_continues_adamws_own_count_after_skipped_steps(tmp_path):
     AdamW; a resume set its count to the trainer's step, so the resumed run's bias correction
     was not the uninterrupted run's. meta.json records AdamW's own count now."""
     ck = kit.checkpointer(tmp_path / "checkpoints")
-    sum(p.sum() for p in ck.model.parameters()).backward()
-    ck.optimizer.step()  # step 1 updates; step 2 is skipped (no optimizer.step())
+    kit.take_a_step(ck)  # step 1 updates; step 2 is skipped (no optimizer.step())
     path = ck.save(2)
     assert _meta(path)["optimizer_step"] == 1
     again = kit.checkpointer(tmp_path / "checkpoints")
@@ -452,8 +451,7 @@ def test_a_resume_restores_the_random_state_the_run_saved_with(tmp_path):
     routing noise) must continue the uninterrupted run's stream: the CPU generator's state at the
     save is the state after the resume, whatever the process drew before it."""
     ck = kit.checkpointer(tmp_path / "checkpoints")
-    sum(p.sum() for p in ck.model.parameters()).backward()
-    ck.optimizer.step()
+    kit.take_a_step(ck)
     torch.manual_seed(1234)
     torch.rand(7)
     saved_state = torch.get_rng_state()
@@ -491,8 +489,7 @@ def test_a_checkpoint_holds_both_adamw_moments_and_only_persistent_buffers(tmp_p
     from moemesh.parallel.checkpoint_state import parameter_entries, training_state
 
     ck = kit.checkpointer(tmp_path / "checkpoints")
-    sum(p.sum() for p in ck.model.parameters()).backward()
-    ck.optimizer.step()
+    kit.take_a_step(ck)
     state = training_state(ck.model, ck.optimizer, torch.zeros((), dtype=torch.int64))
     params = parameter_entries(ck.model)  # experts one by one: key[i] -> optim.key.exp_avg[i]
     for moment in ("exp_avg", "exp_avg_sq"):
