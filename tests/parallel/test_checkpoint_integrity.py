@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
-from moemesh.parallel import checkpoint
+from moemesh.parallel import checkpoint, checkpoint_state
 from tests.parallel import _checkpoint_kit as kit
 
 
@@ -251,10 +252,30 @@ def test_a_disk_that_holds_one_checkpoint_but_not_keep_plus_one_is_warned_before
     # Three saves with keep=3: the third is written beside two kept ones, three at once.
     assert line and "checkpoint.keep=3 with 3 saves needs 3 more at once" in line, line
     assert "set checkpoint.keep=1 or free" in line, line
+    monkeypatch.setattr(ckpt, "mesh", types.SimpleNamespace(rank=1))
+    assert ckpt.space_warning(need, 0) is None  # rank 0 says it, once
+    monkeypatch.undo()
     # Resumed after step 4: one save is left (step 6), beside the ones already there.
     assert ckpt.space_warning(need, 4) is None
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=int(4 * need)))
     assert ckpt.space_warning(need, 0) is None
+
+
+@pytest.mark.parametrize("bias_rate", [0.0, 0.01])
+def test_the_expected_size_bounds_a_checkpoint_by_its_entries_and_bytes(tmp_path, bias_rate):
+    """``Checkpointer.expected`` (the bound a load holds a checkpoint's files to) counts what a
+    save holds: each parameter and its two AdamW moments, the step, the RNG state (64 KiB
+    allowed), and a bias per MoE layer, which exists only under aux-loss-free balancing."""
+    ckpt = kit.checkpointer(tmp_path / "ckpt", **{"model.expert_bias_update_rate": bias_rate})
+    kit.take_a_step(ckpt)
+    state = ckpt._state()
+    sizes = checkpoint_state.entry_bytes(state)
+    keys, nbytes = ckpt.expected()
+    biases = ckpt.run.model.num_layers  # one [E] bias per layer (every layer is MoE here)
+    assert keys == len(state) + (0 if bias_rate else biases)
+    bias_bytes = 4 * biases * ckpt.run.model.num_experts
+    held = sum(sizes.values()) - sizes["rng.cpu"] - sizes["trainer.step"] + (0 if bias_rate else bias_bytes)
+    assert nbytes == held + (64 << 10) and sizes["rng.cpu"] <= 64 << 10
 
 
 def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_checkpoints, tmp_path):
