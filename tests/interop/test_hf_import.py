@@ -91,3 +91,62 @@ def test_the_model_and_the_planner_import_without_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_expert_layout_is_read_from_the_first_moe_layer():
+    """A checkpoint whose first layers are dense (Qwen2-MoE's mlp_only_layers, decoder_sparse_step)
+    names its experts' layout only from its first MoE layer on."""
+    from moemesh.interop.hf.names import MIXTRAL_LAYOUT, PROJ_LAYOUT, Layout, detect_layout
+    from moemesh.moe.config import ModelConfig
+
+    cfg = ModelConfig(
+        name="t",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=48,
+        moe_ffn_hidden_size=24,
+        num_experts=4,
+        top_k=2,
+        first_k_dense_layers=1,
+    )
+    fused = {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"}
+    assert detect_layout(fused, cfg, dense_source=False) == Layout("mlp", "fused")
+    mixtral = {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.block_sparse_moe.experts.0.w1.weight"}
+    assert detect_layout(mixtral, cfg, dense_source=False) == MIXTRAL_LAYOUT
+    per_expert = {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.experts.0.gate_proj.weight"}
+    assert detect_layout(per_expert, cfg, dense_source=False) == PROJ_LAYOUT
+
+
+def test_the_balance_loss_factor_divides_by_the_moe_layers_the_model_builds(tmp_path):
+    """transformers pools the layers' balance loss into one; moemesh adds one per MoE layer, so the
+    factor is divided by the MoE layers the imported model has: with decoder_sparse_step=2 and
+    mlp_only_layers=[1], only layer 3 of 4 (a listed layer counts once, and only if it was MoE)."""
+    from types import SimpleNamespace
+
+    from moemesh.interop.hf.families import model_fields, read_config
+    from moemesh.moe.config import is_moe_layer
+    from tests.interop._hf_models import hf_config
+
+    hf_config("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[1]).save_pretrained(tmp_path)
+    raw, hf = read_config(tmp_path)
+    arch, chosen = model_fields(tmp_path, raw, hf, {})
+    layers = SimpleNamespace(**chosen)
+    moe = [l for l in range(4) if is_moe_layer(layers, l)]
+    assert moe == [3]
+    assert chosen["aux_loss_factor"] == pytest.approx(raw["router_aux_loss_coef"] * arch["top_k"] / len(moe))
+
+
+@pytest.mark.parametrize(("pad", "imported"), [(95, 95), (96, None), (-1, None)])
+def test_a_pad_token_outside_the_vocabulary_is_not_imported(tmp_path, pad, imported):
+    """config.json's pad_token_id becomes model.pad_token_id (the embedding row kept at zero) only
+    if it names a row of the vocabulary (96 rows here); an id past it, or -1, imports as no pad token."""
+    from moemesh.interop.hf.families import model_fields, read_config
+    from tests.interop._hf_models import hf_config
+
+    hf_config("mixtral", pad_token_id=pad).save_pretrained(tmp_path)
+    raw, hf = read_config(tmp_path)
+    assert raw["pad_token_id"] == pad
+    assert model_fields(tmp_path, raw, hf, {})[1]["pad_token_id"] == imported

@@ -84,6 +84,12 @@ CASES = {
     ),
     "missing_key": (lambda d: _edit_config(d, num_experts_per_tok=None), [], "has no num_experts_per_tok, so moemesh"),
     "no_model_type": (lambda d: _edit_config(d, model_type=None), [], "has no model_type"),
+    # A shape key is never taken from transformers' defaults (Mixtral's would be 14336).
+    "missing_shape_key": (
+        lambda d: _edit_config(d, intermediate_size=None),
+        [],
+        "(mixtral) has no intermediate_size, so moemesh cannot tell",
+    ),
     "activation": (lambda d: _edit_config(d, hidden_act="gelu"), [], "hidden_act='gelu' is not supported"),
     "rope_scaling": (
         lambda d: _edit_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
@@ -154,6 +160,11 @@ CASES = {
     ),
     "fifo": (_fifo_config, [], "config.json is not a regular file"),
     "override": (lambda d: None, ["model.num_layers=3"], "model.num_layers=3: model.hf_path's config.json says 2"),
+    "two_overrides": (
+        lambda d: None,
+        ["model.num_layers=3", "model.top_k=1"],
+        "model.num_layers=3: model.hf_path's config.json says 2",
+    ),
     "no_model_hf": (lambda d: None, ["model=tiny"], "architecture keys are not its config.json's (model."),
     "no_path": (lambda d: None, ["model.hf_path=???"], "model.hf_path: missing a value"),
     "dense_not_upcycled": (
@@ -229,3 +240,143 @@ def test_as_a_shell_sees_it(good, tmp_path):
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "pickle files" in lines[0], proc.stderr
+
+
+def test_a_selection_outside_its_tensor_selects_nothing():
+    """``selected_shape`` is the bound every read relies on: an expert index, a range of rows or
+    columns past the tensor's end, or a transpose of anything but a matrix selects nothing (None),
+    so the check refuses the checkpoint instead of reading past a tensor."""
+    from moemesh.interop.hf.names import Ref, selected_shape
+
+    assert selected_shape(Ref("t", expert=3), (4, 6, 2)) == (6, 2)
+    assert selected_shape(Ref("t", expert=4), (4, 6, 2)) is None
+    assert selected_shape(Ref("t", rows=(2, 6)), (6, 2)) == (4, 2)
+    assert selected_shape(Ref("t", rows=(4, 8)), (6, 2)) is None
+    assert selected_shape(Ref("t", cols=(1, 2)), (6, 2)) == (6, 1)
+    assert selected_shape(Ref("t", cols=(1, 3)), (6, 2)) is None
+    assert selected_shape(Ref("t", transpose=True), (6, 2)) == (2, 6)
+    assert selected_shape(Ref("t", transpose=True), (4, 6, 2)) is None
+    # A fused gate_up_proj [E, 2F, D]: expert 1's up rows, as moemesh holds them ([D, F]).
+    assert selected_shape(Ref("t", expert=1, rows=(3, 6), transpose=True), (2, 6, 5)) == (5, 3)
+
+
+def test_a_sliding_window_as_long_as_the_context_is_full_attention(good, tmp_path):
+    """A window of model.max_seq_len positions or more attends to the whole sequence: accepted; one
+    position shorter is refused."""
+    from moemesh.errors import ConfigError
+    from tests.interop._hf_models import hf_run
+
+    d = _copy(good, tmp_path / "ckpt")
+    _edit_config(d, sliding_window=64)  # max_position_embeddings=64: model.max_seq_len
+    assert hf_run(d).model.max_seq_len == 64
+    with pytest.raises(ConfigError, match="sliding_window=64 is not supported"):
+        hf_run(d, **{"model.max_seq_len": 65})
+
+
+def _safetensors(path: Path, header: dict, data_bytes: int, *, length: int | None = None) -> Path:
+    """A safetensors file written by hand: the header's length (``length``, or the real one), the
+    header, then ``data_bytes`` zero bytes."""
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head) if length is None else length) + head + b"\0" * data_bytes)
+    return path
+
+
+def _entry(shape, begin, end, dtype="F32"):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+HEADERS = {
+    # (header, data bytes, header length written or None, what the one line says)
+    "longer_than_the_file": ({"a": _entry([2], 0, 8)}, 8, 1000, "a safetensors header of 1,000 bytes (the file"),
+    "gap": (
+        {"a": _entry([1], 0, 4), "b": _entry([1], 8, 12)},
+        12,
+        None,
+        "tensor 'b' starts at byte 8 of the data, not at 4",
+    ),
+    "overlap": ({"a": _entry([2], 0, 8), "b": _entry([2], 4, 12)}, 12, None, "tensor 'b' starts at byte 4"),
+    "short_data": ({"a": _entry([4], 0, 8)}, 8, None, "tensor 'a' does not fit its bytes [0, 8]"),
+    "past_the_end": ({"a": _entry([4], 0, 16)}, 8, None, "tensor 'a' does not fit its bytes [0, 16]"),
+    "negative_dims": (
+        {"a": _entry([-2, -2], 0, 16)},
+        16,
+        None,
+        "tensor 'a' has no valid dtype, shape and data_offsets",
+    ),
+    "float_offsets": ({"a": _entry([2], 0.0, 8.0)}, 8, None, "tensor 'a' has no valid dtype, shape and data_offsets"),
+}
+
+
+@pytest.mark.parametrize("case", HEADERS)
+def test_a_damaged_safetensors_header_is_refused_before_any_read(case, tmp_path):
+    """Each tensor of a header lies inside the file with the bytes its shape needs, and the tensors
+    tile the data exactly: what safetensors' own loader would refuse later, in every rank."""
+    from moemesh.errors import ConfigError
+    from moemesh.interop.hf.files import read_header
+
+    header, data_bytes, length, says = HEADERS[case]
+    path = _safetensors(tmp_path / "model.safetensors", header, data_bytes, length=length)
+    with pytest.raises(ConfigError) as err:
+        read_header(path, "model.hf_path")
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_header_over_the_limit_is_refused_unread_even_in_a_file_that_holds_it(tmp_path):
+    """The header's length is bounded on its own (64 MiB), not only by the file's size: a sparse
+    file large enough to hold it is refused before the header is read."""
+    from moemesh.errors import ConfigError
+    from moemesh.interop.hf.files import MAX_HEADER_BYTES, read_header
+
+    n = MAX_HEADER_BYTES + 1
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", n))
+        f.truncate(8 + n + 8)
+    with pytest.raises(ConfigError, match=f"a safetensors header of {n:,} bytes"):
+        read_header(path, "model.hf_path")
+    tensors, meta = read_header(_safetensors(path, {"a": _entry([2], 0, 8)}, 8), "model.hf_path")
+    assert tensors == {"a": ("F32", (2,))} and meta == {}
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "says"),
+    [
+        ({"a": "../outside.safetensors"}, "names a weight file '../outside.safetensors' outside the directory"),
+        ({"a": "sub/model.safetensors"}, "names a weight file 'sub/model.safetensors' outside the directory"),
+        ({"a": "pytorch_model.bin"}, "maps tensors to pytorch_model.bin: moemesh reads .safetensors files only"),
+        ({"a": "one.safetensors", "b": "two.safetensors"}, "tensor a is in both one.safetensors and two.safetensors"),
+    ],
+)
+def test_a_sharded_checkpoints_index_names_only_its_own_safetensors_files(tmp_path, weight_map, says):
+    """The index is untrusted too: a weight file outside the directory, a pickle file, or a tensor
+    that two files both hold (which copy is meant?) is refused in one line."""
+    from moemesh.errors import ConfigError
+    from moemesh.interop.hf.files import INDEX, tensor_index
+
+    for name in ("outside.safetensors", "ckpt/one.safetensors", "ckpt/two.safetensors", "ckpt/sub/model.safetensors"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _safetensors(tmp_path / name, {"a": _entry([2], 0, 8)}, 8)
+    (tmp_path / "ckpt" / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConfigError) as err:
+        tensor_index(tmp_path / "ckpt")
+    assert says in str(err.value), str(err.value)
+
+
+def test_a_checkpoint_holding_a_nan_is_refused_by_the_rank_that_reads_it(good, tmp_path):
+    """Values are checked as they are read: a NaN in any tensor is a CheckpointError naming it,
+    never a model that starts training from it."""
+    from safetensors.torch import load_file, save_file
+
+    from moemesh.interop.hf.load import load_weights
+    from moemesh.moe.model import Transformer
+    from moemesh.parallel.checkpoint_trust import CheckpointError
+    from tests.interop._hf_models import hf_run
+
+    d = _copy(good, tmp_path / "ckpt")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = hf_run(d).model
+    with pytest.raises(CheckpointError, match=r"non-finite values in model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_weights(Transformer(cfg), cfg, seed=0)

@@ -65,3 +65,7 @@ def test_a_model_in_the_hubs_cache_is_named_by_its_repository(tmp_path):
     plain = tmp_path / "Mixtral-local"
     shutil.copytree(snapshot, plain)
     assert model_fields(plain, raw, hf, {})[1]["name"] == "Mixtral-local"
+    # Only a snapshot is named by its repository: another directory inside the cache keeps its own name.
+    beside = snapshot.parent.parent / "exported" / "step-100"
+    shutil.copytree(snapshot, beside)
+    assert model_fields(beside, raw, hf, {})[1]["name"] == "step-100"

@@ -1,9 +1,12 @@
 """A model built on the meta device and materialised with ``to_empty`` starts exactly like
 one built in place: ``init_weights`` sets every parameter and buffer."""
 
+import math
+
 import torch
 
 from moemesh.moe.config import ModelConfig
+from moemesh.moe.init import normal_
 from moemesh.moe.model import Transformer
 
 
@@ -37,3 +40,21 @@ def test_build_model_keeps_parameter_tags_and_equals_eager_init():
     for name, p in built.named_parameters():
         assert vars(p) == vars(ref[name]) and torch.equal(p, ref[name]), name
     assert any(vars(p) for p in ref.values())  # the tags are there to keep
+
+
+def test_residual_projections_start_scaled_down_by_the_depth():
+    """GPT-2's init: each weight is a draw of std init_std keyed by (seed, name), except the
+    projections back into the residual stream (attention's wo, the dense FFNs' and the shared
+    experts' w2), whose std is init_std / sqrt(2 x layers)."""
+    cfg = ModelConfig(name="t", num_layers=4, moe_every_k_layers=2, shared_expert_ffn_size=16, init_std=0.05)
+    model = Transformer(cfg)
+    model.init_weights(seed=5)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    checked = []
+    for name, p in model.named_parameters():
+        if ".experts." in name or "norm" in name:
+            continue
+        std = out_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+        assert torch.equal(p, normal_(torch.empty(p.shape), std, seed=5, key=name)), name
+        checked.append(name)
+    assert {"layers.0.ffn.w2.weight", "layers.1.moe.shared.w2.weight", "layers.3.attn.wo.weight"} <= set(checked)

@@ -14,7 +14,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from moemesh.moe.config import ModelConfig
 from moemesh.moe.model import Transformer
-from moemesh.moe.param_count import count_params, param_specs
+from moemesh.moe.param_count import count_params, model_flops_per_token, param_specs, stage_flops_per_token
 from moemesh.parallel.dims import MeshAxis, ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.parallel.pipeline import stage_layers
@@ -157,3 +157,14 @@ def test_stage_flops_add_up_to_the_models_and_the_experts_are_theirs(pp):
     assert [f.attention_core for f in stages] == [12 * CFG.hidden_size * 32 * len(b) for b in blocks]
     if pp > 1:  # the head makes the last stage the busiest
         assert stages[-1].total > stages[0].total
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_stages_flops_add_up_to_the_models(name):
+    """The model's training FLOPs per token (the input embedding a lookup, unless tied, when it is
+    also the head) are what its pipeline stages count, added up, on every split."""
+    cfg, S = CONFIGS[name], 32
+    whole = model_flops_per_token(cfg, S)
+    for pp in (1, 2, 4):
+        stages = [stage_flops_per_token(cfg, S, pp, s).total for s in range(pp)]
+        assert sum(stages) == pytest.approx(whole, rel=1e-12), pp
