@@ -380,3 +380,22 @@ def test_a_checkpoint_holding_a_nan_is_refused_by_the_rank_that_reads_it(good, t
     cfg = hf_run(d).model
     with pytest.raises(CheckpointError, match=r"non-finite values in model\.layers\.1\.self_attn\.k_proj\.weight"):
         load_weights(Transformer(cfg), cfg, seed=0)
+
+
+def test_a_vocabulary_with_fewer_rows_than_the_model_is_refused_at_load(good, tmp_path):
+    """The embedding and the head may have fewer rows in moemesh only by its TP padding: a
+    checkpoint whose vocabulary is shorter than the model's is refused by name, not loaded with
+    the rows it lacks left at zero (train.py's preflight compares config.json's shapes first;
+    this is the check of the rank that reads the file)."""
+    import dataclasses
+
+    from moemesh.interop.hf.load import load_weights
+    from moemesh.moe.model import Transformer
+    from moemesh.parallel.checkpoint_trust import CheckpointError
+    from tests.interop._hf_models import hf_run
+
+    cfg = hf_run(good).model
+    load_weights(Transformer(cfg), cfg, seed=0)
+    longer = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 8)
+    with pytest.raises(CheckpointError, match=r"does not give moemesh's embed\.weight \[104, "):
+        load_weights(Transformer(longer), longer, seed=0)

@@ -67,13 +67,15 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _check_shape(key: str, ref: Ref, index, logical: tuple[int, ...]) -> None:
+def _check_shape(key: str, ref: Ref, index, logical: tuple[int, ...], vocab_size: int) -> None:
     info = index.get(ref.name)
     if info is None:
         raise CheckpointError(f"the checkpoint has no tensor {ref.name} (moemesh's {key})")
     got = selected_shape(ref, info.shape)
-    vocab = key in ("embed.weight", "head.weight")  # padded to a multiple of tp in moemesh
-    ok = got is not None and (got == logical or (vocab and got[1:] == logical[1:] and got[0] <= logical[0]))
+    # moemesh pads the vocabulary to a multiple of tp; a checkpoint holds the model's rows (never
+    # fewer: the rows it lacks would start at zero, unnoticed).
+    vocab = key in ("embed.weight", "head.weight")
+    ok = got is not None and (got == logical or (vocab and got[1:] == logical[1:] and got[0] == vocab_size))
     if not ok:
         raise CheckpointError(
             f"tensor {ref.name} is {list(info.shape)} in {info.file}, which does not give moemesh's {key} "
@@ -97,7 +99,7 @@ def load_weights(
         own += local.numel() * local.element_size()
         ref = hf_ref(cfg, key, layout)
         if isinstance(ref, Ref):
-            _check_shape(key, ref, index, logical)
+            _check_shape(key, ref, index, logical, cfg.vocab_size)
         jobs.append((key, ref, local, offset, logical))
     # File by file, in the files' order: each file is mapped once per budget of reads.
     jobs.sort(key=lambda j: (index[j[1].name].file, j[1].name) if isinstance(j[1], Ref) else ("", j[0]))
