@@ -353,6 +353,38 @@ def test_a_rewind_into_a_directory_with_newer_checkpoints_is_one_line(tmp_path, 
     assert ran
 
 
+def _cli_runs(argv, tmp_path, monkeypatch) -> bool:
+    """Whether train.py's cli() passes every check and would start training."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    ran = []
+    monkeypatch.setattr(train, "main", lambda: ran.append(True))
+    train.cli()
+    return bool(ran)
+
+
+def test_a_rewind_names_the_newest_checkpoint_and_resuming_the_newest_runs(tmp_path, monkeypatch, capsys):
+    """Beside several newer checkpoints the line names the newest, the one resume=auto would
+    take; the newest itself, given as resume, has none newer beside it and runs."""
+    root = tmp_path / "run" / "checkpoints"
+    oldest, _, newest = (_fake_checkpoint(root, step) for step in (2, 4, 6))
+    argv = [f"hydra.run.dir={tmp_path / 'run'}", f"resume={oldest}"]
+    line = config_error_line(*refused_cli(argv, tmp_path, monkeypatch, capsys)[::2])
+    assert f"resume={oldest} is step 2, but {root} holds step_000006, newer" in line
+    assert _cli_runs([f"hydra.run.dir={tmp_path / 'run'}", f"resume={newest}"], tmp_path, monkeypatch)
+
+
+def test_an_empty_metrics_file_is_no_other_runs_records(tmp_path, monkeypatch):
+    """A run that stopped before its first record leaves an empty metrics.jsonl: nothing to lose,
+    so a fresh run into that directory runs."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")
+    assert _cli_runs([f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch)
+
+
 def test_a_run_directory_given_as_resume_points_to_its_checkpoints(tmp_path, monkeypatch, capsys):
     _fake_checkpoint(tmp_path / "old" / "checkpoints", 7)
     argv = [f"hydra.run.dir={tmp_path / 'run'}", f"resume={tmp_path / 'old'}"]
@@ -466,6 +498,41 @@ def test_hide_env_keeps_short_values_inside_other_words():
     finally:
         del os.environ["MOEMESH_TEST_SHORT"]
     assert line == "trainer.steps=${oc.env:MOEMESH_TEST_SHORT}: ${oc.env:MOEMESH_TEST_SHORT} must be <= 120"
+
+
+def test_hide_env_replaces_the_longer_of_two_nested_values_first(monkeypatch):
+    """A value that holds another variable's value (a token and its prefix) is replaced whole:
+    replacing the shorter one first would leave the rest of the longer one in the line."""
+    from moemesh.config.cli import hide_env
+
+    monkeypatch.setenv("MOEMESH_TEST_LONG", "hunter2-and-more")
+    monkeypatch.setenv("MOEMESH_TEST_PREFIX", "hunter2")
+    argv = ["trainer.lr=${oc.env:MOEMESH_TEST_LONG}", "trainer.steps=${oc.env:MOEMESH_TEST_PREFIX}"]
+    line = hide_env("trainer.lr=hunter2-and-more, trainer.steps=hunter2", argv)
+    assert line == "trainer.lr=${oc.env:MOEMESH_TEST_LONG}, trainer.steps=${oc.env:MOEMESH_TEST_PREFIX}"
+
+
+def test_hide_env_replaces_a_value_of_4_characters_inside_other_words(monkeypatch):
+    """Only a value shorter than 4 characters is kept where it stands inside a word: one of 4 is
+    replaced wherever it stands, like any longer value."""
+    from moemesh.config.cli import hide_env
+
+    monkeypatch.setenv("MOEMESH_TEST_FOUR", "q7zx")
+    line = hide_env("data.path=/data/q7zx.bin", ["data.path=/data/${oc.env:MOEMESH_TEST_FOUR}.bin"])
+    assert line == "data.path=/data/${oc.env:MOEMESH_TEST_FOUR}.bin"
+
+
+def test_hide_env_hides_a_variable_that_only_a_config_file_names(tmp_path, monkeypatch):
+    """An ``${oc.env:...}`` in a group's YAML file (a calibrated preset, say) is hidden too, though
+    the command line never names the variable."""
+    import moemesh.config.cli as cli
+
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "mine.yaml").write_text("slurm:\n  account: ${oc.env:MOEMESH_TEST_FROM_FILE}\n")
+    monkeypatch.setattr(cli, "CONF_DIR", tmp_path)
+    monkeypatch.setenv("MOEMESH_TEST_FROM_FILE", "acct-0xdeadbeef")
+    line = cli.hide_env("cluster.slurm.account=acct-0xdeadbeef: refused", ["cluster=mine"])
+    assert line == "cluster.slurm.account=${oc.env:MOEMESH_TEST_FROM_FILE}: refused"
 
 
 @pytest.mark.slow

@@ -66,3 +66,55 @@ def test_the_scripts_compose_refuses_a_number_for_a_bool_as_train_py_does():
 
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=2: expected true or false"):
         compose_run(["parallel=tp2", "parallel.sequence_parallel=2"])
+
+
+@pytest.mark.parametrize("cluster, verb", [("local", "run"), ("slurm", "submitted")])
+def test_a_sweep_job_whose_layout_name_is_wrong_refuses_the_sweep_naming_the_job(cluster, verb, tmp_path, monkeypatch):
+    """A sweep names the job (its number from 0 and its overrides) and says that nothing ran, or,
+    with the SLURM launcher, that nothing was submitted; a single job's line is the mistake alone."""
+    register_schema()
+    monkeypatch.chdir(tmp_path)  # the sweep directory's probe: created and removed here
+    argv = ["-m", f"cluster={cluster}", "parallel=ep2,ep4", "parallel.expert_parallel_size=2"]
+    with pytest.raises(ConfigError) as err:
+        preflight(argv)
+    assert str(err.value).startswith(
+        f"nothing was {verb}; job #1 (cluster={cluster} parallel=ep4 parallel.expert_parallel_size=2): "
+        "parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1, whose name is ep2: use parallel=ep2"
+    )
+    with pytest.raises(ConfigError) as err:  # one job: the mistake alone
+        preflight([f"cluster={cluster}", "parallel=ep4", "parallel.expert_parallel_size=2"])
+    assert str(err.value).startswith("parallel.name=ep4 but the degrees are dp1·ep2·tp1·pp1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_a_hydra_default_is_hydras_to_allow_and_removing_a_moemesh_key_is_refused(tmp_path, monkeypatch):
+    """``~key`` of moemesh's schema-backed keys is one line; Hydra's own groups (its logging, say)
+    are Hydra's, and their removal composes."""
+    register_schema()
+    monkeypatch.chdir(tmp_path)
+    assert len(preflight(["~hydra/job_logging"]).jobs) == 1
+    with pytest.raises(ConfigError, match=r"^~trainer.steps: moemesh's config keys cannot be removed"):
+        preflight(["~trainer.steps"])
+
+
+def test_a_refused_value_given_with_plus_plus_gets_no_note_about_adding_keys():
+    """The note "'+' cannot add keys" belongs to a key the schema lacks; ``++key=value`` of a key
+    it has, with a refused value, is that value's line alone."""
+    register_schema()
+    with pytest.raises(ConfigError) as err:
+        preflight(["++trainer.steps=0"])
+    assert str(err.value) == "trainer.steps=0 must be a positive integer"
+
+
+def test_sbatchs_clock_format_for_a_minutes_key_is_converted_rounding_seconds_up():
+    """``time_min=1-01:30:20`` (sbatch's days-hours:minutes:seconds) is a day, 90 minutes and 20
+    seconds: 1531 whole minutes once the seconds round up, so the job is never cut short."""
+    from moemesh.config.cli import compose_run
+
+    minutes = 1 * 24 * 60 + 1 * 60 + 30 + 1
+    with pytest.raises(ConfigError) as err:
+        compose_run(["cluster=slurm", "cluster.slurm.time_min=1-01:30:20"])
+    assert str(err.value) == (
+        "cluster.slurm.time_min=1-01:30:20: expected a whole number of minutes "
+        f"(cluster.slurm.time_min={minutes} for 1-01:30:20)"
+    )

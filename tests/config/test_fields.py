@@ -112,3 +112,26 @@ def test_cluster_nodes_states_what_the_layout_takes():
            "cluster.gpus_per_node": 2}
     )  # fmt: skip
     assert validate_run(ok).world_size == 4
+    # A last node that is not full still counts: 4 ranks at 3 per node take 2 nodes.
+    partial = {"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.gpus_per_node": 3}
+    assert validate_run(tiny_run(**partial, **{"cluster.nodes": 2})).world_size == 4
+    with pytest.raises(ConfigError, match=r"cluster.nodes=1 but parallel=.* \(4 ranks\) takes 2 node\(s\) at "):
+        validate_run(tiny_run(**partial, **{"cluster.nodes": 1}))
+
+
+def test_a_wandb_name_may_be_128_characters_and_the_environment_counts_only_where_the_config_is_null(monkeypatch):
+    """wandb takes a project or entity of up to 128 characters. WANDB_PROJECT and WANDB_ENTITY are
+    checked only where wandb reads them: with logger=wandb, and the config's own key null; the
+    same goes for WANDB_MODE, which only a wandb run reads."""
+    from moemesh.config.schema import WANDB_NAME_MAX, LoggerConfig
+
+    assert LoggerConfig(name="wandb", wandb=True, project="p" * WANDB_NAME_MAX).project == "p" * WANDB_NAME_MAX
+    with pytest.raises(ConfigError, match=rf"^logger.entity='e{{{WANDB_NAME_MAX + 1}}}' must be 1 to 128 characters"):
+        LoggerConfig(name="wandb", wandb=True, entity="e" * (WANDB_NAME_MAX + 1))
+    monkeypatch.setenv("WANDB_PROJECT", "team/p")
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    LoggerConfig(name="jsonl")  # no wandb run: nothing reads them
+    monkeypatch.delenv("WANDB_MODE")
+    LoggerConfig(name="wandb", wandb=True, project="given")  # logger.project wins: WANDB_PROJECT is not read
+    with pytest.raises(ConfigError, match=r"^WANDB_PROJECT='team/p' cannot hold / .*\(logger.project is null"):
+        LoggerConfig(name="wandb", wandb=True)

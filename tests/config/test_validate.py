@@ -254,6 +254,7 @@ def test_capacity_factor_below_one_warns_with_the_fraction_dropped():
     from moemesh.config.validate import config_warnings
 
     assert config_warnings(tiny_run()) == [] and config_warnings(tiny_run(**{"model.capacity_factor": 1.25})) == []
+    assert config_warnings(tiny_run(**{"model.capacity_factor": 1.0})) == []  # an even share each: nothing dropped
     (line,) = config_warnings(tiny_run(**{"model.capacity_factor": 0.25}))
     assert line.startswith("model.capacity_factor=0.25 < 1") and "about 75% or more" in line and "\n" not in line
     validate_run(tiny_run(**{"model.capacity_factor": 0.1}))  # the floor itself is allowed
@@ -276,6 +277,24 @@ def test_a_setting_this_layout_ignores_is_a_warning(overrides, says):
 
     (line,) = config_warnings(tiny_run(**overrides))  # one line, and the run still starts
     assert line.startswith(says) and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"parallel.name": "tp2", "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True},
+        {
+            "parallel.name": "ep2",
+            "parallel.expert_parallel_size": 2,
+            "parallel.comm_optimization.all_to_all_overlap": True,
+        },
+        {"parallel.name": "pp2", "parallel.pipeline_parallel_size": 2, "parallel.pipeline_schedule": "gpipe"},
+    ],
+)
+def test_the_same_setting_on_a_layout_that_uses_it_is_no_warning(overrides):
+    from moemesh.config.validate import config_warnings
+
+    assert config_warnings(tiny_run(**overrides)) == []
 
 
 # --- the layout's name ---
@@ -464,6 +483,15 @@ def _layout(**keys):
              "parallel.comm_optimization.all_to_all_overlap": True, "parallel.comm_optimization.overlap_chunks": 9},
             "overlap_chunks=9 must be <= the 8 tokens",
         ),
+        # with tp, each rank routes its 1/tp slice of the micro-batch's tokens: 8 / 2 = 4
+        (
+            {**_layout(ep=2, tp=2), "trainer.micro_batch_size": 1, "trainer.seq_len": 8,
+             "parallel.comm_optimization.all_to_all_overlap": True, "parallel.comm_optimization.overlap_chunks": 5},
+            "overlap_chunks=5 must be <= the 4 tokens",
+        ),
+        # a limit of fewer EP ranks than the group has limits something; all of them does not
+        ({**_layout(ep=2), "model.max_ranks_per_token": 1}, None),
+        ({**_layout(ep=2), "model.max_ranks_per_token": 2}, "nothing to limit; set it below 2"),
     ],
 )  # fmt: skip
 def test_the_rules_between_groups_at_their_boundaries(overrides, refused):

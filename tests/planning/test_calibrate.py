@@ -753,7 +753,9 @@ def test_a_calibrated_preset_with_yaml_aliases_is_refused_before_composing(tmp_p
 
     name = f"test-bomb-{tmp_path.name}"
     path = ROOT / "conf" / "cluster" / "calibrated" / f"{name}.yaml"
-    path.write_text("defaults:\n  - /cluster/local@_here_\n  - _self_\n" + yaml_alias_bomb())
+    text = "defaults:\n  - /cluster/local@_here_\n  - _self_\n" + yaml_alias_bomb()
+    path.write_text(text)
+    first_alias = next(i for i, line in enumerate(text.splitlines(), 1) if "*a0" in line)
     try:
         for compose in (
             lambda: compose_run([f"cluster=calibrated/{name}"]),
@@ -763,5 +765,6 @@ def test_a_calibrated_preset_with_yaml_aliases_is_refused_before_composing(tmp_p
                 compose()
             msg = str(err.value)
             assert msg.startswith(f"cluster=calibrated/{name}: ") and "an alias" in msg and "\n" not in msg, msg
+            assert f"{path}, line {first_alias}: " in msg, msg  # the line of the first alias, counted from 1
     finally:
         path.unlink(missing_ok=True)

@@ -51,3 +51,37 @@ def test_a_non_finite_validation_loss_stops_a_stop_mode_run_and_not_a_skip_mode_
         NonFinitePolicy("stop", 10).check_val_loss(math.nan, 4)
     NonFinitePolicy("stop", 10).check_val_loss(2.5, 4)
     NonFinitePolicy("skip", 10).check_val_loss(math.inf, 4)  # skip: the next steps skip, then stop
+
+
+def test_skipped_steps_stop_the_run_at_the_limit_naming_the_steps_and_a_good_step_resets_the_count():
+    """skip mode: each skipped step is said in one line with the count so far; the limit-th
+    skipped step in a row stops the run, naming the first and last of them; a step whose
+    update lands starts the count again."""
+    from moemesh.trainer.nonfinite import NonFinitePolicy
+
+    policy, said = NonFinitePolicy("skip", 3), []
+    for step in (1, 2):
+        assert policy.update_allowed(torch.tensor(math.nan), step) is False
+        policy.skipped(step, said.append)
+    assert said == [
+        f"moemesh: step {s}: non-finite gradient norm, update skipped ({s} in a row; trainer.max_skipped_steps=3)"
+        for s in (1, 2)
+    ]
+    assert policy.update_allowed(torch.tensor(1.0), 3) is True  # an update landed: the count starts again
+    for step in (4, 5):
+        policy.skipped(step, said.append)
+    with pytest.raises(FloatingPointError) as err:
+        policy.skipped(6, said.append)
+    assert str(err.value).startswith(
+        "3 steps in a row skipped for a non-finite gradient norm (steps 4..6, trainer.max_skipped_steps=3): stopped"
+    )
+    assert said[-1].endswith("(3 in a row; trainer.max_skipped_steps=3)")
+
+
+def test_a_non_finite_training_loss_stops_a_stop_mode_run_and_not_a_skip_mode_one():
+    from moemesh.trainer.nonfinite import NonFinitePolicy
+
+    with pytest.raises(FloatingPointError, match=r"^non-finite training loss inf at step 7$"):
+        NonFinitePolicy("stop", 10).check_loss(math.inf, 7)
+    NonFinitePolicy("stop", 10).check_loss(2.5, 7)
+    NonFinitePolicy("skip", 10).check_loss(math.nan, 7)  # skip: the gradient norm decides the step

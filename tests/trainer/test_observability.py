@@ -316,6 +316,24 @@ def test_a_credential_inside_a_logged_value_is_redacted_and_settings_are_not():
 
 
 @pytest.mark.parametrize(
+    "token",
+    [
+        "hf_" + "aB3" * 11 + "x",  # a Hugging Face token: hf_ and 34 letters and digits
+        "ghp_" + "Zx9" * 12,  # a GitHub personal access token: ghp_ and 36
+        "AKIA" + "Q7ZX" * 4,  # an AWS access key id: AKIA and 16 capitals and digits
+        "xoxb-1234567890-abcdefghij",  # a Slack bot token
+    ],
+)
+def test_a_token_of_a_well_known_form_is_redacted_where_no_name_announces_it(token):
+    """``--token hf_...`` assigns nothing the name rule sees: the token's own form gives it away."""
+    from moemesh.trainer.wandb_tracker import REDACTED, redact
+
+    assert redact(f"huggingface-cli login --token {token} --add-to-git-credential") == (
+        f"huggingface-cli login --token {REDACTED} --add-to-git-credential"
+    )
+
+
+@pytest.mark.parametrize(
     "project, env, expected", [(None, None, "moemesh"), (None, "from-env", "from-env"), ("given", "from-env", "given")]
 )
 def test_wandb_project_is_the_config_s_else_wandb_project_else_moemesh(tmp_path, monkeypatch, project, env, expected):
@@ -405,3 +423,144 @@ def test_mfu_is_per_device():
     times = RankTimes(*([0.0] * 9), step=1.0, bytes_sent=0, bytes_recv=0, min_bytes=0, ratio=0.0)
     rec = step_record(step=1, lr=0.1, grad_norm=1.0, stats=stats, shape=shape, times=times, biases=None)
     assert rec["mfu"] == 0.5 and rec["tokens_per_s"] == 100.0 and rec["flops_per_s"] == 1000.0
+
+
+def test_memory_report_of_known_tensors_on_one_rank():
+    """Bytes of a model with one expert and one non-expert parameter: its parameters, the
+    gradients measured during training, AdamW's two moments per parameter (its step count,
+    a 0-dim tensor, counts too), the peak and the peak less what the rank held before."""
+    from moemesh.runs.records import MinMax
+    from moemesh.trainer.step_stats import memory_report
+
+    class TwoParams(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expert = torch.nn.Parameter(torch.zeros(3, 5))  # 15 fp32 values
+            self.dense = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))  # 7 fp64 values
+
+        def expert_parameters(self):
+            return [self.expert]
+
+    model = TwoParams()
+    optimizer = torch.optim.AdamW(model.parameters())
+    (model.expert.sum() + model.dense.sum()).backward()
+    optimizer.step()
+    state = {p: sum(v.numel() * v.element_size() for v in optimizer.state[p].values()) for p in model.parameters()}
+    report = memory_report(model, optimizer, peak_bytes=1000, group=None, device="cpu", start_bytes=400, grads=[60, 56])
+    exact = lambda n: MinMax(min=n, max=n)  # noqa: E731 - one rank: min and max agree
+    assert report["param_bytes"] == {"expert": exact(15 * 4), "non_expert": exact(7 * 8)}
+    assert report["grad_bytes"] == {"expert": exact(60), "non_expert": exact(56)}
+    assert report["optimizer_bytes"] == {"expert": exact(state[model.expert]), "non_expert": exact(state[model.dense])}
+    assert report["peak_bytes"] == exact(1000) and report["peak_above_start_bytes"] == exact(600)
+    no_steps = memory_report(model, optimizer, peak_bytes=1000, group=None, device="cpu")
+    assert no_steps["grad_bytes"] == {"expert": exact(0), "non_expert": exact(0)}
+
+
+def test_a_step_record_of_two_moe_layers_with_known_statistics():
+    """Two MoE layers of E = 2 experts, top-k 2 over 4 tokens (8 routed pairs each), packed as
+    StepStats packs them: the record's per-layer load, the drops over both layers, the fan-out
+    over both layers' tokens, and the time and byte columns."""
+    from moemesh.trainer.step_stats import stat_width
+
+    E, K, tokens, norm = 2, 2, 4, 2
+    # counts [E], score sums [E], dropped, aux, z, seq_aux, entropy, fan-out histogram [K + 1]
+    layer1 = [6.0, 2.0, 2.0, 2.0, 2.0, 1.5, 0.5, 0.0, 4.0, 0.0, 3.0, 1.0]
+    layer3 = [4.0, 4.0, 2.0, 2.0, 2.0, 1.0, 0.6, 0.25, 0.4, 0.0, 1.0, 3.0]
+    rows = torch.tensor([layer1, layer3], dtype=torch.float64)
+    assert rows.shape[1] == stat_width(E, K)
+    stats = ReducedStats(loss=2.0, aux_loss=0.5, z_loss=0.1, seq_aux_loss=0.0, rows=rows, num_experts=E)
+    shape = StepShape(
+        tokens=tokens,
+        samples=2,
+        num_experts=E,
+        moe_layers=[1, 3],
+        flops_per_token=10.0,
+        peak_flops=None,
+        world_size=1,
+        loss_norm=norm,
+    )
+    times = RankTimes(
+        *([0.5] * 5), a2a_dispatch=0.25, a2a_combine=0.125, experts=0.0, attention_core=0.0, step=2.0,
+        bytes_sent=0, bytes_recv=0, min_bytes=0, ratio=0.0,
+    )  # fmt: skip
+    rec = step_record(step=3, lr=0.1, grad_norm=1.0, stats=stats, shape=shape, times=times, biases=None)
+    assert set(rec["load"]) == {"layer1", "layer3"}
+    first, second = rec["load"]["layer1"], rec["load"]["layer3"]
+    assert first["tokens_per_expert"] == [6, 2] and second["tokens_per_expert"] == [4, 4]
+    assert (first["aux_loss"], first["z_loss"]) == (1.5 / norm, 0.5 / norm)
+    assert "seq_aux_loss" not in first and second["seq_aux_loss"] == 0.25 / norm  # only where it is on
+    assert (first["fanout_mean"], first["fanout_max"]) == ((1 * 3 + 2 * 1) / 4, 2)
+    assert rec["dropped_fraction"] == (2.0 + 2.0) / (8 + 8)  # both layers' drops over both layers' pairs
+    assert rec["a2a"]["fanout_mean"] == (1 * 4 + 2 * 4) / 8 and rec["a2a"]["fanout_max"] == 2  # over both layers
+    assert rec["a2a"]["ratio"] is None  # no All-to-All: no ratio, not 0
+    assert rec["time"]["a2a"] == 0.25 + 0.125 and rec["time"]["step"] == 2.0
+    assert rec["samples_per_s"] == 2 / 2.0 and rec["tokens_per_s"] == tokens / 2.0 and rec["mfu"] is None
+
+
+def test_wandb_gets_each_degree_in_its_column_and_each_record_at_its_step(tmp_path, monkeypatch):
+    """The layout's columns hold each its own degree (distinct here, so a swap shows); a record
+    goes to wandb at its own step, its nested numbers under slash-joined keys, each MoE layer's
+    per-expert counts as a histogram with one bin per expert; the summary's table gives each
+    expert its own mean score."""
+    pytest.importorskip("wandb")
+    from moemesh.trainer.wandb_tracker import WandbTracker, flat_config
+
+    run = tiny_run(
+        **{
+            "parallel.name": "tp2_ep4_dp3",
+            "parallel.data_parallel_size": 3,
+            "parallel.expert_parallel_size": 4,
+            "parallel.tensor_parallel_size": 2,
+            "logger.wandb": True,
+        }
+    )
+    dims = ParallelDims.from_config(run.parallel)
+    config = flat_config(run, dims)
+    assert (config["dp"], config["ep"], config["tp"], config["pp"], config["world_size"]) == (3, 4, 2, 1, 24)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = WandbTracker(run, dims, str(tmp_path))
+    logged = []
+    monkeypatch.setattr(tracker.run, "log", lambda data, step=None: logged.append((data, step)))
+    load = {"tokens_per_expert": [5, 0, 3], "mean_score": [0.5, 0.0, 0.25], "cv": 0.75}
+    tracker.log({"step": 7, "loss": 2.5, "time": {"a2a": 0.25}, "load": {"layer1": load}})
+    ((data, step),) = logged
+    assert step == 7 and data["loss"] == 2.5 and data["time/a2a"] == 0.25 and data["load/layer1/cv"] == 0.75
+    histogram = data["load/layer1/tokens_per_expert"]
+    assert histogram.histogram == [5, 0, 3] and histogram.bins == [0, 1, 2, 3]
+    tracker.summary({"steps": 7})
+    table = logged[-1][0]["load/final_per_expert"]
+    assert table.data == [["layer1", 0, 5, 0.5], ["layer1", 1, 0, 0.0], ["layer1", 2, 3, 0.25]]
+    tracker.finish()
+
+
+def test_step_stats_sum_two_micro_steps_and_unpack_them_by_name():
+    """Two micro-steps of one MoE layer (E = 2, top-k 1) on one rank of a tp = 2 layout: the
+    cross-entropy enters as 1/tp (TP peers hold the same one), the layer's balance losses add to
+    the loss terms, and ``reduce`` divides the loss terms by the loss norm and unpacks the row."""
+    from types import SimpleNamespace
+
+    from moemesh.trainer.step_stats import StepStats
+
+    def moe(aux, z, seq, dropped, counts, fanout):
+        losses = SimpleNamespace(aux_loss=torch.tensor(aux), z_loss=torch.tensor(z), seq_aux_loss=seq)
+        return SimpleNamespace(
+            losses=losses,
+            dropped=torch.tensor(dropped),
+            counts_E=torch.tensor(counts),
+            score_sum_E=torch.tensor([0.5, 0.25]),
+            entropy_sum=torch.tensor(1.0),
+            fanout_K1=fanout,
+        )
+
+    stats = StepStats(num_moe_layers=1, num_experts=2, device=torch.device("cpu"), top_k=1)
+    stats.add_loss(torch.tensor(3.0), tp=2)
+    stats.add_loss(torch.tensor(5.0), tp=2)
+    stats.add_moe([moe(0.5, 0.125, torch.tensor(0.25), 1.0, [3.0, 1.0], torch.tensor([0.0, 4.0]))], slots=[0])
+    stats.add_moe([moe(1.5, 0.375, None, 0.0, [2.0, 2.0], None)], slots=[0])  # no seq loss, no fan-out
+    reduced = stats.reduce(None, None, loss_norm=2)
+    assert reduced.loss == (3.0 + 5.0) / 2 / 2
+    assert (reduced.aux_loss, reduced.z_loss, reduced.seq_aux_loss) == ((0.5 + 1.5) / 2, 0.5 / 2, 0.25 / 2)
+    layer = reduced.layer(0)
+    assert layer.counts_E.tolist() == [5.0, 3.0] and layer.score_sum_E.tolist() == [1.0, 0.5]
+    assert (layer.dropped, layer.aux_loss, layer.z_loss, layer.seq_aux_loss, layer.entropy_sum) == (1, 2, 0.5, 0.25, 2)
+    assert layer.fanout_K1.tolist() == [0.0, 4.0]
