@@ -147,12 +147,20 @@ def _check_nodes(run: RunConfig, dims: ParallelDims) -> None:
     nodes, per_node = run.cluster.nodes, run.cluster.gpus_per_node
     if nodes is None:
         return
-    takes = -(-dims.world_size // per_node)
+    world = dims.world_size
+    takes = -(-world // per_node)
     if nodes != takes:
+        # Suggest a gpus_per_node only where it spreads the ranks evenly (the SLURM launcher
+        # refuses nodes holding unequal numbers of ranks).
+        fix = (
+            f"set cluster.gpus_per_node={world // nodes}, or another layout, or drop cluster.nodes"
+            if world % nodes == 0
+            else f"no cluster.gpus_per_node spreads {world} ranks evenly over {nodes} nodes: choose another "
+            "layout or drop cluster.nodes"
+        )
         raise ConfigError(
-            f"cluster.nodes={nodes} but parallel={run.parallel.name} ({dims.world_size} ranks) takes {takes} node(s) "
-            f"at cluster.gpus_per_node={per_node}: a job's nodes follow from its ranks; set "
-            f"cluster.gpus_per_node={-(-dims.world_size // nodes)}, or another layout, or drop cluster.nodes"
+            f"cluster.nodes={nodes} but parallel={run.parallel.name} ({world} ranks) takes {takes} node(s) "
+            f"at cluster.gpus_per_node={per_node}: a job's nodes follow from its ranks; {fix}"
         )
 
 

@@ -105,8 +105,17 @@ def test_cluster_nodes_states_what_the_layout_takes():
     from moemesh.config.validate import validate_run
 
     run = tiny_run(**{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.nodes": 2})
-    with pytest.raises(ConfigError, match=r"cluster.nodes=2 but parallel=.* \(4 ranks\) takes 1 node\(s\) at "):
+    with pytest.raises(ConfigError, match=r"cluster.nodes=2 but parallel=.* \(4 ranks\) takes 1 node\(s\) at ") as err:
         validate_run(run)
+    assert "; set cluster.gpus_per_node=2, or another layout, or drop cluster.nodes" in str(err.value)
+    # No whole number of GPUs per node spreads 4 ranks evenly over 3 nodes: nothing to suggest
+    # (ceil(4 / 3) = 2 per node takes 2 nodes, and SLURM refuses nodes of unequal ranks).
+    three = {"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.nodes": 3}
+    with pytest.raises(ConfigError) as err:
+        validate_run(tiny_run(**three))
+    assert str(err.value).endswith(
+        "no cluster.gpus_per_node spreads 4 ranks evenly over 3 nodes: choose another layout or drop cluster.nodes"
+    )
     ok = tiny_run(
         **{"parallel.data_parallel_size": 2, "parallel.expert_parallel_size": 2, "cluster.nodes": 2,
            "cluster.gpus_per_node": 2}
