@@ -58,12 +58,15 @@ REDACTED = "<redacted>"
 
 
 def redact(value: Any) -> Any:
-    """``value`` with what looks like a credential replaced (strings, and lists of them)."""
+    """``value`` with what looks like a credential replaced (strings, and lists and dicts of them
+    at any depth: a list of records, as data.sources, is logged as one value)."""
     if isinstance(value, str):
         value = _ASSIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", value)
         return _TOKEN_FORMS.sub(REDACTED, value)
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
     return value
 
 

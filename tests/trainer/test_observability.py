@@ -313,6 +313,9 @@ def test_a_credential_inside_a_logged_value_is_redacted_and_settings_are_not():
 
     path = "/ckpt/hf_Mixtral8x7BInstructv01abcdefgh"  # a path, not a token: kept
     assert redact(path) == path and redact(f"model.hf_path={path}") == f"model.hf_path={path}"
+    # A list of records (data.sources) is one logged value: its strings are redacted too.
+    sources = [{"path": "/data/a", "weight": 1.0}, {"path": "/data/b?token=s3cr3tvalue", "weight": 2.0}]
+    assert redact(sources) == [sources[0], {"path": f"/data/b?token={REDACTED}", "weight": 2.0}]
 
 
 @pytest.mark.parametrize(
