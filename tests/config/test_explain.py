@@ -118,3 +118,15 @@ def test_sbatchs_clock_format_for_a_minutes_key_is_converted_rounding_seconds_up
         "cluster.slurm.time_min=1-01:30:20: expected a whole number of minutes "
         f"(cluster.slurm.time_min={minutes} for 1-01:30:20)"
     )
+
+
+@pytest.mark.parametrize("sweeper", [[], ["hydra/sweeper=basic"]])
+def test_hydras_own_sweeper_named_or_not_has_each_job_of_the_sweep_checked(sweeper, tmp_path, monkeypatch):
+    """Hydra's basic sweeper, whether the command names it or not, runs the cartesian product of
+    the sweep's values; preflight checks each of those jobs (another sweeper makes its own)."""
+    register_schema()
+    monkeypatch.chdir(tmp_path)
+    jobs = preflight(["-m", *sweeper, "parallel=dp2,ep2", "trainer.steps=3,4"]).jobs
+    assert len(jobs) == 4
+    with pytest.raises(ConfigError, match=r"^nothing was run; job #1 \("):
+        preflight(["-m", *sweeper, "parallel=ep2,ep4", "parallel.expert_parallel_size=2"])
