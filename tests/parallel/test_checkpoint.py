@@ -154,6 +154,9 @@ def test_keeps_the_last_k_and_never_picks_a_half_written_one(tmp_path):
     shutil.copytree(root / "step_000003", root / "step_000008")
     (root / "step_000008" / "meta.json").unlink()  # died before the rename's meta.json
     assert [p.name for p in checkpoint.resolve("auto", root)] == ["step_000003", "step_000002"]
+    # resume=PATH: a directory of checkpoints is tried newest first too; one checkpoint alone.
+    assert [p.name for p in checkpoint.resolve(str(root), tmp_path)] == ["step_000003", "step_000002"]
+    assert checkpoint.resolve(str(root / "step_000002"), tmp_path) == [(root / "step_000002").resolve()]
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):

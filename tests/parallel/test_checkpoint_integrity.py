@@ -34,12 +34,24 @@ def good_checkpoints(tmp_path_factory):
 def test_checkpoints_sort_by_step_across_the_millionth_step(tmp_path):
     state = {"w": torch.ones(3)}
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
-        checkpoint.save(tmp_path, step, state, {"layout": "single"}, rank=0, keep=2)
+        checkpoint.save(tmp_path, step, state, {"layout": "single"}, rank=0, keep=3)
     kept = [p.name for p in checkpoint.complete_checkpoints(tmp_path)]
-    assert kept == ["step_1000000", "step_1000001"]  # pruning removed the oldest, not the newest
-    (newest, older) = checkpoint.resolve("auto", tmp_path)  # what resume=auto and a SLURM requeue use
-    assert newest.name == "step_1000001" and older.name == "step_1000000"
+    # Pruning removed the oldest, not the newest; step_999999 comes first though its name sorts last.
+    assert kept == ["step_999999", "step_1000000", "step_1000001"]
+    (newest, older, oldest) = checkpoint.resolve("auto", tmp_path)  # what resume=auto and a SLURM requeue use
+    assert [newest.name, older.name, oldest.name] == ["step_1000001", "step_1000000", "step_999999"]
     assert checkpoint.load(newest, {"w": torch.zeros(3)})["step"] == 1_000_001
+
+
+def test_a_save_replaces_a_checkpoint_of_the_same_step(tmp_path):
+    """A run that fell back past a bad step_N trains to step N again; its save replaces that
+    directory (a rename onto it alone would fail: it is not empty)."""
+    checkpoint.save(tmp_path, 2, {"w": torch.ones(3)}, {"layout": "single"}, rank=0, keep=0)
+    checkpoint.save(tmp_path, 2, {"w": torch.full((3,), 7.0)}, {"layout": "single"}, rank=0, keep=0)
+    (ckpt,) = checkpoint.complete_checkpoints(tmp_path)
+    state = {"w": torch.zeros(3)}
+    assert checkpoint.load(ckpt, state)["step"] == 2
+    assert state["w"].tolist() == [7.0, 7.0, 7.0]
 
 
 # --- finding 3: the checkpoint directory, checked before the first step ---------------
@@ -241,6 +253,7 @@ def test_the_space_warning_counts_the_checkpoints_a_run_holds_at_once(tmp_path, 
         assert (line is not None) == warned, (room, line)
     if more > 1:
         assert f"checkpoint.keep={keep} with {saves} saves needs {more} more at once" in line
+        assert line.endswith(" free 0.0 MiB"), line  # one byte short: what is missing, not all of it
 
 
 def test_a_disk_that_holds_one_checkpoint_but_not_keep_plus_one_is_warned_before_the_first_step(tmp_path, monkeypatch):
@@ -282,8 +295,10 @@ def test_debris_of_an_interrupted_save_is_removed_before_the_first_step(good_che
     root = kit.copy_checkpoints(good_checkpoints, tmp_path / "checkpoints")
     (root / "step_000009.tmp").mkdir()
     (root / "step_000009.tmp" / "__0_0.distcp").write_bytes(b"\0" * 4096)
+    (root / "step_best.tmp").mkdir()  # not a save's: step_ and digits only
     kit.checkpointer(root).preflight(tmp_path)
     assert not (root / "step_000009.tmp").exists()
+    assert (root / "step_best.tmp").is_dir()
     assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_000001", "step_000002", "step_000003"]
 
 

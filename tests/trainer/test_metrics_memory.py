@@ -303,3 +303,56 @@ def test_durations_print_as_hours_minutes_seconds():
     from moemesh.trainer.metrics import _fmt_duration
 
     assert _fmt_duration(3725) == "1:02:05" and _fmt_duration(59) == "0:00:59" and _fmt_duration(-3) == "0:00:00"
+
+
+def test_the_progress_line_says_step_loss_lr_tokens_and_eta_and_train_log_keeps_the_due_ones(tmp_path, monkeypatch):
+    """Off a terminal, train.log gets the first step, the last one, and one line per 5 s between
+    them; each says the step of the total, the loss, the learning rate, tokens per second and the
+    time left at the pace so far, after a bar of 20 cells."""
+    import types
+
+    from moemesh.trainer import metrics
+
+    clock = iter([0.0, 2.0, 6.0, 20.0, 80.0])  # the logger's start, then one reading per logged step
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=False, total_steps=40)
+    for step in (1, 2, 10, 40):
+        record = _record(step, layers=1, experts=4)
+        record.update(loss=2.5, lr=3e-4, tokens_per_s=12_345.0)
+        if step == 40:
+            record["val_loss"] = 2.25
+        logger.log(record)
+    logger.close()
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "[....................] step     1/40 | loss 2.5000 | lr 3.00e-04 | 12,345 tok/s | ETA 0:01:18",
+        "[#####...............] step    10/40 | loss 2.5000 | lr 3.00e-04 | 12,345 tok/s | ETA 0:01:00",
+        "[####################] step    40/40 | loss 2.5000 | lr 3.00e-04 | 12,345 tok/s | ETA 0:00:00 | val 2.2500",
+    ]
+
+
+def test_a_resume_ends_a_last_record_cut_before_its_newline_so_the_next_record_starts_a_line(tmp_path):
+    """An attempt killed between a record and its newline leaves the file without a final
+    newline; the resumed attempt keeps that record and appends the next one on a line of its own."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}')
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=4)
+    logger.begin(2)
+    logger.log(_record(3, layers=1, experts=4))
+    logger.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_record_of_exactly_the_longest_line_is_kept_and_so_is_the_next(tmp_path):
+    """A line of 1 MiB before its newline is a record (only a longer one is skipped), and
+    skipping never takes the line after it."""
+    from moemesh.trainer.metrics import _MAX_RECORD
+
+    head = '{"step": 2, "pad": "'
+    longest = head + "p" * (_MAX_RECORD - len(head) - 2) + '"}'
+    assert len(longest) == _MAX_RECORD
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n' + longest + '\n{"step": 3}\n')
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=True, total_steps=4)
+    logger.begin(3)
+    logger.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -177,6 +177,72 @@ def test_a_run_resumed_at_its_end_keeps_its_summary(tmp_path):
     assert json.loads(summary_json.read_text()) == {**written, "stopped_by_signal": None} == again
 
 
+def _known_summary() -> dict:
+    """A summary of known numbers, as summary.json holds it."""
+    memory = {k: {"expert": {"max": 1 << 20}, "non_expert": {"max": 2 << 20}} for k in ("param_bytes", "grad_bytes")}
+    memory["optimizer_bytes"] = memory["param_bytes"]
+    return {
+        "parallel": "ep2",
+        "dp": 1,
+        "ep": 2,
+        "tp": 1,
+        "pp": 1,
+        "world_size": 2,
+        "model": "tiny",
+        "steps": 40,
+        "final_loss": 2.5,
+        "final_val_loss": 2.25,
+        "median_tokens_per_s": 12_345.0,
+        "median_samples_per_s": 6.0,
+        "median_step_s": 0.25,
+        "mfu": 0.125,
+        "time_breakdown": {
+            "data": 0.0,
+            "forward": 0.1,
+            "backward": 0.125,
+            "optimizer": 0.025,
+            "experts": 0.05,
+            "attention_core": 0.0,
+            "step": 0.25,
+        },
+        "a2a_share": 0.125,
+        "a2a_bytes_sent_per_step": 3 << 20,
+        "memory_per_rank": {**memory, "peak_bytes": {"max": 10 << 20}},
+        "load_cv_final": {"layer0": 0.5},
+    }
+
+
+def test_the_end_of_run_summary_of_known_numbers():
+    """The one-screen summary: each phase's share of the step, the step in milliseconds, MFU and
+    the All-to-All share in percent, bytes in MiB, and "ranks" for more than one."""
+    from moemesh.trainer.metrics import format_summary
+
+    summary = _known_summary()
+    assert format_summary(summary).splitlines() == [
+        "── moemesh run summary: ep2 (dp1·ep2·tp1·pp1 = 2 ranks), model=tiny, 40 steps",
+        "loss 2.5000, validation 2.2500",
+        "throughput  12,345 tokens/s, 6.0 samples/s, step 250.0 ms, MFU 12.5%",
+        "step time   forward 40%, backward 50%, optimizer 10% (slowest rank per phase)",
+        "All-to-All  12.5% of the step (inside forward/backward), 3.0 MiB sent per rank per step",
+        "timed apart 20.0% experts, 0.0% attention_core of the step (forward + backward)",
+        "memory/rank expert + non-expert: params 1.0 MiB + 2.0 MiB, grads 1.0 MiB + 2.0 MiB, "
+        "optimizer 1.0 MiB + 2.0 MiB; peak 10.0 MiB (max over ranks)",
+        "load CV     layer0 0.50",
+    ]
+
+
+def test_an_attempt_that_trained_writes_its_own_summary_over_the_last_attempts(tmp_path):
+    """Only an attempt that trained nothing keeps the summary.json it found; one that trained
+    (a resumed run with steps left) writes its own."""
+    from moemesh.trainer.metrics import MetricsLogger
+
+    (tmp_path / "summary.json").write_text(json.dumps({**_known_summary(), "steps": 20, "final_loss": 3.0}))
+    logger = MetricsLogger(str(tmp_path), enabled=True, console=False, jsonl=False, total_steps=40)
+    written = logger.write_summary(_known_summary())
+    logger.close()
+    assert written == json.loads((tmp_path / "summary.json").read_text()) == _known_summary()
+
+
 def _wandb_records(run_dir: Path):
     from wandb.proto import wandb_internal_pb2 as pb
 
