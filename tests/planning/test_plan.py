@@ -946,3 +946,121 @@ def test_a_pipeline_is_priced_at_its_slowest_stage():
     )
     assert 0 < full.recompute_s < full.compute_s
     assert full.compute_s - p.compute_s == pytest.approx(full.recompute_s, rel=1e-9)
+
+
+# (dims, MoE layers per pipeline rank): 4 layers with every second one MoE (layers 1 and 3).
+A2A_CASES = [
+    (ParallelDims(ep=2, tp=2), 2),
+    (ParallelDims(ep=4, tp=2), 2),
+    (ParallelDims(dp=2, ep=4), 2),
+    (ParallelDims(dp=2, ep=2, pp=2), 1),
+]
+
+
+@pytest.mark.parametrize(("dims", "moe"), A2A_CASES, ids=[layout_name(d) for d, _ in A2A_CASES])
+def test_all_to_all_bytes_and_steps_equal_the_hand_formula(dims, moe):
+    """Per rank and step, under uniform routing, the All-to-All moves 4 x (ep-1)/ep of the
+    T/tp x K routed rows of D bf16 elements (dispatch and combine, forward and backward; TP peers
+    route disjoint token slices) in every MoE layer of the rank's stage and every micro-step, in
+    4 x (ep-1) message steps per layer and micro-step. Small integer shapes, so the products are
+    exact; the slow tier checks the same bytes against a real multi-rank step."""
+    from moemesh.config.validate import batch_plan
+
+    run = compose_run(
+        [
+            f"cluster.gpus={dims.world_size}",
+            *SMALL_MODEL,
+            "trainer.dtype=bf16",
+            "trainer.micro_batch_size=2",
+            "model.moe_every_k_layers=2",
+        ]
+    )
+    p = cost.plan_one(run, dims, ARGS)
+    assert p.problem is None, p.problem
+    bp = batch_plan(cost.with_dims(run, dims))
+    accum, tokens = bp.micro_steps, bp.micro_tokens
+    assert accum > 1  # the micro-steps count
+    K, D, c = run.model.top_k, run.model.hidden_size, 2
+    planned = 4 * (tokens // dims.tp) * K * D * c * moe * accum * (dims.ep - 1) // dims.ep
+    assert p.a2a_bytes == planned
+    assert p.terms.comm["a2a_intra"] == (planned, 4 * (dims.ep - 1) * moe * accum)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize(("schedule", "v"), [("1f1b", 1), ("interleaved_1f1b", 2)])
+def test_pipeline_sends_equal_the_hand_formula(schedule, v, sp):
+    """Per micro-step, each of a pipeline rank's v stages sends its T x D bf16 activations on and
+    its input gradients back: 2 x v x micro-steps sends of one message step each, a 1/tp slice of
+    the tokens under sequence parallelism."""
+    from moemesh.config.validate import batch_plan
+
+    run = compose_run(
+        [
+            "cluster.gpus=4",
+            *SMALL_MODEL,
+            "model.num_layers=8",
+            "trainer.dtype=bf16",
+            "trainer.micro_batch_size=2",
+            f"parallel.sequence_parallel={str(sp).lower()}",
+            f"parallel.pipeline_schedule={schedule}",
+        ]
+    )
+    dims = ParallelDims(tp=2, pp=2)
+    p = cost.plan_one(run, dims, ARGS)
+    assert p.problem is None, p.problem
+    bp = batch_plan(cost.with_dims(run, dims))
+    sends = 2 * v * bp.micro_steps
+    tokens = bp.micro_tokens // (2 if sp else 1)
+    assert p.terms.comm["p2p_intra"] == (sends * tokens * run.model.hidden_size * 2, sends)
+
+
+def test_zero3_reduce_scatters_and_gathers_equal_the_hand_formula():
+    """zero3 under sequence parallelism, per micro-step: each FSDP unit reduce-scatters its fp32
+    gradients once and all-gathers its bf16 weights twice (forward and backward), (n-1)/n of the
+    group's bytes in n-1 message steps per collective, over three groups: the data group (dp x ep
+    ranks; a unit per block and the root), the router and norms (dp x ep x tp ranks; a unit per
+    module: two norms per block, a router per MoE block, the final norm) and the routed experts
+    (dp x tp ranks; a unit per MoE block)."""
+    from moemesh.config.validate import batch_plan
+
+    run = compose_run(
+        [
+            "cluster.gpus=4",
+            *SMALL_MODEL,
+            "trainer.dtype=bf16",
+            "trainer.micro_batch_size=2",
+            "model.moe_every_k_layers=2",
+            "parallel.sharding=zero3",
+            "parallel.sequence_parallel=true",
+        ]
+    )
+    dims = ParallelDims(dp=2, tp=2)
+    p = cost.plan_one(run, dims, ARGS)
+    assert p.problem is None, p.problem
+    accum = batch_plan(cost.with_dims(run, dims)).micro_steps
+    layers, moe = run.model.num_layers, 2
+    specs = param_specs(run.model, dims, sequence_parallel=True)
+    groups = [  # (elements, ranks, units)
+        (sum(s.numel for s in specs if not s.expert and not s.data_tp), dims.dp * dims.ep, layers + 1),
+        (sum(s.numel for s in specs if s.data_tp and not s.expert), dims.dp * dims.ep * dims.tp, 2 * layers + moe + 1),
+        (sum(s.numel for s in specs if s.expert), dims.dp * dims.tp, moe),
+    ]
+    sync = sum((n - 1) / n * numel * 4 * accum for numel, n, _ in groups)
+    sync_steps = sum(units * (n - 1) * accum for _, n, units in groups)
+    assert p.terms.comm["sync_intra"] == pytest.approx((sync, sync_steps), rel=1e-12)
+    gather = sum((n - 1) / n * numel * 2 * 2 * accum for numel, n, _ in groups)
+    assert p.terms.comm["gather_intra"] == pytest.approx((gather, 2 * sync_steps), rel=1e-12)
+    # The plan's traffic fields: the data group's and the router and norms' bytes, the experts'.
+    moved = [(n - 1) / n * numel * (4 + 2 * 2) * accum for numel, n, _ in groups]
+    assert (p.ar_data_bytes, p.ar_expert_bytes) == (int(moved[0] + moved[1]), int(moved[2]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "width"),
+    [("bf16", "cpu", 2), ("fp32", "cuda", 4), ("auto", "cuda", 2), ("auto", "cpu", 4)],
+)
+def test_compute_bytes_follow_the_dtype_training_computes_in(dtype, device, width):
+    """Activations and gathered weights are bf16 where training computes in it: trainer.dtype=bf16,
+    or auto on a GPU; fp32 otherwise."""
+    run = compose_run([f"trainer.dtype={dtype}", f"trainer.device={device}"])
+    assert cost.compute_bytes(run) == width
