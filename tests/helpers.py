@@ -126,21 +126,38 @@ def laid_out(
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID")
 
 
-def refused_cli(argv, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
-    """train.py's cli() in this process, as a shell in ``cwd`` would run it (no launcher variables,
-    no HYDRA_FULL_ERROR), with training itself replaced by a failure: what is checked must be
-    refused before it. Returns (exit code, stdout, stderr)."""
+def _as_a_shell(argv, cwd, monkeypatch) -> None:
+    """train.py's command line ``argv`` in ``cwd``, without launcher variables or HYDRA_FULL_ERROR."""
     import sys
-
-    import pytest
-
-    import train
 
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+
+
+def passed_cli(argv, cwd, monkeypatch) -> bool:
+    """Whether train.py's cli(), run in this process as ``refused_cli`` runs it, passes every check
+    and would start training (training itself is replaced by a note that it was reached)."""
+    import train
+
+    _as_a_shell(argv, cwd, monkeypatch)
+    ran: list[bool] = []
+    monkeypatch.setattr(train, "main", lambda: ran.append(True))
+    train.cli()
+    return bool(ran)
+
+
+def refused_cli(argv, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """train.py's cli() in this process, as a shell in ``cwd`` would run it (no launcher variables,
+    no HYDRA_FULL_ERROR), with training itself replaced by a failure: what is checked must be
+    refused before it. Returns (exit code, stdout, stderr)."""
+    import pytest
+
+    import train
+
+    _as_a_shell(argv, cwd, monkeypatch)
     monkeypatch.setattr(train, "main", lambda: pytest.fail(f"{argv} passed the checks and would have run"))
     with pytest.raises(SystemExit) as exit_:
         train.cli()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import config_error_line, refused_cli
+from tests.helpers import config_error_line, passed_cli, refused_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,25 +344,7 @@ def test_a_rewind_into_a_directory_with_newer_checkpoints_is_one_line(tmp_path, 
     line = config_error_line(code, err)
     assert f"resume={older} is step 2, but {root} holds step_000006, newer" in line
     assert "checkpoint.dir=<new dir>" in line
-    import train
-
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv, f"checkpoint.dir={tmp_path / 'rewound'}"])
-    ran = []
-    monkeypatch.setattr(train, "main", lambda: ran.append(True))
-    train.cli()
-    assert ran
-
-
-def _cli_runs(argv, tmp_path, monkeypatch) -> bool:
-    """Whether train.py's cli() passes every check and would start training."""
-    import train
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    ran = []
-    monkeypatch.setattr(train, "main", lambda: ran.append(True))
-    train.cli()
-    return bool(ran)
+    assert passed_cli([*argv, f"checkpoint.dir={tmp_path / 'rewound'}"], tmp_path, monkeypatch)
 
 
 def test_a_rewind_names_the_newest_checkpoint_and_resuming_the_newest_runs(tmp_path, monkeypatch, capsys):
@@ -373,7 +355,7 @@ def test_a_rewind_names_the_newest_checkpoint_and_resuming_the_newest_runs(tmp_p
     argv = [f"hydra.run.dir={tmp_path / 'run'}", f"resume={oldest}"]
     line = config_error_line(*refused_cli(argv, tmp_path, monkeypatch, capsys)[::2])
     assert f"resume={oldest} is step 2, but {root} holds step_000006, newer" in line
-    assert _cli_runs([f"hydra.run.dir={tmp_path / 'run'}", f"resume={newest}"], tmp_path, monkeypatch)
+    assert passed_cli([f"hydra.run.dir={tmp_path / 'run'}", f"resume={newest}"], tmp_path, monkeypatch)
 
 
 def test_an_empty_metrics_file_is_no_other_runs_records(tmp_path, monkeypatch):
@@ -382,7 +364,7 @@ def test_an_empty_metrics_file_is_no_other_runs_records(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("")
-    assert _cli_runs([f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch)
+    assert passed_cli([f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch)
 
 
 def test_a_run_directory_given_as_resume_points_to_its_checkpoints(tmp_path, monkeypatch, capsys):
@@ -394,14 +376,7 @@ def test_a_run_directory_given_as_resume_points_to_its_checkpoints(tmp_path, mon
 
 def test_the_same_command_with_resume_auto_passes_the_check(tmp_path, monkeypatch, capsys):
     _fake_checkpoint(tmp_path / "run" / "checkpoints", 7)
-    import train
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path / 'run'}", "resume=auto"])
-    ran = []
-    monkeypatch.setattr(train, "main", lambda: ran.append(True))
-    train.cli()
-    assert ran
+    assert passed_cli([f"hydra.run.dir={tmp_path / 'run'}", "resume=auto"], tmp_path, monkeypatch)
 
 
 def test_a_calibrated_cluster_config_with_a_python_tag_is_one_line(tmp_path, tmp_path_factory, monkeypatch, capsys):

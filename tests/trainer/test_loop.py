@@ -1,5 +1,6 @@
 """The outer training loop in one process: which steps it logs, evaluates and saves, what an
-evaluation averages, the learning rate each step hands the optimizer, and a stop request.
+evaluation averages, and the learning rate each step hands the optimizer (a stop request:
+tests/launch/test_slurm.py).
 
 The multi-rank and train.py tests reach the same loop, but slowly and through cadences that
 coincide (every step logged, evaluation only at the end); these pull them apart on a tiny model.
@@ -10,9 +11,7 @@ import json
 import pytest
 import torch
 
-from moemesh.launch import RankContext
 from moemesh.parallel.mesh import single_rank_mesh
-from moemesh.trainer import loop
 from moemesh.trainer.data import prepare_data
 from moemesh.trainer.loop import build_training, evaluate, train, train_step
 from moemesh.trainer.optim import lr_at
@@ -93,39 +92,3 @@ def test_each_step_hands_the_optimizer_the_scheduled_learning_rate(tmp_path):
     expected = [lr_at(step, run.trainer) for step in range(4)]
     assert len(set(expected)) == 4  # warm-up and decay: four different rates
     assert seen == expected and [r.lr for r in results] == expected
-
-
-@pytest.mark.parametrize("at", [2, 4])
-def test_a_stop_request_saves_and_stops_unless_the_step_was_the_last(tmp_path, monkeypatch, at):
-    """A stop request (SIGUSR1) arriving during step 2 of 4 saves a checkpoint after it and
-    stops, naming the signal; one arriving during the last step changes nothing: the run
-    finished (its final save, no stop, so an exit 0 and no resume hint)."""
-    run = tiny_run(**{"trainer.steps": 4, "checkpoint.every": 0})
-    received: list[str] = []
-
-    def step_then_signal(state, step):
-        result = train_step(state, step)
-        if step + 1 == at:
-            received.append("SIGUSR1")  # what launch.signals' handler records
-        return result
-
-    monkeypatch.setattr(loop, "train_step", step_then_signal)
-    stopped: list[bool] = []
-    ctx = RankContext(
-        rank=0,
-        local_rank=0,
-        device=torch.device("cpu"),
-        mesh=single_rank_mesh(),
-        output_dir=str(tmp_path),
-        data_paths=_paths(run),
-        stop_requested=lambda: bool(received),
-        stop_signals=lambda: list(received),
-        on_stop=lambda: stopped.append(True),
-    )
-    summary = train(run, ctx)
-    assert _saved_steps(tmp_path) == [at]
-    if at == 4:
-        assert summary["steps"] == 4 and summary["stopped_by_signal"] is None and not stopped
-    else:
-        assert summary["steps"] == 2 and summary["stopped_by_signal"] == ["SIGUSR1"] and stopped == [True]
-        assert [r["step"] for r in _records(tmp_path)] == [1, 2]
