@@ -317,6 +317,35 @@ def test_a_fresh_run_into_a_run_directory_with_records_is_one_line_and_touches_n
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize(("name", "multirun"), [("metrics.jsonl", False), ("summary.json", True), ("train.log", False)])
+def test_a_record_name_taken_by_a_directory_is_one_line_before_any_rank_starts(
+    name, multirun, tmp_path, monkeypatch, capsys
+):
+    """Rank 0 opened metrics.jsonl once the model was built and died with a traceback, and
+    summary.json only after the last step, its numbers lost."""
+    run_dir = tmp_path / "sweep" / "1_single" if multirun else tmp_path / "run"
+    (run_dir / name).mkdir(parents=True)
+    argv = ["-m", "trainer.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun else []
+    argv = argv or [f"hydra.run.dir={run_dir}"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{run_dir / name} is a directory, and the run writes a file of that name there" in line, line
+    assert ("hydra.sweep.dir=<new dir>" if multirun else "hydra.run.dir=<new dir>") in line
+    assert line.startswith("moemesh: config error: job #1 (") == multirun
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_record_names_that_are_links_to_files_or_dangling_pass(tmp_path, monkeypatch):
+    """A link is what the run opens: one to a file (or to where a file will be) is a file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "log.txt").write_text("")
+    (run_dir / "train.log").symlink_to(tmp_path / "log.txt")
+    (run_dir / "summary.json").symlink_to(tmp_path / "not-yet.json")
+    assert passed_cli([f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("resume", ["auto", "elsewhere"])
 def test_a_resume_that_would_start_or_mix_records_beside_another_runs_is_one_line(
     resume, tmp_path, monkeypatch, capsys

@@ -473,6 +473,10 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
     each rank's Checkpointer refuses it before step 1 instead, once a requeued attempt has set
     its resume)."""
     _probe_outputs(command)
+    for i, job in enumerate(command.jobs):
+        problem = _records_blocked(job, command.multirun)
+        if problem:
+            raise ConfigError(f"job #{i} ({' '.join(job.overrides)}): {problem}" if command.multirun else problem)
     if launched:
         return
     for i, job in enumerate(command.jobs):
@@ -495,6 +499,32 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
         problem = _overwrites_a_run(job, command.multirun)
         if problem:
             raise ConfigError(f"job #{i} ({' '.join(job.overrides)}): {problem}" if command.multirun else problem)
+
+
+_RECORD_FILES = ("metrics.jsonl", "summary.json", "train.log")  # what rank 0 writes in the run directory
+
+
+def _records_blocked(job: Job, multirun: bool) -> str | None:
+    """Why rank 0 could not write the run's records in its directory: one of their names is
+    taken by something that is not a file (a directory, a socket), which rank 0 would find only
+    once the model is built, or for summary.json only after the last step."""
+    if job.job_dir is None or job.sweeper not in (None, "basic"):
+        return None
+    run_dir = Path(str(job.job_dir))
+    for name in _RECORD_FILES:
+        path = run_dir / name
+        try:
+            mode = path.stat().st_mode  # a link to a file is a file
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            return f"{path}: cannot be read: {_errno_text(err)}"
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            given = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            fix = f"move it away or use {given}=<new dir>"
+            return f"{path} is {kind}, and the run writes a file of that name there; {fix}"
+    return None
 
 
 def _overwrites_a_run(job: Job, multirun: bool) -> str | None:
