@@ -151,11 +151,11 @@ def _check_command(argv: list[str]) -> list[str]:
                     host_bytes=host,
                     device_type=device_type(job.run),
                 )
-            check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
-            if job.run.resume not in (None, "auto"):  # a checkpoint of another model, or past the steps
+            spec = check_data(job.run.data, seq_len=job.run.trainer.seq_len, vocab_size=job.run.model.vocab_size)
+            if job.run.resume not in (None, "auto"):  # another model, past the steps, another data position
                 from moemesh.trainer.checkpointing import check_resume
 
-                check_resume(job.run)
+                check_resume(job.run, spec)
         except ConfigError as err:
             if not command.multirun:
                 raise

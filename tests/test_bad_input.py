@@ -274,6 +274,50 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     return d
 
 
+def _with_position(ckpt: Path, run, *, fingerprint: str | None = None) -> Path:
+    """Give a fake checkpoint the data position of ``run``'s data (or another ``fingerprint``)."""
+    from moemesh.data.resolve import check_data
+
+    spec = check_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["data"] = {
+        "samples": 8,
+        "step": meta["step"],
+        "seq_len": run.trainer.seq_len,
+        "fingerprint": fingerprint or spec.fingerprint(seed=run.trainer.seed, seq_len=run.trainer.seq_len),
+        "sources": [
+            {"name": s.name, "windows": 99, "samples": 8, "epoch": 0, "window_in_epoch": 8} for s in spec.sources
+        ],
+    }
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+@pytest.mark.parametrize("command", ["sweep", "slurm"])
+def test_a_resume_from_other_data_is_refused_before_any_job_starts_or_is_queued(command, tmp_path, monkeypatch, capsys):
+    """Checked only once a job ran: a local sweep's later job failed after the first had trained,
+    and a SLURM job waited in the queue to exit 2 on its compute node."""
+    from moemesh.config.cli import compose_run
+
+    run = compose_run(["data=synthetic"])
+    ckpt = _with_position(_fake_checkpoint(tmp_path / "old" / "checkpoints", 1), run, fingerprint="0" * 64)
+    argv = ["-m", "trainer.lr=1e-3,2e-3", "data=synthetic", f"resume={ckpt}", f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    if command == "slurm":
+        argv.append("cluster=slurm")
+    code, _, err = refused_cli(argv, tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{ckpt}: it was trained on other data (sources synthetic, seq_len {run.trainer.seq_len}" in line, line
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_resume_from_the_same_data_passes_the_checks(tmp_path, monkeypatch):
+    from moemesh.config.cli import compose_run
+
+    run = compose_run(["data=synthetic"])
+    ckpt = _with_position(_fake_checkpoint(tmp_path / "old" / "checkpoints", 1), run)
+    assert passed_cli(["data=synthetic", f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("multirun", [False, True])
 def test_a_fresh_run_into_a_directory_with_checkpoints_is_one_line_and_touches_nothing(
     multirun, tmp_path, monkeypatch, capsys

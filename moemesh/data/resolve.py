@@ -258,15 +258,22 @@ def _check_held_out(metas: list[tuple[str, CorpusMeta, float]]) -> None:
             )
 
 
-def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> None:
-    """The checks of ``prepare_data`` that build and hash nothing: run for every job before any starts."""
+def check_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataSpec | None:
+    """The checks of ``prepare_data`` that build and hash nothing: run for every job before any
+    starts (on a SLURM login node, before the job is queued). Returns the ``DataSpec`` that
+    ``prepare_data`` will return, which is what a checkpoint's data position is checked against;
+    None for data=stdlib, whose corpus ``prepare_data`` builds."""
     need = seq_len + 1
+    if cfg.kind == "synthetic":
+        return _synthetic_spec(cfg, need, vocab_size)
     if cfg.kind == "memmap":
         _check_token_file("data.path", _memmap_path(cfg), need)
         if cfg.val_path:
             _check_token_file("data.val_path", cfg.val_path, need)
-    elif cfg.kind == "tokens":
-        _tokens_metas(cfg, seq_len=seq_len, vocab_size=vocab_size)
+        return _memmap_spec(cfg, vocab_size)
+    if cfg.kind == "tokens":
+        return _tokens_spec(cfg, _tokens_metas(cfg, seq_len=seq_len, vocab_size=vocab_size), vocab_size)
+    return None
 
 
 def _memmap_path(cfg: DataConfig) -> str:
@@ -288,13 +295,40 @@ def _spec(cfg: DataConfig, kind: str, sources, val, vocab_size: int) -> DataSpec
     )
 
 
+def _synthetic_spec(cfg: DataConfig, need: int, vocab_size: int) -> DataSpec:
+    _check_split("data.kind=synthetic", SYNTHETIC_TOKENS, cfg.val_fraction, need)
+    src = SourceSpec("synthetic", "synthetic", "", 1.0, f"synthetic:{vocab_size}")
+    return _spec(cfg, "synthetic", [src], None, vocab_size)
+
+
+def _tokens_spec(cfg: DataConfig, metas: list[tuple[str, CorpusMeta, float]], vocab_size: int) -> DataSpec:
+    # _tokens_metas lists the training sources in order, then val_path's (weight 0).
+    sources = [
+        SourceSpec(path, "tokens", meta.path, weight, meta.sha256)
+        for (_, path, weight), (_, meta, _) in zip(_sources(cfg), metas)
+    ]
+    val = None
+    if cfg.val_path:
+        vmeta = metas[-1][1]
+        val = SourceSpec(cfg.val_path, "tokens", vmeta.path, 1.0, vmeta.sha256)
+    return _spec(cfg, "tokens", sources, val, vocab_size)
+
+
+def _memmap_spec(cfg: DataConfig, vocab_size: int) -> DataSpec:
+    given = _memmap_path(cfg)
+    train = str(Path(given).expanduser())
+    val = None
+    if cfg.val_path:
+        vpath = str(Path(cfg.val_path).expanduser())
+        val = SourceSpec(cfg.val_path, "bin", vpath, 1.0, _file_identity(vpath))
+    return _spec(cfg, "memmap", [SourceSpec(given, "bin", train, 1.0, _file_identity(train))], val, vocab_size)
+
+
 def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataSpec:
     """Build or check the data before any rank starts; raise ConfigError on bad input."""
     need = seq_len + 1
     if cfg.kind == "synthetic":
-        _check_split("data.kind=synthetic", SYNTHETIC_TOKENS, cfg.val_fraction, need)
-        src = SourceSpec("synthetic", "synthetic", "", 1.0, f"synthetic:{vocab_size}")
-        return _spec(cfg, "synthetic", [src], None, vocab_size)
+        return _synthetic_spec(cfg, need, vocab_size)
     if cfg.kind == "stdlib":
         path = build_stdlib_corpus(cfg.cache_dir)
         meta = read_meta(path, "the stdlib corpus")
@@ -313,26 +347,14 @@ def prepare_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> DataSpec:
         for key, meta, _ in metas:
             check_shard_sizes(meta, key)
             verify_shards(meta, key)
-        # _tokens_metas lists the training sources in order, then val_path's (weight 0).
-        sources = [
-            SourceSpec(path, "tokens", meta.path, weight, meta.sha256)
-            for (_, path, weight), (_, meta, _) in zip(_sources(cfg), metas)
-        ]
-        val = None
-        if cfg.val_path:
-            vmeta = metas[-1][1]
-            val = SourceSpec(cfg.val_path, "tokens", vmeta.path, 1.0, vmeta.sha256)
-        return _spec(cfg, "tokens", sources, val, vocab_size)
+        return _tokens_spec(cfg, metas, vocab_size)
     train_path = _memmap_path(cfg)
     train = str(Path(train_path).expanduser())
     _check_token_file("data.path", train_path, need)
-    val = None
     if cfg.val_path:
         _check_token_file("data.val_path", cfg.val_path, need)
-        vpath = str(Path(cfg.val_path).expanduser())
-        _check_token_values("data.val_path", vpath, vocab_size)
-        val = SourceSpec(cfg.val_path, "bin", vpath, 1.0, _file_identity(vpath))
+        _check_token_values("data.val_path", str(Path(cfg.val_path).expanduser()), vocab_size)
     else:
         _check_split(f"data.path={train_path}", Path(train).stat().st_size // 2, cfg.val_fraction, need)
     _check_token_values("data.path", train, vocab_size)
-    return _spec(cfg, "memmap", [SourceSpec(train_path, "bin", train, 1.0, _file_identity(train))], val, vocab_size)
+    return _memmap_spec(cfg, vocab_size)
