@@ -2,6 +2,7 @@
 global shapes on the meta device, and apply_pp/tp/ep slice it, without allocating memory, to
 exactly the shapes and tags each rank holds. No constructor under moemesh/moe takes a layout."""
 
+import dataclasses
 import inspect
 
 import torch
@@ -14,7 +15,7 @@ from moemesh.moe.model import Transformer
 from moemesh.parallel.dims import MeshAxis, ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.parallel.tags import EXPERT_SHARD, GRAD_GROUP, TP_SHARD
-from moemesh.trainer.parallelize import apply_ep, apply_pp, apply_tp
+from moemesh.trainer.parallelize import apply_ep, apply_pp, apply_tp, grad_reducer, param_groups
 
 CFG = ModelConfig(
     name="t",
@@ -92,3 +93,44 @@ def test_sequence_parallel_marks_the_norms():
     norms = [p for n, p in m.named_parameters() if n.endswith("norm.weight")]
     assert norms and all(getattr(p, GRAD_GROUP, None) == "data_tp" for p in norms)
     assert m.sp
+
+
+def test_gradients_seen_by_one_tp_rank_are_summed_over_tp_too():
+    """The router and the sequence-parallel norms see a TP rank's slice of the tokens: their
+    gradients go over dp x ep x tp; the rest over dp x ep, the experts over their own group."""
+    dims = ParallelDims(dp=2, tp=2)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dims.world_size)
+    try:
+        pm = build_mesh(dims, "cpu")
+        with torch.device("meta"):
+            m = Transformer(CFG)
+        apply_tp(m, pm.tp_group, sequence_parallel=True)
+        apply_ep(m, pm.ep_group)
+        reduced: dict[int, object] = {}
+        for bucket, group in grad_reducer(param_groups(m), pm).plan:
+            reduced.update((id(p), group) for p in bucket)
+        assert len(reduced) == len(list(m.parameters()))
+        block = m.layers["1"]
+        assert reduced[id(block.moe.router.weight_ED)] is pm.data_tp_group
+        assert reduced[id(block.attn_norm.weight)] is pm.data_tp_group
+        assert reduced[id(block.attn.wq.weight)] is pm.data_group
+        assert reduced[id(block.moe.experts.w1_eDF)] is pm.expert_grad_group
+        assert pm.data_tp_group is not pm.data_group
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_grad_norm_counts_a_tied_embedding_once_under_pp():
+    """Under PP the last stage holds the tied matrix as its head and the first as its lookup:
+    counted on both, the norm (and so the clipping) would see its gradient twice."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    with torch.device("meta"):
+        last, first = Transformer(cfg), Transformer(cfg)
+    apply_pp(last, range(2, 4))
+    apply_pp(first, range(0, 2))
+    assert last.tied_copy and last.embed is not None
+    counted = param_groups(last)
+    assert all(p is not last.embed.weight for p in counted.replicated + counted.tp_sharded)
+    assert any(p is last.embed.weight for p in counted.data)  # still reduced, as the head's share
+    counted = param_groups(first)
+    assert any(p is first.embed.weight for p in counted.replicated)
