@@ -86,9 +86,40 @@ def test_import_then_export_gives_the_sources_tensors_bitwise(tmp_path, family):
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    # The source's config.json, every key as it was, but where it left one to transformers (null)
+    was, now = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "out"))
+    assert sorted(now) == sorted(was)
+    assert {k: v for k, v in now.items() if was[k] is not None} == {k: v for k, v in was.items() if v is not None}
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         assert torch.equal(load_hf(tmp_path / "out")(x).logits, load_hf(src)(x).logits)
+
+
+def test_a_model_trained_on_shorter_sequences_keeps_its_sources_context_length(tmp_path):
+    """model.max_seq_len below the source's max_position_embeddings (fine-tuning on short
+    sequences) sizes moemesh's RoPE tables, not the model: the export keeps the source's 64."""
+    src = save_tiny("mixtral", tmp_path / "src")
+    ckpt = _saved_at_step_0(hf_run(src, **{"model.max_seq_len": 32}), tmp_path)
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def test_a_checkpoint_holding_adamws_moments_exports(tmp_path):
+    """The export bounds what it reads by the model's size (every parameter and its two AdamW
+    moments, in fp32): a checkpoint saved after a step holds all three."""
+    from tests.parallel._checkpoint_kit import take_a_step
+
+    run = tiny_run(**{"model.hidden_size": 64, "model.moe_ffn_hidden_size": 128})
+    paths = prepare_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
+    (tmp_path / "run").mkdir()
+    state = build_training(run, cpu_context(0, single_rank_mesh(), tmp_path / "run", paths))
+    try:
+        take_a_step(state.ckpt)
+        ckpt = state.ckpt.save(1)
+    finally:
+        state.data.close()
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert load_file(tmp_path / "out" / "model.safetensors")
 
 
 def test_a_bf16_source_round_trips_bitwise_and_shards_like_save_pretrained(tmp_path):
@@ -110,7 +141,7 @@ def test_a_bf16_source_round_trips_bitwise_and_shards_like_save_pretrained(tmp_p
 
 
 SCRATCH = {  # a model moemesh initialised (RoPE on interleaved pairs), and the family it becomes
-    "mixtral": {},
+    "mixtral": {"model.head_dim": 12},  # heads of their own width: the config must say so
     "qwen3_moe": {"model.qk_norm": "head", "model.head_dim": 24, "model.tie_embeddings": True},
     "olmoe": {"model.qk_norm": "full", "model.renormalize": False},
     "qwen2_moe": {
@@ -159,7 +190,13 @@ def test_an_upcycled_model_exports_as_its_moe_family(tmp_path, dense, family):
     run = hf_run(src, **{"model.upcycle.num_experts": 4, "model.upcycle.top_k": 2})
     ckpt = _saved_at_step_0(run, tmp_path)
     assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == family
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == family
+    # The dense source's own keys (llama's mlp_bias, pretraining_tp) stay behind: only the family's
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    known = set(CONFIG_MAPPING[family]().to_dict()) | {"head_dim"}
+    assert set(config) <= known, sorted(set(config) - known)
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():  # at step 0 it is still the dense model
         torch.testing.assert_close(load_hf(tmp_path / "out")(x).logits, load_hf(src)(x).logits, rtol=1e-5, atol=1e-5)
@@ -306,6 +343,10 @@ def test_a_capacity_factor_is_named_as_left_out(tmp_path, capsys):
         ({"model.router_groups": 2, "model.router_topk_groups": 1}, "group-limited routing (model.router_groups=2"),
         ({"model.max_ranks_per_token": 1}, "model.max_ranks_per_token=1"),
         ({"model.max_nodes_per_token": 1}, "model.max_nodes_per_token=1"),
+        ({"model.expert_bias_update_rate": 0.001}, "model.expert_bias_update_rate > 0 (a selection bias"),
+        ({"model.renormalize": False}, "model.renormalize=false"),
+        ({"model.qkv_bias": True}, "model.qkv_bias=true"),
+        ({"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True}, "a shared expert"),
     ],
 )
 def test_routing_transformers_does_not_do_is_refused(overrides, says):
@@ -316,6 +357,59 @@ def test_routing_transformers_does_not_do_is_refused(overrides, says):
     with pytest.raises(ConfigError, match="export as mixtral: " + re.escape(says)):
         check_exportable(tiny_run(**overrides).model, "mixtral")
     check_exportable(tiny_run(**{"model.router_groups": 2}).model, "mixtral")  # groups, every one picked: plain top-k
+
+
+def test_the_exported_aux_loss_coefficient_gives_moemeshs_balance_loss(tmp_path):
+    """transformers pools every layer's router logits into one balance loss, top_k times
+    moemesh's per layer; the exported ``router_aux_loss_coef`` scales it back (and by the MoE
+    layers, which moemesh sums): with one MoE layer, coefficient x transformers' loss is
+    moemesh's weighted one, so fine-tuning the export balances as the training did."""
+    run = tiny_run(
+        **{"model.num_layers": 1, "model.vocab_size": 96, "model.max_seq_len": 32, "model.aux_loss_factor": 0.01}
+    )
+    assert run.model.top_k == 2
+    x = torch.randint(0, 96, (2, 16))
+    stats = []
+    ckpt = _saved_at_step_0(run, tmp_path, edit=lambda model: stats.extend(model(x).moe_stats))
+    assert export_hf.main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    hf = load_hf(tmp_path / "out")
+    with torch.no_grad():
+        pooled = hf(x, output_router_logits=True).aux_loss
+    want = run.model.aux_loss_factor * stats[0].losses.aux_loss
+    torch.testing.assert_close(hf.config.router_aux_loss_coef * pooled, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "family"),
+    [
+        ({}, "mixtral"),
+        ({"model.qk_norm": "full"}, "olmoe"),
+        ({"model.qk_norm": "head"}, "qwen3_moe"),
+        ({"model.renormalize": False}, "qwen2_moe"),  # Mixtral always renormalises its top-k
+        ({"model.qkv_bias": True}, "qwen2_moe"),
+        ({"model.first_k_dense_layers": 1}, "qwen2_moe"),
+    ],
+)
+def test_a_model_from_scratch_is_written_as_the_family_that_holds_its_options(overrides, family):
+    from moemesh.interop.hf.export import check_exportable, infer_family
+
+    cfg = tiny_run(**overrides).model
+    assert infer_family(cfg) == family
+    check_exportable(cfg, family)
+
+
+@pytest.mark.parametrize(("family", "extra"), [("olmoe", {"model.qk_norm": "full"}), ("qwen2_moe", {})])
+def test_heads_of_their_own_width_are_refused_where_the_family_derives_them(family, extra):
+    """OLMoE's and Qwen2-MoE's attention take hidden_size / heads: a model.head_dim of its own
+    would load into the wrong shapes."""
+    from moemesh.interop.hf.export import check_exportable
+
+    cfg = tiny_run(**{"model.head_dim": 12, **extra}).model
+    with pytest.raises(
+        ConfigError, match=re.escape(f"export as {family}: model.head_dim=12 (not hidden_size / heads)")
+    ):
+        check_exportable(cfg, family)
+    check_exportable(tiny_run(**extra).model, family)
 
 
 # Trained on these layouts, then exported: (dp, ep, tp, pp, sharding)
