@@ -49,6 +49,10 @@ def test_an_offset_that_decreases_across_a_chunk_boundary_is_found(tmp_path):
     for chunk in (1, 2, 3, 4):
         with pytest.raises(ConfigError, match=r"document 2 starts at 3, before document 1 \(4\)"):
             _check_offsets(idx, meta.shards[0], "w", chunk=chunk)
+    np.asarray([0, 4, 6, 5], dtype=np.uint64).tofile(idx)  # the last document starts past the end
+    for chunk in (1, 2, 3, 4):
+        with pytest.raises(ConfigError, match=r"document 3 starts at 5, before document 2 \(6\)"):
+            _check_offsets(idx, meta.shards[0], "w", chunk=chunk)
 
 
 def test_a_verified_shard_is_hashed_again_when_the_metadata_expects_another_hash(tmp_path):
@@ -63,3 +67,24 @@ def test_a_verified_shard_is_hashed_again_when_the_metadata_expects_another_hash
     (out / META_NAME).write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"shard shard_000000.tok has sha256 \w+\.\.\., its metadata says 0000"):
         verify_shards(read_meta(out), cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("vocab_size", 0, r"'vocab_size' must be an integer in \[1, 4294967296\], got 0"),
+        ("documents", 3, r"'tokens'/'documents' are not the sums over its shards"),
+        ("tokens", 8, r"'tokens'/'documents' are not the sums over its shards"),
+        ("shards", [], r"'shards' must be a non-empty list"),
+        ("eos_id", 3.0, r"'eos_id' must be null or an id below vocab_size=1000, got 3.0"),
+        ("eos_id", True, r"'eos_id' must be null or an id below vocab_size=1000, got True"),
+    ],
+)
+def test_metadata_whose_fields_disagree_is_refused(tmp_path, field, value, message):
+    out = write_corpus(tmp_path / "c", [[3, 4]], vocab_size=1000)
+    meta = json.loads((out / META_NAME).read_text())
+    assert (meta["tokens"], meta["documents"]) == (7, 2)
+    meta[field] = value
+    (out / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=message):
+        read_meta(out)

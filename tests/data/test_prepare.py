@@ -327,7 +327,7 @@ def test_a_null_text_is_an_empty_document_in_jsonl_as_in_parquet_and_a_number_is
     rc, err = _prepare(capsys, "--tokenizer", tok, "--input", tmp_path / "in", "--out", tmp_path / "o")
     assert rc == 0 and err == [], err
     meta = json.loads((tmp_path / "o" / META_NAME).read_text())
-    assert [s["documents"] for s in meta["sources"]] == [2, 2]
+    assert [(s["documents"], s["tokens"]) for s in meta["sources"]] == [(2, 5), (2, 4)]  # EOS included
     (tmp_path / "n.jsonl").write_text('{"text": "hello"}\n{"text": 7}\n')
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
     for name, says in (("n.jsonl", "n.jsonl at byte 18 holds a int, not text"), ("n.parquet", "holds int values")):
@@ -562,3 +562,67 @@ def test_an_unfinished_prepare_of_other_options_is_not_continued(tmp_path):
     _refuse_other(out, plan)  # the same plan: continued
     with pytest.raises(ConfigError, match="holds an unfinished prepare of other inputs or options"):
         _refuse_other(out, {**plan, "shard_bytes": 2 << 20})
+
+
+def test_ids_past_65535_are_written_as_uint32(tmp_path, capsys):
+    """A vocabulary of 65,537 ids (the largest 65,536) needs uint32 shards: uint16 would wrap it to 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "a": 2, "b": 65536}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    write_jsonl(tmp_path / "in.jsonl", ["b a", "a b b"])
+    rc, err = _prepare(
+        capsys, "--tokenizer", tmp_path / "tokenizer.json", "--input", tmp_path / "in.jsonl", "--out", tmp_path / "o"
+    )
+    assert rc == 0, err
+    meta = read_meta(tmp_path / "o")
+    assert (meta.vocab_size, meta.dtype) == (65537, "uint32")
+    ids = np.fromfile(tmp_path / "o" / "shard_000000.tok", dtype=np.uint32).tolist()
+    assert ids == [65536, 2, 0, 2, 65536, 65536, 0]
+    assert np.fromfile(tmp_path / "o" / "shard_000000.idx", dtype=np.uint64).tolist() == [0, 3, 7]
+
+
+def test_sources_of_two_tokenizers_are_refused(tmp_path, monkeypatch):
+    """The same ids would mean different text."""
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    a = write_corpus(tmp_path / "a", [[40, 40]], vocab_size=1000, tokenizer="one")
+    b = write_corpus(tmp_path / "b", [[40, 40]], vocab_size=1000, tokenizer="two")
+    from moemesh.data import DataSourceConfig
+
+    cfg = DataConfig(name="t", kind="tokens", sources=[DataSourceConfig(str(a), 1.0), DataSourceConfig(str(b), 1.0)])
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].path=.* was tokenised by two .*, data.sources\[0\]"):
+        check_data(cfg, seq_len=16, vocab_size=1000)
+    cfg = DataConfig(name="t", kind="tokens", path=str(a), val_path=str(b))
+    with pytest.raises(ConfigError, match=r"data.val_path=.* was tokenised by two"):
+        check_data(cfg, seq_len=16, vocab_size=1000)
+
+
+def test_a_corrupt_validation_directory_is_found_before_any_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    train = write_corpus(tmp_path / "train", [[40, 40]], vocab_size=1000)
+    held = write_corpus(tmp_path / "held", [[40, 40]], vocab_size=1000, start=500)
+    shard = held / "shard_000000.tok"
+    b = bytearray(shard.read_bytes())
+    b[3] ^= 1  # same size: only the sha256 finds it
+    shard.write_bytes(bytes(b))
+    cfg = DataConfig(name="t", kind="tokens", path=str(train), val_path=str(held))
+    with pytest.raises(ConfigError, match=r"data.val_path=.*: shard shard_000000.tok has sha256"):
+        prepare_data(cfg, seq_len=16, vocab_size=1000)
+
+
+def test_a_piece_marker_is_not_kept_when_its_shard_changed(tmp_path):
+    """A shard rewritten since its marker (same size, other bytes) is made again, not kept."""
+    from moemesh.data.prepare import _shard_ok
+
+    out = write_corpus(tmp_path / "out", [[3, 4]], vocab_size=1000)
+    (shard,) = json.loads((out / META_NAME).read_text())["shards"]
+    (out / ".prepare").mkdir()
+    (out / ".prepare" / "piece_000000.json").write_text(json.dumps({"shard": shard, "inputs": {}}))
+    assert _shard_ok(out, 0) is not None
+    for name in ("shard_000000.tok", "shard_000000.idx"):
+        good = (out / name).read_bytes()
+        (out / name).write_bytes(good[::-1])
+        assert _shard_ok(out, 0) is None, name
+        (out / name).write_bytes(good)

@@ -125,6 +125,8 @@ def test_a_mixture_of_prepared_directories_reads_each_by_weight(tmp_path, monkey
     pos = data.position(100, global_batch=16, seq_len=SEQ)
     assert [s["samples"] for s in pos["sources"]] == [1600 - round(from_b * 1600), round(from_b * 1600)]
     assert pos["sources"][0]["epoch"] >= 1  # a small source goes round again, in a new order
+    for src in pos["sources"]:
+        assert divmod(src["samples"], src["windows"]) == (src["epoch"], src["window_in_epoch"])
 
 
 def test_weights_that_draw_the_same_order_resume_and_other_weights_do_not(tmp_path, monkeypatch):
@@ -216,3 +218,56 @@ def test_the_held_out_cut_takes_the_fewest_whole_documents_that_hold_the_fractio
     assert held_out_cut(offsets, 100, 0.10) == 90
     assert held_out_cut(offsets, 100, 0.101) == 80  # 10.1 tokens: one document is not enough
     assert held_out_cut(offsets, 100, 0.0) == 100
+    assert held_out_cut(np.asarray([0, 100], dtype=np.uint64), 100, 0.5) == 100  # one document: it trains
+
+
+def test_a_source_too_light_for_one_sample_per_block_is_refused():
+    with pytest.raises(ValueError, match=f"a source would get no sample in {MIX_BLOCK}"):
+        Mixture.of([1.0, 1e-5])
+
+
+def test_documents_of_neighbouring_shards_have_different_numbers(tmp_path):
+    """A stream runs from one shard into the next: the last document of one and the first of the
+    next are two documents (data.document_mask must not let one attend to the other)."""
+    from moemesh.data.reader import _tokens_streams
+
+    out = write_corpus(tmp_path / "c", [[5, 5], [5, 5], [5]], vocab_size=1000)
+    train, _ = _tokens_streams(str(out), 0.0, 0)
+    d = train.documents(0, 25).tolist()
+    runs = [d[i] for i in range(25) if i == 0 or d[i] != d[i - 1]]
+    assert len(runs) == len(set(runs)) == 5 and [len(set(d[i : i + 5])) for i in range(0, 25, 5)] == [1] * 5
+
+
+def test_a_token_id_equal_to_the_vocab_size_is_refused_when_read(tmp_path):
+    """The metadata's vocabulary is checked before any rank starts; the ids themselves as they are
+    read (a corpus whose metadata understates its vocabulary)."""
+    from moemesh.data.reader import DataSpec, SourceSpec
+    from moemesh.errors import DataError
+
+    out = write_corpus(tmp_path / "c", [[49]], vocab_size=1000)  # ids 0..48: one window of seq_len 48
+    src = (SourceSpec("c", "tokens", str(out)),)
+    kw = dict(global_batch=1, seq_len=48, start=0, count=1)
+    x, y = TokenData(DataSpec("tokens", src, None, 0.01, 49), seed=0).batch("train", 0, **kw)
+    assert int(y.max()) == 48
+    with pytest.raises(DataError, match=r"token id 48 in the train data of c >= model.vocab_size=48"):
+        TokenData(DataSpec("tokens", src, None, 0.01, 48), seed=0).batch("train", 0, **kw)
+
+
+def test_a_position_from_another_seed_or_validation_fraction_is_refused(corpus):
+    """Either changes which windows train in which order: the position would mean nothing."""
+    pos = _data(corpus).position(6, global_batch=8, seq_len=SEQ)
+    assert _data(corpus).check_position(pos, seq_len=SEQ) is None
+    other_seed = TokenData(_data(corpus).spec, seed=8)
+    assert "trained on other data" in other_seed.check_position(pos, seq_len=SEQ)
+    assert "trained on other data" in _data(corpus, val_fraction=0.2).check_position(pos, seq_len=SEQ)
+
+
+def test_with_a_validation_directory_every_training_document_trains(tmp_path, monkeypatch):
+    """data.val_path holds out nothing of the training source: its last documents train too
+    (a source of exactly one window's tokens is enough)."""
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    a = write_corpus(tmp_path / "a", [[10, 7]], vocab_size=VOCAB)
+    v = write_corpus(tmp_path / "v", [[17]], vocab_size=VOCAB, start=500)
+    cfg = DataConfig(name="t", kind="tokens", path=str(a), val_path=str(v))
+    data = TokenData(prepare_data(cfg, seq_len=SEQ, vocab_size=VOCAB), seed=0)
+    assert data.train.tolist() == list(range(17)) and data.val.tolist() == list(range(500, 517))

@@ -117,3 +117,27 @@ def test_a_token_id_equal_to_the_vocab_size_is_rejected(tmp_path):
     np.full(5000, 256, dtype=np.uint16).tofile(path)
     with pytest.raises(ConfigError, match="holds token id 256 >= model.vocab_size=256"):
         prepare_data(DataConfig(name="m", kind="memmap", path=str(path)), seq_len=16, vocab_size=256)
+
+
+def test_a_split_of_exactly_seq_len_plus_one_tokens_is_enough(tmp_path):
+    """data.val_fraction=0.5 of 34 tokens: 17 train, 17 validate, each one window of seq_len=16."""
+    path = tmp_path / "t.bin"
+    np.arange(34, dtype=np.uint16).tofile(path)
+    spec = prepare_data(
+        DataConfig(name="m", kind="memmap", path=str(path), val_fraction=0.5), seq_len=16, vocab_size=300
+    )
+    data = TokenData(spec, seed=0)
+    assert data.windows("train", 16) == data.windows("val", 16) == [1]
+    np.arange(33, dtype=np.uint16).tofile(path)
+    with pytest.raises(ConfigError, match="the train/validation splits have 17/16 tokens"):
+        prepare_data(DataConfig(name="m", kind="memmap", path=str(path), val_fraction=0.5), seq_len=16, vocab_size=300)
+
+
+def test_validation_token_ids_beyond_the_vocab_are_rejected(tmp_path):
+    train, val = tmp_path / "t.bin", tmp_path / "v.bin"
+    np.full(100, 5, dtype=np.uint16).tofile(train)
+    np.full(100, 300, dtype=np.uint16).tofile(val)
+    with pytest.raises(ConfigError, match=r"data.val_path=.*v.bin holds token id 300 >= model.vocab_size=256"):
+        prepare_data(
+            DataConfig(name="m", kind="memmap", path=str(train), val_path=str(val)), seq_len=16, vocab_size=256
+        )
