@@ -78,3 +78,17 @@ def test_gating_ties_prefer_lower_expert_id_at_a_realistic_expert_count():
         assert ids.tolist() == [list(range(0, 24, 3))] * 3, E
         ids = fused_gating(torch.zeros(2, E), top_k=6, renormalize=True).topk_ids_TK
         assert ids.tolist() == [list(range(6))] * 2, E
+
+
+def test_group_ties_prefer_lower_group_id_at_a_realistic_group_count():
+    """Rank-limited routing makes each EP rank a group: 32 and 64 groups, where torch's unstable
+    CPU sort no longer keeps tied groups in order. Every group tied: the lowest groups are allowed,
+    and the top-k (ties again) takes the lowest experts."""
+    from moemesh.kernels.gating import group_limited_mask
+
+    for G in (32, 64):
+        logits = torch.zeros(3, 2 * G)
+        allowed = group_limited_mask(logits, score_func="sigmoid", expert_bias_E=None, n_groups=G, topk_groups=4)
+        assert allowed.tolist() == [[True] * 8 + [False] * (2 * G - 8)] * 3, G
+        ids = fused_gating(logits, top_k=6, renormalize=True, score_func="sigmoid", n_groups=G, topk_groups=4)
+        assert ids.topk_ids_TK.tolist() == [list(range(6))] * 3, G

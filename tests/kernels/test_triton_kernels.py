@@ -84,6 +84,21 @@ def test_gating_ties_go_to_the_lower_expert_id_in_both_backends():
         assert torch.equal(a.topk_ids_TK, t.topk_ids_TK)
 
 
+@pytest.mark.parametrize("score,bias", [("softmax", False), ("softmax", True), ("sigmoid", True)])
+def test_gating_never_selects_the_padding_columns_of_a_non_power_of_two_expert_count(score, bias):
+    """E=6 and 12 fill 8- and 16-wide tiles. With every logit negative (no bias: the key is the
+    logit) or every score + bias negative, a padding column loaded as 0 or keyed without the
+    column mask would outrank every real expert and give an id >= E."""
+    for E in (6, 12):
+        logits = _randn(9, E, seed=E) - 20.0
+        b = torch.full((E,), -1.0, device=DEVICE) + _randn(E, seed=E + 1) * 0.1 if bias else None
+        ref = gating_reference(logits, top_k=3, renormalize=True, score_func=score, expert_bias_E=b)
+        got = gating_triton(logits, top_k=3, renormalize=True, score_func=score, expert_bias_E=b)
+        assert int(got.topk_ids_TK.max()) < E
+        assert torch.equal(got.topk_ids_TK, ref.topk_ids_TK) and torch.equal(got.counts_E, ref.counts_E)
+        torch.testing.assert_close(got.topk_weights_TK, ref.topk_weights_TK, **VAL)
+
+
 PERMUTE_CASES = [  # T, K, E, D, drop
     (0, 2, 8, 24, False),
     (1, 1, 1, 37, False),

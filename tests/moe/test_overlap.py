@@ -12,6 +12,8 @@ fp32), twice (two orders): 2*3*n*u of the output's scale, element by element.
 The shared expert runs while the first dispatch, or the last combine, is in flight, or after
 the combine (``shared_expert_overlap``): each placement gives the plain path's numbers, and a
 hook on the shared expert checks from the meter which exchanges had been waited for when it ran.
+
+The fast tier checks the chunking on one in-process gloo rank, where the exchanges are copies.
 """
 
 import pytest
@@ -25,8 +27,6 @@ from moemesh.parallel.dims import ParallelDims
 from moemesh.parallel.mesh import build_mesh
 from moemesh.trainer.parallelize import apply_ep, apply_instrumentation, apply_load_balance_group
 from tests.dist_utils import run_on_ranks
-
-pytestmark = pytest.mark.slow  # spawns 2 and 4 gloo ranks
 
 U32 = 2.0**-24  # fp32 unit roundoff
 
@@ -123,5 +123,47 @@ def _all(rank, world):
     _check(rank, world, 4, 2, 1.0)  # capacity mode works with overlap
 
 
+@pytest.mark.slow  # spawns 2 and 4 gloo ranks
 def test_overlap_equals_the_plain_path_at_ep2_and_ep4():
     run_on_ranks(_all, 4)
+
+
+def test_chunked_path_on_one_rank_equals_the_plain_path_exactly():
+    """One gloo rank in this process (no spawn): the exchanges are copies, so what is left is the
+    chunking itself: 10 tokens in 3 uneven chunks, dropped pairs, each chunk's counts and weights,
+    the experts' rows per expert, and the gradient that _Start/_Wait carry back. Experts that scale
+    each row by its expert's id + 1 make every number exact: equal to the plain path bit for bit."""
+    from moemesh.moe.dispatcher import AllToAllDispatcher
+    from moemesh.moe.overlap import overlapped_moe
+
+    E, K, T, D = 4, 2, 10, 6
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    ids[torch.rand(T, K, generator=gen) < 0.25] = -1
+    x, w = torch.randn(T, D, generator=gen), torch.rand(T, K, generator=gen)
+    g_out = torch.randn(T, D, generator=gen)
+    scale_E = torch.arange(1.0, E + 1)
+
+    def experts(rows, tokens_per_expert_e):
+        return rows * scale_E.repeat_interleave(tokens_per_expert_e, output_size=rows.shape[0])[:, None]
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        d = AllToAllDispatcher(num_experts=E, ep_group=torch.distributed.group.WORLD)
+        results = []
+        for chunks in (0, 3):
+            xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+            if chunks:
+                out, shared_out = overlapped_moe(d, xi, ids, wi, experts, chunks=chunks)
+                assert shared_out is None
+            else:
+                rows, meta = d.dispatch(xi, ids)
+                out = d.combine(experts(rows, meta.tokens_per_expert_e), wi, meta)
+            (out * g_out).sum().backward()
+            results.append((out, xi.grad, wi.grad))
+    finally:
+        torch.distributed.destroy_process_group()
+    kept_w = w * (ids >= 0) * scale_E[ids.clamp(min=0)]
+    torch.testing.assert_close(results[0][0], x * kept_w.sum(1, keepdim=True))
+    for plain, chunked in zip(*results, strict=True):
+        assert torch.equal(chunked, plain)

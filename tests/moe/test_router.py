@@ -248,3 +248,36 @@ def test_rank_dispatch_counts_every_byte_a_row_carries(monkeypatch):
     out = rank_dispatch.routed_by_rank(d, x, ids, w, lambda rows, counts: rows)
     assert priced == [sum(carried.values())] and len(carried) == 3
     assert torch.allclose(out, x * torch.tensor([[1.0], [0.5], [1.0]]))
+
+
+def test_aux_loss_over_a_data_group_is_the_global_loss_and_gradient(monkeypatch):
+    """Two data ranks, each with half the tokens: the counts are summed over the group (the
+    all-reduce, replayed here by hand), and the mean of the ranks' surrogates is the loss of the
+    whole batch on one rank, with the same gradient on every logit (what DDP's mean makes of it).
+    ``scale`` (1/tp) multiplies both losses."""
+    from moemesh.moe import router
+
+    T, E, K = 6, 4, 2
+    logits = torch.randn(2 * T, E, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    whole = router.router_losses(fused_gating(logits, top_k=K, renormalize=True), stats_group=None)
+    (g_whole,) = torch.autograd.grad(whole.aux_loss, logits)
+    halves = [fused_gating(logits[r * T : (r + 1) * T], top_k=K, renormalize=True) for r in range(2)]
+    total = halves[0].counts_E + halves[1].counts_E
+    monkeypatch.setattr(router, "all_reduced", lambda t, group: total)
+    monkeypatch.setattr(router, "group_size", lambda group: 2)
+    ranks = [router.router_losses(g, stats_group="dp") for g in halves]
+    assert all(torch.equal(r.global_counts_E, whole.global_counts_E) for r in ranks)
+    mean = (ranks[0].aux_loss + ranks[1].aux_loss) / 2
+    torch.testing.assert_close(mean, whole.aux_loss)
+    torch.testing.assert_close(torch.autograd.grad(mean, logits)[0], g_whole)
+    scaled = router.router_losses(halves[0], stats_group="dp", scale=0.25)
+    torch.testing.assert_close(scaled.aux_loss, ranks[0].aux_loss * 0.25)
+    torch.testing.assert_close(scaled.z_loss, ranks[0].z_loss * 0.25)
+
+
+def test_capacity_ties_keep_the_earlier_pairs_at_a_realistic_pair_count():
+    """Equal weights (a router at zero init, repeated tokens): the earlier (token, k) pairs stay.
+    40 pairs, past the length where torch's unstable CPU sort still keeps ties in order."""
+    ids = torch.zeros(40, 1, dtype=torch.int64)
+    kept, dropped = capacity_drop(ids, torch.full((40, 1), 0.5), num_experts=2, capacity=10)
+    assert kept.flatten().tolist() == [0] * 10 + [-1] * 30 and int(dropped) == 30

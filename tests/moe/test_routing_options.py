@@ -54,7 +54,7 @@ def _hf_router(E=16, K=4, groups=4, topk_groups=2, scale=2.5, D=32):
 
 
 @pytest.mark.parametrize("ops", BACKENDS)
-@pytest.mark.parametrize(("groups", "topk_groups", "scale"), [(4, 2, 2.5), (8, 3, 1.0), (1, 1, 1.8)])
+@pytest.mark.parametrize(("groups", "topk_groups", "scale"), [(4, 2, 2.5), (8, 3, 1.0), (1, 1, 1.8), (2, 1, 0.4)])
 def test_group_limited_routing_and_scaling_match_deepseek_v3(ops, groups, topk_groups, scale):
     E, K, D, T = 16, 4, 32, 37
     hf = _hf_router(E, K, groups, topk_groups, scale, D)
@@ -122,6 +122,24 @@ def test_fanout_counts_the_ep_ranks_a_token_reaches():
     ids = torch.tensor([[0, 1, 2], [0, 2, 4], [6, 7, -1], [-1, -1, -1], [1, 3, 5]])
     # reaches: 2 ranks, 3 ranks, 1 rank (a dropped pair reaches none), none, 3 ranks
     assert d.fanout(ids).tolist() == [1, 1, 1, 2]
+
+
+def test_router_groups_without_a_group_count_allow_every_group_and_a_limit_sets_both():
+    """``topk_groups`` unset (model.router_topk_groups: null) means every group: the routing of no
+    groups at all. ``limit_groups(n_groups, topk_groups)`` (the EP-rank limit) keeps each token's
+    experts in topk_groups of the n_groups runs."""
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    routers = [Router(hidden_size=16, num_experts=8, top_k=2, renormalize=True, n_groups=g) for g in (1, 4)]
+    for r in routers:
+        with torch.no_grad():
+            r.weight_ED.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)))
+    plain, every_group = (r(x)[0].topk_ids_TK for r in routers)
+    assert torch.equal(every_group, plain)
+    limited = routers[0]
+    limited.limit_groups(4, 1)  # 4 groups of 2 experts, one group per token
+    ids = limited(x)[0].topk_ids_TK
+    assert torch.equal(ids[:, 0] // 2, ids[:, 1] // 2)
+    assert not torch.equal(plain[:, 0] // 2, plain[:, 1] // 2)  # the limit changed something
 
 
 def _limited(**overrides):
