@@ -116,3 +116,17 @@ def test_only_the_last_records_load_statistics_are_kept(tmp_path):
     run = load_run(tmp_path, require_summary=False)
     assert run.records == [{"step": 1}, {"step": 2, "load": load(0.25)}, {"step": 3, "loss": 2.0}]
     assert final_load_cv(run) == {1: 0.25}
+
+
+def test_a_metrics_line_of_exactly_the_longest_length_is_a_record(tmp_path):
+    """MAX_LINE_BYTES is the longest line read (its newline included); only a longer one is refused."""
+    from moemesh.runs.reader import MAX_LINE_BYTES, read_records
+
+    head = '{"step": 2, "pad": "'
+    longest = head + "p" * (MAX_LINE_BYTES - len(head) - 3) + '"}\n'
+    assert len(longest) == MAX_LINE_BYTES
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n' + longest + '{"step": 3}\n')
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]
+    (tmp_path / "metrics.jsonl").write_text(longest[:-1] + 'p"\n')
+    with pytest.raises(RunReadError, match=f"line 1 is longer than {MAX_LINE_BYTES:,} bytes"):
+        read_records(tmp_path)

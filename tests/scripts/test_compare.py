@@ -633,6 +633,7 @@ def test_a_sweeps_value_counts_take_a_range_step():
     from moemesh.runs.reader import _values
 
     assert [_values(v) for v in ("range(0,10,2)", "range(10,0,-3)", "range(5)", "a,b")] == [5, 4, 5, 2]
+    assert [_values(v) for v in ("[a,b", "[a,b],c", "{x: 1, y: 2}")] == [None, 2, 1]  # unclosed: not counted
 
 
 def test_an_integer_field_is_refused_a_fraction():
@@ -681,3 +682,48 @@ def test_exactly_eight_jobs_never_started_are_all_named(tmp_path):
     _multirun(sweep, ["trainer.seed=range(10)"])
     (note,) = compare.never_started_notes([sweep])
     assert "(#1, #2, #3, #4, #5, #6, #7, #8, ...)" in note
+
+
+def test_the_table_is_relative_to_the_first_run_in_its_units(tmp_path, capsys):
+    """tokens/s as a ratio to the first run named (not the fastest, not the last), step in ms,
+    memory in MiB (2^20 bytes), expert and non-expert parameters each in their own column."""
+    split = {"expert": {"min": 3 * 2**20, "max": 3 * 2**20}, "non_expert": {"min": 2**19, "max": 2**19}}
+    memory = {"peak_memory_bytes": {"min": 1, "max": 3 << 30, "kind": "cpu_peak_rss"}, "param_bytes_per_rank": split}
+    slow = _fake_run(tmp_path / "a", "ep2", losses=LOSS, time={**OVER, "step": 0.2}, summary=memory)
+    fast = _fake_run(tmp_path / "b", "dp2", losses=LOSS)
+    compare.main([str(slow), str(fast), "--out", str(tmp_path / "cmp")])
+    rows = _rows(capsys.readouterr().out)
+    cells = ["tokens/s", "ratio to ep2", "step ms", "peak MiB/rank", EXPERT, "non-expert param MiB/rank"]
+    assert [rows["ep2"][k] for k in cells] == ["1,280", "1.00", "200.0", "3,072", "3.00", "0.50"]
+    assert [rows["dp2"][k] for k in cells] == ["2,560", "2.00", "100.0", "1", "–", "–"]
+
+
+def test_summary_medians_are_preferred_to_the_records_and_an_even_count_averages(tmp_path):
+    """summary.json's time_breakdown and median tokens/s are the run's own (over every logged
+    step, however long the run); the records are read only where the summary has none, and then
+    the median of an even number of steady steps is the mean of the middle two."""
+    own = {**OVER, "step": 2.0}
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS, summary={"time_breakdown": own})
+    (run,) = _runs(a)
+    assert compare.time_breakdown(run) == own and run.stats["breakdown"].step_s == 2.0
+
+    b = _fake_run(tmp_path / "b", "dp2", losses=LOSS[:6])
+    s = json.loads((b / "summary.json").read_text())
+    for key in ("median_tokens_per_s", "median_step_s", "time_breakdown"):
+        del s[key]
+    (b / "summary.json").write_text(json.dumps(s))
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    for r, step_s in zip(records, (7.0, 9.0, 1.0, 2.0, 4.0, 8.0)):  # steps 0 and 1 (the warm-up) are not steady
+        r["step_s"], r["tokens_per_s"] = step_s, 256 / step_s
+        r |= {"a2a": {"bytes_sent": 0}, "samples_per_s": 1.0, "flops_per_s": 1.0}  # what the medians read
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run,) = _runs(b)
+    assert run.stats["tps"] == (256 / 2 + 256 / 4) / 2 and run.stats["step"] == 0.1  # time.step: 0.1 throughout
+
+
+def test_blank_lines_of_metrics_jsonl_are_not_counted_as_bad(tmp_path):
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS[:3])
+    text = (a / "metrics.jsonl").read_text()
+    (a / "metrics.jsonl").write_text("\n" + text.replace("\n", "\n\n", 1) + "  \nnot json\n")
+    (run,) = _runs(a)
+    assert [r["step"] for r in run.records] == [0, 1, 2] and run.skipped_lines == [7]

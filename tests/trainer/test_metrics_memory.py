@@ -356,3 +356,36 @@ def test_a_record_of_exactly_the_longest_line_is_kept_and_so_is_the_next(tmp_pat
     logger.begin(3)
     logger.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_run_of_one_timed_step_takes_its_medians_from_that_step():
+    """Where the warm-up leaves no steady step, the warm-up records are the steady ones: summary.json
+    (StepSample) and compare.py (steady) both show the one step, not nothing."""
+    from moemesh.runs.steady import steady
+
+    only = {"step": 1, "time": {"step": 2.0}}
+    assert steady([only]) == [only]
+    assert steady([only, {"step": 2, "time": {"step": 3.0}, "skipped": True}]) == [only]
+    assert steady([{"step": 1, "loss": 3.0}]) == []  # no timed record: nothing to take medians of
+
+
+def test_offline_medians_of_an_even_number_of_steps_average_the_middle_two(tmp_path):
+    """Run.medians keeps every steady step (warm-up already left out): four steps' median is the
+    mean of the middle two, over all four."""
+    from moemesh.runs.reader import load_run
+
+    records = [
+        {
+            "step": i,
+            "time": {"step": s, "a2a": 0.0},
+            "a2a": {"bytes_sent": 0},
+            "samples_per_s": 1 / s,
+            "flops_per_s": 1.0,
+        }
+        for i, s in enumerate([9.0, 1.0, 2.0, 4.0, 8.0], 1)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"start_step": 0}))
+    medians = load_run(tmp_path).medians()
+    assert medians["time_breakdown"]["step"] == 3.0 and medians["median_over_steps"] == 4
+    assert medians["median_samples_per_s"] == (1 / 2 + 1 / 4) / 2
