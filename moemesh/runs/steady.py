@@ -67,14 +67,14 @@ class StepSample:
                 "mfu",
             )
             self.columns = [array("d") for _ in self.names]
-        mfu = r.get("mfu")
+        a2a, step = _number(t.get("a2a")), _number(t.get("step"))
         return [
-            *(t.get(k[5:], 0.0) for k in self.names[:-5]),
-            t["a2a"] / t["step"] if t["step"] else 0.0,
-            r["a2a"]["bytes_sent"],
-            r["samples_per_s"],
-            r["flops_per_s"],
-            math.nan if mfu is None else mfu,
+            *(_number(t.get(k[5:])) for k in self.names[:-5]),
+            a2a / step if step else 0.0,  # NaN where either is missing (NaN is true)
+            _number((r.get("a2a") or {}).get("bytes_sent")),
+            _number(r.get("samples_per_s")),
+            _number(r.get("flops_per_s")),
+            _number(r.get("mfu")),
         ]
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -102,28 +102,41 @@ class StepSample:
         return len(self.columns[0]) if self.columns and self.columns[0] else len(self.first)
 
     def medians(self) -> dict[str, float] | None:
+        """Each column's median over the steps that recorded it (NaN where none did)."""
         if self.columns and self.columns[0]:
-            return {name: statistics.median(column) for name, column in zip(self.names, self.columns)}
+            return {name: _median_of_known(column) for name, column in zip(self.names, self.columns)}
         if not self.first:
             return None
-        return {name: statistics.median(values) for name, values in zip(self.names, zip(*self.first))}
+        return {name: _median_of_known(values) for name, values in zip(self.names, zip(*self.first))}
 
     def summary(self) -> dict:
-        """The summary's medians over the steady steps (``WARMUP_RECORDS``)."""
+        """The summary's medians over the steady steps (``WARMUP_RECORDS``); None for a value no
+        step recorded (an offline summary of records a reader dropped values of)."""
         med = self.medians()
         if med is None:
             return {}
-        mfu = med["mfu"]
+        known = {name: None if math.isnan(v) else v for name, v in med.items()}
         return {
-            "time_breakdown": {name[5:]: v for name, v in med.items() if name.startswith("time.")},
-            "a2a_share": med["a2a_share"],
-            "a2a_bytes_sent_per_step": med["a2a_bytes_sent"],
-            "median_samples_per_s": med["samples_per_s"],
-            "median_flops_per_s": med["flops_per_s"],
-            "mfu": None if math.isnan(mfu) else mfu,
+            "time_breakdown": {name[5:]: v for name, v in known.items() if name.startswith("time.") and v is not None},
+            "a2a_share": known["a2a_share"],
+            "a2a_bytes_sent_per_step": known["a2a_bytes_sent"],
+            "median_samples_per_s": known["samples_per_s"],
+            "median_flops_per_s": known["flops_per_s"],
+            "mfu": known["mfu"],
             "load_cv_final": {layer: v["cv"] for layer, v in self.last.get("load", {}).items()},
             "median_over_steps": len(self),  # logged steps behind the medians (evenly sampled past capacity)
         }
+
+
+def _number(value) -> float:
+    """A recorded number, or NaN for one the record lacks (``runs.reader`` drops a value of the
+    wrong type as if it had not been recorded)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _median_of_known(values) -> float:
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else math.nan
 
 
 def summarize_records(records: list[dict], warmup: int = WARMUP_RECORDS) -> dict:

@@ -4,6 +4,7 @@ percentages that add up to 100, a subtitle on every chart, coinciding loss curve
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from decimal import Decimal
@@ -426,6 +427,32 @@ def test_run_name_tells_modes_of_one_layout_apart():
     )
     assert compare.run_name({"parallel": "ep4"}, "d") == "ep4"  # summaries from before these keys
     assert compare.run_name({}, "run-dir") == "run-dir"
+
+
+def test_a_run_whose_summary_has_no_breakdown_takes_it_from_records_lacking_values(tmp_path, capsys):
+    """A summary.json without time_breakdown (a partial one) sends compare.py to the records'
+    medians; records whose a2a bytes, samples/s or flops/s the reader dropped (a NaN, a string)
+    or never had made it die with KeyError 'a2a'. Each median now skips what a step lacks."""
+    a = _fake_run(tmp_path / "a", "ep2", losses=LOSS)
+    s = json.loads((a / "summary.json").read_text())
+    del s["time_breakdown"], s["a2a_share"]
+    (a / "summary.json").write_text(json.dumps(s))
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["a2a"] = {"bytes_sent": "NaN" if i % 3 == 0 else 1000 * i}
+        if i % 2:
+            r["samples_per_s"] = 8.0
+    (a / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run,) = _runs(a)
+    steady = [r for r in records if r["step"] > 0][1:]  # after start_step 0, past the warm-up record
+    med = run.medians()
+    assert med["a2a_bytes_sent_per_step"] == statistics.median(
+        r["a2a"]["bytes_sent"] for r in steady if r["a2a"]["bytes_sent"] != "NaN"
+    )
+    assert med["median_samples_per_s"] == 8.0 and med["median_flops_per_s"] is None and med["mfu"] is None
+    assert med["a2a_share"] == pytest.approx(0.1) and med["time_breakdown"]["step"] == pytest.approx(0.1)
+    compare.main([str(a), "--out", str(tmp_path / "cmp")])
+    assert _rows(capsys.readouterr().out)["ep2"]["a2a %"] == "10.0"
 
 
 def test_values_of_the_wrong_type_are_dropped_and_bad_lines_counted(tmp_path, capsys):
