@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from moemesh.fields import KernelBackend
 from moemesh.kernels._triton import can_run_triton, triton_available
-from moemesh.kernels.gating import MAX_TRITON_EXPERTS, GatingOutput, gating_reference, gating_triton
+from moemesh.kernels.gating import MAX_TRITON_EXPERTS, GatingOutput, balance_scores, gating_reference, gating_triton
 from moemesh.kernels.permute import permute_reference, permute_triton
 from moemesh.kernels.sort_chunks import sort_chunks_reference, sort_chunks_triton
 from moemesh.kernels.swiglu import swiglu_bwd_torch, swiglu_bwd_triton, swiglu_fwd_torch, swiglu_fwd_triton
@@ -98,6 +98,7 @@ __all__ = [
     "TORCH_OPS",
     "TRITON_OPS",
     "backend_problem",
+    "balance_scores",
     "get_ops",
     "resolve_backend",
 ]

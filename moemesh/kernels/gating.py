@@ -104,6 +104,12 @@ def _row_sum(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE.sum(-1, keepdim=True).clamp_min(_SUM_FLOOR)
 
 
+def balance_scores(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The scores the balance losses average: softmax's as they are, sigmoid's normalised over
+    the experts (a row of underflowed scores stays 0)."""
+    return scores_TE if score_func == ScoreFunc.softmax else scores_TE / _row_sum(scores_TE)
+
+
 def gating_reference(
     logits_TE: torch.Tensor,
     *,
@@ -135,7 +141,7 @@ def gating_reference(
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
     if scale != 1.0:
         topk_weights_TK = topk_weights_TK * scale
-    aux_TE = scores_TE if score_func == ScoreFunc.softmax else scores_TE / _row_sum(scores_TE)
+    aux_TE = balance_scores(scores_TE, score_func)
     return GatingOutput(
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK,

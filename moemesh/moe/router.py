@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moemesh.fields import ScoreFunc
-from moemesh.kernels import TORCH_OPS, GatingOutput, KernelOps
+from moemesh.kernels import TORCH_OPS, GatingOutput, KernelOps, balance_scores
 from moemesh.parallel.comm import all_reduced, group_size
 
 
@@ -111,7 +111,7 @@ def sequence_aux_loss(logits_TE, topk_ids_TK, seq_T, *, num_seqs: int, seq_len: 
     T, E = logits_TE.shape
     K = topk_ids_TK.shape[1]
     scores = torch.softmax(logits_TE, -1) if score_func == ScoreFunc.softmax else torch.sigmoid(logits_TE)
-    scores = scores / scores.sum(-1, keepdim=True)
+    scores = balance_scores(scores, score_func)
     counts_BE = torch.zeros(num_seqs, E, device=logits_TE.device)
     counts_BE.index_put_(
         (seq_T[:, None].expand(T, K), topk_ids_TK), torch.ones(T, K, device=logits_TE.device), accumulate=True

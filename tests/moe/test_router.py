@@ -5,7 +5,7 @@ import torch
 
 from moemesh.kernels.gating import gating_reference as fused_gating
 from moemesh.moe.layer import capacity_drop
-from moemesh.moe.router import router_losses
+from moemesh.moe.router import router_losses, sequence_aux_loss
 
 
 def test_aux_loss_is_one_for_perfect_balance_and_E_for_collapse():
@@ -281,3 +281,16 @@ def test_capacity_ties_keep_the_earlier_pairs_at_a_realistic_pair_count():
     ids = torch.zeros(40, 1, dtype=torch.int64)
     kept, dropped = capacity_drop(ids, torch.full((40, 1), 0.5), num_experts=2, capacity=10)
     assert kept.flatten().tolist() == [0] * 10 + [-1] * 30 and int(dropped) == 30
+
+
+def test_sequence_aux_loss_of_underflowed_sigmoid_scores_is_finite_as_the_gating_is():
+    """Every logit of a row below about -104: its sigmoid scores underflow to 0 in fp32, and the
+    normalised scores were 0/0 = NaN here, where the gating's balance scores keep them 0."""
+    logits = torch.tensor([[-120.0, -130.0, -140.0, -150.0], [1.0, 0.0, -1.0, 2.0]])
+    ids = torch.tensor([[0, 1], [3, 0]])
+    seq = torch.tensor([0, 0])
+    loss = sequence_aux_loss(logits, ids, seq, num_seqs=1, seq_len=2, score_func="sigmoid", tp_group=None)
+    assert torch.isfinite(loss)
+    p = torch.sigmoid(logits[1]) / torch.sigmoid(logits[1]).sum()  # the first row adds 0 to P
+    f = torch.tensor([2.0, 1.0, 0.0, 1.0]) * 4 / (2 * 2)
+    torch.testing.assert_close(loss, (f * p / 2).sum())
