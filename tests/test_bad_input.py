@@ -380,6 +380,21 @@ def test_a_record_name_taken_by_a_directory_is_one_line_before_any_rank_starts(
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_a_file_where_the_run_saves_its_checkpoints_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    """The ranks found it once the model was built (checkpoint.dir cannot be written: EEXIST)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if kind == "file":
+        (run_dir / "checkpoints").write_text("")
+    else:
+        (run_dir / "checkpoints").symlink_to(tmp_path / "nowhere")
+    code, _, err = refused_cli([f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, capsys)
+    line = config_error_line(code, err)
+    assert f"{run_dir / 'checkpoints'} is not a directory, and the run saves its checkpoints there" in line, line
+    assert passed_cli([f"hydra.run.dir={run_dir}", "checkpoint.save_final=false"], tmp_path, monkeypatch)
+
+
 def test_record_names_that_are_links_to_files_or_dangling_pass(tmp_path, monkeypatch):
     """A link is what the run opens: one to a file (or to where a file will be) is a file."""
     run_dir = tmp_path / "run"

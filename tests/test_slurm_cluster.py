@@ -181,16 +181,18 @@ def _scontrol_job(job: str) -> str:
 
 
 def test_a_rank_that_raises_fails_the_job_with_its_reason(tmp_path):
-    # The job's metrics.jsonl is a directory: rank 0 raises when it opens it, after the ranks
-    # started (what the submitter checks cannot see it: no records there). The task must exit
-    # non-zero (srun then stops any rank still waiting in a collective) and SLURM must record
-    # the job as FAILED, not COMPLETED, with the rank's one-line reason. (An unwritable
-    # checkpoint.dir served here until the submitter refused it before submitting.)
-    (tmp_path / "sweep" / "0_dp2" / "metrics.jsonl").mkdir(parents=True)
+    # The job's metrics.jsonl is a link into a directory that does not exist: rank 0 raises when
+    # it opens it, after the ranks started (what the submitter checks leaves links to the ranks).
+    # The task must exit non-zero (srun then stops any rank still waiting in a collective) and
+    # SLURM must record the job as FAILED, not COMPLETED, with the rank's one-line reason. (An
+    # unwritable checkpoint.dir, then a directory named metrics.jsonl, served here until the
+    # submitter refused them before submitting.)
+    (tmp_path / "sweep" / "0_dp2").mkdir(parents=True)
+    (tmp_path / "sweep" / "0_dp2" / "metrics.jsonl").symlink_to(tmp_path / "gone" / "metrics.jsonl")
     proc, _ = _submit(tmp_path, "parallel=dp2", "trainer.steps=3", timeout=180)
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("moemesh: failed:")]
-    assert re.search(r"IsADirectoryError: \[Errno 21\] Is a directory: .*metrics\.jsonl", line), line
+    assert re.search(r"FileNotFoundError: \[Errno 2\] No such file or directory: .*metrics\.jsonl", line), line
     assert _sacct(_job_ids(proc.stdout)[0]).get("state") == "FAILED"
 
 

@@ -155,20 +155,22 @@ def test_a_sweep_holds_micro_steps_equal_or_says_it_mixes_them(monkeypatch, caps
 
 @pytest.mark.slow
 def test_a_failed_job_of_a_local_sweep_is_its_own_and_the_sweep_goes_on(tmp_path):
-    """Job 0's spawned ranks fail (rank 0 cannot create metrics.jsonl: a directory is in the way),
-    and so does job 1, which trains in this process (one rank); job 2 still runs, and the command
-    ends naming both failed jobs in one line, exit 1."""
+    """Job 0's spawned ranks fail (rank 0 cannot create metrics.jsonl: it is a link into a
+    directory that does not exist, which the checks before the sweep leave to the ranks), and so
+    does job 1, which trains in this process (one rank); job 2 still runs, and the command ends
+    naming both failed jobs in one line, exit 1."""
     sweep = tmp_path / "sweep"
-    (sweep / "0_dp2" / "metrics.jsonl").mkdir(parents=True)
-    (sweep / "1_single" / "metrics.jsonl").mkdir(parents=True)
+    for job in ("0_dp2", "1_single"):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "metrics.jsonl").symlink_to(tmp_path / "gone" / "metrics.jsonl")
     proc = _sweep(tmp_path, "parallel=dp2,single,single", "trainer.steps=2", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stderr
     assert json.loads((sweep / "2_single" / "summary.json").read_text())["steps"] == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        "moemesh: 2 of 3 sweep jobs failed (the others ran): 0_dp2: rank 0 failed: IsADirectoryError"
+        "moemesh: 2 of 3 sweep jobs failed (the others ran): 0_dp2: rank 0 failed: FileNotFoundError"
     )
-    assert "; 1_single: rank 0 failed: IsADirectoryError" in last
+    assert "; 1_single: rank 0 failed: FileNotFoundError" in last
     assert "HYDRA_FULL_ERROR" not in proc.stderr and "Traceback" not in proc.stderr
     assert "Terminating process" not in proc.stderr  # torch's line per stopped rank: the reason says it once
     assert "Traceback" in (sweep / "1_single" / "train.log").read_text()  # the in-process job's, kept

@@ -474,7 +474,7 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
     its resume)."""
     _probe_outputs(command)
     for i, job in enumerate(command.jobs):
-        problem = _records_blocked(job, command.multirun)
+        problem = _run_dir_blocked(job, command.multirun)
         if problem:
             raise ConfigError(f"job #{i} ({' '.join(job.overrides)}): {problem}" if command.multirun else problem)
     if launched:
@@ -504,13 +504,22 @@ def check_output_dirs(command: Command, *, launched: bool = False) -> None:
 _RECORD_FILES = ("metrics.jsonl", "summary.json", "train.log")  # what rank 0 writes in the run directory
 
 
-def _records_blocked(job: Job, multirun: bool) -> str | None:
+def _run_dir_blocked(job: Job, multirun: bool) -> str | None:
     """Why rank 0 could not write the run's records in its directory: one of their names is
     taken by something that is not a file (a directory, a socket), which rank 0 would find only
-    once the model is built, or for summary.json only after the last step."""
+    once the model is built, or for summary.json only after the last step; or the default
+    checkpoint directory's name by something that is not a directory."""
     if job.job_dir is None or job.sweeper not in (None, "basic"):
         return None
     run_dir = Path(str(job.job_dir))
+    given = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    c, checkpoints = job.run.checkpoint, run_dir / "checkpoints"
+    saves = c.every > 0 or c.save_final
+    if c.dir is None and saves and (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+        return (
+            f"{checkpoints} is not a directory, and the run saves its checkpoints there; move it away, or use "
+            f"{given}=<new dir> or checkpoint.dir=<dir>"
+        )
     for name in _RECORD_FILES:
         path = run_dir / name
         try:
@@ -521,7 +530,6 @@ def _records_blocked(job: Job, multirun: bool) -> str | None:
             return f"{path}: cannot be read: {_errno_text(err)}"
         if not stat.S_ISREG(mode):
             kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            given = "hydra.sweep.dir" if multirun else "hydra.run.dir"
             fix = f"move it away or use {given}=<new dir>"
             return f"{path} is {kind}, and the run writes a file of that name there; {fix}"
     return None
