@@ -221,6 +221,24 @@ def test_measured_phases_take_the_typed_computations_out_of_compute():
     assert not {"experts", "attention_core"} & set(cal.measured_phases({"forward": 0.2, "step": 0.3}))
 
 
+def test_measured_phases_keep_a_typed_time_of_zero():
+    """A run that timed its routed experts at 0 s timed them (a dense model's): the phase is there,
+    so the runs of a sweep that mixes it with MoE runs still fit the experts' rate apart."""
+    ph = cal.measured_phases({"forward": 0.2, "experts": 0.0, "attention_core": 0.05, "step": 0.3})
+    assert ph["experts"] == 0.0 and ph["compute"] == pytest.approx(0.15)
+
+
+def test_cluster_peak_flops_overrides_the_flag_and_an_uncalibrated_rate_is_the_prior():
+    """``--peak-flops`` is only for a cluster without ``peak_flops``; a calibration that fitted
+    links but no compute rate says the compute rate it prices with is the prior's."""
+    run = compose_run(["cluster.gpus=4", "trainer.device=cpu"])
+    calibration = CalibrationConfig(source="links", gbps={"a2a_intra": 0.5}, latency_us={"a2a_intra": 300.0})
+    cluster = dataclasses.replace(run.cluster, peak_flops=2e12, calibration=calibration)
+    assert cal.cluster_constants(cluster, ARGS).flops_per_s == pytest.approx(2e12 * ARGS.mfu, rel=1e-12)
+    line = cal.constants_line(cluster, ARGS)
+    assert line.startswith("constants: calibrated (links): compute 800 GFLOP/s (prior), routed experts at the same")
+
+
 def test_measured_phases_add_up_to_the_step():
     t = {"forward": 0.2, "backward": 0.3, "pipeline": 0.0, "a2a": 0.1, "grad_reduce": 0.05, "optimizer": 0.04}
     ph = cal.measured_phases({**t, "step": 0.62})
@@ -289,6 +307,92 @@ def test_collectives_measured_apart_stay_fixed(layouts):
     assert f.constants.gbps["a2a_intra"] == 0.5 and f.constants.latency_us["sync_intra"] == 300.0
     for name in ("flops_per_s", "gbps.tp_intra", "latency_us.p2p_intra", "optimizer_s_per_gb", "step_overhead_s"):
         assert _value(f.constants, name) == pytest.approx(_value(TRUE, name), rel=1e-6), name
+
+
+def test_leave_one_out_predicts_each_layout_from_the_others_only():
+    """Two overhead-only layouts: left out, each is predicted by the other's overhead alone (a fit
+    that saw the layout it predicts would land between the two), and its error is relative to what
+    was measured, not to the prediction."""
+    terms = [cal.Terms(0.0), cal.Terms(0.0)]
+    phases = [{"compute": 0.0, "other": o, "step": o} for o in (0.01, 0.03)]
+    loo = cal.leave_one_out(["a", "b"], terms, phases, PRIOR, [0.0, 0.0])
+    assert loo.after_s == pytest.approx([0.03, 0.01], rel=1e-9)
+    assert loo.errors_after == pytest.approx([2.0, 2 / 3], rel=1e-9)
+    assert loo.errors_before == [1.0, 1.0]
+
+
+def test_each_phase_counts_by_its_relative_error_and_a_tiny_one_as_1_percent_of_the_step():
+    """One unknown (the overhead) over three steps of 1 s whose "other" took 5, 10 and 30 ms:
+    each equation is divided by its phase's time, floored at 1% of the step (10 ms), so the fit is
+    the mean weighted by 1 / floored time squared (unweighted it would be 15 ms). A fit that
+    exercised no compute keeps the prior's rates, its own rates for the routed experts included."""
+    others = (0.005, 0.01, 0.03)
+    prior = dataclasses.replace(PRIOR, expert_flops_per_s=2e9)
+    f = cal.fit([cal.Terms(0.0)] * 3, [{"compute": 0.0, "other": o, "step": 1.0} for o in others], prior)
+    w2 = [1 / max(o, 0.01) ** 2 for o in others]
+    expected = sum(w * o for w, o in zip(w2, others)) / sum(w2)
+    assert f.constants.step_overhead_s == pytest.approx(expected, rel=1e-9)
+    assert f.measured == {"step_overhead_s": True}
+    assert f.constants.flops_per_s == prior.flops_per_s and f.constants.expert_flops_per_s == 2e9
+
+
+def test_a_collective_that_took_no_time_keeps_the_prior_latency():
+    """An All-to-All phase of 0 s: bandwidth held at infinity and latency at 0 say nothing about the
+    link, so the prior's latency stays and is reported as not measured (not a free collective)."""
+    terms = [cal.Terms(1e9, {"a2a_intra": (b, 10.0)}) for b in (1e6, 2e6, 3e6)]
+    phases = [{"compute": 0.2, "a2a": 0.0, "other": 0.0, "step": 0.2}] * 3
+    f = cal.fit(terms, phases, PRIOR)
+    assert f.constants.latency_us["a2a_intra"] == PRIOR.latency_us["a2a_intra"]
+    assert not f.measured["latency_us.a2a_intra"] and "gbps.a2a_intra" not in f.measured
+
+
+def test_only_fitted_constants_are_written_to_the_cluster_config():
+    """Nothing measured: no rate, no bandwidth, no latency and no bubble factor is written (the
+    prior's would pass for calibrated ones)."""
+    fields = cal.as_cluster_fields(PRIOR, {})
+    assert fields["flops_per_s"] is None and fields["bubble_factor"] is None
+    assert fields["expert_flops_per_s"] is None and fields["attention_core_flops_per_s"] is None
+    assert fields["gbps"] == {} and fields["latency_us"] == {}
+
+
+def test_a_pipeline_step_is_its_slowest_stage_under_the_fitted_constants():
+    """Per stage, a compute-heavy stage and an All-to-All-heavy one: the GPU prior prices the
+    All-to-All one slower, the measured (CPU) constants the compute one. The stage a step measures
+    is chosen under the fitted constants, so the fit recovers them; ``predict`` takes the slowest."""
+    true = dataclasses.replace(
+        PRIOR,
+        flops_per_s=5e9,
+        gbps={**PRIOR.gbps, "a2a_intra": 0.5},
+        latency_us={**PRIOR.latency_us, "a2a_intra": 300.0},
+        step_overhead_s=0.02,
+    )
+    light = cal.Terms(1e6, {"a2a_intra": (5e7, 3)})
+    heavy = [cal.Terms(f, {"a2a_intra": (b, s)}) for f, b, s in ((1e9, 1e6, 3), (2e9, 4e6, 7), (1.5e9, 2e6, 12))]
+    layouts = [[light, t] for t in heavy]
+    phases = [true.phases(t) | {"step": true.step_s(t)} for t in heavy]
+    assert all(PRIOR.step_s(t) < PRIOR.step_s(light) for t in heavy)
+    f, chosen = cal.fit_staged(layouts, phases, PRIOR)
+    assert chosen == heavy
+    for name in ("flops_per_s", "gbps.a2a_intra", "latency_us.a2a_intra", "step_overhead_s"):
+        assert _value(f.constants, name) == pytest.approx(_value(true, name), rel=1e-6), name
+    for x, t in zip(layouts, heavy):
+        assert cal.predict(f.constants, x) == pytest.approx(true.step_s(t), rel=1e-6) and true.step_s(t) > true.step_s(
+            light
+        )
+
+
+def test_one_link_adds_inter_node_bytes_and_steps_to_the_intra_node_ones():
+    """The one-link model: each kind's traffic over both links under its intra-node key."""
+    t = cal.Terms(1e9, {"a2a_intra": (1e6, 3.0), "a2a_inter": (2e6, 4.0), "sync_inter": (5e5, 6.0)})
+    assert cal.one_link(t).comm == {"a2a_intra": (3e6, 7.0), "sync_intra": (5e5, 6.0)}
+
+
+def test_latency_only_inter_node_traffic_crosses_nodes():
+    """Messages between nodes with no bytes counted (only their steps) still cross the inter-node
+    link; nothing on it does not."""
+    assert cal.crosses_nodes(cal.Terms(1e9, {"a2a_inter": (0.0, 3.0)}))
+    assert cal.crosses_nodes(cal.Terms(1e9, {"sync_inter": (1e6, 0.0)}), "sync")
+    assert not cal.crosses_nodes(cal.Terms(1e9, {"a2a_intra": (1e6, 3.0), "a2a_inter": (0.0, 0.0)}))
 
 
 def _fake_sweep(tmp_path: Path, batch: int, extra: tuple[str, ...] = (), name: str = "") -> Path:

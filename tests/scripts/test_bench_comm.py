@@ -179,6 +179,15 @@ def test_fit_link_without_a_bandwidth_fits_latency_through_the_origin():
     assert math.isinf(bw) and lat == pytest.approx(1.4e6, rel=1e-12)
 
 
+def test_fit_link_with_a_negative_latency_fits_bandwidth_through_the_origin():
+    """Times that grow with bytes but fall with steps: no negative latency, alpha = 0 and
+    1 / bw = sum(bytes t) / sum(bytes^2)."""
+    xs, ts = [(1e6, 1), (2e6, 1), (3e6, 2)], [1e-3 - 1e-5, 2e-3 - 1e-5, 3e-3 - 2e-5]
+    bw, lat = calibration.fit_link(xs, ts)
+    inv_bw = sum(b * t for (b, _), t in zip(xs, ts)) / sum(b * b for b, _ in xs)
+    assert lat == 0.0 and bw == pytest.approx(1 / inv_bw / 1e9, rel=1e-12)
+
+
 def test_one_collective_is_too_few_to_fit_a_line():
     results = [{"kind": "all_reduce", "n": 2, "bytes": 2**20, "s": 1e-3, "shape": "c2"}]
     out, unresolved = calibration.constants_from_bench(results)
