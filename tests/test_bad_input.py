@@ -275,20 +275,19 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 
 
 def _with_position(ckpt: Path, run, *, fingerprint: str | None = None) -> Path:
-    """Give a fake checkpoint the data position of ``run``'s data (or another ``fingerprint``)."""
+    """Give a fake checkpoint the data position ``run``'s reader records after its step (with
+    another ``fingerprint``: a position from other data)."""
+    from moemesh.data.reader import TokenData
     from moemesh.data.resolve import check_data
 
     spec = check_data(run.data, seq_len=run.trainer.seq_len, vocab_size=run.model.vocab_size)
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["data"] = {
-        "samples": 8,
-        "step": meta["step"],
-        "seq_len": run.trainer.seq_len,
-        "fingerprint": fingerprint or spec.fingerprint(seed=run.trainer.seed, seq_len=run.trainer.seq_len),
-        "sources": [
-            {"name": s.name, "windows": 99, "samples": 8, "epoch": 0, "window_in_epoch": 8} for s in spec.sources
-        ],
-    }
+    data = TokenData(spec, seed=run.trainer.seed)
+    try:
+        position = data.position(meta["step"], global_batch=run.trainer.global_batch_size, seq_len=run.trainer.seq_len)
+    finally:
+        data.close()
+    meta["data"] = {**position, **({"fingerprint": fingerprint} if fingerprint else {})}
     (ckpt / "meta.json").write_text(json.dumps(meta))
     return ckpt
 
