@@ -36,7 +36,9 @@ comes from a simple model, stated here so it can be argued with:
             the stage whose step is longest prices the plan, its traffic is the plan's);
             activation checkpointing adds the recomputed forward's FLOPs (recompute_flops_per_token):
             full recomputes every block's forward (about 1/3 more: forward is 2 of the 6 x
-            params FLOPs), selective all but the attention core and the expert matmuls
+            params FLOPs), selective all but the attention core and the expert matmuls; both
+            stop before a block's last product whose output nothing saves (a dense FFN's w2,
+            an ungated shared expert's w2 unless it hides an All-to-All)
   a collective of B bytes over n ranks costs  alpha x steps + B' / bandwidth,
             B' = 2 (n-1)/n B for a ring all-reduce (steps = 2 (n-1)), (n-1)/n B for a ring
             all-gather or reduce-scatter (steps = n - 1), and for an All-to-All the bytes

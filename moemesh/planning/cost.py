@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
-from moemesh.fields import Device, Dtype, PipelineSchedule, Sharding
+from moemesh.fields import Device, Dtype, PipelineSchedule, Sharding, SharedExpertOverlap
 from moemesh.moe.config import is_moe_layer
 from moemesh.moe.param_count import (
     Flops,
@@ -257,6 +257,11 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     p.bubble = bubble_fraction(schedule, dims.pp, placement.v, accum)
     k = cluster_constants(run.cluster, options or PlannerOptions())
     gpn = c.gpus_per_node
+    overlap = run.parallel.comm_optimization
+    # The shared expert runs after the routed experts unless it hides an All-to-All (moe/overlap.py).
+    shared_expert_last = not (
+        overlap.all_to_all_overlap and dims.ep > 1 and overlap.shared_expert_overlap != SharedExpertOverlap.none
+    )
 
     def stage_work(stage: int) -> _StageWork:
         specs = all_specs[stage]
@@ -273,7 +278,14 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         per_rank = t.global_batch_size * t.seq_len * dims.pp / dims.world_size
         stretch = 1 / (1 - p.bubble)
         flops = Flops(*(f * per_rank for f in stage_flops_per_token(m, t.seq_len, dims.pp, layers=layers)))
-        re = Flops(*(f * per_rank for f in recompute_flops_per_token(m, t.seq_len, ckpt, dims.pp, layers=layers)))
+        re = Flops(
+            *(
+                f * per_rank
+                for f in recompute_flops_per_token(
+                    m, t.seq_len, ckpt, dims.pp, layers=layers, shared_expert_last=shared_expert_last
+                )
+            )
+        )
         # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
         # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
         comm: dict[str, tuple[float, float]] = {}

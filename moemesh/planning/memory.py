@@ -242,19 +242,38 @@ def activation_bytes(
 
 
 def recompute_flops_per_token(
-    m: ModelConfig, seq_len: int, ckpt: str, pp: int = 1, stage: int = 0, *, layers: Sequence[int] | None = None
+    m: ModelConfig,
+    seq_len: int,
+    ckpt: str,
+    pp: int = 1,
+    stage: int = 0,
+    *,
+    layers: Sequence[int] | None = None,
+    shared_expert_last: bool = True,
 ) -> Flops:
     """Forward FLOPs activation checkpointing repeats, per token of the global batch, in the blocks
     of pipeline stage ``stage`` of ``pp`` (or of ``layers``, a pipeline rank's), with the routed
     experts' and the attention core's parts: 2 x the blocks' active parameters (full; selective
     leaves out the routed experts, whose outputs it keeps) + full's 4 x blocks x hidden x sequence
-    for the attention core (a third of PaLM's 12, which selective keeps too)."""
+    for the attention core (a third of PaLM's 12, which selective keeps too).
+
+    The recompute stops once it has remade every tensor the backward reads (torch's non-reentrant
+    checkpoint stops early), so a block's last projection, whose output nothing saves, is not
+    repeated: a dense FFN's w2, and an ungated shared expert's w2 where the shared expert runs
+    after the routed experts (``shared_expert_last``: not hidden under an All-to-All). Checked
+    against the FLOPs a checkpointed backward runs in tests/parallel/test_recompute.py."""
     if ckpt == Recompute.none:
         return Flops(0.0, 0.0, 0.0)
     specs = [s for s in param_specs(m, ParallelDims(pp=pp), stage=stage, layers=layers) if s.layer is not None]
-    dense = sum(s.numel for s in specs if not s.expert)
+    shared_last = shared_expert_last and not m.shared_expert_gate
+    dense = sum(s.numel for s in specs if not s.expert and not _unsaved_last(s.name, shared_last))
     if ckpt == Recompute.selective:
         return Flops(2.0 * dense, 0.0, 0.0)
     experts = 2.0 * sum(s.numel for s in specs if s.expert) * m.top_k / m.num_experts
     core = 4.0 * len({s.layer for s in specs}) * attention_width(m) * seq_len
     return Flops(2.0 * dense + experts + core, experts, core)
+
+
+def _unsaved_last(name: str, shared_last: bool) -> bool:
+    """Whether parameter ``name`` is a block's last projection, which a recompute leaves out."""
+    return name.endswith(".ffn.w2.weight") or (shared_last and name.endswith(".moe.shared.w2.weight"))

@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
+from moemesh.fields import SharedExpertOverlap
 from moemesh.moe.model import Block, Transformer
 from moemesh.parallel.comm import CollectiveTape, all_reduce_, is_replaying, recording, replayable, replaying
 from moemesh.parallel.recompute import MODES, apply_activation_checkpointing, checkpoint_module, checkpointed_modules
@@ -161,6 +163,103 @@ def test_tape_replays_without_running_the_collective():
             again = replayable(collective)
         assert torch.equal(again, first)
     assert len(calls) == 2 and not is_replaying() and tape.nbytes == 12
+
+
+class MatmulFlops(FlopCounterMode):
+    """torch's FLOP counter, with what it does not count on a CPU: ``addmm_`` (the per-expert
+    loop's weight gradients) and the CPU flash attention, forward and backward (two and four
+    products of S x S x Dh per head)."""
+
+    def __init__(self):
+        aten = torch.ops.aten
+
+        def addmm_(_, a, b, *args, out_shape=None, **kwargs):
+            return 2 * a[0] * a[1] * b[1]
+
+        def attention(q, k, *args, out_shape=None, **kwargs):
+            return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+        def attention_backward(grad, q, k, *args, out_shape=None, **kwargs):
+            return 2 * attention(q, k)
+
+        super().__init__(
+            display=False,
+            custom_mapping={
+                aten.addmm_: addmm_,
+                aten._scaled_dot_product_flash_attention_for_cpu: attention,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
+            },
+        )
+
+
+def _step_flops(run, mode, shared_overlap=None):
+    """The matmul FLOPs of one forward + backward of a 2 x seq_len batch under ``mode``;
+    ``shared_overlap``: the MoE layers take the All-to-All-overlapped path (2 chunks) with the
+    shared expert placed so, on a one-rank gloo group."""
+    model = _model(run, mode)
+    tokens = _tokens(run, 2)
+    if shared_overlap is None:
+        with MatmulFlops() as counter:
+            model(tokens, tokens).loss.backward()
+        return counter.get_total_flops()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        for block in model.layers.values():
+            block.moe.dispatcher.set_group(torch.distributed.group.WORLD)
+            block.moe.overlap_chunks, block.moe.shared_overlap = 2, SharedExpertOverlap(shared_overlap)
+        with MatmulFlops() as counter:
+            model(tokens, tokens).loss.backward()
+        return counter.get_total_flops()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+FLOP_MODELS = {
+    "moe": {},
+    "shared_expert": {"model.shared_expert_ffn_size": 16},
+    "gated_shared_expert": {"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True},
+    "dense_first_layer": {"model.first_k_dense_layers": 1},
+    "qk_norm_tied": {"model.qk_norm": "head", "model.tie_embeddings": True, "model.shared_expert_ffn_size": 16},
+}
+
+
+@pytest.mark.parametrize("name", FLOP_MODELS)
+def test_planned_flops_are_the_matmuls_a_step_runs(name):
+    """The planner's training FLOPs (model_flops_per_token) and what each checkpointing mode
+    repeats (recompute_flops_per_token), against the products a real forward + backward runs,
+    counted: exact, less the norms' weights, which the planner counts as parameters (2 FLOPs
+    each) and no product multiplies. A block's last projection is not recomputed where nothing
+    saves its output (the recompute stops early): a dense FFN's w2, an ungated shared expert's."""
+    from moemesh.moe.param_count import model_flops_per_token, param_specs
+    from moemesh.planning.memory import recompute_flops_per_token
+
+    run = tiny_run(**FLOP_MODELS[name])
+    m, S = run.model, run.trainer.seq_len
+    tokens = 2 * S
+    norms = [s for s in param_specs(m) if len(s.shape) == 1]
+    block_norms = sum(s.numel for s in norms if s.layer is not None)
+    none = _step_flops(run, "none")
+    assert none == tokens * (model_flops_per_token(m, S) - 6 * sum(s.numel for s in norms))
+    for mode in CHECKPOINTED:
+        repeated = _step_flops(run, mode) - none
+        assert repeated == tokens * (recompute_flops_per_token(m, S, mode).total - 2 * block_norms), mode
+
+
+@pytest.mark.parametrize("shared_overlap", ["none", "combine", "dispatch"])
+def test_recompute_repeats_the_shared_expert_it_overlaps_with_an_all_to_all(shared_overlap):
+    """Hidden under an exchange, the shared expert runs before ops that save tensors, so the
+    recompute makes its w2 again; run after the combine (none), it is the block's last."""
+    from moemesh.moe.param_count import param_specs
+    from moemesh.planning.memory import recompute_flops_per_token
+
+    run = tiny_run(**FLOP_MODELS["shared_expert"])
+    m, S = run.model, run.trainer.seq_len
+    block_norms = sum(s.numel for s in param_specs(m) if len(s.shape) == 1 and s.layer is not None)
+    last = shared_overlap == "none"
+    none = _step_flops(run, "none", shared_overlap)
+    for mode in CHECKPOINTED:
+        planned = recompute_flops_per_token(m, S, mode, shared_expert_last=last).total - 2 * block_norms
+        assert _step_flops(run, mode, shared_overlap) - none == 2 * S * planned, mode
 
 
 def _activation_bytes(run, mode, batch):

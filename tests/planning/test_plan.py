@@ -948,6 +948,38 @@ def test_a_pipeline_is_priced_at_its_slowest_stage():
     assert full.compute_s - p.compute_s == pytest.approx(full.recompute_s, rel=1e-9)
 
 
+def test_the_shared_expert_hiding_an_all_to_all_is_recomputed_whole():
+    """The recompute leaves out an ungated shared expert's w2 where it is the block's last
+    product; hidden under an exchange (the overlap on, ep > 1, shared_expert_overlap not none)
+    it runs before ops that save tensors, and its w2 is priced again."""
+    from moemesh.moe.config import is_moe_layer
+    from moemesh.planning.memory import recompute_flops_per_token
+
+    def plan(dims, *overrides):
+        run = compose_run(
+            ["cluster.gpus=4", "trainer.device=cpu", "model.shared_expert_ffn_size=64", *SMALL_MODEL]
+            + ["trainer.activation_checkpointing=full", *overrides]
+        )
+        return run, cost.plan_one(run, dims, ARGS).terms.flops
+
+    on = "parallel.comm_optimization.all_to_all_overlap=true"
+    ep4, dp4 = ParallelDims(ep=4), ParallelDims(dp=4)
+    run, last = plan(ep4)
+    m, S = run.model, run.trainer.seq_len
+    w2 = (
+        recompute_flops_per_token(m, S, "full", shared_expert_last=False).total
+        - recompute_flops_per_token(m, S, "full").total
+    )
+    assert w2 == 2 * m.shared_expert_ffn_size * m.hidden_size * sum(is_moe_layer(m, l) for l in range(m.num_layers))
+    tokens_per_rank = run.trainer.global_batch_size * S / 4
+    for where in ("combine", "dispatch"):
+        assert plan(ep4, on, f"parallel.comm_optimization.shared_expert_overlap={where}")[1] == pytest.approx(
+            last + w2 * tokens_per_rank, rel=1e-12
+        )
+    assert plan(ep4, on, "parallel.comm_optimization.shared_expert_overlap=none")[1] == last
+    assert plan(dp4, on)[1] == plan(dp4)[1]  # ep 1: no exchange to hide under
+
+
 # (dims, MoE layers per pipeline rank): 4 layers with every second one MoE (layers 1 and 3).
 A2A_CASES = [
     (ParallelDims(ep=2, tp=2), 2),
