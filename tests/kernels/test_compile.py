@@ -102,6 +102,22 @@ def test_custom_ops_pass_opcheck(case):
     assert all(v == "SUCCESS" for v in result.values()), (name, result)
 
 
+def test_the_sort_chunks_op_differentiates_to_the_inverse_permutation():
+    """The custom op's own autograd (what torch.compile runs), not the eager Function's; the token
+    path sorts there and back, so a backward that forgot to transpose the counts cancels out."""
+    from moemesh.kernels.sort_chunks import sort_chunks_reference
+
+    gen = torch.Generator().manual_seed(4)
+    counts = torch.tensor([[3, 0, 5, 1], [2, 6, 3, 6]], device=DEVICE)
+    x, g = (torch.randn(26, D, generator=gen).to(DEVICE) for _ in range(2))
+    grads = []
+    for fn in (torch.ops.moemesh.sort_chunks, sort_chunks_reference):
+        xi = x.clone().requires_grad_()
+        (fn(xi, counts) * g).sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_eager_calls_take_the_autograd_functions():
     """Outside torch.compile the ops skip the custom-op dispatch (see kernels._triton.pick)."""
     gen = torch.Generator().manual_seed(3)

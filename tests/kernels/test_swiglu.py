@@ -98,3 +98,24 @@ def test_bad_shapes_are_refused_by_the_launchers():
         swiglu_forward(torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match=r"swiglu: dtypes differ: torch.float32 and torch.bfloat16"):
         swiglu_forward(torch.randn(3, 4), torch.randn(3, 4).bfloat16())
+
+
+@TRITON
+def test_the_launchers_take_halves_of_a_fused_projection():
+    """gate and up as the two column halves of one [M, 2F] product: strided views, which the
+    launchers must make contiguous before the kernel reads them as flat arrays."""
+    M, F = 7, 12
+    dh = _three(M, F, seed=11)[0]
+    gate, up = (torch.randn(M, 2 * F, generator=torch.Generator().manual_seed(12)) * 3).to(DEVICE).chunk(2, dim=1)
+    h, dgate, dup = _reference_grads(dh, gate, up)
+    torch.testing.assert_close(swiglu_forward(gate, up), h, **VAL)
+    for a, b in zip(swiglu_backward(dh, gate, up), (dgate, dup, h)):
+        torch.testing.assert_close(a, b, **VAL)
+
+
+def test_the_backward_launcher_refuses_a_gradient_of_another_shape_or_dtype():
+    gate, up = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"swiglu backward: shapes differ: \(3, 5\) and \(3, 4\)"):
+        swiglu_backward(torch.randn(3, 5), gate, up)
+    with pytest.raises(ValueError, match=r"swiglu backward: dtypes differ: torch.bfloat16 and torch.float32"):
+        swiglu_backward(torch.randn(3, 4).bfloat16(), gate, up)

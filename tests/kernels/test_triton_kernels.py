@@ -153,6 +153,15 @@ def test_sort_chunks_matches_reference(R, e, D):
     assert torch.equal(sort_chunks_triton(outs[1][0], counts.t()), x)
 
 
+def test_unpermute_backward_gives_each_gradient_in_its_inputs_dtype():
+    """What the custom op's fake implementation promises torch.compile (eager autograd would cast)."""
+    ids = _ids(3, 2, 4, False, seed=21)
+    _, row_map, _ = permute_reference(_randn(3, 5, seed=22), ids, 4)
+    rows, w, g = _randn(6, 5, seed=23).bfloat16(), torch.rand(3, 2).to(DEVICE).bfloat16(), _randn(3, 5).bfloat16()
+    g_rows, g_w = torch.ops.moemesh.unpermute_backward(g, rows, row_map, w)
+    assert g_rows.dtype == g_w.dtype == torch.bfloat16 and g_w.shape == (3, 2)
+
+
 @pytest.mark.parametrize("T,K,E,D,drop", PERMUTE_CASES)
 def test_unpermute_matches_reference(T, K, E, D, drop):
     ids = _ids(T, K, E, drop, seed=T * 7 + K)
@@ -323,6 +332,40 @@ def test_kernels_match_reference_with_small_blocks():
     assert TUNING == before
     with pytest.raises(KeyError, match="unknown launch parameters"):
         _launches({**SMALL_BLOCKS, "permute": dict(block_m=8)})
+
+
+def test_launch_params_lay_a_launchers_params_over_the_table_and_refuse_unknown_keys():
+    """The fast tier's check of kernels/_tuning.py (the small-blocks test above is slow)."""
+    from moemesh.kernels._tuning import TUNING, launch_params
+
+    before = {k: dict(v) for k, v in TUNING.items()}
+    assert launch_params("permute") == TUNING["permute"]
+    assert launch_params("permute", {"block_n": 8}) == {**TUNING["permute"], "block_n": 8}
+    assert TUNING == before  # the table itself is left alone
+    with pytest.raises(KeyError, match=r"permute: unknown launch parameters \['block_m'\]; known: \['block_d', "):
+        launch_params("permute", {"block_m": 8})
+
+
+def test_unpermute_gradients_with_a_model_dim_over_one_block():
+    """D = 300 spans three 128-wide blocks of the backward's loop over D: the weight gradient
+    sums the dot product over all of them. Rows, weights and the output's gradient are transposed
+    views (the launchers make them contiguous: the kernels assume a column stride of 1)."""
+    T, K, E, D = 5, 2, 4, 300
+    ids = _ids(T, K, E, True, seed=13)
+    _, row_map, _ = permute_reference(_randn(T, D, seed=14), ids, E)
+    rows = _randn(D, row_map.numel(), seed=15)
+    w = torch.rand(K, T, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    g_out = _randn(D, T, seed=17)
+    outs = []
+    for fn in (unpermute_reference, unpermute_triton):
+        ri, wi = rows.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(ri.t(), row_map, wi.t())
+        (out.t() * g_out).sum().backward()
+        outs.append((out, ri.grad, wi.grad))
+    (o0, r0, w0), (o1, r1, w1) = outs
+    torch.testing.assert_close(o1, o0, **VAL)
+    torch.testing.assert_close(r1, r0, **GRAD)
+    torch.testing.assert_close(w1, w0, **GRAD)
 
 
 def _int(*values):

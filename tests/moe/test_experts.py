@@ -143,12 +143,17 @@ def test_the_loop_allocates_nothing_of_all_rows_by_f():
 
 
 @pytest.mark.parametrize("grouped", [True, False])
-@pytest.mark.parametrize("frozen", ["input", "weights", "w2"])
+@pytest.mark.parametrize("frozen", ["input", "weights", "w2", "all but w2"])
 def test_gradients_when_part_is_frozen(grouped, frozen):
     """The backward computes only what is asked for, and that equals the autograd formula."""
     e = _experts(grouped)
-    x = torch.randn(sum(COUNTS), 16, requires_grad=frozen != "input")
-    frozen_params = {"input": [], "weights": list(e.parameters()), "w2": [e.w2_eFD]}[frozen]
+    x = torch.randn(sum(COUNTS), 16, requires_grad=frozen not in ("input", "all but w2"))
+    frozen_params = {
+        "input": [],
+        "weights": list(e.parameters()),
+        "w2": [e.w2_eFD],
+        "all but w2": [e.w1_eDF, e.w3_eDF],  # only the down projection trains: gate and up need no gradient
+    }[frozen]
     for p in frozen_params:
         p.requires_grad_(False)
     dy = torch.randn(sum(COUNTS), 16)
@@ -261,3 +266,11 @@ def test_inference_mode_runs_both_paths(grouped):
     with torch.inference_mode():
         got = e(x, counts)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_loop_refuses_counts_that_leave_rows_without_an_expert():
+    """Rows past the counts would be left unwritten (new_empty): garbage out, not an error."""
+    e = _experts(False)
+    x = torch.randn(sum(COUNTS), 16)
+    with pytest.raises(AssertionError, match=rf"\({sum(COUNTS) - 1}, {sum(COUNTS)}\)"):
+        e(x, torch.tensor([*COUNTS[:-1], COUNTS[-1] - 1]))

@@ -190,6 +190,7 @@ META_EDITS = {
     "no step": (_drop("step"), "'step' is missing or not an integer >= 1"),
     "step is a float": (_put("step", 3.0), "'step' is missing or not an integer >= 1"),
     "step is -7": (_put("step", -7), "'step' is missing or not an integer >= 1"),
+    "step is 0": (_put("step", 0), "'step' is missing or not an integer >= 1"),
     "step is not the directory's": (_put("step", 2), "its step 2 is not its directory's number 3"),
     "a file's size is a string": (
         lambda m: m["files"][".metadata"].update(bytes="12"),
@@ -212,6 +213,27 @@ def test_a_missing_or_ill_typed_meta_json_field_is_refused_and_resume_falls_back
     assert step == 2, warnings
     (line,) = warnings
     assert f"cannot resume from step_000003: {ckpt / 'meta.json'}: refused: " in line and why in line, line
+
+
+@pytest.mark.parametrize(
+    ("degrees", "world"), [((2, 3, 1, 1), 6), ((1, 2, 2, 2), 8), ((2, 0, 1, 1), 1), ((2, "2", 1, 1), 1)]
+)
+def test_a_meta_json_saved_before_world_was_recorded_takes_it_from_the_degrees(degrees, world, tmp_path):
+    ckpt = tmp_path / "step_000003"
+    ckpt.mkdir()
+    meta = {"step": 3, "files": {}, **dict(zip(("dp", "ep", "tp", "pp"), degrees))}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint.read_meta(ckpt)["world"] == world  # their product; 1 where one is not a degree
+
+
+def test_a_meta_json_may_say_up_to_max_world_ranks_saved_it(tmp_path):
+    ckpt = tmp_path / "step_000003"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "files": {}, "world": checkpoint.MAX_WORLD}))
+    assert checkpoint.read_meta(ckpt)["world"] == checkpoint.MAX_WORLD
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "files": {}, "world": checkpoint.MAX_WORLD + 1}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"'world' is missing or not an integer in \[1, 1048576\]"):
+        checkpoint.read_meta(ckpt)
 
 
 def _set_step_tensor(ckpt: Path, value: int) -> None:
@@ -446,6 +468,17 @@ def test_a_resume_continues_adamws_own_count_after_skipped_steps(tmp_path):
         kit.checkpointer(tmp_path / "checkpoints").resume(kit.Log())
 
 
+def test_adamws_count_is_0_before_its_first_update_and_its_largest_after():
+    """A run whose every step so far was skipped saves optimizer_step 0, not 1."""
+    ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(2)]
+    opt = torch.optim.AdamW(ps)
+    assert checkpoint.optimizer_step(opt) == 0
+    checkpoint.init_optimizer_state(opt)
+    assert checkpoint.optimizer_step(opt) == 0
+    opt.state[ps[1]]["step"].fill_(5.0)
+    assert checkpoint.optimizer_step(opt) == 5
+
+
 def test_a_resume_restores_the_random_state_the_run_saved_with(tmp_path):
     """Nothing in training draws random numbers today, but whatever comes to (dropout, sampled
     routing noise) must continue the uninterrupted run's stream: the CPU generator's state at the
@@ -465,15 +498,23 @@ def test_a_resume_restores_the_random_state_the_run_saved_with(tmp_path):
 
 
 def test_open_regular_takes_one_name_of_the_directory_and_at_most_max_size_bytes(tmp_path):
-    from moemesh.parallel.checkpoint_files import FileRefused, open_regular, read_file
+    from moemesh.parallel.checkpoint_files import FileRefused, open_regular, read_exactly, read_file
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "f").write_bytes(b"x" * 10)
-    with pytest.raises(FileRefused, match="not a file name of the checkpoint's directory"):
-        open_regular(tmp_path, "sub/f")
+    for name in ("sub/f", "..", ".", ""):
+        with pytest.raises(FileRefused, match="not a file name of the checkpoint's directory"):
+            open_regular(tmp_path / "sub", name)
     assert read_file(tmp_path / "sub", "f", max_size=10) == b"x" * 10
     with pytest.raises(FileRefused, match="10 bytes, more than the 9 it may have"):
         read_file(tmp_path / "sub", "f", max_size=9)
+    fd = open_regular(tmp_path / "sub", "f", 10)
+    try:  # a file that shrank after its size was checked: refused, never returned short
+        assert read_exactly(fd, 4, 6, tmp_path / "f") == b"xxxx"
+        with pytest.raises(FileRefused, match=r"f: ends before byte 12 \(it shrank while read\)"):
+            read_exactly(fd, 6, 6, tmp_path / "f")
+    finally:
+        os.close(fd)
 
 
 def test_a_vocabulary_padded_for_tp_is_saved_without_its_padding_rows():
@@ -483,6 +524,19 @@ def test_a_vocabulary_padded_for_tp_is_saved_without_its_padding_rows():
     assert _real_rows(local, 0, 97, 0).shape[0] == 49
     assert _real_rows(local, 0, 97, 1).shape[0] == 48
     assert _real_rows(torch.zeros(25, 3), 0, 97, 3).shape[0] == 22  # tp=4: 25+25+25+22
+    assert _real_rows(torch.zeros(2, 3), 0, 5, 3).shape[0] == 0  # tp=4: 2+2+1+0, the last rank all padding
+
+
+def test_an_ep_shards_experts_are_keyed_by_their_global_ids():
+    from moemesh.parallel.checkpoint_state import parameter_entries
+    from moemesh.parallel.tags import EXPERT_SHARD
+
+    model = torch.nn.Module()
+    model.w1_eDF = torch.nn.Parameter(torch.arange(12.0).reshape(3, 2, 2))  # experts 4, 5, 6 of an EP rank
+    setattr(model.w1_eDF, EXPERT_SHARD, 4)
+    entries = parameter_entries(model)
+    assert list(entries) == ["w1_eDF[4]", "w1_eDF[5]", "w1_eDF[6]"]
+    assert all(torch.equal(entries[f"w1_eDF[{4 + j}]"], model.w1_eDF[j]) for j in range(3))
 
 
 def test_a_checkpoint_holds_both_adamw_moments_and_only_persistent_buffers(tmp_path):

@@ -391,6 +391,19 @@ def test_training_that_turns_non_finite_stops_at_the_save_with_the_last_good_che
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
 
 
+def test_only_nan_and_infinity_count_as_non_finite_never_a_large_finite_value():
+    """A max-abs norm cannot overflow where a sum of squares would (1e30 squared is inf in float32)."""
+    state = {
+        "big": torch.full((4,), 1e30),
+        "big.bf16": torch.full((3,), 3e38, dtype=torch.bfloat16),
+        "nan": torch.tensor([1.0, float("nan")]),
+        "inf.bf16": torch.tensor([-float("inf")], dtype=torch.bfloat16),
+        "empty": torch.zeros(0),
+        "trainer.step": torch.tensor(7),
+    }
+    assert checkpoint_state.nonfinite_keys(state) == ["nan", "inf.bf16"]
+
+
 # --- finding 11: the cause, not "CheckpointException ranks:dict_keys(...)" --------------
 
 

@@ -109,3 +109,11 @@ def test_an_unreadable_directory_is_left_to_the_write_probe(tmp_path, monkeypatc
 
     monkeypatch.setattr(Path, "iterdir", unreadable)
     assert checkpoint.owner_conflict(tmp_path) is None
+
+
+def test_the_refusal_counts_the_earlier_checkpoints_and_names_the_newest_by_step(tmp_path):
+    for name in ("step_000010", "step_000002", "step_1000000", "step_000011.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text("{}")
+    line = checkpoint.owner_conflict(tmp_path)
+    assert f"{tmp_path} already holds 3 checkpoint(s) of an earlier run (the newest: step_1000000)" in line

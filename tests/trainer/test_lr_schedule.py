@@ -5,6 +5,7 @@ numbers show it)."""
 import math
 
 import pytest
+import torch
 
 from tests.helpers import tiny_run
 
@@ -35,3 +36,16 @@ def test_cosine_reaches_min_lr_exactly_at_the_last_step_and_halfway_is_the_mean(
 def test_short_runs_stay_within_bounds(steps, warmup):
     lrs = _schedule(steps, warmup)
     assert all(0 < x <= 1e-3 and math.isfinite(x) for x in lrs), lrs
+
+
+def test_adamw_decays_matrices_only_with_the_configured_betas():
+    from moemesh.trainer.optim import build_optimizer
+
+    overrides = {"trainer.weight_decay": 0.25, "trainer.beta1": 0.8, "trainer.beta2": 0.99, "trainer.lr": 2e-3}
+    t = tiny_run(**overrides).trainer
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    decay, no_decay = build_optimizer(model, t).param_groups
+    assert decay["params"] == [model[0].weight, model[2].weight] and decay["weight_decay"] == 0.25
+    assert no_decay["params"] == [model[0].bias, model[1].weight, model[1].bias] and no_decay["weight_decay"] == 0.0
+    for group in (decay, no_decay):
+        assert (group["lr"], group["betas"], group["eps"]) == (2e-3, (0.8, 0.99), 1e-8)
