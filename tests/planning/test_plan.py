@@ -815,6 +815,23 @@ def test_activation_estimate_matches_the_tensors_a_real_forward_saves(options):
     assert planned == pytest.approx(sum(saved.values()), rel=0.03)
 
 
+@pytest.mark.parametrize("ckpt", ["full", "selective"])
+def test_checkpointing_recomputes_one_block_at_a_time_whatever_a_rank_holds(ckpt):
+    """More blocks on a rank add their kept activations, never more recompute: the backward
+    remakes one block at a time (the largest one's is the transient)."""
+    cfg = dataclasses.replace(ACT_CFG, num_layers=6)
+    dims, T = ParallelDims(), ACT_B * ACT_S
+
+    def planned(layers):
+        return memory.activation_bytes(cfg, layers, T, dims, False, ckpt, 1, 4)
+
+    blocks = [memory.block_activations(cfg, l, T, dims, False) for l in range(4)]
+    largest = max(b.recomputed(ckpt) for b in blocks)
+    assert largest > 0
+    assert planned(range(4)) == 4 * (sum(b.kept(ckpt) for b in blocks) + largest)
+    assert planned(range(4)) - planned(range(2)) == 4 * sum(b.kept(ckpt) for b in blocks[2:])
+
+
 def _activation_worker(rank, world, ep, tp, sp):
     dims = ParallelDims(ep=ep, tp=tp)
     pm = build_mesh(dims, "cpu")
