@@ -46,7 +46,6 @@ class MoEStats:
 
     losses: RouterLosses  # unweighted, detached: the weighted ones are attached to the output
     dropped: torch.Tensor  # (token, k) pairs dropped by capacity on this rank
-    routed: int  # (token, k) pairs routed on this rank (T*K)
     counts_E: torch.Tensor  # (token, k) pairs routed to each expert from this rank, before drops
     entropy_sum: torch.Tensor  # sum over this rank's tokens of the router entropy (nats)
     score_sum_E: torch.Tensor  # sum of router scores per expert on this rank
@@ -252,7 +251,6 @@ class MoELayer(nn.Module):
         stats = MoEStats(
             losses=_detached(losses),
             dropped=dropped,
-            routed=topk_ids_TK.numel(),
             counts_E=gate.counts_E.detach(),
             score_sum_E=gate.score_sum_E.detach(),
             entropy_sum=entropy_sum(logits_TE),

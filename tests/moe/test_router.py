@@ -109,6 +109,13 @@ def test_capacity_mode_layer_equals_dropless_with_dropped_pairs_removed():
     ids, dropped = capacity_drop(gate.topk_ids_TK, gate.topk_weights_TK, 4, capacity)
     assert int(stats.dropped) == int(dropped) > 0
     assert (torch.bincount(ids[ids >= 0], minlength=4) <= capacity).all()
+    # The fan-out counts the pairs kept: a token whose pairs all dropped reaches no rank (at a
+    # capacity of 2, 8 of the 24 pairs stay: at least 4 of the 12 tokens lose both).
+    tighter = MoELayer(cfg=ModelConfig(**{**cfg.__dict__, "capacity_factor": 0.25}))
+    tighter.load_state_dict(dropless.state_dict())
+    reached = (capacity_drop(gate.topk_ids_TK, gate.topk_weights_TK, 4, 2)[0] >= 0).any(1)
+    assert tighter(x)[1].fanout_K1.tolist() == [int((~reached).sum()), int(reached.sum()), 0]
+    assert int((~reached).sum()) >= 4
     rows, meta = dropless.dispatcher.dispatch(x[0], ids)
     expected = dropless.dispatcher.combine(dropless.experts(rows, meta.tokens_per_expert_e), gate.topk_weights_TK, meta)
     torch.testing.assert_close(out[0], expected)
