@@ -17,6 +17,7 @@ the launcher itself (``_watch_launcher``) and stops, as after a signal, when it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -232,7 +233,10 @@ def _graceful_stop(ctx, grace_s: float, signum: int):
     name = signal.Signals(signum).name
     for p in ctx.processes:
         if p.is_alive():
-            os.kill(p.pid, signum)
+            # A rank the terminal's Ctrl-C also reached may have saved and exited (and been
+            # reaped by the fork server) since is_alive(): it needs no signal.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signum)
     deadline = time.monotonic() + grace_s
     for p in ctx.processes:
         p.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -302,6 +302,43 @@ def test_a_rank_that_exits_non_zero_after_a_stop_signal_fails_the_launch(capsys)
             signal.signal(s, h)
 
 
+def test_a_rank_that_exits_as_the_stop_is_passed_on_is_a_clean_stop():
+    """Ctrl-C reaches the ranks from the terminal as well as through the launcher: a rank alive
+    when the launcher looked may have saved, exited and been reaped (by the fork server) before
+    its signal is sent. That is the stop it was asked for, not a crash of the launcher."""
+    import signal
+    import subprocess
+    import sys
+
+    from moemesh.launch.spawn import _graceful_stop
+
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()  # its pid is free now: os.kill finds no such process
+
+    class _JustExited:
+        pid, exitcode = reaped.pid, 0
+
+        def __init__(self):
+            self.looked = False
+
+        def is_alive(self):  # alive when the launcher looks, gone when it signals
+            alive, self.looked = not self.looked, True
+            return alive
+
+        def join(self, timeout=None):
+            pass
+
+    class _Ctx:
+        processes = [_JustExited(), _JustExited()]
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert _graceful_stop(_Ctx(), 1.0, signal.SIGINT) is None
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def test_a_signal_received_twice_is_one_stop_request_named_once():
     import signal
 
