@@ -10,6 +10,7 @@ mark over forward + backward is the run's activation peak.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
 
@@ -192,26 +193,31 @@ class MatmulFlops(FlopCounterMode):
         )
 
 
-def _step_flops(run, mode, shared_overlap=None):
-    """The matmul FLOPs of one forward + backward of a 2 x seq_len batch under ``mode``;
-    ``shared_overlap``: the MoE layers take the All-to-All-overlapped path (2 chunks) with the
-    shared expert placed so, on a one-rank gloo group."""
-    model = _model(run, mode)
-    tokens = _tokens(run, 2)
-    if shared_overlap is None:
-        with MatmulFlops() as counter:
-            model(tokens, tokens).loss.backward()
-        return counter.get_total_flops()
+@contextlib.contextmanager
+def _overlapped_on_one_rank(model, shared_overlap):
+    """The MoE layers take the All-to-All-overlapped path (2 chunks), the shared expert placed
+    as ``shared_overlap`` says, on a one-rank gloo group."""
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         for block in model.layers.values():
             block.moe.dispatcher.set_group(torch.distributed.group.WORLD)
             block.moe.overlap_chunks, block.moe.shared_overlap = 2, SharedExpertOverlap(shared_overlap)
-        with MatmulFlops() as counter:
-            model(tokens, tokens).loss.backward()
-        return counter.get_total_flops()
+        yield
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _step_flops(run, mode, shared_overlap=None):
+    """The matmul FLOPs of one forward + backward of a 2 x seq_len batch under ``mode``
+    (``shared_overlap``: on the overlapped path, ``_overlapped_on_one_rank``)."""
+    model = _model(run, mode)
+    tokens = _tokens(run, 2)
+    with contextlib.ExitStack() as stack:
+        if shared_overlap is not None:
+            stack.enter_context(_overlapped_on_one_rank(model, shared_overlap))
+        with MatmulFlops() as counter:
+            model(tokens, tokens).loss.backward()
+    return counter.get_total_flops()
 
 
 FLOP_MODELS = {
