@@ -33,7 +33,7 @@ from moemesh.parallel.tp import (
     GRAD_GROUP,
     ColumnParallelLinear,
     RowParallelLinear,
-    copy_to_tp,
+    column_parallel,
     gather_tokens_from_tp,
     split_tokens_to_tp,
     token_sequences,
@@ -142,11 +142,7 @@ class SwiGLU(nn.Module):
         self.tp_group, self.sp = tp_group, sequence_parallel
 
     def forward(self, x):
-        if self.sp or group_size(self.tp_group) == 1:
-            h1, h3 = self.w1(x), self.w3(x)
-        else:  # one all-reduce in backward for both projections of the replicated input
-            x = copy_to_tp(x, self.tp_group)
-            h1, h3 = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
+        h1, h3 = column_parallel(x, self.w1, self.w3)  # one input collective for both
         return self.w2(F.silu(h1) * h3)
 
 

@@ -41,6 +41,7 @@ from moemesh.parallel.tp import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel,
     copy_to_tp,
     reduce_from_tp,
     vocab_parallel_cross_entropy,
@@ -206,8 +207,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x_BSD):
         """q, k, v [B, S, heads x Dh] of this rank's heads, biased and (over the projection) normalised."""
-        # With SP the column-parallel projections gather the sequence: S is the full length here.
-        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        # One input collective for the three projections; with SP it gathers the sequence: S is
+        # the full length here.
+        q, k, v = column_parallel(x_BSD, self.wq, self.wk, self.wv)
         if self.qkv_bias is not None:
             bq, bk, bv = self.qkv_bias(self.tp_rank, self.tp)
             q, k, v = q + bq, k + bk, v + bv

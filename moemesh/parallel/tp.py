@@ -231,9 +231,24 @@ class ColumnParallelLinear(nn.Module):
         self.tp_group, self.sp = tp_group, sequence_parallel
         self.weight = shard_parameter(self.weight, tp_group)
 
+    def read_input(self, x):
+        """The input as this rank's product reads it: replicated (the backward sums its gradient
+        over tp) or, with SP, the sequence gathered (the backward reduce-scatters it)."""
+        return sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+
     def forward(self, x):
-        x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
-        return F.linear(x, self.weight)
+        return F.linear(self.read_input(x), self.weight)
+
+
+def column_parallel(x, *linears: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
+    """Several column-parallel products of one input (attention's q, k and v; an FFN's w1 and w3)
+    through one collective: the input is read once, so the backward sums its gradient over tp in
+    one all-reduce (with SP: the forward gathers the sequence once, the backward reduce-scatters
+    once), not once per product, as Megatron-LM's fused QKV projection does."""
+    first = linears[0]
+    assert all(l.tp_group is first.tp_group and l.sp == first.sp for l in linears), "one TP group and SP mode"
+    x = first.read_input(x)
+    return tuple(F.linear(x, l.weight) for l in linears)
 
 
 class RowParallelLinear(nn.Module):

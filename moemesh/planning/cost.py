@@ -16,7 +16,7 @@ from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
 from moemesh.fields import Device, Dtype, PipelineSchedule, Sharding, SharedExpertOverlap
-from moemesh.moe.config import is_moe_layer
+from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.moe.param_count import (
     Flops,
     ParamSpec,
@@ -136,6 +136,23 @@ def a2a_bytes(
     (ep-1)/ep of its T*K pairs leave (dispatch forward, combine backward) and as many
     arrive and go back (combine forward, dispatch backward)."""
     return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
+
+
+def tp_units(m: ModelConfig, layers, sp: bool) -> int:
+    """A pipeline rank's TP traffic per micro-step, in ring units of T x D ((tp-1)/tp of it per
+    message step; T the micro-batch's tokens on a data rank). Without SP an all-reduce is 2 units:
+    attention and a dense FFN or shared expert each all-reduce their output forward and their
+    input's gradient backward (q, k and v, or w1 and w3, read one copy of the input: 4 units); a
+    MoE block's routed experts gather the TP peers' token slices forward and their gradients
+    backward (2 all-gathers, 1 unit each); the vocabulary-parallel embedding all-reduces its
+    output forward and the head its input's gradient backward (2 units each). Sequence parallelism
+    trades each all-reduce for an all-gather and a reduce-scatter (the same bytes), and its MoE
+    blocks route their own sequence shard: no token gathers. The all-reduces of a number or two per
+    token or expert (the router's expert counts, the loss's maxima and sums, qk-norm's squares) are
+    left out. Held to the collectives a TP rank issues by tests/planning/test_rank_work.py."""
+    shared = 4 if m.shared_expert_ffn_size else 0
+    units = sum(4 + (shared + (0 if sp else 2) if is_moe_layer(m, l) else 4) for l in layers)
+    return units + 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
 
 
 @functools.cache  # the planner asks each split's groups several times
@@ -298,14 +315,7 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         if dims.ep > 1:
             add("a2a", (MeshAxis.EP,), a2a, (dims.ep - 1) * 4 * moe * accum)
         if dims.tp > 1:
-            # Per layer, in ring units of T x D ((tp-1)/tp of it per message step): a dense block's
-            # attention and MLP all-reduce their activations forward and gradients backward (4
-            # all-reduces, 2 units each); a MoE block's attention does (2), its routed experts gather
-            # the TP peers' token slices forward and their gradients backward (2 all-gathers, 1 unit
-            # each), and a shared expert is a TP MLP (2 all-reduces). Sequence parallelism trades
-            # each all-reduce for an all-gather and a reduce-scatter: the same bytes.
-            shared = 2 if m.shared_expert_ffn_size else 0
-            units = sum((2 * (2 + shared) + 2) if is_moe_layer(m, l) else 2 * 4 for l in layers)
+            units = tp_units(m, layers, sp)
             ring = (dims.tp - 1) / dims.tp
             add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
         if dims.pp > 1:

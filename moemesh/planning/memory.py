@@ -156,27 +156,27 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
       block_input           T D / s (the residual; the attention norm's input)
       norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
                             mid-block residual) T D / s
-      attention             its input: the norm output T D, or under SP each of q, k, v's own
-                            sequence gather, 3 T D; q, k, v after RoPE (Dq + 2 Dkv) T / t; the
+      attention             its input: the norm output T D (under SP its sequence gather, which
+                            q, k and v share, T D); q, k, v after RoPE (Dq + 2 Dkv) T / t; the
                             output projection's input Dq T / t. qk-norm (either kind): q's and k's
                             projections and normalised values 2 (Dq + Dkv) T / t, and their
                             inverse RMS, (H + G) T / t per head or 2 T over the projection (whose
                             summed squares are all-reduced over tp: 2 T more collective outputs).
                             Biases store nothing.
       attention_out         Dq T / t
-      dense FFN             its input T D (under SP w1's and w3's gathers, 2 T D); 4 T F / t:
+      dense FFN             its input T D (under SP the gather w1 and w3 share); 4 T F / t:
                             w1 and w3 outputs, silu's output, their product
       MoE                   the router's input T D / s (with t > 1 and no SP a slice of the
                             norm output, which keeps all of it alive), logits and scores 2 Tr E; the experts'
                             input rows N D (the experts keep no more: silu and the product are
                             recomputed in their backward, moe/experts.py); the rows the
-                            unpermute weights N D; a shared expert's input (under SP its two
-                            gathers 2 T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t;
+                            unpermute weights N D; a shared expert's input (under SP its gather
+                            T D; with t > 1 otherwise the norm output T D) and 4 T Fs / t;
                             its gate's sigmoid and the ungated output (D + 1) T / s
       expert_out            N (2 Fe + D): w1, w3 and w2 outputs
       collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
-                            t > 1: each sequence gather's or all-reduce's output T D (SP: 3 for
-                            attention, 2 for a dense FFN or shared expert; else 1 each, and the
+                            t > 1: each sequence gather's or all-reduce's output T D (one for
+                            attention, one for a dense FFN or shared expert, and without SP the
                             MoE's token gather) and each reduce-scatter's T D / t
     """
     D, t = m.hidden_size, dims.tp
@@ -185,7 +185,7 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
     norms = 2 * T * D // s + T * D // s
     attention_out, attention, collectives = _attention_activations(m, T, t, sp)
     rest = norms + attention
-    full_outs, scattered = (3, 1) if sp else (1, 0)  # TP collectives' outputs: T D and T D / t each
+    full_outs, scattered = (1, 1) if sp else (1, 0)  # TP collectives' outputs: T D and T D / t each
     expert_out = 0
     if is_moe_layer(m, layer):
         Tr = T // t
@@ -194,16 +194,16 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
         rest += T * D // s + 2 * Tr * m.num_experts + N * D + N * D
         expert_out = N * (2 * Fe + D)
         if Fs:
-            rest += (2 * T * D if sp else T * D if t > 1 else 0) + 4 * T * Fs // t
+            rest += (T * D if t > 1 else 0) + 4 * T * Fs // t
             rest += (D + 1) * T // s if m.shared_expert_gate else 0
-            full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
+            full_outs, scattered = full_outs + 1, scattered + (1 if sp else 0)
         if not sp:
             full_outs += 1  # the routed tokens gathered back over tp
         if dims.ep > 1:
             collectives += 2 * N * D
     else:
-        rest += (2 if sp else 1) * T * D + 4 * T * m.ffn_hidden_size // t
-        full_outs, scattered = (full_outs + 2, scattered + 1) if sp else (full_outs + 1, scattered)
+        rest += T * D + 4 * T * m.ffn_hidden_size // t
+        full_outs, scattered = full_outs + 1, scattered + (1 if sp else 0)
     collectives += full_outs * T * D + scattered * T * D // t if t > 1 else 0
     return BlockActivations(block_input, attention_out, expert_out, rest, collectives)
 
@@ -214,7 +214,7 @@ def _attention_activations(m: ModelConfig, T: int, t: int, sp: bool) -> tuple[in
     Dh = head_dim(m)
     H, G = m.num_heads, m.num_kv_heads
     Dq, Dkv = H * Dh, G * Dh
-    rest = (3 if sp else 1) * T * m.hidden_size + (T * Dq + 2 * T * Dkv) // t + T * Dq // t
+    rest = T * m.hidden_size + (T * Dq + 2 * T * Dkv) // t + T * Dq // t
     collectives = 0
     if m.qk_norm == QKNorm.head:
         rest += 2 * T * (Dq + Dkv) // t + T * (H + G) // t

@@ -10,43 +10,24 @@ The values summed over real peers are checked by the slow multi-rank tests
 (tests/parallel/test_grads.py)."""
 
 import contextlib
-from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.testing._internal.distributed.fake_pg import FakeStore
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from moemesh.parallel import comm, tp
 from moemesh.parallel.tags import TP_SHARD
-
-
-class CollectiveLog(TorchDispatchMode):
-    """Every c10d operator issued, by name, and the size of the group it went to."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d":
-            pg = next(a for a in args if isinstance(a, torch.ScriptObject))
-            self.ops[func.name(), dist.ProcessGroup.unbox(pg).size()] += 1
-        return func(*args, **(kwargs or {}))
+from tests.counting import CollectiveLog, fake_world
 
 
 @contextlib.contextmanager
 def tp_rank_of_world4(rank=1):
     """The TP group {0, 1} of a fake world of 4, seen from ``rank`` (its TP rank too)."""
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
-    try:
+    with fake_world(4, rank):
         group = dist.new_group([0, 1])
         assert tp._rank(group) == rank
         yield group
-    finally:
-        dist.destroy_process_group()
 
 
 def _forward_backward(fn, x):
@@ -144,6 +125,33 @@ def test_column_parallel_keeps_its_output_features_and_gathers_the_sequence_unde
         assert bwd == {(RS if sp else AR, 2): 1}
         if not sp:
             assert torch.equal(y, F.linear(x, whole[4:]))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_products_of_one_input_share_its_collective(sp):
+    """q, k and v (or w1 and w3) read one copy of the input: one all-reduce of its gradient in
+    the backward, or under SP one gather forward and one reduce-scatter backward, not one each;
+    the input's gradient is the three products' summed before it."""
+    with tp_rank_of_world4() as group:
+        layers = [tp.ColumnParallelLinear(6, n) for n in (8, 4, 4)]
+        for layer in layers:
+            torch.nn.init.normal_(layer.weight)
+            layer.shard(group, sequence_parallel=sp)
+        x = torch.randn(2, 3, 6, requires_grad=True)
+        y, fwd, bwd = _forward_backward(lambda x: torch.cat(tp.column_parallel(x, *layers), -1), x)
+        assert fwd == ({(AG, 2): 1} if sp else {})
+        assert bwd == {(RS if sp else AR, 2): 1}
+        alone = x.detach().clone().requires_grad_(True)
+        for layer in layers:
+            layer(alone).sum().backward()
+        assert y.shape == ((2, 6, 8) if sp else (2, 3, 8))
+        if not sp:  # the fake collectives leave a gradient as it is: the local sum, once
+            assert torch.equal(y, torch.cat([F.linear(x, l.weight) for l in layers], -1))
+            torch.testing.assert_close(x.grad, alone.grad, rtol=1e-6, atol=1e-6)
+        else:
+            assert x.grad.shape == x.shape
+        with pytest.raises(AssertionError, match="one TP group and SP mode"):
+            tp.column_parallel(x, layers[0], tp.ColumnParallelLinear(6, 4))
 
 
 @pytest.mark.parametrize("sp", [False, True])

@@ -919,22 +919,6 @@ def test_the_bf16_block_estimate_against_what_a_gpu_saves():
         assert planned == pytest.approx(measured, rel=0.18), (name, planned, measured)
 
 
-@pytest.mark.parametrize("shared", [0, 16])
-def test_tp_traffic_counts_all_reduces_for_dense_blocks_and_token_gathers_for_moe_blocks(shared):
-    """Per micro-step, in units of (tp-1)/tp x T x D: a dense block 4 all-reduces (8 units); a MoE
-    block 2 all-reduces for attention (4), 2 all-gathers of the routed tokens (2), and a shared
-    expert's 2 all-reduces (4) (moe/layer.py: split_tokens_to_tp, gather_tokens_from_tp)."""
-    from moemesh.config.validate import batch_plan
-
-    over = ["parallel=tp2_ep2", *SMALL_MODEL, "model.moe_every_k_layers=2", f"model.shared_expert_ffn_size={shared}"]
-    run = compose_run(over)
-    p = cost.plan_one(run, ParallelDims.from_config(run.parallel), ARGS)
-    units = 2 * 8 + 2 * (6 + (4 if shared else 0))  # layers 0, 2 dense; 1, 3 MoE
-    accum, tokens = batch_plan(run).micro_steps, batch_plan(run).micro_tokens
-    per_unit = 0.5 * tokens * run.model.hidden_size * cost.compute_bytes(run)  # (tp-1)/tp = 1/2
-    assert p.terms.comm["tp_intra"] == pytest.approx((units * accum * per_unit, units * accum))
-
-
 def test_a_pipeline_is_priced_at_its_slowest_stage():
     """Each stage has its own FLOPs (the last one holds the head): the plan's compute is the
     stage whose step is longest, not the model's FLOPs spread evenly over the ranks."""

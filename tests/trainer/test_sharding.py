@@ -206,7 +206,7 @@ def _mixed_precision_worker(rank, world):
     shard_model(run, mesh, model, device)
     seen = []
     block = model.layers["0"]
-    block.attn.wq.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    block.attn.register_forward_pre_hook(lambda m, args: seen.append(m.wq.weight.dtype))
     tokens = torch.randint(0, run.model.vocab_size, (2, run.trainer.seq_len))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens, tokens)

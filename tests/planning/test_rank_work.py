@@ -1,0 +1,170 @@
+"""The plan's work per rank (moemesh/planning/cost.py) against what one rank of the layout runs:
+the products' FLOPs of a tensor-parallel rank and of each pipeline rank, and the TP collectives'
+bytes, counted over a real forward and backward (tests/counting.py). A TP rank runs in a fake
+world of two in this process; a pipeline rank is the model keeping that rank's layers.
+
+Exact, less two things the planner counts that no product or collective of T x D is: the norms'
+weights (counted as parameters, 2 FLOPs each per token forward, 6 with the backward, 2 more for a
+recompute) and the all-reduces of one or two numbers a token or fewer (the router's expert counts,
+the loss's maxima and sums, qk-norm's summed squares)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.moe.model import Transformer
+from moemesh.moe.param_count import param_specs
+from moemesh.parallel.dims import ParallelDims
+from moemesh.parallel.pipeline import Placement
+from moemesh.parallel.recompute import apply_activation_checkpointing
+from moemesh.planning import cost
+from tests.counting import CollectiveLog, MatmulFlops, fake_world
+from tests.helpers import tiny_run
+
+MICRO = 2  # sequences per micro-batch: 4 micro-steps of tiny_run's global batch of 8
+
+
+def _run(**overrides):
+    return tiny_run(**{"trainer.micro_batch_size": MICRO, **overrides})
+
+
+def _tokens(run, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, run.model.vocab_size, (MICRO, run.trainer.seq_len), generator=g)
+
+
+def _norm_flops_per_token(run, layers=None) -> int:
+    """What the planner counts for the norms' weights of ``layers`` (all: None) per token."""
+    specs = [s for s in param_specs(run.model) if len(s.shape) == 1]
+    if layers is not None:
+        specs = [s for s in specs if s.layer in layers or (s.layer is None and run.model.num_layers - 1 in layers)]
+    checkpointed = run.trainer.activation_checkpointing != "none"
+    return sum(s.numel * (6 + (2 if checkpointed and s.layer is not None else 0)) for s in specs)
+
+
+TP_CASES = {
+    "moe": (False, {}),
+    "moe_sp": (True, {}),
+    "shared_gated_qknorm_sp": (
+        True,
+        {"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True, "model.qk_norm": "full"},
+    ),
+    "dense_first_tied_qknorm": (
+        False,
+        {"model.first_k_dense_layers": 1, "model.tie_embeddings": True, "model.qk_norm": "head"},
+    ),
+    "mixed_full_recompute": (
+        False,
+        {
+            "model.num_layers": 4,
+            "model.moe_every_k_layers": 2,
+            "model.shared_expert_ffn_size": 16,
+            "trainer.activation_checkpointing": "full",
+        },
+    ),
+    "mixed_selective_sp": (
+        True,
+        {"model.num_layers": 4, "model.moe_every_k_layers": 2, "trainer.activation_checkpointing": "selective"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TP_CASES)
+def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
+    """tp2: the plan's FLOPs per rank are the products one TP rank runs for the step, and its TP
+    traffic the collectives that rank issues: each one's T x D elements in ring units (an
+    all-reduce 2, an all-gather or a reduce-scatter 1), at (tp-1)/tp of a unit per message step."""
+    from moemesh.trainer.parallelize import build_model
+
+    sp, extra = TP_CASES[case]
+    run = _run(
+        **{"parallel.name": "tp2", "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": sp, **extra}
+    )
+    dims = ParallelDims(tp=2)
+    plan = cost.plan_one(run, dims)
+    assert plan.problem is None, plan.problem
+    with fake_world(2):
+        from moemesh.parallel.mesh import build_mesh
+
+        model = build_model(run, build_mesh(dims, "cpu"), torch.device("cpu"))
+        tokens = _tokens(run)
+        with MatmulFlops() as flops, CollectiveLog() as log:
+            model(tokens, tokens).loss.backward()
+    accum = run.trainer.global_batch_size // MICRO
+    S, D = run.trainer.seq_len, run.model.hidden_size
+    T = MICRO * S
+    per_rank_tokens = run.trainer.global_batch_size * S / dims.world_size
+    assert plan.terms.flops - per_rank_tokens * _norm_flops_per_token(run) == flops.get_total_flops() * accum
+    # Every collective is a T x D one or one of two numbers a token or fewer; the former are the plan's.
+    weight = {"c10d::allreduce_": 2, "c10d::allgather_": 1, "c10d::reduce_scatter_": 1}
+    assert all(size == 2 and (n == T * D or n <= 2 * T) for _, size, n in log.calls), log.calls
+    units = sum(weight[name] for name, _, n in log.calls if n == T * D)
+    assert units > 0
+    ring_unit = 0.5 * T * D * cost.compute_bytes(run)  # (tp-1)/tp of T x D elements
+    assert plan.terms.comm["tp_intra"] == (units * accum * ring_unit, units * accum)
+
+
+PP_CASES = {
+    "1f1b_pp2": ("1f1b", 2, 1, {}),
+    "gpipe_pp4": ("gpipe", 4, 1, {}),
+    "interleaved_pp2_v2": ("interleaved_1f1b", 2, 2, {}),
+    "zbv_tied": ("zbv", 2, 2, {"model.tie_embeddings": True}),
+    "interleaved_selective": (
+        "interleaved_1f1b",
+        2,
+        2,
+        {
+            "trainer.activation_checkpointing": "selective",
+            "model.first_k_dense_layers": 1,
+            "model.shared_expert_ffn_size": 16,
+            "model.shared_expert_gate": True,
+        },
+    ),
+    "1f1b_full_tied": (
+        "1f1b",
+        2,
+        1,
+        {"trainer.activation_checkpointing": "full", "model.tie_embeddings": True, "model.shared_expert_ffn_size": 16},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PP_CASES)
+def test_each_pipeline_ranks_products_are_its_stages_plan(case):
+    """Each pipeline rank's FLOPs in the plan (its stage terms less the bubble's stretch) are the
+    products its stages run over the step's micro-batches: its layers (V-shaped schedules: the
+    first and the last stage on rank 0), the head where the last layer is (the tied embedding's
+    projection too), and what its checkpointing repeats."""
+    schedule, pp, v, extra = PP_CASES[case]
+    overrides = {
+        "parallel.name": f"pp{pp}",
+        "parallel.pipeline_parallel_size": pp,
+        "parallel.pipeline_schedule": schedule,
+        "model.num_layers": 8,
+        **({"parallel.pp_stages_per_rank": v} if v > 1 else {}),
+        **extra,
+    }
+    run = _run(**overrides)
+    dims = ParallelDims(pp=pp)
+    plan = cost.plan_one(run, dims)
+    assert plan.problem is None, plan.problem
+    m, S = run.model, run.trainer.seq_len
+    accum = run.trainer.global_batch_size // MICRO
+    placement = Placement.of(run.parallel)
+    per_rank_tokens = run.trainer.global_batch_size * S * pp / dims.world_size
+    for rank, terms in enumerate(plan.stage_terms):
+        model = Transformer(m)
+        model.keep_layers(placement.rank_layers(m.num_layers, rank))
+        apply_activation_checkpointing(model.layers, run.trainer.activation_checkpointing)
+        with MatmulFlops() as flops:
+            for layers in placement.chunks(m.num_layers, rank):  # each stage: its input, its output
+                x = _tokens(run) if layers[0] == 0 else torch.randn(MICRO, S, m.hidden_size, requires_grad=True)
+                y = model.stage_forward(x, layers)
+                if layers[-1] == m.num_layers - 1:
+                    y = F.cross_entropy(y.flatten(0, 1), _tokens(run).flatten())
+                y.backward(torch.ones_like(y))
+        held = set(placement.rank_layers(m.num_layers, rank))
+        planned = terms.flops - terms.bubble_flops - per_rank_tokens * _norm_flops_per_token(run, held)
+        assert planned == pytest.approx(flops.get_total_flops() * accum, rel=1e-12, abs=0), (rank, sorted(held))
