@@ -70,7 +70,13 @@ class CollectiveLog(TorchDispatchMode):
         if func.namespace == "c10d":
             name = func.name()
             pg = next(a for a in args if isinstance(a, torch.ScriptObject))
-            whole = {"c10d::allreduce_": args[0], "c10d::allgather_": args[0], "c10d::reduce_scatter_": args[1]}
+            whole = {
+                "c10d::allreduce_": args[0],
+                "c10d::allgather_": args[0],
+                "c10d::_allgather_base_": args[0],
+                "c10d::reduce_scatter_": args[1],
+                "c10d::_reduce_scatter_base_": args[1],
+            }
             self.calls.append((name, dist.ProcessGroup.unbox(pg).size(), _numel(whole.get(name, args))))
         return func(*args, **(kwargs or {}))
 

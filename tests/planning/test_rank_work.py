@@ -1,7 +1,8 @@
 """The plan's work per rank (moemesh/planning/cost.py) against what one rank of the layout runs:
-the products' FLOPs of a tensor-parallel rank and of each pipeline rank, and the TP collectives'
-bytes, counted over a real forward and backward (tests/counting.py). A TP rank runs in a fake
-world of two in this process; a pipeline rank is the model keeping that rank's layers.
+the products' FLOPs of a tensor-parallel rank and of each pipeline rank, the TP collectives'
+bytes, and the weights' and gradients' collectives of a data rank (the reducer's, FSDP2's),
+counted over a real forward and backward (tests/counting.py). A TP or data rank runs in a fake
+world in this process; a pipeline rank is the model keeping that rank's layers.
 
 Exact, less two things the planner counts that no product or collective of T x D is: the norms'
 weights (counted as parameters, 2 FLOPs each per token forward, 6 with the backward, 2 more for a
@@ -168,3 +169,82 @@ def test_each_pipeline_ranks_products_are_its_stages_plan(case):
         held = set(placement.rank_layers(m.num_layers, rank))
         planned = terms.flops - terms.bubble_flops - per_rank_tokens * _norm_flops_per_token(run, held)
         assert planned == pytest.approx(flops.get_total_flops() * accum, rel=1e-12, abs=0), (rank, sorted(held))
+
+
+SYNC_CASES = {
+    "dp2_none": (2, 1, 1, "none"),
+    "dp2_zero2": (2, 1, 1, "zero2"),
+    "ep2_dp2_zero3": (2, 2, 1, "zero3"),
+    "tp2_dp2_sp_zero3": (2, 1, 2, "zero3"),  # the router and the norms in dp x tp units of their own
+}
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+def test_a_data_ranks_weight_and_gradient_collectives_are_the_plans(case):
+    """One rank of a fake world, a whole step (every micro-step, then the gradient reduction):
+    the plan's "sync" (none's bucketed all-reduces; zero2/zero3's reduce-scatters, per unit and
+    micro-step) and "gather" (zero2's weight all-gathers, zero3's twice) are the collectives FSDP2
+    and the reducer issue, in elements and message steps, over the groups each parameter sums over.
+    The plan prices none's reduction as one all-reduce per group kind, the reducer issues one per
+    25 MB bucket (and the router's gradients apart at tp 1): its bytes are the plan's, its steps
+    at least."""
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.planning.calibration import collective
+    from moemesh.planning.memory import REDUCE_BYTES
+    from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, shard_model
+
+    dp, ep, tp, mode = SYNC_CASES[case]
+    name = "_".join(f"{a}{n}" for a, n in (("tp", tp), ("ep", ep), ("dp", dp)) if n > 1)
+    overrides = {
+        "parallel.name": name,
+        "parallel.data_parallel_size": dp,
+        "parallel.expert_parallel_size": ep,
+        "parallel.tensor_parallel_size": tp,
+        "parallel.sequence_parallel": tp > 1,
+        "parallel.sharding": mode,
+        "model.shared_expert_ffn_size": 16,
+        "trainer.micro_batch_size": 1,
+    }
+    run = tiny_run(**overrides)
+    dims = ParallelDims(dp=dp, ep=ep, tp=tp)
+    plan = cost.plan_one(run, dims)
+    assert plan.problem is None, plan.problem
+    accum = run.trainer.global_batch_size // (dp * ep)
+    with fake_world(dims.world_size):
+        mesh = build_mesh(dims, "cpu")
+        model = build_model(run, mesh, torch.device("cpu"))
+        reducer = (
+            grad_reducer(param_groups(model), mesh)
+            if shard_model(run, mesh, model, torch.device("cpu")) is None
+            else None
+        )
+        tokens = torch.randint(
+            0, run.model.vocab_size, (1, run.trainer.seq_len), generator=torch.Generator().manual_seed(1)
+        )
+        with CollectiveLog() as step:
+            for _ in range(accum):
+                model(tokens, tokens).loss.backward()
+        with CollectiveLog() as reduction:
+            if reducer is not None:
+                reducer.reduce()
+    c = cost.compute_bytes(run)  # the plan's gathers are in the compute dtype, a reduction in fp32
+    measured = {"sync": [0.0, 0], "gather": [0.0, 0]}
+    calls = [("sync", "all_reduce", size, n) for _, size, n in reduction.calls]
+    kinds = {
+        "c10d::_reduce_scatter_base_": ("sync", "reduce_scatter"),
+        "c10d::_allgather_base_": ("gather", "all_gather"),
+    }
+    calls += [(*kinds[op], size, n) for op, size, n in step.calls if op in kinds]
+    for kind, op, size, n in calls:
+        nbytes, steps = collective(op, n * (c if kind == "gather" else REDUCE_BYTES), size)
+        measured[kind][0] += nbytes
+        measured[kind][1] += steps
+    planned = plan.terms.comm
+    assert planned["sync_intra"][0] == pytest.approx(measured["sync"][0], rel=1e-12)
+    if mode == "none":
+        assert "gather_intra" not in planned and all(op not in kinds for op, _, _ in step.calls)
+        assert measured["sync"][1] >= planned["sync_intra"][1] > 0
+    else:
+        assert planned["sync_intra"][1] == measured["sync"][1]
+        assert planned["gather_intra"] == pytest.approx(tuple(measured["gather"]), rel=1e-12)
+        assert measured["gather"][1] == (2 if mode == "zero3" else 1) * measured["sync"][1]
