@@ -151,8 +151,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
     t = tp; s = t with sequence parallelism, else 1 (the residual stream's split);
     Dq = H Dh and Dkv = G Dh the attention widths (Dh = model.head_dim, hidden_size / H by
     default); Tr = T / t tokens this rank routes, N = Tr K routed rows (uniform routing; (ep-1)/ep
-    of them cross the All-to-All). Per part, counting the tensors autograd saves (checked
-    against the saved tensors of a real CPU forward in tests/planning/test_plan.py):
+    of them cross the All-to-All). Per part, counting the tensors autograd saves (checked against
+    a real CPU forward's in tests/parallel/test_recompute.py and tests/planning/test_plan.py):
       block_input           T D / s (the residual; the attention norm's input)
       norms                 each RMSNorm's normalised input 2 T D / s, the FFN norm's input (the
                             mid-block residual) T D / s

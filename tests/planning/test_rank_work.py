@@ -48,6 +48,7 @@ def _norm_flops_per_token(run, layers=None) -> int:
 TP_CASES = {
     "moe": (False, {}),
     "moe_sp": (True, {}),
+    "dense_first_sp": (True, {"model.first_k_dense_layers": 1}),  # one MoE block: no token gathers
     "shared_gated_qknorm_sp": (
         True,
         {"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True, "model.qk_norm": "full"},
@@ -105,6 +106,51 @@ def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
     assert units > 0
     ring_unit = 0.5 * T * D * cost.compute_bytes(run)  # (tp-1)/tp of T x D elements
     assert plan.terms.comm["tp_intra"] == (units * accum * ring_unit, units * accum)
+
+
+@pytest.mark.parametrize(("schedule", "v", "sp"), [("1f1b", 1, True), ("zbv", 2, False), ("zbv", 2, True)])
+def test_each_pipeline_ranks_tp_collectives_are_its_stages_plan(schedule, v, sp):
+    """pp2 x tp2 in a fake world of four: each pipeline rank's TP traffic in the plan is what its
+    stages issue, the embedding's collectives on the rank of layer 0 and the head's on the rank
+    of the last layer (a V's rank 0 holds both)."""
+    from moemesh.parallel.dims import MeshAxis
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.trainer.parallelize import build_model
+
+    overrides = {
+        "parallel.name": "pp2_tp2",
+        "parallel.pipeline_parallel_size": 2,
+        "parallel.tensor_parallel_size": 2,
+        "parallel.sequence_parallel": sp,
+        "parallel.pipeline_schedule": schedule,
+        "model.num_layers": 8,
+        **({"parallel.pp_stages_per_rank": v} if v > 1 else {}),
+    }
+    run = _run(**overrides)
+    dims = ParallelDims(tp=2, pp=2)
+    plan = cost.plan_one(run, dims)
+    assert plan.problem is None, plan.problem
+    m, S = run.model, run.trainer.seq_len
+    T, D, accum = MICRO * S, m.hidden_size, run.trainer.global_batch_size // MICRO
+    placement = Placement.of(run.parallel)
+    weight = {"c10d::allreduce_": 2, "c10d::allgather_": 1, "c10d::reduce_scatter_": 1}
+    seen = set()
+    for world_rank in (0, 2):  # tp rank 0 of each pipeline rank
+        with fake_world(4, world_rank):
+            mesh = build_mesh(dims, "cpu")
+            rank = mesh.coords[MeshAxis.PP]
+            model = build_model(run, mesh, torch.device("cpu"))
+            with CollectiveLog() as log:
+                for layers in placement.chunks(m.num_layers, rank):
+                    shape = (MICRO, S // (2 if sp else 1), D)
+                    x = _tokens(run) if layers[0] == 0 else torch.randn(shape, requires_grad=True)
+                    y = model.stage_forward(x, layers)
+                    y = y.float().logsumexp(-1).mean() if layers[-1] == m.num_layers - 1 else y
+                    y.backward(torch.ones_like(y))
+        units = sum(weight[name] for name, size, n in log.calls if size == 2 and n == T * D)
+        assert plan.stage_terms[rank].comm["tp_intra"][1] == units * accum, (rank, units)
+        seen.add(rank)
+    assert seen == {0, 1}
 
 
 PP_CASES = {
