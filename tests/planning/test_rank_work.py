@@ -31,9 +31,18 @@ def _run(**overrides):
     return tiny_run(**{"trainer.micro_batch_size": MICRO, **overrides})
 
 
-def _tokens(run, seed=1):
+def _tokens(run, batch=MICRO, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, run.model.vocab_size, (MICRO, run.trainer.seq_len), generator=g)
+    return torch.randint(0, run.model.vocab_size, (batch, run.trainer.seq_len), generator=g)
+
+
+# Ring units of T x D: an all-reduce moves twice what an all-gather or a reduce-scatter moves.
+RING_UNITS = {"c10d::allreduce_": 2, "c10d::allgather_": 1, "c10d::reduce_scatter_": 1}
+
+
+def _tp_units(log: CollectiveLog, elements: int) -> int:
+    """The ring units of the TP group's (size 2) collectives of ``elements`` (T x D) in ``log``."""
+    return sum(RING_UNITS[name] for name, size, n in log.calls if size == 2 and n == elements)
 
 
 def _norm_flops_per_token(run, layers=None) -> int:
@@ -100,9 +109,8 @@ def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
     per_rank_tokens = run.trainer.global_batch_size * S / dims.world_size
     assert plan.terms.flops - per_rank_tokens * _norm_flops_per_token(run) == flops.get_total_flops() * accum
     # Every collective is a T x D one or one of two numbers a token or fewer; the former are the plan's.
-    weight = {"c10d::allreduce_": 2, "c10d::allgather_": 1, "c10d::reduce_scatter_": 1}
     assert all(size == 2 and (n == T * D or n <= 2 * T) for _, size, n in log.calls), log.calls
-    units = sum(weight[name] for name, _, n in log.calls if n == T * D)
+    units = _tp_units(log, T * D)
     assert units > 0
     ring_unit = 0.5 * T * D * cost.compute_bytes(run)  # (tp-1)/tp of T x D elements
     assert plan.terms.comm["tp_intra"] == (units * accum * ring_unit, units * accum)
@@ -133,7 +141,6 @@ def test_each_pipeline_ranks_tp_collectives_are_its_stages_plan(schedule, v, sp)
     m, S = run.model, run.trainer.seq_len
     T, D, accum = MICRO * S, m.hidden_size, run.trainer.global_batch_size // MICRO
     placement = Placement.of(run.parallel)
-    weight = {"c10d::allreduce_": 2, "c10d::allgather_": 1, "c10d::reduce_scatter_": 1}
     seen = set()
     for world_rank in (0, 2):  # tp rank 0 of each pipeline rank
         with fake_world(4, world_rank):
@@ -147,7 +154,7 @@ def test_each_pipeline_ranks_tp_collectives_are_its_stages_plan(schedule, v, sp)
                     y = model.stage_forward(x, layers)
                     y = y.float().logsumexp(-1).mean() if layers[-1] == m.num_layers - 1 else y
                     y.backward(torch.ones_like(y))
-        units = sum(weight[name] for name, size, n in log.calls if size == 2 and n == T * D)
+        units = _tp_units(log, T * D)
         assert plan.stage_terms[rank].comm["tp_intra"][1] == units * accum, (rank, units)
         seen.add(rank)
     assert seen == {0, 1}
@@ -264,9 +271,7 @@ def test_a_data_ranks_weight_and_gradient_collectives_are_the_plans(case):
             if shard_model(run, mesh, model, torch.device("cpu")) is None
             else None
         )
-        tokens = torch.randint(
-            0, run.model.vocab_size, (1, run.trainer.seq_len), generator=torch.Generator().manual_seed(1)
-        )
+        tokens = _tokens(run, batch=1)
         with CollectiveLog() as step:
             for _ in range(accum):
                 model(tokens, tokens).loss.backward()
