@@ -15,23 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from moemesh.parallel import buckets
 from moemesh.parallel.comm import all_reduce_, group_size
 
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
-    out: list[list[nn.Parameter]] = []
-    cur: list[nn.Parameter] = []
-    size = 0
-    for p in params:
-        nbytes = p.numel() * p.element_size()
-        if cur and size + nbytes > bucket_bytes:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(p)
-        size += nbytes
-    if cur:
-        out.append(cur)
-    return out
+    return [params[b] for b in buckets.bucket_slices([p.numel() * p.element_size() for p in params], bucket_bytes)]
 
 
 class GradReducer:
@@ -42,8 +31,9 @@ class GradReducer:
     sequence-parallel norms) over dp x ep x tp, expert parameters over dp (x tp).
     """
 
-    def __init__(self, plan, *, data_size: int, bucket_bytes: int = 25 * 2**20):
+    def __init__(self, plan, *, data_size: int, bucket_bytes: int | None = None):
         self.data_size = data_size
+        limit = buckets.BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         # Even where a group has one rank (experts under pure EP: their All-to-All backward
         # already summed the EP peers), the gradient is still divided by the data ranks.
         # A bucket is skipped only if there is nothing to do: a one-rank group and one data
@@ -52,7 +42,7 @@ class GradReducer:
             (bucket, group)
             for params, group in plan
             if group_size(group) > 1 or data_size > 1
-            for bucket in _buckets(list(params), bucket_bytes)
+            for bucket in _buckets(list(params), limit)
         ]
 
     @torch.no_grad()

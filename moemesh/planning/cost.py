@@ -25,6 +25,7 @@ from moemesh.moe.param_count import (
     stage_flops_per_token,
     uneven_non_leading_shard,
 )
+from moemesh.parallel import buckets
 from moemesh.parallel.dims import MESH_AXES, MeshAxis, ParallelDims, layout_name
 from moemesh.parallel.pipeline import Placement, stages_per_rank
 from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants, collective
@@ -184,8 +185,14 @@ def _sync_cost(
             out[kind] = {"sync": (0.0, 0)}
             continue
         numel = sum(s.numel for s in group)
-        if sharding == Sharding.none:  # one bucketed all-reduce of fp32 gradients after the backward
-            out[kind] = {"sync": collective("all_reduce", numel * REDUCE_BYTES, n)}
+        if sharding == Sharding.none:
+            # After the backward the reducer all-reduces the fp32 gradients, one collective per
+            # bucket, in the model's order, the data_tp parameters (the router's) apart even at tp 1.
+            steps = 0
+            for part in ([s for s in group if s.data_tp == d] for d in (False, True)):
+                sizes = [s.numel * REDUCE_BYTES for s in part]
+                steps += len(buckets.bucket_slices(sizes, buckets.BUCKET_BYTES)) * collective("all_reduce", 1, n)[1]
+            out[kind] = {"sync": (collective("all_reduce", numel * REDUCE_BYTES, n)[0], steps)}
             continue
         units = (
             len({(s.layer, s.name.rsplit(".", 1)[0]) for s in group})

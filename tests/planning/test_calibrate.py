@@ -531,13 +531,13 @@ def test_this_machines_calibration_is_what_its_sweeps_give():
         k: v for k, v in written.items() if k != "source" and v is not None
     }
     loo = cal.leave_one_out([j.name for j in jobs], stages, phases, jobs[0].prior, [j.before_s for j in jobs])
-    assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 14.8
+    assert len(jobs) == 20 and round(loo.median_after * 100, 1) == 14.6
     # The runs timed the experts and the attention core apart: each has its own measured rate.
     assert written["expert_flops_per_s"] and written["attention_core_flops_per_s"]
     # The check sweep (top-4 of 8 experts, sequences of 256) that README quotes, predicted.
     checked = calibrate.load_jobs([DATA / "topk4_seq256"], ARGS)
     one, _ = cal.fit_staged(stages, [cal.folded(p) for p in phases], jobs[0].prior)
-    for fit, median in ((fitted, 11.7), (one, 12.9)):
+    for fit, median in ((fitted, 11.4), (one, 12.7)):
         errors = [abs(cal.predict(fit.constants, j.stages) / j.phases["step"] - 1) for j in checked]
         assert len(checked) == 6 and round(statistics.median(errors) * 100, 1) == median
 

@@ -226,6 +226,8 @@ def test_each_pipeline_ranks_products_are_its_stages_plan(case):
 
 SYNC_CASES = {
     "dp2_none": (2, 1, 1, "none"),
+    "dp2_none_small_buckets": (2, 1, 1, "none"),  # BUCKET_BYTES 16 KiB: a bucket per block or two
+    "tp2_dp2_none": (2, 1, 2, "none"),
     "dp2_zero2": (2, 1, 1, "zero2"),
     "ep2_dp2_zero3": (2, 2, 1, "zero3"),
     "tp2_dp2_sp_zero3": (2, 1, 2, "zero3"),  # the router and the norms in dp x tp units of their own
@@ -233,20 +235,23 @@ SYNC_CASES = {
 
 
 @pytest.mark.parametrize("case", SYNC_CASES)
-def test_a_data_ranks_weight_and_gradient_collectives_are_the_plans(case):
+def test_a_data_ranks_weight_and_gradient_collectives_are_the_plans(case, monkeypatch):
     """One rank of a fake world, a whole step (every micro-step, then the gradient reduction):
     the plan's "sync" (none's bucketed all-reduces; zero2/zero3's reduce-scatters, per unit and
     micro-step) and "gather" (zero2's weight all-gathers, zero3's twice) are the collectives FSDP2
     and the reducer issue, in elements and message steps, over the groups each parameter sums over.
-    The plan prices none's reduction as one all-reduce per group kind, the reducer issues one per
-    25 MB bucket (and the router's gradients apart at tp 1): its bytes are the plan's, its steps
-    at least."""
+    Under none the reducer issues one all-reduce per bucket of each group (the router's apart even
+    at tp 1), and so does the plan."""
     from moemesh.parallel.mesh import build_mesh
     from moemesh.planning.calibration import collective
     from moemesh.planning.memory import REDUCE_BYTES
     from moemesh.trainer.parallelize import build_model, grad_reducer, param_groups, shard_model
 
     dp, ep, tp, mode = SYNC_CASES[case]
+    if case.endswith("small_buckets"):
+        from moemesh.parallel import buckets
+
+        monkeypatch.setattr(buckets, "BUCKET_BYTES", 16 * 2**10)
     name = "_".join(f"{a}{n}" for a, n in (("tp", tp), ("ep", ep), ("dp", dp)) if n > 1)
     overrides = {
         "parallel.name": name,
@@ -292,10 +297,10 @@ def test_a_data_ranks_weight_and_gradient_collectives_are_the_plans(case):
         measured[kind][1] += steps
     planned = plan.terms.comm
     assert planned["sync_intra"][0] == pytest.approx(measured["sync"][0], rel=1e-12)
+    assert planned["sync_intra"][1] == measured["sync"][1] > 0
     if mode == "none":
         assert "gather_intra" not in planned and all(op not in kinds for op, _, _ in step.calls)
-        assert measured["sync"][1] >= planned["sync_intra"][1] > 0
+        assert len(reduction.calls) == len(reducer.plan) > (5 if case.endswith("small_buckets") else 2)
     else:
-        assert planned["sync_intra"][1] == measured["sync"][1]
         assert planned["gather_intra"] == pytest.approx(tuple(measured["gather"]), rel=1e-12)
         assert measured["gather"][1] == (2 if mode == "zero3" else 1) * measured["sync"][1]
