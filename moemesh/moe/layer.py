@@ -35,6 +35,8 @@ from moemesh.parallel.tp import (
     RowParallelLinear,
     column_parallel,
     gather_tokens_from_tp,
+    reduce_with_rows,
+    split_and_copy_to_tp,
     split_tokens_to_tp,
     token_sequences,
 )
@@ -141,9 +143,12 @@ class SwiGLU(nn.Module):
             linear.shard(tp_group, sequence_parallel=sequence_parallel)
         self.tp_group, self.sp = tp_group, sequence_parallel
 
-    def forward(self, x):
-        h1, h3 = column_parallel(x, self.w1, self.w3)  # one input collective for both
-        return self.w2(F.silu(h1) * h3)
+    def forward(self, x, *, read: bool = True, reduce: bool = True):
+        """``read=False``: ``x`` is already the column-parallel products' input (``read_input``);
+        ``reduce=False``: this rank's partial output, unreduced over tp. The MoE layer uses both to
+        move its input's and output's shares in one collective each with its routed rows'."""
+        h1, h3 = column_parallel(x, self.w1, self.w3, read=read)  # one input collective for both
+        return self.w2(F.silu(h1) * h3, reduce=reduce)
 
 
 class MoELayer(nn.Module):
@@ -233,16 +238,35 @@ class MoELayer(nn.Module):
         """``loss_scale``: the factor the caller's backward applies to the loss (1/accum
         with gradient accumulation); the attached balance losses get the same factor."""
         B, S, D = x_BSD.shape
-        x_TD = split_tokens_to_tp(x_BSD.reshape(B * S, D), self.tp_group, sequence_parallel=self.sp)
+        # Under TP without SP a shared expert's input and output move in one collective each with
+        # the routed rows' (its input gradient's all-reduce carries the rows' gradients; an ungated
+        # one's output all-reduce carries the rows' outputs; a gate scales the summed output).
+        fused = self.shared is not None and self.tp > 1 and not self.sp
+        partial = fused and self.shared_gate is None
+        if fused:
+            x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group)
+            read_BSD = read_BSD.view(B, S, D)
+        else:
+            x_TD = split_tokens_to_tp(x_BSD.reshape(B * S, D), self.tp_group, sequence_parallel=self.sp)
+            read_BSD = None
         gate, logits_TE = self.router(x_TD)  # 1. gate
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
-        shared = (lambda: self._shared(x_BSD).reshape(-1, D)) if self.shared is not None else None
+        shared = (
+            (lambda: self._shared(x_BSD, read_BSD, reduce=not partial).reshape(-1, D))
+            if self.shared is not None
+            else None
+        )
         # 2.-6. dispatch -> experts -> combine
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
-        out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
-        if shared is not None:
-            out_TD = out_TD + (shared_TD if shared_TD is not None else shared())
+        if shared is not None and shared_TD is None:
+            shared_TD = shared()
+        if partial:
+            out_TD = reduce_with_rows(shared_TD, out_TD, self.tp_group)
+        else:
+            out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
+            if shared_TD is not None:
+                out_TD = out_TD + shared_TD
         out_BSD = attach_loss(out_TD.view(B, S, D), weighted_balance_loss(self.cfg, losses), loss_scale)
         stats = MoEStats(
             losses=_detached(losses),
@@ -254,10 +278,17 @@ class MoELayer(nn.Module):
         )
         return out_BSD, stats
 
-    def _shared(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """The shared expert's output, gated if the layer has a gate."""
+    def _shared(
+        self, x_BSD: torch.Tensor, read_BSD: torch.Tensor | None = None, *, reduce: bool = True
+    ) -> torch.Tensor:
+        """The shared expert's output, gated if the layer has a gate. ``read_BSD``: its input as
+        its column-parallel products read it (``split_and_copy_to_tp``); the gate reads ``x_BSD``
+        (replicated, its gradient not partial). ``reduce=False``: unreduced over tp (no gate)."""
         assert self.shared is not None
-        y_BSD = self.shared(x_BSD)
+        if read_BSD is None:
+            y_BSD = self.shared(x_BSD, reduce=reduce)
+        else:
+            y_BSD = self.shared(read_BSD, read=False, reduce=reduce)
         if self.shared_gate is not None:
             # Called as a module: under sharding with SP it is an FSDP unit, gathered by the call's hooks.
             y_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * y_BSD

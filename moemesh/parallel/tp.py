@@ -137,6 +137,65 @@ class _SPReduceScatter(torch.autograd.Function):
         return _all_gather(g, ctx.group, ctx.dim), None, None
 
 
+class _SplitAndCopyToTP(torch.autograd.Function):
+    """Forward: this rank's 1/t of the rows of a replicated tensor, and the tensor itself for
+    column-parallel products. Backward: one all-reduce of the products' partial gradient with the
+    rows' gradient added at their place, where ``split_to_tp`` and ``copy_to_tp`` would each run a
+    collective (an all-gather and an all-reduce: 3 units of the tensor where 2 do)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, 0), x
+
+    @staticmethod
+    def backward(ctx, g_rows, g_whole):
+        g = g_whole.clone(memory_format=torch.contiguous_format)
+        n = g_rows.shape[0]
+        g.narrow(0, _rank(ctx.group) * n, n).add_(g_rows)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceWithRows(torch.autograd.Function):
+    """Forward: the sum over tp of row-parallel partial outputs, with this rank's rows of another
+    output added at their place: ``reduce_from_tp`` and ``gather_from_tp`` in one all-reduce.
+    Backward: the replicated gradient, and its rows for this rank's part."""
+
+    @staticmethod
+    def forward(ctx, partial, rows, group):
+        ctx.group = group
+
+        def run() -> torch.Tensor:
+            out = partial.to(
+                torch.promote_types(partial.dtype, rows.dtype), memory_format=torch.contiguous_format, copy=True
+            )
+            n = rows.shape[0]
+            out.narrow(0, _rank(group) * n, n).add_(rows)
+            dist.all_reduce(out, group=group)
+            return out
+
+        return replayable(run)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, _split(g, ctx.group, 0), None
+
+
+def split_and_copy_to_tp(x, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``split_to_tp(x, group, 0)``, ``copy_to_tp(x, group)``) through one collective: a MoE
+    layer's routed rows and its shared expert's input, without sequence parallelism."""
+    return (x, x) if group_size(group) == 1 else _SplitAndCopyToTP.apply(x, group)
+
+
+def reduce_with_rows(partial, rows, group) -> torch.Tensor:
+    """``reduce_from_tp(partial) + gather_from_tp(rows, group, 0)`` through one collective: a MoE
+    layer's ungated shared expert (row-parallel, unreduced) and its routed rows."""
+    if group_size(group) == 1:
+        return partial + rows
+    return _ReduceWithRows.apply(partial, rows, group)
+
+
 def copy_to_tp(x, group):
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
 
@@ -240,14 +299,15 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(self.read_input(x), self.weight)
 
 
-def column_parallel(x, *linears: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
+def column_parallel(x, *linears: ColumnParallelLinear, read: bool = True) -> tuple[torch.Tensor, ...]:
     """Several column-parallel products of one input (attention's q, k and v; an FFN's w1 and w3)
     through one collective: the input is read once, so the backward sums its gradient over tp in
     one all-reduce (with SP: the forward gathers the sequence once, the backward reduce-scatters
-    once), not once per product, as Megatron-LM's fused QKV projection does."""
+    once), not once per product, as Megatron-LM's fused QKV projection does. ``read=False``: ``x``
+    was already read (``split_and_copy_to_tp``)."""
     first = linears[0]
     assert all(l.tp_group is first.tp_group and l.sp == first.sp for l in linears), "one TP group and SP mode"
-    x = first.read_input(x)
+    x = first.read_input(x) if read else x
     return tuple(F.linear(x, l.weight) for l in linears)
 
 
@@ -267,8 +327,12 @@ class RowParallelLinear(nn.Module):
         self.tp_group, self.sp = tp_group, sequence_parallel
         self.weight = shard_parameter(self.weight, tp_group)
 
-    def forward(self, x):
+    def forward(self, x, *, reduce: bool = True):
+        """``reduce=False``: this rank's partial output, for the caller to sum over tp
+        (``reduce_with_rows``)."""
         y = F.linear(x, self.weight)
+        if not reduce:
+            return y
         return sp_reduce_scatter(y, self.tp_group, 1) if self.sp else reduce_from_tp(y, self.tp_group)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moemesh.config.schema import RunConfig
 from moemesh.config.validate import batch_plan, validate_run
 from moemesh.errors import ConfigError
-from moemesh.fields import Device, Dtype, PipelineSchedule, Sharding, SharedExpertOverlap
+from moemesh.fields import Device, Dtype, PipelineSchedule, Recompute, Sharding, SharedExpertOverlap
 from moemesh.moe.config import ModelConfig, is_moe_layer
 from moemesh.moe.param_count import (
     Flops,
@@ -148,11 +148,18 @@ def tp_units(m: ModelConfig, layers, sp: bool) -> int:
     backward (2 all-gathers, 1 unit each); the vocabulary-parallel embedding all-reduces its
     output forward and the head its input's gradient backward (2 units each). Sequence parallelism
     trades each all-reduce for an all-gather and a reduce-scatter (the same bytes), and its MoE
-    blocks route their own sequence shard: no token gathers. The all-reduces of a number or two per
-    token or expert (the router's expert counts, the loss's maxima and sums, qk-norm's squares) are
-    left out. Held to the collectives a TP rank issues by tests/planning/test_rank_work.py."""
-    shared = 4 if m.shared_expert_ffn_size else 0
-    units = sum(4 + (shared + (0 if sp else 2) if is_moe_layer(m, l) else 4) for l in layers)
+    blocks route their own sequence shard: no token gathers. Without SP a shared expert's input
+    gradient and the routed rows' gradients share one all-reduce, and an ungated shared expert's
+    output and the routed rows' outputs another (``parallel.tp.split_and_copy_to_tp``,
+    ``reduce_with_rows``): 4 units for the MoE part, 5 with a gate. The all-reduces of a number or
+    two per token or expert (the router's expert counts, the loss's maxima and sums, qk-norm's
+    squares) are left out. Held to the collectives a TP rank issues by
+    tests/planning/test_rank_work.py."""
+    if not m.shared_expert_ffn_size:
+        moe = 0 if sp else 2
+    else:
+        moe = 4 if sp or not m.shared_expert_gate else 5
+    units = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
     return units + 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
 
 
@@ -209,6 +216,15 @@ def _sync_cost(
             "gather": (ag_bytes * gathers * accum, units * gathers * ag_steps * accum),
         }
     return out
+
+
+def _replicated_gate(m: ModelConfig, dims: ParallelDims, sp: bool, tokens: float) -> float:
+    """Without SP every TP rank computes a shared expert's gate ([T, D] x [D, 1]) on all T tokens,
+    not 1/tp of them: the multiply-adds the even spread of ``tokens`` (per rank, summed over the
+    gated blocks) leaves out, (tp-1) shares."""
+    if not (m.shared_expert_gate and m.shared_expert_ffn_size) or dims.tp == 1 or sp:
+        return 0.0
+    return m.hidden_size * tokens * (dims.tp - 1)
 
 
 def with_dims(run: RunConfig, dims: ParallelDims) -> RunConfig:
@@ -310,6 +326,9 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
                 )
             )
         )
+        gate = _replicated_gate(m, dims, sp, moe * per_rank)
+        flops = flops._replace(total=flops.total + 6 * gate)
+        re = re._replace(total=re.total + (2 * gate if ckpt != Recompute.none else 0))
         # The step's collectives as (bytes this rank moves, alpha steps) per "<kind>_<link>", the
         # link class by whether the group crosses nodes; priced by the constants (prior or calibrated).
         comm: dict[str, tuple[float, float]] = {}

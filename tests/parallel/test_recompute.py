@@ -420,11 +420,14 @@ def test_planner_activation_estimate_within_its_measured_margin():
     print(f"per block: worst {worst:.2%}; freed by full: {_rel(planned_freed, measured_freed):.2%}")
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
-def test_planner_activation_estimate_on_a_tp_rank(sp):
+@pytest.mark.parametrize(
+    ("sp", "gate"), [(False, False), (False, True), (True, False)], ids=["tp2", "tp2_gated", "tp2_sp"]
+)
+def test_planner_activation_estimate_on_a_tp_rank(sp, gate):
     """One TP rank of a fake world of two (tests/counting.py): every block's kept bytes under every
     mode within 5% of the estimate, with the TP collectives' kept outputs (under SP one sequence
-    gather for q, k and v, and one for w1 and w3). Without EP a rank's rows do not follow the
+    gather for q, k and v, and one for w1 and w3; without SP an ungated shared expert's output
+    all-reduce that carries the routed rows, a gated one's apart). Without EP a rank's rows do not follow the
     routing, and bytes are shapes': the same on any CPU (worst 4.5%, the MoE blocks without
     checkpointing)."""
     from moemesh.parallel.dims import ParallelDims
@@ -435,7 +438,7 @@ def test_planner_activation_estimate_on_a_tp_rank(sp):
     with fake_world(2):
         mesh = build_mesh(dims, "cpu")
         for mode in MODES:
-            run = _layout_run("tp2", 1, 1, 2, sp, False, mode=mode, **ACT_RUN)
+            run = _layout_run("tp2", 1, 1, 2, sp, False, mode=mode, **ACT_RUN, **{"model.shared_expert_gate": gate})
             model = build_model(run, mesh, torch.device("cpu"))
             x = model._embed(_tokens(run, 2)).detach().requires_grad_(True)
             for l, (planned, measured) in enumerate(_planned_and_measured(model, run, dims, x, mode)):

@@ -62,6 +62,15 @@ TP_CASES = {
         True,
         {"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True, "model.qk_norm": "full"},
     ),
+    # without SP every TP rank gates all its tokens; with full recompute the gate runs again
+    "shared_gated_full_recompute": (
+        False,
+        {
+            "model.shared_expert_ffn_size": 16,
+            "model.shared_expert_gate": True,
+            "trainer.activation_checkpointing": "full",
+        },
+    ),
     "dense_first_tied_qknorm": (
         False,
         {"model.first_k_dense_layers": 1, "model.tie_embeddings": True, "model.qk_norm": "head"},
