@@ -45,9 +45,10 @@ def _grads(run, mesh, data_rank, data_size):
     return model, norm
 
 
-def _check(rank, world, dp, ep, tp, sp):
+def _check(rank, world, dp, ep, tp, sp, gate=False):
     over = {
         "model.shared_expert_ffn_size": 16,
+        "model.shared_expert_gate": gate,
         "model.aux_loss_factor": 0.5,  # large enough that a wrong balance-loss gradient shows
         "model.z_loss_factor": 0.1,
         "trainer.global_batch_size": 4,
@@ -81,6 +82,11 @@ def _check(rank, world, dp, ep, tp, sp):
     torch.testing.assert_close(norm, ref_norm, **TOL)
 
 
-@pytest.mark.parametrize("dp,ep,tp,sp", [(1, 1, 2, False), (1, 1, 2, True), (1, 2, 1, False)])
-def test_reduced_gradients_equal_single_process(dp, ep, tp, sp):
-    run_on_ranks(_check, dp * ep * tp, dp, ep, tp, sp)
+# tp2 without SP: the shared expert's collectives carry the routed rows' (parallel.tp:
+# split_and_copy_to_tp, reduce_with_rows); a gated one's output is reduced apart.
+@pytest.mark.parametrize(
+    "dp,ep,tp,sp,gate",
+    [(1, 1, 2, False, False), (1, 1, 2, False, True), (1, 1, 2, True, False), (1, 2, 1, False, False)],
+)
+def test_reduced_gradients_equal_single_process(dp, ep, tp, sp, gate):
+    run_on_ranks(_check, dp * ep * tp, dp, ep, tp, sp, gate)

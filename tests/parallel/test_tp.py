@@ -86,6 +86,44 @@ def test_a_split_keeps_this_ranks_chunk_and_a_gathers_backward_keeps_this_ranks_
         assert tp.gather_tokens_from_tp(x, group, sequence_parallel=False).shape == (4, 4, 3)
 
 
+def test_the_rows_and_the_copy_move_their_gradients_in_one_all_reduce():
+    """``split_and_copy_to_tp``: this rank's rows and the whole input; backward one all-reduce of
+    the whole input's gradient with the rows' added at their place (the fake all-reduce leaves it
+    as it is), where a split and a copy would each run a collective."""
+    with tp_rank_of_world4() as group:
+        x = torch.randn(6, 4, requires_grad=True)
+        with CollectiveLog() as fwd:
+            rows, whole = tp.split_and_copy_to_tp(x, group)
+        assert torch.equal(rows, x.detach()[3:]) and torch.equal(whole, x.detach())
+        g_rows, g_whole = torch.randn(3, 4), torch.randn(6, 4)
+        with CollectiveLog() as bwd:
+            torch.autograd.backward([rows, whole], [g_rows, g_whole])
+        assert fwd.ops == {} and dict(bwd.ops) == {(AR, 2): 1}
+        assert torch.equal(x.grad, g_whole + torch.cat([torch.zeros(3, 4), g_rows]))
+        y = torch.randn(6, 4)
+        assert all(t is y for t in tp.split_and_copy_to_tp(y, None))
+
+
+def test_a_partial_output_and_the_rows_are_summed_in_one_all_reduce():
+    """``reduce_with_rows``: forward one all-reduce of the partial output with this rank's rows
+    added at their place, in the wider of the two dtypes; backward none (the gradient is
+    replicated): the partial's is the gradient, the rows' its rows."""
+    with tp_rank_of_world4() as group:
+        partial = torch.randn(6, 4, dtype=torch.bfloat16, requires_grad=True)
+        rows = torch.randn(3, 4, requires_grad=True)
+        with CollectiveLog() as fwd:
+            y = tp.reduce_with_rows(partial, rows, group)
+        assert dict(fwd.ops) == {(AR, 2): 1} and y.dtype == torch.float32
+        assert torch.equal(y, partial.detach().float() + torch.cat([torch.zeros(3, 4), rows.detach()]))
+        g = torch.randn(6, 4)
+        with CollectiveLog() as bwd:
+            y.backward(g)
+        assert bwd.ops == {}
+        assert torch.equal(partial.grad, g.bfloat16()) and torch.equal(rows.grad, g[3:])
+        a, b = torch.randn(2, 3), torch.randn(2, 3)
+        assert torch.equal(tp.reduce_with_rows(a, b, None), a + b)
+
+
 def test_a_shard_is_this_ranks_chunk_of_the_zero_padded_tensor_with_its_tags():
     with tp_rank_of_world4() as group:
         p = torch.nn.Parameter(torch.arange(21.0).view(7, 3))
@@ -271,8 +309,9 @@ def test_without_a_group_the_loss_is_the_cross_entropy_of_the_real_vocabulary():
         lambda x, g: tp.gather_from_tp(x, g, 1),
         lambda x, g: tp.sp_gather(x, g, 1),
         lambda x, g: tp.sp_reduce_scatter(x, g, 1),
+        lambda x, g: tp.reduce_with_rows(x, x[:1], g),
     ],
-    ids=["reduce", "gather", "sp_gather", "sp_reduce_scatter"],
+    ids=["reduce", "gather", "sp_gather", "sp_reduce_scatter", "reduce_with_rows"],
 )
 def test_a_recomputed_forward_collective_returns_its_recorded_output_without_communicating(op):
     with tp_rank_of_world4() as group:
