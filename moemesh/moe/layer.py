@@ -147,6 +147,7 @@ class SwiGLU(nn.Module):
         """``read=False``: ``x`` is already the column-parallel products' input (``read_input``);
         ``reduce=False``: this rank's partial output, unreduced over tp. The MoE layer uses both to
         move its input's and output's shares in one collective each with its routed rows'."""
+        assert read or not self.sp, "under SP the products read the gathered sequence (read=True)"
         h1, h3 = column_parallel(x, self.w1, self.w3, read=read)  # one input collective for both
         return self.w2(F.silu(h1) * h3, reduce=reduce)
 
@@ -242,7 +243,7 @@ class MoELayer(nn.Module):
         # the routed rows' (its input gradient's all-reduce carries the rows' gradients; an ungated
         # one's output all-reduce carries the rows' outputs; a gate scales the summed output).
         fused = self.shared is not None and self.tp > 1 and not self.sp
-        partial = fused and self.shared_gate is None
+        fuse_out = fused and self.shared_gate is None
         if fused:
             x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group)
             read_BSD = read_BSD.view(B, S, D)
@@ -253,7 +254,7 @@ class MoELayer(nn.Module):
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
         shared = (
-            (lambda: self._shared(x_BSD, read_BSD, reduce=not partial).reshape(-1, D))
+            (lambda: self._shared(x_BSD, read_BSD, reduce=not fuse_out).reshape(-1, D))
             if self.shared is not None
             else None
         )
@@ -261,7 +262,7 @@ class MoELayer(nn.Module):
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         if shared is not None and shared_TD is None:
             shared_TD = shared()
-        if partial:
+        if fuse_out:
             out_TD = reduce_with_rows(shared_TD, out_TD, self.tp_group)
         else:
             out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
@@ -285,6 +286,7 @@ class MoELayer(nn.Module):
         its column-parallel products read it (``split_and_copy_to_tp``); the gate reads ``x_BSD``
         (replicated, its gradient not partial). ``reduce=False``: unreduced over tp (no gate)."""
         assert self.shared is not None
+        assert reduce or self.shared_gate is None, "a gate scales the shared expert's summed output"
         if read_BSD is None:
             y_BSD = self.shared(x_BSD, reduce=reduce)
         else:

@@ -127,7 +127,8 @@ def overlapped_moe(
     """The dispatcher's dispatch -> experts -> combine, chunked and overlapped.
 
     ``experts(rows, tokens_per_expert)`` computes the local experts; ``shared()`` (optional)
-    the shared expert's output for all T tokens, run while the exchange ``shared_at`` names
+    the shared expert's output for all T tokens (under TP without SP an ungated one's unreduced
+    partial, which the layer sums over tp with the routed rows), run while the exchange ``shared_at`` names
     is in flight ("none": not run here). Returns (out_TD, shared_out or None).
     """
     d = dispatcher

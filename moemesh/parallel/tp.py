@@ -13,7 +13,8 @@ plain tensors whose gradients its own bucketed reducer sums over explicit groups
 route different token slices), initialises every shard from the global tensor by
 name, and needs token split/gather operators around the MoE layer that DTensor
 does not provide. The collectives are torch's; the operators below are the five
-autograd pairs Megatron-LM describes, each a few lines.
+autograd pairs Megatron-LM describes, each a few lines, and two that let a MoE layer's shared
+expert share its routed rows' collectives without sequence parallelism.
 
 With ``group=None`` (t = 1) every operator is the identity. Each forward collective
 goes through ``comm.replayable``: an activation-checkpointed block's recompute
@@ -137,6 +138,14 @@ class _SPReduceScatter(torch.autograd.Function):
         return _all_gather(g, ctx.group, ctx.dim), None, None
 
 
+def _add_rows(whole: torch.Tensor, rows: torch.Tensor, group) -> torch.Tensor:
+    """``whole`` with this rank's 1/t of its rows (``_split``'s) increased by ``rows``, in place."""
+    n = rows.shape[0]
+    assert whole.shape[0] == n * group_size(group), f"{whole.shape[0]} rows are not {group_size(group)} x {n}"
+    whole.narrow(0, _rank(group) * n, n).add_(rows)
+    return whole
+
+
 class _SplitAndCopyToTP(torch.autograd.Function):
     """Forward: this rank's 1/t of the rows of a replicated tensor, and the tensor itself for
     column-parallel products. Backward: one all-reduce of the products' partial gradient with the
@@ -150,9 +159,7 @@ class _SplitAndCopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rows, g_whole):
-        g = g_whole.clone(memory_format=torch.contiguous_format)
-        n = g_rows.shape[0]
-        g.narrow(0, _rank(ctx.group) * n, n).add_(g_rows)
+        g = _add_rows(g_whole.clone(memory_format=torch.contiguous_format), g_rows, ctx.group)
         dist.all_reduce(g, group=ctx.group)
         return g, None
 
@@ -167,11 +174,8 @@ class _ReduceWithRows(torch.autograd.Function):
         ctx.group = group
 
         def run() -> torch.Tensor:
-            out = partial.to(
-                torch.promote_types(partial.dtype, rows.dtype), memory_format=torch.contiguous_format, copy=True
-            )
-            n = rows.shape[0]
-            out.narrow(0, _rank(group) * n, n).add_(rows)
+            dtype = torch.promote_types(partial.dtype, rows.dtype)
+            out = _add_rows(partial.to(dtype, memory_format=torch.contiguous_format, copy=True), rows, group)
             dist.all_reduce(out, group=group)
             return out
 
@@ -182,10 +186,17 @@ class _ReduceWithRows(torch.autograd.Function):
         return g, _split(g, ctx.group, 0), None
 
 
+# Eager under torch.compile: its second output is its input, and where a graph break follows
+# (trainer.compile=model breaks around the routed path) the compiled graph would hand that alias
+# on outside the Function, so its gradient would skip the all-reduce.
+@torch.compiler.disable
 def split_and_copy_to_tp(x, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(``split_to_tp(x, group, 0)``, ``copy_to_tp(x, group)``) through one collective: a MoE
     layer's routed rows and its shared expert's input, without sequence parallelism."""
-    return (x, x) if group_size(group) == 1 else _SplitAndCopyToTP.apply(x, group)
+    if group_size(group) == 1:
+        return x, x
+    assert x.shape[0] % group_size(group) == 0, f"{x.shape[0]} rows do not split over {group_size(group)} TP ranks"
+    return _SplitAndCopyToTP.apply(x, group)
 
 
 def reduce_with_rows(partial, rows, group) -> torch.Tensor:
@@ -222,8 +233,9 @@ def sp_reduce_scatter(x, group, dim):
 
 # The MoE layer's tokens under TP. Without sequence parallelism the layer's input is
 # replicated over tp: each TP rank routes its own 1/t of the tokens, so no token crosses
-# the All-to-All twice, and the outputs are gathered back. With SP each rank already
-# holds its own sequence shard: nothing to split or gather.
+# the All-to-All twice, and the outputs are gathered back (with a shared expert: in its output
+# all-reduce, ``reduce_with_rows``). With SP each rank already holds its own sequence shard:
+# nothing to split or gather.
 
 
 def split_tokens_to_tp(x_TD: torch.Tensor, group, *, sequence_parallel: bool) -> torch.Tensor:

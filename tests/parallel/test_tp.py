@@ -122,6 +122,11 @@ def test_a_partial_output_and_the_rows_are_summed_in_one_all_reduce():
         assert torch.equal(partial.grad, g.bfloat16()) and torch.equal(rows.grad, g[3:])
         a, b = torch.randn(2, 3), torch.randn(2, 3)
         assert torch.equal(tp.reduce_with_rows(a, b, None), a + b)
+        # rows that are not this rank's equal share are refused, not summed at a wrong place
+        with pytest.raises(AssertionError, match="rows do not split over 2 TP ranks"):
+            tp.split_and_copy_to_tp(torch.randn(5, 4), group)
+        with pytest.raises(AssertionError, match="7 rows are not 2 x 3"):
+            tp.reduce_with_rows(torch.randn(7, 4), torch.randn(3, 4), group)
 
 
 def test_a_shard_is_this_ranks_chunk_of_the_zero_padded_tensor_with_its_tags():
