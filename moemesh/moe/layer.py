@@ -287,10 +287,7 @@ class MoELayer(nn.Module):
         (replicated, its gradient not partial). ``reduce=False``: unreduced over tp (no gate)."""
         assert self.shared is not None
         assert reduce or self.shared_gate is None, "a gate scales the shared expert's summed output"
-        if read_BSD is None:
-            y_BSD = self.shared(x_BSD, reduce=reduce)
-        else:
-            y_BSD = self.shared(read_BSD, read=False, reduce=reduce)
+        y_BSD = self.shared(x_BSD if read_BSD is None else read_BSD, read=read_BSD is None, reduce=reduce)
         if self.shared_gate is not None:
             # Called as a module: under sharding with SP it is an FSDP unit, gathered by the call's hooks.
             y_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * y_BSD
