@@ -226,7 +226,9 @@ class MoELayer(nn.Module):
         self.tp_group, self.sp, self.tp = tp_group, sequence_parallel, t
         if self.shared is not None:
             self.shared.shard(tp_group, sequence_parallel=sequence_parallel)
-        if self.shared_gate is not None and sequence_parallel:  # each TP rank gates its own sequence shard
+        if self.shared_gate is not None:
+            # Its gradient is partial over tp: under SP each TP rank gates its own sequence shard;
+            # without it each scales its own partial shared output before the sum (``forward``).
             setattr(self.shared_gate.weight, GRAD_GROUP, "data_tp")
 
     def set_kernels(self, ops: KernelOps, *, use_grouped_mm: bool | None = None) -> None:
@@ -240,10 +242,10 @@ class MoELayer(nn.Module):
         with gradient accumulation); the attached balance losses get the same factor."""
         B, S, D = x_BSD.shape
         # Under TP without SP a shared expert's input and output move in one collective each with
-        # the routed rows' (its input gradient's all-reduce carries the rows' gradients; an ungated
-        # one's output all-reduce carries the rows' outputs; a gate scales the summed output).
+        # the routed rows': its input gradient's all-reduce carries the rows' gradients, its output
+        # all-reduce the rows' outputs (a gate, the same on every TP rank, scales each rank's
+        # partial output before the sum; its own gradient is then partial, summed with data_tp's).
         fused = self.shared is not None and self.tp > 1 and not self.sp
-        fuse_out = fused and self.shared_gate is None
         if fused:
             x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group)
             read_BSD = read_BSD.view(B, S, D)
@@ -253,16 +255,12 @@ class MoELayer(nn.Module):
         gate, logits_TE = self.router(x_TD)  # 1. gate
         losses = self._balance_losses(gate, logits_TE, num_seqs=B, seq_len=S)
         topk_ids_TK, dropped = drop_over_capacity(gate.topk_ids_TK, gate.topk_weights_TK, self.cfg)
-        shared = (
-            (lambda: self._shared(x_BSD, read_BSD, reduce=not fuse_out).reshape(-1, D))
-            if self.shared is not None
-            else None
-        )
+        shared = (lambda: self._shared(x_BSD, read_BSD).reshape(-1, D)) if self.shared is not None else None
         # 2.-6. dispatch -> experts -> combine
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         if shared is not None and shared_TD is None:
             shared_TD = shared()
-        if fuse_out:
+        if fused:
             out_TD = reduce_with_rows(shared_TD, out_TD, self.tp_group)
         else:
             out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
@@ -279,17 +277,19 @@ class MoELayer(nn.Module):
         )
         return out_BSD, stats
 
-    def _shared(
-        self, x_BSD: torch.Tensor, read_BSD: torch.Tensor | None = None, *, reduce: bool = True
-    ) -> torch.Tensor:
+    def _shared(self, x_BSD: torch.Tensor, read_BSD: torch.Tensor | None = None) -> torch.Tensor:
         """The shared expert's output, gated if the layer has a gate. ``read_BSD``: its input as
-        its column-parallel products read it (``split_and_copy_to_tp``); the gate reads ``x_BSD``
-        (replicated, its gradient not partial). ``reduce=False``: unreduced over tp (no gate)."""
+        the column-parallel products and the gate read it (``split_and_copy_to_tp``, whose
+        backward sums their partial gradients); the output is then this TP rank's partial,
+        unreduced (``reduce_with_rows`` sums it)."""
         assert self.shared is not None
-        assert reduce or self.shared_gate is None, "a gate scales the shared expert's summed output"
-        y_BSD = self.shared(x_BSD if read_BSD is None else read_BSD, read=read_BSD is None, reduce=reduce)
+        fused = read_BSD is not None
+        if read_BSD is not None:
+            x_BSD = read_BSD
+        y_BSD = self.shared(x_BSD, read=not fused, reduce=not fused)
         if self.shared_gate is not None:
-            # Called as a module: under sharding with SP it is an FSDP unit, gathered by the call's hooks.
+            # Called as a module: with TP under sharding it is an FSDP unit over data_tp, gathered
+            # by the call's hooks.
             y_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * y_BSD
         return y_BSD
 

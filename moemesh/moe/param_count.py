@@ -162,7 +162,7 @@ def param_specs(
         if cfg.shared_expert_ffn_size:
             swiglu(f"{p}.moe.shared", cfg.shared_expert_ffn_size, l)
         if cfg.shared_expert_gate:
-            add(f"{p}.moe.shared_gate.weight", (1, D), data_tp=sp, layer=l)
+            add(f"{p}.moe.shared_gate.weight", (1, D), data_tp=t > 1, layer=l)
     if last:
         norm("norm.weight", None)
         if not cfg.tie_embeddings:

@@ -201,7 +201,7 @@ def split_and_copy_to_tp(x, group) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reduce_with_rows(partial, rows, group) -> torch.Tensor:
     """``reduce_from_tp(partial) + gather_from_tp(rows, group, 0)`` through one collective: a MoE
-    layer's ungated shared expert (row-parallel, unreduced) and its routed rows."""
+    layer's shared expert (row-parallel, unreduced, gated or not) and its routed rows."""
     if group_size(group) == 1:
         return partial + rows
     return _ReduceWithRows.apply(partial, rows, group)

@@ -149,16 +149,13 @@ def tp_units(m: ModelConfig, layers, sp: bool) -> int:
     output forward and the head its input's gradient backward (2 units each). Sequence parallelism
     trades each all-reduce for an all-gather and a reduce-scatter (the same bytes), and its MoE
     blocks route their own sequence shard: no token gathers. Without SP a shared expert's input
-    gradient and the routed rows' gradients share one all-reduce, and an ungated shared expert's
-    output and the routed rows' outputs another (``parallel.tp.split_and_copy_to_tp``,
-    ``reduce_with_rows``): 4 units for the MoE part, 5 with a gate. The all-reduces of a number or
-    two per token or expert (the router's expert counts, the loss's maxima and sums, qk-norm's
-    squares) are left out. Held to the collectives a TP rank issues by
+    gradient and the routed rows' gradients share one all-reduce, and a shared expert's output
+    (a gate scales each rank's partial) and the routed rows' outputs another
+    (``parallel.tp.split_and_copy_to_tp``, ``reduce_with_rows``): 4 units for the MoE part. The
+    all-reduces of a number or two per token or expert (the router's expert counts, the loss's
+    maxima and sums, qk-norm's squares) are left out. Held to the collectives a TP rank issues by
     tests/planning/test_rank_work.py."""
-    if not m.shared_expert_ffn_size:
-        moe = 0 if sp else 2
-    else:
-        moe = 4 if sp or not m.shared_expert_gate else 5
+    moe = 4 if m.shared_expert_ffn_size else 0 if sp else 2
     units = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
     return units + 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
 

@@ -177,8 +177,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
       collectives           ep > 1: the dispatch and combine All-to-All outputs, N D each;
                             t > 1: each sequence gather's or all-reduce's output T D (one for
                             attention, one for a dense FFN or shared expert, and without SP the
-                            MoE's token gather, which an ungated shared expert's output all-reduce
-                            is) and each reduce-scatter's T D / t
+                            MoE's token gather, which a shared expert's output all-reduce is)
+                            and each reduce-scatter's T D / t
     """
     D, t = m.hidden_size, dims.tp
     s = t if sp else 1
@@ -198,8 +198,8 @@ def block_activations(m: ModelConfig, layer: int, T: int, dims: ParallelDims, sp
             rest += (T * D if t > 1 else 0) + 4 * T * Fs // t
             rest += (D + 1) * T // s if m.shared_expert_gate else 0
             full_outs, scattered = full_outs + 1, scattered + (1 if sp else 0)
-        if not sp and not (Fs and not m.shared_expert_gate):
-            full_outs += 1  # the routed tokens gathered back (an ungated shared expert's all-reduce carries them)
+        if not sp and not Fs:
+            full_outs += 1  # the routed tokens gathered back (a shared expert's all-reduce carries them)
         if dims.ep > 1:
             collectives += 2 * N * D
     else:

@@ -83,7 +83,7 @@ def _check(rank, world, dp, ep, tp, sp, gate=False):
 
 
 # tp2 without SP: the shared expert's collectives carry the routed rows' (parallel.tp:
-# split_and_copy_to_tp, reduce_with_rows); a gated one's output is reduced apart.
+# split_and_copy_to_tp, reduce_with_rows), gated or not (a gate's gradient is then partial over tp).
 @pytest.mark.parametrize(
     "dp,ep,tp,sp,gate",
     [(1, 1, 2, False, False), (1, 1, 2, False, True), (1, 1, 2, True, False), (1, 2, 1, False, False)],

@@ -426,8 +426,8 @@ def test_planner_activation_estimate_within_its_measured_margin():
 def test_planner_activation_estimate_on_a_tp_rank(sp, gate):
     """One TP rank of a fake world of two (tests/counting.py): every block's kept bytes under every
     mode within 5% of the estimate, with the TP collectives' kept outputs (under SP one sequence
-    gather for q, k and v, and one for w1 and w3; without SP an ungated shared expert's output
-    all-reduce that carries the routed rows, a gated one's apart). Without EP a rank's rows do not follow the
+    gather for q, k and v, and one for w1 and w3; without SP a shared expert's output all-reduce,
+    which carries the routed rows). Without EP a rank's rows do not follow the
     routing, and bytes are shapes': the same on any CPU (worst 4.5%, the MoE blocks without
     checkpointing)."""
     from moemesh.parallel.dims import ParallelDims

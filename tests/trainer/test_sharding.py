@@ -71,8 +71,14 @@ def _cfg(name, dp, ep, tp, pp, micro, sharding="none", ac="none", steps=STEPS, *
     )
 
 
-def _worker(rank, world, root, paths, runs, steps=STEPS):
-    """Train each (layout, sharding, checkpointing[, label, overrides]) in turn on these ranks."""
+# A gated shared expert: under TP its weight's gradient is partial over tp (an FSDP unit over dp x
+# ep x tp). Not in the state-size test: a [1, D] weight does not divide over 4 ranks.
+GATED = {"model.shared_expert_gate": True}
+
+
+def _worker(rank, world, root, paths, runs, steps=STEPS, extra=None):
+    """Train each (layout, sharding, checkpointing[, label, overrides]) in turn on these ranks,
+    each with ``extra`` overrides too."""
     for spec in runs:
         name, mode, ac = spec[:3]
         label, overrides = (spec[3], spec[4]) if len(spec) > 3 else (f"{name}-{mode}-{ac}", {})
@@ -81,6 +87,7 @@ def _worker(rank, world, root, paths, runs, steps=STEPS):
         dims = ParallelDims(dp=dp, ep=ep, tp=tp, pp=pp)
         out.mkdir(exist_ok=True)
         overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
+        overrides = {**(extra or {}), **overrides}
         ctx = cpu_context(rank, build_mesh(dims, "cpu"), out, paths)
         run = _cfg(name, dp, ep, tp, pp, micro, mode, ac, steps=steps, **overrides)
         train_keeping_grads(run, ctx, out / f"grads{rank}.pt")
@@ -88,10 +95,10 @@ def _worker(rank, world, root, paths, runs, steps=STEPS):
 
 @pytest.mark.slow
 def test_sharded_modes_train_like_single(tmp_path):
-    ref_cfg = _cfg("single", 1, 1, 1, 1, 4)
+    ref_cfg = _cfg("single", 1, 1, 1, 1, 4, **GATED)
     paths = prepare_data(ref_cfg.data, seq_len=ref_cfg.trainer.seq_len, vocab_size=ref_cfg.model.vocab_size)
     train_reference(ref_cfg, tmp_path / "single", paths)
-    run_on_ranks(_worker, 4, str(tmp_path), paths, RUNS)
+    run_on_ranks(_worker, 4, str(tmp_path), paths, RUNS, STEPS, GATED)
 
     ref = read_metrics(tmp_path / "single")
     assert len(ref) == STEPS and ref[-1]["loss"] < ref[0]["loss"] - 0.25  # it learns: 5.57 -> 5.19
