@@ -260,10 +260,12 @@ class MoELayer(nn.Module):
         out_TD, shared_TD = self._routed(x_TD, topk_ids_TK, gate.topk_weights_TK, shared)
         if shared is not None and shared_TD is None:
             shared_TD = shared()
-        if fused:
-            out_TD = reduce_with_rows(shared_TD, out_TD, self.tp_group)
+        # The routed rows' outputs travel in their own dtype (under autocast the autocast dtype, which
+        # their values already are: half an fp32 gather's bytes) and meet the residual's after.
+        if fused:  # the sum over tp in the compute dtype, as a row-parallel output's
+            out_TD = reduce_with_rows(shared_TD, out_TD, self.tp_group).to(x_BSD.dtype)
         else:
-            out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp)
+            out_TD = gather_tokens_from_tp(out_TD, self.tp_group, sequence_parallel=self.sp).to(x_BSD.dtype)
             if shared_TD is not None:
                 out_TD = out_TD + shared_TD
         out_BSD = attach_loss(out_TD.view(B, S, D), weighted_balance_loss(self.cfg, losses), loss_scale)
@@ -297,12 +299,13 @@ class MoELayer(nn.Module):
     # routing, and its All-to-All needs host-side split sizes; the graph breaks around it.
     @torch.compiler.disable
     def _routed(self, x_TD, topk_ids_TK, topk_weights_TK, shared):
-        """Dispatch -> experts -> combine, in ``x_TD``'s dtype. With overlap the shared expert
-        runs while an exchange is in flight (``shared_overlap``): returns (out_TD, shared_TD or None)."""
+        """Dispatch -> experts -> combine, the output in the routed rows' dtype (``routed_dtype``).
+        With overlap the shared expert runs while an exchange is in flight (``shared_overlap``):
+        returns (out_TD, shared_TD or None)."""
         rows_TD = x_TD.to(routed_dtype(x_TD))
         if self.by_rank and self.dispatcher.ep_size > 1 and not self.overlap_chunks:
             out_TD = routed_by_rank(self.dispatcher, rows_TD, topk_ids_TK, topk_weights_TK, self.experts)
-            return out_TD.to(x_TD.dtype), None
+            return out_TD, None
         if self.overlap_chunks:
             out_TD, shared_TD = overlapped_moe(
                 self.dispatcher,
@@ -314,10 +317,10 @@ class MoELayer(nn.Module):
                 shared=shared,
                 shared_at=self.shared_overlap,
             )
-            return out_TD.to(x_TD.dtype), shared_TD
+            return out_TD, shared_TD
         rows_MD, meta = self.dispatcher.dispatch(rows_TD, topk_ids_TK)
         y_MD = self.experts(rows_MD, meta.tokens_per_expert_e)
-        return self.dispatcher.combine(y_MD, topk_weights_TK, meta).to(x_TD.dtype), None
+        return self.dispatcher.combine(y_MD, topk_weights_TK, meta), None
 
     def _balance_losses(self, gate, logits_TE, *, num_seqs: int, seq_len: int) -> RouterLosses:
         # Each TP rank's losses cover 1/tp of the tokens: scale so their sum over tp is the mean.
