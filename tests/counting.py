@@ -55,11 +55,13 @@ def _numel(tensors) -> int:
 class CollectiveLog(TorchDispatchMode):
     """Every c10d operator issued, in order, as (name, its group's size, elements): an
     all-reduce's tensor, an all-gather's gathered output, a reduce-scatter's input before it
-    is scattered (other operators: every tensor they are given)."""
+    is scattered (other operators: every tensor they are given); ``widths``: each one's bytes
+    per element (its first tensor's)."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[str, int, int]] = []
+        self.widths: list[int] = []
 
     @property
     def ops(self) -> Counter:
@@ -78,6 +80,7 @@ class CollectiveLog(TorchDispatchMode):
                 "c10d::_reduce_scatter_base_": args[1],
             }
             self.calls.append((name, dist.ProcessGroup.unbox(pg).size(), _numel(whole.get(name, args))))
+            self.widths.append(next(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)).element_size())
         return func(*args, **(kwargs or {}))
 
 

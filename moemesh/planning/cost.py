@@ -31,6 +31,7 @@ from moemesh.parallel.pipeline import Placement, stages_per_rank
 from moemesh.planning.calibration import PlannerOptions, Terms, cluster_constants, collective
 from moemesh.planning.memory import (
     REDUCE_BYTES,
+    RESIDUAL_BYTES,
     activation_bytes,
     recompute_flops_per_token,
     stage_state,
@@ -139,7 +140,7 @@ def a2a_bytes(
     return int(4 * tokens * top_k * (ep - 1) / ep * hidden * dtype_bytes * moe_layers * micro_steps)
 
 
-def tp_units(m: ModelConfig, layers, sp: bool) -> int:
+def tp_units(m: ModelConfig, layers, sp: bool) -> tuple[int, int]:
     """A pipeline rank's TP traffic per micro-step, in ring units of T x D ((tp-1)/tp of it per
     message step; T the micro-batch's tokens on a data rank). Without SP an all-reduce is 2 units:
     attention and a dense FFN or shared expert each all-reduce their output forward and their
@@ -153,11 +154,19 @@ def tp_units(m: ModelConfig, layers, sp: bool) -> int:
     (a gate scales each rank's partial) and the routed rows' outputs another
     (``parallel.tp.split_and_copy_to_tp``, ``reduce_with_rows``): 4 units for the MoE part. The
     all-reduces of a number or two per token or expert (the router's expert counts, the loss's
-    maxima and sums, qk-norm's squares) are left out. Held to the collectives a TP rank issues by
+    maxima and sums, qk-norm's squares) are left out.
+
+    Returns (units, wide): ``wide`` of them move in the residual stream's dtype (``RESIDUAL_BYTES``,
+    fp32 under bf16 autocast), the rest in the compute dtype. Wide: each block part's input side
+    (its read's gradient; under SP the gather and its reduce-scatter; a MoE block's token split's
+    gradient gather, the router reading fp32), the embedding's output and the head's input.
+    Narrow: each block part's output side (the row-parallel sum, the routed rows' return), half of
+    its units. Held to the collectives a TP rank issues, and their dtypes, by
     tests/planning/test_rank_work.py."""
     moe = 4 if m.shared_expert_ffn_size else 0 if sp else 2
-    units = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
-    return units + 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
+    blocks = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
+    ends = 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
+    return blocks + ends, blocks // 2 + ends
 
 
 @functools.cache  # the planner asks each split's groups several times
@@ -338,13 +347,15 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         if dims.ep > 1:
             add("a2a", (MeshAxis.EP,), a2a, (dims.ep - 1) * 4 * moe * accum)
         if dims.tp > 1:
-            units = tp_units(m, layers, sp)
+            units, wide = tp_units(m, layers, sp)
             ring = (dims.tp - 1) / dims.tp
-            add("tp", (MeshAxis.TP,), units * accum * ring * T * D * cb, units * accum * (dims.tp - 1))
+            width = (units - wide) * cb + wide * RESIDUAL_BYTES  # the units' bytes per element, summed
+            add("tp", (MeshAxis.TP,), width * accum * ring * T * D, units * accum * (dims.tp - 1))
         if dims.pp > 1:
-            # Each of the rank's stages sends its activations on and its input gradients back.
+            # Each of the rank's stages sends its activations on and its input gradients back: the
+            # residual stream, fp32 under bf16 autocast too.
             sends = 2 * accum * placement.v
-            add("p2p", (MeshAxis.PP,), sends * T * D * cb // (dims.tp if sp else 1), sends)
+            add("p2p", (MeshAxis.PP,), sends * T * D * RESIDUAL_BYTES // (dims.tp if sp else 1), sends)
         group_axes = {
             "data": (MeshAxis.DP, MeshAxis.EP),
             "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),

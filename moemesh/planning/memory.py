@@ -50,6 +50,9 @@ from moemesh.parallel.dims import ParallelDims, padded_vocab
 # Bytes per element of the training state, in every mode and precision (see the docstring).
 PARAM_BYTES, GRAD_BYTES, ADAM_BYTES, ADAM_STEP_BYTES = 4, 4, 8, 4
 REDUCE_BYTES = 4  # gradients are reduced in fp32 (FSDP2's reduce_dtype; the fp32 grads of none)
+# The residual stream and what is read from it (the norms' outputs) and their gradients stay fp32
+# under bf16 autocast: the fp32 embedding starts it, autocast covers only the products.
+RESIDUAL_BYTES = 4
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,12 @@ def _tp_units(log: CollectiveLog, elements: int) -> int:
     return sum(RING_UNITS[name] for name, size, n in log.calls if size == 2 and n == elements)
 
 
+def _tp_unit_bytes(log: CollectiveLog, elements: int) -> int:
+    """The same units, each times its collective's bytes per element."""
+    calls = zip(log.calls, log.widths, strict=True)
+    return sum(RING_UNITS[name] * width for (name, size, n), width in calls if size == 2 and n == elements)
+
+
 def _norm_flops_per_token(run, layers=None) -> int:
     """What the planner counts for the norms' weights of ``layers`` (all: None) per token."""
     specs = [s for s in param_specs(run.model) if len(s.shape) == 1]
@@ -57,6 +63,13 @@ def _norm_flops_per_token(run, layers=None) -> int:
 TP_CASES = {
     "moe": (False, {}),
     "moe_sp": (True, {}),
+    # trainer.dtype=auto plans bf16 (a GPU's) and runs under bf16 autocast here; fp32 throughout:
+    "moe_fp32": (False, {"trainer.dtype": "fp32"}),
+    "shared_gated_sp_fp32": (
+        True,
+        {"model.shared_expert_ffn_size": 16, "model.shared_expert_gate": True, "trainer.dtype": "fp32"},
+    ),
+    "dense_first_shared": (False, {"model.first_k_dense_layers": 1, "model.shared_expert_ffn_size": 16}),
     "dense_first_sp": (True, {"model.first_k_dense_layers": 1}),  # one MoE block: no token gathers
     "shared_gated_qknorm_sp": (
         True,
@@ -95,7 +108,9 @@ TP_CASES = {
 def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
     """tp2: the plan's FLOPs per rank are the products one TP rank runs for the step, and its TP
     traffic the collectives that rank issues: each one's T x D elements in ring units (an
-    all-reduce 2, an all-gather or a reduce-scatter 1), at (tp-1)/tp of a unit per message step."""
+    all-reduce 2, an all-gather or a reduce-scatter 1), at (tp-1)/tp of a unit per message step,
+    in its own dtype's bytes: where the plan computes in bf16 (trainer.dtype auto plans a GPU's)
+    the step runs under bf16 autocast, as the trainer's."""
     from moemesh.trainer.parallelize import build_model
 
     sp, extra = TP_CASES[case]
@@ -110,8 +125,11 @@ def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
 
         model = build_model(run, build_mesh(dims, "cpu"), torch.device("cpu"))
         tokens = _tokens(run)
+        bf16 = cost.compute_bytes(run) == 2
         with MatmulFlops() as flops, CollectiveLog() as log:
-            model(tokens, tokens).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens, tokens).loss
+            loss.backward()
     accum = run.trainer.global_batch_size // MICRO
     S, D = run.trainer.seq_len, run.model.hidden_size
     T = MICRO * S
@@ -119,10 +137,11 @@ def test_a_tp_ranks_products_and_collectives_are_the_plans(case):
     assert plan.terms.flops - per_rank_tokens * _norm_flops_per_token(run) == flops.get_total_flops() * accum
     # Every collective is a T x D one or one of two numbers a token or fewer; the former are the plan's.
     assert all(size == 2 and (n == T * D or n <= 2 * T) for _, size, n in log.calls), log.calls
-    units = _tp_units(log, T * D)
+    units, unit_bytes = _tp_units(log, T * D), _tp_unit_bytes(log, T * D)
     assert units > 0
-    ring_unit = 0.5 * T * D * cost.compute_bytes(run)  # (tp-1)/tp of T x D elements
-    assert plan.terms.comm["tp_intra"] == (units * accum * ring_unit, units * accum)
+    assert {w for w in log.widths} == ({2, 4, 8} if bf16 else {4, 8})  # 8: the router's int64 counts
+    ring = 0.5 * T * D  # (tp-1)/tp of T x D elements
+    assert plan.terms.comm["tp_intra"] == (unit_bytes * accum * ring, units * accum)
 
 
 @pytest.mark.parametrize(("schedule", "v", "sp"), [("1f1b", 1, True), ("zbv", 2, False), ("zbv", 2, True)])
@@ -167,6 +186,22 @@ def test_each_pipeline_ranks_tp_collectives_are_its_stages_plan(schedule, v, sp)
         assert plan.stage_terms[rank].comm["tp_intra"][1] == units * accum, (rank, units)
         seen.add(rank)
     assert seen == {0, 1}
+
+
+def test_a_stage_sends_the_residual_stream_at_the_plans_width():
+    """What a pipeline stage sends on (and so its input gradient back) under bf16 autocast: the
+    fp32 residual stream, ``RESIDUAL_BYTES`` per element, which the plan prices its p2p at."""
+    from moemesh.parallel.mesh import build_mesh
+    from moemesh.planning.memory import RESIDUAL_BYTES
+    from moemesh.trainer.parallelize import build_model
+
+    run = _run(**{"parallel.name": "pp2", "parallel.pipeline_parallel_size": 2, "model.num_layers": 4})
+    assert cost.compute_bytes(run) == 2
+    with fake_world(2):
+        model = build_model(run, build_mesh(ParallelDims(pp=2), "cpu"), torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model.stage_forward(_tokens(run), [0, 1])
+    assert y.element_size() == RESIDUAL_BYTES and y.requires_grad
 
 
 PP_CASES = {
