@@ -119,10 +119,12 @@ class QKVBias(nn.Module):
         for p in self.parameters():
             setattr(p, GRAD_GROUP, "data_tp")
 
-    def forward(self, rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This TP rank's parts. A forward, not a plain method: under sharding the module is an
-        FSDP unit of its own, whose parameters are gathered by the hooks a call runs."""
-        return _tp_part(self.q, rank, t), _tp_part(self.k, rank, t), _tp_part(self.v, rank, t)
+    def forward(self, q, k, v, rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v plus this TP rank's parts. A forward, not a plain method: under sharding the
+        module is an FSDP unit of its own, whose parameters are gathered by the hooks a call runs;
+        and the sums are made inside it, because under zero3 the gathered storage is freed as the
+        call returns (a part handed out, a view of it, would be read after: a crash)."""
+        return q + _tp_part(self.q, rank, t), k + _tp_part(self.k, rank, t), v + _tp_part(self.v, rank, t)
 
 
 class QKNormLayer(nn.Module):
@@ -211,8 +213,7 @@ class Attention(nn.Module):
         # the full length here.
         q, k, v = column_parallel(x_BSD, self.wq, self.wk, self.wv)
         if self.qkv_bias is not None:
-            bq, bk, bv = self.qkv_bias(self.tp_rank, self.tp)
-            q, k, v = q + bq, k + bk, v + bv
+            q, k, v = self.qkv_bias(q, k, v, self.tp_rank, self.tp)
         if self.q_norm is not None and not self.q_norm.per_head:
             assert self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)

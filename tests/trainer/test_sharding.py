@@ -45,6 +45,7 @@ RUNS += [
     ("tp2_ep2", "zero2", "selective"),
     ("pp2_ep2", "zero3", "selective"),
     ("ep2_dp2", "zero3", "none", "ep2_dp2-zero3-overlap", {"parallel.comm_optimization.all_to_all_overlap": True}),
+    ("tp2_ep2", "zero3", "none", "tp2_ep2-zero3-overlap", {"parallel.comm_optimization.all_to_all_overlap": True}),
     # Sequence parallelism: the norms' gradients sum over dp x tp, in units of their own.
     ("tp2_dp2", "zero3", "none", "tp2_dp2_sp-zero3", {"parallel.sequence_parallel": True}),
 ]
@@ -71,9 +72,10 @@ def _cfg(name, dp, ep, tp, pp, micro, sharding="none", ac="none", steps=STEPS, *
     )
 
 
-# A gated shared expert: under TP its weight's gradient is partial over tp (an FSDP unit over dp x
-# ep x tp). Not in the state-size test: a [1, D] weight does not divide over 4 ranks.
-GATED = {"model.shared_expert_gate": True}
+# A gated shared expert and q/k/v biases: under TP their gradients are partial over tp, each an
+# FSDP unit over dp x ep x tp (zero3 frees a unit's gathered weights as its call returns). Not in
+# the state-size test: a [1, D] weight does not divide over 4 ranks.
+GATED = {"model.shared_expert_gate": True, "model.qkv_bias": True}
 
 
 def _worker(rank, world, root, paths, runs, steps=STEPS, extra=None):
