@@ -39,6 +39,7 @@ from moemesh.parallel.tp import (
     split_and_copy_to_tp,
     split_tokens_to_tp,
     token_sequences,
+    wire_dtype,
 )
 
 
@@ -247,7 +248,7 @@ class MoELayer(nn.Module):
         # partial output before the sum; its own gradient is then partial, summed with data_tp's).
         fused = self.shared is not None and self.tp > 1 and not self.sp
         if fused:
-            x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group)
+            x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group, wire_dtype(x_BSD))
             read_BSD = read_BSD.view(B, S, D)
         else:
             x_TD = split_tokens_to_tp(x_BSD.reshape(B * S, D), self.tp_group, sequence_parallel=self.sp)

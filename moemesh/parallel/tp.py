@@ -19,6 +19,14 @@ expert share its routed rows' collectives without sequence parallelism.
 With ``group=None`` (t = 1) every operator is the identity. Each forward collective
 goes through ``comm.replayable``: an activation-checkpointed block's recompute
 reuses its output instead of communicating again.
+
+Under autocast the residual stream stays fp32, and a block part reads it through a TP
+collective (its gradient's all-reduce; with SP a sequence gather and its reduce-scatter).
+Only autocast's products read what those collectives carry, so they move in the autocast
+dtype (``wire_dtype``): the forward gather carries the values the products would round to
+anyway, and the backward rounds the gradient, summed over the products in fp32, once before
+the sum over tp, as Megatron-LM's bf16 activations are: half the bytes. The embedding's
+output, the start of the residual stream, stays exact.
 """
 
 from __future__ import annotations
@@ -33,6 +41,19 @@ from moemesh.parallel.dims import padded_vocab
 from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD  # noqa: F401 (re-exported: the tags TP layers set)
 
 # Attributes that tell the gradient reducer and the grad norm how a parameter is laid out.
+
+
+def wire_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a TP collective of ``x`` that only autocast's products read moves in: the
+    autocast dtype where autocast covers ``x``'s device and ``x`` is fp32; else None (its own)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype == torch.float32 else None
+
+
+def _wire(t: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``wire`` (None: its own dtype), contiguous and a tensor of its own (an in-place
+    collective may write it)."""
+    return t.to(dtype=wire or t.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _rank(group) -> int:
@@ -60,18 +81,18 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 class _CopyToTP(torch.autograd.Function):
-    """Forward: identity (input replicated). Backward: sum the partial gradients."""
+    """Forward: identity (input replicated). Backward: sum the partial gradients (in ``wire``)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, wire):
+        ctx.group, ctx.wire = group, wire
         return x
 
     @staticmethod
     def backward(ctx, g):
-        g = g.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        summed = _wire(g, ctx.wire)
+        dist.all_reduce(summed, group=ctx.group)
+        return summed.to(g.dtype), None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -100,29 +121,31 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 class _SplitToTP(torch.autograd.Function):
-    """Forward: keep this rank's shard of a replicated tensor. Backward: all-gather the shards' grads."""
+    """Forward: keep this rank's shard of a replicated tensor. Backward: all-gather the shards'
+    grads (in ``wire``)."""
 
     @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
+    def forward(ctx, x, group, dim, wire):
+        ctx.group, ctx.dim, ctx.wire = group, dim, wire
         return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, ctx.group, ctx.dim), None, None
+        return _all_gather(_wire(g, ctx.wire), ctx.group, ctx.dim).to(g.dtype), None, None, None
 
 
 class _SPGather(torch.autograd.Function):
-    """Sequence parallel: forward all-gather along the sequence; backward reduce-scatter."""
+    """Sequence parallel: forward all-gather along the sequence; backward reduce-scatter (both
+    in ``wire``; the output and the gradient in the input's dtype)."""
 
     @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return replayable(lambda: _all_gather(x, group, dim))
+    def forward(ctx, x, group, dim, wire):
+        ctx.group, ctx.dim, ctx.wire = group, dim, wire
+        return replayable(lambda: _all_gather(_wire(x, wire) if wire else x, group, dim)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group, ctx.dim), None, None
+        return _reduce_scatter(_wire(g, ctx.wire) if ctx.wire else g, ctx.group, ctx.dim).to(g.dtype), None, None, None
 
 
 class _SPReduceScatter(torch.autograd.Function):
@@ -153,15 +176,16 @@ class _SplitAndCopyToTP(torch.autograd.Function):
     collective (an all-gather and an all-reduce: 3 units of the tensor where 2 do)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, wire):
+        ctx.group, ctx.wire = group, wire
         return _split(x, group, 0), x
 
     @staticmethod
     def backward(ctx, g_rows, g_whole):
         g = _add_rows(g_whole.clone(memory_format=torch.contiguous_format), g_rows, ctx.group)
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        summed = _wire(g, ctx.wire) if ctx.wire else g
+        dist.all_reduce(summed, group=ctx.group)
+        return summed.to(g.dtype), None, None
 
 
 class _ReduceWithRows(torch.autograd.Function):
@@ -190,13 +214,14 @@ class _ReduceWithRows(torch.autograd.Function):
 # (trainer.compile=model breaks around the routed path) the compiled graph would hand that alias
 # on outside the Function, so its gradient would skip the all-reduce.
 @torch.compiler.disable
-def split_and_copy_to_tp(x, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``split_to_tp(x, group, 0)``, ``copy_to_tp(x, group)``) through one collective: a MoE
-    layer's routed rows and its shared expert's input, without sequence parallelism."""
+def split_and_copy_to_tp(x, group, wire: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``split_to_tp(x, group, 0, wire)``, ``copy_to_tp(x, group, wire)``) through one
+    collective: a MoE layer's routed rows and its shared expert's input, without sequence
+    parallelism."""
     if group_size(group) == 1:
         return x, x
     assert x.shape[0] % group_size(group) == 0, f"{x.shape[0]} rows do not split over {group_size(group)} TP ranks"
-    return _SplitAndCopyToTP.apply(x, group)
+    return _SplitAndCopyToTP.apply(x, group, wire)
 
 
 def reduce_with_rows(partial, rows, group) -> torch.Tensor:
@@ -207,8 +232,9 @@ def reduce_with_rows(partial, rows, group) -> torch.Tensor:
     return _ReduceWithRows.apply(partial, rows, group)
 
 
-def copy_to_tp(x, group):
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+# ``wire``: the dtype the collectives move in (``wire_dtype``; None: the tensor's own).
+def copy_to_tp(x, group, wire: torch.dtype | None = None):
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group, wire)
 
 
 def reduce_from_tp(x, group):
@@ -219,12 +245,12 @@ def gather_from_tp(x, group, dim):
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, group, dim)
 
 
-def split_to_tp(x, group, dim):
-    return x if group_size(group) == 1 else _SplitToTP.apply(x, group, dim)
+def split_to_tp(x, group, dim, wire: torch.dtype | None = None):
+    return x if group_size(group) == 1 else _SplitToTP.apply(x, group, dim, wire)
 
 
-def sp_gather(x, group, dim):
-    return x if group_size(group) == 1 else _SPGather.apply(x, group, dim)
+def sp_gather(x, group, dim, wire: torch.dtype | None = None):
+    return x if group_size(group) == 1 else _SPGather.apply(x, group, dim, wire)
 
 
 def sp_reduce_scatter(x, group, dim):
@@ -239,8 +265,9 @@ def sp_reduce_scatter(x, group, dim):
 
 
 def split_tokens_to_tp(x_TD: torch.Tensor, group, *, sequence_parallel: bool) -> torch.Tensor:
-    """The tokens this TP rank routes (all T, or this rank's T/t)."""
-    return x_TD if sequence_parallel else split_to_tp(x_TD, group, 0)
+    """The tokens this TP rank routes (all T, or this rank's T/t; their gradients gathered in
+    ``wire_dtype``)."""
+    return x_TD if sequence_parallel else split_to_tp(x_TD, group, 0, wire_dtype(x_TD))
 
 
 def gather_tokens_from_tp(y_TD: torch.Tensor, group, *, sequence_parallel: bool) -> torch.Tensor:
@@ -305,7 +332,8 @@ class ColumnParallelLinear(nn.Module):
     def read_input(self, x):
         """The input as this rank's product reads it: replicated (the backward sums its gradient
         over tp) or, with SP, the sequence gathered (the backward reduce-scatters it)."""
-        return sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+        wire = wire_dtype(x)
+        return sp_gather(x, self.tp_group, 1, wire) if self.sp else copy_to_tp(x, self.tp_group, wire)
 
     def forward(self, x):
         return F.linear(self.read_input(x), self.weight)
@@ -387,7 +415,8 @@ class VocabParallelEmbedding(nn.Module):
     def project(self, x):
         """The same matrix as a column-parallel output head (tied embeddings): logits over this
         rank's rows of the padded vocabulary, [..., V_pad/t]."""
-        x = sp_gather(x, self.tp_group, 1) if self.sp else copy_to_tp(x, self.tp_group)
+        wire = wire_dtype(x)
+        x = sp_gather(x, self.tp_group, 1, wire) if self.sp else copy_to_tp(x, self.tp_group, wire)
         return F.linear(x, self.weight)
 
 

@@ -156,17 +156,15 @@ def tp_units(m: ModelConfig, layers, sp: bool) -> tuple[int, int]:
     all-reduces of a number or two per token or expert (the router's expert counts, the loss's
     maxima and sums, qk-norm's squares) are left out.
 
-    Returns (units, wide): ``wide`` of them move in the residual stream's dtype (``RESIDUAL_BYTES``,
-    fp32 under bf16 autocast), the rest in the compute dtype. Wide: each block part's input side
-    (its read's gradient; under SP the gather and its reduce-scatter; a MoE block's token split's
-    gradient gather, the router reading fp32), the embedding's output and the head's input.
-    Narrow: each block part's output side (the row-parallel sum, the routed rows' return), half of
-    its units. Held to the collectives a TP rank issues, and their dtypes, by
+    Returns (units, wide): ``wide`` of them, the embedding's output (the residual stream's start),
+    move in the residual stream's dtype (``RESIDUAL_BYTES``, fp32 under bf16 autocast), the rest in
+    the compute dtype (what only autocast's products read moves in theirs:
+    ``parallel.tp.wire_dtype``). Held to the collectives a TP rank issues, and their dtypes, by
     tests/planning/test_rank_work.py."""
     moe = 4 if m.shared_expert_ffn_size else 0 if sp else 2
-    blocks = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
-    ends = 2 * (0 in layers) + 2 * (m.num_layers - 1 in layers)
-    return blocks + ends, blocks // 2 + ends
+    units = sum(4 + (moe if is_moe_layer(m, l) else 4) for l in layers)
+    embedding = 2 * (0 in layers)
+    return units + embedding + 2 * (m.num_layers - 1 in layers), embedding
 
 
 @functools.cache  # the planner asks each split's groups several times

@@ -16,6 +16,10 @@ from tests.helpers import tiny_run
 pytestmark = pytest.mark.slow  # spawns gloo ranks
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+# Under bf16 autocast: each gradient within this share of its largest entry of one process's under
+# autocast (one process under autocast is ~1e-2 of its largest entry from its fp32 gradients; a
+# collective lost or summed twice is 0.5 or more).
+BF16_SHARE = 3e-2
 
 
 def _grads(run, mesh, data_rank, data_size):
@@ -45,9 +49,9 @@ def _grads(run, mesh, data_rank, data_size):
     return model, norm
 
 
-def _check(rank, world, dp, ep, tp, sp, gate=False):
+def _check(rank, world, dp, ep, tp, sp, gate=False, bf16=False, shared=True):
     over = {
-        "model.shared_expert_ffn_size": 16,
+        "model.shared_expert_ffn_size": 16 if shared else 0,
         "model.shared_expert_gate": gate,
         "model.aux_loss_factor": 0.5,  # large enough that a wrong balance-loss gradient shows
         "model.z_loss_factor": 0.1,
@@ -66,8 +70,9 @@ def _check(rank, world, dp, ep, tp, sp, gate=False):
             "parallel.sequence_parallel": sp,
         },
     )
-    model, norm = _grads(run, mesh, mesh.data_rank, dims.data_size)
-    ref, ref_norm = _grads(tiny_run(**over), single_rank_mesh(), 0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model, norm = _grads(run, mesh, mesh.data_rank, dims.data_size)
+        ref, ref_norm = _grads(tiny_run(**over), single_rank_mesh(), 0, 1)
     ref_params = dict(ref.named_parameters())
     c = dims.coords(rank)
     for name, p in model.named_parameters():
@@ -78,8 +83,12 @@ def _check(rank, world, dp, ep, tp, sp, gate=False):
         elif getattr(p, TP_SHARD, None) is not None and tp > 1:
             dim = getattr(p, TP_SHARD)[0]
             r = r.chunk(tp, dim=dim)[c[MeshAxis.TP]]
-        torch.testing.assert_close(p.grad, r, **TOL, msg=lambda m, n=name: f"{n}: {m}")
-    torch.testing.assert_close(norm, ref_norm, **TOL)
+        if bf16:
+            share = ((p.grad - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()  # rows no token reads: 0
+            assert p.grad.dtype == torch.float32 and share < BF16_SHARE, (name, share)
+        else:
+            torch.testing.assert_close(p.grad, r, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(norm, ref_norm, **(dict(rtol=1e-3, atol=0.0) if bf16 else TOL))
 
 
 # tp2 without SP: the shared expert's collectives carry the routed rows' (parallel.tp:
@@ -90,3 +99,12 @@ def _check(rank, world, dp, ep, tp, sp, gate=False):
 )
 def test_reduced_gradients_equal_single_process(dp, ep, tp, sp, gate):
     run_on_ranks(_check, dp * ep * tp, dp, ep, tp, sp, gate)
+
+
+# Under bf16 autocast TP's collectives of what only the products read move in bf16
+# (parallel.tp.wire_dtype): the forward's values are the same, the backward's sums rounded.
+@pytest.mark.parametrize(
+    ("sp", "shared"), [(False, False), (False, True), (True, True)], ids=["tp2", "tp2_gated", "tp2_sp_gated"]
+)
+def test_tp_gradients_under_bf16_autocast_are_one_processs(sp, shared):
+    run_on_ranks(_check, 2, 1, 1, 2, sp, shared, True, shared)
