@@ -127,9 +127,9 @@ def overlapped_moe(
     """The dispatcher's dispatch -> experts -> combine, chunked and overlapped.
 
     ``experts(rows, tokens_per_expert)`` computes the local experts; ``shared()`` (optional)
-    the shared expert's output for all T tokens (under TP without SP an ungated one's unreduced
-    partial, which the layer sums over tp with the routed rows), run while the exchange ``shared_at`` names
-    is in flight ("none": not run here). Returns (out_TD, shared_out or None).
+    the shared expert's output for all T tokens (under TP without SP this rank's unreduced
+    partial, gated or not, which the layer sums over tp with the routed rows), run while the
+    exchange ``shared_at`` names is in flight ("none": not run here). Returns (out_TD, shared_out or None).
     """
     d = dispatcher
     T = x_TD.shape[0]

@@ -6,8 +6,9 @@ tags (``parallel.tags``), never its module class:
     block and a root unit for the embedding, final norm and head;
   * routed experts over the expert-data group (dp x tp: the ranks that hold the same
     experts), one unit per MoE layer's expert module;
-  * with TP, parameters whose gradients sum over dp x ep x tp (the router; the norms under
-    sequence parallelism; ``GRAD_GROUP == "data_tp"``) over that group, one unit each.
+  * with TP, parameters whose gradients sum over dp x ep x tp (the router, a shared expert's
+    gate, q/k/v biases, qk-norm weights; the norms under sequence parallelism;
+    ``GRAD_GROUP == "data_tp"``) over that group, one unit each.
 
 Gradients: FSDP2 reduce-scatters each unit's gradients as its backward finishes, summing
 over the unit's group and dividing by a factor. Every unit divides by the number of data

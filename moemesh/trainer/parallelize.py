@@ -295,7 +295,7 @@ class ParamGroups:
     """The model's parameters by how their gradients are reduced and counted (from their tags)."""
 
     data: list  # summed over dp x ep
-    data_tp: list  # summed over dp x ep x tp (router; sequence-parallel norms)
+    data_tp: list  # summed over dp x ep x tp (router, shared gate, q/k/v biases, qk-norms; SP norms)
     expert: list  # summed over dp x tp
     tp_sharded: list  # for the grad norm: sharded over tp
     replicated: list  # for the grad norm: whole on every rank, not experts
