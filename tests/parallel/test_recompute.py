@@ -284,6 +284,8 @@ RANK_LAYOUTS = {
     "ep2_dp2_overlap": (2, 2, 1, False, True, "none"),
     "tp2_ep2": (1, 2, 2, False, False, "none"),
     "tp2_ep2_sp": (1, 2, 2, True, False, "none"),
+    # a gated shared expert's partial output in the routed rows' all-reduce, run under the exchange
+    "tp2_ep2_gated_overlap": (1, 2, 2, False, True, "none", {"model.shared_expert_gate": True}),
     # FSDP2 wraps the checkpointed blocks, and the experts inside them as a unit of their own.
     "ep2_dp2_zero3": (2, 2, 1, False, False, "zero3"),
 }
@@ -337,7 +339,7 @@ def _layouts_worker(rank, world):
     for name, spec in RANK_LAYOUTS.items():
         dp, ep, tp = spec[:3]
         mesh = build_mesh(ParallelDims(dp=dp, ep=ep, tp=tp), "cpu")
-        runs = {m: _layout_run(name, *spec, mode=m) for m in MODES}
+        runs = {m: _layout_run(name, *spec[:6], mode=m, **(spec[6] if len(spec) > 6 else {})) for m in MODES}
         tokens = _tokens(runs["none"], 2, seed=rank // tp)  # TP peers share their tokens
         ref_loss, ref_grads, ref_ops, ref_bytes = _one_step(runs["none"], mesh, tokens)
         assert ref_ops["c10d::alltoall_base_"] > 0 and ref_bytes["bytes_sent"] > 0, (name, ref_ops)
@@ -353,10 +355,10 @@ def _layouts_worker(rank, world):
 @pytest.mark.slow
 def test_ep_and_tp_layouts_same_gradients_and_collectives():
     """4 ranks: EP with DP, EP with the overlapped All-to-All, TP with EP, TP with sequence
-    parallelism, EP with DP under zero3: full and selective give the gradients of none, issue
-    exactly the same collectives (counted at the c10d dispatcher; under zero3 the nested
-    expert unit gathers its weights in the recompute instead of just before its backward)
-    and meter the same All-to-All bytes."""
+    parallelism, TP with EP, a gated shared expert and the overlap, EP with DP under zero3:
+    full and selective give the gradients of none, issue exactly the same collectives (counted
+    at the c10d dispatcher; under zero3 the nested expert unit gathers its weights in the
+    recompute instead of just before its backward) and meter the same All-to-All bytes."""
     run_on_ranks(_layouts_worker, 4)
 
 
