@@ -235,6 +235,9 @@ class StageShapes:
     hidden_seq: int  # the sequence a stage sends (its TP shard under sequence parallelism)
     hidden_size: int
     vocab_shard: int  # logits out of the last stage (the head's rows on this TP rank)
+    # the dtype of what a stage sends (the residual stream; None: fp32): the compute dtype where
+    # FSDP gathers the weights in it, since the embedding's output, and so every block's, is then in it
+    hidden_dtype: Any = None
 
 
 def build_pipeline(
@@ -257,7 +260,8 @@ def build_pipeline(
     ids = stage_ids(placement.schedule, placement.pp, placement.v, pp_rank)
     assert len(ids) == len(modules), (ids, len(modules))
     n, z = placement.stages, shapes
-    hidden = torch.empty(z.micro_batch, z.hidden_seq, z.hidden_size, device=device)
+    # The buffers a stage receives into: gloo and NCCL would read a send of another dtype as this one's bytes.
+    hidden = torch.empty(z.micro_batch, z.hidden_seq, z.hidden_size, dtype=z.hidden_dtype, device=device)
     stages = []
     for stage_index, module in zip(ids, modules):
         first, last = stage_index == 0, stage_index == n - 1

@@ -411,6 +411,7 @@ def pipeline_schedule(run: RunConfig, mesh: ParallelMesh, model: Transformer, de
             hidden_seq=seq_len // mesh.dims.tp if model.sp else seq_len,  # with SP a stage sends its sequence shard
             hidden_size=run.model.hidden_size,
             vocab_shard=padded_vocab(run.model.vocab_size, mesh.dims.tp) // mesh.dims.tp,
+            hidden_dtype=compute_dtype(run, device) if run.parallel.sharding != Sharding.none else None,
         ),
         loss_fn=functools.partial(_stage_loss, model=model),
     )
