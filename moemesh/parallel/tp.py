@@ -21,12 +21,14 @@ goes through ``comm.replayable``: an activation-checkpointed block's recompute
 reuses its output instead of communicating again.
 
 Under autocast the residual stream stays fp32, and a block part reads it through a TP
-collective (its gradient's all-reduce; with SP a sequence gather and its reduce-scatter).
-Only autocast's products read what those collectives carry, so they move in the autocast
-dtype (``wire_dtype``): the forward gather carries the values the products would round to
-anyway, and the backward rounds the gradient, summed over the products in fp32, once before
-the sum over tp, as Megatron-LM's bf16 activations are: half the bytes. The embedding's
-output, the start of the residual stream, stays exact.
+collective (its gradient's all-reduce; with SP a sequence gather and its reduce-scatter; a
+MoE block's token split, whose gradient is gathered). These collectives move in the autocast
+dtype (``wire_dtype``): the forward gather carries the values autocast's products would
+round to anyway (the token split moves nothing forward: the router reads its fp32 rows), and
+the backward rounds the gradient, summed over its readers in fp32 (the router's among them),
+once before the sum over tp, as Megatron-LM's bf16 activations are: half the bytes. The
+embedding's output, the start of the residual stream, stays exact. (Under sharding FSDP
+gathers the weights in bf16 and the stream is bf16 already: nothing to narrow.)
 """
 
 from __future__ import annotations

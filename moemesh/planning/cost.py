@@ -157,7 +157,7 @@ def tp_units(m: ModelConfig, layers, sp: bool) -> tuple[int, int]:
     maxima and sums, qk-norm's squares) are left out.
 
     Returns (units, wide): ``wide`` of them, the embedding's output (the residual stream's start),
-    move in the residual stream's dtype (``RESIDUAL_BYTES``, fp32 under bf16 autocast), the rest in
+    move in the residual stream's dtype (``residual_bytes``: fp32 under bf16 autocast), the rest in
     the compute dtype (what only autocast's products read moves in theirs:
     ``parallel.tp.wire_dtype``). Held to the collectives a TP rank issues, and their dtypes, by
     tests/planning/test_rank_work.py."""
@@ -347,13 +347,13 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
         if dims.tp > 1:
             units, wide = tp_units(m, layers, sp)
             ring = (dims.tp - 1) / dims.tp
-            width = (units - wide) * cb + wide * RESIDUAL_BYTES  # the units' bytes per element, summed
+            width = (units - wide) * cb + wide * residual_bytes(run)  # the units' bytes per element, summed
             add("tp", (MeshAxis.TP,), width * accum * ring * T * D, units * accum * (dims.tp - 1))
         if dims.pp > 1:
             # Each of the rank's stages sends its activations on and its input gradients back: the
             # residual stream, fp32 under bf16 autocast too.
             sends = 2 * accum * placement.v
-            add("p2p", (MeshAxis.PP,), sends * T * D * RESIDUAL_BYTES // (dims.tp if sp else 1), sends)
+            add("p2p", (MeshAxis.PP,), sends * T * D * residual_bytes(run) // (dims.tp if sp else 1), sends)
         group_axes = {
             "data": (MeshAxis.DP, MeshAxis.EP),
             "data_tp": (MeshAxis.DP, MeshAxis.EP, MeshAxis.TP),
@@ -414,6 +414,13 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
     )
     p.fits = p.total_bytes <= c.gpu_memory_gb * 1e9
     return p
+
+
+def residual_bytes(run: RunConfig) -> int:
+    """Bytes per element of the residual stream (what a pipeline stage sends; the embedding's TP
+    output): fp32 under autocast, whose products alone compute in bf16; the compute dtype's under
+    sharding, where FSDP gathers the weights in it and the embedding's output is in it."""
+    return compute_bytes(run) if run.parallel.sharding != Sharding.none else RESIDUAL_BYTES
 
 
 def compute_bytes(run: RunConfig) -> int:

@@ -51,7 +51,8 @@ from moemesh.parallel.dims import ParallelDims, padded_vocab
 PARAM_BYTES, GRAD_BYTES, ADAM_BYTES, ADAM_STEP_BYTES = 4, 4, 8, 4
 REDUCE_BYTES = 4  # gradients are reduced in fp32 (FSDP2's reduce_dtype; the fp32 grads of none)
 # The residual stream and what is read from it (the norms' outputs) and their gradients stay fp32
-# under bf16 autocast: the fp32 embedding starts it, autocast covers only the products.
+# under bf16 autocast: the fp32 embedding starts it, autocast covers only the products. (Under
+# sharding FSDP gathers the weights in the compute dtype, and the stream is in it: cost.residual_bytes.)
 RESIDUAL_BYTES = 4
 
 

@@ -1019,12 +1019,14 @@ def test_all_to_all_bytes_and_steps_equal_the_hand_formula(dims, moe):
     assert p.terms.comm["a2a_intra"] == (planned, 4 * (dims.ep - 1) * moe * accum)
 
 
+@pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("sp", [False, True])
 @pytest.mark.parametrize(("schedule", "v"), [("1f1b", 1), ("interleaved_1f1b", 2)])
-def test_pipeline_sends_equal_the_hand_formula(schedule, v, sp):
-    """Per micro-step, each of a pipeline rank's v stages sends its T x D bf16 activations on and
-    its input gradients back: 2 x v x micro-steps sends of one message step each, a 1/tp slice of
-    the tokens under sequence parallelism."""
+def test_pipeline_sends_equal_the_hand_formula(schedule, v, sp, sharded):
+    """Per micro-step, each of a pipeline rank's v stages sends its T x D activations on and its
+    input gradients back: 2 x v x micro-steps sends of one message step each, a 1/tp slice of
+    the tokens under sequence parallelism; under bf16 the fp32 residual stream, or with sharding
+    (FSDP's weights gathered in bf16, and so the stream) bf16."""
     from moemesh.config.validate import batch_plan
 
     run = compose_run(
@@ -1036,16 +1038,18 @@ def test_pipeline_sends_equal_the_hand_formula(schedule, v, sp):
             "trainer.micro_batch_size=2",
             f"parallel.sequence_parallel={str(sp).lower()}",
             f"parallel.pipeline_schedule={schedule}",
+            *(["parallel.data_parallel_size=2", "parallel.sharding=zero2"] if sharded else []),
         ]
     )
-    dims = ParallelDims(tp=2, pp=2)
+    dims = ParallelDims(tp=2, pp=2, dp=2 if sharded else 1)
     p = cost.plan_one(run, dims, ARGS)
     assert p.problem is None, p.problem
     bp = batch_plan(cost.with_dims(run, dims))
     sends = 2 * v * bp.micro_steps
     tokens = bp.micro_tokens // (2 if sp else 1)
-    # the residual stream, fp32 under bf16 autocast too (test_rank_work: what a stage sends)
-    assert p.terms.comm["p2p_intra"] == (sends * tokens * run.model.hidden_size * 4, sends)
+    # the residual stream: fp32 under bf16 autocast, bf16 under sharding (test_rank_work and
+    # test_sharding: what a stage sends)
+    assert p.terms.comm["p2p_intra"] == (sends * tokens * run.model.hidden_size * (2 if sharded else 4), sends)
 
 
 def test_zero3_reduce_scatters_and_gathers_equal_the_hand_formula():
