@@ -46,8 +46,9 @@ from moemesh.parallel.tags import GRAD_GROUP, TP_SHARD  # noqa: F401 (re-exporte
 
 
 def wire_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype a TP collective of ``x`` that only autocast's products read moves in: the
-    autocast dtype where autocast covers ``x``'s device and ``x`` is fp32; else None (its own)."""
+    """The dtype a TP collective that reads ``x`` from the residual stream moves in (see the module
+    docstring): the autocast dtype where autocast covers ``x``'s device and ``x`` is fp32; else
+    None (its own)."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype == torch.float32 else None
 
@@ -133,7 +134,7 @@ class _SplitToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(_wire(g, ctx.wire), ctx.group, ctx.dim).to(g.dtype), None, None, None
+        return _all_gather(_wire(g, ctx.wire) if ctx.wire else g, ctx.group, ctx.dim).to(g.dtype), None, None, None
 
 
 class _SPGather(torch.autograd.Function):

@@ -351,7 +351,7 @@ def plan_one(run: RunConfig, dims: ParallelDims, options: PlannerOptions | None 
             add("tp", (MeshAxis.TP,), width * accum * ring * T * D, units * accum * (dims.tp - 1))
         if dims.pp > 1:
             # Each of the rank's stages sends its activations on and its input gradients back: the
-            # residual stream, fp32 under bf16 autocast too.
+            # residual stream (``residual_bytes``).
             sends = 2 * accum * placement.v
             add("p2p", (MeshAxis.PP,), sends * T * D * residual_bytes(run) // (dims.tp if sp else 1), sends)
         group_axes = {
