@@ -39,7 +39,6 @@ from moemesh.parallel.tp import (
     split_and_copy_to_tp,
     split_tokens_to_tp,
     token_sequences,
-    wire_dtype,
 )
 
 
@@ -248,7 +247,7 @@ class MoELayer(nn.Module):
         # partial output before the sum; its own gradient is then partial, summed with data_tp's).
         fused = self.shared is not None and self.tp > 1 and not self.sp
         if fused:
-            x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group, wire_dtype(x_BSD))
+            x_TD, read_BSD = split_and_copy_to_tp(x_BSD.reshape(B * S, D), self.tp_group)
             read_BSD = read_BSD.view(B, S, D)
         else:
             x_TD = split_tokens_to_tp(x_BSD.reshape(B * S, D), self.tp_group, sequence_parallel=self.sp)
@@ -287,8 +286,7 @@ class MoELayer(nn.Module):
         unreduced (``reduce_with_rows`` sums it)."""
         assert self.shared is not None
         fused = read_BSD is not None
-        if read_BSD is not None:
-            x_BSD = read_BSD
+        x_BSD = x_BSD if read_BSD is None else read_BSD
         y_BSD = self.shared(x_BSD, read=not fused, reduce=not fused)
         if self.shared_gate is not None:
             # Called as a module: with TP under sharding it is an FSDP unit over data_tp, gathered

@@ -59,6 +59,12 @@ def _wire(t: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype=wire or t.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+def _on_wire(t: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``wire``, or ``t`` itself where ``wire`` is None (a collective that writes a
+    tensor of its own)."""
+    return t if wire is None else _wire(t, wire)
+
+
 def _rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
@@ -134,7 +140,7 @@ class _SplitToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(_wire(g, ctx.wire) if ctx.wire else g, ctx.group, ctx.dim).to(g.dtype), None, None, None
+        return _all_gather(_on_wire(g, ctx.wire), ctx.group, ctx.dim).to(g.dtype), None, None, None
 
 
 class _SPGather(torch.autograd.Function):
@@ -144,11 +150,11 @@ class _SPGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim, wire):
         ctx.group, ctx.dim, ctx.wire = group, dim, wire
-        return replayable(lambda: _all_gather(_wire(x, wire) if wire else x, group, dim)).to(x.dtype)
+        return replayable(lambda: _all_gather(_on_wire(x, wire), group, dim)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter(_wire(g, ctx.wire) if ctx.wire else g, ctx.group, ctx.dim).to(g.dtype), None, None, None
+        return _reduce_scatter(_on_wire(g, ctx.wire), ctx.group, ctx.dim).to(g.dtype), None, None, None
 
 
 class _SPReduceScatter(torch.autograd.Function):
@@ -186,7 +192,7 @@ class _SplitAndCopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_rows, g_whole):
         g = _add_rows(g_whole.clone(memory_format=torch.contiguous_format), g_rows, ctx.group)
-        summed = _wire(g, ctx.wire) if ctx.wire else g
+        summed = _on_wire(g, ctx.wire)  # g is a copy already
         dist.all_reduce(summed, group=ctx.group)
         return summed.to(g.dtype), None, None
 
@@ -217,14 +223,14 @@ class _ReduceWithRows(torch.autograd.Function):
 # (trainer.compile=model breaks around the routed path) the compiled graph would hand that alias
 # on outside the Function, so its gradient would skip the all-reduce.
 @torch.compiler.disable
-def split_and_copy_to_tp(x, group, wire: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_and_copy_to_tp(x, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(``split_to_tp(x, group, 0, wire)``, ``copy_to_tp(x, group, wire)``) through one
-    collective: a MoE layer's routed rows and its shared expert's input, without sequence
-    parallelism."""
+    collective, ``wire`` being ``wire_dtype(x)``: a MoE layer's routed rows and its shared
+    expert's input, without sequence parallelism."""
     if group_size(group) == 1:
         return x, x
     assert x.shape[0] % group_size(group) == 0, f"{x.shape[0]} rows do not split over {group_size(group)} TP ranks"
-    return _SplitAndCopyToTP.apply(x, group, wire)
+    return _SplitAndCopyToTP.apply(x, group, wire_dtype(x))
 
 
 def reduce_with_rows(partial, rows, group) -> torch.Tensor:
